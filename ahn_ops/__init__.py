@@ -1,0 +1,20 @@
+"""ahn_ops: fused operators for AHN (Artificial Hippocampus Networks) on Qwen2.5.
+
+Public API (see AHN_SPEC.md and README.md):
+    ahn_attention(...)   prefill (differentiable), chunked prefill and decode on a cache
+    ahn_decode(...)      one decode step on an AHNLayerCache
+    AHNCache             constant-size cache: sinks + ring KV, gate ring, fp32 memory state
+Every fused op is also reachable as ``torch.ops.ahn.<name>``.
+"""
+
+from ._ext import load_extension as _load_extension
+
+_load_extension()
+
+from .cache import AHNCache, AHNLayerCache  # noqa: E402
+from .ops.ahn_attention import ahn_attention, ahn_decode  # noqa: E402
+from .ops.ahn_attention import reference  # noqa: E402
+
+__version__ = "0.1.0"
+
+__all__ = ["ahn_attention", "ahn_decode", "AHNCache", "AHNLayerCache", "reference", "__version__"]

@@ -1,0 +1,148 @@
+"""Public entry point ``ahn_ops.ahn_attention`` and its dispatch.
+
+Prefill from position 0 (training and inference) and, with an
+:class:`~ahn_ops.AHNLayerCache`, chunked prefill and decode on a constant-size
+cache share one call. Dispatch picks the fastest implementation available for
+the inputs and falls back to the fp32 reference (``reference.py``) otherwise.
+"""
+
+from __future__ import annotations
+
+from typing import Optional
+
+import torch
+
+from ..common.checks import check_ahn_inputs
+from . import reference as ref
+
+_BACKENDS = ("auto", "reference", "kernel")
+
+
+def _has_op_kernel(op: str, key: str) -> bool:
+    try:
+        return torch._C._dispatch_has_kernel_for_dispatch_key(f"ahn::{op}", key)
+    except RuntimeError:
+        return False
+
+
+def _compute_dtype(x: torch.Tensor) -> torch.dtype:
+    return torch.float64 if x.dtype == torch.float64 else torch.float32
+
+
+def ahn_attention(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    a: Optional[torch.Tensor],
+    b: Optional[torch.Tensor],
+    z: torch.Tensor,
+    A_log: Optional[torch.Tensor],
+    dt_bias: Optional[torch.Tensor],
+    norm_weight: torch.Tensor,
+    o_weight: torch.Tensor,
+    *,
+    window: int,
+    sinks: int = 0,
+    kind: str = "gdn",
+    cu_seqlens: Optional[torch.Tensor] = None,
+    cache=None,
+    backend: str = "auto",
+) -> torch.Tensor:
+    """AHN attention block: sliding-window attention with sinks plus the AHN memory readout.
+
+    For query ``t``: exact softmax attention over the sinks ``j < S`` and the window
+    ``t - W < j <= t``, plus ``y = o_proj(norm(gate(S_{t-W}^T q)))`` read from the memory
+    that has absorbed every token ``S <= j <= t - W`` (see AHN_SPEC.md).
+
+    Args:
+        q: ``[B, T, H, D]`` queries after RoPE (float16, bfloat16 or float32).
+        k: ``[B, T, HKV, D]`` keys after RoPE, ``H % HKV == 0``; same dtype as q.
+        v: ``[B, T, HKV, D]`` values.
+        a: ``[B, T, H]`` GDN ``a_proj(x)``, Mamba2 ``dt_proj(x)`` (with its bias); None for DN.
+        b: ``[B, T, H]`` GDN/DN ``b_proj(x)``; None for Mamba2.
+        z: ``[B, T, H]`` ``g_proj(x)``, the read gate.
+        A_log, dt_bias: ``[H]`` (GDN, Mamba2); None for DN.
+        norm_weight: ``[D]`` (GDN/DN ``o_norm.weight``) or ``[H*D]`` (Mamba2 ``norm.weight``).
+        o_weight: ``[H, D, D]`` per-head output projection (``o_proj.weight``).
+        window: ``W >= 1``. sinks: ``S >= 0``. kind: ``"gdn"``, ``"dn"`` or ``"mamba2"``.
+        cu_seqlens: optional ``[N+1]`` int32/int64 offsets of packed sequences (then ``B == 1``);
+            each sequence starts at position 0. Not combinable with ``cache``.
+        cache: optional :class:`ahn_ops.AHNLayerCache` (``AHNCache(...)[layer]``): the ``T`` tokens
+            continue the cached sequences, each at its own position, and the cache is updated in
+            place (``T == 1`` is a decode step). Not differentiable.
+        backend: ``"auto"`` (fastest available), ``"reference"`` (fp32 PyTorch) or ``"kernel"``
+            (fail if no fused kernel covers the call).
+
+    Returns:
+        ``[B, T, H, D]`` in q's dtype (before Qwen's ``o_proj``).
+
+    Example:
+        >>> import torch, ahn_ops
+        >>> B, T, H, HKV, D = 1, 40, 4, 2, 16
+        >>> q = torch.randn(B, T, H, D); k = torch.randn(B, T, HKV, D); v = torch.randn(B, T, HKV, D)
+        >>> a, b, z = torch.randn(3, B, T, H).unbind(0)
+        >>> out = ahn_ops.ahn_attention(q, k, v, a, b, z, torch.zeros(H), torch.zeros(H), torch.ones(D),
+        ...                             torch.randn(H, D, D) * 0.1, window=8, sinks=2, kind="gdn")
+        >>> out.shape
+        torch.Size([1, 40, 4, 16])
+    """
+    if backend not in _BACKENDS:
+        raise ValueError(f"backend must be one of {_BACKENDS}, got {backend!r}")
+    B, T, H, HKV, D = check_ahn_inputs(q, k, v, a, b, z, A_log, dt_bias, norm_weight, o_weight,
+                                       window, sinks, kind, cu_seqlens)
+    if cache is not None:
+        if cu_seqlens is not None:
+            raise ValueError("cu_seqlens cannot be combined with cache (the cache holds B padded sequences)")
+        cache.check_compatible(B, H, HKV, D, k.dtype, q.device, window, sinks, kind)
+        if T == 1:
+            return ahn_decode(q[:, 0], k[:, 0], v[:, 0], None if a is None else a[:, 0],
+                              None if b is None else b[:, 0], z[:, 0], A_log, dt_bias, norm_weight,
+                              o_weight, cache, backend=backend)[:, None]
+        with torch.no_grad():
+            out = ref.ahn_prefill_cache_ref(q, k, v, a, b, z, A_log, dt_bias, norm_weight, o_weight,
+                                            *cache.tensors(), window, sinks, kind, _compute_dtype(q))
+        return out.to(q.dtype)
+
+    if backend != "reference":
+        from . import dispatch  # noqa: WPS433  (kernels register themselves lazily)
+
+        out = dispatch.try_prefill_kernel(q, k, v, a, b, z, A_log, dt_bias, norm_weight, o_weight,
+                                          window, sinks, kind, cu_seqlens)
+        if out is not None:
+            return out
+        if backend == "kernel":
+            raise NotImplementedError(
+                f"no fused prefill kernel for kind={kind!r}, device={q.device.type}, D={D}, dtype={q.dtype}")
+    out = ref.ahn_attention_ref(q, k, v, a, b, z, A_log, dt_bias, norm_weight, o_weight,
+                                window, sinks, kind, cu_seqlens, dtype=_compute_dtype(q))
+    return out.to(q.dtype)
+
+
+def ahn_decode(q, k, v, a, b, z, A_log, dt_bias, norm_weight, o_weight, cache, *, backend: str = "auto"):
+    """One decode step for a batch of sequences, each at its own position.
+
+    Args:
+        q: ``[B, H, D]``; k, v: ``[B, HKV, D]``; a, b, z: ``[B, H]`` (None as in ahn_attention);
+        parameters as in :func:`ahn_attention`; cache: :class:`ahn_ops.AHNLayerCache`.
+    Returns:
+        ``[B, H, D]`` in q's dtype; the cache is updated in place (the token leaving the window
+        absorbed into the state, the new token written to the ring, ``pos += 1``). Runs as the
+        single op ``torch.ops.ahn.decode_step`` when the extension has a kernel for the device.
+    """
+    if backend not in _BACKENDS:
+        raise ValueError(f"backend must be one of {_BACKENDS}, got {backend!r}")
+    window, sinks, kind = cache.window, cache.sinks, cache.kind
+    B, _, H, HKV, D = check_ahn_inputs(q, k, v, a, b, z, A_log, dt_bias, norm_weight, o_weight,
+                                       window, sinks, kind, heads_dim=3)
+    cache.check_compatible(B, H, HKV, D, k.dtype, q.device, window, sinks, kind)
+    key = "CUDA" if q.is_cuda else "CPU"
+    use_op = backend != "reference" and q.dtype != torch.float64 and _has_op_kernel("decode_step", key)
+    if backend == "kernel" and not use_op:
+        raise NotImplementedError(f"no decode_step kernel for device {q.device.type} / dtype {q.dtype}")
+    if use_op:
+        return torch.ops.ahn.decode_step(q, k, v, a, b, z, A_log, dt_bias, norm_weight, o_weight,
+                                         *cache.tensors(), window, sinks, kind)
+    with torch.no_grad():
+        out = ref.ahn_decode_ref(q, k, v, a, b, z, A_log, dt_bias, norm_weight, o_weight,
+                                 *cache.tensors(), window, sinks, kind, _compute_dtype(q))
+    return out.to(q.dtype)
