@@ -1,0 +1,58 @@
+"""Shared helpers for the tests: random AHN inputs and error metrics."""
+
+from __future__ import annotations
+
+import torch
+
+from ahn_ops.cache import AHNLayerCache
+
+
+def make_inputs(kind, B, T, H, HKV, D, dtype=torch.float32, device="cpu", seed=0, gate_scale=1.0):
+    """Random inputs of ``ahn_attention`` (q, k, v, a, b, z, A_log, dt_bias, norm_weight, o_weight).
+
+    Fresh values for every seed; parameters near the published init so the memory is neither
+    zero nor exploding (o_weight random, not zero, so the memory branch is visible).
+    """
+    g = torch.Generator().manual_seed(seed)
+
+    def r(*s, scale=1.0):
+        return (torch.randn(*s, generator=g) * scale).to(device)
+
+    q = r(B, T, H, D).to(dtype)
+    k = r(B, T, HKV, D).to(dtype)
+    v = r(B, T, HKV, D).to(dtype)
+    a = None if kind == "dn" else r(B, T, H, scale=gate_scale).to(dtype)
+    b = None if kind == "mamba2" else r(B, T, H, scale=gate_scale).to(dtype)
+    z = r(B, T, H).to(dtype)
+    A_log = None if kind == "dn" else torch.log(torch.rand(H, generator=g) * 15 + 1).to(device)
+    dt_bias = None if kind == "dn" else r(H, scale=0.5)
+    norm_weight = (1 + 0.1 * r(H * D if kind == "mamba2" else D))
+    o_weight = r(H, D, D, scale=D ** -0.5)
+    pdt = torch.float64 if dtype == torch.float64 else torch.float32  # parameters stay fp32 otherwise
+    A_log, dt_bias = (None if x is None else x.to(pdt) for x in (A_log, dt_bias))
+    norm_weight, o_weight = norm_weight.to(pdt), o_weight.to(pdt)
+    return q, k, v, a, b, z, A_log, dt_bias, norm_weight, o_weight
+
+
+def rel_err(x: torch.Tensor, ref: torch.Tensor) -> float:
+    x, ref = x.double(), ref.double()
+    return ((x - ref).norm() / ref.norm().clamp_min(1e-30)).item()
+
+
+def empty_layer_cache(kind, B, H, HKV, D, window, sinks, dtype=torch.float32, device="cpu") -> AHNLayerCache:
+    z = dict(dtype=dtype, device=device)
+    return AHNLayerCache(
+        torch.zeros(B, sinks, HKV, D, **z), torch.zeros(B, sinks, HKV, D, **z),
+        torch.zeros(B, window, HKV, D, **z), torch.zeros(B, window, HKV, D, **z),
+        torch.zeros(B, window, H, 2, dtype=torch.float32, device=device),
+        torch.zeros(B, H, D, D, dtype=torch.float32, device=device),
+        torch.zeros(B, dtype=torch.int64, device=device), window, sinks, kind)
+
+
+def batch_slice(cache: AHNLayerCache, sl: slice) -> AHNLayerCache:
+    """A view of some sequences of a layer cache (writes go through to the original)."""
+    return AHNLayerCache(*(t[sl] for t in cache.tensors()), cache.window, cache.sinks, cache.kind)
+
+
+def sel(x, sl):
+    return None if x is None else x[:, sl]
