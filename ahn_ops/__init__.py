@@ -18,3 +18,15 @@ from .ops.ahn_attention import reference  # noqa: E402
 __version__ = "0.1.0"
 
 __all__ = ["ahn_attention", "ahn_decode", "AHNCache", "AHNLayerCache", "reference", "__version__"]
+
+# Qwen2.5 adapter (ahn_ops.models): imported on first use, since it pulls in transformers.
+_MODEL_API = ("patch_qwen", "from_pretrained", "AHNModelCache")
+__all__ += list(_MODEL_API)
+
+
+def __getattr__(name):
+    if name in _MODEL_API:
+        from . import models
+
+        return getattr(models, name)
+    raise AttributeError(f"module 'ahn_ops' has no attribute {name!r}")

@@ -2,14 +2,61 @@
 
 ``try_prefill_kernel`` returns the output of a fused kernel, or None when no
 kernel covers the inputs (then ``ahn_attention`` runs the fp32 reference).
+``try_prefill_cache_kernel`` does the same for a prefill of T > 1 tokens on a cache.
+
+The Triton prefill (``prefill.py``, ``torch.ops.ahn.prefill_fwd``) covers kinds "gdn" and
+"dn", bf16/fp16 activations, D in (64, 128), forward only (no autograd yet): CUDA tensors, or
+CPU tensors when ``TRITON_INTERPRET=1`` (the CI path). fp32/fp64 inputs, Mamba2, other D
+and calls that need gradients go to the reference.
 """
 
 from __future__ import annotations
 
+import os
+
 import torch
+
+_KINDS = ("gdn", "dn")
+_DTYPES = (torch.bfloat16, torch.float16)
+_D = (64, 128)
+
+
+def _triton_device_ok(q: torch.Tensor) -> bool:
+    if q.is_cuda:
+        return True
+    return q.device.type == "cpu" and os.environ.get("TRITON_INTERPRET", "0") == "1"
+
+
+def _covered(q, kind, tensors) -> bool:
+    if kind not in _KINDS or q.dtype not in _DTYPES or q.shape[-1] not in _D:
+        return False
+    if not _triton_device_ok(q):
+        return False
+    if torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in tensors):
+        return False  # forward-only kernels: keep autograd on the reference
+    try:
+        import triton  # noqa: F401
+    except ImportError:
+        return False
+    return True
 
 
 def try_prefill_kernel(q, k, v, a, b, z, A_log, dt_bias, norm_weight, o_weight, window, sinks, kind,
                        cu_seqlens):
-    # The Triton prefill (prefill.py) registers itself here once it lands; until then no kernel.
-    return None
+    if not _covered(q, kind, (q, k, v, a, b, z, A_log, dt_bias, norm_weight, o_weight)):
+        return None
+    from . import prefill  # noqa: F401  (registers torch.ops.ahn.prefill_fwd)
+
+    out, _ = torch.ops.ahn.prefill_fwd(q, k, v, a, b, z, A_log, dt_bias, norm_weight, o_weight, window, sinks,
+                                       kind, cu_seqlens, None, False)
+    return out
+
+
+def try_prefill_cache_kernel(q, k, v, a, b, z, A_log, dt_bias, norm_weight, o_weight, cache):
+    """Prefill of T > 1 tokens on a cache (updates it in place), or None when not covered."""
+    if not _covered(q, cache.kind, (q, k, v, a, b, z, A_log, dt_bias, norm_weight, o_weight)):
+        return None
+    from . import prefill  # noqa: F401  (registers torch.ops.ahn.prefill_cache)
+
+    return torch.ops.ahn.prefill_cache(q, k, v, a, b, z, A_log, dt_bias, norm_weight, o_weight, *cache.tensors(),
+                                       cache.window, cache.sinks, cache.kind)

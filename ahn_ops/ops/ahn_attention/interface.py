@@ -99,6 +99,17 @@ def ahn_attention(
                               None if b is None else b[:, 0], z[:, 0], A_log, dt_bias, norm_weight,
                               o_weight, cache, backend=backend)[:, None]
         with torch.no_grad():
+            if backend != "reference":
+                from . import dispatch  # noqa: WPS433
+
+                out = dispatch.try_prefill_cache_kernel(q, k, v, a, b, z, A_log, dt_bias, norm_weight, o_weight,
+                                                        cache)
+                if out is not None:
+                    return out
+                if backend == "kernel":
+                    raise NotImplementedError(
+                        f"no fused cache-prefill kernel for kind={kind!r}, device={q.device.type}, D={D}, "
+                        f"dtype={q.dtype}")
             out = ref.ahn_prefill_cache_ref(q, k, v, a, b, z, A_log, dt_bias, norm_weight, o_weight,
                                             *cache.tensors(), window, sinks, kind, _compute_dtype(q))
         return out.to(q.dtype)
@@ -137,6 +148,8 @@ def ahn_decode(q, k, v, a, b, z, A_log, dt_bias, norm_weight, o_weight, cache, *
     cache.check_compatible(B, H, HKV, D, k.dtype, q.device, window, sinks, kind)
     key = "CUDA" if q.is_cuda else "CPU"
     use_op = backend != "reference" and q.dtype != torch.float64 and _has_op_kernel("decode_step", key)
+    if q.is_cuda and D not in (64, 128):  # the CUDA kernel is templated on D = 64 and 128 only
+        use_op = False
     if backend == "kernel" and not use_op:
         raise NotImplementedError(f"no decode_step kernel for device {q.device.type} / dtype {q.dtype}")
     if use_op:

@@ -1,0 +1,40 @@
+# make setup | build | test | demo | wheel | clean      (CI runs .ci/run, i.e. `make test`)
+PYTHON ?= python3
+VENV   := .venv
+PY     := $(VENV)/bin/python
+# The test and demo dependencies; torch 2.14.1 is the CUDA 13 build, CPU kernels run without a GPU.
+DEPS   := torch==2.14.1 numpy ninja cmake pybind11 pytest safetensors transformers tqdm \
+          packaging fla-core einops setuptools wheel
+STAMP  := $(VENV)/.ahn_ops-deps
+EDITABLE := $(VENV)/.ahn_ops-editable
+export PATH := $(CURDIR)/$(VENV)/bin:$(PATH)
+
+.PHONY: setup build test demo wheel clean
+
+setup: $(EDITABLE)
+
+$(STAMP): Makefile
+	test -x $(PY) || $(PYTHON) -m venv $(VENV)
+	$(PY) -m pip install -q $(DEPS)
+	touch $@
+
+# pip install -e registers the package (and ahn-merge); `build` keeps _C up to date afterwards.
+$(EDITABLE): $(STAMP) pyproject.toml setup.py
+	$(PY) -m pip install -q --no-build-isolation --no-deps -e .
+	touch $@
+
+# Incremental: ninja recompiles only what changed in csrc/ (a no-op takes a few seconds).
+build: setup
+	$(PY) setup.py -q build_ext --inplace
+
+test: build
+	TRITON_INTERPRET=1 $(PY) -m pytest -q tests
+
+demo: build
+	$(PY) python/demo.py
+
+wheel: setup
+	$(PY) -m pip wheel -q --no-build-isolation --no-deps -w dist .
+
+clean:
+	rm -rf build dist *.egg-info ahn_ops/_C*.so $(EDITABLE)

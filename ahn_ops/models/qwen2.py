@@ -1,0 +1,508 @@
+"""Qwen2.5 adapter: turn a Hugging Face ``Qwen2ForCausalLM`` into an AHN model in place.
+
+What :func:`patch_qwen` changes (AHN_SPEC.md, "One decoder layer"):
+
+* every decoder layer ``i`` not in ``fa_layer_ids`` gets ``layer.ahn.fn`` (parameters named as
+  the published checkpoints: ``model.layers.{i}.ahn.fn.<name>``) and its ``self_attn`` is
+  re-classed to :class:`AHNQwen2Attention`: Qwen's q/k/v projections and RoPE, then
+  ``ahn_ops.ahn_attention`` (window + sinks attention plus the memory readout) with the gates
+  ``a, b, z`` computed from the layer's pre-normed input, then Qwen's ``o_proj``;
+* layers in ``fa_layer_ids`` keep Qwen's full attention (and a growing KV cache);
+* a forward pre-hook on ``Qwen2Model`` hands the 2-D padding mask to the AHN layers and creates an
+  :class:`~ahn_ops.models.AHNModelCache` when a cache is wanted (inference, ``use_cache``);
+* ``generate()`` gets an :class:`~ahn_ops.models.AHNModelCache` instead of a ``DynamicCache``.
+
+Supported: transformers 5.x (tested with 5.23). Left-padded batches are handled: padding tokens
+are dropped from the AHN computation (each sequence keeps its own position in the cache), so a
+padded batch gives the same tokens as the sequences run one by one.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import types
+import warnings
+from pathlib import Path
+from typing import Dict, Iterable, List, Mapping, Optional, Sequence, Tuple, Union
+
+import torch
+from torch import nn
+
+from .hf_cache import AHNModelCache
+from .modules import KIND_TO_IMPL, AHNBlock, normalize_kind
+
+AHN_KEY_RE = re.compile(r"^(?:model\.)?layers\.(\d+)\.ahn\.fn\.(.+)$")
+MIN_TRANSFORMERS = "5.0.0"
+
+__all__ = ["patch_qwen", "from_pretrained", "load_ahn_weights", "ahn_state_dict", "save_ahn_weights",
+           "read_ahn_config", "parse_fa_layer_ids", "AHNQwen2Attention", "AHN_KEY_RE"]
+
+
+# --------------------------------------------------------------------------------------
+# config helpers
+# --------------------------------------------------------------------------------------
+def parse_fa_layer_ids(value) -> List[int]:
+    """``"0, 5,9"`` / ``[0, 5, 9]`` / None / ``""`` -> sorted unique ints."""
+    if value is None:
+        return []
+    if isinstance(value, str):
+        parts = [p.strip() for p in value.split(",") if p.strip()]
+        try:
+            return sorted(set(int(p) for p in parts))
+        except ValueError:
+            raise ValueError(f"fa_layer_ids must be comma-separated layer indices, got {value!r}") from None
+    if isinstance(value, int):
+        return [value]
+    return sorted(set(int(v) for v in value))
+
+
+def read_ahn_config(path: Union[str, os.PathLike]) -> Dict:
+    """AHN fields of a ``config.json`` (or of the directory holding it): kind, window, sinks, fa_layer_ids.
+
+    Returns a dict with the keys that are present: ``kind`` ("gdn"/"dn"/"mamba2"), ``window``
+    (``sliding_window``), ``sinks`` (``num_attn_sinks``, default 0), ``fa_layer_ids`` (list),
+    and the raw json under ``"raw"``.
+    """
+    p = Path(path)
+    if p.is_dir():
+        p = p / "config.json"
+    with open(p) as f:
+        raw = json.load(f)
+    out: Dict = {"raw": raw}
+    if raw.get("_ahn_implementation"):
+        out["kind"] = normalize_kind(raw["_ahn_implementation"])
+        if raw.get("sliding_window") is not None:
+            out["window"] = int(raw["sliding_window"])
+        out["sinks"] = int(raw.get("num_attn_sinks") or 0)
+        out["fa_layer_ids"] = parse_fa_layer_ids(raw.get("fa_layer_ids"))
+        for flag in ("use_q_proj", "use_ahn_router"):
+            if raw.get(flag):
+                raise NotImplementedError(f"{p}: {flag}=true is not supported by ahn_ops (the published "
+                                          "checkpoints use false)")
+    return out
+
+
+def _check_transformers() -> None:
+    import transformers
+    from packaging.version import Version
+
+    if Version(transformers.__version__) < Version(MIN_TRANSFORMERS):
+        raise RuntimeError(f"ahn_ops.patch_qwen needs transformers >= {MIN_TRANSFORMERS} (tested with 5.23), "
+                           f"found {transformers.__version__}")
+
+
+def _base_model(model: nn.Module) -> nn.Module:
+    """The ``Qwen2Model`` (holder of ``.layers``) of a ``Qwen2ForCausalLM`` or the model itself."""
+    if hasattr(model, "layers") and hasattr(model, "rotary_emb"):
+        return model
+    inner = getattr(model, "model", None)
+    if inner is not None and hasattr(inner, "layers"):
+        return inner
+    raise TypeError(f"expected a transformers Qwen2ForCausalLM or Qwen2Model, got {type(model).__name__}")
+
+
+# --------------------------------------------------------------------------------------
+# the attention of an AHN layer
+# --------------------------------------------------------------------------------------
+def _rope(q: torch.Tensor, k: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor):
+    """Qwen2 RoPE on ``[B, T, heads, D]`` (cos/sin ``[B, T, D]``)."""
+    cos, sin = cos.unsqueeze(2), sin.unsqueeze(2)
+
+    def rot(x):
+        x1, x2 = x[..., : x.shape[-1] // 2], x[..., x.shape[-1] // 2:]
+        return torch.cat((-x2, x1), dim=-1)
+
+    return q * cos + rot(q) * sin, k * cos + rot(k) * sin
+
+
+def _layer_view(cache, bi: int):
+    """The one-sequence view ``bi`` of an AHNLayerCache (writes go to the shared storage)."""
+    from ..cache import AHNLayerCache
+
+    return AHNLayerCache(*[t[bi:bi + 1] for t in cache.tensors()], cache.window, cache.sinks, cache.kind)
+
+
+class AHNQwen2Attention(nn.Module):
+    """Forward of a Qwen2 attention module whose layer has an AHN (installed by re-classing).
+
+    Reads ``self._ahn_fn`` (the layer's ``ahn.fn``, not registered here so that parameter
+    names stay ``model.layers.{i}.ahn.fn.*``) and ``self._ahn_cfg`` (window, sinks, kind, backend).
+    """
+
+    def forward(self, hidden_states: torch.Tensor, position_embeddings: Tuple[torch.Tensor, torch.Tensor] = None,
+                attention_mask=None, past_key_values=None, **kwargs):
+        if past_key_values is None:
+            past_key_values = kwargs.pop("past_key_value", None)  # transformers 4.x name
+        cfg = self._ahn_cfg
+        fn = self._ahn_fn
+        B, T, _ = hidden_states.shape
+        D = self.head_dim
+        q = self.q_proj(hidden_states).view(B, T, -1, D)
+        k = self.k_proj(hidden_states).view(B, T, -1, D)
+        v = self.v_proj(hidden_states).view(B, T, -1, D)
+        if position_embeddings is None:
+            raise ValueError("AHN attention needs position_embeddings (cos, sin) from Qwen2Model")
+        cos, sin = position_embeddings
+        q, k = _rope(q, k, cos, sin)
+        a, b, z = fn.gates(hidden_states)
+        params = fn.op_params()
+        op_kw = dict(window=cfg["window"], sinks=cfg["sinks"], kind=cfg["kind"], backend=cfg["backend"])
+
+        layer_cache = None
+        if past_key_values is not None:
+            if not isinstance(past_key_values, AHNModelCache):
+                raise TypeError(f"AHN layers need an ahn_ops.models.AHNModelCache as past_key_values, got "
+                                f"{type(past_key_values).__name__} (pass None and the model creates one)")
+            layer_cache = past_key_values.ahn_layer(self.layer_idx, k)
+
+        mask2d = kwargs.get("ahn_attention_mask")
+        valid = None
+        if mask2d is not None:
+            valid = mask2d[:, -T:].to(device=q.device, dtype=torch.bool)
+            if bool(valid.all()):
+                valid = None
+
+        def run(sl_b, sl_t, cache):
+            def pick(x):
+                return None if x is None else x[sl_b, sl_t]
+
+            return _ahn_call(pick(q), pick(k), pick(v), pick(a), pick(b), pick(z), params, op_kw, cache)
+
+        if valid is None:
+            out = run(slice(None), slice(None), layer_cache)
+        else:
+            # padded batch: each sequence runs on its real tokens only, so padding never enters the
+            # sinks, the window or the memory, and each sequence's cache position counts real tokens
+            out = q.new_zeros(q.shape)
+            for bi in range(B):
+                idx = valid[bi].nonzero().squeeze(1)
+                if idx.numel() == 0:
+                    continue
+                cache_bi = None if layer_cache is None else _layer_view(layer_cache, bi)
+                o = run(slice(bi, bi + 1), idx, cache_bi)
+                out = out.index_put((torch.full_like(idx, bi), idx), o[0])
+        if past_key_values is not None:
+            past_key_values.advance(self.layer_idx, T)
+        out = out.reshape(B, T, -1)
+        return self.o_proj(out), None
+
+
+def _ahn_call(q, k, v, a, b, z, params, op_kw, cache):
+    from ..ops.ahn_attention.interface import ahn_attention
+
+    dt = q.dtype
+    a = None if a is None else a.to(dt)
+    b = None if b is None else b.to(dt)
+    return ahn_attention(q.contiguous(), k.contiguous(), v.contiguous(), a, b, z.to(dt), params["A_log"],
+                         params["dt_bias"], params["norm_weight"], params["o_weight"], cache=cache, **op_kw)
+
+
+_ATTN_CLASSES: Dict[type, type] = {}
+
+
+def _ahn_attention_class(cls: type) -> type:
+    """A subclass of the model's attention class whose forward is AHNQwen2Attention.forward."""
+    if cls not in _ATTN_CLASSES:
+        _ATTN_CLASSES[cls] = type("AHN" + cls.__name__, (cls,), {"forward": AHNQwen2Attention.forward,
+                                                                 "_ahn_patched": True})
+    return _ATTN_CLASSES[cls]
+
+
+# --------------------------------------------------------------------------------------
+# model-level hooks: padding mask, cache creation, generate()
+# --------------------------------------------------------------------------------------
+_MODEL_ARG_NAMES = ("input_ids", "attention_mask", "position_ids", "past_key_values", "inputs_embeds", "use_cache")
+
+
+def _model_pre_hook(module, args, kwargs):
+    info = module._ahn_info
+    if args:  # positional call of Qwen2Model.forward: name them
+        for name, val in zip(_MODEL_ARG_NAMES, args):
+            kwargs[name] = val
+        args = ()
+    pkv = kwargs.get("past_key_values")
+    use_cache = kwargs.get("use_cache")
+    if use_cache is None:
+        use_cache = getattr(module.config, "use_cache", False)
+    if pkv is None and use_cache and not module.training:
+        kwargs["past_key_values"] = AHNModelCache.from_model(module)
+    elif pkv is not None and not isinstance(pkv, AHNModelCache):
+        raise TypeError(f"a model patched by ahn_ops.patch_qwen needs past_key_values=None or an "
+                        f"ahn_ops.models.AHNModelCache, got {type(pkv).__name__}")
+    mask = kwargs.get("attention_mask")
+    if isinstance(mask, torch.Tensor) and mask.dim() == 2:
+        kwargs["ahn_attention_mask"] = mask
+        if not info["fa_layer_ids"]:
+            # no full-attention layer reads a 4-D mask: skip building a [B, 1, T, T + past] one
+            kwargs["attention_mask"] = {"full_attention": None, "sliding_attention": None}
+    elif not info["fa_layer_ids"] and mask is None:
+        kwargs["attention_mask"] = {"full_attention": None, "sliding_attention": None}
+    return args, kwargs
+
+
+def _prepare_cache_for_generation(self, generation_config, model_kwargs, *args, **kwargs):
+    """generate(): an AHNModelCache unless the caller brought a cache or asked for none."""
+    if (model_kwargs.get("past_key_values") is None and generation_config.use_cache is not False
+            and generation_config.cache_implementation in (None, "dynamic")):
+        model_kwargs["past_key_values"] = AHNModelCache.from_model(self)
+        return None
+    pkv = model_kwargs.get("past_key_values")
+    if pkv is None and generation_config.use_cache is not False:
+        raise ValueError(f"cache_implementation={generation_config.cache_implementation!r} is not supported by "
+                         "an AHN model; leave it unset (an AHNModelCache is used)")
+    return type(self)._prepare_cache_for_generation(self, generation_config, model_kwargs, *args, **kwargs)
+
+
+# --------------------------------------------------------------------------------------
+# patch_qwen
+# --------------------------------------------------------------------------------------
+def patch_qwen(model: nn.Module, kind: Optional[str] = None, window: Optional[int] = None,
+               sinks: Optional[int] = None, weights=None, fa_layer_ids=None, *,
+               prefill_chunk_size: Optional[int] = None, backend: str = "auto", strict: bool = True) -> nn.Module:
+    """Make a Hugging Face Qwen2 model an AHN model, in place.
+
+    Args:
+        model: ``transformers.Qwen2ForCausalLM`` (or ``Qwen2Model``), any dtype/device.
+        kind: ``"gdn"`` (default), ``"dn"``, ``"mamba2"`` (or ``"GatedDeltaNet"``, ...).
+        window: ``W``, exact-KV tokens per sequence besides the sinks. Required unless the
+            ``config.json`` next to ``weights`` gives ``sliding_window``.
+        sinks: ``S`` first tokens kept forever (default: config's ``num_attn_sinks`` or 0).
+        weights: AHN-only weights: a directory (``config.json`` + ``*.safetensors``), a
+            ``.safetensors``/``.bin``/``.pt`` file, or a state dict with keys
+            ``model.layers.{i}.ahn.fn.<name>``. Loaded strictly: missing or unexpected keys raise.
+            Without weights the AHN starts as in training (``o_proj.weight = 0``: the model equals
+            the sliding-window model).
+        fa_layer_ids: layers that keep full attention and get no AHN (list or ``"0,5"``).
+        prefill_chunk_size: if set, ``generate()`` prefills long prompts in chunks of this many
+            tokens (``model.generation_config.prefill_chunk_size``).
+        backend: passed to :func:`ahn_ops.ahn_attention` (``"auto"``, ``"reference"``, ``"kernel"``).
+        strict: raise on missing/unexpected keys in ``weights``.
+
+    Returns:
+        ``model`` (patched in place).
+
+    Example:
+        >>> from transformers import Qwen2ForCausalLM
+        >>> model = Qwen2ForCausalLM.from_pretrained("Qwen/Qwen2.5-3B-Instruct", dtype=torch.bfloat16)
+        >>> ahn_ops.patch_qwen(model, weights="AHN-GDN-for-Qwen-2.5-Instruct-3B")  # kind/W/S from its config
+        >>> out = model.generate(input_ids, max_new_tokens=64)     # constant-size AHN cache
+    """
+    _check_transformers()
+    base = _base_model(model)
+    if getattr(base, "_ahn_info", None) is not None:
+        raise ValueError("model is already patched by ahn_ops.patch_qwen")
+    cfg_from = {}
+    if isinstance(weights, (str, os.PathLike)) and Path(weights).is_dir() and (Path(weights) / "config.json").exists():
+        cfg_from = read_ahn_config(weights)
+    kind = normalize_kind(kind if kind is not None else cfg_from.get("kind", "gdn"))
+    window = window if window is not None else cfg_from.get("window")
+    if window is None:
+        raise ValueError("window is required (or an AHN config.json with sliding_window next to the weights)")
+    sinks = sinks if sinks is not None else cfg_from.get("sinks", 0)
+    fa_ids = parse_fa_layer_ids(fa_layer_ids if fa_layer_ids is not None else cfg_from.get("fa_layer_ids"))
+    from ..ops.common.checks import check_window_sinks
+
+    check_window_sinks(window, sinks)
+    config = base.config
+    L = config.num_hidden_layers
+    bad = [i for i in fa_ids if not 0 <= i < L]
+    if bad:
+        raise ValueError(f"fa_layer_ids {bad} out of range for a model with {L} layers")
+    H, HKV = config.num_attention_heads, config.num_key_value_heads
+    D = getattr(config, "head_dim", None) or config.hidden_size // H
+    ahn_ids = [i for i in range(L) if i not in fa_ids]
+
+    ref = next(base.parameters())
+    for i in ahn_ids:
+        layer = base.layers[i]
+        attn = layer.self_attn
+        layer.ahn = AHNBlock(kind, config.hidden_size, H, D, device=ref.device, dtype=ref.dtype)
+        attn.__class__ = _ahn_attention_class(type(attn))
+        object.__setattr__(attn, "_ahn_fn", layer.ahn.fn)
+        attn._ahn_cfg = dict(window=window, sinks=sinks, kind=kind, backend=backend)
+
+    info = dict(kind=kind, window=window, sinks=sinks, fa_layer_ids=fa_ids, ahn_layer_ids=ahn_ids, num_layers=L,
+                num_heads=H, num_kv_heads=HKV, head_dim=D)
+    base._ahn_info = info
+    if model is not base:
+        model._ahn_info = info
+    base._ahn_hook = base.register_forward_pre_hook(_model_pre_hook, with_kwargs=True)
+    if hasattr(model, "generate"):
+        model._prepare_cache_for_generation = types.MethodType(_prepare_cache_for_generation, model)
+        if prefill_chunk_size is not None and getattr(model, "generation_config", None) is not None:
+            model.generation_config.prefill_chunk_size = int(prefill_chunk_size)
+
+    # the spec's config fields, so that save_pretrained / merge write an AHN config
+    for c in {id(config): config, id(getattr(model, "config", config)): getattr(model, "config", config)}.values():
+        c._layer_implementation = "Qwen2MemDecoderLayer"
+        c._ahn_implementation = KIND_TO_IMPL[kind]
+        c.sliding_window = window
+        c.num_attn_sinks = sinks
+        c.fa_layer_ids = ",".join(str(i) for i in fa_ids)
+        c.use_q_proj = False
+        c.use_ahn_router = False
+
+    if weights is not None:
+        load_ahn_weights(model, weights, strict=strict)
+    return model
+
+
+# --------------------------------------------------------------------------------------
+# weights
+# --------------------------------------------------------------------------------------
+def _ahn_params(model: nn.Module) -> Dict[str, nn.Parameter]:
+    """``model.layers.{i}.ahn.fn.<name>`` -> parameter."""
+    base = _base_model(model)
+    return {f"model.{n}": p for n, p in base.named_parameters() if ".ahn.fn." in n}
+
+
+def _safetensors_files(directory: Path) -> List[Path]:
+    index = directory / "model.safetensors.index.json"
+    if index.exists():
+        with open(index) as f:
+            files = sorted(set(json.load(f)["weight_map"].values()))
+        return [directory / f for f in files]
+    files = sorted(directory.glob("*.safetensors"))
+    if not files:
+        raise FileNotFoundError(f"no *.safetensors file in {directory}")
+    return files
+
+
+def read_ahn_tensors(source, only_ahn: bool = False) -> Dict[str, torch.Tensor]:
+    """Tensors of a directory / file / state dict. With ``only_ahn``, only the ``.ahn.fn.`` keys are read."""
+    if isinstance(source, Mapping):
+        return {k: v for k, v in source.items() if not only_ahn or ".ahn.fn." in k}
+    p = Path(source)
+    if not p.exists():
+        raise FileNotFoundError(f"AHN weights not found: {p}")
+    files = _safetensors_files(p) if p.is_dir() else [p]
+    out: Dict[str, torch.Tensor] = {}
+    for f in files:
+        if f.suffix == ".safetensors":
+            from safetensors import safe_open
+
+            with safe_open(str(f), framework="pt") as sf:
+                for k in sf.keys():
+                    if not only_ahn or ".ahn.fn." in k:
+                        out[k] = sf.get_tensor(k)
+        else:
+            sd = torch.load(str(f), map_location="cpu", weights_only=True)
+            out.update({k: v for k, v in sd.items() if not only_ahn or ".ahn.fn." in k})
+    return out
+
+
+def _canonical_key(k: str) -> str:
+    m = AHN_KEY_RE.match(k)
+    return f"model.layers.{m.group(1)}.ahn.fn.{m.group(2)}" if m else k
+
+
+def _fmt_keys(keys: Sequence[str], limit: int = 8) -> str:
+    keys = sorted(keys)
+    more = f" ... (+{len(keys) - limit} more)" if len(keys) > limit else ""
+    return ", ".join(keys[:limit]) + more
+
+
+@torch.no_grad()
+def load_ahn_weights(model: nn.Module, weights, strict: bool = True) -> None:
+    """Load AHN-only weights (dir / file / state dict) into a patched model; strict by default."""
+    params = _ahn_params(model)
+    if not params:
+        raise ValueError("model has no AHN modules: call ahn_ops.patch_qwen first")
+    tensors = {_canonical_key(k): v for k, v in read_ahn_tensors(weights).items()}
+    missing = [k for k in params if k not in tensors]
+    unexpected = [k for k in tensors if k not in params]
+    if strict and (missing or unexpected):
+        msg = []
+        if missing:
+            msg.append(f"missing keys ({len(missing)}): {_fmt_keys(missing)}")
+        if unexpected:
+            msg.append(f"unexpected keys ({len(unexpected)}): {_fmt_keys(unexpected)}")
+        raise KeyError("AHN weights do not match the patched model (check kind and fa_layer_ids): "
+                       + "; ".join(msg))
+    for k, p in params.items():
+        if k not in tensors:
+            continue
+        t = tensors[k]
+        if tuple(t.shape) != tuple(p.shape):
+            raise ValueError(f"{k}: checkpoint shape {list(t.shape)} != model shape {list(p.shape)}")
+        p.copy_(t.to(device=p.device, dtype=p.dtype))
+
+
+def ahn_state_dict(model: nn.Module) -> Dict[str, torch.Tensor]:
+    """The AHN parameters of a patched model under their checkpoint names (detached, on CPU)."""
+    return {k: p.detach().cpu().contiguous() for k, p in _ahn_params(model).items()}
+
+
+def save_ahn_weights(model: nn.Module, out_dir: Union[str, os.PathLike]) -> None:
+    """Write an AHN-only checkpoint: ``model.safetensors`` (AHN keys) + ``config.json`` (model config + AHN fields)."""
+    from safetensors.torch import save_file
+
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    save_file(ahn_state_dict(model), str(out / "model.safetensors"), metadata={"format": "pt"})
+    cfg = getattr(model, "config", _base_model(model).config).to_dict()
+    cfg.update(ahn_config_fields(model))
+    with open(out / "config.json", "w") as f:
+        json.dump(cfg, f, indent=2, sort_keys=True)
+
+
+def ahn_config_fields(model: nn.Module) -> Dict:
+    info = _base_model(model)._ahn_info
+    return {
+        "_layer_implementation": "Qwen2MemDecoderLayer",
+        "_ahn_implementation": KIND_TO_IMPL[info["kind"]],
+        "sliding_window": info["window"],
+        "num_attn_sinks": info["sinks"],
+        "fa_layer_ids": ",".join(str(i) for i in info["fa_layer_ids"]),
+        "use_q_proj": False,
+        "use_ahn_router": False,
+    }
+
+
+# --------------------------------------------------------------------------------------
+# merged checkpoints
+# --------------------------------------------------------------------------------------
+def from_pretrained(path: Union[str, os.PathLike], *, kind: Optional[str] = None, window: Optional[int] = None,
+                    sinks: Optional[int] = None, prefill_chunk_size: Optional[int] = None, backend: str = "auto",
+                    **hf_kwargs) -> nn.Module:
+    """Load a merged AHN checkpoint (base + AHN weights, ``config.json`` with ``_ahn_implementation``).
+
+    Args:
+        path: directory written by ``ahn-merge`` (or any Qwen2 checkpoint with the AHN fields).
+        kind, window, sinks: override the config (e.g. a longer window at inference).
+        prefill_chunk_size, backend: as in :func:`patch_qwen`.
+        **hf_kwargs: passed to ``Qwen2ForCausalLM.from_pretrained`` (``dtype``, ``device_map``, ...).
+
+    Returns:
+        a patched ``Qwen2ForCausalLM`` in eval mode.
+
+    Example:
+        >>> model = ahn_ops.from_pretrained("Qwen2.5-3B-AHN-GDN", dtype=torch.bfloat16, device_map="cuda")
+        >>> model.generate(input_ids, max_new_tokens=32)
+    """
+    from transformers import Qwen2ForCausalLM
+    from transformers.utils import logging as hf_logging
+
+    p = Path(path)
+    if not (p / "config.json").exists():
+        raise FileNotFoundError(f"{p}/config.json not found")
+    ahn_cfg = read_ahn_config(p)
+    if "kind" not in ahn_cfg:
+        raise ValueError(f"{p}/config.json has no _ahn_implementation: not a merged AHN checkpoint "
+                         "(for a base model plus AHN-only weights use ahn_ops.patch_qwen(model, weights=...))")
+    verbosity = hf_logging.get_verbosity()
+    hf_logging.set_verbosity_error()  # the .ahn.fn. keys are "unexpected" to Qwen2ForCausalLM: loaded below
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            model = Qwen2ForCausalLM.from_pretrained(str(p), **hf_kwargs)
+    finally:
+        hf_logging.set_verbosity(verbosity)
+    patch_qwen(model, kind=kind or ahn_cfg["kind"], window=window or ahn_cfg.get("window"),
+               sinks=sinks if sinks is not None else ahn_cfg.get("sinks", 0),
+               fa_layer_ids=ahn_cfg.get("fa_layer_ids"), prefill_chunk_size=prefill_chunk_size, backend=backend)
+    load_ahn_weights(model, read_ahn_tensors(p, only_ahn=True), strict=True)
+    model.eval()
+    return model

@@ -1,0 +1,204 @@
+"""Backward of the fused AHN prefill (kinds "gdn", "dn"): launcher and ``torch.ops.ahn.prefill_bwd``.
+
+Given ``dout`` (and optionally ``dht``, the grad of the final state), returns the gradients of
+``q, k, v, a, b, z, A_log, dt_bias, norm_weight, o_weight`` and of the initial state.
+Nothing but the forward's inputs is saved; the backward recomputes (8 launches):
+
+==========================  ==========================  ==============================
+launch                       grid                        recomputes / produces
+==========================  ==========================  ==============================
+prefill._prep_kernel         (chunks, H)                 gc, w, u (as the forward)
+prefill._state_kernel        (D/BV, H, N) sequential     h per chunk, v_new
+_epi_bwd_kernel              (H, chunks)                 m; dm, dz, u, dnorm_weight part
+_dh_bwd_kernel               (D/BV, H, N) sequential     dh per chunk, dv_new, dh0
+_mem_bwd_kernel              (H, chunks)                 memory dq, dk, dv, dg, dbeta
+_attn_lse_kernel             (H, blocks)                 window lse, delta
+_attn_dq_kernel              (H, blocks)                 dq (+ memory dq)
+_attn_dkdv_kernel            (HKV, blocks)               dk, dv (+ memory dk, dv)
+==========================  ==========================  ==============================
+
+Then cheap torch glue on ``[B, T, H]`` gates (sigmoid, softplus, ``-exp(A_log)``
+backward, sums over tokens for ``A_log``/``dt_bias``) and one matmul per head for
+``do_weight = sum_t u^T dy``; ``dnorm_weight`` sums per-chunk partials.
+
+Memory (beyond inputs and grads): ``2 * ceil(T/64) * H * D * D`` elements in the input dtype
+for the per-chunk states h and dh, plus ``7 * T * H * D`` row buffers (w, u, v_new, dv_new,
+dm, dv_local, u_epi in the input dtype, dq partial in fp32 counts 2) and fp32
+``[T, HKV, D]`` dk/dv accumulators: ``O(T*H*D + T/64*H*D*D)``.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import List, Optional, Tuple
+
+import torch
+import torch.nn.functional as F
+import triton
+
+from ..common.alloc import empty
+from . import backward_attn as ka
+from . import backward_mem as km
+from . import prefill as pf
+
+__all__ = ["prefill_bwd"]
+
+BT = pf.BT
+
+
+def _mm_f32(x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+    """``x @ y`` with fp32 output for low-precision operands (fp32 accumulation either way)."""
+    if x.dtype in (torch.bfloat16, torch.float16) and x.is_cuda:
+        try:
+            return torch.bmm(x, y, out_dtype=torch.float32)
+        except (TypeError, RuntimeError):
+            pass
+    return torch.bmm(x.float(), y.float())
+
+
+def prefill_bwd(dout, dht, q, k, v, a, b, z, A_log, dt_bias, norm_weight, o_weight, window: int, sinks: int,
+                kind: str, cu_seqlens: Optional[torch.Tensor] = None, initial_state: Optional[torch.Tensor] = None):
+    """Gradients of ``prefill_fwd`` (no autograd; the launcher behind ``torch.ops.ahn.prefill_bwd``).
+
+    Args:
+        dout: ``[B, T, H, D]`` grad of the output, q's dtype.
+        dht: ``[N, H, D, D]`` fp32 grad of the final state, or None.
+        others: as :func:`ahn_ops.ops.ahn_attention.prefill.prefill_fwd`.
+    Returns:
+        ``(dq, dk, dv, da, db, dz, dA_log, ddt_bias, dnorm_weight, do_weight, dh0)``; ``da``,
+        ``dA_log``, ``ddt_bias`` are None for "dn", ``dh0`` None without an initial state.
+    """
+    B, T, H, D = q.shape
+    HKV = k.shape[2]
+    dev, dt = q.device, q.dtype
+    W, S = int(window), int(sinks)
+    if cu_seqlens is not None:
+        cs = [int(x) for x in cu_seqlens.tolist()]
+    else:
+        cs = [i * T for i in range(B + 1)]
+    lens = [e - s for s, e in zip(cs[:-1], cs[1:])]
+    N = len(lens)
+    seq, chunks, NT = pf._seq_tables(lens, [0] * N, cs[:-1], [0] * N, cs[:-1], dev)
+    Tt = B * T
+    flat = lambda x: None if x is None else x.reshape(Tt, *x.shape[2:]).contiguous()  # noqa: E731
+    qf, kf, vf, dof = flat(q), flat(k), flat(v), flat(dout.to(dt))
+    af, bf, zf = flat(a), flat(b), flat(z)
+    dummy = q.new_empty(0)
+    use_h0 = initial_state is not None
+    use_dht = dht is not None and dht.numel() > 0
+    gates = 0 if kind == "gdn" else 1
+    A_logf = A_log.float().contiguous() if A_log is not None else dummy
+    dt_biasf = dt_bias.float().contiguous() if dt_bias is not None else dummy
+    mem_scale = D ** -0.5
+    qk_scale = D ** -0.5 * math.log2(math.e)
+
+    dq = empty(B, T, H, D, dtype=dt, device=dev)
+    dk = empty(B, T, HKV, D, dtype=dt, device=dev)
+    dv = empty(B, T, HKV, D, dtype=dt, device=dev)
+    # fp32 accumulators the memory branch adds into (tokens never absorbed keep 0)
+    dk_acc = torch.zeros(Tt, HKV, D, dtype=torch.float32, device=dev)
+    dv_acc = torch.zeros(Tt, HKV, D, dtype=torch.float32, device=dev)
+    dq_acc = empty(Tt, H, D, dtype=torch.float32, device=dev)
+    dg_tok = torch.zeros(Tt, H, dtype=torch.float32, device=dev)
+    dbeta_tok = torch.zeros(Tt, H, dtype=torch.float32, device=dev)
+    dz = empty(Tt, H, dtype=torch.float32, device=dev)
+    dnw_part = empty(max(NT, 1), H, D, dtype=torch.float32, device=dev)
+    uo = empty(Tt, H, D, dtype=dt, device=dev)
+    dh0 = empty(N, H, D, D, dtype=torch.float32, device=dev) if use_h0 else None
+
+    if NT > 0:
+        # ---- memory branch: recompute the forward's chunk quantities and states ----
+        gc = empty(Tt, H, dtype=torch.float32, device=dev)
+        w = empty(Tt, H, D, dtype=dt, device=dev)
+        u = empty(Tt, H, D, dtype=dt, device=dev)
+        pf._prep_kernel[(NT, H)](
+            kx=kf, vx=vf, a=af if af is not None else dummy, b=bf, gx=dummy, A_log=A_logf, dt_bias=dt_biasf,
+            seq=seq, chunks=chunks, gc=gc, w=w, u=u, H=H, HKV=HKV, D=D, W=W, S=S, BT=BT, GATES=gates, num_warps=4)
+        hs = empty(NT, H, D, D, dtype=dt, device=dev)
+        vnew = empty(Tt, H, D, dtype=dt, device=dev)
+        BV = 64 if D == 64 else 32
+        h0 = initial_state.float().contiguous() if use_h0 else dummy
+        pf._state_kernel[(D // BV, H, N)](
+            kx=kf, w=w, u=u, gc=gc, seq=seq, h0=h0, hs=hs, vnew=vnew, ht=dummy,
+            H=H, HKV=HKV, D=D, W=W, S=S, BT=BT, BV=BV, USE_H0=use_h0, STORE_HT=False, num_warps=4, num_stages=2)
+        del u
+        # ---- epilogue backward + readout recompute ----
+        dm = empty(Tt, H, D, dtype=dt, device=dev)
+        dvl = empty(Tt, H, D, dtype=dt, device=dev)
+        km._epi_bwd_kernel[(H, NT)](
+            q=qf, k=kf, z=zf, nw=norm_weight.float().contiguous(), ow=o_weight.to(dt).contiguous(), dy=dof,
+            seq=seq, chunks=chunks, gc=gc, hs=hs, vnew=vnew, dm=dm, dvl=dvl, uo=uo, dz=dz, dnw_part=dnw_part,
+            W=W, S=S, mem_scale=mem_scale, H=H, HKV=HKV, D=D, BT=BT, USE_H0=use_h0, num_warps=4)
+        # ---- reverse state recurrence ----
+        dhs = empty(NT, H, D, D, dtype=dt, device=dev)
+        dvnew = empty(Tt, H, D, dtype=dt, device=dev)
+        km._dh_bwd_kernel[(D // BV, H, N)](
+            q=qf, k=kf, w=w, gc=gc, dm=dm, dvl=dvl, seq=seq, dht=dht.float().contiguous() if use_dht else dummy,
+            dhs=dhs, dvnew=dvnew, dh0=dh0 if use_h0 else dummy, W=W, S=S, mem_scale=mem_scale,
+            H=H, HKV=HKV, D=D, BT=BT, BV=BV, USE_H0=use_h0, USE_DHT=use_dht, num_warps=4, num_stages=2)
+        del dvl
+        # ---- chunk-parallel memory gradients ----
+        km._mem_bwd_kernel[(H, NT)](
+            q=qf, k=kf, v=vf, a=af if af is not None else dummy, b=bf, A_log=A_logf, dt_bias=dt_biasf,
+            seq=seq, chunks=chunks, gc=gc, hs=hs, dhs=dhs, w=w, vnew=vnew, dvnew=dvnew, dm=dm,
+            dq_acc=dq_acc, dk_acc=dk_acc, dv_acc=dv_acc, dg_tok=dg_tok, dbeta_tok=dbeta_tok,
+            W=W, S=S, mem_scale=mem_scale, H=H, HKV=HKV, D=D, BT=BT, GATES=gates, USE_H0=use_h0, num_warps=4)
+        del hs, dhs, w, vnew, dvnew, dm
+        # ---- window attention backward ----
+        lse = empty(Tt, H, dtype=torch.float32, device=dev)
+        delta = empty(Tt, H, dtype=torch.float32, device=dev)
+        ka._attn_lse_kernel[(H, NT)](
+            q=qf, k=kf, v=vf, do=dof, seq=seq, chunks=chunks, lse=lse, delta=delta, W=W, S=S, qk_scale=qk_scale,
+            H=H, HKV=HKV, D=D, BT=BT, BN=64, num_warps=4, num_stages=2)
+        ka._attn_dq_kernel[(H, NT)](
+            q=qf, k=kf, v=vf, do=dof, seq=seq, chunks=chunks, lse=lse, delta=delta, dq_acc=dq_acc, dq=dq,
+            W=W, S=S, qk_scale=qk_scale, sm_scale=D ** -0.5, H=H, HKV=HKV, D=D, BT=BT, BN=64,
+            num_warps=4, num_stages=2)
+        ka._attn_dkdv_kernel[(HKV, NT)](
+            q=qf, k=kf, v=vf, do=dof, seq=seq, chunks=chunks, lse=lse, delta=delta, dk_acc=dk_acc,
+            dv_acc=dv_acc, dk=dk, dv=dv, W=W, S=S, qk_scale=qk_scale, sm_scale=D ** -0.5,
+            H=H, HKV=HKV, D=D, BT=BT, BM=64, num_warps=4, num_stages=2)
+    elif use_h0:
+        dh0.copy_(dht if use_dht else torch.zeros_like(dh0))
+
+    # ---- torch glue on [tokens, H] gates: sigmoid, softplus, -exp(A_log) ----
+    dzo = dz.view(B, T, H).to(z.dtype)
+    beta = torch.sigmoid(bf.float())
+    db = (dbeta_tok * beta * (1 - beta)).view(B, T, H).to(b.dtype)
+    da = dA_log = ddt_bias = None
+    if kind == "gdn":
+        x = af.float() + dt_bias.float()
+        decay = -torch.exp(A_log.float())
+        dgx = dg_tok * decay * torch.sigmoid(x)
+        da = dgx.view(B, T, H).to(a.dtype)
+        ddt_bias = dgx.sum(0).to(dt_bias.dtype)
+        dA_log = (dg_tok * decay * F.softplus(x)).sum(0).to(A_log.dtype)
+    dnw = dnw_part[:NT].sum((0, 1)).to(norm_weight.dtype) if NT > 0 else torch.zeros_like(norm_weight)
+    # do_weight[h] = sum_t u[t, h]^T dy[t, h]: one [D, T] x [T, D] product per head
+    dow = _mm_f32(uo.view(Tt, H, D).transpose(0, 1).transpose(1, 2), dof.view(Tt, H, D).transpose(0, 1))
+    return dq, dk, dv, da, db, dzo, dA_log, ddt_bias, dnw, dow.to(o_weight.dtype), dh0
+
+
+# ---------------------------------------------------------------------------------------------
+# registration: torch.ops.ahn.prefill_bwd
+# ---------------------------------------------------------------------------------------------
+@torch.library.custom_op("ahn::prefill_bwd", mutates_args=())
+def _prefill_bwd_op(
+    dout: torch.Tensor, dht: Optional[torch.Tensor], q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
+    a: Optional[torch.Tensor], b: Optional[torch.Tensor], z: torch.Tensor, A_log: Optional[torch.Tensor],
+    dt_bias: Optional[torch.Tensor], norm_weight: torch.Tensor, o_weight: torch.Tensor, window: int, sinks: int,
+    kind: str, cu_seqlens: Optional[torch.Tensor], initial_state: Optional[torch.Tensor],
+) -> List[torch.Tensor]:
+    """Returns 11 tensors in the order of :func:`prefill_bwd`; absent grads are empty tensors."""
+    grads = prefill_bwd(dout, dht, q, k, v, a, b, z, A_log, dt_bias, norm_weight, o_weight, window, sinks, kind,
+                        cu_seqlens, initial_state)
+    return [q.new_empty(0) if g is None else g for g in grads]
+
+
+@_prefill_bwd_op.register_fake
+def _(dout, dht, q, k, v, a, b, z, A_log, dt_bias, norm_weight, o_weight, window, sinks, kind, cu_seqlens,
+      initial_state):
+    like = lambda x: q.new_empty(0) if x is None else torch.empty_like(x)  # noqa: E731
+    return [torch.empty_like(q), torch.empty_like(k), torch.empty_like(v), like(a), like(b), torch.empty_like(z),
+            like(A_log), like(dt_bias), torch.empty_like(norm_weight), torch.empty_like(o_weight),
+            like(initial_state).float() if initial_state is not None else q.new_empty(0)]

@@ -1,0 +1,284 @@
+"""Backward of the AHN memory branch (chunked gated delta rule + epilogue), Triton.
+
+Same stream as the forward (prefill.py): one stream element per query row ``i`` of a
+sequence, element ``i`` absorbs the token at ``i - W`` (beta = g = 0 while ``i - W < S``),
+chunks of BT = 64 elements are query blocks. Per chunk ``c`` with state ``h_c`` before it,
+in-chunk cumulative log-decay ``gc``, ``E_rs = exp(gc_r - gc_s)``, ``qn = l2norm(q) D^-0.5``,
+``kn = l2norm(k)``, ``X = (I + tril(diag(beta) kn kn^T * E, -1))^-1``, ``w = X (beta e^gc kn)``,
+``u = X (beta v)``, ``v_new = u - w h_c``:
+
+    m      = e^gc * (qn h_c) + tril(qn kn^T * E) v_new                         (readout)
+    h_c+1  = e^g_last h_c + (kn * e^(g_last - gc))^T v_new
+
+Backward, given ``dy`` (grad of the op output; the epilogue turns it into ``dm``):
+
+1. ``_epi_bwd_kernel`` (chunk-parallel): recompute ``m`` from ``h_c``; epilogue backward
+   (RMSNorm, swish gate, per-head projection) -> ``dm``, ``dz``, ``u`` (for ``do_weight``),
+   per-chunk partial ``dnorm_weight``; and ``dv_local = tril(qn kn^T * E)^T dm``.
+2. ``_dh_bwd_kernel`` (sequential over chunks, grid (D/BV, H, N)): ``dh`` in registers,
+   ``dv_new = dv_local + (kn e^(g_last-gc)) dh_c+1``,
+   ``dh_c = e^g_last dh_c+1 + (qn e^gc)^T dm - w^T dv_new``; stores ``dh_c+1`` per chunk.
+3. ``_mem_bwd_kernel`` (chunk-parallel): dq, dk (readout, state transition), ``dw = -dv_new h_c^T``,
+   then the WY backward through ``X`` (recomputed, not stored), dbeta, the in-chunk
+   reverse cumsum of dgc -> dg, l2norm backward of q and k. dk/dv of the G query heads of a
+   kv group meet in fp32 atomics on ``[tokens, HKV, D]`` buffers (never ``[tokens, H, D]``).
+
+Memory of the backward: the per-chunk states ``h`` and ``dh`` (``2 * T/64 * H * D * D`` in the
+input dtype) plus ``O(T * H * D)`` row buffers; the forward saves only its inputs.
+"""
+
+from __future__ import annotations
+
+import triton
+import triton.language as tl
+
+from .prefill import _l2norm_rows, _load_gates
+
+
+@triton.jit(do_not_specialize=["W", "S"])
+def _epi_bwd_kernel(
+    # pointers
+    q, k, z, nw, ow, dy, seq, chunks, gc, hs, vnew, dm, dvl, uo, dz, dnw_part,
+    # sizes
+    W, S, mem_scale,
+    H: tl.constexpr, HKV: tl.constexpr, D: tl.constexpr,
+    # meta
+    BT: tl.constexpr, USE_H0: tl.constexpr,
+):
+    i_h, i_c = tl.program_id(0), tl.program_id(1)
+    G: tl.constexpr = H // HKV
+    i_n = tl.load(chunks + i_c * 2)
+    i_b = tl.load(chunks + i_c * 2 + 1)
+    bos = tl.load(seq + i_n * 8).to(tl.int64)
+    T = tl.load(seq + i_n * 8 + 1)
+    coff = tl.load(seq + i_n * 8 + 6).to(tl.int64)
+
+    o_t = tl.arange(0, BT)
+    o_d = tl.arange(0, D)
+    o_i = i_b * BT + o_t
+    m_i = o_i < T
+    o_q = bos + o_i
+    p_row = (o_q * H + i_h)[:, None] * D + o_d[None, :]
+    t_hi = tl.minimum(i_b * BT + BT, T) - 1
+    if USE_H0 or (t_hi - W >= S):
+        b_q = tl.load(q + p_row, mask=m_i[:, None], other=0.)  # [BT, D]
+        b_qn = _l2norm_rows(b_q.to(tl.float32)) * mem_scale  # [BT, D]
+        b_gc = tl.load(gc + o_q * H + i_h, mask=m_i, other=0.)  # [BT]
+        b_hc = tl.load(hs + (((coff + i_b) * H + i_h) * D + o_d[:, None]) * D + o_d[None, :])  # [D, D]
+        b_mo = tl.dot((b_qn * tl.exp(b_gc)[:, None]).to(b_q.dtype), b_hc)  # [BT, D]
+        pos = o_i - W
+        m_act = m_i & (pos >= S)
+        o_row = bos + tl.where(m_act, pos, 0)
+        b_k = tl.load(k + (o_row * HKV + i_h // G)[:, None] * D + o_d[None, :], mask=m_act[:, None], other=0.)
+        b_kn = _l2norm_rows(b_k.to(tl.float32))  # [BT, D]
+        # rows past the end have gc = 0: keep exp(gc_r - gc_s) off them (inf * 0 = NaN)
+        m_low = (o_t[:, None] >= o_t[None, :]) & m_i[:, None]
+        b_s = tl.dot(b_qn.to(b_q.dtype), tl.trans(b_kn.to(b_q.dtype)))  # [BT, BT]
+        b_s = tl.where(m_low, b_s * tl.exp(tl.where(m_low, b_gc[:, None] - b_gc[None, :], 0.)), 0.)
+        b_vn = tl.load(vnew + p_row, mask=m_act[:, None], other=0.)  # [BT, D]
+        b_mo += tl.dot(b_s.to(b_q.dtype), b_vn)  # [BT, D]
+
+        # epilogue backward: u = m * rs * nw * z sigmoid(z); y = u @ ow[h]
+        b_z = tl.load(z + o_q * H + i_h, mask=m_i, other=0.).to(tl.float32)  # [BT]
+        b_nw = tl.load(nw + o_d).to(tl.float32)  # [D]
+        b_rs = tl.rsqrt(tl.sum(b_mo * b_mo, 1) / D + 1e-5)  # [BT]
+        b_sg = tl.sigmoid(b_z)
+        b_gate = b_z * b_sg
+        b_n = b_mo * b_rs[:, None]  # [BT, D]
+        b_dy = tl.load(dy + p_row, mask=m_i[:, None], other=0.)  # [BT, D]
+        b_ow = tl.load(ow + (i_h * D + o_d[:, None]) * D + o_d[None, :])  # [D, D]
+        b_du = tl.dot(b_dy, tl.trans(b_ow))  # [BT, D]
+        b_du = tl.where(m_i[:, None], b_du, 0.)
+        tl.store(uo + p_row, (b_n * b_nw[None, :] * b_gate[:, None]).to(uo.dtype.element_ty), mask=m_i[:, None])
+        tl.store(dnw_part + (i_c * H + i_h) * D + o_d, tl.sum(b_n * b_gate[:, None] * b_du, 0))
+        b_dgate = tl.sum(b_n * b_nw[None, :] * b_du, 1)  # [BT]
+        tl.store(dz + o_q * H + i_h, b_dgate * (b_sg + b_gate * (1. - b_sg)), mask=m_i)
+        b_dn = b_du * b_nw[None, :] * b_gate[:, None]
+        b_dm = b_rs[:, None] * (b_dn - b_n * (tl.sum(b_dn * b_n, 1) / D)[:, None])  # [BT, D]
+        tl.store(dm + p_row, b_dm.to(dm.dtype.element_ty), mask=m_i[:, None])
+        b_dvl = tl.dot(tl.trans(b_s.to(b_q.dtype)), b_dm.to(b_q.dtype))  # [BT, D]
+        tl.store(dvl + p_row, b_dvl.to(dvl.dtype.element_ty), mask=m_i[:, None])
+    else:
+        # no row of the chunk reads a memory token: the readout is 0 and so are u and dz
+        tl.store(uo + p_row, tl.zeros([BT, D], dtype=tl.float32).to(uo.dtype.element_ty), mask=m_i[:, None])
+        tl.store(dz + o_q * H + i_h, tl.zeros([BT], dtype=tl.float32), mask=m_i)
+        tl.store(dnw_part + (i_c * H + i_h) * D + o_d, tl.zeros([D], dtype=tl.float32))
+
+
+@triton.jit(do_not_specialize=["W", "S"])
+def _dh_bwd_kernel(
+    # pointers
+    q, k, w, gc, dm, dvl, seq, dht, dhs, dvnew, dh0,
+    # sizes
+    W, S, mem_scale,
+    H: tl.constexpr, HKV: tl.constexpr, D: tl.constexpr,
+    # meta
+    BT: tl.constexpr, BV: tl.constexpr, USE_H0: tl.constexpr, USE_DHT: tl.constexpr,
+):
+    i_v, i_h, i_n = tl.program_id(0), tl.program_id(1), tl.program_id(2)
+    G: tl.constexpr = H // HKV
+    bos = tl.load(seq + i_n * 8).to(tl.int64)
+    T = tl.load(seq + i_n * 8 + 1)
+    coff = tl.load(seq + i_n * 8 + 6).to(tl.int64)
+    NT = tl.cdiv(T, BT)
+
+    o_t = tl.arange(0, BT)
+    o_d = tl.arange(0, D)
+    o_v = i_v * BV + tl.arange(0, BV)
+    p_hv = (i_n * H + i_h) * D * D + o_d[:, None] * D + o_v[None, :]
+    if USE_DHT:
+        b_dh = tl.load(dht + p_hv).to(tl.float32)  # [D, BV]
+    else:
+        b_dh = tl.zeros([D, BV], dtype=tl.float32)
+    # chunks before the first one that reads memory see a zero state; without an initial
+    # state their dh is never used (same c0 as the forward's state kernel)
+    if USE_H0:
+        c0 = 0
+    else:
+        c0 = tl.maximum(S + W, 0) // BT
+    for i_r in range(0, NT - c0):
+        i_c = NT - 1 - i_r
+        tl.store(dhs + (((coff + i_c) * H + i_h) * D + o_d[:, None]) * D + o_v[None, :], b_dh.to(dhs.dtype.element_ty))
+        o_i = i_c * BT + o_t
+        m_i = o_i < T
+        o_q = bos + o_i
+        pos = o_i - W
+        m_act = m_i & (pos >= S)
+        o_row = bos + tl.where(m_act, pos, 0)
+        b_k = tl.load(k + (o_row * HKV + i_h // G)[:, None] * D + o_d[None, :], mask=m_act[:, None], other=0.)
+        b_kn = _l2norm_rows(b_k.to(tl.float32))  # [BT, D]
+        b_gc = tl.load(gc + o_q * H + i_h, mask=m_i, other=0.)  # [BT]
+        i_last = tl.minimum(i_c * BT + BT, T) - 1
+        b_glast = tl.load(gc + (bos + i_last) * H + i_h)
+        b_kd = tl.where(m_act[:, None], b_kn * tl.exp(b_glast - b_gc)[:, None], 0.)  # [BT, D]
+        p_v = (o_q * H + i_h)[:, None] * D + o_v[None, :]
+        b_dvl = tl.load(dvl + p_v, mask=m_i[:, None], other=0.).to(tl.float32)  # [BT, BV]
+        b_dvn = b_dvl + tl.dot(b_kd.to(b_k.dtype), b_dh.to(b_k.dtype))  # [BT, BV]
+        tl.store(dvnew + p_v, b_dvn.to(dvnew.dtype.element_ty), mask=m_i[:, None])
+        b_q = tl.load(q + (o_q * H + i_h)[:, None] * D + o_d[None, :], mask=m_i[:, None], other=0.)  # [BT, D]
+        b_qg = _l2norm_rows(b_q.to(tl.float32)) * (mem_scale * tl.exp(b_gc))[:, None]  # [BT, D]
+        b_dm = tl.load(dm + p_v, mask=m_i[:, None], other=0.)  # [BT, BV]
+        b_w = tl.load(w + (o_q * H + i_h)[:, None] * D + o_d[None, :], mask=m_i[:, None], other=0.)  # [BT, D]
+        b_dh = (b_dh * tl.exp(b_glast) + tl.dot(tl.trans(b_qg.to(b_q.dtype)), b_dm.to(b_q.dtype))
+                - tl.dot(tl.trans(b_w), b_dvn.to(b_w.dtype)))  # [D, BV]
+    if USE_H0:
+        tl.store(dh0 + p_hv, b_dh)
+
+
+@triton.jit(do_not_specialize=["W", "S"])
+def _mem_bwd_kernel(
+    # pointers
+    q, k, v, a, b, A_log, dt_bias, seq, chunks, gc, hs, dhs, w, vnew, dvnew, dm,
+    dq_acc, dk_acc, dv_acc, dg_tok, dbeta_tok,
+    # sizes
+    W, S, mem_scale,
+    H: tl.constexpr, HKV: tl.constexpr, D: tl.constexpr,
+    # meta
+    BT: tl.constexpr, GATES: tl.constexpr, USE_H0: tl.constexpr,
+):
+    i_h, i_c = tl.program_id(0), tl.program_id(1)
+    G: tl.constexpr = H // HKV
+    i_kv = i_h // G
+    i_n = tl.load(chunks + i_c * 2)
+    i_b = tl.load(chunks + i_c * 2 + 1)
+    bos = tl.load(seq + i_n * 8).to(tl.int64)
+    T = tl.load(seq + i_n * 8 + 1)
+    coff = tl.load(seq + i_n * 8 + 6).to(tl.int64)
+
+    o_t = tl.arange(0, BT)
+    o_d = tl.arange(0, D)
+    o_i = i_b * BT + o_t
+    m_i = o_i < T
+    o_q = bos + o_i
+    p_row = (o_q * H + i_h)[:, None] * D + o_d[None, :]
+    t_hi = tl.minimum(i_b * BT + BT, T) - 1
+    if USE_H0 or (t_hi - W >= S):
+        pos = o_i - W
+        m_act = m_i & (pos >= S)
+        o_row = bos + tl.where(m_act, pos, 0)
+        p_kv = (o_row * HKV + i_kv)[:, None] * D + o_d[None, :]
+        b_q = tl.load(q + p_row, mask=m_i[:, None], other=0.)  # [BT, D]
+        b_qf = b_q.to(tl.float32)
+        b_rq = tl.rsqrt(tl.sum(b_qf * b_qf, 1) + 1e-6)  # [BT]
+        b_qn = b_qf * (b_rq * mem_scale)[:, None]  # [BT, D]
+        b_k = tl.load(k + p_kv, mask=m_act[:, None], other=0.)  # [BT, D]
+        b_kf = b_k.to(tl.float32)
+        b_rk = tl.rsqrt(tl.sum(b_kf * b_kf, 1) + 1e-6)  # [BT]
+        b_kn = b_kf * b_rk[:, None]  # [BT, D]
+        b_v = tl.load(v + p_kv, mask=m_act[:, None], other=0.).to(tl.float32)  # [BT, D]
+        b_g, b_beta = _load_gates(a, b, b, A_log, dt_bias, o_row, m_act, i_h, H, GATES)
+        b_gc = tl.load(gc + o_q * H + i_h, mask=m_i, other=0.)  # [BT]
+        i_last = t_hi - i_b * BT
+        b_glast = tl.sum(tl.where(o_t == i_last, b_gc, 0.), 0)
+        b_hc = tl.load(hs + (((coff + i_b) * H + i_h) * D + o_d[:, None]) * D + o_d[None, :])  # [D, D]
+        b_dhn = tl.load(dhs + (((coff + i_b) * H + i_h) * D + o_d[:, None]) * D + o_d[None, :])  # [D, D]
+        b_vn = tl.load(vnew + p_row, mask=m_act[:, None], other=0.)  # [BT, D]
+        b_dvn = tl.load(dvnew + p_row, mask=m_i[:, None], other=0.)  # [BT, D]
+        b_dm = tl.load(dm + p_row, mask=m_i[:, None], other=0.)  # [BT, D]
+        b_w = tl.load(w + p_row, mask=m_i[:, None], other=0.)  # [BT, D]
+        dt = b_q.dtype
+
+        m_low = (o_t[:, None] >= o_t[None, :]) & m_i[:, None]
+        m_slow = (o_t[:, None] > o_t[None, :]) & m_i[:, None]
+        b_E = tl.exp(tl.where(m_low, b_gc[:, None] - b_gc[None, :], 0.))  # [BT, BT]
+        b_eg = tl.exp(b_gc)  # [BT]
+        # readout: m = e^gc (qn h) + tril(qn kn^T E) v_new
+        b_ds = tl.where(m_low, tl.dot(b_dm, tl.trans(b_vn)) * b_E, 0.)  # [BT, BT]
+        b_dq = tl.dot(b_dm, tl.trans(b_hc)) * b_eg[:, None] + tl.dot(b_ds.to(dt), b_kn.to(dt))  # [BT, D]
+        b_dk = tl.dot(tl.trans(b_ds.to(dt)), b_qn.to(dt))  # [BT, D]
+        # d/dgc of the readout: + qn.dq on the query side, - kn.dk on the key side
+        b_dgc = tl.sum(b_qn * b_dq, 1) - tl.sum(b_kn * b_dk, 1)  # [BT]
+        # state transition h_c+1 = e^glast h_c + (kn e^(glast - gc))^T v_new
+        b_dkh = tl.dot(b_vn, tl.trans(b_dhn)) * tl.where(m_act, tl.exp(b_glast - b_gc), 0.)[:, None]  # [BT, D]
+        b_dk += b_dkh
+        b_t = tl.sum(b_kn * b_dkh, 1)  # [BT]
+        b_dgc -= b_t
+        b_dglast = tl.sum(b_t, 0) + tl.exp(b_glast) * tl.sum(tl.sum(b_hc.to(tl.float32) * b_dhn.to(tl.float32), 1), 0)
+        b_dgc += tl.where(o_t == i_last, b_dglast, 0.)
+        # v_new = u - w h_c
+        b_dw = -tl.dot(b_dvn, tl.trans(b_hc))  # [BT, D]
+
+        # WY backward: X = (I + L)^-1, L = tril(beta kn kn^T E, -1); w = X Kb, u = X Vb
+        b_kk = tl.dot(b_kn.to(dt), tl.trans(b_kn.to(dt)))  # [BT, BT]
+        b_L = tl.where(m_slow, b_beta[:, None] * b_kk * b_E, 0.)
+        b_X = -b_L
+        for i in range(1, BT):
+            m_r = o_t == i
+            b_x = tl.sum(tl.where(m_r[:, None], b_X, 0.), 0)
+            b_x = b_x + tl.sum(b_x[:, None] * b_X, 0) * (o_t < i)
+            b_X = tl.where(m_r[:, None], b_x[None, :], b_X)
+        b_X = b_X + (o_t[:, None] == o_t[None, :])
+        b_Xc = b_X.to(dt)
+        b_Kb = b_kn * (b_beta * b_eg)[:, None]  # [BT, D]
+        b_Vb = b_v * b_beta[:, None]  # [BT, D]
+        b_dX = tl.dot(b_dw.to(dt), tl.trans(b_Kb.to(dt))) + tl.dot(b_dvn, tl.trans(b_Vb.to(dt)))  # [BT, BT]
+        b_dKb = tl.dot(tl.trans(b_Xc), b_dw.to(dt))  # [BT, D]
+        b_dVb = tl.dot(tl.trans(b_Xc), b_dvn)  # [BT, D]
+        b_dk += b_dKb * (b_beta * b_eg)[:, None]
+        b_dbeta = tl.sum(b_dKb * b_kn, 1) * b_eg + tl.sum(b_dVb * b_v, 1)  # [BT]
+        b_dgc += tl.sum(b_dKb * b_Kb, 1)
+        b_dv = b_dVb * b_beta[:, None]  # [BT, D]
+        # dL = -X^T dX X^T on the strictly lower triangle
+        b_dL = -tl.dot(tl.dot(tl.trans(b_Xc), b_dX.to(dt)).to(dt), tl.trans(b_Xc))  # [BT, BT]
+        b_dL = tl.where(m_slow, b_dL, 0.)
+        b_dLE = b_dL * b_E * b_kk  # d/dbeta_r of L_rs, times dL
+        b_dbeta += tl.sum(b_dLE, 1)
+        b_dLL = b_dLE * b_beta[:, None]  # dL * L
+        b_dgc += tl.sum(b_dLL, 1) - tl.sum(b_dLL, 0)
+        b_Gm = (b_dL * b_E * b_beta[:, None]).to(dt)
+        b_dk += tl.dot(b_Gm, b_kn.to(dt)) + tl.dot(tl.trans(b_Gm), b_kn.to(dt))
+
+        # gc is the in-chunk inclusive cumsum of g: dg_p = sum_{r >= p} dgc_r
+        b_dgc = tl.where(m_i, b_dgc, 0.)
+        b_dg = tl.sum(tl.where(o_t[:, None] <= o_t[None, :], b_dgc[None, :], 0.), 1)  # [BT]
+        # l2norm backward: x r -> r (dy - y (y . dy))
+        b_qy = b_qn / mem_scale
+        b_dqr = (b_rq * mem_scale)[:, None] * (b_dq - b_qy * tl.sum(b_qy * b_dq, 1)[:, None])
+        b_dkr = b_rk[:, None] * (b_dk - b_kn * tl.sum(b_kn * b_dk, 1)[:, None])
+        tl.store(dq_acc + p_row, b_dqr, mask=m_i[:, None])
+        tl.atomic_add(dk_acc + p_kv, b_dkr, mask=m_act[:, None])
+        tl.atomic_add(dv_acc + p_kv, b_dv, mask=m_act[:, None])
+        tl.store(dg_tok + o_row * H + i_h, b_dg, mask=m_act)
+        tl.store(dbeta_tok + o_row * H + i_h, b_dbeta, mask=m_act)
+    else:
+        tl.store(dq_acc + p_row, tl.zeros([BT, D], dtype=tl.float32), mask=m_i[:, None])

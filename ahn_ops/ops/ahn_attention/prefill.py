@@ -1,0 +1,516 @@
+"""Fused AHN prefill forward in Triton (kinds "gdn" and "dn").
+
+Three launches (README.md beside this file has the derivation):
+
+1. ``_prep_kernel``   grid (chunks, H), fully parallel. Per memory chunk of BT=64 stream
+   elements: write gates from the raw ``a, b`` projections, l2norm of k, in-chunk cumsum of
+   the log-decay, the WY/UT inverse ``A = (I + tril(diag(beta) K K^T * decay, -1))^-1`` and
+   ``w = A (beta exp(gc) k)``, ``u = A (beta v)``.
+2. ``_state_kernel``  grid (D / BV, H, sequences), sequential over chunks: the fp32 state
+   ``h`` [D, BV] in registers; stores the state before every chunk (input dtype) and
+   ``v_new = u - w h``; optional initial / final state.
+3. ``_fwd_kernel``    grid (H, chunks): for a query block of BT rows, the sliding-window
+   flash attention with sinks (online softmax in fp32, K/V read at head ``h // G``, only the
+   sink blocks and the window band are visited, masks only on edge blocks) PLUS the memory
+   readout of the same rows from the chunk state, RMSNorm, swish gate, per-head [D, D]
+   projection and the sum, written once in the input dtype.
+
+The AHN alignment: the memory is a plain gated delta rule over a *stream* with one element
+per query row ``i`` (position ``t = P + i``). Element ``i`` absorbs token ``t - W`` (beta = 0,
+g = 0 when ``t - W < S``, so the state stays 0), and the delta rule's output for element
+``i`` is exactly what query ``t`` reads. Memory chunks are stream chunks, so a query block
+of BT rows is one memory chunk and the readout needs nothing but the state before it.
+
+Positions: every sequence ``n`` carries ``P_n`` (tokens before the first query row; 0 for a
+prefill from scratch). Keys come from ``kx`` rows holding positions ``kpos0_n ..``: for a
+prefill ``kx`` is ``k`` itself; on a cache it is the ring tail followed by the new tokens.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import List, Optional, Tuple
+
+import torch
+import triton
+import triton.language as tl
+
+from ..common.alloc import empty
+from ..common.tl_utils import dot
+
+__all__ = ["prefill_fwd", "prefill_cache_fwd", "SUPPORTED_D"]
+
+SUPPORTED_D = (64, 128)
+BT = 64  # memory chunk == query block: a query block reads exactly one chunk state
+
+
+# ---------------------------------------------------------------------------------------------
+# kernels
+# ---------------------------------------------------------------------------------------------
+@triton.jit
+def _l2norm_rows(b_x):
+    # l2norm(a) = a / sqrt(sum a^2 + 1e-6), the AHN_SPEC normalisation of q and k (fp32)
+    return b_x * tl.rsqrt(tl.sum(b_x * b_x, 1) + 1e-6)[:, None]
+
+
+@triton.jit
+def _load_gates(a, b, gx, A_log, dt_bias, o_row, m_act, i_h, H: tl.constexpr, GATES: tl.constexpr):
+    """(g, beta) [BT] fp32 of the tokens at kx rows ``o_row``; 0 where ``m_act`` is off.
+
+    GATES: 0 = raw GDN projections a, b; 1 = raw DN projection b; 2 = stored fp32 (g, beta).
+    """
+    if GATES == 2:
+        b_g = tl.load(gx + o_row * H * 2 + i_h * 2, mask=m_act, other=0.).to(tl.float32)
+        b_beta = tl.load(gx + o_row * H * 2 + i_h * 2 + 1, mask=m_act, other=0.).to(tl.float32)
+    else:
+        b_b = tl.load(b + o_row * H + i_h, mask=m_act, other=0.).to(tl.float32)
+        b_beta = tl.where(m_act, tl.sigmoid(b_b), 0.)
+        if GATES == 0:
+            b_a = tl.load(a + o_row * H + i_h, mask=m_act, other=0.).to(tl.float32)
+            b_x = b_a + tl.load(dt_bias + i_h).to(tl.float32)
+            # softplus with torch's threshold 20
+            b_sp = tl.where(b_x > 20., b_x, tl.log(1. + tl.exp(tl.minimum(b_x, 20.))))
+            b_g = tl.where(m_act, -tl.exp(tl.load(A_log + i_h).to(tl.float32)) * b_sp, 0.)
+        else:
+            b_g = tl.zeros_like(b_beta)
+    return b_g, b_beta
+
+
+@triton.jit
+def _prep_kernel(
+    # pointers
+    kx, vx, a, b, gx, A_log, dt_bias, seq, chunks, gc, w, u,
+    # sizes
+    H: tl.constexpr, HKV: tl.constexpr, D: tl.constexpr, W, S,
+    # meta
+    BT: tl.constexpr, GATES: tl.constexpr,
+):
+    i_c, i_h = tl.program_id(0), tl.program_id(1)
+    G: tl.constexpr = H // HKV
+    i_n = tl.load(chunks + i_c * 2)
+    i_b = tl.load(chunks + i_c * 2 + 1)
+    bos = tl.load(seq + i_n * 8).to(tl.int64)
+    T = tl.load(seq + i_n * 8 + 1)
+    P = tl.load(seq + i_n * 8 + 2)
+    kxb = tl.load(seq + i_n * 8 + 3).to(tl.int64)
+    kp0 = tl.load(seq + i_n * 8 + 4)
+
+    o_t = tl.arange(0, BT)
+    o_d = tl.arange(0, D)
+    o_i = i_b * BT + o_t
+    m_i = o_i < T
+    pos = P + o_i - W  # the token stream element i absorbs
+    m_act = m_i & (pos >= S)
+    o_row = kxb + tl.where(m_act, pos - kp0, 0)
+
+    b_k = tl.load(kx + (o_row * HKV + i_h // G)[:, None] * D + o_d[None, :], mask=m_act[:, None], other=0.)
+    b_v = tl.load(vx + (o_row * HKV + i_h // G)[:, None] * D + o_d[None, :], mask=m_act[:, None], other=0.)
+    b_kn = _l2norm_rows(b_k.to(tl.float32))  # [BT, D]
+    b_g, b_beta = _load_gates(a, b, gx, A_log, dt_bias, o_row, m_act, i_h, H, GATES)
+    b_gc = tl.cumsum(b_g, 0)  # [BT] in-chunk cumulative log-decay (0 for DN)
+
+    m_low = o_t[:, None] > o_t[None, :]
+    b_kk = dot(b_kn.to(b_k.dtype), tl.trans(b_kn.to(b_k.dtype)))  # [BT, BT]
+    b_dec = tl.exp(tl.where(m_low, b_gc[:, None] - b_gc[None, :], 0.))
+    b_A = tl.where(m_low, -(b_beta[:, None] * b_kk * b_dec), 0.)
+    # forward substitution: row i of (I + L)^-1 from the rows above it
+    for i in range(1, BT):
+        m_r = o_t == i
+        b_a = tl.sum(tl.where(m_r[:, None], b_A, 0.), 0)
+        b_a = b_a + tl.sum(b_a[:, None] * b_A, 0) * (o_t < i)
+        b_A = tl.where(m_r[:, None], b_a[None, :], b_A)
+    b_A = b_A + (o_t[:, None] == o_t[None, :])
+    b_Ac = b_A.to(b_k.dtype)
+    b_w = dot(b_Ac, (b_kn * (b_beta * tl.exp(b_gc))[:, None]).to(b_k.dtype))  # [BT, D]
+    b_u = dot(b_Ac, (b_v.to(tl.float32) * b_beta[:, None]).to(b_k.dtype))  # [BT, D]
+
+    o_q = bos + o_i
+    tl.store(gc + o_q * H + i_h, b_gc, mask=m_i)
+    tl.store(w + (o_q * H + i_h)[:, None] * D + o_d[None, :], b_w.to(w.dtype.element_ty), mask=m_i[:, None])
+    tl.store(u + (o_q * H + i_h)[:, None] * D + o_d[None, :], b_u.to(u.dtype.element_ty), mask=m_i[:, None])
+
+
+@triton.jit
+def _state_kernel(
+    # pointers
+    kx, w, u, gc, seq, h0, hs, vnew, ht,
+    # sizes
+    H: tl.constexpr, HKV: tl.constexpr, D: tl.constexpr, W, S,
+    # meta
+    BT: tl.constexpr, BV: tl.constexpr, USE_H0: tl.constexpr, STORE_HT: tl.constexpr,
+):
+    i_v, i_h, i_n = tl.program_id(0), tl.program_id(1), tl.program_id(2)
+    G: tl.constexpr = H // HKV
+    bos = tl.load(seq + i_n * 8).to(tl.int64)
+    T = tl.load(seq + i_n * 8 + 1)
+    P = tl.load(seq + i_n * 8 + 2)
+    kxb = tl.load(seq + i_n * 8 + 3).to(tl.int64)
+    kp0 = tl.load(seq + i_n * 8 + 4)
+    coff = tl.load(seq + i_n * 8 + 6).to(tl.int64)
+    NT = tl.cdiv(T, BT)
+
+    o_t = tl.arange(0, BT)
+    o_d = tl.arange(0, D)
+    o_v = i_v * BV + tl.arange(0, BV)
+    # chunks before the first element with a memory token leave a zero state unchanged
+    if USE_H0:
+        c0 = 0
+        b_h = tl.load(h0 + ((i_n * H + i_h) * D + o_d[:, None]) * D + o_v[None, :]).to(tl.float32)
+    else:
+        c0 = tl.maximum(S + W - P, 0) // BT
+        b_h = tl.zeros([D, BV], dtype=tl.float32)
+    for i_c in range(c0, NT):
+        tl.store(hs + (((coff + i_c) * H + i_h) * D + o_d[:, None]) * D + o_v[None, :], b_h.to(hs.dtype.element_ty))
+        o_i = i_c * BT + o_t
+        m_i = o_i < T
+        o_q = bos + o_i
+        b_w = tl.load(w + (o_q * H + i_h)[:, None] * D + o_d[None, :], mask=m_i[:, None], other=0.)  # [BT, D]
+        b_u = tl.load(u + (o_q * H + i_h)[:, None] * D + o_v[None, :], mask=m_i[:, None], other=0.)  # [BT, BV]
+        b_vn = b_u.to(tl.float32) - dot(b_w, b_h.to(b_w.dtype))  # [BT, BV]
+        tl.store(vnew + (o_q * H + i_h)[:, None] * D + o_v[None, :], b_vn.to(vnew.dtype.element_ty),
+                 mask=m_i[:, None])
+        pos = P + o_i - W
+        m_act = m_i & (pos >= S)
+        o_row = kxb + tl.where(m_act, pos - kp0, 0)
+        b_k = tl.load(kx + (o_row * HKV + i_h // G)[:, None] * D + o_d[None, :], mask=m_act[:, None], other=0.)
+        b_kn = _l2norm_rows(b_k.to(tl.float32))  # [BT, D]
+        b_gc = tl.load(gc + o_q * H + i_h, mask=m_i, other=0.)
+        i_last = tl.minimum(i_c * BT + BT, T) - 1
+        b_glast = tl.load(gc + (bos + i_last) * H + i_h)
+        b_vn = tl.where(m_act[:, None], b_vn * tl.exp(b_glast - b_gc)[:, None], 0.)
+        b_h = b_h * tl.exp(b_glast) + dot(tl.trans(b_kn.to(b_k.dtype)), b_vn.to(b_k.dtype))  # [D, BV]
+    if STORE_HT:
+        tl.store(ht + ((i_n * H + i_h) * D + o_d[:, None]) * D + o_v[None, :], b_h)
+
+
+@triton.jit
+def _attn_block(b_q, b_k, b_v, m_s, b_acc, b_m, b_l, qk_scale, MASKED: tl.constexpr):
+    # one online-softmax step in the log2 domain; qk_scale = D^-0.5 * log2(e) applied in fp32
+    # (scaling q before the dot would round it to bf16 once more: 1.4x the error)
+    b_s = dot(b_q, tl.trans(b_k)) * qk_scale  # [BT, BN]
+    if MASKED:
+        b_s = tl.where(m_s, b_s, float("-inf"))
+    b_mn = tl.maximum(b_m, tl.max(b_s, 1))
+    if MASKED:
+        # a row that has seen no key yet keeps m = -inf; shift by 0 so that exp2 gives 0, not NaN
+        b_mn_s = tl.where(b_mn == float("-inf"), 0., b_mn)
+    else:
+        b_mn_s = b_mn
+    b_p = tl.math.exp2(b_s - b_mn_s[:, None])
+    b_alpha = tl.math.exp2(b_m - b_mn_s)
+    b_l = b_l * b_alpha + tl.sum(b_p, 1)
+    b_acc = b_acc * b_alpha[:, None] + dot(b_p.to(b_v.dtype), b_v)  # [BT, D]
+    return b_acc, b_mn, b_l
+
+
+@triton.jit
+def _fwd_kernel(
+    # pointers
+    q, kx, vx, sk, sv, z, nw, ow, seq, chunks, gc, hs, vnew, out,
+    # sizes
+    H: tl.constexpr, HKV: tl.constexpr, D: tl.constexpr, W, S, qk_scale, mem_scale,
+    # meta
+    BT: tl.constexpr, BN: tl.constexpr, MEMORY: tl.constexpr, USE_H0: tl.constexpr,
+    SINK_CACHE: tl.constexpr,
+):
+    i_h, i_c = tl.program_id(0), tl.program_id(1)
+    G: tl.constexpr = H // HKV
+    i_kv = i_h // G
+    i_n = tl.load(chunks + i_c * 2)
+    i_b = tl.load(chunks + i_c * 2 + 1)
+    bos = tl.load(seq + i_n * 8).to(tl.int64)
+    T = tl.load(seq + i_n * 8 + 1)
+    P = tl.load(seq + i_n * 8 + 2)
+    kxb = tl.load(seq + i_n * 8 + 3).to(tl.int64)
+    kp0 = tl.load(seq + i_n * 8 + 4)
+    sb = tl.load(seq + i_n * 8 + 5).to(tl.int64)
+    coff = tl.load(seq + i_n * 8 + 6).to(tl.int64)
+
+    o_t = tl.arange(0, BT)
+    o_j = tl.arange(0, BN)
+    o_d = tl.arange(0, D)
+    o_i = i_b * BT + o_t
+    m_i = o_i < T
+    o_q = bos + o_i
+    t_pos = P + o_i  # query positions
+    t_lo = P + i_b * BT
+    t_hi = P + tl.minimum(i_b * BT + BT, T) - 1
+
+    b_q = tl.load(q + (o_q * H + i_h)[:, None] * D + o_d[None, :], mask=m_i[:, None], other=0.)  # [BT, D]
+    b_acc = tl.zeros([BT, D], dtype=tl.float32)
+    b_m = tl.full([BT], float("-inf"), dtype=tl.float32)
+    b_l = tl.zeros([BT], dtype=tl.float32)
+
+    # sinks that have left the window of some query of the block: positions j < S, j <= t - W
+    n_sink = tl.minimum(S, t_hi - W + 1)
+    for j0 in range(0, n_sink, BN):
+        o_s = j0 + o_j
+        m_s = (o_s < S) & (o_s[None, :] <= t_pos[:, None] - W) & m_i[:, None]
+        if SINK_CACHE:
+            # positions < P are in the cache's sink buffer, later ones among the new tokens
+            m_c = (o_s < S) & (o_s < P)
+            m_x = (o_s < S) & (o_s >= P)
+            o_c = ((sb + tl.where(m_c, o_s, 0)) * HKV + i_kv)[:, None] * D + o_d[None, :]
+            o_x = ((kxb + tl.where(m_x, o_s - kp0, 0)) * HKV + i_kv)[:, None] * D + o_d[None, :]
+            b_k = tl.load(sk + o_c, mask=m_c[:, None], other=0.) + tl.load(kx + o_x, mask=m_x[:, None], other=0.)
+            b_v = tl.load(sv + o_c, mask=m_c[:, None], other=0.) + tl.load(vx + o_x, mask=m_x[:, None], other=0.)
+        else:
+            m_x = o_s < S
+            o_x = ((kxb + tl.where(m_x, o_s - kp0, 0)) * HKV + i_kv)[:, None] * D + o_d[None, :]
+            b_k = tl.load(kx + o_x, mask=m_x[:, None], other=0.)
+            b_v = tl.load(vx + o_x, mask=m_x[:, None], other=0.)
+        b_acc, b_m, b_l = _attn_block(b_q, b_k, b_v, m_s, b_acc, b_m, b_l, qk_scale, True)
+
+    # the window band [t_lo - W + 1, t_hi]: masked lower edge, unmasked interior, masked diagonal
+    lo = tl.maximum(kp0, t_lo - W + 1)
+    e1 = tl.minimum(tl.maximum(t_hi - W + 1, lo), t_hi + 1)
+    j1 = lo + tl.cdiv(e1 - lo, BN) * BN
+    n2 = tl.maximum(tl.cdiv(t_lo - BN + 2 - j1, BN), 0)
+    j2 = j1 + n2 * BN
+    for j0 in range(lo, e1, BN):
+        o_s = j0 + o_j
+        m_s = (o_s[None, :] <= t_pos[:, None]) & (o_s[None, :] > t_pos[:, None] - W) & m_i[:, None]
+        m_k = o_s <= t_hi
+        o_x = ((kxb + tl.where(m_k, o_s - kp0, 0)) * HKV + i_kv)[:, None] * D + o_d[None, :]
+        b_k = tl.load(kx + o_x, mask=m_k[:, None], other=0.)
+        b_v = tl.load(vx + o_x, mask=m_k[:, None], other=0.)
+        b_acc, b_m, b_l = _attn_block(b_q, b_k, b_v, m_s, b_acc, b_m, b_l, qk_scale, True)
+    for j0 in range(j1, j2, BN):
+        o_x = ((kxb + j0 - kp0 + o_j) * HKV + i_kv)[:, None] * D + o_d[None, :]
+        b_k = tl.load(kx + o_x)
+        b_v = tl.load(vx + o_x)
+        b_acc, b_m, b_l = _attn_block(b_q, b_k, b_v, None, b_acc, b_m, b_l, qk_scale, False)
+    for j0 in range(j2, t_hi + 1, BN):
+        o_s = j0 + o_j
+        m_s = (o_s[None, :] <= t_pos[:, None]) & (o_s[None, :] > t_pos[:, None] - W) & m_i[:, None]
+        m_k = o_s <= t_hi
+        o_x = ((kxb + tl.where(m_k, o_s - kp0, 0)) * HKV + i_kv)[:, None] * D + o_d[None, :]
+        b_k = tl.load(kx + o_x, mask=m_k[:, None], other=0.)
+        b_v = tl.load(vx + o_x, mask=m_k[:, None], other=0.)
+        b_acc, b_m, b_l = _attn_block(b_q, b_k, b_v, m_s, b_acc, b_m, b_l, qk_scale, True)
+    b_o = b_acc / tl.where(b_l > 0, b_l, 1.)[:, None]
+
+    if MEMORY:
+        # a chunk none of whose rows reads a memory token reads 0 (unless an initial state is given)
+        if USE_H0 or (t_hi - W >= S):
+            b_qf = b_q.to(tl.float32)
+            b_qn = _l2norm_rows(b_qf) * mem_scale  # [BT, D]
+            b_gc = tl.load(gc + o_q * H + i_h, mask=m_i, other=0.)
+            b_hc = tl.load(hs + (((coff + i_b) * H + i_h) * D + o_d[:, None]) * D + o_d[None, :])  # [D, D]
+            b_mo = dot((b_qn * tl.exp(b_gc)[:, None]).to(b_q.dtype), b_hc)  # [BT, D]
+            pos = t_pos - W
+            m_act = m_i & (pos >= S)
+            o_row = kxb + tl.where(m_act, pos - kp0, 0)
+            b_k = tl.load(kx + (o_row * HKV + i_kv)[:, None] * D + o_d[None, :], mask=m_act[:, None], other=0.)
+            b_kn = _l2norm_rows(b_k.to(tl.float32))  # [BT, D]
+            m_low = o_t[:, None] >= o_t[None, :]
+            b_s = dot(b_qn.to(b_q.dtype), tl.trans(b_kn.to(b_q.dtype)))  # [BT, BT]
+            b_s = tl.where(m_low, b_s * tl.exp(tl.where(m_low, b_gc[:, None] - b_gc[None, :], 0.)), 0.)
+            b_vn = tl.load(vnew + (o_q * H + i_h)[:, None] * D + o_d[None, :], mask=m_act[:, None], other=0.)
+            b_mo += dot(b_s.to(b_q.dtype), b_vn)  # [BT, D]
+            # epilogue: RMSNorm over D, swish read gate, per-head [D, D] projection
+            b_z = tl.load(z + o_q * H + i_h, mask=m_i, other=0.).to(tl.float32)
+            b_nw = tl.load(nw + o_d).to(tl.float32)
+            b_r = tl.rsqrt(tl.sum(b_mo * b_mo, 1) / D + 1e-5) * b_z * tl.sigmoid(b_z)
+            b_uo = b_mo * b_r[:, None] * b_nw[None, :]
+            b_ow = tl.load(ow + (i_h * D + o_d[:, None]) * D + o_d[None, :])  # [D, D]
+            b_o += dot(b_uo.to(b_ow.dtype), b_ow)
+    tl.store(out + (o_q * H + i_h)[:, None] * D + o_d[None, :], b_o.to(out.dtype.element_ty), mask=m_i[:, None])
+
+
+# ---------------------------------------------------------------------------------------------
+# launchers (allocate, grid, keyword launch; no autograd)
+# ---------------------------------------------------------------------------------------------
+def _seq_tables(lens: List[int], starts: List[int], kx_bos: List[int], kpos0: List[int], sink_bos: List[int],
+                device) -> Tuple[torch.Tensor, torch.Tensor, int]:
+    """Per-sequence metadata ``[N, 8]`` int32 and the chunk table ``[NT, 2]`` (sequence, block)."""
+    rows, chunks = [], []
+    bos, coff = 0, 0
+    for n, T in enumerate(lens):
+        nt = triton.cdiv(T, BT)
+        rows.append([bos, T, starts[n], kx_bos[n], kpos0[n], sink_bos[n], coff, 0])
+        chunks += [[n, c] for c in range(nt)]
+        bos += T
+        coff += nt
+    seq = torch.tensor(rows, dtype=torch.int32).to(device)
+    ch = torch.tensor(chunks if chunks else [[0, 0]], dtype=torch.int32).to(device)
+    return seq, ch, coff
+
+
+def _launch(q, kx, vx, sk, sv, a, b, gx, z, A_log, dt_bias, norm_weight, o_weight, window, sinks, kind,
+            seq, chunks, NT, N, initial_state, output_final_state, sink_cache, memory=True):
+    Tq, H, D = q.shape[1], q.shape[2], q.shape[3]
+    HKV = kx.shape[-2]
+    dev, dt = q.device, q.dtype
+    out = empty(1, Tq, H, D, dtype=dt, device=dev)
+    ht = empty(N, H, D, D, dtype=torch.float32, device=dev) if output_final_state else None
+    if NT == 0:
+        if ht is not None:
+            ht.copy_(initial_state if initial_state is not None else torch.zeros_like(ht))
+        return out, ht
+    gates = 2 if gx is not None else (0 if kind == "gdn" else 1)
+    dummy = q.new_empty(0)
+    A_log = A_log.float().contiguous() if A_log is not None else dummy
+    dt_bias = dt_bias.float().contiguous() if dt_bias is not None else dummy
+    a = a.contiguous() if a is not None else dummy
+    b = b.contiguous() if b is not None else dummy
+    gx = gx if gx is not None else dummy
+    hs = vnew = gc = dummy
+    if memory:
+        gc = empty(Tq, H, dtype=torch.float32, device=dev)
+        w = empty(Tq, H, D, dtype=dt, device=dev)
+        u = empty(Tq, H, D, dtype=dt, device=dev)
+        _prep_kernel[(NT, H)](
+            kx=kx, vx=vx, a=a, b=b, gx=gx, A_log=A_log, dt_bias=dt_bias, seq=seq, chunks=chunks, gc=gc, w=w, u=u,
+            H=H, HKV=HKV, D=D, W=window, S=sinks, BT=BT, GATES=gates, num_warps=4)
+        hs = empty(NT, H, D, D, dtype=dt, device=dev)
+        vnew = empty(Tq, H, D, dtype=dt, device=dev)
+        BV = 64 if D == 64 else 32
+        h0 = initial_state.float().contiguous() if initial_state is not None else dummy
+        _state_kernel[(D // BV, H, N)](
+            kx=kx, w=w, u=u, gc=gc, seq=seq, h0=h0, hs=hs, vnew=vnew, ht=ht if ht is not None else dummy,
+            H=H, HKV=HKV, D=D, W=window, S=sinks, BT=BT, BV=BV, USE_H0=initial_state is not None,
+            STORE_HT=ht is not None, num_warps=4, num_stages=2)
+    _fwd_kernel[(H, NT)](
+        q=q, kx=kx, vx=vx, sk=sk, sv=sv, z=z.contiguous(), nw=norm_weight.float().contiguous(),
+        ow=o_weight.to(dt).contiguous(), seq=seq, chunks=chunks, gc=gc, hs=hs, vnew=vnew, out=out,
+        H=H, HKV=HKV, D=D, W=window, S=sinks, qk_scale=D ** -0.5 * math.log2(math.e), mem_scale=D ** -0.5,
+        BT=BT, BN=64, MEMORY=memory, USE_H0=initial_state is not None, SINK_CACHE=sink_cache,
+        num_warps=4, num_stages=2)
+    return out, ht
+
+
+def prefill_fwd(q, k, v, a, b, z, A_log, dt_bias, norm_weight, o_weight, window: int, sinks: int, kind: str,
+                cu_seqlens: Optional[torch.Tensor] = None, initial_state: Optional[torch.Tensor] = None,
+                output_final_state: bool = False, memory: bool = True):
+    """Launch the fused prefill (positions from 0) of ``kind`` "gdn"/"dn" (no autograd).
+
+    Args: as :func:`ahn_ops.ahn_attention`; ``q`` bf16/fp16 ``[B, T, H, D]``, D in (64, 128).
+        initial_state: ``[N, H, D, D]`` fp32, the state before token ``S`` (N sequences).
+        output_final_state: also return the fp32 state holding tokens ``S .. T-1-W``.
+        memory: False gives the window-only path (benchmarks).
+    Returns:
+        ``(out [B, T, H, D] in q.dtype, final_state [N, H, D, D] fp32 or None)``.
+    """
+    B, T, H, D = q.shape
+    if cu_seqlens is not None:
+        cs = [int(x) for x in cu_seqlens.tolist()]
+    else:
+        cs = [i * T for i in range(B + 1)]
+    lens = [e - s for s, e in zip(cs[:-1], cs[1:])]
+    N = len(lens)
+    seq, chunks, NT = _seq_tables(lens, [0] * N, cs[:-1], [0] * N, cs[:-1], q.device)
+    flat = lambda x: None if x is None else x.reshape(1, B * T, *x.shape[2:]).contiguous()  # noqa: E731
+    qf, kf, vf = flat(q), flat(k), flat(v)
+    out, ht = _launch(qf, kf, vf, kf, vf, flat(a), flat(b), None, flat(z), A_log, dt_bias, norm_weight, o_weight,
+                      window, sinks, kind, seq, chunks, NT, N, initial_state, output_final_state, False, memory)
+    return out.view(B, T, H, D), ht
+
+
+def prefill_cache_fwd(q, k, v, a, b, z, A_log, dt_bias, norm_weight, o_weight,
+                      sink_k, sink_v, ring_k, ring_v, gates, state, pos, window: int, sinks: int, kind: str):
+    """Prefill ``T`` new tokens per sequence on an AHN cache with kernels; updates the cache in place.
+
+    Same semantics as ``reference.ahn_prefill_cache_ref``. The ring tail (positions
+    ``max(0, P - W) .. P - 1``) is gathered in front of the new tokens into one key stream per
+    sequence; the kernels then run as for a prefill with start position ``P``, initial state
+    ``cache.state``, and return the final state. Returns ``[B, T, H, D]`` in q.dtype.
+    """
+    from .reference import memory_gates_ref
+
+    B, T, H, D = q.shape
+    HKV = k.shape[2]
+    W, S = window, sinks
+    dev = q.device
+    P = [int(p) for p in pos.tolist()]
+    g_new, w_new = memory_gates_ref(a, b, A_log, dt_bias, kind, torch.float32)  # [B, T, H]
+    kxs, vxs, gxs, kx_bos, kpos0 = [], [], [], [], []
+    row = 0
+    for bi in range(B):
+        p0 = max(0, P[bi] - W)
+        cpos = torch.arange(p0, P[bi], device=dev)
+        # cached positions < S are sinks (read from the sink buffer), later ones from the ring
+        in_ring = cpos >= S
+        slot = torch.where(in_ring, (cpos - S) % W, 0)
+        sidx = torch.where(in_ring, 0, cpos).clamp_max(max(S - 1, 0))
+        rk = torch.where(in_ring[:, None, None], ring_k[bi, slot], sink_k[bi, sidx] if S else ring_k[bi, slot])
+        rv = torch.where(in_ring[:, None, None], ring_v[bi, slot], sink_v[bi, sidx] if S else ring_v[bi, slot])
+        rg = torch.where(in_ring[:, None, None], gates[bi, slot], 0.)
+        kxs += [rk, k[bi]]
+        vxs += [rv, v[bi]]
+        gxs += [rg, torch.stack([g_new[bi], w_new[bi]], -1)]
+        kx_bos.append(row)
+        kpos0.append(p0)
+        row += len(cpos) + T
+    kx = torch.cat(kxs)[None].contiguous()
+    vx = torch.cat(vxs)[None].contiguous()
+    gx = torch.cat(gxs).float().contiguous()
+    seq, chunks, NT = _seq_tables([T] * B, P, kx_bos, kpos0, [bi * S for bi in range(B)], dev)
+    sk = sink_k.reshape(1, B * S, HKV, D).contiguous() if S else kx
+    sv = sink_v.reshape(1, B * S, HKV, D).contiguous() if S else vx
+    out, ht = _launch(q.reshape(1, B * T, H, D).contiguous(), kx, vx, sk, sv, None, None, gx,
+                      z.reshape(1, B * T, H), A_log, dt_bias, norm_weight, o_weight, W, S, kind,
+                      seq, chunks, NT, B, state, True, True)
+    # cache update, after every read (same as the reference)
+    for bi in range(B):
+        Pb = P[bi]
+        n_s = max(0, min(S, Pb + T) - Pb)
+        if n_s:
+            sink_k[bi, Pb:Pb + n_s] = k[bi, :n_s]
+            sink_v[bi, Pb:Pb + n_s] = v[bi, :n_s]
+        ti = torch.arange(T, device=dev)
+        keep = ti[(Pb + ti) >= S][-W:]
+        if keep.numel():
+            sl = (Pb + keep - S) % W
+            ring_k[bi, sl] = k[bi, keep]
+            ring_v[bi, sl] = v[bi, keep]
+            gates[bi, sl, :, 0] = g_new[bi, keep]
+            gates[bi, sl, :, 1] = w_new[bi, keep]
+    state.copy_(ht)
+    pos.add_(T)
+    return out.view(B, T, H, D)
+
+
+# ---------------------------------------------------------------------------------------------
+# registration: torch.ops.ahn.prefill_fwd / torch.ops.ahn.prefill_cache (forward only)
+# ---------------------------------------------------------------------------------------------
+@torch.library.custom_op("ahn::prefill_fwd", mutates_args=())
+def _prefill_fwd_op(
+    q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, a: Optional[torch.Tensor], b: Optional[torch.Tensor],
+    z: torch.Tensor, A_log: Optional[torch.Tensor], dt_bias: Optional[torch.Tensor], norm_weight: torch.Tensor,
+    o_weight: torch.Tensor, window: int, sinks: int, kind: str, cu_seqlens: Optional[torch.Tensor],
+    initial_state: Optional[torch.Tensor], output_final_state: bool,
+) -> Tuple[torch.Tensor, torch.Tensor]:
+    out, ht = prefill_fwd(q, k, v, a, b, z, A_log, dt_bias, norm_weight, o_weight, window, sinks, kind,
+                          cu_seqlens, initial_state, output_final_state)
+    if ht is None:
+        ht = q.new_empty(0, dtype=torch.float32)
+    return out, ht
+
+
+@_prefill_fwd_op.register_fake
+def _(q, k, v, a, b, z, A_log, dt_bias, norm_weight, o_weight, window, sinks, kind, cu_seqlens, initial_state,
+      output_final_state):
+    B, T, H, D = q.shape
+    N = B if cu_seqlens is None else cu_seqlens.shape[0] - 1
+    ht = q.new_empty(N, H, D, D, dtype=torch.float32) if output_final_state else q.new_empty(0, dtype=torch.float32)
+    return torch.empty_like(q), ht
+
+
+@torch.library.custom_op("ahn::prefill_cache",
+                         mutates_args=("sink_k", "sink_v", "ring_k", "ring_v", "gates", "state", "pos"))
+def _prefill_cache_op(
+    q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, a: Optional[torch.Tensor], b: Optional[torch.Tensor],
+    z: torch.Tensor, A_log: Optional[torch.Tensor], dt_bias: Optional[torch.Tensor], norm_weight: torch.Tensor,
+    o_weight: torch.Tensor, sink_k: torch.Tensor, sink_v: torch.Tensor, ring_k: torch.Tensor,
+    ring_v: torch.Tensor, gates: torch.Tensor, state: torch.Tensor, pos: torch.Tensor, window: int, sinks: int,
+    kind: str,
+) -> torch.Tensor:
+    return prefill_cache_fwd(q, k, v, a, b, z, A_log, dt_bias, norm_weight, o_weight, sink_k, sink_v, ring_k,
+                             ring_v, gates, state, pos, window, sinks, kind)
+
+
+@_prefill_cache_op.register_fake
+def _(q, k, v, a, b, z, A_log, dt_bias, norm_weight, o_weight, sink_k, sink_v, ring_k, ring_v, gates, state,
+      pos, window, sinks, kind):
+    return torch.empty_like(q)

@@ -1,0 +1,255 @@
+// CUDA binding of torch.ops.ahn.decode_step: input checks, grid sizing and the two launches of
+// csrc/cuda/ahn_decode.cuh (kernel design there, and in benchmarks/NOTES_decode.md).
+//
+// Contiguity: the cache tensors (sink_k/v, ring_k/v, gates, state, pos) must be contiguous
+// (they are updated in place; ValueError otherwise). q, k, v need a contiguous last dim and
+// 16-byte aligned rows, else they are copied (a capture-safe allocation). a, b, z are read
+// through their strides; the per-head parameters are made contiguous (a no-op for
+// nn.Parameters). Inputs in float64 are converted to float32. D must be 64 or 128.
+//
+// Allocations: the output and one workspace tensor, both from the caching allocator, so a
+// call can be captured in a CUDA graph. pos is read on the device only.
+//
+// Environment (read per call, for tests and benchmarks):
+//   AHN_DECODE_SIMT=1  attention on CUDA cores instead of tensor cores (fp16/bf16)
+//   AHN_DECODE_PDL=0   no programmatic dependent launch of the second kernel on sm_90
+//   AHN_OPS_POISON=1   fill the output and the workspace with NaN first (tests/conftest.py)
+#include <ATen/ATen.h>
+#include <ATen/cuda/CUDAContext.h>
+#include <c10/cuda/CUDAException.h>
+#include <c10/cuda/CUDAGuard.h>
+#include <torch/library.h>
+
+#include <algorithm>
+#include <atomic>
+#include <climits>
+#include <cstdlib>
+#include <limits>
+#include <optional>
+#include <string_view>
+
+#include "ahn_decode.cuh"
+#include "ahn_decode_check.h"
+
+namespace ahn {
+namespace {
+
+namespace dk = ::ahn::decode;
+
+bool env_flag(const char* name, bool dflt) {
+  const char* s = std::getenv(name);
+  if (s == nullptr || *s == '\0') return dflt;
+  return s[0] != '0';
+}
+
+int dtype_code(at::ScalarType t) {
+  switch (t) {
+    case at::kFloat: return dk::kF32;
+    case at::kHalf: return dk::kF16;
+    case at::kBFloat16: return dk::kBF16;
+    default: return -1;
+  }
+}
+
+// A small input the kernels read as scalars: float32/float16/bfloat16 as is, others as float32.
+at::Tensor small_input(const std::optional<at::Tensor>& t, bool used, bool contiguous) {
+  if (!used || !t.has_value() || !t->defined()) return at::Tensor();
+  at::Tensor x = *t;
+  if (dtype_code(x.scalar_type()) < 0) x = x.to(at::kFloat);
+  return contiguous ? x.contiguous() : x;
+}
+
+// q, k, v rows are read with 16-byte vector copies: last dim contiguous, rows 16-byte aligned.
+at::Tensor rows_aligned(const at::Tensor& x) {
+  const int64_t vec = 16 / x.element_size();
+  const bool ok = x.stride(2) == 1 && x.stride(0) % vec == 0 && x.stride(1) % vec == 0 &&
+                  reinterpret_cast<uintptr_t>(x.data_ptr()) % 16 == 0;
+  return ok ? x : x.clone(at::MemoryFormat::Contiguous);
+}
+
+template <typename T, int D, bool MMA>
+void launch(dk::Params& p, int device, bool pdl, cudaStream_t stream) {
+  auto main_kernel = dk::decode_main_kernel<T, D, MMA>;
+  constexpr int smem = dk::MainSmem<T, D, MMA>::kBytes;
+  // once per instantiation: the >48 KB dynamic shared memory opt-in (per device) and the
+  // resident blocks per SM that size the grid
+  static std::atomic<uint64_t> attr_set{0};
+  static std::atomic<int> occupancy{0};
+  const uint64_t bit = uint64_t{1} << (device & 63);
+  if (!(attr_set.load() & bit)) {
+    C10_CUDA_CHECK(cudaFuncSetAttribute(main_kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, smem));
+    attr_set.fetch_or(bit);
+  }
+  int occ = occupancy.load();
+  if (occ == 0) {
+    C10_CUDA_CHECK(cudaOccupancyMaxActiveBlocksPerMultiprocessor(&occ, main_kernel, dk::kThreads, smem));
+    occ = std::max(occ, 1);
+    occupancy.store(occ);
+  }
+  const int sms = at::cuda::getCurrentDeviceProperties()->multiProcessorCount;
+
+  // Split the key range so that the attention blocks plus the state blocks fill about one
+  // wave of the GPU at small B (B = 1, HKV = 2, W = 32640: 128 splits of 256 keys), and cap a
+  // split at 1024 keys at large B so that the partials stay ~1% of the K/V bytes.
+  const int64_t units = (int64_t(p.S) + p.W + dk::kSplitAlign - 1) / dk::kSplitAlign;
+  const int64_t pairs = int64_t(p.B) * p.HKV * p.ngt;
+  const int64_t n_state = int64_t(p.B) * p.H * (D / dk::kStateCols);
+  const int64_t want = (int64_t(sms) * occ - n_state) / pairs;
+  int64_t nsplit = std::max<int64_t>(want, (units + 15) / 16);
+  nsplit = std::min<int64_t>(std::max<int64_t>(nsplit, 1), units);
+  const int64_t chunk_units = (units + nsplit - 1) / nsplit;
+  nsplit = (units + chunk_units - 1) / chunk_units;
+  const int64_t n_attn = pairs * nsplit;
+  TORCH_CHECK_VALUE(n_attn + n_state < INT_MAX, "ahn.decode_step: batch too large for one launch");
+  p.nsplit = static_cast<int>(nsplit);
+  p.chunk = static_cast<int>(chunk_units * dk::kSplitAlign);
+  p.n_attn_blocks = static_cast<int>(n_attn);
+
+  // workspace: partials, readout, per-slice sums of m^2, t
+  const int64_t BH = int64_t(p.B) * p.H;
+  auto align = [](int64_t n) { return (n + 63) / 64 * 64; };  // in 4-byte words: 256-byte pieces
+  const int64_t n_po = align(BH * nsplit * D), n_pm = align(BH * nsplit), n_m = align(BH * D);
+  const int64_t n_m2 = align(BH * (D / dk::kStateCols)), n_t = align(2 * int64_t(p.B));
+  at::Tensor ws = at::empty({n_po + 2 * n_pm + n_m + n_m2 + n_t},
+                            at::TensorOptions().dtype(at::kFloat).device(at::kCUDA, device));
+  if (env_flag("AHN_OPS_POISON", false)) ws.fill_(std::numeric_limits<float>::quiet_NaN());  // tests: unwritten -> NaN
+  float* w = ws.data_ptr<float>();
+  p.ws_po = w;
+  p.ws_pm = w + n_po;
+  p.ws_pl = p.ws_pm + n_pm;
+  p.ws_m = p.ws_pl + n_pm;
+  p.ws_m2 = p.ws_m + n_m;
+  p.ws_t = reinterpret_cast<int64_t*>(p.ws_m2 + n_m2);
+
+  main_kernel<<<static_cast<unsigned>(n_attn + n_state), dk::kThreads, smem, stream>>>(p);
+  C10_CUDA_KERNEL_LAUNCH_CHECK();
+
+  cudaLaunchConfig_t cfg = {};
+  cfg.gridDim = dim3(static_cast<unsigned>(BH));
+  cfg.blockDim = dim3(dk::kThreads);
+  cfg.dynamicSmemBytes = 0;
+  cfg.stream = stream;
+  cudaLaunchAttribute attr[1];
+  attr[0].id = cudaLaunchAttributeProgrammaticStreamSerialization;
+  attr[0].val.programmaticStreamSerializationAllowed = 1;
+  cfg.attrs = attr;
+  cfg.numAttrs = pdl ? 1 : 0;
+  C10_CUDA_CHECK(cudaLaunchKernelEx(&cfg, dk::decode_finish_kernel<T, D>, p));
+}
+
+template <typename T>
+void dispatch_d(dk::Params& p, int D, bool mma, int device, bool pdl, cudaStream_t stream) {
+  if constexpr (std::is_same_v<T, float>) {
+    if (D == 64) launch<T, 64, false>(p, device, pdl, stream);
+    else launch<T, 128, false>(p, device, pdl, stream);
+  } else {
+    if (mma) {
+      if (D == 64) launch<T, 64, true>(p, device, pdl, stream);
+      else launch<T, 128, true>(p, device, pdl, stream);
+    } else {
+      if (D == 64) launch<T, 64, false>(p, device, pdl, stream);
+      else launch<T, 128, false>(p, device, pdl, stream);
+    }
+  }
+}
+
+at::Tensor decode_step_cuda(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v,
+                            const std::optional<at::Tensor>& a, const std::optional<at::Tensor>& b,
+                            const at::Tensor& z, const std::optional<at::Tensor>& A_log,
+                            const std::optional<at::Tensor>& dt_bias, const at::Tensor& norm_weight,
+                            const at::Tensor& o_weight, at::Tensor& sink_k, at::Tensor& sink_v, at::Tensor& ring_k,
+                            at::Tensor& ring_v, at::Tensor& gates, at::Tensor& state, at::Tensor& pos,
+                            int64_t window, int64_t sinks, c10::string_view kind_name) {
+  // ---- checks: all before anything is launched, so a rejected call leaves the cache as it was
+  const std::string_view kind_sv(kind_name.data(), kind_name.size());
+  const DecodeSizes s = check_decode_args(q, k, v, a, b, z, A_log, dt_bias, norm_weight, o_weight, sink_k, sink_v,
+                                          ring_k, ring_v, gates, state, pos, window, sinks, kind_sv);
+  TORCH_CHECK_VALUE(q.is_cuda(), "ahn.decode_step (CUDA): q must be a CUDA tensor, got ", q.device());
+  TORCH_CHECK_VALUE(s.D == 64 || s.D == 128, "ahn.decode_step (CUDA): head dim D (q.shape[2]) must be 64 or 128, got ",
+                    s.D);
+  TORCH_CHECK_VALUE(s.W + s.S < (int64_t{1} << 30), "ahn.decode_step (CUDA): window + sinks must be < 2^30, got ",
+                    s.W + s.S);
+  TORCH_CHECK_VALUE(s.B * s.H < INT_MAX / 4, "ahn.decode_step (CUDA): B * H too large, got ", s.B * s.H);
+
+  const c10::cuda::CUDAGuard guard(q.device());
+  at::Tensor out = at::empty({s.B, s.H, s.D}, q.options());
+  if (s.B == 0) return out;
+  if (env_flag("AHN_OPS_POISON", false)) out.fill_(std::numeric_limits<float>::quiet_NaN());
+
+  const bool gated = s.kind != Kind::kDN, has_b = s.kind != Kind::kMamba2;
+  const at::Tensor qc = rows_aligned(q), kc = rows_aligned(k), vc = rows_aligned(v);
+  const at::Tensor at_ = small_input(a, gated, false), bt = small_input(b, has_b, false);
+  const at::Tensor zt = small_input(z, true, false);
+  const at::Tensor alog = small_input(A_log, gated, true), dtb = small_input(dt_bias, gated, true);
+  const at::Tensor nw = small_input(norm_weight, true, true), ow = small_input(o_weight, true, true);
+
+  dk::Params p = {};
+  p.q = qc.data_ptr();
+  p.k = kc.data_ptr();
+  p.v = vc.data_ptr();
+  p.a = at_.defined() ? at_.data_ptr() : nullptr;
+  p.b = bt.defined() ? bt.data_ptr() : nullptr;
+  p.z = zt.data_ptr();
+  p.A_log = alog.defined() ? alog.data_ptr() : nullptr;
+  p.dt_bias = dtb.defined() ? dtb.data_ptr() : nullptr;
+  p.norm_w = nw.data_ptr();
+  p.o_w = ow.data_ptr();
+  p.sink_k = sink_k.data_ptr();
+  p.sink_v = sink_v.data_ptr();
+  p.ring_k = ring_k.data_ptr();
+  p.ring_v = ring_v.data_ptr();
+  p.gates = gates.data_ptr<float>();
+  p.state = state.data_ptr<float>();
+  p.pos = pos.data_ptr<int64_t>();
+  p.out = out.data_ptr();
+  p.B = static_cast<int>(s.B);
+  p.H = static_cast<int>(s.H);
+  p.HKV = static_cast<int>(s.HKV);
+  p.G = static_cast<int>(s.H / s.HKV);
+  p.W = static_cast<int>(s.W);
+  p.S = static_cast<int>(s.S);
+  p.ngt = (p.G + dk::kHeadTile - 1) / dk::kHeadTile;
+  p.q_sb = qc.stride(0);
+  p.q_sh = qc.stride(1);
+  p.k_sb = kc.stride(0);
+  p.k_sh = kc.stride(1);
+  p.v_sb = vc.stride(0);
+  p.v_sh = vc.stride(1);
+  if (at_.defined()) {
+    p.a_sb = at_.stride(0);
+    p.a_sh = at_.stride(1);
+    p.a_dt = dtype_code(at_.scalar_type());
+  }
+  if (bt.defined()) {
+    p.b_sb = bt.stride(0);
+    p.b_sh = bt.stride(1);
+    p.b_dt = dtype_code(bt.scalar_type());
+  }
+  p.z_sb = zt.stride(0);
+  p.z_sh = zt.stride(1);
+  p.z_dt = dtype_code(zt.scalar_type());
+  p.alog_dt = alog.defined() ? dtype_code(alog.scalar_type()) : 0;
+  p.dtb_dt = dtb.defined() ? dtype_code(dtb.scalar_type()) : 0;
+  p.nw_dt = dtype_code(nw.scalar_type());
+  p.ow_dt = dtype_code(ow.scalar_type());
+  p.kind = s.kind == Kind::kGDN ? dk::kGDN : (s.kind == Kind::kDN ? dk::kDN : dk::kMamba2);
+  p.scale = 1.f / std::sqrt(static_cast<float>(s.D));
+
+  const int device = q.get_device();
+  const bool mma = !env_flag("AHN_DECODE_SIMT", false);
+  const bool pdl = env_flag("AHN_DECODE_PDL", true) && at::cuda::getCurrentDeviceProperties()->major >= 9;
+  const cudaStream_t stream = at::cuda::getCurrentCUDAStream();
+  const int D = static_cast<int>(s.D);
+  switch (q.scalar_type()) {
+    case at::kFloat: dispatch_d<float>(p, D, mma, device, pdl, stream); break;
+    case at::kHalf: dispatch_d<__half>(p, D, mma, device, pdl, stream); break;
+    default: dispatch_d<__nv_bfloat16>(p, D, mma, device, pdl, stream); break;
+  }
+  return out;
+}
+
+}  // namespace
+
+TORCH_LIBRARY_IMPL(ahn, CUDA, m) { m.impl("decode_step", &decode_step_cuda); }
+
+}  // namespace ahn

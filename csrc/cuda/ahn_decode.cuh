@@ -1,0 +1,869 @@
+// CUDA kernels of torch.ops.ahn.decode_step (one AHN decode step for a batch of sequences).
+// Knows nothing of torch: csrc/cuda/ahn_decode.cu checks the inputs, sizes the grid and
+// launches. Math: AHN_SPEC.md "Decode"; reference: ahn_decode_ref in
+// ahn_ops/ops/ahn_attention/reference.py.
+//
+// Two launches per step:
+//   1. decode_main_kernel, two kinds of block in one grid (roles by blockIdx.x):
+//      - attention blocks, one per (b, kv head, head tile of <= 16 query heads, split of the
+//        key range): flash-decoding over sinks + ring + the new token. The G query heads of a
+//        kv group are processed together (they are the M rows of an m16n8k16 tensor-core MMA),
+//        so each K/V byte is read once; the split makes B = 1 fill the GPU (W = 32640, HKV = 2:
+//        ~128 splits per kv head). Writes unnormalised partial (o, max, sum) per split.
+//      - state blocks, one per (b, head, 32 state columns): absorb the token leaving the window
+//        into those columns of the fp32 state (GDN/DN's delta correction S^T k reduces over
+//        rows, i.e. within a column, so column slices are independent), then read them out
+//        (m = S^T qn, also a per-column reduction). The 2.1 MB state read+write at H=16, D=128
+//        is spread over B*H*D/32 blocks.
+//   2. decode_finish_kernel, one block per (b, head): combine the splits, norm/gate/project
+//      the readout (mamba2: RMSNorm over all H*D values, from per-column-slice sums of m^2),
+//      out = o_win + y, then write the new token into the cache and advance pos. All writes
+//      happen here, after every read of launch 1. On sm_90 it is launched with programmatic
+//      dependent launch (griddepcontrol) so that its launch latency overlaps launch 1.
+// pos is read on the device only: no host synchronisation, CUDA-graph capturable.
+#pragma once
+
+#include <cuda_bf16.h>
+#include <cuda_fp16.h>
+#include <cuda_runtime.h>
+#include <stdint.h>
+
+namespace ahn {
+namespace decode {
+
+constexpr int kThreads = 128;                     // every block of both launches
+constexpr int kWarps = kThreads / 32;
+constexpr int kTileKeys = 16;                     // keys per warp tile (two n8 MMA tiles)
+constexpr int kSplitAlign = kWarps * kTileKeys;   // split lengths are multiples of this
+constexpr int kHeadTile = 16;                     // query heads per attention block (MMA M)
+constexpr int kStateCols = 32;                    // state columns per state block
+constexpr float kLog2e = 1.4426950408889634f;
+constexpr float kNegBig = -1e30f;                 // finite "minus infinity" of the running max
+
+enum Kind : int { kGDN = 0, kDN = 1, kMamba2 = 2 };
+enum DType : int { kF32 = 0, kF16 = 1, kBF16 = 2 };
+
+struct Params {
+  // pointers: inputs (q, k, v in the activation type X; the rest any float type, see *_dt)
+  const void* q;        // [B, H, D]   strides q_sb, q_sh, last dim contiguous
+  const void* k;        // [B, HKV, D] strides k_sb, k_sh
+  const void* v;        // [B, HKV, D] strides v_sb, v_sh
+  const void* a;        // [B, H] strides a_sb, a_sh (gdn: a_proj(x), mamba2: dt_proj(x)); null for dn
+  const void* b;        // [B, H] (gdn/dn: b_proj(x)); null for mamba2
+  const void* z;        // [B, H]
+  const void* A_log;    // [H], contiguous; null for dn
+  const void* dt_bias;  // [H]
+  const void* norm_w;   // [D] (mamba2: [H*D])
+  const void* o_w;      // [H, D, D]
+  // pointers: cache (contiguous)
+  void* sink_k;         // [B, S, HKV, D] X
+  void* sink_v;
+  void* ring_k;         // [B, W, HKV, D] X
+  void* ring_v;
+  float* gates;         // [B, W, H, 2]
+  float* state;         // [B, H, D, D]
+  int64_t* pos;         // [B]
+  void* out;            // [B, H, D] X, contiguous
+  // pointers: workspace (fp32 unless noted)
+  float* ws_po;         // [B, H, nsplit, D] unnormalised partial window outputs
+  float* ws_pm;         // [B, H, nsplit]    running max (log2 domain, scaled scores)
+  float* ws_pl;         // [B, H, nsplit]    running sum of exp2
+  float* ws_m;          // [B, H, D]         memory readout m = S^T qn
+  float* ws_m2;         // [B, H, D/32]      sum of m^2 per state column slice
+  int64_t* ws_t;        // [B]               pos read by launch 1 (launch 2 advances pos)
+  // sizes
+  int B, H, HKV, G, W, S;
+  int nsplit, chunk, ngt;  // splits per (b, kv head, head tile), keys per split, head tiles per group
+  int n_attn_blocks;
+  // strides (elements)
+  int64_t q_sb, q_sh, k_sb, k_sh, v_sb, v_sh;
+  int64_t a_sb, a_sh, b_sb, b_sh, z_sb, z_sh;
+  // meta
+  int kind;
+  int a_dt, b_dt, z_dt, alog_dt, dtb_dt, nw_dt, ow_dt;
+  float scale;  // D^-0.5
+};
+
+// ------------------------------------------------------------------------------------------
+// small helpers
+// ------------------------------------------------------------------------------------------
+template <typename T>
+struct TypeOps;
+template <>
+struct TypeOps<float> {
+  static __device__ __forceinline__ float to_f(float x) { return x; }
+  static __device__ __forceinline__ float from_f(float x) { return x; }
+};
+template <>
+struct TypeOps<__half> {
+  static __device__ __forceinline__ float to_f(__half x) { return __half2float(x); }
+  static __device__ __forceinline__ __half from_f(float x) { return __float2half_rn(x); }
+  static __device__ __forceinline__ uint32_t bits(__half x) { return __half_as_ushort(x); }
+  static __device__ __forceinline__ uint32_t pack(float lo, float hi) {
+    __half2 h = __floats2half2_rn(lo, hi);
+    return *reinterpret_cast<uint32_t*>(&h);
+  }
+};
+template <>
+struct TypeOps<__nv_bfloat16> {
+  static __device__ __forceinline__ float to_f(__nv_bfloat16 x) { return __bfloat162float(x); }
+  static __device__ __forceinline__ __nv_bfloat16 from_f(float x) { return __float2bfloat16_rn(x); }
+  static __device__ __forceinline__ uint32_t bits(__nv_bfloat16 x) { return __bfloat16_as_ushort(x); }
+  static __device__ __forceinline__ uint32_t pack(float lo, float hi) {
+    __nv_bfloat162 h = __floats2bfloat162_rn(lo, hi);
+    return *reinterpret_cast<uint32_t*>(&h);
+  }
+};
+
+// A scalar of a small input in any float dtype, as fp32.
+__device__ __forceinline__ float ldf(const void* p, int64_t i, int dt) {
+  if (dt == kF32) return reinterpret_cast<const float*>(p)[i];
+  if (dt == kF16) return __half2float(reinterpret_cast<const __half*>(p)[i]);
+  return __bfloat162float(reinterpret_cast<const __nv_bfloat16*>(p)[i]);
+}
+
+__device__ __forceinline__ float warp_sum(float x) {
+#pragma unroll
+  for (int o = 16; o > 0; o >>= 1) x += __shfl_xor_sync(0xffffffffu, x, o);
+  return x;
+}
+
+__device__ __forceinline__ float softplus_f(float x) { return x > 20.f ? x : log1pf(expf(x)); }  // as torch
+__device__ __forceinline__ float silu_f(float x) { return x / (1.f + expf(-x)); }
+
+__device__ __forceinline__ uint32_t smem_u32(const void* p) {
+  return static_cast<uint32_t>(__cvta_generic_to_shared(p));
+}
+
+// 16-byte async copy global -> shared; src_bytes = 0 zero-fills (keys past the end).
+__device__ __forceinline__ void cp_async16(uint32_t dst, const void* src, int src_bytes) {
+  asm volatile("cp.async.cg.shared.global [%0], [%1], 16, %2;\n" ::"r"(dst), "l"(src), "r"(src_bytes) : "memory");
+}
+__device__ __forceinline__ void cp_async_commit() { asm volatile("cp.async.commit_group;\n" ::: "memory"); }
+template <int N>
+__device__ __forceinline__ void cp_async_wait() {
+  asm volatile("cp.async.wait_group %0;\n" ::"n"(N) : "memory");
+}
+
+__device__ __forceinline__ void ldsm_x4(uint32_t& r0, uint32_t& r1, uint32_t& r2, uint32_t& r3, uint32_t addr) {
+  asm volatile("ldmatrix.sync.aligned.m8n8.x4.shared.b16 {%0, %1, %2, %3}, [%4];\n"
+               : "=r"(r0), "=r"(r1), "=r"(r2), "=r"(r3)
+               : "r"(addr)
+               : "memory");
+}
+__device__ __forceinline__ void ldsm_x4_t(uint32_t& r0, uint32_t& r1, uint32_t& r2, uint32_t& r3, uint32_t addr) {
+  asm volatile("ldmatrix.sync.aligned.m8n8.x4.trans.shared.b16 {%0, %1, %2, %3}, [%4];\n"
+               : "=r"(r0), "=r"(r1), "=r"(r2), "=r"(r3)
+               : "r"(addr)
+               : "memory");
+}
+
+// c[16x8] += a[16x16] b[16x8], fp32 accumulators.
+template <typename T>
+__device__ __forceinline__ void mma16816(float (&c)[4], const uint32_t (&a)[4], uint32_t b0, uint32_t b1);
+template <>
+__device__ __forceinline__ void mma16816<__half>(float (&c)[4], const uint32_t (&a)[4], uint32_t b0, uint32_t b1) {
+  asm volatile(
+      "mma.sync.aligned.m16n8k16.row.col.f32.f16.f16.f32 {%0, %1, %2, %3}, {%4, %5, %6, %7}, {%8, %9}, "
+      "{%0, %1, %2, %3};\n"
+      : "+f"(c[0]), "+f"(c[1]), "+f"(c[2]), "+f"(c[3])
+      : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "r"(b0), "r"(b1));
+}
+template <>
+__device__ __forceinline__ void mma16816<__nv_bfloat16>(float (&c)[4], const uint32_t (&a)[4], uint32_t b0,
+                                                        uint32_t b1) {
+  asm volatile(
+      "mma.sync.aligned.m16n8k16.row.col.f32.bf16.bf16.f32 {%0, %1, %2, %3}, {%4, %5, %6, %7}, {%8, %9}, "
+      "{%0, %1, %2, %3};\n"
+      : "+f"(c[0]), "+f"(c[1]), "+f"(c[2]), "+f"(c[3])
+      : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "r"(b0), "r"(b1));
+}
+
+// Programmatic dependent launch (sm_90): launch 2 may start while launch 1 finishes; it waits
+// here until launch 1 has completed and its writes are visible.
+__device__ __forceinline__ void pdl_launch_dependents() {
+#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 900
+  asm volatile("griddepcontrol.launch_dependents;\n" ::: "memory");
+#endif
+}
+__device__ __forceinline__ void pdl_wait() {
+#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 900
+  asm volatile("griddepcontrol.wait;\n" ::: "memory");
+#endif
+}
+
+// ------------------------------------------------------------------------------------------
+// the keys of one sequence: index i in [0, L) -> sink i, ring position, or the new token
+// ------------------------------------------------------------------------------------------
+struct SeqKeys {
+  int64_t t;  // position of the new token
+  int nS;     // sinks present: min(S, t)
+  int L;      // keys: nS + ring tokens [lo, t-1] + the new token
+  int slot0;  // ring slot of position lo
+};
+
+__device__ __forceinline__ SeqKeys seq_keys(const Params& p, int b) {
+  SeqKeys s;
+  const int64_t t = p.pos[b];
+  s.t = t;
+  s.nS = (int)min((int64_t)p.S, t);
+  const int64_t lo = max((int64_t)p.S, t - p.W + 1);
+  s.L = s.nS + (int)max((int64_t)0, t - lo) + 1;
+  s.slot0 = (int)((lo - p.S) % p.W);
+  return s;
+}
+
+// Row (D elements) of key index i for kv head hk of sequence b.
+template <typename T, int D>
+__device__ __forceinline__ const T* key_row(const Params& p, const T* sink, const T* ring, const T* new_row, int b,
+                                            int hk, int i, const SeqKeys& s) {
+  if (i < s.nS) return sink + (((int64_t)b * p.S + i) * p.HKV + hk) * D;
+  if (i < s.L - 1) {
+    int slot = s.slot0 + (i - s.nS);
+    if (slot >= p.W) slot -= p.W;
+    return ring + (((int64_t)b * p.W + slot) * p.HKV + hk) * D;
+  }
+  return new_row;
+}
+
+struct AttnBlock {
+  int b, hk, h0, nh, split, k_begin, k_end;
+  SeqKeys s;
+};
+
+__device__ __forceinline__ AttnBlock attn_block_coords(const Params& p, int blk) {
+  AttnBlock a;
+  a.split = blk % p.nsplit;
+  int r = blk / p.nsplit;
+  const int gt = r % p.ngt;
+  r /= p.ngt;
+  a.hk = r % p.HKV;
+  a.b = r / p.HKV;
+  a.h0 = a.hk * p.G + gt * kHeadTile;
+  a.nh = min(kHeadTile, p.G - gt * kHeadTile);
+  a.s = seq_keys(p, a.b);
+  a.k_begin = a.split * p.chunk;
+  a.k_end = min(a.k_begin + p.chunk, a.s.L);
+  return a;
+}
+
+// Merge the per-warp softmax partials in shared memory (mo [kWarps][16][D], mm, ml
+// [kWarps][16]) into the block's partial for its split.
+template <int D>
+__device__ __forceinline__ void merge_store(const Params& p, const AttnBlock& a, const float* mo, const float* mm,
+                                            const float* ml) {
+  for (int idx = threadIdx.x; idx < a.nh * D; idx += kThreads) {
+    const int row = idx / D, d = idx % D;
+    float M = kNegBig;
+#pragma unroll
+    for (int w = 0; w < kWarps; ++w) M = fmaxf(M, mm[w * kHeadTile + row]);
+    float o = 0.f, l = 0.f;
+#pragma unroll
+    for (int w = 0; w < kWarps; ++w) {
+      const float f = exp2f(mm[w * kHeadTile + row] - M);
+      o += mo[(w * kHeadTile + row) * D + d] * f;
+      l += ml[w * kHeadTile + row] * f;
+    }
+    const int64_t base = ((int64_t)a.b * p.H + a.h0 + row) * p.nsplit + a.split;
+    p.ws_po[base * D + d] = o;
+    if (d == 0) {
+      p.ws_pm[base] = M;
+      p.ws_pl[base] = l;
+    }
+  }
+}
+
+// ------------------------------------------------------------------------------------------
+// attention block, tensor cores (fp16/bf16). Each warp streams its own 16-key tiles of the
+// split through a private NST-stage cp.async ring (no block barriers in the loop):
+//   S[16 heads x 16 keys] = Q K^T   (2 x D/16 MMAs; Q fragments stay in registers)
+//   online softmax on the accumulators (FA2), P re-packed in registers as the A operand
+//   O[16 heads x D] += P V          (D/8 MMAs; V fragments via ldmatrix.trans)
+// Rows >= G of the head tile are zero queries whose results are never stored.
+// Shared tiles are [16 keys][D] with 16-byte chunk c of row r stored at c ^ (r & 7), so the
+// 8 rows of each ldmatrix 8x8 matrix fall in 8 different bank groups.
+// ------------------------------------------------------------------------------------------
+template <int D, int NST>
+struct MmaSmem {
+  static constexpr int kTileElems = kTileKeys * D;
+  static constexpr int kStageBytes = kWarps * NST * 2 * kTileElems * 2;
+  static constexpr int kMergeBytes = (kWarps * kHeadTile * D + 2 * kWarps * kHeadTile) * 4;
+  static constexpr int kBytes = kStageBytes > kMergeBytes ? kStageBytes : kMergeBytes;
+};
+
+template <int D>
+struct MmaStages {
+  static constexpr int value = D >= 128 ? 2 : 4;  // 64 KB of stages per block either way: 3 blocks/SM
+};
+
+template <typename T, int D>
+__device__ __forceinline__ void attn_block_mma(const Params& p, int blk, char* smem) {
+  using Ops = TypeOps<T>;
+  constexpr int NST = MmaStages<D>::value;
+  constexpr int CH = D / 8;  // 16-byte chunks per row
+  constexpr int TE = MmaSmem<D, NST>::kTileElems;
+  constexpr int NKK = D / 16;
+  constexpr int ND = D / 8;
+  const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5;
+  const int gid = lane >> 2, tig = lane & 3;
+  const AttnBlock a = attn_block_coords(p, blk);
+
+  const T* sink_k = reinterpret_cast<const T*>(p.sink_k);
+  const T* sink_v = reinterpret_cast<const T*>(p.sink_v);
+  const T* ring_k = reinterpret_cast<const T*>(p.ring_k);
+  const T* ring_v = reinterpret_cast<const T*>(p.ring_v);
+  const T* new_k = reinterpret_cast<const T*>(p.k) + a.b * p.k_sb + a.hk * p.k_sh;
+  const T* new_v = reinterpret_cast<const T*>(p.v) + a.b * p.v_sb + a.hk * p.v_sh;
+
+  // Q as the A operand: a0a1 (row gid, cols 2tig..), a2a3 (row gid+8), a4a5 (row gid, +8), a6a7
+  uint32_t qa[NKK][4];
+  {
+    const T* qb = reinterpret_cast<const T*>(p.q) + a.b * p.q_sb + (int64_t)a.h0 * p.q_sh;
+    const bool r0 = gid < a.nh, r1 = gid + 8 < a.nh;
+    const T* q0 = qb + (int64_t)gid * p.q_sh;
+    const T* q1 = qb + (int64_t)(gid + 8) * p.q_sh;
+#pragma unroll
+    for (int kk = 0; kk < NKK; ++kk) {
+      const int c = kk * 16 + 2 * tig;
+      qa[kk][0] = r0 ? (Ops::bits(q0[c]) | (Ops::bits(q0[c + 1]) << 16)) : 0u;
+      qa[kk][1] = r1 ? (Ops::bits(q1[c]) | (Ops::bits(q1[c + 1]) << 16)) : 0u;
+      qa[kk][2] = r0 ? (Ops::bits(q0[c + 8]) | (Ops::bits(q0[c + 9]) << 16)) : 0u;
+      qa[kk][3] = r1 ? (Ops::bits(q1[c + 8]) | (Ops::bits(q1[c + 9]) << 16)) : 0u;
+    }
+  }
+
+  float o[ND][4];
+#pragma unroll
+  for (int n = 0; n < ND; ++n) o[n][0] = o[n][1] = o[n][2] = o[n][3] = 0.f;
+  float m0 = kNegBig, m1 = kNegBig, l0 = 0.f, l1 = 0.f;  // rows gid, gid + 8
+  const float sl2 = p.scale * kLog2e;
+
+  T* wbuf = reinterpret_cast<T*>(smem) + warp * NST * 2 * TE;
+  const int ntile = a.k_end > a.k_begin ? (a.k_end - a.k_begin + kTileKeys - 1) / kTileKeys : 0;
+  const int nt = warp < ntile ? (ntile - warp + kWarps - 1) / kWarps : 0;
+
+  auto issue = [&](int it) {
+    const int key0 = a.k_begin + (warp + it * kWarps) * kTileKeys;
+    T* kb = wbuf + (it % NST) * 2 * TE;
+    T* vb = kb + TE;
+#pragma unroll
+    for (int j = 0; j < kTileKeys * CH / 32; ++j) {
+      const int idx = lane + 32 * j;
+      const int row = idx / CH, c = idx % CH;
+      const int key = key0 + row;
+      const bool ok = key < a.k_end;
+      const T* kr = ok ? key_row<T, D>(p, sink_k, ring_k, new_k, a.b, a.hk, key, a.s) : new_k;
+      const T* vr = ok ? key_row<T, D>(p, sink_v, ring_v, new_v, a.b, a.hk, key, a.s) : new_v;
+      const int so = row * D + ((c ^ (row & 7)) << 3);
+      cp_async16(smem_u32(kb + so), kr + c * 8, ok ? 16 : 0);
+      cp_async16(smem_u32(vb + so), vr + c * 8, ok ? 16 : 0);
+    }
+  };
+
+#pragma unroll
+  for (int it = 0; it < NST - 1; ++it) {
+    if (it < nt) issue(it);
+    cp_async_commit();
+  }
+  for (int it = 0; it < nt; ++it) {
+    if (it + NST - 1 < nt) issue(it + NST - 1);
+    cp_async_commit();
+    cp_async_wait<NST - 1>();
+    __syncwarp();
+    const T* kb = wbuf + (it % NST) * 2 * TE;
+    const T* vb = kb + TE;
+    const int key0 = a.k_begin + (warp + it * kWarps) * kTileKeys;
+
+    // S = Q K^T: ldmatrix x4 -> (keys 0-7, d lo), (keys 0-7, d hi), (keys 8-15, d lo), (keys 8-15, d hi)
+    float s0[4] = {0.f, 0.f, 0.f, 0.f}, s1[4] = {0.f, 0.f, 0.f, 0.f};
+    {
+      const int mi = lane >> 3, r8 = lane & 7;
+      const int row = (mi >> 1) * 8 + r8;
+#pragma unroll
+      for (int kk = 0; kk < NKK; ++kk) {
+        const int c = 2 * kk + (mi & 1);
+        uint32_t b0, b1, b2, b3;
+        ldsm_x4(b0, b1, b2, b3, smem_u32(kb + row * D + ((c ^ (row & 7)) << 3)));
+        mma16816<T>(s0, qa[kk], b0, b1);
+        mma16816<T>(s1, qa[kk], b2, b3);
+      }
+    }
+    // scale to log2 units, mask keys past the split, online softmax (rows gid and gid + 8)
+    {
+      const int kc = key0 + 2 * tig;
+      const float NEG = -INFINITY;
+      s0[0] = kc < a.k_end ? s0[0] * sl2 : NEG;
+      s0[1] = kc + 1 < a.k_end ? s0[1] * sl2 : NEG;
+      s0[2] = kc < a.k_end ? s0[2] * sl2 : NEG;
+      s0[3] = kc + 1 < a.k_end ? s0[3] * sl2 : NEG;
+      s1[0] = kc + 8 < a.k_end ? s1[0] * sl2 : NEG;
+      s1[1] = kc + 9 < a.k_end ? s1[1] * sl2 : NEG;
+      s1[2] = kc + 8 < a.k_end ? s1[2] * sl2 : NEG;
+      s1[3] = kc + 9 < a.k_end ? s1[3] * sl2 : NEG;
+    }
+    float mx0 = fmaxf(fmaxf(s0[0], s0[1]), fmaxf(s1[0], s1[1]));
+    float mx1 = fmaxf(fmaxf(s0[2], s0[3]), fmaxf(s1[2], s1[3]));
+    mx0 = fmaxf(mx0, __shfl_xor_sync(0xffffffffu, mx0, 1));
+    mx0 = fmaxf(mx0, __shfl_xor_sync(0xffffffffu, mx0, 2));
+    mx1 = fmaxf(mx1, __shfl_xor_sync(0xffffffffu, mx1, 1));
+    mx1 = fmaxf(mx1, __shfl_xor_sync(0xffffffffu, mx1, 2));
+    const float mn0 = fmaxf(m0, mx0), mn1 = fmaxf(m1, mx1);
+    const float al0 = exp2f(m0 - mn0), al1 = exp2f(m1 - mn1);
+    m0 = mn0;
+    m1 = mn1;
+    s0[0] = exp2f(s0[0] - mn0);
+    s0[1] = exp2f(s0[1] - mn0);
+    s1[0] = exp2f(s1[0] - mn0);
+    s1[1] = exp2f(s1[1] - mn0);
+    s0[2] = exp2f(s0[2] - mn1);
+    s0[3] = exp2f(s0[3] - mn1);
+    s1[2] = exp2f(s1[2] - mn1);
+    s1[3] = exp2f(s1[3] - mn1);
+    l0 = l0 * al0 + (s0[0] + s0[1] + s1[0] + s1[1]);
+    l1 = l1 * al1 + (s0[2] + s0[3] + s1[2] + s1[3]);
+#pragma unroll
+    for (int n = 0; n < ND; ++n) {
+      o[n][0] *= al0;
+      o[n][1] *= al0;
+      o[n][2] *= al1;
+      o[n][3] *= al1;
+    }
+    // P as the A operand: the C fragments of the two key tiles are its (k lo, k hi) halves
+    uint32_t pa[4];
+    pa[0] = Ops::pack(s0[0], s0[1]);
+    pa[1] = Ops::pack(s0[2], s0[3]);
+    pa[2] = Ops::pack(s1[0], s1[1]);
+    pa[3] = Ops::pack(s1[2], s1[3]);
+    // O += P V: ldmatrix x4 trans -> (keys 0-7, d blk 2np), (keys 8-15, 2np), (0-7, 2np+1), (8-15, 2np+1)
+    {
+      const int mi = lane >> 3, r8 = lane & 7;
+      const int row = (mi & 1) * 8 + r8;
+#pragma unroll
+      for (int np = 0; np < D / 16; ++np) {
+        const int c = 2 * np + (mi >> 1);
+        uint32_t b0, b1, b2, b3;
+        ldsm_x4_t(b0, b1, b2, b3, smem_u32(vb + row * D + ((c ^ (row & 7)) << 3)));
+        mma16816<T>(o[2 * np], pa, b0, b1);
+        mma16816<T>(o[2 * np + 1], pa, b2, b3);
+      }
+    }
+    __syncwarp();  // this stage is refilled by the next iteration's issue
+  }
+  cp_async_wait<0>();
+  l0 += __shfl_xor_sync(0xffffffffu, l0, 1);
+  l0 += __shfl_xor_sync(0xffffffffu, l0, 2);
+  l1 += __shfl_xor_sync(0xffffffffu, l1, 1);
+  l1 += __shfl_xor_sync(0xffffffffu, l1, 2);
+
+  __syncthreads();  // every warp is done with its stages: reuse them for the merge
+  float* mo = reinterpret_cast<float*>(smem);
+  float* mm = mo + kWarps * kHeadTile * D;
+  float* ml = mm + kWarps * kHeadTile;
+#pragma unroll
+  for (int n = 0; n < ND; ++n) {
+    const int d = n * 8 + 2 * tig;
+    mo[(warp * kHeadTile + gid) * D + d] = o[n][0];
+    mo[(warp * kHeadTile + gid) * D + d + 1] = o[n][1];
+    mo[(warp * kHeadTile + gid + 8) * D + d] = o[n][2];
+    mo[(warp * kHeadTile + gid + 8) * D + d + 1] = o[n][3];
+  }
+  if (tig == 0) {
+    mm[warp * kHeadTile + gid] = m0;
+    mm[warp * kHeadTile + gid + 8] = m1;
+    ml[warp * kHeadTile + gid] = l0;
+    ml[warp * kHeadTile + gid + 8] = l1;
+  }
+  __syncthreads();
+  merge_store<D>(p, a, mo, mm, ml);
+}
+
+// ------------------------------------------------------------------------------------------
+// attention block, CUDA cores (any X; the fp32 path, and a cross-check of the MMA path).
+// Each warp takes every kWarps-th key of the split; lane owns D/32 elements of a row.
+// ------------------------------------------------------------------------------------------
+template <int D>
+struct SimtSmem {
+  static constexpr int kBytes = (kWarps * kHeadTile * D + 2 * kWarps * kHeadTile) * 4;
+};
+
+template <typename T, int D>
+__device__ __forceinline__ void attn_block_simt(const Params& p, int blk, char* smem) {
+  using Ops = TypeOps<T>;
+  constexpr int EPL = D / 32;
+  const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5;
+  const AttnBlock a = attn_block_coords(p, blk);
+  const T* sink_k = reinterpret_cast<const T*>(p.sink_k);
+  const T* sink_v = reinterpret_cast<const T*>(p.sink_v);
+  const T* ring_k = reinterpret_cast<const T*>(p.ring_k);
+  const T* ring_v = reinterpret_cast<const T*>(p.ring_v);
+  const T* new_k = reinterpret_cast<const T*>(p.k) + a.b * p.k_sb + a.hk * p.k_sh;
+  const T* new_v = reinterpret_cast<const T*>(p.v) + a.b * p.v_sb + a.hk * p.v_sh;
+  const float sl2 = p.scale * kLog2e;
+
+  float qr[kHeadTile][EPL], o[kHeadTile][EPL], m[kHeadTile], l[kHeadTile];
+  const T* qb = reinterpret_cast<const T*>(p.q) + a.b * p.q_sb + (int64_t)a.h0 * p.q_sh;
+#pragma unroll
+  for (int g = 0; g < kHeadTile; ++g) {
+#pragma unroll
+    for (int e = 0; e < EPL; ++e) {
+      qr[g][e] = g < a.nh ? Ops::to_f(qb[(int64_t)g * p.q_sh + lane * EPL + e]) * sl2 : 0.f;
+      o[g][e] = 0.f;
+    }
+    m[g] = kNegBig;
+    l[g] = 0.f;
+  }
+  for (int key = a.k_begin + warp; key < a.k_end; key += kWarps) {
+    const T* kr = key_row<T, D>(p, sink_k, ring_k, new_k, a.b, a.hk, key, a.s) + lane * EPL;
+    const T* vr = key_row<T, D>(p, sink_v, ring_v, new_v, a.b, a.hk, key, a.s) + lane * EPL;
+    float kf[EPL], vf[EPL];
+#pragma unroll
+    for (int e = 0; e < EPL; ++e) {
+      kf[e] = Ops::to_f(kr[e]);
+      vf[e] = Ops::to_f(vr[e]);
+    }
+#pragma unroll
+    for (int g = 0; g < kHeadTile; ++g) {
+      if (g < a.nh) {
+        float s = 0.f;
+#pragma unroll
+        for (int e = 0; e < EPL; ++e) s += qr[g][e] * kf[e];
+        s = warp_sum(s);
+        const float mn = fmaxf(m[g], s);
+        const float al = exp2f(m[g] - mn), pp = exp2f(s - mn);
+        l[g] = l[g] * al + pp;
+#pragma unroll
+        for (int e = 0; e < EPL; ++e) o[g][e] = o[g][e] * al + pp * vf[e];
+        m[g] = mn;
+      }
+    }
+  }
+  float* mo = reinterpret_cast<float*>(smem);
+  float* mm = mo + kWarps * kHeadTile * D;
+  float* ml = mm + kWarps * kHeadTile;
+#pragma unroll
+  for (int g = 0; g < kHeadTile; ++g) {
+#pragma unroll
+    for (int e = 0; e < EPL; ++e) mo[(warp * kHeadTile + g) * D + lane * EPL + e] = o[g][e];
+    if (lane == 0) {
+      mm[warp * kHeadTile + g] = m[g];
+      ml[warp * kHeadTile + g] = l[g];
+    }
+  }
+  __syncthreads();
+  merge_store<D>(p, a, mo, mm, ml);
+}
+
+// ------------------------------------------------------------------------------------------
+// state block: columns [c*32, c*32+32) of state[b, h] (all D rows).
+// Thread (rg, cq) holds rows rg + 16 r (r < D/16) of 4 adjacent columns as float4.
+// ------------------------------------------------------------------------------------------
+constexpr int kStateSmemBytes = (2 * 128 + 16 * kStateCols + 4) * 4;
+
+template <typename T, int D>
+__device__ __forceinline__ void state_block(const Params& p, int sb, char* smem) {
+  using Ops = TypeOps<T>;
+  constexpr int NCH = D / kStateCols;
+  constexpr int TPR = kStateCols / 4;  // threads per row
+  constexpr int RG = kThreads / TPR;   // row groups
+  constexpr int RPT = D / RG;          // rows per thread
+  float* sq = reinterpret_cast<float*>(smem);
+  float* sk = sq + D;
+  float* red = sk + D;  // [RG][kStateCols]
+  float* scal = red + RG * kStateCols;
+  const int tid = threadIdx.x, lane = tid & 31, warp = tid >> 5;
+  const int cq = tid % TPR, rg = tid / TPR;
+  const int c = sb % NCH;
+  const int r = sb / NCH;
+  const int h = r % p.H, b = r / p.H, hk = h / p.G;
+  const int64_t t = p.pos[b];
+  if (h == 0 && c == 0 && tid == 0) p.ws_t[b] = t;
+  const bool absorb = t - p.W >= p.S;  // token t - W leaves the window
+  const int slot = absorb ? (int)((t - p.S) % p.W) : 0;
+  const int64_t kvrow = (((int64_t)b * p.W + slot) * p.HKV + hk) * D;
+
+  const T* qrow = reinterpret_cast<const T*>(p.q) + b * p.q_sb + (int64_t)h * p.q_sh;
+  const T* krow = reinterpret_cast<const T*>(p.ring_k) + kvrow;
+  for (int i = tid; i < D; i += kThreads) {
+    sq[i] = Ops::to_f(qrow[i]);
+    sk[i] = absorb ? Ops::to_f(krow[i]) : 0.f;
+  }
+  __syncthreads();
+  if (warp < 2) {
+    const float* src = warp == 0 ? sq : sk;
+    float s = 0.f;
+    for (int i = lane; i < D; i += 32) s += src[i] * src[i];
+    s = warp_sum(s);
+    if (lane == 0) scal[warp] = s;
+  }
+  __syncthreads();
+  const bool mamba = p.kind == kMamba2;
+  const int col = c * kStateCols + cq * 4;
+  float* st_base = p.state + ((int64_t)b * p.H + h) * D * D + col;
+  float4 st[RPT];
+#pragma unroll
+  for (int rr = 0; rr < RPT; ++rr) st[rr] = *reinterpret_cast<const float4*>(st_base + (int64_t)(rg + RG * rr) * D);
+
+  if (absorb) {
+    const float* gp = p.gates + (((int64_t)b * p.W + slot) * p.H + h) * 2;
+    const float eg = expf(gp[0]), w = gp[1];
+    const float ik = mamba ? 1.f / fmaxf(sqrtf(scal[1]), 1e-12f) : rsqrtf(scal[1] + 1e-6f);
+    const T* vrow = reinterpret_cast<const T*>(p.ring_v) + kvrow + col;
+    float4 upd = make_float4(Ops::to_f(vrow[0]), Ops::to_f(vrow[1]), Ops::to_f(vrow[2]), Ops::to_f(vrow[3]));
+    if (!mamba) {  // delta rule: upd = v - (exp(g) S)^T kn
+      float4 part = make_float4(0.f, 0.f, 0.f, 0.f);
+#pragma unroll
+      for (int rr = 0; rr < RPT; ++rr) {
+        const float kn = sk[rg + RG * rr] * ik;
+        part.x += st[rr].x * kn;
+        part.y += st[rr].y * kn;
+        part.z += st[rr].z * kn;
+        part.w += st[rr].w * kn;
+      }
+      *reinterpret_cast<float4*>(red + rg * kStateCols + cq * 4) = part;
+      __syncthreads();
+      float4 rs = make_float4(0.f, 0.f, 0.f, 0.f);
+#pragma unroll
+      for (int j = 0; j < RG; ++j) {
+        const float4 x = *reinterpret_cast<const float4*>(red + j * kStateCols + cq * 4);
+        rs.x += x.x;
+        rs.y += x.y;
+        rs.z += x.z;
+        rs.w += x.w;
+      }
+      upd.x -= eg * rs.x;
+      upd.y -= eg * rs.y;
+      upd.z -= eg * rs.z;
+      upd.w -= eg * rs.w;
+      __syncthreads();  // red is reused by the readout
+    }
+#pragma unroll
+    for (int rr = 0; rr < RPT; ++rr) {
+      const int i = rg + RG * rr;
+      const float wk = w * (sk[i] * ik);
+      st[rr].x = eg * st[rr].x + wk * upd.x;
+      st[rr].y = eg * st[rr].y + wk * upd.y;
+      st[rr].z = eg * st[rr].z + wk * upd.z;
+      st[rr].w = eg * st[rr].w + wk * upd.w;
+      *reinterpret_cast<float4*>(st_base + (int64_t)i * D) = st[rr];
+    }
+  }
+  // readout m = S^T qn for these columns
+  const float iq = mamba ? 1.f / fmaxf(sqrtf(scal[0]), 1e-12f) : rsqrtf(scal[0] + 1e-6f) * rsqrtf((float)D);
+  float4 part = make_float4(0.f, 0.f, 0.f, 0.f);
+#pragma unroll
+  for (int rr = 0; rr < RPT; ++rr) {
+    const float qn = sq[rg + RG * rr] * iq;
+    part.x += st[rr].x * qn;
+    part.y += st[rr].y * qn;
+    part.z += st[rr].z * qn;
+    part.w += st[rr].w * qn;
+  }
+  *reinterpret_cast<float4*>(red + rg * kStateCols + cq * 4) = part;
+  __syncthreads();
+  if (rg == 0) {  // threads 0..TPR-1 of warp 0
+    float4 mv = make_float4(0.f, 0.f, 0.f, 0.f);
+#pragma unroll
+    for (int j = 0; j < RG; ++j) {
+      const float4 x = *reinterpret_cast<const float4*>(red + j * kStateCols + cq * 4);
+      mv.x += x.x;
+      mv.y += x.y;
+      mv.z += x.z;
+      mv.w += x.w;
+    }
+    const int64_t bh = (int64_t)b * p.H + h;
+    *reinterpret_cast<float4*>(p.ws_m + bh * D + col) = mv;
+    float s2 = mv.x * mv.x + mv.y * mv.y + mv.z * mv.z + mv.w * mv.w;
+#pragma unroll
+    for (int o = TPR / 2; o > 0; o >>= 1) s2 += __shfl_xor_sync((1u << TPR) - 1u, s2, o);
+    if (cq == 0) p.ws_m2[bh * NCH + c] = s2;
+  }
+}
+
+// ------------------------------------------------------------------------------------------
+// launch 1
+// ------------------------------------------------------------------------------------------
+template <typename T, int D, bool MMA>
+struct MainSmem {
+  static constexpr int kAttn = MMA ? MmaSmem<D, MmaStages<D>::value>::kBytes : SimtSmem<D>::kBytes;
+  static constexpr int kBytes = kAttn > kStateSmemBytes ? kAttn : kStateSmemBytes;
+};
+
+template <typename T, int D, bool MMA>
+__global__ void __launch_bounds__(kThreads, MMA ? 3 : 2) decode_main_kernel(const Params p) {
+  extern __shared__ __align__(16) char smem[];
+  pdl_launch_dependents();
+  const int blk = blockIdx.x;
+  if (blk < p.n_attn_blocks) {
+    if constexpr (MMA) {
+      attn_block_mma<T, D>(p, blk, smem);
+    } else {
+      attn_block_simt<T, D>(p, blk, smem);
+    }
+  } else {
+    state_block<T, D>(p, blk - p.n_attn_blocks, smem);
+  }
+}
+
+// ------------------------------------------------------------------------------------------
+// launch 2: one block per (b, h)
+// ------------------------------------------------------------------------------------------
+template <typename W_, int D>
+__device__ __forceinline__ float project_col(const W_* w, const float* u, int e, int d0, int dstep) {
+  float y = 0.f;
+#pragma unroll 8
+  for (int d = d0; d < D; d += dstep) y += u[d] * TypeOps<W_>::to_f(w[d * D + e]);
+  return y;
+}
+
+template <typename T, int D>
+__global__ void __launch_bounds__(kThreads) decode_finish_kernel(const Params p) {
+  using Ops = TypeOps<T>;
+  constexpr int LR = D / 4;           // threads per partial row (float4 each)
+  constexpr int RP = kThreads / LR;   // partial rows combined in parallel
+  constexpr int NCH = D / kStateCols;
+  constexpr int PARTS = kThreads / D; // threads per output column of the projection
+  __shared__ __align__(16) float s_o[RP][D];
+  __shared__ float s_m[RP], s_l[RP];
+  __shared__ float s_win[D], s_u[D], s_y[PARTS][D];
+  __shared__ float s_red[kWarps];
+
+  pdl_wait();  // launch 1 complete and visible
+  const int tid = threadIdx.x;
+  const int bh = blockIdx.x;
+  const int b = bh / p.H, h = bh % p.H, hk = h / p.G, g = h % p.G;
+  const int64_t t = p.ws_t[b];
+
+  // 1. combine the splits of the window attention
+  {
+    const int c4 = tid % LR, rp = tid / LR;
+    float m = kNegBig, l = 0.f;
+    float4 o = make_float4(0.f, 0.f, 0.f, 0.f);
+    const int64_t base = (int64_t)bh * p.nsplit;
+#pragma unroll 4
+    for (int s = rp; s < p.nsplit; s += RP) {
+      const float pm = p.ws_pm[base + s], pl = p.ws_pl[base + s];
+      const float4 po = *reinterpret_cast<const float4*>(p.ws_po + (base + s) * D + c4 * 4);
+      const float mn = fmaxf(m, pm);
+      const float fa = exp2f(m - mn), fb = exp2f(pm - mn);
+      l = l * fa + pl * fb;
+      o.x = o.x * fa + po.x * fb;
+      o.y = o.y * fa + po.y * fb;
+      o.z = o.z * fa + po.z * fb;
+      o.w = o.w * fa + po.w * fb;
+      m = mn;
+    }
+    *reinterpret_cast<float4*>(&s_o[rp][c4 * 4]) = o;
+    if (c4 == 0) {
+      s_m[rp] = m;
+      s_l[rp] = l;
+    }
+  }
+  // 2. epilogue scalars: silu(z), sum of squares for the RMSNorm
+  const float zt = ldf(p.z, b * p.z_sb + h * p.z_sh, p.z_dt);
+  const float gate = silu_f(zt);
+  float ss = 0.f;
+  if (p.kind == kMamba2) {  // RMSNorm over all H*D values of m * silu(z) of sequence b
+    float part = 0.f;
+    for (int hh = tid; hh < p.H; hh += kThreads) {
+      const float zz = silu_f(ldf(p.z, b * p.z_sb + hh * p.z_sh, p.z_dt));
+      float q2 = 0.f;
+#pragma unroll
+      for (int c = 0; c < NCH; ++c) q2 += p.ws_m2[((int64_t)b * p.H + hh) * NCH + c];
+      part += zz * zz * q2;
+    }
+    part = warp_sum(part);
+    if ((tid & 31) == 0) s_red[tid >> 5] = part;
+  }
+  __syncthreads();
+  if (p.kind == kMamba2) {
+#pragma unroll
+    for (int w = 0; w < kWarps; ++w) ss += s_red[w];
+    ss /= (float)(p.H * D);
+  } else {
+#pragma unroll
+    for (int c = 0; c < NCH; ++c) ss += p.ws_m2[(int64_t)bh * NCH + c];
+    ss /= (float)D;
+  }
+  const float rms = rsqrtf(ss + 1e-5f);
+  for (int d = tid; d < D; d += kThreads) {
+    float M = kNegBig;
+#pragma unroll
+    for (int r = 0; r < RP; ++r) M = fmaxf(M, s_m[r]);
+    float oo = 0.f, ll = 0.f;
+#pragma unroll
+    for (int r = 0; r < RP; ++r) {
+      const float f = exp2f(s_m[r] - M);
+      oo += s_o[r][d] * f;
+      ll += s_l[r] * f;
+    }
+    s_win[d] = oo / ll;
+    const float mv = p.ws_m[(int64_t)bh * D + d];
+    s_u[d] = p.kind == kMamba2 ? mv * gate * rms * ldf(p.norm_w, (int64_t)h * D + d, p.nw_dt)
+                               : mv * rms * ldf(p.norm_w, d, p.nw_dt) * gate;
+  }
+  __syncthreads();
+  // 3. y = u @ o_weight[h]; out = o_win + y
+  {
+    const int e = tid % D, part = tid / D;
+    const int64_t ow = (int64_t)h * D * D;
+    float y;
+    if (p.ow_dt == kF32) {
+      y = project_col<float, D>(reinterpret_cast<const float*>(p.o_w) + ow, s_u, e, part, PARTS);
+    } else if (p.ow_dt == kF16) {
+      y = project_col<__half, D>(reinterpret_cast<const __half*>(p.o_w) + ow, s_u, e, part, PARTS);
+    } else {
+      y = project_col<__nv_bfloat16, D>(reinterpret_cast<const __nv_bfloat16*>(p.o_w) + ow, s_u, e, part, PARTS);
+    }
+    s_y[part][e] = y;
+  }
+  __syncthreads();
+  for (int e = tid; e < D; e += kThreads) {
+    float y = 0.f;
+#pragma unroll
+    for (int r = 0; r < PARTS; ++r) y += s_y[r][e];
+    reinterpret_cast<T*>(p.out)[(int64_t)bh * D + e] = Ops::from_f(s_win[e] + y);
+  }
+  // 4. the new token into the cache (launch 1 has read everything it needed)
+  const T* kin = reinterpret_cast<const T*>(p.k) + b * p.k_sb + hk * p.k_sh;
+  const T* vin = reinterpret_cast<const T*>(p.v) + b * p.v_sb + hk * p.v_sh;
+  if (t < p.S) {
+    if (g == 0) {
+      const int64_t row = (((int64_t)b * p.S + t) * p.HKV + hk) * D;
+      for (int d = tid; d < D; d += kThreads) {
+        reinterpret_cast<T*>(p.sink_k)[row + d] = kin[d];
+        reinterpret_cast<T*>(p.sink_v)[row + d] = vin[d];
+      }
+    }
+  } else {
+    const int slot = (int)((t - p.S) % p.W);
+    if (g == 0) {
+      const int64_t row = (((int64_t)b * p.W + slot) * p.HKV + hk) * D;
+      for (int d = tid; d < D; d += kThreads) {
+        reinterpret_cast<T*>(p.ring_k)[row + d] = kin[d];
+        reinterpret_cast<T*>(p.ring_v)[row + d] = vin[d];
+      }
+    }
+    if (tid == 0) {
+      float gt, wt;
+      if (p.kind == kGDN) {
+        const float x = ldf(p.a, b * p.a_sb + h * p.a_sh, p.a_dt) + ldf(p.dt_bias, h, p.dtb_dt);
+        gt = -expf(ldf(p.A_log, h, p.alog_dt)) * softplus_f(x);
+        wt = 1.f / (1.f + expf(-ldf(p.b, b * p.b_sb + h * p.b_sh, p.b_dt)));
+      } else if (p.kind == kDN) {
+        gt = 0.f;
+        wt = 1.f / (1.f + expf(-ldf(p.b, b * p.b_sb + h * p.b_sh, p.b_dt)));
+      } else {
+        const float x = ldf(p.a, b * p.a_sb + h * p.a_sh, p.a_dt) + ldf(p.dt_bias, h, p.dtb_dt);
+        wt = softplus_f(x);
+        gt = -expf(ldf(p.A_log, h, p.alog_dt)) * wt;
+      }
+      float* gp = p.gates + (((int64_t)b * p.W + slot) * p.H + h) * 2;
+      gp[0] = gt;
+      gp[1] = wt;
+    }
+  }
+  if (h == 0 && tid == 0) p.pos[b] = t + 1;
+}
+
+}  // namespace decode
+}  // namespace ahn

@@ -1,0 +1,36 @@
+// The op surface of ahn_ops: every torch.ops.ahn schema is declared here and nowhere else.
+// csrc/cpu/*.cpp and csrc/cuda/*.cu only add TORCH_LIBRARY_IMPL(ahn, CPU|CUDA, m).
+#include <Python.h>  // first, as Python asks; CMake defines Py_LIMITED_API (one .so per torch, any Python)
+
+#include <torch/library.h>
+
+TORCH_LIBRARY(ahn, m) {
+  // One decode step of AHN attention for every sequence of the batch, each at its own
+  // position pos[b]: absorb the token leaving the window into the state, attend sinks + window
+  // + the new token, read the state out, then write the new token (k, v, gates) into the cache
+  // and advance pos. Shapes: q [B,H,D]; k, v [B,HKV,D]; a, b, z [B,H]; A_log, dt_bias [H];
+  // norm_weight [D] (mamba2: [H*D]); o_weight [H,D,D]; sink_k/v [B,S,HKV,D]; ring_k/v [B,W,HKV,D];
+  // gates [B,W,H,2] fp32; state [B,H,D,D] fp32; pos [B] int64. Returns [B,H,D] in q's dtype.
+  m.def(
+      "decode_step(Tensor q, Tensor k, Tensor v, Tensor? a, Tensor? b, Tensor z, Tensor? A_log, "
+      "Tensor? dt_bias, Tensor norm_weight, Tensor o_weight, Tensor(a!) sink_k, Tensor(b!) sink_v, "
+      "Tensor(c!) ring_k, Tensor(d!) ring_v, Tensor(e!) gates, Tensor(f!) state, Tensor(g!) pos, "
+      "int window, int sinks, str kind) -> Tensor");
+}
+
+// `import ahn_ops._C` runs the static registrations above; the module itself only carries
+// how it was built, which ahn_ops/_ext.py checks against the running torch.
+extern "C" PyMODINIT_FUNC PyInit__C(void) {
+  static PyModuleDef module_def = {
+      PyModuleDef_HEAD_INIT, "_C", "ahn_ops kernels, registered as torch.ops.ahn.*", -1, nullptr,
+  };
+  PyObject* module = PyModule_Create(&module_def);
+  if (module == nullptr) return nullptr;
+  if (PyModule_AddStringConstant(module, "TORCH_VERSION", AHN_OPS_TORCH_VERSION) < 0 ||
+      PyModule_AddIntConstant(module, "WITH_CUDA", AHN_OPS_WITH_CUDA) < 0 ||
+      PyModule_AddStringConstant(module, "CUDA_ARCHS", AHN_OPS_CUDA_ARCHS) < 0) {
+    Py_DECREF(module);
+    return nullptr;
+  }
+  return module;
+}

@@ -1,0 +1,177 @@
+"""Builds ahn_ops: the Python package plus ahn_ops/_C.abi3.so, the torch.ops.ahn kernels.
+
+CMake (find_package(Torch)) and ninja compile csrc/: the C++ CPU kernels always, and the
+CUDA kernels csrc/cuda/*.cu when torch has CUDA and nvcc is found. Build against the torch
+you run with; the library refuses to load under another torch version:
+
+    pip install --no-build-isolation -e .        # development (what `make setup` runs)
+    python setup.py build_ext --inplace          # rebuild in place after editing csrc/
+    pip wheel --no-build-isolation --no-deps .   # a wheel for this torch
+    pip install .                                # works, but downloads a torch to build with
+
+Environment:
+    AHN_OPS_NO_CUDA=1         CPU kernels only, even where torch has CUDA and nvcc is found
+    AHN_OPS_CUDA_ARCHS=80;90a GPU targets (default: sm_80 and sm_90a), ';' or ',' separated
+    AHN_OPS_BUILD_TYPE        CMake build type (default Release)
+    MAX_JOBS                  parallel compile jobs (default: the number of cores)
+    CUDA_HOME                 the CUDA toolkit (default: the nvcc on PATH, then /usr/local/cuda)
+"""
+
+import os
+import re
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+from setuptools import Extension, setup
+from setuptools.command.build_ext import build_ext
+
+ROOT = Path(__file__).resolve().parent
+DEFAULT_CUDA_ARCHS = "80;90a"
+
+
+def _tool(module, attr, name):
+    """The pip-installed build tool if there is one (it matches the build env), else PATH's."""
+    try:
+        mod = __import__(module)
+        exe = Path(getattr(mod, attr)) / name
+        if exe.exists():
+            return str(exe)
+    except Exception:
+        pass
+    exe = shutil.which(name)
+    if exe is None:
+        raise RuntimeError(f"ahn_ops: building needs `{name}`: pip install {module}")
+    return exe
+
+
+def _nvcc():
+    """Path of nvcc, or None."""
+    for home in (os.environ.get("CUDA_HOME"), os.environ.get("CUDA_PATH")):
+        if home and (Path(home) / "bin" / "nvcc").exists():
+            return str(Path(home) / "bin" / "nvcc")
+    exe = shutil.which("nvcc")
+    if exe:
+        return exe
+    return "/usr/local/cuda/bin/nvcc" if Path("/usr/local/cuda/bin/nvcc").exists() else None
+
+
+def _cuda_config(torch):
+    """(nvcc, reason): nvcc is the real compiler (not a wrapper script) or None when the CUDA
+    kernels are not built, and reason says why."""
+    from packaging.version import Version
+
+    if os.environ.get("AHN_OPS_NO_CUDA", "0") not in ("", "0"):
+        return None, "AHN_OPS_NO_CUDA is set"
+    if not torch.version.cuda:
+        return None, f"torch {torch.__version__} has no CUDA"
+    if not list((ROOT / "csrc" / "cuda").glob("*.cu")):
+        return None, "no csrc/cuda/*.cu"
+    nvcc = _nvcc()
+    if nvcc is None:
+        return None, "nvcc not found (set CUDA_HOME)"
+    version = subprocess.run([nvcc, "--version"], capture_output=True, text=True).stdout
+    version = re.search(r"release (\d+\.\d+)", version)
+    if version is None:
+        return None, f"cannot read the version of {nvcc}"
+    if Version(version[1]).major != Version(torch.version.cuda).major:
+        return None, f"nvcc {version[1]} does not match torch's CUDA {torch.version.cuda}"
+    # nvcc on PATH may be a wrapper script; its dry run names the toolkit's bin folder.
+    dry = subprocess.run([nvcc, "--dryrun", "-c", "-x", "cu", os.devnull, "-o", os.devnull],
+                         capture_output=True, text=True)
+    here = re.search(r"^#\$ _HERE_=(.+)$", dry.stdout + dry.stderr, re.M)
+    if here and (Path(here[1].strip()) / "nvcc").exists():
+        nvcc = str(Path(here[1].strip()) / "nvcc")
+    return str(Path(nvcc).resolve()), f"nvcc {version[1]} at {Path(nvcc).resolve()}"
+
+
+def _pip_cuda_dirs(kind):
+    """include or lib folders of the pip nvidia-* packages (cu13: nvidia/cu13/include)."""
+    import importlib.util
+
+    spec = importlib.util.find_spec("nvidia")
+    if spec is None or not spec.submodule_search_locations:
+        return []
+    return sorted(str(p) for loc in spec.submodule_search_locations for p in Path(loc).glob(f"*/{kind}"))
+
+
+def _link_gaps(toolkit_dirs, pip_dirs, links, pattern, rename=lambda name: name):
+    """Links in folder `links` to whatever the pip nvidia-* folders have and the toolkit lacks:
+    the toolkit's own files keep precedence, and no header mixes two CUDA releases."""
+    links.mkdir(parents=True, exist_ok=True)
+    for old in links.iterdir():
+        old.unlink()
+    have = {p.name for d in toolkit_dirs if d.is_dir() for p in d.iterdir()}
+    for pip_dir in pip_dirs:
+        for item in Path(pip_dir).glob(pattern):
+            name = rename(item.name)
+            if name not in have and not (links / name).exists():
+                (links / name).symlink_to(item)
+    return str(links)
+
+
+def _cuda_gaps(cuda_home, temp):
+    """(include folder, library folder) that fill the gaps of a toolkit without cuBLAS and
+    friends from the pip nvidia-* packages, whose libraries torch loads at run time anyway.
+    ATen/cuda/CUDAContext.h includes cublas_v2.h; torch's cmake config wants libcudart.so and
+    finds only unversioned names, hence lib<name>.so links to lib<name>.so.<N>."""
+    home = Path(cuda_home)
+    include = _link_gaps([home / "include", home / "targets/x86_64-linux/include"], _pip_cuda_dirs("include"),
+                         Path(temp) / "cuda-include-gaps", "*")
+    lib = _link_gaps([home / "lib64", home / "lib", home / "targets/x86_64-linux/lib"], _pip_cuda_dirs("lib"),
+                     Path(temp) / "cuda-lib-gaps", "lib*.so.*", lambda name: name.split(".so")[0] + ".so")
+    return include, lib
+
+
+class CMakeExtension(Extension):
+    def __init__(self, name):
+        super().__init__(name, sources=[], py_limited_api=True)
+
+
+class CMakeBuild(build_ext):
+    def build_extension(self, ext):
+        import torch
+
+        out_file = Path(self.get_ext_fullpath(ext.name)).resolve()
+        temp = Path(self.build_temp).resolve() / ext.name
+        temp.mkdir(parents=True, exist_ok=True)
+        build_type = os.environ.get("AHN_OPS_BUILD_TYPE", "Debug" if self.debug else "Release")
+        jobs = os.environ.get("MAX_JOBS") or str(len(os.sched_getaffinity(0)))
+        nvcc, why = _cuda_config(torch)
+        print(f"ahn_ops: CUDA kernels {'ON' if nvcc else 'OFF'} ({why}), {jobs} jobs", flush=True)
+
+        args = [
+            f"-S{ROOT}", f"-B{temp}", "-GNinja",
+            f"-DCMAKE_MAKE_PROGRAM={_tool('ninja', 'BIN_DIR', 'ninja')}",
+            f"-DCMAKE_BUILD_TYPE={build_type}",
+            f"-DCMAKE_PREFIX_PATH={torch.utils.cmake_prefix_path}",
+            f"-DPython_EXECUTABLE={sys.executable}",
+            f"-DAHN_OPS_OUTPUT_DIR={out_file.parent}",
+            f"-DAHN_OPS_TORCH_VERSION={torch.__version__}",
+            f"-DAHN_OPS_WITH_CUDA={'ON' if nvcc else 'OFF'}",
+        ]
+        env = dict(os.environ)
+        if nvcc:
+            cuda_home = str(Path(nvcc).parent.parent)
+            archs = os.environ.get("AHN_OPS_CUDA_ARCHS") or DEFAULT_CUDA_ARCHS
+            args += [
+                f"-DCMAKE_CUDA_COMPILER={nvcc}",
+                f"-DCUDAToolkit_ROOT={cuda_home}",
+                f"-DCUDA_TOOLKIT_ROOT_DIR={cuda_home}",
+                f"-DAHN_OPS_CUDA_ARCHS={archs.replace(',', ';')}",
+            ]
+            include_gaps, lib_gaps = _cuda_gaps(cuda_home, temp)
+            args += [f"-DAHN_OPS_CUDA_EXTRA_INCLUDES={include_gaps}", f"-DCMAKE_LIBRARY_PATH={lib_gaps}"]
+            # torch's cmake otherwise probes the GPU to pick its arch list; ours replaces it.
+            env["TORCH_CUDA_ARCH_LIST"] = "8.0"
+        cmake = _tool("cmake", "CMAKE_BIN_DIR", "cmake")
+        subprocess.run([cmake, *args], check=True, env=env)
+        subprocess.run([cmake, "--build", str(temp), "-j", jobs], check=True, env=env)
+
+
+setup(
+    ext_modules=[CMakeExtension("ahn_ops._C")],
+    cmdclass={"build_ext": CMakeBuild},
+    options={"bdist_wheel": {"py_limited_api": "cp39"}},
+)

@@ -1,0 +1,211 @@
+"""Fused Triton prefill (``torch.ops.ahn.prefill_fwd`` / ``prefill_cache``) against the fp32 reference.
+
+CPU CI runs the kernels in Triton's interpreter (``TRITON_INTERPRET=1``, set by conftest) on
+small odd shapes; the GPU-only tests at the end skip without CUDA.
+
+Tolerance (flash-attention rule): the kernel's max-abs error against the fp32 reference is
+at most 2x the error of the same PyTorch math run in the low precision
+(``ahn_attention_ref(..., dtype=bf16/fp16)``) plus a small floor. Both numbers are printed.
+"""
+
+from __future__ import annotations
+
+import os
+
+import pytest
+import torch
+
+import ahn_ops
+from ahn_ops.ops.ahn_attention import reference as ref
+
+from ..utils import batch_slice, empty_layer_cache, make_inputs, sel
+
+HAS_CUDA = torch.cuda.is_available()
+DEV = "cuda" if HAS_CUDA else "cpu"
+pytestmark = pytest.mark.skipif(not HAS_CUDA and os.environ.get("TRITON_INTERPRET") != "1",
+                                reason="needs CUDA or TRITON_INTERPRET=1")
+gpu = pytest.mark.skipif(not HAS_CUDA, reason="needs CUDA")
+FLOOR = 2e-3
+
+
+def _prefill():
+    from ahn_ops.ops.ahn_attention import prefill
+    return prefill
+
+
+def _err(x, r):
+    return (x.double() - r.double()).abs().max().item()
+
+
+def _check(name, out, ref32, lp):
+    assert not out.isnan().any(), f"{name}: NaN in output (unwritten element?)"
+    e_k, e_lp = _err(out, ref32), _err(lp, ref32)
+    print(f"{name}: kernel err {e_k:.3e}  low-precision torch err {e_lp:.3e}")
+    assert e_k <= 2 * e_lp + FLOOR, f"{name}: kernel err {e_k:.3e} > 2 x {e_lp:.3e} + {FLOOR}"
+
+
+CASES = [
+    # kind, T, W, S, G, D, dtype
+    pytest.param("gdn", 1, 5, 0, 1, 64, torch.bfloat16, id="gdn-T1-W5-S0-G1"),
+    pytest.param("gdn", 63, 200, 3, 4, 64, torch.bfloat16, id="gdn-T63-W200-S3-G4"),
+    pytest.param("gdn", 100, 33, 4, 4, 64, torch.bfloat16, id="gdn-T100-W33-S4-G4"),
+    pytest.param("gdn", 200, 50, 0, 1, 64, torch.float16, id="gdn-T200-W50-S0-G1-fp16"),
+    pytest.param("gdn", 200, 1, 7, 8, 64, torch.bfloat16, id="gdn-T200-W1-S7-G8"),
+    pytest.param("dn", 100, 33, 4, 1, 64, torch.float16, id="dn-T100-W33-S4-G1-fp16"),
+    pytest.param("dn", 200, 64, 64, 4, 64, torch.bfloat16, id="dn-T200-W64-S64-G4"),
+    pytest.param("gdn", 130, 40, 2, 2, 128, torch.bfloat16, id="gdn-T130-W40-S2-G2-D128"),
+]
+
+
+@pytest.mark.parametrize("kind,T,W,S,G,D,dtype", CASES)
+def test_prefill_matches_reference(kind, T, W, S, G, D, dtype):
+    HKV = 2 if G < 8 else 1
+    H = HKV * G
+    args = make_inputs(kind, 1, T, H, HKV, D, dtype, device=DEV, seed=T * 7 + W)
+    out = ahn_ops.ahn_attention(*args, window=W, sinks=S, kind=kind, backend="kernel")
+    r = ref.ahn_attention_ref(*args, W, S, kind)
+    lp = ref.ahn_attention_ref(*args, W, S, kind, dtype=dtype)
+    _check(f"{kind}-T{T}-W{W}-S{S}-G{G}-D{D}", out, r, lp)
+
+
+@pytest.mark.parametrize("kind", ["gdn", "dn"])
+def test_prefill_varlen(kind):
+    lens, W, S, H, HKV, D = [37, 1, 130, 64], 29, 3, 4, 1, 64
+    cu = torch.tensor([0, *torch.tensor(lens).cumsum(0).tolist()], dtype=torch.int32, device=DEV)
+    args = make_inputs(kind, 1, sum(lens), H, HKV, D, torch.bfloat16, device=DEV, seed=5)
+    out = ahn_ops.ahn_attention(*args, window=W, sinks=S, kind=kind, cu_seqlens=cu, backend="kernel")
+    r = ref.ahn_attention_ref(*args, W, S, kind, cu_seqlens=cu)
+    lp = ref.ahn_attention_ref(*args, W, S, kind, cu_seqlens=cu, dtype=torch.bfloat16)
+    _check(f"{kind}-varlen", out, r, lp)
+
+
+def test_prefill_batch_and_final_state():
+    kind, B, T, W, S, H, HKV, D = "gdn", 2, 90, 21, 5, 4, 2, 64
+    args = make_inputs(kind, B, T, H, HKV, D, torch.bfloat16, device=DEV, seed=11)
+    out, ht = torch.ops.ahn.prefill_fwd(*args, W, S, kind, None, None, True) if _prefill() else None
+    r, _, _, st = ref.ahn_attention_ref(*args, W, S, kind, return_parts=True)
+    _, _, _, st_lp = ref.ahn_attention_ref(*args, W, S, kind, dtype=torch.bfloat16, return_parts=True)
+    _check("gdn-B2-out", out, r, ref.ahn_attention_ref(*args, W, S, kind, dtype=torch.bfloat16))
+    _check("gdn-B2-final-state", ht, st, st_lp)
+
+
+def test_prefill_initial_state():
+    # initial state = the state before token S (memory_readout_ref's convention)
+    kind, T, W, S, H, HKV, D = "gdn", 100, 30, 2, 2, 1, 64
+    q, k, v, a, b, z, A_log, dt_bias, nw, ow = make_inputs(kind, 1, T, H, HKV, D, torch.bfloat16, device=DEV, seed=3)
+    h0 = torch.randn(1, H, D, D, device=DEV) * 0.1
+    out, ht = torch.ops.ahn.prefill_fwd(q, k, v, a, b, z, A_log, dt_bias, nw, ow, W, S, kind, None, h0, True) \
+        if _prefill() else None
+
+    def full(dtype):
+        o_win = ref.window_attention_ref(q, k, v, W, S, dtype=dtype)
+        g, w = ref.memory_gates_ref(a, b, A_log, dt_bias, kind, dtype)
+        m, st = ref.memory_readout_ref(q, k, v, g, w, W, S, kind, initial_state=h0, dtype=dtype)
+        return (o_win + ref.epilogue_ref(m, z, nw, ow, kind)), st
+
+    r, st = full(torch.float32)
+    lp, st_lp = full(torch.bfloat16)
+    _check("gdn-h0-out", out, r, lp)
+    _check("gdn-h0-final-state", ht, st, st_lp)
+
+
+@pytest.mark.parametrize("kind,W,S,splits", [
+    pytest.param("gdn", 24, 3, [50, 1, 37, 70], id="gdn-W24-S3-50+1+37+70"),
+    pytest.param("dn", 40, 0, [10, 100, 48], id="dn-W40-S0-10+100+48"),
+    pytest.param("gdn", 16, 20, [5, 30, 60], id="gdn-W16-S20-5+30+60"),
+])
+def test_chunked_prefill_on_cache(kind, W, S, splits):
+    """Prefill in pieces on a cache (kernels, sequences at different positions) == one pass."""
+    B, H, HKV, D = 2, 4, 2, 64
+    T = sum(splits)
+    args = make_inputs(kind, B, T, H, HKV, D, torch.bfloat16, device=DEV, seed=17)
+    cache = empty_layer_cache(kind, B, H, HKV, D, W, S, dtype=torch.bfloat16, device=DEV)
+    def tok(f):  # slice the per-token inputs q, k, v, a, b, z; parameters stay
+        return [None if x is None else f(x) for x in args[:6]] + list(args[6:])
+
+    # sequence 1 starts one piece late, so the two sit at different positions
+    outs, t0 = [], 0
+    first = splits[0]
+    one = batch_slice(cache, slice(0, 1))
+    o0 = ahn_ops.ahn_attention(*tok(lambda x: x[:1, :first]),
+                               window=W, sinks=S, kind=kind, cache=one, backend="kernel")
+    outs.append(torch.cat([o0, torch.full_like(o0, float("nan"))], 0))
+    t0 = first
+    lens = splits[1:] + [first]
+    pos1 = 0
+    for n in lens:
+        n0 = min(n, T - t0) if t0 < T else 0
+        sl0 = slice(t0, t0 + n0)
+        sl1 = slice(pos1, pos1 + n)
+        # both sequences in one call when they take the same number of tokens
+        if n0 == n:
+            xs = tok(lambda x: torch.cat([x[:1, sl0], x[1:, sl1]], 0))
+            o = ahn_ops.ahn_attention(*xs, window=W, sinks=S, kind=kind, cache=cache, backend="kernel")
+            outs.append(o)
+        else:
+            if n0:
+                o = ahn_ops.ahn_attention(*tok(lambda x: x[:1, sl0]),
+                                          window=W, sinks=S, kind=kind, cache=one, backend="kernel")
+                outs.append(torch.cat([o, torch.full_like(o, float("nan"))], 0))
+            o = ahn_ops.ahn_attention(*tok(lambda x: x[1:, sl1]),
+                                      window=W, sinks=S, kind=kind, cache=batch_slice(cache, slice(1, 2)),
+                                      backend="kernel")
+            outs.append(torch.cat([torch.full_like(o, float("nan")), o], 0))
+        t0 += n0
+        pos1 += n
+    # reassemble per sequence in token order (NaN rows mark the other sequence's pieces)
+    o_seq = [torch.cat([o[i] for o in outs if not o[i].isnan().all()], 0) for i in range(B)]
+    out = torch.stack(o_seq)
+    assert out.shape[1] == T
+    r = ref.ahn_attention_ref(*args, W, S, kind)
+    lp = ref.ahn_attention_ref(*args, W, S, kind, dtype=torch.bfloat16)
+    _check(f"{kind}-cache-chunks", out, r, lp)
+    assert cache.pos.tolist() == [T, T]
+
+
+def test_opcheck_prefill_fwd():
+    kind, T, W, S, H, HKV, D = "gdn", 70, 20, 3, 2, 1, 64
+    args = make_inputs(kind, 1, T, H, HKV, D, torch.bfloat16, device=DEV, seed=2)
+    _prefill()
+    cu = torch.tensor([0, 30, 70], dtype=torch.int32, device=DEV)
+    torch.library.opcheck(torch.ops.ahn.prefill_fwd.default, (*args, W, S, kind, cu, None, True))
+    dn = make_inputs("dn", 1, T, H, HKV, D, torch.float16, device=DEV, seed=4)
+    torch.library.opcheck(torch.ops.ahn.prefill_fwd.default, (*dn, W, 0, "dn", None, None, False))
+
+
+def test_opcheck_prefill_cache():
+    kind, B, T, W, S, H, HKV, D = "gdn", 2, 20, 8, 2, 2, 1, 64
+    args = make_inputs(kind, B, T, H, HKV, D, torch.bfloat16, device=DEV, seed=8)
+    _prefill()
+    cache = empty_layer_cache(kind, B, H, HKV, D, W, S, dtype=torch.bfloat16, device=DEV)
+    cache.pos.fill_(0)
+    torch.library.opcheck(torch.ops.ahn.prefill_cache.default, (*args, *cache.tensors(), W, S, kind),
+                          test_utils=("test_schema", "test_faketensor"))
+
+
+# ---------------------------------------------------------------------------------------------
+# GPU only
+# ---------------------------------------------------------------------------------------------
+@gpu
+def test_compile_fullgraph():
+    kind, T, W, S, H, HKV, D = "gdn", 300, 70, 4, 4, 2, 128
+    args = make_inputs(kind, 1, T, H, HKV, D, torch.bfloat16, device="cuda", seed=9)
+    f = torch.compile(lambda *xs: ahn_ops.ahn_attention(*xs, window=W, sinks=S, kind=kind), fullgraph=True)
+    out = f(*args)
+    torch.testing.assert_close(out, ahn_ops.ahn_attention(*args, window=W, sinks=S, kind=kind))
+
+
+@gpu
+@pytest.mark.parametrize("kind,T,W,S,G", [
+    pytest.param("gdn", 8192, 1024, 128, 8, id="gdn-T8192-W1024-S128-G8"),
+    pytest.param("dn", 4097, 4096, 5, 4, id="dn-T4097-W4096-S5-G4"),
+    pytest.param("gdn", 32768, 4096, 128, 8, id="gdn-T32768-W4096-S128-G8"),
+])
+def test_prefill_gpu_realistic(kind, T, W, S, G):
+    H, D = 2 * G, 128
+    args = make_inputs(kind, 1, T, H, 2, D, torch.bfloat16, device="cuda", seed=T)
+    out = ahn_ops.ahn_attention(*args, window=W, sinks=S, kind=kind, backend="kernel")
+    r = ref.ahn_attention_ref(*args, W, S, kind)
+    rel = ((out.float() - r).norm() / r.norm()).item()
+    print(f"{kind}-T{T}: rel err {rel:.2e}")
+    assert not out.isnan().any() and rel < 1.5e-2
