@@ -17,6 +17,7 @@ Environment:
     CUDA_HOME                 the CUDA toolkit (default: the nvcc on PATH, then /usr/local/cuda)
 """
 
+import hashlib
 import os
 import re
 import shutil
@@ -134,7 +135,10 @@ class CMakeBuild(build_ext):
         import torch
 
         out_file = Path(self.get_ext_fullpath(ext.name)).resolve()
-        temp = Path(self.build_temp).resolve() / ext.name
+        # One CMake build folder per (Python, torch), kept across `pip install -e`, build_ext
+        # and `pip wheel` (setuptools gives each a fresh temporary one): rebuilds are incremental.
+        key = hashlib.sha1(f"{sys.executable}|{torch.__file__}|{torch.__version__}".encode()).hexdigest()[:10]
+        temp = ROOT / "build" / f"cmake-{key}"
         temp.mkdir(parents=True, exist_ok=True)
         build_type = os.environ.get("AHN_OPS_BUILD_TYPE", "Debug" if self.debug else "Release")
         jobs = os.environ.get("MAX_JOBS") or str(len(os.sched_getaffinity(0)))

@@ -21,9 +21,11 @@ struct DecodeSizes {
 
 namespace detail {
 
+// B, H, D come from q, HKV from k, W = window, S = sinks.
 inline void check_shape(const at::Tensor& t, const char* name, const char* dims, std::vector<int64_t> shape) {
   TORCH_CHECK_VALUE(t.sizes() == c10::IntArrayRef(shape), "ahn.decode_step: ", name, " must have shape ", dims,
-                    " = ", c10::IntArrayRef(shape), ", got ", t.sizes());
+                    " = ", c10::IntArrayRef(shape), ", got ", t.sizes(),
+                    " (B, H, D from q, HKV from k, W = window, S = sinks)");
 }
 
 inline void check_dtype(const at::Tensor& t, const char* name, at::ScalarType dtype) {

@@ -8,16 +8,17 @@
 // nn.Parameters). Inputs in float64 are converted to float32. D must be 64 or 128.
 //
 // Allocations: the output and one workspace tensor, both from the caching allocator, so a
-// call can be captured in a CUDA graph. pos is read on the device only.
+// call can be captured in a CUDA graph. pos is read on the device only. Only c10_cuda and the
+// CUDA runtime are linked (no libtorch_cuda symbols): device attributes via cudaDeviceGetAttribute.
 //
 // Environment (read per call, for tests and benchmarks):
 //   AHN_DECODE_SIMT=1  attention on CUDA cores instead of tensor cores (fp16/bf16)
 //   AHN_DECODE_PDL=0   no programmatic dependent launch of the second kernel on sm_90
 //   AHN_OPS_POISON=1   fill the output and the workspace with NaN first (tests/conftest.py)
 #include <ATen/ATen.h>
-#include <ATen/cuda/CUDAContext.h>
 #include <c10/cuda/CUDAException.h>
 #include <c10/cuda/CUDAGuard.h>
+#include <c10/cuda/CUDAStream.h>
 #include <torch/library.h>
 
 #include <algorithm>
@@ -86,7 +87,8 @@ void launch(dk::Params& p, int device, bool pdl, cudaStream_t stream) {
     occ = std::max(occ, 1);
     occupancy.store(occ);
   }
-  const int sms = at::cuda::getCurrentDeviceProperties()->multiProcessorCount;
+  int sms = 0;
+  C10_CUDA_CHECK(cudaDeviceGetAttribute(&sms, cudaDevAttrMultiProcessorCount, device));
 
   // Split the key range so that the attention blocks plus the state blocks fill about one
   // wave of the GPU at small B (B = 1, HKV = 2, W = 32640: 128 splits of 256 keys), and cap a
@@ -125,7 +127,7 @@ void launch(dk::Params& p, int device, bool pdl, cudaStream_t stream) {
   C10_CUDA_KERNEL_LAUNCH_CHECK();
 
   cudaLaunchConfig_t cfg = {};
-  cfg.gridDim = dim3(static_cast<unsigned>(BH));
+  cfg.gridDim = dim3(static_cast<unsigned>(BH * dk::kOutSplit));
   cfg.blockDim = dim3(dk::kThreads);
   cfg.dynamicSmemBytes = 0;
   cfg.stream = stream;
@@ -237,8 +239,10 @@ at::Tensor decode_step_cuda(const at::Tensor& q, const at::Tensor& k, const at::
 
   const int device = q.get_device();
   const bool mma = !env_flag("AHN_DECODE_SIMT", false);
-  const bool pdl = env_flag("AHN_DECODE_PDL", true) && at::cuda::getCurrentDeviceProperties()->major >= 9;
-  const cudaStream_t stream = at::cuda::getCurrentCUDAStream();
+  int cc_major = 0;
+  C10_CUDA_CHECK(cudaDeviceGetAttribute(&cc_major, cudaDevAttrComputeCapabilityMajor, device));
+  const bool pdl = env_flag("AHN_DECODE_PDL", true) && cc_major >= 9;
+  const cudaStream_t stream = c10::cuda::getCurrentCUDAStream(device);
   const int D = static_cast<int>(s.D);
   switch (q.scalar_type()) {
     case at::kFloat: dispatch_d<float>(p, D, mma, device, pdl, stream); break;

@@ -15,7 +15,8 @@
 //        rows, i.e. within a column, so column slices are independent), then read them out
 //        (m = S^T qn, also a per-column reduction). The 2.1 MB state read+write at H=16, D=128
 //        is spread over B*H*D/32 blocks.
-//   2. decode_finish_kernel, one block per (b, head): combine the splits, norm/gate/project
+//   2. decode_finish_kernel, 4 blocks per (b, head), each for D/4 output columns (so that the
+//      128 split partials of B = 1 are combined by 64 blocks): combine the splits, norm/gate/project
 //      the readout (mamba2: RMSNorm over all H*D values, from per-column-slice sums of m^2),
 //      out = o_win + y, then write the new token into the cache and advance pos. All writes
 //      happen here, after every read of launch 1. On sm_90 it is launched with programmatic
@@ -37,6 +38,7 @@ constexpr int kTileKeys = 16;                     // keys per warp tile (two n8 
 constexpr int kSplitAlign = kWarps * kTileKeys;   // split lengths are multiples of this
 constexpr int kHeadTile = 16;                     // query heads per attention block (MMA M)
 constexpr int kStateCols = 32;                    // state columns per state block
+constexpr int kOutSplit = 4;                      // launch-2 blocks per (b, head), by output column
 constexpr float kLog2e = 1.4426950408889634f;
 constexpr float kNegBig = -1e30f;                 // finite "minus infinity" of the running max
 
@@ -705,7 +707,7 @@ __global__ void __launch_bounds__(kThreads, MMA ? 3 : 2) decode_main_kernel(cons
 }
 
 // ------------------------------------------------------------------------------------------
-// launch 2: one block per (b, h)
+// launch 2: kOutSplit blocks per (b, h)
 // ------------------------------------------------------------------------------------------
 template <typename W_, int D>
 __device__ __forceinline__ float project_col(const W_* w, const float* u, int e, int d0, int dstep) {
@@ -718,52 +720,34 @@ __device__ __forceinline__ float project_col(const W_* w, const float* u, int e,
 template <typename T, int D>
 __global__ void __launch_bounds__(kThreads) decode_finish_kernel(const Params p) {
   using Ops = TypeOps<T>;
-  constexpr int LR = D / 4;           // threads per partial row (float4 each)
-  constexpr int RP = kThreads / LR;   // partial rows combined in parallel
+  constexpr int EC = D / kOutSplit;    // output columns of this block
+  constexpr int LR = EC / 4;           // threads per partial row (float4 each)
+  constexpr int RP = kThreads / LR;    // partial rows combined in parallel
   constexpr int NCH = D / kStateCols;
-  constexpr int PARTS = kThreads / D; // threads per output column of the projection
-  __shared__ __align__(16) float s_o[RP][D];
-  __shared__ float s_m[RP], s_l[RP];
-  __shared__ float s_win[D], s_u[D], s_y[PARTS][D];
-  __shared__ float s_red[kWarps];
+  constexpr int PARTS = kThreads / EC; // threads per output column of the projection
+  __shared__ __align__(16) float s_o[RP][EC];
+  __shared__ float s_l[RP];
+  __shared__ float s_u[D], s_y[PARTS][EC];
+  __shared__ float s_red[2][kWarps];
 
   pdl_wait();  // launch 1 complete and visible
-  const int tid = threadIdx.x;
-  const int bh = blockIdx.x;
+  const int tid = threadIdx.x, lane = tid & 31, warp = tid >> 5;
+  const int es = blockIdx.x % kOutSplit;
+  const int bh = blockIdx.x / kOutSplit;
   const int b = bh / p.H, h = bh % p.H, hk = h / p.G, g = h % p.G;
+  const int e0 = es * EC;
   const int64_t t = p.ws_t[b];
+  const int64_t base = (int64_t)bh * p.nsplit;
 
-  // 1. combine the splits of the window attention
-  {
-    const int c4 = tid % LR, rp = tid / LR;
-    float m = kNegBig, l = 0.f;
-    float4 o = make_float4(0.f, 0.f, 0.f, 0.f);
-    const int64_t base = (int64_t)bh * p.nsplit;
-#pragma unroll 4
-    for (int s = rp; s < p.nsplit; s += RP) {
-      const float pm = p.ws_pm[base + s], pl = p.ws_pl[base + s];
-      const float4 po = *reinterpret_cast<const float4*>(p.ws_po + (base + s) * D + c4 * 4);
-      const float mn = fmaxf(m, pm);
-      const float fa = exp2f(m - mn), fb = exp2f(pm - mn);
-      l = l * fa + pl * fb;
-      o.x = o.x * fa + po.x * fb;
-      o.y = o.y * fa + po.y * fb;
-      o.z = o.z * fa + po.z * fb;
-      o.w = o.w * fa + po.w * fb;
-      m = mn;
-    }
-    *reinterpret_cast<float4*>(&s_o[rp][c4 * 4]) = o;
-    if (c4 == 0) {
-      s_m[rp] = m;
-      s_l[rp] = l;
-    }
-  }
-  // 2. epilogue scalars: silu(z), sum of squares for the RMSNorm
+  // 1. max over the splits, and the sums of squares for the RMSNorm
+  float mx = kNegBig;
+  for (int s = tid; s < p.nsplit; s += kThreads) mx = fmaxf(mx, p.ws_pm[base + s]);
+#pragma unroll
+  for (int o = 16; o > 0; o >>= 1) mx = fmaxf(mx, __shfl_xor_sync(0xffffffffu, mx, o));
   const float zt = ldf(p.z, b * p.z_sb + h * p.z_sh, p.z_dt);
   const float gate = silu_f(zt);
-  float ss = 0.f;
+  float part = 0.f;
   if (p.kind == kMamba2) {  // RMSNorm over all H*D values of m * silu(z) of sequence b
-    float part = 0.f;
     for (int hh = tid; hh < p.H; hh += kThreads) {
       const float zz = silu_f(ldf(p.z, b * p.z_sb + hh * p.z_sh, p.z_dt));
       float q2 = 0.f;
@@ -772,12 +756,19 @@ __global__ void __launch_bounds__(kThreads) decode_finish_kernel(const Params p)
       part += zz * zz * q2;
     }
     part = warp_sum(part);
-    if ((tid & 31) == 0) s_red[tid >> 5] = part;
+  }
+  if (lane == 0) {
+    s_red[0][warp] = mx;
+    s_red[1][warp] = part;
   }
   __syncthreads();
-  if (p.kind == kMamba2) {
+  float M = kNegBig, ss = 0.f;
 #pragma unroll
-    for (int w = 0; w < kWarps; ++w) ss += s_red[w];
+  for (int w = 0; w < kWarps; ++w) {
+    M = fmaxf(M, s_red[0][w]);
+    ss += s_red[1][w];
+  }
+  if (p.kind == kMamba2) {
     ss /= (float)(p.H * D);
   } else {
 #pragma unroll
@@ -785,44 +776,59 @@ __global__ void __launch_bounds__(kThreads) decode_finish_kernel(const Params p)
     ss /= (float)D;
   }
   const float rms = rsqrtf(ss + 1e-5f);
-  for (int d = tid; d < D; d += kThreads) {
-    float M = kNegBig;
-#pragma unroll
-    for (int r = 0; r < RP; ++r) M = fmaxf(M, s_m[r]);
-    float oo = 0.f, ll = 0.f;
-#pragma unroll
-    for (int r = 0; r < RP; ++r) {
-      const float f = exp2f(s_m[r] - M);
-      oo += s_o[r][d] * f;
-      ll += s_l[r] * f;
+
+  // 2. combine the splits for columns [e0, e0 + EC): independent loads, weights exp2(pm - M)
+  {
+    const int c4 = tid % LR, rp = tid / LR;
+    float l = 0.f;
+    float4 o = make_float4(0.f, 0.f, 0.f, 0.f);
+#pragma unroll 4
+    for (int s = rp; s < p.nsplit; s += RP) {
+      const float f = exp2f(p.ws_pm[base + s] - M);
+      const float4 po = *reinterpret_cast<const float4*>(p.ws_po + (base + s) * D + e0 + c4 * 4);
+      l += p.ws_pl[base + s] * f;
+      o.x += po.x * f;
+      o.y += po.y * f;
+      o.z += po.z * f;
+      o.w += po.w * f;
     }
-    s_win[d] = oo / ll;
+    *reinterpret_cast<float4*>(&s_o[rp][c4 * 4]) = o;
+    if (c4 == 0) s_l[rp] = l;
+  }
+  // 3. u = norm(m) * weight * gate, all D values (the projection mixes them)
+  for (int d = tid; d < D; d += kThreads) {
     const float mv = p.ws_m[(int64_t)bh * D + d];
     s_u[d] = p.kind == kMamba2 ? mv * gate * rms * ldf(p.norm_w, (int64_t)h * D + d, p.nw_dt)
                                : mv * rms * ldf(p.norm_w, d, p.nw_dt) * gate;
   }
   __syncthreads();
-  // 3. y = u @ o_weight[h]; out = o_win + y
+  // 4. y = u @ o_weight[h][:, e0:e0+EC]; out = o_win + y
   {
-    const int e = tid % D, part = tid / D;
-    const int64_t ow = (int64_t)h * D * D;
+    const int e = tid % EC, prt = tid / EC;
+    const int64_t ow = (int64_t)h * D * D + e0;
     float y;
     if (p.ow_dt == kF32) {
-      y = project_col<float, D>(reinterpret_cast<const float*>(p.o_w) + ow, s_u, e, part, PARTS);
+      y = project_col<float, D>(reinterpret_cast<const float*>(p.o_w) + ow, s_u, e, prt, PARTS);
     } else if (p.ow_dt == kF16) {
-      y = project_col<__half, D>(reinterpret_cast<const __half*>(p.o_w) + ow, s_u, e, part, PARTS);
+      y = project_col<__half, D>(reinterpret_cast<const __half*>(p.o_w) + ow, s_u, e, prt, PARTS);
     } else {
-      y = project_col<__nv_bfloat16, D>(reinterpret_cast<const __nv_bfloat16*>(p.o_w) + ow, s_u, e, part, PARTS);
+      y = project_col<__nv_bfloat16, D>(reinterpret_cast<const __nv_bfloat16*>(p.o_w) + ow, s_u, e, prt, PARTS);
     }
-    s_y[part][e] = y;
+    s_y[prt][e] = y;
   }
   __syncthreads();
-  for (int e = tid; e < D; e += kThreads) {
-    float y = 0.f;
+  for (int e = tid; e < EC; e += kThreads) {
+    float oo = 0.f, ll = 0.f, y = 0.f;
+#pragma unroll
+    for (int r = 0; r < RP; ++r) {
+      oo += s_o[r][e];
+      ll += s_l[r];
+    }
 #pragma unroll
     for (int r = 0; r < PARTS; ++r) y += s_y[r][e];
-    reinterpret_cast<T*>(p.out)[(int64_t)bh * D + e] = Ops::from_f(s_win[e] + y);
+    reinterpret_cast<T*>(p.out)[(int64_t)bh * D + e0 + e] = Ops::from_f(oo / ll + y);
   }
+  if (es != 0) return;
   // 4. the new token into the cache (launch 1 has read everything it needed)
   const T* kin = reinterpret_cast<const T*>(p.k) + b * p.k_sb + hk * p.k_sh;
   const T* vin = reinterpret_cast<const T*>(p.v) + b * p.v_sb + hk * p.v_sh;

@@ -116,7 +116,7 @@ def prefill_bwd(dout, dht, q, k, v, a, b, z, A_log, dt_bias, norm_weight, o_weig
             seq=seq, chunks=chunks, gc=gc, w=w, u=u, H=H, HKV=HKV, D=D, W=W, S=S, BT=BT, GATES=gates, num_warps=4)
         hs = empty(NT, H, D, D, dtype=dt, device=dev)
         vnew = empty(Tt, H, D, dtype=dt, device=dev)
-        BV = 64 if D == 64 else 32
+        BV = 64 if D == 64 else min(32, D)
         h0 = initial_state.float().contiguous() if use_h0 else dummy
         pf._state_kernel[(D // BV, H, N)](
             kx=kf, w=w, u=u, gc=gc, seq=seq, h0=h0, hs=hs, vnew=vnew, ht=dummy,

@@ -21,3 +21,17 @@ def dot(a, b):
     else:
         c = tl.dot(a, b)
     return c
+
+
+@triton.jit
+def dot_f32(a, b):
+    """fp32 x fp32 product at near-fp32 accuracy on tensor cores (3 tf32 passes).
+
+    Used for the triangular-inverse merges, where plain tf32 (10-bit mantissa) would
+    perturb the WY factors at the 1e-3 level.
+    """
+    if INTERPRET:
+        c = tl.dot(a, b)
+    else:
+        c = tl.dot(a, b, input_precision="tf32x3")
+    return c

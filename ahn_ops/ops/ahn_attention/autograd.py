@@ -1,0 +1,44 @@
+"""Autograd of ``torch.ops.ahn.prefill_fwd``: ``register_autograd`` with ``setup_context``.
+
+The forward saves its inputs only (no activations, no lse, no states); the backward is the
+single op ``torch.ops.ahn.prefill_bwd`` (backward.py), which recomputes what it needs. Both
+ops are opaque to ``torch.compile`` (fake impls registered) and the pair recomputes cleanly
+under activation checkpointing. ``W`` and ``S`` stay plain ints: a new value per call does
+not recompile any kernel.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from . import backward  # noqa: F401  (registers torch.ops.ahn.prefill_bwd)
+
+# saved tensors, by schema name; grads come back from prefill_bwd in this order
+_TENSORS = ("q", "k", "v", "a", "b", "z", "A_log", "dt_bias", "norm_weight", "o_weight")
+_GRADS = _TENSORS + ("initial_state",)
+
+
+def _schema_names():
+    return [arg.name for arg in torch.ops.ahn.prefill_fwd.default._schema.arguments]
+
+
+def _setup_context(ctx, inputs, output):
+    args = dict(zip(_schema_names(), inputs))
+    ctx.save_for_backward(*(args[n] for n in _TENSORS), args["cu_seqlens"], args["initial_state"])
+    ctx.window, ctx.sinks, ctx.kind = args["window"], args["sinks"], args["kind"]
+
+
+def _backward(ctx, dout, dht):
+    saved = dict(zip(_TENSORS + ("cu_seqlens", "initial_state"), ctx.saved_tensors))
+    if dht is not None and dht.numel() == 0:
+        dht = None
+    if dout is None:
+        dout = torch.zeros_like(saved["q"])
+    grads = torch.ops.ahn.prefill_bwd(
+        dout.contiguous(), dht, *(saved[n] for n in _TENSORS), ctx.window, ctx.sinks, ctx.kind,
+        saved["cu_seqlens"], saved["initial_state"])
+    by_name = {n: (g if saved[n] is not None else None) for n, g in zip(_GRADS, grads)}
+    return tuple(by_name.get(n) for n in _schema_names())
+
+
+torch.library.register_autograd("ahn::prefill_fwd", _backward, setup_context=_setup_context)

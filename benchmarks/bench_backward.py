@@ -1,0 +1,217 @@
+"""Backward of the fused AHN prefill (torch.ops.ahn.prefill_fwd + prefill_bwd) vs its peers.
+
+    python benchmarks/bench_backward.py --check     # every gradient vs the fp32 reference, then timings
+    python benchmarks/bench_backward.py             # timings only
+
+Correctness (flash-attention rule): for each gradient, err_kernel = |g - g_ref| / |g_ref| with
+g_ref from autograd through the fp32 reference (reference.py, upcast inputs) and err_torch the
+same for autograd through the same reference math run in bf16; the kernel passes when
+err_kernel <= 2 * err_torch + 1e-3.
+
+FLOPs of the window attention backward (visible pairs n = sum_t |K(t)|,
+|K(t)| = min(t+1, W) + min(S, max(0, t-W+1))): 4 D H n (lse/delta recompute) + 4 D H n (dq: S, dP)
++ 2 D H n (dq) + 8 D H n (dk/dv: S, dP, dV, dK) = 18 D H n; forward 4 D H n.
+Memory branch (per head and stream element with memory): about 30 D^2 + 20 BT D; not counted.
+Peer: FlexAttention (window + sinks block mask, torch.compile) forward + backward, same run.
+"""
+
+from __future__ import annotations
+
+import argparse
+import math
+import os
+import sys
+import time
+import types
+
+import torch
+
+sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."))
+try:
+    import ahn_ops  # noqa: F401
+except ImportError as e:  # extension not built on this machine: the Triton ops do not need it
+    print(f"[bench] ahn_ops extension unavailable ({str(e).splitlines()[0][:80]}...), stubbing ahn_ops._ext")
+    for m in [m for m in sys.modules if m.startswith("ahn_ops")]:
+        del sys.modules[m]
+    stub = types.ModuleType("ahn_ops._ext")
+    stub.load_extension = lambda name=None: None
+    stub.has_cuda_kernels = lambda: False
+    sys.modules["ahn_ops._ext"] = stub
+    import ahn_ops  # noqa: F401
+
+import triton  # noqa: E402
+
+from ahn_ops.ops.ahn_attention import backward as bw  # noqa: E402
+from ahn_ops.ops.ahn_attention import prefill  # noqa: E402,F401  (registers the ops + autograd)
+from ahn_ops.ops.ahn_attention import reference as ref  # noqa: E402
+
+NAMES = ("q", "k", "v", "a", "b", "z", "A_log", "dt_bias", "norm_weight", "o_weight")
+
+
+def make_inputs(kind, B, T, H, HKV, D, dtype, seed):
+    g = torch.Generator().manual_seed(seed)
+    r = lambda *s, sc=1.0: torch.randn(*s, generator=g) * sc  # noqa: E731
+    q, k, v = r(B, T, H, D), r(B, T, HKV, D), r(B, T, HKV, D)
+    a = None if kind == "dn" else r(B, T, H)
+    b, z = r(B, T, H), r(B, T, H)
+    A_log = None if kind == "dn" else torch.log(torch.rand(H, generator=g) * 15 + 1)
+    dt_bias = None if kind == "dn" else r(H, sc=0.5)
+    nw = 1 + 0.1 * r(D)
+    ow = r(H, D, D, sc=D ** -0.5)
+    act = [q, k, v, a, b, z]
+    par = [A_log, dt_bias, nw, ow]
+    return ([None if x is None else x.to(dtype).cuda() for x in act]
+            + [None if x is None else x.float().cuda() for x in par])
+
+
+def rel(x, y):
+    return ((x.double() - y.double()).norm() / y.double().norm().clamp_min(1e-30)).item()
+
+
+def grads_of(fn, inputs, dout):
+    leaves = [None if x is None else x.detach().clone().requires_grad_(True) for x in inputs]
+    out = fn(leaves)
+    out.backward(dout.to(out.dtype))
+    return [None if x is None else x.grad for x in leaves]
+
+
+def check(kind, B, T, H, HKV, D, W, S, cu, seed=0):
+    inp = make_inputs(kind, B, T, H, HKV, D, torch.bfloat16, seed)
+    cs = None if cu is None else torch.tensor(cu, device="cuda", dtype=torch.int32)
+    dout = torch.randn(B, T, H, D, device="cuda")
+    t0 = time.time()
+    gk = grads_of(lambda x: torch.ops.ahn.prefill_fwd(*x, W, S, kind, cs, None, False)[0], inp, dout.bfloat16())
+    torch.cuda.synchronize()
+    tk = time.time() - t0
+    up = [None if x is None else x.float() for x in inp]
+    g32 = grads_of(lambda x: ref.ahn_attention_ref(*x, W, S, kind, cs, dtype=torch.float32), up, dout)
+    gbf = grads_of(lambda x: ref.ahn_attention_ref(*x, W, S, kind, cs, dtype=torch.bfloat16), inp,
+                   dout.bfloat16())
+    rows = []
+    for n, a_, b_, c_ in zip(NAMES, gk, g32, gbf):
+        if a_ is None:
+            continue
+        finite = bool(torch.isfinite(a_).all())
+        ek, et = rel(a_, b_), rel(c_, b_)
+        rows.append((n, ek, et, finite and ek <= 2 * et + 1e-3))
+    tag = f"{kind} B{B} T{T} H{H}/{HKV} D{D} W{W} S{S}" + (f" cu={cu}" if cu else "")
+    print(f"[check] {tag} (kernel fwd+bwd incl. compile {tk:.1f}s)")
+    for n, ek, et, ok in rows:
+        print(f"   {n:12s} kernel {ek:.2e}  torch-bf16 {et:.2e}  {'ok' if ok else 'FAIL'}", flush=True)
+    return tag, rows
+
+
+def bench(kind, T, W, S, H=16, HKV=2, D=128, flex=True):
+    from triton.testing import do_bench
+
+    inp = make_inputs(kind, 1, T, H, HKV, D, torch.bfloat16, 1)
+    leaves = [None if x is None else x.detach().clone().requires_grad_(True) for x in inp]
+    dout = torch.randn(1, T, H, D, device="cuda", dtype=torch.bfloat16)
+
+    def fwd():
+        with torch.no_grad():
+            return torch.ops.ahn.prefill_fwd(*inp, W, S, kind, None, None, False)[0]
+
+    def fwd_bwd():
+        out = torch.ops.ahn.prefill_fwd(*leaves, W, S, kind, None, None, False)[0]
+        out.backward(dout)
+
+    def bwd_only():
+        return bw.prefill_bwd(dout, None, *inp, W, S, kind, None, None)
+
+    res = {}
+    fwd_bwd()
+    torch.cuda.synchronize()
+    torch.cuda.reset_peak_memory_stats()
+    base = torch.cuda.memory_allocated()
+    fwd_bwd()
+    torch.cuda.synchronize()
+    res["peak_extra_GB"] = (torch.cuda.max_memory_allocated() - base) / 2 ** 30
+    res["peak_GB"] = torch.cuda.max_memory_allocated() / 2 ** 30
+    gl = [x for x in leaves if x is not None]
+    res["fwd"] = do_bench(fwd, warmup=50, rep=300, return_mode="median")
+    res["bwd"] = do_bench(bwd_only, warmup=50, rep=300, return_mode="median")
+    res["fwd+bwd"] = do_bench(fwd_bwd, warmup=50, rep=300, grad_to_none=gl, return_mode="median")
+    # per-kernel split of the backward
+    try:
+        from torch.profiler import ProfilerActivity, profile
+
+        with profile(activities=[ProfilerActivity.CUDA]) as prof:
+            for _ in range(3):
+                bwd_only()
+            torch.cuda.synchronize()
+        tot = {}
+        for e in prof.key_averages():
+            if e.device_type.name == "CUDA" or "kernel" in e.key:
+                tot[e.key] = tot.get(e.key, 0) + e.device_time_total / 3 / 1e3
+        res["split"] = sorted(tot.items(), key=lambda x: -x[1])[:10]
+    except Exception as e:  # noqa: BLE001
+        res["split"] = [(f"profiler failed: {e}", 0.0)]
+    n = sum(min(t + 1, W) + min(S, max(0, t - W + 1)) for t in range(T))
+    res["attn_bwd_TFLOPs_at_bwd_time"] = 18 * D * H * n / (res["bwd"] * 1e-3) / 1e12
+    if flex:
+        try:
+            from torch.nn.attention.flex_attention import create_block_mask, flex_attention
+
+            def mask_mod(b, h, qi, kj):
+                return (kj <= qi) & ((qi - kj < W) | (kj < S))
+
+            bm = create_block_mask(mask_mod, None, None, T, T, device="cuda")
+            fa = torch.compile(flex_attention)
+            qf = inp[0].transpose(1, 2).detach().clone().requires_grad_(True)
+            kf = inp[1].transpose(1, 2).detach().clone().requires_grad_(True)
+            vf = inp[2].transpose(1, 2).detach().clone().requires_grad_(True)
+            dof = dout.transpose(1, 2)
+
+            def flex_fb():
+                o = fa(qf, kf, vf, block_mask=bm, enable_gqa=True)
+                o.backward(dof)
+
+            flex_fb()
+            res["flex fwd+bwd"] = do_bench(flex_fb, warmup=50, rep=300, grad_to_none=[qf, kf, vf],
+                                           return_mode="median")
+        except Exception as e:  # noqa: BLE001
+            res["flex fwd+bwd"] = float("nan")
+            print(f"[bench] flex failed: {type(e).__name__}: {str(e)[:200]}")
+    return res
+
+
+def main():
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--check", action="store_true")
+    ap.add_argument("--no-bench", action="store_true")
+    args = ap.parse_args()
+    print(f"[env] torch {torch.__version__} triton {triton.__version__} {torch.cuda.get_device_name()}")
+    checks = []
+    if args.check:
+        checks.append(check("gdn", 1, 16384, 4, 1, 128, 4096, 128, None))
+        checks.append(check("dn", 1, 8192, 8, 2, 128, 1000, 5, [0, 3000, 3001, 8192]))
+        checks.append(check("gdn", 2, 2500, 8, 2, 64, 333, 0, None))
+        checks.append(check("gdn", 1, 3000, 16, 2, 128, 4096, 128, None))
+        torch.cuda.empty_cache()
+    results = []
+    if not args.no_bench:
+        for kind, T, W, S in (("gdn", 32768, 4096, 128), ("gdn", 24576, 2048, 0)):
+            r = bench(kind, T, W, S)
+            results.append(((kind, T, W, S), r))
+            print(f"[bench] {kind} T{T} W{W} S{S}: {r}", flush=True)
+    # short table last
+    print("\n== gradient check: worst kernel rel err (torch-bf16 rel err) per gradient ==")
+    worst = {}
+    for tag, rows in checks:
+        for n, ek, et, ok in rows:
+            w = worst.get(n, (0.0, 0.0, True))
+            worst[n] = (max(w[0], ek), max(w[1], et), w[2] and ok)
+    for n, (ek, et, ok) in worst.items():
+        print(f"  {n:12s} {ek:.2e} ({et:.2e}) {'ok' if ok else 'FAIL'}")
+    print("\n== timings (ms, median), B=1 H=16 HKV=2 D=128 bf16 ==")
+    print(f"  {'shape':28s} {'fwd':>7s} {'bwd':>7s} {'fwd+bwd':>8s} {'flex f+b':>8s} {'peak GB':>8s}")
+    for (kind, T, W, S), r in results:
+        print(f"  {kind} T{T} W{W} S{S}".ljust(30) + f"{r['fwd']:7.2f} {r['bwd']:7.2f} {r['fwd+bwd']:8.2f} "
+              f"{r.get('flex fwd+bwd', float('nan')):8.2f} {r['peak_GB']:8.2f}")
+        for k_, t_ in r["split"]:
+            print(f"      {t_:7.3f} ms  {k_[:70]}")
+
+
+if __name__ == "__main__":
+    main()

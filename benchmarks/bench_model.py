@@ -1,0 +1,134 @@
+#!/usr/bin/env python
+"""End-to-end AHN model vs the unpatched Qwen2 (SDPA + DynamicCache): prefill and decode.
+
+Qwen2.5-3B shape by default (hidden 2048, 36 layers, H=16, Hkv=2, D=128), random bf16
+weights (no download; --layers lowers the depth for a quick run). For each context T:
+
+    prefill: wall time of one forward over T tokens (cache on), peak GPU memory
+    decode:  median per-token latency of --decode-steps steps after the prefill
+    cache:   bytes held by the cache after the prefill (DynamicCache keys+values vs AHNModelCache.nbytes)
+
+    python benchmarks/bench_model.py --contexts 8192 32768 131072 --kind gdn --window 32640 --sinks 128
+    python benchmarks/bench_model.py --skip-base --contexts 131072     # base OOMs / too slow at 128k
+
+The AHN prefill runs through the cache path (``ahn_attention(..., cache=...)``); with
+``--prefill-chunk-size`` both models prefill in chunks. Results: a markdown table on stdout.
+"""
+
+from __future__ import annotations
+
+import argparse
+import statistics
+import time
+
+import torch
+
+import ahn_ops
+
+SHAPES = {  # hidden, layers, H, Hkv, intermediate
+    "3b": (2048, 36, 16, 2, 11008),
+    "7b": (3584, 28, 28, 4, 18944),
+    "14b": (5120, 48, 40, 8, 13824),
+}
+
+
+def build(shape, layers, dtype, device):
+    from transformers import Qwen2Config, Qwen2ForCausalLM
+
+    hidden, L, H, HKV, inter = SHAPES[shape]
+    cfg = Qwen2Config(hidden_size=hidden, num_hidden_layers=layers or L, num_attention_heads=H,
+                      num_key_value_heads=HKV, intermediate_size=inter, vocab_size=151936,
+                      max_position_embeddings=1 << 20, tie_word_embeddings=shape == "3b")
+    cfg._attn_implementation = "sdpa"
+    torch.manual_seed(0)
+    with torch.device(device):
+        model = Qwen2ForCausalLM(cfg).to(dtype).eval()
+    return model
+
+
+def sync(device):
+    if device.type == "cuda":
+        torch.cuda.synchronize()
+
+
+def cache_bytes(cache):
+    if hasattr(cache, "nbytes"):
+        return cache.nbytes
+    return sum(l.keys.numel() * l.keys.element_size() * 2 for l in cache.layers if getattr(l, "keys", None) is not None)
+
+
+@torch.no_grad()
+def run(model, T, steps, chunk, device, make_cache):
+    ids = torch.randint(0, 151936, (1, T), device=device)
+    cache = make_cache()
+    if device.type == "cuda":
+        torch.cuda.empty_cache()
+        torch.cuda.reset_peak_memory_stats()
+    sync(device)
+    t0 = time.perf_counter()
+    for s in range(0, T, chunk or T):
+        out = model(ids[:, s:s + (chunk or T)], past_key_values=cache, use_cache=True, logits_to_keep=1)
+        cache = out.past_key_values
+    sync(device)
+    t_pre = time.perf_counter() - t0
+    peak = torch.cuda.max_memory_allocated() / 2**30 if device.type == "cuda" else float("nan")
+    nbytes = cache_bytes(cache)
+    nxt = out.logits[:, -1:].argmax(-1)
+    times = []
+    for i in range(steps + 2):
+        sync(device)
+        t0 = time.perf_counter()
+        nxt = model(nxt, past_key_values=cache).logits[:, -1:].argmax(-1)
+        sync(device)
+        if i >= 2:  # two warm-up steps
+            times.append(time.perf_counter() - t0)
+    return t_pre, peak, statistics.median(times), nbytes
+
+
+def main(argv=None):
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--shape", default="3b", choices=list(SHAPES))
+    p.add_argument("--layers", type=int, default=None, help="fewer layers for a quick run")
+    p.add_argument("--contexts", type=int, nargs="+", default=[8192, 32768, 131072])
+    p.add_argument("--kind", default="gdn")
+    p.add_argument("--window", type=int, default=8192)
+    p.add_argument("--sinks", type=int, default=128)
+    p.add_argument("--decode-steps", type=int, default=32)
+    p.add_argument("--prefill-chunk-size", type=int, default=None)
+    p.add_argument("--skip-base", action="store_true")
+    p.add_argument("--dtype", default="bfloat16")
+    p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    args = p.parse_args(argv)
+    device, dtype = torch.device(args.device), getattr(torch, args.dtype)
+    from transformers import DynamicCache
+
+    model = build(args.shape, args.layers, dtype, device)
+    name = torch.cuda.get_device_name() if device.type == "cuda" else "cpu"
+    print(f"# {args.shape} shape ({model.config.num_hidden_layers} layers), {dtype}, {name}; "
+          f"AHN {args.kind} W={args.window} S={args.sinks}, chunk={args.prefill_chunk_size}\n")
+    print("| model | T | prefill s | tok/s | peak GiB | decode ms/token | cache MiB |")
+    print("|---|---|---|---|---|---|---|")
+    rows = []
+    if not args.skip_base:
+        for T in args.contexts:
+            try:
+                r = run(model, T, args.decode_steps, args.prefill_chunk_size, device,
+                        lambda: DynamicCache(config=model.config))
+            except torch.OutOfMemoryError:
+                print(f"| base SDPA | {T} | OOM | | | | |")
+                continue
+            rows.append(("base SDPA", T, r))
+            print(f"| base SDPA | {T} | {r[0]:.3f} | {T / r[0]:.0f} | {r[1]:.2f} | {1e3 * r[2]:.2f} | {r[3] / 2**20:.0f} |")
+    ahn_ops.patch_qwen(model, args.kind, window=args.window, sinks=args.sinks)
+    for T in args.contexts:
+        try:
+            r = run(model, T, args.decode_steps, args.prefill_chunk_size, device,
+                    lambda: ahn_ops.AHNModelCache.from_model(model))
+        except torch.OutOfMemoryError:
+            print(f"| AHN-{args.kind} | {T} | OOM | | | | |")
+            continue
+        print(f"| AHN-{args.kind} | {T} | {r[0]:.3f} | {T / r[0]:.0f} | {r[1]:.2f} | {1e3 * r[2]:.2f} | {r[3] / 2**20:.0f} |")
+
+
+if __name__ == "__main__":
+    main()

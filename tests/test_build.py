@@ -1,0 +1,48 @@
+"""The compiled extension: it loads, registers torch.ops.ahn, and fails with a clear message."""
+
+import sys
+import types
+
+import pytest
+import torch
+
+import ahn_ops
+from ahn_ops import _ext
+
+
+def test_extension_loads_and_registers_ops():
+    ext = _ext.load_extension()
+    assert ext.TORCH_VERSION == torch.__version__
+    assert isinstance(_ext.has_cuda_kernels(), bool)
+    assert hasattr(torch.ops.ahn, "decode_step")
+    schema = str(torch.ops.ahn.decode_step.default._schema)
+    assert "Tensor(f!) state" in schema and "str kind) -> Tensor" in schema
+    assert torch._C._dispatch_has_kernel_for_dispatch_key("ahn::decode_step", "CPU")
+    if _ext.has_cuda_kernels():
+        assert ext.CUDA_ARCHS
+        assert torch._C._dispatch_has_kernel_for_dispatch_key("ahn::decode_step", "CUDA")
+
+
+def test_missing_extension_raises_clear_import_error():
+    with pytest.raises(ImportError, match=r"missing.*pip install --no-build-isolation -e \."):
+        _ext.load_extension("ahn_ops._C_not_built")
+
+
+def test_extension_that_fails_to_load_raises_clear_import_error(monkeypatch, tmp_path):
+    bad = tmp_path / "ahn_bad_ext.abi3.so"
+    bad.write_bytes(b"\x7fELF not really a library")
+    monkeypatch.syspath_prepend(str(tmp_path))
+    with pytest.raises(ImportError, match=r"failed to load under torch .*pip install --no-build-isolation -e \."):
+        _ext.load_extension("ahn_bad_ext")
+
+
+def test_extension_built_for_another_torch_raises(monkeypatch):
+    fake = types.ModuleType("ahn_fake_ext")
+    fake.TORCH_VERSION, fake.WITH_CUDA, fake.CUDA_ARCHS = "2.0.0+cpu", 0, ""
+    monkeypatch.setitem(sys.modules, "ahn_fake_ext", fake)
+    with pytest.raises(ImportError, match=r"built against torch 2\.0\.0\+cpu.*pip install --no-build-isolation"):
+        _ext.load_extension("ahn_fake_ext")
+
+
+def test_package_exposes_extension_loader():
+    assert ahn_ops._ext.load_extension() is _ext.load_extension()
