@@ -4,6 +4,7 @@ Public API (see AHN_SPEC.md and README.md):
     ahn_attention(...)   prefill (differentiable), chunked prefill and decode on a cache
     ahn_decode(...)      one decode step on an AHNLayerCache
     AHNCache             constant-size cache: sinks + ring KV, gate ring, fp32 memory state
+    generate(model, ...) fast decoding of a patched model: static decode step, CUDA-graph replay
 Every fused op is also reachable as ``torch.ops.ahn.<name>``.
 """
 
@@ -22,6 +23,8 @@ __all__ = ["ahn_attention", "ahn_decode", "AHNCache", "AHNLayerCache", "referenc
 # Qwen2.5 adapter (ahn_ops.models): imported on first use, since it pulls in transformers.
 _MODEL_API = ("patch_qwen", "from_pretrained", "AHNModelCache")
 __all__ += list(_MODEL_API)
+# ahn_ops.generate (fast decoding, ahn_ops/generate.py): imported on first use, like the adapter.
+__all__ += ["generate"]
 
 
 def __getattr__(name):
@@ -29,4 +32,9 @@ def __getattr__(name):
         from . import models
 
         return getattr(models, name)
+    if name == "generate":
+        # importing the submodule binds it to ``ahn_ops.generate``; it is callable (== its generate())
+        import importlib
+
+        return importlib.import_module(".generate", __name__)
     raise AttributeError(f"module 'ahn_ops' has no attribute {name!r}")

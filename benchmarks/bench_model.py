@@ -13,6 +13,20 @@ weights (no download; --layers lowers the depth for a quick run). For each conte
 
 The AHN prefill runs through the cache path (``ahn_attention(..., cache=...)``); with
 ``--prefill-chunk-size`` both models prefill in chunks. Results: a markdown table on stdout.
+
+A second table times AHN decode per token at ``--batches`` (default 1 and 8) after a prompt of
+``--decode-contexts`` tokens: the plain path (``model(next_ids, past_key_values=cache)``, HF
+modules, one sync per token) next to the fast path of ``ahn_ops.generate`` (the static decode
+step replayed as a CUDA graph; eager on CPU), and the floor
+
+    floor = (weight bytes + cache bytes) read per token / copy bandwidth
+
+    weight bytes = every parameter except the embedding table (B rows of it are gathered; with tied
+                   embeddings the lm_head reads it whole), in the model dtype
+    cache bytes  = per AHN layer and sequence: K+V of the min(T, S+W) cached tokens, the gate ring
+                   (min(T, W) x H x 2 fp32), the fp32 state read and written (2 x H x D x D x 4);
+                   per full-attention layer: K+V of T tokens
+    copy bandwidth = 2 x bytes / time of ``dst.copy_(src)`` on 1 GiB (read + write), same run.
 """
 
 from __future__ import annotations
@@ -58,8 +72,8 @@ def cache_bytes(cache):
 
 
 @torch.no_grad()
-def run(model, T, steps, chunk, device, make_cache):
-    ids = torch.randint(0, 151936, (1, T), device=device)
+def run(model, T, steps, chunk, device, make_cache, batch=1):
+    ids = torch.randint(0, 151936, (batch, T), device=device)
     cache = make_cache()
     if device.type == "cuda":
         torch.cuda.empty_cache()
@@ -85,6 +99,98 @@ def run(model, T, steps, chunk, device, make_cache):
     return t_pre, peak, statistics.median(times), nbytes
 
 
+# --------------------------------------------------------------------------------------
+# decode: plain vs fast path vs the bandwidth floor
+# --------------------------------------------------------------------------------------
+def copy_bandwidth(device, nbytes=None) -> float:
+    """Bytes per second of ``dst.copy_(src)`` counting read + write (median of 5)."""
+    nbytes = nbytes or (1 << 30 if device.type == "cuda" else 1 << 27)
+    src = torch.empty(nbytes, dtype=torch.uint8, device=device).fill_(1)
+    dst = torch.empty_like(src)
+    times = []
+    for i in range(7):
+        sync(device)
+        t0 = time.perf_counter()
+        dst.copy_(src)
+        sync(device)
+        if i >= 2:
+            times.append(time.perf_counter() - t0)
+    return 2 * nbytes / statistics.median(times)
+
+
+def weight_bytes(model) -> int:
+    emb = model.get_input_embeddings().weight
+    seen, total = set(), 0
+    for p in model.parameters():
+        if id(p) in seen or p is emb:
+            continue
+        seen.add(id(p))
+        total += p.numel() * p.element_size()
+    if model.get_output_embeddings().weight is emb:  # tied: the lm_head reads the whole table
+        total += emb.numel() * emb.element_size()
+    return total
+
+
+def cache_read_bytes(model, B, T) -> int:
+    info = model._ahn_info
+    cfg = model.config
+    H, HKV, D, W, S = info["num_heads"], info["num_kv_heads"], info["head_dim"], info["window"], info["sinks"]
+    elt = next(model.parameters()).element_size()
+    per_ahn = B * (2 * min(T, S + W) * HKV * D * elt + min(T, W) * H * 2 * 4 + 2 * H * D * D * 4)
+    per_fa = B * 2 * T * HKV * D * elt
+    n_fa = len(info["fa_layer_ids"])
+    return per_ahn * (cfg.num_hidden_layers - n_fa) + per_fa * n_fa
+
+
+@torch.no_grad()
+def time_fast(model, T, B, steps, device) -> float:
+    """Median per-token latency of the ahn_ops.generate decode step (CUDA graph on GPU)."""
+    gen = ahn_ops.generate  # the module: prefill + StaticDecoder are its building blocks
+    ids = torch.randint(0, 151936, (B, T), device=device)
+    logits, cache = gen.prefill(model, ids)
+    dec = gen.StaticDecoder(model, cache, None, T, 4 * steps + 8)
+    dec.start(logits)
+    if device.type == "cuda":
+        side = torch.cuda.Stream()
+        side.wait_stream(torch.cuda.current_stream())
+        with torch.cuda.stream(side):
+            dec.eager_step()
+        torch.cuda.current_stream().wait_stream(side)
+        dec.capture()
+    else:
+        dec.eager_step()
+    dec.step()
+    per_token = []
+    for _ in range(3):  # tokens back to back, no sync in between: how generate() runs them
+        sync(device)
+        t0 = time.perf_counter()
+        for _ in range(steps):
+            dec.step()
+        sync(device)
+        per_token.append((time.perf_counter() - t0) / steps)
+    return statistics.median(per_token)
+
+
+def decode_table(model, args, device):
+    bw = copy_bandwidth(device)
+    wb = weight_bytes(model)
+    print(f"\n# decode per token (AHN-{args.kind}); copy bandwidth {bw / 1e9:.0f} GB/s, weights {wb / 2**30:.2f} GiB\n")
+    print("| T | B | plain ms/token | fast ms/token | floor ms/token | plain / fast | fast / floor |")
+    print("|---|---|---|---|---|---|---|")
+    for T in args.decode_contexts:
+        for B in args.batches:
+            try:
+                plain = run(model, T, args.decode_steps, args.prefill_chunk_size, device,
+                            lambda: ahn_ops.AHNModelCache.from_model(model), batch=B)[2]
+                fast = time_fast(model, T, B, args.decode_steps, device)
+            except torch.OutOfMemoryError:
+                print(f"| {T} | {B} | OOM | | | | |")
+                continue
+            floor = (wb + cache_read_bytes(model, B, T)) / bw
+            print(f"| {T} | {B} | {1e3 * plain:.2f} | {1e3 * fast:.2f} | {1e3 * floor:.2f} | {plain / fast:.2f}x | "
+                  f"{fast / floor:.2f}x |")
+
+
 def main(argv=None):
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--shape", default="3b", choices=list(SHAPES))
@@ -96,6 +202,10 @@ def main(argv=None):
     p.add_argument("--decode-steps", type=int, default=32)
     p.add_argument("--prefill-chunk-size", type=int, default=None)
     p.add_argument("--skip-base", action="store_true")
+    p.add_argument("--decode-contexts", type=int, nargs="+", default=[8192],
+                   help="prompt lengths of the decode table (plain vs fast path vs floor)")
+    p.add_argument("--batches", type=int, nargs="+", default=[1, 8], help="batch sizes of the decode table")
+    p.add_argument("--no-fast", action="store_true", help="skip the decode table")
     p.add_argument("--dtype", default="bfloat16")
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     args = p.parse_args(argv)
@@ -128,6 +238,8 @@ def main(argv=None):
             print(f"| AHN-{args.kind} | {T} | OOM | | | | |")
             continue
         print(f"| AHN-{args.kind} | {T} | {r[0]:.3f} | {T / r[0]:.0f} | {r[1]:.2f} | {1e3 * r[2]:.2f} | {r[3] / 2**20:.0f} |")
+    if not args.no_fast:
+        decode_table(model, args, device)
 
 
 if __name__ == "__main__":

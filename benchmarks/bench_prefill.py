@@ -142,12 +142,12 @@ def bench(T, W, S, H=16, HKV=2, D=128, kind="gdn", sweep=False):
                 print(f"  sweep cfg {cfg} failed: {type(e).__name__}: {str(e)[:100]}")
         best = min((v_, k_) for k_, v_ in res.items())[1]
         P.CONFIG["fwd"] = eval(best[3:])
-        for bv in (32, 64):
+        for bv in (16, 32, 64):
             P.CONFIG["state_bv"][D] = bv
             t = med(lambda: P.prefill_fwd(*args, W, S, kind, stage="state"))
             print(f"  sweep state passes (prep + state) BV={bv}: {t:.3f} ms")
             res[f"bv{bv}"] = t
-        P.CONFIG["state_bv"][D] = 32 if res["bv32"] <= res["bv64"] else 64
+        P.CONFIG["state_bv"][D] = min((16, 32, 64), key=lambda x: res[f"bv{x}"])
         print(f"  chosen CONFIG: {P.CONFIG}")
     t_full = med(lambda: P.prefill_fwd(*args, W, S, kind))
     t_win = med(lambda: P.prefill_fwd(*args, W, S, kind, memory=False))

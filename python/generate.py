@@ -7,8 +7,11 @@
     python python/generate.py --model Qwen2.5-3B-AHN-GDN --prompt-file long.txt --max-new-tokens 128
     # offline smoke run: tiny random Qwen2 model, byte-level tokenizer
     python python/generate.py --tiny --prompt "hello" --repeat 50
+    # fast path: ahn_ops.generate (static decode step, replayed as a CUDA graph on GPU)
+    python python/generate.py --tiny --prompt "hello" --repeat 50 --fast
 
-Uses only the public API: ahn_ops.patch_qwen / ahn_ops.from_pretrained / ahn_ops.AHNModelCache.
+Uses only the public API: ahn_ops.patch_qwen / ahn_ops.from_pretrained / ahn_ops.AHNModelCache /
+ahn_ops.generate.
 """
 
 from __future__ import annotations
@@ -16,6 +19,7 @@ from __future__ import annotations
 import argparse
 import json
 import time
+import types
 from pathlib import Path
 
 import torch
@@ -106,6 +110,20 @@ def run(model, ids, max_new_tokens, chunk, eos, temperature, device):
     return out, t_prefill, t_decode, cache
 
 
+@torch.no_grad()
+def run_fast(model, ids, max_new_tokens, chunk, eos, temperature, device):
+    """The same job through ahn_ops.generate: one static decode step, a CUDA graph on GPU."""
+    stats = {}
+    out = ahn_ops.generate(model, ids, max_new_tokens, eos_token_id=eos if eos is not None else [],
+                           do_sample=temperature > 0, temperature=temperature if temperature > 0 else 1.0,
+                           prefill_chunk_size=chunk, stats=stats)
+    new = out[0, ids.shape[1]:].tolist()
+    if eos is not None and eos in new:
+        new = new[:new.index(eos) + 1]
+    print(f"fast path: cuda_graph={stats['cuda_graph']}")
+    return new, stats["prefill_s"], stats["decode_s"], types.SimpleNamespace(nbytes=stats["cache_nbytes"])
+
+
 def main(argv=None):
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--model", help="base Qwen2.5 dir (with --ahn) or merged AHN dir")
@@ -120,6 +138,8 @@ def main(argv=None):
     p.add_argument("--sinks", type=int, default=None, help="override the sink count S")
     p.add_argument("--prefill-chunk-size", type=int, default=None)
     p.add_argument("--temperature", type=float, default=0.0, help="0 = greedy")
+    p.add_argument("--fast", action="store_true",
+                   help="decode with ahn_ops.generate (static step; CUDA graph replay on GPU)")
     p.add_argument("--dtype", default=None, help="bfloat16 | float16 | float32 (default: bf16 on GPU, fp32 on CPU)")
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     args = p.parse_args(argv)
@@ -140,7 +160,7 @@ def main(argv=None):
     else:
         ids = tok.encode(prompt)
     ids = torch.tensor([list(ids)], device=device)
-    out, t_pre, t_dec, cache = run(model, ids, args.max_new_tokens, args.prefill_chunk_size,
+    out, t_pre, t_dec, cache = (run_fast if args.fast else run)(model, ids, args.max_new_tokens, args.prefill_chunk_size,
                                    getattr(tok, "eos_token_id", None), args.temperature, device)
     print("-" * 60)
     print(tok.decode(out))

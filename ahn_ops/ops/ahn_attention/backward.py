@@ -111,17 +111,18 @@ def prefill_bwd(dout, dht, q, k, v, a, b, z, A_log, dt_bias, norm_weight, o_weig
         gc = empty(Tt, H, dtype=torch.float32, device=dev)
         w = empty(Tt, H, D, dtype=dt, device=dev)
         u = empty(Tt, H, D, dtype=dt, device=dev)
+        kd = empty(Tt, H, D, dtype=dt, device=dev)  # forward's decayed keys kn * exp(g_last - gc)
         pf._prep_kernel[(NT, H)](
             kx=kf, vx=vf, a=af if af is not None else dummy, b=bf, gx=dummy, A_log=A_logf, dt_bias=dt_biasf,
-            seq=seq, chunks=chunks, gc=gc, w=w, u=u, H=H, HKV=HKV, D=D, W=W, S=S, BT=BT, GATES=gates, num_warps=4)
+            seq=seq, chunks=chunks, gc=gc, w=w, u=u, kd=kd, H=H, HKV=HKV, D=D, W=W, S=S, BT=BT, GATES=gates, num_warps=4)
         hs = empty(NT, H, D, D, dtype=dt, device=dev)
         vnew = empty(Tt, H, D, dtype=dt, device=dev)
         BV = 64 if D == 64 else min(32, D)
         h0 = initial_state.float().contiguous() if use_h0 else dummy
         pf._state_kernel[(D // BV, H, N)](
-            kx=kf, w=w, u=u, gc=gc, seq=seq, h0=h0, hs=hs, vnew=vnew, ht=dummy,
+            kd=kd, w=w, u=u, gc=gc, seq=seq, h0=h0, hs=hs, vnew=vnew, ht=dummy,
             H=H, HKV=HKV, D=D, W=W, S=S, BT=BT, BV=BV, USE_H0=use_h0, STORE_HT=False, num_warps=4, num_stages=2)
-        del u
+        del u, kd
         # ---- epilogue backward + readout recompute ----
         dm = empty(Tt, H, D, dtype=dt, device=dev)
         dvl = empty(Tt, H, D, dtype=dt, device=dev)

@@ -224,10 +224,15 @@ def _mem_bwd_kernel(
         b_eg = tl.exp(b_gc)  # [BT]
         # readout: m = e^gc (qn h) + tril(qn kn^T E) v_new
         b_ds = tl.where(m_low, tl.dot(b_dm, tl.trans(b_vn)) * b_E, 0.)  # [BT, BT]
-        b_dq = tl.dot(b_dm, tl.trans(b_hc)) * b_eg[:, None] + tl.dot(b_ds.to(dt), b_kn.to(dt))  # [BT, D]
+        b_dqi = tl.dot(b_dm, tl.trans(b_hc)) * b_eg[:, None]  # [BT, D]
+        b_dq = b_dqi + tl.dot(b_ds.to(dt), b_kn.to(dt))  # [BT, D]
         b_dk = tl.dot(tl.trans(b_ds.to(dt)), b_qn.to(dt))  # [BT, D]
-        # d/dgc of the readout: + qn.dq on the query side, - kn.dk on the key side
-        b_dgc = tl.sum(b_qn * b_dq, 1) - tl.sum(b_kn * b_dk, 1)  # [BT]
+        # d/dgc of the readout, from P_rs = ds_rs (qn_r . kn_s): + row sums, - column sums, and
+        # qn . dq_inter. Not as qn.dq - kn.dk: there the diagonal P_rr enters twice and cancels
+        # only in exact arithmetic; with strong decay (E ~ 0 off the diagonal) the bf16 rounding
+        # of that cancellation swamped dg (rel err 0.47 on dA_log-side grads, H100, bf16).
+        b_P = tl.where(m_slow, b_ds * tl.dot(b_qn.to(dt), tl.trans(b_kn.to(dt))), 0.)  # [BT, BT]
+        b_dgc = tl.sum(b_qn * b_dqi, 1) + tl.sum(b_P, 1) - tl.sum(b_P, 0)  # [BT]
         # state transition h_c+1 = e^glast h_c + (kn e^(glast - gc))^T v_new
         b_dkh = tl.dot(b_vn, tl.trans(b_dhn)) * tl.where(m_act, tl.exp(b_glast - b_gc), 0.)[:, None]  # [BT, D]
         b_dk += b_dkh

@@ -1,0 +1,485 @@
+"""Fast decoding for AHN models: ``ahn_ops.generate``, one static decode step, CUDA-graph replay.
+
+Hugging Face ``generate()`` runs a few milliseconds of Python per token (input preparation,
+mask building, logits processors, cache bookkeeping). An AHN model's cache has a constant size,
+so a whole decode step, from the token ids to the next token, has fixed shapes and fixed
+addresses: :class:`StaticDecoder` writes it as one function over static buffers, and on CUDA it
+is captured once in a ``torch.cuda.CUDAGraph`` and replayed per token.
+
+How the step stays capturable (no host synchronisation, no shape change, no allocation outside
+the caching allocator):
+
+* RoPE positions come from a device-side ``[B]`` int64 buffer (each sequence's count of real
+  tokens, i.e. the AHN cache ``pos``), turned into cos/sin on the device by the model's own
+  ``rotary_emb`` (``inv_freq`` times position, as Qwen2 does);
+* every AHN layer is a single ``torch.ops.ahn.decode_step`` on the layer's
+  :class:`~ahn_ops.AHNLayerCache` (it reads and advances ``pos`` on the device); the input
+  checks of :func:`ahn_ops.ahn_decode` run once, on the first (eager) step;
+* layers in ``fa_layer_ids`` (full attention) get a preallocated static K/V buffer of
+  ``prompt + max_new_tokens`` columns, filled from the prefill's ``DynamicLayer``; a step writes
+  its K/V at a device-side column counter (``index_copy_``) and attends all columns under a mask
+  ``column <= counter & not padding`` (the graph keeps one shape; masked columns cost bandwidth);
+* the next token (argmax, or sampling by the exponential-race trick
+  ``argmax(p / Exp(1))`` with an optional device generator: ``torch.multinomial`` syncs to
+  validate its input), the EOS bookkeeping (finished sequences emit ``pad_token_id``, as HF
+  does) and the counters are updated in place; the host checks "all finished" every
+  ``eos_check_every`` steps only.
+
+Without CUDA (or with ``use_cuda_graph=False``) the same step runs eagerly: that is what the CPU
+tests compare with ``model.generate()``.
+"""
+
+from __future__ import annotations
+
+import sys
+import time
+import types
+from typing import List, Optional, Sequence, Union
+
+import torch
+
+__all__ = ["generate", "StaticDecoder", "prefill"]
+
+
+# --------------------------------------------------------------------------------------
+# model plumbing
+# --------------------------------------------------------------------------------------
+def _unwrap(model):
+    """(causal LM, Qwen2Model, info) of a model patched by ahn_ops.patch_qwen."""
+    from .models.qwen2 import _base_model
+
+    base = _base_model(model)
+    info = getattr(base, "_ahn_info", None)
+    if info is None:
+        raise ValueError("model is not an AHN model: call ahn_ops.patch_qwen(model, ...) or ahn_ops.from_pretrained")
+    if getattr(model, "lm_head", None) is None:
+        raise TypeError(f"ahn_ops.generate needs a causal LM with an lm_head (Qwen2ForCausalLM), got "
+                        f"{type(model).__name__}")
+    return model, base, info
+
+
+def _eos_list(model, eos_token_id) -> List[int]:
+    if eos_token_id is None:
+        gc = getattr(model, "generation_config", None)
+        eos_token_id = getattr(gc, "eos_token_id", None) if gc is not None else None
+    if eos_token_id is None:
+        return []
+    if isinstance(eos_token_id, torch.Tensor):
+        return [int(t) for t in eos_token_id.flatten().tolist()]
+    if isinstance(eos_token_id, int):
+        return [eos_token_id]
+    return [int(t) for t in eos_token_id]
+
+
+def _position_ids(attention_mask: Optional[torch.Tensor]) -> Optional[torch.Tensor]:
+    """As transformers' generate(): cumulative count of real tokens - 1, 0 on padding."""
+    if attention_mask is None:
+        return None
+    pos = attention_mask.long().cumsum(-1) - 1
+    return pos.masked_fill(attention_mask == 0, 0)
+
+
+@torch.no_grad()
+def prefill(model, input_ids: torch.Tensor, attention_mask: Optional[torch.Tensor] = None,
+            chunk_size: Optional[int] = None, cache=None):
+    """Run the prompt through the patched model's normal forward into an :class:`~ahn_ops.AHNModelCache`.
+
+    Args:
+        model: a Qwen2ForCausalLM patched by :func:`ahn_ops.patch_qwen`.
+        input_ids: ``[B, T]`` int64. attention_mask: optional ``[B, T]`` (1 = token, 0 = left padding).
+        chunk_size: prefill in chunks of this many tokens (constant activation memory).
+        cache: an empty :class:`~ahn_ops.AHNModelCache` to fill (default: a new one).
+    Returns:
+        ``(logits [B, V] float32 of the last column, cache)``.
+    """
+    from .models import AHNModelCache
+
+    if cache is None:
+        cache = AHNModelCache.from_model(model)
+    B, T = input_ids.shape
+    position_ids = _position_ids(attention_mask)
+    step = chunk_size or T
+    out = None
+    for s in range(0, T, step):
+        e = min(s + step, T)
+        kw = {}
+        if attention_mask is not None:
+            kw["attention_mask"] = attention_mask[:, :e]
+            kw["position_ids"] = position_ids[:, s:e]
+        out = model(input_ids[:, s:e], past_key_values=cache, use_cache=True, logits_to_keep=1, **kw)
+    return out.logits[:, -1].float(), cache
+
+
+# --------------------------------------------------------------------------------------
+# the static decode step
+# --------------------------------------------------------------------------------------
+class StaticDecoder:
+    """One decode step of a patched Qwen2 model over static buffers, eager or as a CUDA graph.
+
+    Built after a prefill (see :func:`prefill`); each :meth:`step` consumes ``self.tok`` (``[B]``
+    int64, the last emitted token of each sequence) at each sequence's own position and writes the
+    next token back into ``self.tok``, updating every cache in place. ``capture()`` records the
+    step in a CUDA graph; ``step()`` then replays it.
+
+    Args:
+        model: the patched Qwen2ForCausalLM.
+        cache: the :class:`~ahn_ops.AHNModelCache` filled by the prefill.
+        first_logits: ``[B, V]`` float32 logits of the prompt's last column (the first token is
+            chosen from them by :meth:`start`).
+        attention_mask: the prompt's ``[B, T]`` mask, or None (no padding).
+        prompt_len: ``T`` (columns fed by the prefill).
+        max_new_tokens: tokens to emit; full-attention layers get ``T + max_new_tokens`` columns.
+        eos_token_ids, pad_token_id: finished sequences emit ``pad_token_id``.
+        do_sample, temperature, top_k, top_p, generator: token choice (greedy by default).
+    """
+
+    def __init__(self, model, cache, attention_mask: Optional[torch.Tensor], prompt_len: int,
+                 max_new_tokens: int, eos_token_ids: Sequence[int] = (), pad_token_id: int = 0,
+                 do_sample: bool = False, temperature: float = 1.0, top_k: Optional[int] = None,
+                 top_p: Optional[float] = None, generator: Optional[torch.Generator] = None):
+        from .ops.ahn_attention.interface import _has_op_kernel
+
+        self.model, self.base, self.info = _unwrap(model)
+        self.cache = cache
+        emb = self.base.embed_tokens.weight
+        self.device, self.dtype = emb.device, emb.dtype
+        ahn = cache.ahn
+        if ahn is None:
+            raise ValueError("the cache is empty: run the prefill first")
+        B = ahn.batch_size
+        self.B = B
+        self.do_sample, self.temperature, self.top_k, self.top_p = do_sample, temperature, top_k, top_p
+        self.generator = generator
+        self.pad_token_id = int(pad_token_id)
+        dev = self.device
+        self.eos = torch.tensor(list(eos_token_ids), dtype=torch.int64, device=dev) if eos_token_ids else None
+
+        # ---- static state of the step (updated in place, never reallocated)
+        self.tok = torch.zeros(B, dtype=torch.int64, device=dev)
+        if attention_mask is not None:
+            self.pos = attention_mask.long().sum(-1).to(dev)       # real tokens so far = RoPE position
+        else:
+            self.pos = torch.full((B,), prompt_len, dtype=torch.int64, device=dev)
+        self.unfinished = torch.ones(B, dtype=torch.bool, device=dev)
+
+        # ---- full-attention layers: K/V preallocated for every column the run can reach
+        self.fa_ids = list(self.info["fa_layer_ids"])
+        self.max_cols = prompt_len + max_new_tokens
+        self.fa_kv = {}
+        if self.fa_ids:
+            self.col = torch.full((1,), prompt_len, dtype=torch.int64, device=dev)
+            self.col_range = torch.arange(self.max_cols, device=dev)
+            self.col_valid = torch.ones(B, self.max_cols, dtype=torch.bool, device=dev)
+            if attention_mask is not None:
+                self.col_valid[:, :prompt_len] = attention_mask.to(dev, torch.bool)
+            for i in self.fa_ids:
+                layer = cache.layers[i]
+                keys, values = layer.keys, layer.values
+                if keys is None or keys.shape[-2] != prompt_len:
+                    raise ValueError(f"full-attention layer {i}: expected {prompt_len} cached columns, got "
+                                     f"{None if keys is None else keys.shape[-2]}")
+                kb = keys.new_zeros(B, keys.shape[1], self.max_cols, keys.shape[3])
+                vb = values.new_zeros(B, values.shape[1], self.max_cols, values.shape[3])
+                kb[:, :, :prompt_len] = keys
+                vb[:, :, :prompt_len] = values
+                self.fa_kv[i] = (kb, vb)
+
+        # ---- per AHN layer: its cache, its parameters, and the decode call chosen once
+        key = "CUDA" if self.device.type == "cuda" else "CPU"
+        self.all_fused = True
+        self.ahn_layers = {}
+        for i in self.info["ahn_layer_ids"]:
+            attn = self.base.layers[i].self_attn
+            cfg = attn._ahn_cfg
+            D = attn.head_dim
+            use_op = (cfg["backend"] != "reference" and self.dtype != torch.float64
+                      and _has_op_kernel("decode_step", key)
+                      and not (self.device.type == "cuda" and D not in (64, 128)))
+            self.all_fused &= use_op
+            self.ahn_layers[i] = (cache.ahn[cache.ahn_index[i]], attn._ahn_fn, cfg["backend"], use_op)
+        self._checked = False  # the first step goes through ahn_decode (all input checks) once
+        self.graph = None
+
+    # ------------------------------------------------------------------ token choice
+    def _choose(self, logits: torch.Tensor) -> torch.Tensor:
+        """``[B, V]`` float32 -> ``[B]`` int64, device-side only."""
+        if not self.do_sample:
+            return logits.argmax(-1)
+        logits = logits / self.temperature
+        if self.top_k is not None and 0 < self.top_k < logits.shape[-1]:
+            kth = torch.topk(logits, self.top_k, dim=-1).values[:, -1:]
+            logits = logits.masked_fill(logits < kth, float("-inf"))
+        if self.top_p is not None and self.top_p < 1.0:  # as transformers' TopPLogitsWarper
+            srt, idx = torch.sort(logits, descending=False, dim=-1)
+            drop = srt.softmax(-1).cumsum(-1) <= 1 - self.top_p
+            drop[:, -1] = False  # keep at least the most likely token
+            logits = logits.masked_fill(drop.scatter(1, idx, drop), float("-inf"))
+        probs = logits.softmax(-1)
+        # argmax(p / E), E ~ Exp(1), draws from p: no host sync (torch.multinomial validates p with .item())
+        race = torch.empty_like(probs).exponential_(1.0, generator=self.generator)
+        return (probs / race).argmax(-1)
+
+    def _emit(self, logits: torch.Tensor) -> None:
+        nxt = self._choose(logits)
+        if self.eos is not None:
+            nxt = torch.where(self.unfinished, nxt, self.pad_token_id)
+            self.unfinished &= ~(nxt[:, None] == self.eos).any(-1)
+        self.tok.copy_(nxt)
+
+    def start(self, first_logits: torch.Tensor) -> None:
+        """Choose the first token from the prefill's logits (eager)."""
+        self._emit(first_logits)
+
+    # ------------------------------------------------------------------ the model, one token
+    def _ahn_attention(self, i, attn, x, cos, sin):
+        from .models.qwen2 import _rope
+        from .ops.ahn_attention.interface import ahn_decode
+
+        layer_cache, fn, backend, use_op = self.ahn_layers[i]
+        B, D = self.B, attn.head_dim
+        q = attn.q_proj(x).view(B, 1, -1, D)
+        k = attn.k_proj(x).view(B, 1, -1, D)
+        v = attn.v_proj(x).view(B, 1, -1, D)
+        q, k = _rope(q, k, cos, sin)
+        a, b, z = fn.gates(x)
+        dt = q.dtype
+        a = None if a is None else a.to(dt)[:, 0]
+        b = None if b is None else b.to(dt)[:, 0]
+        z = z.to(dt)[:, 0]
+        p = fn.op_params()
+        q, k, v = q.contiguous()[:, 0], k.contiguous()[:, 0], v.contiguous()[:, 0]
+        if use_op and self._checked:
+            out = torch.ops.ahn.decode_step(q, k, v, a, b, z, p["A_log"], p["dt_bias"], p["norm_weight"],
+                                            p["o_weight"], *layer_cache.tensors(), layer_cache.window,
+                                            layer_cache.sinks, layer_cache.kind)
+        else:  # checks every input against the cache; the reference path when no kernel covers the call
+            out = ahn_decode(q, k, v, a, b, z, p["A_log"], p["dt_bias"], p["norm_weight"], p["o_weight"],
+                             layer_cache, backend=backend)
+        return out.reshape(B, 1, -1)
+
+    def _full_attention(self, i, attn, x, cos, sin, allowed):
+        from transformers.models.qwen2.modeling_qwen2 import apply_rotary_pos_emb
+
+        B, D = self.B, attn.head_dim
+        q = attn.q_proj(x).view(B, 1, -1, D).transpose(1, 2)     # [B, H, 1, D]
+        k = attn.k_proj(x).view(B, 1, -1, D).transpose(1, 2)     # [B, HKV, 1, D]
+        v = attn.v_proj(x).view(B, 1, -1, D).transpose(1, 2)
+        q, k = apply_rotary_pos_emb(q, k, cos, sin)
+        kb, vb = self.fa_kv[i]
+        kb.index_copy_(2, self.col, k)
+        vb.index_copy_(2, self.col, v)
+        HKV = kb.shape[1]
+        qg = q.reshape(B, HKV, -1, D)  # the G query heads of a KV head as G queries: no repeat of K/V
+        o = torch.nn.functional.scaled_dot_product_attention(qg, kb, vb, attn_mask=allowed, scale=attn.scaling)
+        return o.reshape(B, -1, 1, D).transpose(1, 2).reshape(B, 1, -1)
+
+    def _forward(self) -> torch.Tensor:
+        base = self.base
+        h = base.embed_tokens(self.tok[:, None])                     # [B, 1, hidden]
+        cos, sin = base.rotary_emb(h, self.pos[:, None])             # on the device, from inv_freq
+        allowed = None
+        if self.fa_ids:
+            allowed = (self.col_valid & (self.col_range <= self.col))[:, None, None, :]
+        for i, layer in enumerate(base.layers):
+            attn = layer.self_attn
+            residual = h
+            x = layer.input_layernorm(h)
+            if i in self.ahn_layers:
+                o = self._ahn_attention(i, attn, x, cos, sin)
+            else:
+                o = self._full_attention(i, attn, x, cos, sin, allowed)
+            h = residual + attn.o_proj(o)
+            residual = h
+            h = residual + layer.mlp(layer.post_attention_layernorm(h))
+        h = base.norm(h)
+        logits = self.model.lm_head(h)[:, -1].float()                # [B, V]
+        self.pos += 1
+        if self.fa_ids:
+            self.col += 1
+        return logits
+
+    @torch.no_grad()
+    def eager_step(self) -> None:
+        """One step, run eagerly."""
+        self._emit(self._forward())
+        self._checked = True
+
+    @torch.no_grad()
+    def capture(self, warmup_steps: int = 1) -> None:
+        """Run ``warmup_steps`` real steps on a side stream, then capture one step in a CUDA graph.
+
+        The warm-up steps are real decode steps (they advance the cache and emit tokens: the caller
+        collects ``self.tok`` after each, through ``on_token``); capture itself runs nothing.
+        """
+        if self.device.type != "cuda":
+            raise ValueError("CUDA graphs need the model on a CUDA device")
+        if not self.all_fused:
+            raise ValueError("a CUDA graph needs torch.ops.ahn.decode_step for every AHN layer (backend != "
+                             "'reference', head_dim 64 or 128, CUDA kernels built)")
+        graph = torch.cuda.CUDAGraph()
+        if self.generator is not None and hasattr(graph, "register_generator_state"):
+            graph.register_generator_state(self.generator)
+        with torch.cuda.graph(graph):
+            self._emit(self._forward())
+        self.graph = graph
+
+    def step(self) -> None:
+        """One decode step: graph replay when captured, else eager."""
+        if self.graph is not None:
+            self.graph.replay()
+        else:
+            self.eager_step()
+
+
+# --------------------------------------------------------------------------------------
+# generate
+# --------------------------------------------------------------------------------------
+@torch.no_grad()
+def generate(model, input_ids: torch.Tensor, max_new_tokens: int, *, attention_mask: Optional[torch.Tensor] = None,
+             eos_token_id: Union[int, Sequence[int], None] = None, pad_token_id: Optional[int] = None,
+             do_sample: bool = False, temperature: float = 1.0, top_k: Optional[int] = None,
+             top_p: Optional[float] = None, prefill_chunk_size: Optional[int] = None,
+             use_cuda_graph: Optional[bool] = None, generator: Optional[torch.Generator] = None,
+             eos_check_every: int = 16, stats: Optional[dict] = None) -> torch.LongTensor:
+    """Generate with an AHN model: HF-compatible prefill, then a static decode step (a CUDA graph on GPU).
+
+    Greedy decoding returns the same tokens as ``model.generate(input_ids, do_sample=False, ...)``
+    with default logits processing (no repetition penalty etc.).
+
+    Args:
+        model: a ``Qwen2ForCausalLM`` patched by :func:`ahn_ops.patch_qwen` or loaded by
+            :func:`ahn_ops.from_pretrained`, in eval mode.
+        input_ids: ``[B, T]`` int64 prompt (left-padded when ``attention_mask`` has zeros).
+        max_new_tokens: tokens to generate per sequence (``>= 1``).
+        attention_mask: optional ``[B, T]``, 1 for tokens and 0 for left padding (right padding is
+            rejected: it would put padding between the prompt and the new tokens).
+        eos_token_id: int or list; default ``model.generation_config.eos_token_id``. A sequence
+            that emitted one emits ``pad_token_id`` after it; generation stops when all have.
+        pad_token_id: default ``generation_config.pad_token_id``, else the first EOS id, else 0.
+        do_sample, temperature, top_k, top_p: sampling (``top_k=None`` / ``top_p=None``: off; unlike
+            HF there is no default ``top_k=50``). generator: a ``torch.Generator`` on the model's device.
+        prefill_chunk_size: prefill in chunks of this many tokens (default
+            ``model.generation_config.prefill_chunk_size`` if set).
+        use_cuda_graph: None = on when the model is on CUDA and every AHN layer runs the fused
+            ``torch.ops.ahn.decode_step``; True = required (error if impossible); False = eager steps.
+        eos_check_every: steps between the host's "all finished?" checks (each one syncs).
+        stats: optional dict, filled with ``prefill_s``, ``decode_s`` (graph capture included),
+            ``new_tokens``, ``cuda_graph`` and ``cache_nbytes`` (AHN cache + static full-attention
+            K/V) (the device is synchronised at the boundaries).
+
+    Returns:
+        ``[B, T + n]`` int64: the prompt followed by ``n <= max_new_tokens`` new tokens, as
+        ``model.generate`` returns it.
+
+    Example:
+        >>> model = ahn_ops.from_pretrained("Qwen2.5-3B-AHN-GDN", dtype=torch.bfloat16).cuda()
+        >>> out = ahn_ops.generate(model, ids.cuda(), max_new_tokens=128)   # graph-replayed decode
+        >>> text = tok.decode(out[0, ids.shape[1]:])
+    """
+    model, base, info = _unwrap(model)
+    if model.training:
+        raise ValueError("ahn_ops.generate needs the model in eval mode (model.eval())")
+    if input_ids.dim() != 2 or input_ids.dtype not in (torch.int64, torch.int32):
+        raise ValueError(f"input_ids must be [B, T] int64, got {list(input_ids.shape)} {input_ids.dtype}")
+    if not isinstance(max_new_tokens, int) or max_new_tokens < 1:
+        raise ValueError(f"max_new_tokens must be an int >= 1, got {max_new_tokens!r}")
+    if do_sample and not temperature > 0:
+        raise ValueError(f"temperature must be > 0 when sampling, got {temperature}")
+    if top_p is not None and not 0 < top_p <= 1:
+        raise ValueError(f"top_p must lie in (0, 1], got {top_p}")
+    device = base.embed_tokens.weight.device
+    input_ids = input_ids.to(device=device, dtype=torch.int64)
+    B, T = input_ids.shape
+    if T < 1:
+        raise ValueError("input_ids must hold at least one token per sequence")
+    if attention_mask is not None:
+        if attention_mask.shape != input_ids.shape:
+            raise ValueError(f"attention_mask must have shape {list(input_ids.shape)}, got "
+                             f"{list(attention_mask.shape)}")
+        attention_mask = attention_mask.to(device)
+        m = attention_mask.bool()
+        if bool(m.all()):
+            attention_mask = None  # as generate(): no padding, no mask
+        else:
+            if not bool(m[:, -1].all()) or bool((m[:, 1:].int() - m[:, :-1].int()).lt(0).any()):
+                raise ValueError("attention_mask must describe left padding (0s, then 1s, last column all 1); "
+                                 "right-padded prompts are not supported")
+    if generator is not None and generator.device.type != device.type:
+        raise ValueError(f"generator is on {generator.device}, the model on {device}")
+    if use_cuda_graph and device.type != "cuda":
+        raise ValueError(f"use_cuda_graph=True needs the model on CUDA (it is on {device})")
+
+    gc = getattr(model, "generation_config", None)
+    eos = _eos_list(model, eos_token_id)
+    if pad_token_id is None:
+        pad_token_id = getattr(gc, "pad_token_id", None) if gc is not None else None
+        if isinstance(pad_token_id, (list, tuple)):
+            pad_token_id = pad_token_id[0] if pad_token_id else None
+        if pad_token_id is None:
+            pad_token_id = eos[0] if eos else 0
+    if prefill_chunk_size is None and gc is not None:
+        prefill_chunk_size = getattr(gc, "prefill_chunk_size", None)
+
+    def now():
+        if stats is not None and device.type == "cuda":
+            torch.cuda.synchronize(device)
+        return time.perf_counter()
+
+    t0 = now()
+    first_logits, cache = prefill(model, input_ids, attention_mask, prefill_chunk_size)
+    t1 = now()
+    dec = StaticDecoder(model, cache, attention_mask, T, max_new_tokens, eos, pad_token_id, do_sample,
+                        temperature, top_k, top_p, generator)
+    if use_cuda_graph is None:
+        use_cuda_graph = device.type == "cuda" and dec.all_fused
+    elif use_cuda_graph and not dec.all_fused:
+        raise ValueError("use_cuda_graph=True, but some AHN layer has no fused decode_step (backend='reference', "
+                         "head_dim not 64/128, or the CUDA kernels are not built)")
+
+    out = torch.empty(B, max_new_tokens, dtype=torch.int64, device=device)
+    dec.start(first_logits)
+    out[:, 0] = dec.tok
+    n = 1
+    check = max(int(eos_check_every), 1)
+    all_done = dec.eos is not None and not bool(dec.unfinished.any())
+    warmup = 1  # eager steps before capture: kernel attributes, cuBLAS handles, lazy inits
+    while n < max_new_tokens and not all_done:
+        if use_cuda_graph and dec.graph is None and n > warmup:
+            dec.capture()
+        if use_cuda_graph and dec.graph is None:
+            side = torch.cuda.Stream(device)
+            side.wait_stream(torch.cuda.current_stream(device))
+            with torch.cuda.stream(side):
+                dec.eager_step()
+            torch.cuda.current_stream(device).wait_stream(side)
+        else:
+            dec.step()
+        out[:, n] = dec.tok
+        n += 1
+        if dec.eos is not None and n % check == 0:
+            all_done = not bool(dec.unfinished.any())
+
+    new = out[:, :n]
+    if dec.eos is not None:
+        # stop where the last sequence finished (later columns only hold padding)
+        hit = (new[:, :, None] == dec.eos).any(-1)
+        done = hit.any(-1)
+        if bool(done.all()):
+            n = int(hit.int().argmax(-1).max()) + 1
+            new = new[:, :n]
+    if stats is not None:
+        fa_bytes = sum(t.numel() * t.element_size() for kv in dec.fa_kv.values() for t in kv)
+        stats.update(prefill_s=t1 - t0, decode_s=now() - t1, new_tokens=n, cuda_graph=dec.graph is not None,
+                     cache_nbytes=cache.ahn.nbytes + fa_bytes)
+    return torch.cat([input_ids, new], 1)
+
+
+# ``ahn_ops.generate`` is this module once it has been imported (Python binds a submodule to the
+# package attribute of its name): make the module callable so that ``ahn_ops.generate(...)``
+# works either way.
+class _CallableModule(types.ModuleType):
+    def __call__(self, *args, **kwargs):
+        return generate(*args, **kwargs)
+
+
+sys.modules[__name__].__class__ = _CallableModule

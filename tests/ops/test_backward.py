@@ -1,0 +1,186 @@
+"""Backward of the fused prefill (torch.ops.ahn.prefill_fwd + register_autograd -> prefill_bwd).
+
+CPU CI runs the Triton kernels in the interpreter (TRITON_INTERPRET=1, set by conftest):
+  * fp32 inputs: every gradient against autograd through the fp32 reference, tight (the
+    interpreter's fp32 dots are exact, so this checks the math and the indexing);
+  * fp16 inputs: the flash-attention rule, kernel error <= 2x the error of the same reference
+    math run in bf16 + a floor (the interpreter's bf16 tl.dot multiplies raw bit patterns in
+    triton 3.8, so bf16 is checked on the GPU: benchmarks/bench_backward.py --check).
+GPU tests (bf16, long sequences) skip without CUDA.
+"""
+
+from __future__ import annotations
+
+import os
+
+import pytest
+import torch
+
+from ahn_ops.ops.ahn_attention import reference as ref
+
+from ..utils import make_inputs, rel_err
+
+pytestmark = pytest.mark.skipif(
+    not torch.cuda.is_available() and os.environ.get("TRITON_INTERPRET", "0") != "1",
+    reason="Triton kernels need a GPU or TRITON_INTERPRET=1")
+
+NAMES = ("q", "k", "v", "a", "b", "z", "A_log", "dt_bias", "norm_weight", "o_weight")
+DEV = "cuda" if torch.cuda.is_available() else "cpu"
+
+
+def _prefill():
+    from ahn_ops.ops.ahn_attention import prefill  # noqa: F401  (registers ops + autograd)
+
+
+def _grads(fn, inputs, dout):
+    leaves = [None if x is None else x.detach().clone().requires_grad_(True) for x in inputs]
+    out = fn(leaves)
+    out.backward(dout.to(out.dtype))
+    return [None if x is None else (x.grad if x.grad is not None else torch.zeros_like(x)) for x in leaves]
+
+
+def _kernel_grads(inputs, dout, W, S, kind, cu):
+    _prefill()
+    return _grads(lambda x: torch.ops.ahn.prefill_fwd(*x, W, S, kind, cu, None, False)[0], inputs, dout)
+
+
+def _ref_grads(inputs, dout, W, S, kind, cu, dtype):
+    return _grads(lambda x: ref.ahn_attention_ref(*x, W, S, kind, cu, dtype=dtype), inputs, dout)
+
+
+def _err(x, r):
+    # relative, with an absolute floor for gradients that are 0 in exact arithmetic (T=1)
+    if r.norm() < 1e-6:
+        return x.double().abs().max().item()
+    return rel_err(x, r)
+
+
+CASES = [
+    pytest.param("gdn", 1, 1, 4, 0, 1, None, id="gdn-T1-W4-S0-G1"),
+    pytest.param("gdn", 1, 63, 5, 0, 4, None, id="gdn-T63-W5-S0-G4"),
+    pytest.param("gdn", 2, 100, 17, 3, 2, None, id="gdn-B2-T100-W17-S3-G2"),
+    pytest.param("dn", 1, 100, 30, 7, 4, None, id="dn-T100-W30-S7-G4"),
+    pytest.param("gdn", 1, 130, 64, 64, 1, None, id="gdn-T130-W64-S64-G1"),
+    pytest.param("dn", 1, 63, 100, 2, 2, None, id="dn-T63-W100-S2-WgeT"),
+    pytest.param("gdn", 1, 150, 20, 5, 2, [0, 40, 41, 150], id="gdn-varlen-0,40,41,150-W20-S5"),
+]
+
+
+@pytest.mark.parametrize("kind,B,T,W,S,G,cu", CASES)
+def test_grads_fp32_exact(kind, B, T, W, S, G, cu):
+    HKV, D = 1, 64
+    inp = make_inputs(kind, B, T, HKV * G, HKV, D, torch.float32, device=DEV, seed=T + W + S)
+    cs = None if cu is None else torch.tensor(cu, dtype=torch.int32, device=DEV)
+    dout = torch.randn(B, T, HKV * G, D, device=DEV)
+    gk = _kernel_grads(inp, dout, W, S, kind, cs)
+    gr = _ref_grads([None if x is None else x.float() for x in inp], dout, W, S, kind, cs, torch.float32)
+    for n, a, r in zip(NAMES, gk, gr):
+        if a is None:
+            continue
+        e = _err(a, r)
+        print(f"{n}: kernel fp32 rel err {e:.2e}")
+        # sums over all tokens (A_log, dt_bias) add up more rounding than per-token grads
+        assert torch.isfinite(a).all() and e < (2e-4 if n in ("A_log", "dt_bias", "a") else 2e-5), n
+
+
+@pytest.mark.parametrize("kind,T,W,S,G", [
+    pytest.param("gdn", 130, 20, 3, 2, id="gdn-T130-W20-S3-G2"),
+    pytest.param("dn", 100, 30, 0, 4, id="dn-T100-W30-S0-G4"),
+])
+def test_grads_fp16_rule(kind, T, W, S, G):
+    # strong decays: A_log up to log 16 (the case that exposed the dg cancellation, NOTES_backward.md)
+    HKV, D = 1, 64
+    dt = torch.bfloat16 if DEV == "cuda" else torch.float16
+    inp = make_inputs(kind, 1, T, HKV * G, HKV, D, dt, device=DEV, seed=3)
+    dout = torch.randn(1, T, HKV * G, D, device=DEV)
+    gk = _kernel_grads(inp, dout, W, S, kind, None)
+    up = [None if x is None else x.float() for x in inp]
+    gr = _ref_grads(up, dout, W, S, kind, None, torch.float32)
+    low = [None if x is None else x.to(torch.bfloat16) if x.dtype == dt else x for x in inp]
+    gt = _ref_grads(low, dout, W, S, kind, None, torch.bfloat16)
+    for n, a, r, t in zip(NAMES, gk, gr, gt):
+        if a is None:
+            continue
+        ek, et = _err(a, r), _err(t, r)
+        print(f"{n}: kernel {ek:.2e}  torch-bf16 {et:.2e}")
+        assert torch.isfinite(a).all() and ek <= 2 * et + 1e-3, n
+
+
+def test_random_window_no_recompile():
+    # W, S are run-time arguments (do_not_specialize): new values reuse the compiled kernels
+    from ahn_ops.ops.ahn_attention import backward_attn as ka
+    from ahn_ops.ops.ahn_attention import backward_mem as km
+
+    kind, T, H, D = "gdn", 70, 2, 64
+    inp = make_inputs(kind, 1, T, H, 1, D, torch.float32, device=DEV, seed=1)
+    dout = torch.randn(1, T, H, D, device=DEV)
+    for W, S in ((17, 3), (33, 0)):
+        _kernel_grads(inp, dout, W, S, kind, None)
+    if DEV == "cuda":
+        n = {k: len(getattr(m, k).device_caches[0][0]) for m, k in
+             ((ka, "_attn_dq_kernel"), (ka, "_attn_dkdv_kernel"), (km, "_mem_bwd_kernel"))}
+        assert all(v == 1 for v in n.values()), n
+
+
+def test_initial_state_grad():
+    # gradient of the initial state (and of the final state) through the op, against autograd
+    # of the reference's memory with an initial state
+    _prefill()
+    kind, T, H, D, W, S = "gdn", 90, 2, 64, 20, 3
+    inp = make_inputs(kind, 1, T, H, 1, D, torch.float32, device=DEV, seed=5)
+    h0 = (torch.randn(1, H, D, D, device=DEV) * 0.1)
+    leaves = [None if x is None else x.detach().clone().requires_grad_(True) for x in inp]
+    h0k = h0.clone().requires_grad_(True)
+    out, ht = torch.ops.ahn.prefill_fwd(*leaves, W, S, kind, None, h0k, True)
+    dout, dht = torch.randn_like(out), torch.randn_like(ht)
+    (out * dout).sum().add_((ht * dht).sum()).backward()
+    q, k, v, a, b, z, A_log, dt_bias, nw, ow = [None if x is None else x.detach().clone().requires_grad_(True)
+                                                for x in inp]
+    h0r = h0.clone().requires_grad_(True)
+    o_win = ref.window_attention_ref(q, k, v, W, S)
+    g, w = ref.memory_gates_ref(a, b, A_log, dt_bias, kind)
+    m, st = ref.memory_readout_ref(q, k, v, g, w, W, S, kind, initial_state=h0r)
+    outr = o_win + ref.epilogue_ref(m, z, nw, ow, kind)
+    (outr * dout).sum().add_((st * dht).sum()).backward()
+    assert rel_err(h0k.grad, h0r.grad) < 1e-4
+    assert rel_err(leaves[0].grad, q.grad) < 1e-4
+    assert rel_err(leaves[3].grad, a.grad) < 1e-3
+
+
+def test_opcheck_and_compile():
+    _prefill()
+    kind, T, H, D, W, S = "gdn", 40, 2, 64, 9, 2
+    inp = make_inputs(kind, 1, T, H, 1, D, torch.float16, device=DEV, seed=7)
+    leaves = [None if x is None else x.detach().clone().requires_grad_(True) for x in inp]
+    torch.library.opcheck(torch.ops.ahn.prefill_fwd.default, (*leaves, W, S, kind, None, None, False),
+                          test_utils=("test_schema", "test_autograd_registration", "test_faketensor"))
+    dout = torch.randn(1, T, H, D, device=DEV, dtype=torch.float16)
+    torch.library.opcheck(torch.ops.ahn.prefill_bwd.default,
+                          (dout, None, *inp, W, S, kind, None, None),
+                          test_utils=("test_schema", "test_faketensor"))
+
+    def f(*xs):
+        return torch.ops.ahn.prefill_fwd(*xs, W, S, kind, None, None, False)[0]
+
+    g_eager = _grads(lambda x: f(*x), inp, dout)
+    g_comp = _grads(lambda x: torch.compile(f, fullgraph=True, backend="aot_eager")(*x), inp, dout)
+    for n, a, c in zip(NAMES, g_eager, g_comp):
+        assert torch.equal(a, c), n
+
+
+def test_checkpoint():
+    from torch.utils.checkpoint import checkpoint
+
+    _prefill()
+    kind, T, H, D, W, S = "dn", 40, 2, 64, 9, 2
+    inp = make_inputs(kind, 1, T, H, 1, D, torch.float32, device=DEV, seed=8)
+    dout = torch.randn(1, T, H, D, device=DEV)
+
+    def f(*xs):
+        return torch.ops.ahn.prefill_fwd(*xs, W, S, kind, None, None, False)[0]
+
+    g1 = _grads(lambda x: f(*x), inp, dout)
+    g2 = _grads(lambda x: checkpoint(f, *x, use_reentrant=False), inp, dout)
+    for n, a, c in zip(NAMES, g1, g2):
+        if a is not None:
+            assert torch.equal(a, c), n
