@@ -123,9 +123,8 @@ class StaticDecoder:
 
     Args:
         model: the patched Qwen2ForCausalLM.
-        cache: the :class:`~ahn_ops.AHNModelCache` filled by the prefill.
-        first_logits: ``[B, V]`` float32 logits of the prompt's last column (the first token is
-            chosen from them by :meth:`start`).
+        cache: the :class:`~ahn_ops.AHNModelCache` filled by the prefill (the first token is
+            chosen from the prefill's last logits by :meth:`start`).
         attention_mask: the prompt's ``[B, T]`` mask, or None (no padding).
         prompt_len: ``T`` (columns fed by the prefill).
         max_new_tokens: tokens to emit; full-attention layers get ``T + max_new_tokens`` columns.
@@ -305,11 +304,12 @@ class StaticDecoder:
         self._checked = True
 
     @torch.no_grad()
-    def capture(self, warmup_steps: int = 1) -> None:
-        """Run ``warmup_steps`` real steps on a side stream, then capture one step in a CUDA graph.
+    def capture(self) -> None:
+        """Capture one step in a CUDA graph; :meth:`step` then replays it.
 
-        The warm-up steps are real decode steps (they advance the cache and emit tokens: the caller
-        collects ``self.tok`` after each, through ``on_token``); capture itself runs nothing.
+        Call it after at least one :meth:`eager_step` (on a side stream: it initialises cuBLAS
+        handles and kernel attributes, and checks the inputs of every AHN layer). Capture itself
+        runs nothing: the cache does not move.
         """
         if self.device.type != "cuda":
             raise ValueError("CUDA graphs need the model on a CUDA device")
@@ -371,10 +371,16 @@ def generate(model, input_ids: torch.Tensor, max_new_tokens: int, *, attention_m
         ``[B, T + n]`` int64: the prompt followed by ``n <= max_new_tokens`` new tokens, as
         ``model.generate`` returns it.
 
-    Example:
-        >>> model = ahn_ops.from_pretrained("Qwen2.5-3B-AHN-GDN", dtype=torch.bfloat16).cuda()
-        >>> out = ahn_ops.generate(model, ids.cuda(), max_new_tokens=128)   # graph-replayed decode
-        >>> text = tok.decode(out[0, ids.shape[1]:])
+    Example (a tiny random model; a real one: ``ahn_ops.from_pretrained(path, dtype=torch.bfloat16).cuda()``):
+        >>> import torch, ahn_ops
+        >>> from transformers import Qwen2Config, Qwen2ForCausalLM
+        >>> cfg = Qwen2Config(vocab_size=256, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
+        ...                   num_attention_heads=4, num_key_value_heads=2)
+        >>> model = ahn_ops.patch_qwen(Qwen2ForCausalLM(cfg).eval(), "gdn", window=16, sinks=4)
+        >>> ids = torch.randint(0, 256, (2, 40))
+        >>> out = ahn_ops.generate(model, ids, max_new_tokens=8)     # CUDA graph when on a GPU
+        >>> torch.equal(out, model.generate(ids, max_new_tokens=8, do_sample=False, pad_token_id=0))
+        True
     """
     model, base, info = _unwrap(model)
     if model.training:

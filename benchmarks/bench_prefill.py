@@ -132,7 +132,7 @@ def bench(T, W, S, H=16, HKV=2, D=128, kind="gdn", sweep=False):
     med = lambda f: triton.testing.do_bench(f, warmup=50, rep=rep, return_mode="median")  # noqa: E731
     res = {}
     if sweep:
-        for cfg in [(64, 4, 2), (64, 4, 3), (128, 4, 2), (64, 8, 2), (128, 8, 2), (128, 8, 3)]:
+        for cfg in [(64, 4, 3), (64, 2, 3), (64, 4, 4)]:
             P.CONFIG["fwd"] = cfg
             try:
                 t = med(lambda: P.prefill_fwd(*args, W, S, kind, memory=False))
@@ -142,12 +142,18 @@ def bench(T, W, S, H=16, HKV=2, D=128, kind="gdn", sweep=False):
                 print(f"  sweep cfg {cfg} failed: {type(e).__name__}: {str(e)[:100]}")
         best = min((v_, k_) for k_, v_ in res.items())[1]
         P.CONFIG["fwd"] = eval(best[3:])
-        for bv in (16, 32, 64):
+        for pw in (4, 8, 2):
+            P.CONFIG["prep_warps"] = pw
+            t = med(lambda: P.prefill_fwd(*args, W, S, kind, stage="prep"))
+            print(f"  sweep prep pass num_warps={pw}: {t:.3f} ms")
+            res[f"pw{pw}"] = t
+        P.CONFIG["prep_warps"] = min((4, 8, 2), key=lambda x: res[f"pw{x}"])
+        for bv in (16, 32):
             P.CONFIG["state_bv"][D] = bv
             t = med(lambda: P.prefill_fwd(*args, W, S, kind, stage="state"))
             print(f"  sweep state passes (prep + state) BV={bv}: {t:.3f} ms")
             res[f"bv{bv}"] = t
-        P.CONFIG["state_bv"][D] = min((16, 32, 64), key=lambda x: res[f"bv{x}"])
+        P.CONFIG["state_bv"][D] = min((16, 32), key=lambda x: res[f"bv{x}"])
         print(f"  chosen CONFIG: {P.CONFIG}")
     t_full = med(lambda: P.prefill_fwd(*args, W, S, kind))
     t_win = med(lambda: P.prefill_fwd(*args, W, S, kind, memory=False))
@@ -158,7 +164,7 @@ def bench(T, W, S, H=16, HKV=2, D=128, kind="gdn", sweep=False):
     def mask_mod(b, h, qi, ki):
         return (ki <= qi) & ((qi - ki < W) | (ki < S))
 
-    bm = create_block_mask(mask_mod, None, None, T, T, device=DEV, _compile=True)  # no T^2 mask in memory
+    bm = torch.compile(create_block_mask)(mask_mod, None, None, T, T, device=DEV)  # no T^2 mask in memory
     flex = torch.compile(flex_attention)
     t_flex = med(lambda: flex(qt, kt, vt, block_mask=bm, enable_gqa=True))
     try:

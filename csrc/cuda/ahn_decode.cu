@@ -15,6 +15,7 @@
 //   AHN_DECODE_SIMT=1  attention on CUDA cores instead of tensor cores (fp16/bf16)
 //   AHN_DECODE_PDL=0   no programmatic dependent launch of the second kernel on sm_90
 //   AHN_OPS_POISON=1   fill the output and the workspace with NaN first (tests/conftest.py)
+//   AHN_DECODE_SPLIT_KEYS=n  about n keys per split instead of the occupancy-based choice
 #include <ATen/ATen.h>
 #include <c10/cuda/CUDAException.h>
 #include <c10/cuda/CUDAGuard.h>
@@ -98,6 +99,9 @@ void launch(dk::Params& p, int device, bool pdl, cudaStream_t stream) {
   const int64_t n_state = int64_t(p.B) * p.H * (D / dk::kStateCols);
   const int64_t want = (int64_t(sms) * occ - n_state) / pairs;
   int64_t nsplit = std::max<int64_t>(want, (units + 15) / 16);
+  if (const char* keys = std::getenv("AHN_DECODE_SPLIT_KEYS")) {  // experiments: keys per split
+    if (std::atoi(keys) > 0) nsplit = (units * dk::kSplitAlign + std::atoi(keys) - 1) / std::atoi(keys);
+  }
   nsplit = std::min<int64_t>(std::max<int64_t>(nsplit, 1), units);
   const int64_t chunk_units = (units + nsplit - 1) / nsplit;
   nsplit = (units + chunk_units - 1) / chunk_units;

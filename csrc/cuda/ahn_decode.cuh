@@ -709,12 +709,11 @@ __global__ void __launch_bounds__(kThreads, MMA ? 3 : 2) decode_main_kernel(cons
 // ------------------------------------------------------------------------------------------
 // launch 2: kOutSplit blocks per (b, h)
 // ------------------------------------------------------------------------------------------
-template <typename W_, int D>
-__device__ __forceinline__ float project_col(const W_* w, const float* u, int e, int d0, int dstep) {
-  float y = 0.f;
-#pragma unroll 8
-  for (int d = d0; d < D; d += dstep) y += u[d] * TypeOps<W_>::to_f(w[d * D + e]);
-  return y;
+// o_weight[h][d0 + i*dstep, e] for i < N, as fp32 (loaded before the grid dependency wait).
+template <typename W_, int D, int N>
+__device__ __forceinline__ void load_w_col(const W_* w, int e, int d0, int dstep, float (&wr)[N]) {
+#pragma unroll
+  for (int i = 0; i < N; ++i) wr[i] = TypeOps<W_>::to_f(w[(d0 + i * dstep) * D + e]);
 }
 
 template <typename T, int D>
@@ -730,26 +729,77 @@ __global__ void __launch_bounds__(kThreads) decode_finish_kernel(const Params p)
   __shared__ float s_u[D], s_y[PARTS][EC];
   __shared__ float s_red[2][kWarps];
 
-  pdl_wait();  // launch 1 complete and visible
   const int tid = threadIdx.x, lane = tid & 31, warp = tid >> 5;
   const int es = blockIdx.x % kOutSplit;
   const int bh = blockIdx.x / kOutSplit;
   const int b = bh / p.H, h = bh % p.H, hk = h / p.G, g = h % p.G;
   const int e0 = es * EC;
-  const int64_t t = p.ws_t[b];
   const int64_t base = (int64_t)bh * p.nsplit;
+
+  // Everything that does not depend on launch 1 is loaded before the dependency wait: with
+  // programmatic dependent launch this overlaps launch 1's tail.
+  const int e = tid % EC, prt = tid / EC;
+  float wr[D / PARTS];
+  {
+    const int64_t ow = (int64_t)h * D * D + e0;
+    if (p.ow_dt == kF32) {
+      load_w_col<float, D>(reinterpret_cast<const float*>(p.o_w) + ow, e, prt, PARTS, wr);
+    } else if (p.ow_dt == kF16) {
+      load_w_col<__half, D>(reinterpret_cast<const __half*>(p.o_w) + ow, e, prt, PARTS, wr);
+    } else {
+      load_w_col<__nv_bfloat16, D>(reinterpret_cast<const __nv_bfloat16*>(p.o_w) + ow, e, prt, PARTS, wr);
+    }
+  }
+  const float zt = ldf(p.z, b * p.z_sb + h * p.z_sh, p.z_dt);
+  const float gate = silu_f(zt);
+  float nwv[(D + kThreads - 1) / kThreads];
+#pragma unroll
+  for (int i = 0; i < (D + kThreads - 1) / kThreads; ++i) {
+    const int d = tid + i * kThreads;
+    nwv[i] = d < D ? ldf(p.norm_w, p.kind == kMamba2 ? (int64_t)h * D + d : d, p.nw_dt) : 0.f;
+  }
+  float zz_all = 0.f;  // mamba2: silu(z) of head tid
+  if (p.kind == kMamba2 && tid < p.H) zz_all = silu_f(ldf(p.z, b * p.z_sb + tid * p.z_sh, p.z_dt));
+  float gt = 0.f, wt = 0.f;  // the new token's gates (thread 0 of the slice-0 block)
+  if (es == 0 && tid == 0) {
+    if (p.kind == kGDN) {
+      const float x = ldf(p.a, b * p.a_sb + h * p.a_sh, p.a_dt) + ldf(p.dt_bias, h, p.dtb_dt);
+      gt = -expf(ldf(p.A_log, h, p.alog_dt)) * softplus_f(x);
+      wt = 1.f / (1.f + expf(-ldf(p.b, b * p.b_sb + h * p.b_sh, p.b_dt)));
+    } else if (p.kind == kDN) {
+      wt = 1.f / (1.f + expf(-ldf(p.b, b * p.b_sb + h * p.b_sh, p.b_dt)));
+    } else {
+      const float x = ldf(p.a, b * p.a_sb + h * p.a_sh, p.a_dt) + ldf(p.dt_bias, h, p.dtb_dt);
+      wt = softplus_f(x);
+      gt = -expf(ldf(p.A_log, h, p.alog_dt)) * wt;
+    }
+  }
+  const T* kin = reinterpret_cast<const T*>(p.k) + b * p.k_sb + hk * p.k_sh;
+  const T* vin = reinterpret_cast<const T*>(p.v) + b * p.v_sb + hk * p.v_sh;
+  constexpr int KPT = (D + kThreads - 1) / kThreads;
+  T kv_k[KPT], kv_v[KPT];
+  const bool writer = es == 0 && g == 0;
+#pragma unroll
+  for (int i = 0; i < KPT; ++i) {
+    const int d = tid + i * kThreads;
+    if (writer && d < D) {
+      kv_k[i] = kin[d];
+      kv_v[i] = vin[d];
+    }
+  }
+
+  pdl_wait();  // launch 1 complete and its writes visible
+  const int64_t t = p.ws_t[b];
 
   // 1. max over the splits, and the sums of squares for the RMSNorm
   float mx = kNegBig;
   for (int s = tid; s < p.nsplit; s += kThreads) mx = fmaxf(mx, p.ws_pm[base + s]);
 #pragma unroll
   for (int o = 16; o > 0; o >>= 1) mx = fmaxf(mx, __shfl_xor_sync(0xffffffffu, mx, o));
-  const float zt = ldf(p.z, b * p.z_sb + h * p.z_sh, p.z_dt);
-  const float gate = silu_f(zt);
   float part = 0.f;
   if (p.kind == kMamba2) {  // RMSNorm over all H*D values of m * silu(z) of sequence b
     for (int hh = tid; hh < p.H; hh += kThreads) {
-      const float zz = silu_f(ldf(p.z, b * p.z_sb + hh * p.z_sh, p.z_dt));
+      const float zz = hh < kThreads ? zz_all : silu_f(ldf(p.z, b * p.z_sb + hh * p.z_sh, p.z_dt));
       float q2 = 0.f;
 #pragma unroll
       for (int c = 0; c < NCH; ++c) q2 += p.ws_m2[((int64_t)b * p.H + hh) * NCH + c];
@@ -796,77 +846,51 @@ __global__ void __launch_bounds__(kThreads) decode_finish_kernel(const Params p)
     if (c4 == 0) s_l[rp] = l;
   }
   // 3. u = norm(m) * weight * gate, all D values (the projection mixes them)
-  for (int d = tid; d < D; d += kThreads) {
-    const float mv = p.ws_m[(int64_t)bh * D + d];
-    s_u[d] = p.kind == kMamba2 ? mv * gate * rms * ldf(p.norm_w, (int64_t)h * D + d, p.nw_dt)
-                               : mv * rms * ldf(p.norm_w, d, p.nw_dt) * gate;
+#pragma unroll
+  for (int i = 0; i < (D + kThreads - 1) / kThreads; ++i) {
+    const int d = tid + i * kThreads;
+    if (d < D) s_u[d] = p.ws_m[(int64_t)bh * D + d] * rms * nwv[i] * gate;
   }
   __syncthreads();
   // 4. y = u @ o_weight[h][:, e0:e0+EC]; out = o_win + y
   {
-    const int e = tid % EC, prt = tid / EC;
-    const int64_t ow = (int64_t)h * D * D + e0;
-    float y;
-    if (p.ow_dt == kF32) {
-      y = project_col<float, D>(reinterpret_cast<const float*>(p.o_w) + ow, s_u, e, prt, PARTS);
-    } else if (p.ow_dt == kF16) {
-      y = project_col<__half, D>(reinterpret_cast<const __half*>(p.o_w) + ow, s_u, e, prt, PARTS);
-    } else {
-      y = project_col<__nv_bfloat16, D>(reinterpret_cast<const __nv_bfloat16*>(p.o_w) + ow, s_u, e, prt, PARTS);
-    }
+    float y = 0.f;
+#pragma unroll
+    for (int i = 0; i < D / PARTS; ++i) y += s_u[prt + i * PARTS] * wr[i];
     s_y[prt][e] = y;
   }
   __syncthreads();
-  for (int e = tid; e < EC; e += kThreads) {
+  for (int ec = tid; ec < EC; ec += kThreads) {
     float oo = 0.f, ll = 0.f, y = 0.f;
 #pragma unroll
     for (int r = 0; r < RP; ++r) {
-      oo += s_o[r][e];
+      oo += s_o[r][ec];
       ll += s_l[r];
     }
 #pragma unroll
-    for (int r = 0; r < PARTS; ++r) y += s_y[r][e];
-    reinterpret_cast<T*>(p.out)[(int64_t)bh * D + e0 + e] = Ops::from_f(oo / ll + y);
+    for (int r = 0; r < PARTS; ++r) y += s_y[r][ec];
+    reinterpret_cast<T*>(p.out)[(int64_t)bh * D + e0 + ec] = Ops::from_f(oo / ll + y);
   }
   if (es != 0) return;
-  // 4. the new token into the cache (launch 1 has read everything it needed)
-  const T* kin = reinterpret_cast<const T*>(p.k) + b * p.k_sb + hk * p.k_sh;
-  const T* vin = reinterpret_cast<const T*>(p.v) + b * p.v_sb + hk * p.v_sh;
-  if (t < p.S) {
-    if (g == 0) {
-      const int64_t row = (((int64_t)b * p.S + t) * p.HKV + hk) * D;
-      for (int d = tid; d < D; d += kThreads) {
-        reinterpret_cast<T*>(p.sink_k)[row + d] = kin[d];
-        reinterpret_cast<T*>(p.sink_v)[row + d] = vin[d];
+  // 5. the new token into the cache (launch 1 has read everything it needed)
+  if (writer) {
+    T* dk_ = reinterpret_cast<T*>(t < p.S ? p.sink_k : p.ring_k);
+    T* dv_ = reinterpret_cast<T*>(t < p.S ? p.sink_v : p.ring_v);
+    const int64_t row = t < p.S ? (((int64_t)b * p.S + t) * p.HKV + hk) * D
+                                : (((int64_t)b * p.W + (t - p.S) % p.W) * p.HKV + hk) * D;
+#pragma unroll
+    for (int i = 0; i < KPT; ++i) {
+      const int d = tid + i * kThreads;
+      if (d < D) {
+        dk_[row + d] = kv_k[i];
+        dv_[row + d] = kv_v[i];
       }
     }
-  } else {
-    const int slot = (int)((t - p.S) % p.W);
-    if (g == 0) {
-      const int64_t row = (((int64_t)b * p.W + slot) * p.HKV + hk) * D;
-      for (int d = tid; d < D; d += kThreads) {
-        reinterpret_cast<T*>(p.ring_k)[row + d] = kin[d];
-        reinterpret_cast<T*>(p.ring_v)[row + d] = vin[d];
-      }
-    }
-    if (tid == 0) {
-      float gt, wt;
-      if (p.kind == kGDN) {
-        const float x = ldf(p.a, b * p.a_sb + h * p.a_sh, p.a_dt) + ldf(p.dt_bias, h, p.dtb_dt);
-        gt = -expf(ldf(p.A_log, h, p.alog_dt)) * softplus_f(x);
-        wt = 1.f / (1.f + expf(-ldf(p.b, b * p.b_sb + h * p.b_sh, p.b_dt)));
-      } else if (p.kind == kDN) {
-        gt = 0.f;
-        wt = 1.f / (1.f + expf(-ldf(p.b, b * p.b_sb + h * p.b_sh, p.b_dt)));
-      } else {
-        const float x = ldf(p.a, b * p.a_sb + h * p.a_sh, p.a_dt) + ldf(p.dt_bias, h, p.dtb_dt);
-        wt = softplus_f(x);
-        gt = -expf(ldf(p.A_log, h, p.alog_dt)) * wt;
-      }
-      float* gp = p.gates + (((int64_t)b * p.W + slot) * p.H + h) * 2;
-      gp[0] = gt;
-      gp[1] = wt;
-    }
+  }
+  if (t >= p.S && tid == 0) {
+    float* gp = p.gates + (((int64_t)b * p.W + (t - p.S) % p.W) * p.H + h) * 2;
+    gp[0] = gt;
+    gp[1] = wt;
   }
   if (h == 0 && tid == 0) p.pos[b] = t + 1;
 }

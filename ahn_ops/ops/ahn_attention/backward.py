@@ -2,7 +2,7 @@
 
 Given ``dout`` (and optionally ``dht``, the grad of the final state), returns the gradients of
 ``q, k, v, a, b, z, A_log, dt_bias, norm_weight, o_weight`` and of the initial state.
-Nothing but the forward's inputs is saved; the backward recomputes (8 launches):
+Nothing but the forward's inputs is saved; the backward recomputes (9 launches):
 
 ==========================  ==========================  ==============================
 launch                       grid                        recomputes / produces
@@ -14,7 +14,8 @@ _dh_bwd_kernel               (D/BV, H, N) sequential     dh per chunk, dv_new, d
 _mem_bwd_kernel              (H, chunks)                 memory dq, dk, dv, dg, dbeta
 _attn_lse_kernel             (H, blocks)                 window lse, delta
 _attn_dq_kernel              (H, blocks)                 dq (+ memory dq)
-_attn_dkdv_kernel            (HKV, blocks)               dk, dv (+ memory dk, dv)
+_attn_dkdv_sink_kernel       (sink items, HKV)           sink keys' dk, dv past their band
+_attn_dkdv_kernel            (HKV, blocks)               dk, dv (+ memory, sink partials)
 ==========================  ==========================  ==============================
 
 Then cheap torch glue on ``[B, T, H]`` gates (sigmoid, softplus, ``-exp(A_log)``
@@ -44,6 +45,12 @@ from . import prefill as pf
 __all__ = ["prefill_bwd"]
 
 BT = pf.BT
+# launch configuration; benchmarks/NOTES_backward.md has the reasons and the timings behind it.
+# (BN or BM, num_warps, num_stages) for the attention kernels; the forward's (64, 4, 3) for lse.
+# dkdv at 4 warps spilled 636 B/thread (two fp32 [64, 128] accumulators), 8 warps none (ptxas, sm_90a).
+# sink_qs: query tokens per program of the sink key blocks' split (T=32k, S=128: 56 x HKV programs).
+CONFIG = {"lse": (64, 4, 3), "dq": (64, 4, 3), "dkdv": (64, 8, 2), "sink_qs": 1024,
+          "mem_bv": 64, "mem_warps": 8, "dh_warps": 4, "dh_stages": 2}
 
 
 def _mm_f32(x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
@@ -114,14 +121,17 @@ def prefill_bwd(dout, dht, q, k, v, a, b, z, A_log, dt_bias, norm_weight, o_weig
         kd = empty(Tt, H, D, dtype=dt, device=dev)  # forward's decayed keys kn * exp(g_last - gc)
         pf._prep_kernel[(NT, H)](
             kx=kf, vx=vf, a=af if af is not None else dummy, b=bf, gx=dummy, A_log=A_logf, dt_bias=dt_biasf,
-            seq=seq, chunks=chunks, gc=gc, w=w, u=u, kd=kd, H=H, HKV=HKV, D=D, W=W, S=S, BT=BT, GATES=gates, num_warps=4)
+            seq=seq, chunks=chunks, gc=gc, w=w, u=u, kd=kd, H=H, HKV=HKV, D=D, W=W, S=S, BT=BT, GATES=gates,
+            num_warps=pf.CONFIG["prep_warps"])
         hs = empty(NT, H, D, D, dtype=dt, device=dev)
         vnew = empty(Tt, H, D, dtype=dt, device=dev)
-        BV = 64 if D == 64 else min(32, D)
+        # the forward's state-pass BV (prefill.CONFIG: 16 at D=128, more programs on a latency-bound loop)
+        BV = pf.CONFIG["state_bv"][D]
         h0 = initial_state.float().contiguous() if use_h0 else dummy
         pf._state_kernel[(D // BV, H, N)](
             kd=kd, w=w, u=u, gc=gc, seq=seq, h0=h0, hs=hs, vnew=vnew, ht=dummy,
-            H=H, HKV=HKV, D=D, W=W, S=S, BT=BT, BV=BV, USE_H0=use_h0, STORE_HT=False, num_warps=4, num_stages=2)
+            H=H, HKV=HKV, D=D, W=W, S=S, BT=BT, BV=BV, USE_H0=use_h0, STORE_HT=False,
+            num_warps=pf.CONFIG["state_warps"], num_stages=pf.CONFIG["state_stages"])
         del u, kd
         # ---- epilogue backward + readout recompute ----
         dm = empty(Tt, H, D, dtype=dt, device=dev)
@@ -136,29 +146,42 @@ def prefill_bwd(dout, dht, q, k, v, a, b, z, A_log, dt_bias, norm_weight, o_weig
         km._dh_bwd_kernel[(D // BV, H, N)](
             q=qf, k=kf, w=w, gc=gc, dm=dm, dvl=dvl, seq=seq, dht=dht.float().contiguous() if use_dht else dummy,
             dhs=dhs, dvnew=dvnew, dh0=dh0 if use_h0 else dummy, W=W, S=S, mem_scale=mem_scale,
-            H=H, HKV=HKV, D=D, BT=BT, BV=BV, USE_H0=use_h0, USE_DHT=use_dht, num_warps=4, num_stages=2)
+            H=H, HKV=HKV, D=D, BT=BT, BV=BV, USE_H0=use_h0, USE_DHT=use_dht,
+            num_warps=CONFIG["dh_warps"], num_stages=CONFIG["dh_stages"])
         del dvl
         # ---- chunk-parallel memory gradients ----
         km._mem_bwd_kernel[(H, NT)](
             q=qf, k=kf, v=vf, a=af if af is not None else dummy, b=bf, A_log=A_logf, dt_bias=dt_biasf,
             seq=seq, chunks=chunks, gc=gc, hs=hs, dhs=dhs, w=w, vnew=vnew, dvnew=dvnew, dm=dm,
             dq_acc=dq_acc, dk_acc=dk_acc, dv_acc=dv_acc, dg_tok=dg_tok, dbeta_tok=dbeta_tok,
-            W=W, S=S, mem_scale=mem_scale, H=H, HKV=HKV, D=D, BT=BT, GATES=gates, USE_H0=use_h0, num_warps=4)
+            W=W, S=S, mem_scale=mem_scale, H=H, HKV=HKV, D=D, BT=BT, BV=min(CONFIG["mem_bv"], D), GATES=gates,
+            USE_H0=use_h0, num_warps=CONFIG["mem_warps"])
         del hs, dhs, w, vnew, dvnew, dm
         # ---- window attention backward ----
         lse = empty(Tt, H, dtype=torch.float32, device=dev)
         delta = empty(Tt, H, dtype=torch.float32, device=dev)
+        BN, nw, ns = CONFIG["lse"]
         ka._attn_lse_kernel[(H, NT)](
             q=qf, k=kf, v=vf, do=dof, seq=seq, chunks=chunks, lse=lse, delta=delta, W=W, S=S, qk_scale=qk_scale,
-            H=H, HKV=HKV, D=D, BT=BT, BN=64, num_warps=4, num_stages=2)
+            H=H, HKV=HKV, D=D, BT=BT, BN=BN, num_warps=nw, num_stages=ns)
+        BN, nw, ns = CONFIG["dq"]
         ka._attn_dq_kernel[(H, NT)](
             q=qf, k=kf, v=vf, do=dof, seq=seq, chunks=chunks, lse=lse, delta=delta, dq_acc=dq_acc, dq=dq,
-            W=W, S=S, qk_scale=qk_scale, sm_scale=D ** -0.5, H=H, HKV=HKV, D=D, BT=BT, BN=64,
-            num_warps=4, num_stages=2)
+            W=W, S=S, qk_scale=qk_scale, sm_scale=D ** -0.5, H=H, HKV=HKV, D=D, BT=BT, BN=BN,
+            num_warps=nw, num_stages=ns)
+        BM, nw, ns = CONFIG["dkdv"]
+        # sink key blocks: the queries past their band, split over programs (atomics into dk/dv_acc)
+        items = ka.sink_items(lens, W, S, BT, CONFIG["sink_qs"])
+        if items:
+            items = torch.tensor(items, dtype=torch.int32).to(dev)
+            ka._attn_dkdv_sink_kernel[(items.shape[0], HKV)](
+                q=qf, k=kf, v=vf, do=dof, seq=seq, items=items, lse=lse, delta=delta, dk_acc=dk_acc,
+                dv_acc=dv_acc, W=W, S=S, qk_scale=qk_scale, sm_scale=D ** -0.5,
+                H=H, HKV=HKV, D=D, BT=BT, BM=BM, num_warps=nw, num_stages=ns)
         ka._attn_dkdv_kernel[(HKV, NT)](
             q=qf, k=kf, v=vf, do=dof, seq=seq, chunks=chunks, lse=lse, delta=delta, dk_acc=dk_acc,
             dv_acc=dv_acc, dk=dk, dv=dv, W=W, S=S, qk_scale=qk_scale, sm_scale=D ** -0.5,
-            H=H, HKV=HKV, D=D, BT=BT, BM=64, num_warps=4, num_stages=2)
+            H=H, HKV=HKV, D=D, BT=BT, BM=BM, num_warps=nw, num_stages=ns)
     elif use_h0:
         dh0.copy_(dht if use_dht else torch.zeros_like(dh0))
 

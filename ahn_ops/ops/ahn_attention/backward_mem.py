@@ -18,8 +18,9 @@ Backward, given ``dy`` (grad of the op output; the epilogue turns it into ``dm``
 2. ``_dh_bwd_kernel`` (sequential over chunks, grid (D/BV, H, N)): ``dh`` in registers,
    ``dv_new = dv_local + (kn e^(g_last-gc)) dh_c+1``,
    ``dh_c = e^g_last dh_c+1 + (qn e^gc)^T dm - w^T dv_new``; stores ``dh_c+1`` per chunk.
-3. ``_mem_bwd_kernel`` (chunk-parallel): dq, dk (readout, state transition), ``dw = -dv_new h_c^T``,
-   then the WY backward through ``X`` (recomputed, not stored), dbeta, the in-chunk
+3. ``_mem_bwd_kernel`` (chunk-parallel): dq, dk (readout, state transition), ``dw = -dv_new h_c^T``
+   (products over V taken in BV-column slices of h, dh, v_new, dv_new, dm),
+   then the WY backward through ``X`` (recomputed by the forward's blocked inverse), dbeta, the in-chunk
    reverse cumsum of dgc -> dg, l2norm backward of q and k. dk/dv of the G query heads of a
    kv group meet in fp32 atomics on ``[tokens, HKV, D]`` buffers (never ``[tokens, H, D]``).
 
@@ -32,6 +33,7 @@ from __future__ import annotations
 import triton
 import triton.language as tl
 
+from ..common.tl_utils import dot_f32
 from .prefill import _l2norm_rows, _load_gates
 
 
@@ -165,6 +167,27 @@ def _dh_bwd_kernel(
         tl.store(dh0 + p_hv, b_dh)
 
 
+@triton.jit
+def _wy_inverse(b_L, o_t, BT: tl.constexpr):
+    """``(I + L)^-1`` of a strictly lower [BT, BT] fp32 L, as prefill._prep_kernel computes it.
+
+    The four 16x16 diagonal blocks by forward substitution (rows i, 16+i, 32+i, 48+i at once),
+    then ``I + L = (I + Ld)(I + M)``, ``M = Xd Lo`` strictly block-lower, ``M^4 = 0``:
+    ``(I + L)^-1 = (I - M)(I + M^2) Xd``. 15 + 4 tensor-core products instead of the 63 row
+    reductions of a plain forward substitution; the same X (bit for bit) as the forward used.
+    """
+    m_blk = (o_t[:, None] // 16) == (o_t[None, :] // 16)
+    b_X = -tl.where(m_blk, b_L, 0.)
+    for i in range(1, 16):
+        m_r = (o_t % 16) == i
+        b_a = tl.where(m_r[:, None], b_X, 0.)
+        b_X = tl.where(m_r[:, None], b_a + dot_f32(b_a, b_X), b_X)
+    b_eye = (o_t[:, None] == o_t[None, :]).to(tl.float32)
+    b_Xd = b_X + b_eye
+    b_M = dot_f32(b_Xd, tl.where(m_blk, 0., b_L))
+    return dot_f32(dot_f32(b_eye - b_M, b_eye + dot_f32(b_M, b_M)), b_Xd)
+
+
 @triton.jit(do_not_specialize=["W", "S"])
 def _mem_bwd_kernel(
     # pointers
@@ -174,8 +197,12 @@ def _mem_bwd_kernel(
     W, S, mem_scale,
     H: tl.constexpr, HKV: tl.constexpr, D: tl.constexpr,
     # meta
-    BT: tl.constexpr, GATES: tl.constexpr, USE_H0: tl.constexpr,
+    BT: tl.constexpr, BV: tl.constexpr, GATES: tl.constexpr, USE_H0: tl.constexpr,
 ):
+    # The [D, D] states h_c, dh_c+1 and the [BT, D] rows v, v_new, dv_new, dm are read in V slices
+    # of BV columns (the products over V accumulate): one program holding two full [128, 128]
+    # tiles and ~10 fp32 [64, 128] tiles at 4 warps spilled 14.5 KB per thread (ptxas, sm_90a)
+    # and took 13.1 ms at T=32k, H=16 (H100).
     i_h, i_c = tl.program_id(0), tl.program_id(1)
     G: tl.constexpr = H // HKV
     i_kv = i_h // G
@@ -197,72 +224,91 @@ def _mem_bwd_kernel(
         m_act = m_i & (pos >= S)
         o_row = bos + tl.where(m_act, pos, 0)
         p_kv = (o_row * HKV + i_kv)[:, None] * D + o_d[None, :]
-        b_q = tl.load(q + p_row, mask=m_i[:, None], other=0.)  # [BT, D]
-        b_qf = b_q.to(tl.float32)
-        b_rq = tl.rsqrt(tl.sum(b_qf * b_qf, 1) + 1e-6)  # [BT]
-        b_qn = b_qf * (b_rq * mem_scale)[:, None]  # [BT, D]
         b_k = tl.load(k + p_kv, mask=m_act[:, None], other=0.)  # [BT, D]
+        dt = b_k.dtype
         b_kf = b_k.to(tl.float32)
         b_rk = tl.rsqrt(tl.sum(b_kf * b_kf, 1) + 1e-6)  # [BT]
         b_kn = b_kf * b_rk[:, None]  # [BT, D]
-        b_v = tl.load(v + p_kv, mask=m_act[:, None], other=0.).to(tl.float32)  # [BT, D]
         b_g, b_beta = _load_gates(a, b, b, A_log, dt_bias, o_row, m_act, i_h, H, GATES)
         b_gc = tl.load(gc + o_q * H + i_h, mask=m_i, other=0.)  # [BT]
         i_last = t_hi - i_b * BT
         b_glast = tl.sum(tl.where(o_t == i_last, b_gc, 0.), 0)
-        b_hc = tl.load(hs + (((coff + i_b) * H + i_h) * D + o_d[:, None]) * D + o_d[None, :])  # [D, D]
-        b_dhn = tl.load(dhs + (((coff + i_b) * H + i_h) * D + o_d[:, None]) * D + o_d[None, :])  # [D, D]
-        b_vn = tl.load(vnew + p_row, mask=m_act[:, None], other=0.)  # [BT, D]
-        b_dvn = tl.load(dvnew + p_row, mask=m_i[:, None], other=0.)  # [BT, D]
-        b_dm = tl.load(dm + p_row, mask=m_i[:, None], other=0.)  # [BT, D]
-        b_w = tl.load(w + p_row, mask=m_i[:, None], other=0.)  # [BT, D]
-        dt = b_q.dtype
+        b_eg = tl.exp(b_gc)  # [BT]
+        b_ekd = tl.where(m_act, tl.exp(b_glast - b_gc), 0.)  # [BT]
 
         m_low = (o_t[:, None] >= o_t[None, :]) & m_i[:, None]
         m_slow = (o_t[:, None] > o_t[None, :]) & m_i[:, None]
         b_E = tl.exp(tl.where(m_low, b_gc[:, None] - b_gc[None, :], 0.))  # [BT, BT]
-        b_eg = tl.exp(b_gc)  # [BT]
+        # WY inverse X = (I + L)^-1, L = tril(beta kn kn^T E, -1); w = X Kb, u = X Vb
+        b_kk = tl.dot(b_kn.to(dt), tl.trans(b_kn.to(dt)))  # [BT, BT]
+        b_L = tl.where(m_slow, b_beta[:, None] * b_kk * b_E, 0.)
+        b_Xc = _wy_inverse(b_L, o_t, BT).to(dt)  # [BT, BT]
+
+        # products over V, slice by slice
+        b_ds = tl.zeros([BT, BT], dtype=tl.float32)  # dm v_new^T
+        b_dXv = tl.zeros([BT, BT], dtype=tl.float32)  # dv_new Vb^T
+        b_dqi = tl.zeros([BT, D], dtype=tl.float32)  # dm h^T
+        b_dkh = tl.zeros([BT, D], dtype=tl.float32)  # v_new dh^T
+        b_dw = tl.zeros([BT, D], dtype=tl.float32)  # dv_new h^T
+        b_hdh = tl.zeros([D], dtype=tl.float32)  # row sums of h * dh
+        b_dbeta = tl.zeros([BT], dtype=tl.float32)
+        p_st = ((coff + i_b) * H + i_h) * D * D
+        for i_v in range(D // BV):
+            o_v = i_v * BV + tl.arange(0, BV)
+            p_rv = (o_q * H + i_h)[:, None] * D + o_v[None, :]
+            p_kvv = (o_row * HKV + i_kv)[:, None] * D + o_v[None, :]
+            b_hc = tl.load(hs + p_st + o_d[:, None] * D + o_v[None, :])  # [D, BV]
+            b_dhn = tl.load(dhs + p_st + o_d[:, None] * D + o_v[None, :])  # [D, BV]
+            b_vn = tl.load(vnew + p_rv, mask=m_act[:, None], other=0.)  # [BT, BV]
+            b_dvn = tl.load(dvnew + p_rv, mask=m_i[:, None], other=0.)  # [BT, BV]
+            b_dm = tl.load(dm + p_rv, mask=m_i[:, None], other=0.)  # [BT, BV]
+            b_v = tl.load(v + p_kvv, mask=m_act[:, None], other=0.).to(tl.float32)  # [BT, BV]
+            b_ds += tl.dot(b_dm, tl.trans(b_vn))  # [BT, BT]
+            b_dqi += tl.dot(b_dm, tl.trans(b_hc))  # [BT, D]
+            b_dkh += tl.dot(b_vn, tl.trans(b_dhn))  # [BT, D]
+            b_dw += tl.dot(b_dvn, tl.trans(b_hc))  # [BT, D]
+            b_hdh += tl.sum(b_hc.to(tl.float32) * b_dhn.to(tl.float32), 1)
+            b_Vb = (b_v * b_beta[:, None]).to(dt)
+            b_dXv += tl.dot(b_dvn, tl.trans(b_Vb))  # [BT, BT]
+            # u = X Vb: dVb = X^T dv_new, dv = beta dVb
+            b_dVb = tl.dot(tl.trans(b_Xc), b_dvn)  # [BT, BV]
+            b_dbeta += tl.sum(b_dVb * b_v, 1)
+            tl.atomic_add(dv_acc + p_kvv, b_dVb * b_beta[:, None], mask=m_act[:, None])
+
         # readout: m = e^gc (qn h) + tril(qn kn^T E) v_new
-        b_ds = tl.where(m_low, tl.dot(b_dm, tl.trans(b_vn)) * b_E, 0.)  # [BT, BT]
-        b_dqi = tl.dot(b_dm, tl.trans(b_hc)) * b_eg[:, None]  # [BT, D]
+        b_q = tl.load(q + p_row, mask=m_i[:, None], other=0.)  # [BT, D]
+        b_qf = b_q.to(tl.float32)
+        b_rq = tl.rsqrt(tl.sum(b_qf * b_qf, 1) + 1e-6)  # [BT]
+        b_qy = b_qf * b_rq[:, None]  # [BT, D] l2norm(q)
+        b_qn = b_qy * mem_scale
+        b_ds = tl.where(m_low, b_ds * b_E, 0.)  # [BT, BT]
+        b_dqi = b_dqi * b_eg[:, None]
         b_dq = b_dqi + tl.dot(b_ds.to(dt), b_kn.to(dt))  # [BT, D]
-        b_dk = tl.dot(tl.trans(b_ds.to(dt)), b_qn.to(dt))  # [BT, D]
         # d/dgc of the readout, from P_rs = ds_rs (qn_r . kn_s): + row sums, - column sums, and
         # qn . dq_inter. Not as qn.dq - kn.dk: there the diagonal P_rr enters twice and cancels
         # only in exact arithmetic; with strong decay (E ~ 0 off the diagonal) the bf16 rounding
         # of that cancellation swamped dg (rel err 0.47 on dA_log-side grads, H100, bf16).
         b_P = tl.where(m_slow, b_ds * tl.dot(b_qn.to(dt), tl.trans(b_kn.to(dt))), 0.)  # [BT, BT]
         b_dgc = tl.sum(b_qn * b_dqi, 1) + tl.sum(b_P, 1) - tl.sum(b_P, 0)  # [BT]
+        # l2norm backward of q: x r -> r (dy - y (y . dy)); the readout dq is final here
+        b_dqr = (b_rq * mem_scale)[:, None] * (b_dq - b_qy * tl.sum(b_qy * b_dq, 1)[:, None])
+        tl.store(dq_acc + p_row, b_dqr, mask=m_i[:, None])
+        b_dk = tl.dot(tl.trans(b_ds.to(dt)), b_qn.to(dt))  # [BT, D]
         # state transition h_c+1 = e^glast h_c + (kn e^(glast - gc))^T v_new
-        b_dkh = tl.dot(b_vn, tl.trans(b_dhn)) * tl.where(m_act, tl.exp(b_glast - b_gc), 0.)[:, None]  # [BT, D]
+        b_dkh = b_dkh * b_ekd[:, None]
         b_dk += b_dkh
         b_t = tl.sum(b_kn * b_dkh, 1)  # [BT]
         b_dgc -= b_t
-        b_dglast = tl.sum(b_t, 0) + tl.exp(b_glast) * tl.sum(tl.sum(b_hc.to(tl.float32) * b_dhn.to(tl.float32), 1), 0)
+        b_dglast = tl.sum(b_t, 0) + tl.exp(b_glast) * tl.sum(b_hdh, 0)
         b_dgc += tl.where(o_t == i_last, b_dglast, 0.)
-        # v_new = u - w h_c
-        b_dw = -tl.dot(b_dvn, tl.trans(b_hc))  # [BT, D]
-
-        # WY backward: X = (I + L)^-1, L = tril(beta kn kn^T E, -1); w = X Kb, u = X Vb
-        b_kk = tl.dot(b_kn.to(dt), tl.trans(b_kn.to(dt)))  # [BT, BT]
-        b_L = tl.where(m_slow, b_beta[:, None] * b_kk * b_E, 0.)
-        b_X = -b_L
-        for i in range(1, BT):
-            m_r = o_t == i
-            b_x = tl.sum(tl.where(m_r[:, None], b_X, 0.), 0)
-            b_x = b_x + tl.sum(b_x[:, None] * b_X, 0) * (o_t < i)
-            b_X = tl.where(m_r[:, None], b_x[None, :], b_X)
-        b_X = b_X + (o_t[:, None] == o_t[None, :])
-        b_Xc = b_X.to(dt)
+        # v_new = u - w h_c: dw = -dv_new h^T; w = X Kb
+        b_dw = -b_dw
         b_Kb = b_kn * (b_beta * b_eg)[:, None]  # [BT, D]
-        b_Vb = b_v * b_beta[:, None]  # [BT, D]
-        b_dX = tl.dot(b_dw.to(dt), tl.trans(b_Kb.to(dt))) + tl.dot(b_dvn, tl.trans(b_Vb.to(dt)))  # [BT, BT]
+        b_dX = tl.dot(b_dw.to(dt), tl.trans(b_Kb.to(dt))) + b_dXv  # [BT, BT]
         b_dKb = tl.dot(tl.trans(b_Xc), b_dw.to(dt))  # [BT, D]
-        b_dVb = tl.dot(tl.trans(b_Xc), b_dvn)  # [BT, D]
         b_dk += b_dKb * (b_beta * b_eg)[:, None]
-        b_dbeta = tl.sum(b_dKb * b_kn, 1) * b_eg + tl.sum(b_dVb * b_v, 1)  # [BT]
+        b_dbeta += tl.sum(b_dKb * b_kn, 1) * b_eg
         b_dgc += tl.sum(b_dKb * b_Kb, 1)
-        b_dv = b_dVb * b_beta[:, None]  # [BT, D]
         # dL = -X^T dX X^T on the strictly lower triangle
         b_dL = -tl.dot(tl.dot(tl.trans(b_Xc), b_dX.to(dt)).to(dt), tl.trans(b_Xc))  # [BT, BT]
         b_dL = tl.where(m_slow, b_dL, 0.)
@@ -276,13 +322,8 @@ def _mem_bwd_kernel(
         # gc is the in-chunk inclusive cumsum of g: dg_p = sum_{r >= p} dgc_r
         b_dgc = tl.where(m_i, b_dgc, 0.)
         b_dg = tl.sum(tl.where(o_t[:, None] <= o_t[None, :], b_dgc[None, :], 0.), 1)  # [BT]
-        # l2norm backward: x r -> r (dy - y (y . dy))
-        b_qy = b_qn / mem_scale
-        b_dqr = (b_rq * mem_scale)[:, None] * (b_dq - b_qy * tl.sum(b_qy * b_dq, 1)[:, None])
         b_dkr = b_rk[:, None] * (b_dk - b_kn * tl.sum(b_kn * b_dk, 1)[:, None])
-        tl.store(dq_acc + p_row, b_dqr, mask=m_i[:, None])
         tl.atomic_add(dk_acc + p_kv, b_dkr, mask=m_act[:, None])
-        tl.atomic_add(dv_acc + p_kv, b_dv, mask=m_act[:, None])
         tl.store(dg_tok + o_row * H + i_h, b_dg, mask=m_act)
         tl.store(dbeta_tok + o_row * H + i_h, b_dbeta, mask=m_act)
     else:

@@ -43,7 +43,9 @@ __all__ = ["prefill_fwd", "prefill_cache_fwd", "SUPPORTED_D"]
 SUPPORTED_D = (64, 128)
 BT = 64  # memory chunk == query block: a query block reads exactly one chunk state
 # launch configuration (benchmarks/bench_prefill.py sweeps these): fwd = (BN, num_warps, num_stages)
-CONFIG = {"fwd": (64, 4, 2), "state_bv": {64: 64, 128: 32}, "state_warps": 4, "state_stages": 3,
+# H100, T=32k (benchmarks/NOTES_prefill.md): fwd (64, 4, 3) 2.93 ms vs (64, 4, 2) 3.09 ms and 3.8-5.8 ms for
+# BN=128 or 8 warps; state BV=16 beats 32 and 64 (more programs on a latency-bound sequential loop)
+CONFIG = {"fwd": (64, 4, 3), "state_bv": {64: 64, 128: 16}, "state_warps": 4, "state_stages": 3,
           "prep_warps": 4}
 
 
