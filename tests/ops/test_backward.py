@@ -111,14 +111,15 @@ def test_random_window_no_recompile():
     from ahn_ops.ops.ahn_attention import backward_attn as ka
     from ahn_ops.ops.ahn_attention import backward_mem as km
 
-    kind, T, H, D = "gdn", 70, 2, 64
+    kind, T, H, D = "gdn", 130, 2, 64  # T = 130: (17, 3) launches the sink kernel too
     inp = make_inputs(kind, 1, T, H, 1, D, torch.float32, device=DEV, seed=1)
     dout = torch.randn(1, T, H, D, device=DEV)
     for W, S in ((17, 3), (33, 0)):
         _kernel_grads(inp, dout, W, S, kind, None)
     if DEV == "cuda":
         n = {k: len(getattr(m, k).device_caches[0][0]) for m, k in
-             ((ka, "_attn_dq_kernel"), (ka, "_attn_dkdv_kernel"), (km, "_mem_bwd_kernel"))}
+             ((ka, "_attn_dq_kernel"), (ka, "_attn_dkdv_kernel"), (km, "_mem_bwd_kernel"),
+              (ka, "_attn_dkdv_sink_kernel"))}
         assert all(v == 1 for v in n.values()), n
 
 
@@ -145,6 +146,26 @@ def test_initial_state_grad():
     assert rel_err(h0k.grad, h0r.grad) < 1e-4
     assert rel_err(leaves[0].grad, q.grad) < 1e-4
     assert rel_err(leaves[3].grad, a.grad) < 1e-3
+
+
+def test_sink_split_and_unmasked_interior(monkeypatch):
+    # W = 130 >= 2 blocks: the dq/lse/dkdv bands have unmasked interior blocks; S = 70: two sink
+    # key blocks (the second one partly sinks) whose queries past the band are split into ranges
+    # of 64 tokens (backward.CONFIG["sink_qs"]), each its own program adding with atomics
+    from ahn_ops.ops.ahn_attention import backward as bw
+
+    monkeypatch.setitem(bw.CONFIG, "sink_qs", 64)
+    kind, T, W, S, G, HKV, D = "gdn", 320, 130, 70, 2, 1, 64
+    inp = make_inputs(kind, 1, T, HKV * G, HKV, D, torch.float32, device=DEV, seed=11)
+    dout = torch.randn(1, T, HKV * G, D, device=DEV)
+    gk = _kernel_grads(inp, dout, W, S, kind, None)
+    gr = _ref_grads([None if x is None else x.float() for x in inp], dout, W, S, kind, None, torch.float32)
+    for n, a, r in zip(NAMES, gk, gr):
+        if a is None:
+            continue
+        e = _err(a, r)
+        print(f"{n}: kernel fp32 rel err {e:.2e}")
+        assert torch.isfinite(a).all() and e < (2e-4 if n in ("A_log", "dt_bias", "a") else 2e-5), n
 
 
 def test_opcheck_and_compile():
