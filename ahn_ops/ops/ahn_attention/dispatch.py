@@ -5,9 +5,10 @@ kernel covers the inputs (then ``ahn_attention`` runs the fp32 reference).
 ``try_prefill_cache_kernel`` does the same for a prefill of T > 1 tokens on a cache.
 
 The Triton prefill (``prefill.py``, ``torch.ops.ahn.prefill_fwd``) covers kinds "gdn" and
-"dn", bf16/fp16 activations, D in (64, 128), forward only (no autograd yet): CUDA tensors, or
-CPU tensors when ``TRITON_INTERPRET=1`` (the CI path). fp32/fp64 inputs, Mamba2, other D
-and calls that need gradients go to the reference.
+"dn", bf16/fp16 activations, D in (64, 128), forward and backward (``autograd.py`` registers
+``torch.ops.ahn.prefill_bwd`` as its gradient): CUDA tensors, or CPU tensors when
+``TRITON_INTERPRET=1`` (the CI path). fp32/fp64 inputs, Mamba2 and other D go to the
+reference. The cache path is inference only: calls that need gradients go to the reference.
 """
 
 from __future__ import annotations
@@ -27,13 +28,13 @@ def _triton_device_ok(q: torch.Tensor) -> bool:
     return q.device.type == "cpu" and os.environ.get("TRITON_INTERPRET", "0") == "1"
 
 
-def _covered(q, kind, tensors) -> bool:
+def _covered(q, kind, tensors, differentiable: bool) -> bool:
     if kind not in _KINDS or q.dtype not in _DTYPES or q.shape[-1] not in _D:
         return False
     if not _triton_device_ok(q):
         return False
-    if torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in tensors):
-        return False  # forward-only kernels: keep autograd on the reference
+    if not differentiable and torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in tensors):
+        return False  # the cache op has no autograd: keep gradients on the reference
     try:
         import triton  # noqa: F401
     except ImportError:
@@ -43,7 +44,7 @@ def _covered(q, kind, tensors) -> bool:
 
 def try_prefill_kernel(q, k, v, a, b, z, A_log, dt_bias, norm_weight, o_weight, window, sinks, kind,
                        cu_seqlens):
-    if not _covered(q, kind, (q, k, v, a, b, z, A_log, dt_bias, norm_weight, o_weight)):
+    if not _covered(q, kind, (q, k, v, a, b, z, A_log, dt_bias, norm_weight, o_weight), differentiable=True):
         return None
     from . import prefill  # noqa: F401  (registers torch.ops.ahn.prefill_fwd)
 
@@ -54,7 +55,8 @@ def try_prefill_kernel(q, k, v, a, b, z, A_log, dt_bias, norm_weight, o_weight, 
 
 def try_prefill_cache_kernel(q, k, v, a, b, z, A_log, dt_bias, norm_weight, o_weight, cache):
     """Prefill of T > 1 tokens on a cache (updates it in place), or None when not covered."""
-    if not _covered(q, cache.kind, (q, k, v, a, b, z, A_log, dt_bias, norm_weight, o_weight)):
+    if not _covered(q, cache.kind, (q, k, v, a, b, z, A_log, dt_bias, norm_weight, o_weight),
+                    differentiable=False):
         return None
     from . import prefill  # noqa: F401  (registers torch.ops.ahn.prefill_cache)
 
