@@ -137,7 +137,7 @@ class CMakeBuild(build_ext):
         out_file = Path(self.get_ext_fullpath(ext.name)).resolve()
         # One CMake build folder per (Python, torch), kept across `pip install -e`, build_ext
         # and `pip wheel` (setuptools gives each a fresh temporary one): rebuilds are incremental.
-        key = hashlib.sha1(f"{sys.executable}|{torch.__file__}|{torch.__version__}".encode()).hexdigest()[:10]
+        key = hashlib.sha1(f"{os.path.abspath(sys.executable)}|{torch.__file__}|{torch.__version__}".encode()).hexdigest()[:10]
         temp = ROOT / "build" / f"cmake-{key}"
         temp.mkdir(parents=True, exist_ok=True)
         build_type = os.environ.get("AHN_OPS_BUILD_TYPE", "Debug" if self.debug else "Release")
