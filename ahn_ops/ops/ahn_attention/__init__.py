@@ -1,2 +1,3 @@
 from .interface import ahn_attention, ahn_decode  # noqa: F401
 from . import reference  # noqa: F401
+from . import decode_meta  # noqa: F401  (fake impl of torch.ops.ahn.decode_step)
