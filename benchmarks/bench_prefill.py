@@ -50,9 +50,11 @@ def make(kind, B, T, H, HKV, D, dtype=torch.bfloat16, seed=0):
     q, k, v = r(B, T, H, D).to(dtype), r(B, T, HKV, D).to(dtype), r(B, T, HKV, D).to(dtype)
     a = None if kind == "dn" else r(B, T, H).to(dtype)
     b, z = r(B, T, H).to(dtype), r(B, T, H).to(dtype)
+    b = None if kind == "mamba2" else b
     A_log = None if kind == "dn" else torch.log(torch.rand(H, device=DEV, generator=g) * 15 + 1)
     dt_bias = None if kind == "dn" else r(H, sc=0.5)
-    return q, k, v, a, b, z, A_log, dt_bias, 1 + 0.1 * r(D), r(H, D, D, sc=D ** -0.5)
+    nw = 1 + 0.1 * r(H * D if kind == "mamba2" else D)  # Mamba2's norm spans the H heads of a token
+    return q, k, v, a, b, z, A_log, dt_bias, nw, r(H, D, D, sc=D ** -0.5)
 
 
 def window_flops(T, W, S, H, D):
@@ -61,9 +63,11 @@ def window_flops(T, W, S, H, D):
     return 4 * D * H * nk.sum().item()
 
 
-def memory_flops(T, W, S, H, D, BT=64):
+def memory_flops(T, W, S, H, D, BT=64, kind="gdn"):
     first = (S + W) // BT * BT
     n = max(0, T - first)
+    if kind == "mamba2":  # no WY inverse, no w: state kd^T u, readout q h + tril(QK^T) u, projection
+        return H * n * (6 * D * D + 4 * BT * D)
     return H * n * (8 * D * D + 10 * BT * D)
 
 
@@ -127,7 +131,7 @@ def bench(T, W, S, H=16, HKV=2, D=128, kind="gdn", sweep=False):
 
     args = make(kind, 1, T, H, HKV, D, seed=T + 1)
     q, k, v = args[:3]
-    fw, fm = window_flops(T, W, S, H, D), memory_flops(T, W, S, H, D)
+    fw, fm = window_flops(T, W, S, H, D), memory_flops(T, W, S, H, D, kind=kind)
     rep = 200 if T <= 32768 else 1000
     med = lambda f: triton.testing.do_bench(f, warmup=50, rep=rep, return_mode="median")  # noqa: E731
     res = {}
@@ -192,6 +196,7 @@ def main():
     ap.add_argument("--check", action="store_true")
     ap.add_argument("--sweep", action="store_true")
     ap.add_argument("--shapes", nargs="*", type=int, default=[8192, 32768, 131072])
+    ap.add_argument("--kind", default="gdn", choices=("gdn", "dn", "mamba2"))
     a = ap.parse_args()
     print(f"device {torch.cuda.get_device_name()} torch {torch.__version__} triton {triton.__version__}")
     ok = check() if a.check else True
@@ -199,7 +204,7 @@ def main():
     out = []
     for i, T in enumerate(a.shapes):
         W, S = W_of.get(T, (4096, 128))
-        out.append(bench(T, W, S, sweep=a.sweep and T == 32768))
+        out.append(bench(T, W, S, kind=a.kind, sweep=a.sweep and T == 32768))
     print("\n| T | W | ours fused ms | ours window-only ms | mem overhead | state passes ms | Flex ms | SDPA ms |"
           " ours TFLOP/s (win+mem) |")
     for r in out:

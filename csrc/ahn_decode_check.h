@@ -7,6 +7,7 @@
 #include <c10/util/Exception.h>
 
 #include <optional>
+#include <string>
 #include <string_view>
 #include <vector>
 
@@ -21,26 +22,47 @@ struct DecodeSizes {
 
 namespace detail {
 
+// Messages are built with std::string and std::to_string, not c10::str: on the device's torch
+// 2.11 build (2026-11-23) every c10::str message that streamed an integer segfaulted, while
+// messages made of strings alone raised properly; std::to_string avoids the ostream path.
+inline std::string dims(c10::IntArrayRef shape) {
+  std::string r = "[";
+  for (size_t i = 0; i < shape.size(); ++i) r += (i ? ", " : "") + std::to_string(shape[i]);
+  return r + "]";
+}
+
+[[noreturn]] inline void value_error(const std::string& msg) { C10_THROW_ERROR(ValueError, msg); }
+[[noreturn]] inline void type_error(const std::string& msg) { C10_THROW_ERROR(TypeError, msg); }
+
+inline std::string dtype_name(at::ScalarType t) { return c10::toString(t); }
+
 // B, H, D come from q, HKV from k, W = window, S = sinks.
-inline void check_shape(const at::Tensor& t, const char* name, const char* dims, std::vector<int64_t> shape) {
-  TORCH_CHECK_VALUE(t.sizes() == c10::IntArrayRef(shape), "ahn.decode_step: ", name, " must have shape ", dims,
-                    " = ", c10::IntArrayRef(shape), ", got ", t.sizes(),
-                    " (B, H, D from q, HKV from k, W = window, S = sinks)");
+inline void check_shape(const at::Tensor& t, const char* name, const char* dims_text, std::vector<int64_t> shape) {
+  if (t.sizes() != c10::IntArrayRef(shape)) {
+    value_error(std::string("ahn.decode_step: ") + name + " must have shape " + dims_text + " = " + dims(shape) +
+                ", got " + dims(t.sizes()) + " (B, H, D from q, HKV from k, W = window, S = sinks)");
+  }
 }
 
 inline void check_dtype(const at::Tensor& t, const char* name, at::ScalarType dtype) {
-  TORCH_CHECK_TYPE(t.scalar_type() == dtype, "ahn.decode_step: ", name, " must be ", dtype, ", got ",
-                   t.scalar_type());
+  if (t.scalar_type() != dtype) {
+    type_error(std::string("ahn.decode_step: ") + name + " must be " + dtype_name(dtype) + ", got " +
+               dtype_name(t.scalar_type()));
+  }
 }
 
 inline void check_float(const at::Tensor& t, const char* name) {
-  TORCH_CHECK_TYPE(at::isFloatingType(t.scalar_type()), "ahn.decode_step: ", name,
-                   " must be a floating-point tensor, got ", t.scalar_type());
+  if (!at::isFloatingType(t.scalar_type())) {
+    type_error(std::string("ahn.decode_step: ") + name + " must be a floating-point tensor, got " +
+               dtype_name(t.scalar_type()));
+  }
 }
 
 inline void check_device(const at::Tensor& t, const char* name, const at::Device& device) {
-  TORCH_CHECK_VALUE(t.device() == device, "ahn.decode_step: ", name, " is on ", t.device(), " but q is on ",
-                    device);
+  if (t.device() != device) {
+    value_error(std::string("ahn.decode_step: ") + name + " is on " + t.device().str() + " but q is on " +
+                device.str());
+  }
 }
 
 inline void check_cache(const at::Tensor& t, const char* name, const char* dims, std::vector<int64_t> shape,
@@ -48,15 +70,18 @@ inline void check_cache(const at::Tensor& t, const char* name, const char* dims,
   check_dtype(t, name, dtype);
   check_device(t, name, device);
   check_shape(t, name, dims, std::move(shape));
-  TORCH_CHECK_VALUE(t.is_contiguous(), "ahn.decode_step: ", name, " must be contiguous (it is updated in place)");
+  if (!t.is_contiguous()) {
+    value_error(std::string("ahn.decode_step: ") + name + " must be contiguous (it is updated in place)");
+  }
 }
 
 // A per-head parameter: required for some kinds, unused (may be None) for the others.
 inline void check_param(const std::optional<at::Tensor>& t, const char* name, const char* dims,
                         std::vector<int64_t> shape, bool required, std::string_view kind, const at::Device& device) {
   if (!required) return;
-  TORCH_CHECK_VALUE(t.has_value() && t->defined(), "ahn.decode_step: ", name, " is required for kind=\"", kind,
-                    "\"");
+  if (!(t.has_value() && t->defined())) {
+    value_error(std::string("ahn.decode_step: ") + name + " is required for kind=\"" + std::string(kind) + "\"");
+  }
   check_float(*t, name);
   check_device(*t, name, device);
   check_shape(*t, name, dims, std::move(shape));
@@ -67,8 +92,10 @@ inline void check_param(const std::optional<at::Tensor>& t, const char* name, co
 inline Kind parse_kind(std::string_view kind) {
   if (kind == "gdn") return Kind::kGDN;
   if (kind == "dn") return Kind::kDN;
-  TORCH_CHECK_VALUE(kind == "mamba2", "ahn.decode_step: kind must be \"gdn\", \"dn\" or \"mamba2\", got \"", kind,
-                    "\"");
+  if (kind != "mamba2") {
+    detail::value_error("ahn.decode_step: kind must be \"gdn\", \"dn\" or \"mamba2\", got \"" + std::string(kind) +
+                        "\"");
+  }
   return Kind::kMamba2;
 }
 
@@ -84,17 +111,20 @@ inline DecodeSizes check_decode_args(const at::Tensor& q, const at::Tensor& k, c
                                      std::string_view kind_name) {
   using namespace detail;
   const Kind kind = parse_kind(kind_name);
-  TORCH_CHECK_VALUE(window >= 1, "ahn.decode_step: window must be >= 1, got ", window);
-  TORCH_CHECK_VALUE(sinks >= 0, "ahn.decode_step: sinks must be >= 0, got ", sinks);
+  if (window < 1) value_error("ahn.decode_step: window must be >= 1, got " + std::to_string(window));
+  if (sinks < 0) value_error("ahn.decode_step: sinks must be >= 0, got " + std::to_string(sinks));
 
   const auto dtype = q.scalar_type();
-  TORCH_CHECK_TYPE(dtype == at::kFloat || dtype == at::kHalf || dtype == at::kBFloat16,
-                   "ahn.decode_step: q must be float32, float16 or bfloat16, got ", dtype);
-  TORCH_CHECK_VALUE(q.dim() == 3, "ahn.decode_step: q must have shape [B, H, D], got ", q.sizes());
-  TORCH_CHECK_VALUE(k.dim() == 3, "ahn.decode_step: k must have shape [B, HKV, D], got ", k.sizes());
+  if (!(dtype == at::kFloat || dtype == at::kHalf || dtype == at::kBFloat16)) {
+    type_error("ahn.decode_step: q must be float32, float16 or bfloat16, got " + dtype_name(dtype));
+  }
+  if (q.dim() != 3) value_error("ahn.decode_step: q must have shape [B, H, D], got " + dims(q.sizes()));
+  if (k.dim() != 3) value_error("ahn.decode_step: k must have shape [B, HKV, D], got " + dims(k.sizes()));
   const int64_t B = q.size(0), H = q.size(1), D = q.size(2), HKV = k.size(1), W = window, S = sinks;
-  TORCH_CHECK_VALUE(D >= 1 && HKV >= 1 && H % HKV == 0, "ahn.decode_step: the H = ", H,
-                    " query heads of q must be a multiple of the HKV = ", HKV, " key/value heads of k");
+  if (!(D >= 1 && HKV >= 1 && H % HKV == 0)) {
+    value_error("ahn.decode_step: the H = " + std::to_string(H) + " query heads of q must be a multiple of the HKV = " +
+                std::to_string(HKV) + " key/value heads of k");
+  }
   const auto device = q.device();
 
   check_dtype(k, "k", dtype);

@@ -50,7 +50,10 @@ at::Tensor decode_step_cpu(const at::Tensor& q, const at::Tensor& k, const at::T
   const std::string_view kind_sv(kind_name.data(), kind_name.size());
   const DecodeSizes s = check_decode_args(q, k, v, a, b, z, A_log, dt_bias, norm_weight, o_weight, sink_k, sink_v,
                                           ring_k, ring_v, gates, state, pos, window, sinks, kind_sv);
-  TORCH_CHECK_VALUE(s.B == 0 || pos.min().item<int64_t>() >= 0, "ahn.decode_step: pos must be >= 0, got ", pos);
+  if (s.B > 0) {
+    const int64_t lowest = pos.min().item<int64_t>();
+    if (lowest < 0) detail::value_error("ahn.decode_step: pos must be >= 0, got min(pos) = " + std::to_string(lowest));
+  }
 
   const bool gated = s.kind != Kind::kDN, has_b = s.kind != Kind::kMamba2;
   const at::Tensor qc = q.contiguous(), kc = k.contiguous(), vc = v.contiguous();

@@ -170,12 +170,15 @@ at::Tensor decode_step_cuda(const at::Tensor& q, const at::Tensor& k, const at::
   const std::string_view kind_sv(kind_name.data(), kind_name.size());
   const DecodeSizes s = check_decode_args(q, k, v, a, b, z, A_log, dt_bias, norm_weight, o_weight, sink_k, sink_v,
                                           ring_k, ring_v, gates, state, pos, window, sinks, kind_sv);
-  TORCH_CHECK_VALUE(q.is_cuda(), "ahn.decode_step (CUDA): q must be a CUDA tensor, got ", q.device());
-  TORCH_CHECK_VALUE(s.D == 64 || s.D == 128, "ahn.decode_step (CUDA): head dim D (q.shape[2]) must be 64 or 128, got ",
-                    s.D);
-  TORCH_CHECK_VALUE(s.W + s.S < (int64_t{1} << 30), "ahn.decode_step (CUDA): window + sinks must be < 2^30, got ",
-                    s.W + s.S);
-  TORCH_CHECK_VALUE(s.B * s.H < INT_MAX / 4, "ahn.decode_step (CUDA): B * H too large, got ", s.B * s.H);
+  using detail::value_error;  // std::to_string messages: see ahn_decode_check.h
+  if (!q.is_cuda()) value_error("ahn.decode_step (CUDA): q must be a CUDA tensor, got " + q.device().str());
+  if (!(s.D == 64 || s.D == 128)) {
+    value_error("ahn.decode_step (CUDA): head dim D (q.shape[2]) must be 64 or 128, got " + std::to_string(s.D));
+  }
+  if (s.W + s.S >= (int64_t{1} << 30)) {
+    value_error("ahn.decode_step (CUDA): window + sinks must be < 2^30, got " + std::to_string(s.W + s.S));
+  }
+  if (s.B * s.H >= INT_MAX / 4) value_error("ahn.decode_step (CUDA): B * H too large, got " + std::to_string(s.B * s.H));
 
   const c10::cuda::CUDAGuard guard(q.device());
   at::Tensor out = at::empty({s.B, s.H, s.D}, q.options());

@@ -20,7 +20,7 @@ def _triton_available():
 
 
 @pytest.mark.skipif(not _triton_available(), reason="needs CUDA or TRITON_INTERPRET=1")
-@pytest.mark.parametrize("kind", ["gdn", "dn"])
+@pytest.mark.parametrize("kind", ["gdn", "dn", "mamba2"])
 def test_public_api_gradients_use_kernels(kind):
     dev = "cuda" if torch.cuda.is_available() else "cpu"
     B, T, H, HKV, D, W, S = 1, 70, 4, 2, 64, 19, 3

@@ -1,4 +1,4 @@
-"""Backward of the fused AHN prefill (kinds "gdn", "dn"): launcher and ``torch.ops.ahn.prefill_bwd``.
+"""Backward of the fused AHN prefill (kinds "gdn", "dn", "mamba2"): launcher and ``torch.ops.ahn.prefill_bwd``.
 
 Given ``dout`` (and optionally ``dht``, the grad of the final state), returns the gradients of
 ``q, k, v, a, b, z, A_log, dt_bias, norm_weight, o_weight`` and of the initial state.
@@ -10,6 +10,7 @@ launch                       grid                        recomputes / produces
 prefill._prep_kernel         (chunks, H)                 gc, w, u (as the forward)
 prefill._state_kernel        (D/BV, H, N) sequential     h per chunk, v_new
 _epi_bwd_kernel              (H, chunks)                 m; dm, dz, u, dnorm_weight part
+                                                         (mamba2: twice, README.md §6)
 _dh_bwd_kernel               (D/BV, H, N) sequential     dh per chunk, dv_new, dh0
 _mem_bwd_kernel              (H, chunks)                 memory dq, dk, dv, dg, dbeta
 _attn_lse_kernel             (H, blocks)                 window lse, delta
@@ -20,7 +21,9 @@ _attn_dkdv_kernel            (HKV, blocks)               dk, dv (+ memory, sink 
 
 Then cheap torch glue on ``[B, T, H]`` gates (sigmoid, softplus, ``-exp(A_log)``
 backward, sums over tokens for ``A_log``/``dt_bias``) and one matmul per head for
-``do_weight = sum_t u^T dy``; ``dnorm_weight`` sums per-chunk partials.
+``do_weight = sum_t u^T dy``; ``dnorm_weight`` sums per-chunk partials. Mamba2 (README.md §6):
+no WY part (w = 0, v_new = u = dt v), and the epilogue backward runs in two phases around a
+torch sum over heads of ``[tokens, H]`` partials (the norm spans the H heads of a token).
 
 Memory (beyond inputs and grads): ``2 * ceil(T/64) * H * D * D`` elements in the input dtype
 for the per-chunk states h and dh, plus ``7 * T * H * D`` row buffers (w, u, v_new, dv_new,
@@ -73,7 +76,8 @@ def prefill_bwd(dout, dht, q, k, v, a, b, z, A_log, dt_bias, norm_weight, o_weig
         others: as :func:`ahn_ops.ops.ahn_attention.prefill.prefill_fwd`.
     Returns:
         ``(dq, dk, dv, da, db, dz, dA_log, ddt_bias, dnorm_weight, do_weight, dh0)``; ``da``,
-        ``dA_log``, ``ddt_bias`` are None for "dn", ``dh0`` None without an initial state.
+        ``dA_log``, ``ddt_bias`` are None for "dn", ``db`` None for "mamba2", ``dh0`` None without
+        an initial state.
     """
     B, T, H, D = q.shape
     HKV = k.shape[2]
@@ -93,10 +97,11 @@ def prefill_bwd(dout, dht, q, k, v, a, b, z, A_log, dt_bias, norm_weight, o_weig
     dummy = q.new_empty(0)
     use_h0 = initial_state is not None
     use_dht = dht is not None and dht.numel() > 0
-    gates = 0 if kind == "gdn" else 1
+    mamba2 = kind == "mamba2"
+    gates = {"gdn": 0, "dn": 1, "mamba2": 3}[kind]
     A_logf = A_log.float().contiguous() if A_log is not None else dummy
     dt_biasf = dt_bias.float().contiguous() if dt_bias is not None else dummy
-    mem_scale = D ** -0.5
+    mem_scale = 1.0 if mamba2 else D ** -0.5
     qk_scale = D ** -0.5 * math.log2(math.e)
 
     dq = empty(B, T, H, D, dtype=dt, device=dev)
@@ -116,46 +121,58 @@ def prefill_bwd(dout, dht, q, k, v, a, b, z, A_log, dt_bias, norm_weight, o_weig
     if NT > 0:
         # ---- memory branch: recompute the forward's chunk quantities and states ----
         gc = empty(Tt, H, dtype=torch.float32, device=dev)
-        w = empty(Tt, H, D, dtype=dt, device=dev)
+        w = dummy if mamba2 else empty(Tt, H, D, dtype=dt, device=dev)  # Mamba2: no delta rule, w = 0
         u = empty(Tt, H, D, dtype=dt, device=dev)
         kd = empty(Tt, H, D, dtype=dt, device=dev)  # forward's decayed keys kn * exp(g_last - gc)
         pf._prep_kernel[(NT, H)](
-            kx=kf, vx=vf, a=af if af is not None else dummy, b=bf, gx=dummy, A_log=A_logf, dt_bias=dt_biasf,
-            seq=seq, chunks=chunks, gc=gc, w=w, u=u, kd=kd, H=H, HKV=HKV, D=D, W=W, S=S, BT=BT, GATES=gates,
-            num_warps=pf.CONFIG["prep_warps"])
+            kx=kf, vx=vf, a=af if af is not None else dummy, b=bf if bf is not None else dummy, gx=dummy,
+            A_log=A_logf, dt_bias=dt_biasf, seq=seq, chunks=chunks, gc=gc, w=w, u=u, kd=kd, H=H, HKV=HKV, D=D,
+            W=W, S=S, BT=BT, GATES=gates, MAMBA2=mamba2, num_warps=pf.CONFIG["prep_warps"])
         hs = empty(NT, H, D, D, dtype=dt, device=dev)
-        vnew = empty(Tt, H, D, dtype=dt, device=dev)
+        vnew = u if mamba2 else empty(Tt, H, D, dtype=dt, device=dev)
         # the forward's state-pass BV (prefill.CONFIG: 16 at D=128, more programs on a latency-bound loop)
         BV = pf.CONFIG["state_bv"][D]
         h0 = initial_state.float().contiguous() if use_h0 else dummy
         pf._state_kernel[(D // BV, H, N)](
             kd=kd, w=w, u=u, gc=gc, seq=seq, h0=h0, hs=hs, vnew=vnew, ht=dummy,
-            H=H, HKV=HKV, D=D, W=W, S=S, BT=BT, BV=BV, USE_H0=use_h0, STORE_HT=False,
+            H=H, HKV=HKV, D=D, W=W, S=S, BT=BT, BV=BV, USE_H0=use_h0, STORE_HT=False, MAMBA2=mamba2,
             num_warps=pf.CONFIG["state_warps"], num_stages=pf.CONFIG["state_stages"])
         del u, kd
         # ---- epilogue backward + readout recompute ----
         dm = empty(Tt, H, D, dtype=dt, device=dev)
         dvl = empty(Tt, H, D, dtype=dt, device=dev)
-        km._epi_bwd_kernel[(H, NT)](
-            q=qf, k=kf, z=zf, nw=norm_weight.float().contiguous(), ow=o_weight.to(dt).contiguous(), dy=dof,
-            seq=seq, chunks=chunks, gc=gc, hs=hs, vnew=vnew, dm=dm, dvl=dvl, uo=uo, dz=dz, dnw_part=dnw_part,
-            W=W, S=S, mem_scale=mem_scale, H=H, HKV=HKV, D=D, BT=BT, USE_H0=use_h0, num_warps=4)
+        epi = dict(q=qf, k=kf, z=zf, nw=norm_weight.float().contiguous(), ow=o_weight.to(dt).contiguous(), dy=dof,
+                   seq=seq, chunks=chunks, gc=gc, hs=hs, vnew=vnew, dm=dm, dvl=dvl, uo=uo, dz=dz, dnw_part=dnw_part,
+                   W=W, S=S, mem_scale=mem_scale, H=H, HKV=HKV, D=D, BT=BT, USE_H0=use_h0, MAMBA2=mamba2,
+                   num_warps=4)
+        if mamba2:
+            # the norm spans the H heads of a token: per-head partials first, reduced here over heads
+            ssp = empty(Tt, H, dtype=torch.float32, device=dev)
+            cp = empty(Tt, H, dtype=torch.float32, device=dev)
+            km._epi_bwd_kernel[(H, NT)](ssp=ssp, cp=cp, rk=dummy, PHASE=1, **epi)
+            r = torch.rsqrt(ssp.sum(1) / (H * D) + 1e-5)
+            rk = torch.stack([r, r.pow(3) * cp.sum(1) / (H * D)], 1).contiguous()  # [Tt, 2] fp32
+            del ssp, cp
+            km._epi_bwd_kernel[(H, NT)](ssp=dummy, cp=dummy, rk=rk, PHASE=2, **epi)
+        else:
+            km._epi_bwd_kernel[(H, NT)](ssp=dummy, cp=dummy, rk=dummy, PHASE=0, **epi)
         # ---- reverse state recurrence ----
         dhs = empty(NT, H, D, D, dtype=dt, device=dev)
         dvnew = empty(Tt, H, D, dtype=dt, device=dev)
         km._dh_bwd_kernel[(D // BV, H, N)](
             q=qf, k=kf, w=w, gc=gc, dm=dm, dvl=dvl, seq=seq, dht=dht.float().contiguous() if use_dht else dummy,
             dhs=dhs, dvnew=dvnew, dh0=dh0 if use_h0 else dummy, W=W, S=S, mem_scale=mem_scale,
-            H=H, HKV=HKV, D=D, BT=BT, BV=BV, USE_H0=use_h0, USE_DHT=use_dht,
+            H=H, HKV=HKV, D=D, BT=BT, BV=BV, USE_H0=use_h0, USE_DHT=use_dht, MAMBA2=mamba2,
             num_warps=CONFIG["dh_warps"], num_stages=CONFIG["dh_stages"])
         del dvl
         # ---- chunk-parallel memory gradients ----
         km._mem_bwd_kernel[(H, NT)](
-            q=qf, k=kf, v=vf, a=af if af is not None else dummy, b=bf, A_log=A_logf, dt_bias=dt_biasf,
+            q=qf, k=kf, v=vf, a=af if af is not None else dummy, b=bf if bf is not None else dummy, A_log=A_logf,
+            dt_bias=dt_biasf,
             seq=seq, chunks=chunks, gc=gc, hs=hs, dhs=dhs, w=w, vnew=vnew, dvnew=dvnew, dm=dm,
             dq_acc=dq_acc, dk_acc=dk_acc, dv_acc=dv_acc, dg_tok=dg_tok, dbeta_tok=dbeta_tok,
             W=W, S=S, mem_scale=mem_scale, H=H, HKV=HKV, D=D, BT=BT, BV=min(CONFIG["mem_bv"], D), GATES=gates,
-            USE_H0=use_h0, num_warps=CONFIG["mem_warps"])
+            USE_H0=use_h0, MAMBA2=mamba2, num_warps=CONFIG["mem_warps"])
         del hs, dhs, w, vnew, dvnew, dm
         # ---- window attention backward ----
         lse = empty(Tt, H, dtype=torch.float32, device=dev)
@@ -187,17 +204,32 @@ def prefill_bwd(dout, dht, q, k, v, a, b, z, A_log, dt_bias, norm_weight, o_weig
 
     # ---- torch glue on [tokens, H] gates: sigmoid, softplus, -exp(A_log) ----
     dzo = dz.view(B, T, H).to(z.dtype)
-    beta = torch.sigmoid(bf.float())
-    db = (dbeta_tok * beta * (1 - beta)).view(B, T, H).to(b.dtype)
-    da = dA_log = ddt_bias = None
-    if kind == "gdn":
+    da = db = dA_log = ddt_bias = None
+    if kind != "mamba2":
+        beta = torch.sigmoid(bf.float())
+        db = (dbeta_tok * beta * (1 - beta)).view(B, T, H).to(b.dtype)
+    if kind == "mamba2":
+        # dt = softplus(a + dt_bias) is both the write strength and (times -exp(A_log)) the log-decay
+        x = af.float() + dt_bias.float()
+        decay = -torch.exp(A_log.float())
+        ddt = dbeta_tok + dg_tok * decay
+        dx = ddt * torch.sigmoid(x)  # softplus' (threshold 20: sigmoid(20) = 1 in fp32)
+        da = dx.view(B, T, H).to(a.dtype)
+        ddt_bias = dx.sum(0).to(dt_bias.dtype)
+        dA_log = (dg_tok * decay * F.softplus(x)).sum(0).to(A_log.dtype)
+    elif kind == "gdn":
         x = af.float() + dt_bias.float()
         decay = -torch.exp(A_log.float())
         dgx = dg_tok * decay * torch.sigmoid(x)
         da = dgx.view(B, T, H).to(a.dtype)
         ddt_bias = dgx.sum(0).to(dt_bias.dtype)
         dA_log = (dg_tok * decay * F.softplus(x)).sum(0).to(A_log.dtype)
-    dnw = dnw_part[:NT].sum((0, 1)).to(norm_weight.dtype) if NT > 0 else torch.zeros_like(norm_weight)
+    if NT == 0:
+        dnw = torch.zeros_like(norm_weight)
+    elif mamba2:  # norm_weight [H * D]: one slice per head
+        dnw = dnw_part[:NT].sum(0).reshape(H * D).to(norm_weight.dtype)
+    else:
+        dnw = dnw_part[:NT].sum((0, 1)).to(norm_weight.dtype)
     # do_weight[h] = sum_t u[t, h]^T dy[t, h]: one [D, T] x [T, D] product per head
     dow = _mm_f32(uo.view(Tt, H, D).transpose(0, 1).transpose(1, 2), dof.view(Tt, H, D).transpose(0, 1))
     return dq, dk, dv, da, db, dzo, dA_log, ddt_bias, dnw, dow.to(o_weight.dtype), dh0

@@ -1,5 +1,8 @@
 """Backward of the AHN memory branch (chunked gated delta rule + epilogue), Triton.
 
+Mamba2 (constexpr ``MAMBA2``) is the special case X = I, w = 0 (no delta correction), with
+F.normalize for q/k and a norm over all H heads of a token (README.md §6).
+
 Same stream as the forward (prefill.py): one stream element per query row ``i`` of a
 sequence, element ``i`` absorbs the token at ``i - W`` (beta = g = 0 while ``i - W < S``),
 chunks of BT = 64 elements are query blocks. Per chunk ``c`` with state ``h_c`` before it,
@@ -34,19 +37,24 @@ import triton
 import triton.language as tl
 
 from ..common.tl_utils import dot_f32
-from .prefill import _l2norm_rows, _load_gates
+from .prefill import _inv_norm, _load_gates, _norm_rows
 
 
 @triton.jit(do_not_specialize=["W", "S"])
 def _epi_bwd_kernel(
     # pointers
-    q, k, z, nw, ow, dy, seq, chunks, gc, hs, vnew, dm, dvl, uo, dz, dnw_part,
+    q, k, z, nw, ow, dy, seq, chunks, gc, hs, vnew, dm, dvl, uo, dz, dnw_part, ssp, cp, rk,
     # sizes
     W, S, mem_scale,
     H: tl.constexpr, HKV: tl.constexpr, D: tl.constexpr,
     # meta
-    BT: tl.constexpr, USE_H0: tl.constexpr,
+    BT: tl.constexpr, USE_H0: tl.constexpr, MAMBA2: tl.constexpr, PHASE: tl.constexpr,
 ):
+    # MAMBA2 (x = m silu(z), n = x r, r = rsqrt(mean_{H*D} x^2 + eps), u = n nw, y = u @ ow[h]):
+    # dx = r dU nw - x r^3 C / (H D) with dU = dy ow[h]^T and C = sum over the token's H heads of
+    # sum_D dU nw x, a cross-head sum. PHASE 1 stores the per-head partials ssp = sum_D x^2 and
+    # cp = sum_D dU nw x; the launcher reduces them over heads into rk = (r, r^3 C / (H D)) per
+    # token; PHASE 2 recomputes m and dU (cheaper than storing two [T, H, D] rows) and finishes.
     i_h, i_c = tl.program_id(0), tl.program_id(1)
     G: tl.constexpr = H // HKV
     i_n = tl.load(chunks + i_c * 2)
@@ -64,7 +72,7 @@ def _epi_bwd_kernel(
     t_hi = tl.minimum(i_b * BT + BT, T) - 1
     if USE_H0 or (t_hi - W >= S):
         b_q = tl.load(q + p_row, mask=m_i[:, None], other=0.)  # [BT, D]
-        b_qn = _l2norm_rows(b_q.to(tl.float32)) * mem_scale  # [BT, D]
+        b_qn = _norm_rows(b_q.to(tl.float32), MAMBA2) * mem_scale  # [BT, D]
         b_gc = tl.load(gc + o_q * H + i_h, mask=m_i, other=0.)  # [BT]
         b_hc = tl.load(hs + (((coff + i_b) * H + i_h) * D + o_d[:, None]) * D + o_d[None, :])  # [D, D]
         b_mo = tl.dot((b_qn * tl.exp(b_gc)[:, None]).to(b_q.dtype), b_hc)  # [BT, D]
@@ -72,7 +80,7 @@ def _epi_bwd_kernel(
         m_act = m_i & (pos >= S)
         o_row = bos + tl.where(m_act, pos, 0)
         b_k = tl.load(k + (o_row * HKV + i_h // G)[:, None] * D + o_d[None, :], mask=m_act[:, None], other=0.)
-        b_kn = _l2norm_rows(b_k.to(tl.float32))  # [BT, D]
+        b_kn = _norm_rows(b_k.to(tl.float32), MAMBA2)  # [BT, D]
         # rows past the end have gc = 0: keep exp(gc_r - gc_s) off them (inf * 0 = NaN)
         m_low = (o_t[:, None] >= o_t[None, :]) & m_i[:, None]
         b_s = tl.dot(b_qn.to(b_q.dtype), tl.trans(b_kn.to(b_q.dtype)))  # [BT, BT]
@@ -80,26 +88,50 @@ def _epi_bwd_kernel(
         b_vn = tl.load(vnew + p_row, mask=m_act[:, None], other=0.)  # [BT, D]
         b_mo += tl.dot(b_s.to(b_q.dtype), b_vn)  # [BT, D]
 
-        # epilogue backward: u = m * rs * nw * z sigmoid(z); y = u @ ow[h]
         b_z = tl.load(z + o_q * H + i_h, mask=m_i, other=0.).to(tl.float32)  # [BT]
-        b_nw = tl.load(nw + o_d).to(tl.float32)  # [D]
-        b_rs = tl.rsqrt(tl.sum(b_mo * b_mo, 1) / D + 1e-5)  # [BT]
         b_sg = tl.sigmoid(b_z)
         b_gate = b_z * b_sg
-        b_n = b_mo * b_rs[:, None]  # [BT, D]
         b_dy = tl.load(dy + p_row, mask=m_i[:, None], other=0.)  # [BT, D]
         b_ow = tl.load(ow + (i_h * D + o_d[:, None]) * D + o_d[None, :])  # [D, D]
         b_du = tl.dot(b_dy, tl.trans(b_ow))  # [BT, D]
         b_du = tl.where(m_i[:, None], b_du, 0.)
-        tl.store(uo + p_row, (b_n * b_nw[None, :] * b_gate[:, None]).to(uo.dtype.element_ty), mask=m_i[:, None])
-        tl.store(dnw_part + (i_c * H + i_h) * D + o_d, tl.sum(b_n * b_gate[:, None] * b_du, 0))
-        b_dgate = tl.sum(b_n * b_nw[None, :] * b_du, 1)  # [BT]
-        tl.store(dz + o_q * H + i_h, b_dgate * (b_sg + b_gate * (1. - b_sg)), mask=m_i)
-        b_dn = b_du * b_nw[None, :] * b_gate[:, None]
-        b_dm = b_rs[:, None] * (b_dn - b_n * (tl.sum(b_dn * b_n, 1) / D)[:, None])  # [BT, D]
-        tl.store(dm + p_row, b_dm.to(dm.dtype.element_ty), mask=m_i[:, None])
-        b_dvl = tl.dot(tl.trans(b_s.to(b_q.dtype)), b_dm.to(b_q.dtype))  # [BT, D]
-        tl.store(dvl + p_row, b_dvl.to(dvl.dtype.element_ty), mask=m_i[:, None])
+        if MAMBA2:
+            b_nw = tl.load(nw + i_h * D + o_d).to(tl.float32)  # [D], this head's slice of [H * D]
+            b_x = b_mo * b_gate[:, None]  # [BT, D]
+            if PHASE == 1:
+                tl.store(ssp + o_q * H + i_h, tl.sum(b_x * b_x, 1), mask=m_i)
+                tl.store(cp + o_q * H + i_h, tl.sum(b_du * b_nw[None, :] * b_x, 1), mask=m_i)
+            else:
+                b_r = tl.load(rk + o_q * 2, mask=m_i, other=0.)  # [BT]
+                b_k2 = tl.load(rk + o_q * 2 + 1, mask=m_i, other=0.)  # [BT]
+                b_n = b_x * b_r[:, None]  # [BT, D]
+                tl.store(uo + p_row, (b_n * b_nw[None, :]).to(uo.dtype.element_ty), mask=m_i[:, None])
+                tl.store(dnw_part + (i_c * H + i_h) * D + o_d, tl.sum(b_n * b_du, 0))
+                b_dx = b_r[:, None] * b_du * b_nw[None, :] - b_k2[:, None] * b_x  # [BT, D]
+                b_dgate = tl.sum(b_dx * b_mo, 1)  # [BT]
+                tl.store(dz + o_q * H + i_h, b_dgate * (b_sg + b_gate * (1. - b_sg)), mask=m_i)
+                b_dm = b_dx * b_gate[:, None]  # [BT, D]
+                tl.store(dm + p_row, b_dm.to(dm.dtype.element_ty), mask=m_i[:, None])
+                b_dvl = tl.dot(tl.trans(b_s.to(b_q.dtype)), b_dm.to(b_q.dtype))  # [BT, D]
+                tl.store(dvl + p_row, b_dvl.to(dvl.dtype.element_ty), mask=m_i[:, None])
+        else:
+            # epilogue backward: u = m * rs * nw * z sigmoid(z); y = u @ ow[h]
+            b_nw = tl.load(nw + o_d).to(tl.float32)  # [D]
+            b_rs = tl.rsqrt(tl.sum(b_mo * b_mo, 1) / D + 1e-5)  # [BT]
+            b_n = b_mo * b_rs[:, None]  # [BT, D]
+            tl.store(uo + p_row, (b_n * b_nw[None, :] * b_gate[:, None]).to(uo.dtype.element_ty),
+                     mask=m_i[:, None])
+            tl.store(dnw_part + (i_c * H + i_h) * D + o_d, tl.sum(b_n * b_gate[:, None] * b_du, 0))
+            b_dgate = tl.sum(b_n * b_nw[None, :] * b_du, 1)  # [BT]
+            tl.store(dz + o_q * H + i_h, b_dgate * (b_sg + b_gate * (1. - b_sg)), mask=m_i)
+            b_dn = b_du * b_nw[None, :] * b_gate[:, None]
+            b_dm = b_rs[:, None] * (b_dn - b_n * (tl.sum(b_dn * b_n, 1) / D)[:, None])  # [BT, D]
+            tl.store(dm + p_row, b_dm.to(dm.dtype.element_ty), mask=m_i[:, None])
+            b_dvl = tl.dot(tl.trans(b_s.to(b_q.dtype)), b_dm.to(b_q.dtype))  # [BT, D]
+            tl.store(dvl + p_row, b_dvl.to(dvl.dtype.element_ty), mask=m_i[:, None])
+    elif MAMBA2 and PHASE == 1:
+        tl.store(ssp + o_q * H + i_h, tl.zeros([BT], dtype=tl.float32), mask=m_i)
+        tl.store(cp + o_q * H + i_h, tl.zeros([BT], dtype=tl.float32), mask=m_i)
     else:
         # no row of the chunk reads a memory token: the readout is 0 and so are u and dz
         tl.store(uo + p_row, tl.zeros([BT, D], dtype=tl.float32).to(uo.dtype.element_ty), mask=m_i[:, None])
@@ -115,7 +147,7 @@ def _dh_bwd_kernel(
     W, S, mem_scale,
     H: tl.constexpr, HKV: tl.constexpr, D: tl.constexpr,
     # meta
-    BT: tl.constexpr, BV: tl.constexpr, USE_H0: tl.constexpr, USE_DHT: tl.constexpr,
+    BT: tl.constexpr, BV: tl.constexpr, USE_H0: tl.constexpr, USE_DHT: tl.constexpr, MAMBA2: tl.constexpr,
 ):
     i_v, i_h, i_n = tl.program_id(0), tl.program_id(1), tl.program_id(2)
     G: tl.constexpr = H // HKV
@@ -148,7 +180,7 @@ def _dh_bwd_kernel(
         m_act = m_i & (pos >= S)
         o_row = bos + tl.where(m_act, pos, 0)
         b_k = tl.load(k + (o_row * HKV + i_h // G)[:, None] * D + o_d[None, :], mask=m_act[:, None], other=0.)
-        b_kn = _l2norm_rows(b_k.to(tl.float32))  # [BT, D]
+        b_kn = _norm_rows(b_k.to(tl.float32), MAMBA2)  # [BT, D]
         b_gc = tl.load(gc + o_q * H + i_h, mask=m_i, other=0.)  # [BT]
         i_last = tl.minimum(i_c * BT + BT, T) - 1
         b_glast = tl.load(gc + (bos + i_last) * H + i_h)
@@ -158,11 +190,13 @@ def _dh_bwd_kernel(
         b_dvn = b_dvl + tl.dot(b_kd.to(b_k.dtype), b_dh.to(b_k.dtype))  # [BT, BV]
         tl.store(dvnew + p_v, b_dvn.to(dvnew.dtype.element_ty), mask=m_i[:, None])
         b_q = tl.load(q + (o_q * H + i_h)[:, None] * D + o_d[None, :], mask=m_i[:, None], other=0.)  # [BT, D]
-        b_qg = _l2norm_rows(b_q.to(tl.float32)) * (mem_scale * tl.exp(b_gc))[:, None]  # [BT, D]
+        b_qg = _norm_rows(b_q.to(tl.float32), MAMBA2) * (mem_scale * tl.exp(b_gc))[:, None]  # [BT, D]
         b_dm = tl.load(dm + p_v, mask=m_i[:, None], other=0.)  # [BT, BV]
-        b_w = tl.load(w + (o_q * H + i_h)[:, None] * D + o_d[None, :], mask=m_i[:, None], other=0.)  # [BT, D]
-        b_dh = (b_dh * tl.exp(b_glast) + tl.dot(tl.trans(b_qg.to(b_q.dtype)), b_dm.to(b_q.dtype))
-                - tl.dot(tl.trans(b_w), b_dvn.to(b_w.dtype)))  # [D, BV]
+        b_dh = b_dh * tl.exp(b_glast) + tl.dot(tl.trans(b_qg.to(b_q.dtype)), b_dm.to(b_q.dtype))  # [D, BV]
+        if not MAMBA2:
+            # v_new = u - w h_c (Mamba2 has no delta correction: v_new = u does not depend on h)
+            b_w = tl.load(w + (o_q * H + i_h)[:, None] * D + o_d[None, :], mask=m_i[:, None], other=0.)  # [BT, D]
+            b_dh -= tl.dot(tl.trans(b_w), b_dvn.to(b_w.dtype))  # [D, BV]
     if USE_H0:
         tl.store(dh0 + p_hv, b_dh)
 
@@ -197,8 +231,10 @@ def _mem_bwd_kernel(
     W, S, mem_scale,
     H: tl.constexpr, HKV: tl.constexpr, D: tl.constexpr,
     # meta
-    BT: tl.constexpr, BV: tl.constexpr, GATES: tl.constexpr, USE_H0: tl.constexpr,
+    BT: tl.constexpr, BV: tl.constexpr, GATES: tl.constexpr, USE_H0: tl.constexpr, MAMBA2: tl.constexpr,
 ):
+    # MAMBA2: no delta correction, i.e. X = I and w = 0: v_new = u = dt v, and the WY part (dw,
+    # dX, dL) drops out; dbeta is then d(dt) through u, and q/k use F.normalize.
     # The [D, D] states h_c, dh_c+1 and the [BT, D] rows v, v_new, dv_new, dm are read in V slices
     # of BV columns (the products over V accumulate): one program holding two full [128, 128]
     # tiles and ~10 fp32 [64, 128] tiles at 4 warps spilled 14.5 KB per thread (ptxas, sm_90a)
@@ -227,7 +263,7 @@ def _mem_bwd_kernel(
         b_k = tl.load(k + p_kv, mask=m_act[:, None], other=0.)  # [BT, D]
         dt = b_k.dtype
         b_kf = b_k.to(tl.float32)
-        b_rk = tl.rsqrt(tl.sum(b_kf * b_kf, 1) + 1e-6)  # [BT]
+        b_rk = _inv_norm(b_kf, MAMBA2)  # [BT]
         b_kn = b_kf * b_rk[:, None]  # [BT, D]
         b_g, b_beta = _load_gates(a, b, b, A_log, dt_bias, o_row, m_act, i_h, H, GATES)
         b_gc = tl.load(gc + o_q * H + i_h, mask=m_i, other=0.)  # [BT]
@@ -239,10 +275,11 @@ def _mem_bwd_kernel(
         m_low = (o_t[:, None] >= o_t[None, :]) & m_i[:, None]
         m_slow = (o_t[:, None] > o_t[None, :]) & m_i[:, None]
         b_E = tl.exp(tl.where(m_low, b_gc[:, None] - b_gc[None, :], 0.))  # [BT, BT]
-        # WY inverse X = (I + L)^-1, L = tril(beta kn kn^T E, -1); w = X Kb, u = X Vb
-        b_kk = tl.dot(b_kn.to(dt), tl.trans(b_kn.to(dt)))  # [BT, BT]
-        b_L = tl.where(m_slow, b_beta[:, None] * b_kk * b_E, 0.)
-        b_Xc = _wy_inverse(b_L, o_t, BT).to(dt)  # [BT, BT]
+        if not MAMBA2:
+            # WY inverse X = (I + L)^-1, L = tril(beta kn kn^T E, -1); w = X Kb, u = X Vb
+            b_kk = tl.dot(b_kn.to(dt), tl.trans(b_kn.to(dt)))  # [BT, BT]
+            b_L = tl.where(m_slow, b_beta[:, None] * b_kk * b_E, 0.)
+            b_Xc = _wy_inverse(b_L, o_t, BT).to(dt)  # [BT, BT]
 
         # products over V, slice by slice
         b_ds = tl.zeros([BT, BT], dtype=tl.float32)  # dm v_new^T
@@ -266,19 +303,22 @@ def _mem_bwd_kernel(
             b_ds += tl.dot(b_dm, tl.trans(b_vn))  # [BT, BT]
             b_dqi += tl.dot(b_dm, tl.trans(b_hc))  # [BT, D]
             b_dkh += tl.dot(b_vn, tl.trans(b_dhn))  # [BT, D]
-            b_dw += tl.dot(b_dvn, tl.trans(b_hc))  # [BT, D]
             b_hdh += tl.sum(b_hc.to(tl.float32) * b_dhn.to(tl.float32), 1)
-            b_Vb = (b_v * b_beta[:, None]).to(dt)
-            b_dXv += tl.dot(b_dvn, tl.trans(b_Vb))  # [BT, BT]
-            # u = X Vb: dVb = X^T dv_new, dv = beta dVb
-            b_dVb = tl.dot(tl.trans(b_Xc), b_dvn)  # [BT, BV]
+            if MAMBA2:
+                b_dVb = b_dvn.to(tl.float32)  # u = dt v: dv = dt du, d(dt) = du . v
+            else:
+                b_dw += tl.dot(b_dvn, tl.trans(b_hc))  # [BT, D]
+                b_Vb = (b_v * b_beta[:, None]).to(dt)
+                b_dXv += tl.dot(b_dvn, tl.trans(b_Vb))  # [BT, BT]
+                # u = X Vb: dVb = X^T dv_new, dv = beta dVb
+                b_dVb = tl.dot(tl.trans(b_Xc), b_dvn)  # [BT, BV]
             b_dbeta += tl.sum(b_dVb * b_v, 1)
             tl.atomic_add(dv_acc + p_kvv, b_dVb * b_beta[:, None], mask=m_act[:, None])
 
         # readout: m = e^gc (qn h) + tril(qn kn^T E) v_new
         b_q = tl.load(q + p_row, mask=m_i[:, None], other=0.)  # [BT, D]
         b_qf = b_q.to(tl.float32)
-        b_rq = tl.rsqrt(tl.sum(b_qf * b_qf, 1) + 1e-6)  # [BT]
+        b_rq = _inv_norm(b_qf, MAMBA2)  # [BT]
         b_qy = b_qf * b_rq[:, None]  # [BT, D] l2norm(q)
         b_qn = b_qy * mem_scale
         b_ds = tl.where(m_low, b_ds * b_E, 0.)  # [BT, BT]
@@ -301,23 +341,24 @@ def _mem_bwd_kernel(
         b_dgc -= b_t
         b_dglast = tl.sum(b_t, 0) + tl.exp(b_glast) * tl.sum(b_hdh, 0)
         b_dgc += tl.where(o_t == i_last, b_dglast, 0.)
-        # v_new = u - w h_c: dw = -dv_new h^T; w = X Kb
-        b_dw = -b_dw
-        b_Kb = b_kn * (b_beta * b_eg)[:, None]  # [BT, D]
-        b_dX = tl.dot(b_dw.to(dt), tl.trans(b_Kb.to(dt))) + b_dXv  # [BT, BT]
-        b_dKb = tl.dot(tl.trans(b_Xc), b_dw.to(dt))  # [BT, D]
-        b_dk += b_dKb * (b_beta * b_eg)[:, None]
-        b_dbeta += tl.sum(b_dKb * b_kn, 1) * b_eg
-        b_dgc += tl.sum(b_dKb * b_Kb, 1)
-        # dL = -X^T dX X^T on the strictly lower triangle
-        b_dL = -tl.dot(tl.dot(tl.trans(b_Xc), b_dX.to(dt)).to(dt), tl.trans(b_Xc))  # [BT, BT]
-        b_dL = tl.where(m_slow, b_dL, 0.)
-        b_dLE = b_dL * b_E * b_kk  # d/dbeta_r of L_rs, times dL
-        b_dbeta += tl.sum(b_dLE, 1)
-        b_dLL = b_dLE * b_beta[:, None]  # dL * L
-        b_dgc += tl.sum(b_dLL, 1) - tl.sum(b_dLL, 0)
-        b_Gm = (b_dL * b_E * b_beta[:, None]).to(dt)
-        b_dk += tl.dot(b_Gm, b_kn.to(dt)) + tl.dot(tl.trans(b_Gm), b_kn.to(dt))
+        if not MAMBA2:
+            # v_new = u - w h_c: dw = -dv_new h^T; w = X Kb
+            b_dw = -b_dw
+            b_Kb = b_kn * (b_beta * b_eg)[:, None]  # [BT, D]
+            b_dX = tl.dot(b_dw.to(dt), tl.trans(b_Kb.to(dt))) + b_dXv  # [BT, BT]
+            b_dKb = tl.dot(tl.trans(b_Xc), b_dw.to(dt))  # [BT, D]
+            b_dk += b_dKb * (b_beta * b_eg)[:, None]
+            b_dbeta += tl.sum(b_dKb * b_kn, 1) * b_eg
+            b_dgc += tl.sum(b_dKb * b_Kb, 1)
+            # dL = -X^T dX X^T on the strictly lower triangle
+            b_dL = -tl.dot(tl.dot(tl.trans(b_Xc), b_dX.to(dt)).to(dt), tl.trans(b_Xc))  # [BT, BT]
+            b_dL = tl.where(m_slow, b_dL, 0.)
+            b_dLE = b_dL * b_E * b_kk  # d/dbeta_r of L_rs, times dL
+            b_dbeta += tl.sum(b_dLE, 1)
+            b_dLL = b_dLE * b_beta[:, None]  # dL * L
+            b_dgc += tl.sum(b_dLL, 1) - tl.sum(b_dLL, 0)
+            b_Gm = (b_dL * b_E * b_beta[:, None]).to(dt)
+            b_dk += tl.dot(b_Gm, b_kn.to(dt)) + tl.dot(tl.trans(b_Gm), b_kn.to(dt))
 
         # gc is the in-chunk inclusive cumsum of g: dg_p = sum_{r >= p} dgc_r
         b_dgc = tl.where(m_i, b_dgc, 0.)

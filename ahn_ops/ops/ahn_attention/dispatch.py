@@ -4,11 +4,14 @@
 kernel covers the inputs (then ``ahn_attention`` runs the fp32 reference).
 ``try_prefill_cache_kernel`` does the same for a prefill of T > 1 tokens on a cache.
 
-The Triton prefill (``prefill.py``, ``torch.ops.ahn.prefill_fwd``) covers kinds "gdn" and
-"dn", bf16/fp16 activations, D in (64, 128), forward and backward (``autograd.py`` registers
-``torch.ops.ahn.prefill_bwd`` as its gradient): CUDA tensors, or CPU tensors when
-``TRITON_INTERPRET=1`` (the CI path). fp32/fp64 inputs, Mamba2 and other D go to the
-reference. The cache path is inference only: calls that need gradients go to the reference.
+The Triton prefill (``prefill.py``, ``torch.ops.ahn.prefill_fwd``) covers kinds "gdn", "dn"
+and "mamba2", bf16/fp16 activations, D in (64, 128), forward and backward (``autograd.py``
+registers ``torch.ops.ahn.prefill_bwd`` as its gradient): CUDA tensors, or CPU tensors when
+``TRITON_INTERPRET=1`` (the CI path). fp32/fp64 inputs and other D go to the reference.
+The cache path is inference only: calls that need gradients go to the reference.
+
+Mamba2 kernels are tested in the interpreter only (2026-11-23); on CUDA they serve calls only
+with ``AHN_OPS_MAMBA2_KERNELS=1`` until a device run has checked them against the reference.
 """
 
 from __future__ import annotations
@@ -17,7 +20,7 @@ import os
 
 import torch
 
-_KINDS = ("gdn", "dn")
+_KINDS = ("gdn", "dn", "mamba2")
 _DTYPES = (torch.bfloat16, torch.float16)
 _D = (64, 128)
 
@@ -33,6 +36,8 @@ def _covered(q, kind, tensors, differentiable: bool) -> bool:
         return False
     if not _triton_device_ok(q):
         return False
+    if kind == "mamba2" and q.is_cuda and os.environ.get("AHN_OPS_MAMBA2_KERNELS", "0") != "1":
+        return False  # not yet verified on a GPU: the reference serves it
     if not differentiable and torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in tensors):
         return False  # the cache op has no autograd: keep gradients on the reference
     try:

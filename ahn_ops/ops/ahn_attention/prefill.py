@@ -1,6 +1,6 @@
-"""Fused AHN prefill forward in Triton (kinds "gdn" and "dn").
+"""Fused AHN prefill forward in Triton (kinds "gdn", "dn" and "mamba2").
 
-Three launches (README.md beside this file has the derivation):
+Three launches, four for Mamba2 (README.md beside this file has the derivation):
 
 1. ``_prep_kernel``   grid (chunks, H), fully parallel. Per memory chunk of BT=64 stream
    elements: write gates from the raw ``a, b`` projections, l2norm of k, in-chunk cumsum of
@@ -14,6 +14,11 @@ Three launches (README.md beside this file has the derivation):
    sink blocks and the window band are visited, masks only on edge blocks) PLUS the memory
    readout of the same rows from the chunk state, RMSNorm, swish gate, per-head [D, D]
    projection and the sum, written once in the input dtype.
+4. Mamba2 only: its RMSNorm spans the H heads of a token, so ``_fwd_kernel`` stops before the
+   norm (window output, un-normalised projection ``yp``, per-head sum of squares) and
+   ``_mamba2_norm_kernel`` (grid: token blocks) applies the cross-head scale: ``out += r * yp``.
+   Mamba2 has no delta correction: the prep pass skips the WY inverse (``w = 0``, ``u = dt v``),
+   the state pass skips ``w h`` and ``u`` serves as ``v_new``.
 
 The AHN alignment: the memory is a plain gated delta rule over a *stream* with one element
 per query row ``i`` (position ``t = P + i``). Element ``i`` absorbs token ``t - W`` (beta = 0,
@@ -46,7 +51,7 @@ BT = 64  # memory chunk == query block: a query block reads exactly one chunk st
 # H100, T=32k (benchmarks/NOTES_prefill.md): fwd (64, 4, 3) 2.93 ms vs (64, 4, 2) 3.09 ms and 3.8-5.8 ms for
 # BN=128 or 8 warps; state BV=16 beats 32 and 64 (more programs on a latency-bound sequential loop)
 CONFIG = {"fwd": (64, 4, 3), "state_bv": {64: 64, 128: 16}, "state_warps": 4, "state_stages": 3,
-          "prep_warps": 4}
+          "prep_warps": 4, "norm_bm": 32}
 
 
 # ---------------------------------------------------------------------------------------------
@@ -59,14 +64,36 @@ def _l2norm_rows(b_x):
 
 
 @triton.jit
+def _inv_norm(b_x, MAMBA2: tl.constexpr):
+    # [BT] row scale of the memory's q/k normalisation (fp32): GDN/DN l2norm 1 / sqrt(sum x^2 + 1e-6),
+    # Mamba2 F.normalize 1 / max(||x||, 1e-12)
+    if MAMBA2:
+        b_r = 1. / tl.maximum(tl.sqrt(tl.sum(b_x * b_x, 1)), 1e-12)
+    else:
+        b_r = tl.rsqrt(tl.sum(b_x * b_x, 1) + 1e-6)
+    return b_r
+
+
+@triton.jit
+def _norm_rows(b_x, MAMBA2: tl.constexpr):
+    return b_x * _inv_norm(b_x, MAMBA2)[:, None]
+
+
+@triton.jit
 def _load_gates(a, b, gx, A_log, dt_bias, o_row, m_act, i_h, H: tl.constexpr, GATES: tl.constexpr):
     """(g, beta) [BT] fp32 of the tokens at kx rows ``o_row``; 0 where ``m_act`` is off.
 
-    GATES: 0 = raw GDN projections a, b; 1 = raw DN projection b; 2 = stored fp32 (g, beta).
+    GATES: 0 = raw GDN projections a, b; 1 = raw DN projection b; 2 = stored fp32 (g, beta);
+    3 = raw Mamba2 projection a = dt_proj(x): beta = dt = softplus(a + dt_bias), g = -exp(A_log) dt.
     """
     if GATES == 2:
         b_g = tl.load(gx + o_row * H * 2 + i_h * 2, mask=m_act, other=0.).to(tl.float32)
         b_beta = tl.load(gx + o_row * H * 2 + i_h * 2 + 1, mask=m_act, other=0.).to(tl.float32)
+    elif GATES == 3:
+        b_x = tl.load(a + o_row * H + i_h, mask=m_act, other=0.).to(tl.float32) + tl.load(dt_bias + i_h)
+        b_sp = tl.where(b_x > 20., b_x, tl.log(1. + tl.exp(tl.minimum(b_x, 20.))))
+        b_beta = tl.where(m_act, b_sp, 0.)
+        b_g = -tl.exp(tl.load(A_log + i_h).to(tl.float32)) * b_beta
     else:
         b_b = tl.load(b + o_row * H + i_h, mask=m_act, other=0.).to(tl.float32)
         b_beta = tl.where(m_act, tl.sigmoid(b_b), 0.)
@@ -82,38 +109,9 @@ def _load_gates(a, b, gx, A_log, dt_bias, o_row, m_act, i_h, H: tl.constexpr, GA
 
 
 @triton.jit
-def _prep_kernel(
-    # pointers
-    kx, vx, a, b, gx, A_log, dt_bias, seq, chunks, gc, w, u, kd,
-    # sizes
-    H: tl.constexpr, HKV: tl.constexpr, D: tl.constexpr, W, S,
-    # meta
-    BT: tl.constexpr, GATES: tl.constexpr,
-):
-    i_c, i_h = tl.program_id(0), tl.program_id(1)
-    G: tl.constexpr = H // HKV
-    i_n = tl.load(chunks + i_c * 2)
-    i_b = tl.load(chunks + i_c * 2 + 1)
-    bos = tl.load(seq + i_n * 8).to(tl.int64)
-    T = tl.load(seq + i_n * 8 + 1)
-    P = tl.load(seq + i_n * 8 + 2)
-    kxb = tl.load(seq + i_n * 8 + 3).to(tl.int64)
-    kp0 = tl.load(seq + i_n * 8 + 4)
-
-    o_t = tl.arange(0, BT)
-    o_d = tl.arange(0, D)
-    o_i = i_b * BT + o_t
-    m_i = o_i < T
-    pos = P + o_i - W  # the token stream element i absorbs
-    m_act = m_i & (pos >= S)
-    o_row = kxb + tl.where(m_act, pos - kp0, 0)
-
-    b_k = tl.load(kx + (o_row * HKV + i_h // G)[:, None] * D + o_d[None, :], mask=m_act[:, None], other=0.)
-    b_v = tl.load(vx + (o_row * HKV + i_h // G)[:, None] * D + o_d[None, :], mask=m_act[:, None], other=0.)
-    b_kn = _l2norm_rows(b_k.to(tl.float32))  # [BT, D]
-    b_g, b_beta = _load_gates(a, b, gx, A_log, dt_bias, o_row, m_act, i_h, H, GATES)
-    b_gc = tl.cumsum(b_g, 0)  # [BT] in-chunk cumulative log-decay (0 for DN)
-
+def _wy_prep(b_kn, b_v, b_k, b_beta, b_gc, w, o_q, o_t, o_d, i_h, m_i, H: tl.constexpr, D: tl.constexpr,
+             BT: tl.constexpr):
+    # delta rule (GDN/DN): stores w = A (beta exp(gc) k), returns u = A (beta v) [BT, D] fp32
     m_low = o_t[:, None] > o_t[None, :]
     b_kk = dot(b_kn.to(b_k.dtype), tl.trans(b_kn.to(b_k.dtype)))  # [BT, BT]
     b_dec = tl.exp(tl.where(m_low, b_gc[:, None] - b_gc[None, :], 0.))
@@ -135,14 +133,53 @@ def _prep_kernel(
     b_Ac = b_A.to(b_k.dtype)
     b_w = dot(b_Ac, (b_kn * (b_beta * tl.exp(b_gc))[:, None]).to(b_k.dtype))  # [BT, D]
     b_u = dot(b_Ac, (b_v.to(tl.float32) * b_beta[:, None]).to(b_k.dtype))  # [BT, D]
+    tl.store(w + (o_q * H + i_h)[:, None] * D + o_d[None, :], b_w.to(w.dtype.element_ty), mask=m_i[:, None])
+    return b_u
 
+
+@triton.jit
+def _prep_kernel(
+    # pointers
+    kx, vx, a, b, gx, A_log, dt_bias, seq, chunks, gc, w, u, kd,
+    # sizes
+    H: tl.constexpr, HKV: tl.constexpr, D: tl.constexpr, W, S,
+    # meta
+    BT: tl.constexpr, GATES: tl.constexpr, MAMBA2: tl.constexpr,
+):
+    i_c, i_h = tl.program_id(0), tl.program_id(1)
+    G: tl.constexpr = H // HKV
+    i_n = tl.load(chunks + i_c * 2)
+    i_b = tl.load(chunks + i_c * 2 + 1)
+    bos = tl.load(seq + i_n * 8).to(tl.int64)
+    T = tl.load(seq + i_n * 8 + 1)
+    P = tl.load(seq + i_n * 8 + 2)
+    kxb = tl.load(seq + i_n * 8 + 3).to(tl.int64)
+    kp0 = tl.load(seq + i_n * 8 + 4)
+
+    o_t = tl.arange(0, BT)
+    o_d = tl.arange(0, D)
+    o_i = i_b * BT + o_t
+    m_i = o_i < T
+    pos = P + o_i - W  # the token stream element i absorbs
+    m_act = m_i & (pos >= S)
+    o_row = kxb + tl.where(m_act, pos - kp0, 0)
+
+    b_k = tl.load(kx + (o_row * HKV + i_h // G)[:, None] * D + o_d[None, :], mask=m_act[:, None], other=0.)
+    b_v = tl.load(vx + (o_row * HKV + i_h // G)[:, None] * D + o_d[None, :], mask=m_act[:, None], other=0.)
+    b_kn = _norm_rows(b_k.to(tl.float32), MAMBA2)  # [BT, D]
+    b_g, b_beta = _load_gates(a, b, gx, A_log, dt_bias, o_row, m_act, i_h, H, GATES)
+    b_gc = tl.cumsum(b_g, 0)  # [BT] in-chunk cumulative log-decay (0 for DN)
+    o_q = bos + o_i
+    if MAMBA2:
+        # no delta correction: no inverse, w = 0 (not stored), and the new values are u = dt v
+        b_u = b_v.to(tl.float32) * b_beta[:, None]  # [BT, D]
+    else:
+        b_u = _wy_prep(b_kn, b_v, b_k, b_beta, b_gc, w, o_q, o_t, o_d, i_h, m_i, H, D, BT)
     # the state pass adds kn^T (v_new * exp(g_last - gc)): store its decayed keys once here
     b_glast = tl.sum(tl.where(o_i == tl.minimum(i_b * BT + BT, T) - 1, b_gc, 0.), 0)
     b_kd = b_kn * tl.exp(tl.where(m_act, b_glast - b_gc, 0.))[:, None]
-    o_q = bos + o_i
     tl.store(kd + (o_q * H + i_h)[:, None] * D + o_d[None, :], b_kd.to(kd.dtype.element_ty), mask=m_i[:, None])
     tl.store(gc + o_q * H + i_h, b_gc, mask=m_i)
-    tl.store(w + (o_q * H + i_h)[:, None] * D + o_d[None, :], b_w.to(w.dtype.element_ty), mask=m_i[:, None])
     tl.store(u + (o_q * H + i_h)[:, None] * D + o_d[None, :], b_u.to(u.dtype.element_ty), mask=m_i[:, None])
 
 
@@ -153,7 +190,7 @@ def _state_kernel(
     # sizes
     H: tl.constexpr, HKV: tl.constexpr, D: tl.constexpr, W, S,
     # meta
-    BT: tl.constexpr, BV: tl.constexpr, USE_H0: tl.constexpr, STORE_HT: tl.constexpr,
+    BT: tl.constexpr, BV: tl.constexpr, USE_H0: tl.constexpr, STORE_HT: tl.constexpr, MAMBA2: tl.constexpr,
 ):
     i_v, i_h, i_n = tl.program_id(0), tl.program_id(1), tl.program_id(2)
     bos = tl.load(seq + i_n * 8).to(tl.int64)
@@ -177,11 +214,15 @@ def _state_kernel(
         o_i = i_c * BT + o_t
         m_i = o_i < T
         o_q = bos + o_i
-        b_w = tl.load(w + (o_q * H + i_h)[:, None] * D + o_d[None, :], mask=m_i[:, None], other=0.)  # [BT, D]
         b_u = tl.load(u + (o_q * H + i_h)[:, None] * D + o_v[None, :], mask=m_i[:, None], other=0.)  # [BT, BV]
-        b_vn = b_u.to(tl.float32) - dot(b_w, b_h.to(b_w.dtype))  # [BT, BV]
-        tl.store(vnew + (o_q * H + i_h)[:, None] * D + o_v[None, :], b_vn.to(vnew.dtype.element_ty),
-                 mask=m_i[:, None])
+        if MAMBA2:
+            # no delta correction: the new values are u = dt v themselves (the readout reads u)
+            b_vn = b_u.to(tl.float32)
+        else:
+            b_w = tl.load(w + (o_q * H + i_h)[:, None] * D + o_d[None, :], mask=m_i[:, None], other=0.)  # [BT, D]
+            b_vn = b_u.to(tl.float32) - dot(b_w, b_h.to(b_w.dtype))  # [BT, BV]
+            tl.store(vnew + (o_q * H + i_h)[:, None] * D + o_v[None, :], b_vn.to(vnew.dtype.element_ty),
+                     mask=m_i[:, None])
         b_kd = tl.load(kd + (o_q * H + i_h)[:, None] * D + o_d[None, :], mask=m_i[:, None], other=0.)  # [BT, D]
         i_last = tl.minimum(i_c * BT + BT, T) - 1
         b_glast = tl.load(gc + (bos + i_last) * H + i_h)
@@ -213,13 +254,18 @@ def _attn_block(b_q, b_k, b_v, m_s, b_acc, b_m, b_l, qk_scale, MASKED: tl.conste
 @triton.jit
 def _fwd_kernel(
     # pointers
-    q, kx, vx, sk, sv, z, nw, ow, seq, chunks, gc, hs, vnew, out,
+    q, kx, vx, sk, sv, z, nw, ow, seq, chunks, gc, hs, vnew, out, yp, ss,
     # sizes
     H: tl.constexpr, HKV: tl.constexpr, D: tl.constexpr, W, S, qk_scale, mem_scale,
     # meta
     BT: tl.constexpr, BN: tl.constexpr, MEMORY: tl.constexpr, USE_H0: tl.constexpr,
-    SINK_CACHE: tl.constexpr,
+    SINK_CACHE: tl.constexpr, MAMBA2: tl.constexpr,
 ):
+    # MAMBA2: the RMSNorm spans the H heads of a token, so this kernel stores the window output
+    # in ``out``, the un-normalised projection yp = (x * norm_weight[h]) @ o_weight[h] of the gated
+    # readout x = m silu(z) and the partial sum ss = sum_D x^2 (fp32); _mamba2_norm_kernel then
+    # adds rsqrt(sum_h ss / (H D) + eps) * yp (the norm's scale is one scalar per token, so it
+    # commutes with the projection).
     i_h, i_c = tl.program_id(0), tl.program_id(1)
     G: tl.constexpr = H // HKV
     i_kv = i_h // G
@@ -305,7 +351,7 @@ def _fwd_kernel(
             do_mem = t_hi - W >= S
         if do_mem:
             b_qf = b_q.to(tl.float32)
-            b_qn = _l2norm_rows(b_qf) * mem_scale  # [BT, D]
+            b_qn = _norm_rows(b_qf, MAMBA2) * mem_scale  # [BT, D]
             b_gc = tl.load(gc + o_q * H + i_h, mask=m_i, other=0.)
             b_hc = tl.load(hs + (((coff + i_b) * H + i_h) * D + o_d[:, None]) * D + o_d[None, :])  # [D, D]
             b_mo = dot((b_qn * tl.exp(b_gc)[:, None]).to(b_q.dtype), b_hc)  # [BT, D]
@@ -313,20 +359,62 @@ def _fwd_kernel(
             m_act = m_i & (pos >= S)
             o_row = kxb + tl.where(m_act, pos - kp0, 0)
             b_k = tl.load(kx + (o_row * HKV + i_kv)[:, None] * D + o_d[None, :], mask=m_act[:, None], other=0.)
-            b_kn = _l2norm_rows(b_k.to(tl.float32))  # [BT, D]
+            b_kn = _norm_rows(b_k.to(tl.float32), MAMBA2)  # [BT, D]
             m_low = o_t[:, None] >= o_t[None, :]
             b_s = dot(b_qn.to(b_q.dtype), tl.trans(b_kn.to(b_q.dtype)))  # [BT, BT]
             b_s = tl.where(m_low, b_s * tl.exp(tl.where(m_low, b_gc[:, None] - b_gc[None, :], 0.)), 0.)
             b_vn = tl.load(vnew + (o_q * H + i_h)[:, None] * D + o_d[None, :], mask=m_act[:, None], other=0.)
             b_mo += dot(b_s.to(b_q.dtype), b_vn)  # [BT, D]
-            # epilogue: RMSNorm over D, swish read gate, per-head [D, D] projection
             b_z = tl.load(z + o_q * H + i_h, mask=m_i, other=0.).to(tl.float32)
-            b_nw = tl.load(nw + o_d).to(tl.float32)
-            b_r = tl.rsqrt(tl.sum(b_mo * b_mo, 1) / D + 1e-5) * b_z * tl.sigmoid(b_z)
-            b_uo = b_mo * b_r[:, None] * b_nw[None, :]
             b_ow = tl.load(ow + (i_h * D + o_d[:, None]) * D + o_d[None, :])  # [D, D]
-            b_o += dot(b_uo.to(b_ow.dtype), b_ow)
+            if MAMBA2:
+                # gate, then the head's share of the token's RMSNorm (finished by _mamba2_norm_kernel)
+                b_x = b_mo * (b_z * tl.sigmoid(b_z))[:, None]  # [BT, D]
+                b_nw = tl.load(nw + i_h * D + o_d).to(tl.float32)
+                b_yp = dot((b_x * b_nw[None, :]).to(b_ow.dtype), b_ow)  # [BT, D]
+                tl.store(yp + (o_q * H + i_h)[:, None] * D + o_d[None, :], b_yp.to(yp.dtype.element_ty),
+                         mask=m_i[:, None])
+                tl.store(ss + o_q * H + i_h, tl.sum(b_x * b_x, 1), mask=m_i)
+            else:
+                # epilogue: RMSNorm over D, swish read gate, per-head [D, D] projection
+                b_nw = tl.load(nw + o_d).to(tl.float32)
+                b_r = tl.rsqrt(tl.sum(b_mo * b_mo, 1) / D + 1e-5) * b_z * tl.sigmoid(b_z)
+                b_uo = b_mo * b_r[:, None] * b_nw[None, :]
+                b_o += dot(b_uo.to(b_ow.dtype), b_ow)
+        elif MAMBA2:
+            # no memory token read by this block: m = 0
+            tl.store(yp + (o_q * H + i_h)[:, None] * D + o_d[None, :], tl.zeros([BT, D], dtype=tl.float32)
+                     .to(yp.dtype.element_ty), mask=m_i[:, None])
+            tl.store(ss + o_q * H + i_h, tl.zeros([BT], dtype=tl.float32), mask=m_i)
     tl.store(out + (o_q * H + i_h)[:, None] * D + o_d[None, :], b_o.to(out.dtype.element_ty), mask=m_i[:, None])
+
+
+@triton.jit
+def _mamba2_norm_kernel(
+    # pointers
+    out, yp, ss,
+    # sizes
+    NTOK, H: tl.constexpr, D: tl.constexpr, HP: tl.constexpr,
+    # meta
+    BM: tl.constexpr,
+):
+    """out += rsqrt(mean_{H*D}(x^2) + 1e-5) * yp for BM tokens: the cross-head end of the Mamba2 norm.
+
+    Bandwidth only, per token: reads out (window output) and yp (H*D each, input dtype) and
+    ss (H fp32), writes out; no weights (norm_weight and o_weight were applied per head).
+    """
+    i_m = tl.program_id(0)
+    o_m = i_m * BM + tl.arange(0, BM)
+    m_m = o_m < NTOK
+    o_h = tl.arange(0, HP)
+    o_d = tl.arange(0, D)
+    b_ss = tl.load(ss + o_m[:, None] * H + o_h[None, :], mask=m_m[:, None] & (o_h < H)[None, :], other=0.)  # [BM, HP]
+    b_r = tl.rsqrt(tl.sum(b_ss, 1) / (H * D) + 1e-5)  # [BM]
+    for i_h in range(H):
+        p_o = (o_m * H + i_h)[:, None] * D + o_d[None, :]
+        b_o = tl.load(out + p_o, mask=m_m[:, None], other=0.).to(tl.float32)  # [BM, D]
+        b_y = tl.load(yp + p_o, mask=m_m[:, None], other=0.).to(tl.float32)  # [BM, D]
+        tl.store(out + p_o, (b_o + b_r[:, None] * b_y).to(out.dtype.element_ty), mask=m_m[:, None])
 
 
 # ---------------------------------------------------------------------------------------------
@@ -359,48 +447,59 @@ def _launch(q, kx, vx, sk, sv, a, b, gx, z, A_log, dt_bias, norm_weight, o_weigh
         if ht is not None:
             ht.copy_(initial_state if initial_state is not None else torch.zeros_like(ht))
         return out, ht
-    gates = 2 if gx is not None else (0 if kind == "gdn" else 1)
+    mamba2 = kind == "mamba2"
+    gates = 2 if gx is not None else {"gdn": 0, "dn": 1, "mamba2": 3}[kind]
     dummy = q.new_zeros(16)  # stands in for pointers a constexpr branch never reads
     A_log = A_log.float().contiguous() if A_log is not None else dummy
     dt_bias = dt_bias.float().contiguous() if dt_bias is not None else dummy
     a = a.contiguous() if a is not None else dummy
     b = b.contiguous() if b is not None else dummy
     gx = gx if gx is not None else dummy
-    hs = vnew = gc = dummy
+    hs = vnew = gc = yp = ss = dummy
     if memory:
         gc = empty(Tq, H, dtype=torch.float32, device=dev)
-        w = empty(Tq, H, D, dtype=dt, device=dev)
+        # Mamba2: no delta correction, so no w, and v_new is u = dt v itself
+        w = dummy if mamba2 else empty(Tq, H, D, dtype=dt, device=dev)
         u = empty(Tq, H, D, dtype=dt, device=dev)
         kd = empty(Tq, H, D, dtype=dt, device=dev)
         _prep_kernel[(NT, H)](
             kx=kx, vx=vx, a=a, b=b, gx=gx, A_log=A_log, dt_bias=dt_bias, seq=seq, chunks=chunks, gc=gc, w=w, u=u, kd=kd,
-            H=H, HKV=HKV, D=D, W=window, S=sinks, BT=BT, GATES=gates, num_warps=CONFIG["prep_warps"])
+            H=H, HKV=HKV, D=D, W=window, S=sinks, BT=BT, GATES=gates, MAMBA2=mamba2, num_warps=CONFIG["prep_warps"])
         if stage == "prep":  # benchmarks: the parallel prep pass alone
             return out, ht
         hs = empty(NT, H, D, D, dtype=dt, device=dev)
-        vnew = empty(Tq, H, D, dtype=dt, device=dev)
+        vnew = u if mamba2 else empty(Tq, H, D, dtype=dt, device=dev)
         BV = CONFIG["state_bv"][D]
         h0 = initial_state.float().contiguous() if initial_state is not None else dummy
         _state_kernel[(D // BV, H, N)](
             kd=kd, w=w, u=u, gc=gc, seq=seq, h0=h0, hs=hs, vnew=vnew, ht=ht if ht is not None else dummy,
             H=H, HKV=HKV, D=D, W=window, S=sinks, BT=BT, BV=BV, USE_H0=initial_state is not None,
-            STORE_HT=ht is not None, num_warps=CONFIG["state_warps"], num_stages=CONFIG["state_stages"])
+            STORE_HT=ht is not None, MAMBA2=mamba2, num_warps=CONFIG["state_warps"],
+            num_stages=CONFIG["state_stages"])
         if stage == "state":  # benchmarks: the memory state passes alone
             return out, ht
+        if mamba2:
+            yp = empty(Tq, H, D, dtype=dt, device=dev)
+            ss = empty(Tq, H, dtype=torch.float32, device=dev)
     BN, fwd_warps, fwd_stages = CONFIG["fwd"]
     _fwd_kernel[(H, NT)](
         q=q, kx=kx, vx=vx, sk=sk, sv=sv, z=z.contiguous(), nw=norm_weight.float().contiguous(),
-        ow=o_weight.to(dt).contiguous(), seq=seq, chunks=chunks, gc=gc, hs=hs, vnew=vnew, out=out,
-        H=H, HKV=HKV, D=D, W=window, S=sinks, qk_scale=D ** -0.5 * math.log2(math.e), mem_scale=D ** -0.5,
+        ow=o_weight.to(dt).contiguous(), seq=seq, chunks=chunks, gc=gc, hs=hs, vnew=vnew, out=out, yp=yp, ss=ss,
+        H=H, HKV=HKV, D=D, W=window, S=sinks, qk_scale=D ** -0.5 * math.log2(math.e),
+        mem_scale=1.0 if mamba2 else D ** -0.5,
         BT=BT, BN=BN, MEMORY=memory, USE_H0=initial_state is not None, SINK_CACHE=sink_cache,
-        num_warps=fwd_warps, num_stages=fwd_stages)
+        MAMBA2=mamba2 and memory, num_warps=fwd_warps, num_stages=fwd_stages)
+    if mamba2 and memory:
+        BM = CONFIG["norm_bm"]
+        _mamba2_norm_kernel[(triton.cdiv(Tq, BM),)](
+            out=out, yp=yp, ss=ss, NTOK=Tq, H=H, D=D, HP=triton.next_power_of_2(H), BM=BM, num_warps=4)
     return out, ht
 
 
 def prefill_fwd(q, k, v, a, b, z, A_log, dt_bias, norm_weight, o_weight, window: int, sinks: int, kind: str,
                 cu_seqlens: Optional[torch.Tensor] = None, initial_state: Optional[torch.Tensor] = None,
                 output_final_state: bool = False, memory: bool = True, stage: str = "all"):
-    """Launch the fused prefill (positions from 0) of ``kind`` "gdn"/"dn" (no autograd).
+    """Launch the fused prefill (positions from 0) of ``kind`` "gdn"/"dn"/"mamba2" (no autograd).
 
     Args: as :func:`ahn_ops.ahn_attention`; ``q`` bf16/fp16 ``[B, T, H, D]``, D in (64, 128).
         initial_state: ``[N, H, D, D]`` fp32, the state before token ``S`` (N sequences).

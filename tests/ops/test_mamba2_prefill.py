@@ -1,0 +1,162 @@
+"""kind="mamba2" in the fused Triton prefill: forward, cache path and backward against the fp32 reference.
+
+Same harness and tolerances as test_prefill.py (forward: the flash-attention rule, kernel error
+<= 2x the error of the same reference math in the low precision + a floor) and test_backward.py
+(fp32 inputs: every gradient tight against autograd through the fp32 reference; fp16: the rule).
+CPU CI runs the kernels in Triton's interpreter (TRITON_INTERPRET=1, set by conftest).
+"""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+import ahn_ops
+from ahn_ops.ops.ahn_attention import reference as ref
+
+from ..utils import make_inputs, rel_err
+from .test_backward import NAMES, _err as _grad_err, _kernel_grads, _ref_grads
+from .test_prefill import DEV, _check, _prefill, pytestmark  # noqa: F401  (skip without CUDA/interpreter)
+from .test_prefill import test_chunked_prefill_on_cache as _chunked_on_cache
+
+KIND = "mamba2"
+
+FWD_CASES = [
+    # T, W, S, G, D, dtype
+    pytest.param(1, 5, 0, 1, 64, torch.bfloat16, id="T1-W5-S0-G1"),
+    pytest.param(63, 200, 3, 4, 64, torch.bfloat16, id="T63-W200-S3-G4-WgeT"),
+    pytest.param(100, 33, 4, 4, 64, torch.bfloat16, id="T100-W33-S4-G4"),
+    pytest.param(100, 17, 0, 1, 64, torch.float16, id="T100-W17-S0-G1-fp16"),
+    pytest.param(70, 20, 2, 2, 128, torch.float16, id="T70-W20-S2-G2-D128-fp16"),
+]
+
+
+@pytest.mark.parametrize("T,W,S,G,D,dtype", FWD_CASES)
+def test_mamba2_prefill_matches_reference(T, W, S, G, D, dtype):
+    HKV = 2 if G < 4 else 1
+    H = HKV * G
+    args = make_inputs(KIND, 1, T, H, HKV, D, dtype, device=DEV, seed=T * 7 + W)
+    out = ahn_ops.ahn_attention(*args, window=W, sinks=S, kind=KIND, backend="kernel")
+    r = ref.ahn_attention_ref(*args, W, S, KIND)
+    lp = ref.ahn_attention_ref(*args, W, S, KIND, dtype=dtype)
+    _check(f"mamba2-T{T}-W{W}-S{S}-G{G}-D{D}", out, r, lp)
+
+
+def test_mamba2_prefill_varlen():
+    lens, W, S, H, HKV, D = [37, 1, 100], 29, 3, 4, 1, 64
+    cu = torch.tensor([0, *torch.tensor(lens).cumsum(0).tolist()], dtype=torch.int32, device=DEV)
+    args = make_inputs(KIND, 1, sum(lens), H, HKV, D, torch.bfloat16, device=DEV, seed=5)
+    out = ahn_ops.ahn_attention(*args, window=W, sinks=S, kind=KIND, cu_seqlens=cu, backend="kernel")
+    r = ref.ahn_attention_ref(*args, W, S, KIND, cu_seqlens=cu)
+    lp = ref.ahn_attention_ref(*args, W, S, KIND, cu_seqlens=cu, dtype=torch.bfloat16)
+    _check("mamba2-varlen", out, r, lp)
+
+
+def test_mamba2_initial_and_final_state():
+    # initial state = the state before token S; final state holds tokens S .. T-1-W (B = 2)
+    B, T, W, S, H, HKV, D = 2, 90, 21, 5, 4, 2, 64
+    q, k, v, a, b, z, A_log, dt_bias, nw, ow = make_inputs(KIND, B, T, H, HKV, D, torch.bfloat16, device=DEV,
+                                                           seed=3)
+    h0 = torch.randn(B, H, D, D, device=DEV) * 0.1
+    _prefill()
+    out, ht = torch.ops.ahn.prefill_fwd(q, k, v, a, b, z, A_log, dt_bias, nw, ow, W, S, KIND, None, h0, True)
+
+    def full(dtype):
+        o_win = ref.window_attention_ref(q, k, v, W, S, dtype=dtype)
+        g, w = ref.memory_gates_ref(a, b, A_log, dt_bias, KIND, dtype)
+        m, st = ref.memory_readout_ref(q, k, v, g, w, W, S, KIND, initial_state=h0, dtype=dtype)
+        return o_win + ref.epilogue_ref(m, z, nw, ow, KIND), st
+
+    r, st = full(torch.float32)
+    lp, st_lp = full(torch.bfloat16)
+    _check("mamba2-h0-out", out, r, lp)
+    _check("mamba2-h0-final-state", ht, st, st_lp)
+
+
+@pytest.mark.parametrize("kind,W,S,splits", [
+    pytest.param(KIND, 24, 3, [40, 1, 30, 29], id="mamba2-W24-S3-40+1+30+29"),
+])
+def test_mamba2_chunked_prefill_on_cache(kind, W, S, splits):
+    """Prefill in pieces on a cache (prefill_cache kernel, one decode step) == one pass."""
+    _chunked_on_cache(kind, W, S, splits)
+
+
+def test_mamba2_opcheck():
+    T, W, S, H, HKV, D = 40, 9, 2, 2, 1, 64
+    _prefill()
+    args = make_inputs(KIND, 1, T, H, HKV, D, torch.float16, device=DEV, seed=7)
+    leaves = [None if x is None else x.detach().clone().requires_grad_(True) for x in args]
+    torch.library.opcheck(torch.ops.ahn.prefill_fwd.default, (*leaves, W, S, KIND, None, None, True),
+                          test_utils=("test_schema", "test_autograd_registration", "test_faketensor"))
+
+
+# ---------------------------------------------------------------------------------------------
+# backward
+# ---------------------------------------------------------------------------------------------
+BWD_CASES = [
+    # B, T, W, S, G, cu_seqlens
+    pytest.param(1, 1, 4, 0, 1, None, id="T1-W4-S0-G1"),
+    pytest.param(1, 63, 5, 0, 4, None, id="T63-W5-S0-G4"),
+    pytest.param(2, 100, 17, 3, 2, None, id="B2-T100-W17-S3-G2"),
+    pytest.param(1, 130, 64, 64, 1, None, id="T130-W64-S64-G1"),
+    pytest.param(1, 63, 100, 2, 2, None, id="T63-W100-S2-WgeT"),
+    pytest.param(1, 150, 20, 5, 2, [0, 40, 41, 150], id="varlen-0,40,41,150-W20-S5"),
+]
+
+
+@pytest.mark.parametrize("B,T,W,S,G,cu", BWD_CASES)
+def test_mamba2_grads_fp32_exact(B, T, W, S, G, cu):
+    HKV, D = 1, 64
+    inp = make_inputs(KIND, B, T, HKV * G, HKV, D, torch.float32, device=DEV, seed=T + W + S)
+    cs = None if cu is None else torch.tensor(cu, dtype=torch.int32, device=DEV)
+    dout = torch.randn(B, T, HKV * G, D, device=DEV)
+    gk = _kernel_grads(inp, dout, W, S, KIND, cs)
+    gr = _ref_grads([None if x is None else x.float() for x in inp], dout, W, S, KIND, cs, torch.float32)
+    for n, a, r in zip(NAMES, gk, gr):
+        if r is None:
+            assert a is None, n
+            continue
+        e = _grad_err(a, r)
+        print(f"{n}: kernel fp32 rel err {e:.2e}")
+        assert torch.isfinite(a).all() and e < (2e-4 if n in ("A_log", "dt_bias", "a") else 2e-5), n
+
+
+def test_mamba2_grads_fp16_rule():
+    # strong decays (A_log up to log 16) and H = 4 heads sharing the norm
+    T, W, S, G, HKV, D = 130, 20, 3, 2, 2, 64
+    dt = torch.bfloat16 if DEV == "cuda" else torch.float16
+    inp = make_inputs(KIND, 1, T, HKV * G, HKV, D, dt, device=DEV, seed=3)
+    dout = torch.randn(1, T, HKV * G, D, device=DEV)
+    gk = _kernel_grads(inp, dout, W, S, KIND, None)
+    gr = _ref_grads([None if x is None else x.float() for x in inp], dout, W, S, KIND, None, torch.float32)
+    low = [None if x is None else x.to(torch.bfloat16) if x.dtype == dt else x for x in inp]
+    gt = _ref_grads(low, dout, W, S, KIND, None, torch.bfloat16)
+    for n, a, r, t in zip(NAMES, gk, gr, gt):
+        if a is None:
+            continue
+        ek, et = _grad_err(a, r), _grad_err(t, r)
+        print(f"{n}: kernel {ek:.2e}  torch-bf16 {et:.2e}")
+        assert torch.isfinite(a).all() and ek <= 2 * et + 1e-3, n
+
+
+def test_mamba2_initial_state_grad():
+    _prefill()
+    T, H, D, W, S = 90, 2, 64, 20, 3
+    inp = make_inputs(KIND, 1, T, H, 1, D, torch.float32, device=DEV, seed=5)
+    h0 = torch.randn(1, H, D, D, device=DEV) * 0.1
+    leaves = [None if x is None else x.detach().clone().requires_grad_(True) for x in inp]
+    h0k = h0.clone().requires_grad_(True)
+    out, ht = torch.ops.ahn.prefill_fwd(*leaves, W, S, KIND, None, h0k, True)
+    dout, dht = torch.randn_like(out), torch.randn_like(ht)
+    (out * dout).sum().add_((ht * dht).sum()).backward()
+    q, k, v, a, b, z, A_log, dt_bias, nw, ow = [None if x is None else x.detach().clone().requires_grad_(True)
+                                                for x in inp]
+    h0r = h0.clone().requires_grad_(True)
+    o_win = ref.window_attention_ref(q, k, v, W, S)
+    g, w = ref.memory_gates_ref(a, b, A_log, dt_bias, KIND)
+    m, st = ref.memory_readout_ref(q, k, v, g, w, W, S, KIND, initial_state=h0r)
+    outr = o_win + ref.epilogue_ref(m, z, nw, ow, KIND)
+    (outr * dout).sum().add_((st * dht).sum()).backward()
+    assert rel_err(h0k.grad, h0r.grad) < 1e-4
+    for i, x in ((0, q), (1, k), (3, a), (6, A_log), (8, nw)):
+        assert rel_err(leaves[i].grad, x.grad) < 1e-3, NAMES[i]
