@@ -19,6 +19,7 @@ padded batch gives the same tokens as the sequences run one by one.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import re
@@ -37,7 +38,7 @@ AHN_KEY_RE = re.compile(r"^(?:model\.)?layers\.(\d+)\.ahn\.fn\.(.+)$")
 MIN_TRANSFORMERS = "5.0.0"
 
 __all__ = ["patch_qwen", "from_pretrained", "load_ahn_weights", "ahn_state_dict", "save_ahn_weights",
-           "read_ahn_config", "parse_fa_layer_ids", "AHNQwen2Attention", "AHN_KEY_RE"]
+           "full_attention", "ahn_window", "read_ahn_config", "parse_fa_layer_ids", "AHNQwen2Attention", "AHN_KEY_RE"]
 
 
 # --------------------------------------------------------------------------------------
@@ -146,6 +147,8 @@ class AHNQwen2Attention(nn.Module):
             raise ValueError("AHN attention needs position_embeddings (cos, sin) from Qwen2Model")
         cos, sin = position_embeddings
         q, k = _rope(q, k, cos, sin)
+        if cfg.get("full_attention"):
+            return self.o_proj(_full_causal_attention(self, q, k, v, past_key_values, kwargs)), None
         a, b, z = fn.gates(hidden_states)
         params = fn.op_params()
         op_kw = dict(window=cfg["window"], sinks=cfg["sinks"], kind=cfg["kind"], backend=cfg["backend"])
@@ -187,6 +190,72 @@ class AHNQwen2Attention(nn.Module):
             past_key_values.advance(self.layer_idx, T)
         out = out.reshape(B, T, -1)
         return self.o_proj(out), None
+
+
+def _full_causal_attention(attn, q, k, v, past_key_values, kwargs):
+    """The frozen layer's own attention, full causal, AHN bypassed: the teacher of self-distillation.
+
+    Runs on the same q/k/v projections and RoPE as the student (one copy of the weights). Only for
+    a cache-free prefill of unpadded sequences (what ``ahn_ops.distill`` feeds it).
+    """
+    if past_key_values is not None:
+        raise ValueError("full_attention(model) is for cache-free forwards: pass use_cache=False")
+    mask2d = kwargs.get("ahn_attention_mask")
+    if mask2d is not None and not bool(mask2d.to(torch.bool).all()):
+        raise ValueError("full_attention(model) does not support padded batches")
+    B, T = q.shape[:2]
+    o = torch.nn.functional.scaled_dot_product_attention(
+        q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2), is_causal=True, scale=attn.head_dim ** -0.5,
+        enable_gqa=True)
+    return o.transpose(1, 2).reshape(B, T, -1)
+
+
+def _ahn_attentions(model: nn.Module):
+    return [layer.self_attn for layer in _base_model(model).layers if getattr(layer.self_attn, "_ahn_patched", False)]
+
+
+@contextlib.contextmanager
+def full_attention(model: nn.Module):
+    """Inside the block, the AHN layers of a patched model run full causal attention (no window, no memory).
+
+    The teacher pass of self-distillation (``ahn_ops.distill``): the same module, the same frozen
+    weights, only the attention pattern changes, so teacher and student never hold two copies of the
+    model. Layers in ``fa_layer_ids`` are full attention anyway. Cache-free, unpadded forwards only.
+
+    Example:
+        >>> with torch.no_grad(), ahn_ops.models.full_attention(model):
+        ...     teacher_logits = model(input_ids, use_cache=False).logits   # == the unpatched model
+    """
+    attns = _ahn_attentions(model)
+    old = [a._ahn_cfg.get("full_attention", False) for a in attns]
+    for a in attns:
+        a._ahn_cfg["full_attention"] = True
+    try:
+        yield model
+    finally:
+        for a, o in zip(attns, old):
+            a._ahn_cfg["full_attention"] = o
+
+
+@contextlib.contextmanager
+def ahn_window(model: nn.Module, window: int, sinks: int):
+    """Inside the block, a patched model runs with window ``W`` and ``S`` sinks (run-time ints: no
+    kernel recompiles), e.g. the random window of each training step; restored on exit."""
+    from ..ops.common.checks import check_window_sinks
+
+    check_window_sinks(window, sinks)
+    attns = _ahn_attentions(model)
+    info = _base_model(model)._ahn_info
+    old = [(a._ahn_cfg["window"], a._ahn_cfg["sinks"]) for a in attns], (info["window"], info["sinks"])
+    for a in attns:
+        a._ahn_cfg["window"], a._ahn_cfg["sinks"] = int(window), int(sinks)
+    info["window"], info["sinks"] = int(window), int(sinks)
+    try:
+        yield model
+    finally:
+        for a, (w, s) in zip(attns, old[0]):
+            a._ahn_cfg["window"], a._ahn_cfg["sinks"] = w, s
+        info["window"], info["sinks"] = old[1]
 
 
 def _ahn_call(q, k, v, a, b, z, params, op_kw, cache):

@@ -110,13 +110,14 @@ CASES = [
 ]
 
 
+@pytest.mark.parametrize("backend", ["reference", "chunked"])
 @pytest.mark.parametrize("kind,T,W,S,G", CASES)
-def test_chunked_prefill_and_decode_match_one_prefill(kind, T, W, S, G):
+def test_chunked_prefill_and_decode_match_one_prefill(kind, T, W, S, G, backend):
     B, HKV, D = 2, 2, 8
     H = HKV * G
     inp = make_inputs(kind, B, T, H, HKV, D, F64, seed=T * 7 + W)
     q, k, v, a, b, z, A_log, dt_bias, nw, ow = inp
-    full = ahn_ops.ahn_attention(*inp, window=W, sinks=S, kind=kind)
+    full = ahn_ops.ahn_attention(*inp, window=W, sinks=S, kind=kind, backend=backend)
     cache = empty_layer_cache(kind, B, H, HKV, D, W, S, F64)
     rng = random.Random(T + W)
     outs, t0 = [], 0
@@ -124,7 +125,7 @@ def test_chunked_prefill_and_decode_match_one_prefill(kind, T, W, S, G):
         n = min(rng.choice([1, 1, 1, 2, 3, W, W + 1, 2 * W + 3]), T - t0)
         sl = slice(t0, t0 + n)
         outs.append(ahn_ops.ahn_attention(*(sel(x, sl) for x in (q, k, v, a, b, z)), A_log, dt_bias, nw, ow,
-                                          window=W, sinks=S, kind=kind, cache=cache))
+                                          window=W, sinks=S, kind=kind, cache=cache, backend=backend))
         t0 += n
     assert cache.pos.tolist() == [T] * B
     # fp32 gates/state in the cache: agreement to fp32 rounding

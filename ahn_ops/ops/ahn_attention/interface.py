@@ -13,9 +13,10 @@ from typing import Optional
 import torch
 
 from ..common.checks import check_ahn_inputs
+from . import chunked
 from . import reference as ref
 
-_BACKENDS = ("auto", "reference", "kernel")
+_BACKENDS = ("auto", "reference", "kernel", "chunked")
 
 
 def _has_op_kernel(op: str, key: str) -> bool:
@@ -70,8 +71,9 @@ def ahn_attention(
         cache: optional :class:`ahn_ops.AHNLayerCache` (``AHNCache(...)[layer]``): the ``T`` tokens
             continue the cached sequences, each at its own position, and the cache is updated in
             place (``T == 1`` is a decode step). Not differentiable.
-        backend: ``"auto"`` (fastest available), ``"reference"`` (fp32 PyTorch) or ``"kernel"``
-            (fail if no fused kernel covers the call).
+        backend: ``"auto"`` (fastest available: fused kernels, else the chunkwise PyTorch path of
+            ``chunked.py``), ``"chunked"`` (that path), ``"reference"`` (the token-by-token fp32
+            reference) or ``"kernel"`` (fail if no fused kernel covers the call).
 
     Returns:
         ``[B, T, H, D]`` in q's dtype (before Qwen's ``o_proj``).
@@ -99,7 +101,7 @@ def ahn_attention(
                               None if b is None else b[:, 0], z[:, 0], A_log, dt_bias, norm_weight,
                               o_weight, cache, backend=backend)[:, None]
         with torch.no_grad():
-            if backend != "reference":
+            if backend in ("auto", "kernel"):
                 from . import dispatch  # noqa: WPS433
 
                 out = dispatch.try_prefill_cache_kernel(q, k, v, a, b, z, A_log, dt_bias, norm_weight, o_weight,
@@ -110,11 +112,12 @@ def ahn_attention(
                     raise NotImplementedError(
                         f"no fused cache-prefill kernel for kind={kind!r}, device={q.device.type}, D={D}, "
                         f"dtype={q.dtype}")
-            out = ref.ahn_prefill_cache_ref(q, k, v, a, b, z, A_log, dt_bias, norm_weight, o_weight,
-                                            *cache.tensors(), window, sinks, kind, _compute_dtype(q))
+            impl = ref.ahn_prefill_cache_ref if backend == "reference" else chunked.ahn_prefill_cache_chunked
+            out = impl(q, k, v, a, b, z, A_log, dt_bias, norm_weight, o_weight, *cache.tensors(), window, sinks,
+                       kind, _compute_dtype(q))
         return out.to(q.dtype)
 
-    if backend != "reference":
+    if backend in ("auto", "kernel"):
         from . import dispatch  # noqa: WPS433  (kernels register themselves lazily)
 
         out = dispatch.try_prefill_kernel(q, k, v, a, b, z, A_log, dt_bias, norm_weight, o_weight,
@@ -124,8 +127,9 @@ def ahn_attention(
         if backend == "kernel":
             raise NotImplementedError(
                 f"no fused prefill kernel for kind={kind!r}, device={q.device.type}, D={D}, dtype={q.dtype}")
-    out = ref.ahn_attention_ref(q, k, v, a, b, z, A_log, dt_bias, norm_weight, o_weight,
-                                window, sinks, kind, cu_seqlens, dtype=_compute_dtype(q))
+    impl = ref.ahn_attention_ref if backend == "reference" else chunked.ahn_attention_chunked
+    out = impl(q, k, v, a, b, z, A_log, dt_bias, norm_weight, o_weight, window, sinks, kind, cu_seqlens,
+               dtype=_compute_dtype(q))
     return out.to(q.dtype)
 
 

@@ -40,6 +40,7 @@ __all__ = [
     "ahn_attention_ref",
     "ahn_prefill_cache_ref",
     "ahn_decode_ref",
+    "write_cache_tokens",
 ]
 
 
@@ -395,23 +396,31 @@ def ahn_prefill_cache_ref(
         new_states.append(S_fin)
         # cache update, after every read of this sequence
         with torch.no_grad():
-            for ti in range(T):
-                p = P + ti
-                if p < S:
-                    sink_k[bi, p] = k[bi, ti]
-                    sink_v[bi, p] = v[bi, ti]
-            # only the last W tokens at positions >= S survive in the ring
-            keep = [(ti, P + ti) for ti in range(T) if P + ti >= S][-W:]
-            for ti, p in keep:
-                sl = (p - S) % W
-                ring_k[bi, sl] = k[bi, ti]
-                ring_v[bi, sl] = v[bi, ti]
-                gates[bi, sl, :, 0] = g_new[bi, ti].to(gates.dtype)
-                gates[bi, sl, :, 1] = w_new[bi, ti].to(gates.dtype)
+            write_cache_tokens(bi, P, k[bi], v[bi], g_new[bi], w_new[bi], sink_k, sink_v, ring_k, ring_v, gates, W, S)
     with torch.no_grad():
         state.copy_(torch.stack(new_states).to(state.dtype))
         pos.add_(T)
     return torch.stack(outs)
+
+
+def write_cache_tokens(bi, P, k, v, g, w, sink_k, sink_v, ring_k, ring_v, gates, window, sinks) -> None:
+    """Write the ``T`` new tokens of sequence ``bi`` (at positions ``P ..``) into its cache.
+
+    ``k, v`` ``[T, HKV, D]``, ``g, w`` ``[T, H]``. Positions ``< S`` go to the sinks; of the
+    others only the last ``W`` survive in the ring (slot ``(p - S) % W``), with their gates.
+    """
+    W, S = window, sinks
+    T = k.shape[0]
+    for ti in range(min(T, max(0, S - P))):
+        sink_k[bi, P + ti] = k[ti]
+        sink_v[bi, P + ti] = v[ti]
+    first = max(max(0, S - P), T - W)  # older new tokens would be overwritten anyway
+    if first < T:
+        slots = (P + torch.arange(first, T, device=k.device) - S) % W
+        ring_k[bi, slots] = k[first:]
+        ring_v[bi, slots] = v[first:]
+        gates[bi, slots, :, 0] = g[first:].to(gates.dtype)
+        gates[bi, slots, :, 1] = w[first:].to(gates.dtype)
 
 
 def ahn_decode_ref(

@@ -1,0 +1,436 @@
+"""Self-distillation of AHN weights (issue 8), on one GPU, on several through torch.distributed, or on CPU.
+
+The recipe of the original AHN training: the frozen base model with full causal attention is the
+teacher; the same model with a sliding window + sinks + AHN memory is the student; only the AHN
+parameters (``model.layers.{i}.ahn.fn.*``) train. The loss sits on the tokens the window has
+lost context for (positions ``t >= W + S``, whose memory is not empty): ``kl_weight * KL(teacher ||
+student) + ce_weight * CE(student, next token)``. Every step draws its own window ``W`` (``min_window ..
+max_window``, ``T/8 < W < T``) and sink count ``S`` (``0 .. W/2``, ``W + S < T``); both are run-time
+ints of ``ahn_attention``, so changing them recompiles nothing.
+
+One copy of the weights: the teacher pass is the same patched module run inside
+:func:`ahn_ops.models.full_attention` under ``torch.no_grad`` (the AHN layers call SDPA with
+``is_causal=True`` on their own q/k/v), the student pass runs inside
+:func:`ahn_ops.models.ahn_window` with autograd through ``ahn_attention`` (Triton kernels on GPU,
+the fp32 reference on CPU).
+
+Multi-process (``torchrun``; gloo on CPU, NCCL on GPU): the model is wrapped in DDP with every frozen
+tensor excluded from synchronisation, so only the AHN gradients are all-reduced. Sample ``j`` of step
+``s`` is dataset index ``s * global_batch + j`` whatever the split, and the loss of a micro-batch is
+normalised by the token count of the *global* batch, so ``N`` ranks give the loss curve of one rank
+with the same global batch (``micro_batch * world_size * grad_accum``).
+
+Checkpoints (``out_dir/checkpoint-{step}/``): ``config.json`` + ``model.safetensors`` in the published
+AHN-only format (``ahn_ops.models.save_ahn_weights``; loadable by ``patch_qwen(weights=dir)`` and
+``ahn-merge``) and ``training_state.pt`` (optimizer, scheduler, RNG states of every rank, data
+position, step) for an exact resume.
+
+Example (CPU, tiny random model)::
+
+    from ahn_ops.distill import DistillConfig, Distiller
+    from ahn_ops.data import SyntheticRetrieval
+    cfg = DistillConfig(kind="gdn", window=32, sinks=4, seq_len=128, min_window=16, max_window=64,
+                        micro_batch=2, grad_accum=2, steps=20, lr=3e-3, out_dir="runs/x", save_every=10)
+    hist = Distiller(model, SyntheticRetrieval(128, "passkey"), cfg).train()
+"""
+
+from __future__ import annotations
+
+import contextlib
+import dataclasses
+import json
+import math
+import os
+import random
+import time
+from pathlib import Path
+from typing import Callable, Dict, List, Optional, Tuple
+
+import torch
+import torch.distributed as dist
+import torch.nn.functional as F
+from torch import nn
+
+from .models.qwen2 import (_base_model, ahn_window, full_attention, load_ahn_weights, patch_qwen,
+                           save_ahn_weights)
+
+__all__ = ["DistillConfig", "Distiller", "prepare_student", "sample_window_sinks", "distill_loss",
+           "TRAINING_STATE"]
+
+TRAINING_STATE = "training_state.pt"
+
+
+@dataclasses.dataclass
+class DistillConfig:
+    """Hyper-parameters of :class:`Distiller` (defaults: the original recipe where it is known).
+
+    Attributes:
+        kind: ``"gdn"`` / ``"dn"`` / ``"mamba2"`` (used when the model is not patched yet).
+        window, sinks: the nominal ``W``, ``S`` written to the checkpoint's ``config.json``
+            (inference defaults); also the training values when ``random_window`` is False.
+        fa_layer_ids: layers that keep full attention (no AHN).
+        seq_len: tokens per sample ``T`` (informational: the trainer uses the dataset's length).
+        random_window: draw ``W``, ``S`` per step. min_window, max_window: range of ``W`` (then clipped
+            to ``T/8 < W < T``). max_sinks: cap on ``S`` (None: ``W // 2``).
+        micro_batch, grad_accum: per-rank samples per forward, forwards per optimizer step.
+        steps: optimizer steps in total (the schedule's length).
+        lr, min_lr_ratio, warmup_steps: AdamW learning rate, cosine decay to ``lr * min_lr_ratio``
+            after a linear warmup. weight_decay (matrices only), betas, grad_clip (global L2, 0: off).
+        kl_weight, ce_weight, temperature: the loss.
+        grad_ckpt: activation checkpointing per decoder layer (HF gradient checkpointing, non-reentrant).
+        dtype: ``"auto"`` (bf16 on CUDA, fp32 on CPU), ``"bf16"`` or ``"fp32"``: frozen weights and
+            activations; AHN parameters are fp32 master weights (autocast on CUDA).
+        seed: window/sink draws and the RNG states. save_every: steps between checkpoints (0: only the
+            final one, when ``out_dir`` is set). out_dir: where checkpoints go. backend: ``ahn_attention``'s.
+        progress: tqdm bar on rank 0.
+    """
+
+    kind: str = "gdn"
+    window: int = 1024
+    sinks: int = 0
+    fa_layer_ids: Optional[str] = None
+    seq_len: int = 2048
+    random_window: bool = True
+    min_window: int = 32
+    max_window: int = 8192
+    max_sinks: Optional[int] = None
+    micro_batch: int = 1
+    grad_accum: int = 1
+    steps: int = 1000
+    lr: float = 1e-3
+    min_lr_ratio: float = 0.1
+    warmup_steps: int = 0
+    weight_decay: float = 0.01
+    betas: Tuple[float, float] = (0.9, 0.95)
+    grad_clip: float = 1.0
+    kl_weight: float = 1.0
+    ce_weight: float = 0.0
+    temperature: float = 1.0
+    grad_ckpt: bool = False
+    dtype: str = "auto"
+    seed: int = 0
+    save_every: int = 0
+    out_dir: Optional[str] = None
+    backend: str = "auto"
+    progress: bool = True
+
+    def to_dict(self) -> Dict:
+        d = dataclasses.asdict(self)
+        d["betas"] = list(self.betas)
+        return d
+
+
+# --------------------------------------------------------------------------------------
+# model preparation, window draws, the loss
+# --------------------------------------------------------------------------------------
+def _is_ahn_param(name: str) -> bool:
+    return ".ahn.fn." in name
+
+
+def prepare_student(model: nn.Module, cfg: DistillConfig, device=None) -> List[Tuple[str, nn.Parameter]]:
+    """Patch (if needed) and freeze: only the AHN parameters train, as fp32 master weights.
+
+    The base weights are cast to the compute dtype and get ``requires_grad=False``; GDN's ``D``
+    (present in the checkpoints, unused by the model) is frozen too, so that every trainable
+    parameter receives a gradient (DDP needs no ``find_unused_parameters``).
+
+    Returns:
+        ``[(name, parameter)]`` of the trainable parameters, in a fixed order.
+    """
+    base = _base_model(model)
+    if device is not None:
+        model.to(device)
+    dev = next(model.parameters()).device
+    dtype = _compute_dtype(cfg, dev)
+    if getattr(base, "_ahn_info", None) is None:
+        patch_qwen(model, cfg.kind, window=cfg.window, sinks=cfg.sinks, fa_layer_ids=cfg.fa_layer_ids,
+                   backend=cfg.backend)
+    for n, p in model.named_parameters():
+        if not _is_ahn_param(n):
+            p.data = p.data.to(dtype)
+    for b_name, buf in model.named_buffers():
+        if buf.is_floating_point() and "inv_freq" not in b_name:
+            buf.data = buf.data.to(dtype)
+    trainable = []
+    for n, p in model.named_parameters():
+        train = _is_ahn_param(n) and not (base._ahn_info["kind"] == "gdn" and n.endswith(".ahn.fn.D"))
+        if _is_ahn_param(n):
+            p.data = p.data.float()
+        p.requires_grad_(train)
+        if train:
+            trainable.append((n, p))
+    if not trainable:
+        raise ValueError("no AHN parameters to train (all layers in fa_layer_ids?)")
+    return trainable
+
+
+def _compute_dtype(cfg: DistillConfig, device: torch.device) -> torch.dtype:
+    if cfg.dtype == "auto":
+        return torch.bfloat16 if device.type == "cuda" else torch.float32
+    return {"bf16": torch.bfloat16, "bfloat16": torch.bfloat16, "fp32": torch.float32,
+            "float32": torch.float32}[cfg.dtype]
+
+
+def sample_window_sinks(cfg: DistillConfig, step: int, seq_len: int) -> Tuple[int, int]:
+    """``(W, S)`` of optimizer step ``step``: a function of (seed, step) only, the same on every rank
+    and after a resume. ``T/8 < W < T`` within ``[min_window, max_window]``; ``0 <= S <= W/2`` with
+    ``W + S < T`` so that at least one token carries loss."""
+    T = int(seq_len)
+    if not cfg.random_window:
+        W, S = int(cfg.window), int(cfg.sinks)
+        if W + S >= T:
+            raise ValueError(f"window + sinks = {W + S} must be < seq_len = {T} (no token beyond the window)")
+        return W, S
+    lo = max(int(cfg.min_window), T // 8 + 1, 1)
+    hi = min(int(cfg.max_window), T - 1)
+    if lo > hi:
+        raise ValueError(f"no window in [{cfg.min_window}, {cfg.max_window}] with T/8 < W < T for T={T}")
+    rng = random.Random(int(cfg.seed) * 1_000_003 + int(step) * 7 + 12345)
+    W = rng.randint(lo, hi)
+    s_hi = min(W // 2, T - W - 1, cfg.max_sinks if cfg.max_sinks is not None else W)
+    S = rng.randint(0, max(s_hi, 0))
+    return W, S
+
+
+def distill_loss(model: nn.Module, input_ids: torch.Tensor, window: int, sinks: int, *,
+                 student: Optional[nn.Module] = None, temperature: float = 1.0, with_ce: bool = True,
+                 autocast_dtype: Optional[torch.dtype] = None) -> Dict[str, torch.Tensor]:
+    """Teacher (full attention, no grad) and student (``W``, ``S``, AHN, autograd) on one micro-batch.
+
+    Only the positions ``t >= W + S`` get logits (``logits_to_keep``): the teacher and the student
+    agree on the rest by construction, and a 150k vocabulary times T positions is the largest
+    tensor of the step.
+
+    Args:
+        model: the patched model (the teacher pass calls it directly).
+        input_ids: ``[B, T]`` long, on the model's device.
+        window, sinks: this step's ``W``, ``S`` (``W + S < T``).
+        student: the module to call for the student pass (the DDP wrapper), default ``model``.
+    Returns:
+        dict of sums over the batch: ``kl_sum`` (differentiable), ``ce_sum`` (differentiable, or 0),
+        ``n_kl`` = ``B * (T - W - S)``, ``n_ce`` = ``B * (T - W - S - 1)``.
+    """
+    B, T = input_ids.shape
+    keep = T - window - sinks
+    if keep < 1:
+        raise ValueError(f"W + S = {window + sinks} leaves no token of T = {T} beyond the window")
+    student = model if student is None else student
+    ac = (torch.autocast(input_ids.device.type, dtype=autocast_dtype) if autocast_dtype is not None
+          else contextlib.nullcontext())
+    with torch.no_grad(), full_attention(model), ac:
+        t_logits = model(input_ids=input_ids, use_cache=False, logits_to_keep=keep).logits
+    with ahn_window(model, window, sinks), ac:
+        s_logits = student(input_ids=input_ids, use_cache=False, logits_to_keep=keep).logits
+    tau = float(temperature)
+    logp_t = F.log_softmax(t_logits.float() / tau, dim=-1)
+    logp_s = F.log_softmax(s_logits.float() / tau, dim=-1)
+    kl_sum = (logp_t.exp() * (logp_t - logp_s)).sum() * (tau * tau)
+    if with_ce and keep > 1:
+        labels = input_ids[:, T - keep + 1:]
+        ce_sum = F.cross_entropy(s_logits[:, :-1].float().reshape(-1, s_logits.shape[-1]), labels.reshape(-1),
+                                 reduction="sum")
+    else:
+        ce_sum = kl_sum.new_zeros(())
+    return dict(kl_sum=kl_sum, ce_sum=ce_sum, n_kl=B * keep, n_ce=B * (keep - 1))
+
+
+def _cosine_lambda(warmup: int, total: int, min_ratio: float) -> Callable[[int], float]:
+    def f(step: int) -> float:
+        if warmup > 0 and step < warmup:
+            return (step + 1) / warmup
+        prog = min(1.0, (step - warmup) / max(1, total - warmup))
+        return min_ratio + (1 - min_ratio) * 0.5 * (1 + math.cos(math.pi * prog))
+
+    return f
+
+
+def _rng_state() -> Dict:
+    st = {"python": random.getstate(), "torch": torch.get_rng_state()}
+    if torch.cuda.is_available():
+        st["cuda"] = torch.cuda.get_rng_state_all()
+    return st
+
+
+def _set_rng_state(st: Dict) -> None:
+    random.setstate(st["python"])
+    torch.set_rng_state(st["torch"])
+    if "cuda" in st and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(st["cuda"])
+
+
+# --------------------------------------------------------------------------------------
+# the trainer
+# --------------------------------------------------------------------------------------
+class Distiller:
+    """Self-distillation of a patched (or patchable) Qwen2 model's AHN parameters.
+
+    Args:
+        model: ``Qwen2ForCausalLM``, patched or not (then patched with ``cfg.kind/window/sinks``),
+            already on its device. Inside ``torch.distributed`` (``dist.is_initialized()``), every rank
+            builds the same model; rank 0's AHN weights are broadcast by DDP.
+        dataset: indexable, ``dataset[i] -> LongTensor [seq_len]`` deterministic in ``i``
+            (``ahn_ops.data``).
+        cfg: :class:`DistillConfig`.
+
+    ``train()`` runs up to ``cfg.steps`` and returns the history (one dict per step: ``step, loss, kl,
+    ce, window, sinks, lr, grad_norm, tokens, seconds, tokens_per_s``, the loss and tokens global
+    over ranks). ``save(path)`` / ``load(path)`` write and read a checkpoint.
+    """
+
+    def __init__(self, model: nn.Module, dataset, cfg: DistillConfig):
+        self.model, self.dataset, self.cfg = model, dataset, cfg
+        self.distributed = dist.is_available() and dist.is_initialized()
+        self.rank = dist.get_rank() if self.distributed else 0
+        self.world = dist.get_world_size() if self.distributed else 1
+        self.params = prepare_student(model, cfg)
+        self.device = next(model.parameters()).device
+        self.compute_dtype = _compute_dtype(cfg, self.device)
+        self.autocast_dtype = self.compute_dtype if (self.device.type == "cuda"
+                                                     and self.compute_dtype != torch.float32) else None
+        if cfg.grad_ckpt:
+            model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+        model.train()
+        decay = [p for n, p in self.params if p.dim() >= 2]
+        no_decay = [p for n, p in self.params if p.dim() < 2]
+        self.optimizer = torch.optim.AdamW(
+            [{"params": decay, "weight_decay": cfg.weight_decay}, {"params": no_decay, "weight_decay": 0.0}],
+            lr=cfg.lr, betas=tuple(cfg.betas), foreach=False)
+        self.scheduler = torch.optim.lr_scheduler.LambdaLR(
+            self.optimizer, _cosine_lambda(cfg.warmup_steps, cfg.steps, cfg.min_lr_ratio))
+        self.step = 0
+        self.sample_pos = 0  # the next global dataset index
+        self.global_batch = cfg.micro_batch * self.world * cfg.grad_accum
+        self.student = model
+        if self.distributed:
+            from torch.nn.parallel import DistributedDataParallel as DDP
+
+            # frozen tensors stay out of DDP: no broadcast of the base weights at wrap time, no buckets
+            ignore = [n for n, p in model.named_parameters() if not p.requires_grad]
+            ignore += [n for n, _ in model.named_buffers()]
+            DDP._set_params_and_buffers_to_ignore_for_model(model, ignore)
+            self.student = DDP(model, device_ids=[self.device] if self.device.type == "cuda" else None,
+                               broadcast_buffers=False)
+
+    # ---------------------------------------------------------------- data
+    def _micro_batch(self, micro: int) -> torch.Tensor:
+        """Rank r's micro-batch m of this step: global indices ``pos + (m * world + r) * mb + i``."""
+        mb = self.cfg.micro_batch
+        start = self.sample_pos + (micro * self.world + self.rank) * mb
+        return torch.stack([self.dataset[start + i] for i in range(mb)]).to(self.device)
+
+    # ---------------------------------------------------------------- one step
+    def train_step(self) -> Dict:
+        cfg = self.cfg
+        t0 = time.perf_counter()
+        batches = [self._micro_batch(m) for m in range(cfg.grad_accum)]
+        T = int(batches[0].shape[1])
+        W, S = sample_window_sinks(cfg, self.step, T)
+        keep = T - W - S
+        # global normalisers, known without communication (every sample has T tokens)
+        n_kl = self.global_batch * keep
+        n_ce = self.global_batch * max(keep - 1, 1)
+        with_ce = cfg.ce_weight != 0
+        sums = torch.zeros(2, dtype=torch.float64)
+        self.optimizer.zero_grad(set_to_none=True)
+        for m in range(cfg.grad_accum):
+            ids = batches[m]
+            if ids.shape[1] != T:
+                raise ValueError(f"samples of {ids.shape[1]} and {T} tokens in one step")
+            sync = (not self.distributed) or m == cfg.grad_accum - 1
+            ctx = contextlib.nullcontext() if sync else self.student.no_sync()
+            with ctx:
+                out = distill_loss(self.model, ids, W, S, student=self.student, temperature=cfg.temperature,
+                                   with_ce=with_ce, autocast_dtype=self.autocast_dtype)
+                loss = cfg.kl_weight * out["kl_sum"] / n_kl
+                if with_ce:
+                    loss = loss + cfg.ce_weight * out["ce_sum"] / n_ce
+                # DDP averages gradients over ranks; the global normalisation wants their sum
+                (loss * self.world).backward()
+            sums += torch.stack([out["kl_sum"].detach().double().cpu(), out["ce_sum"].detach().double().cpu()])
+        if self.distributed:
+            dist.all_reduce(sums)
+        params = [p for _, p in self.params]
+        if cfg.grad_clip and cfg.grad_clip > 0:
+            gnorm = float(torch.nn.utils.clip_grad_norm_(params, cfg.grad_clip, foreach=False))
+        else:
+            gnorm = float(torch.sqrt(sum((p.grad.double() ** 2).sum() for p in params if p.grad is not None)))
+        lr = self.optimizer.param_groups[0]["lr"]
+        self.optimizer.step()
+        self.scheduler.step()
+        self.step += 1
+        self.sample_pos += self.global_batch
+        if self.device.type == "cuda":
+            torch.cuda.synchronize(self.device)
+        dt = time.perf_counter() - t0
+        kl, ce = float(sums[0]) / n_kl, float(sums[1]) / n_ce
+        tokens = self.global_batch * T
+        return dict(step=self.step, loss=cfg.kl_weight * kl + cfg.ce_weight * ce, kl=kl, ce=ce, window=W, sinks=S,
+                    lr=lr, grad_norm=gnorm, tokens=tokens, seconds=dt, tokens_per_s=tokens / dt)
+
+    def train(self, steps: Optional[int] = None, callback: Optional[Callable[[Dict], None]] = None) -> List[Dict]:
+        """Run until ``self.step == steps`` (default ``cfg.steps``); checkpoints every ``cfg.save_every``
+        steps and at the end into ``cfg.out_dir``. Returns this call's history."""
+        cfg = self.cfg
+        end = cfg.steps if steps is None else int(steps)
+        bar = None
+        if cfg.progress and self.rank == 0:
+            from tqdm.auto import tqdm
+
+            bar = tqdm(total=end, initial=self.step, desc="distill", dynamic_ncols=True)
+        hist: List[Dict] = []
+        while self.step < end:
+            rec = self.train_step()
+            hist.append(rec)
+            if bar is not None:
+                bar.update(1)
+                bar.set_postfix(loss=f"{rec['loss']:.4f}", W=rec["window"], S=rec["sinks"],
+                                tok_s=f"{rec['tokens_per_s']:.0f}")
+            if callback is not None:
+                callback(rec)
+            if cfg.out_dir and ((cfg.save_every and self.step % cfg.save_every == 0) or self.step == end):
+                self.save(Path(cfg.out_dir) / f"checkpoint-{self.step}")
+        if bar is not None:
+            bar.close()
+        return hist
+
+    # ---------------------------------------------------------------- checkpoints
+    def save(self, path) -> Path:
+        """AHN-only checkpoint (published format) + ``training_state.pt``; collective under torch.distributed
+        (RNG states of every rank are gathered), written by rank 0."""
+        path = Path(path)
+        rng = _rng_state()
+        if self.distributed:
+            all_rng: List = [None] * self.world
+            dist.all_gather_object(all_rng, rng)
+        else:
+            all_rng = [rng]
+        if self.rank == 0:
+            # the nominal W/S go to config.json (ahn_window restored them after the last step)
+            save_ahn_weights(self.model, path)
+            state = dict(step=self.step, sample_pos=self.sample_pos, global_batch=self.global_batch,
+                         world_size=self.world, optimizer=self.optimizer.state_dict(),
+                         scheduler=self.scheduler.state_dict(), rng=all_rng, config=self.cfg.to_dict())
+            tmp = path / (TRAINING_STATE + ".tmp")
+            torch.save(state, tmp)
+            os.replace(tmp, path / TRAINING_STATE)
+            with open(path / "trainer_state.json", "w") as f:
+                json.dump(dict(step=self.step, sample_pos=self.sample_pos, world_size=self.world), f)
+        if self.distributed:
+            dist.barrier()
+        return path
+
+    def load(self, path) -> None:
+        """Resume from a checkpoint directory: AHN weights, optimizer, scheduler, step, data position, RNG."""
+        path = Path(path)
+        load_ahn_weights(self.model, path)  # fp32 master weights, cast to the parameters' dtype
+        state = torch.load(path / TRAINING_STATE, map_location="cpu", weights_only=False)
+        self.optimizer.load_state_dict(state["optimizer"])
+        self.scheduler.load_state_dict(state["scheduler"])
+        self.step, self.sample_pos = int(state["step"]), int(state["sample_pos"])
+        rngs = state["rng"]
+        _set_rng_state(rngs[self.rank] if self.rank < len(rngs) else rngs[0])
+        if int(state.get("global_batch", self.global_batch)) != self.global_batch and self.rank == 0:
+            import warnings
+
+            warnings.warn(f"resuming with global batch {self.global_batch} (checkpoint: {state['global_batch']}): "
+                          "the data position is kept, the loss curve will differ")
