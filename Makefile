@@ -30,7 +30,10 @@ build: setup
 test: build
 	TRITON_INTERPRET=1 $(PY) -m pytest -q tests
 
+# The main job: a small Qwen2.5-architecture model, patched vs unpatched, as the context grows;
+# then one AHN attention block at growing context against full attention.
 demo: build
+	$(PY) python/demo_model.py
 	$(PY) python/demo.py
 
 wheel: setup

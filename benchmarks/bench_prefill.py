@@ -10,7 +10,8 @@ FLOPs (reported as TFLOP/s = FLOP / median time):
   intra-chunk q k^T and its product with v_new); the triangular solve is not counted.
 Bytes (floor): q, k, v, out once each in bf16.
 Peers: FlexAttention (sliding window + sinks block mask, torch.compile), SDPA causal full (flash).
-fla / the unfused AHN pipeline are not installed on the device: not measured here.
+`collect(cfg)` (used by benchmarks/run_all.py) adds fla, flash-attn and the unfused AHN pipeline
+(benchmarks/peers.py) where installed, and returns result rows instead of printing.
 """
 
 from __future__ import annotations
@@ -19,22 +20,13 @@ import argparse
 import math
 import os
 import sys
-import types
 
 import torch
 
-sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."))
-try:
-    import ahn_ops  # noqa: F401
-except ImportError as e:  # extension not built on this machine: the Triton ops do not need it
-    print(f"[bench] ahn_ops extension unavailable ({str(e).splitlines()[0][:80]}...), stubbing ahn_ops._ext")
-    for m in [m for m in sys.modules if m.startswith("ahn_ops")]:
-        del sys.modules[m]
-    stub = types.ModuleType("ahn_ops._ext")
-    stub.load_extension = lambda name=None: None
-    stub.has_cuda_kernels = lambda: False
-    sys.modules["ahn_ops._ext"] = stub
-    import ahn_ops  # noqa: F401
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+import common as C  # noqa: E402
+
+ahn_ops = C.import_ahn_ops()
 
 import triton  # noqa: E402
 
@@ -44,7 +36,8 @@ from ahn_ops.ops.ahn_attention import reference as ref  # noqa: E402
 DEV = "cuda"
 
 
-def make(kind, B, T, H, HKV, D, dtype=torch.bfloat16, seed=0):
+def make(kind, B, T, H, HKV, D, dtype=torch.bfloat16, seed=0, device=None):
+    DEV = device or globals()["DEV"]  # noqa: N806
     g = torch.Generator(device=DEV).manual_seed(seed)
     r = lambda *s, sc=1.0: torch.randn(*s, generator=g, device=DEV) * sc  # noqa: E731
     q, k, v = r(B, T, H, D).to(dtype), r(B, T, HKV, D).to(dtype), r(B, T, HKV, D).to(dtype)
@@ -57,18 +50,8 @@ def make(kind, B, T, H, HKV, D, dtype=torch.bfloat16, seed=0):
     return q, k, v, a, b, z, A_log, dt_bias, nw, r(H, D, D, sc=D ** -0.5)
 
 
-def window_flops(T, W, S, H, D):
-    t = torch.arange(T, dtype=torch.float64)
-    nk = torch.clamp(t + 1, max=W) + torch.clamp(t - W + 1, min=0).clamp(max=S)
-    return 4 * D * H * nk.sum().item()
-
-
-def memory_flops(T, W, S, H, D, BT=64, kind="gdn"):
-    first = (S + W) // BT * BT
-    n = max(0, T - first)
-    if kind == "mamba2":  # no WY inverse, no w: state kd^T u, readout q h + tril(QK^T) u, projection
-        return H * n * (6 * D * D + 4 * BT * D)
-    return H * n * (8 * D * D + 10 * BT * D)
+window_flops = C.window_flops
+memory_flops = C.memory_flops
 
 
 def rel(x, r):
@@ -126,7 +109,7 @@ def check():
 
 
 def bench(T, W, S, H=16, HKV=2, D=128, kind="gdn", sweep=False):
-    from torch.nn.attention.flex_attention import create_block_mask, flex_attention
+    from torch.nn.attention.flex_attention import flex_attention
     import torch.nn.functional as F
 
     args = make(kind, 1, T, H, HKV, D, seed=T + 1)
@@ -165,10 +148,7 @@ def bench(T, W, S, H=16, HKV=2, D=128, kind="gdn", sweep=False):
     t_prep = med(lambda: P.prefill_fwd(*args, W, S, kind, stage="prep"))
     qt, kt, vt = (x.transpose(1, 2).contiguous() for x in (q, k, v))
 
-    def mask_mod(b, h, qi, ki):
-        return (ki <= qi) & ((qi - ki < W) | (ki < S))
-
-    bm = torch.compile(create_block_mask)(mask_mod, None, None, T, T, device=DEV)  # no T^2 mask in memory
+    bm = C.sliding_window_block_mask(T, W, S, DEV)  # compiled: no T^2 mask in memory
     flex = torch.compile(flex_attention)
     t_flex = med(lambda: flex(qt, kt, vt, block_mask=bm, enable_gqa=True))
     try:
@@ -189,6 +169,126 @@ def bench(T, W, S, H=16, HKV=2, D=128, kind="gdn", sweep=False):
         print(f"  {name:40s} {t:9.3f} ms  {tf}")
     print(f"  memory branch overhead over our window-only: {100 * (t_full / t_win - 1):.1f}%")
     return dict(T=T, W=W, S=S, full=t_full, win=t_win, state=t_state, flex=t_flex, sdpa=t_sdpa, fw=fw, fm=fm)
+
+
+# ---------------------------------------------------------------------------------------------
+# run_all interface: cases(cfg) -> [case], run_case(cfg, case) -> [row], collect(cfg) -> [row]
+# ---------------------------------------------------------------------------------------------
+def cases(cfg):
+    """The prefill sweep: T (with its W), kinds, Qwen2.5 head shapes, W, S and B."""
+    if cfg.cpu:
+        base = dict(B=1, H=2, HKV=1, D=64, W=32, S=4)
+        out = [dict(base, kind=k, T=128) for k in C.KINDS] + [dict(base, kind="gdn", T=256)]
+        return out
+    out = []
+    W_of = {8192: (4096, 128), 32768: (4096, 128), 131072: (32640, 128)}
+    Ts = (8192, 32768) if cfg.quick else (8192, 32768, 131072)
+    kinds = ("gdn",) if cfg.quick else C.KINDS
+    heads = ("3b",) if cfg.quick else tuple(C.HEADS)
+    for kind in kinds:
+        for hn in heads:
+            H, HKV = C.HEADS[hn]
+            for T in Ts:
+                W, S = W_of[T]
+                out.append(dict(kind=kind, B=1, T=T, W=W, S=S, H=H, HKV=HKV, D=128))
+    H, HKV = C.HEADS["3b"]
+    if cfg.quick:  # one point of every other axis
+        out += [dict(kind="dn", B=1, T=8192, W=4096, S=128, H=H, HKV=HKV, D=128),
+                dict(kind="mamba2", B=1, T=8192, W=4096, S=128, H=H, HKV=HKV, D=128),
+                dict(kind="gdn", B=1, T=8192, W=4096, S=128, H=28, HKV=4, D=128),
+                dict(kind="gdn", B=1, T=8192, W=4096, S=128, H=40, HKV=8, D=128),
+                dict(kind="gdn", B=4, T=8192, W=4096, S=128, H=H, HKV=HKV, D=128)]
+        return out
+    out += [dict(kind="gdn", B=1, T=32768, W=W, S=128, H=H, HKV=HKV, D=128) for W in (1024, 16384)]
+    out += [dict(kind="gdn", B=1, T=32768, W=4096, S=0, H=H, HKV=HKV, D=128)]
+    out += [dict(kind="gdn", B=B, T=8192, W=4096, S=128, H=H, HKV=HKV, D=128) for B in (4, 16)]
+    return out
+
+
+def shape_str(c):
+    return f"B{c['B']} T{c['T']} W{c['W']} S{c['S']} H{c['H']}/{c['HKV']} D{c['D']}"
+
+
+def run_case(cfg, c):
+    """Ours (torch.ops.ahn.prefill_fwd's launcher) and every installed peer on one shape."""
+    import torch.nn.functional as F
+
+    import peers as PE
+
+    kind, B, T, W, S, H, HKV, D = (c[x] for x in ("kind", "B", "T", "W", "S", "H", "HKV", "D"))
+    dev = cfg.device
+    st = C.peer_status(dev)
+    args = make(kind, B, T, H, HKV, D, seed=cfg.seed + T, device=dev)
+    q, k, v = args[:3]
+    fw, fm = window_flops(T, W, S, H, D) * B, memory_flops(T, W, S, H, D, kind=kind) * B
+    nbytes = C.prefill_bytes(B, T, H, HKV, D, kind=kind)
+    errs = []
+    interp = os.environ.get("TRITON_INTERPRET", "0") == "1"
+    if dev == "cpu" and not interp:  # no Triton on the CPU without the interpreter: the reference path
+        note = "ours = reference path (TRITON_INTERPRET unset)"
+        ours_fn = lambda: ahn_ops.ahn_attention(*args, window=W, sinks=S, kind=kind, backend="reference")  # noqa: E731
+    else:
+        note = "ours = Triton interpreter" if dev == "cpu" else ""
+        ours_fn = lambda: P.prefill_fwd(*args, W, S, kind)[0]  # noqa: E731
+    ms = C.bench_ms(ours_fn, cfg, errors=errs)
+    if errs:
+        note = (note + "; " if note else "") + "ours failed: " + errs[-1]
+    out_ours = ours_fn() if not errs else None
+    peer_ms, notes = {}, {}
+    qt, kt, vt = (x.transpose(1, 2).contiguous() for x in (q, k, v))
+    flex = None
+    if st["flex"]:
+        notes["flex"] = st["flex"]
+    else:
+        e = []
+        try:
+            flex = PE.flex_window(T, W, S, dev)
+            peer_ms["flex"] = C.bench_ms(lambda: flex(qt, kt, vt), cfg, errors=e)
+        except Exception as ex:  # noqa: BLE001
+            e.append(f"{type(ex).__name__}: {str(ex)[:120]}")
+            peer_ms["flex"] = C.NAN
+        notes["flex"] = ("eager (CPU)" if dev == "cpu" else "compiled, window+sinks") + (f"; failed: {e[-1]}" if e else "")
+    e = []
+    peer_ms["sdpa_full"] = C.bench_ms(lambda: F.scaled_dot_product_attention(qt, kt, vt, is_causal=True, enable_gqa=True),
+                                      cfg, errors=e)
+    notes["sdpa_full"] = "causal full attention" + (f"; failed: {e[-1]}" if e else "")
+    if st["flash_attn"]:
+        notes["flash_attn"] = st["flash_attn"]
+    else:
+        fa, e = PE.flash_window(W, S), []
+        peer_ms["flash_attn"] = C.bench_ms(lambda: fa(q, k, v), cfg, errors=e)
+        notes["flash_attn"] = "window without sinks" + (f"; failed: {e[-1]}" if e else "")
+    use_fla = not st["fla"]
+    g, w = ref.memory_gates_ref(args[3], args[4], args[6], args[7], kind, torch.float32)
+    if use_fla:
+        e = []
+        peer_ms["fla_memory"] = C.bench_ms(lambda: PE.fla_memory(q, k, v, g, w, W, S, kind), cfg, errors=e)
+        notes["fla_memory"] = ("chunk_simple_gla" if kind == "mamba2" else "chunk_gated_delta_rule") + \
+            " (memory branch alone)" + (f"; failed: {e[-1]}" if e else "")
+    else:
+        notes["fla_memory"] = st["fla"]
+    if flex is not None and (use_fla or dev == "cpu"):
+        e = []
+        un = PE.unfused_prefill(flex, use_fla)
+        peer_ms["unfused_ahn"] = C.bench_ms(lambda: un(*args, W, S, kind), cfg, errors=e)
+        msg = "flex + " + ("fla" if use_fla else "reference scan") + " + torch epilogue"
+        if not e and out_ours is not None:
+            msg += f"; rel err vs ours {rel(un(*args, W, S, kind), out_ours):.1e}"
+        notes["unfused_ahn"] = msg + (f"; failed: {e[-1]}" if e else "")
+    else:
+        notes["unfused_ahn"] = "needs FlexAttention and fla"
+    extra = dict(c, window_flops=fw, memory_flops=fm, full_attn_flops=B * C.full_attn_flops(T, H, D))
+    extra.pop("kind")
+    rows = C.peer_rows(cfg, "prefill_fwd", kind, shape_str(c), ms, fw + fm, nbytes, peer_ms, notes, **extra)
+    if note:
+        for r in rows:
+            r["note"] = note + ("; " + r["note"] if r["note"] else "")
+    return rows
+
+
+def collect(cfg, case_list=None):
+    """Rows of the whole prefill sweep (``cases(cfg)`` unless given)."""
+    return [r for c in (case_list or cases(cfg)) for r in run_case(cfg, c)]
 
 
 def main():

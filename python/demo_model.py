@@ -8,8 +8,9 @@ twice on the same prompt: unpatched (SDPA, growing DynamicCache) and patched by
     python python/demo_model.py                      # CPU: 256, 1k, 4k tokens (< 2 min on 2 cores)
     python python/demo_model.py --contexts 4096 32768 131072 --window 2048   # GPU
 
-On CPU the AHN side runs the fp32 reference ops (the fused kernels are GPU-only), so it is
-not a speed comparison there; the memory column is the point. ``--budget`` seconds caps
+On CPU the AHN side runs the C++ decode op and the chunkwise PyTorch prefill (the fused Triton
+kernels are GPU-only), so it is not a kernel speed comparison there; the memory column is the
+point. ``--budget`` seconds caps
 the run: larger contexts are skipped when they would not fit.
 """
 

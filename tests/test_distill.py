@@ -1,0 +1,192 @@
+"""Self-distillation of AHN weights (ahn_ops.distill), on CPU with tiny random Qwen2 models.
+
+The 2-process test runs DDP over gloo (torch.multiprocessing.spawn) and checks that the per-step
+losses equal a single-process run with the same global batch.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import tempfile
+
+import pytest
+import torch
+
+from ahn_ops.data import BYTE_VOCAB, SyntheticRetrieval, TokenChunks
+from ahn_ops.distill import DistillConfig, Distiller, distill_loss, sample_window_sinks
+from ahn_ops.models import full_attention, patch_qwen
+from tests.models.helpers import spec_logits, tiny_model
+
+T = 64
+
+
+def _model(seed=0):
+    return tiny_model(seed, layers=2, hidden=64, heads=4, kv_heads=2, vocab=BYTE_VOCAB)
+
+
+def _cfg(**kw):
+    base = dict(kind="gdn", window=16, sinks=2, seq_len=T, min_window=12, max_window=40, micro_batch=2,
+                grad_accum=1, steps=4, lr=1e-2, warmup_steps=1, progress=False, seed=3)
+    base.update(kw)
+    return DistillConfig(**base)
+
+
+def _ds():
+    return SyntheticRetrieval(T, "kv", n_pairs=2, distractor_numbers=0.05, seed=7)
+
+
+def test_teacher_is_the_unpatched_model():
+    model = _model()
+    ids = torch.randint(0, 256, (2, 40))
+    want = spec_logits(model, ids, "gdn", None, 0)  # full causal attention, float64
+    with torch.no_grad():
+        plain = model(ids, use_cache=False).logits
+    patch_qwen(model, "gdn", window=8, sinks=2, backend="reference")
+    with torch.no_grad(), full_attention(model):
+        got = model(ids, use_cache=False).logits
+    with torch.no_grad():
+        student = model(ids, use_cache=False).logits  # the flag is restored on exit
+    assert torch.equal(got, plain)
+    torch.testing.assert_close(got.double(), want, atol=1e-4, rtol=1e-4)
+    assert not torch.allclose(student, plain, atol=1e-3)
+
+
+@pytest.mark.parametrize("T_", [64, 300, 20000])
+def test_window_sinks_draws(T_):
+    cfg = _cfg(min_window=32, max_window=8192)
+    draws = [sample_window_sinks(cfg, s, T_) for s in range(200)]
+    assert draws == [sample_window_sinks(cfg, s, T_) for s in range(200)]  # a function of (seed, step)
+    for W, S in draws:
+        assert T_ // 8 < W < T_ and W <= 8192 and 0 <= S <= W // 2 and W + S < T_
+    assert len(set(draws)) > 20
+
+
+def test_training_reduces_loss_and_freezes_base():
+    model = _model()
+    ds = _ds()
+    cfg = _cfg(random_window=False, window=16, sinks=2, steps=12, micro_batch=4, lr=2e-2)
+    frozen = {n: p.detach().clone() for n, p in model.named_parameters()}
+    tr = Distiller(model, ds, cfg)
+    ahn0 = {n: p.detach().clone() for n, p in tr.params}
+    held_out = torch.stack([ds[10_000 + i] for i in range(8)])
+
+    def eval_kl():
+        with torch.no_grad():
+            out = distill_loss(model, held_out, 16, 2, with_ce=False)
+        return float(out["kl_sum"]) / out["n_kl"]
+
+    before = eval_kl()
+    hist = tr.train()
+    after = eval_kl()
+    print(f"held-out KL {before:.4f} -> {after:.4f}; train loss {hist[0]['loss']:.4f} -> {hist[-1]['loss']:.4f}")
+    assert after < 0.8 * before
+    assert hist[-1]["loss"] < hist[0]["loss"]
+    for n, p in model.named_parameters():
+        if ".ahn.fn." not in n:
+            assert torch.equal(p, frozen[n]), n  # bit-identical base weights
+            assert not p.requires_grad
+    assert any(not torch.equal(p, ahn0[n]) for n, p in tr.params)
+
+
+def test_checkpoint_resume_is_exact_and_loads_with_patch_qwen(tmp_path):
+    ds = _ds()
+    out = tmp_path / "run"
+    cfg = _cfg(steps=4, save_every=2, out_dir=str(out), ce_weight=0.5)
+    tr = Distiller(_model(), ds, cfg)
+    full = tr.train()
+
+    tr2 = Distiller(_model(), ds, cfg)
+    tr2.load(out / "checkpoint-2")
+    assert tr2.step == 2
+    resumed = tr2.train()
+    assert [r["step"] for r in resumed] == [3, 4]
+    for a, b in zip(full[2:], resumed):
+        assert (a["window"], a["sinks"]) == (b["window"], b["sinks"])
+        assert abs(a["loss"] - b["loss"]) <= 1e-6, (a["loss"], b["loss"])
+    for (n, p), (_, p2) in zip(tr.params, tr2.params):
+        torch.testing.assert_close(p, p2, atol=1e-6, rtol=0)
+
+    # the published format: config.json with the AHN fields, model.layers.{i}.ahn.fn.* tensors
+    ck = out / "checkpoint-4"
+    conf = json.loads((ck / "config.json").read_text())
+    assert conf["_ahn_implementation"] == "GatedDeltaNet" and conf["sliding_window"] == 16
+    assert conf["num_attn_sinks"] == 2
+    fresh = patch_qwen(_model(), weights=str(ck), backend="reference")  # kind / W / S from config.json
+    trained = dict(tr.model.named_parameters())
+    for n, p in fresh.named_parameters():
+        assert torch.equal(p, trained[n]), n
+    ids = torch.randint(0, 256, (1, 50))
+    tr.model.eval()
+    with torch.no_grad():
+        torch.testing.assert_close(fresh(ids, use_cache=False).logits, tr.model(ids, use_cache=False).logits)
+
+
+def test_token_chunks_from_files(tmp_path):
+    (tmp_path / "a.txt").write_text("hello world " * 50)
+    with open(tmp_path / "b.jsonl", "w") as f:
+        for i in range(20):
+            f.write(json.dumps({"text": f"record {i} " * 5}) + "\n")
+    ds = TokenChunks([str(tmp_path)], seq_len=32, seed=1)
+    assert len(ds) > 10 and ds[0].shape == (32,) and int(ds[0].max()) < BYTE_VOCAB
+    assert torch.equal(ds[5], TokenChunks([str(tmp_path)], seq_len=32, seed=1)[5])
+    seen = {tuple(ds[i].tolist()) for i in range(len(ds))}
+    assert len(seen) == len({tuple(r.tolist()) for r in ds.tokens})  # one epoch visits every chunk
+
+
+def test_synthetic_answer_position():
+    ds = SyntheticRetrieval(128, "passkey", seed=2)
+    ex = ds.example(4, length=200, needle_at=20)
+    ids = ex["input_ids"]
+    ans = ids[ex["answer_start"]:ex["answer_start"] + ex["answer_len"]]
+    assert ids.shape == (200,) and ex["needle_pos"] == 20
+    needle = bytes(ids[20:60].tolist()).decode(errors="replace")
+    assert bytes(ans.tolist()).decode() in needle
+
+
+# --------------------------------------------------------------------------------------
+# two processes (gloo) == one process with the same global batch
+# --------------------------------------------------------------------------------------
+def _run(world: int, rank: int, cfg_kw: dict):
+    torch.set_num_threads(1)
+    cfg = _cfg(**cfg_kw)
+    tr = Distiller(_model(), _ds(), cfg)
+    return tr.train(), tr
+
+
+def _ddp_worker(rank: int, world: int, init_file: str, out_file: str, cfg_kw: dict):
+    import torch.distributed as dist
+
+    dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=world)
+    try:
+        hist, tr = _run(world, rank, cfg_kw)
+        sd = {n: p.detach().clone() for n, p in tr.params}
+        if rank == 0:
+            torch.save({"hist": hist, "params": sd}, out_file)
+    finally:
+        dist.destroy_process_group()
+
+
+def test_two_gloo_ranks_match_one_rank(tmp_path):
+    import torch.multiprocessing as mp
+
+    steps = 3
+    # global batch 4 = 1 rank x 2 micro x 2 accumulation = 2 ranks x 1 micro x 2 accumulation
+    threads = torch.get_num_threads()
+    try:
+        single, tr1 = _run(1, 0, dict(steps=steps, micro_batch=2, grad_accum=2, ce_weight=0.3))
+    finally:
+        torch.set_num_threads(threads)
+    out_file = str(tmp_path / "rank0.pt")
+    init_file = str(tmp_path / "init")
+    mp.spawn(_ddp_worker, args=(2, init_file, out_file, dict(steps=steps, micro_batch=1, grad_accum=2, ce_weight=0.3)),
+             nprocs=2, join=True)
+    multi = torch.load(out_file, weights_only=False)
+    for a, b in zip(single, multi["hist"]):
+        print(f"step {a['step']}: W={a['window']} S={a['sinks']} loss 1 rank {a['loss']:.7f} 2 ranks {b['loss']:.7f}"
+              f" | tokens/s 1 rank {a['tokens_per_s']:.0f}, 2 ranks {b['tokens_per_s']:.0f}")
+        assert (a["window"], a["sinks"]) == (b["window"], b["sinks"])
+        assert abs(a["loss"] - b["loss"]) <= 1e-5 * max(1.0, abs(a["loss"]))
+    assert len(multi["hist"]) == steps
+    for n, p in tr1.params:
+        torch.testing.assert_close(p.detach(), multi["params"][n], atol=1e-5, rtol=1e-4)
