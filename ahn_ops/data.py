@@ -77,6 +77,7 @@ class SyntheticRetrieval:
     Args:
         seq_len: tokens per training sample (a BOS, then text, truncated/padded with filler).
         task: ``"passkey"`` or ``"kv"``. n_digits: length of the value. n_pairs: kv records.
+        cue: the passkey's cue text (a short one, e.g. ``"pk"``, for toy-sized runs).
         distractor_numbers: probability per filler word of a random 4-digit number.
         seed: dataset seed.
 
@@ -86,11 +87,11 @@ class SyntheticRetrieval:
     """
 
     def __init__(self, seq_len: int, task: str = "passkey", n_digits: int = 5, n_pairs: int = 4,
-                 distractor_numbers: float = 0.0, seed: int = 0):
+                 distractor_numbers: float = 0.0, seed: int = 0, cue: str = "the pass key is"):
         if task not in ("passkey", "kv"):
             raise ValueError(f"task must be 'passkey' or 'kv', got {task!r}")
         self.seq_len, self.task, self.n_digits, self.n_pairs = int(seq_len), task, int(n_digits), int(n_pairs)
-        self.distractor_numbers, self.seed = float(distractor_numbers), int(seed)
+        self.distractor_numbers, self.seed, self.cue = float(distractor_numbers), int(seed), str(cue)
         self.tokenizer = ByteTokenizer()
         self.vocab_size = BYTE_VOCAB
 
@@ -117,7 +118,7 @@ class SyntheticRetrieval:
         """(needle record, other records, query prefix) as byte lists; the answer follows the query."""
         val = self._value(rng)
         if self.task == "passkey":
-            return list(f" the pass key is {val}. ".encode()), [], list(" the pass key is ".encode()), val
+            return list(f" {self.cue} {val}. ".encode()), [], list(f" {self.cue} ".encode()), val
         keys = set()
         while len(keys) < self.n_pairs:
             keys.add(self._key(rng))
@@ -160,6 +161,16 @@ class SyntheticRetrieval:
 
     def __getitem__(self, index: int) -> torch.Tensor:
         return self.example(index)["input_ids"]
+
+    def layout(self, length: int) -> Dict[str, int]:
+        """Fixed geometry of every ``length``-token example: ``answer_start``, ``answer_len``,
+        ``needle_len`` (tokens of the record holding the answer) and ``body``. The needle lies entirely
+        outside a window ``W`` of the first answer query (position ``answer_start - 1``) when
+        ``needle_at <= answer_start - W - needle_len``."""
+        needle, _, query, val = self._records(_rng(self.seed, 0))
+        tail = len(query) + len(val) + 1
+        body = int(length) - 1 - tail
+        return dict(answer_start=1 + body + len(query), answer_len=len(val), needle_len=len(needle), body=body)
 
 
 class TokenChunks:

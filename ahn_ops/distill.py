@@ -206,6 +206,8 @@ def distill_loss(model: nn.Module, input_ids: torch.Tensor, window: int, sinks: 
         input_ids: ``[B, T]`` long, on the model's device.
         window, sinks: this step's ``W``, ``S`` (``W + S < T``).
         student: the module to call for the student pass (the DDP wrapper), default ``model``.
+    With activation checkpointing, call ``backward`` inside ``ahn_window(model, window, sinks)`` (the
+    recomputation must see the same ``W``, ``S``); :class:`Distiller` does.
     Returns:
         dict of sums over the batch: ``kl_sum`` (differentiable), ``ce_sum`` (differentiable, or 0),
         ``n_kl`` = ``B * (T - W - S)``, ``n_ce`` = ``B * (T - W - S - 1)``.
@@ -287,8 +289,11 @@ class Distiller:
         self.compute_dtype = _compute_dtype(cfg, self.device)
         self.autocast_dtype = self.compute_dtype if (self.device.type == "cuda"
                                                      and self.compute_dtype != torch.float32) else None
-        if cfg.grad_ckpt:
-            model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+        if cfg.grad_ckpt:  # per decoder layer, non-reentrant (frozen inputs need no requires_grad trick)
+            if hasattr(model, "activation_checkpointing_enable"):  # transformers >= 5.x name
+                model.activation_checkpointing_enable({"use_reentrant": False})
+            else:
+                model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
         model.train()
         decay = [p for n, p in self.params if p.dim() >= 2]
         no_decay = [p for n, p in self.params if p.dim() < 2]
@@ -308,8 +313,8 @@ class Distiller:
             ignore = [n for n, p in model.named_parameters() if not p.requires_grad]
             ignore += [n for n, _ in model.named_buffers()]
             DDP._set_params_and_buffers_to_ignore_for_model(model, ignore)
-            self.student = DDP(model, device_ids=[self.device] if self.device.type == "cuda" else None,
-                               broadcast_buffers=False)
+            # (all buffers are ignored above, so DDP has none to broadcast in forward either)
+            self.student = DDP(model, device_ids=[self.device] if self.device.type == "cuda" else None)
 
     # ---------------------------------------------------------------- data
     def _micro_batch(self, micro: int) -> torch.Tensor:
@@ -338,7 +343,9 @@ class Distiller:
                 raise ValueError(f"samples of {ids.shape[1]} and {T} tokens in one step")
             sync = (not self.distributed) or m == cfg.grad_accum - 1
             ctx = contextlib.nullcontext() if sync else self.student.no_sync()
-            with ctx:
+            # backward inside ahn_window too: activation checkpointing re-runs the student's layers
+            # during backward, and they must see this step's W/S, not the nominal ones
+            with ctx, ahn_window(self.model, W, S):
                 out = distill_loss(self.model, ids, W, S, student=self.student, temperature=cfg.temperature,
                                    with_ce=with_ce, autocast_dtype=self.autocast_dtype)
                 loss = cfg.kl_weight * out["kl_sum"] / n_kl

@@ -13,6 +13,8 @@ FLOPs of the window attention backward (visible pairs n = sum_t |K(t)|,
 + 2 D H n (dq) + 8 D H n (dk/dv: S, dP, dV, dK) = 18 D H n; forward 4 D H n.
 Memory branch (per head and stream element with memory): about 30 D^2 + 20 BT D; not counted.
 Peer: FlexAttention (window + sinks block mask, torch.compile) forward + backward, same run.
+`collect(cfg)` (used by benchmarks/run_all.py) adds SDPA, fla and the unfused AHN pipeline
+(benchmarks/peers.py) where installed, and returns result rows instead of printing.
 """
 
 from __future__ import annotations
@@ -22,22 +24,13 @@ import math
 import os
 import sys
 import time
-import types
 
 import torch
 
-sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."))
-try:
-    import ahn_ops  # noqa: F401
-except ImportError as e:  # extension not built on this machine: the Triton ops do not need it
-    print(f"[bench] ahn_ops extension unavailable ({str(e).splitlines()[0][:80]}...), stubbing ahn_ops._ext")
-    for m in [m for m in sys.modules if m.startswith("ahn_ops")]:
-        del sys.modules[m]
-    stub = types.ModuleType("ahn_ops._ext")
-    stub.load_extension = lambda name=None: None
-    stub.has_cuda_kernels = lambda: False
-    sys.modules["ahn_ops._ext"] = stub
-    import ahn_ops  # noqa: F401
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+import common as C  # noqa: E402
+
+ahn_ops = C.import_ahn_ops()
 
 import triton  # noqa: E402
 
@@ -48,7 +41,7 @@ from ahn_ops.ops.ahn_attention import reference as ref  # noqa: E402
 NAMES = ("q", "k", "v", "a", "b", "z", "A_log", "dt_bias", "norm_weight", "o_weight")
 
 
-def make_inputs(kind, B, T, H, HKV, D, dtype, seed):
+def make_inputs(kind, B, T, H, HKV, D, dtype, seed, device="cuda"):
     g = torch.Generator().manual_seed(seed)
     r = lambda *s, sc=1.0: torch.randn(*s, generator=g) * sc  # noqa: E731
     q, k, v = r(B, T, H, D), r(B, T, HKV, D), r(B, T, HKV, D)
@@ -56,12 +49,12 @@ def make_inputs(kind, B, T, H, HKV, D, dtype, seed):
     b, z = r(B, T, H), r(B, T, H)
     A_log = None if kind == "dn" else torch.log(torch.rand(H, generator=g) * 15 + 1)
     dt_bias = None if kind == "dn" else r(H, sc=0.5)
-    nw = 1 + 0.1 * r(D)
+    nw = 1 + 0.1 * r(H * D if kind == "mamba2" else D)  # Mamba2's norm spans the H heads of a token
     ow = r(H, D, D, sc=D ** -0.5)
     act = [q, k, v, a, b, z]
     par = [A_log, dt_bias, nw, ow]
-    return ([None if x is None else x.to(dtype).cuda() for x in act]
-            + [None if x is None else x.float().cuda() for x in par])
+    return ([None if x is None else x.to(dtype).to(device) for x in act]
+            + [None if x is None else x.float().to(device) for x in par])
 
 
 def rel(x, y):
@@ -151,12 +144,9 @@ def bench(kind, T, W, S, H=16, HKV=2, D=128, flex=True):
     res["attn_bwd_TFLOPs_at_bwd_time"] = 18 * D * H * n / (res["bwd"] * 1e-3) / 1e12
     if flex:
         try:
-            from torch.nn.attention.flex_attention import create_block_mask, flex_attention
+            from torch.nn.attention.flex_attention import flex_attention
 
-            def mask_mod(b, h, qi, kj):
-                return (kj <= qi) & ((qi - kj < W) | (kj < S))
-
-            bm = create_block_mask(mask_mod, None, None, T, T, device="cuda")
+            bm = C.sliding_window_block_mask(T, W, S, "cuda", compile=False)
             fa = torch.compile(flex_attention)
             qf = inp[0].transpose(1, 2).detach().clone().requires_grad_(True)
             kf = inp[1].transpose(1, 2).detach().clone().requires_grad_(True)
@@ -174,6 +164,108 @@ def bench(kind, T, W, S, H=16, HKV=2, D=128, flex=True):
             res["flex fwd+bwd"] = float("nan")
             print(f"[bench] flex failed: {type(e).__name__}: {str(e)[:200]}")
     return res
+
+
+# ---------------------------------------------------------------------------------------------
+# run_all interface: cases(cfg) -> [case], run_case(cfg, case) -> [row], collect(cfg) -> [row]
+# ---------------------------------------------------------------------------------------------
+def cases(cfg):
+    """The forward + backward sweep (training shapes)."""
+    if cfg.cpu:
+        return [dict(kind="gdn", B=1, T=64, W=16, S=4, H=2, HKV=1, D=64)]
+    H, HKV = C.HEADS["3b"]
+    if cfg.quick:
+        return [dict(kind="gdn", B=1, T=8192, W=4096, S=128, H=H, HKV=HKV, D=128),
+                dict(kind="gdn", B=1, T=32768, W=4096, S=128, H=H, HKV=HKV, D=128)]
+    out = []
+    for kind in C.KINDS:
+        for hn in C.HEADS:
+            H, HKV = C.HEADS[hn]
+            for T in (8192, 32768):
+                out.append(dict(kind=kind, B=1, T=T, W=4096, S=128, H=H, HKV=HKV, D=128))
+    H, HKV = C.HEADS["3b"]
+    out += [dict(kind="gdn", B=1, T=24576, W=2048, S=0, H=H, HKV=HKV, D=128),
+            dict(kind="gdn", B=4, T=8192, W=4096, S=128, H=H, HKV=HKV, D=128)]
+    return out
+
+
+def shape_str(c):
+    return f"B{c['B']} T{c['T']} W{c['W']} S{c['S']} H{c['H']}/{c['HKV']} D{c['D']}"
+
+
+def run_case(cfg, c):
+    """Forward + backward of ours (torch.ops.ahn.prefill_fwd with its registered autograd) and peers."""
+    import torch.nn.functional as F
+
+    import peers as PE
+
+    kind, B, T, W, S, H, HKV, D = (c[x] for x in ("kind", "B", "T", "W", "S", "H", "HKV", "D"))
+    dev = cfg.device
+    st = C.peer_status(dev)
+    inp = make_inputs(kind, B, T, H, HKV, D, torch.bfloat16, cfg.seed + 1, device=dev)
+    dout = torch.randn(B, T, H, D, device=dev, dtype=torch.bfloat16)
+
+    def leaves_of(xs):
+        return [None if x is None else x.detach().clone().requires_grad_(True) for x in xs]
+
+    leaves = leaves_of(inp)
+    gl = [x for x in leaves if x is not None]
+    note = "ours = Triton interpreter" if dev == "cpu" else ""
+
+    def fwd_bwd():
+        out = torch.ops.ahn.prefill_fwd(*leaves, W, S, kind, None, None, False)[0]
+        out.backward(dout)
+
+    errs = []
+    ms = C.bench_ms(fwd_bwd, cfg, grad_to_none=gl, errors=errs)
+    if errs:
+        note = (note + "; " if note else "") + "ours failed: " + errs[-1]
+    flops = B * C.backward_flops(T, W, S, H, D, kind)
+    nbytes = C.backward_bytes(B, T, H, HKV, D, kind=kind)
+    peer_ms, notes = {}, {}
+    qt, kt, vt = (x.transpose(1, 2).detach().clone().requires_grad_(True) for x in inp[:3])
+    dot = dout.transpose(1, 2)
+    flex = None
+    if st["flex"] or dev == "cpu":
+        notes["flex"] = st["flex"] or "FlexAttention has no backward on the CPU"
+    else:
+        e = []
+        try:
+            flex = PE.flex_window(T, W, S, dev)
+            peer_ms["flex"] = C.bench_ms(lambda: flex(qt, kt, vt).backward(dot), cfg, grad_to_none=[qt, kt, vt],
+                                         errors=e)
+        except Exception as ex:  # noqa: BLE001
+            e.append(f"{type(ex).__name__}: {str(ex)[:120]}")
+            peer_ms["flex"] = C.NAN
+        notes["flex"] = "compiled, window+sinks" + (f"; failed: {e[-1]}" if e else "")
+    e = []
+    peer_ms["sdpa_full"] = C.bench_ms(
+        lambda: F.scaled_dot_product_attention(qt, kt, vt, is_causal=True, enable_gqa=True).backward(dot), cfg,
+        grad_to_none=[qt, kt, vt], errors=e)
+    notes["sdpa_full"] = "causal full attention" + (f"; failed: {e[-1]}" if e else "")
+    if st["fla"] or flex is None:
+        notes["unfused_ahn"] = st["fla"] or "needs compiled FlexAttention (CUDA)"
+    else:
+        un = PE.unfused_prefill(flex, True)
+        ul = leaves_of(inp)
+        e = []
+        peer_ms["unfused_ahn"] = C.bench_ms(lambda: un(*ul, W, S, kind).backward(dout), cfg,
+                                            grad_to_none=[x for x in ul if x is not None], errors=e)
+        notes["unfused_ahn"] = "flex + fla + torch epilogue" + (f"; failed: {e[-1]}" if e else "")
+    extra = dict(c)
+    extra.pop("kind")
+    rows = C.peer_rows(cfg, "prefill_fwd_bwd", kind, shape_str(c), ms, flops, nbytes, peer_ms, notes, **extra)
+    if kind == "mamba2" and dev != "cpu":
+        note = (note + "; " if note else "") + \
+            "mamba2 kernels not yet device-checked (dispatch needs AHN_OPS_MAMBA2_KERNELS=1)"
+    for r in rows:
+        r["ours_note"] = note
+    return rows
+
+
+def collect(cfg, case_list=None):
+    """Rows of the whole forward + backward sweep (``cases(cfg)`` unless given)."""
+    return [r for c in (case_list or cases(cfg)) for r in run_case(cfg, c)]
 
 
 def main():

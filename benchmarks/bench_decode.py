@@ -38,6 +38,9 @@ import sys
 import torch
 import torch.nn.functional as F
 
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+import common as C  # noqa: E402
+
 H, HKV, D, S, W = 16, 2, 128, 128, 32640
 G = H // HKV
 DTYPE = torch.bfloat16
@@ -65,53 +68,57 @@ def do_bench(fn, warmup=50, rep=300):
 
 
 def copy_bandwidth() -> float:
-    """GB/s of a 2 GiB device-to-device copy, counting bytes read + written."""
-    n = 1 << 30
-    x = torch.empty(n, dtype=torch.int16, device="cuda").random_()
-    y = torch.empty_like(x)
-    t = do_bench(lambda: y.copy_(x), warmup=20, rep=200)
-    del x, y
-    return 2 * 2 * n / (t * 1e-6) / 1e9
+    """GB/s of a 2 GiB device-to-device copy, counting bytes read + written (common.measure_ceilings)."""
+    return C.measure_ceilings(C.Cfg(device="cuda"))["copy_GBps"]
 
 
-def make_layer(B, gen, start):
-    """One layer's cache (random, full window) and parameters."""
-    dev = "cuda"
+def _shape(sh):
+    return sh or dict(H=H, HKV=HKV, D=D, S=S, W=W, kind=KIND)
+
+
+def make_layer(B, gen, start, sh=None, device="cuda"):
+    """One layer's cache (random, full window) and parameters; ``sh`` = dict(H, HKV, D, S, W, kind)."""
+    sh = _shape(sh)
+    H_, HKV_, D_, S_, W_, kind = (sh[x] for x in ("H", "HKV", "D", "S", "W", "kind"))
+    dev, dt = device, DTYPE
     c = dict(
-        sink_k=torch.randn(B, S, HKV, D, device=dev, dtype=DTYPE, generator=gen),
-        sink_v=torch.randn(B, S, HKV, D, device=dev, dtype=DTYPE, generator=gen),
-        ring_k=torch.randn(B, W, HKV, D, device=dev, dtype=DTYPE, generator=gen),
-        ring_v=torch.randn(B, W, HKV, D, device=dev, dtype=DTYPE, generator=gen),
-        gates=torch.stack([-0.1 * torch.rand(B, W, H, device=dev, generator=gen),
-                           torch.rand(B, W, H, device=dev, generator=gen)], -1),
-        state=0.1 * torch.randn(B, H, D, D, device=dev, generator=gen),
+        sink_k=torch.randn(B, S_, HKV_, D_, device=dev, dtype=dt, generator=gen),
+        sink_v=torch.randn(B, S_, HKV_, D_, device=dev, dtype=dt, generator=gen),
+        ring_k=torch.randn(B, W_, HKV_, D_, device=dev, dtype=dt, generator=gen),
+        ring_v=torch.randn(B, W_, HKV_, D_, device=dev, dtype=dt, generator=gen),
+        gates=torch.stack([-0.1 * torch.rand(B, W_, H_, device=dev, generator=gen),
+                           torch.rand(B, W_, H_, device=dev, generator=gen)], -1),
+        state=0.1 * torch.randn(B, H_, D_, D_, device=dev, generator=gen),
         pos=torch.full((B,), start, dtype=torch.int64, device=dev),
     )
+    if kind == "dn":
+        c["gates"][..., 0] = 0
     prm = dict(
-        A_log=torch.log(torch.rand(H, device=dev, generator=gen) * 15 + 1),
-        dt_bias=0.5 * torch.randn(H, device=dev, generator=gen),
-        norm_weight=1 + 0.1 * torch.randn(D, device=dev, generator=gen),
-        o_weight=(torch.randn(H, D, D, device=dev, generator=gen) * D ** -0.5).to(DTYPE),
+        A_log=None if kind == "dn" else torch.log(torch.rand(H_, device=dev, generator=gen) * 15 + 1),
+        dt_bias=None if kind == "dn" else 0.5 * torch.randn(H_, device=dev, generator=gen),
+        norm_weight=1 + 0.1 * torch.randn(H_ * D_ if kind == "mamba2" else D_, device=dev, generator=gen),
+        o_weight=(torch.randn(H_, D_, D_, device=dev, generator=gen) * D_ ** -0.5).to(dt),
     )
     return c, prm
 
 
-def make_inputs(B, gen):
-    dev = "cuda"
-    return dict(
-        q=torch.randn(B, H, D, device=dev, dtype=DTYPE, generator=gen),
-        k=torch.randn(B, HKV, D, device=dev, dtype=DTYPE, generator=gen),
-        v=torch.randn(B, HKV, D, device=dev, dtype=DTYPE, generator=gen),
-        a=torch.randn(B, H, device=dev, dtype=DTYPE, generator=gen),
-        b=torch.randn(B, H, device=dev, dtype=DTYPE, generator=gen),
-        z=torch.randn(B, H, device=dev, dtype=DTYPE, generator=gen),
-    )
+def make_inputs(B, gen, sh=None, device="cuda"):
+    sh = _shape(sh)
+    H_, HKV_, D_, kind = sh["H"], sh["HKV"], sh["D"], sh["kind"]
+    r = lambda *s_: torch.randn(*s_, device=device, dtype=DTYPE, generator=gen)  # noqa: E731
+    x = dict(q=r(B, H_, D_), k=r(B, HKV_, D_), v=r(B, HKV_, D_), a=r(B, H_), b=r(B, H_), z=r(B, H_))
+    if kind == "dn":
+        x["a"] = None
+    if kind == "mamba2":
+        x["b"] = None
+    return x
 
 
-def ahn_call(x, c, p):
+def ahn_call(x, c, p, sh=None):
+    sh = _shape(sh)
     return torch.ops.ahn.decode_step(x["q"], x["k"], x["v"], x["a"], x["b"], x["z"], p["A_log"], p["dt_bias"],
                                      p["norm_weight"], p["o_weight"], c["sink_k"], c["sink_v"], c["ring_k"],
-                                     c["ring_v"], c["gates"], c["state"], c["pos"], W, S, KIND)
+                                     c["ring_v"], c["gates"], c["state"], c["pos"], sh["W"], sh["S"], sh["kind"])
 
 
 def unfused_call(x, c, p, t: int):
@@ -189,6 +196,133 @@ def check_large_window(gen):
     err = ((out.double() - ref.double()).norm() / ref.double().norm()).item()
     serr = ((c["state"].double() - c32["state"].double()).norm() / c32["state"].double().norm()).item()
     return err, serr
+
+
+# ---------------------------------------------------------------------------------------------
+# run_all interface: cases(cfg) -> [case], run_case(cfg, case) -> [row], collect(cfg) -> [row]
+# ---------------------------------------------------------------------------------------------
+def cases(cfg):
+    """Decode sweep: context length T (AHN constant, full attention grows), B, kinds, head shapes."""
+    if cfg.cpu:
+        base = dict(B=1, W=32, S=4, H=2, HKV=1, D=64)
+        return [dict(base, kind="gdn", T=T) for T in (64, 256)] + [dict(base, kind=k, T=64) for k in ("dn", "mamba2")]
+    H3, HKV3 = C.HEADS["3b"]
+    base = dict(W=W, S=S, D=128)
+    if cfg.quick:
+        out = [dict(base, kind="gdn", B=1, T=T, H=H3, HKV=HKV3) for T in (32768, 131072)]
+        out += [dict(base, kind="gdn", B=16, T=32768, H=H3, HKV=HKV3),
+                dict(base, kind="dn", B=1, T=32768, H=H3, HKV=HKV3),
+                dict(base, kind="mamba2", B=1, T=32768, H=H3, HKV=HKV3)]
+        return out
+    out = []
+    for kind in C.KINDS:
+        for hn in C.HEADS:
+            H_, HKV_ = C.HEADS[hn]
+            for B in (1, 16, 64):
+                out.append(dict(base, kind=kind, B=B, T=65536, H=H_, HKV=HKV_))
+    out += [dict(base, kind="gdn", B=1, T=T, H=H3, HKV=HKV3) for T in (8192, 32768, 131072, 262144, 524288)]
+    return out
+
+
+def shape_str(c):
+    return f"B{c['B']} T{c['T']} W{c['W']} S{c['S']} H{c['H']}/{c['HKV']} D{c['D']}"
+
+
+def run_case(cfg, c):
+    """Our decode_step (eager, and replayed in a CUDA graph) against full-attention SDPA over a
+    T-token cache, flash-attn's kvcache decode and the unfused AHN step (torch, and with fla)."""
+    import peers as PE
+
+    kind, B, T, W_, S_, H_, HKV_, D_ = (c[x] for x in ("kind", "B", "T", "W", "S", "H", "HKV", "D"))
+    dev = cfg.device
+    st = C.peer_status(dev)
+    sh = dict(H=H_, HKV=HKV_, D=D_, S=S_, W=W_, kind=kind)
+    gen = torch.Generator(device=dev).manual_seed(cfg.seed + T + B)
+    nbytes = C.decode_bytes(B, W_, S_, H_, HKV_, D_, T)
+    fl = C.decode_flops(B, W_, S_, H_, D_, T)
+    start = max(T, S_ + W_)
+    # rotate over >= 150 MB of layer caches so that L2 (50 MB on H100) does not serve repeats
+    NL = 1 if cfg.cpu else max(2, math.ceil(150e6 / nbytes))
+    layers = [make_layer(B, gen, start, sh, dev) for _ in range(NL)]
+    x = make_inputs(B, gen, sh, dev)
+    it = [0]
+
+    def rot(f):
+        def g():
+            cc, pp = layers[it[0] % NL]
+            it[0] += 1
+            return f(cc, pp)
+        return g
+
+    errs = []
+    ms = C.bench_ms(rot(lambda cc, pp: ahn_call(x, cc, pp, sh)), cfg, errors=errs)
+    note = ("ours failed: " + errs[-1]) if errs else ""
+    peer_ms, notes = {}, {}
+    if not cfg.cpu:
+        us = graph_time([lambda cc=cc, pp=pp: ahn_call(x, cc, pp, sh) for cc, pp in layers])
+        peer_ms["ahn_graph"] = us * 1e-3
+        notes["ahn_graph"] = "ours replayed in a CUDA graph (speedup = graph / eager)"
+    # full attention at context T (what AHN replaces): a T-token KV cache read per step
+    nkv = 1 if cfg.cpu else max(1, min(NL, math.ceil(150e6 / C.full_decode_bytes(B, T, HKV_, D_))))
+    e = []
+    try:
+        kvs = [(torch.randn(B, HKV_, T, D_, device=dev, dtype=DTYPE, generator=gen),
+                torch.randn(B, HKV_, T, D_, device=dev, dtype=DTYPE, generator=gen)) for _ in range(nkv)]
+        q4 = x["q"][:, :, None]
+
+        def sdpa_rot():
+            kk, vv = kvs[it[0] % nkv]
+            it[0] += 1
+            return F.scaled_dot_product_attention(q4, kk, vv, enable_gqa=True)
+
+        peer_ms["sdpa_full"] = C.bench_ms(sdpa_rot, cfg, errors=e)
+        notes["sdpa_full"] = "full attention over the T-token KV cache" + (f"; failed: {e[-1]}" if e else "")
+        if st["flash_attn"]:
+            notes["flash_attn"] = st["flash_attn"]
+        else:
+            from flash_attn import flash_attn_with_kvcache
+
+            kc = [(kk.transpose(1, 2).contiguous(), vv.transpose(1, 2).contiguous()) for kk, vv in kvs]
+            del kvs
+            qf = x["q"][:, None]
+            e = []
+            peer_ms["flash_attn"] = C.bench_ms(lambda: flash_attn_with_kvcache(qf, *kc[it[0] % nkv]), cfg, errors=e)
+            notes["flash_attn"] = "flash_attn_with_kvcache, T-token cache" + (f"; failed: {e[-1]}" if e else "")
+            del kc
+    except torch.OutOfMemoryError:
+        peer_ms["sdpa_full"] = C.NAN
+        notes["sdpa_full"] = "OOM at this KV cache size"
+    kvs = kc = None  # noqa: F841
+    t0 = start
+    e = []
+    peer_ms["unfused_torch"] = C.bench_ms(rot(lambda cc, pp: PE.unfused_decode(x, cc, pp, t0, W_, S_, kind)),
+                                          cfg, errors=e)
+    notes["unfused_torch"] = "torch ops: ring gather, memory step, ring write, cat + SDPA, epilogue" + \
+        (f"; failed: {e[-1]}" if e else "")
+    if kind != "mamba2":
+        if st["fla"]:
+            notes["unfused_fla"] = st["fla"]
+        else:
+            e = []
+            peer_ms["unfused_fla"] = C.bench_ms(
+                rot(lambda cc, pp: PE.unfused_decode(x, cc, pp, t0, W_, S_, kind, use_fla=True)), cfg, errors=e)
+            notes["unfused_fla"] = "as unfused_torch, memory step fused_recurrent_gated_delta_rule" + \
+                (f"; failed: {e[-1]}" if e else "")
+    extra = dict(c, ahn_cache_bytes=C.ahn_cache_bytes(B, W_, S_, H_, HKV_, D_),
+                 full_cache_bytes=C.full_cache_bytes(B, T, HKV_, D_))
+    extra.pop("kind")
+    rows = C.peer_rows(cfg, "decode", kind, shape_str(c), ms, fl, nbytes, peer_ms, notes, **extra)
+    for r in rows:
+        r["ours_note"] = note
+    del layers
+    if not cfg.cpu:
+        torch.cuda.empty_cache()
+    return rows
+
+
+def collect(cfg, case_list=None):
+    """Rows of the whole decode sweep (``cases(cfg)`` unless given)."""
+    return [r for c in (case_list or cases(cfg)) for r in run_case(cfg, c)]
 
 
 def main():

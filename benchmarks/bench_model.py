@@ -32,17 +32,23 @@ step replayed as a CUDA graph; eager on CPU), and the floor
 from __future__ import annotations
 
 import argparse
+import os
 import statistics
+import sys
 import time
 
 import torch
 
-import ahn_ops
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+import common as C  # noqa: E402
+
+ahn_ops = C.import_ahn_ops()
 
 SHAPES = {  # hidden, layers, H, Hkv, intermediate
     "3b": (2048, 36, 16, 2, 11008),
     "7b": (3584, 28, 28, 4, 18944),
     "14b": (5120, 48, 40, 8, 13824),
+    "tiny": (128, 2, 2, 1, 256),  # D = 64: the --cpu harness check of run_all (vocab 1024)
 }
 
 
@@ -51,7 +57,7 @@ def build(shape, layers, dtype, device):
 
     hidden, L, H, HKV, inter = SHAPES[shape]
     cfg = Qwen2Config(hidden_size=hidden, num_hidden_layers=layers or L, num_attention_heads=H,
-                      num_key_value_heads=HKV, intermediate_size=inter, vocab_size=151936,
+                      num_key_value_heads=HKV, intermediate_size=inter, vocab_size=1024 if shape == "tiny" else 151936,
                       max_position_embeddings=1 << 20, tie_word_embeddings=shape == "3b")
     cfg._attn_implementation = "sdpa"
     torch.manual_seed(0)
@@ -73,7 +79,7 @@ def cache_bytes(cache):
 
 @torch.no_grad()
 def run(model, T, steps, chunk, device, make_cache, batch=1):
-    ids = torch.randint(0, 151936, (batch, T), device=device)
+    ids = torch.randint(0, model.config.vocab_size, (batch, T), device=device)
     cache = make_cache()
     if device.type == "cuda":
         torch.cuda.empty_cache()
@@ -146,7 +152,7 @@ def cache_read_bytes(model, B, T) -> int:
 def time_fast(model, T, B, steps, device) -> float:
     """Median per-token latency of the ahn_ops.generate decode step (CUDA graph on GPU)."""
     gen = ahn_ops.generate  # the module: prefill + StaticDecoder are its building blocks
-    ids = torch.randint(0, 151936, (B, T), device=device)
+    ids = torch.randint(0, model.config.vocab_size, (B, T), device=device)
     logits, cache = gen.prefill(model, ids)
     dec = gen.StaticDecoder(model, cache, None, T, 4 * steps + 8)
     dec.start(logits)
@@ -189,6 +195,85 @@ def decode_table(model, args, device):
             floor = (wb + cache_read_bytes(model, B, T)) / bw
             print(f"| {T} | {B} | {1e3 * plain:.2f} | {1e3 * fast:.2f} | {1e3 * floor:.2f} | {plain / fast:.2f}x | "
                   f"{fast / floor:.2f}x |")
+
+
+# --------------------------------------------------------------------------------------
+# run_all interface: cases(cfg) -> [case], run_case(cfg, case) -> [row], collect(cfg) -> [row]
+# --------------------------------------------------------------------------------------
+def cases(cfg):
+    """One case per model shape (all its contexts inside: the base model is patched in place)."""
+    if cfg.cpu:
+        return [dict(shape="tiny", layers=None, contexts=[48, 96], batch=1, kind="gdn", W=16, S=4, steps=2)]
+    if cfg.quick:
+        return [dict(shape="3b", layers=4, contexts=[8192, 32768], batch=1, kind="gdn", W=4096, S=128, steps=8)]
+    return [dict(shape=sh, layers=None, contexts=[8192, 32768, 131072], batch=1, kind="gdn", W=32640, S=128,
+                 steps=32) for sh in ("3b", "7b", "14b")]
+
+
+def _model_flops(model, T, B):
+    """2 x parameters (without the embedding table) per token; attention not counted."""
+    emb = model.get_input_embeddings().weight
+    n = sum(p.numel() for p in model.parameters() if p is not emb)
+    return 2.0 * n * T * B
+
+
+def run_case(cfg, c):
+    """Rows ``model_prefill`` (AHN vs the unpatched model with SDPA + DynamicCache) and ``model_decode``
+    (the AHN fast path of ahn_ops.generate vs the unpatched model and the AHN plain HF path)."""
+    from transformers import DynamicCache
+
+    device = torch.device(cfg.device)
+    model = build(c["shape"], c["layers"], cfg.dtype, device)
+    L = model.config.num_hidden_layers
+    shape = f"{c['shape']} L{L} B{c['batch']}"
+    wb = weight_bytes(model)
+    base = {}
+    for T in c["contexts"]:
+        try:
+            base[T] = run(model, T, c["steps"], None, device, lambda: DynamicCache(config=model.config),
+                          batch=c["batch"])
+        except torch.OutOfMemoryError:
+            base[T] = None
+            torch.cuda.empty_cache()
+    ahn_ops.patch_qwen(model, c["kind"], window=c["W"], sinks=c["S"])
+    bw = (cfg.ceilings or {}).get("copy_GBps", float("nan")) * 1e9
+    rows = []
+    for T in c["contexts"]:
+        sh = f"{shape} T{T} W{c['W']} S{c['S']}"
+        ext = dict(T=T, B=c["batch"], W=c["W"], S=c["S"], layers=L, model=c["shape"])
+        try:
+            r = run(model, T, c["steps"], None, device, lambda: ahn_ops.AHNModelCache.from_model(model),
+                    batch=c["batch"])
+        except torch.OutOfMemoryError:
+            rows.append(C.make_row(cfg, "model_prefill", c["kind"], sh, C.NAN, 0, 0, note="AHN OOM", **ext))
+            continue
+        b = base[T]
+        ext.update(ahn_cache_bytes=r[3], full_cache_bytes=b[3] if b else C.NAN, ahn_peak_GiB=r[1],
+                   base_peak_GiB=b[1] if b else C.NAN)
+        nb = wb + 2 * T * c["batch"] * model.config.hidden_size * 2 * L  # weights + activations in/out per layer
+        rows.append(C.make_row(cfg, "model_prefill", c["kind"], sh, 1e3 * r[0], _model_flops(model, T, c["batch"]), nb,
+                               "hf_sdpa", 1e3 * b[0] if b else C.NAN,
+                               "wall clock of one forward over T tokens" + ("" if b else "; base OOM"), **ext))
+        try:
+            fast = time_fast(model, T, c["batch"], c["steps"], device)
+            fnote = "ahn_ops.generate static step" + (" (CUDA graph)" if device.type == "cuda" else " (eager)")
+        except Exception as ex:  # noqa: BLE001
+            fast, fnote = float("nan"), f"fast path failed: {type(ex).__name__}: {str(ex)[:100]}"
+        dbytes = wb + cache_read_bytes(model, c["batch"], T)
+        dflops = _model_flops(model, 1, c["batch"])
+        ext2 = dict(ext, floor_ms=1e3 * dbytes / bw if bw == bw else C.NAN)
+        rows.append(C.make_row(cfg, "model_decode", c["kind"], sh, 1e3 * fast, dflops, dbytes, "hf_sdpa",
+                               1e3 * b[2] if b else C.NAN, fnote + "; peer: unpatched model, DynamicCache", **ext2))
+        rows.append(C.make_row(cfg, "model_decode", c["kind"], sh, 1e3 * fast, dflops, dbytes, "ahn_plain_hf",
+                               1e3 * r[2], fnote + "; peer: AHN through the HF forward, one sync per token", **ext2))
+    del model
+    if device.type == "cuda":
+        torch.cuda.empty_cache()
+    return rows
+
+
+def collect(cfg, case_list=None):
+    return [r for c in (case_list or cases(cfg)) for r in run_case(cfg, c)]
 
 
 def main(argv=None):

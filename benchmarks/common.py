@@ -310,7 +310,7 @@ def peer_status(device: str) -> Dict[str, str]:
 # result rows
 # --------------------------------------------------------------------------------------
 FIELDS = ("bench", "kind", "shape", "ms", "peer", "peer_ms", "speedup", "flops", "bytes", "tflops", "gbps",
-          "frac_of_ceiling", "device", "date", "note")
+          "frac_of_ceiling", "device", "date", "note", "ours_note")
 
 
 def make_row(cfg: Cfg, bench: str, kind: str, shape: str, ms: float, flops: float, nbytes: float,
@@ -326,7 +326,7 @@ def make_row(cfg: Cfg, bench: str, kind: str, shape: str, ms: float, flops: floa
     r = dict(bench=bench, kind=kind, shape=shape, ms=ms, peer=peer, peer_ms=peer_ms,
              speedup=peer_ms / ms if ms and ms > 0 else NAN, flops=flops, bytes=nbytes, tflops=tflops, gbps=gbps,
              frac_of_ceiling=frac, device=cfg.device_name or device_str(cfg.device), date=cfg.date or date_str(),
-             note=note)
+             note=note, ours_note="")
     r.update(extra)
     return r
 
@@ -345,11 +345,10 @@ def peer_rows(cfg: Cfg, bench: str, kind: str, shape: str, ms: float, flops: flo
     return rows
 
 
-def fmt(x, nd=3) -> str:
+def fmt(x, nd=4) -> str:
+    """A table cell: ``nd`` significant digits, "-" for None/NaN."""
     if x is None or (isinstance(x, float) and math.isnan(x)):
         return "-"
     if isinstance(x, float):
-        if x != 0 and (abs(x) >= 1e5 or abs(x) < 1e-3):
-            return f"{x:.3g}"
-        return f"{x:.{nd}f}"
+        return f"{x:.{nd}g}"
     return str(x)
