@@ -197,3 +197,22 @@ def test_two_gloo_ranks_match_one_rank(tmp_path):
     assert len(multi["hist"]) == steps
     for n, p in tr1.params:
         torch.testing.assert_close(p.detach(), multi["params"][n], atol=1e-5, rtol=1e-4)
+
+
+def test_chunked_kl_equals_one_piece():
+    from ahn_ops.distill import _kl_ce_sums
+
+    g = torch.Generator().manual_seed(0)
+    t = torch.randn(2, 37, 50, generator=g)
+    s = torch.randn(2, 37, 50, generator=g).requires_grad_()
+    labels = torch.randint(0, 50, (2, 37), generator=g)
+    labels[:, -1] = -100
+    kl1, ce1 = _kl_ce_sums(t, s, labels, 2.0, chunk=1000)
+    (kl1 + ce1).backward()
+    g1 = s.grad.clone()
+    s.grad = None
+    kl2, ce2 = _kl_ce_sums(t, s, labels, 2.0, chunk=8)
+    (kl2 + ce2).backward()
+    torch.testing.assert_close(kl2, kl1)
+    torch.testing.assert_close(ce2, ce1)
+    torch.testing.assert_close(s.grad, g1)
