@@ -23,7 +23,7 @@ __all__ = ["ahn_attention", "ahn_decode", "AHNCache", "AHNLayerCache", "referenc
 # Qwen2.5 adapter (ahn_ops.models): imported on first use, since it pulls in transformers.
 _MODEL_API = ("patch_qwen", "from_pretrained", "AHNModelCache")
 __all__ += list(_MODEL_API)
-# ahn_ops.generate (fast decoding, ahn_ops/generate.py): imported on first use, like the adapter.
+# ahn_ops.generate (fast decoding, ahn_ops/fast_decode.py): imported on first use, like the adapter.
 __all__ += ["generate"]
 
 
@@ -33,8 +33,7 @@ def __getattr__(name):
 
         return getattr(models, name)
     if name == "generate":
-        # importing the submodule binds it to ``ahn_ops.generate``; it is callable (== its generate())
-        import importlib
+        from .fast_decode import generate
 
-        return importlib.import_module(".generate", __name__)
+        return generate
     raise AttributeError(f"module 'ahn_ops' has no attribute {name!r}")

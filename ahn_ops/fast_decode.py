@@ -31,9 +31,7 @@ tests compare with ``model.generate()``.
 
 from __future__ import annotations
 
-import sys
 import time
-import types
 from typing import List, Optional, Sequence, Union
 
 import torch
@@ -478,14 +476,3 @@ def generate(model, input_ids: torch.Tensor, max_new_tokens: int, *, attention_m
         stats.update(prefill_s=t1 - t0, decode_s=now() - t1, new_tokens=n, cuda_graph=dec.graph is not None,
                      cache_nbytes=cache.ahn.nbytes + fa_bytes)
     return torch.cat([input_ids, new], 1)
-
-
-# ``ahn_ops.generate`` is this module once it has been imported (Python binds a submodule to the
-# package attribute of its name): make the module callable so that ``ahn_ops.generate(...)``
-# works either way.
-class _CallableModule(types.ModuleType):
-    def __call__(self, *args, **kwargs):
-        return generate(*args, **kwargs)
-
-
-sys.modules[__name__].__class__ = _CallableModule
