@@ -139,24 +139,4 @@ def test_mamba2_grads_fp16_rule():
         assert torch.isfinite(a).all() and ek <= 2 * et + 1e-3, n
 
 
-def test_mamba2_initial_state_grad():
-    _prefill()
-    T, H, D, W, S = 90, 2, 64, 20, 3
-    inp = make_inputs(KIND, 1, T, H, 1, D, torch.float32, device=DEV, seed=5)
-    h0 = torch.randn(1, H, D, D, device=DEV) * 0.1
-    leaves = [None if x is None else x.detach().clone().requires_grad_(True) for x in inp]
-    h0k = h0.clone().requires_grad_(True)
-    out, ht = torch.ops.ahn.prefill_fwd(*leaves, W, S, KIND, None, h0k, True)
-    dout, dht = torch.randn_like(out), torch.randn_like(ht)
-    (out * dout).sum().add_((ht * dht).sum()).backward()
-    q, k, v, a, b, z, A_log, dt_bias, nw, ow = [None if x is None else x.detach().clone().requires_grad_(True)
-                                                for x in inp]
-    h0r = h0.clone().requires_grad_(True)
-    o_win = ref.window_attention_ref(q, k, v, W, S)
-    g, w = ref.memory_gates_ref(a, b, A_log, dt_bias, KIND)
-    m, st = ref.memory_readout_ref(q, k, v, g, w, W, S, KIND, initial_state=h0r)
-    outr = o_win + ref.epilogue_ref(m, z, nw, ow, KIND)
-    (outr * dout).sum().add_((st * dht).sum()).backward()
-    assert rel_err(h0k.grad, h0r.grad) < 1e-4
-    for i, x in ((0, q), (1, k), (3, a), (6, A_log), (8, nw)):
-        assert rel_err(leaves[i].grad, x.grad) < 1e-3, NAMES[i]
+# the initial-state gradient of mamba2 is checked in test_backward.py::test_initial_state_grad
