@@ -106,7 +106,7 @@ class AHNCache:
         >>> cache = AHNCache(batch_size=2, num_layers=4, num_heads=8, num_kv_heads=2, head_dim=64,
         ...                  window=128, sinks=4, dtype=torch.float32)
         >>> cache.nbytes  # constant in the context length
-        5373952
+        2195520
     """
 
     def __init__(self, batch_size: int, num_layers: int, num_heads: int, num_kv_heads: int, head_dim: int,

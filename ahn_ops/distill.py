@@ -12,7 +12,7 @@ One copy of the weights: the teacher pass is the same patched module run inside
 :func:`ahn_ops.models.full_attention` under ``torch.no_grad`` (the AHN layers call SDPA with
 ``is_causal=True`` on their own q/k/v), the student pass runs inside
 :func:`ahn_ops.models.ahn_window` with autograd through ``ahn_attention`` (Triton kernels on GPU,
-the fp32 reference on CPU).
+the chunkwise PyTorch path of ``chunked.py`` on CPU).
 
 Multi-process (``torchrun``; gloo on CPU, NCCL on GPU): the model is wrapped in DDP with every frozen
 tensor excluded from synchronisation, so only the AHN gradients are all-reduced. Sample ``j`` of step

@@ -94,6 +94,8 @@ def plan_merge(base: Path, ahn: Path, kind: Optional[str] = None, window: Option
     if window is None:
         raise MergeError(f"--ahn {ahn}: config.json has no sliding_window; pass --window")
     sinks = sinks if sinks is not None else int(ahn_cfg.get("num_attn_sinks") or 0)
+    if int(window) < 1 or int(sinks) < 0:
+        raise MergeError(f"window must be >= 1 and sinks >= 0, got window={window}, sinks={sinks}")
     fa_ids = parse_fa_layer_ids(fa_layer_ids if fa_layer_ids is not None else ahn_cfg.get("fa_layer_ids"))
     for flag in ("use_q_proj", "use_ahn_router"):
         if ahn_cfg.get(flag):

@@ -52,6 +52,18 @@ def test_round_trip_logits(ckpts, base_name):
                        model.generate(x, max_new_tokens=4, do_sample=False, pad_token_id=0))
 
 
+@pytest.mark.parametrize("flags,needle", [(["--window", "0"], "window must be >= 1"),
+                                          (["--sinks", "-1"], "sinks >= 0")])
+def test_refuses_bad_window_or_sinks(ckpts, tmp_path, flags, needle):
+    root, _ = ckpts
+    out = tmp_path / "merged"
+    with pytest.raises(MergeError, match=needle):
+        merge(root / "base", root / "ahn", out, window=int(flags[1]) if flags[0] == "--window" else None,
+              sinks=int(flags[1]) if flags[0] == "--sinks" else None, progress=False)
+    assert main(["--base", str(root / "base"), "--ahn", str(root / "ahn"), "--out", str(out), "--quiet", *flags]) == 2
+    assert not out.exists() or not any(out.iterdir())
+
+
 def test_refuses_non_empty_out_without_force(ckpts):
     root, _ = ckpts
     out = root / "busy"

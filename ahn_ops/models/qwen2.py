@@ -302,7 +302,13 @@ def _model_pre_hook(module, args, kwargs):
                         f"ahn_ops.models.AHNModelCache, got {type(pkv).__name__}")
     mask = kwargs.get("attention_mask")
     if isinstance(mask, torch.Tensor) and mask.dim() == 2:
-        kwargs["ahn_attention_mask"] = mask
+        # the AHN layers need the mask only when the new columns hold padding: test that once per
+        # forward here (one host sync) rather than in every layer (a sync per layer per decode step)
+        x = kwargs.get("input_ids")
+        x = kwargs.get("inputs_embeds") if x is None else x
+        T = x.shape[1] if isinstance(x, torch.Tensor) else mask.shape[1]
+        if not bool(mask[:, -T:].to(torch.bool).all()):
+            kwargs["ahn_attention_mask"] = mask
         if not info["fa_layer_ids"]:
             # no full-attention layer reads a 4-D mask: skip building a [B, 1, T, T + past] one
             kwargs["attention_mask"] = {"full_attention": None, "sliding_attention": None}
@@ -363,8 +369,10 @@ def patch_qwen(model: nn.Module, kind: Optional[str] = None, window: Optional[in
     if getattr(base, "_ahn_info", None) is not None:
         raise ValueError("model is already patched by ahn_ops.patch_qwen")
     cfg_from = {}
-    if isinstance(weights, (str, os.PathLike)) and Path(weights).is_dir() and (Path(weights) / "config.json").exists():
-        cfg_from = read_ahn_config(weights)
+    if isinstance(weights, (str, os.PathLike)):
+        cfg_dir = Path(weights) if Path(weights).is_dir() else Path(weights).parent  # dir, or a file in it
+        if (cfg_dir / "config.json").exists():
+            cfg_from = read_ahn_config(cfg_dir)
     kind = normalize_kind(kind if kind is not None else cfg_from.get("kind", "gdn"))
     window = window if window is not None else cfg_from.get("window")
     if window is None:

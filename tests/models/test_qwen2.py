@@ -107,6 +107,37 @@ def test_left_padded_batch_equals_single_sequences(fa):
     assert torch.equal(out[1, 17:], ref_b[0, 11:])
 
 
+def _host_syncs_of_decode_step(layers):
+    """Host synchronisations (``.item()``/``bool()`` on tensors) of one decode step with a 2-D mask."""
+    from torch.utils._python_dispatch import TorchDispatchMode
+
+    syncs = (torch.ops.aten._local_scalar_dense.default, torch.ops.aten.is_nonzero.default)
+
+    class Count(TorchDispatchMode):
+        n = 0
+
+        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+            Count.n += func in syncs
+            return func(*args, **(kwargs or {}))
+
+    model = tiny_model(layers=layers)  # backend "auto": the decode op, whose CPU kernel syncs in C++ only
+    patch_qwen(model, "gdn", window=4, sinks=1)
+    batch, mask = ids(2, 10), torch.ones(2, 10, dtype=torch.long)
+    mask[0, :3] = 0  # left padding: generate() passes the 2-D mask on every step
+    cache = AHNModelCache.from_model(model)
+    with torch.no_grad():
+        model(batch, attention_mask=mask, past_key_values=cache)
+        mask = torch.cat([mask, torch.ones(2, 1, dtype=torch.long)], 1)
+        with Count():
+            model(batch[:, -1:], attention_mask=mask, past_key_values=cache, position_ids=torch.tensor([[6], [9]]))
+    return Count.n
+
+
+def test_decode_step_host_syncs_do_not_grow_with_layers():
+    # the padding test of the new columns runs once per forward, not once per AHN layer
+    assert _host_syncs_of_decode_step(4) == _host_syncs_of_decode_step(2) <= 1
+
+
 # ------------------------------------------------------------------ checkpoint names, counts
 SPEC_NAMES = {
     "gdn": {"a_proj.weight", "b_proj.weight", "g_proj.weight", "A_log", "D", "dt_bias", "o_norm.weight",
@@ -138,6 +169,9 @@ def test_save_load_published_names(kind, tmp_path):
     x = ids(1, 20)
     with torch.no_grad():
         assert torch.equal(fresh(x, use_cache=False).logits, model(x, use_cache=False).logits)
+    # the same through the weights file: its config.json sits next to it (as ahn-merge reads it)
+    from_file = patch_qwen(tiny_model(0), weights=tmp_path / "model.safetensors", backend="reference")
+    assert from_file._ahn_info == fresh._ahn_info
 
 
 def test_strict_loading_names_bad_keys(tmp_path):

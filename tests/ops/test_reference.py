@@ -182,6 +182,33 @@ def test_gradcheck_reference(kind):
     assert torch.autograd.gradcheck(f, tuple(inp), eps=1e-6, atol=1e-6)
 
 
+@pytest.mark.parametrize("backend", ["auto", "chunked", "reference"])
+def test_empty_inputs(backend):
+    # T = 0, B = 0 and empty packed sequences (cu_seqlens may repeat an offset) give empty outputs
+    kind, H, HKV, D, W, S = "gdn", 4, 2, 8, 5, 2
+    call = dict(window=W, sinks=S, kind=kind, backend=backend)
+    for B, T in ((2, 0), (0, 9)):
+        out = ahn_ops.ahn_attention(*make_inputs(kind, B, T, H, HKV, D, seed=3), **call)
+        assert out.shape == (B, T, H, D)
+    lens = [7, 0, 12, 0]
+    parts = [make_inputs(kind, 1, n, H, HKV, D, seed=i) for i, n in enumerate(lens)]
+    _, _, _, _, _, _, A_log, dt_bias, nw, ow = parts[0]
+    packed = [torch.cat([p[i] for p in parts], 1) for i in range(6)]
+    cu = torch.tensor([0] + torch.tensor(lens).cumsum(0).tolist())
+    out = ahn_ops.ahn_attention(*packed, A_log, dt_bias, nw, ow, cu_seqlens=cu, **call)
+    want = torch.cat([ahn_ops.ahn_attention(*p[:6], A_log, dt_bias, nw, ow, **call) for p in parts if p[0].shape[1]], 1)
+    torch.testing.assert_close(out, want, rtol=0, atol=0)
+    # T = 0 on a cache: nothing changes
+    q, k, v, a, b, z, A_log, dt_bias, nw, ow = make_inputs(kind, 2, 9, H, HKV, D, seed=4)
+    cache = empty_layer_cache(kind, 2, H, HKV, D, W, S)
+    ahn_ops.ahn_attention(q, k, v, a, b, z, A_log, dt_bias, nw, ow, cache=cache, **call)
+    before = [t.clone() for t in cache.tensors()]
+    out = ahn_ops.ahn_attention(*(x[:, :0] for x in (q, k, v, a, b, z)), A_log, dt_bias, nw, ow, cache=cache, **call)
+    assert out.shape == (2, 0, H, D)
+    for t0, t1 in zip(before, cache.tensors()):
+        assert torch.equal(t0, t1)
+
+
 # ---------------------------------------------------------------------------------------------
 # bad input: clear errors, cache untouched
 # ---------------------------------------------------------------------------------------------
@@ -271,3 +298,14 @@ def test_cache_allocation_reset_reorder():
         ahn_ops.AHNCache(1, 1, 4, 2, 8, window=0)
     with pytest.raises(ValueError, match="multiple of num_kv_heads"):
         ahn_ops.AHNCache(1, 1, 3, 2, 8, window=4)
+
+
+def test_docstring_examples_run():
+    import doctest
+
+    import ahn_ops.cache
+    from ahn_ops.ops.ahn_attention import interface
+
+    for mod in (ahn_ops.cache, interface, ahn_ops._ext):
+        res = doctest.testmod(mod, verbose=False)
+        assert res.attempted > 0 and res.failed == 0, mod.__name__

@@ -85,6 +85,8 @@ def memory_stream_chunked(
         vnew = u[:, :, c] if wk is None else u[:, :, c] - wk[:, :, c] @ S
         outs.append(qdec[:, :, c] @ S + attn[:, :, c] @ vnew)
         S = S * torch.exp(gc[:, :, c, -1])[..., None, None] + kdec[:, :, c].transpose(-1, -2) @ vnew
+    if not outs:  # N = 0
+        return qn.new_zeros(B, 0, H, Dv), S
     o = torch.stack(outs, 2).permute(0, 2, 3, 1, 4).reshape(B, NC * C, H, Dv)
     return o[:, :N], S
 

@@ -1,14 +1,14 @@
 """Which fused kernel serves a prefill call, if any.
 
 ``try_prefill_kernel`` returns the output of a fused kernel, or None when no
-kernel covers the inputs (then ``ahn_attention`` runs the fp32 reference).
+kernel covers the inputs (then ``ahn_attention`` runs the chunkwise path of ``chunked.py``).
 ``try_prefill_cache_kernel`` does the same for a prefill of T > 1 tokens on a cache.
 
 The Triton prefill (``prefill.py``, ``torch.ops.ahn.prefill_fwd``) covers kinds "gdn", "dn"
 and "mamba2", bf16/fp16 activations, D in (64, 128), forward and backward (``autograd.py``
 registers ``torch.ops.ahn.prefill_bwd`` as its gradient): CUDA tensors, or CPU tensors when
-``TRITON_INTERPRET=1`` (the CI path). fp32/fp64 inputs and other D go to the reference.
-The cache path is inference only: calls that need gradients go to the reference.
+``TRITON_INTERPRET=1`` (the CI path). fp32/fp64 inputs and other D go to ``chunked.py``.
+The cache path is inference only (``ahn_attention`` runs it under ``torch.no_grad``).
 
 Mamba2 kernels are tested in the interpreter only (2026-11-23); on CUDA they serve calls only
 with ``AHN_OPS_MAMBA2_KERNELS=1`` until a device run has checked them against the reference.

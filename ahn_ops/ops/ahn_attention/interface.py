@@ -3,7 +3,8 @@
 Prefill from position 0 (training and inference) and, with an
 :class:`~ahn_ops.AHNLayerCache`, chunked prefill and decode on a constant-size
 cache share one call. Dispatch picks the fastest implementation available for
-the inputs and falls back to the fp32 reference (``reference.py``) otherwise.
+the inputs and falls back to the chunkwise PyTorch path (``chunked.py``) otherwise;
+``backend="reference"`` forces the token-by-token fp32 reference (``reference.py``).
 """
 
 from __future__ import annotations

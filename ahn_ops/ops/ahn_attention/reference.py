@@ -154,7 +154,7 @@ def window_attention_ref(
         p = torch.softmax(s, dim=-1)
         o = torch.einsum("bkgtj,bjkd->btkgd", p, vb)
         outs.append(o.reshape(B, bt, H, D))
-    return torch.cat(outs, dim=1)
+    return torch.cat(outs, dim=1) if outs else q.new_zeros(B, 0, H, D, dtype=dtype)  # Tq = 0
 
 
 # --------------------------------------------------------------------------------------
@@ -264,6 +264,8 @@ def memory_readout_ref(
         )
         ms.append(m)
         states.append(S)
+    if B == 0:
+        return q.new_zeros(0, T, H, D, dtype=dtype), q.new_zeros(0, H, D, D, dtype=dtype)
     return torch.stack(ms), torch.stack(states)
 
 

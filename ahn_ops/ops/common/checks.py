@@ -70,7 +70,7 @@ def check_ahn_inputs(q, k, v, a, b, z, A_log, dt_bias, norm_weight, o_weight, wi
         want = "[B, T, H, D]" if heads_dim == 4 else "[B, H, D]"
         raise ValueError(f"q must have shape {want}, got {tuple(q.shape)}")
     if q.dtype not in ACT_DTYPES:
-        raise TypeError(f"q must be float16, bfloat16 or float32, got {q.dtype}")
+        raise TypeError(f"q must be float16, bfloat16, float32 or float64, got {q.dtype}")
     dev = q.device
     if heads_dim == 4:
         B, T, H, D = q.shape
