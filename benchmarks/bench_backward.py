@@ -175,8 +175,8 @@ def cases(cfg):
         return [dict(kind="gdn", B=1, T=64, W=16, S=4, H=2, HKV=1, D=64)]
     H, HKV = C.HEADS["3b"]
     if cfg.quick:
-        return [dict(kind="gdn", B=1, T=8192, W=4096, S=128, H=H, HKV=HKV, D=128),
-                dict(kind="gdn", B=1, T=32768, W=4096, S=128, H=H, HKV=HKV, D=128)]
+        return [dict(kind="gdn", B=1, T=8192, W=4096, S=128, H=H, HKV=HKV, D=128)] + \
+            [dict(kind=k, B=1, T=32768, W=4096, S=128, H=H, HKV=HKV, D=128) for k in C.KINDS]
     out = []
     for kind in C.KINDS:
         for hn in C.HEADS:
@@ -279,7 +279,8 @@ def main():
     if args.check:
         # gdn at T=8192 with sinks (sink split, unmasked interiors) and a varlen dn case; --full adds
         # the D=64 batch and the 16k gdn case. Each check is guarded: a failure is reported, the rest runs.
-        cases = [("gdn", 1, 8192, 4, 1, 128, 2048, 128, None), ("dn", 1, 8192, 8, 2, 128, 1000, 5, [0, 3000, 3001, 8192])]
+        cases = [("gdn", 1, 8192, 4, 1, 128, 2048, 128, None), ("dn", 1, 8192, 8, 2, 128, 1000, 5, [0, 3000, 3001, 8192]),
+                 ("mamba2", 1, 8192, 4, 2, 128, 2048, 128, None)]
         if args.full:
             cases += [("gdn", 2, 2500, 8, 2, 64, 333, 0, None), ("gdn", 1, 16384, 4, 1, 128, 4096, 128, None)]
         for c in cases:

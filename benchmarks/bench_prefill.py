@@ -193,8 +193,9 @@ def cases(cfg):
                 out.append(dict(kind=kind, B=1, T=T, W=W, S=S, H=H, HKV=HKV, D=128))
     H, HKV = C.HEADS["3b"]
     if cfg.quick:  # one point of every other axis
-        out += [dict(kind="dn", B=1, T=8192, W=4096, S=128, H=H, HKV=HKV, D=128),
-                dict(kind="mamba2", B=1, T=8192, W=4096, S=128, H=H, HKV=HKV, D=128),
+        # every kind at the standard shape (issue 7 compares them with gdn at T=32768)
+        out += [dict(kind="dn", B=1, T=32768, W=4096, S=128, H=H, HKV=HKV, D=128),
+                dict(kind="mamba2", B=1, T=32768, W=4096, S=128, H=H, HKV=HKV, D=128),
                 dict(kind="gdn", B=1, T=8192, W=4096, S=128, H=28, HKV=4, D=128),
                 dict(kind="gdn", B=1, T=8192, W=4096, S=128, H=40, HKV=8, D=128),
                 dict(kind="gdn", B=4, T=8192, W=4096, S=128, H=H, HKV=HKV, D=128)]

@@ -1,16 +1,23 @@
 #!/usr/bin/env bash
-# What a GPU session runs first: build for the local GPU, every test against the fp32 reference on
-# the GPU, then the quick benchmark suite. Each stage fits one device call (10 min):
+# What a GPU session runs: build for the local GPU once, then the named stages in order. Each call of
+# the device tool is limited to 10 minutes, so pick stages that fit; "bg:STAGE" runs a stage in the
+# background (the GPU is shared: use it for a stage whose timings do not matter, e.g. bg:demo next to
+# tests) and is waited for at the end.
 #
-#   bash benchmarks/device_check.sh tests    # build + the whole pytest suite on CUDA (GPU tests included)
-#   bash benchmarks/device_check.sh bench    # build + python benchmarks/run_all.py --quick
+#   bash benchmarks/device_check.sh tests            # the whole pytest suite on CUDA (GPU tests included)
+#   bash benchmarks/device_check.sh bench            # python benchmarks/run_all.py --quick
+#   bash benchmarks/device_check.sh model            # bench_model.py: Qwen2.5-3B shape, 32k and 128k context
+#   bash benchmarks/device_check.sh demo             # python/retrieval_demo.py under a time budget
+#   bash benchmarks/device_check.sh ddp              # distillation on 1 GPU vs 2 GPUs (torchrun), same batch
+#   bash benchmarks/device_check.sh bg:demo tests    # both at once
 #
-# Logs and results go to $OUT (the device tool's folder) or ./device_out. Mamba2 prefill kernels
-# are enabled for the run (AHN_OPS_MAMBA2_KERNELS=1) so that the tests check them on the GPU.
-# Peers that are pure Python (fla-core, einops) can travel as wheels in .whl/ (device README).
+# Logs and results go to $OUT (the device tool's folder) or ./device_out; the demo's assets come back
+# as one tarball (the device tool returns at most 8 files). Mamba2 prefill kernels are enabled for the
+# run (AHN_OPS_MAMBA2_KERNELS=1) so that the tests check them on the GPU. Peers that are pure Python
+# (fla-core, einops) can travel as wheels in .whl/ (device README).
 set -uo pipefail
 cd "$(dirname "${BASH_SOURCE[0]}")/.."
-stage=${1:-tests}
+[ $# -gt 0 ] || set -- tests
 out=${OUT:-device_out}
 mkdir -p "$out"
 export PYTHONUNBUFFERED=1 AHN_OPS_MAMBA2_KERNELS=1
@@ -24,15 +31,57 @@ if ! python3 setup.py -q build_ext --inplace >"$out/build.log" 2>&1; then
   tail -30 "$out/build.log"
   exit 1
 fi
-case "$stage" in
-  tests)
-    timeout 540 python3 -m pytest -q -rs --durations=15 tests 2>&1 | tee "$out/tests.log" | tail -40
-    ;;
-  bench)
-    timeout 540 python3 benchmarks/run_all.py --quick --out "$out" 2>&1 | tee "$out/bench.log" | tail -60
-    ;;
-  *)
-    echo "usage: $0 tests|bench" >&2
-    exit 2
-    ;;
-esac
+
+DEMO_BUDGET=${DEMO_BUDGET:-450}   # seconds of python/retrieval_demo.py (pretrain + distil + eval)
+
+stage() {
+  case "$1" in
+    tests)
+      # the C++ op's bad-input paths first, in their own process (a crash there must not hide the rest)
+      local first="tests/test_build.py tests/ops/test_decode_cpu.py tests/ops/test_decode_cuda.py"
+      timeout 150 python3 -m pytest -q -rfEs $first 2>&1 | tee "$out/tests_decode.log" | tail -8
+      timeout "${TESTS_TIMEOUT:-480}" python3 -m pytest -q -rfEs --durations=15 tests $(printf -- '--ignore=%s ' $first) \
+        2>&1 | tee "$out/tests.log" | tail -40
+      ;;
+    bench)
+      timeout 540 python3 benchmarks/run_all.py --quick --out "$out" 2>&1 | tee "$out/bench.log" | tail -60
+      ;;
+    model)
+      timeout 540 python3 benchmarks/bench_model.py --shape 3b --contexts 32768 131072 --window 32640 --sinks 128 \
+        --decode-contexts 32768 131072 --batches 1 8 --decode-steps 16 2>&1 | tee "$out/model.log" | tail -40
+      ;;
+    demo)
+      rm -rf assets/retrieval_demo_run
+      timeout $((DEMO_BUDGET + 60)) python3 python/retrieval_demo.py --time-budget "$DEMO_BUDGET" \
+        --out assets/retrieval_demo_run >"$out/demo.log" 2>&1
+      echo "demo exit $?"; tail -15 "$out/demo.log"
+      tar czf "$out/retrieval_demo.tgz" -C assets retrieval_demo_run 2>/dev/null || true
+      ;;
+    ddp)
+      local common="--tiny --tiny-size 256x4 --synthetic kv --seq-len 2048 --window 256 --sinks 8 --min-window 64
+        --max-window 1024 --steps 40 --lr 2e-3 --warmup 4 --no-progress --seed 3"
+      rm -f "$out"/ddp_*.jsonl
+      timeout 200 python3 python/distill.py $common --micro-batch 4 --grad-accum 2 --log-file "$out/ddp_1gpu.jsonl" \
+        2>&1 | tail -3
+      timeout 200 torchrun --standalone --nproc-per-node 2 python/distill.py $common --micro-batch 4 --grad-accum 1 \
+        --log-file "$out/ddp_2gpu.jsonl" 2>&1 | tail -3
+      python3 benchmarks/ddp_compare.py "$out/ddp_1gpu.jsonl" "$out/ddp_2gpu.jsonl" --names "1 GPU (accum 2)" \
+        "2 GPUs (DDP)" | tee "$out/ddp.md"
+      ;;
+    *)
+      echo "unknown stage $1 (tests|bench|model|demo|ddp, optionally bg:STAGE)" >&2
+      return 2
+      ;;
+  esac
+}
+
+pids=()
+for s in "$@"; do
+  if [[ $s == bg:* ]]; then
+    stage "${s#bg:}" &
+    pids+=($!)
+  else
+    stage "$s"
+  fi
+done
+for p in "${pids[@]}"; do wait "$p"; done

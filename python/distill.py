@@ -22,6 +22,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import re
 import sys
 from pathlib import Path
 
@@ -33,6 +34,9 @@ def parse_args(argv=None):
     g = p.add_argument_group("model")
     g.add_argument("--model", help="Hugging Face Qwen2 directory or hub id (frozen base = teacher)")
     g.add_argument("--tiny", action="store_true", help="a tiny random byte-level Qwen2 instead of --model")
+    g.add_argument("--tiny-size", default="64x2", metavar="HIDDENxLAYERS",
+                   help="--tiny model size (4 heads, 2 KV heads): 64x2 = head dim 16 (chunked path); "
+                        "256x4 = head dim 64 (the fused kernels on a GPU)")
     g.add_argument("--kind", default="gdn", choices=["gdn", "dn", "mamba2"])
     g.add_argument("--window", type=int, default=1024, help="nominal W (written to config.json)")
     g.add_argument("--sinks", type=int, default=0, help="nominal S (written to config.json)")
@@ -75,6 +79,8 @@ def parse_args(argv=None):
         p.error("give --model or --tiny")
     if not a.synthetic and not a.data:
         p.error("give --data files or --synthetic passkey|kv")
+    if not re.fullmatch(r"\d+x\d+", a.tiny_size.lower()) or int(a.tiny_size.lower().split("x")[0]) % 4:
+        p.error(f"--tiny-size must be HIDDENxLAYERS with HIDDEN a multiple of 4 (4 heads), got {a.tiny_size!r}")
     return a
 
 
@@ -112,7 +118,8 @@ def main(argv=None):
     device = init_distributed()
     torch.manual_seed(a.seed)
     if a.tiny:
-        model = tiny_byte_qwen(BYTE_VOCAB, a.seed)
+        hidden, layers = (int(x) for x in a.tiny_size.lower().split("x"))
+        model = tiny_byte_qwen(BYTE_VOCAB, a.seed, layers=layers, hidden=hidden)
         tok = "bytes"
     else:
         from transformers import AutoModelForCausalLM
