@@ -101,3 +101,22 @@ def test_results_md_markers(tmp_path):
     s = f.read_text()
     assert "## Hand-written\ntext\n" in s and s.count(run_all.BEGIN) == 1 and s.count(run_all.END) == 1
     assert "| b |" in s and "| a |" not in s and s.index(run_all.BEGIN) > s.index("Hand-written")
+
+
+def test_ddp_compare(tmp_path):
+    # the 1-GPU vs 2-GPU comparison of distillation logs: same curve passes, a drift fails
+    sys.path.insert(0, BENCH)
+    try:
+        import ddp_compare
+    finally:
+        sys.path.remove(BENCH)
+    recs = [dict(step=i + 1, loss=1.0 / (i + 1), tokens=4096, seconds=0.5) for i in range(8)]
+    a, b, c = tmp_path / "a.jsonl", tmp_path / "b.jsonl", tmp_path / "c.jsonl"
+    a.write_text("".join(json.dumps(r) + "\n" for r in recs))
+    b.write_text("".join(json.dumps(dict(r, loss=r["loss"] * (1 + 1e-4), seconds=0.25)) + "\n" for r in recs))
+    c.write_text("".join(json.dumps(dict(r, loss=r["loss"] * (1.1 if r["step"] == 5 else 1))) + "\n" for r in recs))
+    assert ddp_compare.main([str(a), str(b)]) == 0
+    assert ddp_compare.main([str(a), str(c)]) == 1
+    assert ddp_compare.main([str(a), str(tmp_path / "a.jsonl"), "--every", "1"]) == 0
+    b.write_text("".join(json.dumps(r) + "\n" for r in recs[:5]))
+    assert ddp_compare.main([str(a), str(b)]) == 1  # different lengths
