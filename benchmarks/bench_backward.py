@@ -263,6 +263,34 @@ def run_case(cfg, c):
     return rows
 
 
+def sweep(kind="gdn", T=32768, W=4096, S=128, H=16, HKV=2, D=128):
+    """Launch-configuration sweep of the attention backward kernels (fwd+bwd time, ms); keeps the best."""
+    from triton.testing import do_bench
+
+    inp = make_inputs(kind, 1, T, H, HKV, D, torch.bfloat16, 1)
+    leaves = [None if x is None else x.detach().clone().requires_grad_(True) for x in inp]
+    gl = [x for x in leaves if x is not None]
+    dout = torch.randn(1, T, H, D, device="cuda", dtype=torch.bfloat16)
+
+    def fwd_bwd():
+        torch.ops.ahn.prefill_fwd(*leaves, W, S, kind, None, None, False)[0].backward(dout)
+
+    for key, cands in (("dkdv", [(64, 8, 2), (64, 4, 2), (64, 8, 3), (32, 4, 2), (128, 8, 2)]),
+                       ("dq", [(64, 4, 3), (64, 8, 2), (64, 4, 2), (32, 4, 3)])):
+        res = {}
+        for cfg_ in cands:
+            bw.CONFIG[key] = cfg_
+            try:
+                res[cfg_] = do_bench(fwd_bwd, warmup=10, rep=60, grad_to_none=gl, return_mode="median")
+            except Exception as e:  # noqa: BLE001
+                print(f"[sweep] {key} {cfg_} failed: {type(e).__name__}: {str(e)[:120]}", flush=True)
+                continue
+            print(f"[sweep] {kind} T{T} W{W} S{S} {key}={cfg_}: fwd+bwd {res[cfg_]:.3f} ms", flush=True)
+        if res:
+            bw.CONFIG[key] = min(res, key=res.get)
+    print(f"[sweep] chosen backward CONFIG: {bw.CONFIG}", flush=True)
+
+
 def collect(cfg, case_list=None):
     """Rows of the whole forward + backward sweep (``cases(cfg)`` unless given)."""
     return [r for c in (case_list or cases(cfg)) for r in run_case(cfg, c)]
@@ -273,6 +301,7 @@ def main():
     ap.add_argument("--check", action="store_true")
     ap.add_argument("--no-bench", action="store_true")
     ap.add_argument("--full", action="store_true", help="also the D=64 batch and T=16k gdn checks")
+    ap.add_argument("--sweep", action="store_true", help="launch-config sweep of dkdv / dq before the timings")
     args = ap.parse_args()
     print(f"[env] torch {torch.__version__} triton {triton.__version__} {torch.cuda.get_device_name()}")
     checks = []
@@ -291,6 +320,8 @@ def main():
                 checks.append((str(c), [("EXCEPTION", float("nan"), float("nan"), False)]))
         torch.cuda.empty_cache()
     results = []
+    if args.sweep:
+        sweep()
     if not args.no_bench:
         for kind, T, W, S in (("gdn", 32768, 4096, 128), ("gdn", 24576, 2048, 0)):
             try:
