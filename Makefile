@@ -31,10 +31,12 @@ test: build
 	TRITON_INTERPRET=1 $(PY) -m pytest -q tests
 
 # The main job: a small Qwen2.5-architecture model, patched vs unpatched, as the context grows;
-# then one AHN attention block at growing context against full attention.
+# then one AHN attention block at growing context against full attention; then retrieval beyond the
+# window with the shipped demo weights (assets/retrieval_demo, written by python/retrieval_demo.py).
 demo: build
 	$(PY) python/demo_model.py
 	$(PY) python/demo.py
+	$(PY) python/retrieval_check.py
 
 wheel: setup
 	$(PY) -m pip wheel -q --no-build-isolation --no-deps -w dist .

@@ -14,6 +14,11 @@
 
     python python/retrieval_demo.py            # default size: needs a GPU (bf16 Triton kernels, D=64)
     python python/retrieval_demo.py --toy      # CPU in a few minutes: the pipeline, not the accuracy
+    python python/retrieval_demo.py --time-budget 450   # stop each phase early to fit 450 s in all
+
+Time budget: pretraining gets 55% of it and distillation 30% (the rest: evaluation, saving). The
+learning-rate schedules run on ``progress = max(step / steps, elapsed / phase budget)``, so a phase
+cut short by the clock still ends its cosine decay; the log says how many steps each phase made.
 
 Accuracy: an example counts when every answer token is the argmax of the teacher-forced logits.
 """
@@ -53,6 +58,8 @@ def parse_args(argv=None):
     p.add_argument("--device", default=None, help="default: cuda if available")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--skip-pretrain", default=None, help="a base/ dir from an earlier run: distil only")
+    p.add_argument("--time-budget", type=float, default=None,
+                   help="seconds for the whole run (pretrain 55%%, distil 30%%); each phase stops early")
     for k, v in PRESETS["default"].items():  # every preset value can be overridden
         p.add_argument("--" + k.replace("_", "-"), type=type(v), default=None)
     a = p.parse_args(argv)
@@ -63,7 +70,33 @@ def parse_args(argv=None):
     a.p = preset
     a.out = Path(a.out or REPO / "assets" / ("retrieval_demo_toy" if a.toy else "retrieval_demo"))
     a.device = torch.device(a.device or ("cuda" if torch.cuda.is_available() else "cpu"))
+    if a.time_budget is not None and a.time_budget <= 0:
+        p.error(f"--time-budget must be > 0 seconds, got {a.time_budget}")
     return a
+
+
+def lr_factor(progress: float, warm: float = 0.05, floor: float = 0.1) -> float:
+    """Linear warm-up over the first ``warm`` of the run, then cosine decay to ``floor``."""
+    if progress < warm:
+        return max(progress / warm, 0.01)
+    x = min(1.0, (progress - warm) / (1 - warm))
+    return floor + (1 - floor) * 0.5 * (1 + math.cos(math.pi * x))
+
+
+class Progress:
+    """``max(step / steps, elapsed / budget)`` of one phase; ``done()`` when either reaches 1."""
+
+    def __init__(self, steps: int, budget_s=None):
+        self.steps, self.budget, self.t0, self.step = steps, budget_s, time.time(), 0
+
+    def __call__(self) -> float:
+        p = self.step / self.steps
+        if self.budget:
+            p = max(p, (time.time() - self.t0) / self.budget)
+        return min(p, 1.0)
+
+    def done(self) -> bool:
+        return self() >= 1.0
 
 
 def build_model(p, vocab, seed):
@@ -139,20 +172,26 @@ def eval_full_plain(model, ds, L, W, S, n, device, autocast=None):
     return float((logits[:, a0 - 1: a0 - 1 + al].argmax(-1) == ids[:, a0: a0 + al]).all(-1).float().mean())
 
 
-def pretrain(model, ds, p, device, log):
-    """Full-attention LM training; answer tokens weighted x5. Stops at target accuracy at 8W (or steps)."""
+def pretrain(model, ds, p, device, log, budget_s=None):
+    """Full-attention LM training; answer tokens weighted x5. Stops at target accuracy at 8W, after
+    ``pretrain_steps`` or when ``budget_s`` seconds are spent."""
     from tqdm.auto import tqdm
 
     L, W, S = p["pretrain_len"], p["window"], p["sinks"]
     autocast = torch.bfloat16 if device.type == "cuda" else None
     opt = torch.optim.AdamW(model.parameters(), lr=p["pretrain_lr"], betas=(0.9, 0.95), weight_decay=0.1)
-    warm = max(1, p["pretrain_steps"] // 20)
-    sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: min(1, (s + 1) / warm) * (
-        0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi * min(1.0, s / p["pretrain_steps"])))))
+    prog = Progress(p["pretrain_steps"], budget_s)
     model.train()
     bar = tqdm(range(p["pretrain_steps"]), desc="pretrain", dynamic_ncols=True)
-    t0, acc, i = time.time(), 0.0, 0
+    t0, acc, i, loss = time.time(), 0.0, 0, torch.tensor(float("nan"))
     for i in bar:
+        prog.step = i
+        if prog.done():
+            log(dict(stage="pretrain_time_budget", step=i, seconds=time.time() - t0))
+            i -= 1
+            break
+        for g in opt.param_groups:
+            g["lr"] = p["pretrain_lr"] * lr_factor(prog())
         exs = [ds.example(i * p["pretrain_batch"] + j, length=L) for j in range(p["pretrain_batch"])]
         ids = torch.stack([e["input_ids"] for e in exs]).to(device)
         w = torch.ones(ids.shape[0], L - 1, device=device)
@@ -166,9 +205,8 @@ def pretrain(model, ds, p, device, log):
         loss.backward()
         torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
         opt.step()
-        sched.step()
         bar.set_postfix(loss=f"{loss.item():.3f}", acc8W=f"{acc:.2f}")
-        if (i + 1) % p["eval_every"] == 0 or i + 1 == p["pretrain_steps"]:
+        if (i + 1) % p["eval_every"] == 0 or i + 1 == p["pretrain_steps"] or prog.done():
             model.eval()
             acc = eval_full_plain(model, ds, 8 * W, W, S, p["eval_n"], device, autocast)
             model.train()
@@ -200,6 +238,12 @@ def main(argv=None):
                    distractor_numbers=p["distractor_numbers"], cue=p["cue"])
     W, S = p["window"], p["sinks"]
     t_start = time.time()
+    budget = a.time_budget
+    summary = dict(preset="toy" if a.toy else "default", params=p, device=str(device), time_budget_s=budget)
+
+    def write_summary(**kw):  # after every phase: a run killed later still leaves its numbers
+        summary.update(kw, total_seconds=time.time() - t_start, log=records)
+        (a.out / "results.json").write_text(json.dumps(summary, indent=2))
 
     # 1. pretrain with full attention
     if a.skip_pretrain:
@@ -209,23 +253,40 @@ def main(argv=None):
         pre = dict(skipped=a.skip_pretrain)
     else:
         model = build_model(p, BYTE_VOCAB, a.seed).to(device)
-        pre = pretrain(model, SyntheticRetrieval(p["pretrain_len"], seed=a.seed + 1, **task_kw), p, device, log)
+        pre = pretrain(model, SyntheticRetrieval(p["pretrain_len"], seed=a.seed + 1, **task_kw), p, device, log,
+                       budget_s=None if budget is None else 0.55 * budget)
+    # the teacher and the student run in bf16 on a GPU: the shipped base is those bf16 weights
+    if device.type == "cuda":
+        model.to(torch.bfloat16)
+    if not a.skip_pretrain:
         model.save_pretrained(a.out / "base")
     n_params = sum(x.numel() for x in model.parameters())
     log(dict(stage="pretrain_done", params=n_params, **pre))
+    write_summary(model_params=n_params, pretrain=pre)
 
     # 2. distil AHN-GDN (one copy of the weights; teacher = full attention on the same module)
-    if device.type == "cuda":
-        model.to(torch.bfloat16)
     ahn_ops.patch_qwen(model, "gdn", window=W, sinks=S)
     cfg = DistillConfig(kind="gdn", window=W, sinks=S, seq_len=p["distill_len"], min_window=p["min_window"],
                         max_window=p["max_window"], micro_batch=p["distill_batch"], grad_accum=1,
                         steps=p["distill_steps"], lr=p["distill_lr"], warmup_steps=max(1, p["distill_steps"] // 20),
-                        ce_weight=p["ce_weight"], seed=a.seed, out_dir=None)
+                        ce_weight=p["ce_weight"], seed=a.seed, out_dir=None, progress=False)
     dds = SyntheticRetrieval(p["distill_len"], seed=a.seed + 2, **task_kw)
     tr = Distiller(model, dds, cfg)
+    # the schedule follows max(step / steps, elapsed / budget): a clock-limited run still decays its LR
+    prog = Progress(p["distill_steps"], None if budget is None else 0.30 * budget)
+    tr.scheduler = torch.optim.lr_scheduler.LambdaLR(
+        tr.optimizer, lambda s: lr_factor(max(prog(), s / p["distill_steps"])))
     t0 = time.time()
-    hist = tr.train()
+    hist = []
+    while tr.step < p["distill_steps"] and not prog.done():
+        hist += tr.train(steps=tr.step + 1)
+        prog.step = tr.step
+        if tr.step % p["eval_every"] == 0 or tr.step in (1, 10):
+            k = min(len(hist), 50)
+            log(dict(stage="distill", step=tr.step, loss=sum(r["loss"] for r in hist[-k:]) / k,
+                     seconds=time.time() - t0))
+    if prog.done() and tr.step < p["distill_steps"]:
+        log(dict(stage="distill_time_budget", step=tr.step, seconds=time.time() - t0))
     k = max(1, len(hist) // 10)
     log(dict(stage="distill_done", steps=len(hist), loss_first=sum(r["loss"] for r in hist[:k]) / k,
              loss_last=sum(r["loss"] for r in hist[-k:]) / k, seconds=time.time() - t0,
@@ -247,10 +308,7 @@ def main(argv=None):
 
     # 4. save
     save_ahn_weights(model, a.out / "ahn")
-    summary = dict(preset="toy" if a.toy else "default", params=p, device=str(device), model_params=n_params,
-                   ahn_params=sum(x.numel() for _, x in tr.params), pretrain=pre, results=results,
-                   total_seconds=time.time() - t_start, log=records)
-    (a.out / "results.json").write_text(json.dumps(summary, indent=2))
+    write_summary(ahn_params=sum(x.numel() for _, x in tr.params), window=W, sinks=S, results=results)
     lines = [f"# AHN retrieval demo ({summary['preset']}, {device})", "",
              f"task {p['task']}, window W={W}, sinks S={S}, base {n_params / 1e6:.2f}M params, "
              f"AHN-GDN {summary['ahn_params'] / 1e3:.1f}k params; needle entirely beyond the window; "

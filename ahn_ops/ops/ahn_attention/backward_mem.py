@@ -36,7 +36,7 @@ from __future__ import annotations
 import triton
 import triton.language as tl
 
-from ..common.tl_utils import dot_f32
+from ..common.tl_utils import tri_inverse
 from .prefill import _inv_norm, _load_gates, _norm_rows
 
 
@@ -201,27 +201,6 @@ def _dh_bwd_kernel(
         tl.store(dh0 + p_hv, b_dh)
 
 
-@triton.jit
-def _wy_inverse(b_L, o_t, BT: tl.constexpr):
-    """``(I + L)^-1`` of a strictly lower [BT, BT] fp32 L, as prefill._prep_kernel computes it.
-
-    The four 16x16 diagonal blocks by forward substitution (rows i, 16+i, 32+i, 48+i at once),
-    then ``I + L = (I + Ld)(I + M)``, ``M = Xd Lo`` strictly block-lower, ``M^4 = 0``:
-    ``(I + L)^-1 = (I - M)(I + M^2) Xd``. 15 + 4 tensor-core products instead of the 63 row
-    reductions of a plain forward substitution; the same X (bit for bit) as the forward used.
-    """
-    m_blk = (o_t[:, None] // 16) == (o_t[None, :] // 16)
-    b_X = -tl.where(m_blk, b_L, 0.)
-    for i in range(1, 16):
-        m_r = (o_t % 16) == i
-        b_a = tl.where(m_r[:, None], b_X, 0.)
-        b_X = tl.where(m_r[:, None], b_a + dot_f32(b_a, b_X), b_X)
-    b_eye = (o_t[:, None] == o_t[None, :]).to(tl.float32)
-    b_Xd = b_X + b_eye
-    b_M = dot_f32(b_Xd, tl.where(m_blk, 0., b_L))
-    return dot_f32(dot_f32(b_eye - b_M, b_eye + dot_f32(b_M, b_M)), b_Xd)
-
-
 @triton.jit(do_not_specialize=["W", "S"])
 def _mem_bwd_kernel(
     # pointers
@@ -279,7 +258,7 @@ def _mem_bwd_kernel(
             # WY inverse X = (I + L)^-1, L = tril(beta kn kn^T E, -1); w = X Kb, u = X Vb
             b_kk = tl.dot(b_kn.to(dt), tl.trans(b_kn.to(dt)))  # [BT, BT]
             b_L = tl.where(m_slow, b_beta[:, None] * b_kk * b_E, 0.)
-            b_Xc = _wy_inverse(b_L, o_t, BT).to(dt)  # [BT, BT]
+            b_Xc = tri_inverse(b_L, BT).to(dt)  # [BT, BT]
 
         # products over V, slice by slice
         b_ds = tl.zeros([BT, BT], dtype=tl.float32)  # dm v_new^T

@@ -41,7 +41,7 @@ import triton
 import triton.language as tl
 
 from ..common.alloc import empty
-from ..common.tl_utils import dot, dot_f32
+from ..common.tl_utils import dot, tri_inverse
 
 __all__ = ["prefill_fwd", "prefill_cache_fwd", "SUPPORTED_D"]
 
@@ -116,20 +116,7 @@ def _wy_prep(b_kn, b_v, b_k, b_beta, b_gc, w, o_q, o_t, o_d, i_h, m_i, H: tl.con
     b_kk = dot(b_kn.to(b_k.dtype), tl.trans(b_kn.to(b_k.dtype)))  # [BT, BT]
     b_dec = tl.exp(tl.where(m_low, b_gc[:, None] - b_gc[None, :], 0.))
     b_L = tl.where(m_low, b_beta[:, None] * b_kk * b_dec, 0.)  # strictly lower part of I + L
-    # (I + L)^-1 in two steps (15 + 4 tensor-core products instead of 63 row reductions):
-    # 1) the four 16x16 diagonal blocks by forward substitution, rows i, 16+i, 32+i, 48+i at once;
-    m_blk = (o_t[:, None] // 16) == (o_t[None, :] // 16)
-    b_X = -tl.where(m_blk, b_L, 0.)
-    for i in range(1, 16):
-        m_r = (o_t % 16) == i
-        b_a = tl.where(m_r[:, None], b_X, 0.)  # rows not yet updated: -L; they only use finished rows
-        b_X = tl.where(m_r[:, None], b_a + dot_f32(b_a, b_X), b_X)
-    b_eye = (o_t[:, None] == o_t[None, :]).to(tl.float32)
-    b_Xd = b_X + b_eye
-    # 2) I + L = (I + Ld)(I + M), M = Xd Lo strictly block-lower, M^4 = 0:
-    #    (I + L)^-1 = (I - M)(I + M^2) Xd
-    b_M = dot_f32(b_Xd, tl.where(m_blk, 0., b_L))
-    b_A = dot_f32(dot_f32(b_eye - b_M, b_eye + dot_f32(b_M, b_M)), b_Xd)
+    b_A = tri_inverse(b_L, BT)  # (I + L)^-1, fp32
     b_Ac = b_A.to(b_k.dtype)
     b_w = dot(b_Ac, (b_kn * (b_beta * tl.exp(b_gc))[:, None]).to(b_k.dtype))  # [BT, D]
     b_u = dot(b_Ac, (b_v.to(tl.float32) * b_beta[:, None]).to(b_k.dtype))  # [BT, D]
