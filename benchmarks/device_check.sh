@@ -6,6 +6,7 @@
 #
 #   bash benchmarks/device_check.sh tests            # the whole pytest suite on CUDA (GPU tests included)
 #   bash benchmarks/device_check.sh bench            # python benchmarks/run_all.py --quick
+#   bash benchmarks/device_check.sh perf             # bench_prefill T=32k split + bench_backward --sweep
 #   bash benchmarks/device_check.sh model            # bench_model.py: Qwen2.5-3B shape, 32k and 128k context
 #   bash benchmarks/device_check.sh demo             # python/retrieval_demo.py under a time budget
 #   bash benchmarks/device_check.sh ddp              # distillation on 1 GPU vs 2 GPUs (torchrun), same batch
@@ -20,7 +21,7 @@ cd "$(dirname "${BASH_SOURCE[0]}")/.."
 [ $# -gt 0 ] || set -- tests
 out=${OUT:-device_out}
 mkdir -p "$out"
-export PYTHONUNBUFFERED=1 AHN_OPS_MAMBA2_KERNELS=1
+export PYTHONUNBUFFERED=1 AHN_OPS_MAMBA2_KERNELS=1 AHN_TESTS_EAGER=1
 export AHN_OPS_CUDA_ARCHS=${AHN_OPS_CUDA_ARCHS:-90a}
 if ls .whl/*.whl >/dev/null 2>&1; then
   python3 -m pip install -q --no-index --no-deps --no-compile --target /tmp/site .whl/*.whl && export PYTHONPATH=/tmp/site
@@ -37,6 +38,10 @@ DEMO_BUDGET=${DEMO_BUDGET:-450}   # seconds of python/retrieval_demo.py (pretrai
 stage() {
   case "$1" in
     tests)
+      if [ -n "${TESTS_ARGS:-}" ]; then  # a chosen subset, e.g. TESTS_ARGS="--tb=line tests/ops/test_prefill.py"
+        timeout "${TESTS_TIMEOUT:-480}" python3 -m pytest -q -rfEs $TESTS_ARGS 2>&1 | tee "$out/tests.log" | tail -40
+        return
+      fi
       # the C++ op's bad-input paths first, in their own process (a crash there must not hide the rest)
       local first="tests/test_build.py tests/ops/test_decode_cpu.py tests/ops/test_decode_cuda.py"
       timeout 150 python3 -m pytest -q -rfEs $first 2>&1 | tee "$out/tests_decode.log" | tail -8
@@ -45,6 +50,11 @@ stage() {
       ;;
     bench)
       timeout 540 python3 benchmarks/run_all.py --quick --out "$out" 2>&1 | tee "$out/bench.log" | tail -60
+      ;;
+    perf)
+      # the kernel timings behind issues 3 and 4 (prefill split, backward split, backward launch sweep)
+      timeout 120 python3 benchmarks/bench_prefill.py --shapes 32768 2>&1 | tee "$out/perf_prefill.log" | tail -12
+      timeout 200 python3 benchmarks/bench_backward.py --sweep 2>&1 | tee "$out/perf_backward.log" | tail -30
       ;;
     model)
       timeout 540 python3 benchmarks/bench_model.py --shape 3b --contexts 32768 131072 --window 32640 --sinks 128 \
@@ -69,7 +79,7 @@ stage() {
         "2 GPUs (DDP)" | tee "$out/ddp.md"
       ;;
     *)
-      echo "unknown stage $1 (tests|bench|model|demo|ddp, optionally bg:STAGE)" >&2
+      echo "unknown stage $1 (tests|bench|perf|model|demo|ddp, optionally bg:STAGE)" >&2
       return 2
       ;;
   esac

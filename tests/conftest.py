@@ -3,7 +3,9 @@
 * ``AHN_OPS_POISON=1``: the library's launchers fill every output they allocate with NaN
   (``ahn_ops/ops/common/alloc.py``), so an element a kernel forgets to write fails a test.
 * Without a GPU, Triton kernels run in the CPU interpreter (``TRITON_INTERPRET=1``); this must
-  be set before triton is first imported, hence here and not in a test module.
+  be set before triton is first imported, hence here and not in a test module. With a GPU,
+  ``TRITON_F32_DEFAULT=ieee`` (below).
+* ``AHN_TESTS_EAGER=1``: failures are printed as they happen.
 """
 
 import os
@@ -18,3 +20,15 @@ except Exception:  # pragma: no cover
     _HAS_CUDA = False
 if not _HAS_CUDA:
     os.environ.setdefault("TRITON_INTERPRET", "1")
+else:
+    # fp32 operands of tl.dot default to TF32 on a GPU (10-bit mantissa): the fp32 tests compare the
+    # kernels' algebra with the fp32 reference at 1e-5, so they ask for full-precision products (the
+    # library never sends fp32 to the Triton kernels itself: ``backend="auto"`` takes the chunked path).
+    os.environ.setdefault("TRITON_F32_DEFAULT", "ieee")
+
+
+def pytest_runtest_logreport(report):
+    """``AHN_TESTS_EAGER=1``: print a failure's traceback as soon as it happens (device runs end at a
+    hard time limit, before pytest's own summary)."""
+    if os.environ.get("AHN_TESTS_EAGER") == "1" and report.failed:
+        print(f"\n=== FAILED {report.nodeid} ({report.when})\n{report.longreprtext[-3000:]}\n", flush=True)

@@ -419,8 +419,8 @@ def write_cache_tokens(bi, P, k, v, g, w, sink_k, sink_v, ring_k, ring_v, gates,
     first = max(max(0, S - P), T - W)  # older new tokens would be overwritten anyway
     if first < T:
         slots = (P + torch.arange(first, T, device=k.device) - S) % W
-        ring_k[bi, slots] = k[first:]
-        ring_v[bi, slots] = v[first:]
+        ring_k[bi, slots] = k[first:].to(ring_k.dtype)  # index_put does not cast on every torch build
+        ring_v[bi, slots] = v[first:].to(ring_v.dtype)
         gates[bi, slots, :, 0] = g[first:].to(gates.dtype)
         gates[bi, slots, :, 1] = w[first:].to(gates.dtype)
 
