@@ -43,12 +43,12 @@ PRESETS = {
     # steps / 215 s, loss flat at 1.16 from step 500: no copying circuit formed. Passkey: one cue, one value.)
     "default": dict(task="passkey", cue="the pass key is", n_pairs=1, n_digits=5, distractor_numbers=0.0, layers=4,
                     hidden=256, heads=4, kv_heads=2, window=128, sinks=4, pretrain_len=1024, pretrain_steps=6000,
-                    pretrain_batch=32, pretrain_lr=2e-3, target_acc=0.95, distill_len=1024, distill_steps=2000, distill_batch=16,
+                    pretrain_batch=32, pretrain_lr=2e-3, answer_weight=5.0, target_acc=0.95, distill_len=1024, distill_steps=2000, distill_batch=16,
                     distill_lr=3e-3, min_window=64, max_window=512, ce_weight=0.1, eval_n=256, eval_every=500),
     # CPU, a few minutes: tiny model, short sequences
     "toy": dict(task="passkey", cue="pk", n_pairs=1, n_digits=3, distractor_numbers=0.0, layers=2, hidden=64,
                 heads=4, kv_heads=2, window=16, sinks=2, pretrain_len=128, pretrain_steps=700, pretrain_batch=16,
-                pretrain_lr=3e-3, target_acc=0.9, distill_len=96, distill_steps=80, distill_batch=4,
+                pretrain_lr=3e-3, answer_weight=5.0, target_acc=0.9, distill_len=96, distill_steps=80, distill_batch=4,
                 distill_lr=1e-2, min_window=12, max_window=48, ce_weight=0.1, eval_n=32, eval_every=100),
 }
 
@@ -187,7 +187,7 @@ def eval_full_plain(model, ds, L, W, S, n, device, autocast=None):
 
 
 def pretrain(model, ds, p, device, log, budget_s=None):
-    """Full-attention LM training; answer tokens weighted x5. Stops at target accuracy at 8W, after
+    """Full-attention LM training; answer tokens weighted ``answer_weight`` x. Stops at target accuracy at 8W, after
     ``pretrain_steps`` or when ``budget_s`` seconds are spent."""
     from tqdm.auto import tqdm
 
@@ -212,7 +212,7 @@ def pretrain(model, ds, p, device, log, budget_s=None):
         ids = torch.stack([e["input_ids"] for e in exs]).to(device)
         w = torch.ones(ids.shape[0], Lc - 1, device=device)
         for b, e in enumerate(exs):
-            w[b] += 4.0 * answer_mask(e, Lc)[:-1].to(device)
+            w[b] += (p["answer_weight"] - 1.0) * answer_mask(e, Lc)[:-1].to(device)
         with torch.autocast(device.type, dtype=autocast, enabled=autocast is not None):
             logits = model(ids[:, :-1], use_cache=False).logits.float()
         nll = F.cross_entropy(logits.reshape(-1, logits.shape[-1]), ids[:, 1:].reshape(-1), reduction="none")

@@ -52,7 +52,10 @@ BT = pf.BT
 # (BN or BM, num_warps, num_stages) for the attention kernels; the forward's (64, 4, 3) for lse.
 # dkdv at 4 warps spilled 636 B/thread (two fp32 [64, 128] accumulators), 8 warps none (ptxas, sm_90a).
 # sink_qs: query tokens per program of the sink key blocks' split (T=32k, S=128: 56 x HKV programs).
-CONFIG = {"lse": (64, 4, 3), "dq": (64, 4, 3), "dkdv": (64, 8, 2), "sink_qs": 1024,
+# H100 sweep (2026-11-23, T=32k W=4096 S=128, fwd+bwd ms; benchmarks/bench_backward.py --sweep): dkdv (64,8,2)
+# 34.3, (64,4,2) 30.6, (64,8,3) 34.7, (32,4,2) 28.7, (128,8,2) 48.4; dq (64,4,3) 28.4, (64,8,2) 31.8,
+# (64,4,2) 27.7, (32,4,3) 28.0.
+CONFIG = {"lse": (64, 4, 3), "dq": (64, 4, 2), "dkdv": (32, 4, 2), "sink_qs": 1024,
           "mem_bv": 64, "mem_warps": 8, "dh_warps": 4, "dh_stages": 2}
 
 
