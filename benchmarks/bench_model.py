@@ -152,6 +152,7 @@ def cache_read_bytes(model, B, T) -> int:
 def time_fast(model, T, B, steps, device) -> float:
     """Median per-token latency of the ahn_ops.generate decode step (CUDA graph on GPU)."""
     from ahn_ops import fast_decode as gen  # prefill + StaticDecoder are its building blocks
+
     ids = torch.randint(0, model.config.vocab_size, (B, T), device=device)
     logits, cache = gen.prefill(model, ids)
     dec = gen.StaticDecoder(model, cache, None, T, 4 * steps + 8)

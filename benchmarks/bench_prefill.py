@@ -68,7 +68,7 @@ def check():
     for kind, B, T, H, HKV, D, W, S, cu in cases:
         args = make(kind, B, T, H, HKV, D, seed=T)
         cs = None if cu is None else torch.tensor(cu, dtype=torch.int32, device=DEV)
-        out, _ = torch.ops.ahn.prefill_fwd(*args, W, S, kind, cs, None, False)
+        out = torch.ops.ahn.prefill_fwd(*args, W, S, kind, cs, None, False)[0]
         r = ref.ahn_attention_ref(*args, W, S, kind, cu_seqlens=cs)
         lp = ref.ahn_attention_ref(*args, W, S, kind, cu_seqlens=cs, dtype=torch.bfloat16) if T <= 3000 else None
         e = rel(out, r)
@@ -92,7 +92,7 @@ def check():
         outs.append(ahn_ops.ahn_attention(*xs, window=W, sinks=S, kind=kind, cache=cache))  # T=1: decode path
         t0 += n
     out = torch.cat(outs, 1)
-    one, _ = torch.ops.ahn.prefill_fwd(*args, W, S, kind, None, None, False)
+    one = torch.ops.ahn.prefill_fwd(*args, W, S, kind, None, None, False)[0]
     r = ref.ahn_attention_ref(*args, W, S, kind)
     e, e1 = rel(out, r), rel(one, r)
     ok = e < 2 * e1 + 2e-3
@@ -129,6 +129,17 @@ def bench(T, W, S, H=16, HKV=2, D=128, kind="gdn", sweep=False):
                 print(f"  sweep cfg {cfg} failed: {type(e).__name__}: {str(e)[:100]}")
         best = min((v_, k_) for k_, v_ in res.items())[1]
         P.CONFIG["fwd"] = eval(best[3:])
+        # query rows per _fwd_kernel program (128: two memory chunks per program); printed only,
+        # the defaults come back (CONFIG["fwd_rows"] changes once a device run has measured it)
+        base = (P.CONFIG["fwd"], P.CONFIG["fwd_rows"])
+        for rows, cfg in [(64, base[0]), (128, (64, 4, 3)), (128, (64, 8, 3)), (128, (64, 8, 2))]:
+            P.CONFIG["fwd"], P.CONFIG["fwd_rows"] = cfg, rows
+            try:
+                t = med(lambda: P.prefill_fwd(*args, W, S, kind))
+                print(f"  sweep full fwd fwd_rows={rows} cfg(BN,warps,stages)={cfg}: {t:.3f} ms")
+            except Exception as e:  # noqa: BLE001
+                print(f"  sweep fwd_rows={rows} cfg {cfg} failed: {type(e).__name__}: {str(e)[:100]}")
+        P.CONFIG["fwd"], P.CONFIG["fwd_rows"] = base
         for pw in (4, 8, 2):
             P.CONFIG["prep_warps"] = pw
             t = med(lambda: P.prefill_fwd(*args, W, S, kind, stage="prep"))

@@ -210,10 +210,11 @@ def prefill_bytes(B: int, T: int, H: int, HKV: int, D: int, elt: int = 2, kind: 
 
 
 def backward_flops(T: int, W: int, S: int, H: int, D: int, kind: str = "gdn") -> float:
-    """Forward + backward: window 4 D H n forward + 18 D H n backward (lse/delta recompute 4,
-    dq 6, dk/dv 8); the memory branch about 3.75x its forward (30 D^2 + 20 BT D per element vs 8 D^2 + ...)."""
+    """Forward + backward: window 4 D H n forward + 14 D H n backward (dq 6, dk/dv 8; the forward
+    stores lse, so no attention re-run); the memory branch about 3.75x its forward (30 D^2 + 20 BT D
+    per element vs 8 D^2 + ...)."""
     n = visible_keys(T, W, S)
-    return 22 * D * H * n + 4.75 * memory_flops(T, W, S, H, D, kind=kind)
+    return 18 * D * H * n + 4.75 * memory_flops(T, W, S, H, D, kind=kind)
 
 
 def backward_bytes(B: int, T: int, H: int, HKV: int, D: int, elt: int = 2, kind: str = "gdn") -> float:

@@ -140,7 +140,7 @@ def test_initial_state_grad(kind):
     h0 = (torch.randn(1, H, D, D, device=DEV) * 0.1)
     leaves = [None if x is None else x.detach().clone().requires_grad_(True) for x in inp]
     h0k = h0.clone().requires_grad_(True)
-    out, ht = torch.ops.ahn.prefill_fwd(*leaves, W, S, kind, None, h0k, True)
+    out, ht, _ = torch.ops.ahn.prefill_fwd(*leaves, W, S, kind, None, h0k, True)
     dout, dht = torch.randn_like(out), torch.randn_like(ht)
     (out * dout).sum().add_((ht * dht).sum()).backward()
     q, k, v, a, b, z, A_log, dt_bias, nw, ow = [None if x is None else x.detach().clone().requires_grad_(True)
@@ -156,6 +156,38 @@ def test_initial_state_grad(kind):
         assert rel_err(leaves[0].grad, q.grad) < 1e-4
     for i, name, x in ((0, "q", q), (1, "k", k), (3, "a", a), (6, "A_log", A_log), (8, "norm_weight", nw)):
         assert rel_err(leaves[i].grad, x.grad) < 1e-3, name
+
+
+@pytest.mark.parametrize("kind,cu,rows", [
+    pytest.param("gdn", None, 64, id="gdn"),
+    pytest.param("dn", [0, 90, 91, 200], 128, id="dn-varlen-90,1,109-fwdrows128"),
+    pytest.param("mamba2", None, 64, id="mamba2"),
+    pytest.param("mamba2", [0, 90, 91, 200], 128, id="mamba2-varlen-90,1,109-fwdrows128"),
+])
+def test_delta_from_out_minus_memory(kind, cu, rows, monkeypatch):
+    # the attention backward's delta = rowsum(dout * o_win) is taken as rowsum(dout * (out - y_mem))
+    # in _epi_bwd_kernel: o_weight x30 makes y_mem ~30x the window output, so a delta that kept
+    # (or lost, or mis-scaled by Mamba2's cross-head r) any part of y_mem moves dq/dk/dv far past
+    # the bound; W = 70, S = 5: the first chunk of a sequence reads no memory (y_mem = 0, delta from
+    # out alone), the second has rows with and without memory; varlen: a 1-token sequence.
+    # rows: the forward's query rows per program (its lse and out feed the backward)
+    from ahn_ops.ops.ahn_attention import prefill
+
+    monkeypatch.setitem(prefill.CONFIG, "fwd_rows", rows)
+    B, T, W, S, G, HKV, D = 1, 200, 70, 5, 2, 1, 64
+    inp = list(make_inputs(kind, B, T, HKV * G, HKV, D, torch.float32, device=DEV, seed=13))
+    inp[9] = inp[9] * 30.  # o_weight
+    cs = None if cu is None else torch.tensor(cu, dtype=torch.int32, device=DEV)
+    dout = torch.randn(B, T, HKV * G, D, device=DEV)
+    gk = _kernel_grads(inp, dout, W, S, kind, cs)
+    gr = _ref_grads([None if x is None else x.float() for x in inp], dout, W, S, kind, cs, torch.float32)
+    for n, a, r in zip(NAMES, gk, gr):
+        if r is None:
+            assert a is None, n
+            continue
+        e = _err(a, r)
+        print(f"{n}: kernel fp32 rel err {e:.2e}")
+        assert torch.isfinite(a).all() and e < (2e-4 if n in ("A_log", "dt_bias", "a") else 2e-5), n
 
 
 def test_sink_split_and_unmasked_interior(monkeypatch):
@@ -187,8 +219,10 @@ def test_opcheck_and_compile():
     torch.library.opcheck(torch.ops.ahn.prefill_fwd.default, (*leaves, W, S, kind, None, None, False),
                           test_utils=("test_schema", "test_autograd_registration", "test_faketensor"))
     dout = torch.randn(1, T, H, D, device=DEV, dtype=torch.float16)
+    out, _, lse = torch.ops.ahn.prefill_fwd(*inp, W, S, kind, None, None, False)
+    assert lse.shape == (1, T, H) and lse.dtype == torch.float32
     torch.library.opcheck(torch.ops.ahn.prefill_bwd.default,
-                          (dout, None, *inp, W, S, kind, None, None),
+                          (dout, None, *inp, out, lse, W, S, kind, None, None),
                           test_utils=("test_schema", "test_faketensor"))
 
     def f(*xs):

@@ -16,7 +16,7 @@ from ahn_ops.ops.ahn_attention import reference as ref
 
 from ..utils import make_inputs
 from .test_backward import NAMES, _err as _grad_err, _kernel_grads, _ref_grads
-from .test_prefill import DEV, _check, _prefill, pytestmark  # noqa: F401  (skip without CUDA/interpreter)
+from .test_prefill import DEV, _check, _prefill, fwd_rows, pytestmark  # noqa: F401  (skip; fixture)
 from .test_prefill import test_chunked_prefill_on_cache as _chunked_on_cache
 
 KIND = "mamba2"
@@ -42,8 +42,9 @@ def test_mamba2_prefill_matches_reference(T, W, S, G, D, dtype):
     _check(f"mamba2-T{T}-W{W}-S{S}-G{G}-D{D}", out, r, lp)
 
 
+@pytest.mark.usefixtures("fwd_rows")
 def test_mamba2_prefill_varlen():
-    lens, W, S, H, HKV, D = [37, 1, 100], 29, 3, 4, 1, 64
+    lens, W, S, H, HKV, D = [37, 1, 100, 129], 29, 3, 4, 1, 64
     cu = torch.tensor([0, *torch.tensor(lens).cumsum(0).tolist()], dtype=torch.int32, device=DEV)
     args = make_inputs(KIND, 1, sum(lens), H, HKV, D, torch.bfloat16, device=DEV, seed=5)
     out = ahn_ops.ahn_attention(*args, window=W, sinks=S, kind=KIND, cu_seqlens=cu, backend="kernel")
@@ -52,6 +53,7 @@ def test_mamba2_prefill_varlen():
     _check("mamba2-varlen", out, r, lp)
 
 
+@pytest.mark.usefixtures("fwd_rows")
 def test_mamba2_initial_and_final_state():
     # initial state = the state before token S; final state holds tokens S .. T-1-W (B = 2)
     B, T, W, S, H, HKV, D = 2, 90, 21, 5, 4, 2, 64
@@ -59,7 +61,7 @@ def test_mamba2_initial_and_final_state():
                                                            seed=3)
     h0 = torch.randn(B, H, D, D, device=DEV) * 0.1
     _prefill()
-    out, ht = torch.ops.ahn.prefill_fwd(q, k, v, a, b, z, A_log, dt_bias, nw, ow, W, S, KIND, None, h0, True)
+    out, ht, _ = torch.ops.ahn.prefill_fwd(q, k, v, a, b, z, A_log, dt_bias, nw, ow, W, S, KIND, None, h0, True)
 
     def full(dtype):
         o_win = ref.window_attention_ref(q, k, v, W, S, dtype=dtype)
@@ -73,6 +75,7 @@ def test_mamba2_initial_and_final_state():
     _check("mamba2-h0-final-state", ht, st, st_lp)
 
 
+@pytest.mark.usefixtures("fwd_rows")
 @pytest.mark.parametrize("kind,W,S,splits", [
     pytest.param(KIND, 24, 3, [40, 1, 30, 29], id="mamba2-W24-S3-40+1+30+29"),
 ])

@@ -37,6 +37,14 @@ def _err(x, r):
     return (x.double() - r.double()).abs().max().item()
 
 
+@pytest.fixture(params=[64, 128], ids=["rows64", "rows128"])
+def fwd_rows(request, monkeypatch):
+    """Query rows per ``_fwd_kernel`` program (``prefill.CONFIG["fwd_rows"]``): 128 rows cover two
+    memory chunks (two states, in-chunk mask on a [128, 128] product, a first chunk without state)."""
+    monkeypatch.setitem(_prefill().CONFIG, "fwd_rows", request.param)
+    return request.param
+
+
 def _check(name, out, ref32, lp):
     assert not out.isnan().any(), f"{name}: NaN in output (unwritten element?)"
     e_k, e_lp = _err(out, ref32), _err(lp, ref32)
@@ -68,9 +76,14 @@ def test_prefill_matches_reference(kind, T, W, S, G, D, dtype):
     _check(f"{kind}-T{T}-W{W}-S{S}-G{G}-D{D}", out, r, lp)
 
 
-@pytest.mark.parametrize("kind", ["gdn", "dn"])
-def test_prefill_varlen(kind):
-    lens, W, S, H, HKV, D = [37, 1, 130, 64], 29, 3, 4, 1, 64
+@pytest.mark.usefixtures("fwd_rows")
+@pytest.mark.parametrize("kind,W,S", [
+    pytest.param("gdn", 29, 3, id="gdn-W29-S3"), pytest.param("dn", 29, 3, id="dn-W29-S3"),
+    # S + W = 75: the state pass starts at chunk 1, so a 128-row block's first chunk has no state
+    pytest.param("gdn", 70, 5, id="gdn-W70-S5"),
+])
+def test_prefill_varlen(kind, W, S):
+    lens, H, HKV, D = [37, 1, 130, 64, 129], 4, 1, 64
     cu = torch.tensor([0, *torch.tensor(lens).cumsum(0).tolist()], dtype=torch.int32, device=DEV)
     args = make_inputs(kind, 1, sum(lens), H, HKV, D, torch.bfloat16, device=DEV, seed=5)
     out = ahn_ops.ahn_attention(*args, window=W, sinks=S, kind=kind, cu_seqlens=cu, backend="kernel")
@@ -79,22 +92,24 @@ def test_prefill_varlen(kind):
     _check(f"{kind}-varlen", out, r, lp)
 
 
+@pytest.mark.usefixtures("fwd_rows")
 def test_prefill_batch_and_final_state():
     kind, B, T, W, S, H, HKV, D = "gdn", 2, 90, 21, 5, 4, 2, 64
     args = make_inputs(kind, B, T, H, HKV, D, torch.bfloat16, device=DEV, seed=11)
-    out, ht = torch.ops.ahn.prefill_fwd(*args, W, S, kind, None, None, True) if _prefill() else None
+    out, ht, _ = torch.ops.ahn.prefill_fwd(*args, W, S, kind, None, None, True) if _prefill() else None
     r, _, _, st = ref.ahn_attention_ref(*args, W, S, kind, return_parts=True)
     _, _, _, st_lp = ref.ahn_attention_ref(*args, W, S, kind, dtype=torch.bfloat16, return_parts=True)
     _check("gdn-B2-out", out, r, ref.ahn_attention_ref(*args, W, S, kind, dtype=torch.bfloat16))
     _check("gdn-B2-final-state", ht, st, st_lp)
 
 
+@pytest.mark.usefixtures("fwd_rows")
 def test_prefill_initial_state():
     # initial state = the state before token S (memory_readout_ref's convention)
     kind, T, W, S, H, HKV, D = "gdn", 100, 30, 2, 2, 1, 64
     q, k, v, a, b, z, A_log, dt_bias, nw, ow = make_inputs(kind, 1, T, H, HKV, D, torch.bfloat16, device=DEV, seed=3)
     h0 = torch.randn(1, H, D, D, device=DEV) * 0.1
-    out, ht = torch.ops.ahn.prefill_fwd(q, k, v, a, b, z, A_log, dt_bias, nw, ow, W, S, kind, None, h0, True) \
+    out, ht, _ = torch.ops.ahn.prefill_fwd(q, k, v, a, b, z, A_log, dt_bias, nw, ow, W, S, kind, None, h0, True) \
         if _prefill() else None
 
     def full(dtype):
@@ -109,6 +124,7 @@ def test_prefill_initial_state():
     _check("gdn-h0-final-state", ht, st, st_lp)
 
 
+@pytest.mark.usefixtures("fwd_rows")
 @pytest.mark.parametrize("kind,W,S,splits", [
     pytest.param("gdn", 24, 3, [50, 1, 37, 70], id="gdn-W24-S3-50+1+37+70"),
     pytest.param("dn", 40, 0, [10, 100, 48], id="dn-W40-S0-10+100+48"),

@@ -40,3 +40,31 @@ def test_public_api_gradients_use_kernels(kind):
             continue
         err = rel_err(x.grad.float(), r.grad)
         assert err < 2e-2, f"d{name}: relative error {err:.2e}"
+
+
+@pytest.mark.skipif(not _triton_available(), reason="needs CUDA or TRITON_INTERPRET=1")
+@pytest.mark.parametrize("kind,extra", [("mamba2", ("b",)), ("dn", ("a", "A_log", "dt_bias"))])
+def test_inputs_a_kind_ignores_get_no_gradient(kind, extra):
+    # e.g. a mamba2 call that also passes a b projection (first H100 run: the backward returned an
+    # empty tensor for it and autograd rejected the shape); the ignored inputs get None, the rest as without
+    from ahn_ops.ops.ahn_attention import prefill  # noqa: F401  (registers torch.ops.ahn.prefill_fwd)
+
+    dev = "cuda" if torch.cuda.is_available() else "cpu"
+    B, T, H, HKV, D, W, S = 1, 70, 2, 1, 64, 19, 3
+    inp = list(make_inputs(kind, B, T, H, HKV, D, torch.float16, dev, seed=4))
+    full = make_inputs("gdn", B, T, H, HKV, D, torch.float16, dev, seed=5)  # has a, b, A_log, dt_bias
+    with_extra = list(inp)
+    for n in extra:
+        with_extra[GRAD_NAMES.index(n)] = full[GRAD_NAMES.index(n)]
+    dout = torch.randn(B, T, H, D, device=dev, dtype=torch.float16)
+    grads = []
+    for xs in (inp, with_extra):
+        leaves = [None if x is None else x.detach().clone().requires_grad_() for x in xs]
+        out = torch.ops.ahn.prefill_fwd(*leaves, W, S, kind, None, None, False)[0]
+        out.backward(dout)
+        grads.append([None if x is None else x.grad for x in leaves])
+    for i, name in enumerate(GRAD_NAMES):
+        if name in extra:
+            assert grads[1][i] is None, name
+        elif grads[0][i] is not None:
+            assert torch.equal(grads[0][i], grads[1][i]), name

@@ -2,20 +2,22 @@
 
 Given ``dout`` (and optionally ``dht``, the grad of the final state), returns the gradients of
 ``q, k, v, a, b, z, A_log, dt_bias, norm_weight, o_weight`` and of the initial state.
-Nothing but the forward's inputs is saved; the backward recomputes (9 launches):
+The autograd saves the forward's inputs, its output ``out`` and the window attention's ``lse``
+(fp32 ``[B, T, H]``, stored by the forward kernel); the backward recomputes the memory branch
+and takes the attention's ``delta = rowsum(dout * (out - y_mem))`` from the epilogue backward,
+which recomputes ``y_mem`` anyway (8 launches, 9 for mamba2; no attention forward re-run):
 
 ==========================  ==========================  ==============================
 launch                       grid                        recomputes / produces
 ==========================  ==========================  ==============================
 prefill._prep_kernel         (chunks, H)                 gc, w, u (as the forward)
 prefill._state_kernel        (D/BV, H, N) sequential     h per chunk, v_new
-_epi_bwd_kernel              (H, chunks)                 m; dm, dz, u, dnorm_weight part
-                                                         (mamba2: twice, README.md §6)
+_epi_bwd_kernel              (H, chunks)                 m, y_mem; dm, dz, u, dnorm_weight part,
+                                                         window delta (mamba2: twice, README.md §6)
 _dh_bwd_kernel               (D/BV, H, N) sequential     dh per chunk, dv_new, dh0
 _mem_bwd_kernel              (H, chunks)                 memory dq, dk, dv, dg, dbeta
-_attn_lse_kernel             (H, blocks)                 window lse, delta
 _attn_dq_kernel              (H, blocks)                 dq (+ memory dq)
-_attn_dkdv_sink_kernel       (sink items, HKV)           sink keys' dk, dv past their band
+_attn_dkdv_sink_kernel       (sink items, HKV)           sink keys' dk, dv past their band (S > 0)
 _attn_dkdv_kernel            (HKV, blocks)               dk, dv (+ memory, sink partials)
 ==========================  ==========================  ==============================
 
@@ -27,7 +29,8 @@ torch sum over heads of ``[tokens, H]`` partials (the norm spans the H heads of 
 
 Memory (beyond inputs and grads): ``2 * ceil(T/64) * H * D * D`` elements in the input dtype
 for the per-chunk states h and dh, plus ``7 * T * H * D`` row buffers (w, u, v_new, dv_new,
-dm, dv_local, u_epi in the input dtype, dq partial in fp32 counts 2) and fp32
+dm, dv_local, u_epi in the input dtype, dq partial in fp32 counts 2), fp32 ``[T, H]`` delta and
+the saved lse, and fp32
 ``[T, HKV, D]`` dk/dv accumulators: ``O(T*H*D + T/64*H*D*D)``.
 """
 
@@ -49,13 +52,13 @@ __all__ = ["prefill_bwd"]
 
 BT = pf.BT
 # launch configuration; benchmarks/NOTES_backward.md has the reasons and the timings behind it.
-# (BN or BM, num_warps, num_stages) for the attention kernels; the forward's (64, 4, 3) for lse.
+# (BN or BM, num_warps, num_stages) for the attention kernels.
 # dkdv at 4 warps spilled 636 B/thread (two fp32 [64, 128] accumulators), 8 warps none (ptxas, sm_90a).
 # sink_qs: query tokens per program of the sink key blocks' split (T=32k, S=128: 56 x HKV programs).
 # H100 sweep (2026-11-23, T=32k W=4096 S=128, fwd+bwd ms; benchmarks/bench_backward.py --sweep): dkdv (64,8,2)
 # 34.3, (64,4,2) 30.6, (64,8,3) 34.7, (32,4,2) 28.7, (128,8,2) 48.4; dq (64,4,3) 28.4, (64,8,2) 31.8,
 # (64,4,2) 27.7, (32,4,3) 28.0.
-CONFIG = {"lse": (64, 4, 3), "dq": (64, 4, 2), "dkdv": (32, 4, 2), "sink_qs": 1024,
+CONFIG = {"dq": (64, 4, 2), "dkdv": (32, 4, 2), "sink_qs": 1024,
           "mem_bv": 64, "mem_warps": 8, "dh_warps": 4, "dh_stages": 2}
 
 
@@ -69,13 +72,17 @@ def _mm_f32(x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
     return torch.bmm(x.float(), y.float())
 
 
-def prefill_bwd(dout, dht, q, k, v, a, b, z, A_log, dt_bias, norm_weight, o_weight, window: int, sinks: int,
-                kind: str, cu_seqlens: Optional[torch.Tensor] = None, initial_state: Optional[torch.Tensor] = None):
+def prefill_bwd(dout, dht, q, k, v, a, b, z, A_log, dt_bias, norm_weight, o_weight, out, lse, window: int,
+                sinks: int, kind: str, cu_seqlens: Optional[torch.Tensor] = None,
+                initial_state: Optional[torch.Tensor] = None):
     """Gradients of ``prefill_fwd`` (no autograd; the launcher behind ``torch.ops.ahn.prefill_bwd``).
 
     Args:
         dout: ``[B, T, H, D]`` grad of the output, q's dtype.
         dht: ``[N, H, D, D]`` fp32 grad of the final state, or None.
+        out: ``[B, T, H, D]`` the forward's output (q's dtype), for ``delta = rowsum(dout * o_win)``
+            with ``o_win = out - y_mem`` (``_epi_bwd_kernel`` recomputes the memory part ``y_mem``).
+        lse: ``[B, T, H]`` fp32 window log-sum-exp (log2 domain), the forward's third output.
         others: as :func:`ahn_ops.ops.ahn_attention.prefill.prefill_fwd`.
     Returns:
         ``(dq, dk, dv, da, db, dz, dA_log, ddt_bias, dnorm_weight, do_weight, dh0)``; ``da``,
@@ -95,7 +102,8 @@ def prefill_bwd(dout, dht, q, k, v, a, b, z, A_log, dt_bias, norm_weight, o_weig
     seq, chunks, NT = pf._seq_tables(lens, [0] * N, cs[:-1], [0] * N, cs[:-1], dev)
     Tt = B * T
     flat = lambda x: None if x is None else x.reshape(Tt, *x.shape[2:]).contiguous()  # noqa: E731
-    qf, kf, vf, dof = flat(q), flat(k), flat(v), flat(dout.to(dt))
+    qf, kf, vf, dof, outf = flat(q), flat(k), flat(v), flat(dout.to(dt)), flat(out.to(dt))
+    lsef = lse.reshape(Tt, H).float().contiguous()
     af, bf, zf = flat(a), flat(b), flat(z)
     dummy = q.new_empty(0)
     use_h0 = initial_state is not None
@@ -141,10 +149,12 @@ def prefill_bwd(dout, dht, q, k, v, a, b, z, A_log, dt_bias, norm_weight, o_weig
             H=H, HKV=HKV, D=D, W=W, S=S, BT=BT, BV=BV, USE_H0=use_h0, STORE_HT=False, MAMBA2=mamba2,
             num_warps=pf.CONFIG["state_warps"], num_stages=pf.CONFIG["state_stages"])
         del u, kd
-        # ---- epilogue backward + readout recompute ----
+        # ---- epilogue backward + readout recompute (+ the attention's delta from out - y_mem) ----
         dm = empty(Tt, H, D, dtype=dt, device=dev)
         dvl = empty(Tt, H, D, dtype=dt, device=dev)
+        delta = empty(Tt, H, dtype=torch.float32, device=dev)
         epi = dict(q=qf, k=kf, z=zf, nw=norm_weight.float().contiguous(), ow=o_weight.to(dt).contiguous(), dy=dof,
+                   out=outf, delta=delta,
                    seq=seq, chunks=chunks, gc=gc, hs=hs, vnew=vnew, dm=dm, dvl=dvl, uo=uo, dz=dz, dnw_part=dnw_part,
                    W=W, S=S, mem_scale=mem_scale, H=H, HKV=HKV, D=D, BT=BT, USE_H0=use_h0, MAMBA2=mamba2,
                    num_warps=4)
@@ -177,16 +187,10 @@ def prefill_bwd(dout, dht, q, k, v, a, b, z, A_log, dt_bias, norm_weight, o_weig
             W=W, S=S, mem_scale=mem_scale, H=H, HKV=HKV, D=D, BT=BT, BV=min(CONFIG["mem_bv"], D), GATES=gates,
             USE_H0=use_h0, MAMBA2=mamba2, num_warps=CONFIG["mem_warps"])
         del hs, dhs, w, vnew, dvnew, dm
-        # ---- window attention backward ----
-        lse = empty(Tt, H, dtype=torch.float32, device=dev)
-        delta = empty(Tt, H, dtype=torch.float32, device=dev)
-        BN, nw, ns = CONFIG["lse"]
-        ka._attn_lse_kernel[(H, NT)](
-            q=qf, k=kf, v=vf, do=dof, seq=seq, chunks=chunks, lse=lse, delta=delta, W=W, S=S, qk_scale=qk_scale,
-            H=H, HKV=HKV, D=D, BT=BT, BN=BN, num_warps=nw, num_stages=ns)
+        # ---- window attention backward (lse from the forward, delta from _epi_bwd_kernel) ----
         BN, nw, ns = CONFIG["dq"]
         ka._attn_dq_kernel[(H, NT)](
-            q=qf, k=kf, v=vf, do=dof, seq=seq, chunks=chunks, lse=lse, delta=delta, dq_acc=dq_acc, dq=dq,
+            q=qf, k=kf, v=vf, do=dof, seq=seq, chunks=chunks, lse=lsef, delta=delta, dq_acc=dq_acc, dq=dq,
             W=W, S=S, qk_scale=qk_scale, sm_scale=D ** -0.5, H=H, HKV=HKV, D=D, BT=BT, BN=BN,
             num_warps=nw, num_stages=ns)
         BM, nw, ns = CONFIG["dkdv"]
@@ -195,11 +199,11 @@ def prefill_bwd(dout, dht, q, k, v, a, b, z, A_log, dt_bias, norm_weight, o_weig
         if items:
             items = torch.tensor(items, dtype=torch.int32).to(dev)
             ka._attn_dkdv_sink_kernel[(items.shape[0], HKV)](
-                q=qf, k=kf, v=vf, do=dof, seq=seq, items=items, lse=lse, delta=delta, dk_acc=dk_acc,
+                q=qf, k=kf, v=vf, do=dof, seq=seq, items=items, lse=lsef, delta=delta, dk_acc=dk_acc,
                 dv_acc=dv_acc, W=W, S=S, qk_scale=qk_scale, sm_scale=D ** -0.5,
                 H=H, HKV=HKV, D=D, BT=BT, BM=BM, num_warps=nw, num_stages=ns)
         ka._attn_dkdv_kernel[(HKV, NT)](
-            q=qf, k=kf, v=vf, do=dof, seq=seq, chunks=chunks, lse=lse, delta=delta, dk_acc=dk_acc,
+            q=qf, k=kf, v=vf, do=dof, seq=seq, chunks=chunks, lse=lsef, delta=delta, dk_acc=dk_acc,
             dv_acc=dv_acc, dk=dk, dv=dv, W=W, S=S, qk_scale=qk_scale, sm_scale=D ** -0.5,
             H=H, HKV=HKV, D=D, BT=BT, BM=BM, num_warps=nw, num_stages=ns)
     elif use_h0:
@@ -245,18 +249,19 @@ def prefill_bwd(dout, dht, q, k, v, a, b, z, A_log, dt_bias, norm_weight, o_weig
 def _prefill_bwd_op(
     dout: torch.Tensor, dht: Optional[torch.Tensor], q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
     a: Optional[torch.Tensor], b: Optional[torch.Tensor], z: torch.Tensor, A_log: Optional[torch.Tensor],
-    dt_bias: Optional[torch.Tensor], norm_weight: torch.Tensor, o_weight: torch.Tensor, window: int, sinks: int,
-    kind: str, cu_seqlens: Optional[torch.Tensor], initial_state: Optional[torch.Tensor],
+    dt_bias: Optional[torch.Tensor], norm_weight: torch.Tensor, o_weight: torch.Tensor, out: torch.Tensor,
+    lse: torch.Tensor, window: int, sinks: int, kind: str, cu_seqlens: Optional[torch.Tensor],
+    initial_state: Optional[torch.Tensor],
 ) -> List[torch.Tensor]:
     """Returns 11 tensors in the order of :func:`prefill_bwd`; absent grads are empty tensors."""
-    grads = prefill_bwd(dout, dht, q, k, v, a, b, z, A_log, dt_bias, norm_weight, o_weight, window, sinks, kind,
-                        cu_seqlens, initial_state)
+    grads = prefill_bwd(dout, dht, q, k, v, a, b, z, A_log, dt_bias, norm_weight, o_weight, out, lse, window, sinks,
+                        kind, cu_seqlens, initial_state)
     return [q.new_empty(0) if g is None else g for g in grads]
 
 
 @_prefill_bwd_op.register_fake
-def _(dout, dht, q, k, v, a, b, z, A_log, dt_bias, norm_weight, o_weight, window, sinks, kind, cu_seqlens,
-      initial_state):
+def _(dout, dht, q, k, v, a, b, z, A_log, dt_bias, norm_weight, o_weight, out, lse, window, sinks, kind,
+      cu_seqlens, initial_state):
     like = lambda x: q.new_empty(0) if x is None else torch.empty_like(x)  # noqa: E731
     return [torch.empty_like(q), torch.empty_like(k), torch.empty_like(v), like(a), like(b), torch.empty_like(z),
             like(A_log), like(dt_bias), torch.empty_like(norm_weight), torch.empty_like(o_weight),

@@ -1,20 +1,21 @@
 """Backward of the sliding-window attention with sinks (flash-attention-2 style), Triton.
 
-Four launches over query/key blocks of BT = 64 rows of one sequence:
+Three launches over query/key blocks of BT = 64 rows of one sequence. They take the softmax
+normaliser ``lse`` (log2 domain, fp32 ``[tokens, H]``) from the forward (``prefill._fwd_kernel``
+stores it; the autograd saves it) and ``delta = rowsum(dO * o_win)`` from
+``backward_mem._epi_bwd_kernel`` (``o_win = out - y_mem``). Until Round 3 (NOTES_backward.md) a
+fourth launch re-ran the attention forward for these two: 2.5-3.5 ms of a ~32 ms backward at
+T=32k on H100.
 
-1. ``_attn_lse_kernel``  grid (H, blocks): recompute the window attention of a query block
-   (online softmax) and keep only ``lse`` (log2 domain) and ``delta = rowsum(dO * o_win)``.
-   The forward op returns ``o_win + y`` and no lse, so this pass costs one attention forward
-   (QK^T and PV); it keeps backward.py independent of what the forward saves.
-2. ``_attn_dq_kernel``   grid (H, blocks): ``dq = dq_mem + D^-0.5 * sum_j dS k`` over the same
+1. ``_attn_dq_kernel``   grid (H, blocks): ``dq = dq_mem + D^-0.5 * sum_j dS k`` over the same
    key blocks (sink blocks ``j < S`` left of the band, then the band ``[t_lo - W + 1, t_hi]``).
-3. ``_attn_dkdv_sink_kernel`` grid (items, HKV): the part of a sink key block's work that lies
+2. ``_attn_dkdv_sink_kernel`` grid (items, HKV): the part of a sink key block's work that lies
    past its window band (queries ``t >= j_hi + W``: they see the block's keys only as sinks),
    cut into query ranges of ``QS`` tokens (a host-built table of (sequence, key block, t0, t1)).
    Partial dk/dv go into the fp32 accumulators with atomics. Before this split one program per
    sink key block walked all ``T x G`` query rows alone: 11.4 ms of a 37.6 ms backward at
    T=32k, S=128 (2.5 ms with S=0), H100.
-4. ``_attn_dkdv_kernel`` grid (HKV, blocks): for a key block, loop over the G query heads of
+3. ``_attn_dkdv_kernel`` grid (HKV, blocks): for a key block, loop over the G query heads of
    the kv group and over the query blocks of its band ``[j0, j_hi + W - 1]``; K/V are never
    repeated to H heads. Adds the fp32 partials (memory branch, sink ranges) and writes once.
 
@@ -48,97 +49,6 @@ def _band_split(t_lo, t_hi, lo, T, W, BT: tl.constexpr, BN: tl.constexpr):
     nB = (t_lo + 1 - lo) // BN
     jB = tl.where(t_lo + BT <= T, lo + nB * BN, lo)
     return jA, tl.maximum(jA, jB)
-
-
-@triton.jit
-def _lse_block(b_q, b_k, b_v, m_s, b_acc, b_m, b_l, qk_scale, MASKED: tl.constexpr):
-    # one online-softmax step in the log2 domain (as prefill._attn_block: scale applied in fp32)
-    b_s = tl.dot(b_q, tl.trans(b_k)) * qk_scale  # [BT, BN]
-    if MASKED:
-        b_s = tl.where(m_s, b_s, float("-inf"))
-    b_mn = tl.maximum(b_m, tl.max(b_s, 1))
-    if MASKED:
-        b_mn_s = tl.where(b_mn == float("-inf"), 0., b_mn)
-    else:
-        b_mn_s = b_mn
-    b_p = tl.math.exp2(b_s - b_mn_s[:, None])
-    b_al = tl.math.exp2(b_m - b_mn_s)
-    b_l = b_l * b_al + tl.sum(b_p, 1)
-    b_acc = b_acc * b_al[:, None] + tl.dot(b_p.to(b_v.dtype), b_v)  # [BT, D]
-    return b_acc, b_mn, b_l
-
-
-@triton.jit(do_not_specialize=["W", "S"])
-def _attn_lse_kernel(
-    # pointers
-    q, k, v, do, seq, chunks, lse, delta,
-    # sizes
-    W, S, qk_scale,
-    H: tl.constexpr, HKV: tl.constexpr, D: tl.constexpr,
-    # meta
-    BT: tl.constexpr, BN: tl.constexpr,
-):
-    i_h, i_c = tl.program_id(0), tl.program_id(1)
-    G: tl.constexpr = H // HKV
-    i_kv = i_h // G
-    i_n = tl.load(chunks + i_c * 2)
-    i_b = tl.load(chunks + i_c * 2 + 1)
-    bos = tl.load(seq + i_n * 8).to(tl.int64)
-    T = tl.load(seq + i_n * 8 + 1)
-
-    o_t = tl.arange(0, BT)
-    o_j = tl.arange(0, BN)
-    o_d = tl.arange(0, D)
-    t_pos = i_b * BT + o_t
-    m_i = t_pos < T
-    t_lo = i_b * BT
-    t_hi = tl.minimum(t_lo + BT, T) - 1
-    o_q = bos + t_pos
-    b_q = tl.load(q + (o_q * H + i_h)[:, None] * D + o_d[None, :], mask=m_i[:, None], other=0.)  # [BT, D]
-    b_m = tl.full([BT], float("-inf"), dtype=tl.float32)
-    b_l = tl.zeros([BT], dtype=tl.float32)
-    b_acc = tl.zeros([BT, D], dtype=tl.float32)
-    # band start aligned down to BN; sink blocks strictly left of it, so no key is visited twice
-    lo = (tl.maximum(t_lo - W + 1, 0) // BN) * BN
-    n_sink = tl.minimum(S, lo)
-    for j0 in range(0, n_sink, BN):
-        o_s = j0 + o_j
-        m_k = o_s < n_sink
-        o_x = ((bos + tl.where(m_k, o_s, 0)) * HKV + i_kv)[:, None] * D + o_d[None, :]
-        b_k = tl.load(k + o_x, mask=m_k[:, None], other=0.)  # [BN, D]
-        b_v = tl.load(v + o_x, mask=m_k[:, None], other=0.)  # [BN, D]
-        m_s = _allowed(t_pos, o_s, m_i, T, W, S) & m_k[None, :]
-        b_acc, b_m, b_l = _lse_block(b_q, b_k, b_v, m_s, b_acc, b_m, b_l, qk_scale, True)
-    jA, jB = _band_split(t_lo, t_hi, lo, T, W, BT, BN)
-    for j0 in range(lo, jA, BN):
-        o_s = j0 + o_j
-        m_k = o_s <= t_hi
-        o_x = ((bos + tl.where(m_k, o_s, 0)) * HKV + i_kv)[:, None] * D + o_d[None, :]
-        b_k = tl.load(k + o_x, mask=m_k[:, None], other=0.)  # [BN, D]
-        b_v = tl.load(v + o_x, mask=m_k[:, None], other=0.)  # [BN, D]
-        b_acc, b_m, b_l = _lse_block(b_q, b_k, b_v, _allowed(t_pos, o_s, m_i, T, W, S), b_acc, b_m, b_l,
-                                     qk_scale, True)
-    for j0 in range(jA, jB, BN):
-        o_x = ((bos + j0 + o_j) * HKV + i_kv)[:, None] * D + o_d[None, :]
-        b_k = tl.load(k + o_x)  # [BN, D]
-        b_v = tl.load(v + o_x)  # [BN, D]
-        b_acc, b_m, b_l = _lse_block(b_q, b_k, b_v, None, b_acc, b_m, b_l, qk_scale, False)
-    for j0 in range(jB, t_hi + 1, BN):
-        o_s = j0 + o_j
-        m_k = o_s <= t_hi
-        o_x = ((bos + tl.where(m_k, o_s, 0)) * HKV + i_kv)[:, None] * D + o_d[None, :]
-        b_k = tl.load(k + o_x, mask=m_k[:, None], other=0.)  # [BN, D]
-        b_v = tl.load(v + o_x, mask=m_k[:, None], other=0.)  # [BN, D]
-        b_acc, b_m, b_l = _lse_block(b_q, b_k, b_v, _allowed(t_pos, o_s, m_i, T, W, S), b_acc, b_m, b_l,
-                                     qk_scale, True)
-    # every query sees itself (W >= 1), so l > 0 on valid rows
-    b_l = tl.where(m_i, b_l, 1.)
-    b_o = b_acc / b_l[:, None]
-    b_do = tl.load(do + (o_q * H + i_h)[:, None] * D + o_d[None, :], mask=m_i[:, None], other=0.).to(tl.float32)
-    # delta from o rounded to the input dtype, as flash-attention uses the stored O
-    b_delta = tl.sum(b_o.to(b_q.dtype).to(tl.float32) * b_do, 1)
-    tl.store(lse + o_q * H + i_h, tl.where(m_i, b_m, 0.) + tl.log2(b_l), mask=m_i)
-    tl.store(delta + o_q * H + i_h, b_delta, mask=m_i)
 
 
 @triton.jit
@@ -243,8 +153,8 @@ def _dkdv_block(b_k, b_v, b_dk, b_dv, q, do, lse, delta, bos, t0, t_end, o_s, o_
         b_do = tl.load(do + p_row, mask=m_i[:, None], other=0.)  # [BM, D]
         b_lse = tl.load(lse + o_q * H + i_h, mask=m_i, other=0.)  # [BM]
         b_dl = tl.load(delta + o_q * H + i_h, mask=m_i, other=0.)  # [BM]
-    # scale in fp32 after the product, as the forward and the lse pass do (a pre-scaled bf16 k
-    # would round the logits differently from the lse they are normalised by)
+    # scale in fp32 after the product, as the forward does (a pre-scaled bf16 k would round the
+    # logits differently from the forward's lse they are normalised by)
     b_pt = tl.math.exp2(tl.dot(b_k, tl.trans(b_q)) * qk_scale - b_lse[None, :])  # [BT, BM]
     if MASK == 1:
         b_pt = tl.where(tl.trans(_allowed(t_pos, o_s, m_i, T, W, S)), b_pt, 0.)

@@ -40,10 +40,20 @@ from ..common.tl_utils import tri_inverse
 from .prefill import _inv_norm, _load_gates, _norm_rows
 
 
+@triton.jit
+def _store_delta(out, delta, b_dy, b_y, p_row, o_q, i_h, m_i, H: tl.constexpr):
+    # the window attention's delta = rowsum(dy * o_win) [BT] fp32, with o_win = out - y_mem: out as
+    # stored by the forward (input dtype) and y_mem the memory branch's part of it, recomputed here
+    # as the forward's epilogue computes it. o_win so carries out's rounding (bf16: 2^-9 |out|), the
+    # same order as flash-attention's delta from the stored bf16 O when |y_mem| is not >> |o_win|
+    b_out = tl.load(out + p_row, mask=m_i[:, None], other=0.).to(tl.float32)  # [BT, D]
+    tl.store(delta + o_q * H + i_h, tl.sum(b_dy.to(tl.float32) * (b_out - b_y), 1), mask=m_i)
+
+
 @triton.jit(do_not_specialize=["W", "S"])
 def _epi_bwd_kernel(
     # pointers
-    q, k, z, nw, ow, dy, seq, chunks, gc, hs, vnew, dm, dvl, uo, dz, dnw_part, ssp, cp, rk,
+    q, k, z, nw, ow, dy, out, delta, seq, chunks, gc, hs, vnew, dm, dvl, uo, dz, dnw_part, ssp, cp, rk,
     # sizes
     W, S, mem_scale,
     H: tl.constexpr, HKV: tl.constexpr, D: tl.constexpr,
@@ -55,6 +65,8 @@ def _epi_bwd_kernel(
     # sum_D dU nw x, a cross-head sum. PHASE 1 stores the per-head partials ssp = sum_D x^2 and
     # cp = sum_D dU nw x; the launcher reduces them over heads into rk = (r, r^3 C / (H D)) per
     # token; PHASE 2 recomputes m and dU (cheaper than storing two [T, H, D] rows) and finishes.
+    # Every row also gets the window attention's delta (_store_delta): PHASE 0, or PHASE 2 for
+    # MAMBA2 (y_mem = r yp needs r); y_mem = 0 in chunks that read no memory.
     i_h, i_c = tl.program_id(0), tl.program_id(1)
     G: tl.constexpr = H // HKV
     i_n = tl.load(chunks + i_c * 2)
@@ -114,13 +126,16 @@ def _epi_bwd_kernel(
                 tl.store(dm + p_row, b_dm.to(dm.dtype.element_ty), mask=m_i[:, None])
                 b_dvl = tl.dot(tl.trans(b_s.to(b_q.dtype)), b_dm.to(b_q.dtype))  # [BT, D]
                 tl.store(dvl + p_row, b_dvl.to(dvl.dtype.element_ty), mask=m_i[:, None])
+                # y_mem = r yp, yp rounded to the input dtype as the forward stores it
+                b_yp = tl.dot((b_x * b_nw[None, :]).to(b_ow.dtype), b_ow).to(b_q.dtype).to(tl.float32)  # [BT, D]
+                _store_delta(out, delta, b_dy, b_r[:, None] * b_yp, p_row, o_q, i_h, m_i, H)
         else:
             # epilogue backward: u = m * rs * nw * z sigmoid(z); y = u @ ow[h]
             b_nw = tl.load(nw + o_d).to(tl.float32)  # [D]
             b_rs = tl.rsqrt(tl.sum(b_mo * b_mo, 1) / D + 1e-5)  # [BT]
             b_n = b_mo * b_rs[:, None]  # [BT, D]
-            tl.store(uo + p_row, (b_n * b_nw[None, :] * b_gate[:, None]).to(uo.dtype.element_ty),
-                     mask=m_i[:, None])
+            b_uo = (b_n * b_nw[None, :] * b_gate[:, None]).to(uo.dtype.element_ty)  # [BT, D]
+            tl.store(uo + p_row, b_uo, mask=m_i[:, None])
             tl.store(dnw_part + (i_c * H + i_h) * D + o_d, tl.sum(b_n * b_gate[:, None] * b_du, 0))
             b_dgate = tl.sum(b_n * b_nw[None, :] * b_du, 1)  # [BT]
             tl.store(dz + o_q * H + i_h, b_dgate * (b_sg + b_gate * (1. - b_sg)), mask=m_i)
@@ -129,11 +144,17 @@ def _epi_bwd_kernel(
             tl.store(dm + p_row, b_dm.to(dm.dtype.element_ty), mask=m_i[:, None])
             b_dvl = tl.dot(tl.trans(b_s.to(b_q.dtype)), b_dm.to(b_q.dtype))  # [BT, D]
             tl.store(dvl + p_row, b_dvl.to(dvl.dtype.element_ty), mask=m_i[:, None])
+            # y_mem = u @ ow[h], as the forward's epilogue (u rounded to the input dtype); last, so
+            # that the product's tile is not live beside b_s and dm (ptxas sm_90a, triton 3.8, 4
+            # warps: 1.3 KB/thread of spill stores here vs 2.9 KB right after the u store)
+            _store_delta(out, delta, b_dy, tl.dot(b_uo.to(b_ow.dtype), b_ow), p_row, o_q, i_h, m_i, H)
     elif MAMBA2 and PHASE == 1:
         tl.store(ssp + o_q * H + i_h, tl.zeros([BT], dtype=tl.float32), mask=m_i)
         tl.store(cp + o_q * H + i_h, tl.zeros([BT], dtype=tl.float32), mask=m_i)
     else:
-        # no row of the chunk reads a memory token: the readout is 0 and so are u and dz
+        # no row of the chunk reads a memory token: the readout is 0 and so are u, dz and y_mem
+        b_dy = tl.load(dy + p_row, mask=m_i[:, None], other=0.)  # [BT, D]
+        _store_delta(out, delta, b_dy, 0., p_row, o_q, i_h, m_i, H)
         tl.store(uo + p_row, tl.zeros([BT, D], dtype=tl.float32).to(uo.dtype.element_ty), mask=m_i[:, None])
         tl.store(dz + o_q * H + i_h, tl.zeros([BT], dtype=tl.float32), mask=m_i)
         tl.store(dnw_part + (i_c * H + i_h) * D + o_d, tl.zeros([D], dtype=tl.float32))

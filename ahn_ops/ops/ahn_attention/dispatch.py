@@ -53,8 +53,8 @@ def try_prefill_kernel(q, k, v, a, b, z, A_log, dt_bias, norm_weight, o_weight, 
         return None
     from . import prefill  # noqa: F401  (registers torch.ops.ahn.prefill_fwd)
 
-    out, _ = torch.ops.ahn.prefill_fwd(q, k, v, a, b, z, A_log, dt_bias, norm_weight, o_weight, window, sinks,
-                                       kind, cu_seqlens, None, False)
+    out = torch.ops.ahn.prefill_fwd(q, k, v, a, b, z, A_log, dt_bias, norm_weight, o_weight, window, sinks,
+                                    kind, cu_seqlens, None, False)[0]  # (out, final_state, lse)
     return out
 
 

@@ -9,11 +9,14 @@ Three launches, four for Mamba2 (README.md beside this file has the derivation):
 2. ``_state_kernel``  grid (D / BV, H, sequences), sequential over chunks: the fp32 state
    ``h`` [D, BV] in registers; stores the state before every chunk (input dtype) and
    ``v_new = u - w h``; optional initial / final state.
-3. ``_fwd_kernel``    grid (H, chunks): for a query block of BT rows, the sliding-window
+3. ``_fwd_kernel``    grid (H, row blocks): for a query block of BM = ``CONFIG["fwd_rows"]`` rows
+   (BT or 2 BT: one or two memory chunks, each read from the state before it), the sliding-window
    flash attention with sinks (online softmax in fp32, K/V read at head ``h // G``, only the
    sink blocks and the window band are visited, masks only on edge blocks) PLUS the memory
    readout of the same rows from the chunk state, RMSNorm, swish gate, per-head [D, D]
-   projection and the sum, written once in the input dtype.
+   projection and the sum, written once in the input dtype. Also stores the window softmax's
+   log-sum-exp (fp32 ``[tokens, H]``, log2 domain) for the backward, which so needs no attention
+   re-run (the cache path, inference only, skips that store).
 4. Mamba2 only: its RMSNorm spans the H heads of a token, so ``_fwd_kernel`` stops before the
    norm (window output, un-normalised projection ``yp``, per-head sum of squares) and
    ``_mamba2_norm_kernel`` (grid: token blocks) applies the cross-head scale: ``out += r * yp``.
@@ -50,7 +53,10 @@ BT = 64  # memory chunk == query block: a query block reads exactly one chunk st
 # launch configuration (benchmarks/bench_prefill.py sweeps these): fwd = (BN, num_warps, num_stages)
 # H100, T=32k (benchmarks/NOTES_prefill.md): fwd (64, 4, 3) 2.93 ms vs (64, 4, 2) 3.09 ms and 3.8-5.8 ms for
 # BN=128 or 8 warps; state BV=16 beats 32 and 64 (more programs on a latency-bound sequential loop)
-CONFIG = {"fwd": (64, 4, 3), "state_bv": {64: 64, 128: 16}, "state_warps": 4, "state_stages": 3,
+# fwd_rows: query rows per _fwd_kernel program, BT or 2 BT (a program then covers two memory chunks:
+# half the programs, each K/V block of the band read once per 128 query rows); 128 is untested on
+# the GPU so far, the default stays 64 until bench_prefill.py measures it (and (BN, warps, stages) with it)
+CONFIG = {"fwd": (64, 4, 3), "fwd_rows": 64, "state_bv": {64: 64, 128: 16}, "state_warps": 4, "state_stages": 3,
           "prep_warps": 4, "norm_bm": 32}
 
 
@@ -241,23 +247,26 @@ def _attn_block(b_q, b_k, b_v, m_s, b_acc, b_m, b_l, qk_scale, MASKED: tl.conste
 @triton.jit
 def _fwd_kernel(
     # pointers
-    q, kx, vx, sk, sv, z, nw, ow, seq, chunks, gc, hs, vnew, out, yp, ss,
+    q, kx, vx, sk, sv, z, nw, ow, seq, blocks, gc, hs, vnew, out, yp, ss, lse,
     # sizes
     H: tl.constexpr, HKV: tl.constexpr, D: tl.constexpr, W, S, qk_scale, mem_scale,
     # meta
-    BT: tl.constexpr, BN: tl.constexpr, MEMORY: tl.constexpr, USE_H0: tl.constexpr,
-    SINK_CACHE: tl.constexpr, MAMBA2: tl.constexpr,
+    BT: tl.constexpr, BM: tl.constexpr, BN: tl.constexpr, MEMORY: tl.constexpr, USE_H0: tl.constexpr,
+    SINK_CACHE: tl.constexpr, MAMBA2: tl.constexpr, STORE_LSE: tl.constexpr,
 ):
+    # BM query rows per program (CONFIG["fwd_rows"]), BM = BT or 2 BT: the window part is generic
+    # in BM; the memory part reads the BM / BT chunks c0 = i_b BM / BT .. of the rows (BT = 64
+    # stream elements each) and their states. ``blocks`` [n, 2]: (sequence, block of BM rows).
     # MAMBA2: the RMSNorm spans the H heads of a token, so this kernel stores the window output
     # in ``out``, the un-normalised projection yp = (x * norm_weight[h]) @ o_weight[h] of the gated
     # readout x = m silu(z) and the partial sum ss = sum_D x^2 (fp32); _mamba2_norm_kernel then
     # adds rsqrt(sum_h ss / (H D) + eps) * yp (the norm's scale is one scalar per token, so it
     # commutes with the projection).
-    i_h, i_c = tl.program_id(0), tl.program_id(1)
+    i_h, i_blk = tl.program_id(0), tl.program_id(1)
     G: tl.constexpr = H // HKV
     i_kv = i_h // G
-    i_n = tl.load(chunks + i_c * 2)
-    i_b = tl.load(chunks + i_c * 2 + 1)
+    i_n = tl.load(blocks + i_blk * 2)
+    i_b = tl.load(blocks + i_blk * 2 + 1)
     bos = tl.load(seq + i_n * 8).to(tl.int64)
     T = tl.load(seq + i_n * 8 + 1)
     P = tl.load(seq + i_n * 8 + 2)
@@ -266,20 +275,20 @@ def _fwd_kernel(
     sb = tl.load(seq + i_n * 8 + 5).to(tl.int64)
     coff = tl.load(seq + i_n * 8 + 6).to(tl.int64)
 
-    o_t = tl.arange(0, BT)
+    o_t = tl.arange(0, BM)
     o_j = tl.arange(0, BN)
     o_d = tl.arange(0, D)
-    o_i = i_b * BT + o_t
+    o_i = i_b * BM + o_t
     m_i = o_i < T
     o_q = bos + o_i
     t_pos = P + o_i  # query positions
-    t_lo = P + i_b * BT
-    t_hi = P + tl.minimum(i_b * BT + BT, T) - 1
+    t_lo = P + i_b * BM
+    t_hi = P + tl.minimum(i_b * BM + BM, T) - 1
 
-    b_q = tl.load(q + (o_q * H + i_h)[:, None] * D + o_d[None, :], mask=m_i[:, None], other=0.)  # [BT, D]
-    b_acc = tl.zeros([BT, D], dtype=tl.float32)
-    b_m = tl.full([BT], float("-inf"), dtype=tl.float32)
-    b_l = tl.zeros([BT], dtype=tl.float32)
+    b_q = tl.load(q + (o_q * H + i_h)[:, None] * D + o_d[None, :], mask=m_i[:, None], other=0.)  # [BM, D]
+    b_acc = tl.zeros([BM, D], dtype=tl.float32)
+    b_m = tl.full([BM], float("-inf"), dtype=tl.float32)
+    b_l = tl.zeros([BM], dtype=tl.float32)
 
     # sinks that have left the window of some query of the block: positions j < S, j <= t - W
     n_sink = tl.minimum(S, t_hi - W + 1)
@@ -329,36 +338,64 @@ def _fwd_kernel(
         b_v = tl.load(vx + o_x, mask=m_k[:, None], other=0.)
         b_acc, b_m, b_l = _attn_block(b_q, b_k, b_v, m_s, b_acc, b_m, b_l, qk_scale, True)
     b_o = b_acc / tl.where(b_l > 0, b_l, 1.)[:, None]
+    if STORE_LSE:
+        # the window softmax's log-sum-exp, log2 domain of the scaled logits (what the backward's
+        # dq/dkdv kernels subtract: p = exp2(s qk_scale - lse)); fp32 [tokens, H]. Every row sees
+        # itself (W >= 1), so l > 0; a row without keys would get +inf, i.e. p = 0 (not NaN)
+        b_lse = tl.where(b_l > 0, b_m + tl.log2(tl.where(b_l > 0, b_l, 1.)), float("inf"))
+        tl.store(lse + o_q * H + i_h, b_lse, mask=m_i)
 
     if MEMORY:
-        # a chunk none of whose rows reads a memory token reads 0 (unless an initial state is given)
+        # a block none of whose rows reads a memory token reads 0 (unless an initial state is given)
         if USE_H0:
             do_mem = t_hi >= 0
         else:
             do_mem = t_hi - W >= S
         if do_mem:
             b_qf = b_q.to(tl.float32)
-            b_qn = _norm_rows(b_qf, MAMBA2) * mem_scale  # [BT, D]
-            b_gc = tl.load(gc + o_q * H + i_h, mask=m_i, other=0.)
-            b_hc = tl.load(hs + (((coff + i_b) * H + i_h) * D + o_d[:, None]) * D + o_d[None, :])  # [D, D]
-            b_mo = dot((b_qn * tl.exp(b_gc)[:, None]).to(b_q.dtype), b_hc)  # [BT, D]
+            b_qn = _norm_rows(b_qf, MAMBA2) * mem_scale  # [BM, D]
+            b_gc = tl.load(gc + o_q * H + i_h, mask=m_i, other=0.)  # [BM], cumsum within each chunk
+            b_qe = b_qn * tl.exp(b_gc)[:, None]  # [BM, D]
+            i_c0 = i_b * (BM // BT)  # the block's first chunk
+            p_h = hs + (((coff + i_c0) * H + i_h) * D + o_d[:, None]) * D + o_d[None, :]
+            if BM == BT:
+                b_hc = tl.load(p_h)  # [D, D]
+                b_mo = dot(b_qe.to(b_q.dtype), b_hc)  # [BM, D]
+            else:
+                # rows [0, BT) read the state before chunk c0, rows [BT, 2 BT) the one before c0 + 1.
+                # The state pass stores h only from chunk (S + W - P) // BT on (no initial state): an
+                # earlier c0 (whose rows read no memory token) reads h = 0, never the unwritten
+                # buffer; c0 + 1 may lie past the sequence end (its rows are masked; its h is not ours)
+                if USE_H0:
+                    c_first = 0
+                else:
+                    c_first = tl.maximum(S + W - P, 0) // BT
+                m_top = (o_t < BT)[:, None]
+                b_h0 = tl.load(p_h, mask=(o_d >= 0)[:, None] & (i_c0 >= c_first), other=0.)  # [D, D]
+                b_h1 = tl.load(p_h + H * D * D, mask=(o_d >= 0)[:, None] & ((i_c0 + 1) * BT < T), other=0.)  # [D, D]
+                b_mo = dot(tl.where(m_top, b_qe, 0.).to(b_q.dtype), b_h0)  # [BM, D]
+                b_mo += dot(tl.where(m_top, 0., b_qe).to(b_q.dtype), b_h1)  # [BM, D]
             pos = t_pos - W
             m_act = m_i & (pos >= S)
             o_row = kxb + tl.where(m_act, pos - kp0, 0)
             b_k = tl.load(kx + (o_row * HKV + i_kv)[:, None] * D + o_d[None, :], mask=m_act[:, None], other=0.)
-            b_kn = _norm_rows(b_k.to(tl.float32), MAMBA2)  # [BT, D]
+            b_kn = _norm_rows(b_k.to(tl.float32), MAMBA2)  # [BM, D]
+            # in-chunk causal pairs; with BM = 2 BT the [BM, BM] product is masked to the two
+            # diagonal chunk blocks (gc is a per-chunk cumsum: exp(gc_i - gc_j) only within a chunk)
             m_low = o_t[:, None] >= o_t[None, :]
-            b_s = dot(b_qn.to(b_q.dtype), tl.trans(b_kn.to(b_q.dtype)))  # [BT, BT]
+            if BM != BT:
+                m_low = m_low & ((o_t[:, None] // BT) == (o_t[None, :] // BT))
+            b_s = dot(b_qn.to(b_q.dtype), tl.trans(b_kn.to(b_q.dtype)))  # [BM, BM]
             b_s = tl.where(m_low, b_s * tl.exp(tl.where(m_low, b_gc[:, None] - b_gc[None, :], 0.)), 0.)
             b_vn = tl.load(vnew + (o_q * H + i_h)[:, None] * D + o_d[None, :], mask=m_act[:, None], other=0.)
-            b_mo += dot(b_s.to(b_q.dtype), b_vn)  # [BT, D]
+            b_mo += dot(b_s.to(b_q.dtype), b_vn)  # [BM, D]
             b_z = tl.load(z + o_q * H + i_h, mask=m_i, other=0.).to(tl.float32)
             b_ow = tl.load(ow + (i_h * D + o_d[:, None]) * D + o_d[None, :])  # [D, D]
             if MAMBA2:
                 # gate, then the head's share of the token's RMSNorm (finished by _mamba2_norm_kernel)
-                b_x = b_mo * (b_z * tl.sigmoid(b_z))[:, None]  # [BT, D]
+                b_x = b_mo * (b_z * tl.sigmoid(b_z))[:, None]  # [BM, D]
                 b_nw = tl.load(nw + i_h * D + o_d).to(tl.float32)
-                b_yp = dot((b_x * b_nw[None, :]).to(b_ow.dtype), b_ow)  # [BT, D]
+                b_yp = dot((b_x * b_nw[None, :]).to(b_ow.dtype), b_ow)  # [BM, D]
                 tl.store(yp + (o_q * H + i_h)[:, None] * D + o_d[None, :], b_yp.to(yp.dtype.element_ty),
                          mask=m_i[:, None])
                 tl.store(ss + o_q * H + i_h, tl.sum(b_x * b_x, 1), mask=m_i)
@@ -370,9 +407,9 @@ def _fwd_kernel(
                 b_o += dot(b_uo.to(b_ow.dtype), b_ow)
         elif MAMBA2:
             # no memory token read by this block: m = 0
-            tl.store(yp + (o_q * H + i_h)[:, None] * D + o_d[None, :], tl.zeros([BT, D], dtype=tl.float32)
+            tl.store(yp + (o_q * H + i_h)[:, None] * D + o_d[None, :], tl.zeros([BM, D], dtype=tl.float32)
                      .to(yp.dtype.element_ty), mask=m_i[:, None])
-            tl.store(ss + o_q * H + i_h, tl.zeros([BT], dtype=tl.float32), mask=m_i)
+            tl.store(ss + o_q * H + i_h, tl.zeros([BM], dtype=tl.float32), mask=m_i)
     tl.store(out + (o_q * H + i_h)[:, None] * D + o_d[None, :], b_o.to(out.dtype.element_ty), mask=m_i[:, None])
 
 
@@ -423,17 +460,27 @@ def _seq_tables(lens: List[int], starts: List[int], kx_bos: List[int], kpos0: Li
     return seq, ch, coff
 
 
+def _row_blocks(lens: List[int], BM: int, device) -> Tuple[torch.Tensor, int]:
+    """The ``_fwd_kernel`` grid's table ``[NB, 2]`` int32 (sequence, block of BM query rows) and NB."""
+    rows = [[n, c] for n, T in enumerate(lens) for c in range(triton.cdiv(T, BM))]
+    return torch.tensor(rows if rows else [[0, 0]], dtype=torch.int32).to(device), len(rows)
+
+
 def _launch(q, kx, vx, sk, sv, a, b, gx, z, A_log, dt_bias, norm_weight, o_weight, window, sinks, kind,
-            seq, chunks, NT, N, initial_state, output_final_state, sink_cache, memory=True, stage="all"):
+            seq, chunks, NT, N, initial_state, output_final_state, sink_cache, memory=True, stage="all",
+            store_lse=False, lens=None):
+    # store_lse: also return the window softmax's lse (fp32 [Tq, H]) for the backward; the cache
+    # path (inference) passes False and the kernel skips the store
     Tq, H, D = q.shape[1], q.shape[2], q.shape[3]
     HKV = kx.shape[-2]
     dev, dt = q.device, q.dtype
     out = empty(1, Tq, H, D, dtype=dt, device=dev)
     ht = empty(N, H, D, D, dtype=torch.float32, device=dev) if output_final_state else None
+    lse = empty(Tq, H, dtype=torch.float32, device=dev) if store_lse else None
     if NT == 0:
         if ht is not None:
             ht.copy_(initial_state if initial_state is not None else torch.zeros_like(ht))
-        return out, ht
+        return out, ht, lse
     mamba2 = kind == "mamba2"
     gates = 2 if gx is not None else {"gdn": 0, "dn": 1, "mamba2": 3}[kind]
     dummy = q.new_zeros(16)  # stands in for pointers a constexpr branch never reads
@@ -453,7 +500,7 @@ def _launch(q, kx, vx, sk, sv, a, b, gx, z, A_log, dt_bias, norm_weight, o_weigh
             kx=kx, vx=vx, a=a, b=b, gx=gx, A_log=A_log, dt_bias=dt_bias, seq=seq, chunks=chunks, gc=gc, w=w, u=u, kd=kd,
             H=H, HKV=HKV, D=D, W=window, S=sinks, BT=BT, GATES=gates, MAMBA2=mamba2, num_warps=CONFIG["prep_warps"])
         if stage == "prep":  # benchmarks: the parallel prep pass alone
-            return out, ht
+            return out, ht, lse
         hs = empty(NT, H, D, D, dtype=dt, device=dev)
         vnew = u if mamba2 else empty(Tq, H, D, dtype=dt, device=dev)
         BV = CONFIG["state_bv"][D]
@@ -464,23 +511,27 @@ def _launch(q, kx, vx, sk, sv, a, b, gx, z, A_log, dt_bias, norm_weight, o_weigh
             STORE_HT=ht is not None, MAMBA2=mamba2, num_warps=CONFIG["state_warps"],
             num_stages=CONFIG["state_stages"])
         if stage == "state":  # benchmarks: the memory state passes alone
-            return out, ht
+            return out, ht, lse
         if mamba2:
             yp = empty(Tq, H, D, dtype=dt, device=dev)
             ss = empty(Tq, H, dtype=torch.float32, device=dev)
     BN, fwd_warps, fwd_stages = CONFIG["fwd"]
-    _fwd_kernel[(H, NT)](
+    BM = CONFIG["fwd_rows"]
+    assert BM in (BT, 2 * BT), BM
+    # lens: the sequences' query counts (the chunk table holds the same blocks when BM = BT)
+    blocks, NB = (chunks, NT) if BM == BT else _row_blocks(lens, BM, dev)
+    _fwd_kernel[(H, NB)](
         q=q, kx=kx, vx=vx, sk=sk, sv=sv, z=z.contiguous(), nw=norm_weight.float().contiguous(),
-        ow=o_weight.to(dt).contiguous(), seq=seq, chunks=chunks, gc=gc, hs=hs, vnew=vnew, out=out, yp=yp, ss=ss,
-        H=H, HKV=HKV, D=D, W=window, S=sinks, qk_scale=D ** -0.5 * math.log2(math.e),
+        ow=o_weight.to(dt).contiguous(), seq=seq, blocks=blocks, gc=gc, hs=hs, vnew=vnew, out=out, yp=yp, ss=ss,
+        lse=lse if store_lse else dummy, H=H, HKV=HKV, D=D, W=window, S=sinks, qk_scale=D ** -0.5 * math.log2(math.e),
         mem_scale=1.0 if mamba2 else D ** -0.5,
-        BT=BT, BN=BN, MEMORY=memory, USE_H0=initial_state is not None, SINK_CACHE=sink_cache,
-        MAMBA2=mamba2 and memory, num_warps=fwd_warps, num_stages=fwd_stages)
+        BT=BT, BM=BM, BN=BN, MEMORY=memory, USE_H0=initial_state is not None, SINK_CACHE=sink_cache,
+        MAMBA2=mamba2 and memory, STORE_LSE=store_lse, num_warps=fwd_warps, num_stages=fwd_stages)
     if mamba2 and memory:
         BM = CONFIG["norm_bm"]
         _mamba2_norm_kernel[(triton.cdiv(Tq, BM),)](
             out=out, yp=yp, ss=ss, NTOK=Tq, H=H, D=D, HP=triton.next_power_of_2(H), BM=BM, num_warps=4)
-    return out, ht
+    return out, ht, lse
 
 
 def prefill_fwd(q, k, v, a, b, z, A_log, dt_bias, norm_weight, o_weight, window: int, sinks: int, kind: str,
@@ -493,7 +544,13 @@ def prefill_fwd(q, k, v, a, b, z, A_log, dt_bias, norm_weight, o_weight, window:
         output_final_state: also return the fp32 state holding tokens ``S .. T-1-W``.
         memory: False gives the window-only path (benchmarks).
     Returns:
-        ``(out [B, T, H, D] in q.dtype, final_state [N, H, D, D] fp32 or None)``.
+        ``(out [B, T, H, D] in q.dtype, final_state [N, H, D, D] fp32 or None, lse [B, T, H] fp32)``;
+        ``lse`` is the window softmax's log-sum-exp in the log2 domain of the scaled logits
+        (``log2 sum_j 2^(q.k_j D^-0.5 log2(e))``), the backward's normaliser.
+
+    Example:
+        >>> from ahn_ops.ops.ahn_attention import prefill as P  # doctest: +SKIP
+        >>> out, _, lse = P.prefill_fwd(q, k, v, a, b, z, A_log, dt_bias, nw, ow, 1024, 4, "gdn")  # doctest: +SKIP
     """
     B, T, H, D = q.shape
     if cu_seqlens is not None:
@@ -505,9 +562,10 @@ def prefill_fwd(q, k, v, a, b, z, A_log, dt_bias, norm_weight, o_weight, window:
     seq, chunks, NT = _seq_tables(lens, [0] * N, cs[:-1], [0] * N, cs[:-1], q.device)
     flat = lambda x: None if x is None else x.reshape(1, B * T, *x.shape[2:]).contiguous()  # noqa: E731
     qf, kf, vf = flat(q), flat(k), flat(v)
-    out, ht = _launch(qf, kf, vf, kf, vf, flat(a), flat(b), None, flat(z), A_log, dt_bias, norm_weight, o_weight,
-                      window, sinks, kind, seq, chunks, NT, N, initial_state, output_final_state, False, memory, stage)
-    return out.view(B, T, H, D), ht
+    out, ht, lse = _launch(qf, kf, vf, kf, vf, flat(a), flat(b), None, flat(z), A_log, dt_bias, norm_weight,
+                           o_weight, window, sinks, kind, seq, chunks, NT, N, initial_state, output_final_state,
+                           False, memory, stage, store_lse=True, lens=lens)
+    return out.view(B, T, H, D), ht, lse.view(B, T, H)
 
 
 def prefill_cache_fwd(q, k, v, a, b, z, A_log, dt_bias, norm_weight, o_weight,
@@ -551,9 +609,10 @@ def prefill_cache_fwd(q, k, v, a, b, z, A_log, dt_bias, norm_weight, o_weight,
     seq, chunks, NT = _seq_tables([T] * B, P, kx_bos, kpos0, [bi * S for bi in range(B)], dev)
     sk = sink_k.reshape(1, B * S, HKV, D).contiguous() if S else kx
     sv = sink_v.reshape(1, B * S, HKV, D).contiguous() if S else vx
-    out, ht = _launch(q.reshape(1, B * T, H, D).contiguous(), kx, vx, sk, sv, None, None, gx,
-                      z.reshape(1, B * T, H), A_log, dt_bias, norm_weight, o_weight, W, S, kind,
-                      seq, chunks, NT, B, state, True, True)
+    # inference: no backward, so no lse store
+    out, ht, _ = _launch(q.reshape(1, B * T, H, D).contiguous(), kx, vx, sk, sv, None, None, gx,
+                         z.reshape(1, B * T, H), A_log, dt_bias, norm_weight, o_weight, W, S, kind,
+                         seq, chunks, NT, B, state, True, True, lens=[T] * B)
     # cache update, after every read (same as the reference)
     for bi in range(B):
         Pb = P[bi]
@@ -583,12 +642,14 @@ def _prefill_fwd_op(
     z: torch.Tensor, A_log: Optional[torch.Tensor], dt_bias: Optional[torch.Tensor], norm_weight: torch.Tensor,
     o_weight: torch.Tensor, window: int, sinks: int, kind: str, cu_seqlens: Optional[torch.Tensor],
     initial_state: Optional[torch.Tensor], output_final_state: bool,
-) -> Tuple[torch.Tensor, torch.Tensor]:
-    out, ht = prefill_fwd(q, k, v, a, b, z, A_log, dt_bias, norm_weight, o_weight, window, sinks, kind,
-                          cu_seqlens, initial_state, output_final_state)
+) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Returns ``(out, final_state, lse)``: final_state empty without output_final_state; lse fp32
+    ``[B, T, H]`` (window log-sum-exp, log2 domain) is saved by the autograd for the backward."""
+    out, ht, lse = prefill_fwd(q, k, v, a, b, z, A_log, dt_bias, norm_weight, o_weight, window, sinks, kind,
+                               cu_seqlens, initial_state, output_final_state)
     if ht is None:
         ht = q.new_empty(0, dtype=torch.float32)
-    return out, ht
+    return out, ht, lse
 
 
 @_prefill_fwd_op.register_fake
@@ -597,7 +658,7 @@ def _(q, k, v, a, b, z, A_log, dt_bias, norm_weight, o_weight, window, sinks, ki
     B, T, H, D = q.shape
     N = B if cu_seqlens is None else cu_seqlens.shape[0] - 1
     ht = q.new_empty(N, H, D, D, dtype=torch.float32) if output_final_state else q.new_empty(0, dtype=torch.float32)
-    return torch.empty_like(q), ht
+    return torch.empty_like(q), ht, q.new_empty(B, T, H, dtype=torch.float32)
 
 
 @torch.library.custom_op("ahn::prefill_cache",
