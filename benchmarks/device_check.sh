@@ -50,6 +50,8 @@ stage() {
       ;;
     bench)
       timeout 540 python3 benchmarks/run_all.py --quick --out "$out" 2>&1 | tee "$out/bench.log" | tail -60
+      # the device tool returns at most 8 files: the plots travel as one tarball
+      tar czf "$out/plots.tgz" -C "$out" plots && rm -rf "$out/plots"
       ;;
     perf)
       # the kernel timings behind issues 3 and 4 (prefill split, backward split, backward launch sweep)
