@@ -149,12 +149,12 @@ def cache_read_bytes(model, B, T) -> int:
 
 
 @torch.no_grad()
-def time_fast(model, T, B, steps, device) -> float:
+def time_fast(model, T, B, steps, device, chunk=None) -> float:
     """Median per-token latency of the ahn_ops.generate decode step (CUDA graph on GPU)."""
     from ahn_ops import fast_decode as gen  # prefill + StaticDecoder are its building blocks
 
     ids = torch.randint(0, model.config.vocab_size, (B, T), device=device)
-    logits, cache = gen.prefill(model, ids)
+    logits, cache = gen.prefill(model, ids, chunk_size=chunk)
     dec = gen.StaticDecoder(model, cache, None, T, 4 * steps + 8)
     dec.start(logits)
     if device.type == "cuda":
@@ -186,10 +186,13 @@ def decode_table(model, args, device):
     print("|---|---|---|---|---|---|---|")
     for T in args.decode_contexts:
         for B in args.batches:
+            # the decode table times decoding: a large batch x context is prefilled in chunks (one
+            # forward over B=8 x 128k tokens ran out of memory on the H100: MLP activations + per-chunk states)
+            chunk = args.prefill_chunk_size or (32768 if B * T > 262144 else None)
             try:
-                plain = run(model, T, args.decode_steps, args.prefill_chunk_size, device,
+                plain = run(model, T, args.decode_steps, chunk, device,
                             lambda: ahn_ops.AHNModelCache.from_model(model), batch=B)[2]
-                fast = time_fast(model, T, B, args.decode_steps, device)
+                fast = time_fast(model, T, B, args.decode_steps, device, chunk)
             except torch.OutOfMemoryError:
                 print(f"| {T} | {B} | OOM | | | | |")
                 continue
