@@ -41,7 +41,7 @@ def parse(argv=None):
     ap.add_argument("--out", default=HERE, help="output folder (RESULTS_run_all.md, results_run_all.json, plots/)")
     ap.add_argument("--budget-s", type=float, default=None,
                     help="skip the remaining cases (noted in the table) past this many seconds "
-                         "(default 270 with --quick, none otherwise)")
+                         "(default 240 with --quick, none otherwise)")
     ap.add_argument("--update-results", action="store_true",
                     help="also write the tables between the run_all markers of benchmarks/RESULTS.md")
     ap.add_argument("--no-progress", action="store_true")
@@ -292,7 +292,7 @@ def main(argv=None):
         print("run_all: no CUDA device; use --cpu for the harness check", file=sys.stderr)
         return 2
     mode = "cpu" if args.cpu else ("quick" if args.quick else "full")
-    budget = args.budget_s if args.budget_s is not None else (270.0 if args.quick else None)
+    budget = args.budget_s if args.budget_s is not None else (240.0 if args.quick else None)
     C.import_ahn_ops()
     import bench_backward
     import bench_decode
