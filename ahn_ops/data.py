@@ -80,6 +80,10 @@ class SyntheticRetrieval:
         cue: the passkey's cue text (a short one, e.g. ``"pk"``, for toy-sized runs).
         distractor_numbers: probability per filler word of a random 4-digit number.
         seed: dataset seed.
+        phrase_pool: 0 (default): filler words drawn independently. ``n > 0``: each sample draws ``n``
+            phrases of 2-5 words and its filler repeats them in random order, so copying what
+            followed an earlier occurrence pays off all along the text (a small model forms the
+            copying circuit the retrieval needs much sooner; python/retrieval_demo.py).
 
     ``ds[i]`` -> ``LongTensor [seq_len]``; ``ds.example(i, length, needle_at)`` -> dict with
     ``input_ids`` (``[length]``), ``answer_start`` (index of the first answer token),
@@ -87,11 +91,15 @@ class SyntheticRetrieval:
     """
 
     def __init__(self, seq_len: int, task: str = "passkey", n_digits: int = 5, n_pairs: int = 4,
-                 distractor_numbers: float = 0.0, seed: int = 0, cue: str = "the pass key is"):
+                 distractor_numbers: float = 0.0, seed: int = 0, cue: str = "the pass key is",
+                 phrase_pool: int = 0):
         if task not in ("passkey", "kv"):
             raise ValueError(f"task must be 'passkey' or 'kv', got {task!r}")
         self.seq_len, self.task, self.n_digits, self.n_pairs = int(seq_len), task, int(n_digits), int(n_pairs)
         self.distractor_numbers, self.seed, self.cue = float(distractor_numbers), int(seed), str(cue)
+        if int(phrase_pool) < 0:
+            raise ValueError(f"phrase_pool must be >= 0, got {phrase_pool}")
+        self.phrase_pool = int(phrase_pool)
         self.tokenizer = ByteTokenizer()
         self.vocab_size = BYTE_VOCAB
 
@@ -100,11 +108,12 @@ class SyntheticRetrieval:
 
     def _filler(self, rng: random.Random, n_bytes: int) -> List[int]:
         out: List[int] = []
+        pool = [" ".join(rng.choice(_WORDS) for _ in range(rng.randint(2, 5))) for _ in range(self.phrase_pool)]
         while len(out) < n_bytes:
             if self.distractor_numbers and rng.random() < self.distractor_numbers:
                 w = f"in {rng.randrange(1000, 10000)}"
             else:
-                w = rng.choice(_WORDS)
+                w = rng.choice(pool) if pool else rng.choice(_WORDS)
             out += list((w + " ").encode())
         return out[:n_bytes]
 

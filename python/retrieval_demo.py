@@ -43,12 +43,12 @@ PRESETS = {
     # steps / 215 s, loss flat at 1.16 from step 500: no copying circuit formed. Passkey: one cue, one value.)
     "default": dict(task="passkey", cue="the pass key is", n_pairs=1, n_digits=5, distractor_numbers=0.0, layers=4,
                     hidden=256, heads=4, kv_heads=2, window=128, sinks=4, pretrain_len=1024, pretrain_steps=6000,
-                    pretrain_batch=32, pretrain_lr=2e-3, answer_weight=5.0, target_acc=0.95, distill_len=1024, distill_steps=2000, distill_batch=16,
+                    pretrain_batch=32, pretrain_lr=2e-3, answer_weight=5.0, phrase_pool=0, target_acc=0.95, distill_len=1024, distill_steps=2000, distill_batch=16,
                     distill_lr=3e-3, min_window=64, max_window=512, ce_weight=0.1, eval_n=256, eval_every=500),
     # CPU, a few minutes: tiny model, short sequences
     "toy": dict(task="passkey", cue="pk", n_pairs=1, n_digits=3, distractor_numbers=0.0, layers=2, hidden=64,
                 heads=4, kv_heads=2, window=16, sinks=2, pretrain_len=128, pretrain_steps=700, pretrain_batch=16,
-                pretrain_lr=3e-3, answer_weight=5.0, target_acc=0.9, distill_len=96, distill_steps=80, distill_batch=4,
+                pretrain_lr=3e-3, answer_weight=5.0, phrase_pool=0, target_acc=0.9, distill_len=96, distill_steps=80, distill_batch=4,
                 distill_lr=1e-2, min_window=12, max_window=48, ce_weight=0.1, eval_n=32, eval_every=100),
 }
 
@@ -253,6 +253,7 @@ def main(argv=None):
 
     task_kw = dict(task=p["task"], n_digits=p["n_digits"], n_pairs=p["n_pairs"],
                    distractor_numbers=p["distractor_numbers"], cue=p["cue"])
+    pre_kw = dict(task_kw, phrase_pool=p["phrase_pool"])  # pretraining text only: evaluation uses plain filler
     W, S = p["window"], p["sinks"]
     t_start = time.time()
     budget = a.time_budget
@@ -270,7 +271,7 @@ def main(argv=None):
         pre = dict(skipped=a.skip_pretrain)
     else:
         model = build_model(p, BYTE_VOCAB, a.seed).to(device)
-        pre = pretrain(model, SyntheticRetrieval(p["pretrain_len"], seed=a.seed + 1, **task_kw), p, device, log,
+        pre = pretrain(model, SyntheticRetrieval(p["pretrain_len"], seed=a.seed + 1, **pre_kw), p, device, log,
                        budget_s=None if budget is None else 0.55 * budget)
     # the teacher and the student run in bf16 on a GPU: the shipped base is those bf16 weights
     if device.type == "cuda":

@@ -151,6 +151,25 @@ def test_synthetic_answer_position():
     assert bytes(ans.tolist()).decode() in needle
 
 
+def test_synthetic_phrase_pool_repeats_phrases():
+    # phrase_pool=n: the filler is n phrases repeated; 0 keeps the independent words (same samples as before)
+    plain, plain2 = SyntheticRetrieval(512, "passkey", seed=3), SyntheticRetrieval(512, "passkey", seed=3)
+    assert torch.equal(plain[7], plain2[7])
+    def distinct_trigrams(ds):
+        words = bytes(t for t in ds.example(7)["input_ids"].tolist() if t < 256).decode().split()
+        tri = [" ".join(words[i:i + 3]) for i in range(len(words) - 2)]
+        return len(set(tri)) / len(tri)
+
+    ds = SyntheticRetrieval(512, "passkey", seed=3, phrase_pool=4)
+    assert distinct_trigrams(plain) > 0.9 and distinct_trigrams(ds) < 0.5  # a few phrases, each many times
+    ex = ds.example(7)
+    text = bytes(t for t in ex["input_ids"].tolist() if t < 256).decode()
+    ans = ex["input_ids"][ex["answer_start"]:ex["answer_start"] + ex["answer_len"]]
+    assert text.count(bytes(ans.tolist()).decode()) == 2  # the needle and the answer, still one value
+    with pytest.raises(ValueError, match="phrase_pool"):
+        SyntheticRetrieval(64, phrase_pool=-1)
+
+
 # --------------------------------------------------------------------------------------
 # two processes (gloo) == one process with the same global batch
 # --------------------------------------------------------------------------------------
