@@ -15,7 +15,7 @@
 # Logs and results go to $OUT (the device tool's folder) or ./device_out; the demo's assets come back
 # as one tarball (the device tool returns at most 8 files). Mamba2 prefill kernels are enabled for the
 # run (AHN_OPS_MAMBA2_KERNELS=1) so that the tests check them on the GPU. Peers that are pure Python
-# (fla-core, einops) can travel as wheels in .whl/ (device README).
+# (fla-core, einops, pytest-xdist + execnet) can travel as wheels in .whl/ (device README).
 set -uo pipefail
 cd "$(dirname "${BASH_SOURCE[0]}")/.."
 [ $# -gt 0 ] || set -- tests
@@ -38,14 +38,18 @@ DEMO_BUDGET=${DEMO_BUDGET:-450}   # seconds of python/retrieval_demo.py (pretrai
 stage() {
   case "$1" in
     tests)
+      # Triton compiles every constexpr variant the suite touches (20-30 s each for the backward): the
+      # compiles are CPU-bound, so with pytest-xdist (a wheel in .whl/) the tests run in parallel workers
+      local par=""
+      if python3 -c "import xdist" 2>/dev/null; then par="-n ${TESTS_WORKERS:-12}"; fi
       if [ -n "${TESTS_ARGS:-}" ]; then  # a chosen subset, e.g. TESTS_ARGS="--tb=line tests/ops/test_prefill.py"
-        timeout "${TESTS_TIMEOUT:-480}" python3 -m pytest -q -rfEs $TESTS_ARGS 2>&1 | tee "$out/tests.log" | tail -40
+        timeout "${TESTS_TIMEOUT:-480}" python3 -m pytest -q -rfEs $par $TESTS_ARGS 2>&1 | tee "$out/tests.log" | tail -40
         return
       fi
       # the C++ op's bad-input paths first, in their own process (a crash there must not hide the rest)
       local first="tests/test_build.py tests/ops/test_decode_cpu.py tests/ops/test_decode_cuda.py"
       timeout 150 python3 -m pytest -q -rfEs $first 2>&1 | tee "$out/tests_decode.log" | tail -8
-      timeout "${TESTS_TIMEOUT:-480}" python3 -m pytest -q -rfEs --durations=15 tests $(printf -- '--ignore=%s ' $first) \
+      timeout "${TESTS_TIMEOUT:-480}" python3 -m pytest -q -rfEs $par --durations=15 tests $(printf -- '--ignore=%s ' $first) \
         2>&1 | tee "$out/tests.log" | tail -40
       ;;
     bench)
