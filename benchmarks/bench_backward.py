@@ -268,7 +268,7 @@ def run_case(cfg, c):
 
 
 def sweep(kind="gdn", T=32768, W=4096, S=128, H=16, HKV=2, D=128):
-    """Launch-configuration sweep of the attention backward kernels (fwd+bwd time, ms); keeps the best."""
+    """Launch-configuration sweep of _mem_bwd and the attention backward kernels (fwd+bwd time, ms); keeps the best."""
     from triton.testing import do_bench
 
     inp = make_inputs(kind, 1, T, H, HKV, D, torch.bfloat16, 1)
@@ -279,11 +279,17 @@ def sweep(kind="gdn", T=32768, W=4096, S=128, H=16, HKV=2, D=128):
     def fwd_bwd():
         torch.ops.ahn.prefill_fwd(*leaves, W, S, kind, None, None, False)[0].backward(dout)
 
-    for key, cands in (("dkdv", [(64, 8, 2), (64, 4, 2), (64, 8, 3), (32, 4, 2), (128, 8, 2)]),
+    def setter(key):
+        if key == "mem":  # (mem_bv, mem_warps) of _mem_bwd_kernel
+            return lambda c: bw.CONFIG.update(mem_bv=c[0], mem_warps=c[1])
+        return lambda c: bw.CONFIG.__setitem__(key, c)
+
+    for key, cands in (("mem", [(64, 8), (32, 4), (32, 8), (16, 4), (128, 8)]),
+                       ("dkdv", [(64, 8, 2), (64, 4, 2), (32, 4, 2), (32, 4, 3), (32, 8, 2)]),
                        ("dq", [(64, 4, 3), (64, 8, 2), (64, 4, 2), (32, 4, 3)])):
         res = {}
         for cfg_ in cands:
-            bw.CONFIG[key] = cfg_
+            setter(key)(cfg_)
             try:
                 res[cfg_] = do_bench(fwd_bwd, warmup=10, rep=60, grad_to_none=gl, return_mode="median")
             except Exception as e:  # noqa: BLE001
@@ -291,7 +297,7 @@ def sweep(kind="gdn", T=32768, W=4096, S=128, H=16, HKV=2, D=128):
                 continue
             print(f"[sweep] {kind} T{T} W{W} S{S} {key}={cfg_}: fwd+bwd {res[cfg_]:.3f} ms", flush=True)
         if res:
-            bw.CONFIG[key] = min(res, key=res.get)
+            setter(key)(min(res, key=res.get))
     print(f"[sweep] chosen backward CONFIG: {bw.CONFIG}", flush=True)
 
 
