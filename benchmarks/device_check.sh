@@ -43,13 +43,13 @@ stage() {
       local par=""
       if python3 -c "import xdist" 2>/dev/null; then par="-n ${TESTS_WORKERS:-12}"; fi
       if [ -n "${TESTS_ARGS:-}" ]; then  # a chosen subset, e.g. TESTS_ARGS="--tb=line tests/ops/test_prefill.py"
-        timeout "${TESTS_TIMEOUT:-480}" python3 -m pytest -q -rfEs $par $TESTS_ARGS 2>&1 | tee "$out/tests.log" | tail -40
+        timeout -s INT -k 30 "${TESTS_TIMEOUT:-480}" python3 -m pytest -q -rfEs $par $TESTS_ARGS 2>&1 | tee "$out/tests.log" | tail -40
         return
       fi
       # the C++ op's bad-input paths first, in their own process (a crash there must not hide the rest)
       local first="tests/test_build.py tests/ops/test_decode_cpu.py tests/ops/test_decode_cuda.py"
       timeout 150 python3 -m pytest -q -rfEs $first 2>&1 | tee "$out/tests_decode.log" | tail -8
-      timeout "${TESTS_TIMEOUT:-480}" python3 -m pytest -q -rfEs $par --durations=15 tests $(printf -- '--ignore=%s ' $first) \
+      timeout -s INT -k 30 "${TESTS_TIMEOUT:-480}" python3 -m pytest -q -rfEs $par --durations=15 tests $(printf -- '--ignore=%s ' $first) \
         2>&1 | tee "$out/tests.log" | tail -40
       ;;
     bench)

@@ -2,8 +2,8 @@
 
 CPU: the static step runs eagerly and must give the very tokens of ``model.generate(do_sample=False)``
 for every kind, with sinks, with and without a full-attention layer, batch 2, left padding,
-chunked prefill, EOS handling. GPU (skipped without CUDA): graph replay == eager static step ==
-plain generate.
+chunked prefill, EOS handling. GPU (skipped without CUDA): graph replay == eager static step, and in
+fp32 each token is an argmax of a full forward over the generated text.
 """
 
 from __future__ import annotations
@@ -25,6 +25,21 @@ def ids(B, T, seed=0):
 def plain(model, x, n=NEW, **kw):
     kw.setdefault("pad_token_id", 0)
     return model.generate(x, max_new_tokens=n, do_sample=False, **kw)
+
+
+def assert_greedy_of_full_forward(model, x, out, attention_mask=None, tol=1e-3):
+    """Every token ``out`` adds to ``x`` is an argmax (within ``tol``) of one full forward of the patched
+    model over ``out`` (prefill path, no cache): greedy decoding through a different kernel path may
+    pick another of two near-tied logits and then diverge, which is no error; a wrong token is."""
+    T = x.shape[1]
+    m = None
+    if attention_mask is not None:
+        m = torch.cat([attention_mask, attention_mask.new_ones(out.shape[0], out.shape[1] - T)], 1)
+    with torch.no_grad():
+        logits = model(out, attention_mask=m).logits[:, T - 1:-1].float()  # [B, new, V]
+    chosen = logits.gather(-1, out[:, T:, None])[..., 0]
+    gap = (logits.max(-1).values - chosen).max().item()
+    assert gap <= tol, f"a generated token is {gap:.2e} below the full forward's best logit"
 
 
 # ------------------------------------------------------------------ CPU: eager static step
@@ -132,8 +147,11 @@ def test_cuda_graph_equals_eager_and_generate(kind, fa, dtype):
         graph = ahn_ops.generate(model, x, 40, attention_mask=m, use_cuda_graph=True)
         eager = ahn_ops.generate(model, x, 40, attention_mask=m, use_cuda_graph=False)
         assert torch.equal(graph, eager)
-        if dtype == torch.float32:  # bf16: plain and static paths may round differently (different kernels)
-            assert torch.equal(graph, plain(model, x, 40, attention_mask=m))
+        if dtype == torch.float32:
+            # plain generate runs other kernels (prefill path, HF cache): 40 greedy steps of a random
+            # model meet near-ties (seen on the H100), so the check is teacher-forced: the graph's tokens
+            # are argmaxes of a full forward over them (bf16: rounding differs between paths)
+            assert_greedy_of_full_forward(model, x, graph, attention_mask=m)
     # sampling with a CUDA generator replays the same draws as eager
     g = [torch.Generator("cuda").manual_seed(5) for _ in range(2)]
     s_graph = ahn_ops.generate(model, x, 30, do_sample=True, top_p=0.9, generator=g[0], use_cuda_graph=True)
