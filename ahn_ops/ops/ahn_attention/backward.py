@@ -58,8 +58,11 @@ BT = pf.BT
 # H100 sweep (2026-11-23, T=32k W=4096 S=128, fwd+bwd ms; benchmarks/bench_backward.py --sweep): dkdv (64,8,2)
 # 34.3, (64,4,2) 30.6, (64,8,3) 34.7, (32,4,2) 28.7, (128,8,2) 48.4; dq (64,4,3) 28.4, (64,8,2) 31.8,
 # (64,4,2) 27.7, (32,4,3) 28.0.
-CONFIG = {"dq": (64, 4, 2), "dkdv": (32, 4, 2), "sink_qs": 1024,
-          "mem_bv": 64, "mem_warps": 8, "dh_warps": 4, "dh_stages": 2}
+# H100 sweep (2026-11-24, same shape, after the forward stores lse; ptxas: _mem_bwd at (64, 8) 255 regs
+# and 400 B spills): _mem_bwd (mem_bv, mem_warps) (64,8) 25.3, (32,4) 27.7, (32,8) 25.2, (16,4) 24.8,
+# (128,8) 26.9; then dkdv (32,4,3) 23.8 vs (32,4,2) 24.5, (64,4,2) 26.9; dq (64,4,2) 23.5 kept.
+CONFIG = {"dq": (64, 4, 2), "dkdv": (32, 4, 3), "sink_qs": 1024,
+          "mem_bv": 16, "mem_warps": 4, "dh_warps": 4, "dh_stages": 2}
 
 
 def _mm_f32(x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:

@@ -54,8 +54,9 @@ BT = 64  # memory chunk == query block: a query block reads exactly one chunk st
 # H100, T=32k (benchmarks/NOTES_prefill.md): fwd (64, 4, 3) 2.93 ms vs (64, 4, 2) 3.09 ms and 3.8-5.8 ms for
 # BN=128 or 8 warps; state BV=16 beats 32 and 64 (more programs on a latency-bound sequential loop)
 # fwd_rows: query rows per _fwd_kernel program, BT or 2 BT (a program then covers two memory chunks:
-# half the programs, each K/V block of the band read once per 128 query rows); 128 is untested on
-# the GPU so far, the default stays 64 until bench_prefill.py measures it (and (BN, warps, stages) with it)
+# half the programs, each K/V block of the band read once per 128 query rows). H100 (2026-11-24,
+# T=32k W=4096 S=128 gdn, full fused forward): 64 rows (64,4,3) 4.22 ms; 128 rows (64,4,3) 9.99,
+# (64,8,3) 5.25, (64,8,2) 5.89 ms: 64 stays (128 rows double the fp32 accumulators per program)
 CONFIG = {"fwd": (64, 4, 3), "fwd_rows": 64, "state_bv": {64: 64, 128: 16}, "state_warps": 4, "state_stages": 3,
           "prep_warps": 4, "norm_bm": 32}
 
