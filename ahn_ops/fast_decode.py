@@ -31,6 +31,7 @@ tests compare with ``model.generate()``.
 
 from __future__ import annotations
 
+import os
 import time
 from typing import List, Optional, Sequence, Union
 
@@ -67,6 +68,49 @@ def _eos_list(model, eos_token_id) -> List[int]:
     if isinstance(eos_token_id, int):
         return [eos_token_id]
     return [int(t) for t in eos_token_id]
+
+
+def _glue_supported(model, base, dtype):
+    """True when the fused glue reproduces this model's decode step, else the reason it does not."""
+    if dtype not in (torch.float16, torch.bfloat16, torch.float32):
+        return f"dtype {dtype} (fp16, bf16 or fp32 only)"
+    act = getattr(model.config, "hidden_act", None)
+    if act not in ("silu", "swish"):
+        return f"hidden_act {act!r} (SiLU MLPs only)"
+    norms = [base.norm] + [n for l in base.layers for n in (l.input_layernorm, l.post_attention_layernorm)]
+    for n in norms:
+        w = getattr(n, "weight", None)
+        if w is None or getattr(n, "variance_epsilon", None) is None or w.dtype != dtype or w.dim() != 1:
+            return f"norm {type(n).__name__} is not a Qwen2RMSNorm of {dtype}"
+    for l in base.layers:
+        if not all(hasattr(l.mlp, n) for n in ("gate_proj", "up_proj", "down_proj")):
+            return f"MLP {type(l.mlp).__name__} is not a Qwen2MLP"
+    return True
+
+
+def _stack_kv_gates(attn, fn, dtype):
+    """(weight, bias, (nk, off_a, off_b, off_z)) of one projection computing k, v and the AHN gates
+    (rows padded to a multiple of 8 so that every row of the output stays 16-byte aligned), or None
+    when the layer does not fit (another dtype, a module without plain weights)."""
+    try:
+        gl = fn.gate_linears()
+    except NotImplementedError:
+        return None
+    lins = [attn.k_proj, attn.v_proj] + [g for g in gl if g is not None]
+    if any(not isinstance(l, torch.nn.Linear) or l.weight.dtype != dtype for l in lins):
+        return None
+    w = torch.cat([l.weight for l in lins], 0)
+    bias = torch.cat([l.bias if l.bias is not None else w.new_zeros(l.out_features) for l in lins])
+    pad = (-w.shape[0]) % 8
+    if pad:
+        w = torch.cat([w, w.new_zeros(pad, w.shape[1])], 0)
+        bias = torch.cat([bias, bias.new_zeros(pad)])
+    nk = attn.k_proj.out_features
+    offs, o = [], 2 * nk
+    for g in gl:
+        offs.append(None if g is None else o)
+        o += 0 if g is None else g.out_features
+    return w.contiguous(), bias.contiguous(), (nk, *offs)
 
 
 def _position_ids(attention_mask: Optional[torch.Tensor]) -> Optional[torch.Tensor]:
@@ -128,12 +172,14 @@ class StaticDecoder:
         max_new_tokens: tokens to emit; full-attention layers get ``T + max_new_tokens`` columns.
         eos_token_ids, pad_token_id: finished sequences emit ``pad_token_id``.
         do_sample, temperature, top_k, top_p, generator: token choice (greedy by default).
+        fuse_glue: fused Triton glue (see :func:`generate`); None = on for CUDA models it fits.
     """
 
     def __init__(self, model, cache, attention_mask: Optional[torch.Tensor], prompt_len: int,
                  max_new_tokens: int, eos_token_ids: Sequence[int] = (), pad_token_id: int = 0,
                  do_sample: bool = False, temperature: float = 1.0, top_k: Optional[int] = None,
-                 top_p: Optional[float] = None, generator: Optional[torch.Generator] = None):
+                 top_p: Optional[float] = None, generator: Optional[torch.Generator] = None,
+                 fuse_glue: Optional[bool] = None):
         from .ops.ahn_attention.interface import _has_op_kernel
 
         self.model, self.base, self.info = _unwrap(model)
@@ -196,6 +242,24 @@ class StaticDecoder:
             self.ahn_layers[i] = (cache.ahn[cache.ahn_index[i]], attn._ahn_fn, cfg["backend"], use_op)
         self._checked = False  # the first step goes through ahn_decode (all input checks) once
         self.graph = None
+
+        # ---- fused glue (Triton): residual add + RMSNorm, RoPE, SiLU * up, and per AHN layer one
+        # projection for k, v and the gates (stacked weights, ~2 MB per layer at the 3B shape)
+        ok = _glue_supported(model, self.base, self.dtype)
+        if fuse_glue is None:
+            fuse_glue = self.device.type == "cuda" and ok is True
+        elif fuse_glue:
+            if ok is not True:
+                raise ValueError(f"fuse_glue=True: {ok}")
+            if self.device.type != "cuda" and os.environ.get("TRITON_INTERPRET") != "1":
+                raise ValueError("fuse_glue=True needs the model on CUDA (or TRITON_INTERPRET=1 on the CPU)")
+        self.fuse_glue = bool(fuse_glue)
+        self.kvg = {}
+        if self.fuse_glue:
+            for i, (_, fn, _, use_op) in self.ahn_layers.items():
+                st = _stack_kv_gates(self.base.layers[i].self_attn, fn, self.dtype) if use_op else None
+                if st is not None:
+                    self.kvg[i] = st
 
     # ------------------------------------------------------------------ token choice
     def _choose(self, logits: torch.Tensor) -> torch.Tensor:
@@ -270,7 +334,68 @@ class StaticDecoder:
         o = torch.nn.functional.scaled_dot_product_attention(qg, kb, vb, attn_mask=allowed, scale=attn.scaling)
         return o.reshape(B, -1, 1, D).transpose(1, 2).reshape(B, 1, -1)
 
+    def _ahn_attention_glued(self, i, attn, x, cos, sin):
+        from .ops import model_glue as glue
+        from .ops.ahn_attention.interface import ahn_decode
+
+        layer_cache, fn, backend, _ = self.ahn_layers[i]
+        weight, bias, (nk, oa, ob, oz) = self.kvg[i]
+        B, D = self.B, attn.head_dim
+        H = fn.num_heads
+        x2 = x.view(B, -1)
+        y = torch.nn.functional.linear(x2, weight, bias)              # [B, k | v | gates | pad]
+        q, k = glue.rope_qk(attn.q_proj(x2), y[:, :nk], cos, sin, D)   # contiguous [B, H|HKV, D]
+        v = y[:, nk:2 * nk].view(B, -1, D)
+        a = None if oa is None else y[:, oa:oa + H]
+        b = None if ob is None else y[:, ob:ob + H]
+        z = y[:, oz:oz + H]
+        p = fn.op_params()
+        if self._checked:
+            out = torch.ops.ahn.decode_step(q, k, v, a, b, z, p["A_log"], p["dt_bias"], p["norm_weight"],
+                                            p["o_weight"], *layer_cache.tensors(), layer_cache.window,
+                                            layer_cache.sinks, layer_cache.kind)
+        else:
+            out = ahn_decode(q, k, v, a, b, z, p["A_log"], p["dt_bias"], p["norm_weight"], p["o_weight"],
+                             layer_cache, backend=backend)
+        return out.reshape(B, 1, -1)
+
+    def _forward_glued(self) -> torch.Tensor:
+        """:meth:`_forward` with the fused glue: per layer 2 add+RMSNorm, 1 RoPE, 1 SiLU*up kernel and, on
+        AHN layers, one k/v/gates projection instead of ~30 small kernels and 4 extra projections."""
+        from .ops import model_glue as glue
+
+        base = self.base
+        layers = base.layers
+        h = base.embed_tokens(self.tok[:, None])                     # [B, 1, hidden]
+        cos, sin = base.rotary_emb(h, self.pos[:, None])
+        allowed = None
+        if self.fa_ids:
+            allowed = (self.col_valid & (self.col_range <= self.col))[:, None, None, :]
+        ln = layers[0].input_layernorm
+        x, _ = glue.add_rms_norm(h, ln.weight, ln.variance_epsilon)
+        for i, layer in enumerate(layers):
+            attn = layer.self_attn
+            if i in self.kvg:
+                o = self._ahn_attention_glued(i, attn, x, cos, sin)
+            elif i in self.ahn_layers:
+                o = self._ahn_attention(i, attn, x, cos, sin)
+            else:
+                o = self._full_attention(i, attn, x, cos, sin, allowed)
+            ln = layer.post_attention_layernorm
+            x, h = glue.add_rms_norm(attn.o_proj(o), ln.weight, ln.variance_epsilon, residual=h)
+            mlp = layer.mlp
+            m = mlp.down_proj(glue.silu_mul(mlp.gate_proj(x), mlp.up_proj(x)))
+            ln = layers[i + 1].input_layernorm if i + 1 < len(layers) else base.norm
+            x, h = glue.add_rms_norm(m, ln.weight, ln.variance_epsilon, residual=h)
+        logits = self.model.lm_head(x)[:, -1].float()                # [B, V]
+        self.pos += 1
+        if self.fa_ids:
+            self.col += 1
+        return logits
+
     def _forward(self) -> torch.Tensor:
+        if self.fuse_glue:
+            return self._forward_glued()
         base = self.base
         h = base.embed_tokens(self.tok[:, None])                     # [B, 1, hidden]
         cos, sin = base.rotary_emb(h, self.pos[:, None])             # on the device, from inv_freq
@@ -338,7 +463,8 @@ def generate(model, input_ids: torch.Tensor, max_new_tokens: int, *, attention_m
              do_sample: bool = False, temperature: float = 1.0, top_k: Optional[int] = None,
              top_p: Optional[float] = None, prefill_chunk_size: Optional[int] = None,
              use_cuda_graph: Optional[bool] = None, generator: Optional[torch.Generator] = None,
-             eos_check_every: int = 16, stats: Optional[dict] = None) -> torch.LongTensor:
+             eos_check_every: int = 16, stats: Optional[dict] = None,
+             fuse_glue: Optional[bool] = None) -> torch.LongTensor:
     """Generate with an AHN model: HF-compatible prefill, then a static decode step (a CUDA graph on GPU).
 
     Greedy decoding returns the same tokens as ``model.generate(input_ids, do_sample=False, ...)``
@@ -361,6 +487,10 @@ def generate(model, input_ids: torch.Tensor, max_new_tokens: int, *, attention_m
         use_cuda_graph: None = on when the model is on CUDA and every AHN layer runs the fused
             ``torch.ops.ahn.decode_step``; True = required (error if impossible); False = eager steps.
         eos_check_every: steps between the host's "all finished?" checks (each one syncs).
+        fuse_glue: None = on CUDA, the step's norms, residual adds, RoPE and SiLU*up run as fused
+            Triton kernels and each AHN layer computes k, v and its gates in one projection
+            (``ahn_ops/ops/model_glue.py``; same rounding steps as the modules, the RMSNorm's fp32
+            sum order aside); False = the modules' own ops; True = required.
         stats: optional dict, filled with ``prefill_s``, ``decode_s`` (graph capture included),
             ``new_tokens``, ``cuda_graph`` and ``cache_nbytes`` (AHN cache + static full-attention
             K/V) (the device is synchronised at the boundaries).
@@ -433,7 +563,7 @@ def generate(model, input_ids: torch.Tensor, max_new_tokens: int, *, attention_m
     first_logits, cache = prefill(model, input_ids, attention_mask, prefill_chunk_size)
     t1 = now()
     dec = StaticDecoder(model, cache, attention_mask, T, max_new_tokens, eos, pad_token_id, do_sample,
-                        temperature, top_k, top_p, generator)
+                        temperature, top_k, top_p, generator, fuse_glue=fuse_glue)
     if use_cuda_graph is None:
         use_cuda_graph = device.type == "cuda" and dec.all_fused
     elif use_cuda_graph and not dec.all_fused:

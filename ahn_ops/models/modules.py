@@ -84,6 +84,11 @@ class AHNFunction(nn.Module):
     def op_params(self) -> Dict[str, Optional[torch.Tensor]]:
         raise NotImplementedError
 
+    def gate_linears(self) -> Tuple[Optional[nn.Linear], Optional[nn.Linear], nn.Linear]:
+        """The ``nn.Linear`` behind each of ``gates(x)``'s outputs (None where that output is None): the
+        fast decoder stacks them with k/v into one projection."""
+        raise NotImplementedError
+
 
 class GatedDeltaNetAHN(AHNFunction):
     kind = "gdn"
@@ -106,6 +111,9 @@ class GatedDeltaNetAHN(AHNFunction):
     def gates(self, x):
         return self.a_proj(x), self.b_proj(x), self.g_proj(x)
 
+    def gate_linears(self):
+        return self.a_proj, self.b_proj, self.g_proj
+
     def op_params(self):
         return dict(A_log=self.A_log, dt_bias=self.dt_bias, norm_weight=self.o_norm.weight,
                     o_weight=self.o_proj.weight)
@@ -126,6 +134,9 @@ class DeltaNetAHN(AHNFunction):
 
     def gates(self, x):
         return None, self.b_proj(x), self.g_proj(x)
+
+    def gate_linears(self):
+        return None, self.b_proj, self.g_proj
 
     def op_params(self):
         return dict(A_log=None, dt_bias=None, norm_weight=self.o_norm.weight, o_weight=self.o_proj.weight)
@@ -152,6 +163,9 @@ class Mamba2AHN(AHNFunction):
 
     def gates(self, x):
         return self.dt_proj(x), None, self.g_proj(x)
+
+    def gate_linears(self):
+        return self.dt_proj, None, self.g_proj
 
     def op_params(self):
         return dict(A_log=self.A_log, dt_bias=self.dt_bias, norm_weight=self.norm.weight,

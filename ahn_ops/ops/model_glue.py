@@ -1,0 +1,142 @@
+"""Fused glue of the Qwen2 decode step (Triton): residual add + RMSNorm, RoPE on q and k, SiLU * up.
+
+A decode step of a small batch is a chain of small kernels, each paying launch latency even inside
+a CUDA graph: the plain Qwen2 modules spend ~30 elementwise kernels per layer on the two RMSNorms
+(fp32 cast, pow, mean, eps, rsqrt, mul, cast, weight), the residual adds, RoPE (mul, cat, neg, add)
+and SiLU * up (H100, Qwen2.5-3B shape, B=1: 1572 kernels per token, ``benchmarks/profile_decode.py``).
+These kernels do each of those in one launch with the modules' own rounding steps (every
+intermediate the torch code rounds to the activation dtype is rounded here too), so the fused
+step reproduces the plain one up to the order of the RMSNorm's fp32 sum.
+
+Used by :class:`ahn_ops.fast_decode.StaticDecoder`; inputs are 2-D ``[rows, n]`` with a unit last
+stride. They are internal helpers of the decoder (not ``torch.ops.ahn`` operators): no autograd.
+"""
+
+from __future__ import annotations
+
+import torch
+import triton
+import triton.language as tl
+
+__all__ = ["add_rms_norm", "rope_qk", "silu_mul"]
+
+
+@triton.jit
+def _add_rms_norm_kernel(x, res, w, out, hout, x_s, r_s, o_s, h_s, N, eps,
+                         HAS_RES: tl.constexpr, BN: tl.constexpr):
+    row = tl.program_id(0).to(tl.int64)
+    o = tl.arange(0, BN)
+    m = o < N
+    h = tl.load(x + row * x_s + o, mask=m, other=0.)
+    if HAS_RES:  # residual + hidden in the activation dtype (one rounding), as the decoder layer adds
+        h = (tl.load(res + row * r_s + o, mask=m, other=0.).to(tl.float32) + h.to(tl.float32)).to(h.dtype)
+        tl.store(hout + row * h_s + o, h, mask=m)
+    hf = h.to(tl.float32)
+    var = tl.sum(hf * hf, 0) / N
+    # Qwen2RMSNorm: normalise in fp32, round to the input dtype, then times the weight
+    y = (hf * tl.rsqrt(var + eps)).to(h.dtype)
+    wv = tl.load(w + o, mask=m, other=0.)
+    tl.store(out + row * o_s + o, (wv.to(tl.float32) * y.to(tl.float32)).to(out.dtype.element_ty), mask=m)
+
+
+def add_rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float, residual: torch.Tensor = None):
+    """``(rms_norm(h) * weight, h)`` with ``h = residual + x`` (or ``x``) over the last dim.
+
+    ``x``, ``residual``: ``[..., N]`` of one float dtype, ``weight``: ``[N]`` of the same dtype.
+    Returns tensors shaped like ``x`` (``h`` is ``x`` itself without ``residual``).
+    """
+    N = x.shape[-1]
+    if weight.shape != (N,) or weight.dtype != x.dtype:
+        raise ValueError(f"add_rms_norm: weight must be [{N}] of {x.dtype}, got {tuple(weight.shape)} {weight.dtype}")
+    if residual is not None and (residual.shape != x.shape or residual.dtype != x.dtype):
+        raise ValueError(f"add_rms_norm: residual must be {tuple(x.shape)} {x.dtype}, got "
+                         f"{tuple(residual.shape)} {residual.dtype}")
+    x2 = x.reshape(-1, N)
+    if x2.stride(-1) != 1:
+        x2 = x2.contiguous()
+    r2 = None
+    if residual is not None:
+        r2 = residual.reshape(-1, N)
+        if r2.stride(-1) != 1:
+            r2 = r2.contiguous()
+    rows = x2.shape[0]
+    out = torch.empty((rows, N), dtype=x.dtype, device=x.device)
+    hout = torch.empty((rows, N), dtype=x.dtype, device=x.device) if residual is not None else x2
+    BN = triton.next_power_of_2(N)
+    _add_rms_norm_kernel[(rows,)](x2, r2 if r2 is not None else x2, weight.contiguous(), out, hout,
+                                  x2.stride(0), (r2 if r2 is not None else x2).stride(0), out.stride(0),
+                                  hout.stride(0), N, float(eps), HAS_RES=residual is not None, BN=BN,
+                                  num_warps=4 if BN <= 2048 else 8)
+    return out.view(x.shape), hout.view(x.shape)
+
+
+@triton.jit
+def _rope_kernel(q, k, cos, sin, qo, ko, q_s, k_s, c_s, s_s, H, D: tl.constexpr):
+    b = tl.program_id(0).to(tl.int64)
+    hh = tl.program_id(1)
+    HALF: tl.constexpr = D // 2
+    o = tl.arange(0, HALF)
+    if hh < H:
+        src = q + b * q_s + hh * D
+        dst = qo + (b * H + hh) * D
+    else:
+        nk = tl.num_programs(1) - H
+        src = k + b * k_s + (hh - H) * D
+        dst = ko + (b * nk + hh - H) * D
+    x1 = tl.load(src + o)
+    x2 = tl.load(src + HALF + o)
+    dt = x1.dtype
+    c1 = tl.load(cos + b * c_s + o).to(tl.float32)
+    c2 = tl.load(cos + b * c_s + HALF + o).to(tl.float32)
+    s1 = tl.load(sin + b * s_s + o).to(tl.float32)
+    s2 = tl.load(sin + b * s_s + HALF + o).to(tl.float32)
+    x1f, x2f = x1.to(tl.float32), x2.to(tl.float32)
+    # x * cos + rotate_half(x) * sin, rotate_half(x) = cat(-x2, x1): both products rounded, then the sum
+    y1 = ((x1f * c1).to(dt).to(tl.float32) + (-x2f * s1).to(dt).to(tl.float32)).to(dt)
+    y2 = ((x2f * c2).to(dt).to(tl.float32) + (x1f * s2).to(dt).to(tl.float32)).to(dt)
+    tl.store(dst + o, y1)
+    tl.store(dst + HALF + o, y2)
+
+
+def rope_qk(q: torch.Tensor, k: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, head_dim: int):
+    """Qwen2 RoPE of one token per row: ``q`` ``[B, H*D]``, ``k`` ``[B, HKV*D]`` (unit last stride, any row
+    stride), ``cos``/``sin`` ``[B, D]`` (or ``[B, 1, D]``) -> contiguous ``[B, H, D]``, ``[B, HKV, D]``."""
+    D = head_dim
+    B = q.shape[0]
+    cos, sin = cos.reshape(B, D), sin.reshape(B, D)
+    for name, t in (("q", q), ("k", k), ("cos", cos), ("sin", sin)):
+        if t.dim() != 2 or t.shape[0] != B or t.shape[1] % D or t.stride(-1) != 1:
+            raise ValueError(f"rope_qk: {name} must be [B={B}, n*{D}] with a unit last stride, got "
+                             f"{tuple(t.shape)} strides {t.stride()}")
+    if D % 2 or D & (D - 1):
+        raise ValueError(f"rope_qk: head_dim must be an even power of two, got {D}")
+    H, HKV = q.shape[1] // D, k.shape[1] // D
+    qo = torch.empty(B, H, D, dtype=q.dtype, device=q.device)
+    ko = torch.empty(B, HKV, D, dtype=k.dtype, device=k.device)
+    _rope_kernel[(B, H + HKV)](q, k, cos, sin, qo, ko, q.stride(0), k.stride(0), cos.stride(0), sin.stride(0),
+                               H, D=D, num_warps=1)
+    return qo, ko
+
+
+@triton.jit
+def _silu_mul_kernel(g, u, out, n, BLOCK: tl.constexpr):
+    o = tl.program_id(0).to(tl.int64) * BLOCK + tl.arange(0, BLOCK)
+    m = o < n
+    gv = tl.load(g + o, mask=m, other=0.)
+    gf = gv.to(tl.float32)
+    act = (gf / (1. + tl.exp(-gf))).to(gv.dtype)  # silu, rounded as torch's activation output
+    uv = tl.load(u + o, mask=m, other=0.)
+    tl.store(out + o, (act.to(tl.float32) * uv.to(tl.float32)).to(out.dtype.element_ty), mask=m)
+
+
+def silu_mul(gate: torch.Tensor, up: torch.Tensor) -> torch.Tensor:
+    """``silu(gate) * up`` (Qwen2MLP's ``act_fn(gate_proj(x)) * up_proj(x)``), same shapes and dtype."""
+    if gate.shape != up.shape or gate.dtype != up.dtype:
+        raise ValueError(f"silu_mul: gate and up must match, got {tuple(gate.shape)} {gate.dtype} and "
+                         f"{tuple(up.shape)} {up.dtype}")
+    g, u = gate.contiguous(), up.contiguous()
+    out = torch.empty_like(g)
+    n = g.numel()
+    BLOCK = 1024
+    _silu_mul_kernel[(triton.cdiv(n, BLOCK),)](g, u, out, n, BLOCK=BLOCK, num_warps=4)
+    return out

@@ -1,0 +1,137 @@
+"""The fused decode glue (ahn_ops/ops/model_glue.py) against the Qwen2 modules it replaces, and the
+static decode step with it (``fuse_glue=True``) against the step without it. CPU: Triton interpreter."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+import torch.nn.functional as F
+from transformers.models.qwen2.modeling_qwen2 import Qwen2RMSNorm
+
+import ahn_ops
+from ahn_ops.models.qwen2 import _rope
+from ahn_ops.ops import model_glue as glue
+from tests.models.helpers import VOCAB, patched
+from tests.models.test_generate_fast import assert_greedy_of_full_forward
+
+DEV = "cuda" if torch.cuda.is_available() else "cpu"
+DTYPES = [torch.float32, torch.bfloat16, torch.float16]
+ULP = {torch.float32: 2 ** -22, torch.bfloat16: 2 ** -7, torch.float16: 2 ** -10}
+
+
+# The Triton interpreter casts fp32 -> bf16 by truncation (triton 3.8, runtime/interpreter.py
+# _convert_float without a rounding mode), the GPU rounds to nearest even: on the CPU a bf16 result
+# may sit a few ulps below torch's, and bit-equality is checked on the GPU only.
+INTERP_BF16 = DEV == "cpu"
+
+
+def _close_ulp(got, ref, dt, frac_exact=0.98):
+    """Within one unit in the last place everywhere, and bit-equal almost everywhere (the kernels keep
+    every rounding step of the torch code; only fp32 reduction order or exp differ)."""
+    g, r = got.double(), ref.double()
+    assert torch.isfinite(g).all()
+    if dt == torch.bfloat16 and INTERP_BF16:  # truncated intermediates (RoPE's sum cancels): vs the row scale
+        tol = 4 * ULP[dt] * (r.abs() + r.abs().amax(-1, keepdim=True))
+    else:
+        tol = ULP[dt] * r.abs() + 1e-30
+    assert ((g - r).abs() <= tol).all(), (g - r).abs().max().item()
+    # fp32: rsqrt / exp / sum order differ in the last bits everywhere
+    if dt != torch.float32 and not (dt == torch.bfloat16 and INTERP_BF16):
+        assert (got == ref).double().mean().item() >= frac_exact
+
+
+@pytest.mark.parametrize("dt", DTYPES, ids=str)
+@pytest.mark.parametrize("N,rows", [(64, 1), (200, 3), (256, 2)])
+def test_add_rms_norm(dt, N, rows):
+    g = torch.Generator().manual_seed(N + rows)
+    x = (torch.randn(rows, 1, N, generator=g) * 3).to(dt).to(DEV)
+    res = torch.randn(rows, 1, N, generator=g).to(dt).to(DEV)
+    norm = Qwen2RMSNorm(N, eps=1e-6).to(DEV)
+    with torch.no_grad():
+        norm.weight.copy_(1 + 0.2 * torch.randn(N, generator=g))
+    norm = norm.to(dt)
+    y, h = glue.add_rms_norm(x, norm.weight, norm.variance_epsilon)
+    assert h is x or torch.equal(h, x)
+    _close_ulp(y, norm(x), dt)
+    y, h = glue.add_rms_norm(x, norm.weight, norm.variance_epsilon, residual=res)
+    if dt == torch.bfloat16 and INTERP_BF16:
+        _close_ulp(h, res + x, dt)
+    else:  # one rounding, as torch's add
+        assert torch.equal(h, res + x)
+    _close_ulp(y, norm(res + x), dt)
+    with pytest.raises(ValueError, match="weight"):
+        glue.add_rms_norm(x, norm.weight[:-1], 1e-6)
+    with pytest.raises(ValueError, match="residual"):
+        glue.add_rms_norm(x, norm.weight, 1e-6, residual=res[:, :, :-1])
+
+
+@pytest.mark.parametrize("dt", DTYPES, ids=str)
+@pytest.mark.parametrize("B,H,HKV,D", [(1, 4, 2, 64), (3, 6, 1, 128), (2, 2, 2, 32)])
+def test_rope_qk(dt, B, H, HKV, D):
+    g = torch.Generator().manual_seed(B * H + D)
+    q = torch.randn(B, H * D, generator=g).to(dt).to(DEV)
+    # k as a column slice of a wider projection output (row stride != HKV * D)
+    wide = torch.randn(B, HKV * D + 40, generator=g).to(dt).to(DEV)
+    k = wide[:, :HKV * D]
+    ang = torch.rand(B, 1, D // 2, generator=g) * 50
+    emb = torch.cat([ang, ang], -1)
+    cos, sin = emb.cos().to(dt).to(DEV), emb.sin().to(dt).to(DEV)
+    qo, ko = glue.rope_qk(q, k, cos, sin, D)
+    qr, kr = _rope(q.view(B, 1, H, D), k.reshape(B, 1, HKV, D), cos, sin)
+    assert qo.is_contiguous() and ko.is_contiguous()
+    if dt == torch.bfloat16 and INTERP_BF16:
+        _close_ulp(qo, qr[:, 0], dt)
+        _close_ulp(ko, kr[:, 0], dt)
+    else:  # no reduction: every rounding step as torch's, bit-equal
+        assert torch.equal(qo, qr[:, 0]) and torch.equal(ko, kr[:, 0])
+    with pytest.raises(ValueError, match="q must be"):
+        glue.rope_qk(q[:, :-1], k, cos, sin, D)
+
+
+@pytest.mark.parametrize("dt", DTYPES, ids=str)
+def test_silu_mul(dt):
+    g = torch.Generator().manual_seed(7)
+    a = (torch.randn(3, 1, 1500, generator=g) * 4).to(dt).to(DEV)
+    u = torch.randn(3, 1, 1500, generator=g).to(dt).to(DEV)
+    _close_ulp(glue.silu_mul(a, u), F.silu(a) * u, dt)
+    with pytest.raises(ValueError, match="must match"):
+        glue.silu_mul(a, u[..., :-1])
+
+
+@pytest.mark.parametrize("kind", ["gdn", "dn", "mamba2"])
+def test_decoder_glue_equals_plain_step(kind):
+    # W=9, S=4, a full-attention layer, batch 2 with left padding: every branch of the glued step
+    from ahn_ops import fast_decode as gen
+
+    model = patched(kind, window=9, sinks=4, fa_layer_ids=[1], hidden=256, heads=4, kv_heads=2).to(DEV)
+    for attn in (l.self_attn for l in model.model.layers if hasattr(l, "ahn")):
+        attn._ahn_cfg["backend"] = "auto"
+    x = torch.randint(0, VOCAB, (2, 21), generator=torch.Generator().manual_seed(11)).to(DEV)
+    mask = torch.ones_like(x)
+    mask[1, :5] = 0
+    for m in (None, mask):
+        plain = ahn_ops.generate(model, x, 12, attention_mask=m, use_cuda_graph=False, fuse_glue=False)
+        fused = ahn_ops.generate(model, x, 12, attention_mask=m, use_cuda_graph=False, fuse_glue=True)
+        if DEV == "cpu":  # fp32 on the CPU: the same tokens
+            assert torch.equal(plain, fused)
+        else:  # GPU rsqrt / sum order: near-ties may go the other way; every token must be a best one
+            assert_greedy_of_full_forward(model, x, fused, attention_mask=m)
+    # the AHN layers take the stacked k/v/gates projection
+    logits, cache = gen.prefill(model, x)
+    dec = gen.StaticDecoder(model, cache, None, x.shape[1], 4, fuse_glue=True)
+    assert dec.fuse_glue and sorted(dec.kvg) == sorted(model.model._ahn_info["ahn_layer_ids"])
+    w, bias, (nk, oa, ob, oz) = dec.kvg[0]
+    assert w.shape[0] % 8 == 0 and nk == 2 * 64 and oz is not None
+
+
+def test_decoder_glue_bad_model():
+    from ahn_ops import fast_decode as gen
+
+    model = patched("gdn", window=5, sinks=0)
+    model.config.hidden_act = "gelu"
+    x = torch.randint(0, VOCAB, (1, 8))
+    logits, cache = gen.prefill(model, x)
+    with pytest.raises(ValueError, match="hidden_act"):
+        gen.StaticDecoder(model, cache, None, 8, 2, fuse_glue=True)
+    assert not gen.StaticDecoder(model, cache, None, 8, 2).fuse_glue  # auto: off, no error
+
