@@ -48,7 +48,18 @@ def main():
     L = model.config.num_hidden_layers
     ids = torch.randint(0, model.config.vocab_size, (a.batch, a.context), device=dev)
     logits, cache = gen.prefill(model, ids, chunk_size=32768 if a.batch * a.context > 262144 else None)
-    dec = gen.StaticDecoder(model, cache, None, a.context, 4 * a.steps + 16)
+    for glue in (False, True):  # the modules' own ops, then the fused glue (profiled)
+        dec, per_token = _timed_decoder(gen, model, cache, logits, a, glue)
+        print(f"fuse_glue={glue}: {1e3 * per_token:.3f} ms/token")
+    floor = (weight_bytes(model) + cache_read_bytes(model, a.batch, a.context)) / copy_bandwidth(dev)
+    _profile(dec, per_token, floor, L, a)
+
+
+def _timed_decoder(gen, model, cache, logits, a, glue):
+    import copy
+
+    cache = copy.deepcopy(cache)  # each decoder advances its own cache
+    dec = gen.StaticDecoder(model, cache, None, a.context, 4 * a.steps + 16, fuse_glue=glue)
     dec.start(logits)
     side = torch.cuda.Stream()
     side.wait_stream(torch.cuda.current_stream())
@@ -63,9 +74,10 @@ def main():
     for _ in range(a.steps):
         dec.step()
     torch.cuda.synchronize()
-    per_token = (time.perf_counter() - t0) / a.steps
-    floor = (weight_bytes(model) + cache_read_bytes(model, a.batch, a.context)) / copy_bandwidth(dev)
+    return dec, (time.perf_counter() - t0) / a.steps
 
+
+def _profile(dec, per_token, floor, L, a):
     from torch.profiler import ProfilerActivity, profile
 
     with profile(activities=[ProfilerActivity.CUDA]) as prof:
@@ -80,7 +92,8 @@ def main():
             agg[e.name][1] += e.time_range.elapsed_us()
     n_k = sum(c for c, _ in agg.values()) / a.steps
     busy = sum(t for _, t in agg.values()) / a.steps
-    print(f"\n# decode step: {a.shape} L={L} B={a.batch} T={a.context} {a.kind} W={a.window} S={a.sinks}, "
+    print(f"\n# decode step (fuse_glue={dec.fuse_glue}): {a.shape} L={L} B={a.batch} T={a.context} {a.kind} "
+          f"W={a.window} S={a.sinks}, "
           f"{torch.cuda.get_device_name()}")
     print(f"per token {1e3 * per_token:.3f} ms (floor {1e3 * floor:.3f} ms), kernels per token {n_k:.0f} "
           f"({n_k / L:.1f} per layer), kernel busy time {busy / 1e3:.3f} ms/token "
