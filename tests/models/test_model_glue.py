@@ -25,15 +25,19 @@ ULP = {torch.float32: 2 ** -22, torch.bfloat16: 2 ** -7, torch.float16: 2 ** -10
 INTERP_BF16 = DEV == "cpu"
 
 
-def _close_ulp(got, ref, dt, frac_exact=0.98):
-    """Within one unit in the last place everywhere, and bit-equal almost everywhere (the kernels keep
-    every rounding step of the torch code; only fp32 reduction order or exp differ)."""
+def _close_ulp(got, ref, dt, frac_exact=0.98, row_scale=False):
+    """Within one unit in the last place everywhere (``row_scale``: of the row's largest value, for sums
+    that cancel), and bit-equal almost everywhere (the kernels keep every rounding step of the torch
+    code; only fp32 reduction order, exp/rsqrt approximations or fused multiply-adds differ)."""
     g, r = got.double(), ref.double()
     assert torch.isfinite(g).all()
-    if dt == torch.bfloat16 and INTERP_BF16:  # truncated intermediates (RoPE's sum cancels): vs the row scale
+    scale = r.abs() + (r.abs().amax(-1, keepdim=True) if row_scale else 0)
+    if dt == torch.bfloat16 and INTERP_BF16:  # truncated intermediates: a few ulps, of the row scale
         tol = 4 * ULP[dt] * (r.abs() + r.abs().amax(-1, keepdim=True))
+    elif dt == torch.float32 and DEV == "cuda":  # ex2.approx / rsqrt.approx: a few fp32 ulps
+        tol = 8 * ULP[dt] * scale + 1e-30
     else:
-        tol = ULP[dt] * r.abs() + 1e-30
+        tol = ULP[dt] * scale + 1e-30
     assert ((g - r).abs() <= tol).all(), (g - r).abs().max().item()
     # fp32: rsqrt / exp / sum order differ in the last bits everywhere
     if dt != torch.float32 and not (dt == torch.bfloat16 and INTERP_BF16):
@@ -79,11 +83,13 @@ def test_rope_qk(dt, B, H, HKV, D):
     qo, ko = glue.rope_qk(q, k, cos, sin, D)
     qr, kr = _rope(q.view(B, 1, H, D), k.reshape(B, 1, HKV, D), cos, sin)
     assert qo.is_contiguous() and ko.is_contiguous()
-    if dt == torch.bfloat16 and INTERP_BF16:
-        _close_ulp(qo, qr[:, 0], dt)
-        _close_ulp(ko, kr[:, 0], dt)
-    else:  # no reduction: every rounding step as torch's, bit-equal
+    if DEV == "cpu" and dt != torch.bfloat16:  # interpreter: every rounding step as torch's, bit-equal
         assert torch.equal(qo, qr[:, 0]) and torch.equal(ko, kr[:, 0])
+    else:
+        # H100 (2026-11-24): up to one ulp of the row scale off torch's in every dtype, fp32 included
+        # (the compiler fuses a product into the add), about a quarter of the values
+        _close_ulp(qo, qr[:, 0], dt, frac_exact=0.5, row_scale=True)
+        _close_ulp(ko, kr[:, 0], dt, frac_exact=0.5, row_scale=True)
     with pytest.raises(ValueError, match="q must be"):
         glue.rope_qk(q[:, :-1], k, cos, sin, D)
 
