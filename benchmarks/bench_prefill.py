@@ -293,9 +293,6 @@ def run_case(cfg, c):
     extra = dict(c, window_flops=fw, memory_flops=fm, full_attn_flops=B * C.full_attn_flops(T, H, D))
     extra.pop("kind")
     rows = C.peer_rows(cfg, "prefill_fwd", kind, shape_str(c), ms, fw + fm, nbytes, peer_ms, notes, **extra)
-    if kind == "mamba2" and dev != "cpu":
-        note = (note + "; " if note else "") + \
-            "mamba2 kernels not yet device-checked (dispatch needs AHN_OPS_MAMBA2_KERNELS=1)"
     for r in rows:
         r["ours_note"] = note
         if r["peer"] == "unfused_ahn" and un_err is not None:

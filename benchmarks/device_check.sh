@@ -13,15 +13,14 @@
 #   bash benchmarks/device_check.sh bg:demo tests    # both at once
 #
 # Logs and results go to $OUT (the device tool's folder) or ./device_out; the demo's assets come back
-# as one tarball (the device tool returns at most 8 files). Mamba2 prefill kernels are enabled for the
-# run (AHN_OPS_MAMBA2_KERNELS=1) so that the tests check them on the GPU. Peers that are pure Python
+# as one tarball (the device tool returns at most 8 files). Peers that are pure Python
 # (fla-core, einops, pytest-xdist + execnet) can travel as wheels in .whl/ (device README).
 set -uo pipefail
 cd "$(dirname "${BASH_SOURCE[0]}")/.."
 [ $# -gt 0 ] || set -- tests
 out=${OUT:-device_out}
 mkdir -p "$out"
-export PYTHONUNBUFFERED=1 AHN_OPS_MAMBA2_KERNELS=1 AHN_TESTS_EAGER=1
+export PYTHONUNBUFFERED=1 AHN_TESTS_EAGER=1
 export AHN_OPS_CUDA_ARCHS=${AHN_OPS_CUDA_ARCHS:-90a}
 if ls .whl/*.whl >/dev/null 2>&1; then
   python3 -m pip install -q --no-index --no-deps --no-compile --target /tmp/site .whl/*.whl && export PYTHONPATH=/tmp/site

@@ -10,8 +10,8 @@ registers ``torch.ops.ahn.prefill_bwd`` as its gradient): CUDA tensors, or CPU t
 ``TRITON_INTERPRET=1`` (the CI path). fp32/fp64 inputs and other D go to ``chunked.py``.
 The cache path is inference only (``ahn_attention`` runs it under ``torch.no_grad``).
 
-Mamba2 kernels are tested in the interpreter only (2026-11-23); on CUDA they serve calls only
-with ``AHN_OPS_MAMBA2_KERNELS=1`` until a device run has checked them against the reference.
+Mamba2 kernels serve CUDA calls since their gradients and forward passed the fp32-reference checks
+on the H100 (2026-11-24; the ``AHN_OPS_MAMBA2_KERNELS`` opt-in of 2026-11-23 is gone).
 """
 
 from __future__ import annotations
@@ -36,8 +36,6 @@ def _covered(q, kind, tensors, differentiable: bool) -> bool:
         return False
     if not _triton_device_ok(q):
         return False
-    if kind == "mamba2" and q.is_cuda and os.environ.get("AHN_OPS_MAMBA2_KERNELS", "0") != "1":
-        return False  # not yet verified on a GPU: the reference serves it
     if not differentiable and torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in tensors):
         return False  # the cache op has no autograd: keep gradients on the reference
     try:
