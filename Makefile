@@ -3,7 +3,7 @@ PYTHON ?= python3
 VENV   := .venv
 PY     := $(VENV)/bin/python
 # The test and demo dependencies; torch 2.14.1 is the CUDA 13 build, CPU kernels run without a GPU.
-DEPS   := torch==2.14.1 numpy ninja cmake pybind11 pytest safetensors transformers tqdm matplotlib \
+DEPS   := torch==2.14.1 numpy ninja cmake pybind11 pytest safetensors transformers==5.24.0 tqdm matplotlib \
           packaging fla-core einops setuptools wheel
 STAMP  := $(VENV)/.ahn_ops-deps
 EDITABLE := $(VENV)/.ahn_ops-editable

@@ -134,7 +134,7 @@ def prefill(model, input_ids: torch.Tensor, attention_mask: Optional[torch.Tenso
     Returns:
         ``(logits [B, V] float32 of the last column, cache)``.
     """
-    from .models import AHNModelCache
+    from .models import AHNModelCache, cache_kwargs
 
     if cache is None:
         cache = AHNModelCache.from_model(model)
@@ -148,7 +148,8 @@ def prefill(model, input_ids: torch.Tensor, attention_mask: Optional[torch.Tenso
         if attention_mask is not None:
             kw["attention_mask"] = attention_mask[:, :e]
             kw["position_ids"] = position_ids[:, s:e]
-        out = model(input_ids[:, s:e], past_key_values=cache, use_cache=True, logits_to_keep=1, **kw)
+        kw.update(cache_kwargs(cache))
+        out = model(input_ids[:, s:e], use_cache=True, logits_to_keep=1, **kw)
     return out.logits[:, -1].float(), cache
 
 

@@ -43,6 +43,7 @@ sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 import common as C  # noqa: E402
 
 ahn_ops = C.import_ahn_ops()
+cache_kwargs = ahn_ops.models.cache_kwargs
 
 SHAPES = {  # hidden, layers, H, Hkv, intermediate
     "3b": (2048, 36, 16, 2, 11008),
@@ -87,8 +88,8 @@ def run(model, T, steps, chunk, device, make_cache, batch=1):
     sync(device)
     t0 = time.perf_counter()
     for s in range(0, T, chunk or T):
-        out = model(ids[:, s:s + (chunk or T)], past_key_values=cache, use_cache=True, logits_to_keep=1)
-        cache = out.past_key_values
+        out = model(ids[:, s:s + (chunk or T)], **cache_kwargs(cache), use_cache=True, logits_to_keep=1)
+        cache = out["cache"] if "cache" in out else out.past_key_values  # transformers >= 5.24: cache
     sync(device)
     t_pre = time.perf_counter() - t0
     peak = torch.cuda.max_memory_allocated() / 2**30 if device.type == "cuda" else float("nan")
@@ -98,7 +99,7 @@ def run(model, T, steps, chunk, device, make_cache, batch=1):
     for i in range(steps + 2):
         sync(device)
         t0 = time.perf_counter()
-        nxt = model(nxt, past_key_values=cache).logits[:, -1:].argmax(-1)
+        nxt = model(nxt, **cache_kwargs(cache)).logits[:, -1:].argmax(-1)
         sync(device)
         if i >= 2:  # two warm-up steps
             times.append(time.perf_counter() - t0)

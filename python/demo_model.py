@@ -22,6 +22,7 @@ import time
 import torch
 
 import ahn_ops
+from ahn_ops.models import cache_kwargs
 
 
 def build(args, device, dtype):
@@ -61,13 +62,13 @@ def measure(model, ids, steps, device):
     out = model(ids, use_cache=True, logits_to_keep=1)
     sync(device)
     t_pre = time.perf_counter() - t0
-    cache = out.past_key_values
+    cache = out["cache"] if "cache" in out else out.past_key_values  # transformers >= 5.24: cache
     nxt = out.logits[:, -1:].argmax(-1)
-    model(nxt, past_key_values=cache)  # warm-up step
+    model(nxt, **cache_kwargs(cache))  # warm-up step
     sync(device)
     t0 = time.perf_counter()
     for _ in range(steps):
-        nxt = model(nxt, past_key_values=cache).logits[:, -1:].argmax(-1)
+        nxt = model(nxt, **cache_kwargs(cache)).logits[:, -1:].argmax(-1)
     sync(device)
     return t_pre, (time.perf_counter() - t0) / steps, kv_bytes(cache)
 

@@ -25,6 +25,7 @@ from pathlib import Path
 import torch
 
 import ahn_ops
+from ahn_ops.models import cache_kwargs
 
 
 class ByteTokenizer:
@@ -91,7 +92,7 @@ def run(model, ids, max_new_tokens, chunk, eos, temperature, device):
     _sync(device)
     t0 = time.perf_counter()
     for s in range(0, T, chunk or T):  # chunked prefill: constant activation memory for long prompts
-        logits = model(ids[:, s:s + (chunk or T)], past_key_values=cache, logits_to_keep=1).logits
+        logits = model(ids[:, s:s + (chunk or T)], **cache_kwargs(cache), logits_to_keep=1).logits
     _sync(device)
     t_prefill = time.perf_counter() - t0
     out = []
@@ -104,7 +105,7 @@ def run(model, ids, max_new_tokens, chunk, eos, temperature, device):
         out.append(int(nxt))
         if eos is not None and out[-1] == eos:
             break
-        logits = model(nxt, past_key_values=cache).logits
+        logits = model(nxt, **cache_kwargs(cache)).logits
     _sync(device)
     t_decode = time.perf_counter() - t0
     return out, t_prefill, t_decode, cache

@@ -12,7 +12,8 @@ What :func:`patch_qwen` changes (AHN_SPEC.md, "One decoder layer"):
   :class:`~ahn_ops.models.AHNModelCache` when a cache is wanted (inference, ``use_cache``);
 * ``generate()`` gets an :class:`~ahn_ops.models.AHNModelCache` instead of a ``DynamicCache``.
 
-Supported: transformers 5.x (tested with 5.23). Left-padded batches are handled: padding tokens
+Supported: transformers 5.x (tested with 5.17 and 5.24; 5.24 renamed ``past_key_values`` to
+``cache``, both names are accepted). Left-padded batches are handled: padding tokens
 are dropped from the AHN computation (each sequence keeps its own position in the cache), so a
 padded batch gives the same tokens as the sequences run one by one.
 """
@@ -37,7 +38,7 @@ from .modules import KIND_TO_IMPL, AHNBlock, normalize_kind
 AHN_KEY_RE = re.compile(r"^(?:model\.)?layers\.(\d+)\.ahn\.fn\.(.+)$")
 MIN_TRANSFORMERS = "5.0.0"
 
-__all__ = ["patch_qwen", "from_pretrained", "load_ahn_weights", "ahn_state_dict", "save_ahn_weights",
+__all__ = ["patch_qwen", "from_pretrained", "cache_kwargs", "load_ahn_weights", "ahn_state_dict", "save_ahn_weights",
            "full_attention", "ahn_window", "read_ahn_config", "parse_fa_layer_ids", "AHNQwen2Attention", "AHN_KEY_RE"]
 
 
@@ -90,7 +91,7 @@ def _check_transformers() -> None:
     from packaging.version import Version
 
     if Version(transformers.__version__) < Version(MIN_TRANSFORMERS):
-        raise RuntimeError(f"ahn_ops.patch_qwen needs transformers >= {MIN_TRANSFORMERS} (tested with 5.23), "
+        raise RuntimeError(f"ahn_ops.patch_qwen needs transformers >= {MIN_TRANSFORMERS} (tested with 5.17 and 5.24), "
                            f"found {transformers.__version__}")
 
 
@@ -102,6 +103,44 @@ def _base_model(model: nn.Module) -> nn.Module:
     if inner is not None and hasattr(inner, "layers"):
         return inner
     raise TypeError(f"expected a transformers Qwen2ForCausalLM or Qwen2Model, got {type(model).__name__}")
+
+
+# --------------------------------------------------------------------------------------
+# the cache argument: transformers >= 5.24 calls it ``cache`` (``past_key_values`` before)
+# --------------------------------------------------------------------------------------
+_CACHE_NAMES = ("cache", "past_key_values", "past_key_value")
+
+
+def _pop_cache(kwargs: Dict):
+    """Remove and return the cache from a transformers call's kwargs, under whichever name it came."""
+    values = {n: kwargs.pop(n) for n in _CACHE_NAMES if n in kwargs}
+    found = [n for n, v in values.items() if v is not None]
+    if len(found) > 1:
+        raise ValueError(f"got a cache under both {found[0]!r} and {found[1]!r}: pass one")
+    return values[found[0]] if found else None
+
+
+def _cache_name(module) -> str:
+    """The name the installed transformers gives the cache argument of ``module.forward`` (module or class)."""
+    import inspect
+
+    cls = module if isinstance(module, type) else type(module)
+    return "cache" if "cache" in inspect.signature(cls.forward).parameters else "past_key_values"
+
+
+def cache_kwargs(cache) -> Dict:
+    """``{"cache": cache}`` on transformers >= 5.24, ``{"past_key_values": cache}`` before.
+
+    The model call's cache argument under the installed version's name (the old name still works
+    on 5.24 but logs a deprecation warning).
+
+    Example:
+        >>> cache = ahn_ops.AHNModelCache.from_model(model)
+        >>> logits = model(input_ids, **ahn_ops.models.cache_kwargs(cache)).logits
+    """
+    from transformers.models.qwen2.modeling_qwen2 import Qwen2ForCausalLM
+
+    return {_cache_name(Qwen2ForCausalLM): cache}
 
 
 # --------------------------------------------------------------------------------------
@@ -133,9 +172,8 @@ class AHNQwen2Attention(nn.Module):
     """
 
     def forward(self, hidden_states: torch.Tensor, position_embeddings: Tuple[torch.Tensor, torch.Tensor] = None,
-                attention_mask=None, past_key_values=None, **kwargs):
-        if past_key_values is None:
-            past_key_values = kwargs.pop("past_key_value", None)  # transformers 4.x name
+                attention_mask=None, **kwargs):
+        past_key_values = _pop_cache(kwargs)
         cfg = self._ahn_cfg
         fn = self._ahn_fn
         B, T, _ = hidden_states.shape
@@ -282,24 +320,27 @@ def _ahn_attention_class(cls: type) -> type:
 # --------------------------------------------------------------------------------------
 # model-level hooks: padding mask, cache creation, generate()
 # --------------------------------------------------------------------------------------
-_MODEL_ARG_NAMES = ("input_ids", "attention_mask", "position_ids", "past_key_values", "inputs_embeds", "use_cache")
+_MODEL_ARG_NAMES = ("input_ids", "attention_mask", "position_ids", None, "inputs_embeds", "use_cache")
 
 
 def _model_pre_hook(module, args, kwargs):
     info = module._ahn_info
+    name = info.get("cache_name") or _cache_name(module)
     if args:  # positional call of Qwen2Model.forward: name them
-        for name, val in zip(_MODEL_ARG_NAMES, args):
-            kwargs[name] = val
+        for arg_name, val in zip(_MODEL_ARG_NAMES, args):
+            kwargs[arg_name or name] = val
         args = ()
-    pkv = kwargs.get("past_key_values")
+    pkv = _pop_cache(kwargs)  # any name the caller used -> the installed transformers' name
     use_cache = kwargs.get("use_cache")
     if use_cache is None:
         use_cache = getattr(module.config, "use_cache", False)
     if pkv is None and use_cache and not module.training:
-        kwargs["past_key_values"] = AHNModelCache.from_model(module)
+        pkv = AHNModelCache.from_model(module)
     elif pkv is not None and not isinstance(pkv, AHNModelCache):
-        raise TypeError(f"a model patched by ahn_ops.patch_qwen needs past_key_values=None or an "
+        raise TypeError(f"a model patched by ahn_ops.patch_qwen needs past_key_values=None (cache=None) or an "
                         f"ahn_ops.models.AHNModelCache, got {type(pkv).__name__}")
+    if pkv is not None:
+        kwargs[name] = pkv
     mask = kwargs.get("attention_mask")
     if isinstance(mask, torch.Tensor) and mask.dim() == 2:
         # the AHN layers need the mask only when the new columns hold padding: test that once per
@@ -319,11 +360,12 @@ def _model_pre_hook(module, args, kwargs):
 
 def _prepare_cache_for_generation(self, generation_config, model_kwargs, *args, **kwargs):
     """generate(): an AHNModelCache unless the caller brought a cache or asked for none."""
-    if (model_kwargs.get("past_key_values") is None and generation_config.use_cache is not False
+    name = _cache_name(self)
+    if (model_kwargs.get(name) is None and generation_config.use_cache is not False
             and generation_config.cache_implementation in (None, "dynamic")):
-        model_kwargs["past_key_values"] = AHNModelCache.from_model(self)
+        model_kwargs[name] = AHNModelCache.from_model(self)
         return None
-    pkv = model_kwargs.get("past_key_values")
+    pkv = model_kwargs.get(name)
     if pkv is None and generation_config.use_cache is not False:
         raise ValueError(f"cache_implementation={generation_config.cache_implementation!r} is not supported by "
                          "an AHN model; leave it unset (an AHNModelCache is used)")
@@ -401,7 +443,7 @@ def patch_qwen(model: nn.Module, kind: Optional[str] = None, window: Optional[in
         attn._ahn_cfg = dict(window=window, sinks=sinks, kind=kind, backend=backend)
 
     info = dict(kind=kind, window=window, sinks=sinks, fa_layer_ids=fa_ids, ahn_layer_ids=ahn_ids, num_layers=L,
-                num_heads=H, num_kv_heads=HKV, head_dim=D)
+                num_heads=H, num_kv_heads=HKV, head_dim=D, cache_name=_cache_name(base))
     base._ahn_info = info
     if model is not base:
         model._ahn_info = info

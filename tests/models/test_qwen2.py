@@ -5,8 +5,8 @@ from __future__ import annotations
 import pytest
 import torch
 
-from ahn_ops.models import (AHNModelCache, ahn_state_dict, count_ahn_params, load_ahn_weights, patch_qwen,
-                            save_ahn_weights)
+from ahn_ops.models import (AHNModelCache, ahn_state_dict, cache_kwargs, count_ahn_params, load_ahn_weights,
+                            patch_qwen, save_ahn_weights)
 from tests.models.helpers import VOCAB, greedy_reference, patched, randomize_ahn, spec_logits, tiny_model
 
 KINDS = ("gdn", "dn", "mamba2")
@@ -73,7 +73,7 @@ def test_chunked_prefill_equals_one_prefill():
     with torch.no_grad():
         one = model(x).logits
         cache = AHNModelCache.from_model(model)
-        parts = [model(x[:, a:b], past_key_values=cache).logits for a, b in ((0, 5), (5, 6), (6, 19), (19, 27))]
+        parts = [model(x[:, a:b], **cache_kwargs(cache)).logits for a, b in ((0, 5), (5, 6), (6, 19), (19, 27))]
     assert (torch.cat(parts, 1) - one).abs().max() < 1e-4
     assert cache.get_seq_length() == 27 and cache.seq_lens().tolist() == [27, 27]
     # generate() with transformers' chunked prefill gives the same tokens
@@ -86,10 +86,28 @@ def test_cache_memory_is_constant():
     model = patched("gdn", window=8, sinks=2)
     cache = AHNModelCache.from_model(model)
     with torch.no_grad():
-        model(ids(1, 10), past_key_values=cache)
+        model(ids(1, 10), **cache_kwargs(cache))
         n0 = cache.nbytes
-        model(ids(1, 40, seed=5), past_key_values=cache)
+        model(ids(1, 40, seed=5), **cache_kwargs(cache))
     assert cache.nbytes == n0 > 0
+
+
+@pytest.mark.parametrize("name", ["cache", "past_key_values"])
+def test_cache_argument_either_name(name):
+    # transformers 5.24 renamed past_key_values to cache: both names reach the AHN layers, on the
+    # causal LM and on the inner Qwen2Model, positional included
+    model = patched("gdn", window=4, sinks=1, fa_layer_ids=[1])
+    x = ids(2, 11, seed=6)
+    with torch.no_grad():
+        one = model(x).logits
+        cache = AHNModelCache.from_model(model)
+        a = model(x[:, :7], **{name: cache}).logits
+        b = model(x[:, 7:], **{name: cache}).logits
+        assert (torch.cat([a, b], 1) - one).abs().max() < 1e-4
+        assert cache.seq_lens().tolist() == [11, 11]
+        inner = AHNModelCache.from_model(model)
+        h = model.model(x[:, :7], None, None, inner).last_hidden_state  # the cache as 4th positional
+        assert inner.seq_lens().tolist() == [7, 7] and h.shape == (2, 7, model.config.hidden_size)
 
 
 @pytest.mark.parametrize("fa", [None, [1]], ids=["all-ahn", "fa1"])
