@@ -28,6 +28,10 @@ __all__ += ["generate"]
 
 
 def __getattr__(name):
+    if name == "models":  # the submodule itself, e.g. ahn_ops.models.cache_kwargs
+        import importlib
+
+        return importlib.import_module(".models", __name__)
     if name in _MODEL_API:
         from . import models
 

@@ -60,6 +60,12 @@ _WORDS = ("the of and to in is was for on that with as by at from his her it an 
           "take three garden river stone window music paper silver winter morning forest letter harbor").split()
 
 
+# a passkey cue ending in one of these is followed by the value directly ("passkey=48213"), else by a
+# space ("the pass key is 48213"): with a rare last byte, the byte that precedes the answer occurs only
+# in the needle and the query, so one-token induction (find it, copy what followed) solves the task
+_CUE_ENDS = ":=#>"
+
+
 def _rng(seed: int, index: int, salt: int = 0) -> random.Random:
     # one independent stream per (seed, index): sample i never depends on how many came before
     return random.Random((int(seed) * 1_000_003 + int(index)) * 7919 + salt)
@@ -70,7 +76,7 @@ class SyntheticRetrieval:
 
     ``task="passkey"``: ``"... the pass key is 48213. ..."`` somewhere in filler words, the sequence
     ends with ``"the pass key is 48213."`` again (the answer is the digits after the repeat of the
-    cue). ``task="kv"``: ``n_pairs`` records ``"key 7kq2 = 48213."`` in filler; the end asks for one
+    cue; a cue ending in ``:``, ``=``, ``#`` or ``>`` is followed by the digits without a space). ``task="kv"``: ``n_pairs`` records ``"key 7kq2 = 48213."`` in filler; the end asks for one
     key: ``"key 7kq2 = 48213."``. Optional distractor numbers (``"in 1934"``) make copying "any
     number" wrong.
 
@@ -127,7 +133,8 @@ class SyntheticRetrieval:
         """(needle record, other records, query prefix) as byte lists; the answer follows the query."""
         val = self._value(rng)
         if self.task == "passkey":
-            return list(f" {self.cue} {val}. ".encode()), [], list(f" {self.cue} ".encode()), val
+            sep = "" if self.cue[-1:] in _CUE_ENDS else " "
+            return list(f" {self.cue}{sep}{val}. ".encode()), [], list(f" {self.cue}{sep}".encode()), val
         keys = set()
         while len(keys) < self.n_pairs:
             keys.add(self._key(rng))

@@ -151,6 +151,19 @@ def test_synthetic_answer_position():
     assert bytes(ans.tolist()).decode() in needle
 
 
+def test_synthetic_cue_ending_in_punctuation_has_no_space():
+    # "pk=" -> "pk=48213": the byte before the answer occurs only after the cue (needle and query)
+    ds = SyntheticRetrieval(256, "passkey", seed=5, cue="pk=")
+    ex = ds.example(3, length=256, needle_at=40)
+    ids = ex["input_ids"].tolist()
+    a0, n = ex["answer_start"], ex["answer_len"]
+    assert ids[a0 - 1] == ord("=") and ids.count(ord("=")) == 2
+    assert bytes(ids[40:44 + n]).decode() == " pk=" + bytes(ids[a0:a0 + n]).decode()
+    spaced = SyntheticRetrieval(256, "passkey", seed=5, cue="pk")
+    e2 = spaced.example(3, length=256, needle_at=40)
+    assert e2["input_ids"][e2["answer_start"] - 1] == ord(" ")
+
+
 def test_synthetic_phrase_pool_repeats_phrases():
     # phrase_pool=n: the filler is n phrases repeated; 0 keeps the independent words (same samples as before)
     plain, plain2 = SyntheticRetrieval(512, "passkey", seed=3), SyntheticRetrieval(512, "passkey", seed=3)

@@ -237,3 +237,13 @@ def test_parameter_counts_on_meta(size):
         assert all(p.is_meta for name, p in model.named_parameters() if ".ahn.fn." in name)
         assert got == count_ahn_params(kind, hidden, H, 128, L)
         assert round(got / 1e6, 1) == n / 1e6, (size, kind, got)
+
+
+def test_models_submodule_is_reachable_from_a_fresh_import():
+    # ahn_ops imports the adapter lazily (it pulls in transformers): ahn_ops.models.* must still resolve
+    import subprocess
+    import sys
+
+    code = "import ahn_ops; f = ahn_ops.models.cache_kwargs; assert ahn_ops.patch_qwen is ahn_ops.models.patch_qwen"
+    r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300)
+    assert r.returncode == 0, r.stderr[-2000:]
