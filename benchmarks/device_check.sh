@@ -32,7 +32,7 @@ if ! python3 setup.py -q build_ext --inplace >"$out/build.log" 2>&1; then
   exit 1
 fi
 
-DEMO_BUDGET=${DEMO_BUDGET:-450}   # seconds of python/retrieval_demo.py (pretrain + distil + eval)
+DEMO_BUDGET=${DEMO_BUDGET:-520}   # seconds of python/retrieval_demo.py (pretrain + distil + eval)
 
 stage() {
   case "$1" in

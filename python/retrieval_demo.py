@@ -12,11 +12,12 @@
    checkpoint, published format: ``patch_qwen(model, weights=...)`` / ``ahn-merge``), ``results.json``
    and ``RESULTS.md``.
 
-    python python/retrieval_demo.py            # default size: needs a GPU (bf16 Triton kernels, D=64)
-    python python/retrieval_demo.py --toy      # CPU in a few minutes: the pipeline, not the accuracy
+    python python/retrieval_demo.py            # default size: a GPU (bf16 Triton kernels, D=64), ~9 min on an H200
+    python python/retrieval_demo.py --toy      # CPU, ~4 minutes on 2 cores: W=16, AHN 0.94/0.50/0.41 at 2/4/8W
     python python/retrieval_demo.py --time-budget 450   # stop each phase early to fit 450 s in all
 
-Time budget: pretraining gets 55% of it and distillation 30% (the rest: evaluation, saving). The
+Time budget: pretraining gets up to 55% of it and distillation the rest but 15% (at least 30%; the 15%:
+evaluation, saving). The
 learning-rate schedules run on ``progress = max(step / steps, elapsed / phase budget)``, so a phase
 cut short by the clock still ends its cosine decay; the log says how many steps each phase made.
 
@@ -40,16 +41,20 @@ REPO = Path(__file__).resolve().parents[1]
 PRESETS = {
     # a GPU run: ~3.2M parameters, D = 64 (covered by the Triton kernels)
     # (first H100 run, 2026-11-23: the kv task with 4 records and distractor numbers stayed at chance after 5.7k
-    # steps / 215 s, loss flat at 1.16 from step 500: no copying circuit formed. Passkey: one cue, one value.)
-    "default": dict(task="passkey", cue="the pass key is", n_pairs=1, n_digits=5, distractor_numbers=0.0, layers=4,
+    # steps / 215 s, loss flat at 1.16 from step 500: no copying circuit formed. Passkey: one cue, one value.
+    # The cue ends in ":" so that the value follows it directly: the byte before the answer occurs only in the
+    # needle and the query, and one-token induction solves the task. With "the pass key is" (a space before the
+    # value, "is" and "the" in the filler) the toy preset stayed at 0% after 700 steps; with "pk=" it reached
+    # 100% at 8W in 4.5k steps on 2 CPU cores, 2026-12-02.)
+    "default": dict(task="passkey", cue="pass key:", n_pairs=1, n_digits=5, distractor_numbers=0.0, layers=4,
                     hidden=256, heads=4, kv_heads=2, window=128, sinks=4, pretrain_len=1024, pretrain_steps=6000,
-                    pretrain_batch=32, pretrain_lr=2e-3, answer_weight=5.0, phrase_pool=0, target_acc=0.95, distill_len=1024, distill_steps=2000, distill_batch=16,
-                    distill_lr=3e-3, min_window=64, max_window=512, ce_weight=0.1, eval_n=256, eval_every=500),
+                    pretrain_batch=32, pretrain_lr=2e-3, answer_weight=5.0, phrase_pool=0, target_acc=0.95, distill_len=1024, distill_steps=9000, distill_batch=16,
+                    distill_lr=3e-3, min_window=64, max_window=256, ce_weight=0.1, eval_n=256, eval_every=1000),
     # CPU, a few minutes: tiny model, short sequences
-    "toy": dict(task="passkey", cue="pk", n_pairs=1, n_digits=3, distractor_numbers=0.0, layers=2, hidden=64,
-                heads=4, kv_heads=2, window=16, sinks=2, pretrain_len=128, pretrain_steps=700, pretrain_batch=16,
-                pretrain_lr=3e-3, answer_weight=5.0, phrase_pool=0, target_acc=0.9, distill_len=96, distill_steps=80, distill_batch=4,
-                distill_lr=1e-2, min_window=12, max_window=48, ce_weight=0.1, eval_n=32, eval_every=100),
+    "toy": dict(task="passkey", cue="pk=", n_pairs=1, n_digits=3, distractor_numbers=0.0, layers=2, hidden=64,
+                heads=4, kv_heads=2, window=16, sinks=2, pretrain_len=128, pretrain_steps=8000, pretrain_batch=16,
+                pretrain_lr=3e-3, answer_weight=5.0, phrase_pool=0, target_acc=0.9, distill_len=96, distill_steps=1500, distill_batch=4,
+                distill_lr=1e-2, min_window=12, max_window=48, ce_weight=0.1, eval_n=32, eval_every=250),
 }
 
 
@@ -61,7 +66,7 @@ def parse_args(argv=None):
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--skip-pretrain", default=None, help="a base/ dir from an earlier run: distil only")
     p.add_argument("--time-budget", type=float, default=None,
-                   help="seconds for the whole run (pretrain 55%%, distil 30%%); each phase stops early")
+                   help="seconds for the whole run (pretrain <= 55%%, distil the rest but 15%%); each phase stops early")
     for k, v in PRESETS["default"].items():  # every preset value can be overridden
         p.add_argument("--" + k.replace("_", "-"), type=type(v), default=None)
     a = p.parse_args(argv)
@@ -291,7 +296,10 @@ def main(argv=None):
     dds = SyntheticRetrieval(p["distill_len"], seed=a.seed + 2, **task_kw)
     tr = Distiller(model, dds, cfg)
     # the schedule follows max(step / steps, elapsed / budget): a clock-limited run still decays its LR
-    prog = Progress(p["distill_steps"], None if budget is None else 0.30 * budget)
+    # distillation gets what pretraining left of the budget (it stops early at its target accuracy),
+    # less 15% kept for the evaluation and saving
+    prog = Progress(p["distill_steps"], None if budget is None else
+                    max(0.30 * budget, 0.85 * budget - (time.time() - t_start)))
     tr.scheduler = torch.optim.lr_scheduler.LambdaLR(
         tr.optimizer, lambda s: lr_factor(max(prog(), s / p["distill_steps"])))
     t0 = time.time()
