@@ -76,7 +76,8 @@ class SyntheticRetrieval:
 
     ``task="passkey"``: ``"... the pass key is 48213. ..."`` somewhere in filler words, the sequence
     ends with ``"the pass key is 48213."`` again (the answer is the digits after the repeat of the
-    cue; a cue ending in ``:``, ``=``, ``#`` or ``>`` is followed by the digits without a space). ``task="kv"``: ``n_pairs`` records ``"key 7kq2 = 48213."`` in filler; the end asks for one
+    cue; a cue ending in ``:``, ``=``, ``#`` or ``>`` is followed by the digits without a space).
+    ``task="kv"``: ``n_pairs`` records ``"key 7kq2 = 48213."`` in filler; the end asks for one
     key: ``"key 7kq2 = 48213."``. Optional distractor numbers (``"in 1934"``) make copying "any
     number" wrong.
 

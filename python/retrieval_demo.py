@@ -48,13 +48,15 @@ PRESETS = {
     # 100% at 8W in 4.5k steps on 2 CPU cores, 2026-12-02.)
     "default": dict(task="passkey", cue="pass key:", n_pairs=1, n_digits=5, distractor_numbers=0.0, layers=4,
                     hidden=256, heads=4, kv_heads=2, window=128, sinks=4, pretrain_len=1024, pretrain_steps=6000,
-                    pretrain_batch=32, pretrain_lr=2e-3, answer_weight=5.0, phrase_pool=0, target_acc=0.95, distill_len=1024, distill_steps=9000, distill_batch=16,
-                    distill_lr=3e-3, min_window=64, max_window=256, ce_weight=0.1, eval_n=256, eval_every=1000),
+                    pretrain_batch=32, pretrain_lr=2e-3, answer_weight=5.0, phrase_pool=0, target_acc=0.95,
+                    distill_len=1024, distill_steps=9000, distill_batch=16, distill_lr=3e-3, min_window=64,
+                    max_window=256, ce_weight=0.1, eval_n=256, eval_every=1000),
     # CPU, a few minutes: tiny model, short sequences
     "toy": dict(task="passkey", cue="pk=", n_pairs=1, n_digits=3, distractor_numbers=0.0, layers=2, hidden=64,
                 heads=4, kv_heads=2, window=16, sinks=2, pretrain_len=128, pretrain_steps=8000, pretrain_batch=16,
-                pretrain_lr=3e-3, answer_weight=5.0, phrase_pool=0, target_acc=0.9, distill_len=96, distill_steps=1500, distill_batch=4,
-                distill_lr=1e-2, min_window=12, max_window=48, ce_weight=0.1, eval_n=32, eval_every=250),
+                pretrain_lr=3e-3, answer_weight=5.0, phrase_pool=0, target_acc=0.9, distill_len=96,
+                distill_steps=1500, distill_batch=4, distill_lr=1e-2, min_window=12, max_window=48, ce_weight=0.1,
+                eval_n=32, eval_every=250),
 }
 
 
@@ -66,7 +68,8 @@ def parse_args(argv=None):
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--skip-pretrain", default=None, help="a base/ dir from an earlier run: distil only")
     p.add_argument("--time-budget", type=float, default=None,
-                   help="seconds for the whole run (pretrain <= 55%%, distil the rest but 15%%); each phase stops early")
+                   help="seconds for the whole run (pretrain <= 55%%, distil the rest but 15%%); "
+                        "each phase stops early")
     for k, v in PRESETS["default"].items():  # every preset value can be overridden
         p.add_argument("--" + k.replace("_", "-"), type=type(v), default=None)
     a = p.parse_args(argv)

@@ -10,8 +10,9 @@
 from .hf_cache import AHNCacheLayer, AHNModelCache
 from .modules import (IMPL_TO_KIND, KIND_TO_IMPL, AHNBlock, DeltaNetAHN, GatedDeltaNetAHN, Mamba2AHN,
                       ahn_param_shapes, count_ahn_params, normalize_kind)
-from .qwen2 import (ahn_config_fields, ahn_state_dict, ahn_window, cache_kwargs, from_pretrained, full_attention, load_ahn_weights,
-                    parse_fa_layer_ids, patch_qwen, read_ahn_config, read_ahn_tensors, save_ahn_weights)
+from .qwen2 import (ahn_config_fields, ahn_state_dict, ahn_window, cache_kwargs, from_pretrained, full_attention,
+                    load_ahn_weights, parse_fa_layer_ids, patch_qwen, read_ahn_config, read_ahn_tensors,
+                    save_ahn_weights)
 
 __all__ = [
     "patch_qwen", "from_pretrained", "load_ahn_weights", "save_ahn_weights", "ahn_state_dict", "ahn_config_fields",

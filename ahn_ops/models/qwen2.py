@@ -38,8 +38,9 @@ from .modules import KIND_TO_IMPL, AHNBlock, normalize_kind
 AHN_KEY_RE = re.compile(r"^(?:model\.)?layers\.(\d+)\.ahn\.fn\.(.+)$")
 MIN_TRANSFORMERS = "5.0.0"
 
-__all__ = ["patch_qwen", "from_pretrained", "cache_kwargs", "load_ahn_weights", "ahn_state_dict", "save_ahn_weights",
-           "full_attention", "ahn_window", "read_ahn_config", "parse_fa_layer_ids", "AHNQwen2Attention", "AHN_KEY_RE"]
+__all__ = ["patch_qwen", "from_pretrained", "cache_kwargs", "load_ahn_weights", "ahn_state_dict",
+           "save_ahn_weights", "full_attention", "ahn_window", "read_ahn_config", "parse_fa_layer_ids",
+           "AHNQwen2Attention", "AHN_KEY_RE"]
 
 
 # --------------------------------------------------------------------------------------
@@ -325,7 +326,7 @@ _MODEL_ARG_NAMES = ("input_ids", "attention_mask", "position_ids", None, "inputs
 
 def _model_pre_hook(module, args, kwargs):
     info = module._ahn_info
-    name = info.get("cache_name") or _cache_name(module)
+    name = info["cache_name"]
     if args:  # positional call of Qwen2Model.forward: name them
         for arg_name, val in zip(_MODEL_ARG_NAMES, args):
             kwargs[arg_name or name] = val
