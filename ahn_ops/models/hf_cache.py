@@ -61,6 +61,8 @@ class AHNCacheLayer(CacheLayerMixin):
     def get_max_length(self) -> int:
         return -1
 
+    get_max_cache_shape = get_max_length  # its abstract name before transformers 5.17
+
     def reset(self) -> None:
         self.seen = 0
 

@@ -12,7 +12,7 @@ What :func:`patch_qwen` changes (AHN_SPEC.md, "One decoder layer"):
   :class:`~ahn_ops.models.AHNModelCache` when a cache is wanted (inference, ``use_cache``);
 * ``generate()`` gets an :class:`~ahn_ops.models.AHNModelCache` instead of a ``DynamicCache``.
 
-Supported: transformers 5.x (tested with 5.17 and 5.24; 5.24 renamed ``past_key_values`` to
+Supported: transformers 5.x (tested with 5.0, 5.17 and 5.24; 5.24 renamed ``past_key_values`` to
 ``cache``, both names are accepted). Left-padded batches are handled: padding tokens
 are dropped from the AHN computation (each sequence keeps its own position in the cache), so a
 padded batch gives the same tokens as the sequences run one by one.
@@ -92,7 +92,7 @@ def _check_transformers() -> None:
     from packaging.version import Version
 
     if Version(transformers.__version__) < Version(MIN_TRANSFORMERS):
-        raise RuntimeError(f"ahn_ops.patch_qwen needs transformers >= {MIN_TRANSFORMERS} (tested with 5.17 and 5.24), "
+        raise RuntimeError(f"ahn_ops.patch_qwen needs transformers >= {MIN_TRANSFORMERS} (tested with 5.0, 5.17, 5.24), "
                            f"found {transformers.__version__}")
 
 
