@@ -52,6 +52,21 @@ def test_round_trip_logits(ckpts, base_name):
                        model.generate(x, max_new_tokens=4, do_sample=False, pad_token_id=0))
 
 
+@pytest.mark.parametrize("kind,impl", [("gdn", "GatedDeltaNet"), ("dn", "DeltaNet")])
+def test_round_trip_other_kinds(tmp_path, kind, impl):
+    # the fixture above covers mamba2: the merged checkpoint of gdn and dn loads to the same logits too
+    model = patched(kind, window=5, sinks=1, fa_layer_ids=[0])
+    tiny_model(0).save_pretrained(tmp_path / "base")
+    save_ahn_weights(model, tmp_path / "ahn")
+    out = tmp_path / "merged"
+    assert main(["--base", str(tmp_path / "base"), "--ahn", str(tmp_path / "ahn"), "--out", str(out), "--quiet"]) == 0
+    assert json.loads((out / "config.json").read_text())["_ahn_implementation"] == impl
+    merged = from_pretrained(out, backend="reference")
+    x = _ids()
+    with torch.no_grad():
+        assert torch.equal(merged(x, use_cache=False).logits, model(x, use_cache=False).logits)
+
+
 @pytest.mark.parametrize("flags,needle", [(["--window", "0"], "window must be >= 1"),
                                           (["--sinks", "-1"], "sinks >= 0")])
 def test_refuses_bad_window_or_sinks(ckpts, tmp_path, flags, needle):
