@@ -16,8 +16,8 @@
     python python/retrieval_demo.py --toy      # CPU, ~4 minutes on 2 cores: W=16, AHN 0.94/0.50/0.41 at 2/4/8W
     python python/retrieval_demo.py --time-budget 450   # stop each phase early to fit 450 s in all
 
-Time budget: pretraining gets up to 55% of it and distillation the rest but 15% (at least 30%; the 15%:
-evaluation, saving). The
+Time budget: pretraining gets at most 55% of it (it also stops at its target accuracy), distillation
+what is left but 15% (at least 30%); the last 15% are for the evaluation and saving. The
 learning-rate schedules run on ``progress = max(step / steps, elapsed / phase budget)``, so a phase
 cut short by the clock still ends its cosine decay; the log says how many steps each phase made.
 
