@@ -45,16 +45,18 @@ PRESETS = {
     # The cue ends in ":" so that the value follows it directly: the byte before the answer occurs only in the
     # needle and the query, and one-token induction solves the task. With "the pass key is" (a space before the
     # value, "is" and "the" in the filler) the toy preset stayed at 0% after 700 steps; with "pk=" it reached
-    # 100% at 8W in 4.5k steps on 2 CPU cores, 2026-12-02.)
+    # 100% at 8W in 4.5k steps on 2 CPU cores, 2026-12-02. Distillation on 1024-token texts only made the memory
+    # good at 8W (85% exact) and poor at 2W (16%); texts of 256, 512, 1024 tokens in turn gave 77% / 80% / 37%
+    # at 2W / 4W / 8W in half the time (H200, assets/retrieval_demo/RESULTS.md).)
     "default": dict(task="passkey", cue="pass key:", n_pairs=1, n_digits=5, distractor_numbers=0.0, layers=4,
                     hidden=256, heads=4, kv_heads=2, window=128, sinks=4, pretrain_len=1024, pretrain_steps=6000,
                     pretrain_batch=32, pretrain_lr=2e-3, answer_weight=5.0, phrase_pool=0, target_acc=0.95,
-                    distill_len=1024, distill_steps=9000, distill_batch=16, distill_lr=3e-3, min_window=64,
-                    max_window=256, ce_weight=0.1, eval_n=256, eval_every=1000),
+                    distill_len=1024, distill_mix="256,512,1024", distill_steps=9000, distill_batch=16, distill_lr=3e-3,
+                    min_window=64, max_window=256, ce_weight=0.1, eval_n=256, eval_every=1000),
     # CPU, a few minutes: tiny model, short sequences
     "toy": dict(task="passkey", cue="pk=", n_pairs=1, n_digits=3, distractor_numbers=0.0, layers=2, hidden=64,
                 heads=4, kv_heads=2, window=16, sinks=2, pretrain_len=128, pretrain_steps=8000, pretrain_batch=16,
-                pretrain_lr=3e-3, answer_weight=5.0, phrase_pool=0, target_acc=0.9, distill_len=96,
+                pretrain_lr=3e-3, answer_weight=5.0, phrase_pool=0, target_acc=0.9, distill_len=96, distill_mix="",
                 distill_steps=1500, distill_batch=4, distill_lr=1e-2, min_window=12, max_window=48, ce_weight=0.1,
                 eval_n=32, eval_every=250),
 }
@@ -119,6 +121,24 @@ class Progress:
 
     def done(self) -> bool:
         return self() >= 1.0
+
+
+class LengthCycle:
+    """Distillation samples of several lengths, one length per training step (the trainer needs one):
+    sample ``i`` belongs to step ``i // per_step`` and has ``lengths[step % len(lengths)]`` tokens.
+    Short texts teach the memory to answer when it holds few tokens (2W), long ones when it holds many."""
+
+    def __init__(self, lengths, per_step: int, seed: int, **task_kw):
+        from ahn_ops.data import SyntheticRetrieval
+
+        self.per_step = int(per_step)
+        self.sets = [SyntheticRetrieval(int(L), seed=seed, **task_kw) for L in lengths]
+
+    def __len__(self) -> int:
+        return 1 << 62
+
+    def __getitem__(self, i: int) -> torch.Tensor:
+        return self.sets[(i // self.per_step) % len(self.sets)][i]
 
 
 def build_model(p, vocab, seed):
@@ -296,7 +316,10 @@ def main(argv=None):
                         max_window=p["max_window"], micro_batch=p["distill_batch"], grad_accum=1,
                         steps=p["distill_steps"], lr=p["distill_lr"], warmup_steps=max(1, p["distill_steps"] // 20),
                         ce_weight=p["ce_weight"], seed=a.seed, out_dir=None, progress=False)
-    dds = SyntheticRetrieval(p["distill_len"], seed=a.seed + 2, **task_kw)
+    if p["distill_mix"]:  # e.g. "256,512,1024": lengths taken in turn, one per step
+        dds = LengthCycle([int(x) for x in p["distill_mix"].split(",")], p["distill_batch"], a.seed + 2, **task_kw)
+    else:
+        dds = SyntheticRetrieval(p["distill_len"], seed=a.seed + 2, **task_kw)
     tr = Distiller(model, dds, cfg)
     # the schedule follows max(step / steps, elapsed / budget): a clock-limited run still decays its LR
     # distillation gets what pretraining left of the budget (it stops early at its target accuracy),
