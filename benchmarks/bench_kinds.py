@@ -26,36 +26,28 @@ ahn_ops = C.import_ahn_ops()
 
 import bench_backward as BB  # noqa: E402
 import bench_decode as BD  # noqa: E402
-from triton.testing import do_bench  # noqa: E402
 
 KINDS = ("gdn", "dn", "mamba2")
 
 
-def prefill_times(kind, T, W, S, H=16, HKV=2, D=128):
-    inp = BB.make_inputs(kind, 1, T, H, HKV, D, torch.bfloat16, 0)
-    leaves = [None if x is None else x.detach().clone().requires_grad_(True) for x in inp]
-    grads = [x for x in leaves if x is not None]
-    dout = torch.randn(1, T, H, D, device="cuda", dtype=torch.bfloat16)
-    with torch.no_grad():
-        fwd = do_bench(lambda: torch.ops.ahn.prefill_fwd(*inp, W, S, kind, None, None, False), warmup=10, rep=100,
-                       return_mode="median")
-
-    def fwd_bwd():
-        torch.ops.ahn.prefill_fwd(*leaves, W, S, kind, None, None, False)[0].backward(dout)
-
-    fb = do_bench(fwd_bwd, warmup=5, rep=60, grad_to_none=grads, return_mode="median")
-    return fwd, fb
+def prefill_times(kind, T, W, S):
+    """(fwd ms, fwd+bwd ms) of ``bench_backward.bench`` (its peak memory and backward split are printed)."""
+    res = BB.bench(kind, T, W, S, flex=False)
+    print(f"  {kind}: bwd {res['bwd']:.3f} ms, peak {res['peak_GB']:.2f} GB, split "
+          + ", ".join(f"{k[:24]} {v:.2f}" for k, v in res["split"][:4]), flush=True)
+    return res["fwd"], res["fwd+bwd"]
 
 
-def decode_us(kind, B, W=32640, S=128, H=16, HKV=2, D=128):
-    sh = dict(H=H, HKV=HKV, D=D, S=S, W=W, kind=kind)
+def decode_us(kind, B):
+    """us per layer-step of ``bench_decode``'s op call at its standard shape, in a CUDA graph that rotates
+    over ceil(150 MB / bytes per layer-step) layer caches."""
+    sh = dict(H=BD.H, HKV=BD.HKV, D=BD.D, S=BD.S, W=BD.W, kind=kind)
     gen = torch.Generator(device="cuda").manual_seed(0)
-    per_layer = B * ((S + W) * HKV * D * 2 * 2 + H * D * D * 4 * 2)  # K/V read + state read/write
-    nl = max(1, -(-150 * 2**20 // per_layer))
-    layers = [BD.make_layer(B, gen, S + W + 5, sh) for _ in range(nl)]
+    nl = max(1, -(-150 * 2**20 // BD.bytes_min(B)))
+    layers = [BD.make_layer(B, gen, BD.S + BD.W + 5, sh) for _ in range(nl)]
     x = BD.make_inputs(B, gen, sh)
     fns = [lambda c=c, p=p: BD.ahn_call(x, c, p, sh) for c, p in layers]
-    return BD.graph_time(fns, reps=max(1, -(-10 // nl)))  # us per layer-step
+    return BD.graph_time(fns, reps=max(1, -(-10 // nl)))
 
 
 def main(argv=None):
