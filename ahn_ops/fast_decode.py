@@ -88,6 +88,16 @@ def _glue_supported(model, base, dtype):
     return True
 
 
+def _linear_supported(base, dtype) -> bool:
+    """Every o_proj / q_proj / MLP projection a plain ``nn.Linear`` of ``dtype`` (what decode_linear reads)."""
+    for l in base.layers:
+        lins = [l.self_attn.o_proj, l.self_attn.q_proj, l.mlp.gate_proj, l.mlp.up_proj, l.mlp.down_proj]
+        if any(type(m) is not torch.nn.Linear or m.weight.dtype != dtype or not m.weight.is_contiguous()
+               for m in lins):
+            return False
+    return True
+
+
 def _stack_kv_gates(attn, fn, dtype):
     """(weight, bias, (nk, off_a, off_b, off_z)) of one projection computing k, v and the AHN gates
     (rows padded to a multiple of 8 so that every row of the output stays 16-byte aligned), or None
@@ -174,13 +184,15 @@ class StaticDecoder:
         eos_token_ids, pad_token_id: finished sequences emit ``pad_token_id``.
         do_sample, temperature, top_k, top_p, generator: token choice (greedy by default).
         fuse_glue: fused Triton glue (see :func:`generate`); None = on for CUDA models it fits.
+        fuse_linear: projections with their neighbours fused (see :func:`generate`); None = on with
+            ``fuse_glue`` on CUDA when ``B <= decode_linear.MAX_BATCH``.
     """
 
     def __init__(self, model, cache, attention_mask: Optional[torch.Tensor], prompt_len: int,
                  max_new_tokens: int, eos_token_ids: Sequence[int] = (), pad_token_id: int = 0,
                  do_sample: bool = False, temperature: float = 1.0, top_k: Optional[int] = None,
                  top_p: Optional[float] = None, generator: Optional[torch.Generator] = None,
-                 fuse_glue: Optional[bool] = None):
+                 fuse_glue: Optional[bool] = None, fuse_linear: Optional[bool] = None):
         from .ops.ahn_attention.interface import _has_op_kernel
 
         self.model, self.base, self.info = _unwrap(model)
@@ -261,6 +273,16 @@ class StaticDecoder:
                 st = _stack_kv_gates(self.base.layers[i].self_attn, fn, self.dtype) if use_op else None
                 if st is not None:
                     self.kvg[i] = st
+        # ---- fused projections (batch <= 4): RMSNorm / RoPE / SiLU*up / residual inside the GEMVs
+        from .ops.decode_linear import MAX_BATCH
+
+        lin_ok = self.fuse_glue and B <= MAX_BATCH and _linear_supported(self.base, self.dtype)
+        if fuse_linear is None:
+            fuse_linear = lin_ok and self.device.type == "cuda"
+        elif fuse_linear and not lin_ok:
+            raise ValueError(f"fuse_linear=True needs fuse_glue, batch <= {MAX_BATCH} (got {B}) and plain "
+                             f"nn.Linear projections of {self.dtype}")
+        self.fuse_linear = bool(fuse_linear)
 
     # ------------------------------------------------------------------ token choice
     def _choose(self, logits: torch.Tensor) -> torch.Tensor:
@@ -394,7 +416,67 @@ class StaticDecoder:
             self.col += 1
         return logits
 
+    def _forward_linear(self) -> torch.Tensor:
+        """:meth:`_forward_glued` with the projections fused too (batch <= ``decode_linear.MAX_BATCH``): per
+        AHN layer RMSNorm + q + k/v/gates + RoPE, the decode op, o_proj + residual, RMSNorm + gate/up +
+        SiLU*up, down_proj + residual: 6 launches instead of 12 (``ahn_ops/ops/decode_linear.py``)."""
+        from .ops import decode_linear as dl
+        from .ops import model_glue as glue
+        from .ops.ahn_attention.interface import ahn_decode
+
+        base = self.base
+        layers = base.layers
+        B = self.B
+        h = base.embed_tokens(self.tok)                              # [B, hidden]
+        cos, sin = base.rotary_emb(h[:, None], self.pos[:, None])
+        allowed = None
+        if self.fa_ids:
+            allowed = (self.col_valid & (self.col_range <= self.col))[:, None, None, :]
+        for i, layer in enumerate(layers):
+            attn = layer.self_attn
+            ln = layer.input_layernorm
+            if i in self.kvg:
+                layer_cache, fn, backend, _ = self.ahn_layers[i]
+                weight, bias, (nk, oa, ob, oz) = self.kvg[i]
+                D, H = attn.head_dim, fn.num_heads
+                qp = attn.q_proj
+                q, y = dl.norm_qkvg(h, ln.weight, ln.variance_epsilon, qp.weight, qp.bias, weight, bias, nk,
+                                    cos, sin, D)
+                q, k, v = q.view(B, -1, D), y[:, :nk].view(B, -1, D), y[:, nk:2 * nk].view(B, -1, D)
+                a = None if oa is None else y[:, oa:oa + H]
+                b = None if ob is None else y[:, ob:ob + H]
+                z = y[:, oz:oz + H]
+                p = fn.op_params()
+                args = (q, k, v, a, b, z, p["A_log"], p["dt_bias"], p["norm_weight"], p["o_weight"])
+                if self._checked:
+                    o = torch.ops.ahn.decode_step(*args, *layer_cache.tensors(), layer_cache.window,
+                                                  layer_cache.sinks, layer_cache.kind)
+                else:
+                    o = ahn_decode(*args, layer_cache, backend=backend)
+                o = o.reshape(B, -1)
+            else:
+                x, _ = glue.add_rms_norm(h, ln.weight, ln.variance_epsilon)
+                x = x.view(B, 1, -1)
+                if i in self.ahn_layers:
+                    o = self._ahn_attention(i, attn, x, cos, sin)
+                else:
+                    o = self._full_attention(i, attn, x, cos, sin, allowed)
+                o = o.reshape(B, -1).contiguous()
+            h = dl.linear_residual(o, attn.o_proj.weight, attn.o_proj.bias, h)
+            ln, mlp = layer.post_attention_layernorm, layer.mlp
+            act = dl.norm_gate_up(h, ln.weight, ln.variance_epsilon, mlp.gate_proj.weight, mlp.up_proj.weight,
+                                  mlp.gate_proj.bias, mlp.up_proj.bias)
+            h = dl.linear_residual(act, mlp.down_proj.weight, mlp.down_proj.bias, h)
+        x, _ = glue.add_rms_norm(h, base.norm.weight, base.norm.variance_epsilon)
+        logits = self.model.lm_head(x).float()                       # [B, V]
+        self.pos += 1
+        if self.fa_ids:
+            self.col += 1
+        return logits
+
     def _forward(self) -> torch.Tensor:
+        if self.fuse_linear:
+            return self._forward_linear()
         if self.fuse_glue:
             return self._forward_glued()
         base = self.base
@@ -465,7 +547,7 @@ def generate(model, input_ids: torch.Tensor, max_new_tokens: int, *, attention_m
              top_p: Optional[float] = None, prefill_chunk_size: Optional[int] = None,
              use_cuda_graph: Optional[bool] = None, generator: Optional[torch.Generator] = None,
              eos_check_every: int = 16, stats: Optional[dict] = None,
-             fuse_glue: Optional[bool] = None) -> torch.LongTensor:
+             fuse_glue: Optional[bool] = None, fuse_linear: Optional[bool] = None) -> torch.LongTensor:
     """Generate with an AHN model: HF-compatible prefill, then a static decode step (a CUDA graph on GPU).
 
     Greedy decoding returns the same tokens as ``model.generate(input_ids, do_sample=False, ...)``
@@ -492,6 +574,10 @@ def generate(model, input_ids: torch.Tensor, max_new_tokens: int, *, attention_m
             Triton kernels and each AHN layer computes k, v and its gates in one projection
             (``ahn_ops/ops/model_glue.py``; same rounding steps as the modules, the RMSNorm's fp32
             sum order aside); False = the modules' own ops; True = required.
+        fuse_linear: None = on with ``fuse_glue`` on CUDA for batches of at most 4: each layer's
+            projections run as skinny Triton GEMVs with the RMSNorm, RoPE, SiLU*up and residual adds
+            inside them, 6 launches per AHN layer instead of 12 (``ahn_ops/ops/decode_linear.py``);
+            False = cuBLAS projections; True = required (needs ``fuse_glue``).
         stats: optional dict, filled with ``prefill_s``, ``decode_s`` (graph capture included),
             ``new_tokens``, ``cuda_graph`` and ``cache_nbytes`` (AHN cache + static full-attention
             K/V) (the device is synchronised at the boundaries).
@@ -564,7 +650,8 @@ def generate(model, input_ids: torch.Tensor, max_new_tokens: int, *, attention_m
     first_logits, cache = prefill(model, input_ids, attention_mask, prefill_chunk_size)
     t1 = now()
     dec = StaticDecoder(model, cache, attention_mask, T, max_new_tokens, eos, pad_token_id, do_sample,
-                        temperature, top_k, top_p, generator, fuse_glue=fuse_glue)
+                        temperature, top_k, top_p, generator, fuse_glue=fuse_glue,
+                        fuse_linear=fuse_linear)
     if use_cuda_graph is None:
         use_cuda_graph = device.type == "cuda" and dec.all_fused
     elif use_cuda_graph and not dec.all_fused:

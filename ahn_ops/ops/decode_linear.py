@@ -1,0 +1,310 @@
+"""Skinny projections of the decode step (Triton) with their neighbours fused in: RMSNorm before,
+RoPE, SiLU * up or the residual add after.
+
+At batch 1-4 a decode step's projections are matrix-vector products: they move their weights once
+and do next to nothing else, so what costs is the number of launches (each one drains and refills
+the GPU, even inside a CUDA graph) and how many bytes are in flight per SM. The plain step runs
+per layer an RMSNorm, q/k/v(/gates) projections, RoPE, o_proj, a residual add + RMSNorm,
+gate and up projections, SiLU * up, down_proj and a residual add: 11 launches. Here it is 4:
+
+- :func:`norm_qkvg`: RMSNorm of the residual stream, then q_proj and the stacked k/v/gates
+  projection (:func:`ahn_ops.fast_decode._stack_kv_gates`) in one launch, RoPE on q and k applied
+  to the rounded projections in registers;
+- :func:`linear_residual`: ``residual + x @ W^T (+ bias)`` (o_proj, down_proj);
+- :func:`norm_gate_up`: RMSNorm, gate and up projections, ``silu(gate) * up``.
+
+Every rounding step of the torch modules is kept (RMSNorm output, projection output rounded to the
+activation dtype before RoPE / SiLU / the residual add, as ``_add_rms_norm_kernel`` and
+``_rope_kernel`` in :mod:`model_glue` do), so the fused step differs from the plain one only in fp32
+summation order.
+
+Each program owns ``2 * BN2`` output rows and loops over ``K``: a pair of ``[BN2, BK]`` weight tiles
+(the two halves of a RoPE pair, the matching rows of gate and up, or two consecutive row blocks)
+times the ``[BM, BK]`` activations, as a broadcast product summed over ``BK`` (``BM`` = the batch,
+padded to a power of two, <= :data:`MAX_BATCH`; ``BK`` large so that each SM has tens of KB of
+loads in flight). Tile sizes per (projection kind, BM) live in :data:`CONFIGS`
+(``benchmarks/bench_decode_linear.py`` sweeps them).
+
+Internal helpers of :class:`ahn_ops.fast_decode.StaticDecoder` (no autograd); inputs are 2-D
+``[B, n]`` with a unit last stride.
+"""
+
+from __future__ import annotations
+
+from typing import Dict, Optional, Tuple
+
+import torch
+import triton
+import triton.language as tl
+
+__all__ = ["norm_qkvg", "linear_residual", "norm_gate_up", "MAX_BATCH", "CONFIGS"]
+
+MAX_BATCH = 4
+
+_PROJ, _SILU, _RESID = 0, 1, 2
+
+# (BN2, BK, num_warps) per (mode, BM); H100/H200 sweep results go here (see the module docstring)
+CONFIGS: Dict[Tuple[str, int], Tuple[int, int, int]] = {
+    ("qkvg", 1): (8, 1024, 4), ("qkvg", 2): (8, 512, 4), ("qkvg", 4): (4, 512, 4),
+    ("resid", 1): (4, 1024, 4), ("resid", 2): (4, 512, 4), ("resid", 4): (4, 256, 4),
+    ("gate_up", 1): (8, 1024, 4), ("gate_up", 2): (8, 512, 4), ("gate_up", 4): (4, 512, 4),
+}
+
+
+@triton.jit
+def _skinny_kernel(x, x_s, nw, eps,
+                   w1, b1, w2, b2, out1, o1_s, out2, o2_s,
+                   res, r_s, cos, sin, cs_s,
+                   B, K, N1, N2, R1, R2, P1,
+                   MODE: tl.constexpr, RMS: tl.constexpr, HAS_B1: tl.constexpr, HAS_B2: tl.constexpr,
+                   D: tl.constexpr, BM: tl.constexpr, BN2: tl.constexpr, BK: tl.constexpr):
+    pid = tl.program_id(0)
+    HALF: tl.constexpr = D // 2
+    ar = tl.arange(0, BN2)
+    bm = tl.arange(0, BM)
+    bmask = bm < B
+    dt = x.dtype.element_ty
+    rope = False
+    # ---- which rows: (weight of the lo tile, of the hi tile, bias, output, rows)
+    if MODE == 1:  # SILU: rows r of gate (w1) and of up (w2)
+        wlo = w1
+        whi = w2
+        blo = b1
+        bhi = b2
+        out = out1
+        o_s = o1_s
+        N = N1
+        rows_lo = pid * BN2 + ar
+        rows_hi = rows_lo
+        has_blo = HAS_B1
+        has_bhi = HAS_B2
+    else:
+        if pid < P1:
+            wlo = w1
+            blo = b1
+            out = out1
+            o_s = o1_s
+            N = N1
+            R = R1
+            p = pid
+            has_blo = HAS_B1
+        else:
+            wlo = w2
+            blo = b2
+            out = out2
+            o_s = o2_s
+            N = N2
+            R = R2
+            p = pid - P1
+            has_blo = HAS_B2
+        whi = wlo
+        bhi = blo
+        has_bhi = has_blo
+        nrope = R // (2 * BN2)
+        r0 = R + (p - nrope) * (2 * BN2)                               # two consecutive row blocks
+        rows_lo = r0 + ar
+        rows_hi = r0 + BN2 + ar
+        if MODE == 0:
+            if p < nrope:  # a RoPE block: rows d and d + D/2 of one head
+                head = p // (HALF // BN2)
+                j = p % (HALF // BN2)
+                rows_lo = head * D + j * BN2 + ar
+                rows_hi = rows_lo + HALF
+                rope = True
+    mlo = rows_lo < N
+    mhi = rows_hi < N
+    xrow = x + bm.to(tl.int64)[:, None] * x_s                      # [BM, 1]
+    # ---- RMSNorm of the input rows (fp32 mean of squares over K), as Qwen2RMSNorm
+    if RMS:
+        ss = tl.zeros([BM], dtype=tl.float32)
+        for k0 in range(0, K, BK):
+            kk = k0 + tl.arange(0, BK)
+            xv = tl.load(xrow + kk[None, :], mask=bmask[:, None] & (kk < K)[None, :], other=0.).to(tl.float32)
+            ss += tl.sum(xv * xv, 1)
+        rstd = tl.rsqrt(ss / K + eps)
+    acc_lo = tl.zeros([BM, BN2], dtype=tl.float32)
+    acc_hi = tl.zeros([BM, BN2], dtype=tl.float32)
+    plo = wlo + rows_lo.to(tl.int64)[:, None] * K                  # [BN2, 1]
+    phi = whi + rows_hi.to(tl.int64)[:, None] * K
+    for k0 in range(0, K, BK):
+        kk = k0 + tl.arange(0, BK)
+        km = kk < K
+        xv = tl.load(xrow + kk[None, :], mask=bmask[:, None] & km[None, :], other=0.)
+        if RMS:  # normalise in fp32, round, times the weight, round (the module's steps)
+            y = (xv.to(tl.float32) * rstd[:, None]).to(dt)
+            wn = tl.load(nw + kk, mask=km, other=0.)
+            xv = (wn.to(tl.float32)[None, :] * y.to(tl.float32)).to(dt)
+        xf = xv.to(tl.float32)
+        wl = tl.load(plo + kk[None, :], mask=mlo[:, None] & km[None, :], other=0.).to(tl.float32)
+        wh = tl.load(phi + kk[None, :], mask=mhi[:, None] & km[None, :], other=0.).to(tl.float32)
+        acc_lo += tl.sum(xf[:, None, :] * wl[None, :, :], 2)
+        acc_hi += tl.sum(xf[:, None, :] * wh[None, :, :], 2)
+    # ---- epilogue: bias, round to the activation dtype (the projection's output), then the neighbour op
+    if has_blo:
+        acc_lo += tl.load(blo + rows_lo, mask=mlo, other=0.).to(tl.float32)[None, :]
+    if has_bhi:
+        acc_hi += tl.load(bhi + rows_hi, mask=mhi, other=0.).to(tl.float32)[None, :]
+    lo = acc_lo.to(dt).to(tl.float32)
+    hi = acc_hi.to(dt).to(tl.float32)
+    orow = bm.to(tl.int64)[:, None] * o_s
+    sm_lo = bmask[:, None] & mlo[None, :]
+    sm_hi = bmask[:, None] & mhi[None, :]
+    if MODE == 1:
+        act = (lo / (1. + tl.exp(-lo))).to(dt).to(tl.float32)
+        tl.store(out + orow + rows_lo[None, :], (act * hi).to(dt), mask=sm_lo)
+    elif MODE == 2:
+        rrow = res + bm.to(tl.int64)[:, None] * r_s
+        rl = tl.load(rrow + rows_lo[None, :], mask=sm_lo, other=0.).to(tl.float32)
+        rh = tl.load(rrow + rows_hi[None, :], mask=sm_hi, other=0.).to(tl.float32)
+        tl.store(out + orow + rows_lo[None, :], (rl + lo).to(dt), mask=sm_lo)
+        tl.store(out + orow + rows_hi[None, :], (rh + hi).to(dt), mask=sm_hi)
+    else:
+        if rope:  # x * cos + rotate_half(x) * sin, both products rounded, then the sum (as _rope_kernel)
+            d = rows_lo % D
+            crow = bm.to(tl.int64)[:, None] * cs_s
+            c1 = tl.load(cos + crow + d[None, :], mask=bmask[:, None], other=0.).to(tl.float32)
+            c2 = tl.load(cos + crow + HALF + d[None, :], mask=bmask[:, None], other=0.).to(tl.float32)
+            s1 = tl.load(sin + crow + d[None, :], mask=bmask[:, None], other=0.).to(tl.float32)
+            s2 = tl.load(sin + crow + HALF + d[None, :], mask=bmask[:, None], other=0.).to(tl.float32)
+            y1 = ((lo * c1).to(dt).to(tl.float32) + (-hi * s1).to(dt).to(tl.float32)).to(dt)
+            y2 = ((hi * c2).to(dt).to(tl.float32) + (lo * s2).to(dt).to(tl.float32)).to(dt)
+            tl.store(out + orow + rows_lo[None, :], y1, mask=sm_lo)
+            tl.store(out + orow + rows_hi[None, :], y2, mask=sm_hi)
+        else:
+            tl.store(out + orow + rows_lo[None, :], lo.to(dt), mask=sm_lo)
+            tl.store(out + orow + rows_hi[None, :], hi.to(dt), mask=sm_hi)
+
+
+def _bm(B: int) -> int:
+    if not 1 <= B <= MAX_BATCH:
+        raise ValueError(f"decode_linear: batch must be 1..{MAX_BATCH}, got {B}")
+    return triton.next_power_of_2(B)
+
+
+def _check_x(fn, name, x):
+    """The activations ``[B, K]`` (unit last stride); returns ``K``."""
+    if x.dim() != 2 or x.stride(1) != 1:
+        raise ValueError(f"{fn}: {name} must be [B, K] with a unit last stride, got {tuple(x.shape)} "
+                         f"strides {x.stride()}")
+    if x.dtype not in (torch.float16, torch.bfloat16, torch.float32):
+        raise TypeError(f"{fn}: {name} must be float16, bfloat16 or float32, got {x.dtype}")
+    _bm(x.shape[0])
+    return x.shape[1]
+
+
+def _check_w(fn, name, w, rows, K, dtype, device):
+    if w is None:
+        return
+    shape = (K,) if rows is None else (rows, K)
+    if rows == -1:
+        ok = w.dim() == 2 and w.shape[1] == K
+    else:
+        ok = tuple(w.shape) == shape
+    if not ok or w.dtype != dtype or w.device != device or not w.is_contiguous():
+        want = f"[N, {K}]" if rows == -1 else str(list(shape))
+        raise ValueError(f"{fn}: {name} must be a contiguous {want} {dtype} tensor on {device}, got "
+                         f"{tuple(w.shape)} {w.dtype} on {w.device}")
+
+
+def _check_bias(fn, name, b, n, dtype):
+    if b is not None and (tuple(b.shape) != (n,) or b.dtype != dtype or not b.is_contiguous()):
+        raise ValueError(f"{fn}: {name} must be a contiguous [{n}] {dtype} tensor, got {tuple(b.shape)} {b.dtype}")
+
+
+def norm_qkvg(h: torch.Tensor, norm_weight: torch.Tensor, eps: float, wq: torch.Tensor, bq: Optional[torch.Tensor],
+              wkvg: torch.Tensor, bkvg: Optional[torch.Tensor], nk: int, cos: torch.Tensor, sin: torch.Tensor,
+              head_dim: int, config: Optional[Tuple[int, int, int]] = None):
+    """``x = rms_norm(h) * norm_weight``; ``q = rope(x @ wq^T + bq)`` and ``y = x @ wkvg^T + bkvg`` with RoPE on
+    ``y[:, :nk]`` (the k rows of the stacked k/v/gates weight), in one launch.
+
+    ``h``: ``[B, K]``; ``wq``: ``[H * D, K]``; ``wkvg``: ``[N, K]``; ``cos``/``sin``: ``[B, D]`` (or
+    ``[B, 1, D]``). Returns ``q`` ``[B, H * D]`` and ``y`` ``[B, N]`` (contiguous, the dtype of ``h``).
+    """
+    fn = "norm_qkvg"
+    D = head_dim
+    if D % 2 or D & (D - 1) or D < 4:
+        raise ValueError(f"{fn}: head_dim must be a power of two >= 4, got {D}")
+    B, K = h.shape[0], _check_x(fn, "h", h)
+    dt, dev = h.dtype, h.device
+    _check_w(fn, "norm_weight", norm_weight, None, K, dt, dev)
+    _check_w(fn, "wq", wq, -1, K, dt, dev)
+    _check_w(fn, "wkvg", wkvg, -1, K, dt, dev)
+    Nq, Nkvg = wq.shape[0], wkvg.shape[0]
+    if Nq % D or nk % D or not 0 < nk <= Nkvg:
+        raise ValueError(f"{fn}: wq rows ({Nq}) and nk ({nk}) must be multiples of head_dim={D}, nk <= "
+                         f"wkvg rows ({Nkvg})")
+    _check_bias(fn, "bq", bq, Nq, dt)
+    _check_bias(fn, "bkvg", bkvg, Nkvg, dt)
+    cos, sin = cos.reshape(B, D), sin.reshape(B, D)
+    if cos.dtype != dt or sin.dtype != dt or cos.stride(1) != 1 or sin.stride() != cos.stride():
+        raise ValueError(f"{fn}: cos and sin must be [B={B}, {D}] {dt} with the same unit-last-dim strides")
+    BM = _bm(B)
+    BN2, BK, warps = config or CONFIGS[("qkvg", BM)]
+    BN2 = min(BN2, D // 2)
+    BK = min(BK, triton.next_power_of_2(K))
+    q = torch.empty(B, Nq, dtype=dt, device=dev)
+    y = torch.empty(B, Nkvg, dtype=dt, device=dev)
+    P1 = Nq // (2 * BN2)
+    P2 = nk // (2 * BN2) + triton.cdiv(Nkvg - nk, 2 * BN2)
+    _skinny_kernel[(P1 + P2,)](h, h.stride(0), norm_weight, float(eps),
+                               wq, bq if bq is not None else wq, wkvg, bkvg if bkvg is not None else wkvg,
+                               q, q.stride(0), y, y.stride(0), h, 0, cos, sin, cos.stride(0),
+                               B, K, Nq, Nkvg, Nq, nk, P1,
+                               MODE=_PROJ, RMS=True, HAS_B1=bq is not None, HAS_B2=bkvg is not None,
+                               D=D, BM=BM, BN2=BN2, BK=BK, num_warps=warps)
+    return q, y
+
+
+def linear_residual(x: torch.Tensor, w: torch.Tensor, bias: Optional[torch.Tensor], residual: torch.Tensor,
+                    config: Optional[Tuple[int, int, int]] = None) -> torch.Tensor:
+    """``residual + (x @ w^T + bias)``, the projection rounded to the activation dtype before the add
+    (as ``h = residual + o_proj(o)``). ``x``: ``[B, K]``, ``w``: ``[N, K]``, ``residual``: ``[B, N]``."""
+    fn = "linear_residual"
+    B, K = x.shape[0], _check_x(fn, "x", x)
+    dt, dev = x.dtype, x.device
+    _check_w(fn, "w", w, -1, K, dt, dev)
+    N = w.shape[0]
+    _check_bias(fn, "bias", bias, N, dt)
+    if residual.shape != (B, N) or residual.dtype != dt or residual.stride(1) != 1:
+        raise ValueError(f"{fn}: residual must be [{B}, {N}] {dt} with a unit last stride, got "
+                         f"{tuple(residual.shape)} {residual.dtype}")
+    BM = _bm(B)
+    BN2, BK, warps = config or CONFIGS[("resid", BM)]
+    BK = min(BK, triton.next_power_of_2(K))
+    out = torch.empty(B, N, dtype=dt, device=dev)
+    P = triton.cdiv(N, 2 * BN2)
+    _skinny_kernel[(P,)](x, x.stride(0), x, 0.,
+                         w, bias if bias is not None else w, w, w, out, out.stride(0), out, 0,
+                         residual, residual.stride(0), x, x, 0,
+                         B, K, N, 0, 0, 0, P,
+                         MODE=_RESID, RMS=False, HAS_B1=bias is not None, HAS_B2=False,
+                         D=2, BM=BM, BN2=BN2, BK=BK, num_warps=warps)
+    return out
+
+
+def norm_gate_up(h: torch.Tensor, norm_weight: torch.Tensor, eps: float, w_gate: torch.Tensor,
+                 w_up: torch.Tensor, b_gate: Optional[torch.Tensor] = None, b_up: Optional[torch.Tensor] = None,
+                 config: Optional[Tuple[int, int, int]] = None) -> torch.Tensor:
+    """``silu(x @ w_gate^T) * (x @ w_up^T)`` with ``x = rms_norm(h) * norm_weight`` (Qwen2's post-attention
+    norm and MLP up to down_proj). ``h``: ``[B, K]``; ``w_gate``, ``w_up``: ``[N, K]``. Returns ``[B, N]``."""
+    fn = "norm_gate_up"
+    B, K = h.shape[0], _check_x(fn, "h", h)
+    dt, dev = h.dtype, h.device
+    _check_w(fn, "norm_weight", norm_weight, None, K, dt, dev)
+    _check_w(fn, "w_gate", w_gate, -1, K, dt, dev)
+    N = w_gate.shape[0]
+    _check_w(fn, "w_up", w_up, N, K, dt, dev)
+    _check_bias(fn, "b_gate", b_gate, N, dt)
+    _check_bias(fn, "b_up", b_up, N, dt)
+    BM = _bm(B)
+    BN2, BK, warps = config or CONFIGS[("gate_up", BM)]
+    BK = min(BK, triton.next_power_of_2(K))
+    out = torch.empty(B, N, dtype=dt, device=dev)
+    P = triton.cdiv(N, BN2)
+    _skinny_kernel[(P,)](h, h.stride(0), norm_weight, float(eps),
+                         w_gate, b_gate if b_gate is not None else w_gate, w_up, b_up if b_up is not None else w_up,
+                         out, out.stride(0), out, 0, h, 0, h, h, 0,
+                         B, K, N, N, 0, 0, P,
+                         MODE=_SILU, RMS=True, HAS_B1=b_gate is not None, HAS_B2=b_up is not None,
+                         D=2, BM=BM, BN2=BN2, BK=BK, num_warps=warps)
+    return out

@@ -1,0 +1,222 @@
+"""The decode step's projections at batch 1-4: ahn_ops/ops/decode_linear.py against cuBLAS + the glue kernels.
+
+    python benchmarks/bench_decode_linear.py [--batch 1 2 4] [--sweep] [--layers 36]
+
+Per layer of the Qwen2.5-3B shape (hidden 2048, intermediate 11008, H=16, HKV=2, D=128, AHN-GDN
+gates a, b, z: the stacked k/v/gates weight has 560 rows), bf16. Weight bytes per layer (each read
+once per token, the activations are noise): q 8.39 MB + k/v/gates 2.29 MB + o 8.39 MB + gate/up
+90.2 MB + down 45.1 MB = 154.4 MB; the bound is that / copy bandwidth (measured in the same run).
+
+- plain: what ``StaticDecoder(fuse_glue=True, fuse_linear=False)`` runs per layer around the decode
+  op: add_rms_norm, stacked k/v/gates F.linear, q_proj F.linear, rope_qk, o_proj F.linear,
+  add_rms_norm(residual), gate F.linear, up F.linear, silu_mul, down F.linear (the next layer's
+  add_rms_norm adds the residual): 10 launches.
+- fused: norm_qkvg, linear_residual (o_proj), norm_gate_up, linear_residual (down): 4 launches.
+Both are captured for ``--layers`` layers with distinct weights in one CUDA graph (no L2 reuse,
+launch gaps as in the real step); the time is per layer (graph replay median / layers).
+``--sweep`` times every tile config of each fused op alone (36 distinct weights per graph) and
+prints the best per (op, batch) as a ``CONFIGS`` table.
+"""
+
+from __future__ import annotations
+
+import argparse
+import itertools
+import os
+import sys
+
+import torch
+import torch.nn.functional as F
+
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+import common as C  # noqa: E402
+
+ahn_ops = C.import_ahn_ops()
+from bench_model import copy_bandwidth  # noqa: E402
+
+HID, INTER, H, HKV, D, NG = 2048, 11008, 16, 2, 128, 3
+
+
+def make_layer(dt, dev, g):
+    def w(n, k):
+        return (torch.randn(n, k, device=dev, generator=g) * k ** -0.5).to(dt)
+
+    nkvg = 2 * HKV * D + NG * H
+    return dict(ln1=(1 + 0.1 * torch.randn(HID, device=dev, generator=g)).to(dt),
+                ln2=(1 + 0.1 * torch.randn(HID, device=dev, generator=g)).to(dt),
+                wq=w(H * D, HID), bq=(0.1 * torch.randn(H * D, device=dev, generator=g)).to(dt),
+                wkvg=w(nkvg, HID), bkvg=(0.1 * torch.randn(nkvg, device=dev, generator=g)).to(dt),
+                wo=w(HID, H * D), wg=w(INTER, HID), wu=w(INTER, HID), wd=w(HID, INTER))
+
+
+def layer_bytes(p):
+    return sum(p[k].numel() * p[k].element_size() for k in ("wq", "wkvg", "wo", "wg", "wu", "wd"))
+
+
+def plain_layer(p, h, o, cos, sin):
+    from ahn_ops.ops import model_glue as glue
+
+    x, _ = glue.add_rms_norm(h, p["ln1"], 1e-6)
+    y = F.linear(x, p["wkvg"], p["bkvg"])
+    q, k = glue.rope_qk(F.linear(x, p["wq"], p["bq"]), y[:, :HKV * D], cos, sin, D)
+    x, h = glue.add_rms_norm(F.linear(o, p["wo"]), p["ln2"], 1e-6, residual=h)
+    m = F.linear(glue.silu_mul(F.linear(x, p["wg"]), F.linear(x, p["wu"])), p["wd"])
+    return h + m, q, y
+
+
+def fused_layer(p, h, o, cos, sin, cfg=None):
+    from ahn_ops.ops import decode_linear as dl
+
+    cfg = cfg or {}
+    q, y = dl.norm_qkvg(h, p["ln1"], 1e-6, p["wq"], p["bq"], p["wkvg"], p["bkvg"], HKV * D, cos, sin, D,
+                        config=cfg.get("qkvg"))
+    h = dl.linear_residual(o, p["wo"], None, h, config=cfg.get("resid"))
+    act = dl.norm_gate_up(h, p["ln2"], 1e-6, p["wg"], p["wu"], config=cfg.get("gate_up"))
+    return dl.linear_residual(act, p["wd"], None, h, config=cfg.get("resid_down", cfg.get("resid"))), q, y
+
+
+def graph_us(fn, n_inner, reps=20):
+    """Median us of one replay of fn() captured in a graph, divided by n_inner."""
+    s = torch.cuda.Stream()
+    s.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(s):
+        fn()
+    torch.cuda.current_stream().wait_stream(s)
+    g = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(g):
+        fn()
+    g.replay()
+    torch.cuda.synchronize()
+    ts = []
+    for _ in range(reps):
+        a, b = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        a.record()
+        g.replay()
+        b.record()
+        b.synchronize()
+        ts.append(a.elapsed_time(b) * 1e3 / n_inner)
+    ts.sort()
+    return ts[len(ts) // 2]
+
+
+def check(layers, B, dt, dev, g):
+    """Worst error of the fused layer vs the plain one, in units of the output row's bf16 ulp scale."""
+    p = layers[0]
+    h = torch.randn(B, HID, device=dev, generator=g).to(dt)
+    o = torch.randn(B, H * D, device=dev, generator=g).to(dt)
+    ang = torch.rand(B, D // 2, device=dev, generator=g) * 1000
+    emb = torch.cat([ang, ang], -1)
+    cos, sin = emb.cos().to(dt), emb.sin().to(dt)
+    ref = plain_layer(p, h, o, cos, sin)
+    got = fused_layer(p, h, o, cos, sin)
+    out = []
+    for r, t in zip(ref, got):
+        r, t = r.double(), t.double()
+        scale = r.abs().amax(-1, keepdim=True) * 2 ** -8
+        out.append(((t - r).abs() / scale).max().item())
+    return out  # h, q, y in ulps of the row max
+
+
+def main():
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--batch", type=int, nargs="+", default=[1, 2, 4])
+    ap.add_argument("--layers", type=int, default=36)
+    ap.add_argument("--sweep", action="store_true")
+    a = ap.parse_args()
+    dev, dt = torch.device("cuda"), torch.bfloat16
+    g = torch.Generator(device=dev).manual_seed(0)
+    layers = [make_layer(dt, dev, g) for _ in range(a.layers)]
+    per_layer = layer_bytes(layers[0])
+    bw = copy_bandwidth(dev)
+    print(f"# {C.device_str()} | {C.versions()} | {C.date_str()} | copy bw {bw / 1e9:.0f} GB/s | "
+          f"{per_layer / 1e6:.1f} MB of weights per layer, bound {per_layer / bw * 1e6:.2f} us")
+    from ahn_ops.ops import decode_linear as dl
+
+    if a.sweep:
+        sweep(layers, a.batch, dt, dev, g, bw)
+    rows = []
+    for B in a.batch:
+        errs = check(layers, B, dt, dev, g)
+        h = torch.randn(B, HID, device=dev, generator=g).to(dt)
+        o = torch.randn(B, H * D, device=dev, generator=g).to(dt)
+        cos = torch.randn(B, D, device=dev, generator=g).to(dt)
+        sin = torch.randn(B, D, device=dev, generator=g).to(dt)
+
+        def run(step):
+            x = h
+            for p in layers:
+                x = step(p, x, o, cos, sin)[0]
+            return x
+
+        t_plain = graph_us(lambda: run(plain_layer), len(layers))
+        t_fused = graph_us(lambda: run(fused_layer), len(layers))
+        rows.append((B, t_plain, t_fused, errs))
+    print("\n| B | plain us/layer (% bw) | fused us/layer (% bw) | speed-up | fused vs plain err (ulps of row max: h, q, y) |")
+    print("|---|---|---|---|---|")
+    bound = per_layer / bw * 1e6
+    for B, tp, tf, e in rows:
+        print(f"| {B} | {tp:.2f} ({100 * bound / tp:.0f}%) | {tf:.2f} ({100 * bound / tf:.0f}%) | {tp / tf:.2f}x | "
+              f"{e[0]:.2f}, {e[1]:.2f}, {e[2]:.2f} |")
+    print(f"configs: {dl.CONFIGS}")
+
+
+def sweep(layers, batches, dt, dev, g, bw):
+    from ahn_ops.ops import decode_linear as dl
+
+    best = {}
+    for B in batches:
+        BM = 1 << (B - 1).bit_length()
+        h = torch.randn(B, HID, device=dev, generator=g).to(dt)
+        o = torch.randn(B, H * D, device=dev, generator=g).to(dt)
+        act = torch.randn(B, INTER, device=dev, generator=g).to(dt)
+        cos = torch.randn(B, D, device=dev, generator=g).to(dt)
+        sin = torch.randn(B, D, device=dev, generator=g).to(dt)
+        ops = {
+            "qkvg": (lambda p, c: dl.norm_qkvg(h, p["ln1"], 1e-6, p["wq"], p["bq"], p["wkvg"], p["bkvg"], HKV * D,
+                                               cos, sin, D, config=c), ("wq", "wkvg")),
+            "resid": (lambda p, c: dl.linear_residual(o, p["wo"], None, h, config=c), ("wo",)),
+            "gate_up": (lambda p, c: dl.norm_gate_up(h, p["ln2"], 1e-6, p["wg"], p["wu"], config=c), ("wg", "wu")),
+            "resid_down": (lambda p, c: dl.linear_residual(act, p["wd"], None, h, config=c), ("wd",)),
+        }
+        for name, (op, keys) in ops.items():
+            nbytes = sum(layers[0][k].numel() * 2 for k in keys)
+            res = []
+            for BN2, BK, warps in itertools.product((2, 4, 8, 16), (256, 512, 1024, 2048), (4, 8)):
+                if BM * BN2 * BK > 2048 * 32 * warps or (name == "qkvg" and BN2 > D // 2):
+                    continue
+                c = (BN2, BK, warps)
+                try:
+                    t = graph_us(lambda: [op(p, c) for p in layers], len(layers), reps=10)
+                except Exception as e:  # noqa: BLE001 (a config the compiler rejects: skip it)
+                    print(f"  {name} B={B} {c}: {type(e).__name__}")
+                    continue
+                res.append((t, c))
+            res.sort()
+            t, c = res[0]
+            cub = "plain cuBLAS: " + _cublas(name, layers, h, o, act)
+            print(f"sweep {name} B={B}: best {c} {t:.2f} us ({nbytes / t / 1e3:.0f} GB/s, "
+                  f"{100 * nbytes / t / 1e3 / (bw / 1e9):.0f}% of copy); next {[(round(x, 2), y) for x, y in res[1:4]]}"
+                  f"; {cub}")
+            best[(name, BM)] = c
+    print("\nbest CONFIGS:", best)
+    for (name, BM), c in best.items():
+        if name == "resid_down":
+            continue  # linear_residual has one table entry; down_proj dominates its bytes, o_proj its count
+        dl.CONFIGS[(name, BM)] = c
+    for (name, BM), c in best.items():
+        if name == "resid_down":
+            dl.CONFIGS[("resid", BM)] = c
+
+
+def _cublas(name, layers, h, o, act):
+    x = h
+    fns = {"qkvg": lambda p: (F.linear(x, p["wq"], p["bq"]), F.linear(x, p["wkvg"], p["bkvg"])),
+           "resid": lambda p: F.linear(o, p["wo"]),
+           "gate_up": lambda p: (F.linear(x, p["wg"]), F.linear(x, p["wu"])),
+           "resid_down": lambda p: F.linear(act, p["wd"])}
+    t = graph_us(lambda: [fns[name](p) for p in layers], len(layers), reps=10)
+    return f"{t:.2f} us"
+
+
+if __name__ == "__main__":
+    main()

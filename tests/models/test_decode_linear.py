@@ -1,0 +1,171 @@
+"""The skinny fused projections of the decode step (ahn_ops/ops/decode_linear.py) against the torch ops
+they replace (Qwen2RMSNorm, F.linear, RoPE, SiLU * up, residual add), and the static decode step with
+them (``fuse_linear=True``) against the step without. CPU: Triton interpreter."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+import torch.nn.functional as F
+from transformers.models.qwen2.modeling_qwen2 import Qwen2RMSNorm
+
+import ahn_ops
+from ahn_ops.models.qwen2 import _rope
+from ahn_ops.ops import decode_linear as dl
+from tests.models.helpers import VOCAB, patched
+from tests.models.test_generate_fast import assert_greedy_of_full_forward
+
+DEV = "cuda" if torch.cuda.is_available() else "cpu"
+DTYPES = [torch.float32, torch.bfloat16, torch.float16]
+ULP = {torch.float32: 2 ** -23, torch.bfloat16: 2 ** -8, torch.float16: 2 ** -11}
+
+
+def _close(got, ref, dt, ulps=4):
+    """Within a few units in the last place of the row's scale: the kernels keep every rounding step of
+    the torch code, so only the fp32 summation order of the dot products (and, on the CPU, the
+    interpreter's truncating fp32 -> bf16 cast) separate them; one flipped rounding of a projection
+    output moves a RoPE'd or SiLU'd value by about one ulp of the row."""
+    g, r = got.double(), ref.double()
+    assert got.dtype == dt and got.shape == ref.shape
+    assert torch.isfinite(g).all()
+    scale = r.abs() + r.abs().amax(-1, keepdim=True)
+    tol = (ulps if dt != torch.float32 else 64) * ULP[dt] * scale
+    bad = (g - r).abs() > tol
+    assert not bad.any(), f"{bad.sum().item()} of {bad.numel()} off, worst {(g - r).abs().max().item():.3g}"
+
+
+def _norm(K, dt, g):
+    n = Qwen2RMSNorm(K, eps=1e-6).to(DEV)
+    with torch.no_grad():
+        n.weight.copy_(1 + 0.2 * torch.randn(K, generator=g))
+    return n.to(dt)
+
+
+def _w(n, K, dt, g, scale=None):
+    return (torch.randn(n, K, generator=g) * (scale or K ** -0.5)).to(dt).to(DEV)
+
+
+@pytest.mark.parametrize("dt", DTYPES, ids=str)
+@pytest.mark.parametrize("B,K,H,HKV,D,ngates,bias", [(1, 256, 4, 2, 64, 3, True), (3, 200, 2, 1, 32, 2, False),
+                                                     (4, 96, 4, 4, 16, 0, True), (2, 64, 2, 1, 64, 5, True)])
+def test_norm_qkvg(dt, B, K, H, HKV, D, ngates, bias):
+    g = torch.Generator().manual_seed(B * K + D)
+    h = (torch.randn(B, K, generator=g) * 3).to(dt).to(DEV)
+    norm = _norm(K, dt, g)
+    wq = _w(H * D, K, dt, g)
+    nk = HKV * D
+    N = 2 * nk + ngates * H + 3                   # k | v | gates | odd padding
+    wkvg = _w(N, K, dt, g)
+    bq = (torch.randn(H * D, generator=g) * 0.1).to(dt).to(DEV) if bias else None
+    bkvg = (torch.randn(N, generator=g) * 0.1).to(dt).to(DEV) if bias else None
+    ang = torch.rand(B, 1, D // 2, generator=g) * 50
+    emb = torch.cat([ang, ang], -1)
+    cos, sin = emb.cos().to(dt).to(DEV), emb.sin().to(dt).to(DEV)
+    q, y = dl.norm_qkvg(h, norm.weight, norm.variance_epsilon, wq, bq, wkvg, bkvg, nk, cos, sin, D)
+    # reference: the plain step's ops
+    x = norm(h)
+    qr = F.linear(x, wq, bq)
+    yr = F.linear(x, wkvg, bkvg)
+    qr, kr = _rope(qr.view(B, 1, H, D), yr[:, :nk].reshape(B, 1, HKV, D), cos, sin)
+    _close(q, qr.reshape(B, -1), dt)
+    _close(y[:, :nk], kr.reshape(B, -1), dt)
+    _close(y[:, nk:], yr[:, nk:], dt)
+    with pytest.raises(ValueError, match="wq must be"):
+        dl.norm_qkvg(h, norm.weight, 1e-6, wq[:, :-1], bq, wkvg, bkvg, nk, cos, sin, D)
+    with pytest.raises(ValueError, match="nk"):
+        dl.norm_qkvg(h, norm.weight, 1e-6, wq, bq, wkvg, bkvg, nk + 1, cos, sin, D)
+    with pytest.raises(ValueError, match="cos and sin"):
+        dl.norm_qkvg(h, norm.weight, 1e-6, wq, bq, wkvg, bkvg, nk, cos.float() if dt != torch.float32
+                     else cos.half(), sin, D)
+
+
+@pytest.mark.parametrize("dt", DTYPES, ids=str)
+@pytest.mark.parametrize("B,K,N,bias", [(1, 256, 96, False), (3, 300, 70, True), (4, 64, 17, False)])
+def test_linear_residual(dt, B, K, N, bias):
+    g = torch.Generator().manual_seed(B + K + N)
+    x = torch.randn(B, K, generator=g).to(dt).to(DEV)
+    w = _w(N, K, dt, g)
+    b = (torch.randn(N, generator=g) * 0.1).to(dt).to(DEV) if bias else None
+    res = torch.randn(B, N, generator=g).to(dt).to(DEV)
+    out = dl.linear_residual(x, w, b, res)
+    _close(out, res + F.linear(x, w, b), dt)
+    # a strided input row (o from a wider buffer) works
+    wide = torch.randn(B, K + 8, generator=g).to(dt).to(DEV)
+    _close(dl.linear_residual(wide[:, :K], w, b, res), res + F.linear(wide[:, :K], w, b), dt)
+    with pytest.raises(ValueError, match="residual must be"):
+        dl.linear_residual(x, w, b, res[:, :-1])
+    with pytest.raises(ValueError, match="batch must be 1..4"):
+        dl.linear_residual(x[:1].expand(5, K).contiguous(), w, b, res[:1].expand(5, N).contiguous())
+    with pytest.raises(TypeError, match="x must be"):
+        dl.linear_residual(x.to(torch.float64), w, b, res)
+
+
+@pytest.mark.parametrize("dt", DTYPES, ids=str)
+@pytest.mark.parametrize("B,K,N,bias", [(1, 128, 200, False), (2, 96, 33, True), (4, 256, 64, False)])
+def test_norm_gate_up(dt, B, K, N, bias):
+    g = torch.Generator().manual_seed(B * 7 + K + N)
+    h = (torch.randn(B, K, generator=g) * 2).to(dt).to(DEV)
+    norm = _norm(K, dt, g)
+    wg, wu = _w(N, K, dt, g, scale=3 * K ** -0.5), _w(N, K, dt, g)
+    bg = (torch.randn(N, generator=g) * 0.1).to(dt).to(DEV) if bias else None
+    bu = (torch.randn(N, generator=g) * 0.1).to(dt).to(DEV) if bias else None
+    out = dl.norm_gate_up(h, norm.weight, norm.variance_epsilon, wg, wu, bg, bu)
+    x = norm(h)
+    _close(out, F.silu(F.linear(x, wg, bg)) * F.linear(x, wu, bu), dt)
+    with pytest.raises(ValueError, match="w_up must be"):
+        dl.norm_gate_up(h, norm.weight, 1e-6, wg, wu[:-1])
+    with pytest.raises(ValueError, match="norm_weight must be"):
+        dl.norm_gate_up(h, norm.weight[:-1], 1e-6, wg, wu)
+
+
+@pytest.mark.parametrize("config", [(2, 32, 1), (4, 64, 2), (16, 512, 4)])
+def test_configs(config):
+    # any tile shape gives the same result: masks of partial row blocks and K tails
+    g = torch.Generator().manual_seed(3)
+    dt = torch.float32
+    h = torch.randn(3, 200, generator=g).to(DEV)
+    norm = _norm(200, dt, g)
+    wg, wu = _w(77, 200, dt, g), _w(77, 200, dt, g)
+    ref = dl.norm_gate_up(h, norm.weight, 1e-6, wg, wu, config=(1, 16, 1))
+    _close(dl.norm_gate_up(h, norm.weight, 1e-6, wg, wu, config=config), ref, dt)
+    res = torch.randn(3, 77, generator=g).to(DEV)
+    _close(dl.linear_residual(h, wg, None, res, config=config),
+           dl.linear_residual(h, wg, None, res, config=(1, 16, 1)), dt)
+
+
+@pytest.mark.parametrize("kind", ["gdn", "dn", "mamba2"])
+def test_decoder_linear_equals_plain_step(kind):
+    # a full-attention layer (RMSNorm kernel + its own projections) and left padding, batch 3 (padded
+    # to 4 rows in the kernels): every branch of the fused-projection step
+    from ahn_ops import fast_decode as gen
+
+    model = patched(kind, window=9, sinks=4, fa_layer_ids=[1], hidden=256, heads=4, kv_heads=2).to(DEV)
+    for attn in (l.self_attn for l in model.model.layers if hasattr(l, "ahn")):
+        attn._ahn_cfg["backend"] = "auto"
+    x = torch.randint(0, VOCAB, (3, 21), generator=torch.Generator().manual_seed(5)).to(DEV)
+    mask = torch.ones_like(x)
+    mask[1, :5] = 0
+    for m in (None, mask) if kind == "gdn" else (mask,):
+        plain = ahn_ops.generate(model, x, 6, attention_mask=m, use_cuda_graph=False, fuse_glue=False)
+        fused = ahn_ops.generate(model, x, 6, attention_mask=m, use_cuda_graph=False, fuse_glue=True,
+                                 fuse_linear=True)
+        if DEV == "cpu":  # fp32 on the CPU: the same tokens
+            assert torch.equal(plain, fused)
+        else:
+            assert_greedy_of_full_forward(model, x, fused, attention_mask=m)
+    logits, cache = gen.prefill(model, x)
+    dec = gen.StaticDecoder(model, cache, None, x.shape[1], 4, fuse_glue=True, fuse_linear=True)
+    assert dec.fuse_linear
+    with pytest.raises(ValueError, match="fuse_linear=True needs"):
+        gen.StaticDecoder(model, cache, None, x.shape[1], 4, fuse_glue=False, fuse_linear=True)
+
+
+def test_decoder_linear_auto_off_for_large_batches():
+    from ahn_ops import fast_decode as gen
+
+    model = patched("gdn", window=5, sinks=0)
+    x = torch.randint(0, VOCAB, (dl.MAX_BATCH + 1, 8))
+    logits, cache = gen.prefill(model, x)
+    with pytest.raises(ValueError, match="batch <= 4"):
+        gen.StaticDecoder(model, cache, None, 8, 2, fuse_glue=True, fuse_linear=True)
+    assert not gen.StaticDecoder(model, cache, None, 8, 2).fuse_linear
