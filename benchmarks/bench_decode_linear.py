@@ -11,11 +11,12 @@ once per token, the activations are noise): q 8.39 MB + k/v/gates 2.29 MB + o 8.
   op: add_rms_norm, stacked k/v/gates F.linear, q_proj F.linear, rope_qk, o_proj F.linear,
   add_rms_norm(residual), gate F.linear, up F.linear, silu_mul, down F.linear (the next layer's
   add_rms_norm adds the residual): 10 launches.
-- fused: norm_qkvg, linear_residual (o_proj), norm_gate_up, linear_residual (down): 4 launches.
+- fused: norm_qkvg, linear_residual (o_proj), norm_gate_up, linear_residual (down_proj): 4 launches.
 Both are captured for ``--layers`` layers with distinct weights in one CUDA graph (no L2 reuse,
 launch gaps as in the real step); the time is per layer (graph replay median / layers).
 ``--sweep`` times every tile config of each fused op alone (36 distinct weights per graph) and
-prints the best per (op, batch) as a ``CONFIGS`` table.
+prints the best per (op, batch) as a ``CONFIGS`` table (tile rows x K x warps, then the pipelining depth
+of the three best), which the layer comparison after it then uses.
 """
 
 from __future__ import annotations
@@ -61,7 +62,7 @@ def plain_layer(p, h, o, cos, sin):
     q, k = glue.rope_qk(F.linear(x, p["wq"], p["bq"]), y[:, :HKV * D], cos, sin, D)
     x, h = glue.add_rms_norm(F.linear(o, p["wo"]), p["ln2"], 1e-6, residual=h)
     m = F.linear(glue.silu_mul(F.linear(x, p["wg"]), F.linear(x, p["wu"])), p["wd"])
-    return h + m, q, y
+    return h + m, q, torch.cat([k.reshape(k.shape[0], -1), y[:, HKV * D:]], 1)
 
 
 def fused_layer(p, h, o, cos, sin, cfg=None):
@@ -70,9 +71,9 @@ def fused_layer(p, h, o, cos, sin, cfg=None):
     cfg = cfg or {}
     q, y = dl.norm_qkvg(h, p["ln1"], 1e-6, p["wq"], p["bq"], p["wkvg"], p["bkvg"], HKV * D, cos, sin, D,
                         config=cfg.get("qkvg"))
-    h = dl.linear_residual(o, p["wo"], None, h, config=cfg.get("resid"))
+    h = dl.linear_residual(o, p["wo"], None, h, config=cfg.get("o_proj"))
     act = dl.norm_gate_up(h, p["ln2"], 1e-6, p["wg"], p["wu"], config=cfg.get("gate_up"))
-    return dl.linear_residual(act, p["wd"], None, h, config=cfg.get("resid_down", cfg.get("resid"))), q, y
+    return dl.linear_residual(act, p["wd"], None, h, role="down_proj", config=cfg.get("down_proj")), q, y
 
 
 def graph_us(fn, n_inner, reps=20):
@@ -111,10 +112,10 @@ def check(layers, B, dt, dev, g):
     got = fused_layer(p, h, o, cos, sin)
     out = []
     for r, t in zip(ref, got):
-        r, t = r.double(), t.double()
+        r, t = r.double().reshape(B, -1), t.double().reshape(B, -1)
         scale = r.abs().amax(-1, keepdim=True) * 2 ** -8
         out.append(((t - r).abs() / scale).max().item())
-    return out  # h, q, y in ulps of the row max
+    return out  # h, q, [k | v | gates] in ulps of the row max
 
 
 def main():
@@ -150,12 +151,17 @@ def main():
 
         t_plain = graph_us(lambda: run(plain_layer), len(layers))
         t_fused = graph_us(lambda: run(fused_layer), len(layers))
-        rows.append((B, t_plain, t_fused, errs))
-    print("\n| B | plain us/layer (% bw) | fused us/layer (% bw) | speed-up | fused vs plain err (ulps of row max: h, q, y) |")
-    print("|---|---|---|---|---|")
+        dl.PDL = False
+        t_nopdl = graph_us(lambda: run(fused_layer), len(layers))
+        dl.PDL = None
+        rows.append((B, t_plain, t_fused, t_nopdl, errs))
+    print("\n| B | plain us/layer (% bw) | fused us/layer (% bw) | fused, no PDL | speed-up | fused vs plain err "
+          "(ulps of row max: h, q, k/v/gates) |")
+    print("|---|---|---|---|---|---|")
     bound = per_layer / bw * 1e6
-    for B, tp, tf, e in rows:
-        print(f"| {B} | {tp:.2f} ({100 * bound / tp:.0f}%) | {tf:.2f} ({100 * bound / tf:.0f}%) | {tp / tf:.2f}x | "
+    for B, tp, tf, tn, e in rows:
+        print(f"| {B} | {tp:.2f} ({100 * bound / tp:.0f}%) | {tf:.2f} ({100 * bound / tf:.0f}%) | {tn:.2f} | "
+              f"{tp / tf:.2f}x | "
               f"{e[0]:.2f}, {e[1]:.2f}, {e[2]:.2f} |")
     print(f"configs: {dl.CONFIGS}")
 
@@ -174,23 +180,30 @@ def sweep(layers, batches, dt, dev, g, bw):
         ops = {
             "qkvg": (lambda p, c: dl.norm_qkvg(h, p["ln1"], 1e-6, p["wq"], p["bq"], p["wkvg"], p["bkvg"], HKV * D,
                                                cos, sin, D, config=c), ("wq", "wkvg")),
-            "resid": (lambda p, c: dl.linear_residual(o, p["wo"], None, h, config=c), ("wo",)),
+            "o_proj": (lambda p, c: dl.linear_residual(o, p["wo"], None, h, config=c), ("wo",)),
             "gate_up": (lambda p, c: dl.norm_gate_up(h, p["ln2"], 1e-6, p["wg"], p["wu"], config=c), ("wg", "wu")),
-            "resid_down": (lambda p, c: dl.linear_residual(act, p["wd"], None, h, config=c), ("wd",)),
+            "down_proj": (lambda p, c: dl.linear_residual(act, p["wd"], None, h, role="down_proj", config=c),
+                          ("wd",)),
         }
         for name, (op, keys) in ops.items():
             nbytes = sum(layers[0][k].numel() * 2 for k in keys)
-            res = []
-            for BN2, BK, warps in itertools.product((2, 4, 8, 16), (256, 512, 1024, 2048), (4, 8)):
-                if BM * BN2 * BK > 2048 * 32 * warps or (name == "qkvg" and BN2 > D // 2):
-                    continue
-                c = (BN2, BK, warps)
+
+            def timed(c):
                 try:
-                    t = graph_us(lambda: [op(p, c) for p in layers], len(layers), reps=10)
+                    return graph_us(lambda: [op(p, c) for p in layers], len(layers), reps=10)
                 except Exception as e:  # noqa: BLE001 (a config the compiler rejects: skip it)
                     print(f"  {name} B={B} {c}: {type(e).__name__}")
+                    return float("inf")
+
+            res = []
+            for BN2, BK, warps in itertools.product((1, 2, 4, 8, 16), (512, 1024, 2048, 4096), (4, 8)):
+                if BM * BN2 * BK > 2048 * 32 * warps or (name == "qkvg" and BN2 > D // 2):
                     continue
-                res.append((t, c))
+                res.append((timed((BN2, BK, warps, 3)), (BN2, BK, warps, 3)))
+            res.sort()
+            for _, (BN2, BK, warps, _) in res[:3]:  # pipelining depth of the three best
+                for st in (1, 2, 4):
+                    res.append((timed((BN2, BK, warps, st)), (BN2, BK, warps, st)))
             res.sort()
             t, c = res[0]
             cub = "plain cuBLAS: " + _cublas(name, layers, h, o, act)
@@ -198,22 +211,16 @@ def sweep(layers, batches, dt, dev, g, bw):
                   f"{100 * nbytes / t / 1e3 / (bw / 1e9):.0f}% of copy); next {[(round(x, 2), y) for x, y in res[1:4]]}"
                   f"; {cub}")
             best[(name, BM)] = c
+            dl.CONFIGS[(name, BM)] = c
     print("\nbest CONFIGS:", best)
-    for (name, BM), c in best.items():
-        if name == "resid_down":
-            continue  # linear_residual has one table entry; down_proj dominates its bytes, o_proj its count
-        dl.CONFIGS[(name, BM)] = c
-    for (name, BM), c in best.items():
-        if name == "resid_down":
-            dl.CONFIGS[("resid", BM)] = c
 
 
 def _cublas(name, layers, h, o, act):
     x = h
     fns = {"qkvg": lambda p: (F.linear(x, p["wq"], p["bq"]), F.linear(x, p["wkvg"], p["bkvg"])),
-           "resid": lambda p: F.linear(o, p["wo"]),
+           "o_proj": lambda p: F.linear(o, p["wo"]),
            "gate_up": lambda p: (F.linear(x, p["wg"]), F.linear(x, p["wu"])),
-           "resid_down": lambda p: F.linear(act, p["wd"])}
+           "down_proj": lambda p: F.linear(act, p["wd"])}
     t = graph_us(lambda: [fns[name](p) for p in layers], len(layers), reps=10)
     return f"{t:.2f} us"
 

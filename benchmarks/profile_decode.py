@@ -48,18 +48,21 @@ def main():
     L = model.config.num_hidden_layers
     ids = torch.randint(0, model.config.vocab_size, (a.batch, a.context), device=dev)
     logits, cache = gen.prefill(model, ids, chunk_size=32768 if a.batch * a.context > 262144 else None)
-    for glue in (False, True):  # the modules' own ops, then the fused glue (profiled)
-        dec, per_token = _timed_decoder(gen, model, cache, logits, a, glue)
-        print(f"fuse_glue={glue}: {1e3 * per_token:.3f} ms/token")
+    # the modules' own ops, the fused glue, then (batch <= 4) the fused projections too; the last is profiled
+    variants = [(False, False), (True, False)] + [(True, True)] * (a.batch <= 4)
+    for glue, lin in variants:
+        dec, per_token = _timed_decoder(gen, model, cache, logits, a, glue, lin)
+        print(f"fuse_glue={glue} fuse_linear={lin}: {1e3 * per_token:.3f} ms/token")
     floor = (weight_bytes(model) + cache_read_bytes(model, a.batch, a.context)) / copy_bandwidth(dev)
     _profile(dec, per_token, floor, L, a)
 
 
-def _timed_decoder(gen, model, cache, logits, a, glue):
+def _timed_decoder(gen, model, cache, logits, a, glue, lin):
     import copy
 
     cache = copy.deepcopy(cache)  # each decoder advances its own cache
-    dec = gen.StaticDecoder(model, cache, None, a.context, 4 * a.steps + 16, fuse_glue=glue)
+    dec = gen.StaticDecoder(model, cache, None, a.context, 4 * a.steps + 16, fuse_glue=glue,
+                             fuse_linear=lin)
     dec.start(logits)
     side = torch.cuda.Stream()
     side.wait_stream(torch.cuda.current_stream())
@@ -92,7 +95,7 @@ def _profile(dec, per_token, floor, L, a):
             agg[e.name][1] += e.time_range.elapsed_us()
     n_k = sum(c for c, _ in agg.values()) / a.steps
     busy = sum(t for _, t in agg.values()) / a.steps
-    print(f"\n# decode step (fuse_glue={dec.fuse_glue}): {a.shape} L={L} B={a.batch} T={a.context} {a.kind} "
+    print(f"\n# decode step (fuse_glue={dec.fuse_glue}, fuse_linear={dec.fuse_linear}): {a.shape} L={L} B={a.batch} T={a.context} {a.kind} "
           f"W={a.window} S={a.sinks}, "
           f"{torch.cuda.get_device_name()}")
     print(f"per token {1e3 * per_token:.3f} ms (floor {1e3 * floor:.3f} ms), kernels per token {n_k:.0f} "

@@ -31,6 +31,7 @@ Internal helpers of :class:`ahn_ops.fast_decode.StaticDecoder` (no autograd); in
 
 from __future__ import annotations
 
+import os
 from typing import Dict, Optional, Tuple
 
 import torch
@@ -43,12 +44,32 @@ MAX_BATCH = 4
 
 _PROJ, _SILU, _RESID = 0, 1, 2
 
-# (BN2, BK, num_warps) per (mode, BM); H100/H200 sweep results go here (see the module docstring)
-CONFIGS: Dict[Tuple[str, int], Tuple[int, int, int]] = {
-    ("qkvg", 1): (8, 1024, 4), ("qkvg", 2): (8, 512, 4), ("qkvg", 4): (4, 512, 4),
-    ("resid", 1): (4, 1024, 4), ("resid", 2): (4, 512, 4), ("resid", 4): (4, 256, 4),
-    ("gate_up", 1): (8, 1024, 4), ("gate_up", 2): (8, 512, 4), ("gate_up", 4): (4, 512, 4),
+# (BN2, BK, num_warps, num_stages) per (projection, BM), from ``benchmarks/bench_decode_linear.py --sweep``
+CONFIGS: Dict[Tuple[str, int], Tuple[int, int, int, int]] = {  # H200 sweep, 2026-12-02 (BM=2: BM=4's)
+    ("qkvg", 1): (1, 4096, 4, 2), ("qkvg", 2): (4, 2048, 4, 4), ("qkvg", 4): (4, 2048, 4, 4),
+    ("o_proj", 1): (1, 2048, 4, 2), ("o_proj", 2): (2, 4096, 4, 3), ("o_proj", 4): (2, 4096, 4, 3),
+    ("down_proj", 1): (2, 4096, 4, 3), ("down_proj", 2): (4, 4096, 4, 1), ("down_proj", 4): (4, 4096, 4, 1),
+    ("gate_up", 1): (8, 4096, 4, 1), ("gate_up", 2): (4, 4096, 4, 2), ("gate_up", 4): (4, 4096, 4, 2),
 }
+
+
+def _config(key, BM, config):
+    c = tuple(config) if config is not None else CONFIGS[(key, BM)]
+    if len(c) == 3:
+        c = c + (3,)
+    return c
+
+
+@triton.jit
+def _gdc_wait():
+    # griddepcontrol.wait (sm_90+): block until the previous grid has completed and its writes are visible
+    tl.inline_asm_elementwise("griddepcontrol.wait; // $0", "=r", [], dtype=tl.int32, is_pure=False, pack=1)
+
+
+@triton.jit
+def _gdc_launch_dependents():
+    tl.inline_asm_elementwise("griddepcontrol.launch_dependents; // $0", "=r", [], dtype=tl.int32, is_pure=False,
+                              pack=1)
 
 
 @triton.jit
@@ -57,7 +78,8 @@ def _skinny_kernel(x, x_s, nw, eps,
                    res, r_s, cos, sin, cs_s,
                    B, K, N1, N2, R1, R2, P1,
                    MODE: tl.constexpr, RMS: tl.constexpr, HAS_B1: tl.constexpr, HAS_B2: tl.constexpr,
-                   D: tl.constexpr, BM: tl.constexpr, BN2: tl.constexpr, BK: tl.constexpr):
+                   D: tl.constexpr, BM: tl.constexpr, BN2: tl.constexpr, BK: tl.constexpr,
+                   PDL: tl.constexpr):
     pid = tl.program_id(0)
     HALF: tl.constexpr = D // 2
     ar = tl.arange(0, BN2)
@@ -114,6 +136,15 @@ def _skinny_kernel(x, x_s, nw, eps,
     mlo = rows_lo < N
     mhi = rows_hi < N
     xrow = x + bm.to(tl.int64)[:, None] * x_s                      # [BM, 1]
+    # ---- the first weight tiles do not depend on the previous kernel: with programmatic dependent launch
+    # they stream in while it finishes; everything it writes (x, the residual, cos/sin) is read after the wait
+    plo = wlo + rows_lo.to(tl.int64)[:, None] * K                  # [BN2, 1]
+    phi = whi + rows_hi.to(tl.int64)[:, None] * K
+    k0s = tl.arange(0, BK)
+    wl0 = tl.load(plo + k0s[None, :], mask=mlo[:, None] & (k0s < K)[None, :], other=0.)
+    wh0 = tl.load(phi + k0s[None, :], mask=mhi[:, None] & (k0s < K)[None, :], other=0.)
+    if PDL:
+        _gdc_wait()
     # ---- RMSNorm of the input rows (fp32 mean of squares over K), as Qwen2RMSNorm
     if RMS:
         ss = tl.zeros([BM], dtype=tl.float32)
@@ -124,21 +155,25 @@ def _skinny_kernel(x, x_s, nw, eps,
         rstd = tl.rsqrt(ss / K + eps)
     acc_lo = tl.zeros([BM, BN2], dtype=tl.float32)
     acc_hi = tl.zeros([BM, BN2], dtype=tl.float32)
-    plo = wlo + rows_lo.to(tl.int64)[:, None] * K                  # [BN2, 1]
-    phi = whi + rows_hi.to(tl.int64)[:, None] * K
     for k0 in range(0, K, BK):
         kk = k0 + tl.arange(0, BK)
         km = kk < K
+        if k0 == 0:  # the first weight tiles were loaded before the wait
+            wl = wl0
+            wh = wh0
+        else:
+            wl = tl.load(plo + kk[None, :], mask=mlo[:, None] & km[None, :], other=0.)
+            wh = tl.load(phi + kk[None, :], mask=mhi[:, None] & km[None, :], other=0.)
         xv = tl.load(xrow + kk[None, :], mask=bmask[:, None] & km[None, :], other=0.)
         if RMS:  # normalise in fp32, round, times the weight, round (the module's steps)
             y = (xv.to(tl.float32) * rstd[:, None]).to(dt)
             wn = tl.load(nw + kk, mask=km, other=0.)
             xv = (wn.to(tl.float32)[None, :] * y.to(tl.float32)).to(dt)
         xf = xv.to(tl.float32)
-        wl = tl.load(plo + kk[None, :], mask=mlo[:, None] & km[None, :], other=0.).to(tl.float32)
-        wh = tl.load(phi + kk[None, :], mask=mhi[:, None] & km[None, :], other=0.).to(tl.float32)
-        acc_lo += tl.sum(xf[:, None, :] * wl[None, :, :], 2)
-        acc_hi += tl.sum(xf[:, None, :] * wh[None, :, :], 2)
+        acc_lo += tl.sum(xf[:, None, :] * wl.to(tl.float32)[None, :, :], 2)
+        acc_hi += tl.sum(xf[:, None, :] * wh.to(tl.float32)[None, :, :], 2)
+    if PDL:  # the next kernel may start streaming its weights while this one finishes
+        _gdc_launch_dependents()
     # ---- epilogue: bias, round to the activation dtype (the projection's output), then the neighbour op
     if has_blo:
         acc_lo += tl.load(blo + rows_lo, mask=mlo, other=0.).to(tl.float32)[None, :]
@@ -173,6 +208,27 @@ def _skinny_kernel(x, x_s, nw, eps,
         else:
             tl.store(out + orow + rows_lo[None, :], lo.to(dt), mask=sm_lo)
             tl.store(out + orow + rows_hi[None, :], hi.to(dt), mask=sm_hi)
+
+
+# Programmatic dependent launch between the step's kernels: None = on for sm_90+ GPUs (off in the Triton
+# interpreter, which has no inline PTX); False/True to force (benchmarks compare both).
+PDL: Optional[bool] = None
+
+
+def _pdl(dev: torch.device) -> bool:
+    if dev.type != "cuda" or os.environ.get("TRITON_INTERPRET") == "1":
+        return False
+    if PDL is not None:
+        return bool(PDL)
+    return torch.cuda.get_device_capability(dev)[0] >= 9
+
+
+def _launch_kw(dev: torch.device, warps: int, stages: int) -> dict:
+    pdl = _pdl(dev)
+    kw = dict(PDL=pdl, num_warps=warps, num_stages=stages)
+    if pdl:
+        kw["launch_pdl"] = True
+    return kw
 
 
 def _bm(B: int) -> int:
@@ -213,7 +269,7 @@ def _check_bias(fn, name, b, n, dtype):
 
 def norm_qkvg(h: torch.Tensor, norm_weight: torch.Tensor, eps: float, wq: torch.Tensor, bq: Optional[torch.Tensor],
               wkvg: torch.Tensor, bkvg: Optional[torch.Tensor], nk: int, cos: torch.Tensor, sin: torch.Tensor,
-              head_dim: int, config: Optional[Tuple[int, int, int]] = None):
+              head_dim: int, config: Optional[Tuple[int, ...]] = None):
     """``x = rms_norm(h) * norm_weight``; ``q = rope(x @ wq^T + bq)`` and ``y = x @ wkvg^T + bkvg`` with RoPE on
     ``y[:, :nk]`` (the k rows of the stacked k/v/gates weight), in one launch.
 
@@ -239,7 +295,7 @@ def norm_qkvg(h: torch.Tensor, norm_weight: torch.Tensor, eps: float, wq: torch.
     if cos.dtype != dt or sin.dtype != dt or cos.stride(1) != 1 or sin.stride() != cos.stride():
         raise ValueError(f"{fn}: cos and sin must be [B={B}, {D}] {dt} with the same unit-last-dim strides")
     BM = _bm(B)
-    BN2, BK, warps = config or CONFIGS[("qkvg", BM)]
+    BN2, BK, warps, stages = _config("qkvg", BM, config)
     BN2 = min(BN2, D // 2)
     BK = min(BK, triton.next_power_of_2(K))
     q = torch.empty(B, Nq, dtype=dt, device=dev)
@@ -251,15 +307,19 @@ def norm_qkvg(h: torch.Tensor, norm_weight: torch.Tensor, eps: float, wq: torch.
                                q, q.stride(0), y, y.stride(0), h, 0, cos, sin, cos.stride(0),
                                B, K, Nq, Nkvg, Nq, nk, P1,
                                MODE=_PROJ, RMS=True, HAS_B1=bq is not None, HAS_B2=bkvg is not None,
-                               D=D, BM=BM, BN2=BN2, BK=BK, num_warps=warps)
+                               D=D, BM=BM, BN2=BN2, BK=BK,
+                         **_launch_kw(dev, warps, stages))
     return q, y
 
 
 def linear_residual(x: torch.Tensor, w: torch.Tensor, bias: Optional[torch.Tensor], residual: torch.Tensor,
-                    config: Optional[Tuple[int, int, int]] = None) -> torch.Tensor:
+                    role: str = "o_proj", config: Optional[Tuple[int, ...]] = None) -> torch.Tensor:
     """``residual + (x @ w^T + bias)``, the projection rounded to the activation dtype before the add
-    (as ``h = residual + o_proj(o)``). ``x``: ``[B, K]``, ``w``: ``[N, K]``, ``residual``: ``[B, N]``."""
+    (as ``h = residual + o_proj(o)``). ``x``: ``[B, K]``, ``w``: ``[N, K]``, ``residual``: ``[B, N]``;
+    ``role`` (``"o_proj"`` or ``"down_proj"``) picks the tile config."""
     fn = "linear_residual"
+    if role not in ("o_proj", "down_proj"):
+        raise ValueError(f"{fn}: role must be 'o_proj' or 'down_proj', got {role!r}")
     B, K = x.shape[0], _check_x(fn, "x", x)
     dt, dev = x.dtype, x.device
     _check_w(fn, "w", w, -1, K, dt, dev)
@@ -269,7 +329,7 @@ def linear_residual(x: torch.Tensor, w: torch.Tensor, bias: Optional[torch.Tenso
         raise ValueError(f"{fn}: residual must be [{B}, {N}] {dt} with a unit last stride, got "
                          f"{tuple(residual.shape)} {residual.dtype}")
     BM = _bm(B)
-    BN2, BK, warps = config or CONFIGS[("resid", BM)]
+    BN2, BK, warps, stages = _config(role, BM, config)
     BK = min(BK, triton.next_power_of_2(K))
     out = torch.empty(B, N, dtype=dt, device=dev)
     P = triton.cdiv(N, 2 * BN2)
@@ -278,13 +338,14 @@ def linear_residual(x: torch.Tensor, w: torch.Tensor, bias: Optional[torch.Tenso
                          residual, residual.stride(0), x, x, 0,
                          B, K, N, 0, 0, 0, P,
                          MODE=_RESID, RMS=False, HAS_B1=bias is not None, HAS_B2=False,
-                         D=2, BM=BM, BN2=BN2, BK=BK, num_warps=warps)
+                         D=2, BM=BM, BN2=BN2, BK=BK,
+                         **_launch_kw(dev, warps, stages))
     return out
 
 
 def norm_gate_up(h: torch.Tensor, norm_weight: torch.Tensor, eps: float, w_gate: torch.Tensor,
                  w_up: torch.Tensor, b_gate: Optional[torch.Tensor] = None, b_up: Optional[torch.Tensor] = None,
-                 config: Optional[Tuple[int, int, int]] = None) -> torch.Tensor:
+                 config: Optional[Tuple[int, ...]] = None) -> torch.Tensor:
     """``silu(x @ w_gate^T) * (x @ w_up^T)`` with ``x = rms_norm(h) * norm_weight`` (Qwen2's post-attention
     norm and MLP up to down_proj). ``h``: ``[B, K]``; ``w_gate``, ``w_up``: ``[N, K]``. Returns ``[B, N]``."""
     fn = "norm_gate_up"
@@ -297,7 +358,7 @@ def norm_gate_up(h: torch.Tensor, norm_weight: torch.Tensor, eps: float, w_gate:
     _check_bias(fn, "b_gate", b_gate, N, dt)
     _check_bias(fn, "b_up", b_up, N, dt)
     BM = _bm(B)
-    BN2, BK, warps = config or CONFIGS[("gate_up", BM)]
+    BN2, BK, warps, stages = _config("gate_up", BM, config)
     BK = min(BK, triton.next_power_of_2(K))
     out = torch.empty(B, N, dtype=dt, device=dev)
     P = triton.cdiv(N, BN2)
@@ -306,5 +367,6 @@ def norm_gate_up(h: torch.Tensor, norm_weight: torch.Tensor, eps: float, w_gate:
                          out, out.stride(0), out, 0, h, 0, h, h, 0,
                          B, K, N, N, 0, 0, P,
                          MODE=_SILU, RMS=True, HAS_B1=b_gate is not None, HAS_B2=b_up is not None,
-                         D=2, BM=BM, BN2=BN2, BK=BK, num_warps=warps)
+                         D=2, BM=BM, BN2=BN2, BK=BK,
+                         **_launch_kw(dev, warps, stages))
     return out

@@ -118,7 +118,7 @@ def test_norm_gate_up(dt, B, K, N, bias):
         dl.norm_gate_up(h, norm.weight[:-1], 1e-6, wg, wu)
 
 
-@pytest.mark.parametrize("config", [(2, 32, 1), (4, 64, 2), (16, 512, 4)])
+@pytest.mark.parametrize("config", [(2, 32, 1), (4, 64, 2, 1), (16, 512, 4, 2)])
 def test_configs(config):
     # any tile shape gives the same result: masks of partial row blocks and K tails
     g = torch.Generator().manual_seed(3)
@@ -131,6 +131,8 @@ def test_configs(config):
     res = torch.randn(3, 77, generator=g).to(DEV)
     _close(dl.linear_residual(h, wg, None, res, config=config),
            dl.linear_residual(h, wg, None, res, config=(1, 16, 1)), dt)
+    with pytest.raises(ValueError, match="role"):
+        dl.linear_residual(h, wg, None, res, role="up_proj")
 
 
 @pytest.mark.parametrize("kind", ["gdn", "dn", "mamba2"])
@@ -163,8 +165,8 @@ def test_decoder_linear_equals_plain_step(kind):
 def test_decoder_linear_auto_off_for_large_batches():
     from ahn_ops import fast_decode as gen
 
-    model = patched("gdn", window=5, sinks=0)
-    x = torch.randint(0, VOCAB, (dl.MAX_BATCH + 1, 8))
+    model = patched("gdn", window=5, sinks=0).to(DEV)
+    x = torch.randint(0, VOCAB, (dl.MAX_BATCH + 1, 8)).to(DEV)
     logits, cache = gen.prefill(model, x)
     with pytest.raises(ValueError, match="batch <= 4"):
         gen.StaticDecoder(model, cache, None, 8, 2, fuse_glue=True, fuse_linear=True)
