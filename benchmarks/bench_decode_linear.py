@@ -151,17 +151,13 @@ def main():
 
         t_plain = graph_us(lambda: run(plain_layer), len(layers))
         t_fused = graph_us(lambda: run(fused_layer), len(layers))
-        dl.PDL = False
-        t_nopdl = graph_us(lambda: run(fused_layer), len(layers))
-        dl.PDL = None
-        rows.append((B, t_plain, t_fused, t_nopdl, errs))
-    print("\n| B | plain us/layer (% bw) | fused us/layer (% bw) | fused, no PDL | speed-up | fused vs plain err "
+        rows.append((B, t_plain, t_fused, errs))
+    print("\n| B | plain us/layer (% bw) | fused us/layer (% bw) | speed-up | fused vs plain err "
           "(ulps of row max: h, q, k/v/gates) |")
-    print("|---|---|---|---|---|---|")
+    print("|---|---|---|---|---|")
     bound = per_layer / bw * 1e6
-    for B, tp, tf, tn, e in rows:
-        print(f"| {B} | {tp:.2f} ({100 * bound / tp:.0f}%) | {tf:.2f} ({100 * bound / tf:.0f}%) | {tn:.2f} | "
-              f"{tp / tf:.2f}x | "
+    for B, tp, tf, e in rows:
+        print(f"| {B} | {tp:.2f} ({100 * bound / tp:.0f}%) | {tf:.2f} ({100 * bound / tf:.0f}%) | {tp / tf:.2f}x | "
               f"{e[0]:.2f}, {e[1]:.2f}, {e[2]:.2f} |")
     print(f"configs: {dl.CONFIGS}")
 
