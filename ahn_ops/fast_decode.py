@@ -277,7 +277,7 @@ class StaticDecoder:
         from .ops.decode_linear import MAX_BATCH
 
         lin_ok = self.fuse_glue and B <= MAX_BATCH and _linear_supported(self.base, self.dtype)
-        if fuse_linear is None:  # H200 (2026-12-02), per layer vs cuBLAS + glue: 1.33x at B=1, 1.19x at B=2,
+        if fuse_linear is None:  # H200 (2026-12-02), per layer vs cuBLAS + glue: 1.37x at B=1, 1.16x at B=2,
             fuse_linear = lin_ok and self.device.type == "cuda" and B <= 2   # 0.89x at B=4
         elif fuse_linear and not lin_ok:
             raise ValueError(f"fuse_linear=True needs fuse_glue, batch <= {MAX_BATCH} (got {B}) and plain "
@@ -576,8 +576,8 @@ def generate(model, input_ids: torch.Tensor, max_new_tokens: int, *, attention_m
             sum order aside); False = the modules' own ops; True = required.
         fuse_linear: None = on with ``fuse_glue`` on CUDA at batch 1 or 2: each layer's projections
             run as skinny Triton GEMVs with the RMSNorm, RoPE, SiLU*up and residual adds inside them,
-            6 launches per AHN layer instead of 12 (``ahn_ops/ops/decode_linear.py``; per layer 1.33x
-            / 1.19x faster than cuBLAS + glue at batch 1 / 2 on an H200, 0.89x at batch 4); False =
+            6 launches per AHN layer instead of 12 (``ahn_ops/ops/decode_linear.py``; per layer 1.37x
+            / 1.16x faster than cuBLAS + glue at batch 1 / 2 on an H200, 0.89x at batch 4); False =
             cuBLAS projections; True = required (batch <= 4, needs ``fuse_glue``).
         stats: optional dict, filled with ``prefill_s``, ``decode_s`` (graph capture included),
             ``new_tokens``, ``cuda_graph`` and ``cache_nbytes`` (AHN cache + static full-attention
