@@ -185,7 +185,7 @@ class StaticDecoder:
         do_sample, temperature, top_k, top_p, generator: token choice (greedy by default).
         fuse_glue: fused Triton glue (see :func:`generate`); None = on for CUDA models it fits.
         fuse_linear: projections with their neighbours fused (see :func:`generate`); None = on with
-            ``fuse_glue`` on CUDA at ``B <= 2`` (True: any ``B <= decode_linear.MAX_BATCH``).
+            ``fuse_glue`` on Hopper GPUs at ``B <= 2`` (True: any GPU, ``B <= decode_linear.MAX_BATCH``).
     """
 
     def __init__(self, model, cache, attention_mask: Optional[torch.Tensor], prompt_len: int,
@@ -278,7 +278,9 @@ class StaticDecoder:
 
         lin_ok = self.fuse_glue and B <= MAX_BATCH and _linear_supported(self.base, self.dtype)
         if fuse_linear is None:  # H200 (2026-12-02), per layer vs cuBLAS + glue: 1.37x at B=1, 1.16x at B=2,
-            fuse_linear = lin_ok and self.device.type == "cuda" and B <= 2   # 0.89x at B=4
+            # 0.89x at B=4; tile configs tuned there: auto-on on Hopper (sm_90) only, where it was measured
+            fuse_linear = (lin_ok and self.device.type == "cuda" and B <= 2
+                           and torch.cuda.get_device_capability(self.device)[0] == 9)
         elif fuse_linear and not lin_ok:
             raise ValueError(f"fuse_linear=True needs fuse_glue, batch <= {MAX_BATCH} (got {B}) and plain "
                              f"nn.Linear projections of {self.dtype}")
@@ -574,11 +576,12 @@ def generate(model, input_ids: torch.Tensor, max_new_tokens: int, *, attention_m
             Triton kernels and each AHN layer computes k, v and its gates in one projection
             (``ahn_ops/ops/model_glue.py``; same rounding steps as the modules, the RMSNorm's fp32
             sum order aside); False = the modules' own ops; True = required.
-        fuse_linear: None = on with ``fuse_glue`` on CUDA at batch 1 or 2: each layer's projections
-            run as skinny Triton GEMVs with the RMSNorm, RoPE, SiLU*up and residual adds inside them,
-            6 launches per AHN layer instead of 12 (``ahn_ops/ops/decode_linear.py``; per layer 1.37x
-            / 1.16x faster than cuBLAS + glue at batch 1 / 2 on an H200, 0.89x at batch 4); False =
-            cuBLAS projections; True = required (batch <= 4, needs ``fuse_glue``).
+        fuse_linear: None = on with ``fuse_glue`` on Hopper (sm_90, where its tiles were tuned) at
+            batch 1 or 2: each layer's projections run as skinny Triton GEMVs with the RMSNorm, RoPE,
+            SiLU*up and residual adds inside them, 6 launches per AHN layer instead of 12
+            (``ahn_ops/ops/decode_linear.py``; per layer 1.37x / 1.16x faster than cuBLAS + glue at
+            batch 1 / 2 on an H200, 0.89x at batch 4); False = cuBLAS projections; True = required
+            (any GPU, batch <= 4, needs ``fuse_glue``).
         stats: optional dict, filled with ``prefill_s``, ``decode_s`` (graph capture included),
             ``new_tokens``, ``cuda_graph`` and ``cache_nbytes`` (AHN cache + static full-attention
             K/V) (the device is synchronised at the boundaries).
