@@ -1,10 +1,18 @@
 """Registers, spills and shared memory of every Triton kernel a forward + backward launches.
 
     python benchmarks/kernel_regs.py [--T 4096] [--kinds gdn mamba2] [--D 128 64]
+    python benchmarks/kernel_regs.py --offline [--arch 90]     # no GPU needed
 
 Launch configs are the library's (prefill.CONFIG, backward.CONFIG). A kernel that spills
 (ptxas moves registers to local memory) is usually latency-bound far from its roofline: this is the
-first thing to read before tuning one (benchmarks/NOTES_backward.md). GPU only.
+first thing to read before tuning one (benchmarks/NOTES_backward.md).
+
+On a GPU it runs the op and reads what the driver reports. ``--offline`` needs no GPU: a stand-in
+Triton driver targets ``sm_<arch>`` (90 -> sm_90a), every kernel launch of the library's launchers
+(prefill forward and backward, the decode step's skinny projections) is turned into a compile-only
+``warmup`` on CPU tensors, and Triton's bundled ``ptxas -v`` reports registers and spills of the PTX.
+The figures are those of the installed Triton (the GPU machine may run another version: the H100 and
+H200 runs used triton 3.6), so compare offline against offline.
 """
 
 from __future__ import annotations
@@ -25,6 +33,7 @@ from bench_backward import make_inputs  # noqa: E402
 
 SEEN: dict = {}
 _run = JITFunction.run
+OFFLINE = "--offline" in sys.argv
 
 
 def _spy(self, *args, **kwargs):
@@ -43,12 +52,110 @@ def _spy(self, *args, **kwargs):
 JITFunction.run = _spy
 
 
+def _ptxas_report(ptx: str, arch: int):
+    """(registers, spill bytes stored + loaded, static shared bytes) of a PTX for sm_<arch> (``ptxas -v``)."""
+    import re
+    import subprocess
+    import tempfile
+
+    gpu = f"sm_{arch}a" if arch == 90 else f"sm_{arch}"
+    ptxas = os.path.join(os.path.dirname(triton.__file__), "backends", "nvidia", "bin", "ptxas")
+    with tempfile.TemporaryDirectory() as d:
+        src = os.path.join(d, "k.ptx")
+        with open(src, "w") as f:
+            f.write(ptx)
+        r = subprocess.run([ptxas, "-v", "--gpu-name", gpu, src, "-o", os.path.join(d, "k.o")],
+                           capture_output=True, text=True)
+    txt = r.stderr
+    regs = re.search(r"Used (\d+) registers", txt)
+    st = re.search(r"(\d+) bytes spill stores, (\d+) bytes spill loads", txt)
+    smem = re.search(r"(\d+) bytes smem", txt)
+    return (int(regs.group(1)) if regs else None,
+            (int(st.group(1)) + int(st.group(2))) if st else None,
+            int(smem.group(1)) if smem else 0)
+
+
+def _offline_setup(arch: int):
+    """A stand-in driver for ``sm_<arch>`` and compile-only launches (see the module docstring)."""
+    from triton.backends.compiler import GPUTarget
+    from triton.backends.nvidia.driver import CudaDriver
+    from triton.runtime import driver
+
+    class _Offline(CudaDriver):
+        def __init__(self):  # no libcuda: nothing to load
+            pass
+
+        def get_current_device(self):
+            return 0
+
+        def get_current_stream(self, device=None):
+            return 0
+
+        def get_current_target(self):
+            return GPUTarget("cuda", arch, 32)
+
+        def get_active_torch_device(self):
+            return torch.device("cpu")
+
+    driver.set_active(_Offline())
+
+    def _compile_only(self, *args, grid, warmup, **kwargs):
+        k = _run(self, *args, grid=grid, warmup=True, **kwargs)
+        md = k.metadata
+        key = (self.fn.__name__, md.num_warps, md.num_stages)
+        if key not in SEEN:
+            regs, spills, _ = _ptxas_report(k.asm["ptx"], arch)
+            SEEN[key] = (regs, spills, md.shared)  # Triton's shared memory is dynamic: from its metadata
+        return k
+
+    JITFunction.run = _compile_only
+
+
+def _table(title):
+    print(f"\n== {title} (triton {triton.__version__})")
+    print(f"  {'kernel':28s} {'warps':>5s} {'stages':>6s} {'regs':>5s} {'spills(B)':>9s} {'smem(B)':>8s}")
+    for (name, nw, ns), (regs, spills, smem) in sorted(SEEN.items(), key=lambda kv: kv[0][0]):
+        print(f"  {name:28s} {nw!s:>5s} {ns!s:>6s} {regs!s:>5s} {spills!s:>9s} {smem!s:>8s}")
+
+
+def offline(a):
+    from ahn_ops.ops import decode_linear as dl
+    from ahn_ops.ops.ahn_attention import backward as bw
+    from ahn_ops.ops.ahn_attention import prefill as pf
+
+    _offline_setup(a.arch)
+    for kind in a.kinds:
+        for D in a.D:
+            SEEN.clear()
+            inp = make_inputs(kind, 1, a.T, 8, 2, D, torch.bfloat16, 0, device="cpu")
+            out, _, lse = pf.prefill_fwd(*inp, 1024, 64, kind)
+            bw.prefill_bwd(torch.randn_like(out), None, *inp, out, lse, 1024, 64, kind)
+            _table(f"{kind} D={D} (T={a.T}, H=8/2, W=1024, S=64, bf16; offline sm_{a.arch})")
+    SEEN.clear()
+    # the decode step's skinny projections at the Qwen2.5-3B shape (hidden 2048, intermediate 11008)
+    dt = torch.bfloat16
+    for B in (1, 2, 4):
+        h, o, act = torch.zeros(B, 2048, dtype=dt), torch.zeros(B, 2048, dtype=dt), torch.zeros(B, 11008, dtype=dt)
+        nw, w = torch.ones(2048, dtype=dt), torch.zeros(2048, 2048, dtype=dt)
+        wkvg, cs = torch.zeros(560, 2048, dtype=dt), torch.zeros(B, 128, dtype=dt)
+        wg, wd = torch.zeros(11008, 2048, dtype=dt), torch.zeros(2048, 11008, dtype=dt)
+        dl.norm_qkvg(h, nw, 1e-6, w, None, wkvg, None, 256, cs, cs, 128)
+        dl.linear_residual(o, w, None, h)
+        dl.norm_gate_up(h, nw, 1e-6, wg, wg)
+        dl.linear_residual(act, wd, None, h, role="down_proj")
+    _table(f"decode_linear, B = 1, 2, 4 (one row per warps/stages variant; offline sm_{a.arch})")
+
+
 def main():
     ap = argparse.ArgumentParser()
     ap.add_argument("--T", type=int, default=4096)
     ap.add_argument("--kinds", nargs="+", default=["gdn", "mamba2"])
     ap.add_argument("--D", nargs="+", type=int, default=[128, 64])
+    ap.add_argument("--offline", action="store_true", help="no GPU: compile for --arch and read ptxas -v")
+    ap.add_argument("--arch", type=int, default=90)
     a = ap.parse_args()
+    if a.offline:
+        return offline(a)
     for kind in a.kinds:
         for D in a.D:
             SEEN.clear()
@@ -57,10 +164,7 @@ def main():
             out = torch.ops.ahn.prefill_fwd(*leaves, 1024, 64, kind, None, None, False)[0]
             out.backward(torch.randn_like(out))
             torch.cuda.synchronize()
-            print(f"\n== {kind} D={D} (T={a.T}, H=8/2, W=1024, S=64, bf16; triton {triton.__version__})")
-            print(f"  {'kernel':28s} {'warps':>5s} {'stages':>6s} {'regs':>5s} {'spills(B)':>9s} {'smem(B)':>8s}")
-            for (name, nw, ns), (regs, spills, smem) in sorted(SEEN.items(), key=lambda kv: kv[0][0]):
-                print(f"  {name:28s} {nw!s:>5s} {ns!s:>6s} {regs!s:>5s} {spills!s:>9s} {smem!s:>8s}")
+            _table(f"{kind} D={D} (T={a.T}, H=8/2, W=1024, S=64, bf16)")
 
 
 if __name__ == "__main__":
