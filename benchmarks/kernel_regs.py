@@ -1,7 +1,7 @@
 """Registers, spills and shared memory of every Triton kernel a forward + backward launches.
 
     python benchmarks/kernel_regs.py [--T 4096] [--kinds gdn mamba2] [--D 128 64]
-    python benchmarks/kernel_regs.py --offline [--arch 90]     # no GPU needed
+    python benchmarks/kernel_regs.py --offline [--arch 90] [--what all|prefill|decode]   # no GPU needed
 
 Launch configs are the library's (prefill.CONFIG, backward.CONFIG). A kernel that spills
 (ptxas moves registers to local memory) is usually latency-bound far from its roofline: this is the
@@ -124,13 +124,15 @@ def offline(a):
     from ahn_ops.ops.ahn_attention import prefill as pf
 
     _offline_setup(a.arch)
-    for kind in a.kinds:
+    for kind in a.kinds if a.what in ("all", "prefill") else ():
         for D in a.D:
             SEEN.clear()
             inp = make_inputs(kind, 1, a.T, 8, 2, D, torch.bfloat16, 0, device="cpu")
             out, _, lse = pf.prefill_fwd(*inp, 1024, 64, kind)
             bw.prefill_bwd(torch.randn_like(out), None, *inp, out, lse, 1024, 64, kind)
             _table(f"{kind} D={D} (T={a.T}, H=8/2, W=1024, S=64, bf16; offline sm_{a.arch})")
+    if a.what not in ("all", "decode"):
+        return
     SEEN.clear()
     # the decode step's skinny projections at the Qwen2.5-3B shape (hidden 2048, intermediate 11008)
     dt = torch.bfloat16
@@ -153,6 +155,8 @@ def main():
     ap.add_argument("--D", nargs="+", type=int, default=[128, 64])
     ap.add_argument("--offline", action="store_true", help="no GPU: compile for --arch and read ptxas -v")
     ap.add_argument("--arch", type=int, default=90)
+    ap.add_argument("--what", choices=("all", "prefill", "decode"), default="all",
+                    help="--offline: the prefill forward + backward kernels, the decode projections, or both")
     a = ap.parse_args()
     if a.offline:
         return offline(a)

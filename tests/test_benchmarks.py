@@ -126,3 +126,16 @@ def test_ddp_compare(tmp_path):
     assert ddp_compare.main([str(a), str(tmp_path / "a.jsonl"), "--every", "1"]) == 0
     b.write_text("".join(json.dumps(r) + "\n" for r in recs[:5]))
     assert ddp_compare.main([str(a), str(b)]) == 1  # different lengths
+
+
+def test_kernel_regs_offline():
+    # registers / spills without a GPU: a stand-in driver compiles for sm_90a, ptxas -v reads the PTX
+    env = dict(os.environ)
+    env.pop("TRITON_INTERPRET", None)
+    p = subprocess.run([sys.executable, os.path.join(BENCH, "kernel_regs.py"), "--offline", "--what", "decode"],
+                       cwd=ROOT, env=env, capture_output=True, text=True, timeout=600)
+    assert p.returncode == 0, p.stdout[-3000:] + p.stderr[-3000:]
+    rows = [l.split() for l in p.stdout.splitlines() if l.strip().startswith("_skinny_kernel")]
+    assert rows, p.stdout
+    for r in rows:  # name warps stages regs spills smem: numbers from ptxas, not None
+        assert r[3].isdigit() and 0 < int(r[3]) <= 255 and r[4].isdigit(), r
