@@ -13,7 +13,9 @@ once per token, the activations are noise): q 8.39 MB + k/v/gates 2.29 MB + o 8.
   add_rms_norm adds the residual): 10 launches.
 - fused: norm_qkvg, linear_residual (o_proj), norm_gate_up, linear_residual (down_proj): 4 launches.
 Both are captured for ``--layers`` layers with distinct weights in one CUDA graph (no L2 reuse,
-launch gaps as in the real step); the time is per layer (graph replay median / layers).
+launch gaps as in the real step); the time is per layer (do_bench median of graph replays / layers;
+the figures in RESULTS.md of 2026-12-02 came from a first version that took the median of 20
+event-timed replays).
 ``--sweep`` times every tile config of each fused op alone (36 distinct weights per graph) and
 prints the best per (op, batch) as a ``CONFIGS`` table (tile rows x K x warps, then the pipelining depth
 of the three best), which the layer comparison after it then uses.
@@ -33,6 +35,7 @@ sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 import common as C  # noqa: E402
 
 ahn_ops = C.import_ahn_ops()
+from bench_decode import _graph_time  # noqa: E402
 from bench_model import copy_bandwidth  # noqa: E402
 
 HID, INTER, H, HKV, D, NG = 2048, 11008, 16, 2, 128, 3
@@ -76,28 +79,9 @@ def fused_layer(p, h, o, cos, sin, cfg=None):
     return dl.linear_residual(act, p["wd"], None, h, role="down_proj", config=cfg.get("down_proj")), q, y
 
 
-def graph_us(fn, n_inner, reps=20):
-    """Median us of one replay of fn() captured in a graph, divided by n_inner."""
-    s = torch.cuda.Stream()
-    s.wait_stream(torch.cuda.current_stream())
-    with torch.cuda.stream(s):
-        fn()
-    torch.cuda.current_stream().wait_stream(s)
-    g = torch.cuda.CUDAGraph()
-    with torch.cuda.graph(g):
-        fn()
-    g.replay()
-    torch.cuda.synchronize()
-    ts = []
-    for _ in range(reps):
-        a, b = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-        a.record()
-        g.replay()
-        b.record()
-        b.synchronize()
-        ts.append(a.elapsed_time(b) * 1e3 / n_inner)
-    ts.sort()
-    return ts[len(ts) // 2]
+def graph_us(fn, n_inner):
+    """us of one call of fn() captured in a CUDA graph (do_bench median of replays), divided by n_inner."""
+    return _graph_time([fn], 1) / n_inner  # _graph_time: us per replay
 
 
 def check(layers, B, dt, dev, g):
@@ -186,7 +170,7 @@ def sweep(layers, batches, dt, dev, g, bw):
 
             def timed(c):
                 try:
-                    return graph_us(lambda: [op(p, c) for p in layers], len(layers), reps=10)
+                    return graph_us(lambda: [op(p, c) for p in layers], len(layers))
                 except Exception as e:  # noqa: BLE001 (a config the compiler rejects: skip it)
                     print(f"  {name} B={B} {c}: {type(e).__name__}")
                     return float("inf")
@@ -217,7 +201,7 @@ def _cublas(name, layers, h, o, act):
            "o_proj": lambda p: F.linear(o, p["wo"]),
            "gate_up": lambda p: (F.linear(x, p["wg"]), F.linear(x, p["wu"])),
            "down_proj": lambda p: F.linear(act, p["wd"])}
-    t = graph_us(lambda: [fns[name](p) for p in layers], len(layers), reps=10)
+    t = graph_us(lambda: [fns[name](p) for p in layers], len(layers))
     return f"{t:.2f} us"
 
 

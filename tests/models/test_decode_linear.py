@@ -9,11 +9,10 @@ import torch
 import torch.nn.functional as F
 from transformers.models.qwen2.modeling_qwen2 import Qwen2RMSNorm
 
-import ahn_ops
 from ahn_ops.models.qwen2 import _rope
 from ahn_ops.ops import decode_linear as dl
 from tests.models.helpers import VOCAB, patched
-from tests.models.test_generate_fast import assert_greedy_of_full_forward
+from tests.models.test_model_glue import decoder_matches_plain_step
 
 DEV = "cuda" if torch.cuda.is_available() else "cpu"
 DTYPES = [torch.float32, torch.bfloat16, torch.float16]
@@ -141,20 +140,8 @@ def test_decoder_linear_equals_plain_step(kind):
     # to 4 rows in the kernels): every branch of the fused-projection step
     from ahn_ops import fast_decode as gen
 
-    model = patched(kind, window=9, sinks=4, fa_layer_ids=[1], hidden=256, heads=4, kv_heads=2).to(DEV)
-    for attn in (l.self_attn for l in model.model.layers if hasattr(l, "ahn")):
-        attn._ahn_cfg["backend"] = "auto"
-    x = torch.randint(0, VOCAB, (3, 21), generator=torch.Generator().manual_seed(5)).to(DEV)
-    mask = torch.ones_like(x)
-    mask[1, :5] = 0
-    for m in (None, mask) if kind == "gdn" else (mask,):
-        plain = ahn_ops.generate(model, x, 6, attention_mask=m, use_cuda_graph=False, fuse_glue=False)
-        fused = ahn_ops.generate(model, x, 6, attention_mask=m, use_cuda_graph=False, fuse_glue=True,
-                                 fuse_linear=True)
-        if DEV == "cpu":  # fp32 on the CPU: the same tokens
-            assert torch.equal(plain, fused)
-        else:
-            assert_greedy_of_full_forward(model, x, fused, attention_mask=m)
+    model, x = decoder_matches_plain_step(kind, 3, 6, 5, with_unmasked=kind == "gdn", fuse_glue=True,
+                                          fuse_linear=True)
     logits, cache = gen.prefill(model, x)
     dec = gen.StaticDecoder(model, cache, None, x.shape[1], 4, fuse_glue=True, fuse_linear=True)
     assert dec.fuse_linear

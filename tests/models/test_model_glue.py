@@ -104,24 +104,33 @@ def test_silu_mul(dt):
         glue.silu_mul(a, u[..., :-1])
 
 
-@pytest.mark.parametrize("kind", ["gdn", "dn", "mamba2"])
-def test_decoder_glue_equals_plain_step(kind):
-    # W=9, S=4, a full-attention layer, batch 2 with left padding: every branch of the glued step
-    from ahn_ops import fast_decode as gen
-
+def decoder_matches_plain_step(kind, batch, new_tokens, seed, with_unmasked=True, **fused_kw):
+    """A patched model with W=9, S=4 and a full-attention layer (layer 1), prompts of 21 tokens with left
+    padding on sequence 1 (and, ``with_unmasked``, without a mask too): ``ahn_ops.generate`` with
+    ``fused_kw`` gives the tokens of the plain step (fp32 CPU), or on the GPU tokens that are each a best
+    one of a full forward (rsqrt / sum order may flip near-ties). Returns ``(model, prompts)``."""
     model = patched(kind, window=9, sinks=4, fa_layer_ids=[1], hidden=256, heads=4, kv_heads=2).to(DEV)
     for attn in (l.self_attn for l in model.model.layers if hasattr(l, "ahn")):
         attn._ahn_cfg["backend"] = "auto"
-    x = torch.randint(0, VOCAB, (2, 21), generator=torch.Generator().manual_seed(11)).to(DEV)
+    x = torch.randint(0, VOCAB, (batch, 21), generator=torch.Generator().manual_seed(seed)).to(DEV)
     mask = torch.ones_like(x)
     mask[1, :5] = 0
-    for m in (None, mask):
-        plain = ahn_ops.generate(model, x, 12, attention_mask=m, use_cuda_graph=False, fuse_glue=False)
-        fused = ahn_ops.generate(model, x, 12, attention_mask=m, use_cuda_graph=False, fuse_glue=True)
-        if DEV == "cpu":  # fp32 on the CPU: the same tokens
+    for m in (None, mask) if with_unmasked else (mask,):
+        plain = ahn_ops.generate(model, x, new_tokens, attention_mask=m, use_cuda_graph=False, fuse_glue=False)
+        fused = ahn_ops.generate(model, x, new_tokens, attention_mask=m, use_cuda_graph=False, **fused_kw)
+        if DEV == "cpu":
             assert torch.equal(plain, fused)
-        else:  # GPU rsqrt / sum order: near-ties may go the other way; every token must be a best one
+        else:
             assert_greedy_of_full_forward(model, x, fused, attention_mask=m)
+    return model, x
+
+
+@pytest.mark.parametrize("kind", ["gdn", "dn", "mamba2"])
+def test_decoder_glue_equals_plain_step(kind):
+    # batch 2 with left padding: every branch of the glued step
+    from ahn_ops import fast_decode as gen
+
+    model, x = decoder_matches_plain_step(kind, 2, 12, 11, fuse_glue=True, fuse_linear=False)
     # the AHN layers take the stacked k/v/gates projection
     logits, cache = gen.prefill(model, x)
     dec = gen.StaticDecoder(model, cache, None, x.shape[1], 4, fuse_glue=True)
