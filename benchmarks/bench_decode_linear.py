@@ -17,8 +17,9 @@ launch gaps as in the real step); the time is per layer (do_bench median of grap
 the figures in RESULTS.md of 2026-12-02 came from a first version that took the median of 20
 event-timed replays).
 ``--sweep`` times every tile config of each fused op alone (36 distinct weights per graph) and
-prints the best per (op, batch) as a ``CONFIGS`` table (tile rows x K x warps, then the pipelining depth
-of the three best), which the layer comparison after it then uses.
+prints the best per (op, batch) as a ``CONFIGS`` table (tile rows x K x warps with a per-step or a deferred
+reduction over K, then the pipelining depth of the three best), which the layer comparison after it
+then uses.
 """
 
 from __future__ import annotations
@@ -180,10 +181,15 @@ def sweep(layers, batches, dt, dev, g, bw):
                 if BM * BN2 * BK > 2048 * 32 * warps or (name == "qkvg" and BN2 > D // 2):
                     continue
                 res.append((timed((BN2, BK, warps, 3)), (BN2, BK, warps, 3)))
+            for BN2, BK, warps in itertools.product((1, 2, 4, 8), (256, 512, 1024, 2048), (4, 8)):
+                # deferred reduction: [BM, BN2, BK] fp32 partial sums per operand stay in registers
+                if BM * BN2 * BK > 128 * 32 * warps or (name == "qkvg" and BN2 > D // 2):
+                    continue
+                res.append((timed((BN2, BK, warps, 3, True)), (BN2, BK, warps, 3, True)))
             res.sort()
-            for _, (BN2, BK, warps, _) in res[:3]:  # pipelining depth of the three best
+            for _, c in res[:3]:  # pipelining depth of the three best
                 for st in (1, 2, 4):
-                    res.append((timed((BN2, BK, warps, st)), (BN2, BK, warps, st)))
+                    res.append((timed(c[:3] + (st,) + c[4:]), c[:3] + (st,) + c[4:]))
             res.sort()
             t, c = res[0]
             cub = "plain cuBLAS: " + _cublas(name, layers, h, o, act)

@@ -47,7 +47,10 @@ MAX_BATCH = 4
 
 _PROJ, _SILU, _RESID = 0, 1, 2
 
-# (BN2, BK, num_warps, num_stages) per (projection, BM), from ``benchmarks/bench_decode_linear.py --sweep``
+# (BN2, BK, num_warps, num_stages[, defer]) per (projection, BM), from ``benchmarks/bench_decode_linear.py
+# --sweep``. defer: keep element-wise partial sums [BM, BN2, BK] and reduce over K once at the end instead
+# of a (cross-warp, shared-memory + barrier) sum every step; offline PTX (triton 3.8) of the B=1 gate/up
+# kernel has 44 bar.sync without it. Not yet timed on a GPU.
 CONFIGS: Dict[Tuple[str, int], Tuple[int, int, int, int]] = {  # H200 sweep, 2026-12-02 (BM=2: BM=4's)
     ("qkvg", 1): (1, 4096, 4, 2), ("qkvg", 2): (4, 2048, 4, 4), ("qkvg", 4): (4, 2048, 4, 4),
     ("o_proj", 1): (1, 2048, 4, 2), ("o_proj", 2): (2, 4096, 4, 3), ("o_proj", 4): (2, 4096, 4, 3),
@@ -57,10 +60,10 @@ CONFIGS: Dict[Tuple[str, int], Tuple[int, int, int, int]] = {  # H200 sweep, 202
 
 
 def _config(key, BM, config):
+    """(BN2, BK, num_warps, num_stages, defer): a table entry or ``config``; 3- and 4-tuples take
+    num_stages 3 and defer False."""
     c = tuple(config) if config is not None else CONFIGS[(key, BM)]
-    if len(c) == 3:
-        c = c + (3,)
-    return c
+    return c + (3, False)[len(c) - 3:]
 
 
 @triton.jit
@@ -82,7 +85,8 @@ def _skinny_kernel(x, x_s, nw, eps,
                    res, r_s, cos, sin, cs_s,
                    B, K, N1, N2, R1, R2, P1,
                    MODE: tl.constexpr, RMS: tl.constexpr, HAS_B1: tl.constexpr, HAS_B2: tl.constexpr,
-                   D: tl.constexpr, BM: tl.constexpr, BN2: tl.constexpr, BK: tl.constexpr):
+                   D: tl.constexpr, BM: tl.constexpr, BN2: tl.constexpr, BK: tl.constexpr,
+                   DEFER: tl.constexpr):
     pid = tl.program_id(0)
     HALF: tl.constexpr = D // 2
     ar = tl.arange(0, BN2)
@@ -152,14 +156,24 @@ def _skinny_kernel(x, x_s, nw, eps,
             xv = tl.load(xrow + kk[None, :], mask=bmask[:, None] & (kk < K)[None, :], other=0.).to(tl.float32)
             ss += tl.sum(xv * xv, 1)
         rstd = tl.rsqrt(ss / K + eps)
+    if DEFER:  # element-wise partial sums, one reduction over K at the end (no cross-warp sum per step)
+        part_lo = tl.zeros([BM, BN2, BK], dtype=tl.float32)
+        part_hi = tl.zeros([BM, BN2, BK], dtype=tl.float32)
     for k0 in range(0, K, BK):
         kk = k0 + tl.arange(0, BK)
         km = kk < K
         xf = _x_tile(xrow, nw, rstd, kk, K, bmask, RMS)
         wl = tl.load(plo + kk[None, :], mask=mlo[:, None] & km[None, :], other=0.).to(tl.float32)
         wh = tl.load(phi + kk[None, :], mask=mhi[:, None] & km[None, :], other=0.).to(tl.float32)
-        acc_lo += tl.sum(xf[:, None, :] * wl[None, :, :], 2)
-        acc_hi += tl.sum(xf[:, None, :] * wh[None, :, :], 2)
+        if DEFER:
+            part_lo += xf[:, None, :] * wl[None, :, :]
+            part_hi += xf[:, None, :] * wh[None, :, :]
+        else:
+            acc_lo += tl.sum(xf[:, None, :] * wl[None, :, :], 2)
+            acc_hi += tl.sum(xf[:, None, :] * wh[None, :, :], 2)
+    if DEFER:
+        acc_lo = tl.sum(part_lo, 2)
+        acc_hi = tl.sum(part_hi, 2)
     # ---- epilogue: bias, round to the activation dtype (the projection's output), then the neighbour op
     if has_blo:
         acc_lo += tl.load(blo + rows_lo, mask=mlo, other=0.).to(tl.float32)[None, :]
@@ -260,7 +274,7 @@ def norm_qkvg(h: torch.Tensor, norm_weight: torch.Tensor, eps: float, wq: torch.
     if cos.dtype != dt or sin.dtype != dt or cos.stride(1) != 1 or sin.stride() != cos.stride():
         raise ValueError(f"{fn}: cos and sin must be [B={B}, {D}] {dt} with the same unit-last-dim strides")
     BM = _bm(B)
-    BN2, BK, warps, stages = _config("qkvg", BM, config)
+    BN2, BK, warps, stages, defer = _config("qkvg", BM, config)
     BN2 = min(BN2, D // 2)
     BK = min(BK, triton.next_power_of_2(K))
     q = torch.empty(B, Nq, dtype=dt, device=dev)
@@ -272,7 +286,7 @@ def norm_qkvg(h: torch.Tensor, norm_weight: torch.Tensor, eps: float, wq: torch.
                                q, q.stride(0), y, y.stride(0), h, 0, cos, sin, cos.stride(0),
                                B, K, Nq, Nkvg, Nq, nk, P1,
                                MODE=_PROJ, RMS=True, HAS_B1=bq is not None, HAS_B2=bkvg is not None,
-                               D=D, BM=BM, BN2=BN2, BK=BK,
+                               D=D, BM=BM, BN2=BN2, BK=BK, DEFER=bool(defer),
                          num_warps=warps, num_stages=stages)
     return q, y
 
@@ -294,7 +308,7 @@ def linear_residual(x: torch.Tensor, w: torch.Tensor, bias: Optional[torch.Tenso
         raise ValueError(f"{fn}: residual must be [{B}, {N}] {dt} with a unit last stride, got "
                          f"{tuple(residual.shape)} {residual.dtype}")
     BM = _bm(B)
-    BN2, BK, warps, stages = _config(role, BM, config)
+    BN2, BK, warps, stages, defer = _config(role, BM, config)
     BK = min(BK, triton.next_power_of_2(K))
     out = torch.empty(B, N, dtype=dt, device=dev)
     P = triton.cdiv(N, 2 * BN2)
@@ -303,7 +317,7 @@ def linear_residual(x: torch.Tensor, w: torch.Tensor, bias: Optional[torch.Tenso
                          residual, residual.stride(0), x, x, 0,
                          B, K, N, 0, 0, 0, P,
                          MODE=_RESID, RMS=False, HAS_B1=bias is not None, HAS_B2=False,
-                         D=2, BM=BM, BN2=BN2, BK=BK,
+                         D=2, BM=BM, BN2=BN2, BK=BK, DEFER=bool(defer),
                          num_warps=warps, num_stages=stages)
     return out
 
@@ -323,7 +337,7 @@ def norm_gate_up(h: torch.Tensor, norm_weight: torch.Tensor, eps: float, w_gate:
     _check_bias(fn, "b_gate", b_gate, N, dt)
     _check_bias(fn, "b_up", b_up, N, dt)
     BM = _bm(B)
-    BN2, BK, warps, stages = _config("gate_up", BM, config)
+    BN2, BK, warps, stages, defer = _config("gate_up", BM, config)
     BK = min(BK, triton.next_power_of_2(K))
     out = torch.empty(B, N, dtype=dt, device=dev)
     P = triton.cdiv(N, BN2)
@@ -332,6 +346,6 @@ def norm_gate_up(h: torch.Tensor, norm_weight: torch.Tensor, eps: float, w_gate:
                          out, out.stride(0), out, 0, h, 0, h, h, 0,
                          B, K, N, N, 0, 0, P,
                          MODE=_SILU, RMS=True, HAS_B1=b_gate is not None, HAS_B2=b_up is not None,
-                         D=2, BM=BM, BN2=BN2, BK=BK,
+                         D=2, BM=BM, BN2=BN2, BK=BK, DEFER=bool(defer),
                          num_warps=warps, num_stages=stages)
     return out

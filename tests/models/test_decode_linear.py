@@ -117,21 +117,30 @@ def test_norm_gate_up(dt, B, K, N, bias):
         dl.norm_gate_up(h, norm.weight[:-1], 1e-6, wg, wu)
 
 
-@pytest.mark.parametrize("config", [(2, 32, 1), (4, 64, 2, 1), (16, 512, 4, 2)])
+@pytest.mark.parametrize("config", [(2, 32, 1), (4, 64, 2, 1), (16, 512, 4, 2), (2, 32, 1, 3, True),
+                                    (4, 128, 2, 1, True)])
 def test_configs(config):
-    # any tile shape gives the same result: masks of partial row blocks and K tails
+    # any tile shape (rows per program, K tile, warps, stages, per-step or deferred reduction over K) gives
+    # the torch result: masks of partial row blocks and K tails, RoPE pairs split across programs
     g = torch.Generator().manual_seed(3)
     dt = torch.float32
     h = torch.randn(3, 200, generator=g).to(DEV)
     norm = _norm(200, dt, g)
+    x = norm(h)
     wg, wu = _w(77, 200, dt, g), _w(77, 200, dt, g)
-    ref = dl.norm_gate_up(h, norm.weight, 1e-6, wg, wu, config=(1, 16, 1))
-    _close(dl.norm_gate_up(h, norm.weight, 1e-6, wg, wu, config=config), ref, dt)
+    _close(dl.norm_gate_up(h, norm.weight, 1e-6, wg, wu, config=config), F.silu(x @ wg.T) * (x @ wu.T), dt)
     res = torch.randn(3, 77, generator=g).to(DEV)
-    _close(dl.linear_residual(h, wg, None, res, config=config),
-           dl.linear_residual(h, wg, None, res, config=(1, 16, 1)), dt)
+    _close(dl.linear_residual(h, wg, None, res, config=config), res + h @ wg.T, dt)
     with pytest.raises(ValueError, match="role"):
         dl.linear_residual(h, wg, None, res, role="up_proj")
+    D, nk = 32, 64
+    wq, wkvg = _w(2 * D, 200, dt, g), _w(nk + 9, 200, dt, g)
+    emb = torch.rand(3, 1, D // 2, generator=g).repeat(1, 1, 2) * 9
+    cos, sin = emb.cos().to(DEV), emb.sin().to(DEV)
+    q, y = dl.norm_qkvg(h, norm.weight, 1e-6, wq, None, wkvg, None, nk, cos, sin, D, config=config)
+    qr, kr = _rope((x @ wq.T).view(3, 1, 2, D), (x @ wkvg.T)[:, :nk].reshape(3, 1, 2, D), cos, sin)
+    _close(q, qr.reshape(3, -1), dt)
+    _close(y, torch.cat([kr.reshape(3, -1), (x @ wkvg.T)[:, nk:]], 1), dt)
 
 
 @pytest.mark.parametrize("kind", ["gdn", "dn", "mamba2"])
