@@ -319,9 +319,8 @@ class StaticDecoder:
     # ------------------------------------------------------------------ the model, one token
     def _ahn_attention(self, i, attn, x, cos, sin):
         from .models.qwen2 import _rope
-        from .ops.ahn_attention.interface import ahn_decode
 
-        layer_cache, fn, backend, use_op = self.ahn_layers[i]
+        _, fn, _, use_op = self.ahn_layers[i]
         B, D = self.B, attn.head_dim
         q = attn.q_proj(x).view(B, 1, -1, D)
         k = attn.k_proj(x).view(B, 1, -1, D)
@@ -332,16 +331,30 @@ class StaticDecoder:
         a = None if a is None else a.to(dt)[:, 0]
         b = None if b is None else b.to(dt)[:, 0]
         z = z.to(dt)[:, 0]
-        p = fn.op_params()
         q, k, v = q.contiguous()[:, 0], k.contiguous()[:, 0], v.contiguous()[:, 0]
+        return self._decode(i, q, k, v, a, b, z, use_op).reshape(B, 1, -1)
+
+    def _decode(self, i, q, k, v, a, b, z, use_op=True):
+        """The AHN decode of layer ``i`` (``[B, H, D]`` out): ``torch.ops.ahn.decode_step`` once the first step
+        has gone through ``ahn_decode`` (which checks every input against the cache, and is the reference
+        path when no kernel covers the call)."""
+        from .ops.ahn_attention.interface import ahn_decode
+
+        layer_cache, fn, backend, _ = self.ahn_layers[i]
+        p = fn.op_params()
+        args = (q, k, v, a, b, z, p["A_log"], p["dt_bias"], p["norm_weight"], p["o_weight"])
         if use_op and self._checked:
-            out = torch.ops.ahn.decode_step(q, k, v, a, b, z, p["A_log"], p["dt_bias"], p["norm_weight"],
-                                            p["o_weight"], *layer_cache.tensors(), layer_cache.window,
-                                            layer_cache.sinks, layer_cache.kind)
-        else:  # checks every input against the cache; the reference path when no kernel covers the call
-            out = ahn_decode(q, k, v, a, b, z, p["A_log"], p["dt_bias"], p["norm_weight"], p["o_weight"],
-                             layer_cache, backend=backend)
-        return out.reshape(B, 1, -1)
+            return torch.ops.ahn.decode_step(*args, *layer_cache.tensors(), layer_cache.window,
+                                             layer_cache.sinks, layer_cache.kind)
+        return ahn_decode(*args, layer_cache, backend=backend)
+
+    def _kvg_split(self, i, y):
+        """``(k, v, a, b, z)`` views of the stacked k/v/gates projection output ``y`` of layer ``i``."""
+        nk, oa, ob, oz = self.kvg[i][2]
+        B, H, D = self.B, self.ahn_layers[i][1].num_heads, self.base.layers[i].self_attn.head_dim
+        a = None if oa is None else y[:, oa:oa + H]
+        b = None if ob is None else y[:, ob:ob + H]
+        return y[:, :nk].view(B, -1, D), y[:, nk:2 * nk].view(B, -1, D), a, b, y[:, oz:oz + H]
 
     def _full_attention(self, i, attn, x, cos, sin, allowed):
         from transformers.models.qwen2.modeling_qwen2 import apply_rotary_pos_emb
@@ -361,28 +374,34 @@ class StaticDecoder:
 
     def _ahn_attention_glued(self, i, attn, x, cos, sin):
         from .ops import model_glue as glue
-        from .ops.ahn_attention.interface import ahn_decode
 
-        layer_cache, fn, backend, _ = self.ahn_layers[i]
-        weight, bias, (nk, oa, ob, oz) = self.kvg[i]
+        weight, bias, (nk, _, _, _) = self.kvg[i]
         B, D = self.B, attn.head_dim
-        H = fn.num_heads
         x2 = x.view(B, -1)
         y = torch.nn.functional.linear(x2, weight, bias)              # [B, k | v | gates | pad]
         q, k = glue.rope_qk(attn.q_proj(x2), y[:, :nk], cos, sin, D)   # contiguous [B, H|HKV, D]
-        v = y[:, nk:2 * nk].view(B, -1, D)
-        a = None if oa is None else y[:, oa:oa + H]
-        b = None if ob is None else y[:, ob:ob + H]
-        z = y[:, oz:oz + H]
-        p = fn.op_params()
-        if self._checked:
-            out = torch.ops.ahn.decode_step(q, k, v, a, b, z, p["A_log"], p["dt_bias"], p["norm_weight"],
-                                            p["o_weight"], *layer_cache.tensors(), layer_cache.window,
-                                            layer_cache.sinks, layer_cache.kind)
-        else:
-            out = ahn_decode(q, k, v, a, b, z, p["A_log"], p["dt_bias"], p["norm_weight"], p["o_weight"],
-                             layer_cache, backend=backend)
-        return out.reshape(B, 1, -1)
+        _, v, a, b, z = self._kvg_split(i, y)
+        return self._decode(i, q, k, v, a, b, z).reshape(B, 1, -1)
+
+    def _step_inputs(self):
+        """``(h [B, 1, hidden], cos, sin, allowed)`` of the step: the embedded tokens, RoPE at each
+        sequence's position (on the device, from inv_freq) and the full-attention layers' column mask."""
+        base = self.base
+        h = base.embed_tokens(self.tok[:, None])
+        cos, sin = base.rotary_emb(h, self.pos[:, None])
+        allowed = None
+        if self.fa_ids:
+            allowed = (self.col_valid & (self.col_range <= self.col))[:, None, None, :]
+        return h, cos, sin, allowed
+
+    def _step_end(self, x) -> torch.Tensor:
+        """Logits ``[B, V]`` float32 of the final-normed hidden ``x`` (``[B, hidden]`` or ``[B, 1, hidden]``);
+        advances the positions."""
+        logits = self.model.lm_head(x.reshape(self.B, -1)).float()
+        self.pos += 1
+        if self.fa_ids:
+            self.col += 1
+        return logits
 
     def _forward_glued(self) -> torch.Tensor:
         """:meth:`_forward` with the fused glue: per layer 2 add+RMSNorm, 1 RoPE, 1 SiLU*up kernel and, on
@@ -391,11 +410,7 @@ class StaticDecoder:
 
         base = self.base
         layers = base.layers
-        h = base.embed_tokens(self.tok[:, None])                     # [B, 1, hidden]
-        cos, sin = base.rotary_emb(h, self.pos[:, None])
-        allowed = None
-        if self.fa_ids:
-            allowed = (self.col_valid & (self.col_range <= self.col))[:, None, None, :]
+        h, cos, sin, allowed = self._step_inputs()                   # h [B, 1, hidden]
         ln = layers[0].input_layernorm
         x, _ = glue.add_rms_norm(h, ln.weight, ln.variance_epsilon)
         for i, layer in enumerate(layers):
@@ -412,11 +427,7 @@ class StaticDecoder:
             m = mlp.down_proj(glue.silu_mul(mlp.gate_proj(x), mlp.up_proj(x)))
             ln = layers[i + 1].input_layernorm if i + 1 < len(layers) else base.norm
             x, h = glue.add_rms_norm(m, ln.weight, ln.variance_epsilon, residual=h)
-        logits = self.model.lm_head(x)[:, -1].float()                # [B, V]
-        self.pos += 1
-        if self.fa_ids:
-            self.col += 1
-        return logits
+        return self._step_end(x)
 
     def _forward_linear(self) -> torch.Tensor:
         """:meth:`_forward_glued` with the projections fused too (batch <= ``decode_linear.MAX_BATCH``): per
@@ -424,38 +435,22 @@ class StaticDecoder:
         SiLU*up, down_proj + residual: 6 launches instead of 12 (``ahn_ops/ops/decode_linear.py``)."""
         from .ops import decode_linear as dl
         from .ops import model_glue as glue
-        from .ops.ahn_attention.interface import ahn_decode
 
         base = self.base
         layers = base.layers
         B = self.B
-        h = base.embed_tokens(self.tok)                              # [B, hidden]
-        cos, sin = base.rotary_emb(h[:, None], self.pos[:, None])
-        allowed = None
-        if self.fa_ids:
-            allowed = (self.col_valid & (self.col_range <= self.col))[:, None, None, :]
+        h, cos, sin, allowed = self._step_inputs()
+        h = h.view(B, -1)                                            # [B, hidden]
         for i, layer in enumerate(layers):
             attn = layer.self_attn
             ln = layer.input_layernorm
             if i in self.kvg:
-                layer_cache, fn, backend, _ = self.ahn_layers[i]
-                weight, bias, (nk, oa, ob, oz) = self.kvg[i]
-                D, H = attn.head_dim, fn.num_heads
-                qp = attn.q_proj
+                weight, bias, (nk, _, _, _) = self.kvg[i]
+                D, qp = attn.head_dim, attn.q_proj
                 q, y = dl.norm_qkvg(h, ln.weight, ln.variance_epsilon, qp.weight, qp.bias, weight, bias, nk,
                                     cos, sin, D)
-                q, k, v = q.view(B, -1, D), y[:, :nk].view(B, -1, D), y[:, nk:2 * nk].view(B, -1, D)
-                a = None if oa is None else y[:, oa:oa + H]
-                b = None if ob is None else y[:, ob:ob + H]
-                z = y[:, oz:oz + H]
-                p = fn.op_params()
-                args = (q, k, v, a, b, z, p["A_log"], p["dt_bias"], p["norm_weight"], p["o_weight"])
-                if self._checked:
-                    o = torch.ops.ahn.decode_step(*args, *layer_cache.tensors(), layer_cache.window,
-                                                  layer_cache.sinks, layer_cache.kind)
-                else:
-                    o = ahn_decode(*args, layer_cache, backend=backend)
-                o = o.reshape(B, -1)
+                k, v, a, b, z = self._kvg_split(i, y)
+                o = self._decode(i, q.view(B, -1, D), k, v, a, b, z).reshape(B, -1)
             else:
                 x, _ = glue.add_rms_norm(h, ln.weight, ln.variance_epsilon)
                 x = x.view(B, 1, -1)
@@ -470,11 +465,7 @@ class StaticDecoder:
                                   mlp.gate_proj.bias, mlp.up_proj.bias)
             h = dl.linear_residual(act, mlp.down_proj.weight, mlp.down_proj.bias, h, role="down_proj")
         x, _ = glue.add_rms_norm(h, base.norm.weight, base.norm.variance_epsilon)
-        logits = self.model.lm_head(x).float()                       # [B, V]
-        self.pos += 1
-        if self.fa_ids:
-            self.col += 1
-        return logits
+        return self._step_end(x)
 
     def _forward(self) -> torch.Tensor:
         if self.fuse_linear:
@@ -482,11 +473,7 @@ class StaticDecoder:
         if self.fuse_glue:
             return self._forward_glued()
         base = self.base
-        h = base.embed_tokens(self.tok[:, None])                     # [B, 1, hidden]
-        cos, sin = base.rotary_emb(h, self.pos[:, None])             # on the device, from inv_freq
-        allowed = None
-        if self.fa_ids:
-            allowed = (self.col_valid & (self.col_range <= self.col))[:, None, None, :]
+        h, cos, sin, allowed = self._step_inputs()                   # h [B, 1, hidden]
         for i, layer in enumerate(base.layers):
             attn = layer.self_attn
             residual = h
@@ -498,12 +485,7 @@ class StaticDecoder:
             h = residual + attn.o_proj(o)
             residual = h
             h = residual + layer.mlp(layer.post_attention_layernorm(h))
-        h = base.norm(h)
-        logits = self.model.lm_head(h)[:, -1].float()                # [B, V]
-        self.pos += 1
-        if self.fa_ids:
-            self.col += 1
-        return logits
+        return self._step_end(base.norm(h))
 
     @torch.no_grad()
     def eager_step(self) -> None:

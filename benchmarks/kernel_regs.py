@@ -33,7 +33,6 @@ from bench_backward import make_inputs  # noqa: E402
 
 SEEN: dict = {}
 _run = JITFunction.run
-OFFLINE = "--offline" in sys.argv
 
 
 def _spy(self, *args, **kwargs):

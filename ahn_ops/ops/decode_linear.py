@@ -4,8 +4,9 @@ RoPE, SiLU * up or the residual add after.
 At batch 1-4 a decode step's projections are matrix-vector products: they move their weights once
 and do next to nothing else, so what costs is the number of launches (each one drains and refills
 the GPU, even inside a CUDA graph) and how many bytes are in flight per SM. The plain step runs
-per layer an RMSNorm, q/k/v(/gates) projections, RoPE, o_proj, a residual add + RMSNorm,
-gate and up projections, SiLU * up, down_proj and a residual add: 11 launches. Here it is 4:
+per layer (with the fused glue of :mod:`model_glue`) an RMSNorm, the q and stacked k/v/gates
+projections, RoPE, o_proj, a residual add + RMSNorm, gate and up projections, SiLU * up and down_proj
+(its residual add goes into the next layer's RMSNorm): 10 launches. Here it is 4:
 
 - :func:`norm_qkvg`: RMSNorm of the residual stream, then q_proj and the stacked k/v/gates
   projection (:func:`ahn_ops.fast_decode._stack_kv_gates`) in one launch, RoPE on q and k applied
@@ -19,7 +20,7 @@ layer at B=1 on an H200 (2026-12-02), whole step 3.00 vs 2.88 ms/token.
 
 Every rounding step of the torch modules is kept (RMSNorm output, projection output rounded to the
 activation dtype before RoPE / SiLU / the residual add, as ``_add_rms_norm_kernel`` and
-``_rope_kernel`` in :mod:`model_glue` do), so the fused step differs from the plain one only in fp32
+``rope_halves`` in :mod:`model_glue` do), so the fused step differs from the plain one only in fp32
 summation order.
 
 Each program owns ``2 * BN2`` output rows and loops over ``K``: a pair of ``[BN2, BK]`` weight tiles
@@ -40,6 +41,8 @@ from typing import Dict, Optional, Tuple
 import torch
 import triton
 import triton.language as tl
+
+from .model_glue import rope_halves
 
 __all__ = ["norm_qkvg", "linear_residual", "norm_gate_up", "MAX_BATCH", "CONFIGS"]
 
@@ -194,15 +197,14 @@ def _skinny_kernel(x, x_s, nw, eps,
         tl.store(out + orow + rows_lo[None, :], (rl + lo).to(dt), mask=sm_lo)
         tl.store(out + orow + rows_hi[None, :], (rh + hi).to(dt), mask=sm_hi)
     else:
-        if rope:  # x * cos + rotate_half(x) * sin, both products rounded, then the sum (as _rope_kernel)
+        if rope:  # on the rounded projection outputs, as the plain step's RoPE
             d = rows_lo % D
             crow = bm.to(tl.int64)[:, None] * cs_s
             c1 = tl.load(cos + crow + d[None, :], mask=bmask[:, None], other=0.).to(tl.float32)
             c2 = tl.load(cos + crow + HALF + d[None, :], mask=bmask[:, None], other=0.).to(tl.float32)
             s1 = tl.load(sin + crow + d[None, :], mask=bmask[:, None], other=0.).to(tl.float32)
             s2 = tl.load(sin + crow + HALF + d[None, :], mask=bmask[:, None], other=0.).to(tl.float32)
-            y1 = ((lo * c1).to(dt).to(tl.float32) + (-hi * s1).to(dt).to(tl.float32)).to(dt)
-            y2 = ((hi * c2).to(dt).to(tl.float32) + (lo * s2).to(dt).to(tl.float32)).to(dt)
+            y1, y2 = rope_halves(lo.to(dt), hi.to(dt), c1, c2, s1, s2)
             tl.store(out + orow + rows_lo[None, :], y1, mask=sm_lo)
             tl.store(out + orow + rows_hi[None, :], y2, mask=sm_hi)
         else:
@@ -223,7 +225,6 @@ def _check_x(fn, name, x):
                          f"strides {x.stride()}")
     if x.dtype not in (torch.float16, torch.bfloat16, torch.float32):
         raise TypeError(f"{fn}: {name} must be float16, bfloat16 or float32, got {x.dtype}")
-    _bm(x.shape[0])
     return x.shape[1]
 
 
@@ -287,7 +288,7 @@ def norm_qkvg(h: torch.Tensor, norm_weight: torch.Tensor, eps: float, wq: torch.
                                B, K, Nq, Nkvg, Nq, nk, P1,
                                MODE=_PROJ, RMS=True, HAS_B1=bq is not None, HAS_B2=bkvg is not None,
                                D=D, BM=BM, BN2=BN2, BK=BK, DEFER=bool(defer),
-                         num_warps=warps, num_stages=stages)
+                               num_warps=warps, num_stages=stages)
     return q, y
 
 

@@ -71,6 +71,18 @@ def add_rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float, residual: to
 
 
 @triton.jit
+def rope_halves(x1, x2, c1, c2, s1, s2):
+    """RoPE of the two halves ``x1``, ``x2`` of a head (activation dtype; ``c*``, ``s*`` fp32 cos/sin of each
+    half): ``x * cos + rotate_half(x) * sin`` with ``rotate_half(x) = cat(-x2, x1)``, both products rounded
+    to the activation dtype, then the sum, as the torch code does. Also used by ``decode_linear``."""
+    dt = x1.dtype
+    x1f, x2f = x1.to(tl.float32), x2.to(tl.float32)
+    y1 = ((x1f * c1).to(dt).to(tl.float32) + (-x2f * s1).to(dt).to(tl.float32)).to(dt)
+    y2 = ((x2f * c2).to(dt).to(tl.float32) + (x1f * s2).to(dt).to(tl.float32)).to(dt)
+    return y1, y2
+
+
+@triton.jit
 def _rope_kernel(q, k, cos, sin, qo, ko, q_s, k_s, c_s, s_s, H, D: tl.constexpr):
     b = tl.program_id(0).to(tl.int64)
     hh = tl.program_id(1)
@@ -85,15 +97,11 @@ def _rope_kernel(q, k, cos, sin, qo, ko, q_s, k_s, c_s, s_s, H, D: tl.constexpr)
         dst = ko + (b * nk + hh - H) * D
     x1 = tl.load(src + o)
     x2 = tl.load(src + HALF + o)
-    dt = x1.dtype
     c1 = tl.load(cos + b * c_s + o).to(tl.float32)
     c2 = tl.load(cos + b * c_s + HALF + o).to(tl.float32)
     s1 = tl.load(sin + b * s_s + o).to(tl.float32)
     s2 = tl.load(sin + b * s_s + HALF + o).to(tl.float32)
-    x1f, x2f = x1.to(tl.float32), x2.to(tl.float32)
-    # x * cos + rotate_half(x) * sin, rotate_half(x) = cat(-x2, x1): both products rounded, then the sum
-    y1 = ((x1f * c1).to(dt).to(tl.float32) + (-x2f * s1).to(dt).to(tl.float32)).to(dt)
-    y2 = ((x2f * c2).to(dt).to(tl.float32) + (x1f * s2).to(dt).to(tl.float32)).to(dt)
+    y1, y2 = rope_halves(x1, x2, c1, c2, s1, s2)
     tl.store(dst + o, y1)
     tl.store(dst + HALF + o, y2)
 
