@@ -16,6 +16,7 @@
 //   AHN_DECODE_PDL=0   no programmatic dependent launch of the second kernel on sm_90
 //   AHN_OPS_POISON=1   fill the output and the workspace with NaN first (tests/conftest.py)
 //   AHN_DECODE_SPLIT_KEYS=n  about n keys per split instead of the occupancy-based choice
+//   AHN_DECODE_STAGES=3|4    cp.async stages per warp at D = 128 (default 2; fewer blocks per SM)
 #include <ATen/ATen.h>
 #include <c10/cuda/CUDAException.h>
 #include <c10/cuda/CUDAGuard.h>
@@ -69,10 +70,10 @@ at::Tensor rows_aligned(const at::Tensor& x) {
   return ok ? x : x.clone(at::MemoryFormat::Contiguous);
 }
 
-template <typename T, int D, bool MMA>
+template <typename T, int D, bool MMA, int NST = dk::MmaStages<D>::value>
 void launch(dk::Params& p, int device, bool pdl, cudaStream_t stream) {
-  auto main_kernel = dk::decode_main_kernel<T, D, MMA>;
-  constexpr int smem = dk::MainSmem<T, D, MMA>::kBytes;
+  auto main_kernel = dk::decode_main_kernel<T, D, MMA, NST>;
+  constexpr int smem = dk::MainSmem<T, D, MMA, NST>::kBytes;
   // once per instantiation: the >48 KB dynamic shared memory opt-in (per device) and the
   // resident blocks per SM that size the grid
   static std::atomic<uint64_t> attr_set{0};
@@ -150,7 +151,11 @@ void dispatch_d(dk::Params& p, int D, bool mma, int device, bool pdl, cudaStream
     else launch<T, 128, false>(p, device, pdl, stream);
   } else {
     if (mma) {
+      const char* st = std::getenv("AHN_DECODE_STAGES");  // experiments: cp.async stages at D = 128
+      const int nst = st != nullptr ? std::atoi(st) : 0;
       if (D == 64) launch<T, 64, true>(p, device, pdl, stream);
+      else if (nst == 3) launch<T, 128, true, 3>(p, device, pdl, stream);
+      else if (nst == 4) launch<T, 128, true, 4>(p, device, pdl, stream);
       else launch<T, 128, true>(p, device, pdl, stream);
     } else {
       if (D == 64) launch<T, 64, false>(p, device, pdl, stream);

@@ -100,7 +100,6 @@ template <>
 struct TypeOps<__half> {
   static __device__ __forceinline__ float to_f(__half x) { return __half2float(x); }
   static __device__ __forceinline__ __half from_f(float x) { return __float2half_rn(x); }
-  static __device__ __forceinline__ uint32_t bits(__half x) { return __half_as_ushort(x); }
   static __device__ __forceinline__ uint32_t pack(float lo, float hi) {
     __half2 h = __floats2half2_rn(lo, hi);
     return *reinterpret_cast<uint32_t*>(&h);
@@ -110,7 +109,6 @@ template <>
 struct TypeOps<__nv_bfloat16> {
   static __device__ __forceinline__ float to_f(__nv_bfloat16 x) { return __bfloat162float(x); }
   static __device__ __forceinline__ __nv_bfloat16 from_f(float x) { return __float2bfloat16_rn(x); }
-  static __device__ __forceinline__ uint32_t bits(__nv_bfloat16 x) { return __bfloat16_as_ushort(x); }
   static __device__ __forceinline__ uint32_t pack(float lo, float hi) {
     __nv_bfloat162 h = __floats2bfloat162_rn(lo, hi);
     return *reinterpret_cast<uint32_t*>(&h);
@@ -297,11 +295,12 @@ template <int D>
 struct MmaStages {
   static constexpr int value = D >= 128 ? 2 : 4;  // 64 KB of stages per block either way: 3 blocks/SM
 };
+// AHN_DECODE_STAGES (experiments, D = 128 only) picks 3 or 4 stages: 96 / 128 KB per block, so
+// 2 / 1 blocks per SM and (by the grid sizing) fewer, longer splits.
 
-template <typename T, int D>
+template <typename T, int D, int NST>
 __device__ __forceinline__ void attn_block_mma(const Params& p, int blk, char* smem) {
   using Ops = TypeOps<T>;
-  constexpr int NST = MmaStages<D>::value;
   constexpr int CH = D / 8;  // 16-byte chunks per row
   constexpr int TE = MmaSmem<D, NST>::kTileElems;
   constexpr int NKK = D / 16;
@@ -327,10 +326,11 @@ __device__ __forceinline__ void attn_block_mma(const Params& p, int blk, char* s
 #pragma unroll
     for (int kk = 0; kk < NKK; ++kk) {
       const int c = kk * 16 + 2 * tig;
-      qa[kk][0] = r0 ? (Ops::bits(q0[c]) | (Ops::bits(q0[c + 1]) << 16)) : 0u;
-      qa[kk][1] = r1 ? (Ops::bits(q1[c]) | (Ops::bits(q1[c + 1]) << 16)) : 0u;
-      qa[kk][2] = r0 ? (Ops::bits(q0[c + 8]) | (Ops::bits(q0[c + 9]) << 16)) : 0u;
-      qa[kk][3] = r1 ? (Ops::bits(q1[c + 8]) | (Ops::bits(q1[c + 9]) << 16)) : 0u;
+      // two adjacent elements as one 32-bit word (rows are 16-byte aligned, c is even)
+      qa[kk][0] = r0 ? *reinterpret_cast<const uint32_t*>(q0 + c) : 0u;
+      qa[kk][1] = r1 ? *reinterpret_cast<const uint32_t*>(q1 + c) : 0u;
+      qa[kk][2] = r0 ? *reinterpret_cast<const uint32_t*>(q0 + c + 8) : 0u;
+      qa[kk][3] = r1 ? *reinterpret_cast<const uint32_t*>(q1 + c + 8) : 0u;
     }
   }
 
@@ -344,21 +344,44 @@ __device__ __forceinline__ void attn_block_mma(const Params& p, int blk, char* s
   const int ntile = a.k_end > a.k_begin ? (a.k_end - a.k_begin + kTileKeys - 1) / kTileKeys : 0;
   const int nt = warp < ntile ? (ntile - warp + kWarps - 1) / kWarps : 0;
 
+  // Lane l copies 16-byte chunk c = l % CH of rows l / CH + j * (32 / CH), j < 16 * CH / 32, of
+  // the K and the V tile. A tile of 16 ring keys with no wrap (every tile of a long window but
+  // ~2 per sequence) is one strided run of rows: one address per row, no per-key branches;
+  // other tiles (sinks, the wrap, the new token, the split's end) go through key_row.
+  constexpr int RPJ = 32 / CH;  // rows per j
+  const int lr0 = lane / CH, lc = lane % CH;
+  const int64_t rs = (int64_t)p.HKV * D;  // elements between consecutive ring slots
   auto issue = [&](int it) {
     const int key0 = a.k_begin + (warp + it * kWarps) * kTileKeys;
     T* kb = wbuf + (it % NST) * 2 * TE;
     T* vb = kb + TE;
+    int slot = a.s.slot0 + (key0 - a.s.nS);
+    if (slot >= p.W) slot -= p.W;
+    const bool run = key0 >= a.s.nS && key0 + kTileKeys <= a.s.L - 1 && key0 + kTileKeys <= a.k_end &&
+                     slot + kTileKeys <= p.W;
+    if (run) {
+      const int64_t off = (((int64_t)a.b * p.W + slot) * p.HKV + a.hk) * D + lr0 * rs + lc * 8;
+      const T* kr = ring_k + off;
+      const T* vr = ring_v + off;
 #pragma unroll
-    for (int j = 0; j < kTileKeys * CH / 32; ++j) {
-      const int idx = lane + 32 * j;
-      const int row = idx / CH, c = idx % CH;
+      for (int j = 0; j < kTileKeys / RPJ; ++j) {
+        const int row = lr0 + j * RPJ;
+        const int so = row * D + ((lc ^ (row & 7)) << 3);
+        cp_async16(smem_u32(kb + so), kr + j * RPJ * rs, 16);
+        cp_async16(smem_u32(vb + so), vr + j * RPJ * rs, 16);
+      }
+      return;
+    }
+#pragma unroll
+    for (int j = 0; j < kTileKeys / RPJ; ++j) {
+      const int row = lr0 + j * RPJ;
       const int key = key0 + row;
       const bool ok = key < a.k_end;
       const T* kr = ok ? key_row<T, D>(p, sink_k, ring_k, new_k, a.b, a.hk, key, a.s) : new_k;
       const T* vr = ok ? key_row<T, D>(p, sink_v, ring_v, new_v, a.b, a.hk, key, a.s) : new_v;
-      const int so = row * D + ((c ^ (row & 7)) << 3);
-      cp_async16(smem_u32(kb + so), kr + c * 8, ok ? 16 : 0);
-      cp_async16(smem_u32(vb + so), vr + c * 8, ok ? 16 : 0);
+      const int so = row * D + ((lc ^ (row & 7)) << 3);
+      cp_async16(smem_u32(kb + so), kr + lc * 8, ok ? 16 : 0);
+      cp_async16(smem_u32(vb + so), vr + lc * 8, ok ? 16 : 0);
     }
   };
 
@@ -390,18 +413,16 @@ __device__ __forceinline__ void attn_block_mma(const Params& p, int blk, char* s
         mma16816<T>(s1, qa[kk], b2, b3);
       }
     }
-    // scale to log2 units, mask keys past the split, online softmax (rows gid and gid + 8)
-    {
+    // online softmax in log2 units (rows gid and gid + 8): the running max m is kept scaled, the
+    // scores are scaled inside the exponent (one FFMA each); keys past the split's end (the last
+    // tile only) are -inf
+    if (key0 + kTileKeys > a.k_end) {
       const int kc = key0 + 2 * tig;
       const float NEG = -INFINITY;
-      s0[0] = kc < a.k_end ? s0[0] * sl2 : NEG;
-      s0[1] = kc + 1 < a.k_end ? s0[1] * sl2 : NEG;
-      s0[2] = kc < a.k_end ? s0[2] * sl2 : NEG;
-      s0[3] = kc + 1 < a.k_end ? s0[3] * sl2 : NEG;
-      s1[0] = kc + 8 < a.k_end ? s1[0] * sl2 : NEG;
-      s1[1] = kc + 9 < a.k_end ? s1[1] * sl2 : NEG;
-      s1[2] = kc + 8 < a.k_end ? s1[2] * sl2 : NEG;
-      s1[3] = kc + 9 < a.k_end ? s1[3] * sl2 : NEG;
+      if (kc >= a.k_end) s0[0] = s0[2] = NEG;
+      if (kc + 1 >= a.k_end) s0[1] = s0[3] = NEG;
+      if (kc + 8 >= a.k_end) s1[0] = s1[2] = NEG;
+      if (kc + 9 >= a.k_end) s1[1] = s1[3] = NEG;
     }
     float mx0 = fmaxf(fmaxf(s0[0], s0[1]), fmaxf(s1[0], s1[1]));
     float mx1 = fmaxf(fmaxf(s0[2], s0[3]), fmaxf(s1[2], s1[3]));
@@ -409,27 +430,32 @@ __device__ __forceinline__ void attn_block_mma(const Params& p, int blk, char* s
     mx0 = fmaxf(mx0, __shfl_xor_sync(0xffffffffu, mx0, 2));
     mx1 = fmaxf(mx1, __shfl_xor_sync(0xffffffffu, mx1, 1));
     mx1 = fmaxf(mx1, __shfl_xor_sync(0xffffffffu, mx1, 2));
-    const float mn0 = fmaxf(m0, mx0), mn1 = fmaxf(m1, mx1);
-    const float al0 = exp2f(m0 - mn0), al1 = exp2f(m1 - mn1);
-    m0 = mn0;
-    m1 = mn1;
-    s0[0] = exp2f(s0[0] - mn0);
-    s0[1] = exp2f(s0[1] - mn0);
-    s1[0] = exp2f(s1[0] - mn0);
-    s1[1] = exp2f(s1[1] - mn0);
-    s0[2] = exp2f(s0[2] - mn1);
-    s0[3] = exp2f(s0[3] - mn1);
-    s1[2] = exp2f(s1[2] - mn1);
-    s1[3] = exp2f(s1[3] - mn1);
-    l0 = l0 * al0 + (s0[0] + s0[1] + s1[0] + s1[1]);
-    l1 = l1 * al1 + (s0[2] + s0[3] + s1[2] + s1[3]);
+    const float mn0 = fmaxf(m0, mx0 * sl2), mn1 = fmaxf(m1, mx1 * sl2);
+    // rescale the accumulators only when some row's max moved (rare after the first tiles)
+    if (__any_sync(0xffffffffu, mn0 != m0 || mn1 != m1)) {
+      const float al0 = exp2f(m0 - mn0), al1 = exp2f(m1 - mn1);
+      l0 *= al0;
+      l1 *= al1;
 #pragma unroll
-    for (int n = 0; n < ND; ++n) {
-      o[n][0] *= al0;
-      o[n][1] *= al0;
-      o[n][2] *= al1;
-      o[n][3] *= al1;
+      for (int n = 0; n < ND; ++n) {
+        o[n][0] *= al0;
+        o[n][1] *= al0;
+        o[n][2] *= al1;
+        o[n][3] *= al1;
+      }
+      m0 = mn0;
+      m1 = mn1;
     }
+    s0[0] = exp2f(fmaf(s0[0], sl2, -mn0));
+    s0[1] = exp2f(fmaf(s0[1], sl2, -mn0));
+    s1[0] = exp2f(fmaf(s1[0], sl2, -mn0));
+    s1[1] = exp2f(fmaf(s1[1], sl2, -mn0));
+    s0[2] = exp2f(fmaf(s0[2], sl2, -mn1));
+    s0[3] = exp2f(fmaf(s0[3], sl2, -mn1));
+    s1[2] = exp2f(fmaf(s1[2], sl2, -mn1));
+    s1[3] = exp2f(fmaf(s1[3], sl2, -mn1));
+    l0 += (s0[0] + s0[1]) + (s1[0] + s1[1]);
+    l1 += (s0[2] + s0[3]) + (s1[2] + s1[3]);
     // P as the A operand: the C fragments of the two key tiles are its (k lo, k hi) halves
     uint32_t pa[4];
     pa[0] = Ops::pack(s0[0], s0[1]);
@@ -684,20 +710,20 @@ __device__ __forceinline__ void state_block(const Params& p, int sb, char* smem)
 // ------------------------------------------------------------------------------------------
 // launch 1
 // ------------------------------------------------------------------------------------------
-template <typename T, int D, bool MMA>
+template <typename T, int D, bool MMA, int NST = MmaStages<D>::value>
 struct MainSmem {
-  static constexpr int kAttn = MMA ? MmaSmem<D, MmaStages<D>::value>::kBytes : SimtSmem<D>::kBytes;
+  static constexpr int kAttn = MMA ? MmaSmem<D, NST>::kBytes : SimtSmem<D>::kBytes;
   static constexpr int kBytes = kAttn > kStateSmemBytes ? kAttn : kStateSmemBytes;
 };
 
-template <typename T, int D, bool MMA>
+template <typename T, int D, bool MMA, int NST = MmaStages<D>::value>
 __global__ void __launch_bounds__(kThreads, MMA ? 3 : 2) decode_main_kernel(const Params p) {
   extern __shared__ __align__(16) char smem[];
   pdl_launch_dependents();
   const int blk = blockIdx.x;
   if (blk < p.n_attn_blocks) {
     if constexpr (MMA) {
-      attn_block_mma<T, D>(p, blk, smem);
+      attn_block_mma<T, D, NST>(p, blk, smem);
     } else {
       attn_block_simt<T, D>(p, blk, smem);
     }
@@ -725,9 +751,9 @@ __global__ void __launch_bounds__(kThreads) decode_finish_kernel(const Params p)
   constexpr int NCH = D / kStateCols;
   constexpr int PARTS = kThreads / EC; // threads per output column of the projection
   __shared__ __align__(16) float s_o[RP][EC];
-  __shared__ float s_l[RP];
+  __shared__ float s_l[RP], s_m[RP];
   __shared__ float s_u[D], s_y[PARTS][EC];
-  __shared__ float s_red[2][kWarps];
+  __shared__ float s_red[kWarps];
 
   const int tid = threadIdx.x, lane = tid & 31, warp = tid >> 5;
   const int es = blockIdx.x % kOutSplit;
@@ -791,11 +817,33 @@ __global__ void __launch_bounds__(kThreads) decode_finish_kernel(const Params p)
   pdl_wait();  // launch 1 complete and its writes visible
   const int64_t t = p.ws_t[b];
 
-  // 1. max over the splits, and the sums of squares for the RMSNorm
-  float mx = kNegBig;
-  for (int s = tid; s < p.nsplit; s += kThreads) mx = fmaxf(mx, p.ws_pm[base + s]);
-#pragma unroll
-  for (int o = 16; o > 0; o >>= 1) mx = fmaxf(mx, __shfl_xor_sync(0xffffffffu, mx, o));
+  // 1. combine the splits for columns [e0, e0 + EC) in one pass: thread (rp, c4) folds splits
+  //    rp, rp + RP, ... online (its own running max; every load independent of the others),
+  //    the RP rows are merged in step 4 with the block's max
+  {
+    const int c4 = tid % LR, rp = tid / LR;
+    float ml = kNegBig, l = 0.f;
+    float4 o = make_float4(0.f, 0.f, 0.f, 0.f);
+#pragma unroll 4
+    for (int s = rp; s < p.nsplit; s += RP) {
+      const float pm = p.ws_pm[base + s], pl = p.ws_pl[base + s];
+      const float4 po = *reinterpret_cast<const float4*>(p.ws_po + (base + s) * D + e0 + c4 * 4);
+      const float mn = fmaxf(ml, pm);
+      const float al = exp2f(ml - mn), f = exp2f(pm - mn);
+      l = l * al + pl * f;
+      o.x = o.x * al + po.x * f;
+      o.y = o.y * al + po.y * f;
+      o.z = o.z * al + po.z * f;
+      o.w = o.w * al + po.w * f;
+      ml = mn;
+    }
+    *reinterpret_cast<float4*>(&s_o[rp][c4 * 4]) = o;
+    if (c4 == 0) {
+      s_l[rp] = l;
+      s_m[rp] = ml;
+    }
+  }
+  // 2. the sums of squares for the RMSNorm
   float part = 0.f;
   if (p.kind == kMamba2) {  // RMSNorm over all H*D values of m * silu(z) of sequence b
     for (int hh = tid; hh < p.H; hh += kThreads) {
@@ -806,19 +854,13 @@ __global__ void __launch_bounds__(kThreads) decode_finish_kernel(const Params p)
       part += zz * zz * q2;
     }
     part = warp_sum(part);
+    if (lane == 0) s_red[warp] = part;
+    __syncthreads();
   }
-  if (lane == 0) {
-    s_red[0][warp] = mx;
-    s_red[1][warp] = part;
-  }
-  __syncthreads();
-  float M = kNegBig, ss = 0.f;
-#pragma unroll
-  for (int w = 0; w < kWarps; ++w) {
-    M = fmaxf(M, s_red[0][w]);
-    ss += s_red[1][w];
-  }
+  float ss = 0.f;
   if (p.kind == kMamba2) {
+#pragma unroll
+    for (int w = 0; w < kWarps; ++w) ss += s_red[w];
     ss /= (float)(p.H * D);
   } else {
 #pragma unroll
@@ -827,24 +869,6 @@ __global__ void __launch_bounds__(kThreads) decode_finish_kernel(const Params p)
   }
   const float rms = rsqrtf(ss + 1e-5f);
 
-  // 2. combine the splits for columns [e0, e0 + EC): independent loads, weights exp2(pm - M)
-  {
-    const int c4 = tid % LR, rp = tid / LR;
-    float l = 0.f;
-    float4 o = make_float4(0.f, 0.f, 0.f, 0.f);
-#pragma unroll 4
-    for (int s = rp; s < p.nsplit; s += RP) {
-      const float f = exp2f(p.ws_pm[base + s] - M);
-      const float4 po = *reinterpret_cast<const float4*>(p.ws_po + (base + s) * D + e0 + c4 * 4);
-      l += p.ws_pl[base + s] * f;
-      o.x += po.x * f;
-      o.y += po.y * f;
-      o.z += po.z * f;
-      o.w += po.w * f;
-    }
-    *reinterpret_cast<float4*>(&s_o[rp][c4 * 4]) = o;
-    if (c4 == 0) s_l[rp] = l;
-  }
   // 3. u = norm(m) * weight * gate, all D values (the projection mixes them)
 #pragma unroll
   for (int i = 0; i < (D + kThreads - 1) / kThreads; ++i) {
@@ -852,7 +876,7 @@ __global__ void __launch_bounds__(kThreads) decode_finish_kernel(const Params p)
     if (d < D) s_u[d] = p.ws_m[(int64_t)bh * D + d] * rms * nwv[i] * gate;
   }
   __syncthreads();
-  // 4. y = u @ o_weight[h][:, e0:e0+EC]; out = o_win + y
+  // 4. y = u @ o_weight[h][:, e0:e0+EC]; out = o_win + y (the RP combined rows merged here)
   {
     float y = 0.f;
 #pragma unroll
@@ -861,11 +885,15 @@ __global__ void __launch_bounds__(kThreads) decode_finish_kernel(const Params p)
   }
   __syncthreads();
   for (int ec = tid; ec < EC; ec += kThreads) {
+    float M = kNegBig;
+#pragma unroll
+    for (int r = 0; r < RP; ++r) M = fmaxf(M, s_m[r]);
     float oo = 0.f, ll = 0.f, y = 0.f;
 #pragma unroll
     for (int r = 0; r < RP; ++r) {
-      oo += s_o[r][ec];
-      ll += s_l[r];
+      const float f = exp2f(s_m[r] - M);
+      oo += s_o[r][ec] * f;
+      ll += s_l[r] * f;
     }
 #pragma unroll
     for (int r = 0; r < PARTS; ++r) y += s_y[r][ec];
