@@ -15,7 +15,7 @@
 //   AHN_DECODE_SIMT=1  attention on CUDA cores instead of tensor cores (fp16/bf16)
 //   AHN_DECODE_PDL=0   no programmatic dependent launch of the second kernel on sm_90
 //   AHN_OPS_POISON=1   fill the output and the workspace with NaN first (tests/conftest.py)
-//   AHN_DECODE_SPLIT_KEYS=n  about n keys per split instead of the occupancy-based choice
+//   AHN_DECODE_SPLIT_KEYS=n  about n keys per split instead of the SM-count-based choice
 //   AHN_DECODE_STAGES=3|4    cp.async stages per warp at D = 128 (default 2; fewer blocks per SM)
 #include <ATen/ATen.h>
 #include <c10/cuda/CUDAException.h>
@@ -74,31 +74,26 @@ template <typename T, int D, bool MMA, int NST = dk::MmaStages<D>::value>
 void launch(dk::Params& p, int device, bool pdl, cudaStream_t stream) {
   auto main_kernel = dk::decode_main_kernel<T, D, MMA, NST>;
   constexpr int smem = dk::MainSmem<T, D, MMA, NST>::kBytes;
-  // once per instantiation: the >48 KB dynamic shared memory opt-in (per device) and the
-  // resident blocks per SM that size the grid
+  // once per instantiation and device: the >48 KB dynamic shared memory opt-in
   static std::atomic<uint64_t> attr_set{0};
-  static std::atomic<int> occupancy{0};
   const uint64_t bit = uint64_t{1} << (device & 63);
   if (!(attr_set.load() & bit)) {
     C10_CUDA_CHECK(cudaFuncSetAttribute(main_kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, smem));
     attr_set.fetch_or(bit);
   }
-  int occ = occupancy.load();
-  if (occ == 0) {
-    C10_CUDA_CHECK(cudaOccupancyMaxActiveBlocksPerMultiprocessor(&occ, main_kernel, dk::kThreads, smem));
-    occ = std::max(occ, 1);
-    occupancy.store(occ);
-  }
   int sms = 0;
   C10_CUDA_CHECK(cudaDeviceGetAttribute(&sms, cudaDevAttrMultiProcessorCount, device));
 
-  // Split the key range so that the attention blocks plus the state blocks fill about one
-  // wave of the GPU at small B (B = 1, HKV = 2, W = 32640: 128 splits of 256 keys), and cap a
-  // split at 1024 keys at large B so that the partials stay ~1% of the K/V bytes.
+  // Split the key range so that there is about one attention block per SM at small B (B = 1,
+  // HKV = 2, W = 32640: 64 splits of 512 keys; the state blocks take the other slots), and cap a
+  // split at 1024 keys at large B so that the partials stay ~1% of the K/V bytes. One block per
+  // SM beat filling every slot (two blocks of half the keys) on the H200, 2026-12-02: a block's
+  // warps are latency-bound (few warps per scheduler either way), and fewer splits are fewer
+  // prologues, merges and partials (benchmarks/NOTES_decode.md).
   const int64_t units = (int64_t(p.S) + p.W + dk::kSplitAlign - 1) / dk::kSplitAlign;
   const int64_t pairs = int64_t(p.B) * p.HKV * p.ngt;
   const int64_t n_state = int64_t(p.B) * p.H * (D / dk::kStateCols);
-  const int64_t want = (int64_t(sms) * occ - n_state) / pairs;
+  const int64_t want = std::max<int64_t>(int64_t(sms) / pairs, 1);
   int64_t nsplit = std::max<int64_t>(want, (units + 15) / 16);
   if (const char* keys = std::getenv("AHN_DECODE_SPLIT_KEYS")) {  // experiments: keys per split
     if (std::atoi(keys) > 0) nsplit = (units * dk::kSplitAlign + std::atoi(keys) - 1) / std::atoi(keys);

@@ -128,6 +128,20 @@ __device__ __forceinline__ float warp_sum(float x) {
   return x;
 }
 
+// 2^x on the SFU (ex2.approx.ftz: ~2 ulp, -inf -> 0), for the softmax weights only.
+__device__ __forceinline__ float exp2_fast(float x) {
+  float y;
+  asm("ex2.approx.ftz.f32 %0, %1;" : "=f"(y) : "f"(x));
+  return y;
+}
+
+// Ring slot of position t >= S: (t - S) mod W, in 32 bits while t - S fits (int64 division is a
+// long software routine on the critical path of every block).
+__device__ __forceinline__ int ring_slot(int64_t t, int S, int W) {
+  const int64_t r = t - S;
+  return r <= 0x7fffffff ? (int)((uint32_t)r % (uint32_t)W) : (int)(r % W);
+}
+
 __device__ __forceinline__ float softplus_f(float x) { return x > 20.f ? x : log1pf(expf(x)); }  // as torch
 __device__ __forceinline__ float silu_f(float x) { return x / (1.f + expf(-x)); }
 
@@ -209,7 +223,7 @@ __device__ __forceinline__ SeqKeys seq_keys(const Params& p, int b) {
   s.nS = (int)min((int64_t)p.S, t);
   const int64_t lo = max((int64_t)p.S, t - p.W + 1);
   s.L = s.nS + (int)max((int64_t)0, t - lo) + 1;
-  s.slot0 = (int)((lo - p.S) % p.W);
+  s.slot0 = ring_slot(lo, p.S, p.W);
   return s;
 }
 
@@ -248,28 +262,34 @@ __device__ __forceinline__ AttnBlock attn_block_coords(const Params& p, int blk)
 }
 
 // Merge the per-warp softmax partials in shared memory (mo [kWarps][16][D], mm, ml
-// [kWarps][16]) into the block's partial for its split.
+// [kWarps][16]) into the block's partial for its split. The row threads first turn mm into each
+// warp's weight exp2(m_w - M) (one exponential per warp and row, not per element).
 template <int D>
-__device__ __forceinline__ void merge_store(const Params& p, const AttnBlock& a, const float* mo, const float* mm,
+__device__ __forceinline__ void merge_store(const Params& p, const AttnBlock& a, const float* mo, float* mm,
                                             const float* ml) {
-  for (int idx = threadIdx.x; idx < a.nh * D; idx += kThreads) {
-    const int row = idx / D, d = idx % D;
+  const int64_t base0 = ((int64_t)a.b * p.H + a.h0) * p.nsplit + a.split;  // row r: + r * nsplit
+  if (threadIdx.x < a.nh) {
+    const int row = threadIdx.x;
     float M = kNegBig;
 #pragma unroll
     for (int w = 0; w < kWarps; ++w) M = fmaxf(M, mm[w * kHeadTile + row]);
-    float o = 0.f, l = 0.f;
+    float l = 0.f;
 #pragma unroll
     for (int w = 0; w < kWarps; ++w) {
-      const float f = exp2f(mm[w * kHeadTile + row] - M);
-      o += mo[(w * kHeadTile + row) * D + d] * f;
+      const float f = exp2_fast(mm[w * kHeadTile + row] - M);
       l += ml[w * kHeadTile + row] * f;
+      mm[w * kHeadTile + row] = f;
     }
-    const int64_t base = ((int64_t)a.b * p.H + a.h0 + row) * p.nsplit + a.split;
-    p.ws_po[base * D + d] = o;
-    if (d == 0) {
-      p.ws_pm[base] = M;
-      p.ws_pl[base] = l;
-    }
+    p.ws_pm[base0 + (int64_t)row * p.nsplit] = M;
+    p.ws_pl[base0 + (int64_t)row * p.nsplit] = l;
+  }
+  __syncthreads();
+  for (int idx = threadIdx.x; idx < a.nh * D; idx += kThreads) {
+    const int row = idx / D, d = idx % D;
+    float o = 0.f;
+#pragma unroll
+    for (int w = 0; w < kWarps; ++w) o += mo[(w * kHeadTile + row) * D + d] * mm[w * kHeadTile + row];
+    p.ws_po[(base0 + (int64_t)row * p.nsplit) * D + d] = o;
   }
 }
 
@@ -433,7 +453,7 @@ __device__ __forceinline__ void attn_block_mma(const Params& p, int blk, char* s
     const float mn0 = fmaxf(m0, mx0 * sl2), mn1 = fmaxf(m1, mx1 * sl2);
     // rescale the accumulators only when some row's max moved (rare after the first tiles)
     if (__any_sync(0xffffffffu, mn0 != m0 || mn1 != m1)) {
-      const float al0 = exp2f(m0 - mn0), al1 = exp2f(m1 - mn1);
+      const float al0 = exp2_fast(m0 - mn0), al1 = exp2_fast(m1 - mn1);
       l0 *= al0;
       l1 *= al1;
 #pragma unroll
@@ -446,14 +466,14 @@ __device__ __forceinline__ void attn_block_mma(const Params& p, int blk, char* s
       m0 = mn0;
       m1 = mn1;
     }
-    s0[0] = exp2f(fmaf(s0[0], sl2, -mn0));
-    s0[1] = exp2f(fmaf(s0[1], sl2, -mn0));
-    s1[0] = exp2f(fmaf(s1[0], sl2, -mn0));
-    s1[1] = exp2f(fmaf(s1[1], sl2, -mn0));
-    s0[2] = exp2f(fmaf(s0[2], sl2, -mn1));
-    s0[3] = exp2f(fmaf(s0[3], sl2, -mn1));
-    s1[2] = exp2f(fmaf(s1[2], sl2, -mn1));
-    s1[3] = exp2f(fmaf(s1[3], sl2, -mn1));
+    s0[0] = exp2_fast(fmaf(s0[0], sl2, -mn0));
+    s0[1] = exp2_fast(fmaf(s0[1], sl2, -mn0));
+    s1[0] = exp2_fast(fmaf(s1[0], sl2, -mn0));
+    s1[1] = exp2_fast(fmaf(s1[1], sl2, -mn0));
+    s0[2] = exp2_fast(fmaf(s0[2], sl2, -mn1));
+    s0[3] = exp2_fast(fmaf(s0[3], sl2, -mn1));
+    s1[2] = exp2_fast(fmaf(s1[2], sl2, -mn1));
+    s1[3] = exp2_fast(fmaf(s1[3], sl2, -mn1));
     l0 += (s0[0] + s0[1]) + (s1[0] + s1[1]);
     l1 += (s0[2] + s0[3]) + (s1[2] + s1[3]);
     // P as the A operand: the C fragments of the two key tiles are its (k lo, k hi) halves
@@ -606,7 +626,7 @@ __device__ __forceinline__ void state_block(const Params& p, int sb, char* smem)
   const int64_t t = p.pos[b];
   if (h == 0 && c == 0 && tid == 0) p.ws_t[b] = t;
   const bool absorb = t - p.W >= p.S;  // token t - W leaves the window
-  const int slot = absorb ? (int)((t - p.S) % p.W) : 0;
+  const int slot = absorb ? ring_slot(t, p.S, p.W) : 0;
   const int64_t kvrow = (((int64_t)b * p.W + slot) * p.HKV + hk) * D;
 
   const T* qrow = reinterpret_cast<const T*>(p.q) + b * p.q_sb + (int64_t)h * p.q_sh;
@@ -816,6 +836,19 @@ __global__ void __launch_bounds__(kThreads) decode_finish_kernel(const Params p)
 
   pdl_wait();  // launch 1 complete and its writes visible
   const int64_t t = p.ws_t[b];
+  // the readout and its sums of squares, loaded before the combine so that every load of
+  // launch 1's results is in flight at once
+  float mv[(D + kThreads - 1) / kThreads];
+#pragma unroll
+  for (int i = 0; i < (D + kThreads - 1) / kThreads; ++i) {
+    const int d = tid + i * kThreads;
+    mv[i] = d < D ? p.ws_m[(int64_t)bh * D + d] : 0.f;
+  }
+  float ss = 0.f;
+  if (p.kind != kMamba2) {
+#pragma unroll
+    for (int c = 0; c < NCH; ++c) ss += p.ws_m2[(int64_t)bh * NCH + c];
+  }
 
   // 1. combine the splits for columns [e0, e0 + EC) in one pass: thread (rp, c4) folds splits
   //    rp, rp + RP, ... online (its own running max; every load independent of the others),
@@ -829,7 +862,7 @@ __global__ void __launch_bounds__(kThreads) decode_finish_kernel(const Params p)
       const float pm = p.ws_pm[base + s], pl = p.ws_pl[base + s];
       const float4 po = *reinterpret_cast<const float4*>(p.ws_po + (base + s) * D + e0 + c4 * 4);
       const float mn = fmaxf(ml, pm);
-      const float al = exp2f(ml - mn), f = exp2f(pm - mn);
+      const float al = exp2_fast(ml - mn), f = exp2_fast(pm - mn);
       l = l * al + pl * f;
       o.x = o.x * al + po.x * f;
       o.y = o.y * al + po.y * f;
@@ -857,14 +890,11 @@ __global__ void __launch_bounds__(kThreads) decode_finish_kernel(const Params p)
     if (lane == 0) s_red[warp] = part;
     __syncthreads();
   }
-  float ss = 0.f;
   if (p.kind == kMamba2) {
 #pragma unroll
     for (int w = 0; w < kWarps; ++w) ss += s_red[w];
     ss /= (float)(p.H * D);
   } else {
-#pragma unroll
-    for (int c = 0; c < NCH; ++c) ss += p.ws_m2[(int64_t)bh * NCH + c];
     ss /= (float)D;
   }
   const float rms = rsqrtf(ss + 1e-5f);
@@ -873,7 +903,7 @@ __global__ void __launch_bounds__(kThreads) decode_finish_kernel(const Params p)
 #pragma unroll
   for (int i = 0; i < (D + kThreads - 1) / kThreads; ++i) {
     const int d = tid + i * kThreads;
-    if (d < D) s_u[d] = p.ws_m[(int64_t)bh * D + d] * rms * nwv[i] * gate;
+    if (d < D) s_u[d] = mv[i] * rms * nwv[i] * gate;
   }
   __syncthreads();
   // 4. y = u @ o_weight[h][:, e0:e0+EC]; out = o_win + y (the RP combined rows merged here)
@@ -891,7 +921,7 @@ __global__ void __launch_bounds__(kThreads) decode_finish_kernel(const Params p)
     float oo = 0.f, ll = 0.f, y = 0.f;
 #pragma unroll
     for (int r = 0; r < RP; ++r) {
-      const float f = exp2f(s_m[r] - M);
+      const float f = exp2_fast(s_m[r] - M);
       oo += s_o[r][ec] * f;
       ll += s_l[r] * f;
     }
@@ -905,7 +935,7 @@ __global__ void __launch_bounds__(kThreads) decode_finish_kernel(const Params p)
     T* dk_ = reinterpret_cast<T*>(t < p.S ? p.sink_k : p.ring_k);
     T* dv_ = reinterpret_cast<T*>(t < p.S ? p.sink_v : p.ring_v);
     const int64_t row = t < p.S ? (((int64_t)b * p.S + t) * p.HKV + hk) * D
-                                : (((int64_t)b * p.W + (t - p.S) % p.W) * p.HKV + hk) * D;
+                                : (((int64_t)b * p.W + ring_slot(t, p.S, p.W)) * p.HKV + hk) * D;
 #pragma unroll
     for (int i = 0; i < KPT; ++i) {
       const int d = tid + i * kThreads;
@@ -916,7 +946,7 @@ __global__ void __launch_bounds__(kThreads) decode_finish_kernel(const Params p)
     }
   }
   if (t >= p.S && tid == 0) {
-    float* gp = p.gates + (((int64_t)b * p.W + (t - p.S) % p.W) * p.H + h) * 2;
+    float* gp = p.gates + (((int64_t)b * p.W + ring_slot(t, p.S, p.W)) * p.H + h) * 2;
     gp[0] = gt;
     gp[1] = wt;
   }
