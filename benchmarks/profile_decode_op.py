@@ -47,8 +47,7 @@ def main():
     ap = argparse.ArgumentParser()
     ap.add_argument("--batch", type=int, default=1)
     ap.add_argument("--layers", type=int, default=8)
-    ap.add_argument("--variants", nargs="+", default=["default", "pdl0", "st3", "st4", "k128", "k512",
-                                                        "st3+k512", "st4+k512", "st4+k1024"])
+    ap.add_argument("--variants", nargs="+", default=["default", "pdl0", "st3", "k256", "k1024"])
     ap.add_argument("--ncu-target", action="store_true", help="run 3 eager steps of one layer and exit")
     a = ap.parse_args()
     gen = torch.Generator(device="cuda").manual_seed(0)
