@@ -139,3 +139,18 @@ def test_kernel_regs_offline():
     assert rows, p.stdout
     for r in rows:  # name warps stages regs spills smem: numbers from ptxas, not None
         assert r[3].isdigit() and 0 < int(r[3]) <= 255 and r[4].isdigit(), r
+
+
+def test_profile_decode_op_variants():
+    # the launch-knob variants of benchmarks/profile_decode_op.py map to the op's environment variables
+    sys.path.insert(0, BENCH)
+    try:
+        import profile_decode_op as pdo
+    finally:
+        sys.path.remove(BENCH)
+    assert pdo.env_of("default") == {}
+    assert pdo.env_of("st3+k512+pdl0") == {"AHN_DECODE_STAGES": "3", "AHN_DECODE_SPLIT_KEYS": "512",
+                                           "AHN_DECODE_PDL": "0"}
+    for bad in ("k", "stx", "foo1", "st3+"):
+        with pytest.raises(SystemExit, match="unknown variant"):
+            pdo.env_of(bad)
