@@ -183,7 +183,7 @@ def _graph_time(fns, reps):
 
 
 def check_large_window(gen):
-    """One step at the benchmark shape (B=1, W=32640, 128 splits) against the fp32 reference."""
+    """One step at the benchmark shape (B=1, W=32640, 64 splits of 512 keys) against the fp32 reference."""
     from ahn_ops.ops.ahn_attention.reference import ahn_decode_ref
 
     c, p = make_layer(1, gen, S + W + 12345)

@@ -9,14 +9,15 @@
 //        key range): flash-decoding over sinks + ring + the new token. The G query heads of a
 //        kv group are processed together (they are the M rows of an m16n8k16 tensor-core MMA),
 //        so each K/V byte is read once; the split makes B = 1 fill the GPU (W = 32640, HKV = 2:
-//        ~128 splits per kv head). Writes unnormalised partial (o, max, sum) per split.
+//        64 splits of 512 keys per kv head, about one block per SM). Writes unnormalised
+//        partial (o, max, sum) per split.
 //      - state blocks, one per (b, head, 32 state columns): absorb the token leaving the window
 //        into those columns of the fp32 state (GDN/DN's delta correction S^T k reduces over
 //        rows, i.e. within a column, so column slices are independent), then read them out
 //        (m = S^T qn, also a per-column reduction). The 2.1 MB state read+write at H=16, D=128
 //        is spread over B*H*D/32 blocks.
 //   2. decode_finish_kernel, 4 blocks per (b, head), each for D/4 output columns (so that the
-//      128 split partials of B = 1 are combined by 64 blocks): combine the splits, norm/gate/project
+//      64 split partials of B = 1 are combined by 64 blocks): combine the splits, norm/gate/project
 //      the readout (mamba2: RMSNorm over all H*D values, from per-column-slice sums of m^2),
 //      out = o_win + y, then write the new token into the cache and advance pos. All writes
 //      happen here, after every read of launch 1. On sm_90 it is launched with programmatic
