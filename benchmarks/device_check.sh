@@ -10,6 +10,7 @@
 #   bash benchmarks/device_check.sh model            # bench_model.py: Qwen2.5-3B shape, 32k and 128k context
 #   bash benchmarks/device_check.sh demo             # python/retrieval_demo.py under a time budget
 #   bash benchmarks/device_check.sh ddp              # distillation on 1 GPU vs 2 GPUs (torchrun), same batch
+#   bash benchmarks/device_check.sh decode           # decode op: CUDA tests, launch-knob variants, ncu of one step
 #   bash benchmarks/device_check.sh bg:demo tests    # both at once
 #
 # Logs and results go to $OUT (the device tool's folder) or ./device_out; the demo's assets come back
@@ -83,8 +84,23 @@ stage() {
       python3 benchmarks/ddp_compare.py "$out/ddp_1gpu.jsonl" "$out/ddp_2gpu.jsonl" --names "1 GPU (accum 2)" \
         "2 GPUs (DDP)" | tee "$out/ddp.md"
       ;;
+    decode)
+      # the decode-op loop of issue 5 (~3 min): correctness first, then graph timings of the launch knobs
+      # (VARIANTS, see profile_decode_op.py) at B=1 and B=16, then Nsight Compute on one B=1 step
+      timeout 200 python3 -m pytest -q -x -rfEs tests/ops/test_decode_cuda.py 2>&1 | tee "$out/tests_decode.log" | tail -3
+      timeout 120 python3 benchmarks/profile_decode_op.py --variants ${VARIANTS:-default pdl0 k256 k1024} 2>&1 \
+        | tee "$out/decode_b1.log" | tail -8
+      timeout 60 python3 benchmarks/profile_decode_op.py --batch 16 --layers 2 --variants default 2>&1 | tail -1
+      if command -v ncu >/dev/null; then
+        timeout 150 ncu --clock-control none --launch-skip 4 --launch-count 2 -k regex:decode_ \
+          --section SpeedOfLight --section Occupancy --section WarpStateStats --section SchedulerStats \
+          --metrics 'regex:smsp__average_warps_issue_stalled_.*_per_issue_active\.ratio' \
+          python3 benchmarks/profile_decode_op.py --ncu-target >"$out/ncu_decode.txt" 2>&1
+        grep -E "  void decode_|Duration|DRAM Throughput|Issued Warp|Warp Cycles Per Issued" "$out/ncu_decode.txt"
+      fi
+      ;;
     *)
-      echo "unknown stage $1 (tests|bench|perf|model|demo|ddp, optionally bg:STAGE)" >&2
+      echo "unknown stage $1 (tests|bench|perf|model|demo|ddp|decode, optionally bg:STAGE)" >&2
       return 2
       ;;
   esac
