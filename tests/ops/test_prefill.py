@@ -225,3 +225,35 @@ def test_prefill_gpu_realistic(kind, T, W, S, G):
     rel = ((out.float() - r).norm() / r.norm()).item()
     print(f"{kind}-T{T}: rel err {rel:.2e}")
     assert not out.isnan().any() and rel < 1.5e-2
+
+
+def test_launch_tables_match_a_plain_construction_and_are_cached():
+    # the per-sequence metadata and the chunk / row-block tables, built vectorised and cached by
+    # contents (a prefill of the same lengths must not rebuild them or copy them again)
+    import random
+
+    import triton
+
+    P = _prefill()
+    rnd = random.Random(5)
+    for _ in range(60):
+        n = rnd.randint(1, 6)
+        lens = [rnd.choice([0, 1, 5, 63, 64, 65, 200, 1000]) for _ in range(n)]
+        cols = [[rnd.randint(0, 999) for _ in range(n)] for _ in range(4)]
+        rows, chunks, bos, coff = [], [], 0, 0
+        for i, T in enumerate(lens):
+            rows.append([bos, T, cols[0][i], cols[1][i], cols[2][i], cols[3][i], coff, 0])
+            chunks += [[i, c] for c in range(triton.cdiv(T, P.BT))]
+            bos, coff = bos + T, coff + triton.cdiv(T, P.BT)
+        seq, ch, NT = P._seq_tables(lens, *cols, "cpu")
+        assert NT == coff and seq.dtype == ch.dtype == torch.int32
+        assert torch.equal(seq, torch.tensor(rows, dtype=torch.int32))
+        assert torch.equal(ch, torch.tensor(chunks or [[0, 0]], dtype=torch.int32))
+        for BM in (64, 128):
+            blocks = [[i, c] for i, T in enumerate(lens) for c in range(triton.cdiv(T, BM))]
+            rb, NB = P._row_blocks(lens, BM, "cpu")
+            assert NB == len(blocks) and torch.equal(rb, torch.tensor(blocks or [[0, 0]], dtype=torch.int32))
+    a = P._seq_tables([300, 5], [0, 0], [0, 300], [0, 0], [0, 300], "cpu")
+    assert P._seq_tables([300, 5], [0, 0], [0, 300], [0, 0], [0, 300], "cpu")[0] is a[0]  # a hit
+    assert P._seq_tables([300, 6], [0, 0], [0, 300], [0, 0], [0, 300], "cpu")[0] is not a[0]
+    assert len(P._TABLES) <= P._TABLES_MAX

@@ -37,6 +37,7 @@ prefill ``kx`` is ``k`` itself; on a cache it is the ring tail followed by the n
 from __future__ import annotations
 
 import math
+from collections import OrderedDict
 from typing import List, Optional, Tuple
 
 import torch
@@ -445,26 +446,80 @@ def _mamba2_norm_kernel(
 # ---------------------------------------------------------------------------------------------
 # launchers (allocate, grid, keyword launch; no autograd)
 # ---------------------------------------------------------------------------------------------
+# Launch tables by their contents: a prefill of the same lengths (every step of a training run at a fixed
+# sequence length, every layer of one forward) reuses them instead of building them on the host and
+# copying them to the device (a synchronous copy from pageable memory: the GPU idled while the host
+# went on with the launch). The tensors are read-only: never write into a returned table.
+_TABLES: "OrderedDict[tuple, tuple]" = OrderedDict()
+_TABLES_MAX = 64
+
+
+def _cached_table(key: tuple, build):
+    hit = _TABLES.get(key)
+    if hit is not None:
+        _TABLES.move_to_end(key)
+        return hit
+    val = build()
+    _TABLES[key] = val
+    while len(_TABLES) > _TABLES_MAX:
+        _TABLES.popitem(last=False)
+    return val
+
+
+def _to_device(host: torch.Tensor, device) -> torch.Tensor:
+    """One host -> device copy without a host sync where CUDA is involved (pinned staging)."""
+    device = torch.device(device)
+    if device.type == "cuda":
+        return host.pin_memory().to(device, non_blocking=True)
+    return host.to(device)
+
+
 def _seq_tables(lens: List[int], starts: List[int], kx_bos: List[int], kpos0: List[int], sink_bos: List[int],
                 device) -> Tuple[torch.Tensor, torch.Tensor, int]:
-    """Per-sequence metadata ``[N, 8]`` int32 and the chunk table ``[NT, 2]`` (sequence, block)."""
-    rows, chunks = [], []
-    bos, coff = 0, 0
-    for n, T in enumerate(lens):
-        nt = triton.cdiv(T, BT)
-        rows.append([bos, T, starts[n], kx_bos[n], kpos0[n], sink_bos[n], coff, 0])
-        chunks += [[n, c] for c in range(nt)]
-        bos += T
-        coff += nt
-    seq = torch.tensor(rows, dtype=torch.int32).to(device)
-    ch = torch.tensor(chunks if chunks else [[0, 0]], dtype=torch.int32).to(device)
-    return seq, ch, coff
+    """Per-sequence metadata ``[N, 8]`` int32 and the chunk table ``[NT, 2]`` (sequence, block).
+
+    Row ``n`` of the metadata: ``bos, T, P, kx_bos, kpos0, sink_bos, chunk offset, 0``. Cached by
+    contents (``_TABLES``); built with vectorised tensor ops and one pinned copy on a miss.
+    """
+    key = (tuple(lens), tuple(starts), tuple(kx_bos), tuple(kpos0), tuple(sink_bos), str(torch.device(device)))
+
+    def build():
+        n = len(lens)
+        ln = torch.tensor(lens, dtype=torch.int64)
+        nt = (ln + BT - 1) // BT
+        bos = torch.cumsum(ln, 0) - ln
+        coff = torch.cumsum(nt, 0) - nt
+        NT = int(nt.sum())
+        cols = [bos, ln, torch.tensor(starts, dtype=torch.int64), torch.tensor(kx_bos, dtype=torch.int64),
+                torch.tensor(kpos0, dtype=torch.int64), torch.tensor(sink_bos, dtype=torch.int64), coff,
+                torch.zeros(n, dtype=torch.int64)]
+        rows = torch.stack(cols, 1) if n else torch.zeros(0, 8, dtype=torch.int64)
+        if NT:
+            seq_id = torch.repeat_interleave(torch.arange(n), nt)
+            ch = torch.stack([seq_id, torch.arange(NT) - coff[seq_id]], 1)
+        else:
+            ch = torch.zeros(1, 2, dtype=torch.int64)
+        if rows.numel() and int(rows.max()) >= 2 ** 31:
+            raise ValueError(f"prefill: {int(ln.sum())} tokens in one call exceed the int32 launch tables")
+        both = _to_device(torch.cat([rows.reshape(-1), ch.reshape(-1)]).to(torch.int32), device)
+        return both[:rows.numel()].view(n, 8), both[rows.numel():].view(-1, 2), NT
+
+    return _cached_table(key, build)
 
 
 def _row_blocks(lens: List[int], BM: int, device) -> Tuple[torch.Tensor, int]:
     """The ``_fwd_kernel`` grid's table ``[NB, 2]`` int32 (sequence, block of BM query rows) and NB."""
-    rows = [[n, c] for n, T in enumerate(lens) for c in range(triton.cdiv(T, BM))]
-    return torch.tensor(rows if rows else [[0, 0]], dtype=torch.int32).to(device), len(rows)
+    def build():
+        nb = torch.tensor([triton.cdiv(T, BM) for T in lens], dtype=torch.int64)
+        NB = int(nb.sum())
+        if NB == 0:
+            return _to_device(torch.zeros(1, 2, dtype=torch.int32), device), 0
+        seq_id = torch.repeat_interleave(torch.arange(len(lens)), nb)
+        first = torch.cumsum(nb, 0) - nb
+        rows = torch.stack([seq_id, torch.arange(NB) - first[seq_id]], 1).to(torch.int32)
+        return _to_device(rows, device), NB
+
+    return _cached_table(("rows", tuple(lens), BM, str(torch.device(device))), build)
 
 
 def _launch(q, kx, vx, sk, sv, a, b, gx, z, A_log, dt_bias, norm_weight, o_weight, window, sinks, kind,
