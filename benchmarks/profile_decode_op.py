@@ -8,7 +8,8 @@ Times the op at the bench_decode shape (Qwen2.5-3B heads, W=32640, S=128, bf16, 
 CUDA graph over ``--layers`` distinct layer caches (so that the L2 holds none of them), once per
 variant of the launch knobs that csrc/cuda/ahn_decode.cu reads from the environment (read at
 capture time): ``pdl0`` (no programmatic dependent launch), ``stN`` (N cp.async stages per warp),
-``kN`` (about N keys per split), joined with ``+`` (``st3+k512``). Prints us per layer-step and
+``kN`` (about N keys per split), ``lazyN`` (headroom of the lazy reference max; lazy0 = exact max),
+joined with ``+`` (``st3+k512``). Prints us per layer-step and
 the fraction of the measured copy bandwidth that the must-move bytes (bench_decode.bytes_min)
 would take.
 """
@@ -27,7 +28,7 @@ import common as C  # noqa: E402
 
 C.import_ahn_ops()
 
-KNOBS = {"pdl": "AHN_DECODE_PDL", "st": "AHN_DECODE_STAGES", "k": "AHN_DECODE_SPLIT_KEYS"}
+KNOBS = {"pdl": "AHN_DECODE_PDL", "st": "AHN_DECODE_STAGES", "k": "AHN_DECODE_SPLIT_KEYS", "lazy": "AHN_DECODE_LAZY"}
 
 
 def env_of(variant: str) -> dict:
@@ -38,7 +39,7 @@ def env_of(variant: str) -> dict:
             continue
         name = part.rstrip("0123456789")
         if name not in KNOBS or name == part:
-            raise SystemExit(f"unknown variant {part!r}: expected default, pdl0, stN or kN joined with +")
+            raise SystemExit(f"unknown variant {part!r}: expected default, pdl0, stN, kN or lazyN joined with +")
         env[KNOBS[name]] = part[len(name):]
     return env
 

@@ -17,6 +17,8 @@
 //   AHN_OPS_POISON=1   fill the output and the workspace with NaN first (tests/conftest.py)
 //   AHN_DECODE_SPLIT_KEYS=n  about n keys per split instead of the SM-count-based choice
 //   AHN_DECODE_STAGES=3|4    cp.async stages per warp at D = 128 (default 2; fewer blocks per SM)
+//   AHN_DECODE_LAZY=x  log2 headroom of the lazy reference max in the tensor-core loop (0..12; 0 = the
+//                      exact running max; default kDefaultLazy)
 #include <ATen/ATen.h>
 #include <c10/cuda/CUDAException.h>
 #include <c10/cuda/CUDAGuard.h>
@@ -38,6 +40,11 @@ namespace ahn {
 namespace {
 
 namespace dk = ::ahn::decode;
+
+// The tensor-core loop moves a row's reference max only when a score passes it by more than this
+// (log2 units): softmax weights up to 2^8 (exact in fp32 sums, representable in bf16 and fp16), and
+// the accumulators are rescaled on a few tiles per split instead of on most of them.
+constexpr float kDefaultLazy = 8.f;
 
 bool env_flag(const char* name, bool dflt) {
   const char* s = std::getenv(name);
@@ -243,6 +250,8 @@ at::Tensor decode_step_cuda(const at::Tensor& q, const at::Tensor& k, const at::
   p.ow_dt = dtype_code(ow.scalar_type());
   p.kind = s.kind == Kind::kGDN ? dk::kGDN : (s.kind == Kind::kDN ? dk::kDN : dk::kMamba2);
   p.scale = 1.f / std::sqrt(static_cast<float>(s.D));
+  p.lazy = kDefaultLazy;
+  if (const char* lz = std::getenv("AHN_DECODE_LAZY")) p.lazy = std::clamp(static_cast<float>(std::atof(lz)), 0.f, 12.f);
 
   const int device = q.get_device();
   const bool mma = !env_flag("AHN_DECODE_SIMT", false);

@@ -85,6 +85,7 @@ struct Params {
   int kind;
   int a_dt, b_dt, z_dt, alog_dt, dtb_dt, nw_dt, ow_dt;
   float scale;  // D^-0.5
+  float lazy;   // MMA path: log2 headroom before a row's reference max moves (0: always the exact max)
 };
 
 // ------------------------------------------------------------------------------------------
@@ -360,6 +361,7 @@ __device__ __forceinline__ void attn_block_mma(const Params& p, int blk, char* s
   for (int n = 0; n < ND; ++n) o[n][0] = o[n][1] = o[n][2] = o[n][3] = 0.f;
   float m0 = kNegBig, m1 = kNegBig, l0 = 0.f, l1 = 0.f;  // rows gid, gid + 8
   const float sl2 = p.scale * kLog2e;
+  const float lazy = p.lazy;
 
   T* wbuf = reinterpret_cast<T*>(smem) + warp * NST * 2 * TE;
   const int ntile = a.k_end > a.k_begin ? (a.k_end - a.k_begin + kTileKeys - 1) / kTileKeys : 0;
@@ -451,9 +453,13 @@ __device__ __forceinline__ void attn_block_mma(const Params& p, int blk, char* s
     mx0 = fmaxf(mx0, __shfl_xor_sync(0xffffffffu, mx0, 2));
     mx1 = fmaxf(mx1, __shfl_xor_sync(0xffffffffu, mx1, 1));
     mx1 = fmaxf(mx1, __shfl_xor_sync(0xffffffffu, mx1, 2));
-    const float mn0 = fmaxf(m0, mx0 * sl2), mn1 = fmaxf(m1, mx1 * sl2);
-    // rescale the accumulators only when some row's max moved (rare after the first tiles)
-    if (__any_sync(0xffffffffu, mn0 != m0 || mn1 != m1)) {
+    // lazy reference max: a row's m moves only when a score exceeds it by more than p.lazy (log2
+    // units), so the weights stay <= 2^lazy and the accumulators are rescaled on few tiles (the
+    // first, and when the scores climb); lazy = 0 moves m whenever the max grows (the exact max)
+    const float c0 = mx0 * sl2, c1 = mx1 * sl2;
+    const bool up0 = c0 > m0 + lazy, up1 = c1 > m1 + lazy;
+    if (__any_sync(0xffffffffu, up0 || up1)) {
+      const float mn0 = up0 ? c0 : m0, mn1 = up1 ? c1 : m1;
       const float al0 = exp2_fast(m0 - mn0), al1 = exp2_fast(m1 - mn1);
       l0 *= al0;
       l1 *= al1;
@@ -467,6 +473,7 @@ __device__ __forceinline__ void attn_block_mma(const Params& p, int blk, char* s
       m0 = mn0;
       m1 = mn1;
     }
+    const float mn0 = m0, mn1 = m1;
     s0[0] = exp2_fast(fmaf(s0[0], sl2, -mn0));
     s0[1] = exp2_fast(fmaf(s0[1], sl2, -mn0));
     s1[0] = exp2_fast(fmaf(s1[0], sl2, -mn0));

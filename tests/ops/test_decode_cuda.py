@@ -102,6 +102,13 @@ CASES = [
                  id="mamba2-bf16-nopdl"),
     pytest.param("dn", "fp16", 128, 8, 2, 3, 40, 4, 8, [41, 7, 600], {"pdtype": torch.bfloat16},
                  id="dn-fp16-bf16params"),
+    # the tensor-core loop's lazy reference max: the exact max (0), the largest headroom (2^12 weights
+    # in fp16) with peaky scores (q x 6: the max moves often and far), and the default with peaky scores
+    pytest.param("gdn", "bf16", 128, 16, 2, 2, 1000, 8, 4, [2500, 30], {"env": {"AHN_DECODE_LAZY": "0"}},
+                 id="gdn-bf16-exact-max"),
+    pytest.param("gdn", "fp16", 128, 16, 2, 2, 1000, 8, 4, [2500, 30],
+                 {"env": {"AHN_DECODE_LAZY": "12"}, "q_scale": 6.0}, id="gdn-fp16-lazy12-peaky"),
+    pytest.param("dn", "bf16", 64, 8, 2, 2, 700, 4, 4, [710, 40], {"q_scale": 6.0}, id="dn-bf16-D64-peaky"),
 ]
 
 
@@ -121,6 +128,7 @@ def test_decode_matches_reference(kind, dt, D, H, HKV, B, W, S, steps, starts, e
     worst = (0.0, 0.0)
     for step in range(steps):
         q, k, v, a, b, z = make_step(B, H, HKV, D, kind, dtype, gen)
+        q = (q.float() * extra.get("q_scale", 1.0)).to(dtype)
         out = torch.ops.ahn.decode_step(q, k, v, a, b, z, A_log, dt_bias, nw, ow, *cache, W, S, kind)
         ref = ahn_decode_ref(q, k, v, a, b, z, A_log, dt_bias, nw, ow, *cache_ref, W, S, kind,
                              dtype=torch.float32)
