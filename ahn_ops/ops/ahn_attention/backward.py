@@ -61,8 +61,11 @@ BT = pf.BT
 # H100 sweep (2026-11-24, same shape, after the forward stores lse; ptxas: _mem_bwd at (64, 8) 255 regs
 # and 400 B spills): _mem_bwd (mem_bv, mem_warps) (64,8) 25.3, (32,4) 27.7, (32,8) 25.2, (16,4) 24.8,
 # (128,8) 26.9; then dkdv (32,4,3) 23.8 vs (32,4,2) 24.5, (64,4,2) 26.9; dq (64,4,2) 23.5 kept.
+# H200 (2026-12-02, same shape, _dh_bwd reading qg and kd instead of normalising q and k per V slice):
+# _dh_bwd (warps, stages) (4,2) 1.063 ms, (4,3) 0.879, (8,2) 1.142, (2,2) 2.37, (1,2) 32.0, (2,3) 48.9
+# (spills); before the change (4,2) 1.746 ms.
 CONFIG = {"dq": (64, 4, 2), "dkdv": (32, 4, 3), "sink_qs": 1024,
-          "mem_bv": 16, "mem_warps": 4, "dh_warps": 4, "dh_stages": 2}
+          "mem_bv": 16, "mem_warps": 4, "dh_warps": 4, "dh_stages": 3}
 
 
 def _mm_f32(x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
@@ -151,12 +154,13 @@ def prefill_bwd(dout, dht, q, k, v, a, b, z, A_log, dt_bias, norm_weight, o_weig
             kd=kd, w=w, u=u, gc=gc, seq=seq, h0=h0, hs=hs, vnew=vnew, ht=dummy,
             H=H, HKV=HKV, D=D, W=W, S=S, BT=BT, BV=BV, USE_H0=use_h0, STORE_HT=False, MAMBA2=mamba2,
             num_warps=pf.CONFIG["state_warps"], num_stages=pf.CONFIG["state_stages"])
-        del u, kd
+        del u
         # ---- epilogue backward + readout recompute (+ the attention's delta from out - y_mem) ----
         dm = empty(Tt, H, D, dtype=dt, device=dev)
         dvl = empty(Tt, H, D, dtype=dt, device=dev)
         delta = empty(Tt, H, dtype=torch.float32, device=dev)
-        epi = dict(q=qf, k=kf, z=zf, nw=norm_weight.float().contiguous(), ow=o_weight.to(dt).contiguous(), dy=dof,
+        qg = empty(Tt, H, D, dtype=dt, device=dev)  # qn e^gc per row, made by _epi_bwd for _dh_bwd
+        epi = dict(qg=qg, q=qf, k=kf, z=zf, nw=norm_weight.float().contiguous(), ow=o_weight.to(dt).contiguous(), dy=dof,
                    out=outf, delta=delta,
                    seq=seq, chunks=chunks, gc=gc, hs=hs, vnew=vnew, dm=dm, dvl=dvl, uo=uo, dz=dz, dnw_part=dnw_part,
                    W=W, S=S, mem_scale=mem_scale, H=H, HKV=HKV, D=D, BT=BT, USE_H0=use_h0, MAMBA2=mamba2,
@@ -176,11 +180,11 @@ def prefill_bwd(dout, dht, q, k, v, a, b, z, A_log, dt_bias, norm_weight, o_weig
         dhs = empty(NT, H, D, D, dtype=dt, device=dev)
         dvnew = empty(Tt, H, D, dtype=dt, device=dev)
         km._dh_bwd_kernel[(D // BV, H, N)](
-            q=qf, k=kf, w=w, gc=gc, dm=dm, dvl=dvl, seq=seq, dht=dht.float().contiguous() if use_dht else dummy,
-            dhs=dhs, dvnew=dvnew, dh0=dh0 if use_h0 else dummy, W=W, S=S, mem_scale=mem_scale,
-            H=H, HKV=HKV, D=D, BT=BT, BV=BV, USE_H0=use_h0, USE_DHT=use_dht, MAMBA2=mamba2,
+            qg=qg, kd=kd, w=w, gc=gc, dm=dm, dvl=dvl, seq=seq, dht=dht.float().contiguous() if use_dht else dummy,
+            dhs=dhs, dvnew=dvnew, dh0=dh0 if use_h0 else dummy, W=W, S=S,
+            H=H, D=D, BT=BT, BV=BV, USE_H0=use_h0, USE_DHT=use_dht, MAMBA2=mamba2,
             num_warps=CONFIG["dh_warps"], num_stages=CONFIG["dh_stages"])
-        del dvl
+        del dvl, qg, kd
         # ---- chunk-parallel memory gradients ----
         km._mem_bwd_kernel[(H, NT)](
             q=qf, k=kf, v=vf, a=af if af is not None else dummy, b=bf if bf is not None else dummy, A_log=A_logf,

@@ -17,8 +17,10 @@ Backward, given ``dy`` (grad of the op output; the epilogue turns it into ``dm``
 
 1. ``_epi_bwd_kernel`` (chunk-parallel): recompute ``m`` from ``h_c``; epilogue backward
    (RMSNorm, swish gate, per-head projection) -> ``dm``, ``dz``, ``u`` (for ``do_weight``),
-   per-chunk partial ``dnorm_weight``; and ``dv_local = tril(qn kn^T * E)^T dm``.
-2. ``_dh_bwd_kernel`` (sequential over chunks, grid (D/BV, H, N)): ``dh`` in registers,
+   per-chunk partial ``dnorm_weight``; and ``dv_local = tril(qn kn^T * E)^T dm``; stores
+   ``qg = qn e^gc`` (input dtype) for the next launch.
+2. ``_dh_bwd_kernel`` (sequential over chunks, grid (D/BV, H, N)): ``dh`` in registers, reading
+   ``qg`` and the prep pass's ``kd = kn e^(g_last - gc)`` (no normalisation in the sequential loop),
    ``dv_new = dv_local + (kn e^(g_last-gc)) dh_c+1``,
    ``dh_c = e^g_last dh_c+1 + (qn e^gc)^T dm - w^T dv_new``; stores ``dh_c+1`` per chunk.
 3. ``_mem_bwd_kernel`` (chunk-parallel): dq, dk (readout, state transition), ``dw = -dv_new h_c^T``
@@ -53,7 +55,7 @@ def _store_delta(out, delta, b_dy, b_y, p_row, o_q, i_h, m_i, H: tl.constexpr):
 @triton.jit(do_not_specialize=["W", "S"])
 def _epi_bwd_kernel(
     # pointers
-    q, k, z, nw, ow, dy, out, delta, seq, chunks, gc, hs, vnew, dm, dvl, uo, dz, dnw_part, ssp, cp, rk,
+    q, k, z, nw, ow, dy, out, delta, seq, chunks, gc, hs, vnew, dm, dvl, uo, dz, dnw_part, ssp, cp, rk, qg,
     # sizes
     W, S, mem_scale,
     H: tl.constexpr, HKV: tl.constexpr, D: tl.constexpr,
@@ -87,7 +89,10 @@ def _epi_bwd_kernel(
         b_qn = _norm_rows(b_q.to(tl.float32), MAMBA2) * mem_scale  # [BT, D]
         b_gc = tl.load(gc + o_q * H + i_h, mask=m_i, other=0.)  # [BT]
         b_hc = tl.load(hs + (((coff + i_b) * H + i_h) * D + o_d[:, None]) * D + o_d[None, :])  # [D, D]
-        b_mo = tl.dot((b_qn * tl.exp(b_gc)[:, None]).to(b_q.dtype), b_hc)  # [BT, D]
+        b_qg = (b_qn * tl.exp(b_gc)[:, None]).to(b_q.dtype)  # [BT, D]
+        if PHASE != 1:
+            tl.store(qg + p_row, b_qg, mask=m_i[:, None])  # for _dh_bwd_kernel (one normalisation)
+        b_mo = tl.dot(b_qg, b_hc)  # [BT, D]
         pos = o_i - W
         m_act = m_i & (pos >= S)
         o_row = bos + tl.where(m_act, pos, 0)
@@ -163,15 +168,17 @@ def _epi_bwd_kernel(
 @triton.jit(do_not_specialize=["W", "S"])
 def _dh_bwd_kernel(
     # pointers
-    q, k, w, gc, dm, dvl, seq, dht, dhs, dvnew, dh0,
+    qg, kd, w, gc, dm, dvl, seq, dht, dhs, dvnew, dh0,
     # sizes
-    W, S, mem_scale,
-    H: tl.constexpr, HKV: tl.constexpr, D: tl.constexpr,
+    W, S,
+    H: tl.constexpr, D: tl.constexpr,
     # meta
     BT: tl.constexpr, BV: tl.constexpr, USE_H0: tl.constexpr, USE_DHT: tl.constexpr, MAMBA2: tl.constexpr,
 ):
+    # the per-chunk rows it reads were made once by the chunk-parallel kernels, not per V slice here:
+    # kd = kn e^(g_last - gc) (the prep pass, as the forward's state pass reads it) and
+    # qg = qn e^gc (_epi_bwd_kernel, the readout's left operand), both in the input dtype
     i_v, i_h, i_n = tl.program_id(0), tl.program_id(1), tl.program_id(2)
-    G: tl.constexpr = H // HKV
     bos = tl.load(seq + i_n * 8).to(tl.int64)
     T = tl.load(seq + i_n * 8 + 1)
     coff = tl.load(seq + i_n * 8 + 6).to(tl.int64)
@@ -197,26 +204,20 @@ def _dh_bwd_kernel(
         o_i = i_c * BT + o_t
         m_i = o_i < T
         o_q = bos + o_i
-        pos = o_i - W
-        m_act = m_i & (pos >= S)
-        o_row = bos + tl.where(m_act, pos, 0)
-        b_k = tl.load(k + (o_row * HKV + i_h // G)[:, None] * D + o_d[None, :], mask=m_act[:, None], other=0.)
-        b_kn = _norm_rows(b_k.to(tl.float32), MAMBA2)  # [BT, D]
-        b_gc = tl.load(gc + o_q * H + i_h, mask=m_i, other=0.)  # [BT]
+        p_d = (o_q * H + i_h)[:, None] * D + o_d[None, :]
+        b_kd = tl.load(kd + p_d, mask=m_i[:, None], other=0.)  # [BT, D], 0 on rows without a memory token
         i_last = tl.minimum(i_c * BT + BT, T) - 1
         b_glast = tl.load(gc + (bos + i_last) * H + i_h)
-        b_kd = tl.where(m_act[:, None], b_kn * tl.exp(b_glast - b_gc)[:, None], 0.)  # [BT, D]
         p_v = (o_q * H + i_h)[:, None] * D + o_v[None, :]
         b_dvl = tl.load(dvl + p_v, mask=m_i[:, None], other=0.).to(tl.float32)  # [BT, BV]
-        b_dvn = b_dvl + tl.dot(b_kd.to(b_k.dtype), b_dh.to(b_k.dtype))  # [BT, BV]
+        b_dvn = b_dvl + tl.dot(b_kd, b_dh.to(b_kd.dtype))  # [BT, BV]
         tl.store(dvnew + p_v, b_dvn.to(dvnew.dtype.element_ty), mask=m_i[:, None])
-        b_q = tl.load(q + (o_q * H + i_h)[:, None] * D + o_d[None, :], mask=m_i[:, None], other=0.)  # [BT, D]
-        b_qg = _norm_rows(b_q.to(tl.float32), MAMBA2) * (mem_scale * tl.exp(b_gc))[:, None]  # [BT, D]
+        b_qg = tl.load(qg + p_d, mask=m_i[:, None], other=0.)  # [BT, D]
         b_dm = tl.load(dm + p_v, mask=m_i[:, None], other=0.)  # [BT, BV]
-        b_dh = b_dh * tl.exp(b_glast) + tl.dot(tl.trans(b_qg.to(b_q.dtype)), b_dm.to(b_q.dtype))  # [D, BV]
+        b_dh = b_dh * tl.exp(b_glast) + tl.dot(tl.trans(b_qg), b_dm.to(b_qg.dtype))  # [D, BV]
         if not MAMBA2:
             # v_new = u - w h_c (Mamba2 has no delta correction: v_new = u does not depend on h)
-            b_w = tl.load(w + (o_q * H + i_h)[:, None] * D + o_d[None, :], mask=m_i[:, None], other=0.)  # [BT, D]
+            b_w = tl.load(w + p_d, mask=m_i[:, None], other=0.)  # [BT, D]
             b_dh -= tl.dot(tl.trans(b_w), b_dvn.to(b_w.dtype))  # [D, BV]
     if USE_H0:
         tl.store(dh0 + p_hv, b_dh)
