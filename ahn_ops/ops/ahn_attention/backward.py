@@ -141,10 +141,12 @@ def prefill_bwd(dout, dht, q, k, v, a, b, z, A_log, dt_bias, norm_weight, o_weig
         w = dummy if mamba2 else empty(Tt, H, D, dtype=dt, device=dev)  # Mamba2: no delta rule, w = 0
         u = empty(Tt, H, D, dtype=dt, device=dev)
         kd = empty(Tt, H, D, dtype=dt, device=dev)  # forward's decayed keys kn * exp(g_last - gc)
+        # the WY inverse X per chunk, [Tt, H, BT] in the input dtype, for _mem_bwd (not recomputed there)
+        xs = dummy if mamba2 else empty(Tt, H, BT, dtype=dt, device=dev)
         pf._prep_kernel[(NT, H)](
             kx=kf, vx=vf, a=af if af is not None else dummy, b=bf if bf is not None else dummy, gx=dummy,
-            A_log=A_logf, dt_bias=dt_biasf, seq=seq, chunks=chunks, gc=gc, w=w, u=u, kd=kd, H=H, HKV=HKV, D=D,
-            W=W, S=S, BT=BT, GATES=gates, MAMBA2=mamba2, num_warps=pf.CONFIG["prep_warps"])
+            A_log=A_logf, dt_bias=dt_biasf, seq=seq, chunks=chunks, gc=gc, w=w, u=u, kd=kd, xs=xs, H=H, HKV=HKV, D=D,
+            W=W, S=S, BT=BT, GATES=gates, MAMBA2=mamba2, STORE_X=not mamba2, num_warps=pf.CONFIG["prep_warps"])
         hs = empty(NT, H, D, D, dtype=dt, device=dev)
         vnew = u if mamba2 else empty(Tt, H, D, dtype=dt, device=dev)
         # the forward's state-pass BV (prefill.CONFIG: 16 at D=128, more programs on a latency-bound loop)
@@ -189,11 +191,11 @@ def prefill_bwd(dout, dht, q, k, v, a, b, z, A_log, dt_bias, norm_weight, o_weig
         km._mem_bwd_kernel[(H, NT)](
             q=qf, k=kf, v=vf, a=af if af is not None else dummy, b=bf if bf is not None else dummy, A_log=A_logf,
             dt_bias=dt_biasf,
-            seq=seq, chunks=chunks, gc=gc, hs=hs, dhs=dhs, w=w, vnew=vnew, dvnew=dvnew, dm=dm,
+            seq=seq, chunks=chunks, gc=gc, hs=hs, dhs=dhs, w=w, xs=xs, vnew=vnew, dvnew=dvnew, dm=dm,
             dq_acc=dq_acc, dk_acc=dk_acc, dv_acc=dv_acc, dg_tok=dg_tok, dbeta_tok=dbeta_tok,
             W=W, S=S, mem_scale=mem_scale, H=H, HKV=HKV, D=D, BT=BT, BV=min(CONFIG["mem_bv"], D), GATES=gates,
             USE_H0=use_h0, MAMBA2=mamba2, num_warps=CONFIG["mem_warps"])
-        del hs, dhs, w, vnew, dvnew, dm
+        del hs, dhs, w, xs, vnew, dvnew, dm
         # ---- window attention backward (lse from the forward, delta from _epi_bwd_kernel) ----
         BN, nw, ns = CONFIG["dq"]
         ka._attn_dq_kernel[(H, NT)](

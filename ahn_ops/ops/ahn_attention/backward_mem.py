@@ -25,12 +25,13 @@ Backward, given ``dy`` (grad of the op output; the epilogue turns it into ``dm``
    ``dh_c = e^g_last dh_c+1 + (qn e^gc)^T dm - w^T dv_new``; stores ``dh_c+1`` per chunk.
 3. ``_mem_bwd_kernel`` (chunk-parallel): dq, dk (readout, state transition), ``dw = -dv_new h_c^T``
    (products over V taken in BV-column slices of h, dh, v_new, dv_new, dm),
-   then the WY backward through ``X`` (recomputed by the forward's blocked inverse), dbeta, the in-chunk
+   then the WY backward through ``X`` (stored by the backward's prep pass), dbeta, the in-chunk
    reverse cumsum of dgc -> dg, l2norm backward of q and k. dk/dv of the G query heads of a
    kv group meet in fp32 atomics on ``[tokens, HKV, D]`` buffers (never ``[tokens, H, D]``).
 
 Memory of the backward: the per-chunk states ``h`` and ``dh`` (``2 * T/64 * H * D * D`` in the
-input dtype) plus ``O(T * H * D)`` row buffers; the forward saves only its inputs.
+input dtype) plus ``O(T * H * D)`` row buffers (among them ``qg``, ``kd`` and the WY inverse ``X``,
+``T * H * BT``, all in the input dtype); the forward saves only its inputs.
 """
 
 from __future__ import annotations
@@ -38,7 +39,6 @@ from __future__ import annotations
 import triton
 import triton.language as tl
 
-from ..common.tl_utils import tri_inverse
 from .prefill import _inv_norm, _load_gates, _norm_rows
 
 
@@ -226,7 +226,7 @@ def _dh_bwd_kernel(
 @triton.jit(do_not_specialize=["W", "S"])
 def _mem_bwd_kernel(
     # pointers
-    q, k, v, a, b, A_log, dt_bias, seq, chunks, gc, hs, dhs, w, vnew, dvnew, dm,
+    q, k, v, a, b, A_log, dt_bias, seq, chunks, gc, hs, dhs, w, xs, vnew, dvnew, dm,
     dq_acc, dk_acc, dv_acc, dg_tok, dbeta_tok,
     # sizes
     W, S, mem_scale,
@@ -277,10 +277,10 @@ def _mem_bwd_kernel(
         m_slow = (o_t[:, None] > o_t[None, :]) & m_i[:, None]
         b_E = tl.exp(tl.where(m_low, b_gc[:, None] - b_gc[None, :], 0.))  # [BT, BT]
         if not MAMBA2:
-            # WY inverse X = (I + L)^-1, L = tril(beta kn kn^T E, -1); w = X Kb, u = X Vb
+            # WY inverse X = (I + L)^-1, L = tril(beta kn kn^T E, -1); w = X Kb, u = X Vb. X comes from
+            # the backward's prep pass (the bits the forward's prep pass used: same L, same tri_inverse)
             b_kk = tl.dot(b_kn.to(dt), tl.trans(b_kn.to(dt)))  # [BT, BT]
-            b_L = tl.where(m_slow, b_beta[:, None] * b_kk * b_E, 0.)
-            b_Xc = tri_inverse(b_L, BT).to(dt)  # [BT, BT]
+            b_Xc = tl.load(xs + (o_q * H + i_h)[:, None] * BT + o_t[None, :], mask=m_i[:, None], other=0.)
 
         # products over V, slice by slice
         b_ds = tl.zeros([BT, BT], dtype=tl.float32)  # dm v_new^T

@@ -117,15 +117,19 @@ def _load_gates(a, b, gx, A_log, dt_bias, o_row, m_act, i_h, H: tl.constexpr, GA
 
 
 @triton.jit
-def _wy_prep(b_kn, b_v, b_k, b_beta, b_gc, w, o_q, o_t, o_d, i_h, m_i, H: tl.constexpr, D: tl.constexpr,
-             BT: tl.constexpr):
-    # delta rule (GDN/DN): stores w = A (beta exp(gc) k), returns u = A (beta v) [BT, D] fp32
+def _wy_prep(b_kn, b_v, b_k, b_beta, b_gc, w, xs, o_q, o_t, o_d, i_h, m_i, H: tl.constexpr, D: tl.constexpr,
+             BT: tl.constexpr, STORE_X: tl.constexpr):
+    # delta rule (GDN/DN): stores w = A (beta exp(gc) k), returns u = A (beta v) [BT, D] fp32;
+    # STORE_X (the backward's recompute): also stores A in the input dtype, [tokens, H, BT] rows, which
+    # is the X that backward_mem._mem_bwd_kernel would otherwise invert again (the same bits)
     m_low = o_t[:, None] > o_t[None, :]
     b_kk = dot(b_kn.to(b_k.dtype), tl.trans(b_kn.to(b_k.dtype)))  # [BT, BT]
     b_dec = tl.exp(tl.where(m_low, b_gc[:, None] - b_gc[None, :], 0.))
     b_L = tl.where(m_low, b_beta[:, None] * b_kk * b_dec, 0.)  # strictly lower part of I + L
     b_A = tri_inverse(b_L, BT)  # (I + L)^-1, fp32
     b_Ac = b_A.to(b_k.dtype)
+    if STORE_X:
+        tl.store(xs + (o_q * H + i_h)[:, None] * BT + o_t[None, :], b_Ac, mask=m_i[:, None])
     b_w = dot(b_Ac, (b_kn * (b_beta * tl.exp(b_gc))[:, None]).to(b_k.dtype))  # [BT, D]
     b_u = dot(b_Ac, (b_v.to(tl.float32) * b_beta[:, None]).to(b_k.dtype))  # [BT, D]
     tl.store(w + (o_q * H + i_h)[:, None] * D + o_d[None, :], b_w.to(w.dtype.element_ty), mask=m_i[:, None])
@@ -135,11 +139,11 @@ def _wy_prep(b_kn, b_v, b_k, b_beta, b_gc, w, o_q, o_t, o_d, i_h, m_i, H: tl.con
 @triton.jit
 def _prep_kernel(
     # pointers
-    kx, vx, a, b, gx, A_log, dt_bias, seq, chunks, gc, w, u, kd,
+    kx, vx, a, b, gx, A_log, dt_bias, seq, chunks, gc, w, u, kd, xs,
     # sizes
     H: tl.constexpr, HKV: tl.constexpr, D: tl.constexpr, W, S,
     # meta
-    BT: tl.constexpr, GATES: tl.constexpr, MAMBA2: tl.constexpr,
+    BT: tl.constexpr, GATES: tl.constexpr, MAMBA2: tl.constexpr, STORE_X: tl.constexpr = False,
 ):
     i_c, i_h = tl.program_id(0), tl.program_id(1)
     G: tl.constexpr = H // HKV
@@ -169,7 +173,7 @@ def _prep_kernel(
         # no delta correction: no inverse, w = 0 (not stored), and the new values are u = dt v
         b_u = b_v.to(tl.float32) * b_beta[:, None]  # [BT, D]
     else:
-        b_u = _wy_prep(b_kn, b_v, b_k, b_beta, b_gc, w, o_q, o_t, o_d, i_h, m_i, H, D, BT)
+        b_u = _wy_prep(b_kn, b_v, b_k, b_beta, b_gc, w, xs, o_q, o_t, o_d, i_h, m_i, H, D, BT, STORE_X)
     # the state pass adds kn^T (v_new * exp(g_last - gc)): store its decayed keys once here
     b_glast = tl.sum(tl.where(o_i == tl.minimum(i_b * BT + BT, T) - 1, b_gc, 0.), 0)
     b_kd = b_kn * tl.exp(tl.where(m_act, b_glast - b_gc, 0.))[:, None]
@@ -554,7 +558,7 @@ def _launch(q, kx, vx, sk, sv, a, b, gx, z, A_log, dt_bias, norm_weight, o_weigh
         kd = empty(Tq, H, D, dtype=dt, device=dev)
         _prep_kernel[(NT, H)](
             kx=kx, vx=vx, a=a, b=b, gx=gx, A_log=A_log, dt_bias=dt_bias, seq=seq, chunks=chunks, gc=gc, w=w, u=u, kd=kd,
-            H=H, HKV=HKV, D=D, W=window, S=sinks, BT=BT, GATES=gates, MAMBA2=mamba2, num_warps=CONFIG["prep_warps"])
+            xs=dummy, H=H, HKV=HKV, D=D, W=window, S=sinks, BT=BT, GATES=gates, MAMBA2=mamba2, num_warps=CONFIG["prep_warps"])
         if stage == "prep":  # benchmarks: the parallel prep pass alone
             return out, ht, lse
         hs = empty(NT, H, D, D, dtype=dt, device=dev)

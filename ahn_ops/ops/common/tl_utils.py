@@ -50,8 +50,8 @@ def tri_inverse(b_L, BT: tl.constexpr):
        ``M = Xd Lo`` strictly block-lower (``Lo``: the part of ``L`` outside the diagonal
        blocks), so for BT = 64 ``M^4 = 0`` and ``(I + L)^-1 = (I - M)(I + M^2) Xd``: four
        tensor-core products at near-fp32 accuracy (``dot_f32``).
-    The forward (prefill) and the backward (backward_mem) call this one helper, so both use the
-    same X bit for bit.
+    The prep pass (prefill) calls this; the backward's re-run of the prep pass stores the result
+    (input dtype) for backward_mem._mem_bwd_kernel, so both use the same X bit for bit.
     """
     NB: tl.constexpr = BT // 16
     o_t = tl.arange(0, BT)
