@@ -185,7 +185,7 @@ class StaticDecoder:
         do_sample, temperature, top_k, top_p, generator: token choice (greedy by default).
         fuse_glue: fused Triton glue (see :func:`generate`); None = on for CUDA models it fits.
         fuse_linear: projections with their neighbours fused (see :func:`generate`); None = on with
-            ``fuse_glue`` on Hopper GPUs at ``B <= 2`` (True: any GPU, ``B <= decode_linear.MAX_BATCH``).
+            ``fuse_glue`` on Hopper GPUs at ``B <= 2`` (True: any GPU, batches ``decode_linear.supports``).
     """
 
     def __init__(self, model, cache, attention_mask: Optional[torch.Tensor], prompt_len: int,
@@ -274,15 +274,17 @@ class StaticDecoder:
                 if st is not None:
                     self.kvg[i] = st
         # ---- fused projections (batch <= 4): RMSNorm / RoPE / SiLU*up / residual inside the GEMVs
-        from .ops.decode_linear import MAX_BATCH
+        from .ops import decode_linear as dl
 
-        lin_ok = self.fuse_glue and B <= MAX_BATCH and _linear_supported(self.base, self.dtype)
+        head_dim = self.base.layers[0].self_attn.head_dim
+        lin_ok = self.fuse_glue and dl.supports(B, self.dtype, head_dim) and _linear_supported(self.base, self.dtype)
         if fuse_linear is None:  # H200 (2026-12-02), per layer vs cuBLAS + glue: 1.37x at B=1, 1.16x at B=2,
             # 0.89x at B=4; tile configs tuned there: auto-on on Hopper (sm_90) only, where it was measured
             fuse_linear = (lin_ok and self.device.type == "cuda" and B <= 2
                            and torch.cuda.get_device_capability(self.device)[0] == 9)
         elif fuse_linear and not lin_ok:
-            raise ValueError(f"fuse_linear=True needs fuse_glue, batch <= {MAX_BATCH} (got {B}) and plain "
+            raise ValueError(f"fuse_linear=True needs fuse_glue, batch <= {dl.MAX_BATCH} in bf16/fp16 or <= "
+                             f"{dl.MAX_BROADCAST_BATCH} in float32 (got {B} in {self.dtype}) and plain "
                              f"nn.Linear projections of {self.dtype}")
         self.fuse_linear = bool(fuse_linear)
 
@@ -430,7 +432,7 @@ class StaticDecoder:
         return self._step_end(x)
 
     def _forward_linear(self) -> torch.Tensor:
-        """:meth:`_forward_glued` with the projections fused too (batch <= ``decode_linear.MAX_BATCH``): per
+        """:meth:`_forward_glued` with the projections fused too (batches ``decode_linear.supports``): per
         AHN layer RMSNorm + q + k/v/gates + RoPE, the decode op, o_proj + residual, RMSNorm + gate/up +
         SiLU*up, down_proj + residual: 6 launches instead of 12 (``ahn_ops/ops/decode_linear.py``)."""
         from .ops import decode_linear as dl

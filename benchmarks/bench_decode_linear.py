@@ -1,6 +1,6 @@
-"""The decode step's projections at batch 1-4: ahn_ops/ops/decode_linear.py against cuBLAS + the glue kernels.
+"""The decode step's projections at batch 1-16: ahn_ops/ops/decode_linear.py against cuBLAS + the glue kernels.
 
-    python benchmarks/bench_decode_linear.py [--batch 1 2 4] [--sweep] [--layers 36]
+    python benchmarks/bench_decode_linear.py [--batch 1 2 4 8 16] [--sweep] [--layers 36]
 
 Per layer of the Qwen2.5-3B shape (hidden 2048, intermediate 11008, H=16, HKV=2, D=128, AHN-GDN
 gates a, b, z: the stacked k/v/gates weight has 560 rows), bf16. Weight bytes per layer (each read
@@ -18,8 +18,8 @@ the figures in RESULTS.md of 2026-12-02 came from a first version that took the 
 event-timed replays).
 ``--sweep`` times every tile config of each fused op alone (36 distinct weights per graph) and
 prints the best per (op, batch) as a ``CONFIGS`` table (tile rows x K x warps with a per-step or a deferred
-reduction over K, then the pipelining depth of the three best), which the layer comparison after it
-then uses.
+reduction over K, then the pipelining depth of the three best; at B > 2 the tensor-core tiles: 2 x BN2
+weight rows x BK per product, the batch padded to 16 rows), which the layer comparison after it then uses.
 """
 
 from __future__ import annotations
@@ -152,7 +152,7 @@ def sweep(layers, batches, dt, dev, g, bw):
 
     best = {}
     for B in batches:
-        BM = 1 << (B - 1).bit_length()
+        BM, mma = dl._plan("sweep", B, dt, D // 2)  # B > 2 in bf16: tensor cores, BM = 16
         h = torch.randn(B, HID, device=dev, generator=g).to(dt)
         o = torch.randn(B, H * D, device=dev, generator=g).to(dt)
         act = torch.randn(B, INTER, device=dev, generator=g).to(dt)
@@ -177,18 +177,21 @@ def sweep(layers, batches, dt, dev, g, bw):
                     return float("inf")
 
             res = []
+            if mma:  # 2 BN2 weight rows x BK per tensor-core product
+                for BN2, BK, warps in itertools.product((8, 16), (128, 256, 512), (4, 8)):
+                    res.append((timed((BN2, BK, warps, 3)), (BN2, BK, warps, 3)))
             for BN2, BK, warps in itertools.product((1, 2, 4, 8, 16), (512, 1024, 2048, 4096), (4, 8)):
-                if BM * BN2 * BK > 2048 * 32 * warps or (name == "qkvg" and BN2 > D // 2):
+                if mma or BM * BN2 * BK > 2048 * 32 * warps or (name == "qkvg" and BN2 > D // 2):
                     continue
                 res.append((timed((BN2, BK, warps, 3)), (BN2, BK, warps, 3)))
-            for BN2, BK, warps in itertools.product((1, 2, 4, 8), (256, 512, 1024, 2048), (4, 8)):
+            for BN2, BK, warps in itertools.product((1, 2, 4, 8), (256, 512, 1024, 2048), (4, 8)) if not mma else ():
                 # deferred reduction: [BM, BN2, BK] fp32 partial sums per operand stay in registers
                 if BM * BN2 * BK > 128 * 32 * warps or (name == "qkvg" and BN2 > D // 2):
                     continue
                 res.append((timed((BN2, BK, warps, 3, True)), (BN2, BK, warps, 3, True)))
             res.sort()
-            for _, c in res[:3]:  # pipelining depth of the three best
-                for st in (1, 2, 4):
+            for _, c in res[:2 if mma else 3]:  # pipelining depth of the best
+                for st in ((2, 4) if mma else (1, 2, 4)):
                     res.append((timed(c[:3] + (st,) + c[4:]), c[:3] + (st,) + c[4:]))
             res.sort()
             t, c = res[0]

@@ -1,7 +1,7 @@
 """Skinny projections of the decode step (Triton) with their neighbours fused in: RMSNorm before,
 RoPE, SiLU * up or the residual add after.
 
-At batch 1-4 a decode step's projections are matrix-vector products: they move their weights once
+At small batch a decode step's projections are matrix-vector products: they move their weights once
 and do next to nothing else, so what costs is the number of launches (each one drains and refills
 the GPU, even inside a CUDA graph) and how many bytes are in flight per SM. The plain step runs
 per layer (with the fused glue of :mod:`model_glue`) an RMSNorm, the q and stacked k/v/gates
@@ -25,10 +25,13 @@ summation order.
 
 Each program owns ``2 * BN2`` output rows and loops over ``K``: a pair of ``[BN2, BK]`` weight tiles
 (the two halves of a RoPE pair, the matching rows of gate and up, or two consecutive row blocks)
-times the ``[BM, BK]`` activations, as a broadcast product summed over ``BK`` (``BM`` = the batch,
-padded to a power of two, <= :data:`MAX_BATCH`; ``BK`` large so that each SM has tens of KB of
-loads in flight). Tile sizes per (projection kind, BM) live in :data:`CONFIGS`
-(``benchmarks/bench_decode_linear.py`` sweeps them).
+times the ``[BM, BK]`` activations. At batch 1-2 (and in float32, up to :data:`MAX_BROADCAST_BATCH`)
+as a broadcast product summed over ``BK`` (``BM`` = the batch padded to a power of two; ``BK`` large
+so that each SM has tens of KB of loads in flight). From batch 3 on in bf16/fp16 (up to
+:data:`MAX_BATCH`) on tensor cores: the two tiles as one ``[2 BN2, BK]`` operand times the
+activations' ``[BK, 16]`` (the batch zero-padded to :data:`MMA_BM` rows), where the broadcast product
+turned compute-bound (B=4: 80.5 us per layer vs cuBLAS + glue 71.9 on the H200). Tile sizes per
+(projection kind, BM) live in :data:`CONFIGS` (``benchmarks/bench_decode_linear.py`` sweeps them).
 
 Internal helpers of :class:`ahn_ops.fast_decode.StaticDecoder` (no autograd); inputs are 2-D
 ``[B, n]`` with a unit last stride.
@@ -42,11 +45,15 @@ import torch
 import triton
 import triton.language as tl
 
+from .common.tl_utils import dot
 from .model_glue import rope_halves
 
-__all__ = ["norm_qkvg", "linear_residual", "norm_gate_up", "MAX_BATCH", "CONFIGS"]
+__all__ = ["norm_qkvg", "linear_residual", "norm_gate_up", "supports", "MAX_BATCH", "CONFIGS"]
 
-MAX_BATCH = 4
+MAX_BATCH = 16            # rows per launch (bf16/fp16)
+MAX_BROADCAST_BATCH = 4   # float32 (no tensor-core path) and head_dim < 16
+MMA_MIN_BATCH = 3         # from this batch on the products run on tensor cores
+MMA_BM = 16               # the batch padded to one tensor-core tile
 
 _PROJ, _SILU, _RESID = 0, 1, 2
 
@@ -59,6 +66,9 @@ CONFIGS: Dict[Tuple[str, int], Tuple[int, int, int, int]] = {  # H200 sweep, 202
     ("o_proj", 1): (1, 2048, 4, 2), ("o_proj", 2): (2, 4096, 4, 3), ("o_proj", 4): (2, 4096, 4, 3),
     ("down_proj", 1): (2, 4096, 4, 3), ("down_proj", 2): (4, 4096, 4, 1), ("down_proj", 4): (4, 4096, 4, 1),
     ("gate_up", 1): (8, 4096, 4, 1), ("gate_up", 2): (4, 4096, 4, 2), ("gate_up", 4): (4, 4096, 4, 2),
+    # tensor-core path (B = 3..16, BM = MMA_BM): NOT yet swept on a GPU
+    ("qkvg", 16): (8, 512, 4, 3), ("o_proj", 16): (8, 512, 4, 3), ("down_proj", 16): (8, 512, 4, 3),
+    ("gate_up", 16): (8, 512, 4, 3),
 }
 
 
@@ -89,7 +99,7 @@ def _skinny_kernel(x, x_s, nw, eps,
                    B, K, N1, N2, R1, R2, P1,
                    MODE: tl.constexpr, RMS: tl.constexpr, HAS_B1: tl.constexpr, HAS_B2: tl.constexpr,
                    D: tl.constexpr, BM: tl.constexpr, BN2: tl.constexpr, BK: tl.constexpr,
-                   DEFER: tl.constexpr):
+                   DEFER: tl.constexpr, MMA: tl.constexpr = False):
     pid = tl.program_id(0)
     HALF: tl.constexpr = D // 2
     ar = tl.arange(0, BN2)
@@ -106,8 +116,8 @@ def _skinny_kernel(x, x_s, nw, eps,
         out = out1
         o_s = o1_s
         N = N1
-        rows_lo = pid * BN2 + ar
-        rows_hi = rows_lo
+        base_lo = pid * BN2
+        base_hi = base_lo
         has_blo = HAS_B1
         has_bhi = HAS_B2
     else:
@@ -134,15 +144,17 @@ def _skinny_kernel(x, x_s, nw, eps,
         has_bhi = has_blo
         nrope = R // (2 * BN2)
         r0 = R + (p - nrope) * (2 * BN2)                               # two consecutive row blocks
-        rows_lo = r0 + ar
-        rows_hi = r0 + BN2 + ar
+        base_lo = r0
+        base_hi = r0 + BN2
         if MODE == 0:
             if p < nrope:  # a RoPE block: rows d and d + D/2 of one head
                 head = p // (HALF // BN2)
                 j = p % (HALF // BN2)
-                rows_lo = head * D + j * BN2 + ar
-                rows_hi = rows_lo + HALF
+                base_lo = head * D + j * BN2
+                base_hi = base_lo + HALF
                 rope = True
+    rows_lo = base_lo + ar
+    rows_hi = base_hi + ar
     mlo = rows_lo < N
     mhi = rows_hi < N
     xrow = x + bm.to(tl.int64)[:, None] * x_s                      # [BM, 1]
@@ -159,24 +171,46 @@ def _skinny_kernel(x, x_s, nw, eps,
             xv = tl.load(xrow + kk[None, :], mask=bmask[:, None] & (kk < K)[None, :], other=0.).to(tl.float32)
             ss += tl.sum(xv * xv, 1)
         rstd = tl.rsqrt(ss / K + eps)
-    if DEFER:  # element-wise partial sums, one reduction over K at the end (no cross-warp sum per step)
-        part_lo = tl.zeros([BM, BN2, BK], dtype=tl.float32)
-        part_hi = tl.zeros([BM, BN2, BK], dtype=tl.float32)
-    for k0 in range(0, K, BK):
-        kk = k0 + tl.arange(0, BK)
-        km = kk < K
-        xf = _x_tile(xrow, nw, rstd, kk, K, bmask, RMS)
-        wl = tl.load(plo + kk[None, :], mask=mlo[:, None] & km[None, :], other=0.).to(tl.float32)
-        wh = tl.load(phi + kk[None, :], mask=mhi[:, None] & km[None, :], other=0.).to(tl.float32)
+    if MMA:
+        # tensor cores (B > 2, bf16/fp16): the program's 2 BN2 weight rows (lo tile then hi tile) as one
+        # [2 BN2, BK] operand times the activations' [BK, BM] (BM = 16 rows, the batch zero-padded): the
+        # products are the same exact bf16/fp16 products, summed in fp32 in another order
+        ar2 = tl.arange(0, 2 * BN2)
+        second = ar2 >= BN2
+        rows2 = tl.where(second, base_hi - BN2, base_lo) + ar2
+        m2 = rows2 < N
+        acc2 = tl.zeros([2 * BN2, BM], dtype=tl.float32)
+        for k0 in range(0, K, BK):
+            kk = k0 + tl.arange(0, BK)
+            km = kk < K
+            xb = _x_tile(xrow, nw, rstd, kk, K, bmask, RMS).to(dt)  # exact: already rounded to dt
+            off = rows2.to(tl.int64)[:, None] * K + kk[None, :]
+            if MODE == 1:  # gate rows, then up rows
+                wt = (tl.load(wlo + off, mask=(~second & m2)[:, None] & km[None, :], other=0.)
+                      + tl.load(whi + off, mask=(second & m2)[:, None] & km[None, :], other=0.))
+            else:
+                wt = tl.load(wlo + off, mask=m2[:, None] & km[None, :], other=0.)
+            acc2 += dot(wt, tl.trans(xb))  # [2 BN2, BM]
+        acc_lo, acc_hi = tl.split(tl.permute(tl.reshape(tl.trans(acc2), (BM, 2, BN2)), (0, 2, 1)))
+    if not MMA:
+        if DEFER:  # element-wise partial sums, one reduction over K at the end (no cross-warp sum per step)
+            part_lo = tl.zeros([BM, BN2, BK], dtype=tl.float32)
+            part_hi = tl.zeros([BM, BN2, BK], dtype=tl.float32)
+        for k0 in range(0, K, BK):
+            kk = k0 + tl.arange(0, BK)
+            km = kk < K
+            xf = _x_tile(xrow, nw, rstd, kk, K, bmask, RMS)
+            wl = tl.load(plo + kk[None, :], mask=mlo[:, None] & km[None, :], other=0.).to(tl.float32)
+            wh = tl.load(phi + kk[None, :], mask=mhi[:, None] & km[None, :], other=0.).to(tl.float32)
+            if DEFER:
+                part_lo += xf[:, None, :] * wl[None, :, :]
+                part_hi += xf[:, None, :] * wh[None, :, :]
+            else:
+                acc_lo += tl.sum(xf[:, None, :] * wl[None, :, :], 2)
+                acc_hi += tl.sum(xf[:, None, :] * wh[None, :, :], 2)
         if DEFER:
-            part_lo += xf[:, None, :] * wl[None, :, :]
-            part_hi += xf[:, None, :] * wh[None, :, :]
-        else:
-            acc_lo += tl.sum(xf[:, None, :] * wl[None, :, :], 2)
-            acc_hi += tl.sum(xf[:, None, :] * wh[None, :, :], 2)
-    if DEFER:
-        acc_lo = tl.sum(part_lo, 2)
-        acc_hi = tl.sum(part_hi, 2)
+            acc_lo = tl.sum(part_lo, 2)
+            acc_hi = tl.sum(part_hi, 2)
     # ---- epilogue: bias, round to the activation dtype (the projection's output), then the neighbour op
     if has_blo:
         acc_lo += tl.load(blo + rows_lo, mask=mlo, other=0.).to(tl.float32)[None, :]
@@ -212,10 +246,35 @@ def _skinny_kernel(x, x_s, nw, eps,
             tl.store(out + orow + rows_hi[None, :], hi.to(dt), mask=sm_hi)
 
 
-def _bm(B: int) -> int:
-    if not 1 <= B <= MAX_BATCH:
-        raise ValueError(f"decode_linear: batch must be 1..{MAX_BATCH}, got {B}")
-    return triton.next_power_of_2(B)
+def supports(B: int, dtype: torch.dtype, head_dim: Optional[int] = None) -> bool:
+    """Whether the fused projections take a batch of ``B`` rows in ``dtype`` (the tensor-core path, B > 2,
+    needs bf16/fp16 and head_dim >= 16; otherwise the broadcast-product path, B <= :data:`MAX_BROADCAST_BATCH`)."""
+    if dtype in (torch.bfloat16, torch.float16) and (head_dim is None or head_dim >= 16):
+        return 1 <= B <= MAX_BATCH
+    return 1 <= B <= MAX_BROADCAST_BATCH
+
+
+def _plan(fn: str, B: int, dtype: torch.dtype, half: Optional[int] = None) -> Tuple[int, bool]:
+    """(BM, tensor cores?) for a batch of ``B`` rows; ``half``: D / 2 of the RoPE pairs (qkvg), which must
+    hold a tensor-core row tile of 8."""
+    mma = B >= MMA_MIN_BATCH and dtype in (torch.bfloat16, torch.float16) and (half is None or half >= 8)
+    if not 1 <= B <= (MAX_BATCH if mma else MAX_BROADCAST_BATCH):
+        raise ValueError(f"{fn}: batch must be 1..{MAX_BATCH} (bf16/fp16; float32 and head_dim < 16: "
+                         f"1..{MAX_BROADCAST_BATCH}), got {B} in {dtype}")
+    return (MMA_BM, True) if mma else (triton.next_power_of_2(B), False)
+
+
+def _tiles(key: str, BM: int, mma: bool, config, K: int, half: Optional[int] = None):
+    """(BN2, BK, warps, stages, defer) of one launch: the table's entry or ``config``, clipped to the
+    problem (K tile <= K rounded up; RoPE blocks within one half of a head; >= 8 rows per tile half and a
+    K tile >= 16 on tensor cores)."""
+    BN2, BK, warps, stages, defer = _config(key, BM, config)
+    if half is not None:
+        BN2 = min(BN2, half)
+    BK = min(BK, triton.next_power_of_2(K))
+    if mma:
+        BN2, BK, defer = max(BN2, 8), max(BK, 16), False
+    return BN2, BK, warps, stages, defer
 
 
 def _check_x(fn, name, x):
@@ -274,10 +333,8 @@ def norm_qkvg(h: torch.Tensor, norm_weight: torch.Tensor, eps: float, wq: torch.
     cos, sin = cos.reshape(B, D), sin.reshape(B, D)
     if cos.dtype != dt or sin.dtype != dt or cos.stride(1) != 1 or sin.stride() != cos.stride():
         raise ValueError(f"{fn}: cos and sin must be [B={B}, {D}] {dt} with the same unit-last-dim strides")
-    BM = _bm(B)
-    BN2, BK, warps, stages, defer = _config("qkvg", BM, config)
-    BN2 = min(BN2, D // 2)
-    BK = min(BK, triton.next_power_of_2(K))
+    BM, mma = _plan(fn, B, dt, D // 2)
+    BN2, BK, warps, stages, defer = _tiles("qkvg", BM, mma, config, K, D // 2)
     q = torch.empty(B, Nq, dtype=dt, device=dev)
     y = torch.empty(B, Nkvg, dtype=dt, device=dev)
     P1 = Nq // (2 * BN2)
@@ -287,7 +344,7 @@ def norm_qkvg(h: torch.Tensor, norm_weight: torch.Tensor, eps: float, wq: torch.
                                q, q.stride(0), y, y.stride(0), h, 0, cos, sin, cos.stride(0),
                                B, K, Nq, Nkvg, Nq, nk, P1,
                                MODE=_PROJ, RMS=True, HAS_B1=bq is not None, HAS_B2=bkvg is not None,
-                               D=D, BM=BM, BN2=BN2, BK=BK, DEFER=bool(defer),
+                               D=D, BM=BM, BN2=BN2, BK=BK, DEFER=bool(defer), MMA=mma,
                                num_warps=warps, num_stages=stages)
     return q, y
 
@@ -308,9 +365,8 @@ def linear_residual(x: torch.Tensor, w: torch.Tensor, bias: Optional[torch.Tenso
     if residual.shape != (B, N) or residual.dtype != dt or residual.stride(1) != 1:
         raise ValueError(f"{fn}: residual must be [{B}, {N}] {dt} with a unit last stride, got "
                          f"{tuple(residual.shape)} {residual.dtype}")
-    BM = _bm(B)
-    BN2, BK, warps, stages, defer = _config(role, BM, config)
-    BK = min(BK, triton.next_power_of_2(K))
+    BM, mma = _plan(fn, B, dt)
+    BN2, BK, warps, stages, defer = _tiles(role, BM, mma, config, K)
     out = torch.empty(B, N, dtype=dt, device=dev)
     P = triton.cdiv(N, 2 * BN2)
     _skinny_kernel[(P,)](x, x.stride(0), x, 0.,
@@ -318,7 +374,7 @@ def linear_residual(x: torch.Tensor, w: torch.Tensor, bias: Optional[torch.Tenso
                          residual, residual.stride(0), x, x, 0,
                          B, K, N, 0, 0, 0, P,
                          MODE=_RESID, RMS=False, HAS_B1=bias is not None, HAS_B2=False,
-                         D=2, BM=BM, BN2=BN2, BK=BK, DEFER=bool(defer),
+                         D=2, BM=BM, BN2=BN2, BK=BK, DEFER=bool(defer), MMA=mma,
                          num_warps=warps, num_stages=stages)
     return out
 
@@ -337,9 +393,8 @@ def norm_gate_up(h: torch.Tensor, norm_weight: torch.Tensor, eps: float, w_gate:
     _check_w(fn, "w_up", w_up, N, K, dt, dev)
     _check_bias(fn, "b_gate", b_gate, N, dt)
     _check_bias(fn, "b_up", b_up, N, dt)
-    BM = _bm(B)
-    BN2, BK, warps, stages, defer = _config("gate_up", BM, config)
-    BK = min(BK, triton.next_power_of_2(K))
+    BM, mma = _plan(fn, B, dt)
+    BN2, BK, warps, stages, defer = _tiles("gate_up", BM, mma, config, K)
     out = torch.empty(B, N, dtype=dt, device=dev)
     P = triton.cdiv(N, BN2)
     _skinny_kernel[(P,)](h, h.stride(0), norm_weight, float(eps),
@@ -347,6 +402,6 @@ def norm_gate_up(h: torch.Tensor, norm_weight: torch.Tensor, eps: float, w_gate:
                          out, out.stride(0), out, 0, h, 0, h, h, 0,
                          B, K, N, N, 0, 0, P,
                          MODE=_SILU, RMS=True, HAS_B1=b_gate is not None, HAS_B2=b_up is not None,
-                         D=2, BM=BM, BN2=BN2, BK=BK, DEFER=bool(defer),
+                         D=2, BM=BM, BN2=BN2, BK=BK, DEFER=bool(defer), MMA=mma,
                          num_warps=warps, num_stages=stages)
     return out

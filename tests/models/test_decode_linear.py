@@ -9,6 +9,7 @@ import torch
 import torch.nn.functional as F
 from transformers.models.qwen2.modeling_qwen2 import Qwen2RMSNorm
 
+import ahn_ops
 from ahn_ops.models.qwen2 import _rope
 from ahn_ops.ops import decode_linear as dl
 from tests.models.helpers import VOCAB, patched
@@ -93,8 +94,11 @@ def test_linear_residual(dt, B, K, N, bias):
     _close(dl.linear_residual(wide[:, :K], w, b, res), res + F.linear(wide[:, :K], w, b), dt)
     with pytest.raises(ValueError, match="residual must be"):
         dl.linear_residual(x, w, b, res[:, :-1])
-    with pytest.raises(ValueError, match="batch must be 1..4"):
-        dl.linear_residual(x[:1].expand(5, K).contiguous(), w, b, res[:1].expand(5, N).contiguous())
+    with pytest.raises(ValueError, match="batch must be 1..16"):
+        dl.linear_residual(x[:1].expand(17, K).contiguous(), w, b, res[:1].expand(17, N).contiguous())
+    if dt == torch.float32:  # no tensor-core path in float32: 4 rows at most
+        with pytest.raises(ValueError, match="float32 and head_dim < 16: 1..4"):
+            dl.linear_residual(x[:1].expand(5, K).contiguous(), w, b, res[:1].expand(5, N).contiguous())
     with pytest.raises(TypeError, match="x must be"):
         dl.linear_residual(x.to(torch.float64), w, b, res)
 
@@ -143,6 +147,55 @@ def test_configs(config):
     _close(y, torch.cat([kr.reshape(3, -1), (x @ wkvg.T)[:, nk:]], 1), dt)
 
 
+LOW = [torch.bfloat16, torch.float16]
+
+
+@pytest.mark.parametrize("dt", LOW, ids=str)
+@pytest.mark.parametrize("B,config", [(3, None), (5, (8, 64, 4, 2)), (9, (16, 32, 4, 1)), (16, (32, 128, 8, 3))])
+def test_tensor_core_path(dt, B, config):
+    # B > 2 in bf16/fp16: the products on tensor cores (batch padded to 16 rows, 2 BN2 weight rows per
+    # tile); the same roundings as the torch ops, tile tails in K (200, 72) and in N (odd row counts)
+    g = torch.Generator().manual_seed(B * 31)
+    K, D, H, HKV = 200, 32, 3, 1
+    h = (torch.randn(B, K, generator=g) * 2).to(dt).to(DEV)
+    norm = _norm(K, dt, g)
+    x = norm(h)
+    wq, wkvg = _w(H * D, K, dt, g), _w(2 * HKV * D + 7, K, dt, g)
+    bq = (torch.randn(H * D, generator=g) * 0.1).to(dt).to(DEV)
+    ang = torch.rand(B, 1, D // 2, generator=g) * 50
+    emb = torch.cat([ang, ang], -1)
+    cos, sin = emb.cos().to(dt).to(DEV), emb.sin().to(dt).to(DEV)
+    q, y = dl.norm_qkvg(h, norm.weight, norm.variance_epsilon, wq, bq, wkvg, None, HKV * D, cos, sin, D,
+                        config=config)
+    yr = F.linear(x, wkvg)
+    qr, kr = _rope(F.linear(x, wq, bq).view(B, 1, H, D), yr[:, :HKV * D].reshape(B, 1, HKV, D), cos, sin)
+    _close(q, qr.reshape(B, -1), dt)
+    _close(y, torch.cat([kr.reshape(B, -1), yr[:, HKV * D:]], 1), dt)
+    wg, wu = _w(77, K, dt, g, scale=3 * K ** -0.5), _w(77, K, dt, g)
+    bu = (torch.randn(77, generator=g) * 0.1).to(dt).to(DEV)
+    # SiLU * up chains three roundings: with the interpreter's truncating bf16 casts one of 1232 values
+    # lands 7 ulps of its row from torch's (it equals a truncating emulation of the same steps exactly)
+    _close(dl.norm_gate_up(h, norm.weight, norm.variance_epsilon, wg, wu, None, bu, config=config),
+           F.silu(F.linear(x, wg)) * F.linear(x, wu, bu), dt, ulps=8 if DEV == "cpu" and dt == torch.bfloat16 else 4)
+    xo = torch.randn(B, 72, generator=g).to(dt).to(DEV)
+    wo = _w(45, 72, dt, g)
+    res = torch.randn(B, 45, generator=g).to(dt).to(DEV)
+    for role in ("o_proj", "down_proj"):
+        _close(dl.linear_residual(xo, wo, None, res, role=role, config=config), res + F.linear(xo, wo), dt)
+    assert dl.supports(B, dt, D) and dl.supports(B, torch.float32) == dl.supports(B, dt, 8) == (B <= 4)
+
+
+@pytest.mark.skipif(DEV != "cuda", reason="bf16 whole-model decode: GPU")
+def test_decoder_linear_tensor_cores_bf16():
+    # the fused step at B = 5 (tensor-core projections) in bf16: every token a best one of a full forward
+    from tests.models.test_generate_fast import assert_greedy_of_full_forward
+
+    model = patched("gdn", window=9, sinks=4, hidden=256, heads=4, kv_heads=2).to(DEV, torch.bfloat16)
+    x = torch.randint(0, VOCAB, (5, 21), generator=torch.Generator().manual_seed(4)).to(DEV)
+    fused = ahn_ops.generate(model, x, 6, use_cuda_graph=False, fuse_glue=True, fuse_linear=True)
+    assert_greedy_of_full_forward(model, x, fused)
+
+
 @pytest.mark.parametrize("kind", ["gdn", "dn", "mamba2"])
 def test_decoder_linear_equals_plain_step(kind):
     # a full-attention layer (RMSNorm kernel + its own projections) and left padding, batch 3 (padded
@@ -162,8 +215,8 @@ def test_decoder_linear_auto_off_for_large_batches():
     from ahn_ops import fast_decode as gen
 
     model = patched("gdn", window=5, sinks=0).to(DEV)
-    x = torch.randint(0, VOCAB, (dl.MAX_BATCH + 1, 8)).to(DEV)
+    x = torch.randint(0, VOCAB, (dl.MAX_BROADCAST_BATCH + 1, 8)).to(DEV)  # float32 model: 4 rows at most
     logits, cache = gen.prefill(model, x)
-    with pytest.raises(ValueError, match="batch <= 4"):
+    with pytest.raises(ValueError, match="batch <= 16 in bf16/fp16 or <= 4 in float32"):
         gen.StaticDecoder(model, cache, None, 8, 2, fuse_glue=True, fuse_linear=True)
     assert not gen.StaticDecoder(model, cache, None, 8, 2).fuse_linear
