@@ -48,8 +48,11 @@ def main():
     L = model.config.num_hidden_layers
     ids = torch.randint(0, model.config.vocab_size, (a.batch, a.context), device=dev)
     logits, cache = gen.prefill(model, ids, chunk_size=32768 if a.batch * a.context > 262144 else None)
-    # the modules' own ops, the fused glue, then (batch <= 4) the fused projections too; the last is profiled
-    variants = [(False, False), (True, False)] + [(True, True)] * (a.batch <= 4)
+    # the modules' own ops, the fused glue, then (batches decode_linear takes) the fused projections too;
+    # the last is profiled
+    from ahn_ops.ops import decode_linear as dl
+
+    variants = [(False, False), (True, False)] + [(True, True)] * dl.supports(a.batch, torch.bfloat16)
     for glue, lin in variants:
         dec, per_token = _timed_decoder(gen, model, cache, logits, a, glue, lin)
         print(f"fuse_glue={glue} fuse_linear={lin}: {1e3 * per_token:.3f} ms/token")
