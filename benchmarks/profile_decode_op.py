@@ -8,7 +8,8 @@ Times the op at the bench_decode shape (Qwen2.5-3B heads, W=32640, S=128, bf16, 
 CUDA graph over ``--layers`` distinct layer caches (so that the L2 holds none of them), once per
 variant of the launch knobs that csrc/cuda/ahn_decode.cu reads from the environment (read at
 capture time): ``pdl0`` (no programmatic dependent launch), ``stN`` (N cp.async stages per warp),
-``kN`` (about N keys per split), ``lazyN`` (headroom of the lazy reference max; lazy0 = exact max),
+``kN`` (about N keys per split), ``lazyN`` (headroom of the lazy reference max; lazy0 = exact max), ``minb2``
+(registers for 2 blocks per SM instead of 3),
 joined with ``+`` (``st3+k512``). Prints us per layer-step and
 the fraction of the measured copy bandwidth that the must-move bytes (bench_decode.bytes_min)
 would take.
@@ -28,7 +29,8 @@ import common as C  # noqa: E402
 
 C.import_ahn_ops()
 
-KNOBS = {"pdl": "AHN_DECODE_PDL", "st": "AHN_DECODE_STAGES", "k": "AHN_DECODE_SPLIT_KEYS", "lazy": "AHN_DECODE_LAZY"}
+KNOBS = {"pdl": "AHN_DECODE_PDL", "st": "AHN_DECODE_STAGES", "k": "AHN_DECODE_SPLIT_KEYS", "lazy": "AHN_DECODE_LAZY",
+         "minb": "AHN_DECODE_MINB"}
 
 
 def env_of(variant: str) -> dict:
@@ -39,7 +41,8 @@ def env_of(variant: str) -> dict:
             continue
         name = part.rstrip("0123456789")
         if name not in KNOBS or name == part:
-            raise SystemExit(f"unknown variant {part!r}: expected default, pdl0, stN, kN or lazyN joined with +")
+            raise SystemExit(f"unknown variant {part!r}: expected default, pdl0, stN, kN, lazyN or minb2 "
+                             "joined with +")
         env[KNOBS[name]] = part[len(name):]
     return env
 

@@ -151,7 +151,8 @@ def test_profile_decode_op_variants():
     assert pdo.env_of("default") == {}
     assert pdo.env_of("st3+k512+pdl0") == {"AHN_DECODE_STAGES": "3", "AHN_DECODE_SPLIT_KEYS": "512",
                                            "AHN_DECODE_PDL": "0"}
-    assert pdo.env_of("lazy0+k1024") == {"AHN_DECODE_LAZY": "0", "AHN_DECODE_SPLIT_KEYS": "1024"}
+    assert pdo.env_of("lazy0+k1024+minb2") == {"AHN_DECODE_LAZY": "0", "AHN_DECODE_SPLIT_KEYS": "1024",
+                                               "AHN_DECODE_MINB": "2"}
     for bad in ("k", "stx", "foo1", "st3+"):
         with pytest.raises(SystemExit, match="unknown variant"):
             pdo.env_of(bad)

@@ -17,6 +17,7 @@
 //   AHN_OPS_POISON=1   fill the output and the workspace with NaN first (tests/conftest.py)
 //   AHN_DECODE_SPLIT_KEYS=n  about n keys per split instead of the SM-count-based choice
 //   AHN_DECODE_STAGES=3|4    cp.async stages per warp at D = 128 (default 2; fewer blocks per SM)
+//   AHN_DECODE_MINB=2  D = 128, 2 stages: registers budgeted for 2 blocks per SM (255) instead of 3 (168)
 //   AHN_DECODE_LAZY=x  log2 headroom of the lazy reference max in the tensor-core loop (0..12; 0 = the
 //                      exact running max; default kDefaultLazy)
 #include <ATen/ATen.h>
@@ -77,9 +78,9 @@ at::Tensor rows_aligned(const at::Tensor& x) {
   return ok ? x : x.clone(at::MemoryFormat::Contiguous);
 }
 
-template <typename T, int D, bool MMA, int NST = dk::MmaStages<D>::value>
+template <typename T, int D, bool MMA, int NST = dk::MmaStages<D>::value, int MINB = (MMA ? 3 : 2)>
 void launch(dk::Params& p, int device, bool pdl, cudaStream_t stream) {
-  auto main_kernel = dk::decode_main_kernel<T, D, MMA, NST>;
+  auto main_kernel = dk::decode_main_kernel<T, D, MMA, NST, MINB>;
   constexpr int smem = dk::MainSmem<T, D, MMA, NST>::kBytes;
   // once per instantiation and device: the >48 KB dynamic shared memory opt-in
   static std::atomic<uint64_t> attr_set{0};
@@ -155,9 +156,11 @@ void dispatch_d(dk::Params& p, int D, bool mma, int device, bool pdl, cudaStream
     if (mma) {
       const char* st = std::getenv("AHN_DECODE_STAGES");  // experiments: cp.async stages at D = 128
       const int nst = st != nullptr ? std::atoi(st) : 0;
+      const char* mb = std::getenv("AHN_DECODE_MINB");  // experiments: 255-register budget (2 blocks/SM)
       if (D == 64) launch<T, 64, true>(p, device, pdl, stream);
-      else if (nst == 3) launch<T, 128, true, 3>(p, device, pdl, stream);
-      else if (nst == 4) launch<T, 128, true, 4>(p, device, pdl, stream);
+      else if (nst == 3) launch<T, 128, true, 3, 2>(p, device, pdl, stream);
+      else if (nst == 4) launch<T, 128, true, 4, 1>(p, device, pdl, stream);
+      else if (mb != nullptr && std::atoi(mb) == 2) launch<T, 128, true, 2, 2>(p, device, pdl, stream);
       else launch<T, 128, true>(p, device, pdl, stream);
     } else {
       if (D == 64) launch<T, 64, false>(p, device, pdl, stream);

@@ -744,8 +744,10 @@ struct MainSmem {
   static constexpr int kBytes = kAttn > kStateSmemBytes ? kAttn : kStateSmemBytes;
 };
 
-template <typename T, int D, bool MMA, int NST = MmaStages<D>::value>
-__global__ void __launch_bounds__(kThreads, MMA ? 3 : 2) decode_main_kernel(const Params p) {
+// MINB: blocks per SM the register budget is sized for (3: 168 registers, the default with 64 KB of
+// stages; 2: 255 registers, for 3 stages, or as an experiment when the grid fits 2 blocks per SM)
+template <typename T, int D, bool MMA, int NST = MmaStages<D>::value, int MINB = (MMA ? 3 : 2)>
+__global__ void __launch_bounds__(kThreads, MINB) decode_main_kernel(const Params p) {
   extern __shared__ __align__(16) char smem[];
   pdl_launch_dependents();
   const int blk = blockIdx.x;
