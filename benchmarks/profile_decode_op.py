@@ -8,8 +8,8 @@ Times the op at the bench_decode shape (Qwen2.5-3B heads, W=32640, S=128, bf16, 
 CUDA graph over ``--layers`` distinct layer caches (so that the L2 holds none of them), once per
 variant of the launch knobs that csrc/cuda/ahn_decode.cu reads from the environment (read at
 capture time): ``pdl0`` (no programmatic dependent launch), ``stN`` (N cp.async stages per warp),
-``kN`` (about N keys per split), ``lazyN`` (headroom of the lazy reference max; lazy0 = exact max), ``minb2``
-(registers for 2 blocks per SM instead of 3),
+``kN`` (about N keys per split), ``lazyN`` (headroom of the lazy reference max; lazy0 = exact max), ``minb2`` / ``minb3``
+(registers budgeted for 2 or 3 blocks per SM; default: 2 while the attention blocks fit 2 per SM),
 joined with ``+`` (``st3+k512``). Prints us per layer-step and
 the fraction of the measured copy bandwidth that the must-move bytes (bench_decode.bytes_min)
 would take.
@@ -41,7 +41,7 @@ def env_of(variant: str) -> dict:
             continue
         name = part.rstrip("0123456789")
         if name not in KNOBS or name == part:
-            raise SystemExit(f"unknown variant {part!r}: expected default, pdl0, stN, kN, lazyN or minb2 "
+            raise SystemExit(f"unknown variant {part!r}: expected default, pdl0, stN, kN, lazyN or minbN "
                              "joined with +")
         env[KNOBS[name]] = part[len(name):]
     return env

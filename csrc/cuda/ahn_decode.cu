@@ -17,7 +17,8 @@
 //   AHN_OPS_POISON=1   fill the output and the workspace with NaN first (tests/conftest.py)
 //   AHN_DECODE_SPLIT_KEYS=n  about n keys per split instead of the SM-count-based choice
 //   AHN_DECODE_STAGES=3|4    cp.async stages per warp at D = 128 (default 2; fewer blocks per SM)
-//   AHN_DECODE_MINB=2  D = 128, 2 stages: registers budgeted for 2 blocks per SM (255) instead of 3 (168)
+//   AHN_DECODE_MINB=2|3  D = 128, 2 stages: registers budgeted for 2 blocks per SM (255) or 3 (168);
+//                      default 2 while the attention blocks fit 2 per SM (small B), else 3
 //   AHN_DECODE_LAZY=x  log2 headroom of the lazy reference max in the tensor-core loop (0..12; 0 = the
 //                      exact running max; default kDefaultLazy)
 #include <ATen/ATen.h>
@@ -78,6 +79,32 @@ at::Tensor rows_aligned(const at::Tensor& x) {
   return ok ? x : x.clone(at::MemoryFormat::Contiguous);
 }
 
+// Sets p.nsplit, p.chunk and p.n_attn_blocks (launch 1's attention blocks) for a device of `sms` SMs.
+void plan_split(dk::Params& p, int D, int sms) {
+  // Split the key range so that there is about one attention block per SM at small B (B = 1,
+  // HKV = 2, W = 32640: 64 splits of 512 keys; the state blocks take the other slots), and cap a
+  // split at 1024 keys at large B so that the partials stay ~1% of the K/V bytes. One block per
+  // SM beat filling every slot (two blocks of half the keys) on the H200, 2026-12-02: a block's
+  // warps are latency-bound (few warps per scheduler either way), and fewer splits are fewer
+  // prologues, merges and partials (benchmarks/NOTES_decode.md).
+  const int64_t units = (int64_t(p.S) + p.W + dk::kSplitAlign - 1) / dk::kSplitAlign;
+  const int64_t pairs = int64_t(p.B) * p.HKV * p.ngt;
+  const int64_t want = std::max<int64_t>(int64_t(sms) / pairs, 1);
+  int64_t nsplit = std::max<int64_t>(want, (units + 15) / 16);
+  if (const char* keys = std::getenv("AHN_DECODE_SPLIT_KEYS")) {  // experiments: keys per split
+    if (std::atoi(keys) > 0) nsplit = (units * dk::kSplitAlign + std::atoi(keys) - 1) / std::atoi(keys);
+  }
+  nsplit = std::min<int64_t>(std::max<int64_t>(nsplit, 1), units);
+  const int64_t chunk_units = (units + nsplit - 1) / nsplit;
+  nsplit = (units + chunk_units - 1) / chunk_units;
+  const int64_t n_attn = pairs * nsplit;
+  const int64_t n_state = int64_t(p.B) * p.H * (D / dk::kStateCols);
+  TORCH_CHECK_VALUE(n_attn + n_state < INT_MAX, "ahn.decode_step: batch too large for one launch");
+  p.nsplit = static_cast<int>(nsplit);
+  p.chunk = static_cast<int>(chunk_units * dk::kSplitAlign);
+  p.n_attn_blocks = static_cast<int>(n_attn);
+}
+
 template <typename T, int D, bool MMA, int NST = dk::MmaStages<D>::value, int MINB = (MMA ? 3 : 2)>
 void launch(dk::Params& p, int device, bool pdl, cudaStream_t stream) {
   auto main_kernel = dk::decode_main_kernel<T, D, MMA, NST, MINB>;
@@ -89,31 +116,8 @@ void launch(dk::Params& p, int device, bool pdl, cudaStream_t stream) {
     C10_CUDA_CHECK(cudaFuncSetAttribute(main_kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, smem));
     attr_set.fetch_or(bit);
   }
-  int sms = 0;
-  C10_CUDA_CHECK(cudaDeviceGetAttribute(&sms, cudaDevAttrMultiProcessorCount, device));
-
-  // Split the key range so that there is about one attention block per SM at small B (B = 1,
-  // HKV = 2, W = 32640: 64 splits of 512 keys; the state blocks take the other slots), and cap a
-  // split at 1024 keys at large B so that the partials stay ~1% of the K/V bytes. One block per
-  // SM beat filling every slot (two blocks of half the keys) on the H200, 2026-12-02: a block's
-  // warps are latency-bound (few warps per scheduler either way), and fewer splits are fewer
-  // prologues, merges and partials (benchmarks/NOTES_decode.md).
-  const int64_t units = (int64_t(p.S) + p.W + dk::kSplitAlign - 1) / dk::kSplitAlign;
-  const int64_t pairs = int64_t(p.B) * p.HKV * p.ngt;
+  const int64_t n_attn = p.n_attn_blocks, nsplit = p.nsplit;  // from plan_split
   const int64_t n_state = int64_t(p.B) * p.H * (D / dk::kStateCols);
-  const int64_t want = std::max<int64_t>(int64_t(sms) / pairs, 1);
-  int64_t nsplit = std::max<int64_t>(want, (units + 15) / 16);
-  if (const char* keys = std::getenv("AHN_DECODE_SPLIT_KEYS")) {  // experiments: keys per split
-    if (std::atoi(keys) > 0) nsplit = (units * dk::kSplitAlign + std::atoi(keys) - 1) / std::atoi(keys);
-  }
-  nsplit = std::min<int64_t>(std::max<int64_t>(nsplit, 1), units);
-  const int64_t chunk_units = (units + nsplit - 1) / nsplit;
-  nsplit = (units + chunk_units - 1) / chunk_units;
-  const int64_t n_attn = pairs * nsplit;
-  TORCH_CHECK_VALUE(n_attn + n_state < INT_MAX, "ahn.decode_step: batch too large for one launch");
-  p.nsplit = static_cast<int>(nsplit);
-  p.chunk = static_cast<int>(chunk_units * dk::kSplitAlign);
-  p.n_attn_blocks = static_cast<int>(n_attn);
 
   // workspace: partials, readout, per-slice sums of m^2, t
   const int64_t BH = int64_t(p.B) * p.H;
@@ -149,6 +153,9 @@ void launch(dk::Params& p, int device, bool pdl, cudaStream_t stream) {
 
 template <typename T>
 void dispatch_d(dk::Params& p, int D, bool mma, int device, bool pdl, cudaStream_t stream) {
+  int sms = 0;
+  C10_CUDA_CHECK(cudaDeviceGetAttribute(&sms, cudaDevAttrMultiProcessorCount, device));
+  plan_split(p, D, sms);
   if constexpr (std::is_same_v<T, float>) {
     if (D == 64) launch<T, 64, false>(p, device, pdl, stream);
     else launch<T, 128, false>(p, device, pdl, stream);
@@ -156,11 +163,15 @@ void dispatch_d(dk::Params& p, int D, bool mma, int device, bool pdl, cudaStream
     if (mma) {
       const char* st = std::getenv("AHN_DECODE_STAGES");  // experiments: cp.async stages at D = 128
       const int nst = st != nullptr ? std::atoi(st) : 0;
-      const char* mb = std::getenv("AHN_DECODE_MINB");  // experiments: 255-register budget (2 blocks/SM)
+      // registers for 2 blocks per SM (255) while the attention blocks fit 2 per SM, else for 3 (168).
+      // H200 (2026-12-02), graph us per layer-step 168 vs 255 registers: B=1 16.04-16.12 vs 15.93,
+      // B=2 25.40-25.70 vs 25.29-25.33, B=4 45.83-45.89 vs 43.76-43.78, B=16 146.1-146.3 vs 151.0
+      const char* mb = std::getenv("AHN_DECODE_MINB");  // experiments: force 2 or 3
+      const bool two = mb != nullptr ? std::atoi(mb) == 2 : p.n_attn_blocks <= 2 * sms;
       if (D == 64) launch<T, 64, true>(p, device, pdl, stream);
       else if (nst == 3) launch<T, 128, true, 3, 2>(p, device, pdl, stream);
       else if (nst == 4) launch<T, 128, true, 4, 1>(p, device, pdl, stream);
-      else if (mb != nullptr && std::atoi(mb) == 2) launch<T, 128, true, 2, 2>(p, device, pdl, stream);
+      else if (two) launch<T, 128, true, 2, 2>(p, device, pdl, stream);
       else launch<T, 128, true>(p, device, pdl, stream);
     } else {
       if (D == 64) launch<T, 64, false>(p, device, pdl, stream);
