@@ -279,7 +279,8 @@ class StaticDecoder:
         head_dim = self.base.layers[0].self_attn.head_dim
         lin_ok = self.fuse_glue and dl.supports(B, self.dtype, head_dim) and _linear_supported(self.base, self.dtype)
         if fuse_linear is None:  # H200 (2026-12-02), per layer vs cuBLAS + glue: 1.37x at B=1, 1.16x at B=2,
-            # 0.89x at B=4; tile configs tuned there: auto-on on Hopper (sm_90) only, where it was measured
+            # 0.89x at B=4 (broadcast products), 0.92x at B=8 (tensor cores); tile configs tuned there: auto-on
+            # on Hopper (sm_90) at B <= 2 only
             fuse_linear = (lin_ok and self.device.type == "cuda" and B <= 2
                            and torch.cuda.get_device_capability(self.device)[0] == 9)
         elif fuse_linear and not lin_ok:
