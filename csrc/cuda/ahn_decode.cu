@@ -265,7 +265,10 @@ at::Tensor decode_step_cuda(const at::Tensor& q, const at::Tensor& k, const at::
   p.kind = s.kind == Kind::kGDN ? dk::kGDN : (s.kind == Kind::kDN ? dk::kDN : dk::kMamba2);
   p.scale = 1.f / std::sqrt(static_cast<float>(s.D));
   p.lazy = kDefaultLazy;
-  if (const char* lz = std::getenv("AHN_DECODE_LAZY")) p.lazy = std::clamp(static_cast<float>(std::atof(lz)), 0.f, 12.f);
+  if (const char* lz = std::getenv("AHN_DECODE_LAZY")) {  // experiments; NaN or junk -> 0 (the exact max)
+    const float x = static_cast<float>(std::atof(lz));
+    p.lazy = x >= 0.f ? std::min(x, 12.f) : 0.f;
+  }
 
   const int device = q.get_device();
   const bool mma = !env_flag("AHN_DECODE_SIMT", false);
