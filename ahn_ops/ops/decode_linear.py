@@ -250,21 +250,25 @@ def _skinny_kernel(x, x_s, nw, eps,
             tl.store(out + orow + rows_hi[None, :], hi.to(dt), mask=sm_hi)
 
 
+def _limit(dtype: torch.dtype, half: Optional[int]) -> int:
+    """Largest batch: the tensor-core path needs bf16/fp16 and RoPE halves (``half`` = D / 2) of >= 8 rows."""
+    low = dtype in (torch.bfloat16, torch.float16) and (half is None or half >= 8)
+    return MAX_BATCH if low else MAX_BROADCAST_BATCH
+
+
 def supports(B: int, dtype: torch.dtype, head_dim: Optional[int] = None) -> bool:
     """Whether the fused projections take a batch of ``B`` rows in ``dtype`` (the tensor-core path, B > 2,
     needs bf16/fp16 and head_dim >= 16; otherwise the broadcast-product path, B <= :data:`MAX_BROADCAST_BATCH`)."""
-    if dtype in (torch.bfloat16, torch.float16) and (head_dim is None or head_dim >= 16):
-        return 1 <= B <= MAX_BATCH
-    return 1 <= B <= MAX_BROADCAST_BATCH
+    return 1 <= B <= _limit(dtype, None if head_dim is None else head_dim // 2)
 
 
 def _plan(fn: str, B: int, dtype: torch.dtype, half: Optional[int] = None) -> Tuple[int, bool]:
-    """(BM, tensor cores?) for a batch of ``B`` rows; ``half``: D / 2 of the RoPE pairs (qkvg), which must
-    hold a tensor-core row tile of 8."""
-    mma = B >= MMA_MIN_BATCH and dtype in (torch.bfloat16, torch.float16) and (half is None or half >= 8)
-    if not 1 <= B <= (MAX_BATCH if mma else MAX_BROADCAST_BATCH):
+    """(BM, tensor cores?) for a batch of ``B`` rows; ``half``: D / 2 of the RoPE pairs (qkvg)."""
+    lim = _limit(dtype, half)
+    if not 1 <= B <= lim:
         raise ValueError(f"{fn}: batch must be 1..{MAX_BATCH} (bf16/fp16; float32 and head_dim < 16: "
                          f"1..{MAX_BROADCAST_BATCH}), got {B} in {dtype}")
+    mma = B >= MMA_MIN_BATCH and lim == MAX_BATCH
     return (MMA_BM, True) if mma else (triton.next_power_of_2(B), False)
 
 
