@@ -34,6 +34,7 @@
 #include <limits>
 #include <optional>
 #include <string_view>
+#include <utility>
 
 #include "ahn_decode.cuh"
 #include "ahn_decode_check.h"
@@ -200,6 +201,16 @@ at::Tensor decode_step_cuda(const at::Tensor& q, const at::Tensor& k, const at::
     value_error("ahn.decode_step (CUDA): window + sinks must be < 2^30, got " + std::to_string(s.W + s.S));
   }
   if (s.B * s.H >= INT_MAX / 4) value_error("ahn.decode_step (CUDA): B * H too large, got " + std::to_string(s.B * s.H));
+
+  // K/V rows are copied in 16-byte pieces (cp.async): the cache must start 16-byte aligned (a contiguous
+  // view at an element offset that is not a multiple of 8 would fault inside the kernel)
+  for (const auto& [name, t] : {std::pair<const char*, const at::Tensor*>{"sink_k", &sink_k}, {"sink_v", &sink_v},
+                                {"ring_k", &ring_k}, {"ring_v", &ring_v}}) {
+    if (t->numel() > 0 && reinterpret_cast<uintptr_t>(t->data_ptr()) % 16 != 0) {
+      value_error(std::string("ahn.decode_step (CUDA): ") + name +
+                  " must start at a 16-byte aligned address (a view at an odd element offset is not)");
+    }
+  }
 
   const c10::cuda::CUDAGuard guard(q.device());
   at::Tensor out = at::empty({s.B, s.H, s.D}, q.options());

@@ -147,6 +147,16 @@ __device__ __forceinline__ int ring_slot(int64_t t, int S, int W) {
 __device__ __forceinline__ float softplus_f(float x) { return x > 20.f ? x : log1pf(expf(x)); }  // as torch
 __device__ __forceinline__ float silu_f(float x) { return x / (1.f + expf(-x)); }
 
+// An opaque copy: the compiler must keep x in a register from here on instead of recomputing it at
+// every use (it rematerialises cheap lane constants inside hot loops otherwise).
+__device__ __forceinline__ void pin(uint32_t& x) { asm volatile("" : "+r"(x)); }
+template <typename P>
+__device__ __forceinline__ void pin(const P*& x) {
+  uint64_t v = reinterpret_cast<uint64_t>(x);
+  asm volatile("" : "+l"(v));
+  x = reinterpret_cast<const P*>(v);
+}
+
 __device__ __forceinline__ uint32_t smem_u32(const void* p) {
   return static_cast<uint32_t>(__cvta_generic_to_shared(p));
 }
@@ -371,40 +381,57 @@ __device__ __forceinline__ void attn_block_mma(const Params& p, int blk, char* s
   // the K and the V tile. A tile of 16 ring keys with no wrap (every tile of a long window but
   // ~2 per sequence) is one strided run of rows: one address per row, no per-key branches;
   // other tiles (sinks, the wrap, the new token, the split's end) go through key_row.
-  constexpr int RPJ = 32 / CH;  // rows per j
+  constexpr int RPJ = 32 / CH;                     // rows per j
+  constexpr int NJ = kTileKeys / RPJ;               // copies per lane, tile and matrix
+  constexpr int PJ = 8 / RPJ < NJ ? 8 / RPJ : NJ;   // period in j of the swizzle (rows mod 8)
+  constexpr uint32_t kTileBytes = TE * sizeof(T);
   const int lr0 = lane / CH, lc = lane % CH;
-  const int64_t rs = (int64_t)p.HKV * D;  // elements between consecutive ring slots
+  const int rs = p.HKV * D;  // elements between consecutive ring slots
+  // Lane constants, hoisted out of the tile loop (the issue was ~150 instructions per tile when
+  // recomputed): the byte offsets in a tile of this lane's chunks for j < PJ (j + PJ is the same
+  // swizzle 8 rows further: an immediate), and the lane's ring pointers at slot 0.
+  uint32_t sj[PJ];
+#pragma unroll
+  for (int j = 0; j < PJ; ++j) {
+    const int row = lr0 + j * RPJ;
+    sj[j] = (uint32_t)(row * D + ((lc ^ (row & 7)) << 3)) * (uint32_t)sizeof(T);
+    pin(sj[j]);
+  }
+  uint32_t wsm = smem_u32(wbuf);
+  pin(wsm);
+  const int64_t lane0 = ((int64_t)a.b * p.W * p.HKV + a.hk) * D + lr0 * rs + lc * 8;
+  const T* rk0 = ring_k + lane0;
+  const T* rv0 = ring_v + lane0;
+  pin(rk0);
+  pin(rv0);
   auto issue = [&](int it) {
     const int key0 = a.k_begin + (warp + it * kWarps) * kTileKeys;
-    T* kb = wbuf + (it % NST) * 2 * TE;
-    T* vb = kb + TE;
+    const uint32_t kdst = wsm + (uint32_t)(it % NST) * 2u * kTileBytes;
     int slot = a.s.slot0 + (key0 - a.s.nS);
     if (slot >= p.W) slot -= p.W;
     const bool run = key0 >= a.s.nS && key0 + kTileKeys <= a.s.L - 1 && key0 + kTileKeys <= a.k_end &&
                      slot + kTileKeys <= p.W;
     if (run) {
-      const int64_t off = (((int64_t)a.b * p.W + slot) * p.HKV + a.hk) * D + lr0 * rs + lc * 8;
-      const T* kr = ring_k + off;
-      const T* vr = ring_v + off;
+      const int64_t off = (int64_t)slot * rs;
+      const T* kr = rk0 + off;
+      const T* vr = rv0 + off;
 #pragma unroll
-      for (int j = 0; j < kTileKeys / RPJ; ++j) {
-        const int row = lr0 + j * RPJ;
-        const int so = row * D + ((lc ^ (row & 7)) << 3);
-        cp_async16(smem_u32(kb + so), kr + j * RPJ * rs, 16);
-        cp_async16(smem_u32(vb + so), vr + j * RPJ * rs, 16);
+      for (int j = 0; j < NJ; ++j) {
+        const uint32_t d = kdst + sj[j % PJ] + (uint32_t)((j / PJ) * 8 * D * sizeof(T));
+        cp_async16(d, kr + j * RPJ * rs, 16);
+        cp_async16(d + kTileBytes, vr + j * RPJ * rs, 16);
       }
       return;
     }
 #pragma unroll
-    for (int j = 0; j < kTileKeys / RPJ; ++j) {
-      const int row = lr0 + j * RPJ;
-      const int key = key0 + row;
+    for (int j = 0; j < NJ; ++j) {
+      const int key = key0 + lr0 + j * RPJ;
       const bool ok = key < a.k_end;
       const T* kr = ok ? key_row<T, D>(p, sink_k, ring_k, new_k, a.b, a.hk, key, a.s) : new_k;
       const T* vr = ok ? key_row<T, D>(p, sink_v, ring_v, new_v, a.b, a.hk, key, a.s) : new_v;
-      const int so = row * D + ((lc ^ (row & 7)) << 3);
-      cp_async16(smem_u32(kb + so), kr + lc * 8, ok ? 16 : 0);
-      cp_async16(smem_u32(vb + so), vr + lc * 8, ok ? 16 : 0);
+      const uint32_t d = kdst + sj[j % PJ] + (uint32_t)((j / PJ) * 8 * D * sizeof(T));
+      cp_async16(d, kr + lc * 8, ok ? 16 : 0);
+      cp_async16(d + kTileBytes, vr + lc * 8, ok ? 16 : 0);
     }
   };
 

@@ -190,6 +190,8 @@ def _bad(name):
             x["q"] = x["q"].double()
         elif name == "ring_noncontig":
             x["ring_k"] = torch.zeros(B, HKV, W, D, device="cuda", dtype=torch.bfloat16).transpose(1, 2)
+        elif name == "ring_misaligned":  # contiguous, but 2 bytes past a 16-byte boundary
+            x["ring_v"] = torch.zeros(B * W * HKV * D + 1, device="cuda", dtype=torch.bfloat16)[1:].view(B, W, HKV, D)
         elif name == "pos_cpu":
             x["pos"] = x["pos"].cpu()
         elif name == "o_weight_shape":
@@ -213,7 +215,8 @@ def _bad(name):
 
 @pytest.mark.parametrize("name,exc", [
     ("kind", ValueError), ("k_shape", ValueError), ("a_missing", ValueError), ("gates_dtype", TypeError),
-    ("state_dtype", TypeError), ("q_dtype", TypeError), ("ring_noncontig", ValueError), ("pos_cpu", ValueError),
+    ("state_dtype", TypeError), ("q_dtype", TypeError), ("ring_noncontig", ValueError), ("ring_misaligned", ValueError),
+    ("pos_cpu", ValueError),
     ("o_weight_shape", ValueError), ("window", ValueError), ("head_dim_96", ValueError),
 ])
 def test_bad_inputs_rejected_before_any_write(name, exc):
