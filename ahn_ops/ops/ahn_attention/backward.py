@@ -64,8 +64,12 @@ BT = pf.BT
 # H200 (2026-12-02, same shape, _dh_bwd reading qg and kd instead of normalising q and k per V slice):
 # _dh_bwd (warps, stages) (4,2) 1.063 ms, (4,3) 0.879, (8,2) 1.142, (2,2) 2.37, (1,2) 32.0, (2,3) 48.9
 # (spills); before the change (4,2) 1.746 ms.
+# H200 (2026-12-02, session 5, X stored by the prep pass): _mem_bwd (mem_bv, mem_warps) fwd+bwd (16,4) 19.22-19.42,
+# (16,8) 18.51, (32,8) 18.06-18.33 (_mem_bwd 4.50 -> 3.35 ms), (64,8) 18.31, (32,16) 20.26, (64,16) 19.87; BV 8 does
+# not compile (tl.dot needs K >= 16). dkdv (32,4,3) 18.00 vs (64,8,2) 24.9, (64,8,3) 24.3, (32,8,3) 26.1,
+# (64,4,3) 26.9; dq (64,4,2) 18.44 vs (64,4,3) 19.24, (128,8,2) 20.70, (64,8,2) 22.32.
 CONFIG = {"dq": (64, 4, 2), "dkdv": (32, 4, 3), "sink_qs": 1024,
-          "mem_bv": 16, "mem_warps": 4, "dh_warps": 4, "dh_stages": 3}
+          "mem_bv": 32, "mem_warps": 8, "dh_warps": 4, "dh_stages": 3}
 
 
 def _mm_f32(x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
