@@ -130,7 +130,7 @@ def bench(T, W, S, H=16, HKV=2, D=128, kind="gdn", sweep=False):
         best = min((v_, k_) for k_, v_ in res.items())[1]
         P.CONFIG["fwd"] = eval(best[3:])
         # query rows per _fwd_kernel program (128: two memory chunks per program); printed only,
-        # the defaults come back (CONFIG["fwd_rows"] changes once a device run has measured it)
+        # the defaults come back (fwd_rows None: prefill._fwd_launch picks the rows by the window)
         base = (P.CONFIG["fwd"], P.CONFIG["fwd_rows"])
         for rows, cfg in [(64, base[0]), (128, (64, 4, 3)), (128, (64, 8, 3)), (128, (64, 8, 2))]:
             P.CONFIG["fwd"], P.CONFIG["fwd_rows"] = cfg, rows

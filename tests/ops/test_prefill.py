@@ -257,3 +257,18 @@ def test_launch_tables_match_a_plain_construction_and_are_cached():
     assert P._seq_tables([300, 5], [0, 0], [0, 300], [0, 0], [0, 300], "cpu")[0] is a[0]  # a hit
     assert P._seq_tables([300, 6], [0, 0], [0, 300], [0, 0], [0, 300], "cpu")[0] is not a[0]
     assert len(P._TABLES) <= P._TABLES_MAX
+
+
+def test_fwd_rows_rule(monkeypatch):
+    """64 query rows per program at short windows, 128 (with its own launch config) from fwd_long's window
+    on at D = 128 (H200: the window band ~6% faster, the memory part a little slower); an int forces."""
+    P = _prefill()
+    monkeypatch.setitem(P.CONFIG, "fwd_rows", None)
+    w_long, rows_long, cfg_long = P.CONFIG["fwd_long"]
+    assert rows_long == 2 * P.BT
+    assert P._fwd_launch(128, 4096) == (P.BT, P.CONFIG["fwd"])
+    assert P._fwd_launch(128, w_long) == (rows_long, cfg_long)
+    assert P._fwd_launch(128, 32640) == (rows_long, cfg_long)
+    assert P._fwd_launch(64, 32640) == (P.BT, P.CONFIG["fwd"])  # D = 64: not measured with 128 rows
+    monkeypatch.setitem(P.CONFIG, "fwd_rows", 64)
+    assert P._fwd_launch(128, 32640) == (64, P.CONFIG["fwd"])

@@ -9,8 +9,8 @@ Three launches, four for Mamba2 (README.md beside this file has the derivation):
 2. ``_state_kernel``  grid (D / BV, H, sequences), sequential over chunks: the fp32 state
    ``h`` [D, BV] in registers; stores the state before every chunk (input dtype) and
    ``v_new = u - w h``; optional initial / final state.
-3. ``_fwd_kernel``    grid (H, row blocks): for a query block of BM = ``CONFIG["fwd_rows"]`` rows
-   (BT or 2 BT: one or two memory chunks, each read from the state before it), the sliding-window
+3. ``_fwd_kernel``    grid (H, row blocks): for a query block of BM rows (``_fwd_launch``: 64, or 128 for
+   long windows; one or two memory chunks, each read from the state before it), the sliding-window
    flash attention with sinks (online softmax in fp32, K/V read at head ``h // G``, only the
    sink blocks and the window band are visited, masks only on edge blocks) PLUS the memory
    readout of the same rows from the chunk state, RMSNorm, swish gate, per-head [D, D]
@@ -58,8 +58,14 @@ BT = 64  # memory chunk == query block: a query block reads exactly one chunk st
 # half the programs, each K/V block of the band read once per 128 query rows). H100 (2026-11-24,
 # T=32k W=4096 S=128 gdn, full fused forward): 64 rows (64,4,3) 4.22 ms; 128 rows (64,4,3) 9.99,
 # (64,8,3) 5.25, (64,8,2) 5.89 ms: 64 stays (128 rows double the fp32 accumulators per program)
-CONFIG = {"fwd": (64, 4, 3), "fwd_rows": 64, "state_bv": {64: 64, 128: 16}, "state_warps": 4, "state_stages": 3,
-          "prep_warps": 4, "norm_bm": 32}
+# H200 (2026-12-02, session 5, readout + epilogue per 64-row half since that day), full fused forward / window-only
+# ms, 64 rows (64,4,3) vs 128 rows (64,8,3): T=32k W=4096 3.794 / 2.593 vs 3.886 / 2.439; T=8k W=4096 0.782 / 0.536
+# vs 0.796 / 0.525; T=131072 W=32640 74.74 / 71.87 vs 68.79 / 65.51. 128 rows make the window band ~6% faster
+# and the memory part (at 8 warps) ~0.1-0.4 ms slower: the band's gain grows with W, so fwd_rows = None picks
+# fwd_long = (min window, rows, cfg) at D = 128 and W >= 8192, 64 rows with "fwd" otherwise; an int forces the rows
+# (with "fwd").
+CONFIG = {"fwd": (64, 4, 3), "fwd_rows": None, "fwd_long": (8192, 128, (64, 8, 3)),
+          "state_bv": {64: 64, 128: 16}, "state_warps": 4, "state_stages": 3, "prep_warps": 4, "norm_bm": 32}
 
 
 # ---------------------------------------------------------------------------------------------
@@ -251,6 +257,72 @@ def _attn_block(b_q, b_k, b_v, m_s, b_acc, b_m, b_l, qk_scale, MASKED: tl.conste
 
 
 @triton.jit
+def _mem_rows(b_o, b_q, i_c, i_h, i_kv, bos, T, P, kxb, kp0, coff, W, S, mem_scale,
+              q, kx, z, nw, ow, gc, hs, vnew, out, yp, ss,
+              H: tl.constexpr, HKV: tl.constexpr, D: tl.constexpr, BT: tl.constexpr, USE_H0: tl.constexpr,
+              MAMBA2: tl.constexpr, LOAD_Q: tl.constexpr):
+    # memory readout + epilogue of the BT query rows of chunk i_c (window output b_o [BT, D] fp32),
+    # then the store of out. The rows read the state before chunk i_c (one chunk state per BT rows)
+    # and the in-chunk pairs. b_q: the rows' q (LOAD_Q: loaded here; b_q is then a placeholder).
+    o_t = tl.arange(0, BT)
+    o_d = tl.arange(0, D)
+    o_i = i_c * BT + o_t
+    m_i = o_i < T
+    o_q = bos + o_i
+    t_pos = P + o_i
+    t_hi = P + tl.minimum(i_c * BT + BT, T) - 1
+    # a block none of whose rows reads a memory token reads 0 (unless an initial state is given)
+    if USE_H0:
+        do_mem = t_hi >= 0
+    else:
+        do_mem = t_hi - W >= S
+    if do_mem:
+        if LOAD_Q:
+            b_qx = tl.load(q + (o_q * H + i_h)[:, None] * D + o_d[None, :], mask=m_i[:, None], other=0.)
+        else:
+            b_qx = b_q
+        b_qf = b_qx.to(tl.float32)
+        b_qn = _norm_rows(b_qf, MAMBA2) * mem_scale  # [BT, D]
+        b_gc = tl.load(gc + o_q * H + i_h, mask=m_i, other=0.)  # [BT], cumsum within the chunk
+        b_qe = b_qn * tl.exp(b_gc)[:, None]  # [BT, D]
+        b_hc = tl.load(hs + (((coff + i_c) * H + i_h) * D + o_d[:, None]) * D + o_d[None, :])  # [D, D]
+        b_mo = dot(b_qe.to(b_qx.dtype), b_hc)  # [BT, D]
+        pos = t_pos - W
+        m_act = m_i & (pos >= S)
+        o_row = kxb + tl.where(m_act, pos - kp0, 0)
+        b_k = tl.load(kx + (o_row * HKV + i_kv)[:, None] * D + o_d[None, :], mask=m_act[:, None], other=0.)
+        b_kn = _norm_rows(b_k.to(tl.float32), MAMBA2)  # [BT, D]
+        # in-chunk causal pairs (gc is a per-chunk cumsum: exp(gc_i - gc_j) within the chunk)
+        m_low = o_t[:, None] >= o_t[None, :]
+        b_s = dot(b_qn.to(b_qx.dtype), tl.trans(b_kn.to(b_qx.dtype)))  # [BT, BT]
+        b_s = tl.where(m_low, b_s * tl.exp(tl.where(m_low, b_gc[:, None] - b_gc[None, :], 0.)), 0.)
+        b_vn = tl.load(vnew + (o_q * H + i_h)[:, None] * D + o_d[None, :], mask=m_act[:, None], other=0.)
+        b_mo += dot(b_s.to(b_qx.dtype), b_vn)  # [BT, D]
+        b_z = tl.load(z + o_q * H + i_h, mask=m_i, other=0.).to(tl.float32)
+        b_ow = tl.load(ow + (i_h * D + o_d[:, None]) * D + o_d[None, :])  # [D, D]
+        if MAMBA2:
+            # gate, then the head's share of the token's RMSNorm (finished by _mamba2_norm_kernel)
+            b_x = b_mo * (b_z * tl.sigmoid(b_z))[:, None]  # [BT, D]
+            b_nw = tl.load(nw + i_h * D + o_d).to(tl.float32)
+            b_yp = dot((b_x * b_nw[None, :]).to(b_ow.dtype), b_ow)  # [BT, D]
+            tl.store(yp + (o_q * H + i_h)[:, None] * D + o_d[None, :], b_yp.to(yp.dtype.element_ty),
+                     mask=m_i[:, None])
+            tl.store(ss + o_q * H + i_h, tl.sum(b_x * b_x, 1), mask=m_i)
+        else:
+            # epilogue: RMSNorm over D, swish read gate, per-head [D, D] projection
+            b_nw = tl.load(nw + o_d).to(tl.float32)
+            b_r = tl.rsqrt(tl.sum(b_mo * b_mo, 1) / D + 1e-5) * b_z * tl.sigmoid(b_z)
+            b_uo = b_mo * b_r[:, None] * b_nw[None, :]
+            b_o += dot(b_uo.to(b_ow.dtype), b_ow)
+    elif MAMBA2:
+        # no memory token read by these rows: m = 0
+        tl.store(yp + (o_q * H + i_h)[:, None] * D + o_d[None, :], tl.zeros([BT, D], dtype=tl.float32)
+                 .to(yp.dtype.element_ty), mask=m_i[:, None])
+        tl.store(ss + o_q * H + i_h, tl.zeros([BT], dtype=tl.float32), mask=m_i)
+    tl.store(out + (o_q * H + i_h)[:, None] * D + o_d[None, :], b_o.to(out.dtype.element_ty), mask=m_i[:, None])
+
+
+@triton.jit
 def _fwd_kernel(
     # pointers
     q, kx, vx, sk, sv, z, nw, ow, seq, blocks, gc, hs, vnew, out, yp, ss, lse,
@@ -261,8 +333,8 @@ def _fwd_kernel(
     SINK_CACHE: tl.constexpr, MAMBA2: tl.constexpr, STORE_LSE: tl.constexpr,
 ):
     # BM query rows per program (CONFIG["fwd_rows"]), BM = BT or 2 BT: the window part is generic
-    # in BM; the memory part reads the BM / BT chunks c0 = i_b BM / BT .. of the rows (BT = 64
-    # stream elements each) and their states. ``blocks`` [n, 2]: (sequence, block of BM rows).
+    # in BM; the memory part (_mem_rows) runs per BT = 64 rows, i.e. per memory chunk and its state
+    # (twice per program when BM = 2 BT). ``blocks`` [n, 2]: (sequence, block of BM rows).
     # MAMBA2: the RMSNorm spans the H heads of a token, so this kernel stores the window output
     # in ``out``, the un-normalised projection yp = (x * norm_weight[h]) @ o_weight[h] of the gated
     # readout x = m silu(z) and the partial sum ss = sum_D x^2 (fp32); _mamba2_norm_kernel then
@@ -351,72 +423,21 @@ def _fwd_kernel(
         b_lse = tl.where(b_l > 0, b_m + tl.log2(tl.where(b_l > 0, b_l, 1.)), float("inf"))
         tl.store(lse + o_q * H + i_h, b_lse, mask=m_i)
 
-    if MEMORY:
-        # a block none of whose rows reads a memory token reads 0 (unless an initial state is given)
-        if USE_H0:
-            do_mem = t_hi >= 0
-        else:
-            do_mem = t_hi - W >= S
-        if do_mem:
-            b_qf = b_q.to(tl.float32)
-            b_qn = _norm_rows(b_qf, MAMBA2) * mem_scale  # [BM, D]
-            b_gc = tl.load(gc + o_q * H + i_h, mask=m_i, other=0.)  # [BM], cumsum within each chunk
-            b_qe = b_qn * tl.exp(b_gc)[:, None]  # [BM, D]
-            i_c0 = i_b * (BM // BT)  # the block's first chunk
-            p_h = hs + (((coff + i_c0) * H + i_h) * D + o_d[:, None]) * D + o_d[None, :]
-            if BM == BT:
-                b_hc = tl.load(p_h)  # [D, D]
-                b_mo = dot(b_qe.to(b_q.dtype), b_hc)  # [BM, D]
-            else:
-                # rows [0, BT) read the state before chunk c0, rows [BT, 2 BT) the one before c0 + 1.
-                # The state pass stores h only from chunk (S + W - P) // BT on (no initial state): an
-                # earlier c0 (whose rows read no memory token) reads h = 0, never the unwritten
-                # buffer; c0 + 1 may lie past the sequence end (its rows are masked; its h is not ours)
-                if USE_H0:
-                    c_first = 0
-                else:
-                    c_first = tl.maximum(S + W - P, 0) // BT
-                m_top = (o_t < BT)[:, None]
-                b_h0 = tl.load(p_h, mask=(o_d >= 0)[:, None] & (i_c0 >= c_first), other=0.)  # [D, D]
-                b_h1 = tl.load(p_h + H * D * D, mask=(o_d >= 0)[:, None] & ((i_c0 + 1) * BT < T), other=0.)  # [D, D]
-                b_mo = dot(tl.where(m_top, b_qe, 0.).to(b_q.dtype), b_h0)  # [BM, D]
-                b_mo += dot(tl.where(m_top, 0., b_qe).to(b_q.dtype), b_h1)  # [BM, D]
-            pos = t_pos - W
-            m_act = m_i & (pos >= S)
-            o_row = kxb + tl.where(m_act, pos - kp0, 0)
-            b_k = tl.load(kx + (o_row * HKV + i_kv)[:, None] * D + o_d[None, :], mask=m_act[:, None], other=0.)
-            b_kn = _norm_rows(b_k.to(tl.float32), MAMBA2)  # [BM, D]
-            # in-chunk causal pairs; with BM = 2 BT the [BM, BM] product is masked to the two
-            # diagonal chunk blocks (gc is a per-chunk cumsum: exp(gc_i - gc_j) only within a chunk)
-            m_low = o_t[:, None] >= o_t[None, :]
-            if BM != BT:
-                m_low = m_low & ((o_t[:, None] // BT) == (o_t[None, :] // BT))
-            b_s = dot(b_qn.to(b_q.dtype), tl.trans(b_kn.to(b_q.dtype)))  # [BM, BM]
-            b_s = tl.where(m_low, b_s * tl.exp(tl.where(m_low, b_gc[:, None] - b_gc[None, :], 0.)), 0.)
-            b_vn = tl.load(vnew + (o_q * H + i_h)[:, None] * D + o_d[None, :], mask=m_act[:, None], other=0.)
-            b_mo += dot(b_s.to(b_q.dtype), b_vn)  # [BM, D]
-            b_z = tl.load(z + o_q * H + i_h, mask=m_i, other=0.).to(tl.float32)
-            b_ow = tl.load(ow + (i_h * D + o_d[:, None]) * D + o_d[None, :])  # [D, D]
-            if MAMBA2:
-                # gate, then the head's share of the token's RMSNorm (finished by _mamba2_norm_kernel)
-                b_x = b_mo * (b_z * tl.sigmoid(b_z))[:, None]  # [BM, D]
-                b_nw = tl.load(nw + i_h * D + o_d).to(tl.float32)
-                b_yp = dot((b_x * b_nw[None, :]).to(b_ow.dtype), b_ow)  # [BM, D]
-                tl.store(yp + (o_q * H + i_h)[:, None] * D + o_d[None, :], b_yp.to(yp.dtype.element_ty),
-                         mask=m_i[:, None])
-                tl.store(ss + o_q * H + i_h, tl.sum(b_x * b_x, 1), mask=m_i)
-            else:
-                # epilogue: RMSNorm over D, swish read gate, per-head [D, D] projection
-                b_nw = tl.load(nw + o_d).to(tl.float32)
-                b_r = tl.rsqrt(tl.sum(b_mo * b_mo, 1) / D + 1e-5) * b_z * tl.sigmoid(b_z)
-                b_uo = b_mo * b_r[:, None] * b_nw[None, :]
-                b_o += dot(b_uo.to(b_ow.dtype), b_ow)
-        elif MAMBA2:
-            # no memory token read by this block: m = 0
-            tl.store(yp + (o_q * H + i_h)[:, None] * D + o_d[None, :], tl.zeros([BM, D], dtype=tl.float32)
-                     .to(yp.dtype.element_ty), mask=m_i[:, None])
-            tl.store(ss + o_q * H + i_h, tl.zeros([BM], dtype=tl.float32), mask=m_i)
-    tl.store(out + (o_q * H + i_h)[:, None] * D + o_d[None, :], b_o.to(out.dtype.element_ty), mask=m_i[:, None])
+    if not MEMORY:
+        tl.store(out + (o_q * H + i_h)[:, None] * D + o_d[None, :], b_o.to(out.dtype.element_ty), mask=m_i[:, None])
+    elif BM == BT:
+        _mem_rows(b_o, b_q, i_b, i_h, i_kv, bos, T, P, kxb, kp0, coff, W, S, mem_scale,
+                  q, kx, z, nw, ow, gc, hs, vnew, out, yp, ss, H, HKV, D, BT, USE_H0, MAMBA2, False)
+    else:
+        # two memory chunks per program: the readout and epilogue run per 64-row half (the window
+        # part above is the one that gains from 128 rows; a 128-row readout wastes half of every
+        # product on the other chunk's rows and spills)
+        b_o0, b_o1 = tl.split(tl.permute(tl.reshape(b_o, (2, BT, D)), (1, 2, 0)))
+        _mem_rows(b_o0, b_o0, 2 * i_b, i_h, i_kv, bos, T, P, kxb, kp0, coff, W, S, mem_scale,
+                  q, kx, z, nw, ow, gc, hs, vnew, out, yp, ss, H, HKV, D, BT, USE_H0, MAMBA2, True)
+        if 2 * i_b * BT + BT < T:
+            _mem_rows(b_o1, b_o1, 2 * i_b + 1, i_h, i_kv, bos, T, P, kxb, kp0, coff, W, S, mem_scale,
+                      q, kx, z, nw, ow, gc, hs, vnew, out, yp, ss, H, HKV, D, BT, USE_H0, MAMBA2, True)
 
 
 @triton.jit
@@ -450,6 +471,18 @@ def _mamba2_norm_kernel(
 # ---------------------------------------------------------------------------------------------
 # launchers (allocate, grid, keyword launch; no autograd)
 # ---------------------------------------------------------------------------------------------
+def _fwd_launch(D: int, window: int):
+    """(query rows per ``_fwd_kernel`` program, (BN, num_warps, num_stages)) from CONFIG: ``fwd_rows``
+    forces the rows (with ``fwd``); None picks ``fwd_long`` at D = 128 and long windows, else 64 rows."""
+    rows = CONFIG["fwd_rows"]
+    if rows is not None:
+        return rows, CONFIG["fwd"]
+    w_long, rows_long, cfg_long = CONFIG["fwd_long"]
+    if D == 128 and window >= w_long:
+        return rows_long, cfg_long
+    return BT, CONFIG["fwd"]
+
+
 # Launch tables by their contents: a prefill of the same lengths (every step of a training run at a fixed
 # sequence length, every layer of one forward) reuses them instead of building them on the host and
 # copying them to the device (a synchronous copy from pageable memory: the GPU idled while the host
@@ -575,8 +608,7 @@ def _launch(q, kx, vx, sk, sv, a, b, gx, z, A_log, dt_bias, norm_weight, o_weigh
         if mamba2:
             yp = empty(Tq, H, D, dtype=dt, device=dev)
             ss = empty(Tq, H, dtype=torch.float32, device=dev)
-    BN, fwd_warps, fwd_stages = CONFIG["fwd"]
-    BM = CONFIG["fwd_rows"]
+    BM, (BN, fwd_warps, fwd_stages) = _fwd_launch(D, window)
     assert BM in (BT, 2 * BT), BM
     # lens: the sequences' query counts (the chunk table holds the same blocks when BM = BT)
     blocks, NB = (chunks, NT) if BM == BT else _row_blocks(lens, BM, dev)
