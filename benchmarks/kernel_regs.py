@@ -1,6 +1,6 @@
 """Registers, spills and shared memory of every Triton kernel a forward + backward launches.
 
-    python benchmarks/kernel_regs.py [--T 4096] [--kinds gdn mamba2] [--D 128 64]
+    python benchmarks/kernel_regs.py [--T 4096] [--W 1024] [--kinds gdn mamba2] [--D 128 64]
     python benchmarks/kernel_regs.py --offline [--arch 90] [--what all|prefill|decode]   # no GPU needed
 
 Launch configs are the library's (prefill.CONFIG, backward.CONFIG). A kernel that spills
@@ -127,9 +127,9 @@ def offline(a):
         for D in a.D:
             SEEN.clear()
             inp = make_inputs(kind, 1, a.T, 8, 2, D, torch.bfloat16, 0, device="cpu")
-            out, _, lse = pf.prefill_fwd(*inp, 1024, 64, kind)
-            bw.prefill_bwd(torch.randn_like(out), None, *inp, out, lse, 1024, 64, kind)
-            _table(f"{kind} D={D} (T={a.T}, H=8/2, W=1024, S=64, bf16; offline sm_{a.arch})")
+            out, _, lse = pf.prefill_fwd(*inp, a.W, 64, kind)
+            bw.prefill_bwd(torch.randn_like(out), None, *inp, out, lse, a.W, 64, kind)
+            _table(f"{kind} D={D} (T={a.T}, H=8/2, W={a.W}, S=64, bf16; offline sm_{a.arch})")
     if a.what not in ("all", "decode"):
         return
     SEEN.clear()
@@ -150,6 +150,7 @@ def offline(a):
 def main():
     ap = argparse.ArgumentParser()
     ap.add_argument("--T", type=int, default=4096)
+    ap.add_argument("--W", type=int, default=1024, help="window (>= prefill.CONFIG's fwd_long window: 128-row forward)")
     ap.add_argument("--kinds", nargs="+", default=["gdn", "mamba2"])
     ap.add_argument("--D", nargs="+", type=int, default=[128, 64])
     ap.add_argument("--offline", action="store_true", help="no GPU: compile for --arch and read ptxas -v")
@@ -164,10 +165,10 @@ def main():
             SEEN.clear()
             inp = make_inputs(kind, 1, a.T, 8, 2, D, torch.bfloat16, 0)
             leaves = [None if x is None else x.detach().clone().requires_grad_(True) for x in inp]
-            out = torch.ops.ahn.prefill_fwd(*leaves, 1024, 64, kind, None, None, False)[0]
+            out = torch.ops.ahn.prefill_fwd(*leaves, a.W, 64, kind, None, None, False)[0]
             out.backward(torch.randn_like(out))
             torch.cuda.synchronize()
-            _table(f"{kind} D={D} (T={a.T}, H=8/2, W=1024, S=64, bf16)")
+            _table(f"{kind} D={D} (T={a.T}, H=8/2, W={a.W}, S=64, bf16)")
 
 
 if __name__ == "__main__":
