@@ -316,7 +316,9 @@ def main():
         # gdn at T=8192 with sinks (sink split, unmasked interiors) and a varlen dn case; --full adds
         # the D=64 batch and the 16k gdn case. Each check is guarded: a failure is reported, the rest runs.
         cases = [("gdn", 1, 8192, 4, 1, 128, 2048, 128, None), ("dn", 1, 8192, 8, 2, 128, 1000, 5, [0, 3000, 3001, 8192]),
-                 ("mamba2", 1, 8192, 4, 2, 128, 2048, 128, None)]
+                 ("mamba2", 1, 8192, 4, 2, 128, 2048, 128, None),
+                 # W >= 8192 at D = 128: the forward's 128-row programs feed the backward
+                 ("gdn", 1, 12288, 4, 1, 128, 8192, 64, [0, 11000, 12288])]
         if args.full:
             cases += [("gdn", 2, 2500, 8, 2, 64, 333, 0, None), ("gdn", 1, 16384, 4, 1, 128, 4096, 128, None)]
         for c in cases:

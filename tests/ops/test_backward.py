@@ -113,6 +113,31 @@ def test_grads_fp16_rule(kind, T, W, S, G):
         assert torch.isfinite(a).all() and ek <= 2 * et + 1e-3, n
 
 
+@pytest.mark.skipif(DEV != "cuda", reason="long bf16 sequences need a GPU")
+@pytest.mark.parametrize("kind,W,cu", [
+    pytest.param("gdn", 8192, [0, 11000, 12288], id="gdn-W8192-varlen-rows128"),
+    pytest.param("dn", 2048, None, id="dn-W2048-rows64"),
+])
+def test_grads_gpu_long(kind, W, cu):
+    # bf16 at T = 12288, D = 128 with the 2x rule; W = 8192 takes the forward's 128-row programs, whose
+    # lse / out feed the backward (prefill._fwd_launch); the first sequence is longer than W so that the
+    # memory (and every AHN parameter's gradient) is in play
+    B, T, S, HKV, G, D = 1, 12288, 64, 1, 4, 128
+    inp = make_inputs(kind, B, T, HKV * G, HKV, D, torch.bfloat16, device=DEV, seed=W)
+    cs = None if cu is None else torch.tensor(cu, dtype=torch.int32, device=DEV)
+    dout = torch.randn(B, T, HKV * G, D, device=DEV)
+    gk = _kernel_grads(inp, dout, W, S, kind, cs)
+    gr = _ref_grads([None if x is None else x.float() for x in inp], dout, W, S, kind, cs, torch.float32)
+    gt = _ref_grads(inp, dout, W, S, kind, cs, torch.bfloat16)
+    assert gr[NAMES.index("o_weight")].norm() > 0  # the memory branch is in play
+    for n, a, r, t in zip(NAMES, gk, gr, gt):
+        if a is None:
+            continue
+        ek, et = _err(a, r), _err(t, r)
+        print(f"{n}: kernel {ek:.2e}  torch-bf16 {et:.2e}")
+        assert torch.isfinite(a).all() and ek <= 2 * et + 1e-3, n
+
+
 def test_random_window_no_recompile():
     # W, S are run-time arguments (do_not_specialize): new values reuse the compiled kernels
     from ahn_ops.ops.ahn_attention import backward_attn as ka

@@ -216,6 +216,8 @@ def test_compile_fullgraph():
     pytest.param("gdn", 8192, 1024, 128, 8, id="gdn-T8192-W1024-S128-G8"),
     pytest.param("dn", 4097, 4096, 5, 4, id="dn-T4097-W4096-S5-G4"),
     pytest.param("gdn", 32768, 4096, 128, 8, id="gdn-T32768-W4096-S128-G8"),
+    # W >= 8192 at D = 128: the forward's 128-row programs (prefill._fwd_launch)
+    pytest.param("mamba2", 16384, 8192, 128, 8, id="mamba2-T16384-W8192-S128-G8-rows128"),
 ])
 def test_prefill_gpu_realistic(kind, T, W, S, G):
     H, D = 2 * G, 128
