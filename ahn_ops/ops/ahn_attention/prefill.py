@@ -330,7 +330,7 @@ def _fwd_kernel(
     H: tl.constexpr, HKV: tl.constexpr, D: tl.constexpr, W, S, qk_scale, mem_scale,
     # meta
     BT: tl.constexpr, BM: tl.constexpr, BN: tl.constexpr, MEMORY: tl.constexpr, USE_H0: tl.constexpr,
-    SINK_CACHE: tl.constexpr, MAMBA2: tl.constexpr, STORE_LSE: tl.constexpr,
+    MAMBA2: tl.constexpr, STORE_LSE: tl.constexpr,
 ):
     # BM query rows per program (CONFIG["fwd_rows"]), BM = BT or 2 BT: the window part is generic
     # in BM; the memory part (_mem_rows) runs per BT = 64 rows, i.e. per memory chunk and its state
@@ -373,19 +373,14 @@ def _fwd_kernel(
     for j0 in range(0, n_sink, BN):
         o_s = j0 + o_j
         m_s = (o_s < S) & (o_s[None, :] <= t_pos[:, None] - W) & m_i[:, None]
-        if SINK_CACHE:
-            # positions < P are in the cache's sink buffer, later ones among the new tokens
-            m_c = (o_s < S) & (o_s < P)
-            m_x = (o_s < S) & (o_s >= P)
-            o_c = ((sb + tl.where(m_c, o_s, 0)) * HKV + i_kv)[:, None] * D + o_d[None, :]
-            o_x = ((kxb + tl.where(m_x, o_s - kp0, 0)) * HKV + i_kv)[:, None] * D + o_d[None, :]
-            b_k = tl.load(sk + o_c, mask=m_c[:, None], other=0.) + tl.load(kx + o_x, mask=m_x[:, None], other=0.)
-            b_v = tl.load(sv + o_c, mask=m_c[:, None], other=0.) + tl.load(vx + o_x, mask=m_x[:, None], other=0.)
-        else:
-            m_x = o_s < S
-            o_x = ((kxb + tl.where(m_x, o_s - kp0, 0)) * HKV + i_kv)[:, None] * D + o_d[None, :]
-            b_k = tl.load(kx + o_x, mask=m_x[:, None], other=0.)
-            b_v = tl.load(vx + o_x, mask=m_x[:, None], other=0.)
+        # sink j is row sb + j of sk / sv: the key stream itself for a prefill from position 0, the
+        # cache's sink buffer for the cache path (which writes the sinks among its new tokens there
+        # first). One load path: a second, cache-only branch here cost 18% of the whole kernel at
+        # T = 131072, W = 32640 (H200, register allocation of the 128-row program)
+        m_x = o_s < S
+        o_x = ((sb + tl.where(m_x, o_s, 0)) * HKV + i_kv)[:, None] * D + o_d[None, :]
+        b_k = tl.load(sk + o_x, mask=m_x[:, None], other=0.)
+        b_v = tl.load(sv + o_x, mask=m_x[:, None], other=0.)
         b_acc, b_m, b_l = _attn_block(b_q, b_k, b_v, m_s, b_acc, b_m, b_l, qk_scale, True)
 
     # the window band [t_lo - W + 1, t_hi]: masked lower edge, unmasked interior, masked diagonal
@@ -560,7 +555,7 @@ def _row_blocks(lens: List[int], BM: int, device) -> Tuple[torch.Tensor, int]:
 
 
 def _launch(q, kx, vx, sk, sv, a, b, gx, z, A_log, dt_bias, norm_weight, o_weight, window, sinks, kind,
-            seq, chunks, NT, N, initial_state, output_final_state, sink_cache, memory=True, stage="all",
+            seq, chunks, NT, N, initial_state, output_final_state, memory=True, stage="all",
             store_lse=False, lens=None):
     # store_lse: also return the window softmax's lse (fp32 [Tq, H]) for the backward; the cache
     # path (inference) passes False and the kernel skips the store
@@ -617,7 +612,7 @@ def _launch(q, kx, vx, sk, sv, a, b, gx, z, A_log, dt_bias, norm_weight, o_weigh
         ow=o_weight.to(dt).contiguous(), seq=seq, blocks=blocks, gc=gc, hs=hs, vnew=vnew, out=out, yp=yp, ss=ss,
         lse=lse if store_lse else dummy, H=H, HKV=HKV, D=D, W=window, S=sinks, qk_scale=D ** -0.5 * math.log2(math.e),
         mem_scale=1.0 if mamba2 else D ** -0.5,
-        BT=BT, BM=BM, BN=BN, MEMORY=memory, USE_H0=initial_state is not None, SINK_CACHE=sink_cache,
+        BT=BT, BM=BM, BN=BN, MEMORY=memory, USE_H0=initial_state is not None,
         MAMBA2=mamba2 and memory, STORE_LSE=store_lse, num_warps=fwd_warps, num_stages=fwd_stages)
     if mamba2 and memory:
         BM = CONFIG["norm_bm"]
@@ -656,7 +651,7 @@ def prefill_fwd(q, k, v, a, b, z, A_log, dt_bias, norm_weight, o_weight, window:
     qf, kf, vf = flat(q), flat(k), flat(v)
     out, ht, lse = _launch(qf, kf, vf, kf, vf, flat(a), flat(b), None, flat(z), A_log, dt_bias, norm_weight,
                            o_weight, window, sinks, kind, seq, chunks, NT, N, initial_state, output_final_state,
-                           False, memory, stage, store_lse=True, lens=lens)
+                           memory, stage, store_lse=True, lens=lens)
     return out.view(B, T, H, D), ht, lse.view(B, T, H)
 
 
@@ -699,19 +694,23 @@ def prefill_cache_fwd(q, k, v, a, b, z, A_log, dt_bias, norm_weight, o_weight,
     vx = torch.cat(vxs)[None].contiguous()
     gx = torch.cat(gxs).float().contiguous()
     seq, chunks, NT = _seq_tables([T] * B, P, kx_bos, kpos0, [bi * S for bi in range(B)], dev)
-    sk = sink_k.reshape(1, B * S, HKV, D).contiguous() if S else kx
-    sv = sink_v.reshape(1, B * S, HKV, D).contiguous() if S else vx
-    # inference: no backward, so no lse store
-    out, ht, _ = _launch(q.reshape(1, B * T, H, D).contiguous(), kx, vx, sk, sv, None, None, gx,
-                         z.reshape(1, B * T, H), A_log, dt_bias, norm_weight, o_weight, W, S, kind,
-                         seq, chunks, NT, B, state, True, True, lens=[T] * B)
-    # cache update, after every read (same as the reference)
+    # the new tokens that are sinks go into the sink buffer first (rows P .. S-1: nothing reads them as
+    # old contents), so that the kernel reads every sink from there
     for bi in range(B):
         Pb = P[bi]
         n_s = max(0, min(S, Pb + T) - Pb)
         if n_s:
             sink_k[bi, Pb:Pb + n_s] = k[bi, :n_s]
             sink_v[bi, Pb:Pb + n_s] = v[bi, :n_s]
+    sk = sink_k.reshape(1, B * S, HKV, D).contiguous() if S else kx
+    sv = sink_v.reshape(1, B * S, HKV, D).contiguous() if S else vx
+    # inference: no backward, so no lse store
+    out, ht, _ = _launch(q.reshape(1, B * T, H, D).contiguous(), kx, vx, sk, sv, None, None, gx,
+                         z.reshape(1, B * T, H), A_log, dt_bias, norm_weight, o_weight, W, S, kind,
+                         seq, chunks, NT, B, state, True, lens=[T] * B)
+    # the rest of the cache update, after every read (same as the reference)
+    for bi in range(B):
+        Pb = P[bi]
         ti = torch.arange(T, device=dev)
         keep = ti[(Pb + ti) >= S][-W:]
         if keep.numel():
