@@ -55,6 +55,17 @@ def _err(x, r):
     return rel_err(x, r)
 
 
+def _check_bf16_rule(gk, gr, gt):
+    """Every kernel gradient finite and within 2x (+1e-3) of the error of the same reference math in
+    bf16 (gk, gr, gt: kernel, fp32 reference, bf16 reference gradients in NAMES order)."""
+    for n, a, r, t in zip(NAMES, gk, gr, gt):
+        if a is None:
+            continue
+        ek, et = _err(a, r), _err(t, r)
+        print(f"{n}: kernel {ek:.2e}  torch-bf16 {et:.2e}")
+        assert torch.isfinite(a).all() and ek <= 2 * et + 1e-3, n
+
+
 CASES = [
     pytest.param("gdn", 1, 1, 4, 0, 1, None, id="gdn-T1-W4-S0-G1"),
     pytest.param("gdn", 1, 63, 5, 0, 4, None, id="gdn-T63-W5-S0-G4"),
@@ -105,12 +116,7 @@ def test_grads_fp16_rule(kind, T, W, S, G):
     gr = _ref_grads(up, dout, W, S, kind, None, torch.float32)
     low = [None if x is None else x.to(torch.bfloat16) if x.dtype == dt else x for x in inp]
     gt = _ref_grads(low, dout, W, S, kind, None, torch.bfloat16)
-    for n, a, r, t in zip(NAMES, gk, gr, gt):
-        if a is None:
-            continue
-        ek, et = _err(a, r), _err(t, r)
-        print(f"{n}: kernel {ek:.2e}  torch-bf16 {et:.2e}")
-        assert torch.isfinite(a).all() and ek <= 2 * et + 1e-3, n
+    _check_bf16_rule(gk, gr, gt)
 
 
 @pytest.mark.skipif(DEV != "cuda", reason="long bf16 sequences need a GPU")
@@ -130,12 +136,7 @@ def test_grads_gpu_long(kind, W, cu):
     gr = _ref_grads([None if x is None else x.float() for x in inp], dout, W, S, kind, cs, torch.float32)
     gt = _ref_grads(inp, dout, W, S, kind, cs, torch.bfloat16)
     assert gr[NAMES.index("o_weight")].norm() > 0  # the memory branch is in play
-    for n, a, r, t in zip(NAMES, gk, gr, gt):
-        if a is None:
-            continue
-        ek, et = _err(a, r), _err(t, r)
-        print(f"{n}: kernel {ek:.2e}  torch-bf16 {et:.2e}")
-        assert torch.isfinite(a).all() and ek <= 2 * et + 1e-3, n
+    _check_bf16_rule(gk, gr, gt)
 
 
 def test_random_window_no_recompile():

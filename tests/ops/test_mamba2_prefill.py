@@ -15,7 +15,7 @@ import ahn_ops
 from ahn_ops.ops.ahn_attention import reference as ref
 
 from ..utils import make_inputs
-from .test_backward import NAMES, _err as _grad_err, _kernel_grads, _ref_grads
+from .test_backward import _check_bf16_rule, _kernel_grads, _ref_grads
 from .test_prefill import DEV, _check, _prefill, fwd_rows, pytestmark  # noqa: F401  (skip; fixture)
 from .test_prefill import test_chunked_prefill_on_cache as _chunked_on_cache
 
@@ -109,12 +109,7 @@ def test_mamba2_grads_fp16_rule():
     gr = _ref_grads([None if x is None else x.float() for x in inp], dout, W, S, KIND, None, torch.float32)
     low = [None if x is None else x.to(torch.bfloat16) if x.dtype == dt else x for x in inp]
     gt = _ref_grads(low, dout, W, S, KIND, None, torch.bfloat16)
-    for n, a, r, t in zip(NAMES, gk, gr, gt):
-        if a is None:
-            continue
-        ek, et = _grad_err(a, r), _grad_err(t, r)
-        print(f"{n}: kernel {ek:.2e}  torch-bf16 {et:.2e}")
-        assert torch.isfinite(a).all() and ek <= 2 * et + 1e-3, n
+    _check_bf16_rule(gk, gr, gt)
 
 
 # the initial-state gradient of mamba2 is checked in test_backward.py::test_initial_state_grad
