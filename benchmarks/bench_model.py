@@ -311,9 +311,11 @@ def main(argv=None):
     rows = []
 
     def warm_up(make_cache):
-        # the first forward compiles / autotunes the Triton kernels (and warms cuBLAS): untimed
+        # the first forward compiles / autotunes the Triton kernels (and warms cuBLAS): untimed, at most
+        # one prefill chunk long (a chunked run may not fit a whole context in memory)
+        n = min(min(args.contexts), args.prefill_chunk_size or min(args.contexts))
         with torch.no_grad():
-            model(torch.randint(0, model.config.vocab_size, (1, min(args.contexts)), device=device),
+            model(torch.randint(0, model.config.vocab_size, (1, n), device=device),
                   **cache_kwargs(make_cache()), use_cache=True, logits_to_keep=1)
         sync(device)
 
