@@ -56,3 +56,16 @@ def batch_slice(cache: AHNLayerCache, sl: slice) -> AHNLayerCache:
 
 def sel(x, sl):
     return None if x is None else x[:, sl]
+
+
+def poison_unwritten(sink_k, sink_v, ring_k, ring_v, gates, pos, window, sinks):
+    """NaN into the decode-cache rows that hold no token yet at positions ``pos`` (in place): a kernel
+    that sums a row it should mask (P = 0 times NaN) then fails its test."""
+    W, S = window, sinks
+    for bi, P in enumerate(pos):
+        sink_k[bi, min(S, P):] = float("nan")
+        sink_v[bi, min(S, P):] = float("nan")
+        filled = {(t - S) % W for t in range(max(S, P - W), P)}
+        empty = [s for s in range(W) if s not in filled]
+        for t in (ring_k, ring_v, gates):
+            t[bi, empty] = float("nan")

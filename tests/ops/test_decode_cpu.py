@@ -12,6 +12,8 @@ import torch
 import ahn_ops  # noqa: F401  (loads the extension)
 from ahn_ops.ops.ahn_attention.reference import ahn_decode_ref
 
+from ..utils import poison_unwritten
+
 KINDS = ("gdn", "dn", "mamba2")
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
 
@@ -42,13 +44,7 @@ def make_cache(B, H, HKV, D, W, S, dtype, pos, seed):
     ring_k, ring_v = (torch.randn(B, W, HKV, D, generator=g).to(dtype) for _ in range(2))
     gates = torch.stack([-torch.rand(B, W, H, generator=g), torch.rand(B, W, H, generator=g)], -1)
     state = torch.randn(B, H, D, D, generator=g) * 0.1
-    for bi, P in enumerate(pos):
-        sink_k[bi, min(S, P):] = float("nan")
-        sink_v[bi, min(S, P):] = float("nan")
-        filled = [(p - S) % W for p in range(max(S, P - W), P)]
-        empty = [s for s in range(W) if s not in filled]
-        for t in (ring_k, ring_v, gates):
-            t[bi, empty] = float("nan")
+    poison_unwritten(sink_k, sink_v, ring_k, ring_v, gates, pos, W, S)
     return [sink_k, sink_v, ring_k, ring_v, gates, state, torch.tensor(pos, dtype=torch.int64)]
 
 

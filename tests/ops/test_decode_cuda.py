@@ -19,6 +19,8 @@ import torch
 import ahn_ops  # noqa: F401  (registers torch.ops.ahn)
 from ahn_ops.ops.ahn_attention.reference import ahn_decode_ref
 
+from ..utils import poison_unwritten
+
 pytestmark = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
 
 DT = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
@@ -37,8 +39,7 @@ def rel_err(x, ref):
 
 
 def make_cache(B, H, HKV, D, W, S, kind, dtype, pos, gen, dev="cuda"):
-    """A random (not history-consistent) cache; rows without a token yet are NaN (the kernel loads ring
-    slots and sinks in memory order before it knows pos, so those rows must be masked, never summed)."""
+    """A random (not history-consistent) cache; rows without a token yet are NaN (never to be read)."""
     def r(*s, scale=1.0):
         return torch.randn(*s, generator=gen) * scale
     sink_k, sink_v = r(B, S, HKV, D).to(dtype), r(B, S, HKV, D).to(dtype)
@@ -47,13 +48,7 @@ def make_cache(B, H, HKV, D, W, S, kind, dtype, pos, gen, dev="cuda"):
     w = torch.rand(B, W, H, generator=gen)
     gates = torch.stack([g, w], -1)
     state = r(B, H, D, D, scale=0.1)
-    for bi, P in enumerate(pos):
-        sink_k[bi, min(S, P):] = float("nan")
-        sink_v[bi, min(S, P):] = float("nan")
-        filled = {(t - S) % W for t in range(max(S, P - W), P)}
-        empty = [s for s in range(W) if s not in filled]
-        for t in (ring_k, ring_v, gates):
-            t[bi, empty] = float("nan")
+    poison_unwritten(sink_k, sink_v, ring_k, ring_v, gates, pos, W, S)
     pos_t = torch.tensor(pos, dtype=torch.int64)
     return [t.to(dev) for t in (sink_k, sink_v, ring_k, ring_v, gates, state, pos_t)]
 
