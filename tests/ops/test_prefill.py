@@ -18,7 +18,7 @@ import torch
 import ahn_ops
 from ahn_ops.ops.ahn_attention import reference as ref
 
-from ..utils import batch_slice, empty_layer_cache, make_inputs, sel
+from ..utils import batch_slice, empty_layer_cache, make_inputs, poison_unwritten, sel
 
 HAS_CUDA = torch.cuda.is_available()
 DEV = "cuda" if HAS_CUDA else "cpu"
@@ -177,6 +177,61 @@ def test_chunked_prefill_on_cache(kind, W, S, splits):
     lp = ref.ahn_attention_ref(*args, W, S, kind, dtype=torch.bfloat16)
     _check(f"{kind}-cache-chunks", out, r, lp)
     assert cache.pos.tolist() == [T, T]
+
+
+@pytest.mark.parametrize("kind,W,S,T,before,strided", [
+    pytest.param("gdn", 16, 5, 37, [0, 9, 60], False, id="gdn-W16-S5-T37-P0+9+60"),
+    pytest.param("dn", 24, 6, 3, [0, 4, 50], True, id="dn-W24-S6-T3-P0+4+50-strided"),
+    pytest.param("mamba2", 20, 0, 45, [0, 7, 33], True, id="mamba2-W20-S0-T45-P0+7+33-strided"),
+])
+def test_prefill_cache_updates_like_reference(kind, W, S, T, before, strided):
+    """One cache-path call on sequences at different positions (empty, inside the first window, ring
+    wrapped): output and every cache field as the reference's, unused cache rows NaN-poisoned (the
+    kernel gathers the whole ring tail from positions read on the device and must mask them), and a
+    strided cache (served through a contiguous copy) updated in place."""
+    B, H, HKV, D = len(before), 4, 2, 64
+    n_max = max(before)
+    hist = make_inputs(kind, B, n_max, H, HKV, D, torch.bfloat16, device=DEV, seed=21)
+    new = make_inputs(kind, B, T, H, HKV, D, torch.bfloat16, device=DEV, seed=22)
+
+    def make_cache():
+        if not strided:
+            return empty_layer_cache(kind, B, H, HKV, D, W, S, dtype=torch.bfloat16, device=DEV)
+        # every field a view with a gap between sequences (not contiguous)
+        def gap(*shape, dtype=torch.bfloat16):
+            return torch.zeros(shape[0], shape[1] + 1, *shape[2:], dtype=dtype, device=DEV)[:, 1:]
+        return ahn_ops.AHNLayerCache(gap(B, S, HKV, D), gap(B, S, HKV, D), gap(B, W, HKV, D), gap(B, W, HKV, D),
+                                     gap(B, W, H, 2, dtype=torch.float32),
+                                     gap(B, H, D, D, dtype=torch.float32),
+                                     torch.zeros(B, 2, dtype=torch.int64, device=DEV)[:, 0], W, S, kind)
+
+    cache = make_cache()
+    # history on the reference path, each sequence to its own position
+    for bi, n in enumerate(before):
+        if n:
+            one = batch_slice(cache, slice(bi, bi + 1))
+            ahn_ops.ahn_attention(*[None if x is None else x[bi:bi + 1, :n] for x in hist[:6]], *hist[6:],
+                                  window=W, sinks=S, kind=kind, cache=one, backend="reference")
+    assert cache.pos.tolist() == before
+    poison_unwritten(*cache.tensors()[:5], before, W, S)
+    twin = make_cache()
+    for dst, src in zip(twin.tensors(), cache.tensors()):
+        dst.copy_(src)
+    out = ahn_ops.ahn_attention(*new, window=W, sinks=S, kind=kind, cache=cache, backend="kernel")
+    r = ahn_ops.ahn_attention(*new, window=W, sinks=S, kind=kind, cache=twin, backend="reference")
+    lp_cache = make_cache()
+    for dst, src in zip(lp_cache.tensors(), twin.tensors()):
+        dst.copy_(src)
+    lp = ref.ahn_prefill_cache_ref(*new, *lp_cache.tensors(), W, S, kind, dtype=torch.bfloat16)
+    _check(f"{kind}-cache-call", out, r, lp)
+    names = ("sink_k", "sink_v", "ring_k", "ring_v", "gates", "state", "pos")
+    for name, x, y in zip(names, cache.tensors(), twin.tensors()):
+        if name == "state":
+            _check(f"{kind}-cache-state", x, y, lp_cache.state)
+        elif name == "gates":
+            torch.testing.assert_close(x, y, rtol=1e-6, atol=1e-6, equal_nan=True)
+        else:  # copies of the new k / v rows, positions: exact, the untouched NaN rows included
+            assert torch.equal(x.nan_to_num(7.0), y.nan_to_num(7.0)), f"cache.{name} differs"
 
 
 def test_opcheck_prefill_fwd():

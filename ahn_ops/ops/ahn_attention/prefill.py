@@ -463,6 +463,113 @@ def _mamba2_norm_kernel(
         tl.store(out + p_o, (b_o + b_r[:, None] * b_y).to(out.dtype.element_ty), mask=m_m[:, None])
 
 
+@triton.jit
+def _copy_rows(src_ring, src_sink, src_new, dst, o_ring, o_sink, o_new, o_dst, m_ring, m_sink, m_new, m_r,
+               o_x, m_x, RW: tl.constexpr, SINK: tl.constexpr):
+    # dst rows = ring rows where m_ring, sink rows where m_sink (if SINK), new rows where m_new, 0 elsewhere
+    # (RW elements per row); the masks are disjoint, so the masked loads add up to one of them
+    b_x = tl.load(src_ring + o_ring[:, None] * RW + o_x[None, :], mask=m_ring[:, None] & m_x[None, :], other=0.)
+    if SINK:
+        b_x += tl.load(src_sink + o_sink[:, None] * RW + o_x[None, :], mask=m_sink[:, None] & m_x[None, :], other=0.)
+    b_x += tl.load(src_new + o_new[:, None] * RW + o_x[None, :], mask=m_new[:, None] & m_x[None, :], other=0.)
+    tl.store(dst + o_dst[:, None] * RW + o_x[None, :], b_x, mask=m_r[:, None] & m_x[None, :])
+
+
+@triton.jit
+def _cache_gather_kernel(
+    # pointers
+    k, v, gn, sink_k, sink_v, ring_k, ring_v, gates, pos, kx, vx, gx, seq,
+    # sizes
+    T, W, S, NC, KD: tl.constexpr, HG: tl.constexpr,
+    # meta
+    BR: tl.constexpr, BKD: tl.constexpr, BG: tl.constexpr,
+):
+    """The cache path's key stream of sequence ``i_b`` (position ``P = pos[i_b]``, read on the device).
+
+    ``W + T`` rows per sequence: row ``r < W`` holds position ``P - W + r`` (the ring tail: a sink from
+    the sink buffer, a later position from ring slot ``(p - S) % W``, a position < 0 zeros, never read),
+    rows ``W ..`` the new tokens. ``gx``: the same rows' stored ``(g, beta)`` (``HG = 2 H`` floats; 0 for
+    sinks and positions < 0). Programs ``(0, b)`` also write row ``b`` of the launch table ``seq``
+    (``bos, T, P, kx_bos, kpos0, sink_bos, chunk offset, 0``): no host sync on ``pos``.
+    """
+    i_r, i_b = tl.program_id(0), tl.program_id(1)
+    P = tl.load(pos + i_b)
+    o_r = i_r * BR + tl.arange(0, BR)
+    m_r = o_r < W + T
+    c = P - W + o_r  # positions of the tail rows
+    m_tail = o_r < W
+    m_ring = m_tail & (c >= S)
+    m_sink = m_tail & (c >= 0) & (c < S)
+    m_new = m_r & (o_r >= W)
+    o_ring = i_b * W + tl.where(m_ring, (c - S) % W, 0)
+    o_sink = i_b * S + tl.where(m_sink, c, 0)
+    # int64 row offsets: B (W + T) rows times HKV D elements pass 2^31 at long prompts
+    o_new = (i_b * T + tl.where(m_new, o_r - W, 0)).to(tl.int64)
+    o_dst = (i_b * (W + T) + o_r).to(tl.int64)
+    o_x = tl.arange(0, BKD)
+    m_x = o_x < KD
+    _copy_rows(ring_k, sink_k, k, kx, o_ring, o_sink, o_new, o_dst, m_ring, m_sink, m_new, m_r, o_x, m_x, KD, True)
+    _copy_rows(ring_v, sink_v, v, vx, o_ring, o_sink, o_new, o_dst, m_ring, m_sink, m_new, m_r, o_x, m_x, KD, True)
+    o_g = tl.arange(0, BG)
+    m_g = o_g < HG
+    _copy_rows(gates, gates, gn, gx, o_ring, o_sink, o_new, o_dst, m_ring, m_sink, m_new, m_r, o_g, m_g, HG,
+               False)
+    if i_r == 0:
+        # the key stream holds position p at row kx_bos + p - kpos0 (kpos0 = max(0, P - W): the first
+        # position any new query or the memory reads)
+        kp0 = tl.maximum(P - W, 0)
+        o_8 = tl.arange(0, 8)
+        b_row = tl.where(o_8 == 0, i_b * T, 0) + tl.where(o_8 == 1, T, 0) + tl.where(o_8 == 2, P, 0)
+        b_row += tl.where(o_8 == 3, i_b * (W + T) + kp0 - P + W, 0) + tl.where(o_8 == 4, kp0, 0)
+        b_row += tl.where(o_8 == 5, i_b * S, 0) + tl.where(o_8 == 6, i_b * NC, 0)
+        tl.store(seq + i_b * 8 + o_8, b_row.to(tl.int32))
+
+
+@triton.jit
+def _put_rows(src, d_sink, d_ring, o_src, o_sink, o_ring, m_sink, m_ring, o_x, m_x, RW: tl.constexpr):
+    # source rows o_src to sink rows (m_sink) or ring rows (m_ring), RW elements per row
+    b_x = tl.load(src + o_src[:, None] * RW + o_x[None, :], mask=(m_sink | m_ring)[:, None] & m_x[None, :], other=0.)
+    tl.store(d_sink + o_sink[:, None] * RW + o_x[None, :], b_x, mask=m_sink[:, None] & m_x[None, :])
+    tl.store(d_ring + o_ring[:, None] * RW + o_x[None, :], b_x, mask=m_ring[:, None] & m_x[None, :])
+
+
+@triton.jit
+def _cache_scatter_kernel(
+    # pointers
+    k, v, gn, sink_k, sink_v, ring_k, ring_v, gates, pos,
+    # sizes
+    T, W, S, N1, KD: tl.constexpr, HG: tl.constexpr,
+    # meta
+    BR: tl.constexpr, BKD: tl.constexpr, BG: tl.constexpr,
+):
+    """The cache's new contents from the ``T`` new tokens of sequence ``i_b`` (after every read of the old).
+
+    Programs ``< N1`` cover new tokens ``0 .. min(T, S) - 1`` (those at positions ``< S`` go to the sink
+    buffer), the rest the last ``min(T, W)`` tokens (positions ``>= S`` go to ring slot ``(p - S) % W``
+    with their gates): distinct rows, so no two writes meet.
+    """
+    i_r, i_b = tl.program_id(0), tl.program_id(1)
+    P = tl.load(pos + i_b)
+    first = i_r < N1
+    t0 = tl.where(first, i_r * BR, tl.maximum(T - W, 0) + (i_r - N1) * BR)
+    o_t = t0 + tl.arange(0, BR)
+    c = P + o_t
+    m_t = o_t < T
+    m_sink = first & m_t & (c < S)
+    m_ring = (i_r >= N1) & m_t & (c >= S)
+    o_src = (i_b * T + o_t).to(tl.int64)
+    o_ring = i_b * W + tl.where(m_ring, (c - S) % W, 0)
+    o_sink = i_b * S + tl.where(m_sink, c, 0)
+    o_x = tl.arange(0, BKD)
+    m_x = o_x < KD
+    _put_rows(k, sink_k, ring_k, o_src, o_sink, o_ring, m_sink, m_ring, o_x, m_x, KD)
+    _put_rows(v, sink_v, ring_v, o_src, o_sink, o_ring, m_sink, m_ring, o_x, m_x, KD)
+    o_g = tl.arange(0, BG)
+    m_g = o_g < HG
+    b_g = tl.load(gn + o_src[:, None] * HG + o_g[None, :], mask=m_ring[:, None] & m_g[None, :], other=0.)
+    tl.store(gates + o_ring[:, None] * HG + o_g[None, :], b_g, mask=m_ring[:, None] & m_g[None, :])
+
+
 # ---------------------------------------------------------------------------------------------
 # launchers (allocate, grid, keyword launch; no autograd)
 # ---------------------------------------------------------------------------------------------
@@ -659,66 +766,55 @@ def prefill_cache_fwd(q, k, v, a, b, z, A_log, dt_bias, norm_weight, o_weight,
                       sink_k, sink_v, ring_k, ring_v, gates, state, pos, window: int, sinks: int, kind: str):
     """Prefill ``T`` new tokens per sequence on an AHN cache with kernels; updates the cache in place.
 
-    Same semantics as ``reference.ahn_prefill_cache_ref``. The ring tail (positions
-    ``max(0, P - W) .. P - 1``) is gathered in front of the new tokens into one key stream per
-    sequence; the kernels then run as for a prefill with start position ``P``, initial state
-    ``cache.state``, and return the final state. Returns ``[B, T, H, D]`` in q.dtype.
+    Same semantics as ``reference.ahn_prefill_cache_ref``. Each sequence's key stream is its whole ring
+    tail (positions ``P - W .. P - 1``, gathered by ``_cache_gather_kernel`` with ``P`` read on the
+    device) followed by its new tokens; the kernels then run as for a prefill with start position ``P``,
+    initial state ``cache.state``, and return the final state. No host sync: the positions never leave
+    the device (a ``pos.tolist()`` here idled the GPU ~3 ms per layer of a 131k prefill, H200), so a
+    model's layers queue up back to back. Positions must stay below 2^31 (int32 launch tables).
+    Returns ``[B, T, H, D]`` in q.dtype.
     """
     from .reference import memory_gates_ref
 
     B, T, H, D = q.shape
     HKV = k.shape[2]
     W, S = window, sinks
+    KD, HG = HKV * D, 2 * H
     dev = q.device
-    P = [int(p) for p in pos.tolist()]
+    # the kernels index the cache rows densely; a strided view is served through a contiguous copy
+    cache = [sink_k, sink_v, ring_k, ring_v, gates]
+    work = [t if t.is_contiguous() else t.contiguous() for t in cache]
+    wsk, wsv, wrk, wrv, wg = work
+    pc = pos.contiguous()
     g_new, w_new = memory_gates_ref(a, b, A_log, dt_bias, kind, torch.float32)  # [B, T, H]
-    kxs, vxs, gxs, kx_bos, kpos0 = [], [], [], [], []
-    row = 0
-    for bi in range(B):
-        p0 = max(0, P[bi] - W)
-        cpos = torch.arange(p0, P[bi], device=dev)
-        # cached positions < S are sinks (read from the sink buffer), later ones from the ring
-        in_ring = cpos >= S
-        slot = torch.where(in_ring, (cpos - S) % W, 0)
-        sidx = torch.where(in_ring, 0, cpos).clamp_max(max(S - 1, 0))
-        rk = torch.where(in_ring[:, None, None], ring_k[bi, slot], sink_k[bi, sidx] if S else ring_k[bi, slot])
-        rv = torch.where(in_ring[:, None, None], ring_v[bi, slot], sink_v[bi, sidx] if S else ring_v[bi, slot])
-        rg = torch.where(in_ring[:, None, None], gates[bi, slot], 0.)
-        kxs += [rk, k[bi]]
-        vxs += [rv, v[bi]]
-        gxs += [rg, torch.stack([g_new[bi], w_new[bi]], -1)]
-        kx_bos.append(row)
-        kpos0.append(p0)
-        row += len(cpos) + T
-    kx = torch.cat(kxs)[None].contiguous()
-    vx = torch.cat(vxs)[None].contiguous()
-    gx = torch.cat(gxs).float().contiguous()
-    seq, chunks, NT = _seq_tables([T] * B, P, kx_bos, kpos0, [bi * S for bi in range(B)], dev)
-    # the new tokens that are sinks go into the sink buffer first (rows P .. S-1: nothing reads them as
-    # old contents), so that the kernel reads every sink from there
-    for bi in range(B):
-        Pb = P[bi]
-        n_s = max(0, min(S, Pb + T) - Pb)
-        if n_s:
-            sink_k[bi, Pb:Pb + n_s] = k[bi, :n_s]
-            sink_v[bi, Pb:Pb + n_s] = v[bi, :n_s]
-    sk = sink_k.reshape(1, B * S, HKV, D).contiguous() if S else kx
-    sv = sink_v.reshape(1, B * S, HKV, D).contiguous() if S else vx
+    gn = torch.stack([g_new, w_new], -1).contiguous()  # [B, T, H, 2], the ring's gate layout
+    kc, vc = k.contiguous(), v.contiguous()
+    kx = empty(1, B * (W + T), HKV, D, dtype=k.dtype, device=dev)
+    vx = empty(1, B * (W + T), HKV, D, dtype=k.dtype, device=dev)
+    gx = empty(B * (W + T), H, 2, dtype=torch.float32, device=dev)
+    seq = empty(B, 8, dtype=torch.int32, device=dev)
+    chunks, NT = _row_blocks([T] * B, BT, dev)
+    BR, BKD, BG = 16, triton.next_power_of_2(KD), triton.next_power_of_2(HG)
+    # S = 0: the (empty) sink buffer is never read; any valid pointer stands in for it
+    psk, psv = (wsk, wsv) if S else (kc, vc)
+    _cache_gather_kernel[(triton.cdiv(W + T, BR), B)](
+        k=kc, v=vc, gn=gn, sink_k=psk, sink_v=psv, ring_k=wrk, ring_v=wrv, gates=wg, pos=pc, kx=kx, vx=vx, gx=gx,
+        seq=seq, T=T, W=W, S=S, NC=triton.cdiv(T, BT), KD=KD, HG=HG, BR=BR, BKD=BKD, BG=BG, num_warps=4)
+    # new contents after the gather's reads: new sinks must be in the sink buffer before the attention
+    # kernel (it reads every sink from there); the ring is only read through the gathered copy
+    N1 = triton.cdiv(min(T, S), BR)
+    _cache_scatter_kernel[(N1 + triton.cdiv(min(T, W), BR), B)](
+        k=kc, v=vc, gn=gn, sink_k=psk, sink_v=psv, ring_k=wrk, ring_v=wrv, gates=wg, pos=pc,
+        T=T, W=W, S=S, N1=N1, KD=KD, HG=HG, BR=BR, BKD=BKD, BG=BG, num_warps=4)
+    sk = wsk.reshape(1, B * S, HKV, D) if S else kx
+    sv = wsv.reshape(1, B * S, HKV, D) if S else vx
     # inference: no backward, so no lse store
     out, ht, _ = _launch(q.reshape(1, B * T, H, D).contiguous(), kx, vx, sk, sv, None, None, gx,
                          z.reshape(1, B * T, H), A_log, dt_bias, norm_weight, o_weight, W, S, kind,
                          seq, chunks, NT, B, state, True, lens=[T] * B)
-    # the rest of the cache update, after every read (same as the reference)
-    for bi in range(B):
-        Pb = P[bi]
-        ti = torch.arange(T, device=dev)
-        keep = ti[(Pb + ti) >= S][-W:]
-        if keep.numel():
-            sl = (Pb + keep - S) % W
-            ring_k[bi, sl] = k[bi, keep]
-            ring_v[bi, sl] = v[bi, keep]
-            gates[bi, sl, :, 0] = g_new[bi, keep]
-            gates[bi, sl, :, 1] = w_new[bi, keep]
+    for t, w in zip(cache, work):
+        if w is not t:
+            t.copy_(w)
     state.copy_(ht)
     pos.add_(T)
     return out.view(B, T, H, D)
