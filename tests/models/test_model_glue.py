@@ -95,6 +95,32 @@ def test_rope_qk(dt, B, H, HKV, D):
 
 
 @pytest.mark.parametrize("dt", DTYPES, ids=str)
+@pytest.mark.parametrize("B,T,H,HKV,D,cos_b", [(2, 37, 6, 2, 64, 2), (1, 16, 8, 1, 128, 1), (3, 5, 2, 2, 32, 1)],
+                         ids=["B2-T37-G3-D64", "B1-T16-G8-D128", "B3-T5-G1-D32-cos1"])
+def test_rope_prefill(dt, B, T, H, HKV, D, cos_b):
+    """The prefill RoPE (token blocks x all heads, one launch) == the adapter's torch code, odd T (masked
+    last block), cos/sin per sequence or shared ([1, T, D], stride 0 over B)."""
+    g = torch.Generator().manual_seed(T * H + D)
+    q = torch.randn(B, T, H, D, generator=g).to(dt).to(DEV)
+    k = torch.randn(B, T, HKV, D, generator=g).to(dt).to(DEV)
+    ang = torch.rand(cos_b, T, D // 2, generator=g) * 50
+    emb = torch.cat([ang, ang], -1)
+    cos, sin = emb.cos().to(dt).to(DEV), emb.sin().to(dt).to(DEV)
+    qo, ko = glue.rope_prefill(q, k, cos, sin)
+    qr, kr = _rope(q, k, cos, sin)
+    assert qo.is_contiguous() and ko.is_contiguous() and qo.shape == q.shape and ko.shape == k.shape
+    if DEV == "cpu" and dt != torch.bfloat16:  # interpreter: every rounding step as torch's, bit-equal
+        assert torch.equal(qo, qr) and torch.equal(ko, kr)
+    else:
+        _close_ulp(qo.flatten(2), qr.flatten(2), dt, frac_exact=0.5, row_scale=True)
+        _close_ulp(ko.flatten(2), kr.flatten(2), dt, frac_exact=0.5, row_scale=True)
+    with pytest.raises(ValueError, match="k must be"):
+        glue.rope_prefill(q, k[:, :-1], cos, sin)
+    with pytest.raises(ValueError, match="cos must be"):
+        glue.rope_prefill(q, k, cos[:, :-1], sin)
+
+
+@pytest.mark.parametrize("dt", DTYPES, ids=str)
 def test_silu_mul(dt):
     g = torch.Generator().manual_seed(7)
     a = (torch.randn(3, 1, 1500, generator=g) * 4).to(dt).to(DEV)

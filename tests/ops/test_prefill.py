@@ -104,9 +104,15 @@ def test_prefill_batch_and_final_state():
 
 
 @pytest.mark.usefixtures("fwd_rows")
-def test_prefill_initial_state():
+@pytest.mark.parametrize("kind,T,W,S", [
+    pytest.param("gdn", 100, 30, 2, id="gdn-T100-W30-S2"),
+    # S + W >= 2 chunks: the first chunks read h0 only (the state pass's zero chunks with an initial state)
+    pytest.param("gdn", 300, 130, 2, id="gdn-T300-W130-S2"),
+    pytest.param("dn", 200, 64, 70, id="dn-T200-W64-S70"),
+])
+def test_prefill_initial_state(kind, T, W, S):
     # initial state = the state before token S (memory_readout_ref's convention)
-    kind, T, W, S, H, HKV, D = "gdn", 100, 30, 2, 2, 1, 64
+    H, HKV, D = 2, 1, 64
     q, k, v, a, b, z, A_log, dt_bias, nw, ow = make_inputs(kind, 1, T, H, HKV, D, torch.bfloat16, device=DEV, seed=3)
     h0 = torch.randn(1, H, D, D, device=DEV) * 0.1
     out, ht, _ = torch.ops.ahn.prefill_fwd(q, k, v, a, b, z, A_log, dt_bias, nw, ow, W, S, kind, None, h0, True) \
@@ -120,8 +126,8 @@ def test_prefill_initial_state():
 
     r, st = full(torch.float32)
     lp, st_lp = full(torch.bfloat16)
-    _check("gdn-h0-out", out, r, lp)
-    _check("gdn-h0-final-state", ht, st, st_lp)
+    _check(f"{kind}-h0-out", out, r, lp)
+    _check(f"{kind}-h0-final-state", ht, st, st_lp)
 
 
 @pytest.mark.usefixtures("fwd_rows")
@@ -183,6 +189,9 @@ def test_chunked_prefill_on_cache(kind, W, S, splits):
     pytest.param("gdn", 16, 5, 37, [0, 9, 60], False, id="gdn-W16-S5-T37-P0+9+60"),
     pytest.param("dn", 24, 6, 3, [0, 4, 50], True, id="dn-W24-S6-T3-P0+4+50-strided"),
     pytest.param("mamba2", 20, 0, 45, [0, 7, 33], True, id="mamba2-W20-S0-T45-P0+7+33-strided"),
+    # S + W - P >= 64: whole chunks before the first memory token (the prep/state passes' zero chunks)
+    pytest.param("gdn", 100, 4, 150, [0, 30, 131], False, id="gdn-W100-S4-T150-P0+30+131"),
+    pytest.param("mamba2", 130, 2, 140, [0, 3, 200], False, id="mamba2-W130-S2-T140-P0+3+200"),
 ])
 def test_prefill_cache_updates_like_reference(kind, W, S, T, before, strided):
     """One cache-path call on sequences at different positions (empty, inside the first window, ring

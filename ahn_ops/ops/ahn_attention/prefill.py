@@ -169,23 +169,39 @@ def _prep_kernel(
     m_act = m_i & (pos >= S)
     o_row = kxb + tl.where(m_act, pos - kp0, 0)
 
-    b_k = tl.load(kx + (o_row * HKV + i_h // G)[:, None] * D + o_d[None, :], mask=m_act[:, None], other=0.)
-    b_v = tl.load(vx + (o_row * HKV + i_h // G)[:, None] * D + o_d[None, :], mask=m_act[:, None], other=0.)
-    b_kn = _norm_rows(b_k.to(tl.float32), MAMBA2)  # [BT, D]
-    b_g, b_beta = _load_gates(a, b, gx, A_log, dt_bias, o_row, m_act, i_h, H, GATES)
-    b_gc = tl.cumsum(b_g, 0)  # [BT] in-chunk cumulative log-decay (0 for DN)
     o_q = bos + o_i
-    if MAMBA2:
-        # no delta correction: no inverse, w = 0 (not stored), and the new values are u = dt v
-        b_u = b_v.to(tl.float32) * b_beta[:, None]  # [BT, D]
+    # chunks before the first element that absorbs a token (positions < S + W - P) are all zeros: store
+    # them without loads or the WY inverse (a quarter of the chunks of a 131k prefill at W = 32640). The
+    # backward's recompute (STORE_X) also stores the inverse, so it keeps the full path
+    if STORE_X:
+        n_zero = 0
     else:
-        b_u = _wy_prep(b_kn, b_v, b_k, b_beta, b_gc, w, xs, o_q, o_t, o_d, i_h, m_i, H, D, BT, STORE_X)
-    # the state pass adds kn^T (v_new * exp(g_last - gc)): store its decayed keys once here
-    b_glast = tl.sum(tl.where(o_i == tl.minimum(i_b * BT + BT, T) - 1, b_gc, 0.), 0)
-    b_kd = b_kn * tl.exp(tl.where(m_act, b_glast - b_gc, 0.))[:, None]
-    tl.store(kd + (o_q * H + i_h)[:, None] * D + o_d[None, :], b_kd.to(kd.dtype.element_ty), mask=m_i[:, None])
-    tl.store(gc + o_q * H + i_h, b_gc, mask=m_i)
-    tl.store(u + (o_q * H + i_h)[:, None] * D + o_d[None, :], b_u.to(u.dtype.element_ty), mask=m_i[:, None])
+        n_zero = tl.maximum(S + W - P, 0) // BT
+    if i_b < n_zero:
+        b_z = tl.zeros([BT, D], dtype=tl.float32)
+        p_x = (o_q * H + i_h)[:, None] * D + o_d[None, :]
+        tl.store(kd + p_x, b_z.to(kd.dtype.element_ty), mask=m_i[:, None])
+        tl.store(u + p_x, b_z.to(u.dtype.element_ty), mask=m_i[:, None])
+        if not MAMBA2:
+            tl.store(w + p_x, b_z.to(w.dtype.element_ty), mask=m_i[:, None])
+        tl.store(gc + o_q * H + i_h, tl.zeros([BT], dtype=tl.float32), mask=m_i)
+    else:
+        b_k = tl.load(kx + (o_row * HKV + i_h // G)[:, None] * D + o_d[None, :], mask=m_act[:, None], other=0.)
+        b_v = tl.load(vx + (o_row * HKV + i_h // G)[:, None] * D + o_d[None, :], mask=m_act[:, None], other=0.)
+        b_kn = _norm_rows(b_k.to(tl.float32), MAMBA2)  # [BT, D]
+        b_g, b_beta = _load_gates(a, b, gx, A_log, dt_bias, o_row, m_act, i_h, H, GATES)
+        b_gc = tl.cumsum(b_g, 0)  # [BT] in-chunk cumulative log-decay (0 for DN)
+        if MAMBA2:
+            # no delta correction: no inverse, w = 0 (not stored), and the new values are u = dt v
+            b_u = b_v.to(tl.float32) * b_beta[:, None]  # [BT, D]
+        else:
+            b_u = _wy_prep(b_kn, b_v, b_k, b_beta, b_gc, w, xs, o_q, o_t, o_d, i_h, m_i, H, D, BT, STORE_X)
+        # the state pass adds kn^T (v_new * exp(g_last - gc)): store its decayed keys once here
+        b_glast = tl.sum(tl.where(o_i == tl.minimum(i_b * BT + BT, T) - 1, b_gc, 0.), 0)
+        b_kd = b_kn * tl.exp(tl.where(m_act, b_glast - b_gc, 0.))[:, None]
+        tl.store(kd + (o_q * H + i_h)[:, None] * D + o_d[None, :], b_kd.to(kd.dtype.element_ty), mask=m_i[:, None])
+        tl.store(gc + o_q * H + i_h, b_gc, mask=m_i)
+        tl.store(u + (o_q * H + i_h)[:, None] * D + o_d[None, :], b_u.to(u.dtype.element_ty), mask=m_i[:, None])
 
 
 @triton.jit
@@ -207,12 +223,20 @@ def _state_kernel(
     o_t = tl.arange(0, BT)
     o_d = tl.arange(0, D)
     o_v = i_v * BV + tl.arange(0, BV)
-    # chunks before the first element with a memory token leave a zero state unchanged
+    # chunks before the first element with a memory token leave the state unchanged: without an initial
+    # state nothing reads their (zero) states; with one, their states are h0 and their v_new rows 0
+    # (u = w = 0 there: the prep pass's zero chunks), stored without loads or products
+    c0 = tl.minimum(tl.maximum(S + W - P, 0) // BT, NT)
     if USE_H0:
-        c0 = 0
         b_h = tl.load(h0 + ((i_n * H + i_h) * D + o_d[:, None]) * D + o_v[None, :]).to(tl.float32)
+        for i_c in range(0, c0):
+            p_hs = hs + (((coff + i_c) * H + i_h) * D + o_d[:, None]) * D + o_v[None, :]
+            tl.store(p_hs, b_h.to(hs.dtype.element_ty))
+            if not MAMBA2:
+                o_q = bos + i_c * BT + o_t
+                tl.store(vnew + (o_q * H + i_h)[:, None] * D + o_v[None, :],
+                         tl.zeros([BT, BV], dtype=vnew.dtype.element_ty), mask=(i_c * BT + o_t < T)[:, None])
     else:
-        c0 = tl.maximum(S + W - P, 0) // BT
         b_h = tl.zeros([D, BV], dtype=tl.float32)
     for i_c in range(c0, NT):
         tl.store(hs + (((coff + i_c) * H + i_h) * D + o_d[:, None]) * D + o_v[None, :], b_h.to(hs.dtype.element_ty))
