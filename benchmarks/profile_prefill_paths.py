@@ -8,7 +8,8 @@ The same inputs (Qwen2.5-3B heads: H=16, HKV=2, D=128, bf16, B=1) through
     ``torch.ops.ahn.prefill_cache``, what a model's prefill before generation runs;
   * ``prefill_fwd`` with an initial state and the final state returned (the cache path's
     USE_H0 / STORE_HT variants without its cache bookkeeping).
-Each is profiled over two calls (torch.profiler, CUDA activities) after a warm-up; prints the device
+Then the AHN attention's RoPE at the same T: the torch code against ``model_glue.rope_prefill``.
+Each path is profiled over two calls (torch.profiler, CUDA activities) after a warm-up; prints the device
 time per call and the top kernels. The two entry points should cost the same kernel time: a
 difference points at a kernel variant (constexpr branch) of one path only.
 """
@@ -80,6 +81,27 @@ def main():
     print("\n| path | device ms per call |\n|---|---|")
     for name, total in rows:
         print(f"| {name} | {total:.2f} |")
+    rope_table(T, H, HKV, D)
+
+
+def rope_table(T, H, HKV, D):
+    """The AHN attention's RoPE at this T: the torch code (``models.qwen2._rope``) vs ``rope_prefill``."""
+    import triton
+
+    from ahn_ops.models.qwen2 import _rope
+    from ahn_ops.ops.model_glue import rope_prefill
+
+    g = torch.Generator(device="cuda").manual_seed(0)
+    q = torch.randn(1, T, H, D, device="cuda", generator=g).bfloat16()
+    k = torch.randn(1, T, HKV, D, device="cuda", generator=g).bfloat16()
+    ang = torch.rand(1, T, D // 2, device="cuda", generator=g) * 100
+    emb = torch.cat([ang, ang], -1)
+    cos, sin = emb.cos().bfloat16(), emb.sin().bfloat16()
+    t_torch = triton.testing.do_bench(lambda: _rope(q, k, cos, sin), return_mode="median")
+    t_fused = triton.testing.do_bench(lambda: rope_prefill(q, k, cos, sin), return_mode="median")
+    same = (rope_prefill(q, k, cos, sin)[0] == _rope(q, k, cos, sin)[0]).float().mean().item()
+    print(f"\n| RoPE, q [1, {T}, {H}, {D}] + k | torch code | rope_prefill | q values bit-equal |\n|---|---|---|---|")
+    print(f"| ms (do_bench median) | {t_torch:.3f} | {t_fused:.3f} | {100 * same:.1f}% |")
 
 
 if __name__ == "__main__":
