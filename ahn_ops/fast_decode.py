@@ -185,14 +185,20 @@ class StaticDecoder:
         do_sample, temperature, top_k, top_p, generator: token choice (greedy by default).
         fuse_glue: fused Triton glue (see :func:`generate`); None = on for CUDA models it fits.
         fuse_linear: projections with their neighbours fused (see :func:`generate`); None = on with
-            ``fuse_glue`` on Hopper GPUs at ``B <= 2`` (True: any GPU, batches ``decode_linear.supports``).
+            ``fuse_glue`` on Hopper GPUs at ``B <= 2``, and at ``B <= 16`` in bf16/fp16 (True: any GPU,
+            batches ``decode_linear.supports``).
+        fuse_gate_up: with ``fuse_linear``, whether the MLP's RMSNorm + gate/up + SiLU*up is one fused
+            projection too; None = at ``B <= 2`` only (from batch 3 on the fused gate/up streams its
+            weights slower than cuBLAS, so there it runs as RMSNorm, two cuBLAS products and SiLU*up,
+            while q/k/v/gates, o_proj and down_proj stay fused).
     """
 
     def __init__(self, model, cache, attention_mask: Optional[torch.Tensor], prompt_len: int,
                  max_new_tokens: int, eos_token_ids: Sequence[int] = (), pad_token_id: int = 0,
                  do_sample: bool = False, temperature: float = 1.0, top_k: Optional[int] = None,
                  top_p: Optional[float] = None, generator: Optional[torch.Generator] = None,
-                 fuse_glue: Optional[bool] = None, fuse_linear: Optional[bool] = None):
+                 fuse_glue: Optional[bool] = None, fuse_linear: Optional[bool] = None,
+                 fuse_gate_up: Optional[bool] = None):
         from .ops.ahn_attention.interface import _has_op_kernel
 
         self.model, self.base, self.info = _unwrap(model)
@@ -278,16 +284,21 @@ class StaticDecoder:
 
         head_dim = self.base.layers[0].self_attn.head_dim
         lin_ok = self.fuse_glue and dl.supports(B, self.dtype, head_dim) and _linear_supported(self.base, self.dtype)
-        if fuse_linear is None:  # H200 (2026-12-02), per layer vs cuBLAS + glue: 1.37x at B=1, 1.16x at B=2,
-            # 0.89x at B=4 (broadcast products), 0.92x at B=8 (tensor cores); tile configs tuned there: auto-on
-            # on Hopper (sm_90) at B <= 2 only
-            fuse_linear = (lin_ok and self.device.type == "cuda" and B <= 2
+        if fuse_linear is None:  # H200, per layer vs cuBLAS + glue: 1.37x at B=1, 1.16x at B=2 (2026-12-02); from
+            # B=3 on (tensor cores) only with the MLP's gate/up left to cuBLAS (fuse_gate_up below), whole 3B-shape
+            # step 4.17 / 5.48 / 7.90 vs 4.37 / 5.65 / 8.09 ms/token at B = 4 / 8 / 16 (2026-12-03); tile configs
+            # tuned there: auto-on on Hopper (sm_90) only, and from B=3 on in bf16/fp16 only (measured there)
+            fuse_linear = (lin_ok and self.device.type == "cuda"
+                           and (B <= 2 or self.dtype in (torch.bfloat16, torch.float16))
                            and torch.cuda.get_device_capability(self.device)[0] == 9)
         elif fuse_linear and not lin_ok:
             raise ValueError(f"fuse_linear=True needs fuse_glue, batch <= {dl.MAX_BATCH} in bf16/fp16 or <= "
                              f"{dl.MAX_BROADCAST_BATCH} in float32 (got {B} in {self.dtype}) and plain "
                              f"nn.Linear projections of {self.dtype}")
         self.fuse_linear = bool(fuse_linear)
+        if fuse_gate_up and not self.fuse_linear:
+            raise ValueError("fuse_gate_up=True needs fuse_linear")
+        self.fuse_gate_up = self.fuse_linear and (B <= 2 if fuse_gate_up is None else bool(fuse_gate_up))
 
     # ------------------------------------------------------------------ token choice
     def _choose(self, logits: torch.Tensor) -> torch.Tensor:
@@ -435,7 +446,8 @@ class StaticDecoder:
     def _forward_linear(self) -> torch.Tensor:
         """:meth:`_forward_glued` with the projections fused too (batches ``decode_linear.supports``): per
         AHN layer RMSNorm + q + k/v/gates + RoPE, the decode op, o_proj + residual, RMSNorm + gate/up +
-        SiLU*up, down_proj + residual: 6 launches instead of 12 (``ahn_ops/ops/decode_linear.py``)."""
+        SiLU*up, down_proj + residual: 6 launches instead of 12 (``ahn_ops/ops/decode_linear.py``); without
+        ``fuse_gate_up`` the MLP's RMSNorm, gate/up (cuBLAS) and SiLU*up are the glued step's kernels."""
         from .ops import decode_linear as dl
         from .ops import model_glue as glue
 
@@ -464,8 +476,12 @@ class StaticDecoder:
                 o = o.reshape(B, -1).contiguous()
             h = dl.linear_residual(o, attn.o_proj.weight, attn.o_proj.bias, h)
             ln, mlp = layer.post_attention_layernorm, layer.mlp
-            act = dl.norm_gate_up(h, ln.weight, ln.variance_epsilon, mlp.gate_proj.weight, mlp.up_proj.weight,
-                                  mlp.gate_proj.bias, mlp.up_proj.bias)
+            if self.fuse_gate_up:
+                act = dl.norm_gate_up(h, ln.weight, ln.variance_epsilon, mlp.gate_proj.weight, mlp.up_proj.weight,
+                                      mlp.gate_proj.bias, mlp.up_proj.bias)
+            else:
+                x, _ = glue.add_rms_norm(h, ln.weight, ln.variance_epsilon)
+                act = glue.silu_mul(mlp.gate_proj(x), mlp.up_proj(x))
             h = dl.linear_residual(act, mlp.down_proj.weight, mlp.down_proj.bias, h, role="down_proj")
         x, _ = glue.add_rms_norm(h, base.norm.weight, base.norm.variance_epsilon)
         return self._step_end(x)
@@ -534,7 +550,8 @@ def generate(model, input_ids: torch.Tensor, max_new_tokens: int, *, attention_m
              top_p: Optional[float] = None, prefill_chunk_size: Optional[int] = None,
              use_cuda_graph: Optional[bool] = None, generator: Optional[torch.Generator] = None,
              eos_check_every: int = 16, stats: Optional[dict] = None,
-             fuse_glue: Optional[bool] = None, fuse_linear: Optional[bool] = None) -> torch.LongTensor:
+             fuse_glue: Optional[bool] = None, fuse_linear: Optional[bool] = None,
+             fuse_gate_up: Optional[bool] = None) -> torch.LongTensor:
     """Generate with an AHN model: HF-compatible prefill, then a static decode step (a CUDA graph on GPU).
 
     Greedy decoding returns the same tokens as ``model.generate(input_ids, do_sample=False, ...)``
@@ -562,11 +579,15 @@ def generate(model, input_ids: torch.Tensor, max_new_tokens: int, *, attention_m
             (``ahn_ops/ops/model_glue.py``; same rounding steps as the modules, the RMSNorm's fp32
             sum order aside); False = the modules' own ops; True = required.
         fuse_linear: None = on with ``fuse_glue`` on Hopper (sm_90, where its tiles were tuned) at
-            batch 1 or 2: each layer's projections run as skinny Triton GEMVs with the RMSNorm, RoPE,
-            SiLU*up and residual adds inside them, 6 launches per AHN layer instead of 12
-            (``ahn_ops/ops/decode_linear.py``; per layer 1.37x / 1.16x faster than cuBLAS + glue at
-            batch 1 / 2 on an H200, 0.89x at batch 4); False = cuBLAS projections; True = required
-            (any GPU, batch <= 4, needs ``fuse_glue``).
+            batch 1 or 2, and at batch 3-16 in bf16/fp16: each layer's projections run as skinny Triton
+            GEMVs (tensor-core products from batch 3 on) with the RMSNorm, RoPE, SiLU*up and residual
+            adds inside them, 6 launches per AHN layer instead of 12 (``ahn_ops/ops/decode_linear.py``;
+            per layer 1.37x / 1.16x faster than cuBLAS + glue at batch 1 / 2 on an H200; from batch 3 on
+            the MLP's gate/up stays on cuBLAS, see ``fuse_gate_up``: whole step 3-5% faster at batch
+            4-16); False = cuBLAS projections; True = required (any GPU; batch <= 16 in bf16/fp16, <= 4
+            in float32; needs ``fuse_glue``).
+        fuse_gate_up: with ``fuse_linear``, the MLP's RMSNorm + gate/up + SiLU*up fused too; None = at
+            batch <= 2 only (see :class:`StaticDecoder`).
         stats: optional dict, filled with ``prefill_s``, ``decode_s`` (graph capture included),
             ``new_tokens``, ``cuda_graph`` and ``cache_nbytes`` (AHN cache + static full-attention
             K/V) (the device is synchronised at the boundaries).
@@ -640,7 +661,7 @@ def generate(model, input_ids: torch.Tensor, max_new_tokens: int, *, attention_m
     t1 = now()
     dec = StaticDecoder(model, cache, attention_mask, T, max_new_tokens, eos, pad_token_id, do_sample,
                         temperature, top_k, top_p, generator, fuse_glue=fuse_glue,
-                        fuse_linear=fuse_linear)
+                        fuse_linear=fuse_linear, fuse_gate_up=fuse_gate_up)
     if use_cuda_graph is None:
         use_cuda_graph = device.type == "cuda" and dec.all_fused
     elif use_cuda_graph and not dec.all_fused:

@@ -30,10 +30,12 @@ as a broadcast product summed over ``BK`` (``BM`` = the batch padded to a power 
 so that each SM has tens of KB of loads in flight). From batch 3 on in bf16/fp16 (up to
 :data:`MAX_BATCH`) on tensor cores: the two tiles as one ``[2 BN2, BK]`` operand times the
 activations' ``[BK, 16]`` (the batch zero-padded to :data:`MMA_BM` rows), where the broadcast product
-turned compute-bound (B=4: 80.5 us per layer vs cuBLAS + glue 71.9 on the H200). That path is correct
-but not yet faster than cuBLAS + glue at B=8 (H200, 2026-12-02: 80.7 vs 74.4 us per layer; its gate/up
-kernel streams at 47% of the copy bandwidth against cuBLAS's 72%, while q/k/v/gates with RMSNorm and
-RoPE beat cuBLAS alone, 11.3 vs 12.8 us), so ``StaticDecoder`` turns it on only when asked. Tile sizes per
+turned compute-bound (B=4: 80.5 us per layer vs cuBLAS + glue 71.9 on the H200). With every projection
+fused that path is not faster than cuBLAS + glue at B=8 (H200, 2026-12-02: 80.7 vs 74.4 us per layer):
+its gate/up kernel streams at 47% of the copy bandwidth against cuBLAS's 72%, while q/k/v/gates with
+RMSNorm and RoPE beat cuBLAS alone (11.3 vs 12.8 us). So from batch 3 on ``StaticDecoder`` fuses all but
+the MLP's gate/up (``fuse_gate_up``), which stays on cuBLAS: whole 3B-shape step 3-5% faster than
+cuBLAS + glue at B = 4, 8, 16 (H200, 2026-12-03). Tile sizes per
 (projection kind, BM) live in :data:`CONFIGS` (``benchmarks/bench_decode_linear.py`` sweeps them).
 
 Internal helpers of :class:`ahn_ops.fast_decode.StaticDecoder` (no autograd); inputs are 2-D

@@ -186,29 +186,41 @@ def test_tensor_core_path(dt, B, config):
 
 
 @pytest.mark.skipif(DEV != "cuda", reason="bf16 whole-model decode: GPU")
-def test_decoder_linear_tensor_cores_bf16():
-    # the fused step at B = 5 (tensor-core projections) in bf16: every token a best one of a full forward
+@pytest.mark.parametrize("gate_up", [None, True])
+def test_decoder_linear_tensor_cores_bf16(gate_up):
+    # the fused step at B = 5 (tensor-core projections; the MLP's gate/up on cuBLAS unless asked) in bf16:
+    # every token a best one of a full forward
+    from ahn_ops import fast_decode as gen
     from tests.models.test_generate_fast import assert_greedy_of_full_forward
 
     model = patched("gdn", window=9, sinks=4, hidden=256, heads=4, kv_heads=2).to(DEV, torch.bfloat16)
     x = torch.randint(0, VOCAB, (5, 21), generator=torch.Generator().manual_seed(4)).to(DEV)
-    fused = ahn_ops.generate(model, x, 6, use_cuda_graph=False, fuse_glue=True, fuse_linear=True)
+    fused = ahn_ops.generate(model, x, 6, use_cuda_graph=False, fuse_glue=True, fuse_linear=True,
+                             fuse_gate_up=gate_up)
     assert_greedy_of_full_forward(model, x, fused)
+    if gate_up is None and torch.cuda.get_device_capability()[0] == 9:  # the default on Hopper from B = 3 on
+        logits, cache = gen.prefill(model, x)
+        dec = gen.StaticDecoder(model, cache, None, x.shape[1], 4)
+        assert dec.fuse_linear and not dec.fuse_gate_up
 
 
-@pytest.mark.parametrize("kind", ["gdn", "dn", "mamba2"])
-def test_decoder_linear_equals_plain_step(kind):
+@pytest.mark.parametrize("kind,gate_up", [("gdn", None), ("gdn", True), ("dn", None), ("mamba2", True)])
+def test_decoder_linear_equals_plain_step(kind, gate_up):
     # a full-attention layer (RMSNorm kernel + its own projections) and left padding, batch 3 (padded
-    # to 4 rows in the kernels): every branch of the fused-projection step
+    # to 4 rows in the kernels): every branch of the fused-projection step, the MLP's gate/up through
+    # cuBLAS (the default from batch 3 on) or fused
     from ahn_ops import fast_decode as gen
 
     model, x = decoder_matches_plain_step(kind, 3, 6, 5, with_unmasked=kind == "gdn", fuse_glue=True,
-                                          fuse_linear=True)
+                                          fuse_linear=True, fuse_gate_up=gate_up)
     logits, cache = gen.prefill(model, x)
-    dec = gen.StaticDecoder(model, cache, None, x.shape[1], 4, fuse_glue=True, fuse_linear=True)
-    assert dec.fuse_linear
+    dec = gen.StaticDecoder(model, cache, None, x.shape[1], 4, fuse_glue=True, fuse_linear=True,
+                            fuse_gate_up=gate_up)
+    assert dec.fuse_linear and dec.fuse_gate_up == bool(gate_up)
     with pytest.raises(ValueError, match="fuse_linear=True needs"):
         gen.StaticDecoder(model, cache, None, x.shape[1], 4, fuse_glue=False, fuse_linear=True)
+    with pytest.raises(ValueError, match="fuse_gate_up=True needs fuse_linear"):
+        gen.StaticDecoder(model, cache, None, x.shape[1], 4, fuse_glue=True, fuse_linear=False, fuse_gate_up=True)
 
 
 def test_decoder_linear_auto_off_for_large_batches():
