@@ -27,6 +27,10 @@ step replayed as a CUDA graph; eager on CPU), and the floor
                    (min(T, W) x H x 2 fp32), the fp32 state read and written (2 x H x D x D x 4);
                    per full-attention layer: K+V of T tokens
     copy bandwidth = 2 x bytes / time of ``dst.copy_(src)`` on 1 GiB (read + write), same run.
+
+With ``--base-decode`` the unpatched model (SDPA + DynamicCache, HF forward per token: how it runs in
+``model.generate``) is timed at the same contexts and batches first, and the table adds its ms/token,
+its own floor (weights + K/V of all T tokens in every layer) and the fast path's tokens/s over it.
 """
 
 from __future__ import annotations
@@ -179,27 +183,57 @@ def time_fast(model, T, B, steps, device, chunk=None) -> float:
     return statistics.median(per_token)
 
 
-def decode_table(model, args, device):
-    bw = copy_bandwidth(device)
-    wb = weight_bytes(model)
-    print(f"\n# decode per token (AHN-{args.kind}); copy bandwidth {bw / 1e9:.0f} GB/s, weights {wb / 2**30:.2f} GiB\n")
-    print("| T | B | plain ms/token | fast ms/token | floor ms/token | plain / fast | fast / floor |")
-    print("|---|---|---|---|---|---|---|")
+def _decode_chunk(args, B, T):
+    # the decode tables time decoding: a large batch x context is prefilled in chunks (one forward over
+    # B=8 x 128k tokens ran out of memory on the H100: MLP activations + per-chunk states)
+    return args.prefill_chunk_size or (32768 if B * T > 262144 else None)
+
+
+def base_decode(model, args, device):
+    """{(T, B): ms/token or None (OOM)} of the unpatched model (HF forward per token, DynamicCache)."""
+    from transformers import DynamicCache
+
+    out = {}
     for T in args.decode_contexts:
         for B in args.batches:
-            # the decode table times decoding: a large batch x context is prefilled in chunks (one
-            # forward over B=8 x 128k tokens ran out of memory on the H100: MLP activations + per-chunk states)
-            chunk = args.prefill_chunk_size or (32768 if B * T > 262144 else None)
+            try:
+                out[T, B] = 1e3 * run(model, T, args.decode_steps, _decode_chunk(args, B, T), device,
+                                      lambda: DynamicCache(config=model.config), batch=B)[2]
+            except torch.OutOfMemoryError:
+                out[T, B] = None
+            if device.type == "cuda":
+                torch.cuda.empty_cache()
+    return out
+
+
+def decode_table(model, args, device, base=None):
+    bw = copy_bandwidth(device)
+    wb = weight_bytes(model)
+    cfg = model.config
+    kv_token = 2 * cfg.num_hidden_layers * model._ahn_info["num_kv_heads"] * model._ahn_info["head_dim"] \
+        * next(model.parameters()).element_size()               # the unpatched model's K+V bytes per token
+    print(f"\n# decode per token (AHN-{args.kind}); copy bandwidth {bw / 1e9:.0f} GB/s, weights {wb / 2**30:.2f} GiB\n")
+    extra = " base ms/token | base floor | fast tok/s / base |" if base else ""
+    print("| T | B | plain ms/token | fast ms/token | floor ms/token | plain / fast | fast / floor |" + extra)
+    print("|---|---|---|---|---|---|---|" + "---|---|---|" * bool(base))
+    for T in args.decode_contexts:
+        for B in args.batches:
+            chunk = _decode_chunk(args, B, T)
+            b = base.get((T, B)) if base else None
+            bcols = "" if not base else (" OOM | | |" if b is None else
+                                          f" {b:.2f} | {1e3 * (wb + B * T * kv_token) / bw:.2f} | ")
             try:
                 plain = run(model, T, args.decode_steps, chunk, device,
                             lambda: ahn_ops.AHNModelCache.from_model(model), batch=B)[2]
                 fast = time_fast(model, T, B, args.decode_steps, device, chunk)
             except torch.OutOfMemoryError:
-                print(f"| {T} | {B} | OOM | | | | |")
+                print(f"| {T} | {B} | OOM | | | | |" + bcols + " |" * (b is not None))
                 continue
             floor = (wb + cache_read_bytes(model, B, T)) / bw
+            if b is not None:
+                bcols += f"{b / (1e3 * fast):.2f}x |"
             print(f"| {T} | {B} | {1e3 * plain:.2f} | {1e3 * fast:.2f} | {1e3 * floor:.2f} | {plain / fast:.2f}x | "
-                  f"{fast / floor:.2f}x |")
+                  f"{fast / floor:.2f}x |" + bcols)
 
 
 # --------------------------------------------------------------------------------------
@@ -296,6 +330,8 @@ def main(argv=None):
                    help="prompt lengths of the decode table (plain vs fast path vs floor)")
     p.add_argument("--batches", type=int, nargs="+", default=[1, 8], help="batch sizes of the decode table")
     p.add_argument("--no-fast", action="store_true", help="skip the decode table")
+    p.add_argument("--base-decode", action="store_true",
+                   help="time the unpatched model's decode at the decode table's contexts and batches too")
     p.add_argument("--dtype", default="bfloat16")
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     args = p.parse_args(argv)
@@ -330,6 +366,7 @@ def main(argv=None):
                 continue
             rows.append(("base SDPA", T, r))
             print(f"| base SDPA | {T} | {r[0]:.3f} | {T / r[0]:.0f} | {r[1]:.2f} | {1e3 * r[2]:.2f} | {r[3] / 2**20:.0f} |")
+    base_dec = base_decode(model, args, device) if args.base_decode and not args.no_fast else None
     ahn_ops.patch_qwen(model, args.kind, window=args.window, sinks=args.sinks)
     warm_up(lambda: ahn_ops.AHNModelCache.from_model(model))
     for T in args.contexts:
@@ -341,7 +378,7 @@ def main(argv=None):
             continue
         print(f"| AHN-{args.kind} | {T} | {r[0]:.3f} | {T / r[0]:.0f} | {r[1]:.2f} | {1e3 * r[2]:.2f} | {r[3] / 2**20:.0f} |")
     if not args.no_fast:
-        decode_table(model, args, device)
+        decode_table(model, args, device, base_dec)
 
 
 if __name__ == "__main__":
