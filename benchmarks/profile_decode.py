@@ -52,10 +52,10 @@ def main():
     # the last is profiled
     from ahn_ops.ops import decode_linear as dl
 
-    # (from batch 3 on: with and without the fused gate/up; the last variant is the default one)
+    # (fused projections with and without the fused gate/up; the last variant is the default one)
     variants = [(False, False, None), (True, False, None)]
     if dl.supports(a.batch, torch.bfloat16):
-        variants += [(True, True, True), (True, True, False)] if a.batch > 2 else [(True, True, None)]
+        variants += [(True, True, a.batch > 2), (True, True, None)]
     for glue, lin, gate_up in variants:
         dec, per_token = _timed_decoder(gen, model, cache, logits, a, glue, lin, gate_up)
         print(f"fuse_glue={glue} fuse_linear={lin} fuse_gate_up={dec.fuse_gate_up}: {1e3 * per_token:.3f} ms/token")
