@@ -525,9 +525,10 @@ def _cache_gather_kernel(
     m_ring = m_tail & (c >= S)
     m_sink = m_tail & (c >= 0) & (c < S)
     m_new = m_r & (o_r >= W)
-    o_ring = i_b * W + tl.where(m_ring, (c - S) % W, 0)
-    o_sink = i_b * S + tl.where(m_sink, c, 0)
-    # int64 row offsets: B (W + T) rows times HKV D elements pass 2^31 at long prompts
+    # int64 row offsets: B (W + T) rows times HKV D elements pass 2^31 at long prompts (and a ring of
+    # B W rows at large batches)
+    o_ring = (i_b * W + tl.where(m_ring, (c - S) % W, 0)).to(tl.int64)
+    o_sink = (i_b * S + tl.where(m_sink, c, 0)).to(tl.int64)
     o_new = (i_b * T + tl.where(m_new, o_r - W, 0)).to(tl.int64)
     o_dst = (i_b * (W + T) + o_r).to(tl.int64)
     o_x = tl.arange(0, BKD)
@@ -582,8 +583,8 @@ def _cache_scatter_kernel(
     m_sink = first & m_t & (c < S)
     m_ring = (i_r >= N1) & m_t & (c >= S)
     o_src = (i_b * T + o_t).to(tl.int64)
-    o_ring = i_b * W + tl.where(m_ring, (c - S) % W, 0)
-    o_sink = i_b * S + tl.where(m_sink, c, 0)
+    o_ring = (i_b * W + tl.where(m_ring, (c - S) % W, 0)).to(tl.int64)
+    o_sink = (i_b * S + tl.where(m_sink, c, 0)).to(tl.int64)
     o_x = tl.arange(0, BKD)
     m_x = o_x < KD
     _put_rows(k, sink_k, ring_k, o_src, o_sink, o_ring, m_sink, m_ring, o_x, m_x, KD)
