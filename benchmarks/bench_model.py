@@ -220,20 +220,24 @@ def decode_table(model, args, device, base=None):
         for B in args.batches:
             chunk = _decode_chunk(args, B, T)
             b = base.get((T, B)) if base else None
-            bcols = "" if not base else (" OOM | | |" if b is None else
-                                          f" {b:.2f} | {1e3 * (wb + B * T * kv_token) / bw:.2f} | ")
+
+            def base_cols(fast):  # the base's ms/token, its floor, our tokens/s over it ("" without --base-decode)
+                if not base:
+                    return ""
+                if b is None:
+                    return " OOM | | |"
+                ratio = f"{b / (1e3 * fast):.2f}x" if fast else ""
+                return f" {b:.2f} | {1e3 * (wb + B * T * kv_token) / bw:.2f} | {ratio} |"
             try:
                 plain = run(model, T, args.decode_steps, chunk, device,
                             lambda: ahn_ops.AHNModelCache.from_model(model), batch=B)[2]
                 fast = time_fast(model, T, B, args.decode_steps, device, chunk)
             except torch.OutOfMemoryError:
-                print(f"| {T} | {B} | OOM | | | | |" + bcols + " |" * (b is not None))
+                print(f"| {T} | {B} | OOM | | | | |" + base_cols(None))
                 continue
             floor = (wb + cache_read_bytes(model, B, T)) / bw
-            if b is not None:
-                bcols += f"{b / (1e3 * fast):.2f}x |"
             print(f"| {T} | {B} | {1e3 * plain:.2f} | {1e3 * fast:.2f} | {1e3 * floor:.2f} | {plain / fast:.2f}x | "
-                  f"{fast / floor:.2f}x |" + bcols)
+                  f"{fast / floor:.2f}x |" + base_cols(fast))
 
 
 # --------------------------------------------------------------------------------------
