@@ -191,6 +191,10 @@ class StaticDecoder:
             projection too; None = at ``B <= 2`` only (from batch 3 on the fused gate/up streams its
             weights slower than cuBLAS, so there it runs as RMSNorm, two cuBLAS products and SiLU*up,
             while q/k/v/gates, o_proj and down_proj stay fused).
+        overlap: with ``fuse_linear`` on sm_90+, each AHN layer's decode op starts while the q/k/v/gates
+            projection before it runs (programmatic dependent launch: it streams its first cache tiles and
+            the state, and reads q, k, v once the projection's writes are visible); None = on from batch
+            2 (1-2% faster at B = 2-8 on an H200, 2% slower at B = 1), False = off. Changes no result.
     """
 
     def __init__(self, model, cache, attention_mask: Optional[torch.Tensor], prompt_len: int,
@@ -198,7 +202,7 @@ class StaticDecoder:
                  do_sample: bool = False, temperature: float = 1.0, top_k: Optional[int] = None,
                  top_p: Optional[float] = None, generator: Optional[torch.Generator] = None,
                  fuse_glue: Optional[bool] = None, fuse_linear: Optional[bool] = None,
-                 fuse_gate_up: Optional[bool] = None):
+                 fuse_gate_up: Optional[bool] = None, overlap: Optional[bool] = None):
         from .ops.ahn_attention.interface import _has_op_kernel
 
         self.model, self.base, self.info = _unwrap(model)
@@ -299,6 +303,13 @@ class StaticDecoder:
         if fuse_gate_up and not self.fuse_linear:
             raise ValueError("fuse_gate_up=True needs fuse_linear")
         self.fuse_gate_up = self.fuse_linear and (B <= 2 if fuse_gate_up is None else bool(fuse_gate_up))
+        if overlap and not (self.fuse_linear and dl.can_trigger(self.device)):
+            raise ValueError("overlap=True needs fuse_linear on an sm_90+ GPU")
+        # H200, 3B shape, T=32k, ms/token off / on (two runs, 2026-12-03): B=1 2.70 / 2.75, B=2 3.41 / 3.39,
+        # B=4 4.18 / 4.10, B=8 5.48 / 5.41: on from batch 2 (at batch 1 the early blocks, resident and
+        # waiting, slow the projection down more than their early cache tiles gain)
+        auto = self.fuse_linear and dl.can_trigger(self.device) and B >= 2
+        self.overlap = auto if overlap is None else bool(overlap)
 
     # ------------------------------------------------------------------ token choice
     def _choose(self, logits: torch.Tensor) -> torch.Tensor:
@@ -348,7 +359,7 @@ class StaticDecoder:
         q, k, v = q.contiguous()[:, 0], k.contiguous()[:, 0], v.contiguous()[:, 0]
         return self._decode(i, q, k, v, a, b, z, use_op).reshape(B, 1, -1)
 
-    def _decode(self, i, q, k, v, a, b, z, use_op=True):
+    def _decode(self, i, q, k, v, a, b, z, use_op=True, overlap=False):
         """The AHN decode of layer ``i`` (``[B, H, D]`` out): ``torch.ops.ahn.decode_step`` once the first step
         has gone through ``ahn_decode`` (which checks every input against the cache, and is the reference
         path when no kernel covers the call)."""
@@ -359,7 +370,7 @@ class StaticDecoder:
         args = (q, k, v, a, b, z, p["A_log"], p["dt_bias"], p["norm_weight"], p["o_weight"])
         if use_op and self._checked:
             return torch.ops.ahn.decode_step(*args, *layer_cache.tensors(), layer_cache.window,
-                                             layer_cache.sinks, layer_cache.kind)
+                                             layer_cache.sinks, layer_cache.kind, overlap)
         return ahn_decode(*args, layer_cache, backend=backend)
 
     def _kvg_split(self, i, y):
@@ -463,9 +474,9 @@ class StaticDecoder:
                 weight, bias, (nk, _, _, _) = self.kvg[i]
                 D, qp = attn.head_dim, attn.q_proj
                 q, y = dl.norm_qkvg(h, ln.weight, ln.variance_epsilon, qp.weight, qp.bias, weight, bias, nk,
-                                    cos, sin, D)
+                                    cos, sin, D, trigger_next=self.overlap)
                 k, v, a, b, z = self._kvg_split(i, y)
-                o = self._decode(i, q.view(B, -1, D), k, v, a, b, z).reshape(B, -1)
+                o = self._decode(i, q.view(B, -1, D), k, v, a, b, z, overlap=self.overlap).reshape(B, -1)
             else:
                 x, _ = glue.add_rms_norm(h, ln.weight, ln.variance_epsilon)
                 x = x.view(B, 1, -1)
@@ -551,7 +562,7 @@ def generate(model, input_ids: torch.Tensor, max_new_tokens: int, *, attention_m
              use_cuda_graph: Optional[bool] = None, generator: Optional[torch.Generator] = None,
              eos_check_every: int = 16, stats: Optional[dict] = None,
              fuse_glue: Optional[bool] = None, fuse_linear: Optional[bool] = None,
-             fuse_gate_up: Optional[bool] = None) -> torch.LongTensor:
+             fuse_gate_up: Optional[bool] = None, overlap: Optional[bool] = None) -> torch.LongTensor:
     """Generate with an AHN model: HF-compatible prefill, then a static decode step (a CUDA graph on GPU).
 
     Greedy decoding returns the same tokens as ``model.generate(input_ids, do_sample=False, ...)``
@@ -588,6 +599,8 @@ def generate(model, input_ids: torch.Tensor, max_new_tokens: int, *, attention_m
             in float32; needs ``fuse_glue``).
         fuse_gate_up: with ``fuse_linear``, the MLP's RMSNorm + gate/up + SiLU*up fused too; None = at
             batch <= 2 only (see :class:`StaticDecoder`).
+        overlap: with ``fuse_linear`` on sm_90+, each AHN decode op starts while the projection before it
+            runs (see :class:`StaticDecoder`); None = on from batch 2.
         stats: optional dict, filled with ``prefill_s``, ``decode_s`` (graph capture included),
             ``new_tokens``, ``cuda_graph`` and ``cache_nbytes`` (AHN cache + static full-attention
             K/V) (the device is synchronised at the boundaries).
@@ -661,7 +674,7 @@ def generate(model, input_ids: torch.Tensor, max_new_tokens: int, *, attention_m
     t1 = now()
     dec = StaticDecoder(model, cache, attention_mask, T, max_new_tokens, eos, pad_token_id, do_sample,
                         temperature, top_k, top_p, generator, fuse_glue=fuse_glue,
-                        fuse_linear=fuse_linear, fuse_gate_up=fuse_gate_up)
+                        fuse_linear=fuse_linear, fuse_gate_up=fuse_gate_up, overlap=overlap)
     if use_cuda_graph is None:
         use_cuda_graph = device.type == "cuda" and dec.all_fused
     elif use_cuda_graph and not dec.all_fused:

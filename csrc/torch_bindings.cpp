@@ -11,11 +11,14 @@ TORCH_LIBRARY(ahn, m) {
   // and advance pos. Shapes: q [B,H,D]; k, v [B,HKV,D]; a, b, z [B,H]; A_log, dt_bias [H];
   // norm_weight [D] (mamba2: [H*D]); o_weight [H,D,D]; sink_k/v [B,S,HKV,D]; ring_k/v [B,W,HKV,D];
   // gates [B,W,H,2] fp32; state [B,H,D,D] fp32; pos [B] int64. Returns [B,H,D] in q's dtype.
+  // overlap_prev (CUDA, sm_90): the op may start while the previous kernel on the stream finishes
+  // (programmatic dependent launch), reading only the cache until that kernel's writes are visible;
+  // only for a previous kernel that writes none of the cache tensors. Changes no result.
   m.def(
       "decode_step(Tensor q, Tensor k, Tensor v, Tensor? a, Tensor? b, Tensor z, Tensor? A_log, "
       "Tensor? dt_bias, Tensor norm_weight, Tensor o_weight, Tensor(a!) sink_k, Tensor(b!) sink_v, "
       "Tensor(c!) ring_k, Tensor(d!) ring_v, Tensor(e!) gates, Tensor(f!) state, Tensor(g!) pos, "
-      "int window, int sinks, str kind) -> Tensor");
+      "int window, int sinks, str kind, bool overlap_prev=False) -> Tensor");
 }
 
 // `import ahn_ops._C` runs the static registrations above; the module itself only carries

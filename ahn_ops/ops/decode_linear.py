@@ -44,6 +44,7 @@ Internal helpers of :class:`ahn_ops.fast_decode.StaticDecoder` (no autograd); in
 
 from __future__ import annotations
 
+import os
 from typing import Dict, Optional, Tuple
 
 import torch
@@ -105,8 +106,11 @@ def _skinny_kernel(x, x_s, nw, eps,
                    B, K, N1, N2, R1, R2, P1,
                    MODE: tl.constexpr, RMS: tl.constexpr, HAS_B1: tl.constexpr, HAS_B2: tl.constexpr,
                    D: tl.constexpr, BM: tl.constexpr, BN2: tl.constexpr, BK: tl.constexpr,
-                   DEFER: tl.constexpr, MMA: tl.constexpr = False):
+                   DEFER: tl.constexpr, MMA: tl.constexpr = False, TRIGGER: tl.constexpr = False):
     pid = tl.program_id(0)
+    if TRIGGER:  # let the next kernel launch now (programmatic dependent launch; it waits for our writes)
+        tl.inline_asm_elementwise("griddepcontrol.launch_dependents; // $0", "=r", [], dtype=tl.int32,
+                                  is_pure=False, pack=1)
     HALF: tl.constexpr = D // 2
     ar = tl.arange(0, BN2)
     bm = tl.arange(0, BM)
@@ -287,6 +291,12 @@ def _tiles(key: str, BM: int, mma: bool, config, K: int, half: Optional[int] = N
     return BN2, BK, warps, stages, defer
 
 
+def can_trigger(dev: torch.device) -> bool:
+    """Whether kernels on ``dev`` can let their dependents launch early (sm_90+, not the interpreter)."""
+    return (dev.type == "cuda" and os.environ.get("TRITON_INTERPRET") != "1"
+            and torch.cuda.get_device_capability(dev)[0] >= 9)
+
+
 def _check_x(fn, name, x):
     """The activations ``[B, K]`` (unit last stride); returns ``K``."""
     if x.dim() != 2 or x.stride(1) != 1:
@@ -318,12 +328,15 @@ def _check_bias(fn, name, b, n, dtype):
 
 def norm_qkvg(h: torch.Tensor, norm_weight: torch.Tensor, eps: float, wq: torch.Tensor, bq: Optional[torch.Tensor],
               wkvg: torch.Tensor, bkvg: Optional[torch.Tensor], nk: int, cos: torch.Tensor, sin: torch.Tensor,
-              head_dim: int, config: Optional[Tuple[int, ...]] = None):
+              head_dim: int, config: Optional[Tuple[int, ...]] = None, trigger_next: bool = False):
     """``x = rms_norm(h) * norm_weight``; ``q = rope(x @ wq^T + bq)`` and ``y = x @ wkvg^T + bkvg`` with RoPE on
     ``y[:, :nk]`` (the k rows of the stacked k/v/gates weight), in one launch.
 
     ``h``: ``[B, K]``; ``wq``: ``[H * D, K]``; ``wkvg``: ``[N, K]``; ``cos``/``sin``: ``[B, D]`` (or
     ``[B, 1, D]``). Returns ``q`` ``[B, H * D]`` and ``y`` ``[B, N]`` (contiguous, the dtype of ``h``).
+    ``trigger_next``: on sm_90+ GPUs, every program lets the next kernel launch as it starts (programmatic
+    dependent launch: ``torch.ops.ahn.decode_step(..., overlap_prev=True)`` then streams its cache tiles
+    while this kernel runs; a next kernel launched without it is not affected).
     """
     fn = "norm_qkvg"
     D = head_dim
@@ -355,6 +368,7 @@ def norm_qkvg(h: torch.Tensor, norm_weight: torch.Tensor, eps: float, wq: torch.
                                B, K, Nq, Nkvg, Nq, nk, P1,
                                MODE=_PROJ, RMS=True, HAS_B1=bq is not None, HAS_B2=bkvg is not None,
                                D=D, BM=BM, BN2=BN2, BK=BK, DEFER=bool(defer), MMA=mma,
+                               TRIGGER=bool(trigger_next) and can_trigger(dev),
                                num_warps=warps, num_stages=stages)
     return q, y
 

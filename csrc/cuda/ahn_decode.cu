@@ -136,17 +136,24 @@ void launch(dk::Params& p, int device, bool pdl, cudaStream_t stream) {
   p.ws_m2 = p.ws_m + n_m;
   p.ws_t = reinterpret_cast<int64_t*>(p.ws_m2 + n_m2);
 
-  main_kernel<<<static_cast<unsigned>(n_attn + n_state), dk::kThreads, smem, stream>>>(p);
-  C10_CUDA_KERNEL_LAUNCH_CHECK();
+  cudaLaunchAttribute attr[1];
+  attr[0].id = cudaLaunchAttributeProgrammaticStreamSerialization;
+  attr[0].val.programmaticStreamSerializationAllowed = 1;
+  // launch 1: with p.early, programmatic dependent launch after the previous kernel (see Params::early)
+  cudaLaunchConfig_t cfg1 = {};
+  cfg1.gridDim = dim3(static_cast<unsigned>(n_attn + n_state));
+  cfg1.blockDim = dim3(dk::kThreads);
+  cfg1.dynamicSmemBytes = smem;
+  cfg1.stream = stream;
+  cfg1.attrs = attr;
+  cfg1.numAttrs = p.early ? 1 : 0;
+  C10_CUDA_CHECK(cudaLaunchKernelEx(&cfg1, main_kernel, p));
 
   cudaLaunchConfig_t cfg = {};
   cfg.gridDim = dim3(static_cast<unsigned>(BH * dk::kOutSplit));
   cfg.blockDim = dim3(dk::kThreads);
   cfg.dynamicSmemBytes = 0;
   cfg.stream = stream;
-  cudaLaunchAttribute attr[1];
-  attr[0].id = cudaLaunchAttributeProgrammaticStreamSerialization;
-  attr[0].val.programmaticStreamSerializationAllowed = 1;
   cfg.attrs = attr;
   cfg.numAttrs = pdl ? 1 : 0;
   C10_CUDA_CHECK(cudaLaunchKernelEx(&cfg, dk::decode_finish_kernel<T, D>, p));
@@ -187,7 +194,7 @@ at::Tensor decode_step_cuda(const at::Tensor& q, const at::Tensor& k, const at::
                             const std::optional<at::Tensor>& dt_bias, const at::Tensor& norm_weight,
                             const at::Tensor& o_weight, at::Tensor& sink_k, at::Tensor& sink_v, at::Tensor& ring_k,
                             at::Tensor& ring_v, at::Tensor& gates, at::Tensor& state, at::Tensor& pos,
-                            int64_t window, int64_t sinks, c10::string_view kind_name) {
+                            int64_t window, int64_t sinks, c10::string_view kind_name, bool overlap_prev) {
   // ---- checks: all before anything is launched, so a rejected call leaves the cache as it was
   const std::string_view kind_sv(kind_name.data(), kind_name.size());
   const DecodeSizes s = check_decode_args(q, k, v, a, b, z, A_log, dt_bias, norm_weight, o_weight, sink_k, sink_v,
@@ -286,6 +293,9 @@ at::Tensor decode_step_cuda(const at::Tensor& q, const at::Tensor& k, const at::
   int cc_major = 0;
   C10_CUDA_CHECK(cudaDeviceGetAttribute(&cc_major, cudaDevAttrComputeCapabilityMajor, device));
   const bool pdl = env_flag("AHN_DECODE_PDL", true) && cc_major >= 9;
+  // overlap_prev: the caller vouches that the kernel right before this op writes none of the cache (it
+  // writes q, k, v: the fused projection of StaticDecoder, which also triggers its dependents early)
+  p.early = overlap_prev && pdl ? 1 : 0;
   const cudaStream_t stream = c10::cuda::getCurrentCUDAStream(device);
   const int D = static_cast<int>(s.D);
   switch (q.scalar_type()) {

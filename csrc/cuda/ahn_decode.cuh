@@ -22,6 +22,10 @@
 //      out = o_win + y, then write the new token into the cache and advance pos. All writes
 //      happen here, after every read of launch 1. On sm_90 it is launched with programmatic
 //      dependent launch (griddepcontrol) so that its launch latency overlaps launch 1.
+// With overlap_prev (Params::early), launch 1 itself is a programmatic dependent launch after the
+// kernel before the op (StaticDecoder's fused q/k/v projection, which lets it launch as it starts):
+// its blocks read only the cache before griddepcontrol.wait (attention: the first cp.async stages when
+// none holds the new token; state: the leaving key and the state columns), q / k / v after it.
 // pos is read on the device only: no host synchronisation, CUDA-graph capturable.
 #pragma once
 
@@ -86,6 +90,8 @@ struct Params {
   int a_dt, b_dt, z_dt, alog_dt, dtb_dt, nw_dt, ow_dt;
   float scale;  // D^-0.5
   float lazy;   // MMA path: log2 headroom before a row's reference max moves (0: always the exact max)
+  int early;    // launch 1 may start before the previous kernel ends (programmatic dependent launch): the
+                // blocks read only the cache (sinks, ring, gates, state, pos) before griddepcontrol.wait
 };
 
 // ------------------------------------------------------------------------------------------
@@ -348,24 +354,6 @@ __device__ __forceinline__ void attn_block_mma(const Params& p, int blk, char* s
   const T* new_k = reinterpret_cast<const T*>(p.k) + a.b * p.k_sb + a.hk * p.k_sh;
   const T* new_v = reinterpret_cast<const T*>(p.v) + a.b * p.v_sb + a.hk * p.v_sh;
 
-  // Q as the A operand: a0a1 (row gid, cols 2tig..), a2a3 (row gid+8), a4a5 (row gid, +8), a6a7
-  uint32_t qa[NKK][4];
-  {
-    const T* qb = reinterpret_cast<const T*>(p.q) + a.b * p.q_sb + (int64_t)a.h0 * p.q_sh;
-    const bool r0 = gid < a.nh, r1 = gid + 8 < a.nh;
-    const T* q0 = qb + (int64_t)gid * p.q_sh;
-    const T* q1 = qb + (int64_t)(gid + 8) * p.q_sh;
-#pragma unroll
-    for (int kk = 0; kk < NKK; ++kk) {
-      const int c = kk * 16 + 2 * tig;
-      // two adjacent elements as one 32-bit word (rows are 16-byte aligned, c is even)
-      qa[kk][0] = r0 ? *reinterpret_cast<const uint32_t*>(q0 + c) : 0u;
-      qa[kk][1] = r1 ? *reinterpret_cast<const uint32_t*>(q1 + c) : 0u;
-      qa[kk][2] = r0 ? *reinterpret_cast<const uint32_t*>(q0 + c + 8) : 0u;
-      qa[kk][3] = r1 ? *reinterpret_cast<const uint32_t*>(q1 + c + 8) : 0u;
-    }
-  }
-
   float o[ND][4];
 #pragma unroll
   for (int n = 0; n < ND; ++n) o[n][0] = o[n][1] = o[n][2] = o[n][3] = 0.f;
@@ -435,11 +423,36 @@ __device__ __forceinline__ void attn_block_mma(const Params& p, int blk, char* s
     }
   };
 
+  // With p.early (programmatic dependent launch after the kernel that wrote q, k, v), the first
+  // stages of cache tiles are issued before griddepcontrol.wait when none of them holds the new token
+  // (key L - 1, read from k / v): they stream while the previous kernel finishes. Q after the wait.
+  const int npro = nt < NST - 1 ? nt : NST - 1;
+  const bool pre = p.early && (npro == 0 || a.k_begin + (warp + (npro - 1) * kWarps + 1) * kTileKeys <= a.s.L - 1);
+  if (!pre) pdl_wait();
 #pragma unroll
   for (int it = 0; it < NST - 1; ++it) {
     if (it < nt) issue(it);
     cp_async_commit();
   }
+  if (pre) pdl_wait();
+  // Q as the A operand: a0a1 (row gid, cols 2tig..), a2a3 (row gid+8), a4a5 (row gid, +8), a6a7
+  uint32_t qa[NKK][4];
+  {
+    const T* qb = reinterpret_cast<const T*>(p.q) + a.b * p.q_sb + (int64_t)a.h0 * p.q_sh;
+    const bool r0 = gid < a.nh, r1 = gid + 8 < a.nh;
+    const T* q0 = qb + (int64_t)gid * p.q_sh;
+    const T* q1 = qb + (int64_t)(gid + 8) * p.q_sh;
+#pragma unroll
+    for (int kk = 0; kk < NKK; ++kk) {
+      const int c = kk * 16 + 2 * tig;
+      // two adjacent elements as one 32-bit word (rows are 16-byte aligned, c is even)
+      qa[kk][0] = r0 ? *reinterpret_cast<const uint32_t*>(q0 + c) : 0u;
+      qa[kk][1] = r1 ? *reinterpret_cast<const uint32_t*>(q1 + c) : 0u;
+      qa[kk][2] = r0 ? *reinterpret_cast<const uint32_t*>(q0 + c + 8) : 0u;
+      qa[kk][3] = r1 ? *reinterpret_cast<const uint32_t*>(q1 + c + 8) : 0u;
+    }
+  }
+
   for (int it = 0; it < nt; ++it) {
     if (it + NST - 1 < nt) issue(it + NST - 1);
     cp_async_commit();
@@ -583,6 +596,7 @@ __device__ __forceinline__ void attn_block_simt(const Params& p, int blk, char* 
   const T* new_v = reinterpret_cast<const T*>(p.v) + a.b * p.v_sb + a.hk * p.v_sh;
   const float sl2 = p.scale * kLog2e;
 
+  pdl_wait();  // q first (this path issues nothing before it)
   float qr[kHeadTile][EPL], o[kHeadTile][EPL], m[kHeadTile], l[kHeadTile];
   const T* qb = reinterpret_cast<const T*>(p.q) + a.b * p.q_sb + (int64_t)a.h0 * p.q_sh;
 #pragma unroll
@@ -659,17 +673,23 @@ __device__ __forceinline__ void state_block(const Params& p, int sb, char* smem)
   const int r = sb / NCH;
   const int h = r % p.H, b = r / p.H, hk = h / p.G;
   const int64_t t = p.pos[b];
-  if (h == 0 && c == 0 && tid == 0) p.ws_t[b] = t;
   const bool absorb = t - p.W >= p.S;  // token t - W leaves the window
   const int slot = absorb ? ring_slot(t, p.S, p.W) : 0;
   const int64_t kvrow = (((int64_t)b * p.W + slot) * p.HKV + hk) * D;
 
-  const T* qrow = reinterpret_cast<const T*>(p.q) + b * p.q_sb + (int64_t)h * p.q_sh;
+  // the cache (the leaving key, the state columns below) is read before griddepcontrol.wait, q after it
   const T* krow = reinterpret_cast<const T*>(p.ring_k) + kvrow;
-  for (int i = tid; i < D; i += kThreads) {
-    sq[i] = Ops::to_f(qrow[i]);
-    sk[i] = absorb ? Ops::to_f(krow[i]) : 0.f;
-  }
+  for (int i = tid; i < D; i += kThreads) sk[i] = absorb ? Ops::to_f(krow[i]) : 0.f;
+  const bool mamba = p.kind == kMamba2;
+  const int col = c * kStateCols + cq * 4;
+  float* st_base = p.state + ((int64_t)b * p.H + h) * D * D + col;
+  float4 st[RPT];
+#pragma unroll
+  for (int rr = 0; rr < RPT; ++rr) st[rr] = *reinterpret_cast<const float4*>(st_base + (int64_t)(rg + RG * rr) * D);
+  pdl_wait();
+  if (h == 0 && c == 0 && tid == 0) p.ws_t[b] = t;
+  const T* qrow = reinterpret_cast<const T*>(p.q) + b * p.q_sb + (int64_t)h * p.q_sh;
+  for (int i = tid; i < D; i += kThreads) sq[i] = Ops::to_f(qrow[i]);
   __syncthreads();
   if (warp < 2) {
     const float* src = warp == 0 ? sq : sk;
@@ -679,12 +699,6 @@ __device__ __forceinline__ void state_block(const Params& p, int sb, char* smem)
     if (lane == 0) scal[warp] = s;
   }
   __syncthreads();
-  const bool mamba = p.kind == kMamba2;
-  const int col = c * kStateCols + cq * 4;
-  float* st_base = p.state + ((int64_t)b * p.H + h) * D * D + col;
-  float4 st[RPT];
-#pragma unroll
-  for (int rr = 0; rr < RPT; ++rr) st[rr] = *reinterpret_cast<const float4*>(st_base + (int64_t)(rg + RG * rr) * D);
 
   if (absorb) {
     const float* gp = p.gates + (((int64_t)b * p.W + slot) * p.H + h) * 2;

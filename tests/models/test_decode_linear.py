@@ -232,3 +232,29 @@ def test_decoder_linear_auto_off_for_large_batches():
     with pytest.raises(ValueError, match="batch <= 16 in bf16/fp16 or <= 4 in float32"):
         gen.StaticDecoder(model, cache, None, 8, 2, fuse_glue=True, fuse_linear=True)
     assert not gen.StaticDecoder(model, cache, None, 8, 2).fuse_linear
+
+
+def test_decoder_overlap_needs_hopper_and_changes_nothing():
+    # overlap: each AHN layer's decode op launched early after its q/k/v projection (sm_90+); the tokens
+    # (and so every logit's argmax over a few steps, CUDA graph included) are those of the plain launch
+    from ahn_ops import fast_decode as gen
+
+    model = patched("gdn", window=9, sinks=4, hidden=256, heads=4, kv_heads=2).to(DEV)
+    if DEV == "cuda":
+        model = model.to(torch.bfloat16)
+    for layer in model.model.layers:  # the C++ decode op (the helper patches with the reference backend)
+        layer.self_attn._ahn_cfg["backend"] = "auto"
+    x = torch.randint(0, VOCAB, (2, 21), generator=torch.Generator().manual_seed(5)).to(DEV)
+    logits, cache = gen.prefill(model, x)
+    if not dl.can_trigger(torch.device(DEV)):
+        with pytest.raises(ValueError, match="overlap=True needs fuse_linear on an sm_90"):
+            gen.StaticDecoder(model, cache, None, x.shape[1], 2, overlap=True)
+        assert not gen.StaticDecoder(model, cache, None, x.shape[1], 2).overlap
+        return
+    assert gen.StaticDecoder(model, cache, None, x.shape[1], 2).overlap  # the default on Hopper from B = 2
+    _, cache1 = gen.prefill(model, x[:1])
+    assert not gen.StaticDecoder(model, cache1, None, x.shape[1], 2).overlap  # not at B = 1
+    for B in (1, 2):
+        on = ahn_ops.generate(model, x[:B], 12, use_cuda_graph=True, overlap=True)
+        off = ahn_ops.generate(model, x[:B], 12, use_cuda_graph=True, overlap=False)
+        assert torch.equal(on, off)

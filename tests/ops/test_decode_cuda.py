@@ -269,3 +269,57 @@ def test_interface_falls_back_for_other_head_dims():
     _, _, nw, ow = make_params(4, 32, "dn", gen)
     out = ahn_ops.ahn_decode(q, k, v, None, b, z, None, None, nw, ow, cache[0])
     assert out.shape == (2, 4, 32) and cache[0].pos.tolist() == [1, 1]
+
+
+@pytest.mark.parametrize("kind,dt,D,H,HKV,B,W,S,starts,graph", [
+    ("gdn", "bf16", 128, 16, 2, 1, 1000, 8, [2500], False),          # long splits: every prologue before the wait
+    ("gdn", "bf16", 128, 16, 2, 3, 130, 5, [120, 3, 9000], True),    # short sequences: the new token in a prologue
+    ("mamba2", "fp16", 64, 8, 2, 2, 700, 16, [710, 20], False),
+    ("dn", "fp32", 64, 8, 1, 2, 40, 4, [41, 7], False),              # CUDA-core attention path
+])
+def test_overlap_prev_after_a_triggering_projection(kind, dt, D, H, HKV, B, W, S, starts, graph):
+    """decode_step(overlap_prev=True) right after a projection kernel that lets it launch early (the
+    fused q/k/v projection of the decode step, ``trigger_next``) gives the bits of the plain call: output
+    and every cache tensor, step after step (and replayed in a CUDA graph)."""
+    _require_kernel()
+    from ahn_ops.ops import decode_linear as dl
+
+    dtype = DT[dt]
+    gen = torch.Generator().manual_seed(zlib.crc32(f"{kind}{dt}{D}{B}{W}".encode()))
+    pos = [starts[i % len(starts)] for i in range(B)]
+    cache_a = make_cache(B, H, HKV, D, W, S, kind, dtype, pos, gen)
+    cache_b = [t.clone() for t in cache_a]
+    params = make_params(H, D, kind, gen)
+    K = 96
+    h = torch.randn(B, K, generator=gen).to("cuda", dtype)
+    nw = torch.ones(K, device="cuda", dtype=dtype)
+    wq = (torch.randn(H * D, K, generator=gen) * K ** -0.5).to("cuda", dtype)
+    wkv = (torch.randn(2 * HKV * D, K, generator=gen) * K ** -0.5).to("cuda", dtype)
+    cos, sin = torch.ones(B, D, device="cuda", dtype=dtype), torch.zeros(B, D, device="cuda", dtype=dtype)
+    _, _, _, a, b, z = make_step(B, H, HKV, D, kind, dtype, gen)
+
+    def step(cache, overlap):
+        q, y = dl.norm_qkvg(h, nw, 1e-6, wq, None, wkv, None, HKV * D, cos, sin, D, trigger_next=overlap)
+        k, v = y[:, :HKV * D].view(B, HKV, D), y[:, HKV * D:].view(B, HKV, D)
+        return torch.ops.ahn.decode_step(q.view(B, H, D), k, v, a, b, z, *params, *cache, W, S, kind, overlap)
+
+    for _ in range(3):
+        out_a, out_b = step(cache_a, True), step(cache_b, False)
+        assert torch.equal(out_a, out_b)
+    if graph:
+        s = torch.cuda.Stream()
+        s.wait_stream(torch.cuda.current_stream())
+        with torch.cuda.stream(s):
+            g = {}
+            for name, cache, ov in (("a", cache_a, True), ("b", cache_b, False)):
+                g[name] = torch.cuda.CUDAGraph()
+                with torch.cuda.graph(g[name], stream=s):
+                    g[name + "_out"] = step(cache, ov)
+        torch.cuda.current_stream().wait_stream(s)
+        for _ in range(4):
+            g["a"].replay()
+            g["b"].replay()
+            assert torch.equal(g["a_out"], g["b_out"])
+    torch.cuda.synchronize()
+    for x, y in zip(cache_a, cache_b):
+        assert torch.equal(x.nan_to_num(7.0), y.nan_to_num(7.0))
