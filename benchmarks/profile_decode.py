@@ -52,23 +52,25 @@ def main():
     # the last is profiled
     from ahn_ops.ops import decode_linear as dl
 
-    # (fused projections with and without the fused gate/up; the last variant is the default one)
-    variants = [(False, False, None), (True, False, None)]
+    # (fused projections with and without the fused gate/up, then the default without and with the decode op
+    # launched early after the q/k/v projection (overlap); the last variant is the default one)
+    variants = [(False, False, None, None), (True, False, None, None)]
     if dl.supports(a.batch, torch.bfloat16):
-        variants += [(True, True, a.batch > 2), (True, True, None)]
-    for glue, lin, gate_up in variants:
-        dec, per_token = _timed_decoder(gen, model, cache, logits, a, glue, lin, gate_up)
-        print(f"fuse_glue={glue} fuse_linear={lin} fuse_gate_up={dec.fuse_gate_up}: {1e3 * per_token:.3f} ms/token")
+        variants += [(True, True, a.batch > 2, False), (True, True, None, False), (True, True, None, None)]
+    for glue, lin, gate_up, overlap in variants:
+        dec, per_token = _timed_decoder(gen, model, cache, logits, a, glue, lin, gate_up, overlap)
+        print(f"fuse_glue={glue} fuse_linear={lin} fuse_gate_up={dec.fuse_gate_up} overlap={dec.overlap}: "
+              f"{1e3 * per_token:.3f} ms/token")
     floor = (weight_bytes(model) + cache_read_bytes(model, a.batch, a.context)) / copy_bandwidth(dev)
     _profile(dec, per_token, floor, L, a)
 
 
-def _timed_decoder(gen, model, cache, logits, a, glue, lin, gate_up=None):
+def _timed_decoder(gen, model, cache, logits, a, glue, lin, gate_up=None, overlap=None):
     import copy
 
     cache = copy.deepcopy(cache)  # each decoder advances its own cache
     dec = gen.StaticDecoder(model, cache, None, a.context, 4 * a.steps + 16, fuse_glue=glue,
-                             fuse_linear=lin, fuse_gate_up=gate_up)
+                             fuse_linear=lin, fuse_gate_up=gate_up, overlap=overlap)
     dec.start(logits)
     side = torch.cuda.Stream()
     side.wait_stream(torch.cuda.current_stream())
@@ -102,7 +104,7 @@ def _profile(dec, per_token, floor, L, a):
     n_k = sum(c for c, _ in agg.values()) / a.steps
     busy = sum(t for _, t in agg.values()) / a.steps
     print(f"\n# decode step (fuse_glue={dec.fuse_glue}, fuse_linear={dec.fuse_linear}, "
-          f"fuse_gate_up={dec.fuse_gate_up}): {a.shape} L={L} B={a.batch} T={a.context} {a.kind} "
+          f"fuse_gate_up={dec.fuse_gate_up}, overlap={dec.overlap}): {a.shape} L={L} B={a.batch} T={a.context} {a.kind} "
           f"W={a.window} S={a.sinks}, "
           f"{torch.cuda.get_device_name()}")
     print(f"per token {1e3 * per_token:.3f} ms (floor {1e3 * floor:.3f} ms), kernels per token {n_k:.0f} "
