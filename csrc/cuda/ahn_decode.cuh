@@ -25,7 +25,8 @@
 // With overlap_prev (Params::early), launch 1 itself is a programmatic dependent launch after the
 // kernel before the op (StaticDecoder's fused q/k/v projection, which lets it launch as it starts):
 // its blocks read only the cache before griddepcontrol.wait (attention: the first cp.async stages when
-// none holds the new token; state: the leaving key and the state columns), q / k / v after it.
+// none holds the new token; state: the leaving key and the state columns), q / k / v after it; its
+// blocks let launch 2 launch only once past the wait (launch 2 reads k / v / gate inputs before its own).
 // pos is read on the device only: no host synchronisation, CUDA-graph capturable.
 #pragma once
 
@@ -435,6 +436,7 @@ __device__ __forceinline__ void attn_block_mma(const Params& p, int blk, char* s
     cp_async_commit();
   }
   if (pre) pdl_wait();
+  if (p.early) pdl_launch_dependents();
   // Q as the A operand: a0a1 (row gid, cols 2tig..), a2a3 (row gid+8), a4a5 (row gid, +8), a6a7
   uint32_t qa[NKK][4];
   {
@@ -597,6 +599,7 @@ __device__ __forceinline__ void attn_block_simt(const Params& p, int blk, char* 
   const float sl2 = p.scale * kLog2e;
 
   pdl_wait();  // q first (this path issues nothing before it)
+  if (p.early) pdl_launch_dependents();
   float qr[kHeadTile][EPL], o[kHeadTile][EPL], m[kHeadTile], l[kHeadTile];
   const T* qb = reinterpret_cast<const T*>(p.q) + a.b * p.q_sb + (int64_t)a.h0 * p.q_sh;
 #pragma unroll
@@ -687,6 +690,7 @@ __device__ __forceinline__ void state_block(const Params& p, int sb, char* smem)
 #pragma unroll
   for (int rr = 0; rr < RPT; ++rr) st[rr] = *reinterpret_cast<const float4*>(st_base + (int64_t)(rg + RG * rr) * D);
   pdl_wait();
+  if (p.early) pdl_launch_dependents();
   if (h == 0 && c == 0 && tid == 0) p.ws_t[b] = t;
   const T* qrow = reinterpret_cast<const T*>(p.q) + b * p.q_sb + (int64_t)h * p.q_sh;
   for (int i = tid; i < D; i += kThreads) sq[i] = Ops::to_f(qrow[i]);
@@ -790,7 +794,9 @@ struct MainSmem {
 template <typename T, int D, bool MMA, int NST = MmaStages<D>::value, int MINB = (MMA ? 3 : 2)>
 __global__ void __launch_bounds__(kThreads, MINB) decode_main_kernel(const Params p) {
   extern __shared__ __align__(16) char smem[];
-  pdl_launch_dependents();
+  // launch 2 reads the new k / v and the gate inputs before its own wait: with p.early (the kernel that
+  // wrote them may still run) each block lets it launch only once past griddepcontrol.wait
+  if (!p.early) pdl_launch_dependents();
   const int blk = blockIdx.x;
   if (blk < p.n_attn_blocks) {
     if constexpr (MMA) {
