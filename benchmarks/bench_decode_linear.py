@@ -31,6 +31,7 @@ import sys
 
 import torch
 import torch.nn.functional as F
+import triton
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 import common as C  # noqa: E402
@@ -108,6 +109,9 @@ def main():
     ap.add_argument("--batch", type=int, nargs="+", default=[1, 2, 4])
     ap.add_argument("--layers", type=int, default=36)
     ap.add_argument("--sweep", action="store_true")
+    ap.add_argument("--persist", action="store_true",
+                    help="with --sweep at B <= 2: only the persistent kernel's configs (tile rows x warps x "
+                         "register buffers x programs per SM), next to the table's current entry")
     a = ap.parse_args()
     dev, dt = torch.device("cuda"), torch.bfloat16
     g = torch.Generator(device=dev).manual_seed(0)
@@ -119,7 +123,7 @@ def main():
     from ahn_ops.ops import decode_linear as dl
 
     if a.sweep:
-        sweep(layers, a.batch, dt, dev, g, bw)
+        sweep(layers, a.batch, dt, dev, g, bw, a.persist)
     rows = []
     for B in a.batch:
         errs = check(layers, B, dt, dev, g)
@@ -147,7 +151,7 @@ def main():
     print(f"configs: {dl.CONFIGS}")
 
 
-def sweep(layers, batches, dt, dev, g, bw):
+def sweep(layers, batches, dt, dev, g, bw, persist=False):
     from ahn_ops.ops import decode_linear as dl
 
     best = {}
@@ -177,6 +181,33 @@ def sweep(layers, batches, dt, dev, g, bw):
                     return float("inf")
 
             res = []
+            if persist and not mma:
+                # the persistent kernel: one K tile (BK >= K, 16384 covers the MLP's 11008) or 2048..8192-wide K
+                # tiles, `stages` register buffers of 2 BN2 x BK weights, `pps` programs per SM; at most 256 bf16
+                # weight elements per thread in flight; the table's entry is timed in the same run
+                cur = dl._config(name, BM, None)
+                res.append((timed(cur), cur))
+                K = INTER if name == "down_proj" else HID
+                seen = set()
+                for BN2, BK, warps, st, pps in itertools.product((1, 2, 4), (2048, 4096, 8192, 16384), (4, 8), (2, 3),
+                                                                 (2, 3, 4, 6)):
+                    bk = min(BK, triton.next_power_of_2(K))
+                    if 2 * BN2 * bk * st > 256 * 32 * warps or (name == "qkvg" and BN2 > D // 2) \
+                            or (BN2, bk, warps, st, pps) in seen:
+                        continue  # registers, RoPE pairs, K tiles clipped to the same size
+                    seen.add((BN2, bk, warps, st, pps))
+                    c = (BN2, bk, warps, st, False, pps)
+                    res.append((timed(c), c))
+                res.sort()
+                t, c = res[0]
+                print(f"sweep {name} B={B}: best {c} {t:.2f} us ({nbytes / t / 1e3:.0f} GB/s, "
+                      f"{100 * nbytes / t / 1e3 / (bw / 1e9):.0f}% of copy); table's {cur} "
+                      f"{[round(x, 2) for x, y in res if y == cur][0]} us; next "
+                      f"{[(round(x, 2), y) for x, y in res[1:8]]}; plain cuBLAS: {_cublas(name, layers, h, o, act)}",
+                      flush=True)
+                best[(name, BM)] = c
+                dl.CONFIGS[(name, BM)] = c
+                continue
             if mma:  # 2 BN2 weight rows x BK per tensor-core product
                 for BN2, BK, warps in itertools.product((8, 16), (128, 256, 512), (4,)):
                     res.append((timed((BN2, BK, warps, 3)), (BN2, BK, warps, 3)))

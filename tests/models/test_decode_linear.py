@@ -122,10 +122,15 @@ def test_norm_gate_up(dt, B, K, N, bias):
 
 
 @pytest.mark.parametrize("config", [(2, 32, 1), (4, 64, 2, 1), (16, 512, 4, 2), (2, 32, 1, 3, True),
-                                    (4, 128, 2, 1, True)])
+                                    (4, 128, 2, 1, True),
+                                    # persistent: one K tile, 1 tile ahead, 3 programs (per SM; the CPU counts 1)
+                                    (2, 256, 4, 2, False, 3),
+                                    # persistent with K tiles (4 of 64: a tail), 2 tiles ahead, 2 / 5 programs
+                                    (1, 64, 4, 3, False, 2), (4, 128, 2, 3, False, 5)])
 def test_configs(config):
-    # any tile shape (rows per program, K tile, warps, stages, per-step or deferred reduction over K) gives
-    # the torch result: masks of partial row blocks and K tails, RoPE pairs split across programs
+    # any tile shape (rows per program, K tile, warps, stages, per-step or deferred reduction over K; or the
+    # persistent kernel: register buffers, programs per SM) gives the torch result: masks of partial row
+    # blocks and K tails, RoPE pairs split across programs, programs with unequal numbers of row blocks
     g = torch.Generator().manual_seed(3)
     dt = torch.float32
     h = torch.randn(3, 200, generator=g).to(DEV)
@@ -145,6 +150,65 @@ def test_configs(config):
     qr, kr = _rope((x @ wq.T).view(3, 1, 2, D), (x @ wkvg.T)[:, :nk].reshape(3, 1, 2, D), cos, sin)
     _close(q, qr.reshape(3, -1), dt)
     _close(y, torch.cat([kr.reshape(3, -1), (x @ wkvg.T)[:, nk:]], 1), dt)
+
+
+@pytest.mark.parametrize("dt", [torch.bfloat16, torch.float32], ids=str)
+def test_persistent_programs_take_many_blocks(dt):
+    # the persistent kernel with many row blocks per program (the B=1 default on a GPU; on the CPU 2 programs):
+    # every block's output lands in its rows, with a different number of blocks per program, at B = 1 and 2
+    g = torch.Generator().manual_seed(11)
+    K, N = (2048, 11008) if DEV == "cuda" else (96, 301)
+    for B in (1, 2):
+        h = torch.randn(B, K, generator=g).to(dt).to(DEV)
+        norm = _norm(K, dt, g)
+        x = norm(h)
+        wg, wu = _w(N, K, dt, g), _w(N, K, dt, g)
+        for cfg in ((2, 16384, 4, 2, False, 3), (1, 16384, 4, 3, False, 2)):
+            _close(dl.norm_gate_up(h, norm.weight, 1e-6, wg, wu, config=cfg),
+                   F.silu(F.linear(x, wg)) * F.linear(x, wu), dt)
+        res = torch.randn(B, K, generator=g).to(dt).to(DEV)
+        wd = _w(K, N, dt, g)
+        act = torch.randn(B, N, generator=g).to(dt).to(DEV)
+        _close(dl.linear_residual(act, wd, None, res, role="down_proj", config=(2, 1024, 8, 2, False, 2)),
+               res + F.linear(act, wd), dt)
+
+
+@pytest.mark.skipif(not (torch.cuda.is_available() and dl.can_trigger(torch.device("cuda"))),
+                    reason="programmatic dependent launch needs an sm_90+ GPU")
+def test_chained_launches_change_nothing():
+    # o_proj -> gate/up -> down_proj -> q/k/v as programmatic dependent launches (each requests its first
+    # weight tiles before waiting for the one before): bit-identical to plain launches, eager and in a CUDA
+    # graph, with new inputs every round (a kernel that read its input before the wait would see stale data)
+    g = torch.Generator().manual_seed(5)
+    dt, dev, K, N, D = torch.bfloat16, torch.device("cuda"), 2048, 11008, 128
+    norm, norm2 = _norm(K, dt, g), _norm(K, dt, g)
+    wo, wg, wu, wd = _w(K, K, dt, g), _w(N, K, dt, g), _w(N, K, dt, g), _w(K, N, dt, g)
+    wq, wkvg = _w(16 * D, K, dt, g), _w(2 * 2 * D + 48, K, dt, g)
+    for B in (1, 2):
+        o, h = torch.empty(B, K, dtype=dt, device=dev), torch.empty(B, K, dtype=dt, device=dev)
+        cs = torch.empty(B, D, dtype=dt, device=dev)
+
+        def layer(chain):
+            x = dl.linear_residual(o, wo, None, h, chain=chain)
+            act = dl.norm_gate_up(x, norm.weight, 1e-6, wg, wu, chain=chain)
+            x = dl.linear_residual(act, wd, None, x, role="down_proj", chain=chain)
+            return (x,) + dl.norm_qkvg(x, norm2.weight, 1e-6, wq, None, wkvg, None, 2 * D, cs, cs, D, chain=chain)
+
+        graph = torch.cuda.CUDAGraph()
+        side = torch.cuda.Stream()
+        side.wait_stream(torch.cuda.current_stream())
+        with torch.cuda.stream(side):
+            layer(True)
+        torch.cuda.current_stream().wait_stream(side)
+        with torch.cuda.graph(graph):
+            captured = layer(True)
+        for r in range(3):
+            for t_ in (o, h, cs):
+                t_.copy_(torch.randn(t_.shape, generator=g).to(dt))
+            ref = layer(False)
+            for got in (layer(True), (graph.replay(), captured)[1]):
+                for a, b in zip(got, ref):
+                    assert torch.equal(a, b), (B, r)
 
 
 LOW = [torch.bfloat16, torch.float16]
