@@ -455,7 +455,9 @@ def _num_sms(dev: torch.device) -> int:
 
 # Programmatic dependent launch between the persistent kernels (``chain=None`` in the wrappers): each one lets
 # the next launch as it starts and requests its first weight tiles before waiting for the previous kernel.
-CHAIN = False
+# None: on where it can be (sm_90+, not the interpreter). H200, 3B step at T=32k: B=1 2.510 -> 2.403 ms/token,
+# B=2 3.113 -> 2.982 (2026-12-03); bit-identical (tests/models/test_decode_linear.py).
+CHAIN: Optional[bool] = None
 
 
 def _launch(nblk: int, tiles, mma: bool, dev: torch.device, args, trigger: bool = False,
@@ -468,7 +470,8 @@ def _launch(nblk: int, tiles, mma: bool, dev: torch.device, args, trigger: bool 
     if persist and not mma:  # stages: tiles in registers (the one reduced + 1 or 2 in flight)
         K = args[_K_ARG]
         nprog = min(nblk, persist * _num_sms(dev))
-        pdl = bool(CHAIN if chain is None else chain) and can_trigger(dev)
+        pdl = bool(True if chain is None and CHAIN is None else (CHAIN if chain is None else chain)) \
+            and can_trigger(dev)
         if pdl:
             meta.update(TRIGGER=True, WAIT=True, launch_pdl=True)
         _stream_kernel[(nprog,)](*args, nblk, nprog, triton.cdiv(K, BK), AHEAD=min(max(stages - 1, 1), 2),
