@@ -53,14 +53,17 @@ def main():
     from ahn_ops.ops import decode_linear as dl
 
     # (fused projections with and without the fused gate/up, then the default without and with the decode op
-    # launched early after the q/k/v projection (overlap); the last variant is the default one)
-    variants = [(False, False, None, None), (True, False, None, None)]
+    # launched early after the q/k/v projection (overlap), without chained launches of the persistent
+    # projections (decode_linear.CHAIN, B <= 2); the last variant is the default one)
+    variants = [(False, False, None, None, None), (True, False, None, None, None)]
     if dl.supports(a.batch, torch.bfloat16):
-        variants += [(True, True, a.batch > 2, False), (True, True, None, False), (True, True, None, None)]
-    for glue, lin, gate_up, overlap in variants:
+        variants += [(True, True, a.batch > 2, False, None), (True, True, None, False, None),
+                     (True, True, None, None, False), (True, True, None, None, None)]
+    for glue, lin, gate_up, overlap, chain in variants:
+        dl.CHAIN = chain
         dec, per_token = _timed_decoder(gen, model, cache, logits, a, glue, lin, gate_up, overlap)
-        print(f"fuse_glue={glue} fuse_linear={lin} fuse_gate_up={dec.fuse_gate_up} overlap={dec.overlap}: "
-              f"{1e3 * per_token:.3f} ms/token")
+        print(f"fuse_glue={glue} fuse_linear={lin} fuse_gate_up={dec.fuse_gate_up} overlap={dec.overlap} "
+              f"chain={dl.chain_on(dev) if chain is None else chain}: {1e3 * per_token:.3f} ms/token")
     floor = (weight_bytes(model) + cache_read_bytes(model, a.batch, a.context)) / copy_bandwidth(dev)
     _profile(dec, per_token, floor, L, a)
 

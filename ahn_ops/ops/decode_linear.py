@@ -14,16 +14,23 @@ projections, RoPE, o_proj, a residual add + RMSNorm, gate and up projections, Si
 - :func:`linear_residual`: ``residual + x @ W^T (+ bias)`` (o_proj, down_proj);
 - :func:`norm_gate_up`: RMSNorm, gate and up projections, ``silu(gate) * up``.
 
-Programmatic dependent launch (the first weight tiles loaded before ``griddepcontrol.wait``, so that
-a kernel streams weights while the previous one finishes) was tried and dropped: 56.1 vs 54.3 us per
-layer at B=1 on an H200 (2026-12-02), whole step 3.00 vs 2.88 ms/token.
+At batch 1-2 the projections run as :func:`_stream_kernel`: a few programs per SM, each looping over row
+blocks with the next block's weights already requested while it reduces one (register double buffering;
+Triton's software pipelining covers only loads that feed ``tl.dot``). One block per program left each
+slot idle from a program's last load until the next program's first: B=1 gate/up went from 81% to 92% of
+the copy bandwidth, the whole 3B step at T=32k from 2.70 to 2.51 ms/token (H200, 2026-12-03). These
+kernels are also chained (:data:`CHAIN`): each is a programmatic dependent launch that lets the next one
+launch as it starts and requests its first weight tiles before ``griddepcontrol.wait`` (everything the
+previous kernels write is read after it), so the next kernel's programs take the SMs as this one's leave
+(2.51 -> 2.40 ms/token at B=1). The same chaining with one block per program had been slower (56.1 vs
+54.3 us per layer, 2026-12-02): its dependents could launch only once every program had started.
 
 Every rounding step of the torch modules is kept (RMSNorm output, projection output rounded to the
 activation dtype before RoPE / SiLU / the residual add, as ``_add_rms_norm_kernel`` and
 ``rope_halves`` in :mod:`model_glue` do), so the fused step differs from the plain one only in fp32
 summation order.
 
-Each program owns ``2 * BN2`` output rows and loops over ``K``: a pair of ``[BN2, BK]`` weight tiles
+Each row block is ``2 * BN2`` output rows, reduced over ``K`` in ``BK`` tiles: a pair of ``[BN2, BK]`` weight tiles
 (the two halves of a RoPE pair, the matching rows of gate and up, or two consecutive row blocks)
 times the ``[BM, BK]`` activations. At batch 1-2 (and in float32, up to :data:`MAX_BROADCAST_BATCH`)
 as a broadcast product summed over ``BK`` (``BM`` = the batch padded to a power of two; ``BK`` large
@@ -63,10 +70,11 @@ MMA_BM = 16               # the batch padded to one tensor-core tile
 
 _PROJ, _SILU, _RESID = 0, 1, 2
 
-# (BN2, BK, num_warps, num_stages[, defer]) per (projection, BM), from ``benchmarks/bench_decode_linear.py
-# --sweep``. defer: keep element-wise partial sums [BM, BN2, BK] and reduce over K once at the end instead
-# of a (cross-warp, shared-memory + barrier) sum every step; offline PTX (triton 3.8) of the B=1 gate/up
-# kernel has 44 bar.sync without it. Not yet timed on a GPU.
+# (BN2, BK, num_warps, num_stages[, defer[, persist]]) per (projection, BM), from
+# ``benchmarks/bench_decode_linear.py --sweep`` (``--persist`` for the persistent kernel). defer: keep
+# element-wise partial sums [BM, BN2, BK] and reduce over K once at the end instead of a (cross-warp,
+# shared-memory + barrier) sum every step. persist > 0: :func:`_stream_kernel` with that many programs per
+# SM, num_stages = weight tiles held in registers (the one reduced + 1 or 2 requested ahead).
 CONFIGS: Dict[Tuple[str, int], Tuple] = {  # H200 sweep, 2026-12-02 (BM=2: BM=4's)
     # BM = 1, 2: the persistent kernel (6th entry: programs per SM), H200 sweep 2026-12-03 (`--sweep --persist`),
     # us vs the one-block-per-program configs before it: B=1 qkvg 6.21 vs 6.80, o_proj 4.97 vs 5.26, gate_up
@@ -460,6 +468,13 @@ def _num_sms(dev: torch.device) -> int:
 CHAIN: Optional[bool] = None
 
 
+def chain_on(dev: torch.device, chain: Optional[bool] = None) -> bool:
+    """Whether the persistent kernels on ``dev`` launch chained (``chain``, else :data:`CHAIN`; None = where
+    possible)."""
+    c = CHAIN if chain is None else chain
+    return (c is None or bool(c)) and can_trigger(dev)
+
+
 def _launch(nblk: int, tiles, mma: bool, dev: torch.device, args, trigger: bool = False,
             chain: Optional[bool] = None, **meta):
     """Run ``nblk`` row blocks: one per program (:func:`_skinny_kernel`), or with ``persist`` > 0 on
@@ -470,9 +485,7 @@ def _launch(nblk: int, tiles, mma: bool, dev: torch.device, args, trigger: bool 
     if persist and not mma:  # stages: tiles in registers (the one reduced + 1 or 2 in flight)
         K = args[_K_ARG]
         nprog = min(nblk, persist * _num_sms(dev))
-        pdl = bool(True if chain is None and CHAIN is None else (CHAIN if chain is None else chain)) \
-            and can_trigger(dev)
-        if pdl:
+        if chain_on(dev, chain):
             meta.update(TRIGGER=True, WAIT=True, launch_pdl=True)
         _stream_kernel[(nprog,)](*args, nblk, nprog, triton.cdiv(K, BK), AHEAD=min(max(stages - 1, 1), 2),
                                  ONEK=BK >= K, num_stages=1, **meta)
