@@ -13,12 +13,15 @@ TORCH_LIBRARY(ahn, m) {
   // gates [B,W,H,2] fp32; state [B,H,D,D] fp32; pos [B] int64. Returns [B,H,D] in q's dtype.
   // overlap_prev (CUDA, sm_90): the op may start while the previous kernel on the stream finishes
   // (programmatic dependent launch), reading only the cache until that kernel's writes are visible;
-  // only for a previous kernel that writes none of the cache tensors. Changes no result.
+  // only for a previous kernel that writes none of the cache tensors. overlap_next (CUDA, sm_90): the
+  // next kernel on the stream may launch once the op's last launch has started (and launch 1 is
+  // complete); only for a next kernel that waits for this op (griddepcontrol.wait) before it reads or
+  // writes anything, or that is not a programmatic dependent launch. Neither changes a result.
   m.def(
       "decode_step(Tensor q, Tensor k, Tensor v, Tensor? a, Tensor? b, Tensor z, Tensor? A_log, "
       "Tensor? dt_bias, Tensor norm_weight, Tensor o_weight, Tensor(a!) sink_k, Tensor(b!) sink_v, "
       "Tensor(c!) ring_k, Tensor(d!) ring_v, Tensor(e!) gates, Tensor(f!) state, Tensor(g!) pos, "
-      "int window, int sinks, str kind, bool overlap_prev=False) -> Tensor");
+      "int window, int sinks, str kind, bool overlap_prev=False, bool overlap_next=False) -> Tensor");
 }
 
 // `import ahn_ops._C` runs the static registrations above; the module itself only carries

@@ -16,7 +16,7 @@ def test_extension_loads_and_registers_ops():
     assert isinstance(_ext.has_cuda_kernels(), bool)
     assert hasattr(torch.ops.ahn, "decode_step")
     schema = str(torch.ops.ahn.decode_step.default._schema)
-    assert "Tensor(f!) state" in schema and "str kind, bool overlap_prev=False) -> Tensor" in schema
+    assert "Tensor(f!) state" in schema and "str kind, bool overlap_prev=False, bool overlap_next=False) -> Tensor" in schema
     assert torch._C._dispatch_has_kernel_for_dispatch_key("ahn::decode_step", "CPU")
     if _ext.has_cuda_kernels():
         assert ext.CUDA_ARCHS

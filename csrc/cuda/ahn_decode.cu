@@ -194,7 +194,8 @@ at::Tensor decode_step_cuda(const at::Tensor& q, const at::Tensor& k, const at::
                             const std::optional<at::Tensor>& dt_bias, const at::Tensor& norm_weight,
                             const at::Tensor& o_weight, at::Tensor& sink_k, at::Tensor& sink_v, at::Tensor& ring_k,
                             at::Tensor& ring_v, at::Tensor& gates, at::Tensor& state, at::Tensor& pos,
-                            int64_t window, int64_t sinks, c10::string_view kind_name, bool overlap_prev) {
+                            int64_t window, int64_t sinks, c10::string_view kind_name, bool overlap_prev,
+                            bool overlap_next) {
   // ---- checks: all before anything is launched, so a rejected call leaves the cache as it was
   const std::string_view kind_sv(kind_name.data(), kind_name.size());
   const DecodeSizes s = check_decode_args(q, k, v, a, b, z, A_log, dt_bias, norm_weight, o_weight, sink_k, sink_v,
@@ -296,6 +297,9 @@ at::Tensor decode_step_cuda(const at::Tensor& q, const at::Tensor& k, const at::
   // overlap_prev: the caller vouches that the kernel right before this op writes none of the cache (it
   // writes q, k, v: the fused projection of StaticDecoder, which also triggers its dependents early)
   p.early = overlap_prev && pdl ? 1 : 0;
+  // overlap_next: the caller vouches that the next kernel waits for this op before touching its outputs
+  // or the cache (StaticDecoder's chained o_proj): launch 2 lets it launch once past its own wait
+  p.chain_next = overlap_next && pdl ? 1 : 0;
   const cudaStream_t stream = c10::cuda::getCurrentCUDAStream(device);
   const int D = static_cast<int>(s.D);
   switch (q.scalar_type()) {

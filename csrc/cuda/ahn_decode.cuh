@@ -93,6 +93,8 @@ struct Params {
   float lazy;   // MMA path: log2 headroom before a row's reference max moves (0: always the exact max)
   int early;    // launch 1 may start before the previous kernel ends (programmatic dependent launch): the
                 // blocks read only the cache (sinks, ring, gates, state, pos) before griddepcontrol.wait
+  int chain_next;  // launch 2 lets the next kernel launch once past its own wait (launch 1 complete): the
+                   // next kernel waits for launch 2 before it reads or writes anything (overlap_next)
 };
 
 // ------------------------------------------------------------------------------------------
@@ -892,6 +894,7 @@ __global__ void __launch_bounds__(kThreads) decode_finish_kernel(const Params p)
   }
 
   pdl_wait();  // launch 1 complete and its writes visible
+  if (p.chain_next) pdl_launch_dependents();  // its programs come in as launch 1's blocks have left
   const int64_t t = p.ws_t[b];
   // the readout and its sums of squares, loaded before the combine so that every load of
   // launch 1's results is in flight at once

@@ -279,8 +279,10 @@ def test_interface_falls_back_for_other_head_dims():
 ])
 def test_overlap_prev_after_a_triggering_projection(kind, dt, D, H, HKV, B, W, S, starts, graph):
     """decode_step(overlap_prev=True) right after a projection kernel that lets it launch early (the
-    fused q/k/v projection of the decode step, ``trigger_next``) gives the bits of the plain call: output
-    and every cache tensor, step after step (and replayed in a CUDA graph)."""
+    fused q/k/v projection of the decode step, ``trigger_next``), and with overlap_next=True before a
+    chained o_proj (a programmatic dependent launch that streams its weights before waiting), gives the
+    bits of the plain calls: output, o_proj's output and every cache tensor, step after step (and replayed
+    in a CUDA graph)."""
     _require_kernel()
     from ahn_ops.ops import decode_linear as dl
 
@@ -296,12 +298,16 @@ def test_overlap_prev_after_a_triggering_projection(kind, dt, D, H, HKV, B, W, S
     wq = (torch.randn(H * D, K, generator=gen) * K ** -0.5).to("cuda", dtype)
     wkv = (torch.randn(2 * HKV * D, K, generator=gen) * K ** -0.5).to("cuda", dtype)
     cos, sin = torch.ones(B, D, device="cuda", dtype=dtype), torch.zeros(B, D, device="cuda", dtype=dtype)
+    wo = (torch.randn(K, H * D, generator=gen) * (H * D) ** -0.5).to("cuda", dtype)
     _, _, _, a, b, z = make_step(B, H, HKV, D, kind, dtype, gen)
 
     def step(cache, overlap):
         q, y = dl.norm_qkvg(h, nw, 1e-6, wq, None, wkv, None, HKV * D, cos, sin, D, trigger_next=overlap)
         k, v = y[:, :HKV * D].view(B, HKV, D), y[:, HKV * D:].view(B, HKV, D)
-        return torch.ops.ahn.decode_step(q.view(B, H, D), k, v, a, b, z, *params, *cache, W, S, kind, overlap)
+        out = torch.ops.ahn.decode_step(q.view(B, H, D), k, v, a, b, z, *params, *cache, W, S, kind, overlap,
+                                        overlap)
+        o = dl.linear_residual(out.reshape(B, -1), wo, None, h, chain=overlap)
+        return torch.cat([out.reshape(B, -1), o], 1)
 
     for _ in range(3):
         h.copy_(torch.randn(B, K, generator=gen))  # new q, k, v every step
