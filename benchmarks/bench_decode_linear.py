@@ -1,6 +1,7 @@
 """The decode step's projections at batch 1-16: ahn_ops/ops/decode_linear.py against cuBLAS + the glue kernels.
 
-    python benchmarks/bench_decode_linear.py [--batch 1 2 4 8 16] [--sweep] [--layers 36]
+    python benchmarks/bench_decode_linear.py [--batch 1 2 4 8 16] [--sweep [--persist] [--ops down_proj ...]]
+        [--layers 36]
 
 Per layer of the Qwen2.5-3B shape (hidden 2048, intermediate 11008, H=16, HKV=2, D=128, AHN-GDN
 gates a, b, z: the stacked k/v/gates weight has 560 rows), bf16. Weight bytes per layer (each read
@@ -20,6 +21,8 @@ event-timed replays).
 prints the best per (op, batch) as a ``CONFIGS`` table (tile rows x K x warps with a per-step or a deferred
 reduction over K, then the pipelining depth of the three best; at B > 2 the tensor-core tiles: 2 x BN2
 weight rows x BK per product, the batch padded to 16 rows), which the layer comparison after it then uses.
+``--persist`` (B <= 2): the persistent kernel's configs instead (rows per tile half x K tile x warps x
+register buffers x programs per SM), next to the table's current entry.
 """
 
 from __future__ import annotations
@@ -112,6 +115,8 @@ def main():
     ap.add_argument("--persist", action="store_true",
                     help="with --sweep at B <= 2: only the persistent kernel's configs (tile rows x warps x "
                          "register buffers x programs per SM), next to the table's current entry")
+    ap.add_argument("--ops", nargs="+", default=None, choices=("qkvg", "o_proj", "gate_up", "down_proj"),
+                    help="with --sweep: only these projections")
     a = ap.parse_args()
     dev, dt = torch.device("cuda"), torch.bfloat16
     g = torch.Generator(device=dev).manual_seed(0)
@@ -123,7 +128,7 @@ def main():
     from ahn_ops.ops import decode_linear as dl
 
     if a.sweep:
-        sweep(layers, a.batch, dt, dev, g, bw, a.persist)
+        sweep(layers, a.batch, dt, dev, g, bw, a.persist, a.ops)
     rows = []
     for B in a.batch:
         errs = check(layers, B, dt, dev, g)
@@ -151,7 +156,7 @@ def main():
     print(f"configs: {dl.CONFIGS}")
 
 
-def sweep(layers, batches, dt, dev, g, bw, persist=False):
+def sweep(layers, batches, dt, dev, g, bw, persist=False, only=None):
     from ahn_ops.ops import decode_linear as dl
 
     best = {}
@@ -171,6 +176,8 @@ def sweep(layers, batches, dt, dev, g, bw, persist=False):
                           ("wd",)),
         }
         for name, (op, keys) in ops.items():
+            if only and name not in only:
+                continue
             nbytes = sum(layers[0][k].numel() * 2 for k in keys)
 
             def timed(c):
