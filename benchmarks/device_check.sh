@@ -11,6 +11,7 @@
 #   bash benchmarks/device_check.sh demo             # python/retrieval_demo.py under a time budget
 #   bash benchmarks/device_check.sh ddp              # distillation on 1 GPU vs 2 GPUs (torchrun), same batch
 #   bash benchmarks/device_check.sh decode           # decode op: CUDA tests, launch-knob variants, ncu of one step
+#   bash benchmarks/device_check.sh step             # the decode step at B <= 2: tests, projections, 3B step variants
 #   bash benchmarks/device_check.sh bg:demo tests    # both at once
 #
 # Logs and results go to $OUT (the device tool's folder) or ./device_out; the demo's assets come back
@@ -99,8 +100,18 @@ stage() {
         grep -E "  void decode_|Duration|DRAM Throughput|Issued Warp|Warp Cycles Per Issued" "$out/ncu_decode.txt"
       fi
       ;;
+    step)
+      # the whole decode step at small batch (issue 6's B=1 target, ~4 min): the fused projections' and the
+      # decode op's launch-overlap tests, the per-layer projections, then the 3B step's variants (chained
+      # launches off / on, ...) and its kernel profile at B=1
+      timeout 200 python3 -m pytest -q -x -rfEs tests/models/test_decode_linear.py tests/models/test_generate_fast.py \
+        2>&1 | tee "$out/tests_step.log" | tail -3
+      timeout 60 python3 -m pytest -q -x -rfEs tests/ops/test_decode_cuda.py -k overlap 2>&1 | tail -2
+      timeout 60 python3 benchmarks/bench_decode_linear.py --batch 1 2 2>&1 | tail -4
+      timeout 180 python3 benchmarks/profile_decode.py --batch 1 --steps 20 --top 12 2>&1 | tee "$out/step_b1.log" | tail -24
+      ;;
     *)
-      echo "unknown stage $1 (tests|bench|perf|model|demo|ddp|decode, optionally bg:STAGE)" >&2
+      echo "unknown stage $1 (tests|bench|perf|model|demo|ddp|decode|step, optionally bg:STAGE)" >&2
       return 2
       ;;
   esac
