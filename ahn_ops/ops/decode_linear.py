@@ -448,7 +448,6 @@ def _tiles(key: str, BM: int, mma: bool, config, K: int, half: Optional[int] = N
 
 
 _SMS: Dict[int, int] = {}
-_K_ARG = 18  # position of K in the kernels' arguments
 
 
 def _num_sms(dev: torch.device) -> int:
@@ -475,7 +474,7 @@ def chain_on(dev: torch.device, chain: Optional[bool] = None) -> bool:
     return (c is None or bool(c)) and can_trigger(dev)
 
 
-def _launch(nblk: int, tiles, mma: bool, dev: torch.device, args, trigger: bool = False,
+def _launch(nblk: int, tiles, mma: bool, dev: torch.device, K: int, args, trigger: bool = False,
             chain: Optional[bool] = None, **meta):
     """Run ``nblk`` row blocks: one per program (:func:`_skinny_kernel`), or with ``persist`` > 0 on
     ``persist`` programs per SM that loop over them (:func:`_stream_kernel`; ``chain``: as a programmatic
@@ -483,7 +482,6 @@ def _launch(nblk: int, tiles, mma: bool, dev: torch.device, args, trigger: bool 
     BN2, BK, warps, stages, defer, persist = tiles
     meta.update(BN2=BN2, BK=BK, TRIGGER=bool(trigger) and can_trigger(dev), num_warps=warps)
     if persist and not mma:  # stages: tiles in registers (the one reduced + 1 or 2 in flight)
-        K = args[_K_ARG]
         nprog = min(nblk, persist * _num_sms(dev))
         if chain_on(dev, chain):
             meta.update(TRIGGER=True, WAIT=True, launch_pdl=True)
@@ -566,7 +564,7 @@ def norm_qkvg(h: torch.Tensor, norm_weight: torch.Tensor, eps: float, wq: torch.
     y = torch.empty(B, Nkvg, dtype=dt, device=dev)
     P1 = Nq // (2 * BN2)
     P2 = nk // (2 * BN2) + triton.cdiv(Nkvg - nk, 2 * BN2)
-    _launch(P1 + P2, tiles, mma, dev,
+    _launch(P1 + P2, tiles, mma, dev, K,
             (h, h.stride(0), norm_weight, float(eps),
              wq, bq if bq is not None else wq, wkvg, bkvg if bkvg is not None else wkvg,
              q, q.stride(0), y, y.stride(0), h, 0, cos, sin, cos.stride(0),
@@ -596,7 +594,7 @@ def linear_residual(x: torch.Tensor, w: torch.Tensor, bias: Optional[torch.Tenso
     tiles = _tiles(role, BM, mma, config, K)
     out = torch.empty(B, N, dtype=dt, device=dev)
     P = triton.cdiv(N, 2 * tiles[0])
-    _launch(P, tiles, mma, dev,
+    _launch(P, tiles, mma, dev, K,
             (x, x.stride(0), x, 0., w, bias if bias is not None else w, w, w, out, out.stride(0), out, 0,
              residual, residual.stride(0), x, x, 0, B, K, N, 0, 0, 0, P),
             chain=chain, MODE=_RESID, RMS=False, HAS_B1=bias is not None, HAS_B2=False, D=2, BM=BM)
@@ -621,7 +619,7 @@ def norm_gate_up(h: torch.Tensor, norm_weight: torch.Tensor, eps: float, w_gate:
     tiles = _tiles("gate_up", BM, mma, config, K)
     out = torch.empty(B, N, dtype=dt, device=dev)
     P = triton.cdiv(N, tiles[0])
-    _launch(P, tiles, mma, dev,
+    _launch(P, tiles, mma, dev, K,
             (h, h.stride(0), norm_weight, float(eps),
              w_gate, b_gate if b_gate is not None else w_gate, w_up, b_up if b_up is not None else w_up,
              out, out.stride(0), out, 0, h, 0, h, h, 0, B, K, N, N, 0, 0, P),
