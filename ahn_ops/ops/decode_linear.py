@@ -103,15 +103,20 @@ def _config(key, BM, config):
 
 
 @triton.jit
+def _rms_apply(xv, rstd, wn):
+    """Qwen2RMSNorm's steps on raw activations ``xv`` (activation dtype): normalised in fp32 by ``rstd``,
+    rounded, times the norm weight ``wn``, rounded (``rstd`` and ``wn`` broadcast against ``xv``)."""
+    y = (xv.to(tl.float32) * rstd).to(xv.dtype)
+    return (wn.to(tl.float32) * y.to(tl.float32)).to(xv.dtype)
+
+
+@triton.jit
 def _x_tile(xrow, nw, rstd, kk, K, bmask, RMS: tl.constexpr):
-    """Activations ``[BM, BK]`` at columns ``kk`` in fp32; with ``RMS`` normalised in fp32, rounded, times the
-    norm weight, rounded (Qwen2RMSNorm's steps)."""
+    """Activations ``[BM, BK]`` at columns ``kk`` in fp32; with ``RMS`` normalised (:func:`_rms_apply`)."""
     km = kk < K
     xv = tl.load(xrow + kk[None, :], mask=bmask[:, None] & km[None, :], other=0.)
     if RMS:
-        y = (xv.to(tl.float32) * rstd[:, None]).to(xv.dtype)
-        wn = tl.load(nw + kk, mask=km, other=0.)
-        xv = (wn.to(tl.float32)[None, :] * y.to(tl.float32)).to(xv.dtype)
+        xv = _rms_apply(xv, rstd[:, None], tl.load(nw + kk, mask=km, other=0.)[None, :])
     return xv.to(tl.float32)
 
 
@@ -354,7 +359,6 @@ def _stream_kernel(x, x_s, nw, eps,
     _trigger(TRIGGER)
     bm = tl.arange(0, BM)
     bmask = bm < B
-    dt = x.dtype.element_ty
     xrow = x + bm.to(tl.int64)[:, None] * x_s                      # [BM, 1]
     nit = tl.cdiv(NBLK - pid, NPROG) * NK
     # the first items' weight tiles (the activations: after the wait, below)
@@ -390,9 +394,7 @@ def _stream_kernel(x, x_s, nw, eps,
             xf = xv0.to(tl.float32)
             if RMS:
                 kk = (kc * BK + tl.arange(0, BK))[None, None, :]
-                y = (xf * rstd[:, None, None]).to(dt)
-                wn = tl.load(nw + kk, mask=kk < K, other=0.)
-                xf = (wn.to(tl.float32) * y.to(tl.float32)).to(dt).to(tl.float32)
+                xf = _rms_apply(xv0, rstd[:, None, None], tl.load(nw + kk, mask=kk < K, other=0.)).to(tl.float32)
         part_lo = tl.sum(xf * wl0.to(tl.float32), 2)
         part_hi = tl.sum(xf * wh0.to(tl.float32), 2)
         acc_lo = tl.where(kc == 0, part_lo, acc_lo + part_lo)
