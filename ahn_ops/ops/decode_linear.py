@@ -381,12 +381,8 @@ def _stream_kernel(x, x_s, nw, eps,
     acc_lo = tl.zeros([BM, BN2], dtype=tl.float32)
     acc_hi = tl.zeros([BM, BN2], dtype=tl.float32)
     for it in range(0, nit):
-        if ONEK:
-            wln, whn, xvn = _stream_tiles(it + AHEAD, nit, pid, NPROG, NK, w1, b1, w2, b2, out1, o1_s, out2, o2_s,
-                                          N1, N2, R1, R2, P1, xrow, bmask, K, MODE, HAS_B1, HAS_B2, D, BN2, BK, False)
-        else:
-            wln, whn, xvn = _stream_tiles(it + AHEAD, nit, pid, NPROG, NK, w1, b1, w2, b2, out1, o1_s, out2, o2_s,
-                                          N1, N2, R1, R2, P1, xrow, bmask, K, MODE, HAS_B1, HAS_B2, D, BN2, BK, True)
+        wln, whn, xvn = _stream_tiles(it + AHEAD, nit, pid, NPROG, NK, w1, b1, w2, b2, out1, o1_s, out2, o2_s,
+                                      N1, N2, R1, R2, P1, xrow, bmask, K, MODE, HAS_B1, HAS_B2, D, BN2, BK, not ONEK)
         kc = it % NK
         if ONEK:
             xf = xh
