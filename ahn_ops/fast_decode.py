@@ -70,6 +70,10 @@ def _eos_list(model, eos_token_id) -> List[int]:
     return [int(t) for t in eos_token_id]
 
 
+# rotary types whose cos/sin depend on the position only (not on the sequence length reached so far)
+_STATIC_ROPE = ("default", "linear", "yarn", "llama3")
+
+
 def _glue_supported(model, base, dtype):
     """True when the fused glue reproduces this model's decode step, else the reason it does not."""
     if dtype not in (torch.float16, torch.bfloat16, torch.float32):
@@ -277,6 +281,18 @@ class StaticDecoder:
             if self.device.type != "cuda" and os.environ.get("TRITON_INTERPRET") != "1":
                 raise ValueError("fuse_glue=True needs the model on CUDA (or TRITON_INTERPRET=1 on the CPU)")
         self.fuse_glue = bool(fuse_glue)
+        # ---- step start and end with the fused glue: RoPE's cos/sin of every position the run can reach,
+        # computed once by the model's own rotary module (one gather per step instead of ~9 small kernels),
+        # and the greedy choice in two launches (no fp32 copy of the logits, no separate bookkeeping)
+        self.max_steps, self._n_steps = int(max_new_tokens), 0
+        self.rope_table = None
+        rot = getattr(self.base, "rotary_emb", None)
+        if self.fuse_glue and rot is not None and getattr(rot, "rope_type", "default") in _STATIC_ROPE:
+            P = prompt_len + max_new_tokens
+            c, s_ = rot(emb[:1, None], torch.arange(P, device=dev)[None])
+            self.rope_table = torch.stack([c[0], s_[0]], 1).to(self.dtype).contiguous()   # [P, 2, D]
+        self.greedy_fused = self.fuse_glue and not do_sample
+        self._argmax_ws = None
         self.kvg = {}
         if self.fuse_glue:
             for i, (_, fn, _, use_op) in self.ahn_layers.items():
@@ -330,7 +346,16 @@ class StaticDecoder:
         race = torch.empty_like(probs).exponential_(1.0, generator=self.generator)
         return (probs / race).argmax(-1)
 
-    def _emit(self, logits: torch.Tensor) -> None:
+    def _emit(self, logits: torch.Tensor, step: bool = False) -> None:
+        """The next tokens from ``logits`` into ``tok`` (``step``: the end of a step, which also advances
+        ``pos`` when the fused greedy choice does it)."""
+        if self.greedy_fused:
+            from .ops import model_glue as glue
+
+            has_eos = self.eos is not None
+            self._argmax_ws = glue.greedy_next(logits, self.tok, self.unfinished if has_eos else None, self.eos,
+                                               self.pad_token_id, self.pos if step else None, self._argmax_ws)
+            return
         nxt = self._choose(logits)
         if self.eos is not None:
             nxt = torch.where(self.unfinished, nxt, self.pad_token_id)
@@ -413,7 +438,11 @@ class StaticDecoder:
         sequence's position (on the device, from inv_freq) and the full-attention layers' column mask."""
         base = self.base
         h = base.embed_tokens(self.tok[:, None])
-        cos, sin = base.rotary_emb(h, self.pos[:, None])
+        if self.rope_table is not None:
+            cs = self.rope_table.index_select(0, self.pos)               # [B, 2, D]
+            cos, sin = cs[:, :1], cs[:, 1:]
+        else:
+            cos, sin = base.rotary_emb(h, self.pos[:, None])
         allowed = None
         if self.fa_ids:
             allowed = (self.col_valid & (self.col_range <= self.col))[:, None, None, :]
@@ -422,8 +451,10 @@ class StaticDecoder:
     def _step_end(self, x) -> torch.Tensor:
         """Logits ``[B, V]`` float32 of the final-normed hidden ``x`` (``[B, hidden]`` or ``[B, 1, hidden]``);
         advances the positions."""
-        logits = self.model.lm_head(x.reshape(self.B, -1)).float()
-        self.pos += 1
+        logits = self.model.lm_head(x.reshape(self.B, -1))
+        if not self.greedy_fused:  # else the greedy choice takes the logits as they are and steps pos
+            logits = logits.float()
+            self.pos += 1
         if self.fa_ids:
             self.col += 1
         return logits
@@ -518,9 +549,16 @@ class StaticDecoder:
         return self._step_end(base.norm(h))
 
     @torch.no_grad()
+    def _count_step(self) -> None:
+        if self._n_steps >= self.max_steps:
+            raise ValueError(f"StaticDecoder: {self.max_steps} steps (max_new_tokens) already run; its static "
+                             f"buffers cover no more positions")
+        self._n_steps += 1
+
     def eager_step(self) -> None:
         """One step, run eagerly."""
-        self._emit(self._forward())
+        self._count_step()
+        self._emit(self._forward(), step=True)
         self._checked = True
 
     @torch.no_grad()
@@ -540,12 +578,13 @@ class StaticDecoder:
         if self.generator is not None and hasattr(graph, "register_generator_state"):
             graph.register_generator_state(self.generator)
         with torch.cuda.graph(graph):
-            self._emit(self._forward())
+            self._emit(self._forward(), step=True)
         self.graph = graph
 
     def step(self) -> None:
         """One decode step: graph replay when captured, else eager."""
         if self.graph is not None:
+            self._count_step()
             self.graph.replay()
         else:
             self.eager_step()

@@ -39,6 +39,8 @@ def main():
     ap.add_argument("--sinks", type=int, default=128)
     ap.add_argument("--steps", type=int, default=20)
     ap.add_argument("--top", type=int, default=25)
+    ap.add_argument("--rounds", type=int, default=1,
+                    help="time the fused-projection variants this many times, alternated (noise)")
     a = ap.parse_args()
     from ahn_ops import fast_decode as gen
 
@@ -54,26 +56,33 @@ def main():
 
     # (fused projections with and without the fused gate/up, then the default without and with the decode op
     # launched early after the q/k/v projection (overlap), without chained launches of the persistent
-    # projections (decode_linear.CHAIN, B <= 2); the last variant is the default one)
-    variants = [(False, False, None, None, None), (True, False, None, None, None)]
+    # projections (decode_linear.CHAIN, B <= 2), with the step's start and end as the modules' ops (RoPE
+    # from inv_freq, fp32 logits, torch argmax: ends=False); the last variant is the default one; later
+    # rounds repeat the fused-projection variants)
+    variants = [(False, False, None, None, None, True), (True, False, None, None, None, True)]
     if dl.supports(a.batch, torch.bfloat16):
-        variants += [(True, True, a.batch > 2, False, None), (True, True, None, False, None),
-                     (True, True, None, None, False), (True, True, None, None, None)]
-    for glue, lin, gate_up, overlap, chain in variants:
-        dl.CHAIN = chain
-        dec, per_token = _timed_decoder(gen, model, cache, logits, a, glue, lin, gate_up, overlap)
-        print(f"fuse_glue={glue} fuse_linear={lin} fuse_gate_up={dec.fuse_gate_up} overlap={dec.overlap} "
-              f"chain={dl.chain_on(dev) if chain is None else chain}: {1e3 * per_token:.3f} ms/token")
+        variants += [(True, True, a.batch > 2, False, None, True), (True, True, None, False, None, True),
+                     (True, True, None, None, False, True), (True, True, None, None, None, False),
+                     (True, True, None, None, None, True)]
+    for r in range(a.rounds):
+        for glue, lin, gate_up, overlap, chain, ends in variants[2 if r else 0:]:
+            dl.CHAIN = chain
+            dec, per_token = _timed_decoder(gen, model, cache, logits, a, glue, lin, gate_up, overlap, ends)
+            print(f"fuse_glue={glue} fuse_linear={lin} fuse_gate_up={dec.fuse_gate_up} overlap={dec.overlap} "
+                  f"chain={dl.chain_on(dev) if chain is None else chain} fused ends={dec.greedy_fused}: "
+                  f"{1e3 * per_token:.3f} ms/token")
     floor = (weight_bytes(model) + cache_read_bytes(model, a.batch, a.context)) / copy_bandwidth(dev)
     _profile(dec, per_token, floor, L, a)
 
 
-def _timed_decoder(gen, model, cache, logits, a, glue, lin, gate_up=None, overlap=None):
+def _timed_decoder(gen, model, cache, logits, a, glue, lin, gate_up=None, overlap=None, ends=True):
     import copy
 
     cache = copy.deepcopy(cache)  # each decoder advances its own cache
     dec = gen.StaticDecoder(model, cache, None, a.context, 4 * a.steps + 16, fuse_glue=glue,
                              fuse_linear=lin, fuse_gate_up=gate_up, overlap=overlap)
+    if not ends:  # the step's RoPE and token choice as the modules' ops (the path before 2026-12-03)
+        dec.rope_table, dec.greedy_fused = None, False
     dec.start(logits)
     side = torch.cuda.Stream()
     side.wait_stream(torch.cuda.current_stream())

@@ -79,11 +79,11 @@ CONFIGS: Dict[Tuple[str, int], Tuple] = {  # H200 sweep, 2026-12-02 (BM=2: BM=4'
     # BM = 1, 2: the persistent kernel (6th entry: programs per SM), H200 sweep 2026-12-03 (`--sweep --persist`),
     # us vs the one-block-per-program configs before it: B=1 qkvg 6.21 vs 6.80, o_proj 4.97 vs 5.26, gate_up
     # 23.89 vs 26.90 (92% of copy bw), down_proj 14.21 vs 16.20; B=2 qkvg 7.04 vs 8.31, o_proj 5.19 vs 6.10,
-    # gate_up 24.62 vs 33.98 (down_proj at B=2 not swept: B=1's)
+    # gate_up 24.62 vs 33.98; down_proj at B=2 swept 2026-12-03 (session 11): 14.44 vs 16.7 with B=1's config
     ("qkvg", 1): (1, 2048, 4, 2, False, 6), ("qkvg", 2): (1, 2048, 4, 2, False, 4), ("qkvg", 4): (4, 2048, 4, 4),
     ("o_proj", 1): (1, 2048, 4, 2, False, 4), ("o_proj", 2): (1, 2048, 4, 2, False, 4),
     ("o_proj", 4): (2, 4096, 4, 3),
-    ("down_proj", 1): (1, 4096, 4, 2, False, 4), ("down_proj", 2): (1, 4096, 4, 2, False, 4),
+    ("down_proj", 1): (1, 4096, 4, 2, False, 4), ("down_proj", 2): (4, 2048, 4, 2, False, 2),
     ("down_proj", 4): (4, 4096, 4, 1),
     ("gate_up", 1): (1, 2048, 4, 2, False, 6), ("gate_up", 2): (2, 2048, 4, 2, False, 4),
     ("gate_up", 4): (4, 4096, 4, 2),

@@ -1,4 +1,5 @@
-"""Fused glue of the Qwen2 decode step (Triton): residual add + RMSNorm, RoPE on q and k, SiLU * up; and
+"""Fused glue of the Qwen2 decode step (Triton): residual add + RMSNorm, RoPE on q and k, SiLU * up, the
+greedy token choice (argmax of the logits with the end-of-sequence bookkeeping and the position step); and
 the RoPE of a prefill (``rope_prefill``: token blocks x all heads, used by the AHN attention's forward).
 
 A decode step of a small batch is a chain of small kernels, each paying launch latency even inside
@@ -19,7 +20,7 @@ import torch
 import triton
 import triton.language as tl
 
-__all__ = ["add_rms_norm", "rope_prefill", "rope_qk", "silu_mul"]
+__all__ = ["add_rms_norm", "greedy_next", "rope_prefill", "rope_qk", "silu_mul"]
 
 
 @triton.jit
@@ -214,3 +215,99 @@ def silu_mul(gate: torch.Tensor, up: torch.Tensor) -> torch.Tensor:
     BLOCK = 1024
     _silu_mul_kernel[(triton.cdiv(n, BLOCK),)](g, u, out, n, BLOCK=BLOCK, num_warps=4)
     return out
+
+
+# ---------------------------------------------------------------------------------------------------------
+# greedy token choice: argmax over the vocabulary in two launches (row blocks, then one program per row)
+# ---------------------------------------------------------------------------------------------------------
+@triton.jit
+def _argmax_part_kernel(x, pv, pi, pn, x_s, V, NB, BLOCK: tl.constexpr):
+    """Per block of ``BLOCK`` logits: the max (NaN-free), the first index reaching it, and the first NaN's
+    index (``V`` if none)."""
+    row = tl.program_id(0).to(tl.int64)
+    blk = tl.program_id(1)
+    o = blk * BLOCK + tl.arange(0, BLOCK)
+    m = o < V
+    v = tl.load(x + row * x_s + o, mask=m, other=float("-inf")).to(tl.float32)
+    nan = v != v
+    v = tl.where(nan, float("-inf"), v)
+    mx = tl.max(v, 0)
+    # lanes past V hold -inf too, but every block has a valid lane before them, and min takes the first
+    first = tl.min(tl.where(v == mx, o, V), 0)
+    first_nan = tl.min(tl.where(nan & m, o, V), 0)
+    tl.store(pv + row * NB + blk, mx)
+    tl.store(pi + row * NB + blk, first)
+    tl.store(pn + row * NB + blk, first_nan)
+
+
+@triton.jit
+def _argmax_final_kernel(pv, pi, pn, tok, unfinished, eos, pos, V, NB, n_eos, pad,
+                         NBP: tl.constexpr, NEP: tl.constexpr, HAS_EOS: tl.constexpr, HAS_POS: tl.constexpr):
+    """One program per row: the first index of the row max (torch.argmax: a NaN counts as the max, the
+    first max wins), then the decoder's ``_emit`` bookkeeping and ``pos += 1``."""
+    row = tl.program_id(0).to(tl.int64)
+    o = tl.arange(0, NBP)
+    m = o < NB
+    v = tl.load(pv + row * NB + o, mask=m, other=float("-inf"))
+    i = tl.load(pi + row * NB + o, mask=m, other=V)
+    first_nan = tl.min(tl.load(pn + row * NB + o, mask=m, other=V), 0)
+    mx = tl.max(v, 0)
+    best = tl.min(tl.where(v == mx, i, V), 0)
+    nxt = tl.where(first_nan < V, first_nan, best).to(tl.int64)
+    if HAS_EOS:  # finished rows emit the pad token; a row that emits an end token is finished
+        u = tl.load(unfinished + row) != 0
+        nxt = tl.where(u, nxt, pad)
+        e = tl.arange(0, NEP)
+        ev = tl.load(eos + e, mask=e < n_eos, other=-1)
+        hit = tl.sum((ev == nxt).to(tl.int32), 0) > 0
+        tl.store(unfinished + row, (u & (hit == 0)).to(tl.int8))
+    tl.store(tok + row, nxt)
+    if HAS_POS:
+        tl.store(pos + row, tl.load(pos + row) + 1)
+
+
+_ARGMAX_BLOCK = 2048
+
+
+def greedy_next(logits: torch.Tensor, tok: torch.Tensor, unfinished: torch.Tensor = None, eos: torch.Tensor = None,
+                pad_token_id: int = 0, pos: torch.Tensor = None, workspace=None):
+    """Greedy decoding's next tokens, in place: ``tok[b] = argmax(logits[b])`` (exactly ``torch.argmax``: the
+    first maximum wins, a NaN counts as the maximum), with :class:`ahn_ops.fast_decode.StaticDecoder`'s
+    end-of-sequence rule when ``eos`` is given (``unfinished`` rows take their token, finished ones
+    ``pad_token_id``; a row whose token is in ``eos`` becomes finished) and ``pos += 1`` when ``pos`` is given.
+
+    ``logits``: ``[B, V]`` float (any float dtype: no fp32 copy is made); ``tok``, ``pos``: ``[B]`` int64;
+    ``unfinished``: ``[B]`` bool; ``eos``: ``[n]`` int64. ``workspace``: optional tuple from a previous call
+    (reused, so that a CUDA graph allocates nothing). Returns the workspace. Two launches.
+    """
+    if logits.dim() != 2 or not logits.is_floating_point() or logits.stride(1) != 1:
+        raise ValueError(f"greedy_next: logits must be [B, V] float with a unit last stride, got "
+                         f"{tuple(logits.shape)} {logits.dtype}")
+    B, V = logits.shape
+    dev = logits.device
+    for name, t, dt in (("tok", tok, torch.int64), ("pos", pos, torch.int64), ("unfinished", unfinished, torch.bool)):
+        if t is not None and (t.shape != (B,) or t.dtype != dt or t.device != dev or t.stride(0) != 1):
+            raise ValueError(f"greedy_next: {name} must be [{B}] {dt} on {dev}, got {tuple(t.shape)} {t.dtype} "
+                             f"on {t.device}")
+    if (eos is None) != (unfinished is None):
+        raise ValueError("greedy_next: eos and unfinished go together")
+    if eos is not None and (eos.dim() != 1 or eos.dtype != torch.int64 or eos.device != dev or eos.numel() == 0):
+        raise ValueError(f"greedy_next: eos must be a non-empty [n] int64 tensor on {dev}, got {tuple(eos.shape)} "
+                         f"{eos.dtype}")
+    if V >= 2 ** 31 - 1:
+        raise ValueError(f"greedy_next: vocabulary of {V} entries (int32 indices)")
+    NB = triton.cdiv(V, _ARGMAX_BLOCK)
+    if workspace is None or workspace[0].shape != (B, NB) or workspace[0].device != dev:
+        workspace = (torch.empty(B, NB, dtype=torch.float32, device=dev),
+                     torch.empty(B, NB, dtype=torch.int32, device=dev),
+                     torch.empty(B, NB, dtype=torch.int32, device=dev))
+    pv, pi, pn = workspace
+    _argmax_part_kernel[(B, NB)](logits, pv, pi, pn, logits.stride(0), V, NB, BLOCK=_ARGMAX_BLOCK, num_warps=4)
+    u8 = unfinished.view(torch.int8) if unfinished is not None else tok
+    _argmax_final_kernel[(B,)](pv, pi, pn, tok, u8, eos if eos is not None else tok,
+                               pos if pos is not None else tok, V, NB,
+                               eos.numel() if eos is not None else 0, int(pad_token_id),
+                               NBP=triton.next_power_of_2(NB),
+                               NEP=triton.next_power_of_2(eos.numel()) if eos is not None else 1,
+                               HAS_EOS=eos is not None, HAS_POS=pos is not None, num_warps=4)
+    return workspace

@@ -176,3 +176,86 @@ def test_decoder_glue_bad_model():
         gen.StaticDecoder(model, cache, None, 8, 2, fuse_glue=True)
     assert not gen.StaticDecoder(model, cache, None, 8, 2).fuse_glue  # auto: off, no error
 
+
+
+# ------------------------------------------------------------------------------------------------------
+# greedy choice (argmax + end-of-sequence bookkeeping + position step) and the decoder's RoPE table
+# ------------------------------------------------------------------------------------------------------
+def _logits_with_corner_rows(B, V, dt, seed):
+    g = torch.Generator().manual_seed(seed)
+    big = torch.randn(B, V + 7, generator=g)
+    x = big[:, :V]                                         # a row stride that is not V
+    x[0] = torch.randint(-3, 4, (V,), generator=g).float()  # many ties: the first maximum must win
+    x[1, 5], x[1, V - 2] = float("nan"), float("nan")       # a NaN is the maximum (the first one)
+    x[2] = float("-inf")                                    # all -inf: index 0
+    x[3, V - 1] = float("inf")                              # the last element, in the tail block
+    x[4, 2048] = 1e4                                        # the first element of the second block
+    return x.to(dt) if dt != torch.float32 else x
+
+
+@pytest.mark.parametrize("dt", DTYPES)
+@pytest.mark.parametrize("V", [4173, 2048, 37])
+def test_greedy_next_is_torch_argmax(dt, V):
+    B = 6
+    x = _logits_with_corner_rows(B, max(V, 2049), dt, seed=V)[:, :V].to(DEV)
+    tok = torch.full((B,), -7, dtype=torch.int64, device=DEV)  # poisoned
+    pos = torch.arange(B, device=DEV) * 100
+    ws = glue.greedy_next(x, tok, pos=pos)
+    assert torch.equal(tok, torch.argmax(x.float(), -1))
+    assert torch.equal(pos, torch.arange(B, device=DEV) * 100 + 1)
+    # new logits through the same workspace; no pos: it stays
+    x2 = torch.randn(B, V, generator=torch.Generator().manual_seed(1)).to(dt).to(DEV)
+    assert glue.greedy_next(x2, tok, workspace=ws) is ws
+    assert torch.equal(tok, torch.argmax(x2.float(), -1))
+    assert torch.equal(pos, torch.arange(B, device=DEV) * 100 + 1)
+
+
+def test_greedy_next_end_of_sequence():
+    B, V = 5, 3000
+    x = torch.randn(B, V, generator=torch.Generator().manual_seed(3)).to(DEV)
+    best = x.argmax(-1)
+    eos = torch.tensor([int(best[1]), 2999, int(best[3])], device=DEV)
+    unfinished = torch.tensor([True, True, True, False, False], device=DEV)
+    pad = 17
+    # the decoder's own torch rule
+    nxt = torch.where(unfinished, best, pad)
+    ref_unf = unfinished & ~(nxt[:, None] == eos).any(-1)
+    tok = torch.full((B,), -1, dtype=torch.int64, device=DEV)
+    glue.greedy_next(x, tok, unfinished, eos, pad)
+    assert torch.equal(tok, nxt) and torch.equal(unfinished, ref_unf)
+    assert unfinished.tolist() == [True, False, True, False, False]
+
+
+def test_greedy_next_bad_input():
+    x = torch.randn(2, 50, device=DEV)
+    tok = torch.zeros(2, dtype=torch.int64, device=DEV)
+    with pytest.raises(ValueError, match="tok must be"):
+        glue.greedy_next(x, tok.int())
+    with pytest.raises(ValueError, match="pos must be"):
+        glue.greedy_next(x, tok, pos=torch.zeros(3, dtype=torch.int64, device=DEV))
+    with pytest.raises(ValueError, match="logits must be"):
+        glue.greedy_next(x.t(), tok)
+    with pytest.raises(ValueError, match="eos and unfinished"):
+        glue.greedy_next(x, tok, eos=torch.tensor([1], device=DEV))
+
+
+def test_decoder_rope_table_and_step_limit():
+    # the fused step's RoPE table holds what the model's rotary module computes at each position, and the
+    # decoder refuses to step past max_new_tokens (its table and static buffers end there)
+    from ahn_ops import fast_decode as gen
+
+    model = patched("gdn", window=5, sinks=2).to(DEV)
+    x = torch.randint(0, VOCAB, (2, 9), generator=torch.Generator().manual_seed(0)).to(DEV)
+    logits, cache = gen.prefill(model, x)
+    dec = gen.StaticDecoder(model, cache, None, x.shape[1], 3, fuse_glue=True)
+    assert dec.rope_table is not None and dec.greedy_fused
+    pos = torch.tensor([0, 4, 11], device=DEV)
+    h = model.model.embed_tokens.weight[:1, None]
+    c, s = model.model.rotary_emb(h, pos[None])
+    assert torch.equal(dec.rope_table[pos, 0], c[0]) and torch.equal(dec.rope_table[pos, 1], s[0])
+    dec.start(logits)
+    for _ in range(3):
+        dec.eager_step()
+    assert dec.pos.tolist() == [12, 12]
+    with pytest.raises(ValueError, match="max_new_tokens"):
+        dec.eager_step()
