@@ -184,10 +184,16 @@ class StaticDecoder:
             chosen from the prefill's last logits by :meth:`start`).
         attention_mask: the prompt's ``[B, T]`` mask, or None (no padding).
         prompt_len: ``T`` (columns fed by the prefill).
-        max_new_tokens: tokens to emit; full-attention layers get ``T + max_new_tokens`` columns.
+        max_new_tokens: tokens to emit; full-attention layers get ``T + max_new_tokens`` columns (and the
+            RoPE table as many positions); at most ``max_new_tokens`` steps run (a ValueError after).
         eos_token_ids, pad_token_id: finished sequences emit ``pad_token_id``.
         do_sample, temperature, top_k, top_p, generator: token choice (greedy by default).
-        fuse_glue: fused Triton glue (see :func:`generate`); None = on for CUDA models it fits.
+        fuse_glue: fused Triton glue (see :func:`generate`); None = on for CUDA models it fits. With it the
+            step also starts from a RoPE table (cos/sin of every reachable position, computed once by the
+            model's rotary module when its type depends on the position only) and, when greedy, ends with
+            :func:`ahn_ops.ops.model_glue.greedy_next` (argmax of the logits in their own dtype, the
+            end-of-sequence rule and the position step in two launches): ~11 fewer kernels per token, the
+            same tokens.
         fuse_linear: projections with their neighbours fused (see :func:`generate`); None = on with
             ``fuse_glue`` on Hopper GPUs at ``B <= 2``, and at ``B <= 16`` in bf16/fp16 (True: any GPU,
             batches ``decode_linear.supports``).
@@ -198,7 +204,8 @@ class StaticDecoder:
         overlap: with ``fuse_linear`` on sm_90+, each AHN layer's decode op starts while the q/k/v/gates
             projection before it runs (programmatic dependent launch: it streams its first cache tiles and
             the state, and reads q, k, v once the projection's writes are visible); None = on from batch
-            2 (1-2% faster at B = 2-8 on an H200, 2% slower at B = 1), False = off. Changes no result.
+            3 (1-2% faster at B = 4-8 on an H200; at B <= 2, behind the persistent projections, 2-3% slower at
+            B = 2 and equal at B = 1), False = off. Changes no result.
     """
 
     def __init__(self, model, cache, attention_mask: Optional[torch.Tensor], prompt_len: int,
@@ -324,7 +331,9 @@ class StaticDecoder:
         # H200, 3B shape, T=32k, ms/token off / on (two runs, 2026-12-03): B=1 2.70 / 2.75, B=2 3.41 / 3.39,
         # B=4 4.18 / 4.10, B=8 5.48 / 5.41: on from batch 2 (at batch 1 the early blocks, resident and
         # waiting, slow the projection down more than their early cache tiles gain)
-        auto = self.fuse_linear and dl.can_trigger(self.device) and B >= 2
+        # (session 11, with the persistent chained projections of B <= 2: B=2 2.82 off / 2.88-2.91 on, B=1 equal):
+        # on from batch 3, where the projections are one-block-per-program tensor-core kernels
+        auto = self.fuse_linear and dl.can_trigger(self.device) and B >= 3
         self.overlap = auto if overlap is None else bool(overlap)
 
     # ------------------------------------------------------------------ token choice
@@ -639,7 +648,7 @@ def generate(model, input_ids: torch.Tensor, max_new_tokens: int, *, attention_m
         fuse_gate_up: with ``fuse_linear``, the MLP's RMSNorm + gate/up + SiLU*up fused too; None = at
             batch <= 2 only (see :class:`StaticDecoder`).
         overlap: with ``fuse_linear`` on sm_90+, each AHN decode op starts while the projection before it
-            runs (see :class:`StaticDecoder`); None = on from batch 2.
+            runs (see :class:`StaticDecoder`); None = on from batch 3.
         stats: optional dict, filled with ``prefill_s``, ``decode_s`` (graph capture included),
             ``new_tokens``, ``cuda_graph`` and ``cache_nbytes`` (AHN cache + static full-attention
             K/V) (the device is synchronised at the boundaries).

@@ -308,17 +308,18 @@ def test_decoder_overlap_needs_hopper_and_changes_nothing():
         model = model.to(torch.bfloat16)
     for layer in model.model.layers:  # the C++ decode op (the helper patches with the reference backend)
         layer.self_attn._ahn_cfg["backend"] = "auto"
-    x = torch.randint(0, VOCAB, (2, 21), generator=torch.Generator().manual_seed(5)).to(DEV)
+    x = torch.randint(0, VOCAB, (3, 21), generator=torch.Generator().manual_seed(5)).to(DEV)
     logits, cache = gen.prefill(model, x)
     if not dl.can_trigger(torch.device(DEV)):
         with pytest.raises(ValueError, match="overlap=True needs fuse_linear on an sm_90"):
             gen.StaticDecoder(model, cache, None, x.shape[1], 2, overlap=True)
         assert not gen.StaticDecoder(model, cache, None, x.shape[1], 2).overlap
         return
-    assert gen.StaticDecoder(model, cache, None, x.shape[1], 2).overlap  # the default on Hopper from B = 2
-    _, cache1 = gen.prefill(model, x[:1])
-    assert not gen.StaticDecoder(model, cache1, None, x.shape[1], 2).overlap  # not at B = 1
-    for B in (1, 2):
+    assert gen.StaticDecoder(model, cache, None, x.shape[1], 2).overlap  # the default on Hopper from B = 3
+    for B in (1, 2):  # not where the projections are persistent
+        _, cache1 = gen.prefill(model, x[:B])
+        assert not gen.StaticDecoder(model, cache1, None, x.shape[1], 2).overlap
+    for B in (1, 2, 3):
         on = ahn_ops.generate(model, x[:B], 12, use_cuda_graph=True, overlap=True)
         off = ahn_ops.generate(model, x[:B], 12, use_cuda_graph=True, overlap=False)
         assert torch.equal(on, off)
