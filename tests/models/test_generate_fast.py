@@ -92,19 +92,23 @@ def test_right_padding_is_rejected():
         ahn_ops.generate(model, x, 4, attention_mask=mask)
 
 
-def test_eos_stops_and_pads_like_generate():
+@pytest.mark.parametrize("fuse_glue", [None, True])
+def test_eos_stops_and_pads_like_generate(fuse_glue):
+    # fuse_glue=True: the fused step, whose greedy choice does the end-of-sequence rule in its kernel
+    # (model_glue.greedy_next; on the CPU in the Triton interpreter)
     model = patched("mamba2", window=5, sinks=1, fa_layer_ids=[1])
     x = ids(2, 9, seed=8)
     free = plain(model, x, 20)[:, 9:]
     # an EOS that one sequence emits early: it must be padded after, the other one run on
     eos = int(free[0, 3])
     want = plain(model, x, 20, eos_token_id=eos, pad_token_id=7)
-    got = ahn_ops.generate(model, x, 20, eos_token_id=eos, pad_token_id=7, eos_check_every=3)
+    got = ahn_ops.generate(model, x, 20, eos_token_id=eos, pad_token_id=7, eos_check_every=3, fuse_glue=fuse_glue)
     assert torch.equal(got, want)
     # every sequence finishes: the output stops where the last one did, as generate() does
     eos_all = [int(free[0, 2]), int(free[1, 4])]
     want = plain(model, x, 20, eos_token_id=eos_all, pad_token_id=7)
-    got = ahn_ops.generate(model, x, 20, eos_token_id=eos_all, pad_token_id=7, eos_check_every=4)
+    got = ahn_ops.generate(model, x, 20, eos_token_id=eos_all, pad_token_id=7, eos_check_every=4,
+                           fuse_glue=fuse_glue)
     assert torch.equal(got, want) and got.shape[1] < 9 + 20
 
 
