@@ -458,8 +458,8 @@ class StaticDecoder:
         return h, cos, sin, allowed
 
     def _step_end(self, x) -> torch.Tensor:
-        """Logits ``[B, V]`` float32 of the final-normed hidden ``x`` (``[B, hidden]`` or ``[B, 1, hidden]``);
-        advances the positions."""
+        """Logits ``[B, V]`` of the final-normed hidden ``x`` (``[B, hidden]`` or ``[B, 1, hidden]``): float32,
+        positions advanced; with the fused greedy choice in the model's dtype, ``pos`` left to it."""
         logits = self.model.lm_head(x.reshape(self.B, -1))
         if not self.greedy_fused:  # else the greedy choice takes the logits as they are and steps pos
             logits = logits.float()
@@ -557,13 +557,13 @@ class StaticDecoder:
             h = residual + layer.mlp(layer.post_attention_layernorm(h))
         return self._step_end(base.norm(h))
 
-    @torch.no_grad()
     def _count_step(self) -> None:
         if self._n_steps >= self.max_steps:
             raise ValueError(f"StaticDecoder: {self.max_steps} steps (max_new_tokens) already run; its static "
                              f"buffers cover no more positions")
         self._n_steps += 1
 
+    @torch.no_grad()
     def eager_step(self) -> None:
         """One step, run eagerly."""
         self._count_step()
