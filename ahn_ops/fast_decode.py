@@ -357,7 +357,7 @@ class StaticDecoder:
 
     def _emit(self, logits: torch.Tensor, step: bool = False) -> None:
         """The next tokens from ``logits`` into ``tok`` (``step``: the end of a step, which also advances
-        ``pos`` when the fused greedy choice does it)."""
+        ``pos``)."""
         if self.greedy_fused:
             from .ops import model_glue as glue
 
@@ -370,6 +370,8 @@ class StaticDecoder:
             nxt = torch.where(self.unfinished, nxt, self.pad_token_id)
             self.unfinished &= ~(nxt[:, None] == self.eos).any(-1)
         self.tok.copy_(nxt)
+        if step:
+            self.pos += 1
 
     def start(self, first_logits: torch.Tensor) -> None:
         """Choose the first token from the prefill's logits (eager)."""
@@ -458,12 +460,11 @@ class StaticDecoder:
         return h, cos, sin, allowed
 
     def _step_end(self, x) -> torch.Tensor:
-        """Logits ``[B, V]`` of the final-normed hidden ``x`` (``[B, hidden]`` or ``[B, 1, hidden]``): float32,
-        positions advanced; with the fused greedy choice in the model's dtype, ``pos`` left to it."""
+        """Logits ``[B, V]`` of the final-normed hidden ``x`` (``[B, hidden]`` or ``[B, 1, hidden]``): float32
+        (in the model's dtype for the fused greedy choice); advances the full-attention column."""
         logits = self.model.lm_head(x.reshape(self.B, -1))
-        if not self.greedy_fused:  # else the greedy choice takes the logits as they are and steps pos
+        if not self.greedy_fused:  # the fused greedy choice takes the logits in their own dtype
             logits = logits.float()
-            self.pos += 1
         if self.fa_ids:
             self.col += 1
         return logits

@@ -177,7 +177,6 @@ def test_decoder_glue_bad_model():
     assert not gen.StaticDecoder(model, cache, None, 8, 2).fuse_glue  # auto: off, no error
 
 
-
 # ------------------------------------------------------------------------------------------------------
 # greedy choice (argmax + end-of-sequence bookkeeping + position step) and the decoder's RoPE table
 # ------------------------------------------------------------------------------------------------------
