@@ -9,8 +9,7 @@ CUDA graph over ``--layers`` distinct layer caches (so that the L2 holds none of
 variant of the launch knobs that csrc/cuda/ahn_decode.cu reads from the environment (read at
 capture time): ``pdl0`` (no programmatic dependent launch), ``stN`` (N cp.async stages per warp),
 ``kN`` (about N keys per split), ``lazyN`` (headroom of the lazy reference max; lazy0 = exact max), ``minb2`` / ``minb3``
-(registers budgeted for 2 or 3 blocks per SM; default: 2 while the attention blocks fit 2 per SM), ``wparts0`` /
-``wparts1`` (a softmax partial per block, the default, or per warp),
+(registers budgeted for 2 or 3 blocks per SM; default: 2 while the attention blocks fit 2 per SM),
 joined with ``+`` (``st3+k512``). Prints us per layer-step and
 the fraction of the measured copy bandwidth that the must-move bytes (bench_decode.bytes_min)
 would take.
@@ -31,7 +30,7 @@ import common as C  # noqa: E402
 C.import_ahn_ops()
 
 KNOBS = {"pdl": "AHN_DECODE_PDL", "st": "AHN_DECODE_STAGES", "k": "AHN_DECODE_SPLIT_KEYS", "lazy": "AHN_DECODE_LAZY",
-         "minb": "AHN_DECODE_MINB", "wparts": "AHN_DECODE_WPARTS"}
+         "minb": "AHN_DECODE_MINB"}
 
 
 def env_of(variant: str) -> dict:
@@ -42,7 +41,7 @@ def env_of(variant: str) -> dict:
             continue
         name = part.rstrip("0123456789")
         if name not in KNOBS or name == part:
-            raise SystemExit(f"unknown variant {part!r}: expected default, pdl0, stN, kN, lazyN, minbN or wpartsN "
+            raise SystemExit(f"unknown variant {part!r}: expected default, pdl0, stN, kN, lazyN or minbN "
                              "joined with +")
         env[KNOBS[name]] = part[len(name):]
     return env

@@ -153,7 +153,6 @@ def test_profile_decode_op_variants():
                                            "AHN_DECODE_PDL": "0"}
     assert pdo.env_of("lazy0+k1024+minb2") == {"AHN_DECODE_LAZY": "0", "AHN_DECODE_SPLIT_KEYS": "1024",
                                                "AHN_DECODE_MINB": "2"}
-    assert pdo.env_of("wparts0+k256") == {"AHN_DECODE_WPARTS": "0", "AHN_DECODE_SPLIT_KEYS": "256"}
     for bad in ("k", "stx", "foo1", "st3+"):
         with pytest.raises(SystemExit, match="unknown variant"):
             pdo.env_of(bad)

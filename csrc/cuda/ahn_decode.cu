@@ -19,8 +19,6 @@
 //   AHN_DECODE_STAGES=3|4    cp.async stages per warp at D = 128 (default 2; fewer blocks per SM)
 //   AHN_DECODE_MINB=2|3  D = 128, 2 stages: registers budgeted for 2 blocks per SM (255) or 3 (168);
 //                      default 2 while the attention blocks fit 2 per SM (small B), else 3
-//   AHN_DECODE_WPARTS=0|1  tensor-core path: a partial per warp instead of per block (default 0: measured
-//                      no faster, see below)
 //   AHN_DECODE_LAZY=x  log2 headroom of the lazy reference max in the tensor-core loop (0..12; 0 = the
 //                      exact running max; default kDefaultLazy)
 #include <ATen/ATen.h>
@@ -119,14 +117,13 @@ void launch(dk::Params& p, int device, bool pdl, cudaStream_t stream) {
     C10_CUDA_CHECK(cudaFuncSetAttribute(main_kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, smem));
     attr_set.fetch_or(bit);
   }
-  const int64_t n_attn = p.n_attn_blocks;  // from plan_split
+  const int64_t n_attn = p.n_attn_blocks, nsplit = p.nsplit;  // from plan_split
   const int64_t n_state = int64_t(p.B) * p.H * (D / dk::kStateCols);
 
   // workspace: partials, readout, per-slice sums of m^2, t
   const int64_t BH = int64_t(p.B) * p.H;
   auto align = [](int64_t n) { return (n + 63) / 64 * 64; };  // in 4-byte words: 256-byte pieces
-  const int64_t nparts = p.nparts;
-  const int64_t n_po = align(BH * nparts * D), n_pm = align(BH * nparts), n_m = align(BH * D);
+  const int64_t n_po = align(BH * nsplit * D), n_pm = align(BH * nsplit), n_m = align(BH * D);
   const int64_t n_m2 = align(BH * (D / dk::kStateCols)), n_t = align(2 * int64_t(p.B));
   at::Tensor ws = at::empty({n_po + 2 * n_pm + n_m + n_m2 + n_t},
                             at::TensorOptions().dtype(at::kFloat).device(at::kCUDA, device));
@@ -167,14 +164,6 @@ void dispatch_d(dk::Params& p, int D, bool mma, int device, bool pdl, cudaStream
   int sms = 0;
   C10_CUDA_CHECK(cudaDeviceGetAttribute(&sms, cudaDevAttrMultiProcessorCount, device));
   plan_split(p, D, sms);
-  // A partial per warp (opt-in): the end of launch 1 is then each warp's own store, not a block barrier
-  // (waiting for the block's slowest warp) and a shared-memory merge, at the cost of kWarps x the partials
-  // for launch 2 to combine. H200 (2026-12-03): the merge ended ~1.5 us after the median warp at B = 1
-  // (%globaltimer trace), yet the per-warp partials measured no faster (B = 1 graph 16.5 vs 16.4 us,
-  // B = 4 45.2 vs 43.3 us), so the block merge stays the default.
-  const char* wp = std::getenv("AHN_DECODE_WPARTS");
-  p.wparts = (mma && !std::is_same_v<T, float>) && wp != nullptr && wp[0] == '1';
-  p.nparts = p.nsplit * (p.wparts ? dk::kWarps : 1);
   if constexpr (std::is_same_v<T, float>) {
     if (D == 64) launch<T, 64, false>(p, device, pdl, stream);
     else launch<T, 128, false>(p, device, pdl, stream);

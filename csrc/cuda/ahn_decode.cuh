@@ -10,8 +10,7 @@
 //        kv group are processed together (they are the M rows of an m16n8k16 tensor-core MMA),
 //        so each K/V byte is read once; the split makes B = 1 fill the GPU (W = 32640, HKV = 2:
 //        64 splits of 512 keys per kv head, about one block per SM). Writes unnormalised
-//        partial (o, max, sum) per split, or per warp with AHN_DECODE_WPARTS=1 (wparts: no block
-//        barrier and shared-memory merge at the end; launch 2 combines 4x the partials).
+//        partial (o, max, sum) per split.
 //      - state blocks, one per (b, head, 32 state columns): absorb the token leaving the window
 //        into those columns of the fp32 state (GDN/DN's delta correction S^T k reduces over
 //        rows, i.e. within a column, so column slices are independent), then read them out
@@ -74,17 +73,15 @@ struct Params {
   int64_t* pos;         // [B]
   void* out;            // [B, H, D] X, contiguous
   // pointers: workspace (fp32 unless noted)
-  float* ws_po;         // [B, H, nparts, D] unnormalised partial window outputs
-  float* ws_pm;         // [B, H, nparts]    running max (log2 domain, scaled scores)
-  float* ws_pl;         // [B, H, nparts]    running sum of exp2
+  float* ws_po;         // [B, H, nsplit, D] unnormalised partial window outputs
+  float* ws_pm;         // [B, H, nsplit]    running max (log2 domain, scaled scores)
+  float* ws_pl;         // [B, H, nsplit]    running sum of exp2
   float* ws_m;          // [B, H, D]         memory readout m = S^T qn
   float* ws_m2;         // [B, H, D/32]      sum of m^2 per state column slice
   int64_t* ws_t;        // [B]               pos read by launch 1 (launch 2 advances pos)
   // sizes
   int B, H, HKV, G, W, S;
   int nsplit, chunk, ngt;  // splits per (b, kv head, head tile), keys per split, head tiles per group
-  int wparts;   // tensor-core path: every warp stores its own partial (no block merge; opt-in)
-  int nparts;   // partials per (b, head): nsplit, or nsplit * kWarps with wparts (part = split * kWarps + warp)
   int n_attn_blocks;
   // strides (elements)
   int64_t q_sb, q_sh, k_sb, k_sh, v_sb, v_sh;
@@ -285,22 +282,13 @@ __device__ __forceinline__ AttnBlock attn_block_coords(const Params& p, int blk)
   return a;
 }
 
-// Rows of the per-warp partials in shared memory are padded by 8 floats: the tensor-core path stores
-// the 8-byte pairs of a C fragment (row gid, columns 2 tig + 8 n), which a D-float row stride would put
-// in 4 banks (8-way conflicts); with D + 8 every half-warp covers all 32 banks.
-template <int D>
-struct MergeRow {
-  static constexpr int value = D + 8;
-};
-
-// Merge the per-warp softmax partials in shared memory (mo [kWarps][16][D + 8], mm, ml
+// Merge the per-warp softmax partials in shared memory (mo [kWarps][16][D], mm, ml
 // [kWarps][16]) into the block's partial for its split. The row threads first turn mm into each
 // warp's weight exp2(m_w - M) (one exponential per warp and row, not per element).
 template <int D>
 __device__ __forceinline__ void merge_store(const Params& p, const AttnBlock& a, const float* mo, float* mm,
                                             const float* ml) {
-  constexpr int DP = MergeRow<D>::value;
-  const int64_t base0 = ((int64_t)a.b * p.H + a.h0) * p.nparts + a.split;  // row r: + r * nparts
+  const int64_t base0 = ((int64_t)a.b * p.H + a.h0) * p.nsplit + a.split;  // row r: + r * nsplit
   if (threadIdx.x < a.nh) {
     const int row = threadIdx.x;
     float M = kNegBig;
@@ -313,16 +301,16 @@ __device__ __forceinline__ void merge_store(const Params& p, const AttnBlock& a,
       l += ml[w * kHeadTile + row] * f;
       mm[w * kHeadTile + row] = f;
     }
-    p.ws_pm[base0 + (int64_t)row * p.nparts] = M;
-    p.ws_pl[base0 + (int64_t)row * p.nparts] = l;
+    p.ws_pm[base0 + (int64_t)row * p.nsplit] = M;
+    p.ws_pl[base0 + (int64_t)row * p.nsplit] = l;
   }
   __syncthreads();
   for (int idx = threadIdx.x; idx < a.nh * D; idx += kThreads) {
     const int row = idx / D, d = idx % D;
     float o = 0.f;
 #pragma unroll
-    for (int w = 0; w < kWarps; ++w) o += mo[(w * kHeadTile + row) * DP + d] * mm[w * kHeadTile + row];
-    p.ws_po[(base0 + (int64_t)row * p.nparts) * D + d] = o;
+    for (int w = 0; w < kWarps; ++w) o += mo[(w * kHeadTile + row) * D + d] * mm[w * kHeadTile + row];
+    p.ws_po[(base0 + (int64_t)row * p.nsplit) * D + d] = o;
   }
 }
 
@@ -340,7 +328,7 @@ template <int D, int NST>
 struct MmaSmem {
   static constexpr int kTileElems = kTileKeys * D;
   static constexpr int kStageBytes = kWarps * NST * 2 * kTileElems * 2;
-  static constexpr int kMergeBytes = (kWarps * kHeadTile * MergeRow<D>::value + 2 * kWarps * kHeadTile) * 4;
+  static constexpr int kMergeBytes = (kWarps * kHeadTile * D + 2 * kWarps * kHeadTile) * 4;
   static constexpr int kBytes = kStageBytes > kMergeBytes ? kStageBytes : kMergeBytes;
 };
 
@@ -567,41 +555,17 @@ __device__ __forceinline__ void attn_block_mma(const Params& p, int blk, char* s
   l1 += __shfl_xor_sync(0xffffffffu, l1, 1);
   l1 += __shfl_xor_sync(0xffffffffu, l1, 2);
 
-  if (p.wparts) {
-    // small grids: this warp's partial goes straight to the workspace (part split * kWarps + warp) and
-    // the warp is done; launch 2 combines kWarps times more partials instead of every block waiting for
-    // its slowest warp and merging in shared memory (B = 1: ~1 us at the end of launch 1, H200)
-    const int64_t base0 = ((int64_t)a.b * p.H + a.h0) * p.nparts + (int64_t)a.split * kWarps + warp;
-    const bool r0 = gid < a.nh, r1 = gid + 8 < a.nh;
-    float* po0 = p.ws_po + (base0 + (int64_t)gid * p.nparts) * D + 2 * tig;
-    float* po1 = p.ws_po + (base0 + (int64_t)(gid + 8) * p.nparts) * D + 2 * tig;
-#pragma unroll
-    for (int n = 0; n < ND; ++n) {
-      if (r0) *reinterpret_cast<float2*>(po0 + n * 8) = make_float2(o[n][0], o[n][1]);
-      if (r1) *reinterpret_cast<float2*>(po1 + n * 8) = make_float2(o[n][2], o[n][3]);
-    }
-    if (tig == 0) {
-      if (r0) {
-        p.ws_pm[base0 + (int64_t)gid * p.nparts] = m0;
-        p.ws_pl[base0 + (int64_t)gid * p.nparts] = l0;
-      }
-      if (r1) {
-        p.ws_pm[base0 + (int64_t)(gid + 8) * p.nparts] = m1;
-        p.ws_pl[base0 + (int64_t)(gid + 8) * p.nparts] = l1;
-      }
-    }
-    return;
-  }
-  constexpr int DP = MergeRow<D>::value;
   __syncthreads();  // every warp is done with its stages: reuse them for the merge
   float* mo = reinterpret_cast<float*>(smem);
-  float* mm = mo + kWarps * kHeadTile * DP;
+  float* mm = mo + kWarps * kHeadTile * D;
   float* ml = mm + kWarps * kHeadTile;
 #pragma unroll
   for (int n = 0; n < ND; ++n) {
     const int d = n * 8 + 2 * tig;
-    *reinterpret_cast<float2*>(mo + (warp * kHeadTile + gid) * DP + d) = make_float2(o[n][0], o[n][1]);
-    *reinterpret_cast<float2*>(mo + (warp * kHeadTile + gid + 8) * DP + d) = make_float2(o[n][2], o[n][3]);
+    mo[(warp * kHeadTile + gid) * D + d] = o[n][0];
+    mo[(warp * kHeadTile + gid) * D + d + 1] = o[n][1];
+    mo[(warp * kHeadTile + gid + 8) * D + d] = o[n][2];
+    mo[(warp * kHeadTile + gid + 8) * D + d + 1] = o[n][3];
   }
   if (tig == 0) {
     mm[warp * kHeadTile + gid] = m0;
@@ -619,7 +583,7 @@ __device__ __forceinline__ void attn_block_mma(const Params& p, int blk, char* s
 // ------------------------------------------------------------------------------------------
 template <int D>
 struct SimtSmem {
-  static constexpr int kBytes = (kWarps * kHeadTile * MergeRow<D>::value + 2 * kWarps * kHeadTile) * 4;
+  static constexpr int kBytes = (kWarps * kHeadTile * D + 2 * kWarps * kHeadTile) * 4;
 };
 
 template <typename T, int D>
@@ -675,14 +639,13 @@ __device__ __forceinline__ void attn_block_simt(const Params& p, int blk, char* 
       }
     }
   }
-  constexpr int DP = MergeRow<D>::value;
   float* mo = reinterpret_cast<float*>(smem);
-  float* mm = mo + kWarps * kHeadTile * DP;
+  float* mm = mo + kWarps * kHeadTile * D;
   float* ml = mm + kWarps * kHeadTile;
 #pragma unroll
   for (int g = 0; g < kHeadTile; ++g) {
 #pragma unroll
-    for (int e = 0; e < EPL; ++e) mo[(warp * kHeadTile + g) * DP + lane * EPL + e] = o[g][e];
+    for (int e = 0; e < EPL; ++e) mo[(warp * kHeadTile + g) * D + lane * EPL + e] = o[g][e];
     if (lane == 0) {
       mm[warp * kHeadTile + g] = m[g];
       ml[warp * kHeadTile + g] = l[g];
@@ -876,7 +839,7 @@ __global__ void __launch_bounds__(kThreads) decode_finish_kernel(const Params p)
   const int bh = blockIdx.x / kOutSplit;
   const int b = bh / p.H, h = bh % p.H, hk = h / p.G, g = h % p.G;
   const int e0 = es * EC;
-  const int64_t base = (int64_t)bh * p.nparts;
+  const int64_t base = (int64_t)bh * p.nsplit;
 
   // Everything that does not depend on launch 1 is loaded before the dependency wait: with
   // programmatic dependent launch this overlaps launch 1's tail.
@@ -947,63 +910,24 @@ __global__ void __launch_bounds__(kThreads) decode_finish_kernel(const Params p)
     for (int c = 0; c < NCH; ++c) ss += p.ws_m2[(int64_t)bh * NCH + c];
   }
 
-  // 1. combine the partials for columns [e0, e0 + EC): thread (rp, c4) folds partials rp, rp + RP, ...
-  //    The first kPre of them are loaded at once (one round trip to L2; B = 1 has 4 per thread, or 16
-  //    with a partial per warp), then folded with their max (one exponential each, no rescale chain);
-  //    any further ones in groups of 4. The RP rows are merged in step 4 with the block's max.
+  // 1. combine the splits for columns [e0, e0 + EC) in one pass: thread (rp, c4) folds splits
+  //    rp, rp + RP, ... online (its own running max; every load independent of the others),
+  //    the RP rows are merged in step 4 with the block's max
   {
-    constexpr int kPre = 16;
     const int c4 = tid % LR, rp = tid / LR;
-    const float* pob = p.ws_po + base * D + e0 + c4 * 4;
-    float pm[kPre], pl[kPre];
-    float4 po[kPre];
-#pragma unroll
-    for (int i = 0; i < kPre; ++i) {
-      const int s = rp + i * RP;
-      const bool ok = s < p.nparts;
-      pm[i] = ok ? p.ws_pm[base + s] : kNegBig;
-      pl[i] = ok ? p.ws_pl[base + s] : 0.f;
-      po[i] = ok ? *reinterpret_cast<const float4*>(pob + (int64_t)s * D) : make_float4(0.f, 0.f, 0.f, 0.f);
-    }
-    float ml = kNegBig;
-#pragma unroll
-    for (int i = 0; i < kPre; ++i) ml = fmaxf(ml, pm[i]);
-    float l = 0.f;
+    float ml = kNegBig, l = 0.f;
     float4 o = make_float4(0.f, 0.f, 0.f, 0.f);
-#pragma unroll
-    for (int i = 0; i < kPre; ++i) {  // empty partials: m = kNegBig, l = 0, o = 0 (weight 0 or 1: no NaN)
-      const float f = exp2_fast(pm[i] - ml);
-      l += pl[i] * f;
-      o.x += po[i].x * f;
-      o.y += po[i].y * f;
-      o.z += po[i].z * f;
-      o.w += po[i].w * f;
-    }
-    for (int s0 = rp + kPre * RP; s0 < p.nparts; s0 += 4 * RP) {
-#pragma unroll
-      for (int i = 0; i < 4; ++i) {
-        const int s = s0 + i * RP;
-        const bool ok = s < p.nparts;
-        pm[i] = ok ? p.ws_pm[base + s] : kNegBig;
-        pl[i] = ok ? p.ws_pl[base + s] : 0.f;
-        po[i] = ok ? *reinterpret_cast<const float4*>(pob + (int64_t)s * D) : make_float4(0.f, 0.f, 0.f, 0.f);
-      }
-      const float mn = fmaxf(fmaxf(ml, fmaxf(pm[0], pm[1])), fmaxf(pm[2], pm[3]));
-      const float al = exp2_fast(ml - mn);
-      l *= al;
-      o.x *= al;
-      o.y *= al;
-      o.z *= al;
-      o.w *= al;
-#pragma unroll
-      for (int i = 0; i < 4; ++i) {
-        const float f = exp2_fast(pm[i] - mn);
-        l += pl[i] * f;
-        o.x += po[i].x * f;
-        o.y += po[i].y * f;
-        o.z += po[i].z * f;
-        o.w += po[i].w * f;
-      }
+#pragma unroll 4
+    for (int s = rp; s < p.nsplit; s += RP) {
+      const float pm = p.ws_pm[base + s], pl = p.ws_pl[base + s];
+      const float4 po = *reinterpret_cast<const float4*>(p.ws_po + (base + s) * D + e0 + c4 * 4);
+      const float mn = fmaxf(ml, pm);
+      const float al = exp2_fast(ml - mn), f = exp2_fast(pm - mn);
+      l = l * al + pl * f;
+      o.x = o.x * al + po.x * f;
+      o.y = o.y * al + po.y * f;
+      o.z = o.z * al + po.z * f;
+      o.w = o.w * al + po.w * f;
       ml = mn;
     }
     *reinterpret_cast<float4*>(&s_o[rp][c4 * 4]) = o;
@@ -1050,32 +974,20 @@ __global__ void __launch_bounds__(kThreads) decode_finish_kernel(const Params p)
     s_y[prt][e] = y;
   }
   __syncthreads();
-  {
-    // TPC adjacent threads per output column, RP / TPC combined rows and one projection part each, then
-    // a shuffle sum (was: one thread per column folding all RP rows in sequence)
-    constexpr int TPC = kThreads / EC;
-    constexpr int RPT = RP / TPC;
-    static_assert(TPC == PARTS && RP % TPC == 0 && TPC <= 32 && (TPC & (TPC - 1)) == 0, "finish layout");
-    const int ec = tid / TPC, j = tid % TPC;
+  for (int ec = tid; ec < EC; ec += kThreads) {
     float M = kNegBig;
 #pragma unroll
     for (int r = 0; r < RP; ++r) M = fmaxf(M, s_m[r]);
-    float oo = 0.f, ll = 0.f;
+    float oo = 0.f, ll = 0.f, y = 0.f;
 #pragma unroll
-    for (int i = 0; i < RPT; ++i) {
-      const int r = j * RPT + i;
+    for (int r = 0; r < RP; ++r) {
       const float f = exp2_fast(s_m[r] - M);
       oo += s_o[r][ec] * f;
       ll += s_l[r] * f;
     }
-    float y = s_y[j][ec];
 #pragma unroll
-    for (int o = TPC / 2; o > 0; o >>= 1) {
-      oo += __shfl_xor_sync(0xffffffffu, oo, o);
-      ll += __shfl_xor_sync(0xffffffffu, ll, o);
-      y += __shfl_xor_sync(0xffffffffu, y, o);
-    }
-    if (j == 0) reinterpret_cast<T*>(p.out)[(int64_t)bh * D + e0 + ec] = Ops::from_f(oo / ll + y);
+    for (int r = 0; r < PARTS; ++r) y += s_y[r][ec];
+    reinterpret_cast<T*>(p.out)[(int64_t)bh * D + e0 + ec] = Ops::from_f(oo / ll + y);
   }
   if (es != 0) return;
   // 5. the new token into the cache (launch 1 has read everything it needed)

@@ -118,18 +118,6 @@ CASES = [
                  id="gdn-fp16-minb3"),
     pytest.param("mamba2", "bf16", 128, 8, 2, 2, 1000, 8, 4, [2500, 30], {"env": {"AHN_DECODE_STAGES": "3"}},
                  id="mamba2-bf16-st3"),
-    # the tensor-core path's other end of launch 1: a partial per warp (AHN_DECODE_WPARTS=1) instead of
-    # the block merge in shared memory (the default, so all cases above)
-    pytest.param("gdn", "bf16", 128, 16, 2, 2, 1000, 8, 4, [2500, 30], {"env": {"AHN_DECODE_WPARTS": "1"}},
-                 id="gdn-bf16-W1000-warp-parts"),
-    pytest.param("dn", "fp16", 64, 20, 1, 2, 24, 4, 12, [20, 300], {"env": {"AHN_DECODE_WPARTS": "1"}},
-                 id="dn-fp16-D64-G20-warp-parts"),
-    pytest.param("mamba2", "bf16", 128, 16, 1, 2, 40, 4, 12, [40, 3000], {"env": {"AHN_DECODE_WPARTS": "1"}},
-                 id="mamba2-bf16-G16-warp-parts"),
-    pytest.param("gdn", "bf16", 128, 16, 2, 64, 48, 4, 5, list(range(0, 640, 10)), {"env": {"AHN_DECODE_WPARTS": "1"}},
-                 id="gdn-bf16-B64-warp-parts"),
-    pytest.param("gdn", "fp16", 128, 16, 2, 16, 1000, 8, 3, list(range(0, 3200, 200)),
-                 {"env": {"AHN_DECODE_WPARTS": "1"}}, id="gdn-fp16-B16-W1000-warp-parts"),
 ]
 
 
