@@ -17,10 +17,11 @@
 //        (m = S^T qn, also a per-column reduction). The 2.1 MB state read+write at H=16, D=128
 //        is spread over B*H*D/32 blocks.
 //   2. decode_finish_kernel, 4 blocks per (b, head), each for D/4 output columns (so that the
-//      64 split partials of B = 1 are combined by 64 blocks): combine the splits, norm/gate/project
-//      the readout (mamba2: RMSNorm over all H*D values, from per-column-slice sums of m^2),
-//      out = o_win + y, then write the new token into the cache and advance pos. All writes
-//      happen here, after every read of launch 1. On sm_90 it is launched with programmatic
+//      64 split partials of B = 1 are combined by 64 blocks): write the new token into the cache
+//      and advance pos (first: those stores drain while the block works), combine the splits,
+//      norm/gate/project the readout (mamba2: RMSNorm over all H*D values, from per-column-slice
+//      sums of m^2), out = o_win + y. All writes to the cache happen here, after every read of
+//      launch 1. On sm_90 it is launched with programmatic
 //      dependent launch (griddepcontrol) so that its launch latency overlaps launch 1.
 // With overlap_prev (Params::early), launch 1 itself is a programmatic dependent launch after the
 // kernel before the op (StaticDecoder's fused q/k/v projection, which lets it launch as it starts):
@@ -830,7 +831,7 @@ __global__ void __launch_bounds__(kThreads) decode_finish_kernel(const Params p)
   constexpr int NCH = D / kStateCols;
   constexpr int PARTS = kThreads / EC; // threads per output column of the projection
   __shared__ __align__(16) float s_o[RP][EC];
-  __shared__ float s_l[RP], s_m[RP];
+  __shared__ float s_l[RP], s_m[RP], s_f[RP];
   __shared__ float s_u[D], s_y[PARTS][EC];
   __shared__ float s_red[kWarps];
 
@@ -895,9 +896,9 @@ __global__ void __launch_bounds__(kThreads) decode_finish_kernel(const Params p)
 
   pdl_wait();  // launch 1 complete and its writes visible
   if (p.chain_next) pdl_launch_dependents();  // its programs come in as launch 1's blocks have left
+  // Every load of launch 1's results is issued before any is used (one L2 round trip): t, the readout
+  // and its sums of squares, and the first kBatch partials of each thread for the combine (step 1)
   const int64_t t = p.ws_t[b];
-  // the readout and its sums of squares, loaded before the combine so that every load of
-  // launch 1's results is in flight at once
   float mv[(D + kThreads - 1) / kThreads];
 #pragma unroll
   for (int i = 0; i < (D + kThreads - 1) / kThreads; ++i) {
@@ -909,25 +910,74 @@ __global__ void __launch_bounds__(kThreads) decode_finish_kernel(const Params p)
 #pragma unroll
     for (int c = 0; c < NCH; ++c) ss += p.ws_m2[(int64_t)bh * NCH + c];
   }
+  constexpr int kBatch = 4;
+  const int c4 = tid % LR, rp = tid / LR;
+  float pm[kBatch], pl[kBatch];
+  float4 po[kBatch];
+  auto load_partials = [&](int s0) {  // splits s0, s0 + RP, ... (kBatch of them) of columns c4 * 4..
+#pragma unroll
+    for (int j = 0; j < kBatch; ++j) {
+      const int sp = s0 + j * RP;
+      const bool ok = sp < p.nsplit;
+      pm[j] = ok ? p.ws_pm[base + sp] : kNegBig;
+      pl[j] = ok ? p.ws_pl[base + sp] : 0.f;
+      po[j] = ok ? *reinterpret_cast<const float4*>(p.ws_po + (base + sp) * D + e0 + c4 * 4)
+                 : make_float4(0.f, 0.f, 0.f, 0.f);
+    }
+  };
+  load_partials(rp);
 
-  // 1. combine the splits for columns [e0, e0 + EC) in one pass: thread (rp, c4) folds splits
-  //    rp, rp + RP, ... online (its own running max; every load independent of the others),
-  //    the RP rows are merged in step 4 with the block's max
+  // the new token into the cache (launch 1 has read everything it needed): these stores drain while
+  // the block combines
+  if (es == 0) {
+    if (writer) {
+      T* dk_ = reinterpret_cast<T*>(t < p.S ? p.sink_k : p.ring_k);
+      T* dv_ = reinterpret_cast<T*>(t < p.S ? p.sink_v : p.ring_v);
+      const int64_t row = t < p.S ? (((int64_t)b * p.S + t) * p.HKV + hk) * D
+                                  : (((int64_t)b * p.W + ring_slot(t, p.S, p.W)) * p.HKV + hk) * D;
+#pragma unroll
+      for (int i = 0; i < KPT; ++i) {
+        const int d = tid + i * kThreads;
+        if (d < D) {
+          dk_[row + d] = kv_k[i];
+          dv_[row + d] = kv_v[i];
+        }
+      }
+    }
+    if (t >= p.S && tid == 0) {
+      float* gp = p.gates + (((int64_t)b * p.W + ring_slot(t, p.S, p.W)) * p.H + h) * 2;
+      gp[0] = gt;
+      gp[1] = wt;
+    }
+    if (h == 0 && tid == 0) p.pos[b] = t + 1;
+  }
+
+  // 1. combine the splits for columns [e0, e0 + EC): thread (rp, c4) folds splits rp, rp + RP, ...,
+  //    kBatch at a time (one max and one rescale per batch); the RP rows are merged in step 4 with
+  //    weights from the block's max
   {
-    const int c4 = tid % LR, rp = tid / LR;
     float ml = kNegBig, l = 0.f;
     float4 o = make_float4(0.f, 0.f, 0.f, 0.f);
-#pragma unroll 4
-    for (int s = rp; s < p.nsplit; s += RP) {
-      const float pm = p.ws_pm[base + s], pl = p.ws_pl[base + s];
-      const float4 po = *reinterpret_cast<const float4*>(p.ws_po + (base + s) * D + e0 + c4 * 4);
-      const float mn = fmaxf(ml, pm);
-      const float al = exp2_fast(ml - mn), f = exp2_fast(pm - mn);
-      l = l * al + pl * f;
-      o.x = o.x * al + po.x * f;
-      o.y = o.y * al + po.y * f;
-      o.z = o.z * al + po.z * f;
-      o.w = o.w * al + po.w * f;
+    for (int s0 = rp; s0 < p.nsplit; s0 += kBatch * RP) {
+      if (s0 != rp) load_partials(s0);
+      float mn = ml;
+#pragma unroll
+      for (int j = 0; j < kBatch; ++j) mn = fmaxf(mn, pm[j]);
+      const float al = exp2_fast(ml - mn);
+      l *= al;
+      o.x *= al;
+      o.y *= al;
+      o.z *= al;
+      o.w *= al;
+#pragma unroll
+      for (int j = 0; j < kBatch; ++j) {
+        const float f = exp2_fast(pm[j] - mn);
+        l += pl[j] * f;
+        o.x += po[j].x * f;
+        o.y += po[j].y * f;
+        o.z += po[j].z * f;
+        o.w += po[j].w * f;
+      }
       ml = mn;
     }
     *reinterpret_cast<float4*>(&s_o[rp][c4 * 4]) = o;
@@ -973,15 +1023,18 @@ __global__ void __launch_bounds__(kThreads) decode_finish_kernel(const Params p)
     for (int i = 0; i < D / PARTS; ++i) y += s_u[prt + i * PARTS] * wr[i];
     s_y[prt][e] = y;
   }
-  __syncthreads();
-  for (int ec = tid; ec < EC; ec += kThreads) {
+  if (tid < RP) {  // the combined rows' weights exp2(m_r - M), M the block's max
     float M = kNegBig;
 #pragma unroll
     for (int r = 0; r < RP; ++r) M = fmaxf(M, s_m[r]);
+    s_f[tid] = exp2_fast(s_m[tid] - M);
+  }
+  __syncthreads();
+  for (int ec = tid; ec < EC; ec += kThreads) {
     float oo = 0.f, ll = 0.f, y = 0.f;
 #pragma unroll
     for (int r = 0; r < RP; ++r) {
-      const float f = exp2_fast(s_m[r] - M);
+      const float f = s_f[r];
       oo += s_o[r][ec] * f;
       ll += s_l[r] * f;
     }
@@ -989,28 +1042,6 @@ __global__ void __launch_bounds__(kThreads) decode_finish_kernel(const Params p)
     for (int r = 0; r < PARTS; ++r) y += s_y[r][ec];
     reinterpret_cast<T*>(p.out)[(int64_t)bh * D + e0 + ec] = Ops::from_f(oo / ll + y);
   }
-  if (es != 0) return;
-  // 5. the new token into the cache (launch 1 has read everything it needed)
-  if (writer) {
-    T* dk_ = reinterpret_cast<T*>(t < p.S ? p.sink_k : p.ring_k);
-    T* dv_ = reinterpret_cast<T*>(t < p.S ? p.sink_v : p.ring_v);
-    const int64_t row = t < p.S ? (((int64_t)b * p.S + t) * p.HKV + hk) * D
-                                : (((int64_t)b * p.W + ring_slot(t, p.S, p.W)) * p.HKV + hk) * D;
-#pragma unroll
-    for (int i = 0; i < KPT; ++i) {
-      const int d = tid + i * kThreads;
-      if (d < D) {
-        dk_[row + d] = kv_k[i];
-        dv_[row + d] = kv_v[i];
-      }
-    }
-  }
-  if (t >= p.S && tid == 0) {
-    float* gp = p.gates + (((int64_t)b * p.W + ring_slot(t, p.S, p.W)) * p.H + h) * 2;
-    gp[0] = gt;
-    gp[1] = wt;
-  }
-  if (h == 0 && tid == 0) p.pos[b] = t + 1;
 }
 
 }  // namespace decode
