@@ -94,7 +94,7 @@ CASES = [
     # the new token at the end of a whole tile of sinks (t = 15, 31 < S = 32), at the sink/ring boundary,
     # windows filling up and full (S + W = 96); long splits (8 tiles per warp, D = 64: 3 prologue tiles
     # per warp) with the window filling up at the first step
-    pytest.param("gdn", "bf16", 128, 16, 2, 3, 64, 32, 40, [0, 10, 80], {}, id="gdn-bf16-D128-S32-cache-order"),
+    pytest.param("gdn", "bf16", 128, 16, 2, 3, 64, 32, 40, [0, 10, 80], {}, id="gdn-bf16-D128-S32-sink-tiles"),
     pytest.param("dn", "fp16", 64, 8, 2, 2, 2000, 16, 6, [2015, 2100], {"env": {"AHN_DECODE_SPLIT_KEYS": "512"}},
                  id="dn-fp16-D64-W2000-prologue"),
     # Qwen2.5-7B's G = 7, and G = 20 > 16 (two head tiles per kv head)
