@@ -329,8 +329,7 @@ template <int D, int NST>
 struct MmaSmem {
   static constexpr int kTileElems = kTileKeys * D;
   static constexpr int kStageBytes = kWarps * NST * 2 * kTileElems * 2;
-  static constexpr int kMergeBytes = (kWarps * kHeadTile * D + 2 * kWarps * kHeadTile) * 4;
-  static constexpr int kBytes = kStageBytes > kMergeBytes ? kStageBytes : kMergeBytes;
+  static constexpr int kBytes = kStageBytes;  // the merge reuses each warp's stages (merge_mma)
 };
 
 template <int D>
@@ -339,6 +338,80 @@ struct MmaStages {
 };
 // AHN_DECODE_STAGES (experiments, D = 128 only) picks 3 or 4 stages: 96 / 128 KB per block, so
 // 2 / 1 blocks per SM and (by the grid sizing) fewer, longer splits.
+
+// Merge of the 4 warps' softmax partials into the block's partial for its split (MMA path). Each
+// warp writes into its own stage region (free once its cp.async groups are complete, so no barrier
+// before the writes): first its row maxima; after one barrier every lane takes the block's max M of
+// its two rows, scales its accumulators by exp2(m - M) and writes them, as float2 into rows padded to
+// D + 8 floats (the 8 rows of an MMA fragment then fall in 4 different bank octets: 2 wavefronts per
+// store instead of 8), with l * exp2(m - M); after a second barrier the threads sum the 4 warps' rows
+// and store the partial as float4.
+template <int D, int NST>
+struct MergeRegion {
+  static constexpr int kDP = D + 8;                                    // padded row, floats
+  static constexpr int kFloats = 2 * kTileKeys * D * NST / 2;         // a warp's stage region (bf16/fp16 tiles)
+  static constexpr int kM = kHeadTile * kDP;                           // [16] row maxima
+  static constexpr int kL = kM + kHeadTile;                            // [16] l * exp2(m - M)
+  static_assert(kL + kHeadTile <= kFloats, "merge rows must fit in a warp's stage region");
+};
+
+template <int D, int NST>
+__device__ __forceinline__ void merge_mma(const Params& p, const AttnBlock& a, float* own, const float* all,
+                                          float (&o)[D / 8][4], float m0, float m1, float l0, float l1) {
+  using R = MergeRegion<D, NST>;
+  constexpr int DP = R::kDP;
+  const int lane = threadIdx.x & 31;
+  const int gid = lane >> 2, tig = lane & 3;
+  if (tig == 0) {
+    own[R::kM + gid] = m0;
+    own[R::kM + gid + 8] = m1;
+  }
+  __syncthreads();
+  float M0 = kNegBig, M1 = kNegBig;
+#pragma unroll
+  for (int w = 0; w < kWarps; ++w) {
+    M0 = fmaxf(M0, all[w * R::kFloats + R::kM + gid]);
+    M1 = fmaxf(M1, all[w * R::kFloats + R::kM + gid + 8]);
+  }
+  const float f0 = exp2_fast(m0 - M0), f1 = exp2_fast(m1 - M1);
+#pragma unroll
+  for (int n = 0; n < D / 8; ++n) {
+    const int d = n * 8 + 2 * tig;
+    *reinterpret_cast<float2*>(own + gid * DP + d) = make_float2(o[n][0] * f0, o[n][1] * f0);
+    *reinterpret_cast<float2*>(own + (gid + 8) * DP + d) = make_float2(o[n][2] * f1, o[n][3] * f1);
+  }
+  if (tig == 0) {
+    own[R::kL + gid] = l0 * f0;
+    own[R::kL + gid + 8] = l1 * f1;
+  }
+  __syncthreads();
+  const int64_t base0 = ((int64_t)a.b * p.H + a.h0) * p.nsplit + a.split;  // row r: + r * nsplit
+  if (threadIdx.x < a.nh) {
+    const int row = threadIdx.x;
+    float M = kNegBig, l = 0.f;
+#pragma unroll
+    for (int w = 0; w < kWarps; ++w) {
+      M = fmaxf(M, all[w * R::kFloats + R::kM + row]);
+      l += all[w * R::kFloats + R::kL + row];
+    }
+    p.ws_pm[base0 + (int64_t)row * p.nsplit] = M;
+    p.ws_pl[base0 + (int64_t)row * p.nsplit] = l;
+  }
+  constexpr int D4 = D / 4;
+  for (int idx = threadIdx.x; idx < a.nh * D4; idx += kThreads) {
+    const int row = idx / D4, d = (idx % D4) * 4;
+    float4 s = make_float4(0.f, 0.f, 0.f, 0.f);
+#pragma unroll
+    for (int w = 0; w < kWarps; ++w) {
+      const float4 x = *reinterpret_cast<const float4*>(all + w * R::kFloats + row * DP + d);
+      s.x += x.x;
+      s.y += x.y;
+      s.z += x.z;
+      s.w += x.w;
+    }
+    *reinterpret_cast<float4*>(p.ws_po + (base0 + (int64_t)row * p.nsplit) * D + d) = s;
+  }
+}
 
 template <typename T, int D, int NST>
 __device__ __forceinline__ void attn_block_mma(const Params& p, int blk, char* smem) {
@@ -349,6 +422,7 @@ __device__ __forceinline__ void attn_block_mma(const Params& p, int blk, char* s
   constexpr int ND = D / 8;
   const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5;
   const int gid = lane >> 2, tig = lane & 3;
+  static_assert(sizeof(T) == 2, "the MMA path takes fp16 / bf16 tiles");
   const AttnBlock a = attn_block_coords(p, blk);
 
   const T* sink_k = reinterpret_cast<const T*>(p.sink_k);
@@ -556,26 +630,7 @@ __device__ __forceinline__ void attn_block_mma(const Params& p, int blk, char* s
   l1 += __shfl_xor_sync(0xffffffffu, l1, 1);
   l1 += __shfl_xor_sync(0xffffffffu, l1, 2);
 
-  __syncthreads();  // every warp is done with its stages: reuse them for the merge
-  float* mo = reinterpret_cast<float*>(smem);
-  float* mm = mo + kWarps * kHeadTile * D;
-  float* ml = mm + kWarps * kHeadTile;
-#pragma unroll
-  for (int n = 0; n < ND; ++n) {
-    const int d = n * 8 + 2 * tig;
-    mo[(warp * kHeadTile + gid) * D + d] = o[n][0];
-    mo[(warp * kHeadTile + gid) * D + d + 1] = o[n][1];
-    mo[(warp * kHeadTile + gid + 8) * D + d] = o[n][2];
-    mo[(warp * kHeadTile + gid + 8) * D + d + 1] = o[n][3];
-  }
-  if (tig == 0) {
-    mm[warp * kHeadTile + gid] = m0;
-    mm[warp * kHeadTile + gid + 8] = m1;
-    ml[warp * kHeadTile + gid] = l0;
-    ml[warp * kHeadTile + gid + 8] = l1;
-  }
-  __syncthreads();
-  merge_store<D>(p, a, mo, mm, ml);
+  merge_mma<D, NST>(p, a, reinterpret_cast<float*>(wbuf), reinterpret_cast<const float*>(smem), o, m0, m1, l0, l1);
 }
 
 // ------------------------------------------------------------------------------------------
