@@ -884,10 +884,15 @@ __global__ void __launch_bounds__(kThreads) decode_finish_kernel(const Params p)
   constexpr int LR = EC / 4;           // threads per partial row (float4 each)
   constexpr int RP = kThreads / LR;    // partial rows combined in parallel
   constexpr int NCH = D / kStateCols;
-  constexpr int PARTS = kThreads / EC; // threads per output column of the projection
-  __shared__ __align__(16) float s_o[RP][EC];
-  __shared__ float s_l[RP], s_m[RP], s_f[RP];
-  __shared__ float s_u[D], s_y[PARTS][EC];
+  constexpr int PARTS = kThreads / EC; // adjacent lanes per output column in step 4 (4 at D = 128)
+  constexpr int RPL = RP / PARTS;      // combined rows per lane in step 4
+  static_assert(32 % PARTS == 0 && RP % PARTS == 0, "step 4 reduces within a warp");
+  // rows padded by 32 / PARTS floats: the PARTS lanes of a column read rows r, r + 1, ... in
+  // different banks (float4 row writes stay 16-byte aligned)
+  constexpr int SO = EC + 32 / PARTS;
+  __shared__ __align__(16) float s_o[RP][SO];
+  __shared__ float s_l[RP], s_m[RP];
+  __shared__ float s_u[D];
   __shared__ float s_red[kWarps];
 
   const int tid = threadIdx.x, lane = tid & 31, warp = tid >> 5;
@@ -899,7 +904,7 @@ __global__ void __launch_bounds__(kThreads) decode_finish_kernel(const Params p)
 
   // Everything that does not depend on launch 1 is loaded before the dependency wait: with
   // programmatic dependent launch this overlaps launch 1's tail.
-  const int e = tid % EC, prt = tid / EC;
+  const int e = tid / PARTS, prt = tid % PARTS;  // step 4: column e, rows prt + i * PARTS
   float wr[D / PARTS];
   {
     const int64_t ow = (int64_t)h * D * D + e0;
@@ -1071,31 +1076,33 @@ __global__ void __launch_bounds__(kThreads) decode_finish_kernel(const Params p)
     if (d < D) s_u[d] = mv[i] * rms * nwv[i] * gate;
   }
   __syncthreads();
-  // 4. y = u @ o_weight[h][:, e0:e0+EC]; out = o_win + y (the RP combined rows merged here)
+  // 4. y = u @ o_weight[h][:, e0:e0+EC]; out = o_win + y. The PARTS adjacent lanes of column e split
+  //    the projection's rows and the RP combined rows (weights exp2(m_r - M), M the block's max) and
+  //    reduce with shuffles: no barrier after step 3's
   {
     float y = 0.f;
 #pragma unroll
     for (int i = 0; i < D / PARTS; ++i) y += s_u[prt + i * PARTS] * wr[i];
-    s_y[prt][e] = y;
-  }
-  if (tid < RP) {  // the combined rows' weights exp2(m_r - M), M the block's max
     float M = kNegBig;
 #pragma unroll
-    for (int r = 0; r < RP; ++r) M = fmaxf(M, s_m[r]);
-    s_f[tid] = exp2_fast(s_m[tid] - M);
-  }
-  __syncthreads();
-  for (int ec = tid; ec < EC; ec += kThreads) {
-    float oo = 0.f, ll = 0.f, y = 0.f;
+    for (int j = 0; j < RPL; ++j) M = fmaxf(M, s_m[prt + j * PARTS]);
 #pragma unroll
-    for (int r = 0; r < RP; ++r) {
-      const float f = s_f[r];
-      oo += s_o[r][ec] * f;
+    for (int o = PARTS / 2; o > 0; o >>= 1) M = fmaxf(M, __shfl_xor_sync(0xffffffffu, M, o));
+    float oo = 0.f, ll = 0.f;
+#pragma unroll
+    for (int j = 0; j < RPL; ++j) {
+      const int r = prt + j * PARTS;
+      const float f = exp2_fast(s_m[r] - M);
+      oo += s_o[r][e] * f;
       ll += s_l[r] * f;
     }
 #pragma unroll
-    for (int r = 0; r < PARTS; ++r) y += s_y[r][ec];
-    reinterpret_cast<T*>(p.out)[(int64_t)bh * D + e0 + ec] = Ops::from_f(oo / ll + y);
+    for (int o = PARTS / 2; o > 0; o >>= 1) {
+      y += __shfl_xor_sync(0xffffffffu, y, o);
+      oo += __shfl_xor_sync(0xffffffffu, oo, o);
+      ll += __shfl_xor_sync(0xffffffffu, ll, o);
+    }
+    if (prt == 0) reinterpret_cast<T*>(p.out)[(int64_t)bh * D + e0 + e] = Ops::from_f(oo / ll + y);
   }
 }
 
