@@ -283,9 +283,9 @@ __device__ __forceinline__ AttnBlock attn_block_coords(const Params& p, int blk)
   return a;
 }
 
-// Merge the per-warp softmax partials in shared memory (mo [kWarps][16][D], mm, ml
-// [kWarps][16]) into the block's partial for its split. The row threads first turn mm into each
-// warp's weight exp2(m_w - M) (one exponential per warp and row, not per element).
+// CUDA-core path (the MMA path has merge_mma): merge the per-warp softmax partials in shared memory
+// (mo [kWarps][16][D], mm, ml [kWarps][16]) into the block's partial for its split. The row threads
+// first turn mm into each warp's weight exp2(m_w - M) (one exponential per warp and row, not per element).
 template <int D>
 __device__ __forceinline__ void merge_store(const Params& p, const AttnBlock& a, const float* mo, float* mm,
                                             const float* ml) {
@@ -349,7 +349,7 @@ struct MmaStages {
 template <int D, int NST>
 struct MergeRegion {
   static constexpr int kDP = D + 8;                                    // padded row, floats
-  static constexpr int kFloats = 2 * kTileKeys * D * NST / 2;         // a warp's stage region (bf16/fp16 tiles)
+  static constexpr int kFloats = MmaSmem<D, NST>::kStageBytes / kWarps / 4;  // a warp's stage region
   static constexpr int kM = kHeadTile * kDP;                           // [16] row maxima
   static constexpr int kL = kM + kHeadTile;                            // [16] l * exp2(m - M)
   static_assert(kL + kHeadTile <= kFloats, "merge rows must fit in a warp's stage region");
