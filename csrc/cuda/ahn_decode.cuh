@@ -21,8 +21,8 @@
 //      and advance pos (first: those stores drain while the block works), combine the splits,
 //      norm/gate/project the readout (mamba2: RMSNorm over all H*D values, from per-column-slice
 //      sums of m^2), out = o_win + y. All writes to the cache happen here, after every read of
-//      launch 1. On sm_90 it is launched with programmatic
-//      dependent launch (griddepcontrol) so that its launch latency overlaps launch 1.
+//      launch 1. On sm_90 it is launched with programmatic dependent launch (griddepcontrol) so
+//      that its launch latency overlaps launch 1.
 // With overlap_prev (Params::early), launch 1 itself is a programmatic dependent launch after the
 // kernel before the op (StaticDecoder's fused q/k/v projection, which lets it launch as it starts):
 // its blocks read only the cache before griddepcontrol.wait (attention: the first cp.async stages when
