@@ -132,7 +132,7 @@ def _wy_prep(b_kn, b_v, b_k, b_beta, b_gc, w, xs, o_q, o_t, o_d, i_h, m_i, H: tl
     b_kk = dot(b_kn.to(b_k.dtype), tl.trans(b_kn.to(b_k.dtype)))  # [BT, BT]
     b_dec = tl.exp(tl.where(m_low, b_gc[:, None] - b_gc[None, :], 0.))
     b_L = tl.where(m_low, b_beta[:, None] * b_kk * b_dec, 0.)  # strictly lower part of I + L
-    b_A = tri_inverse(b_L, BT)  # (I + L)^-1, fp32
+    b_A = tri_inverse(b_L, BT, b_k.dtype)  # (I + L)^-1, fp32
     b_Ac = b_A.to(b_k.dtype)
     if STORE_X:
         tl.store(xs + (o_q * H + i_h)[:, None] * BT + o_t[None, :], b_Ac, mask=m_i[:, None])

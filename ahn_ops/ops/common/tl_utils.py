@@ -24,22 +24,27 @@ def dot(a, b):
 
 
 @triton.jit
-def dot_f32(a, b):
-    """fp32 x fp32 product at near-fp32 accuracy on tensor cores (3 tf32 passes).
+def dot_inv(a, b, DT: tl.constexpr):
+    """fp32 x fp32 product of the triangular-inverse merges, for kernels whose inputs are ``DT``.
 
-    Used for the triangular-inverse merges, where plain tf32 (10-bit mantissa) would
-    perturb the WY factors at the 1e-3 level.
+    The inverse is rounded to ``DT`` before use. For bf16 / fp16 (8- / 10-bit mantissa) one tf32 pass
+    (10 bits) is below that rounding, and three passes ("tf32x3", near-fp32) cost the prep pass 0.17 ms
+    more at T=32k, H=16 for the same outputs and gradients (H200, 2026-12-03, benchmarks/NOTES_prefill.md
+    "Session 16"). fp32 inputs keep the three passes. The interpreter multiplies in fp32.
     """
     if INTERPRET:
         c = tl.dot(a, b)
-    else:
+    elif DT == tl.float32:
         c = tl.dot(a, b, input_precision="tf32x3")
+    else:
+        c = tl.dot(a, b, input_precision="tf32")
     return c
 
 
 @triton.jit
-def tri_inverse(b_L, BT: tl.constexpr):
-    """``(I + L)^-1`` [BT, BT] fp32 of a strictly lower triangular fp32 ``L`` (BT a multiple of 16).
+def tri_inverse(b_L, BT: tl.constexpr, DT: tl.constexpr):
+    """``(I + L)^-1`` [BT, BT] fp32 of a strictly lower triangular fp32 ``L`` (BT a multiple of 16), for a
+    kernel whose inputs are ``DT`` (the merge products' precision, ``dot_inv``).
 
     1. The BT/16 diagonal 16x16 blocks of ``L``, held as one [BT/16, 16, 16] tensor, are inverted
        by forward substitution, all blocks at once: step ``i`` updates row ``i`` of every block
@@ -49,7 +54,7 @@ def tri_inverse(b_L, BT: tl.constexpr):
     2. ``I + L = (I + Ld)(I + M)`` with ``Xd = (I + Ld)^-1`` block diagonal and
        ``M = Xd Lo`` strictly block-lower (``Lo``: the part of ``L`` outside the diagonal
        blocks), so for BT = 64 ``M^4 = 0`` and ``(I + L)^-1 = (I - M)(I + M^2) Xd``: four
-       tensor-core products at near-fp32 accuracy (``dot_f32``).
+       tensor-core products (``dot_inv``: one tf32 pass for bf16 / fp16 inputs, three for fp32).
     The prep pass (prefill) calls this; the backward's re-run of the prep pass stores the result
     (input dtype) for backward_mem._mem_bwd_kernel, so both use the same X bit for bit.
     """
@@ -67,5 +72,5 @@ def tri_inverse(b_L, BT: tl.constexpr):
     b_eye = (o_t[:, None] == o_t[None, :]).to(tl.float32)
     b_Xd = tl.reshape(tl.where(m_diag, b_X[:, :, None, :], 0.), (BT, BT)) + b_eye  # block diagonal
     m_blk = (o_t[:, None] // 16) == (o_t[None, :] // 16)
-    b_M = dot_f32(b_Xd, tl.where(m_blk, 0., b_L))
-    return dot_f32(dot_f32(b_eye - b_M, b_eye + dot_f32(b_M, b_M)), b_Xd)
+    b_M = dot_inv(b_Xd, tl.where(m_blk, 0., b_L), DT)
+    return dot_inv(dot_inv(b_eye - b_M, b_eye + dot_inv(b_M, b_M, DT), DT), b_Xd, DT)
