@@ -27,10 +27,11 @@ def dot(a, b):
 def dot_inv(a, b, DT: tl.constexpr):
     """fp32 x fp32 product of the triangular-inverse merges, for kernels whose inputs are ``DT``.
 
-    The inverse is rounded to ``DT`` before use. For bf16 / fp16 (8- / 10-bit mantissa) one tf32 pass
-    (10 bits) is below that rounding, and three passes ("tf32x3", near-fp32) cost the prep pass 0.17 ms
-    more at T=32k, H=16 for the same outputs and gradients (H200, 2026-12-03, benchmarks/NOTES_prefill.md
-    "Session 16"). fp32 inputs keep the three passes. The interpreter multiplies in fp32.
+    The inverse is rounded to ``DT`` before use, so for bf16 (8-bit mantissa) one tf32 pass (10 bits) is
+    below that rounding and for fp16 (10 bits) of its order. With bf16 inputs three passes ("tf32x3",
+    near-fp32) gave the same outputs and gradients within the 2x rule and cost the prep pass 0.17 ms more
+    at T=32k, H=16 (H200, 2026-12-03, benchmarks/NOTES_prefill.md "Session 16"; fp16 not timed there).
+    fp32 inputs keep the three passes. The interpreter multiplies in fp32.
     """
     if INTERPRET:
         c = tl.dot(a, b)
