@@ -2,6 +2,7 @@
 
     python benchmarks/bench_backward.py --check     # every gradient vs the fp32 reference, then timings
     python benchmarks/bench_backward.py             # timings only
+    python benchmarks/bench_backward.py --config mem_warps=4 dq=64,4,3    # backward.CONFIG overrides
 
 Correctness (flash-attention rule): for each gradient, err_kernel = |g - g_ref| / |g_ref| with
 g_ref from autograd through the fp32 reference (reference.py, upcast inputs) and err_torch the
@@ -298,6 +299,17 @@ def sweep(kind="gdn", T=32768, W=4096, S=128, H=16, HKV=2, D=128):
     print(f"[sweep] chosen backward CONFIG: {bw.CONFIG}", flush=True)
 
 
+def parse_config(items, config):
+    """``["mem_warps=4", "dq=64,4,3", "mem_maxnreg=None"]`` -> a dict of backward.CONFIG values; unknown keys fail."""
+    out = {}
+    for it in items:
+        key, sep, val = it.partition("=")
+        if not sep or key not in config:
+            raise SystemExit(f"--config {it!r}: expected KEY=VALUE with KEY one of {sorted(config)}")
+        out[key] = None if val == "None" else tuple(int(x) for x in val.split(",")) if "," in val else int(val)
+    return out
+
+
 def collect(cfg, case_list=None):
     """Rows of the whole forward + backward sweep (``cases(cfg)`` unless given)."""
     return [r for c in (case_list or cases(cfg)) for r in run_case(cfg, c)]
@@ -309,8 +321,12 @@ def main():
     ap.add_argument("--no-bench", action="store_true")
     ap.add_argument("--full", action="store_true", help="also the D=64 batch and T=16k gdn checks")
     ap.add_argument("--sweep", action="store_true", help="launch-config sweep of dkdv / dq before the timings")
+    ap.add_argument("--config", nargs="*", default=[], metavar="KEY=VALUE",
+                    help="backward.CONFIG overrides for the whole run (int, comma-separated tuple, or None)")
     args = ap.parse_args()
-    print(f"[env] torch {torch.__version__} triton {triton.__version__} {torch.cuda.get_device_name()}")
+    bw.CONFIG.update(parse_config(args.config, bw.CONFIG))
+    print(f"[env] torch {torch.__version__} triton {triton.__version__} {torch.cuda.get_device_name()} "
+          f"backward.CONFIG {bw.CONFIG}")
     checks = []
     if args.check:
         # gdn at T=8192 with sinks (sink split, unmasked interiors) and a varlen dn case; --full adds

@@ -156,3 +156,18 @@ def test_profile_decode_op_variants():
     for bad in ("k", "stx", "foo1", "st3+"):
         with pytest.raises(SystemExit, match="unknown variant"):
             pdo.env_of(bad)
+
+
+def test_bench_backward_config_overrides():
+    # `bench_backward.py --config KEY=VALUE ...` sets backward.CONFIG for a device run (sweeps without edits)
+    sys.path.insert(0, BENCH)
+    try:
+        import bench_backward as bb
+    finally:
+        sys.path.remove(BENCH)
+    cfg = dict(bb.bw.CONFIG)
+    assert bb.parse_config(["mem_warps=4", "dq=64,4,3", "mem_bv=None"], cfg) == {
+        "mem_warps": 4, "dq": (64, 4, 3), "mem_bv": None}
+    for bad in ("mem_warps", "no_such_key=1"):
+        with pytest.raises(SystemExit, match="expected KEY=VALUE"):
+            bb.parse_config([bad], cfg)
