@@ -7,6 +7,13 @@ Launch configs are the library's (prefill.CONFIG, backward.CONFIG). A kernel tha
 (ptxas moves registers to local memory) is usually latency-bound far from its roofline: this is the
 first thing to read before tuning one (benchmarks/NOTES_backward.md).
 
+The last column checks each kernel's pipelined loops (TTGIR, :func:`pipeline_hazards`): a loop that
+keeps asynchronous ``tl.dot`` (wgmma) in flight across its prefetch copies must give every buffer it
+copies into the same depth. A shallower buffer means the copy for a later iteration lands in the buffer
+an in-flight ``tl.dot`` is still reading: a race on Hopper. `_mem_bwd`'s Mamba2 variant had it at 3
+stages (triton 3.6 and 3.8 alike; benchmarks/NOTES_backward.md "Session 17"); ``--offline`` exits 1 on
+any such loop (the CPU CI runs it).
+
 On a GPU it runs the op and reads what the driver reports. ``--offline`` needs no GPU: a stand-in
 Triton driver targets ``sm_<arch>`` (90 -> sm_90a), every kernel launch of the library's launchers
 (prefill forward and backward, the decode step's skinny projections) is turned into a compile-only
@@ -35,6 +42,48 @@ SEEN: dict = {}
 _run = JITFunction.run
 
 
+def pipeline_hazards(ttgir: str):
+    """Pipelined loops of a kernel's TTGIR where an asynchronous ``tl.dot`` may read a buffer under a copy.
+
+    A loop body that waits on wgmma with ``pendings > 0`` (dots left in flight) and later issues
+    ``async_copy_global_to_local`` must copy into buffers of one depth (the pipeliner's num_stages);
+    a shallower buffer (triton 3.6/3.8 give one to a tile that also feeds register code) is rewritten
+    while the in-flight dot reads it. Returns a description per offending loop (empty: none).
+    """
+    import re
+
+    depth = {m.group(1): int(m.group(2)) for m in
+             re.finditer(r"(%[\w.#]+) = ttg\.local_alloc : \(\) -> !ttg\.memdesc<(\d+)x", ttgir)}
+    lines = ttgir.splitlines()
+    found = []
+    for i, line in enumerate(lines):
+        if " scf.for " not in line:
+            continue
+        ind = len(line) - len(line.lstrip())
+        body = []
+        for l2 in lines[i + 1:]:
+            if l2.strip().startswith("}") and len(l2) - len(l2.lstrip()) == ind:
+                break
+            body.append(l2)
+        pend = [j for j, l2 in enumerate(body) if "warp_group_dot_wait" in l2
+                and int(re.search(r"pendings = (\d+)", l2).group(1)) > 0]
+        copy = [j for j, l2 in enumerate(body) if "async_copy_global_to_local" in l2]
+        if not pend or not copy or max(copy) < min(pend):
+            continue
+        bufs = {b for l2 in body for b in re.findall(r"ttg\.memdesc_index (%[\w.#]+)\[", l2)}
+        depths = sorted({depth[b] for b in bufs if b in depth})
+        if len(depths) > 1:
+            found.append(f"TTGIR line {i + 1}: dots in flight across copies into buffers of depths {depths}")
+    return found
+
+
+def _hazard_cell(k):
+    try:
+        return "HAZARD" if pipeline_hazards(k.asm["ttgir"]) else "ok"
+    except Exception:  # noqa: BLE001  (no TTGIR in this build)
+        return "?"
+
+
 def _spy(self, *args, **kwargs):
     k = _run(self, *args, **kwargs)
     try:
@@ -42,9 +91,10 @@ def _spy(self, *args, **kwargs):
             k._init_handles()
         md = k.metadata
         key = (self.fn.__name__, getattr(md, "num_warps", None), getattr(md, "num_stages", None))
-        SEEN[key] = (getattr(k, "n_regs", None), getattr(k, "n_spills", None), getattr(md, "shared", None))
+        SEEN[key] = (getattr(k, "n_regs", None), getattr(k, "n_spills", None), getattr(md, "shared", None),
+                     _hazard_cell(k))
     except Exception as e:  # noqa: BLE001
-        SEEN[(self.fn.__name__, None, None)] = (None, None, f"{type(e).__name__}: {e}")
+        SEEN[(self.fn.__name__, None, None)] = (None, None, f"{type(e).__name__}: {e}", "?")
     return k
 
 
@@ -102,9 +152,12 @@ def _offline_setup(arch: int):
         k = _run(self, *args, grid=grid, warmup=True, **kwargs)
         md = k.metadata
         key = (self.fn.__name__, md.num_warps, md.num_stages)
+        pipe = _hazard_cell(k)
         if key not in SEEN:
             regs, spills, _ = _ptxas_report(k.asm["ptx"], arch)
-            SEEN[key] = (regs, spills, md.shared)  # Triton's shared memory is dynamic: from its metadata
+            SEEN[key] = (regs, spills, md.shared, pipe)  # shared memory: dynamic, from the metadata
+        elif pipe == "HAZARD":  # another constexpr variant under the same (name, warps, stages)
+            SEEN[key] = SEEN[key][:3] + (pipe,)
         return k
 
     JITFunction.run = _compile_only
@@ -112,9 +165,10 @@ def _offline_setup(arch: int):
 
 def _table(title):
     print(f"\n== {title} (triton {triton.__version__})")
-    print(f"  {'kernel':28s} {'warps':>5s} {'stages':>6s} {'regs':>5s} {'spills(B)':>9s} {'smem(B)':>8s}")
-    for (name, nw, ns), (regs, spills, smem) in sorted(SEEN.items(), key=lambda kv: kv[0][0]):
-        print(f"  {name:28s} {nw!s:>5s} {ns!s:>6s} {regs!s:>5s} {spills!s:>9s} {smem!s:>8s}")
+    print(f"  {'kernel':28s} {'warps':>5s} {'stages':>6s} {'regs':>5s} {'spills(B)':>9s} {'smem(B)':>8s} pipeline")
+    for (name, nw, ns), (regs, spills, smem, pipe) in sorted(SEEN.items(), key=lambda kv: kv[0][0]):
+        print(f"  {name:28s} {nw!s:>5s} {ns!s:>6s} {regs!s:>5s} {spills!s:>9s} {smem!s:>8s} {pipe}")
+    return [name for (name, _, _), v in SEEN.items() if v[3] == "HAZARD"]
 
 
 def offline(a):
@@ -123,15 +177,17 @@ def offline(a):
     from ahn_ops.ops.ahn_attention import prefill as pf
 
     _offline_setup(a.arch)
+    bad = []
     for kind in a.kinds if a.what in ("all", "prefill") else ():
         for D in a.D:
             SEEN.clear()
             inp = make_inputs(kind, 1, a.T, 8, 2, D, torch.bfloat16, 0, device="cpu")
             out, _, lse = pf.prefill_fwd(*inp, a.W, 64, kind)
             bw.prefill_bwd(torch.randn_like(out), None, *inp, out, lse, a.W, 64, kind)
-            _table(f"{kind} D={D} (T={a.T}, H=8/2, W={a.W}, S=64, bf16; offline sm_{a.arch})")
+            bad += [f"{kind} D={D} {n}" for n in
+                    _table(f"{kind} D={D} (T={a.T}, H=8/2, W={a.W}, S=64, bf16; offline sm_{a.arch})")]
     if a.what not in ("all", "decode"):
-        return
+        return _verdict(bad)
     SEEN.clear()
     # the decode step's skinny projections at the Qwen2.5-3B shape (hidden 2048, intermediate 11008)
     dt = torch.bfloat16
@@ -144,7 +200,15 @@ def offline(a):
         dl.linear_residual(o, w, None, h)
         dl.norm_gate_up(h, nw, 1e-6, wg, wg)
         dl.linear_residual(act, wd, None, h, role="down_proj")
-    _table(f"decode_linear, B = 1, 2, 4 (one row per warps/stages variant; offline sm_{a.arch})")
+    bad += _table(f"decode_linear, B = 1, 2, 4 (one row per warps/stages variant; offline sm_{a.arch})")
+    return _verdict(bad)
+
+
+def _verdict(bad):
+    if bad:
+        print(f"\npipeline hazard (asynchronous tl.dot across a copy into a shallower buffer) in: {', '.join(bad)}")
+        return 1
+    return 0
 
 
 def main():
@@ -172,4 +236,4 @@ def main():
 
 
 if __name__ == "__main__":
-    main()
+    sys.exit(main())

@@ -141,6 +141,46 @@ def test_kernel_regs_offline():
         assert r[3].isdigit() and 0 < int(r[3]) <= 255 and r[4].isdigit(), r
 
 
+def test_prefill_kernels_pipeline_hazards():
+    # every prefill forward / backward kernel compiled offline for sm_90a: no pipelined loop keeps an
+    # asynchronous tl.dot in flight across a prefetch copy into a shallower buffer (a race on Hopper;
+    # _mem_bwd's Mamba2 variant had one, benchmarks/NOTES_backward.md "Session 17")
+    env = dict(os.environ)
+    env.pop("TRITON_INTERPRET", None)
+    p = subprocess.run([sys.executable, os.path.join(BENCH, "kernel_regs.py"), "--offline", "--what", "prefill",
+                        "--kinds", "gdn", "dn", "mamba2", "--D", "128", "64"],
+                       cwd=ROOT, env=env, capture_output=True, text=True, timeout=900)
+    assert p.returncode == 0, p.stdout[-3000:] + p.stderr[-3000:]
+    rows = [l.split() for l in p.stdout.splitlines() if l.strip().startswith("_") and "_kernel" in l]
+    assert len(rows) >= 50 and {r[0] for r in rows} >= {"_mem_bwd_kernel", "_fwd_kernel", "_dh_bwd_kernel"}, p.stdout
+    assert all(r[-1] == "ok" for r in rows), [r for r in rows if r[-1] != "ok"]
+
+
+def test_pipeline_hazard_detector():
+    # the TTGIR pattern of the race, cut down from triton 3.6's _mem_bwd (Mamba2, 3 stages): three dots
+    # left in flight (pendings = 3), then the prefetch copy into h's 2-deep buffer
+    sys.path.insert(0, BENCH)
+    try:
+        import kernel_regs as kr
+    finally:
+        sys.path.remove(BENCH)
+    ir = """
+      %h = ttg.local_alloc : () -> !ttg.memdesc<2x128x32xbf16, #shared, #smem, mutable>
+      %v = ttg.local_alloc : () -> !ttg.memdesc<3x64x32xbf16, #shared, #smem, mutable>
+      %r:3 = scf.for %i = %c0_i32 to %c4_i32 step %c1_i32 iter_args(%a = %c1_i32) -> (i32) : i32 {
+        %hb = ttg.memdesc_index %h[%a] : !ttg.memdesc<2x128x32xbf16>
+        %vb = ttg.memdesc_index %v[%a] : !ttg.memdesc<3x64x32xbf16>
+        %d = ttng.warp_group_dot %vb, %hb, %acc {isAsync = true}
+        %w:2 = ttng.warp_group_dot_wait %d, %hb {pendings = 3 : i32}
+        %c = ttg.async_copy_global_to_local %p, %hb mask %m
+        scf.yield %a : i32
+      }
+"""
+    assert kr.pipeline_hazards(ir) and "depths [2, 3]" in kr.pipeline_hazards(ir)[0]
+    assert kr.pipeline_hazards(ir.replace("2x128x32", "3x128x32")) == []  # one depth: fine
+    assert kr.pipeline_hazards(ir.replace("pendings = 3", "pendings = 0")) == []  # dots done first: fine
+
+
 def test_profile_decode_op_variants():
     # the launch-knob variants of benchmarks/profile_decode_op.py map to the op's environment variables
     sys.path.insert(0, BENCH)

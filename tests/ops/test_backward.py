@@ -129,9 +129,8 @@ def test_grads_fp16_rule(kind, T, W, S, G):
 def test_grads_gpu_long(kind, W, cu, D):
     # bf16 at T = 12288 with the 2x rule; W = 8192 takes the forward's 128-row programs, whose lse / out
     # feed the backward (prefill._fwd_launch); the first sequence is longer than W so that the memory
-    # (and every AHN parameter's gradient) is in play. D = 64: the kernels' [64, 64] tiles there are the
-    # shape at which triton 3.4-3.7.0 miscompiles a transposed dot result fed to tl.dot on Hopper (fla
-    # issue 640; the backward has such products, benchmarks/NOTES_backward.md "Session 17")
+    # (and every AHN parameter's gradient) is in play. D = 64 takes other tile shapes, hence other
+    # software pipelines (benchmarks/kernel_regs.py checks those offline for one race pattern)
     B, T, S, HKV, G = 1, 12288, 64, 1, 4
     inp = make_inputs(kind, B, T, HKV * G, HKV, D, torch.bfloat16, device=DEV, seed=W)
     cs = None if cu is None else torch.tensor(cu, dtype=torch.int32, device=DEV)
@@ -144,12 +143,13 @@ def test_grads_gpu_long(kind, W, cu, D):
 
 
 @pytest.mark.skipif(DEV != "cuda", reason="races between programs or pipeline stages show on a GPU only")
-@pytest.mark.parametrize("kind,D", [("dn", 128), ("gdn", 128), ("dn", 64)])
+@pytest.mark.parametrize("kind,D", [("dn", 128), ("gdn", 128), ("dn", 64), ("mamba2", 128)])
 def test_grads_run_to_run(kind, D):
     # Two backward runs on the same inputs agree up to the order of the fp32 atomics (dk, dv summed over
     # the G query heads of a kv head). The interpreter runs programs one after another, so a race shows
     # only here: on an H200 with triton 3.6 a two-launch split of _mem_bwd (benchmarks/patches/) gave
-    # run-to-run differences of 8.3e-2 in k and 9.1e-2 in b for dn at this shape; these kernels 1.5e-5
+    # run-to-run differences of 8.3e-2 in k and 9.1e-2 in b for dn at this shape (a software-pipelining
+    # race, NOTES_backward.md "Session 17"); the shipped kernels 1.5e-5
     B, T, S, HKV, G, W = 1, 12288, 64, 1, 4, 2048
     inp = make_inputs(kind, B, T, HKV * G, HKV, D, torch.bfloat16, device=DEV, seed=W)
     dout = torch.randn(B, T, HKV * G, D, device=DEV)

@@ -68,8 +68,13 @@ BT = pf.BT
 # (16,8) 18.51, (32,8) 18.06-18.33 (_mem_bwd 4.50 -> 3.35 ms), (64,8) 18.31, (32,16) 20.26, (64,16) 19.87; BV 8 does
 # not compile (tl.dot needs K >= 16). dkdv (32,4,3) 18.00 vs (64,8,2) 24.9, (64,8,3) 24.3, (32,8,3) 26.1,
 # (64,4,3) 26.9; dq (64,4,2) 18.44 vs (64,4,3) 19.24, (128,8,2) 20.70, (64,8,2) 22.32.
+# mem_stages_mamba2: _mem_bwd's Mamba2 variant runs its V loop unpipelined. Pipelined (3 stages, triton 3.6
+# and 3.8 alike, TTGIR of an offline sm_90a compile), its loop kept the iteration's three tl.dot on h / dh
+# in flight (asynchronous wgmma) while the copy for two iterations ahead went into the same buffer of h
+# and dh (2 buffers each: they also feed the elementwise h * dh), a race on Hopper; the gdn/dn variant
+# waits for its dots before that copy (benchmarks/NOTES_backward.md "Session 17").
 CONFIG = {"dq": (64, 4, 2), "dkdv": (32, 4, 3), "sink_qs": 1024,
-          "mem_bv": 32, "mem_warps": 8, "dh_warps": 4, "dh_stages": 3}
+          "mem_bv": 32, "mem_warps": 8, "mem_stages_mamba2": 1, "dh_warps": 4, "dh_stages": 3}
 
 
 def _mm_f32(x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
@@ -198,7 +203,8 @@ def prefill_bwd(dout, dht, q, k, v, a, b, z, A_log, dt_bias, norm_weight, o_weig
             seq=seq, chunks=chunks, gc=gc, hs=hs, dhs=dhs, w=w, xs=xs, vnew=vnew, dvnew=dvnew, dm=dm,
             dq_acc=dq_acc, dk_acc=dk_acc, dv_acc=dv_acc, dg_tok=dg_tok, dbeta_tok=dbeta_tok,
             W=W, S=S, mem_scale=mem_scale, H=H, HKV=HKV, D=D, BT=BT, BV=min(CONFIG["mem_bv"], D), GATES=gates,
-            USE_H0=use_h0, MAMBA2=mamba2, num_warps=CONFIG["mem_warps"])
+            USE_H0=use_h0, MAMBA2=mamba2, num_warps=CONFIG["mem_warps"],
+            num_stages=CONFIG["mem_stages_mamba2"] if mamba2 else 3)
         del hs, dhs, w, xs, vnew, dvnew, dm
         # ---- window attention backward (lse from the forward, delta from _epi_bwd_kernel) ----
         BN, nw, ns = CONFIG["dq"]
