@@ -266,7 +266,7 @@ def run_case(cfg, c):
 
 
 def sweep(kind="gdn", T=32768, W=4096, S=128, H=16, HKV=2, D=128):
-    """Launch-configuration sweep of _mem_bwd and the attention backward kernels (fwd+bwd time, ms); keeps the best."""
+    """Launch-configuration sweep of _mem_bwd_h / _mem_bwd_wy and the attention backward kernels (fwd+bwd time, ms); keeps the best."""
     from triton.testing import do_bench
 
     inp = make_inputs(kind, 1, T, H, HKV, D, torch.bfloat16, 1)
@@ -278,11 +278,14 @@ def sweep(kind="gdn", T=32768, W=4096, S=128, H=16, HKV=2, D=128):
         torch.ops.ahn.prefill_fwd(*leaves, W, S, kind, None, None, False)[0].backward(dout)
 
     def setter(key):
-        if key == "mem":  # (mem_bv, mem_warps) of _mem_bwd_kernel
-            return lambda c: bw.CONFIG.update(mem_bv=c[0], mem_warps=c[1])
+        if key == "mem":  # (mem_bv, mem_stages) of _mem_bwd_h_kernel
+            return lambda c: bw.CONFIG.update(mem_bv=c[0], mem_stages=c[1])
+        if key == "wy":  # (wy_bv, wy_warps) of _mem_bwd_wy_kernel
+            return lambda c: bw.CONFIG.update(wy_bv=c[0], wy_warps=c[1])
         return lambda c: bw.CONFIG.__setitem__(key, c)
 
-    for key, cands in (("mem", [(64, 8), (32, 4), (32, 8), (16, 4), (128, 8)]),
+    for key, cands in (("mem", [(64, 3), (32, 3), (64, 2), (32, 2)]),
+                       ("wy", [(32, 4), (64, 4), (32, 8)]),
                        ("dkdv", [(64, 8, 2), (64, 4, 2), (32, 4, 2), (32, 4, 3), (32, 8, 2)]),
                        ("dq", [(64, 4, 3), (64, 8, 2), (64, 4, 2), (32, 4, 3)])):
         res = {}

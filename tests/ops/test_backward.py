@@ -147,9 +147,9 @@ def test_grads_gpu_long(kind, W, cu, D):
 def test_grads_run_to_run(kind, D):
     # Two backward runs on the same inputs agree up to the order of the fp32 atomics (dk, dv summed over
     # the G query heads of a kv head). The interpreter runs programs one after another, so a race shows
-    # only here: on an H200 with triton 3.6 a two-launch split of _mem_bwd (benchmarks/patches/) gave
-    # run-to-run differences of 8.3e-2 in k and 9.1e-2 in b for dn at this shape (a software-pipelining
-    # race, NOTES_backward.md "Session 17"); the shipped kernels 1.5e-5
+    # only here: on an H200 with triton 3.6 the first version of the two-launch _mem_bwd (h / wy kernels)
+    # gave run-to-run differences of 8.3e-2 in k and 9.1e-2 in b for dn at this shape (a software-pipelining
+    # race, NOTES_backward.md "Session 17"); the one-launch kernel before it 1.5e-5
     B, T, S, HKV, G, W = 1, 12288, 64, 1, 4, 2048
     inp = make_inputs(kind, B, T, HKV * G, HKV, D, torch.bfloat16, device=DEV, seed=W)
     dout = torch.randn(B, T, HKV * G, D, device=DEV)
@@ -168,8 +168,8 @@ def test_random_window_no_recompile():
     kind, T, H, D = "gdn", 130, 2, 64  # T = 130: (17, 3) launches the sink kernel too
     inp = make_inputs(kind, 1, T, H, 1, D, torch.float32, device=DEV, seed=1)
     dout = torch.randn(1, T, H, D, device=DEV)
-    kernels = ((ka, "_attn_dq_kernel"), (ka, "_attn_dkdv_kernel"), (km, "_mem_bwd_kernel"),
-               (ka, "_attn_dkdv_sink_kernel"))
+    kernels = ((ka, "_attn_dq_kernel"), (ka, "_attn_dkdv_kernel"), (km, "_mem_bwd_h_kernel"),
+               (km, "_mem_bwd_wy_kernel"), (ka, "_attn_dkdv_sink_kernel"))
 
     def cached():  # compiled variants so far (other tests of this process may have added some)
         return {k: len(getattr(m, k).device_caches[0][0]) for m, k in kernels} if DEV == "cuda" else {}

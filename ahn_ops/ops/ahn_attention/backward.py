@@ -5,7 +5,7 @@ Given ``dout`` (and optionally ``dht``, the grad of the final state), returns th
 The autograd saves the forward's inputs, its output ``out`` and the window attention's ``lse``
 (fp32 ``[B, T, H]``, stored by the forward kernel); the backward recomputes the memory branch
 and takes the attention's ``delta = rowsum(dout * (out - y_mem))`` from the epilogue backward,
-which recomputes ``y_mem`` anyway (8 launches, 9 for mamba2; no attention forward re-run):
+which recomputes ``y_mem`` anyway (9 launches, 10 for mamba2; no attention forward re-run):
 
 ==========================  ==========================  ==============================
 launch                       grid                        recomputes / produces
@@ -15,10 +15,13 @@ prefill._state_kernel        (D/BV, H, N) sequential     h per chunk, v_new
 _epi_bwd_kernel              (H, chunks)                 m, y_mem; dm, dz, u, dnorm_weight part,
                                                          window delta (mamba2: twice, README.md §6)
 _dh_bwd_kernel               (D/BV, H, N) sequential     dh per chunk, dv_new, dh0
-_mem_bwd_kernel              (H, chunks)                 memory dq, dk, dv, dg, dbeta
-_attn_dq_kernel              (H, blocks)                 dq (+ memory dq)
+_mem_bwd_h_kernel            (D/BK, H, chunks)           products with h, dh: raw memory d/dqn,
+                                                         d/dkn part, dw, dgc partials
+_mem_bwd_wy_kernel           (H, chunks)                 WY backward: d/dkn part, dv, dbeta, dg
+_attn_dq_kernel              (H, blocks)                 dq (+ memory dq through q's l2norm)
 _attn_dkdv_sink_kernel       (sink items, HKV)           sink keys' dk, dv past their band (S > 0)
-_attn_dkdv_kernel            (HKV, blocks)               dk, dv (+ memory, sink partials)
+_attn_dkdv_kernel            (HKV, blocks)               dk, dv (+ memory through k's l2norm, sink
+                                                         partials)
 ==========================  ==========================  ==============================
 
 Then cheap torch glue on ``[B, T, H]`` gates (sigmoid, softplus, ``-exp(A_log)``
@@ -30,8 +33,8 @@ torch sum over heads of ``[tokens, H]`` partials (the norm spans the H heads of 
 Memory (beyond inputs and grads): ``2 * ceil(T/64) * H * D * D`` elements in the input dtype
 for the per-chunk states h and dh, plus ``7 * T * H * D`` row buffers (w, u, v_new, dv_new,
 dm, dv_local, u_epi in the input dtype, dq partial in fp32 counts 2), fp32 ``[T, H]`` delta and
-the saved lse, and fp32
-``[T, HKV, D]`` dk/dv accumulators: ``O(T*H*D + T/64*H*D*D)``.
+the saved lse, fp32 ``[T, HKV, D]`` accumulators (dk of the sink ranges, the memory's two
+d/dkn parts, dv) and fp32 ``[D/64, T, H]`` dgc partials: ``O(T*H*D + T/64*H*D*D)``.
 """
 
 from __future__ import annotations
@@ -68,13 +71,23 @@ BT = pf.BT
 # (16,8) 18.51, (32,8) 18.06-18.33 (_mem_bwd 4.50 -> 3.35 ms), (64,8) 18.31, (32,16) 20.26, (64,16) 19.87; BV 8 does
 # not compile (tl.dot needs K >= 16). dkdv (32,4,3) 18.00 vs (64,8,2) 24.9, (64,8,3) 24.3, (32,8,3) 26.1,
 # (64,4,3) 26.9; dq (64,4,2) 18.44 vs (64,4,3) 19.24, (128,8,2) 20.70, (64,8,2) 22.32.
-# mem_stages_mamba2: _mem_bwd's Mamba2 variant runs its V loop unpipelined. Pipelined (3 stages, triton 3.6
-# and 3.8 alike, TTGIR of an offline sm_90a compile), its loop kept the iteration's three tl.dot on h / dh
-# in flight (asynchronous wgmma) while the copy for two iterations ahead went into the same buffer of h
-# and dh (2 buffers each: they also feed the elementwise h * dh), a race on Hopper; the gdn/dn variant
-# waits for its dots before that copy (benchmarks/NOTES_backward.md "Session 17").
+# mem_*: _mem_bwd_h_kernel (BK key columns per program, BV value columns per loop step, warps, stages);
+# wy_*: _mem_bwd_wy_kernel. One [64, 128] launch before (255 regs, 2.4 KB spills, 3.27-3.28 ms at T=32k);
+# split, H200 (2026-12-04, triton 3.6, T=32k W=4096 S=128, bwd ms, the old kernel in the same lease: 14.05
+# / 13.99): (mem_bv, mem_stages) (64, 3) h 1.36 + wy 1.31, bwd 13.23, fwd+bwd 16.96 (old 17.70 / 17.74);
+# (32, 3) 1.38 + 1.31, 16.98; session 17: (32, 2) h 1.59, (64, 2) 1.42, wy at 8 warps 1.46, maxnreg 128
+# 1.76. Stages: the h kernel's V loop keeps its dots in flight across the prefetch copy, which is safe
+# only because h and dh feed nothing but dots (the dglast sum is the trace of h dh^T): every buffer has
+# the same depth (benchmarks/kernel_regs.py --offline checks it; NOTES_backward.md "Session 17").
 CONFIG = {"dq": (64, 4, 2), "dkdv": (32, 4, 3), "sink_qs": 1024,
-          "mem_bv": 32, "mem_warps": 8, "mem_stages_mamba2": 1, "dh_warps": 4, "dh_stages": 3}
+          "mem_bk": 64, "mem_bv": 64, "mem_warps": 8, "mem_stages": 3, "mem_maxnreg": None, "wy_bv": 32, "wy_warps": 4,
+          "wy_maxnreg": None,
+          "dh_warps": 4, "dh_stages": 3}
+
+
+def _maxnreg(n: Optional[int]) -> dict:
+    """Launch option capping registers per thread (ptxas .maxnreg), when set."""
+    return {} if n is None else {"maxnreg": n}
 
 
 def _mm_f32(x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
@@ -133,8 +146,11 @@ def prefill_bwd(dout, dht, q, k, v, a, b, z, A_log, dt_bias, norm_weight, o_weig
     dq = empty(B, T, H, D, dtype=dt, device=dev)
     dk = empty(B, T, HKV, D, dtype=dt, device=dev)
     dv = empty(B, T, HKV, D, dtype=dt, device=dev)
-    # fp32 accumulators the memory branch adds into (tokens never absorbed keep 0)
+    # fp32 accumulators (tokens never absorbed keep 0): the sink ranges' dk, the memory's d/dkn in
+    # two parts (state products, WY; l2norm backward of their sum in _attn_dkdv), dv of both
     dk_acc = torch.zeros(Tt, HKV, D, dtype=torch.float32, device=dev)
+    dkm_acc = torch.zeros(Tt, HKV, D, dtype=torch.float32, device=dev)
+    dkw_acc = torch.zeros(Tt, HKV, D, dtype=torch.float32, device=dev)
     dv_acc = torch.zeros(Tt, HKV, D, dtype=torch.float32, device=dev)
     dq_acc = empty(Tt, H, D, dtype=torch.float32, device=dev)
     dg_tok = torch.zeros(Tt, H, dtype=torch.float32, device=dev)
@@ -195,23 +211,34 @@ def prefill_bwd(dout, dht, q, k, v, a, b, z, A_log, dt_bias, norm_weight, o_weig
             dhs=dhs, dvnew=dvnew, dh0=dh0 if use_h0 else dummy, W=W, S=S,
             H=H, D=D, BT=BT, BV=BV, USE_H0=use_h0, USE_DHT=use_dht, MAMBA2=mamba2,
             num_warps=CONFIG["dh_warps"], num_stages=CONFIG["dh_stages"])
-        del dvl, qg, kd
+        del qg, kd
         # ---- chunk-parallel memory gradients ----
-        km._mem_bwd_kernel[(H, NT)](
-            q=qf, k=kf, v=vf, a=af if af is not None else dummy, b=bf if bf is not None else dummy, A_log=A_logf,
-            dt_bias=dt_biasf,
-            seq=seq, chunks=chunks, gc=gc, hs=hs, dhs=dhs, w=w, xs=xs, vnew=vnew, dvnew=dvnew, dm=dm,
-            dq_acc=dq_acc, dk_acc=dk_acc, dv_acc=dv_acc, dg_tok=dg_tok, dbeta_tok=dbeta_tok,
-            W=W, S=S, mem_scale=mem_scale, H=H, HKV=HKV, D=D, BT=BT, BV=min(CONFIG["mem_bv"], D), GATES=gates,
-            USE_H0=use_h0, MAMBA2=mamba2, num_warps=CONFIG["mem_warps"],
-            num_stages=CONFIG["mem_stages_mamba2"] if mamba2 else 3)
-        del hs, dhs, w, xs, vnew, dvnew, dm
+        # the products with the states, split over key columns (raw d/dqn, d/dkn, dw, dgc parts) ...
+        BK = min(CONFIG["mem_bk"], D)
+        NK = D // BK
+        dw_buf = dvl  # dvl's storage ([Tt, H, D], input dtype) is free after _dh_bwd
+        dgc_part = empty(NK, Tt, H, dtype=torch.float32, device=dev)
+        km._mem_bwd_h_kernel[(NK, H, NT)](
+            q=qf, k=kf, seq=seq, chunks=chunks, gc=gc, hs=hs, dhs=dhs, vnew=vnew, dvnew=dvnew, dm=dm,
+            dq_acc=dq_acc, dkm_acc=dkm_acc, dw_buf=dw_buf, dgc_part=dgc_part,
+            W=W, S=S, mem_scale=mem_scale, Tt=Tt, H=H, HKV=HKV, D=D, BT=BT, BK=BK, BV=min(CONFIG["mem_bv"], D),
+            USE_H0=use_h0, MAMBA2=mamba2, num_warps=CONFIG["mem_warps"], num_stages=CONFIG["mem_stages"],
+            **_maxnreg(CONFIG["mem_maxnreg"]))
+        del hs, dhs, dm
+        # ... then the WY backward, dv, dbeta and the cumsum of dgc -> dg, per (head, chunk)
+        km._mem_bwd_wy_kernel[(H, NT)](
+            k=kf, v=vf, a=af if af is not None else dummy, b=bf if bf is not None else dummy, A_log=A_logf,
+            dt_bias=dt_biasf, seq=seq, chunks=chunks, gc=gc, xs=xs, dvnew=dvnew, dw_buf=dw_buf, dgc_part=dgc_part,
+            dkw_acc=dkw_acc, dv_acc=dv_acc, dg_tok=dg_tok, dbeta_tok=dbeta_tok, W=W, S=S, Tt=Tt,
+            H=H, HKV=HKV, D=D, BT=BT, BV=min(CONFIG["wy_bv"], D), NK=NK, GATES=gates, USE_H0=use_h0,
+            MAMBA2=mamba2, num_warps=CONFIG["wy_warps"], **_maxnreg(CONFIG["wy_maxnreg"]))
+        del w, xs, vnew, dvnew, dw_buf, dgc_part
         # ---- window attention backward (lse from the forward, delta from _epi_bwd_kernel) ----
         BN, nw, ns = CONFIG["dq"]
         ka._attn_dq_kernel[(H, NT)](
             q=qf, k=kf, v=vf, do=dof, seq=seq, chunks=chunks, lse=lsef, delta=delta, dq_acc=dq_acc, dq=dq,
-            W=W, S=S, qk_scale=qk_scale, sm_scale=D ** -0.5, H=H, HKV=HKV, D=D, BT=BT, BN=BN,
-            num_warps=nw, num_stages=ns)
+            W=W, S=S, qk_scale=qk_scale, sm_scale=D ** -0.5, mem_scale=mem_scale, H=H, HKV=HKV, D=D, BT=BT, BN=BN,
+            MAMBA2=mamba2, num_warps=nw, num_stages=ns)
         BM, nw, ns = CONFIG["dkdv"]
         # sink key blocks: the queries past their band, split over programs (atomics into dk/dv_acc)
         items = ka.sink_items(lens, W, S, BT, CONFIG["sink_qs"])
@@ -223,8 +250,9 @@ def prefill_bwd(dout, dht, q, k, v, a, b, z, A_log, dt_bias, norm_weight, o_weig
                 H=H, HKV=HKV, D=D, BT=BT, BM=BM, num_warps=nw, num_stages=ns)
         ka._attn_dkdv_kernel[(HKV, NT)](
             q=qf, k=kf, v=vf, do=dof, seq=seq, chunks=chunks, lse=lsef, delta=delta, dk_acc=dk_acc,
-            dv_acc=dv_acc, dk=dk, dv=dv, W=W, S=S, qk_scale=qk_scale, sm_scale=D ** -0.5,
-            H=H, HKV=HKV, D=D, BT=BT, BM=BM, num_warps=nw, num_stages=ns)
+            dkm_acc=dkm_acc, dkw_acc=dkw_acc, dv_acc=dv_acc, dk=dk, dv=dv, W=W, S=S, qk_scale=qk_scale,
+            sm_scale=D ** -0.5,
+            H=H, HKV=HKV, D=D, BT=BT, BM=BM, MAMBA2=mamba2, num_warps=nw, num_stages=ns)
     elif use_h0:
         dh0.copy_(dht if use_dht else torch.zeros_like(dh0))
 

@@ -7,8 +7,10 @@ stores it; the autograd saves it) and ``delta = rowsum(dO * o_win)`` from
 fourth launch re-ran the attention forward for these two: 2.5-3.5 ms of a ~32 ms backward at
 T=32k on H100.
 
-1. ``_attn_dq_kernel``   grid (H, blocks): ``dq = dq_mem + D^-0.5 * sum_j dS k`` over the same
-   key blocks (sink blocks ``j < S`` left of the band, then the band ``[t_lo - W + 1, t_hi]``).
+1. ``_attn_dq_kernel``   grid (H, blocks): ``dq = D^-0.5 * sum_j dS k + dq_mem`` over the same
+   key blocks (sink blocks ``j < S`` left of the band, then the band ``[t_lo - W + 1, t_hi]``);
+   ``dq_mem`` is the memory branch's gradient w.r.t. the normalised query, taken back through
+   the l2norm (or F.normalize for mamba2) here, where q is loaded anyway.
 2. ``_attn_dkdv_sink_kernel`` grid (items, HKV): the part of a sink key block's work that lies
    past its window band (queries ``t >= j_hi + W``: they see the block's keys only as sinks),
    cut into query ranges of ``QS`` tokens (a host-built table of (sequence, key block, t0, t1)).
@@ -17,7 +19,9 @@ T=32k on H100.
    T=32k, S=128 (2.5 ms with S=0), H100.
 3. ``_attn_dkdv_kernel`` grid (HKV, blocks): for a key block, loop over the G query heads of
    the kv group and over the query blocks of its band ``[j0, j_hi + W - 1]``; K/V are never
-   repeated to H heads. Adds the fp32 partials (memory branch, sink ranges) and writes once.
+   repeated to H heads. Adds the fp32 partials (sink ranges; the memory branch's gradient w.r.t.
+   the normalised key, summed over the G heads, taken back through the key's norm here) and
+   writes once.
 
 Masks are applied on edge blocks only (the diagonal, the window's far edge, the sequence end);
 interior blocks of the band skip the [BT, BN] index arithmetic and the masked loads.
@@ -30,6 +34,8 @@ from __future__ import annotations
 
 import triton
 import triton.language as tl
+
+from .prefill import _inv_norm
 
 
 @triton.jit
@@ -68,10 +74,10 @@ def _attn_dq_kernel(
     # pointers
     q, k, v, do, seq, chunks, lse, delta, dq_acc, dq,
     # sizes
-    W, S, qk_scale, sm_scale,
+    W, S, qk_scale, sm_scale, mem_scale,
     H: tl.constexpr, HKV: tl.constexpr, D: tl.constexpr,
     # meta
-    BT: tl.constexpr, BN: tl.constexpr,
+    BT: tl.constexpr, BN: tl.constexpr, MAMBA2: tl.constexpr,
 ):
     i_h, i_c = tl.program_id(0), tl.program_id(1)
     G: tl.constexpr = H // HKV
@@ -94,7 +100,14 @@ def _attn_dq_kernel(
     b_do = tl.load(do + p_row, mask=m_i[:, None], other=0.)  # [BT, D]
     b_lse = tl.load(lse + o_q * H + i_h, mask=m_i, other=0.)  # [BT]
     b_dl = tl.load(delta + o_q * H + i_h, mask=m_i, other=0.)  # [BT]
-    b_dq = tl.zeros([BT, D], dtype=tl.float32)
+    # the memory's dq_acc is d/d(qn), qn = l2norm(q) mem_scale: x r -> r (dy - y (y . dy)). Taken
+    # back here, before the loop (its temporaries die before the accumulator loop starts), and
+    # carried in the accumulator divided by sm_scale (the loop's sum is scaled once at the end)
+    b_dm = tl.load(dq_acc + p_row, mask=m_i[:, None], other=0.)  # [BT, D]
+    b_qf = b_q.to(tl.float32)
+    b_rq = _inv_norm(b_qf, MAMBA2)  # [BT]
+    b_qy = b_qf * b_rq[:, None]
+    b_dq = (b_rq * (mem_scale / sm_scale))[:, None] * (b_dm - b_qy * tl.sum(b_qy * b_dm, 1)[:, None])
     lo = (tl.maximum(t_lo - W + 1, 0) // BN) * BN
     n_sink = tl.minimum(S, lo)
     for j0 in range(0, n_sink, BN):
@@ -127,7 +140,7 @@ def _attn_dq_kernel(
         b_v = tl.load(v + o_x, mask=m_k[:, None], other=0.)  # [BN, D]
         b_dq = _dq_block(b_q, b_do, b_k, b_v, _allowed(t_pos, o_s, m_i, T, W, S), b_lse, b_dl, b_dq,
                          qk_scale, True)
-    b_dq = b_dq * sm_scale + tl.load(dq_acc + p_row, mask=m_i[:, None], other=0.)
+    b_dq = b_dq * sm_scale
     tl.store(dq + p_row, b_dq.to(dq.dtype.element_ty), mask=m_i[:, None])
 
 
@@ -208,12 +221,12 @@ def _attn_dkdv_sink_kernel(
 @triton.jit(do_not_specialize=["W", "S"])
 def _attn_dkdv_kernel(
     # pointers
-    q, k, v, do, seq, chunks, lse, delta, dk_acc, dv_acc, dk, dv,
+    q, k, v, do, seq, chunks, lse, delta, dk_acc, dkm_acc, dkw_acc, dv_acc, dk, dv,
     # sizes
     W, S, qk_scale, sm_scale,
     H: tl.constexpr, HKV: tl.constexpr, D: tl.constexpr,
     # meta
-    BT: tl.constexpr, BM: tl.constexpr,
+    BT: tl.constexpr, BM: tl.constexpr, MAMBA2: tl.constexpr,
 ):
     i_kv, i_c = tl.program_id(0), tl.program_id(1)
     G: tl.constexpr = H // HKV
@@ -229,7 +242,15 @@ def _attn_dkdv_kernel(
     p_kv = ((bos + o_s) * HKV + i_kv)[:, None] * D + o_d[None, :]
     b_k = tl.load(k + p_kv, mask=m_k[:, None], other=0.)  # [BT, D]
     b_v = tl.load(v + p_kv, mask=m_k[:, None], other=0.)  # [BT, D]
-    b_dk = tl.zeros([BT, D], dtype=tl.float32)
+    # the memory's d/d(kn), kn = l2norm(k), summed over the G heads (dkm_acc + dkw_acc, two launches'
+    # parts): x r -> r (dy - y (y . dy)), taken back before the loop and carried in the accumulator
+    # divided by sm_scale (as in _attn_dq)
+    b_dkm = tl.load(dkm_acc + p_kv, mask=m_k[:, None], other=0.) + \
+        tl.load(dkw_acc + p_kv, mask=m_k[:, None], other=0.)  # [BT, D]
+    b_kf = b_k.to(tl.float32)
+    b_rk = _inv_norm(b_kf, MAMBA2)  # [BT]
+    b_kn = b_kf * b_rk[:, None]
+    b_dk = (b_rk / sm_scale)[:, None] * (b_dkm - b_kn * tl.sum(b_kn * b_dkm, 1)[:, None])
     b_dv = tl.zeros([BT, D], dtype=tl.float32)
     j0 = i_b * BT
     j_hi = tl.minimum(j0 + BT, T) - 1

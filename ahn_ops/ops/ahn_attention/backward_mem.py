@@ -23,11 +23,16 @@ Backward, given ``dy`` (grad of the op output; the epilogue turns it into ``dm``
    ``qg`` and the prep pass's ``kd = kn e^(g_last - gc)`` (no normalisation in the sequential loop),
    ``dv_new = dv_local + (kn e^(g_last-gc)) dh_c+1``,
    ``dh_c = e^g_last dh_c+1 + (qn e^gc)^T dm - w^T dv_new``; stores ``dh_c+1`` per chunk.
-3. ``_mem_bwd_kernel`` (chunk-parallel): dq, dk (readout, state transition), ``dw = -dv_new h_c^T``
-   (products over V taken in BV-column slices of h, dh, v_new, dv_new, dm),
-   then the WY backward through ``X`` (stored by the backward's prep pass), dbeta, the in-chunk
-   reverse cumsum of dgc -> dg, l2norm backward of q and k. dk/dv of the G query heads of a
-   kv group meet in fp32 atomics on ``[tokens, HKV, D]`` buffers (never ``[tokens, H, D]``).
+3. ``_mem_bwd_h_kernel`` (chunk-parallel, grid (D/BK, H, N)): the products with the chunk states
+   for BK key columns (V taken in BV-column slices of h, dh, v_new, dv_new, dm): raw d/dqn into
+   ``dq_acc``, the readout / state-transition part of d/dkn into ``dkm_acc``, ``dw = -dv_new h_c^T``
+   (input dtype) and per-column-slice partials of d/dgc.
+4. ``_mem_bwd_wy_kernel`` (chunk-parallel, grid (H, N)): the WY backward through ``X`` (stored by
+   the backward's prep pass), its part of d/dkn into ``dkw_acc``, dv, dbeta, and the in-chunk
+   reverse cumsum of dgc -> dg. The l2norm backwards of q and k run in ``_attn_dq_kernel`` and
+   ``_attn_dkdv_kernel`` (backward_attn.py). dk/dv of the G query heads of a kv group meet in fp32
+   atomics on ``[tokens, HKV, D]`` buffers (never ``[tokens, H, D]``); the two d/dkn parts have
+   separate buffers, so with G = 1 every address has one writer and the sums are deterministic.
 
 Memory of the backward: the per-chunk states ``h`` and ``dh`` (``2 * T/64 * H * D * D`` in the
 input dtype) plus ``O(T * H * D)`` row buffers (among them ``qg``, ``kd`` and the WY inverse ``X``,
@@ -224,23 +229,25 @@ def _dh_bwd_kernel(
 
 
 @triton.jit(do_not_specialize=["W", "S"])
-def _mem_bwd_kernel(
+def _mem_bwd_h_kernel(
     # pointers
-    q, k, v, a, b, A_log, dt_bias, seq, chunks, gc, hs, dhs, w, xs, vnew, dvnew, dm,
-    dq_acc, dk_acc, dv_acc, dg_tok, dbeta_tok,
+    q, k, seq, chunks, gc, hs, dhs, vnew, dvnew, dm, dq_acc, dkm_acc, dw_buf, dgc_part,
     # sizes
-    W, S, mem_scale,
+    W, S, mem_scale, Tt,
     H: tl.constexpr, HKV: tl.constexpr, D: tl.constexpr,
     # meta
-    BT: tl.constexpr, BV: tl.constexpr, GATES: tl.constexpr, USE_H0: tl.constexpr, MAMBA2: tl.constexpr,
+    BT: tl.constexpr, BK: tl.constexpr, BV: tl.constexpr, USE_H0: tl.constexpr, MAMBA2: tl.constexpr,
 ):
-    # MAMBA2: no delta correction, i.e. X = I and w = 0: v_new = u = dt v, and the WY part (dw,
-    # dX, dL) drops out; dbeta is then d(dt) through u, and q/k use F.normalize.
-    # The [D, D] states h_c, dh_c+1 and the [BT, D] rows v, v_new, dv_new, dm are read in V slices
-    # of BV columns (the products over V accumulate): one program holding two full [128, 128]
-    # tiles and ~10 fp32 [64, 128] tiles at 4 warps spilled 14.5 KB per thread (ptxas, sm_90a)
-    # and took 13.1 ms at T=32k, H=16 (H100).
-    i_h, i_c = tl.program_id(0), tl.program_id(1)
+    # The products with the chunk states, for the BK key columns o_k of one (head, chunk): grid
+    # (D/BK, H, chunks). Everything here is linear in the key columns, so the columns split over
+    # programs (two [64, 64] programs at D = 128 instead of one [64, 128] one: ~128 fp32 registers
+    # of accumulators per thread instead of ~256, and twice the programs); the results stay raw:
+    #   dq_acc[:, o_k]  = e^gc (dm h^T) + tril(dm v_new^T E) kn           (d/dqn, l2norm bwd in _attn_dq)
+    #   dkm_acc[:, o_k] += tril(dm v_new^T E)^T qn + e^(glast-gc) (v_new dh^T)  (d/dkn, atomics over
+    #                      the G heads and with _mem_bwd_wy_kernel; l2norm bwd in _attn_dkdv)
+    #   dw_buf[:, o_k]  = -dv_new h^T                                      (input dtype, for the WY part)
+    #   dgc_part[i_k]   = this column slice's terms of d/dgc (all sums over key columns)
+    i_k, i_h, i_c = tl.program_id(0), tl.program_id(1), tl.program_id(2)
     G: tl.constexpr = H // HKV
     i_kv = i_h // G
     i_n = tl.load(chunks + i_c * 2)
@@ -251,122 +258,180 @@ def _mem_bwd_kernel(
 
     o_t = tl.arange(0, BT)
     o_d = tl.arange(0, D)
+    o_k = i_k * BK + tl.arange(0, BK)
     o_i = i_b * BT + o_t
     m_i = o_i < T
     o_q = bos + o_i
-    p_row = (o_q * H + i_h)[:, None] * D + o_d[None, :]
+    p_rowk = (o_q * H + i_h)[:, None] * D + o_k[None, :]
     t_hi = tl.minimum(i_b * BT + BT, T) - 1
     if USE_H0 or (t_hi - W >= S):
         pos = o_i - W
         m_act = m_i & (pos >= S)
         o_row = bos + tl.where(m_act, pos, 0)
-        p_kv = (o_row * HKV + i_kv)[:, None] * D + o_d[None, :]
-        b_k = tl.load(k + p_kv, mask=m_act[:, None], other=0.)  # [BT, D]
+        p_kv = (o_row * HKV + i_kv)[:, None] * D
+        # the row norms need whole rows; the column slice is loaded again (L1/L2 hit)
+        b_rk = _inv_norm(tl.load(k + p_kv + o_d[None, :], mask=m_act[:, None], other=0.).to(tl.float32), MAMBA2)
+        b_k = tl.load(k + p_kv + o_k[None, :], mask=m_act[:, None], other=0.)  # [BT, BK]
         dt = b_k.dtype
-        b_kf = b_k.to(tl.float32)
-        b_rk = _inv_norm(b_kf, MAMBA2)  # [BT]
-        b_kn = b_kf * b_rk[:, None]  # [BT, D]
-        b_g, b_beta = _load_gates(a, b, b, A_log, dt_bias, o_row, m_act, i_h, H, GATES)
+        b_kn = b_k.to(tl.float32) * b_rk[:, None]  # [BT, BK]
         b_gc = tl.load(gc + o_q * H + i_h, mask=m_i, other=0.)  # [BT]
         i_last = t_hi - i_b * BT
         b_glast = tl.sum(tl.where(o_t == i_last, b_gc, 0.), 0)
         b_eg = tl.exp(b_gc)  # [BT]
         b_ekd = tl.where(m_act, tl.exp(b_glast - b_gc), 0.)  # [BT]
-
         m_low = (o_t[:, None] >= o_t[None, :]) & m_i[:, None]
         m_slow = (o_t[:, None] > o_t[None, :]) & m_i[:, None]
-        b_E = tl.exp(tl.where(m_low, b_gc[:, None] - b_gc[None, :], 0.))  # [BT, BT]
-        if not MAMBA2:
-            # WY inverse X = (I + L)^-1, L = tril(beta kn kn^T E, -1); w = X Kb, u = X Vb. X comes from
-            # the backward's prep pass (the bits the forward's prep pass used: same L, same tri_inverse)
-            b_kk = tl.dot(b_kn.to(dt), tl.trans(b_kn.to(dt)))  # [BT, BT]
-            b_Xc = tl.load(xs + (o_q * H + i_h)[:, None] * BT + o_t[None, :], mask=m_i[:, None], other=0.)
 
         # products over V, slice by slice
         b_ds = tl.zeros([BT, BT], dtype=tl.float32)  # dm v_new^T
-        b_dXv = tl.zeros([BT, BT], dtype=tl.float32)  # dv_new Vb^T
-        b_dqi = tl.zeros([BT, D], dtype=tl.float32)  # dm h^T
-        b_dkh = tl.zeros([BT, D], dtype=tl.float32)  # v_new dh^T
-        b_dw = tl.zeros([BT, D], dtype=tl.float32)  # dv_new h^T
-        b_hdh = tl.zeros([D], dtype=tl.float32)  # row sums of h * dh
-        b_dbeta = tl.zeros([BT], dtype=tl.float32)
-        p_st = ((coff + i_b) * H + i_h) * D * D
+        b_dqi = tl.zeros([BT, BK], dtype=tl.float32)  # dm h^T
+        b_dkh = tl.zeros([BT, BK], dtype=tl.float32)  # v_new dh^T
+        b_dw = tl.zeros([BT, BK], dtype=tl.float32)  # dv_new h^T
+        # sum(h * dh) as the trace of h dh^T: a tensor-core product, so that h and dh feed only tl.dot in
+        # this loop. With an elementwise h * dh here (a register use of the two tiles) the pipeliner of
+        # triton 3.6 (3.8 builds the same TTGIR) gave h and dh 2 buffers for a 2-ahead prefetch while
+        # the iteration's tl.dot ran asynchronously on the same buffer: a race (H200, run-to-run
+        # gradients 8e-2 apart; benchmarks/NOTES_backward.md "Session 17")
+        b_hdh = tl.zeros([BK, BK], dtype=tl.float32)  # h dh^T
+        p_st = ((coff + i_b) * H + i_h) * D * D + o_k[:, None] * D
         for i_v in range(D // BV):
             o_v = i_v * BV + tl.arange(0, BV)
             p_rv = (o_q * H + i_h)[:, None] * D + o_v[None, :]
-            p_kvv = (o_row * HKV + i_kv)[:, None] * D + o_v[None, :]
-            b_hc = tl.load(hs + p_st + o_d[:, None] * D + o_v[None, :])  # [D, BV]
-            b_dhn = tl.load(dhs + p_st + o_d[:, None] * D + o_v[None, :])  # [D, BV]
+            b_hc = tl.load(hs + p_st + o_v[None, :])  # [BK, BV]
+            b_dhn = tl.load(dhs + p_st + o_v[None, :])  # [BK, BV]
             b_vn = tl.load(vnew + p_rv, mask=m_act[:, None], other=0.)  # [BT, BV]
-            b_dvn = tl.load(dvnew + p_rv, mask=m_i[:, None], other=0.)  # [BT, BV]
             b_dm = tl.load(dm + p_rv, mask=m_i[:, None], other=0.)  # [BT, BV]
-            b_v = tl.load(v + p_kvv, mask=m_act[:, None], other=0.).to(tl.float32)  # [BT, BV]
             b_ds += tl.dot(b_dm, tl.trans(b_vn))  # [BT, BT]
-            b_dqi += tl.dot(b_dm, tl.trans(b_hc))  # [BT, D]
-            b_dkh += tl.dot(b_vn, tl.trans(b_dhn))  # [BT, D]
-            b_hdh += tl.sum(b_hc.to(tl.float32) * b_dhn.to(tl.float32), 1)
-            if MAMBA2:
-                b_dVb = b_dvn.to(tl.float32)  # u = dt v: dv = dt du, d(dt) = du . v
-            else:
-                b_dw += tl.dot(b_dvn, tl.trans(b_hc))  # [BT, D]
-                b_Vb = (b_v * b_beta[:, None]).to(dt)
-                b_dXv += tl.dot(b_dvn, tl.trans(b_Vb))  # [BT, BT]
-                # u = X Vb: dVb = X^T dv_new, dv = beta dVb
-                b_dVb = tl.dot(tl.trans(b_Xc), b_dvn)  # [BT, BV]
-            b_dbeta += tl.sum(b_dVb * b_v, 1)
-            tl.atomic_add(dv_acc + p_kvv, b_dVb * b_beta[:, None], mask=m_act[:, None])
+            b_dqi += tl.dot(b_dm, tl.trans(b_hc))  # [BT, BK]
+            b_dkh += tl.dot(b_vn, tl.trans(b_dhn))  # [BT, BK]
+            b_hdh += tl.dot(b_hc, tl.trans(b_dhn))  # [BK, BK]
+            if not MAMBA2:
+                b_dvn = tl.load(dvnew + p_rv, mask=m_i[:, None], other=0.)  # [BT, BV]
+                b_dw += tl.dot(b_dvn, tl.trans(b_hc))  # [BT, BK]
+        if not MAMBA2:
+            # v_new = u - w h_c: dw = -dv_new h^T
+            tl.store(dw_buf + p_rowk, (-b_dw).to(dt), mask=m_i[:, None])
 
         # readout: m = e^gc (qn h) + tril(qn kn^T E) v_new
-        b_q = tl.load(q + p_row, mask=m_i[:, None], other=0.)  # [BT, D]
-        b_qf = b_q.to(tl.float32)
-        b_rq = _inv_norm(b_qf, MAMBA2)  # [BT]
-        b_qy = b_qf * b_rq[:, None]  # [BT, D] l2norm(q)
-        b_qn = b_qy * mem_scale
+        p_row = (o_q * H + i_h)[:, None] * D
+        b_rq = _inv_norm(tl.load(q + p_row + o_d[None, :], mask=m_i[:, None], other=0.).to(tl.float32), MAMBA2)
+        b_qn = tl.load(q + p_row + o_k[None, :], mask=m_i[:, None], other=0.).to(tl.float32) * \
+            (b_rq * mem_scale)[:, None]  # [BT, BK]
+        b_E = tl.exp(tl.where(m_low, b_gc[:, None] - b_gc[None, :], 0.))  # [BT, BT]
         b_ds = tl.where(m_low, b_ds * b_E, 0.)  # [BT, BT]
         b_dqi = b_dqi * b_eg[:, None]
-        b_dq = b_dqi + tl.dot(b_ds.to(dt), b_kn.to(dt))  # [BT, D]
+        tl.store(dq_acc + p_rowk, b_dqi + tl.dot(b_ds.to(dt), b_kn.to(dt)), mask=m_i[:, None])
         # d/dgc of the readout, from P_rs = ds_rs (qn_r . kn_s): + row sums, - column sums, and
         # qn . dq_inter. Not as qn.dq - kn.dk: there the diagonal P_rr enters twice and cancels
         # only in exact arithmetic; with strong decay (E ~ 0 off the diagonal) the bf16 rounding
         # of that cancellation swamped dg (rel err 0.47 on dA_log-side grads, H100, bf16).
         b_P = tl.where(m_slow, b_ds * tl.dot(b_qn.to(dt), tl.trans(b_kn.to(dt))), 0.)  # [BT, BT]
         b_dgc = tl.sum(b_qn * b_dqi, 1) + tl.sum(b_P, 1) - tl.sum(b_P, 0)  # [BT]
-        # l2norm backward of q: x r -> r (dy - y (y . dy)); the readout dq is final here
-        b_dqr = (b_rq * mem_scale)[:, None] * (b_dq - b_qy * tl.sum(b_qy * b_dq, 1)[:, None])
-        tl.store(dq_acc + p_row, b_dqr, mask=m_i[:, None])
-        b_dk = tl.dot(tl.trans(b_ds.to(dt)), b_qn.to(dt))  # [BT, D]
         # state transition h_c+1 = e^glast h_c + (kn e^(glast - gc))^T v_new
         b_dkh = b_dkh * b_ekd[:, None]
-        b_dk += b_dkh
         b_t = tl.sum(b_kn * b_dkh, 1)  # [BT]
         b_dgc -= b_t
-        b_dglast = tl.sum(b_t, 0) + tl.exp(b_glast) * tl.sum(b_hdh, 0)
+        b_dglast = tl.sum(b_t, 0) + tl.exp(b_glast) * \
+            tl.sum(tl.sum(tl.where(tl.arange(0, BK)[:, None] == tl.arange(0, BK)[None, :], b_hdh, 0.), 1), 0)
         b_dgc += tl.where(o_t == i_last, b_dglast, 0.)
+        tl.store(dgc_part + (i_k * Tt + o_q) * H + i_h, b_dgc, mask=m_i)
+        b_dk = tl.dot(tl.trans(b_ds.to(dt)), b_qn.to(dt)) + b_dkh  # [BT, BK]
+        tl.atomic_add(dkm_acc + (o_row * HKV + i_kv)[:, None] * D + o_k[None, :], b_dk, mask=m_act[:, None])
+    else:
+        tl.store(dq_acc + p_rowk, tl.zeros([BT, BK], dtype=tl.float32), mask=m_i[:, None])
+
+
+@triton.jit(do_not_specialize=["W", "S"])
+def _mem_bwd_wy_kernel(
+    # pointers
+    k, v, a, b, A_log, dt_bias, seq, chunks, gc, xs, dvnew, dw_buf, dgc_part, dkw_acc, dv_acc, dg_tok, dbeta_tok,
+    # sizes
+    W, S, Tt,
+    H: tl.constexpr, HKV: tl.constexpr, D: tl.constexpr,
+    # meta
+    BT: tl.constexpr, BV: tl.constexpr, NK: tl.constexpr, GATES: tl.constexpr, USE_H0: tl.constexpr,
+    MAMBA2: tl.constexpr,
+):
+    # The rest of the chunk's memory gradients, after _mem_bwd_h_kernel: grid (H, chunks). The WY
+    # backward through X (stored by the backward's prep pass): u = X Vb -> dv, dbeta; w = X Kb with
+    # dw from _mem_bwd_h_kernel -> dX, dL = -X^T dX X^T -> dk (d/dkn, into dkw_acc: not dkm_acc, so
+    # that with one query head per kv head every address has one writer and the sums are
+    # deterministic), dbeta, dgc; then the in-chunk reverse
+    # cumsum of dgc (this kernel's terms plus the NK column partials) -> dg. MAMBA2: X = I, w = 0,
+    # u = dt v: only dv = dt dv_new and d(dt) = dv_new . v.
+    i_h, i_c = tl.program_id(0), tl.program_id(1)
+    G: tl.constexpr = H // HKV
+    i_kv = i_h // G
+    i_n = tl.load(chunks + i_c * 2)
+    i_b = tl.load(chunks + i_c * 2 + 1)
+    bos = tl.load(seq + i_n * 8).to(tl.int64)
+    T = tl.load(seq + i_n * 8 + 1)
+
+    o_t = tl.arange(0, BT)
+    o_d = tl.arange(0, D)
+    o_i = i_b * BT + o_t
+    m_i = o_i < T
+    o_q = bos + o_i
+    t_hi = tl.minimum(i_b * BT + BT, T) - 1
+    if USE_H0 or (t_hi - W >= S):
+        pos = o_i - W
+        m_act = m_i & (pos >= S)
+        o_row = bos + tl.where(m_act, pos, 0)
+        b_g, b_beta = _load_gates(a, b, b, A_log, dt_bias, o_row, m_act, i_h, H, GATES)
+        b_dgc = tl.zeros([BT], dtype=tl.float32)
+        for i_k in range(NK):
+            b_dgc += tl.load(dgc_part + (i_k * Tt + o_q) * H + i_h, mask=m_i, other=0.)
+        b_dbeta = tl.zeros([BT], dtype=tl.float32)
         if not MAMBA2:
-            # v_new = u - w h_c: dw = -dv_new h^T; w = X Kb
-            b_dw = -b_dw
+            p_kv = (o_row * HKV + i_kv)[:, None] * D + o_d[None, :]
+            b_k = tl.load(k + p_kv, mask=m_act[:, None], other=0.)  # [BT, D]
+            dt = b_k.dtype
+            b_kf = b_k.to(tl.float32)
+            b_kn = b_kf * _inv_norm(b_kf, MAMBA2)[:, None]  # [BT, D]
+            b_gc = tl.load(gc + o_q * H + i_h, mask=m_i, other=0.)  # [BT]
+            b_eg = tl.exp(b_gc)  # [BT]
+            m_low = (o_t[:, None] >= o_t[None, :]) & m_i[:, None]
+            m_slow = (o_t[:, None] > o_t[None, :]) & m_i[:, None]
+            b_Xc = tl.load(xs + (o_q * H + i_h)[:, None] * BT + o_t[None, :], mask=m_i[:, None], other=0.)
+            b_dXv = tl.zeros([BT, BT], dtype=tl.float32)  # dv_new Vb^T
+        for i_v in range(D // BV):
+            o_v = i_v * BV + tl.arange(0, BV)
+            p_rv = (o_q * H + i_h)[:, None] * D + o_v[None, :]
+            p_kvv = (o_row * HKV + i_kv)[:, None] * D + o_v[None, :]
+            b_dvn = tl.load(dvnew + p_rv, mask=m_i[:, None], other=0.)  # [BT, BV]
+            b_v = tl.load(v + p_kvv, mask=m_act[:, None], other=0.).to(tl.float32)  # [BT, BV]
+            if MAMBA2:
+                b_dVb = b_dvn.to(tl.float32)  # u = dt v: dv = dt du, d(dt) = du . v
+            else:
+                b_Vb = (b_v * b_beta[:, None]).to(dt)
+                b_dXv += tl.dot(b_dvn, tl.trans(b_Vb))  # [BT, BT]
+                # u = X Vb: dVb = X^T dv_new, dv = beta dVb
+                b_dVb = tl.dot(tl.trans(b_Xc), b_dvn)  # [BT, BV]
+            b_dbeta += tl.sum(b_dVb * b_v, 1)
+            tl.atomic_add(dv_acc + p_kvv, b_dVb * b_beta[:, None], mask=m_act[:, None])
+        if not MAMBA2:
+            # w = X Kb, dw = -dv_new h^T from _mem_bwd_h_kernel (input dtype)
+            b_dw = tl.load(dw_buf + (o_q * H + i_h)[:, None] * D + o_d[None, :], mask=m_i[:, None], other=0.)
             b_Kb = b_kn * (b_beta * b_eg)[:, None]  # [BT, D]
-            b_dX = tl.dot(b_dw.to(dt), tl.trans(b_Kb.to(dt))) + b_dXv  # [BT, BT]
-            b_dKb = tl.dot(tl.trans(b_Xc), b_dw.to(dt))  # [BT, D]
-            b_dk += b_dKb * (b_beta * b_eg)[:, None]
+            b_dX = tl.dot(b_dw, tl.trans(b_Kb.to(dt))) + b_dXv  # [BT, BT]
+            b_dKb = tl.dot(tl.trans(b_Xc), b_dw)  # [BT, D]
+            b_dk = b_dKb * (b_beta * b_eg)[:, None]
             b_dbeta += tl.sum(b_dKb * b_kn, 1) * b_eg
             b_dgc += tl.sum(b_dKb * b_Kb, 1)
             # dL = -X^T dX X^T on the strictly lower triangle
             b_dL = -tl.dot(tl.dot(tl.trans(b_Xc), b_dX.to(dt)).to(dt), tl.trans(b_Xc))  # [BT, BT]
-            b_dL = tl.where(m_slow, b_dL, 0.)
-            b_dLE = b_dL * b_E * b_kk  # d/dbeta_r of L_rs, times dL
+            b_E = tl.exp(tl.where(m_low, b_gc[:, None] - b_gc[None, :], 0.))  # [BT, BT]
+            b_kk = tl.dot(b_kn.to(dt), tl.trans(b_kn.to(dt)))  # [BT, BT]
+            b_dLE = tl.where(m_slow, b_dL * b_E * b_kk, 0.)  # d/dbeta_r of L_rs, times dL
             b_dbeta += tl.sum(b_dLE, 1)
             b_dLL = b_dLE * b_beta[:, None]  # dL * L
             b_dgc += tl.sum(b_dLL, 1) - tl.sum(b_dLL, 0)
-            b_Gm = (b_dL * b_E * b_beta[:, None]).to(dt)
+            b_Gm = tl.where(m_slow, b_dL * b_E * b_beta[:, None], 0.).to(dt)
             b_dk += tl.dot(b_Gm, b_kn.to(dt)) + tl.dot(tl.trans(b_Gm), b_kn.to(dt))
+            tl.atomic_add(dkw_acc + p_kv, b_dk, mask=m_act[:, None])
 
         # gc is the in-chunk inclusive cumsum of g: dg_p = sum_{r >= p} dgc_r
         b_dgc = tl.where(m_i, b_dgc, 0.)
         b_dg = tl.sum(tl.where(o_t[:, None] <= o_t[None, :], b_dgc[None, :], 0.), 1)  # [BT]
-        b_dkr = b_rk[:, None] * (b_dk - b_kn * tl.sum(b_kn * b_dk, 1)[:, None])
-        tl.atomic_add(dk_acc + p_kv, b_dkr, mask=m_act[:, None])
         tl.store(dg_tok + o_row * H + i_h, b_dg, mask=m_act)
         tl.store(dbeta_tok + o_row * H + i_h, b_dbeta, mask=m_act)
-    else:
-        tl.store(dq_acc + p_row, tl.zeros([BT, D], dtype=tl.float32), mask=m_i[:, None])

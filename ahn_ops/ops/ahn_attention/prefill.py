@@ -127,7 +127,7 @@ def _wy_prep(b_kn, b_v, b_k, b_beta, b_gc, w, xs, o_q, o_t, o_d, i_h, m_i, H: tl
              BT: tl.constexpr, STORE_X: tl.constexpr):
     # delta rule (GDN/DN): stores w = A (beta exp(gc) k), returns u = A (beta v) [BT, D] fp32;
     # STORE_X (the backward's recompute): also stores A in the input dtype, [tokens, H, BT] rows, which
-    # is the X that backward_mem._mem_bwd_kernel would otherwise invert again (the same bits)
+    # is the X that backward_mem._mem_bwd_wy_kernel would otherwise invert again (the same bits)
     m_low = o_t[:, None] > o_t[None, :]
     b_kk = dot(b_kn.to(b_k.dtype), tl.trans(b_kn.to(b_k.dtype)))  # [BT, BT]
     b_dec = tl.exp(tl.where(m_low, b_gc[:, None] - b_gc[None, :], 0.))

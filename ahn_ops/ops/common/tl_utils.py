@@ -57,7 +57,7 @@ def tri_inverse(b_L, BT: tl.constexpr, DT: tl.constexpr):
        blocks), so for BT = 64 ``M^4 = 0`` and ``(I + L)^-1 = (I - M)(I + M^2) Xd``: four
        tensor-core products (``dot_inv``: one tf32 pass for bf16 / fp16 inputs, three for fp32).
     The prep pass (prefill) calls this; the backward's re-run of the prep pass stores the result
-    (input dtype) for backward_mem._mem_bwd_kernel, so both use the same X bit for bit.
+    (input dtype) for backward_mem._mem_bwd_wy_kernel, so both use the same X bit for bit.
     """
     NB: tl.constexpr = BT // 16
     o_t = tl.arange(0, BT)
