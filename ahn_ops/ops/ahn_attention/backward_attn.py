@@ -35,7 +35,7 @@ from __future__ import annotations
 import triton
 import triton.language as tl
 
-from .prefill import _inv_norm
+from .prefill import _chunk_at, _inv_norm
 
 
 @triton.jit
@@ -82,10 +82,7 @@ def _attn_dq_kernel(
     i_h, i_c = tl.program_id(0), tl.program_id(1)
     G: tl.constexpr = H // HKV
     i_kv = i_h // G
-    i_n = tl.load(chunks + i_c * 2)
-    i_b = tl.load(chunks + i_c * 2 + 1)
-    bos = tl.load(seq + i_n * 8).to(tl.int64)
-    T = tl.load(seq + i_n * 8 + 1)
+    i_n, i_b, bos, T = _chunk_at(chunks, seq, i_c)
 
     o_t = tl.arange(0, BT)
     o_j = tl.arange(0, BN)
@@ -230,10 +227,7 @@ def _attn_dkdv_kernel(
 ):
     i_kv, i_c = tl.program_id(0), tl.program_id(1)
     G: tl.constexpr = H // HKV
-    i_n = tl.load(chunks + i_c * 2)
-    i_b = tl.load(chunks + i_c * 2 + 1)
-    bos = tl.load(seq + i_n * 8).to(tl.int64)
-    T = tl.load(seq + i_n * 8 + 1)
+    i_n, i_b, bos, T = _chunk_at(chunks, seq, i_c)
 
     o_s = i_b * BT + tl.arange(0, BT)  # key positions
     m_k = o_s < T

@@ -44,7 +44,7 @@ from __future__ import annotations
 import triton
 import triton.language as tl
 
-from .prefill import _inv_norm, _load_gates, _norm_rows
+from .prefill import _chunk_at, _inv_norm, _load_gates, _norm_rows
 
 
 @triton.jit
@@ -76,10 +76,7 @@ def _epi_bwd_kernel(
     # MAMBA2 (y_mem = r yp needs r); y_mem = 0 in chunks that read no memory.
     i_h, i_c = tl.program_id(0), tl.program_id(1)
     G: tl.constexpr = H // HKV
-    i_n = tl.load(chunks + i_c * 2)
-    i_b = tl.load(chunks + i_c * 2 + 1)
-    bos = tl.load(seq + i_n * 8).to(tl.int64)
-    T = tl.load(seq + i_n * 8 + 1)
+    i_n, i_b, bos, T = _chunk_at(chunks, seq, i_c)
     coff = tl.load(seq + i_n * 8 + 6).to(tl.int64)
 
     o_t = tl.arange(0, BT)
@@ -250,10 +247,7 @@ def _mem_bwd_h_kernel(
     i_k, i_h, i_c = tl.program_id(0), tl.program_id(1), tl.program_id(2)
     G: tl.constexpr = H // HKV
     i_kv = i_h // G
-    i_n = tl.load(chunks + i_c * 2)
-    i_b = tl.load(chunks + i_c * 2 + 1)
-    bos = tl.load(seq + i_n * 8).to(tl.int64)
-    T = tl.load(seq + i_n * 8 + 1)
+    i_n, i_b, bos, T = _chunk_at(chunks, seq, i_c)
     coff = tl.load(seq + i_n * 8 + 6).to(tl.int64)
 
     o_t = tl.arange(0, BT)
@@ -362,10 +356,7 @@ def _mem_bwd_wy_kernel(
     i_h, i_c = tl.program_id(0), tl.program_id(1)
     G: tl.constexpr = H // HKV
     i_kv = i_h // G
-    i_n = tl.load(chunks + i_c * 2)
-    i_b = tl.load(chunks + i_c * 2 + 1)
-    bos = tl.load(seq + i_n * 8).to(tl.int64)
-    T = tl.load(seq + i_n * 8 + 1)
+    i_n, i_b, bos, T = _chunk_at(chunks, seq, i_c)
 
     o_t = tl.arange(0, BT)
     o_d = tl.arange(0, D)

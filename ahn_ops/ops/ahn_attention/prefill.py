@@ -72,6 +72,17 @@ CONFIG = {"fwd": (64, 4, 3), "fwd_rows": None, "fwd_long": (8192, 128, (64, 8, 3
 # kernels
 # ---------------------------------------------------------------------------------------------
 @triton.jit
+def _chunk_at(chunks, seq, i_c):
+    """Work item ``i_c`` of a ``[n, 2]`` (sequence, block) table -> its sequence ``i_n``, block ``i_b``
+    within it, the sequence's first row ``bos`` (int64) and length ``T`` (from the ``[N, 8]`` ``seq``)."""
+    i_n = tl.load(chunks + i_c * 2)
+    i_b = tl.load(chunks + i_c * 2 + 1)
+    bos = tl.load(seq + i_n * 8).to(tl.int64)
+    T = tl.load(seq + i_n * 8 + 1)
+    return i_n, i_b, bos, T
+
+
+@triton.jit
 def _l2norm_rows(b_x):
     # l2norm(a) = a / sqrt(sum a^2 + 1e-6), the AHN_SPEC normalisation of q and k (fp32)
     return b_x * tl.rsqrt(tl.sum(b_x * b_x, 1) + 1e-6)[:, None]
@@ -153,10 +164,7 @@ def _prep_kernel(
 ):
     i_c, i_h = tl.program_id(0), tl.program_id(1)
     G: tl.constexpr = H // HKV
-    i_n = tl.load(chunks + i_c * 2)
-    i_b = tl.load(chunks + i_c * 2 + 1)
-    bos = tl.load(seq + i_n * 8).to(tl.int64)
-    T = tl.load(seq + i_n * 8 + 1)
+    i_n, i_b, bos, T = _chunk_at(chunks, seq, i_c)
     P = tl.load(seq + i_n * 8 + 2)
     kxb = tl.load(seq + i_n * 8 + 3).to(tl.int64)
     kp0 = tl.load(seq + i_n * 8 + 4)
@@ -367,10 +375,7 @@ def _fwd_kernel(
     i_h, i_blk = tl.program_id(0), tl.program_id(1)
     G: tl.constexpr = H // HKV
     i_kv = i_h // G
-    i_n = tl.load(blocks + i_blk * 2)
-    i_b = tl.load(blocks + i_blk * 2 + 1)
-    bos = tl.load(seq + i_n * 8).to(tl.int64)
-    T = tl.load(seq + i_n * 8 + 1)
+    i_n, i_b, bos, T = _chunk_at(blocks, seq, i_blk)
     P = tl.load(seq + i_n * 8 + 2)
     kxb = tl.load(seq + i_n * 8 + 3).to(tl.int64)
     kp0 = tl.load(seq + i_n * 8 + 4)
