@@ -211,8 +211,8 @@ def _attn_dkdv_sink_kernel(
         for t0 in range(q_lo, q_hi, BM):
             b_dk, b_dv = _dkdv_block(b_k, b_v, b_dk, b_dv, q, do, lse, delta, bos, t0, q_hi, o_s, o_m, o_d, i_h,
                                      T, W, S, qk_scale, H, D, 2)
-    tl.atomic_add(dk_acc + p_kv, b_dk * sm_scale, mask=m_k[:, None])
-    tl.atomic_add(dv_acc + p_kv, b_dv, mask=m_k[:, None])
+    tl.atomic_add(dk_acc + p_kv, b_dk * sm_scale, mask=m_k[:, None], sem="relaxed")
+    tl.atomic_add(dv_acc + p_kv, b_dv, mask=m_k[:, None], sem="relaxed")
 
 
 @triton.jit(do_not_specialize=["W", "S"])

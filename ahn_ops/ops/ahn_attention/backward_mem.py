@@ -330,7 +330,7 @@ def _mem_bwd_h_kernel(
         b_dgc += tl.where(o_t == i_last, b_dglast, 0.)
         tl.store(dgc_part + (i_k * Tt + o_q) * H + i_h, b_dgc, mask=m_i)
         b_dk = tl.dot(tl.trans(b_ds.to(dt)), b_qn.to(dt)) + b_dkh  # [BT, BK]
-        tl.atomic_add(dkm_acc + (o_row * HKV + i_kv)[:, None] * D + o_k[None, :], b_dk, mask=m_act[:, None])
+        tl.atomic_add(dkm_acc + (o_row * HKV + i_kv)[:, None] * D + o_k[None, :], b_dk, mask=m_act[:, None], sem="relaxed")
     else:
         tl.store(dq_acc + p_rowk, tl.zeros([BT, BK], dtype=tl.float32), mask=m_i[:, None])
 
@@ -399,7 +399,7 @@ def _mem_bwd_wy_kernel(
                 # u = X Vb: dVb = X^T dv_new, dv = beta dVb
                 b_dVb = tl.dot(tl.trans(b_Xc), b_dvn)  # [BT, BV]
             b_dbeta += tl.sum(b_dVb * b_v, 1)
-            tl.atomic_add(dv_acc + p_kvv, b_dVb * b_beta[:, None], mask=m_act[:, None])
+            tl.atomic_add(dv_acc + p_kvv, b_dVb * b_beta[:, None], mask=m_act[:, None], sem="relaxed")
         if not MAMBA2:
             # w = X Kb, dw = -dv_new h^T from _mem_bwd_h_kernel (input dtype)
             b_dw = tl.load(dw_buf + (o_q * H + i_h)[:, None] * D + o_d[None, :], mask=m_i[:, None], other=0.)
@@ -419,7 +419,7 @@ def _mem_bwd_wy_kernel(
             b_dgc += tl.sum(b_dLL, 1) - tl.sum(b_dLL, 0)
             b_Gm = tl.where(m_slow, b_dL * b_E * b_beta[:, None], 0.).to(dt)
             b_dk += tl.dot(b_Gm, b_kn.to(dt)) + tl.dot(tl.trans(b_Gm), b_kn.to(dt))
-            tl.atomic_add(dkw_acc + p_kv, b_dk, mask=m_act[:, None])
+            tl.atomic_add(dkw_acc + p_kv, b_dk, mask=m_act[:, None], sem="relaxed")
 
         # gc is the in-chunk inclusive cumsum of g: dg_p = sum_{r >= p} dgc_r
         b_dgc = tl.where(m_i, b_dgc, 0.)
