@@ -11,8 +11,11 @@ The last column checks each kernel's pipelined loops (TTGIR, :func:`pipeline_haz
 keeps asynchronous ``tl.dot`` (wgmma) in flight across its prefetch copies must give every buffer it
 copies into the same depth. A shallower buffer means the copy for a later iteration lands in the buffer
 an in-flight ``tl.dot`` is still reading: a race on Hopper. `_mem_bwd`'s Mamba2 variant had it at 3
-stages (triton 3.6 and 3.8 alike; benchmarks/NOTES_backward.md "Session 17"); ``--offline`` exits 1 on
-any such loop (the CPU CI runs it).
+stages (triton 3.6 and 3.8 alike; benchmarks/NOTES_backward.md "Session 17"). The same column flags
+ordered atomics (:func:`ordered_atomics`, "ATOMIC"): ``tl.atomic_add`` defaults to ``acq_rel``, which
+sm_90a runs as a GPU-wide memory barrier, a round trip and an L1 invalidation per atomic; the
+library's atomics only accumulate for later launches and say ``sem="relaxed"`` (session 18: the
+backward 0.7 ms faster at T=32k). ``--offline`` exits 1 on either (the CPU CI runs it).
 
 On a GPU it runs the op and reads what the driver reports. ``--offline`` needs no GPU: a stand-in
 Triton driver targets ``sm_<arch>`` (90 -> sm_90a), every kernel launch of the library's launchers
@@ -77,9 +80,20 @@ def pipeline_hazards(ttgir: str):
     return found
 
 
+def ordered_atomics(ptx: str):
+    """Global atomics of a kernel's PTX with acquire / release ordering (``tl.atomic_add``'s default
+    ``sem="acq_rel"``), each one as written in the PTX (empty: all relaxed)."""
+    import re
+
+    return [t for t in re.findall(r"\batom(?:\.\w+)+", ptx)
+            if {"acq_rel", "acquire", "release"} & set(t.split("."))]
+
+
 def _hazard_cell(k):
     try:
-        return "HAZARD" if pipeline_hazards(k.asm["ttgir"]) else "ok"
+        if pipeline_hazards(k.asm["ttgir"]):
+            return "HAZARD"
+        return "ATOMIC" if ordered_atomics(k.asm["ptx"]) else "ok"
     except Exception:  # noqa: BLE001  (no TTGIR in this build)
         return "?"
 
@@ -156,7 +170,8 @@ def _offline_setup(arch: int):
         if key not in SEEN:
             regs, spills, _ = _ptxas_report(k.asm["ptx"], arch)
             SEEN[key] = (regs, spills, md.shared, pipe)  # shared memory: dynamic, from the metadata
-        elif pipe == "HAZARD":  # another constexpr variant under the same (name, warps, stages)
+        elif pipe in ("HAZARD", "ATOMIC") and SEEN[key][3] not in ("HAZARD", "ATOMIC"):
+            # another constexpr variant under the same (name, warps, stages)
             SEEN[key] = SEEN[key][:3] + (pipe,)
         return k
 
@@ -168,7 +183,7 @@ def _table(title):
     print(f"  {'kernel':28s} {'warps':>5s} {'stages':>6s} {'regs':>5s} {'spills(B)':>9s} {'smem(B)':>8s} pipeline")
     for (name, nw, ns), (regs, spills, smem, pipe) in sorted(SEEN.items(), key=lambda kv: kv[0][0]):
         print(f"  {name:28s} {nw!s:>5s} {ns!s:>6s} {regs!s:>5s} {spills!s:>9s} {smem!s:>8s} {pipe}")
-    return [name for (name, _, _), v in SEEN.items() if v[3] == "HAZARD"]
+    return [f"{name} ({v[3]})" for (name, _, _), v in SEEN.items() if v[3] in ("HAZARD", "ATOMIC")]
 
 
 def offline(a):
@@ -206,7 +221,8 @@ def offline(a):
 
 def _verdict(bad):
     if bad:
-        print(f"\npipeline hazard (asynchronous tl.dot across a copy into a shallower buffer) in: {', '.join(bad)}")
+        print("\nHAZARD: asynchronous tl.dot across a copy into a shallower buffer; ATOMIC: an acq_rel / acquire /"
+              f" release atomic (say sem=\"relaxed\"). Found in: {', '.join(bad)}")
         return 1
     return 0
 

@@ -144,7 +144,8 @@ def test_kernel_regs_offline():
 def test_prefill_kernels_pipeline_hazards():
     # every prefill forward / backward kernel compiled offline for sm_90a: no pipelined loop keeps an
     # asynchronous tl.dot in flight across a prefetch copy into a shallower buffer (a race on Hopper;
-    # _mem_bwd's Mamba2 variant had one, benchmarks/NOTES_backward.md "Session 17")
+    # _mem_bwd's Mamba2 variant had one, benchmarks/NOTES_backward.md "Session 17"), and no atomic
+    # is acq_rel (the backward's accumulators, relaxed since session 18)
     env = dict(os.environ)
     env.pop("TRITON_INTERPRET", None)
     p = subprocess.run([sys.executable, os.path.join(BENCH, "kernel_regs.py"), "--offline", "--what", "prefill",
@@ -180,6 +181,21 @@ def test_pipeline_hazard_detector():
     assert kr.pipeline_hazards(ir.replace("2x128x32", "3x128x32")) == []  # one depth: fine
     assert kr.pipeline_hazards(ir.replace("pendings = 3", "pendings = 0")) == []  # dots done first: fine
 
+
+
+def test_ordered_atomics_detector():
+    # tl.atomic_add's default acq_rel, as triton 3.6 writes it for sm_90a (a GPU-wide barrier, a round
+    # trip and an L1 invalidation each in SASS), is flagged; relaxed atomics and red are not
+    sys.path.insert(0, BENCH)
+    try:
+        import kernel_regs as kr
+    finally:
+        sys.path.remove(BENCH)
+    acq = "@%p59 atom.global.gpu.acq_rel.add.v4.f32 { %r418, %r419, %r420, %r421 }, [ %rd308 + 0 ], { %r422 };"
+    assert kr.ordered_atomics(acq) == ["atom.global.gpu.acq_rel.add.v4.f32"]
+    assert kr.ordered_atomics("atom.acquire.gpu.global.cas.b32 %r1, [%rd1], 0, 1;") != []
+    assert kr.ordered_atomics(acq.replace("acq_rel", "relaxed")) == []
+    assert kr.ordered_atomics("red.global.gpu.relaxed.add.f32 [%rd1], %r2;\ncp.async.cg.shared.global [%r1], [%rd2];") == []
 
 def test_profile_decode_op_variants():
     # the launch-knob variants of benchmarks/profile_decode_op.py map to the op's environment variables
