@@ -79,6 +79,7 @@ BT = pf.BT
 # 1.76. Stages: the h kernel's V loop keeps its dots in flight across the prefetch copy, which is safe
 # only because h and dh feed nothing but dots (the dglast sum is the trace of h dh^T): every buffer has
 # the same depth (benchmarks/kernel_regs.py --offline checks it; NOTES_backward.md "Session 17").
+# Those times are with acq_rel atomics; relaxed (session 18): h 1.10, wy 0.71, fwd+bwd 16.19-16.22.
 CONFIG = {"dq": (64, 4, 2), "dkdv": (32, 4, 3), "sink_qs": 1024,
           "mem_bk": 64, "mem_bv": 64, "mem_warps": 8, "mem_stages": 3, "mem_maxnreg": None, "wy_bv": 32, "wy_warps": 4,
           "wy_maxnreg": None,
