@@ -266,7 +266,8 @@ def run_case(cfg, c):
 
 
 def sweep(kind="gdn", T=32768, W=4096, S=128, H=16, HKV=2, D=128):
-    """Launch-configuration sweep of _mem_bwd_h / _mem_bwd_wy and the attention backward kernels (fwd+bwd time, ms); keeps the best."""
+    """Launch-configuration sweep of _mem_bwd_h / _mem_bwd_wy and the attention backward kernels
+    (fwd+bwd time, ms); keeps the best."""
     from triton.testing import do_bench
 
     inp = make_inputs(kind, 1, T, H, HKV, D, torch.bfloat16, 1)

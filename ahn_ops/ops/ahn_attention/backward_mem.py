@@ -330,7 +330,8 @@ def _mem_bwd_h_kernel(
         b_dgc += tl.where(o_t == i_last, b_dglast, 0.)
         tl.store(dgc_part + (i_k * Tt + o_q) * H + i_h, b_dgc, mask=m_i)
         b_dk = tl.dot(tl.trans(b_ds.to(dt)), b_qn.to(dt)) + b_dkh  # [BT, BK]
-        tl.atomic_add(dkm_acc + (o_row * HKV + i_kv)[:, None] * D + o_k[None, :], b_dk, mask=m_act[:, None], sem="relaxed")
+        tl.atomic_add(dkm_acc + (o_row * HKV + i_kv)[:, None] * D + o_k[None, :], b_dk, mask=m_act[:, None],
+                      sem="relaxed")
     else:
         tl.store(dq_acc + p_rowk, tl.zeros([BT, BK], dtype=tl.float32), mask=m_i[:, None])
 
