@@ -304,7 +304,7 @@ def sweep(kind="gdn", T=32768, W=4096, S=128, H=16, HKV=2, D=128):
 
 
 def parse_config(items, config):
-    """``["mem_warps=4", "dq=64,4,3", "mem_maxnreg=None"]`` -> a dict of backward.CONFIG values; unknown keys fail."""
+    """``["mem_warps=4", "dq=64,4,3", "mem_bv=None"]`` -> a dict of backward.CONFIG values; unknown keys fail."""
     out = {}
     for it in items:
         key, sep, val = it.partition("=")

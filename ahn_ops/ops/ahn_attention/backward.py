@@ -81,14 +81,8 @@ BT = pf.BT
 # the same depth (benchmarks/kernel_regs.py --offline checks it; NOTES_backward.md "Session 17").
 # Those times are with acq_rel atomics; relaxed (session 18): h 1.10, wy 0.71, fwd+bwd 16.19-16.22.
 CONFIG = {"dq": (64, 4, 2), "dkdv": (32, 4, 3), "sink_qs": 1024,
-          "mem_bk": 64, "mem_bv": 64, "mem_warps": 8, "mem_stages": 3, "mem_maxnreg": None, "wy_bv": 32, "wy_warps": 4,
-          "wy_maxnreg": None,
+          "mem_bk": 64, "mem_bv": 64, "mem_warps": 8, "mem_stages": 3, "wy_bv": 32, "wy_warps": 4,
           "dh_warps": 4, "dh_stages": 3}
-
-
-def _maxnreg(n: Optional[int]) -> dict:
-    """Launch option capping registers per thread (ptxas .maxnreg), when set."""
-    return {} if n is None else {"maxnreg": n}
 
 
 def _mm_f32(x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
@@ -223,8 +217,7 @@ def prefill_bwd(dout, dht, q, k, v, a, b, z, A_log, dt_bias, norm_weight, o_weig
             q=qf, k=kf, seq=seq, chunks=chunks, gc=gc, hs=hs, dhs=dhs, vnew=vnew, dvnew=dvnew, dm=dm,
             dq_acc=dq_acc, dkm_acc=dkm_acc, dw_buf=dw_buf, dgc_part=dgc_part,
             W=W, S=S, mem_scale=mem_scale, Tt=Tt, H=H, HKV=HKV, D=D, BT=BT, BK=BK, BV=min(CONFIG["mem_bv"], D),
-            USE_H0=use_h0, MAMBA2=mamba2, num_warps=CONFIG["mem_warps"], num_stages=CONFIG["mem_stages"],
-            **_maxnreg(CONFIG["mem_maxnreg"]))
+            USE_H0=use_h0, MAMBA2=mamba2, num_warps=CONFIG["mem_warps"], num_stages=CONFIG["mem_stages"])
         del hs, dhs, dm
         # ... then the WY backward, dv, dbeta and the cumsum of dgc -> dg, per (head, chunk)
         km._mem_bwd_wy_kernel[(H, NT)](
@@ -232,7 +225,7 @@ def prefill_bwd(dout, dht, q, k, v, a, b, z, A_log, dt_bias, norm_weight, o_weig
             dt_bias=dt_biasf, seq=seq, chunks=chunks, gc=gc, xs=xs, dvnew=dvnew, dw_buf=dw_buf, dgc_part=dgc_part,
             dkw_acc=dkw_acc, dv_acc=dv_acc, dg_tok=dg_tok, dbeta_tok=dbeta_tok, W=W, S=S, Tt=Tt,
             H=H, HKV=HKV, D=D, BT=BT, BV=min(CONFIG["wy_bv"], D), NK=NK, GATES=gates, USE_H0=use_h0,
-            MAMBA2=mamba2, num_warps=CONFIG["wy_warps"], **_maxnreg(CONFIG["wy_maxnreg"]))
+            MAMBA2=mamba2, num_warps=CONFIG["wy_warps"])
         del w, xs, vnew, dvnew, dw_buf, dgc_part
         # ---- window attention backward (lse from the forward, delta from _epi_bwd_kernel) ----
         BN, nw, ns = CONFIG["dq"]
