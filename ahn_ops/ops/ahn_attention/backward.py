@@ -24,6 +24,10 @@ _attn_dkdv_kernel            (HKV, blocks)               dk, dv (+ memory throug
                                                          partials)
 ==========================  ==========================  ==============================
 
+With ``CONFIG["side_stream"]`` (CUDA) the sink launch and the ``do_weight`` product need only what
+``_epi_bwd_kernel`` made (delta, u_epi): they run on a side stream from there, beside the memory
+passes (``_dh_bwd``'s sequential chain leaves most of the GPU idle); the dkdv launch waits for them.
+
 Then cheap torch glue on ``[B, T, H]`` gates (sigmoid, softplus, ``-exp(A_log)``
 backward, sums over tokens for ``A_log``/``dt_bias``) and one matmul per head for
 ``do_weight = sum_t u^T dy``; ``dnorm_weight`` sums per-chunk partials. Mamba2 (README.md §6):
@@ -80,9 +84,22 @@ BT = pf.BT
 # only because h and dh feed nothing but dots (the dglast sum is the trace of h dh^T): every buffer has
 # the same depth (benchmarks/kernel_regs.py --offline checks it; NOTES_backward.md "Session 17").
 # Those times are with acq_rel atomics; relaxed (session 18): h 1.10, wy 0.71, fwd+bwd 16.19-16.22.
-CONFIG = {"dq": (64, 4, 2), "dkdv": (32, 4, 3), "sink_qs": 1024,
+# side_stream: the sink kernel and the do_weight product (they need only delta and u_epi) run on a side
+# stream beside the memory passes (_dh_bwd's 128 programs leave most of each SM idle); dkdv waits for it.
+CONFIG = {"dq": (64, 4, 2), "dkdv": (32, 4, 3), "sink_qs": 1024, "side_stream": True,
           "mem_bk": 64, "mem_bv": 64, "mem_warps": 8, "mem_stages": 3, "wy_bv": 32, "wy_warps": 4,
           "dh_warps": 4, "dh_stages": 3}
+
+
+_SIDE = {}
+
+
+def _side_stream(dev: torch.device) -> torch.cuda.Stream:
+    """One side stream per CUDA device (created on first use)."""
+    key = dev.index if dev.index is not None else torch.cuda.current_device()
+    if key not in _SIDE:
+        _SIDE[key] = torch.cuda.Stream(torch.device("cuda", key))
+    return _SIDE[key]
 
 
 def _mm_f32(x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
@@ -93,6 +110,18 @@ def _mm_f32(x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
         except (TypeError, RuntimeError):
             pass
     return torch.bmm(x.float(), y.float())
+
+
+def _do_weight(uo: torch.Tensor, dof: torch.Tensor) -> torch.Tensor:
+    """``do_weight[h] = sum_t u[t, h]^T dy[t, h]``: one ``[D, T] x [T, D]`` product per head (fp32)."""
+    Tt, H, D = uo.shape
+    return _mm_f32(uo.transpose(0, 1).transpose(1, 2), dof.view(Tt, H, D).transpose(0, 1))
+
+
+def _items_table(lens: List[int], W: int, S: int, QS: int, dev: torch.device) -> Optional[torch.Tensor]:
+    """``_attn_dkdv_sink_kernel``'s work table on ``dev`` (int32 ``[items, 4]``), None when empty."""
+    rows = ka.sink_items(lens, W, S, BT, QS)
+    return pf._to_device(torch.tensor(rows, dtype=torch.int32), dev) if rows else None
 
 
 def prefill_bwd(dout, dht, q, k, v, a, b, z, A_log, dt_bias, norm_weight, o_weight, out, lse, window: int,
@@ -154,6 +183,7 @@ def prefill_bwd(dout, dht, q, k, v, a, b, z, A_log, dt_bias, norm_weight, o_weig
     dnw_part = empty(max(NT, 1), H, D, dtype=torch.float32, device=dev)
     uo = empty(Tt, H, D, dtype=dt, device=dev)
     dh0 = empty(N, H, D, D, dtype=torch.float32, device=dev) if use_h0 else None
+    dow = None
 
     if NT > 0:
         # ---- memory branch: recompute the forward's chunk quantities and states ----
@@ -198,6 +228,29 @@ def prefill_bwd(dout, dht, q, k, v, a, b, z, A_log, dt_bias, norm_weight, o_weig
             km._epi_bwd_kernel[(H, NT)](ssp=dummy, cp=dummy, rk=rk, PHASE=2, **epi)
         else:
             km._epi_bwd_kernel[(H, NT)](ssp=dummy, cp=dummy, rk=dummy, PHASE=0, **epi)
+        # ---- sink key blocks: the queries past their band, split over programs (atomics into dk/dv_acc);
+        # needs only delta, so with CONFIG["side_stream"] it runs on a side stream from here on ----
+        # (the work table is cached by contents, as the forward's tables, and made on the main stream)
+        QS = CONFIG["sink_qs"]
+        items = pf._cached_table(("sink", tuple(lens), W, S, BT, QS, str(dev)),
+                                 lambda: _items_table(lens, W, S, QS, dev))
+
+        def sink():
+            BM, nw, ns = CONFIG["dkdv"]
+            ka._attn_dkdv_sink_kernel[(items.shape[0], HKV)](
+                q=qf, k=kf, v=vf, do=dof, seq=seq, items=items, lse=lsef, delta=delta, dk_acc=dk_acc,
+                dv_acc=dv_acc, W=W, S=S, qk_scale=qk_scale, sm_scale=D ** -0.5,
+                H=H, HKV=HKV, D=D, BT=BT, BM=BM, num_warps=nw, num_stages=ns)
+
+        side = main = None
+        if CONFIG["side_stream"] and dev.type == "cuda":
+            main, side = torch.cuda.current_stream(dev), _side_stream(dev)
+            side.wait_stream(main)
+            with torch.cuda.stream(side):  # inputs live until the join (the dkdv launch): no record_stream
+                if items is not None:
+                    sink()
+                dow = _do_weight(uo, dof)
+            dow.record_stream(main)  # allocated on the side stream, converted on the main one
         # ---- reverse state recurrence ----
         dhs = empty(NT, H, D, D, dtype=dt, device=dev)
         dvnew = empty(Tt, H, D, dtype=dt, device=dev)
@@ -234,14 +287,10 @@ def prefill_bwd(dout, dht, q, k, v, a, b, z, A_log, dt_bias, norm_weight, o_weig
             W=W, S=S, qk_scale=qk_scale, sm_scale=D ** -0.5, mem_scale=mem_scale, H=H, HKV=HKV, D=D, BT=BT, BN=BN,
             MAMBA2=mamba2, num_warps=nw, num_stages=ns)
         BM, nw, ns = CONFIG["dkdv"]
-        # sink key blocks: the queries past their band, split over programs (atomics into dk/dv_acc)
-        items = ka.sink_items(lens, W, S, BT, CONFIG["sink_qs"])
-        if items:
-            items = torch.tensor(items, dtype=torch.int32).to(dev)
-            ka._attn_dkdv_sink_kernel[(items.shape[0], HKV)](
-                q=qf, k=kf, v=vf, do=dof, seq=seq, items=items, lse=lsef, delta=delta, dk_acc=dk_acc,
-                dv_acc=dv_acc, W=W, S=S, qk_scale=qk_scale, sm_scale=D ** -0.5,
-                H=H, HKV=HKV, D=D, BT=BT, BM=BM, num_warps=nw, num_stages=ns)
+        if side is not None:
+            main.wait_stream(side)  # the sink partials in dk_acc / dv_acc
+        elif items is not None:
+            sink()
         ka._attn_dkdv_kernel[(HKV, NT)](
             q=qf, k=kf, v=vf, do=dof, seq=seq, chunks=chunks, lse=lsef, delta=delta, dk_acc=dk_acc,
             dkm_acc=dkm_acc, dkw_acc=dkw_acc, dv_acc=dv_acc, dk=dk, dv=dv, W=W, S=S, qk_scale=qk_scale,
@@ -278,8 +327,8 @@ def prefill_bwd(dout, dht, q, k, v, a, b, z, A_log, dt_bias, norm_weight, o_weig
         dnw = dnw_part[:NT].sum(0).reshape(H * D).to(norm_weight.dtype)
     else:
         dnw = dnw_part[:NT].sum((0, 1)).to(norm_weight.dtype)
-    # do_weight[h] = sum_t u[t, h]^T dy[t, h]: one [D, T] x [T, D] product per head
-    dow = _mm_f32(uo.view(Tt, H, D).transpose(0, 1).transpose(1, 2), dof.view(Tt, H, D).transpose(0, 1))
+    if dow is None:
+        dow = _do_weight(uo, dof)
     return dq, dk, dv, da, db, dzo, dA_log, ddt_bias, dnw, dow.to(o_weight.dtype), dh0
 
 
