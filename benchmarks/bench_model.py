@@ -336,6 +336,8 @@ def main(argv=None):
     p.add_argument("--no-fast", action="store_true", help="skip the decode table")
     p.add_argument("--base-decode", action="store_true",
                    help="time the unpatched model's decode at the decode table's contexts and batches too")
+    p.add_argument("--bands", nargs="+", default=["auto"], choices=("auto", "cudnn", "triton"),
+                   help="prefill band engines to time in turn (prefill.CONFIG['band'])")
     p.add_argument("--dtype", default="bfloat16")
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     args = p.parse_args(argv)
@@ -372,15 +374,22 @@ def main(argv=None):
             print(f"| base SDPA | {T} | {r[0]:.3f} | {T / r[0]:.0f} | {r[1]:.2f} | {1e3 * r[2]:.2f} | {r[3] / 2**20:.0f} |")
     base_dec = base_decode(model, args, device) if args.base_decode and not args.no_fast else None
     ahn_ops.patch_qwen(model, args.kind, window=args.window, sinks=args.sinks)
-    warm_up(lambda: ahn_ops.AHNModelCache.from_model(model))
-    for T in args.contexts:
-        try:
-            r = run(model, T, args.decode_steps, args.prefill_chunk_size, device,
-                    lambda: ahn_ops.AHNModelCache.from_model(model))
-        except torch.OutOfMemoryError:
-            print(f"| AHN-{args.kind} | {T} | OOM | | | | |")
-            continue
-        print(f"| AHN-{args.kind} | {T} | {r[0]:.3f} | {T / r[0]:.0f} | {r[1]:.2f} | {1e3 * r[2]:.2f} | {r[3] / 2**20:.0f} |")
+    from ahn_ops.ops.ahn_attention import prefill as pf
+
+    for band in args.bands:
+        pf.CONFIG["band"] = band
+        warm_up(lambda: ahn_ops.AHNModelCache.from_model(model))
+        name = f"AHN-{args.kind}" + ("" if args.bands == ["auto"] else f" [{band} band]")
+        for T in args.contexts:
+            try:
+                r = run(model, T, args.decode_steps, args.prefill_chunk_size, device,
+                        lambda: ahn_ops.AHNModelCache.from_model(model))
+            except torch.OutOfMemoryError:
+                print(f"| {name} | {T} | OOM | | | | |")
+                continue
+            print(f"| {name} | {T} | {r[0]:.3f} | {T / r[0]:.0f} | {r[1]:.2f} | {1e3 * r[2]:.2f} | "
+                  f"{r[3] / 2**20:.0f} |")
+    pf.CONFIG["band"] = "auto"
     if not args.no_fast:
         decode_table(model, args, device, base_dec)
 

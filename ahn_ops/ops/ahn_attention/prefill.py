@@ -17,6 +17,10 @@ Three launches, four for Mamba2 (README.md beside this file has the derivation):
    projection and the sum, written once in the input dtype. Also stores the window softmax's
    log-sum-exp (fp32 ``[tokens, H]``, log2 domain) for the backward, which so needs no attention
    re-run (the cache path, inference only, skips that store).
+   On sm_90+ with cuDNN (``CONFIG["band"]``, ``_band_engine``), the window band over the call's own
+   tokens runs in cuDNN's fused attention (``band_cudnn``) while launches 1-2 run on a side stream;
+   ``_fwd_kernel`` (``BAND_IN``) then starts from the band's output and log-sum-exp and walks only
+   the sinks that left the window and, on a cache, the ring tail (positions before the call's).
 4. Mamba2 only: its RMSNorm spans the H heads of a token, so ``_fwd_kernel`` stops before the
    norm (window output, un-normalised projection ``yp``, per-head sum of squares) and
    ``_mamba2_norm_kernel`` (grid: token blocks) applies the cross-head scale: ``out += r * yp``.
@@ -37,6 +41,7 @@ prefill ``kx`` is ``k`` itself; on a cache it is the ring tail followed by the n
 from __future__ import annotations
 
 import math
+import warnings
 from collections import OrderedDict
 from typing import List, Optional, Tuple
 
@@ -64,7 +69,11 @@ BT = 64  # memory chunk == query block: a query block reads exactly one chunk st
 # and the memory part (at 8 warps) ~0.1-0.4 ms slower: the band's gain grows with W, so fwd_rows = None picks
 # fwd_long = (min window, rows, cfg) at D = 128 and W >= 8192, 64 rows with "fwd" otherwise; an int forces the rows
 # (with "fwd").
-CONFIG = {"fwd": (64, 4, 3), "fwd_rows": None, "fwd_long": (8192, 128, (64, 8, 3)),
+# band: the window band's engine, "auto" (cuDNN where _band_engine allows, else Triton), "cudnn" or "triton";
+# fwd_band_in: (BN, num_warps, num_stages) of _fwd_kernel behind the cuDNN band (sinks, ring tail, memory,
+# epilogue only; benchmarks/RESULTS.md has the sweep)
+CONFIG = {"band": "auto", "fwd": (64, 4, 3), "fwd_band_in": (64, 4, 1), "fwd_rows": None,
+          "fwd_long": (8192, 128, (64, 8, 3)),
           "state_bv": {64: 64, 128: 16}, "state_warps": 4, "state_stages": 3, "prep_warps": 4, "norm_bm": 32}
 
 
@@ -357,12 +366,12 @@ def _mem_rows(b_o, b_q, i_c, i_h, i_kv, bos, T, P, kxb, kp0, coff, W, S, mem_sca
 @triton.jit
 def _fwd_kernel(
     # pointers
-    q, kx, vx, sk, sv, z, nw, ow, seq, blocks, gc, hs, vnew, out, yp, ss, lse,
+    q, kx, vx, sk, sv, z, nw, ow, seq, blocks, gc, hs, vnew, out, yp, ss, lse, ob, lb,
     # sizes
     H: tl.constexpr, HKV: tl.constexpr, D: tl.constexpr, W, S, qk_scale, mem_scale,
     # meta
     BT: tl.constexpr, BM: tl.constexpr, BN: tl.constexpr, MEMORY: tl.constexpr, USE_H0: tl.constexpr,
-    MAMBA2: tl.constexpr, STORE_LSE: tl.constexpr,
+    MAMBA2: tl.constexpr, STORE_LSE: tl.constexpr, BAND_IN: tl.constexpr = False,
 ):
     # BM query rows per program (CONFIG["fwd_rows"]), BM = BT or 2 BT: the window part is generic
     # in BM; the memory part (_mem_rows) runs per BT = 64 rows, i.e. per memory chunk and its state
@@ -393,9 +402,19 @@ def _fwd_kernel(
     t_hi = P + tl.minimum(i_b * BM + BM, T) - 1
 
     b_q = tl.load(q + (o_q * H + i_h)[:, None] * D + o_d[None, :], mask=m_i[:, None], other=0.)  # [BM, D]
-    b_acc = tl.zeros([BM, D], dtype=tl.float32)
-    b_m = tl.full([BM], float("-inf"), dtype=tl.float32)
-    b_l = tl.zeros([BM], dtype=tl.float32)
+    if BAND_IN:
+        # the band t - W < j <= t over the call's own tokens (positions >= P) was computed outside
+        # (band_cudnn): its normalised output ``ob`` (rows as q) and natural-log lse ``lb`` [N, H, T]
+        # (uniform T per sequence) start the online softmax, which goes on with the keys the band
+        # did not see: the sinks that left the window and, on a cache, the ring tail (positions < P)
+        b_acc = tl.load(ob + (o_q * H + i_h)[:, None] * D + o_d[None, :], mask=m_i[:, None], other=0.)
+        b_acc = b_acc.to(tl.float32)
+        b_m = tl.load(lb + (i_n * H + i_h).to(tl.int64) * T + o_i, mask=m_i, other=0.) * 1.4426950408889634
+        b_l = tl.where(m_i, 1., 0.)
+    else:
+        b_acc = tl.zeros([BM, D], dtype=tl.float32)
+        b_m = tl.full([BM], float("-inf"), dtype=tl.float32)
+        b_l = tl.zeros([BM], dtype=tl.float32)
 
     # sinks that have left the window of some query of the block: positions j < S, j <= t - W
     n_sink = tl.minimum(S, t_hi - W + 1)
@@ -412,33 +431,44 @@ def _fwd_kernel(
         b_v = tl.load(sv + o_x, mask=m_x[:, None], other=0.)
         b_acc, b_m, b_l = _attn_block(b_q, b_k, b_v, m_s, b_acc, b_m, b_l, qk_scale, True)
 
-    # the window band [t_lo - W + 1, t_hi]: masked lower edge, unmasked interior, masked diagonal
     lo = tl.maximum(kp0, t_lo - W + 1)
-    e1 = tl.minimum(tl.maximum(t_hi - W + 1, lo), t_hi + 1)
-    j1 = lo + tl.cdiv(e1 - lo, BN) * BN
-    n2 = tl.maximum(tl.cdiv(t_lo - BN + 2 - j1, BN), 0)
-    j2 = j1 + n2 * BN
-    for j0 in range(lo, e1, BN):
-        o_s = j0 + o_j
-        m_s = (o_s[None, :] <= t_pos[:, None]) & (o_s[None, :] > t_pos[:, None] - W) & m_i[:, None]
-        m_k = o_s <= t_hi
-        o_x = ((kxb + tl.where(m_k, o_s - kp0, 0)) * HKV + i_kv)[:, None] * D + o_d[None, :]
-        b_k = tl.load(kx + o_x, mask=m_k[:, None], other=0.)
-        b_v = tl.load(vx + o_x, mask=m_k[:, None], other=0.)
-        b_acc, b_m, b_l = _attn_block(b_q, b_k, b_v, m_s, b_acc, b_m, b_l, qk_scale, True)
-    for j0 in range(j1, j2, BN):
-        o_x = ((kxb + j0 - kp0 + o_j) * HKV + i_kv)[:, None] * D + o_d[None, :]
-        b_k = tl.load(kx + o_x)
-        b_v = tl.load(vx + o_x)
-        b_acc, b_m, b_l = _attn_block(b_q, b_k, b_v, None, b_acc, b_m, b_l, qk_scale, False)
-    for j0 in range(j2, t_hi + 1, BN):
-        o_s = j0 + o_j
-        m_s = (o_s[None, :] <= t_pos[:, None]) & (o_s[None, :] > t_pos[:, None] - W) & m_i[:, None]
-        m_k = o_s <= t_hi
-        o_x = ((kxb + tl.where(m_k, o_s - kp0, 0)) * HKV + i_kv)[:, None] * D + o_d[None, :]
-        b_k = tl.load(kx + o_x, mask=m_k[:, None], other=0.)
-        b_v = tl.load(vx + o_x, mask=m_k[:, None], other=0.)
-        b_acc, b_m, b_l = _attn_block(b_q, b_k, b_v, m_s, b_acc, b_m, b_l, qk_scale, True)
+    if BAND_IN:
+        # the ring tail: window keys at positions lo .. P - 1 (empty for a prefill from position 0)
+        for j0 in range(lo, tl.minimum(P, t_hi + 1), BN):
+            o_s = j0 + o_j
+            m_s = (o_s[None, :] < P) & (o_s[None, :] > t_pos[:, None] - W) & m_i[:, None]
+            m_k = o_s < P
+            o_x = ((kxb + tl.where(m_k, o_s - kp0, 0)) * HKV + i_kv)[:, None] * D + o_d[None, :]
+            b_k = tl.load(kx + o_x, mask=m_k[:, None], other=0.)
+            b_v = tl.load(vx + o_x, mask=m_k[:, None], other=0.)
+            b_acc, b_m, b_l = _attn_block(b_q, b_k, b_v, m_s, b_acc, b_m, b_l, qk_scale, True)
+    else:
+        # the window band [t_lo - W + 1, t_hi]: masked lower edge, unmasked interior, masked diagonal
+        e1 = tl.minimum(tl.maximum(t_hi - W + 1, lo), t_hi + 1)
+        j1 = lo + tl.cdiv(e1 - lo, BN) * BN
+        n2 = tl.maximum(tl.cdiv(t_lo - BN + 2 - j1, BN), 0)
+        j2 = j1 + n2 * BN
+        for j0 in range(lo, e1, BN):
+            o_s = j0 + o_j
+            m_s = (o_s[None, :] <= t_pos[:, None]) & (o_s[None, :] > t_pos[:, None] - W) & m_i[:, None]
+            m_k = o_s <= t_hi
+            o_x = ((kxb + tl.where(m_k, o_s - kp0, 0)) * HKV + i_kv)[:, None] * D + o_d[None, :]
+            b_k = tl.load(kx + o_x, mask=m_k[:, None], other=0.)
+            b_v = tl.load(vx + o_x, mask=m_k[:, None], other=0.)
+            b_acc, b_m, b_l = _attn_block(b_q, b_k, b_v, m_s, b_acc, b_m, b_l, qk_scale, True)
+        for j0 in range(j1, j2, BN):
+            o_x = ((kxb + j0 - kp0 + o_j) * HKV + i_kv)[:, None] * D + o_d[None, :]
+            b_k = tl.load(kx + o_x)
+            b_v = tl.load(vx + o_x)
+            b_acc, b_m, b_l = _attn_block(b_q, b_k, b_v, None, b_acc, b_m, b_l, qk_scale, False)
+        for j0 in range(j2, t_hi + 1, BN):
+            o_s = j0 + o_j
+            m_s = (o_s[None, :] <= t_pos[:, None]) & (o_s[None, :] > t_pos[:, None] - W) & m_i[:, None]
+            m_k = o_s <= t_hi
+            o_x = ((kxb + tl.where(m_k, o_s - kp0, 0)) * HKV + i_kv)[:, None] * D + o_d[None, :]
+            b_k = tl.load(kx + o_x, mask=m_k[:, None], other=0.)
+            b_v = tl.load(vx + o_x, mask=m_k[:, None], other=0.)
+            b_acc, b_m, b_l = _attn_block(b_q, b_k, b_v, m_s, b_acc, b_m, b_l, qk_scale, True)
     b_o = b_acc / tl.where(b_l > 0, b_l, 1.)[:, None]
     if STORE_LSE:
         # the window softmax's log-sum-exp, log2 domain of the scaled logits (what the backward's
@@ -691,11 +721,45 @@ def _row_blocks(lens: List[int], BM: int, device) -> Tuple[torch.Tensor, int]:
     return _cached_table(("rows", tuple(lens), BM, str(torch.device(device))), build)
 
 
+_SIDE: dict = {}
+
+
+def _side_stream(device) -> torch.cuda.Stream:
+    """One side stream per device for the memory passes beside the band attention."""
+    idx = torch.device(device).index
+    idx = torch.cuda.current_device() if idx is None else idx
+    st = _SIDE.get(idx)
+    if st is None:
+        st = _SIDE[idx] = torch.cuda.Stream(device=idx)
+    return st
+
+
+def _memory_passes(kx, vx, a, b, gx, A_log, dt_bias, seq, chunks, NT, N, H, HKV, D, window, sinks, gates, mamba2,
+                   initial_state, bufs, stage):
+    gc, w, u, kd, hs, vnew, ht, dummy = bufs
+    _prep_kernel[(NT, H)](
+        kx=kx, vx=vx, a=a, b=b, gx=gx, A_log=A_log, dt_bias=dt_bias, seq=seq, chunks=chunks, gc=gc, w=w, u=u, kd=kd,
+        xs=dummy, H=H, HKV=HKV, D=D, W=window, S=sinks, BT=BT, GATES=gates, MAMBA2=mamba2,
+        num_warps=CONFIG["prep_warps"])
+    if stage == "prep":  # benchmarks: the parallel prep pass alone
+        return
+    BV = CONFIG["state_bv"][D]
+    h0 = initial_state.float().contiguous() if initial_state is not None else dummy
+    _state_kernel[(D // BV, H, N)](
+        kd=kd, w=w, u=u, gc=gc, seq=seq, h0=h0, hs=hs, vnew=vnew, ht=ht if ht is not None else dummy,
+        H=H, HKV=HKV, D=D, W=window, S=sinks, BT=BT, BV=BV, USE_H0=initial_state is not None,
+        STORE_HT=ht is not None, MAMBA2=mamba2, num_warps=CONFIG["state_warps"],
+        num_stages=CONFIG["state_stages"])
+
+
 def _launch(q, kx, vx, sk, sv, a, b, gx, z, A_log, dt_bias, norm_weight, o_weight, window, sinks, kind,
             seq, chunks, NT, N, initial_state, output_final_state, memory=True, stage="all",
-            store_lse=False, lens=None):
+            store_lse=False, lens=None, band=None):
     # store_lse: also return the window softmax's lse (fp32 [Tq, H]) for the backward; the cache
-    # path (inference) passes False and the kernel skips the store
+    # path (inference) passes False and the kernel skips the store.
+    # band: None (the Triton kernel walks the window band) or a callable giving the band over the
+    # call's own tokens as (ob [.., H, D] rows as q, lse [N, H, T] natural log, uniform T); it runs on
+    # the current stream while the memory passes run on a side stream
     Tq, H, D = q.shape[1], q.shape[2], q.shape[3]
     HKV = kx.shape[-2]
     dev, dt = q.device, q.dtype
@@ -715,47 +779,101 @@ def _launch(q, kx, vx, sk, sv, a, b, gx, z, A_log, dt_bias, norm_weight, o_weigh
     b = b.contiguous() if b is not None else dummy
     gx = gx if gx is not None else dummy
     hs = vnew = gc = yp = ss = dummy
+    ob = lb = dummy
     if memory:
         gc = empty(Tq, H, dtype=torch.float32, device=dev)
         # Mamba2: no delta correction, so no w, and v_new is u = dt v itself
         w = dummy if mamba2 else empty(Tq, H, D, dtype=dt, device=dev)
         u = empty(Tq, H, D, dtype=dt, device=dev)
         kd = empty(Tq, H, D, dtype=dt, device=dev)
-        _prep_kernel[(NT, H)](
-            kx=kx, vx=vx, a=a, b=b, gx=gx, A_log=A_log, dt_bias=dt_bias, seq=seq, chunks=chunks, gc=gc, w=w, u=u, kd=kd,
-            xs=dummy, H=H, HKV=HKV, D=D, W=window, S=sinks, BT=BT, GATES=gates, MAMBA2=mamba2, num_warps=CONFIG["prep_warps"])
-        if stage == "prep":  # benchmarks: the parallel prep pass alone
-            return out, ht, lse
         hs = empty(NT, H, D, D, dtype=dt, device=dev)
         vnew = u if mamba2 else empty(Tq, H, D, dtype=dt, device=dev)
-        BV = CONFIG["state_bv"][D]
-        h0 = initial_state.float().contiguous() if initial_state is not None else dummy
-        _state_kernel[(D // BV, H, N)](
-            kd=kd, w=w, u=u, gc=gc, seq=seq, h0=h0, hs=hs, vnew=vnew, ht=ht if ht is not None else dummy,
-            H=H, HKV=HKV, D=D, W=window, S=sinks, BT=BT, BV=BV, USE_H0=initial_state is not None,
-            STORE_HT=ht is not None, MAMBA2=mamba2, num_warps=CONFIG["state_warps"],
-            num_stages=CONFIG["state_stages"])
-        if stage == "state":  # benchmarks: the memory state passes alone
-            return out, ht, lse
+        args = (kx, vx, a, b, gx, A_log, dt_bias, seq, chunks, NT, N, H, HKV, D, window, sinks, gates, mamba2,
+                initial_state, (gc, w, u, kd, hs, vnew, ht, dummy))
+        if band is not None and stage == "all" and dev.type == "cuda":
+            # the memory passes (gates, WY prep, the state chain) need no attention output: they run on
+            # a side stream while the band runs here; every buffer was allocated on this stream above,
+            # and this stream waits for the side stream before anything reads them or they are freed
+            main, side = torch.cuda.current_stream(dev), _side_stream(dev)
+            side.wait_stream(main)
+            with torch.cuda.stream(side):
+                _memory_passes(*args, stage)
+            ob, lb = band()
+            main.wait_stream(side)
+        else:
+            _memory_passes(*args, stage)
+            if stage in ("prep", "state"):  # benchmarks: the memory passes alone
+                return out, ht, lse
+            if band is not None:
+                ob, lb = band()
         if mamba2:
             yp = empty(Tq, H, D, dtype=dt, device=dev)
             ss = empty(Tq, H, dtype=torch.float32, device=dev)
-    BM, (BN, fwd_warps, fwd_stages) = _fwd_launch(D, window)
+    elif band is not None:
+        ob, lb = band()
+    if band is not None:
+        BM, (BN, fwd_warps, fwd_stages) = BT, CONFIG["fwd_band_in"]
+    else:
+        BM, (BN, fwd_warps, fwd_stages) = _fwd_launch(D, window)
     assert BM in (BT, 2 * BT), BM
     # lens: the sequences' query counts (the chunk table holds the same blocks when BM = BT)
     blocks, NB = (chunks, NT) if BM == BT else _row_blocks(lens, BM, dev)
     _fwd_kernel[(H, NB)](
         q=q, kx=kx, vx=vx, sk=sk, sv=sv, z=z.contiguous(), nw=norm_weight.float().contiguous(),
         ow=o_weight.to(dt).contiguous(), seq=seq, blocks=blocks, gc=gc, hs=hs, vnew=vnew, out=out, yp=yp, ss=ss,
-        lse=lse if store_lse else dummy, H=H, HKV=HKV, D=D, W=window, S=sinks, qk_scale=D ** -0.5 * math.log2(math.e),
-        mem_scale=1.0 if mamba2 else D ** -0.5,
+        lse=lse if store_lse else dummy, ob=ob, lb=lb, H=H, HKV=HKV, D=D, W=window, S=sinks,
+        qk_scale=D ** -0.5 * math.log2(math.e), mem_scale=1.0 if mamba2 else D ** -0.5,
         BT=BT, BM=BM, BN=BN, MEMORY=memory, USE_H0=initial_state is not None,
-        MAMBA2=mamba2 and memory, STORE_LSE=store_lse, num_warps=fwd_warps, num_stages=fwd_stages)
+        MAMBA2=mamba2 and memory, STORE_LSE=store_lse, BAND_IN=band is not None, num_warps=fwd_warps,
+        num_stages=fwd_stages)
     if mamba2 and memory:
         BM = CONFIG["norm_bm"]
         _mamba2_norm_kernel[(triton.cdiv(Tq, BM),)](
             out=out, yp=yp, ss=ss, NTOK=Tq, H=H, D=D, HP=triton.next_power_of_2(H), BM=BM, num_warps=4)
     return out, ht, lse
+
+
+def _band_engine(q: torch.Tensor, uniform: bool) -> bool:
+    """Whether the band goes through cuDNN (``band_cudnn``) rather than the Triton kernel's own loop.
+
+    ``CONFIG["band"]``: "auto" (cuDNN where it can run: a CUDA device of compute capability >= 9.0
+    with nvidia-cudnn-frontend importable, bf16/fp16, sequences of one length), "cudnn" (required:
+    an error where it cannot run) or "triton"."""
+    mode = CONFIG["band"]
+    if mode not in ("auto", "cudnn", "triton"):
+        raise ValueError(f'CONFIG["band"] must be "auto", "cudnn" or "triton", got {mode!r}')
+    if mode == "triton" or q.device.type != "cuda":
+        if mode == "cudnn":
+            raise RuntimeError('CONFIG["band"] = "cudnn" needs a CUDA device')
+        return False
+    from . import band_cudnn
+
+    why = band_cudnn.unavailable_reason(q.device)
+    if why is None and q.dtype not in (torch.bfloat16, torch.float16):
+        why = f"the cuDNN band takes bfloat16 or float16, not {q.dtype}"
+    if why is None and not uniform:
+        why = "sequences of different lengths (cu_seqlens) are not served by the cuDNN band yet"
+    if why is not None and mode == "cudnn":
+        raise RuntimeError(f'CONFIG["band"] = "cudnn": {why}')
+    if why is not None and "not importable" in why and not _WARNED:
+        _WARNED.append(why)
+        warnings.warn(f"ahn_ops: the prefill's window band runs on the slower Triton kernel on this Hopper GPU: {why}; "
+                      'pip install "nvidia-cudnn-frontend>=1.32" (the ahn_ops[hopper] extra) for cuDNN\'s',
+                      RuntimeWarning, stacklevel=3)
+    return why is None
+
+
+_WARNED: list = []
+
+
+def _cudnn_band(q, k, v, window):
+    """A ``band`` callable for ``_launch``: cuDNN over ``q [B, T, H, D]``, ``k, v [B, T, HKV, D]``."""
+    from . import band_cudnn
+
+    def run():
+        return band_cudnn.band_fwd(q, k, v, min(window, q.shape[1]))
+
+    return run
 
 
 def prefill_fwd(q, k, v, a, b, z, A_log, dt_bias, norm_weight, o_weight, window: int, sinks: int, kind: str,
@@ -786,9 +904,13 @@ def prefill_fwd(q, k, v, a, b, z, A_log, dt_bias, norm_weight, o_weight, window:
     seq, chunks, NT = _seq_tables(lens, [0] * N, cs[:-1], [0] * N, cs[:-1], q.device)
     flat = lambda x: None if x is None else x.reshape(1, B * T, *x.shape[2:]).contiguous()  # noqa: E731
     qf, kf, vf = flat(q), flat(k), flat(v)
+    band = None
+    if T > 0 and _band_engine(q, cu_seqlens is None or len(set(lens)) == 1):
+        T1 = lens[0]
+        band = _cudnn_band(qf.view(N, T1, H, D), kf.view(N, T1, -1, D), vf.view(N, T1, -1, D), window)
     out, ht, lse = _launch(qf, kf, vf, kf, vf, flat(a), flat(b), None, flat(z), A_log, dt_bias, norm_weight,
                            o_weight, window, sinks, kind, seq, chunks, NT, N, initial_state, output_final_state,
-                           memory, stage, store_lse=True, lens=lens)
+                           memory, stage, store_lse=True, lens=lens, band=band)
     return out.view(B, T, H, D), ht, lse.view(B, T, H)
 
 
@@ -838,10 +960,11 @@ def prefill_cache_fwd(q, k, v, a, b, z, A_log, dt_bias, norm_weight, o_weight,
         T=T, W=W, S=S, N1=N1, KD=KD, HG=HG, BR=BR, BKD=BKD, BG=BG, num_warps=4)
     sk = wsk.reshape(1, B * S, HKV, D) if S else kx
     sv = wsv.reshape(1, B * S, HKV, D) if S else vx
+    qf = q.reshape(1, B * T, H, D).contiguous()
+    band = _cudnn_band(qf.view(B, T, H, D), kc, vc, W) if T > 0 and _band_engine(q, True) else None
     # inference: no backward, so no lse store
-    out, ht, _ = _launch(q.reshape(1, B * T, H, D).contiguous(), kx, vx, sk, sv, None, None, gx,
-                         z.reshape(1, B * T, H), A_log, dt_bias, norm_weight, o_weight, W, S, kind,
-                         seq, chunks, NT, B, state, True, lens=[T] * B)
+    out, ht, _ = _launch(qf, kx, vx, sk, sv, None, None, gx, z.reshape(1, B * T, H), A_log, dt_bias, norm_weight,
+                         o_weight, W, S, kind, seq, chunks, NT, B, state, True, lens=[T] * B, band=band)
     for t, w in zip(cache, work):
         if w is not t:
             t.copy_(w)

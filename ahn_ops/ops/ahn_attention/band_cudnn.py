@@ -1,0 +1,210 @@
+"""The sliding-window band of the AHN window attention through cuDNN's fused SDPA (sm_90+).
+
+cuDNN's Hopper attention kernels (warp-specialised, TMA + wgmma) take a diagonal band: with
+``diagonal_band_left_bound = W`` and a causal right bound, query ``t`` attends keys ``t - W < j <= t``,
+exactly the window part of ``K(t)``. The fused AHN forward then starts its online softmax from the
+band's normalised output and log-sum-exp instead of walking the band itself, and adds the sink
+keys that left the window and the memory readout (``prefill._fwd_kernel`` with ``BAND_IN``).
+
+cuDNN is reached through ``nvidia-cudnn-frontend``'s graph API (the ``cudnn`` module) on top of the
+``libcudnn`` that PyTorch ships; graphs are built once per shape and cached. ``available`` says
+whether this engine can run on a device; the Triton band is the fallback everywhere else.
+"""
+
+from __future__ import annotations
+
+import threading
+from collections import OrderedDict
+from typing import Optional, Tuple
+
+import torch
+
+from ..common.alloc import empty
+
+__all__ = ["available", "band_fwd", "band_bwd", "unavailable_reason"]
+
+_LOCK = threading.Lock()
+_HANDLES: dict = {}
+_GRAPHS: "OrderedDict[tuple, tuple]" = OrderedDict()
+_GRAPHS_MAX = 64
+_WORKSPACE: dict = {}
+_REASON: dict = {}
+
+
+def _cudnn():
+    import cudnn  # noqa: PLC0415  (optional dependency: nvidia-cudnn-frontend)
+
+    return cudnn
+
+
+def unavailable_reason(device) -> Optional[str]:
+    """None when the cuDNN band can run on ``device``; else why not (one line)."""
+    device = torch.device(device)
+    if device.type != "cuda":
+        return "not a CUDA device"
+    idx = device.index if device.index is not None else torch.cuda.current_device()
+    if idx in _REASON:
+        return _REASON[idx]
+    reason = None
+    if torch.cuda.get_device_capability(idx)[0] < 9:
+        reason = "needs compute capability 9.0 or newer"
+    else:
+        try:
+            _cudnn()
+        except Exception as e:  # noqa: BLE001
+            reason = f"nvidia-cudnn-frontend is not importable ({type(e).__name__}: {e})"
+        if reason is None and (torch.backends.cudnn.version() or 0) < 90500:
+            reason = f"cuDNN {torch.backends.cudnn.version()} is older than 9.5"
+    _REASON[idx] = reason
+    return reason
+
+
+def available(device) -> bool:
+    return unavailable_reason(device) is None
+
+
+def _handle(device: torch.device):
+    cudnn = _cudnn()
+    idx = device.index if device.index is not None else torch.cuda.current_device()
+    h = _HANDLES.get(idx)
+    if h is None:
+        with torch.cuda.device(idx):
+            h = cudnn.create_handle()
+        _HANDLES[idx] = h
+    cudnn.set_stream(h, torch.cuda.current_stream(device).cuda_stream)
+    return h
+
+
+def _io_type(dtype: torch.dtype):
+    cudnn = _cudnn()
+    if dtype == torch.bfloat16:
+        return cudnn.data_type.BFLOAT16
+    if dtype == torch.float16:
+        return cudnn.data_type.HALF
+    raise ValueError(f"cuDNN band: dtype must be bfloat16 or float16, got {dtype}")
+
+
+def _bhsd(x: torch.Tensor) -> Tuple[list, list]:
+    """``[B, T, H, D]`` tensor -> cuDNN's (dims, strides) in its [B, H, S, D] order (no copy)."""
+    B, T, H, D = x.shape
+    sb, st, sh, sd = x.stride()
+    return [B, H, T, D], [sb, sh, st, sd]
+
+
+def _workspace(device: torch.device, nbytes: int) -> torch.Tensor:
+    ws = _WORKSPACE.get(device)
+    if ws is None or ws.numel() < nbytes:
+        ws = torch.empty(max(nbytes, 1), dtype=torch.uint8, device=device)
+        _WORKSPACE[device] = ws
+    return ws
+
+
+def _graph(key: tuple, build):
+    with _LOCK:
+        hit = _GRAPHS.get(key)
+        if hit is not None:
+            _GRAPHS.move_to_end(key)
+            return hit
+    val = build()
+    with _LOCK:
+        _GRAPHS[key] = val
+        while len(_GRAPHS) > _GRAPHS_MAX:
+            _GRAPHS.popitem(last=False)
+    return val
+
+
+def _build_fwd(handle, dtype, qd, qs, kd, ks, vs, od, os_, window: int, scale: float):
+    cudnn = _cudnn()
+    io = _io_type(dtype)
+    g = cudnn.pygraph(io_data_type=io, intermediate_data_type=cudnn.data_type.FLOAT,
+                      compute_data_type=cudnn.data_type.FLOAT, handle=handle)
+    tq = g.tensor(name="q", dim=qd, stride=qs, data_type=io)
+    tk = g.tensor(name="k", dim=kd, stride=ks, data_type=io)
+    tv = g.tensor(name="v", dim=kd, stride=vs, data_type=io)
+    to, tst = g.sdpa(name="band", q=tq, k=tk, v=tv, generate_stats=True, attn_scale=scale,
+                     diagonal_alignment=cudnn.diagonal_alignment.TOP_LEFT,
+                     diagonal_band_left_bound=window, diagonal_band_right_bound=0)
+    to.set_output(True).set_dim(od).set_stride(os_).set_data_type(io)
+    B, H, T = od[0], od[1], od[2]
+    tst.set_output(True).set_dim([B, H, T, 1]).set_stride([H * T, T, 1, 1]).set_data_type(cudnn.data_type.FLOAT)
+    g.validate()
+    g.build_operation_graph()
+    g.create_execution_plans([cudnn.heur_mode.A, cudnn.heur_mode.FALLBACK])
+    g.check_support()
+    g.build_plans()
+    return g, (tq, tk, tv, to, tst), g.get_workspace_size()
+
+
+def band_fwd(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, window: int,
+             out: Optional[torch.Tensor] = None) -> Tuple[torch.Tensor, torch.Tensor]:
+    """Band attention ``t - window < j <= t`` of ``q [B, T, H, D]`` over ``k, v [B, T, HKV, D]``.
+
+    Returns ``(o [B, T, H, D] in q.dtype, lse [B, H, T] fp32)``: ``o`` normalised over the band,
+    ``lse`` the band's natural-log log-sum-exp of the scaled logits (``D^-0.5``).
+    """
+    B, T, H, D = q.shape
+    dev = q.device
+    if out is None:
+        out = empty(B, T, H, D, dtype=q.dtype, device=dev)
+    lse = empty(B, H, T, dtype=torch.float32, device=dev)
+    handle = _handle(dev)
+    qd, qs = _bhsd(q)
+    kd, ks = _bhsd(k)
+    _, vs = _bhsd(v)
+    od, os_ = _bhsd(out)
+    key = ("fwd", dev, q.dtype, tuple(qd), tuple(qs), tuple(kd), tuple(ks), tuple(vs), tuple(os_), int(window))
+    g, (tq, tk, tv, to, tst), ws = _graph(
+        key, lambda: _build_fwd(handle, q.dtype, qd, qs, kd, ks, vs, od, os_, int(window), D ** -0.5))
+    g.execute({tq: q, tk: k, tv: v, to: out, tst: lse}, _workspace(dev, ws), handle=handle)
+    return out, lse
+
+
+def _build_bwd(handle, dtype, qd, qs, kd, ks, vs, os_, window: int, scale: float):
+    cudnn = _cudnn()
+    io = _io_type(dtype)
+    g = cudnn.pygraph(io_data_type=io, intermediate_data_type=cudnn.data_type.FLOAT,
+                      compute_data_type=cudnn.data_type.FLOAT, handle=handle)
+    B, H, T = qd[0], qd[1], qd[2]
+    tq = g.tensor(name="q", dim=qd, stride=qs, data_type=io)
+    tk = g.tensor(name="k", dim=kd, stride=ks, data_type=io)
+    tv = g.tensor(name="v", dim=kd, stride=vs, data_type=io)
+    to = g.tensor(name="o", dim=qd, stride=os_, data_type=io)
+    tdo = g.tensor(name="do", dim=qd, stride=os_, data_type=io)
+    tst = g.tensor(name="stats", dim=[B, H, T, 1], stride=[H * T, T, 1, 1], data_type=cudnn.data_type.FLOAT)
+    dq, dk, dv = g.sdpa_backward(name="band_bwd", q=tq, k=tk, v=tv, o=to, dO=tdo, stats=tst, attn_scale=scale,
+                                 diagonal_alignment=cudnn.diagonal_alignment.TOP_LEFT,
+                                 diagonal_band_left_bound=window, diagonal_band_right_bound=0)
+    dq.set_output(True).set_dim(qd).set_stride(qs).set_data_type(io)
+    dk.set_output(True).set_dim(kd).set_stride(ks).set_data_type(io)
+    dv.set_output(True).set_dim(kd).set_stride(vs).set_data_type(io)
+    g.validate()
+    g.build_operation_graph()
+    g.create_execution_plans([cudnn.heur_mode.A, cudnn.heur_mode.FALLBACK])
+    g.check_support()
+    g.build_plans()
+    return g, (tq, tk, tv, to, tdo, tst, dq, dk, dv), g.get_workspace_size()
+
+
+def band_bwd(q, k, v, o, do, lse, window: int):
+    """Gradients of the band attention given the softmax's total ``o`` / ``lse [B, H, T]`` (natural log).
+
+    With ``o`` and ``lse`` of a softmax over the band plus other keys, cuDNN's ``P = exp(s - lse)`` and
+    ``D_i = rowsum(dO o)`` give exactly the band's share of dq and the band keys' dk, dv.
+    Returns ``(dq, dk, dv)`` shaped like q, k, v (contiguous).
+    """
+    dev = q.device
+    q, k, v, o = (x.contiguous() for x in (q, k, v, o))
+    do = do.contiguous()
+    dq, dk, dv = (empty(*x.shape, dtype=x.dtype, device=dev) for x in (q, k, v))
+    handle = _handle(dev)
+    qd, qs = _bhsd(q)
+    kd, ks = _bhsd(k)
+    _, vs = _bhsd(v)
+    _, os_ = _bhsd(o)
+    key = ("bwd", dev, q.dtype, tuple(qd), tuple(qs), tuple(kd), tuple(ks), tuple(vs), tuple(os_), int(window))
+    g, (tq, tk, tv, to, tdo, tst, tdq, tdk, tdv), ws = _graph(
+        key, lambda: _build_bwd(handle, q.dtype, qd, qs, kd, ks, vs, os_, int(window), q.shape[-1] ** -0.5))
+    g.execute({tq: q, tk: k, tv: v, to: o, tdo: do, tst: lse, tdq: dq, tdk: dk, tdv: dv},
+              _workspace(dev, ws), handle=handle)
+    return dq, dk, dv
+

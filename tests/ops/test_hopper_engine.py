@@ -1,0 +1,150 @@
+"""The Hopper forward engine: cuDNN's band attention + the Triton kernel's sinks, ring tail, memory readout
+and epilogue, against the fp32 reference and against the all-Triton engine (GPU with cuDNN >= 9.5 and
+nvidia-cudnn-frontend only; the rest of the prefill tests run on whichever engine ``auto`` picks).
+
+Tolerance as in test_prefill.py: max-abs error <= 2x PyTorch's own low-precision error + a floor.
+"""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+import ahn_ops
+from ahn_ops.ops.ahn_attention import reference as ref
+
+from ..utils import empty_layer_cache, make_inputs
+
+FLOOR = 2e-3
+
+
+def _why_not() -> str:
+    if not torch.cuda.is_available():
+        return "needs CUDA"
+    from ahn_ops.ops.ahn_attention import band_cudnn
+
+    return band_cudnn.unavailable_reason("cuda") or ""
+
+
+pytestmark = pytest.mark.skipif(bool(_why_not()), reason=_why_not() or "ok")
+
+
+def _prefill():
+    from ahn_ops.ops.ahn_attention import prefill
+
+    return prefill
+
+
+@pytest.fixture
+def engine(monkeypatch):
+    """Set ``prefill.CONFIG["band"]`` for the rest of a test."""
+    def set_(name):
+        monkeypatch.setitem(_prefill().CONFIG, "band", name)
+    return set_
+
+
+def _err(x, r):
+    return (x.double() - r.double()).abs().max().item()
+
+
+def _check(name, out, ref32, lp):
+    assert not out.isnan().any(), f"{name}: NaN in output (unwritten element?)"
+    e_k, e_lp = _err(out, ref32), _err(lp, ref32)
+    print(f"{name}: kernel err {e_k:.3e}  low-precision torch err {e_lp:.3e}")
+    assert e_k <= 2 * e_lp + FLOOR, f"{name}: kernel err {e_k:.3e} > 2 x {e_lp:.3e} + {FLOOR}"
+
+
+CASES = [
+    # kind, B, T, W, S, G, D, dtype
+    pytest.param("gdn", 1, 1000, 300, 5, 8, 128, torch.bfloat16, id="gdn-T1000-W300-S5-G8"),
+    pytest.param("dn", 2, 517, 1, 3, 4, 128, torch.float16, id="dn-B2-T517-W1-S3-fp16"),
+    pytest.param("mamba2", 1, 333, 4096, 7, 1, 128, torch.bfloat16, id="mamba2-T333-W4096-S7-G1"),
+    pytest.param("gdn", 3, 700, 129, 0, 2, 64, torch.bfloat16, id="gdn-B3-T700-W129-S0-D64"),
+    pytest.param("mamba2", 1, 4099, 1024, 128, 8, 128, torch.float16, id="mamba2-T4099-W1024-S128-fp16"),
+    pytest.param("gdn", 1, 2053, 200, 300, 4, 128, torch.bfloat16, id="gdn-T2053-W200-S300"),
+]
+
+
+@pytest.mark.parametrize("kind,B,T,W,S,G,D,dtype", CASES)
+def test_engine_matches_reference_and_triton(kind, B, T, W, S, G, D, dtype, engine):
+    P = _prefill()
+    HKV = 2 if G < 8 else 1
+    H = HKV * G
+    args = make_inputs(kind, B, T, H, HKV, D, dtype, device="cuda", seed=T + W + S)
+    engine("cudnn")
+    out, _, lse = P.prefill_fwd(*args, W, S, kind)
+    engine("triton")
+    out_t, _, lse_t = P.prefill_fwd(*args, W, S, kind)
+    r = ref.ahn_attention_ref(*args, W, S, kind)
+    lp = ref.ahn_attention_ref(*args, W, S, kind, dtype=dtype)
+    _check(f"{kind} cudnn band", out, r, lp)
+    _check(f"{kind} triton band", out_t, r, lp)
+    # the saved normaliser feeds the backward: the two engines must agree on it
+    torch.testing.assert_close(lse, lse_t, rtol=0, atol=2e-3)
+
+
+@pytest.mark.parametrize("lens", [[300, 300, 300], [5, 700, 64]], ids=["equal", "unequal"])
+def test_engine_varlen(lens, engine):
+    """cu_seqlens: sequences of one length take the cuDNN band, others the Triton band ("auto")."""
+    P = _prefill()
+    kind, W, S, H, HKV, D = "gdn", 100, 4, 8, 2, 128
+    T = sum(lens)
+    args = make_inputs(kind, 1, T, H, HKV, D, torch.bfloat16, device="cuda", seed=len(lens) + T)
+    cu = torch.tensor([0] + list(torch.tensor(lens).cumsum(0)), dtype=torch.int32, device="cuda")
+    engine("auto")
+    out, ht, _ = P.prefill_fwd(*args, W, S, kind, cu_seqlens=cu, output_final_state=True)
+    s = 0
+    for i, n in enumerate(lens):
+        one = [None if x is None else x[:, s:s + n] for x in args[:6]] + list(args[6:])
+        r, _, _, st = ref.ahn_attention_ref(*one, W, S, kind, return_parts=True)
+        lp = ref.ahn_attention_ref(*one, W, S, kind, dtype=torch.bfloat16)
+        _check(f"seq {i} (T={n})", out[:, s:s + n], r, lp)
+        torch.testing.assert_close(ht[i], st[0], rtol=2e-2, atol=2e-2)
+        s += n
+
+
+@pytest.mark.parametrize("kind", ["gdn", "mamba2"])
+def test_engine_cache_continuation(kind, engine):
+    """Chunked prefill on a cache (the ring-tail keys at positions < P come from the Triton loop,
+    the new tokens' band from cuDNN) equals the Triton engine and the reference."""
+    B, T, W, S, H, HKV, D = 2, 900, 256, 4, 8, 2, 128
+    args = make_inputs(kind, B, T, H, HKV, D, torch.bfloat16, device="cuda", seed=5)
+    outs = {}
+    for name in ("cudnn", "triton"):
+        engine(name)
+        cache = empty_layer_cache(kind, B, H, HKV, D, W, S, dtype=torch.bfloat16, device="cuda")
+        parts = []
+        for s, e in [(0, 300), (300, 301), (301, 900)]:
+            piece = [None if x is None else x[:, s:e] for x in args[:6]] + list(args[6:])
+            parts.append(ahn_ops.ahn_attention(*piece, window=W, sinks=S, kind=kind, cache=cache, backend="kernel"))
+        outs[name] = (torch.cat(parts, 1), cache.state.clone())
+    r = ref.ahn_attention_ref(*args, W, S, kind)
+    lp = ref.ahn_attention_ref(*args, W, S, kind, dtype=torch.bfloat16)
+    _check(f"{kind} cache cudnn", outs["cudnn"][0], r, lp)
+    _check(f"{kind} cache triton", outs["triton"][0], r, lp)
+    torch.testing.assert_close(outs["cudnn"][1], outs["triton"][1], rtol=1e-5, atol=1e-5)
+
+
+def test_engine_gradients_match_triton(engine):
+    """The backward (Triton) reads the forward's saved lse: its gradients must not depend on the engine."""
+    kind, T, W, S, H, HKV, D = "gdn", 777, 200, 6, 8, 2, 128
+    args = make_inputs(kind, 1, T, H, HKV, D, torch.bfloat16, device="cuda", seed=3)
+    dout = torch.randn(1, T, H, D, device="cuda", dtype=torch.bfloat16)
+    grads = {}
+    for name in ("cudnn", "triton"):
+        engine(name)
+        xs = [None if x is None else x.detach().clone().requires_grad_(x.is_floating_point()) for x in args]
+        out = ahn_ops.ahn_attention(*xs, window=W, sinks=S, kind=kind)
+        out.backward(dout)
+        grads[name] = [x.grad for x in xs if x is not None and x.grad is not None]
+    for a, b in zip(grads["cudnn"], grads["triton"]):
+        rel = ((a.float() - b.float()).norm() / b.float().norm().clamp_min(1e-30)).item()
+        assert rel < 2e-2, rel
+
+
+def test_engine_required_errors_clearly(engine):
+    engine("cudnn")
+    args = make_inputs("gdn", 1, 64, 4, 2, 128, torch.bfloat16, device="cuda", seed=1)
+    cu = torch.tensor([0, 20, 64], dtype=torch.int32, device="cuda")
+    with pytest.raises(RuntimeError, match="different lengths"):
+        _prefill().prefill_fwd(*args, 16, 2, "gdn", cu_seqlens=cu)
