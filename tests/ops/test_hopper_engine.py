@@ -26,7 +26,7 @@ def _why_not() -> str:
     return band_cudnn.unavailable_reason("cuda") or ""
 
 
-pytestmark = pytest.mark.skipif(bool(_why_not()), reason=_why_not() or "ok")
+needs_cudnn = pytest.mark.skipif(bool(_why_not()), reason=_why_not() or "ok")
 
 
 def _prefill():
@@ -65,6 +65,7 @@ CASES = [
 ]
 
 
+@needs_cudnn
 @pytest.mark.parametrize("kind,B,T,W,S,G,D,dtype", CASES)
 def test_engine_matches_reference_and_triton(kind, B, T, W, S, G, D, dtype, engine):
     P = _prefill()
@@ -83,6 +84,7 @@ def test_engine_matches_reference_and_triton(kind, B, T, W, S, G, D, dtype, engi
     torch.testing.assert_close(lse, lse_t, rtol=0, atol=2e-3)
 
 
+@needs_cudnn
 @pytest.mark.parametrize("lens", [[300, 300, 300], [5, 700, 64]], ids=["equal", "unequal"])
 def test_engine_varlen(lens, engine):
     """cu_seqlens: sequences of one length take the cuDNN band, others the Triton band ("auto")."""
@@ -103,6 +105,7 @@ def test_engine_varlen(lens, engine):
         s += n
 
 
+@needs_cudnn
 @pytest.mark.parametrize("kind", ["gdn", "mamba2"])
 def test_engine_cache_continuation(kind, engine):
     """Chunked prefill on a cache (the ring-tail keys at positions < P come from the Triton loop,
@@ -125,6 +128,7 @@ def test_engine_cache_continuation(kind, engine):
     torch.testing.assert_close(outs["cudnn"][1], outs["triton"][1], rtol=1e-5, atol=1e-5)
 
 
+@needs_cudnn
 def test_engine_gradients_match_triton(engine):
     """The backward (Triton) reads the forward's saved lse: its gradients must not depend on the engine."""
     kind, T, W, S, H, HKV, D = "gdn", 777, 200, 6, 8, 2, 128
@@ -142,9 +146,64 @@ def test_engine_gradients_match_triton(engine):
         assert rel < 2e-2, rel
 
 
+@needs_cudnn
 def test_engine_required_errors_clearly(engine):
     engine("cudnn")
     args = make_inputs("gdn", 1, 64, 4, 2, 128, torch.bfloat16, device="cuda", seed=1)
     cu = torch.tensor([0, 20, 64], dtype=torch.int32, device="cuda")
     with pytest.raises(RuntimeError, match="different lengths"):
         _prefill().prefill_fwd(*args, 16, 2, "gdn", cu_seqlens=cu)
+
+
+# ---------------------------------------------------------------------------------------------
+# The composition's own kernel path (_fwd_kernel BAND_IN: sinks past the window, memory and epilogue after
+# an outside band) with the band computed by a float32 torch stand-in for cuDNN, in fp32 so that the check is
+# tight: runs everywhere, the CPU interpreter included. The backward (Triton) reads its saved lse.
+# ---------------------------------------------------------------------------------------------
+def _torch_band_fwd(q, k, v, W, out=None):
+    """(o [B, T, H, D], lse [B, H, T] natural log) of the band t - W < j <= t, as band_cudnn.band_fwd."""
+    B, T, H, D = q.shape
+    G = H // k.shape[2]
+    s = torch.einsum("bthd,bjhd->bhtj", q.float(), k.float().repeat_interleave(G, 2)) * D ** -0.5
+    t = torch.arange(T, device=q.device)
+    m = (t[None, :] <= t[:, None]) & (t[:, None] - t[None, :] < W)
+    s = s.masked_fill(~m, float("-inf"))
+    o = torch.einsum("bhtj,bjhd->bthd", torch.softmax(s, -1), v.float().repeat_interleave(G, 2))
+    return o.to(q.dtype), torch.logsumexp(s, -1)  # a permuted view: the launcher must not assume rows
+
+
+@pytest.mark.skipif(not torch.cuda.is_available() and __import__("os").environ.get("TRITON_INTERPRET") != "1",
+                    reason="needs CUDA or TRITON_INTERPRET=1")
+@pytest.mark.parametrize("kind,B,T,W,S,G", [
+    pytest.param("gdn", 1, 150, 40, 5, 2, id="gdn-T150-W40-S5"),
+    pytest.param("mamba2", 2, 97, 20, 70, 1, id="mamba2-B2-T97-W20-S70"),
+    pytest.param("dn", 1, 130, 1, 3, 4, id="dn-T130-W1-S3"),
+])
+def test_band_composition_kernel(kind, B, T, W, S, G, monkeypatch):
+    from ahn_ops.ops.ahn_attention import band_cudnn
+
+    P = _prefill()
+    dev = "cuda" if torch.cuda.is_available() else "cpu"
+    # every call takes the outside band (fp32 included: the stand-in computes in fp32)
+    monkeypatch.setattr(P, "_band_engine", lambda q, uniform: uniform)
+    monkeypatch.setattr(band_cudnn, "band_fwd", _torch_band_fwd)
+    HKV = 2 if G < 4 else 1
+    H, D = HKV * G, 64
+    args = make_inputs(kind, B, T, H, HKV, D, torch.float32, device=dev, seed=T + S)
+    xs = [None if x is None else x.detach().clone().requires_grad_(x.is_floating_point()) for x in args]
+    out = torch.ops.ahn.prefill_fwd(*xs, W, S, kind, None, None, False)[0]
+    dout = torch.randn(out.shape, generator=torch.Generator().manual_seed(1)).to(dev)
+    out.backward(dout)
+    refs = [None if x is None else x.detach().clone().requires_grad_(x.is_floating_point()) for x in args]
+    r = ref.ahn_attention_ref(*refs, W, S, kind)
+    r.backward(dout)
+    assert not out.isnan().any()
+    rel = ((out - r).norm() / r.norm()).item()
+    print(f"{kind} out: rel err {rel:.2e}")
+    assert rel < 1e-4, rel
+    for i, (x, y) in enumerate(zip(xs, refs)):
+        if x is None or x.grad is None:
+            continue
+        rel = ((x.grad - y.grad).norm() / y.grad.norm().clamp_min(1e-30)).item()
+        print(f"grad {i}: rel err {rel:.2e}")
+        assert rel < 1e-3, (i, rel)

@@ -798,19 +798,19 @@ def _launch(q, kx, vx, sk, sv, a, b, gx, z, A_log, dt_bias, norm_weight, o_weigh
             side.wait_stream(main)
             with torch.cuda.stream(side):
                 _memory_passes(*args, stage)
-            ob, lb = band()
+            ob, lb = (x.contiguous() for x in band())
             main.wait_stream(side)
         else:
             _memory_passes(*args, stage)
             if stage in ("prep", "state"):  # benchmarks: the memory passes alone
                 return out, ht, lse
             if band is not None:
-                ob, lb = band()
+                ob, lb = (x.contiguous() for x in band())
         if mamba2:
             yp = empty(Tq, H, D, dtype=dt, device=dev)
             ss = empty(Tq, H, dtype=torch.float32, device=dev)
     elif band is not None:
-        ob, lb = band()
+        ob, lb = (x.contiguous() for x in band())
     if band is not None:
         BM, (BN, fwd_warps, fwd_stages) = BT, CONFIG["fwd_band_in"]
     else:
