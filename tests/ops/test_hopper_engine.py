@@ -156,9 +156,10 @@ def test_engine_required_errors_clearly(engine):
 
 
 # ---------------------------------------------------------------------------------------------
-# The composition's own kernel path (_fwd_kernel BAND_IN: sinks past the window, memory and epilogue after
-# an outside band) with the band computed by a float32 torch stand-in for cuDNN, in fp32 so that the check is
-# tight: runs everywhere, the CPU interpreter included. The backward (Triton) reads its saved lse.
+# The composition's own kernel paths (_fwd_kernel BAND_IN: sinks past the window, memory and epilogue after
+# an outside band; the backward kernels without BAND: sinks past the window and memory, plus the outside
+# band's gradients) with the band computed by a float32 torch stand-in for cuDNN, in fp32 so that the check
+# is tight: runs everywhere, the CPU interpreter included.
 # ---------------------------------------------------------------------------------------------
 def _torch_band_fwd(q, k, v, W, out=None):
     """(o [B, T, H, D], lse [B, H, T] natural log) of the band t - W < j <= t, as band_cudnn.band_fwd."""
@@ -170,6 +171,25 @@ def _torch_band_fwd(q, k, v, W, out=None):
     s = s.masked_fill(~m, float("-inf"))
     o = torch.einsum("bhtj,bjhd->bthd", torch.softmax(s, -1), v.float().repeat_interleave(G, 2))
     return o.to(q.dtype), torch.logsumexp(s, -1)  # a permuted view: the launcher must not assume rows
+
+
+def _torch_band_bwd(q, k, v, o, do, lse, W):
+    """(dq, dk, dv) of the band given the whole softmax's o and lse [B, H, T], as band_cudnn.band_bwd."""
+    B, T, H, D = q.shape
+    HKV = k.shape[2]
+    G = H // HKV
+    kf, vf = k.float().repeat_interleave(G, 2), v.float().repeat_interleave(G, 2)
+    s = torch.einsum("bthd,bjhd->bhtj", q.float(), kf) * D ** -0.5
+    t = torch.arange(T, device=q.device)
+    m = (t[None, :] <= t[:, None]) & (t[:, None] - t[None, :] < W)
+    p = torch.where(m, torch.exp(s - lse[..., None]), torch.zeros_like(s))
+    dp = torch.einsum("bthd,bjhd->bhtj", do.float(), vf)
+    delta = (do.float() * o.float()).sum(-1).transpose(1, 2)  # [B, H, T]
+    ds = p * (dp - delta[..., None]) * D ** -0.5
+    dq = torch.einsum("bhtj,bjhd->bthd", ds, kf)
+    dk = torch.einsum("bhtj,bthd->bjhd", ds, q.float()).reshape(B, T, HKV, G, D).sum(3)
+    dv = torch.einsum("bhtj,bthd->bjhd", p, do.float()).reshape(B, T, HKV, G, D).sum(3)
+    return dq.to(q.dtype), dk.to(k.dtype), dv.to(v.dtype)
 
 
 @pytest.mark.skipif(not torch.cuda.is_available() and __import__("os").environ.get("TRITON_INTERPRET") != "1",
@@ -187,6 +207,7 @@ def test_band_composition_kernel(kind, B, T, W, S, G, monkeypatch):
     # every call takes the outside band (fp32 included: the stand-in computes in fp32)
     monkeypatch.setattr(P, "_band_engine", lambda q, uniform: uniform)
     monkeypatch.setattr(band_cudnn, "band_fwd", _torch_band_fwd)
+    monkeypatch.setattr(band_cudnn, "band_bwd", _torch_band_bwd)
     HKV = 2 if G < 4 else 1
     H, D = HKV * G, 64
     args = make_inputs(kind, B, T, H, HKV, D, torch.float32, device=dev, seed=T + S)

@@ -118,9 +118,10 @@ def _do_weight(uo: torch.Tensor, dof: torch.Tensor) -> torch.Tensor:
     return _mm_f32(uo.transpose(0, 1).transpose(1, 2), dof.view(Tt, H, D).transpose(0, 1))
 
 
-def _items_table(lens: List[int], W: int, S: int, QS: int, dev: torch.device) -> Optional[torch.Tensor]:
+def _items_table(lens: List[int], W: int, S: int, QS: int, dev: torch.device,
+                 band: bool = True) -> Optional[torch.Tensor]:
     """``_attn_dkdv_sink_kernel``'s work table on ``dev`` (int32 ``[items, 4]``), None when empty."""
-    rows = ka.sink_items(lens, W, S, BT, QS)
+    rows = ka.sink_items(lens, W, S, BT, QS, band)
     return pf._to_device(torch.tensor(rows, dtype=torch.int32), dev) if rows else None
 
 
@@ -184,6 +185,12 @@ def prefill_bwd(dout, dht, q, k, v, a, b, z, A_log, dt_bias, norm_weight, o_weig
     uo = empty(Tt, H, D, dtype=dt, device=dev)
     dh0 = empty(N, H, D, D, dtype=torch.float32, device=dev) if use_h0 else None
     dow = None
+    # the window band's gradients from cuDNN (band_cudnn.band_bwd) where the forward's engine rule allows
+    # (prefill._band_engine: sm_90+, bf16/fp16, sequences of one length); the Triton kernels then walk
+    # only the sinks past the window and the memory part, and add the band's dq, dk, dv
+    cudnn_band = NT > 0 and pf._band_engine(q, len(set(lens)) == 1)
+    owin = empty(Tt, H, D, dtype=dt, device=dev) if cudnn_band else dummy
+    dqb = dkb = dvb = dummy
 
     if NT > 0:
         # ---- memory branch: recompute the forward's chunk quantities and states ----
@@ -213,7 +220,7 @@ def prefill_bwd(dout, dht, q, k, v, a, b, z, A_log, dt_bias, norm_weight, o_weig
         delta = empty(Tt, H, dtype=torch.float32, device=dev)
         qg = empty(Tt, H, D, dtype=dt, device=dev)  # qn e^gc per row, made by _epi_bwd for _dh_bwd
         epi = dict(qg=qg, q=qf, k=kf, z=zf, nw=norm_weight.float().contiguous(), ow=o_weight.to(dt).contiguous(), dy=dof,
-                   out=outf, delta=delta,
+                   out=outf, delta=delta, owin=owin, STORE_OWIN=cudnn_band,
                    seq=seq, chunks=chunks, gc=gc, hs=hs, vnew=vnew, dm=dm, dvl=dvl, uo=uo, dz=dz, dnw_part=dnw_part,
                    W=W, S=S, mem_scale=mem_scale, H=H, HKV=HKV, D=D, BT=BT, USE_H0=use_h0, MAMBA2=mamba2,
                    num_warps=4)
@@ -232,15 +239,28 @@ def prefill_bwd(dout, dht, q, k, v, a, b, z, A_log, dt_bias, norm_weight, o_weig
         # needs only delta, so with CONFIG["side_stream"] it runs on a side stream from here on ----
         # (the work table is cached by contents, as the forward's tables, and made on the main stream)
         QS = CONFIG["sink_qs"]
-        items = pf._cached_table(("sink", tuple(lens), W, S, BT, QS, str(dev)),
-                                 lambda: _items_table(lens, W, S, QS, dev))
+        items = pf._cached_table(("sink", tuple(lens), W, S, BT, QS, str(dev), cudnn_band),
+                                 lambda: _items_table(lens, W, S, QS, dev, not cudnn_band))
 
         def sink():
             BM, nw, ns = CONFIG["dkdv"]
             ka._attn_dkdv_sink_kernel[(items.shape[0], HKV)](
                 q=qf, k=kf, v=vf, do=dof, seq=seq, items=items, lse=lsef, delta=delta, dk_acc=dk_acc,
                 dv_acc=dv_acc, W=W, S=S, qk_scale=qk_scale, sm_scale=D ** -0.5,
-                H=H, HKV=HKV, D=D, BT=BT, BM=BM, num_warps=nw, num_stages=ns)
+                H=H, HKV=HKV, D=D, BT=BT, BM=BM, BAND=not cudnn_band, num_warps=nw, num_stages=ns)
+
+        if cudnn_band:
+            # the band's dq, dk, dv: cuDNN's P = exp(s - lse) with the forward's lse over band + sinks and
+            # its delta from o_win give exactly the band's share of the gradients
+            from . import band_cudnn
+
+            T1 = lens[0]
+            lse_n = (lsef * math.log(2.0)).view(N, T1, H).transpose(1, 2).contiguous()  # natural log, [N, H, T]
+            dqb, dkb, dvb = band_cudnn.band_bwd(qf.view(N, T1, H, D), kf.view(N, T1, HKV, D),
+                                                vf.view(N, T1, HKV, D), owin.view(N, T1, H, D),
+                                                dof.view(N, T1, H, D), lse_n, min(W, T1))
+            dqb, dkb, dvb = (x.contiguous() for x in (dqb, dkb, dvb))  # the kernels index them as rows
+            del lse_n
 
         side = main = None
         if CONFIG["side_stream"] and dev.type == "cuda":
@@ -283,9 +303,9 @@ def prefill_bwd(dout, dht, q, k, v, a, b, z, A_log, dt_bias, norm_weight, o_weig
         # ---- window attention backward (lse from the forward, delta from _epi_bwd_kernel) ----
         BN, nw, ns = CONFIG["dq"]
         ka._attn_dq_kernel[(H, NT)](
-            q=qf, k=kf, v=vf, do=dof, seq=seq, chunks=chunks, lse=lsef, delta=delta, dq_acc=dq_acc, dq=dq,
+            q=qf, k=kf, v=vf, do=dof, seq=seq, chunks=chunks, lse=lsef, delta=delta, dq_acc=dq_acc, dq=dq, dqb=dqb,
             W=W, S=S, qk_scale=qk_scale, sm_scale=D ** -0.5, mem_scale=mem_scale, H=H, HKV=HKV, D=D, BT=BT, BN=BN,
-            MAMBA2=mamba2, num_warps=nw, num_stages=ns)
+            MAMBA2=mamba2, BAND=not cudnn_band, num_warps=nw, num_stages=ns)
         BM, nw, ns = CONFIG["dkdv"]
         if side is not None:
             main.wait_stream(side)  # the sink partials in dk_acc / dv_acc
@@ -293,9 +313,9 @@ def prefill_bwd(dout, dht, q, k, v, a, b, z, A_log, dt_bias, norm_weight, o_weig
             sink()
         ka._attn_dkdv_kernel[(HKV, NT)](
             q=qf, k=kf, v=vf, do=dof, seq=seq, chunks=chunks, lse=lsef, delta=delta, dk_acc=dk_acc,
-            dkm_acc=dkm_acc, dkw_acc=dkw_acc, dv_acc=dv_acc, dk=dk, dv=dv, W=W, S=S, qk_scale=qk_scale,
-            sm_scale=D ** -0.5,
-            H=H, HKV=HKV, D=D, BT=BT, BM=BM, MAMBA2=mamba2, num_warps=nw, num_stages=ns)
+            dkm_acc=dkm_acc, dkw_acc=dkw_acc, dv_acc=dv_acc, dk=dk, dv=dv, dkb=dkb, dvb=dvb, W=W, S=S,
+            qk_scale=qk_scale, sm_scale=D ** -0.5,
+            H=H, HKV=HKV, D=D, BT=BT, BM=BM, MAMBA2=mamba2, BAND=not cudnn_band, num_warps=nw, num_stages=ns)
     elif use_h0:
         dh0.copy_(dht if use_dht else torch.zeros_like(dh0))
 

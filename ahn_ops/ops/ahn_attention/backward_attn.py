@@ -72,13 +72,15 @@ def _dq_block(b_q, b_do, b_k, b_v, m_s, b_lse, b_dl, b_dq, qk_scale, MASKED: tl.
 @triton.jit(do_not_specialize=["W", "S"])
 def _attn_dq_kernel(
     # pointers
-    q, k, v, do, seq, chunks, lse, delta, dq_acc, dq,
+    q, k, v, do, seq, chunks, lse, delta, dq_acc, dq, dqb,
     # sizes
     W, S, qk_scale, sm_scale, mem_scale,
     H: tl.constexpr, HKV: tl.constexpr, D: tl.constexpr,
     # meta
-    BT: tl.constexpr, BN: tl.constexpr, MAMBA2: tl.constexpr,
+    BT: tl.constexpr, BN: tl.constexpr, MAMBA2: tl.constexpr, BAND: tl.constexpr = True,
 ):
+    # BAND False: the window band's dq came from outside (``dqb``, rows as q: band_cudnn.band_bwd), so
+    # only the sinks that left the window of some row of the block are walked here
     i_h, i_c = tl.program_id(0), tl.program_id(1)
     G: tl.constexpr = H // HKV
     i_kv = i_h // G
@@ -106,7 +108,19 @@ def _attn_dq_kernel(
     b_qy = b_qf * b_rq[:, None]
     b_dq = (b_rq * (mem_scale / sm_scale))[:, None] * (b_dm - b_qy * tl.sum(b_qy * b_dm, 1)[:, None])
     lo = (tl.maximum(t_lo - W + 1, 0) // BN) * BN
-    n_sink = tl.minimum(S, lo)
+    if BAND:
+        n_sink = tl.minimum(S, lo)
+    else:
+        n_sink = 0
+        n_out = tl.minimum(S, t_hi - W + 1)  # sinks j <= t - W for some row t of the block
+        for j0 in range(0, n_out, BN):
+            o_s = j0 + o_j
+            m_k = o_s < n_out
+            o_x = ((bos + tl.where(m_k, o_s, 0)) * HKV + i_kv)[:, None] * D + o_d[None, :]
+            b_k = tl.load(k + o_x, mask=m_k[:, None], other=0.)  # [BN, D]
+            b_v = tl.load(v + o_x, mask=m_k[:, None], other=0.)  # [BN, D]
+            m_s = (o_s[None, :] <= t_pos[:, None] - W) & m_k[None, :] & m_i[:, None]
+            b_dq = _dq_block(b_q, b_do, b_k, b_v, m_s, b_lse, b_dl, b_dq, qk_scale, True)
     for j0 in range(0, n_sink, BN):
         o_s = j0 + o_j
         m_k = o_s < n_sink
@@ -116,6 +130,10 @@ def _attn_dq_kernel(
         m_s = _allowed(t_pos, o_s, m_i, T, W, S) & m_k[None, :]
         b_dq = _dq_block(b_q, b_do, b_k, b_v, m_s, b_lse, b_dl, b_dq, qk_scale, True)
     jA, jB = _band_split(t_lo, t_hi, lo, T, W, BT, BN)
+    if not BAND:  # no band loops below
+        lo = t_hi + 1
+        jA = lo
+        jB = lo
     for j0 in range(lo, jA, BN):
         o_s = j0 + o_j
         m_k = o_s <= t_hi
@@ -138,6 +156,8 @@ def _attn_dq_kernel(
         b_dq = _dq_block(b_q, b_do, b_k, b_v, _allowed(t_pos, o_s, m_i, T, W, S), b_lse, b_dl, b_dq,
                          qk_scale, True)
     b_dq = b_dq * sm_scale
+    if not BAND:
+        b_dq += tl.load(dqb + p_row, mask=m_i[:, None], other=0.).to(tl.float32)
     tl.store(dq + p_row, b_dq.to(dq.dtype.element_ty), mask=m_i[:, None])
 
 
@@ -146,7 +166,8 @@ def _dkdv_block(b_k, b_v, b_dk, b_dv, q, do, lse, delta, bos, t0, t_end, o_s, o_
                 H: tl.constexpr, D: tl.constexpr, MASK: tl.constexpr):
     # one [BT keys] x [BM queries] step of the transposed flash-attention-2 dk/dv accumulation.
     # MASK 0: every pair visible (band interior, no mask, no masked loads); 1: causal/window/sink
-    # mask; 2: sink-only range (t - j >= W for the whole block: a key is seen iff it is a sink)
+    # mask; 2: sink-only range (t - j >= W for the whole block: a key is seen iff it is a sink);
+    # 3: sink keys past the window, pair by pair (the band done elsewhere)
     t_pos = t0 + o_m
     if MASK == 0:
         o_q = bos + t_pos
@@ -170,6 +191,8 @@ def _dkdv_block(b_k, b_v, b_dk, b_dv, q, do, lse, delta, bos, t0, t_end, o_s, o_
         b_pt = tl.where(tl.trans(_allowed(t_pos, o_s, m_i, T, W, S)), b_pt, 0.)
     if MASK == 2:
         b_pt = tl.where((o_s < S)[:, None] & m_i[None, :], b_pt, 0.)
+    if MASK == 3:  # sink keys and the queries they are out of the window of (t - j >= W)
+        b_pt = tl.where((o_s < S)[:, None] & (t_pos[None, :] - o_s[:, None] >= W) & m_i[None, :], b_pt, 0.)
     b_dv += tl.dot(b_pt.to(b_do.dtype), b_do)  # [BT, D]
     b_dpt = tl.dot(b_v, tl.trans(b_do))  # [BT, BM]
     b_dst = b_pt * (b_dpt - b_dl[None, :])
@@ -185,9 +208,10 @@ def _attn_dkdv_sink_kernel(
     W, S, qk_scale, sm_scale,
     H: tl.constexpr, HKV: tl.constexpr, D: tl.constexpr,
     # meta
-    BT: tl.constexpr, BM: tl.constexpr,
+    BT: tl.constexpr, BM: tl.constexpr, BAND: tl.constexpr = True,
 ):
-    # items [n_items, 4] int32: (sequence, key block, first query, end query), t0 >= j_hi + W
+    # items [n_items, 4] int32: (sequence, key block, first query, end query), t0 >= j_hi + W; without
+    # BAND (the band's gradients come from outside) t0 >= j0 + W and the pairs are masked one by one
     i_it, i_kv = tl.program_id(0), tl.program_id(1)
     G: tl.constexpr = H // HKV
     i_n = tl.load(items + i_it * 4)
@@ -210,7 +234,7 @@ def _attn_dkdv_sink_kernel(
         i_h = i_kv * G + g
         for t0 in range(q_lo, q_hi, BM):
             b_dk, b_dv = _dkdv_block(b_k, b_v, b_dk, b_dv, q, do, lse, delta, bos, t0, q_hi, o_s, o_m, o_d, i_h,
-                                     T, W, S, qk_scale, H, D, 2)
+                                     T, W, S, qk_scale, H, D, 2 if BAND else 3)
     tl.atomic_add(dk_acc + p_kv, b_dk * sm_scale, mask=m_k[:, None], sem="relaxed")
     tl.atomic_add(dv_acc + p_kv, b_dv, mask=m_k[:, None], sem="relaxed")
 
@@ -218,13 +242,15 @@ def _attn_dkdv_sink_kernel(
 @triton.jit(do_not_specialize=["W", "S"])
 def _attn_dkdv_kernel(
     # pointers
-    q, k, v, do, seq, chunks, lse, delta, dk_acc, dkm_acc, dkw_acc, dv_acc, dk, dv,
+    q, k, v, do, seq, chunks, lse, delta, dk_acc, dkm_acc, dkw_acc, dv_acc, dk, dv, dkb, dvb,
     # sizes
     W, S, qk_scale, sm_scale,
     H: tl.constexpr, HKV: tl.constexpr, D: tl.constexpr,
     # meta
-    BT: tl.constexpr, BM: tl.constexpr, MAMBA2: tl.constexpr,
+    BT: tl.constexpr, BM: tl.constexpr, MAMBA2: tl.constexpr, BAND: tl.constexpr = True,
 ):
+    # BAND False: the band's dk, dv came from outside (``dkb``, ``dvb``, rows as k), the sink keys' pairs
+    # past the window from _attn_dkdv_sink_kernel (in dk_acc, dv_acc): only the memory part and the sums
     i_kv, i_c = tl.program_id(0), tl.program_id(1)
     G: tl.constexpr = H // HKV
     i_n, i_b, bos, T = _chunk_at(chunks, seq, i_c)
@@ -257,6 +283,10 @@ def _attn_dkdv_kernel(
     i_int = tl.minimum(W // BM, (T - j0) // BM)
     i_int = tl.where(j0 + BT <= T, i_int, 0)
     i_b2 = tl.maximum(i_a, tl.minimum(i_int, n_q))
+    if not BAND:
+        i_a = 0
+        i_b2 = 0
+        n_q = 0
     for g in range(G):
         i_h = i_kv * G + g
         for i in range(0, i_a):
@@ -270,20 +300,25 @@ def _attn_dkdv_kernel(
                                      o_d, i_h, T, W, S, qk_scale, H, D, 1)
     b_dk = b_dk * sm_scale + tl.load(dk_acc + p_kv, mask=m_k[:, None], other=0.)
     b_dv = b_dv + tl.load(dv_acc + p_kv, mask=m_k[:, None], other=0.)
+    if not BAND:
+        b_dk += tl.load(dkb + p_kv, mask=m_k[:, None], other=0.).to(tl.float32)
+        b_dv += tl.load(dvb + p_kv, mask=m_k[:, None], other=0.).to(tl.float32)
     tl.store(dk + p_kv, b_dk.to(dk.dtype.element_ty), mask=m_k[:, None])
     tl.store(dv + p_kv, b_dv.to(dv.dtype.element_ty), mask=m_k[:, None])
 
 
-def sink_items(lens, W: int, S: int, BT: int, QS: int):
+def sink_items(lens, W: int, S: int, BT: int, QS: int, band: bool = True):
     """Work table of ``_attn_dkdv_sink_kernel``: rows (sequence, key block, t0, t1), int32 list.
 
     For each key block of a sequence holding a sink (``j0 < S``), the queries past its band,
-    ``[j_hi + W, T)``, in ranges of ``QS`` tokens (QS a multiple of the query block).
+    ``[j_hi + W, T)``, in ranges of ``QS`` tokens (QS a multiple of the query block); without
+    ``band`` (the band done elsewhere) from the first query out of the window of the block's first
+    key, ``[j0 + W, T)``.
     """
     rows = []
     for n, T in enumerate(lens):
         for i_b in range(triton.cdiv(min(S, T), BT)):
             j_hi = min(i_b * BT + BT, T) - 1
-            for t0 in range(j_hi + W, T, QS):
+            for t0 in range((j_hi if band else i_b * BT) + W, T, QS):
                 rows.append([n, i_b, t0, min(t0 + QS, T)])
     return rows

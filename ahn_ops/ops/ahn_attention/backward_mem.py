@@ -48,24 +48,28 @@ from .prefill import _chunk_at, _inv_norm, _load_gates, _norm_rows
 
 
 @triton.jit
-def _store_delta(out, delta, b_dy, b_y, p_row, o_q, i_h, m_i, H: tl.constexpr):
+def _store_delta(out, delta, b_dy, b_y, p_row, o_q, i_h, m_i, H: tl.constexpr, owin, STORE_OWIN: tl.constexpr):
     # the window attention's delta = rowsum(dy * o_win) [BT] fp32, with o_win = out - y_mem: out as
     # stored by the forward (input dtype) and y_mem the memory branch's part of it, recomputed here
     # as the forward's epilogue computes it. o_win so carries out's rounding (bf16: 2^-9 |out|), the
     # same order as flash-attention's delta from the stored bf16 O when |y_mem| is not >> |o_win|
     b_out = tl.load(out + p_row, mask=m_i[:, None], other=0.).to(tl.float32)  # [BT, D]
     tl.store(delta + o_q * H + i_h, tl.sum(b_dy.to(tl.float32) * (b_out - b_y), 1), mask=m_i)
+    if STORE_OWIN:
+        # o_win itself, for a band backward that takes the softmax's output (cuDNN's computes delta from it)
+        tl.store(owin + p_row, (b_out - b_y).to(owin.dtype.element_ty), mask=m_i[:, None])
 
 
 @triton.jit(do_not_specialize=["W", "S"])
 def _epi_bwd_kernel(
     # pointers
-    q, k, z, nw, ow, dy, out, delta, seq, chunks, gc, hs, vnew, dm, dvl, uo, dz, dnw_part, ssp, cp, rk, qg,
+    q, k, z, nw, ow, dy, out, delta, seq, chunks, gc, hs, vnew, dm, dvl, uo, dz, dnw_part, ssp, cp, rk, qg, owin,
     # sizes
     W, S, mem_scale,
     H: tl.constexpr, HKV: tl.constexpr, D: tl.constexpr,
     # meta
     BT: tl.constexpr, USE_H0: tl.constexpr, MAMBA2: tl.constexpr, PHASE: tl.constexpr,
+    STORE_OWIN: tl.constexpr = False,
 ):
     # MAMBA2 (x = m silu(z), n = x r, r = rsqrt(mean_{H*D} x^2 + eps), u = n nw, y = u @ ow[h]):
     # dx = r dU nw - x r^3 C / (H D) with dU = dy ow[h]^T and C = sum over the token's H heads of
@@ -135,7 +139,7 @@ def _epi_bwd_kernel(
                 tl.store(dvl + p_row, b_dvl.to(dvl.dtype.element_ty), mask=m_i[:, None])
                 # y_mem = r yp, yp rounded to the input dtype as the forward stores it
                 b_yp = tl.dot((b_x * b_nw[None, :]).to(b_ow.dtype), b_ow).to(b_q.dtype).to(tl.float32)  # [BT, D]
-                _store_delta(out, delta, b_dy, b_r[:, None] * b_yp, p_row, o_q, i_h, m_i, H)
+                _store_delta(out, delta, b_dy, b_r[:, None] * b_yp, p_row, o_q, i_h, m_i, H, owin, STORE_OWIN)
         else:
             # epilogue backward: u = m * rs * nw * z sigmoid(z); y = u @ ow[h]
             b_nw = tl.load(nw + o_d).to(tl.float32)  # [D]
@@ -154,14 +158,14 @@ def _epi_bwd_kernel(
             # y_mem = u @ ow[h], as the forward's epilogue (u rounded to the input dtype); last, so
             # that the product's tile is not live beside b_s and dm (ptxas sm_90a, triton 3.8, 4
             # warps: 1.3 KB/thread of spill stores here vs 2.9 KB right after the u store)
-            _store_delta(out, delta, b_dy, tl.dot(b_uo.to(b_ow.dtype), b_ow), p_row, o_q, i_h, m_i, H)
+            _store_delta(out, delta, b_dy, tl.dot(b_uo.to(b_ow.dtype), b_ow), p_row, o_q, i_h, m_i, H, owin, STORE_OWIN)
     elif MAMBA2 and PHASE == 1:
         tl.store(ssp + o_q * H + i_h, tl.zeros([BT], dtype=tl.float32), mask=m_i)
         tl.store(cp + o_q * H + i_h, tl.zeros([BT], dtype=tl.float32), mask=m_i)
     else:
         # no row of the chunk reads a memory token: the readout is 0 and so are u, dz and y_mem
         b_dy = tl.load(dy + p_row, mask=m_i[:, None], other=0.)  # [BT, D]
-        _store_delta(out, delta, b_dy, 0., p_row, o_q, i_h, m_i, H)
+        _store_delta(out, delta, b_dy, 0., p_row, o_q, i_h, m_i, H, owin, STORE_OWIN)
         tl.store(uo + p_row, tl.zeros([BT, D], dtype=tl.float32).to(uo.dtype.element_ty), mask=m_i[:, None])
         tl.store(dz + o_q * H + i_h, tl.zeros([BT], dtype=tl.float32), mask=m_i)
         tl.store(dnw_part + (i_c * H + i_h) * D + o_d, tl.zeros([D], dtype=tl.float32))
