@@ -11,15 +11,20 @@ fields (``_layer_implementation``, ``_ahn_implementation``, ``sliding_window``,
 tokenizer / generation files of the base. ``ahn_ops.from_pretrained(OUT)`` loads it.
 
 Everything is checked before anything is written: both configs, hidden sizes and head
-shapes, the AHN key set (missing / unexpected keys are named) and every tensor shape.
+shapes, every safetensors file's header, the AHN key set (missing / unexpected keys are named),
+every tensor shape and dtype. AHN tensors of ``fa_layer_ids`` layers (the official checkpoints
+carry them) are left out with a warning. The files are written into a temporary directory next
+to ``--out`` and moved in at the end, so a failed merge leaves no partial output.
 """
 
 from __future__ import annotations
 
 import argparse
 import json
+import os
 import shutil
 import sys
+import tempfile
 from pathlib import Path
 from typing import Dict, List, Optional, Sequence, Tuple
 
@@ -34,20 +39,41 @@ class MergeError(ValueError):
     """Bad merge inputs (message says what and where)."""
 
 
+# a Qwen2 config.json without these cannot be checked against the AHN weights
+REQUIRED_BASE_FIELDS = ("hidden_size", "num_hidden_layers", "num_attention_heads")
+
+
 def _load_json(path: Path, what: str) -> Dict:
     if not path.exists():
         raise MergeError(f"{what}: {path} not found")
-    with open(path) as f:
-        return json.load(f)
+    try:
+        with open(path) as f:
+            data = json.load(f)
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+        raise MergeError(f"{what}: {path} is not valid JSON ({e})") from None
+    if not isinstance(data, dict):
+        raise MergeError(f"{what}: {path} holds a JSON {type(data).__name__}, expected an object")
+    return data
+
+
+def _safetensors_keys(path: Path, what: str) -> List[str]:
+    """The tensor names of a safetensors file; its header is parsed and its size checked against it."""
+    from safetensors import safe_open
+
+    try:
+        with safe_open(str(path), framework="pt") as sf:
+            return list(sf.keys())
+    except Exception as e:  # SafetensorError and OSError: name the file, not a traceback
+        raise MergeError(f"{what}: {path} is not a readable safetensors file, corrupt or truncated? ({e})") from e
 
 
 def _base_files(base: Path) -> Tuple[List[Path], Dict[str, str]]:
-    """Safetensors files of the base and its weight map (key -> file name)."""
-    from safetensors import safe_open
-
+    """Safetensors files of the base and its weight map (key -> file name), every file's header checked."""
     index = base / "model.safetensors.index.json"
     if index.exists():
-        weight_map = _load_json(index, "base index")["weight_map"]
+        weight_map = _load_json(index, "--base index").get("weight_map")
+        if not isinstance(weight_map, dict) or not weight_map:
+            raise MergeError(f"--base index: {index} has no weight_map")
         files = [base / f for f in sorted(set(weight_map.values()))]
     else:
         files = sorted(base.glob("*.safetensors"))
@@ -55,12 +81,18 @@ def _base_files(base: Path) -> Tuple[List[Path], Dict[str, str]]:
             raise MergeError(f"--base {base}: no *.safetensors files (convert .bin checkpoints with "
                              "transformers' save_pretrained first)")
         weight_map = {}
-        for f in files:
-            with safe_open(str(f), framework="pt") as sf:
-                weight_map.update({k: f.name for k in sf.keys()})
     missing = [f for f in files if not f.exists()]
     if missing:
         raise MergeError(f"--base {base}: files listed in the index are missing: {[m.name for m in missing]}")
+    for f in files:
+        keys = _safetensors_keys(f, "--base")
+        if index.exists():
+            absent = sorted(k for k, fn in weight_map.items() if fn == f.name and k not in set(keys))
+            if absent:
+                raise MergeError(f"--base index: {index} places {absent[0]} in {f.name}, which does not hold it "
+                                 f"({len(absent)} such key(s))")
+        else:
+            weight_map.update({k: f.name for k in keys})
     return files, weight_map
 
 
@@ -75,16 +107,29 @@ def plan_merge(base: Path, ahn: Path, kind: Optional[str] = None, window: Option
                sinks: Optional[int] = None, fa_layer_ids: Optional[str] = None):
     """Validate the inputs; return ``(base_files, base_map, ahn_tensors, merged_config)``. Writes nothing."""
     from .models.modules import KIND_TO_IMPL, ahn_param_shapes, normalize_kind
-    from .models.qwen2 import AHN_KEY_RE, parse_fa_layer_ids, read_ahn_tensors
+    from .models.qwen2 import AHN_KEY_RE, drop_fa_layer_tensors, parse_fa_layer_ids, read_ahn_tensors
 
     base_cfg = _load_json(base / "config.json", "--base config")
+    absent = [f for f in REQUIRED_BASE_FIELDS if f not in base_cfg]
+    if absent:
+        raise MergeError(f"--base config: {base / 'config.json'} has no {', '.join(absent)} (expected a Qwen2 "
+                         "config.json)")
+    bad = {f: base_cfg[f] for f in REQUIRED_BASE_FIELDS if not (isinstance(base_cfg[f], int) and base_cfg[f] > 0)}
+    if bad:
+        raise MergeError(f"--base config: {base / 'config.json'}: expected positive integers, got {bad}")
     if base_cfg.get("_ahn_implementation"):
         raise MergeError(f"--base {base} is already an AHN checkpoint (_ahn_implementation="
                          f"{base_cfg['_ahn_implementation']!r})")
     if base_cfg.get("model_type") not in (None, "qwen2"):
         raise MergeError(f"--base {base}: model_type {base_cfg.get('model_type')!r}, expected 'qwen2'")
     ahn_dir = ahn if ahn.is_dir() else ahn.parent
-    ahn_cfg = _load_json(ahn_dir / "config.json", "--ahn config") if (ahn_dir / "config.json").exists() else {}
+    if (ahn_dir / "config.json").exists():
+        ahn_cfg = _load_json(ahn_dir / "config.json", "--ahn config")
+    elif kind is None or window is None:
+        raise MergeError(f"--ahn config: {ahn_dir / 'config.json'} not found; it gives the AHN kind and window "
+                         "(or pass --kind and --window)")
+    else:
+        ahn_cfg = {}
 
     impl = kind or ahn_cfg.get("_ahn_implementation")
     if not impl:
@@ -117,13 +162,17 @@ def plan_merge(base: Path, ahn: Path, kind: Optional[str] = None, window: Option
     if already:
         raise MergeError(f"--base {base} already holds AHN tensors (e.g. {already[0]})")
 
-    tensors = read_ahn_tensors(ahn)
+    try:
+        tensors = read_ahn_tensors(ahn)
+    except (ValueError, FileNotFoundError) as e:
+        raise MergeError(f"--ahn {ahn}: {e}") from e
     shapes = ahn_param_shapes(kind, hidden, H, D)
     expected = {f"model.layers.{i}.ahn.fn.{n}": s for i in range(L) if i not in fa_ids for n, s in shapes.items()}
     canon = {}
     for k, v in tensors.items():
         m = AHN_KEY_RE.match(k)
         canon[f"model.layers.{m.group(1)}.ahn.fn.{m.group(2)}" if m else k] = v
+    canon = drop_fa_layer_tensors(canon, fa_ids, f"--ahn {ahn}")
     missing = sorted(set(expected) - set(canon))
     unexpected = sorted(set(canon) - set(expected))
     if missing or unexpected:
@@ -136,9 +185,15 @@ def plan_merge(base: Path, ahn: Path, kind: Optional[str] = None, window: Option
         raise MergeError(f"--ahn {ahn} does not match kind={kind!r} on a {L}-layer base with fa_layer_ids={fa_ids}: "
                          + "; ".join(parts))
     for k, s in expected.items():
+        if not hasattr(canon[k], "is_floating_point"):
+            raise MergeError(f"--ahn {ahn}: {k} is a {type(canon[k]).__name__}, expected a tensor")
         if tuple(canon[k].shape) != s:
             raise MergeError(f"{k}: shape {list(canon[k].shape)} in --ahn, expected {list(s)} for the base "
                              f"(hidden_size={hidden}, heads={H}, head_dim={D})")
+    not_float = [k for k in expected if not canon[k].is_floating_point()]
+    if not_float:
+        raise MergeError(f"--ahn {ahn}: {not_float[0]} has dtype {canon[not_float[0]].dtype}, expected a "
+                         f"floating-point dtype ({len(not_float)} such tensor(s))")
     # the projections read the base's hidden state: its width must match
     emb = base_map.get("model.embed_tokens.weight")
     if emb is not None:
@@ -159,11 +214,44 @@ def plan_merge(base: Path, ahn: Path, kind: Optional[str] = None, window: Option
     return base_files, base_map, canon, merged_cfg
 
 
+def _write_merged(stage: Path, base: Path, ahn: Path, base_files: List[Path], base_map: Dict[str, str],
+                  ahn_tensors: Dict, merged_cfg: Dict, progress: bool) -> List[str]:
+    """Write the merged checkpoint into ``stage``; returns the file names written."""
+    from .models.qwen2 import write_safetensors
+
+    total = sum(f.stat().st_size for f in base_files) + sum(t.numel() * t.element_size() for t in ahn_tensors.values())
+    # a single-file base is renamed: a "model.safetensors" next to an index would shadow the index
+    renames = {f.name: ("model-base.safetensors" if f.name == "model.safetensors" else f.name) for f in base_files}
+    with tqdm(total=total, unit="B", unit_scale=True, desc="ahn-merge", disable=not progress) as bar:
+        for f in base_files:
+            with open(f, "rb") as src, open(stage / renames[f.name], "wb") as d:
+                while True:
+                    chunk = src.read(64 << 20)
+                    if not chunk:
+                        break
+                    d.write(chunk)
+                    bar.update(len(chunk))
+        write_safetensors(ahn_tensors, stage / AHN_SHARD)
+        bar.update(sum(t.numel() * t.element_size() for t in ahn_tensors.values()))
+    weight_map = {k: renames[fname] for k, fname in base_map.items()}
+    weight_map.update({k: AHN_SHARD for k in ahn_tensors})
+    size = sum((stage / fn).stat().st_size for fn in set(weight_map.values()))
+    with open(stage / "model.safetensors.index.json", "w") as f:
+        json.dump({"metadata": {"total_size": size}, "weight_map": dict(sorted(weight_map.items()))}, f, indent=2)
+    with open(stage / "config.json", "w") as f:
+        json.dump(merged_cfg, f, indent=2, sort_keys=True)
+    ahn_dir = ahn if ahn.is_dir() else ahn.parent
+    for name in AUX_FILES:
+        for src_dir in (base, ahn_dir):
+            if (src_dir / name).exists():
+                shutil.copyfile(src_dir / name, stage / name)
+                break
+    return sorted(p.name for p in stage.iterdir())
+
+
 def merge(base, ahn, out, force: bool = False, kind: Optional[str] = None, window: Optional[int] = None,
           sinks: Optional[int] = None, fa_layer_ids: Optional[str] = None, progress: bool = True) -> Path:
     """Merge ``base`` + ``ahn`` into ``out`` (see module docstring). Returns ``out``."""
-    from safetensors.torch import save_file
-
     base, ahn, out = Path(base), Path(ahn), Path(out)
     if not base.is_dir():
         raise MergeError(f"--base {base} is not a directory")
@@ -178,42 +266,20 @@ def merge(base, ahn, out, force: bool = False, kind: Optional[str] = None, windo
 
     base_files, base_map, ahn_tensors, merged_cfg = plan_merge(base, ahn, kind, window, sinks, fa_layer_ids)
 
-    out.mkdir(parents=True, exist_ok=True)
-    if force:  # stale shards of an earlier merge would be picked up by the loader
-        for f in list(out.glob("*.safetensors")) + list(out.glob("*.safetensors.index.json")):
-            f.unlink()
-    total = sum(f.stat().st_size for f in base_files) + sum(t.numel() * t.element_size() for t in ahn_tensors.values())
-    weight_map: Dict[str, str] = {}
-    # a single-file base is renamed: a "model.safetensors" next to an index would shadow the index
-    renames = {f.name: ("model-base.safetensors" if f.name == "model.safetensors" else f.name) for f in base_files}
-    with tqdm(total=total, unit="B", unit_scale=True, desc="ahn-merge", disable=not progress) as bar:
-        for f in base_files:
-            dst = out / renames[f.name]
-            with open(f, "rb") as src, open(dst, "wb") as d:
-                while True:
-                    chunk = src.read(64 << 20)
-                    if not chunk:
-                        break
-                    d.write(chunk)
-                    bar.update(len(chunk))
-        save_file({k: v.contiguous() for k, v in ahn_tensors.items()}, str(out / AHN_SHARD),
-                  metadata={"format": "pt"})
-        bar.update(sum(t.numel() * t.element_size() for t in ahn_tensors.values()))
-    for k, fname in base_map.items():
-        weight_map[k] = renames[fname]
-    for k in ahn_tensors:
-        weight_map[k] = AHN_SHARD
-    size = sum((out / fn).stat().st_size for fn in set(weight_map.values()))
-    with open(out / "model.safetensors.index.json", "w") as f:
-        json.dump({"metadata": {"total_size": size}, "weight_map": dict(sorted(weight_map.items()))}, f, indent=2)
-    with open(out / "config.json", "w") as f:
-        json.dump(merged_cfg, f, indent=2, sort_keys=True)
-    ahn_dir = ahn if ahn.is_dir() else ahn.parent
-    for name in AUX_FILES:
-        for src_dir in (base, ahn_dir):
-            if (src_dir / name).exists():
-                shutil.copyfile(src_dir / name, out / name)
-                break
+    # written into a temporary directory beside --out and moved in at the end: a merge that fails
+    # half-way (disk full, a read error) leaves no partial checkpoint behind
+    out.parent.mkdir(parents=True, exist_ok=True)
+    stage = Path(tempfile.mkdtemp(prefix=f".{out.name}.", suffix=".partial", dir=out.parent))
+    try:
+        names = _write_merged(stage, base, ahn, base_files, base_map, ahn_tensors, merged_cfg, progress)
+        out.mkdir(exist_ok=True)
+        if force:  # stale shards of an earlier merge would be picked up by the loader
+            for f in list(out.glob("*.safetensors")) + list(out.glob("*.safetensors.index.json")):
+                f.unlink()
+        for name in names:
+            os.replace(stage / name, out / name)
+    finally:
+        shutil.rmtree(stage, ignore_errors=True)
     return out
 
 
@@ -233,8 +299,9 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     try:
         out = merge(a.base, a.ahn, a.out, force=a.force, kind=a.kind, window=a.window, sinks=a.sinks,
                     fa_layer_ids=a.fa_layer_ids, progress=not a.quiet)
-    except (ValueError, FileNotFoundError, NotImplementedError) as e:
-        print(f"ahn-merge: error: {e}", file=sys.stderr)
+    except (ValueError, NotImplementedError, OSError) as e:  # OSError: FileNotFoundError, permissions, disk full
+        msg = " ".join(str(e).split())  # one line, however the message was built
+        print(f"ahn-merge: error: {msg}", file=sys.stderr)
         return 2
     print(f"ahn-merge: wrote {out}")
     return 0

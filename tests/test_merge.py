@@ -115,11 +115,19 @@ def test_refuses_missing_and_unexpected_keys(ckpts, tmp_path):
     (bad / "config.json").write_text((root / "ahn" / "config.json").read_text())
     sd = load_file(str(root / "ahn" / "model.safetensors"))
     sd.pop("model.layers.0.ahn.fn.A_log")
-    sd["model.layers.2.ahn.fn.A_log"] = torch.zeros(4)  # layer 2 is a full-attention layer
+    sd["model.layers.1.ahn.fn.q_proj.weight"] = torch.zeros(4, 64)  # no such AHN parameter
     save_file(sd, str(bad / "model.safetensors"))
     with pytest.raises(MergeError, match=r"missing keys \(1\): model\.layers\.0\.ahn\.fn\.A_log.*"
-                                         r"unexpected keys \(1\): model\.layers\.2\.ahn\.fn\.A_log"):
+                                         r"unexpected keys \(1\): model\.layers\.1\.ahn\.fn\.q_proj\.weight"):
         merge(root / "base", bad, tmp_path / "out", progress=False)
+    # a layer past the base's last one is unexpected too
+    sd["model.layers.0.ahn.fn.A_log"] = torch.zeros(4)
+    del sd["model.layers.1.ahn.fn.q_proj.weight"]
+    sd["model.layers.3.ahn.fn.A_log"] = torch.zeros(4)
+    save_file(sd, str(bad / "model.safetensors"))
+    with pytest.raises(MergeError, match=r"unexpected keys \(1\): model\.layers\.3\.ahn\.fn\.A_log"):
+        merge(root / "base", bad, tmp_path / "out", progress=False)
+    assert not (tmp_path / "out").exists()
     with pytest.raises(MergeError, match="already an AHN checkpoint"):
         merge(root / "ahn", root / "ahn", tmp_path / "out2", progress=False)
 

@@ -33,7 +33,7 @@ import torch
 from torch import nn
 
 from .hf_cache import AHNModelCache
-from .modules import KIND_TO_IMPL, AHNBlock, normalize_kind
+from .modules import KIND_TO_IMPL, AHNBlock, ahn_param_shapes, normalize_kind
 
 AHN_KEY_RE = re.compile(r"^(?:model\.)?layers\.(\d+)\.ahn\.fn\.(.+)$")
 MIN_TRANSFORMERS = "5.0.0"
@@ -71,8 +71,7 @@ def read_ahn_config(path: Union[str, os.PathLike]) -> Dict:
     p = Path(path)
     if p.is_dir():
         p = p / "config.json"
-    with open(p) as f:
-        raw = json.load(f)
+    raw = _read_json(p)
     out: Dict = {"raw": raw}
     if raw.get("_ahn_implementation"):
         out["kind"] = normalize_kind(raw["_ahn_implementation"])
@@ -87,13 +86,25 @@ def read_ahn_config(path: Union[str, os.PathLike]) -> Dict:
     return out
 
 
+def _read_json(p: Path) -> Dict:
+    """A JSON object from ``p``; a clear ValueError naming the file if it is not one."""
+    try:
+        with open(p) as f:
+            raw = json.load(f)
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+        raise ValueError(f"{p}: not valid JSON ({e})") from None
+    if not isinstance(raw, dict):
+        raise ValueError(f"{p}: expected a JSON object, got {type(raw).__name__}")
+    return raw
+
+
 def _check_transformers() -> None:
     import transformers
     from packaging.version import Version
 
     if Version(transformers.__version__) < Version(MIN_TRANSFORMERS):
-        raise RuntimeError(f"ahn_ops.patch_qwen needs transformers >= {MIN_TRANSFORMERS} (tested with 5.0, 5.17, 5.24), "
-                           f"found {transformers.__version__}")
+        raise RuntimeError(f"ahn_ops.patch_qwen needs transformers >= {MIN_TRANSFORMERS} (tested with 5.0, 5.17, "
+                           f"5.24), found {transformers.__version__}")
 
 
 def _base_model(model: nn.Module) -> nn.Module:
@@ -408,7 +419,8 @@ def patch_qwen(model: nn.Module, kind: Optional[str] = None, window: Optional[in
         sinks: ``S`` first tokens kept forever (default: config's ``num_attn_sinks`` or 0).
         weights: AHN-only weights: a directory (``config.json`` + ``*.safetensors``), a
             ``.safetensors``/``.bin``/``.pt`` file, or a state dict with keys
-            ``model.layers.{i}.ahn.fn.<name>``. Loaded strictly: missing or unexpected keys raise.
+            ``model.layers.{i}.ahn.fn.<name>``. Loaded strictly: missing or unexpected keys raise
+            (tensors of the ``fa_layer_ids`` layers, which get no AHN, are ignored with a warning).
             Without weights the AHN starts as in training (``o_proj.weight = 0``: the model equals
             the sliding-window model).
         fa_layer_ids: layers that keep full attention and get no AHN (list or ``"0,5"``).
@@ -418,7 +430,9 @@ def patch_qwen(model: nn.Module, kind: Optional[str] = None, window: Optional[in
         strict: raise on missing/unexpected keys in ``weights``.
 
     Returns:
-        ``model`` (patched in place).
+        ``model`` (patched in place). On any error the model is left as it was: ``weights`` are read
+        and checked (keys, shapes, dtypes, the model size of their ``config.json``) before the model
+        is touched, and a failure while patching undoes what was done.
 
     Example:
         >>> from transformers import Qwen2ForCausalLM
@@ -430,11 +444,7 @@ def patch_qwen(model: nn.Module, kind: Optional[str] = None, window: Optional[in
     base = _base_model(model)
     if getattr(base, "_ahn_info", None) is not None:
         raise ValueError("model is already patched by ahn_ops.patch_qwen")
-    cfg_from = {}
-    if isinstance(weights, (str, os.PathLike)):
-        cfg_dir = Path(weights) if Path(weights).is_dir() else Path(weights).parent  # dir, or a file in it
-        if (cfg_dir / "config.json").exists():
-            cfg_from = read_ahn_config(cfg_dir)
+    tensors, cfg_from, src = _read_weights(weights) if weights is not None else (None, {}, None)
     kind = normalize_kind(kind if kind is not None else cfg_from.get("kind", "gdn"))
     window = window if window is not None else cfg_from.get("window")
     if window is None:
@@ -445,64 +455,108 @@ def patch_qwen(model: nn.Module, kind: Optional[str] = None, window: Optional[in
 
     check_window_sinks(window, sinks)
     config = base.config
-    L = config.num_hidden_layers
+    dims = _model_dims(config)
+    L, H, HKV, D = dims["num_hidden_layers"], dims["num_attention_heads"], dims["num_key_value_heads"], dims["head_dim"]
     bad = [i for i in fa_ids if not 0 <= i < L]
     if bad:
         raise ValueError(f"fa_layer_ids {bad} out of range for a model with {L} layers")
-    H, HKV = config.num_attention_heads, config.num_key_value_heads
-    D = getattr(config, "head_dim", None) or config.hidden_size // H
     ahn_ids = [i for i in range(L) if i not in fa_ids]
-
-    ref = next(base.parameters())
-    for i in ahn_ids:
-        layer = base.layers[i]
-        attn = layer.self_attn
-        layer.ahn = AHNBlock(kind, config.hidden_size, H, D, device=ref.device, dtype=ref.dtype)
-        attn.__class__ = _ahn_attention_class(type(attn))
-        object.__setattr__(attn, "_ahn_fn", layer.ahn.fn)
-        attn._ahn_cfg = dict(window=window, sinks=sinks, kind=kind, backend=backend)
-
-    info = dict(kind=kind, window=window, sinks=sinks, fa_layer_ids=fa_ids, ahn_layer_ids=ahn_ids, num_layers=L,
-                num_heads=H, num_kv_heads=HKV, head_dim=D, cache_name=_cache_name(base))
-    base._ahn_info = info
-    if model is not base:
-        model._ahn_info = info
-    base._ahn_hook = base.register_forward_pre_hook(_model_pre_hook, with_kwargs=True)
-    if hasattr(model, "generate"):
-        model._prepare_cache_for_generation = types.MethodType(_prepare_cache_for_generation, model)
-        if prefill_chunk_size is not None and getattr(model, "generation_config", None) is not None:
-            model.generation_config.prefill_chunk_size = int(prefill_chunk_size)
-
-    # the spec's config fields, so that save_pretrained / merge write an AHN config
-    for c in {id(config): config, id(getattr(model, "config", config)): getattr(model, "config", config)}.values():
-        c._layer_implementation = "Qwen2MemDecoderLayer"
-        c._ahn_implementation = KIND_TO_IMPL[kind]
-        c.sliding_window = window
-        c.num_attn_sinks = sinks
-        c.fa_layer_ids = ",".join(str(i) for i in fa_ids)
-        c.use_q_proj = False
-        c.use_ahn_router = False
-
+    to_load = None
     if weights is not None:
-        load_ahn_weights(model, weights, strict=strict)
+        _check_config_matches(cfg_from, dims, src)
+        shapes = ahn_param_shapes(kind, config.hidden_size, H, D)
+        expected = {f"model.layers.{i}.ahn.fn.{n}": s for i in ahn_ids for n, s in shapes.items()}
+        to_load = _check_ahn_tensors(tensors, expected, dims, fa_ids, src, strict=strict, kind=kind)
+
+    undo: List = []  # closures that take back each change, run in reverse if anything below fails
+    try:
+        ref = next(base.parameters())
+        for i in ahn_ids:
+            layer = base.layers[i]
+            attn = layer.self_attn
+            layer.ahn = AHNBlock(kind, config.hidden_size, H, D, device=ref.device, dtype=ref.dtype)
+            undo.append(lambda layer=layer: delattr(layer, "ahn"))
+            undo.append(lambda attn=attn, cls=type(attn): _unpatch_attention(attn, cls))
+            attn.__class__ = _ahn_attention_class(type(attn))
+            object.__setattr__(attn, "_ahn_fn", layer.ahn.fn)
+            attn._ahn_cfg = dict(window=window, sinks=sinks, kind=kind, backend=backend)
+
+        info = dict(kind=kind, window=window, sinks=sinks, fa_layer_ids=fa_ids, ahn_layer_ids=ahn_ids, num_layers=L,
+                    num_heads=H, num_kv_heads=HKV, head_dim=D, cache_name=_cache_name(base))
+        for m in {id(base): base, id(model): model}.values():
+            _set_attr(m, "_ahn_info", info, undo)
+        hook = base.register_forward_pre_hook(_model_pre_hook, with_kwargs=True)
+        undo.append(hook.remove)
+        _set_attr(base, "_ahn_hook", hook, undo)
+        if hasattr(model, "generate"):
+            _set_attr(model, "_prepare_cache_for_generation",
+                      types.MethodType(_prepare_cache_for_generation, model), undo)
+            if prefill_chunk_size is not None and getattr(model, "generation_config", None) is not None:
+                _set_attr(model.generation_config, "prefill_chunk_size", int(prefill_chunk_size), undo)
+
+        # the spec's config fields, so that save_pretrained / merge write an AHN config
+        fields = dict(_layer_implementation="Qwen2MemDecoderLayer", _ahn_implementation=KIND_TO_IMPL[kind],
+                      sliding_window=window, num_attn_sinks=sinks, fa_layer_ids=",".join(str(i) for i in fa_ids),
+                      use_q_proj=False, use_ahn_router=False)
+        for c in {id(config): config, id(getattr(model, "config", config)): getattr(model, "config", config)}.values():
+            for name, value in fields.items():
+                _set_attr(c, name, value, undo)
+
+        if to_load:
+            _copy_into(_ahn_params(model), to_load)
+    except BaseException:
+        for fn in reversed(undo):
+            fn()
+        raise
     return model
+
+
+def _set_attr(obj, name: str, value, undo: List) -> None:
+    """``setattr`` that records how to take it back (the old value, or no attribute at all)."""
+    had = name in vars(obj)
+    old = vars(obj).get(name)
+    setattr(obj, name, value)
+    undo.append(lambda: setattr(obj, name, old) if had else delattr(obj, name))
+
+
+def _unpatch_attention(attn: nn.Module, cls: type) -> None:
+    attn.__class__ = cls
+    for name in ("_ahn_fn", "_ahn_cfg"):
+        vars(attn).pop(name, None)
 
 
 # --------------------------------------------------------------------------------------
 # weights
 # --------------------------------------------------------------------------------------
+_SIZE_FIELDS = ("num_hidden_layers", "hidden_size", "num_attention_heads", "num_key_value_heads", "head_dim")
+_GATE_PROJS = ("a_proj", "b_proj", "g_proj", "dt_proj")  # [H, hidden] weights of every kind
+
+
 def _ahn_params(model: nn.Module) -> Dict[str, nn.Parameter]:
     """``model.layers.{i}.ahn.fn.<name>`` -> parameter."""
     base = _base_model(model)
     return {f"model.{n}": p for n, p in base.named_parameters() if ".ahn.fn." in n}
 
 
+def _model_dims(config) -> Dict[str, int]:
+    """The size fields of a Qwen2 config that an AHN checkpoint must match."""
+    H = config.num_attention_heads
+    return dict(num_hidden_layers=config.num_hidden_layers, hidden_size=config.hidden_size, num_attention_heads=H,
+                num_key_value_heads=config.num_key_value_heads,
+                head_dim=getattr(config, "head_dim", None) or config.hidden_size // H)
+
+
 def _safetensors_files(directory: Path) -> List[Path]:
     index = directory / "model.safetensors.index.json"
     if index.exists():
-        with open(index) as f:
-            files = sorted(set(json.load(f)["weight_map"].values()))
-        return [directory / f for f in files]
+        weight_map = _read_json(index).get("weight_map")
+        if not isinstance(weight_map, dict):
+            raise ValueError(f"{index}: no weight_map")
+        files = [directory / f for f in sorted(set(weight_map.values()))]
+        absent = [f.name for f in files if not f.exists()]
+        if absent:
+            raise FileNotFoundError(f"{index} lists files that are missing: {absent}")
+        return files
     files = sorted(directory.glob("*.safetensors"))
     if not files:
         raise FileNotFoundError(f"no *.safetensors file in {directory}")
@@ -510,7 +564,9 @@ def _safetensors_files(directory: Path) -> List[Path]:
 
 
 def read_ahn_tensors(source, only_ahn: bool = False) -> Dict[str, torch.Tensor]:
-    """Tensors of a directory / file / state dict. With ``only_ahn``, only the ``.ahn.fn.`` keys are read."""
+    """Tensors of a directory / file / state dict. With ``only_ahn``, only the ``.ahn.fn.`` keys are read.
+
+    A file that cannot be read (corrupt, truncated, not a state dict) raises ValueError naming it."""
     if isinstance(source, Mapping):
         return {k: v for k, v in source.items() if not only_ahn or ".ahn.fn." in k}
     p = Path(source)
@@ -519,22 +575,60 @@ def read_ahn_tensors(source, only_ahn: bool = False) -> Dict[str, torch.Tensor]:
     files = _safetensors_files(p) if p.is_dir() else [p]
     out: Dict[str, torch.Tensor] = {}
     for f in files:
-        if f.suffix == ".safetensors":
-            from safetensors import safe_open
+        try:
+            if f.suffix == ".safetensors":
+                from safetensors import safe_open
 
-            with safe_open(str(f), framework="pt") as sf:
-                for k in sf.keys():
-                    if not only_ahn or ".ahn.fn." in k:
-                        out[k] = sf.get_tensor(k)
-        else:
+                with safe_open(str(f), framework="pt") as sf:
+                    for k in sf.keys():
+                        if not only_ahn or ".ahn.fn." in k:
+                            out[k] = sf.get_tensor(k)
+                continue
             sd = torch.load(str(f), map_location="cpu", weights_only=True)
-            out.update({k: v for k, v in sd.items() if not only_ahn or ".ahn.fn." in k})
+        except Exception as e:  # safetensors / pickle raise assorted types: one message that names the file
+            raise ValueError(f"{f}: cannot read AHN weights, corrupt or truncated? ({type(e).__name__}: {e})") from e
+        if not isinstance(sd, Mapping):
+            raise ValueError(f"{f}: expected a state dict (name -> tensor), got {type(sd).__name__}")
+        out.update({k: v for k, v in sd.items() if not only_ahn or ".ahn.fn." in k})
     return out
+
+
+def _read_weights(weights) -> Tuple[Dict, Dict, str]:
+    """``(tensors, AHN config fields, name for messages)`` of a directory / file / state dict."""
+    if isinstance(weights, Mapping):
+        return dict(weights), {}, "(state dict)"
+    if not isinstance(weights, (str, os.PathLike)):
+        raise TypeError(f"weights must be a directory, a file or a state dict, got {type(weights).__name__}")
+    p = Path(weights)
+    if not p.exists():
+        raise FileNotFoundError(f"weights {str(p)!r}: the path does not exist")
+    cfg_dir = p if p.is_dir() else p.parent  # dir, or a file in it
+    cfg = read_ahn_config(cfg_dir) if (cfg_dir / "config.json").exists() else {}
+    return read_ahn_tensors(p), cfg, str(p)
+
+
+def _check_config_matches(ahn_cfg: Mapping, dims: Mapping[str, int], src: str) -> None:
+    """An AHN ``config.json`` names the model size it was trained on: it must be this model's."""
+    if "kind" not in ahn_cfg:  # not an AHN config (e.g. a base model's next to a loose file): says nothing
+        return
+    raw = dict(ahn_cfg.get("raw") or {})
+    if raw.get("head_dim") is None and raw.get("hidden_size") and raw.get("num_attention_heads"):
+        raw["head_dim"] = raw["hidden_size"] // raw["num_attention_heads"]
+    diff = [f"{f}={raw[f]} (this model: {dims[f]})" for f in _SIZE_FIELDS
+            if raw.get(f) is not None and raw[f] != dims[f]]
+    if diff:
+        raise ValueError(f"AHN checkpoint {src} does not match this model: its config.json has " + ", ".join(diff)
+                         + " (an AHN for another model size?)")
 
 
 def _canonical_key(k: str) -> str:
     m = AHN_KEY_RE.match(k)
     return f"model.layers.{m.group(1)}.ahn.fn.{m.group(2)}" if m else k
+
+
+def _layer_of(k: str) -> Optional[int]:
+    m = AHN_KEY_RE.match(k)
+    return int(m.group(1)) if m else None
 
 
 def _fmt_keys(keys: Sequence[str], limit: int = 8) -> str:
@@ -543,30 +637,121 @@ def _fmt_keys(keys: Sequence[str], limit: int = 8) -> str:
     return ", ".join(keys[:limit]) + more
 
 
-@torch.no_grad()
-def load_ahn_weights(model: nn.Module, weights, strict: bool = True) -> None:
-    """Load AHN-only weights (dir / file / state dict) into a patched model; strict by default."""
-    params = _ahn_params(model)
-    if not params:
-        raise ValueError("model has no AHN modules: call ahn_ops.patch_qwen first")
-    tensors = {_canonical_key(k): v for k, v in read_ahn_tensors(weights).items()}
-    missing = [k for k in params if k not in tensors]
-    unexpected = [k for k in tensors if k not in params]
+def drop_fa_layer_tensors(tensors: Mapping[str, torch.Tensor], fa_layer_ids: Sequence[int],
+                          src: str = "AHN weights") -> Dict[str, torch.Tensor]:
+    """``tensors`` without the ``.ahn.fn.`` keys of full-attention layers, with a warning naming them.
+
+    The official AHN checkpoints with ``fa_layer_ids`` also carry (unused) AHN tensors for those layers."""
+    fa = set(fa_layer_ids)
+    dropped = [k for k in tensors if _layer_of(k) in fa]
+    if not dropped:
+        return dict(tensors)
+    layers = sorted({_layer_of(k) for k in dropped})
+    warnings.warn(f"{src}: ignored {len(dropped)} AHN tensors of the full-attention layers {layers} "
+                  f"(fa_layer_ids: these layers have no AHN): {_fmt_keys(dropped, 4)}", UserWarning, stacklevel=3)
+    return {k: v for k, v in tensors.items() if k not in set(dropped)}
+
+
+def _inferred_size(shapes: Mapping[str, Tuple[int, ...]], dims: Mapping[str, int]) -> str:
+    """``", it has hidden_size=32 (this model: 64)"`` where all the checkpoint's shapes agree on another
+    model size (one odd tensor is a broken checkpoint, not another model)."""
+    seen: Dict[str, set] = {"hidden_size": set(), "num_attention_heads": set(), "head_dim": set()}
+    for k, shape in shapes.items():
+        name = k.split(".ahn.fn.", 1)[-1]
+        if name.split(".")[0] in _GATE_PROJS and name.endswith(".weight") and len(shape) == 2:
+            seen["num_attention_heads"].add(shape[0])
+            seen["hidden_size"].add(shape[1])
+        elif name == "o_proj.weight" and len(shape) == 3:
+            seen["num_attention_heads"].add(shape[0])
+            seen["head_dim"].add(shape[1])
+    diff = [f"{f}={next(iter(v))} (this model: {dims[f]})" for f, v in seen.items()
+            if len(v) == 1 and next(iter(v)) != dims[f]]
+    return f", it has {', '.join(diff)}" if diff else ""
+
+
+def _check_ahn_tensors(tensors: Mapping, expected: Mapping[str, Tuple[int, ...]], dims: Mapping[str, int],
+                       fa_ids: Sequence[int], src: str, strict: bool = True, kind: Optional[str] = None
+                       ) -> Dict[str, torch.Tensor]:
+    """The tensors to load, keyed as ``expected`` (name -> shape); raises if they do not fit the model.
+
+    ValueError for another model size (layers, shapes), non-tensors or non-float dtypes; KeyError for
+    missing / unexpected keys of a model of the right size (with ``strict``)."""
+    canon: Dict[str, torch.Tensor] = {}
+    for k, v in tensors.items():
+        ck = _canonical_key(k)
+        if ck in canon:
+            raise ValueError(f"AHN weights {src}: {ck} appears twice (with and without the 'model.' prefix)")
+        if not isinstance(v, torch.Tensor):
+            raise ValueError(f"AHN weights {src}: {k} is a {type(v).__name__}, expected a tensor")
+        canon[ck] = v
+    canon = drop_fa_layer_tensors(canon, fa_ids, f"AHN weights {src}")
+
+    L = dims["num_hidden_layers"]
+    have = {_layer_of(k) for k in canon} - {None}
+    want = {_layer_of(k) for k in expected}
+    if have and max(have) >= L:
+        raise ValueError(f"AHN checkpoint {src} does not match this model: it has AHN tensors for layer {max(have)} "
+                         f"but the model has {L} layers (num_hidden_layers; an AHN for another model size?)")
+    if strict and have and want and max(have) < max(want):  # the last layers are missing altogether
+        raise ValueError(f"AHN checkpoint {src} does not match this model: it has AHN tensors for layers up to "
+                         f"{max(have)} only, the model has {L} layers (num_hidden_layers; an AHN for another model "
+                         "size, or other fa_layer_ids?)")
+
+    bad = [(k, tuple(canon[k].shape)) for k in sorted(canon) if k in expected
+           and tuple(canon[k].shape) != tuple(expected[k])]
+    if bad:
+        k, shape = bad[0]
+        inferred = _inferred_size({k: tuple(v.shape) for k, v in canon.items()}, dims)
+        raise ValueError(f"AHN checkpoint {src} does not match this model{inferred}: {len(bad)} "
+                         f"tensor(s) of another shape, e.g. {k}: checkpoint shape {list(shape)} != model shape "
+                         f"{list(expected[k])} (this model: hidden_size={dims['hidden_size']}, "
+                         f"num_attention_heads={dims['num_attention_heads']}, head_dim={dims['head_dim']})")
+
+    missing = [k for k in expected if k not in canon]
+    unexpected = [k for k in canon if k not in expected]
     if strict and (missing or unexpected):
         msg = []
         if missing:
             msg.append(f"missing keys ({len(missing)}): {_fmt_keys(missing)}")
         if unexpected:
             msg.append(f"unexpected keys ({len(unexpected)}): {_fmt_keys(unexpected)}")
-        raise KeyError("AHN weights do not match the patched model (check kind and fa_layer_ids): "
-                       + "; ".join(msg))
-    for k, p in params.items():
-        if k not in tensors:
-            continue
-        t = tensors[k]
-        if tuple(t.shape) != tuple(p.shape):
-            raise ValueError(f"{k}: checkpoint shape {list(t.shape)} != model shape {list(p.shape)}")
-        p.copy_(t.to(device=p.device, dtype=p.dtype))
+        what = f"kind={kind!r}" if kind else "kind"
+        raise KeyError(f"AHN weights {src} do not match the patched model (check {what} and fa_layer_ids "
+                       f"{list(fa_ids)}): " + "; ".join(msg))
+
+    not_float = [k for k in sorted(canon) if k in expected and not canon[k].is_floating_point()]
+    if not_float:
+        k = not_float[0]
+        raise ValueError(f"AHN weights {src}: {k} has dtype {canon[k].dtype}, expected a floating-point dtype "
+                         f"({len(not_float)} such tensor(s); integer values would be loaded truncated)")
+    return {k: canon[k] for k in expected if k in canon}
+
+
+@torch.no_grad()
+def _copy_into(params: Mapping[str, nn.Parameter], tensors: Mapping[str, torch.Tensor]) -> None:
+    """Copy checked tensors into the parameters; all conversions happen before the first copy."""
+    staged = {k: t.to(device=params[k].device, dtype=params[k].dtype) for k, t in tensors.items()}
+    for k, t in staged.items():
+        params[k].copy_(t)
+
+
+@torch.no_grad()
+def load_ahn_weights(model: nn.Module, weights, strict: bool = True) -> None:
+    """Load AHN-only weights (dir / file / state dict) into a patched model; strict by default.
+
+    Everything is checked before the first parameter changes (see :func:`patch_qwen`); tensors of
+    the model's ``fa_layer_ids`` layers are ignored with a warning."""
+    params = _ahn_params(model)
+    if not params:
+        raise ValueError("model has no AHN modules: call ahn_ops.patch_qwen first")
+    base = _base_model(model)
+    info = getattr(base, "_ahn_info", None) or {}
+    tensors, cfg, src = _read_weights(weights)
+    dims = _model_dims(base.config)
+    _check_config_matches(cfg, dims, src)
+    expected = {k: tuple(p.shape) for k, p in params.items()}
+    _copy_into(params, _check_ahn_tensors(tensors, expected, dims, info.get("fa_layer_ids", ()), src, strict=strict,
+                                          kind=info.get("kind")))
 
 
 def ahn_state_dict(model: nn.Module) -> Dict[str, torch.Tensor]:
@@ -574,13 +759,21 @@ def ahn_state_dict(model: nn.Module) -> Dict[str, torch.Tensor]:
     return {k: p.detach().cpu().contiguous() for k, p in _ahn_params(model).items()}
 
 
+def write_safetensors(tensors: Mapping[str, torch.Tensor], path: Union[str, os.PathLike]) -> None:
+    """``safetensors.torch.save_file`` through a plain ``open()``: the file gets the umask's mode like
+    every other file written (``save_file`` creates it 0600)."""
+    from safetensors.torch import save
+
+    data = save({k: v.contiguous() for k, v in tensors.items()}, metadata={"format": "pt"})
+    with open(path, "wb") as f:
+        f.write(data)
+
+
 def save_ahn_weights(model: nn.Module, out_dir: Union[str, os.PathLike]) -> None:
     """Write an AHN-only checkpoint: ``model.safetensors`` (AHN keys) + ``config.json`` (model config + AHN fields)."""
-    from safetensors.torch import save_file
-
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
-    save_file(ahn_state_dict(model), str(out / "model.safetensors"), metadata={"format": "pt"})
+    write_safetensors(ahn_state_dict(model), out / "model.safetensors")
     cfg = getattr(model, "config", _base_model(model).config).to_dict()
     cfg.update(ahn_config_fields(model))
     with open(out / "config.json", "w") as f:
@@ -640,8 +833,7 @@ def from_pretrained(path: Union[str, os.PathLike], *, kind: Optional[str] = None
     finally:
         hf_logging.set_verbosity(verbosity)
     patch_qwen(model, kind=kind or ahn_cfg["kind"], window=window or ahn_cfg.get("window"),
-               sinks=sinks if sinks is not None else ahn_cfg.get("sinks", 0),
-               fa_layer_ids=ahn_cfg.get("fa_layer_ids"), prefill_chunk_size=prefill_chunk_size, backend=backend)
-    load_ahn_weights(model, read_ahn_tensors(p, only_ahn=True), strict=True)
+               sinks=sinks if sinks is not None else ahn_cfg.get("sinks", 0), fa_layer_ids=ahn_cfg.get("fa_layer_ids"),
+               weights=read_ahn_tensors(p, only_ahn=True), prefill_chunk_size=prefill_chunk_size, backend=backend)
     model.eval()
     return model
