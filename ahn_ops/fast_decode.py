@@ -311,9 +311,9 @@ class StaticDecoder:
 
         head_dim = self.base.layers[0].self_attn.head_dim
         lin_ok = self.fuse_glue and dl.supports(B, self.dtype, head_dim) and _linear_supported(self.base, self.dtype)
-        if fuse_linear is None:  # H200, per layer vs cuBLAS + glue: 1.37x at B=1, 1.16x at B=2 (2026-12-02); from
+        if fuse_linear is None:  # H200, per layer vs cuBLAS + glue: 1.37x at B=1, 1.16x at B=2; from
             # B=3 on (tensor cores) only with the MLP's gate/up left to cuBLAS (fuse_gate_up below), whole 3B-shape
-            # step 4.17 / 5.48 / 7.90 vs 4.37 / 5.65 / 8.09 ms/token at B = 4 / 8 / 16 (2026-12-03); tile configs
+            # step 4.17 / 5.48 / 7.90 vs 4.37 / 5.65 / 8.09 ms/token at B = 4 / 8 / 16; tile configs
             # tuned there: auto-on on Hopper (sm_90) only, and from B=3 on in bf16/fp16 only (measured there)
             fuse_linear = (lin_ok and self.device.type == "cuda"
                            and (B <= 2 or self.dtype in (torch.bfloat16, torch.float16))
@@ -328,10 +328,10 @@ class StaticDecoder:
         self.fuse_gate_up = self.fuse_linear and (B <= 2 if fuse_gate_up is None else bool(fuse_gate_up))
         if overlap and not (self.fuse_linear and dl.can_trigger(self.device)):
             raise ValueError("overlap=True needs fuse_linear on an sm_90+ GPU")
-        # H200, 3B shape, T=32k, ms/token off / on (two runs, 2026-12-03): B=1 2.70 / 2.75, B=2 3.41 / 3.39,
+        # H200, 3B shape, T=32k, ms/token off / on (two runs): B=1 2.70 / 2.75, B=2 3.41 / 3.39,
         # B=4 4.18 / 4.10, B=8 5.48 / 5.41: on from batch 2 (at batch 1 the early blocks, resident and
         # waiting, slow the projection down more than their early cache tiles gain)
-        # (session 11, with the persistent chained projections of B <= 2: B=2 2.82 off / 2.88-2.91 on, B=1 equal):
+        # (with the persistent chained projections of B <= 2: B=2 2.82 off / 2.88-2.91 on, B=1 equal):
         # on from batch 3, where the projections are one-block-per-program tensor-core kernels
         auto = self.fuse_linear and dl.can_trigger(self.device) and B >= 3
         self.overlap = auto if overlap is None else bool(overlap)

@@ -15,7 +15,7 @@ once per token, the activations are noise): q 8.39 MB + k/v/gates 2.29 MB + o 8.
 - fused: norm_qkvg, linear_residual (o_proj), norm_gate_up, linear_residual (down_proj): 4 launches.
 Both are captured for ``--layers`` layers with distinct weights in one CUDA graph (no L2 reuse,
 launch gaps as in the real step); the time is per layer (do_bench median of graph replays / layers;
-the figures in RESULTS.md of 2026-12-02 came from a first version that took the median of 20
+the figures in RESULTS.md of an earlier run came from a first version that took the median of 20
 event-timed replays).
 ``--sweep`` times every tile config of each fused op alone (36 distinct weights per graph) and
 prints the best per (op, batch) as a ``CONFIGS`` table (tile rows x K x warps with a per-step or a deferred

@@ -11,10 +11,10 @@ The last column checks each kernel's pipelined loops (TTGIR, :func:`pipeline_haz
 keeps asynchronous ``tl.dot`` (wgmma) in flight across its prefetch copies must give every buffer it
 copies into the same depth. A shallower buffer means the copy for a later iteration lands in the buffer
 an in-flight ``tl.dot`` is still reading: a race on Hopper. `_mem_bwd`'s Mamba2 variant had it at 3
-stages (triton 3.6 and 3.8 alike; benchmarks/NOTES_backward.md "Session 17"). The same column flags
+stages (triton 3.6 and 3.8 alike; benchmarks/NOTES_backward.md). The same column flags
 ordered atomics (:func:`ordered_atomics`, "ATOMIC"): ``tl.atomic_add`` defaults to ``acq_rel``, which
 sm_90a runs as a GPU-wide memory barrier, a round trip and an L1 invalidation per atomic; the
-library's atomics only accumulate for later launches and say ``sem="relaxed"`` (session 18: the
+library's atomics only accumulate for later launches and say ``sem="relaxed"`` (the
 backward 0.7 ms faster at T=32k). ``--offline`` exits 1 on either (the CPU CI runs it).
 
 On a GPU it runs the op and reads what the driver reports. ``--offline`` needs no GPU: a stand-in

@@ -81,7 +81,7 @@ def _timed_decoder(gen, model, cache, logits, a, glue, lin, gate_up=None, overla
     cache = copy.deepcopy(cache)  # each decoder advances its own cache
     dec = gen.StaticDecoder(model, cache, None, a.context, 4 * a.steps + 16, fuse_glue=glue,
                              fuse_linear=lin, fuse_gate_up=gate_up, overlap=overlap)
-    if not ends:  # the step's RoPE and token choice as the modules' ops (the path before 2026-12-03)
+    if not ends:  # the step's RoPE and token choice as the modules' ops (the earlier path)
         dec.rope_table, dec.greedy_fused = None, False
     dec.start(logits)
     side = torch.cuda.Stream()

@@ -23,7 +23,7 @@ struct DecodeSizes {
 namespace detail {
 
 // Messages are built with std::string and std::to_string, not c10::str: on the device's torch
-// 2.11 build (2026-11-23) every c10::str message that streamed an integer segfaulted, while
+// 2.11 build every c10::str message that streamed an integer segfaulted, while
 // messages made of strings alone raised properly; std::to_string avoids the ostream path.
 inline std::string dims(c10::IntArrayRef shape) {
   std::string r = "[";

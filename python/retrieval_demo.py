@@ -40,12 +40,12 @@ REPO = Path(__file__).resolve().parents[1]
 
 PRESETS = {
     # a GPU run: ~3.2M parameters, D = 64 (covered by the Triton kernels)
-    # (first H100 run, 2026-11-23: the kv task with 4 records and distractor numbers stayed at chance after 5.7k
+    # (first H100 run: the kv task with 4 records and distractor numbers stayed at chance after 5.7k
     # steps / 215 s, loss flat at 1.16 from step 500: no copying circuit formed. Passkey: one cue, one value.
     # The cue ends in ":" so that the value follows it directly: the byte before the answer occurs only in the
     # needle and the query, and one-token induction solves the task. With "the pass key is" (a space before the
     # value, "is" and "the" in the filler) the toy preset stayed at 0% after 700 steps; with "pk=" it reached
-    # 100% at 8W in 4.5k steps on 2 CPU cores, 2026-12-02. Distillation on 1024-token texts only made the memory
+    # 100% at 8W in 4.5k steps on 2 CPU cores. Distillation on 1024-token texts only made the memory
     # good at 8W (85% exact) and poor at 2W (16%); texts of 256, 512, 1024 tokens in turn gave 77% / 80% / 37%
     # at 2W / 4W / 8W in half the time (H200, assets/retrieval_demo/RESULTS.md).)
     "default": dict(task="passkey", cue="pass key:", n_pairs=1, n_digits=5, distractor_numbers=0.0, layers=4,

@@ -20,7 +20,7 @@ import torch  # noqa: E402
 
 # The interpreter run of the harness is the CPU CI's check. On a GPU machine run_all runs for real
 # (benchmarks/device_check.sh bench); there the triton 3.6 interpreter also failed inside a decode
-# kernel with the machine's numpy (H100, 2026-11-24), which is no statement about the kernels.
+# kernel with the machine's numpy (H100), which is no statement about the kernels.
 pytestmark = pytest.mark.skipif(torch.cuda.is_available(), reason="CPU-interpreter harness test (CI); GPU: run_all")
 
 
@@ -144,8 +144,8 @@ def test_kernel_regs_offline():
 def test_prefill_kernels_pipeline_hazards():
     # every prefill forward / backward kernel compiled offline for sm_90a: no pipelined loop keeps an
     # asynchronous tl.dot in flight across a prefetch copy into a shallower buffer (a race on Hopper;
-    # _mem_bwd's Mamba2 variant had one, benchmarks/NOTES_backward.md "Session 17"), and no atomic
-    # is acq_rel (the backward's accumulators, relaxed since session 18)
+    # _mem_bwd's Mamba2 variant had one, benchmarks/NOTES_backward.md), and no atomic
+    # is acq_rel (the backward's accumulators, relaxed)
     env = dict(os.environ)
     env.pop("TRITON_INTERPRET", None)
     p = subprocess.run([sys.executable, os.path.join(BENCH, "kernel_regs.py"), "--offline", "--what", "prefill",

@@ -18,12 +18,12 @@ At batch 1-2 the projections run as :func:`_stream_kernel`: a few programs per S
 blocks with the next block's weights already requested while it reduces one (register double buffering;
 Triton's software pipelining covers only loads that feed ``tl.dot``). One block per program left each
 slot idle from a program's last load until the next program's first: B=1 gate/up went from 81% to 92% of
-the copy bandwidth, the whole 3B step at T=32k from 2.70 to 2.51 ms/token (H200, 2026-12-03). These
+the copy bandwidth, the whole 3B step at T=32k from 2.70 to 2.51 ms/token (H200). These
 kernels are also chained (:data:`CHAIN`): each is a programmatic dependent launch that lets the next one
 launch as it starts and requests its first weight tiles before ``griddepcontrol.wait`` (everything the
 previous kernels write is read after it), so the next kernel's programs take the SMs as this one's leave
 (2.51 -> 2.40 ms/token at B=1). The same chaining with one block per program had been slower (56.1 vs
-54.3 us per layer, 2026-12-02): its dependents could launch only once every program had started.
+54.3 us per layer): its dependents could launch only once every program had started.
 
 Every rounding step of the torch modules is kept (RMSNorm output, projection output rounded to the
 activation dtype before RoPE / SiLU / the residual add, as ``_add_rms_norm_kernel`` and
@@ -38,11 +38,11 @@ so that each SM has tens of KB of loads in flight). From batch 3 on in bf16/fp16
 :data:`MAX_BATCH`) on tensor cores: the two tiles as one ``[2 BN2, BK]`` operand times the
 activations' ``[BK, 16]`` (the batch zero-padded to :data:`MMA_BM` rows), where the broadcast product
 turned compute-bound (B=4: 80.5 us per layer vs cuBLAS + glue 71.9 on the H200). With every projection
-fused that path is not faster than cuBLAS + glue at B=8 (H200, 2026-12-02: 80.7 vs 74.4 us per layer):
+fused that path is not faster than cuBLAS + glue at B=8 (H200: 80.7 vs 74.4 us per layer):
 its gate/up kernel streams at 47% of the copy bandwidth against cuBLAS's 72%, while q/k/v/gates with
 RMSNorm and RoPE beat cuBLAS alone (11.3 vs 12.8 us). So from batch 3 on ``StaticDecoder`` fuses all but
 the MLP's gate/up (``fuse_gate_up``), which stays on cuBLAS: whole 3B-shape step 3-5% faster than
-cuBLAS + glue at B = 4, 8, 16 (H200, 2026-12-03). Tile sizes per
+cuBLAS + glue at B = 4, 8, 16 (H200). Tile sizes per
 (projection kind, BM) live in :data:`CONFIGS` (``benchmarks/bench_decode_linear.py`` sweeps them).
 
 Internal helpers of :class:`ahn_ops.fast_decode.StaticDecoder` (no autograd); inputs are 2-D
@@ -75,11 +75,11 @@ _PROJ, _SILU, _RESID = 0, 1, 2
 # element-wise partial sums [BM, BN2, BK] and reduce over K once at the end instead of a (cross-warp,
 # shared-memory + barrier) sum every step. persist > 0: :func:`_stream_kernel` with that many programs per
 # SM, num_stages = weight tiles held in registers (the one reduced + 1 or 2 requested ahead).
-CONFIGS: Dict[Tuple[str, int], Tuple] = {  # H200 sweep, 2026-12-02 (BM=2: BM=4's)
-    # BM = 1, 2: the persistent kernel (6th entry: programs per SM), H200 sweep 2026-12-03 (`--sweep --persist`),
+CONFIGS: Dict[Tuple[str, int], Tuple] = {  # H200 sweep (BM=2: BM=4's)
+    # BM = 1, 2: the persistent kernel (6th entry: programs per SM), H200 sweep (`--sweep --persist`),
     # us vs the one-block-per-program configs before it: B=1 qkvg 6.21 vs 6.80, o_proj 4.97 vs 5.26, gate_up
     # 23.89 vs 26.90 (92% of copy bw), down_proj 14.21 vs 16.20; B=2 qkvg 7.04 vs 8.31, o_proj 5.19 vs 6.10,
-    # gate_up 24.62 vs 33.98; down_proj at B=2 swept 2026-12-03 (session 11): 14.44 vs 16.7 with B=1's config
+    # gate_up 24.62 vs 33.98; down_proj at B=2 swept: 14.44 vs 16.7 with B=1's config
     ("qkvg", 1): (1, 2048, 4, 2, False, 6), ("qkvg", 2): (1, 2048, 4, 2, False, 4), ("qkvg", 4): (4, 2048, 4, 4),
     ("o_proj", 1): (1, 2048, 4, 2, False, 4), ("o_proj", 2): (1, 2048, 4, 2, False, 4),
     ("o_proj", 4): (2, 4096, 4, 3),
@@ -87,7 +87,7 @@ CONFIGS: Dict[Tuple[str, int], Tuple] = {  # H200 sweep, 2026-12-02 (BM=2: BM=4'
     ("down_proj", 4): (4, 4096, 4, 1),
     ("gate_up", 1): (1, 2048, 4, 2, False, 6), ("gate_up", 2): (2, 2048, 4, 2, False, 4),
     ("gate_up", 4): (4, 4096, 4, 2),
-    # tensor-core path (B = 3..16, BM = MMA_BM), H200 sweep at B=8 (2026-12-02), us vs cuBLAS alone: qkvg 11.34
+    # tensor-core path (B = 3..16, BM = MMA_BM), H200 sweep at B=8, us vs cuBLAS alone: qkvg 11.34
     # vs 12.80, o_proj 6.42 vs 6.44, gate_up 46.46 vs 29.69, down_proj 18.02 vs 16.59; whole layer 80.7 vs 74.4
     ("qkvg", 16): (16, 256, 4, 4), ("o_proj", 16): (8, 512, 4, 4), ("down_proj", 16): (8, 512, 4, 4),
     ("gate_up", 16): (16, 128, 4, 2),
@@ -461,7 +461,7 @@ def _num_sms(dev: torch.device) -> int:
 # Programmatic dependent launch between the persistent kernels (``chain=None`` in the wrappers): each one lets
 # the next launch as it starts and requests its first weight tiles before waiting for the previous kernel.
 # None: on where it can be (sm_90+, not the interpreter). H200, 3B step at T=32k: B=1 2.510 -> 2.403 ms/token,
-# B=2 3.113 -> 2.982 (2026-12-03); bit-identical (tests/models/test_decode_linear.py).
+# B=2 3.113 -> 2.982; bit-identical (tests/models/test_decode_linear.py).
 CHAIN: Optional[bool] = None
 
 

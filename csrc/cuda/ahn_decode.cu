@@ -85,7 +85,7 @@ void plan_split(dk::Params& p, int D, int sms) {
   // Split the key range so that there is about one attention block per SM at small B (B = 1,
   // HKV = 2, W = 32640: 64 splits of 512 keys; the state blocks take the other slots), and cap a
   // split at 1024 keys at large B so that the partials stay ~1% of the K/V bytes. One block per
-  // SM beat filling every slot (two blocks of half the keys) on the H200, 2026-12-02: a block's
+  // SM beat filling every slot (two blocks of half the keys) on the H200: a block's
   // warps are latency-bound (few warps per scheduler either way), and fewer splits are fewer
   // prologues, merges and partials (benchmarks/NOTES_decode.md).
   const int64_t units = (int64_t(p.S) + p.W + dk::kSplitAlign - 1) / dk::kSplitAlign;
@@ -172,7 +172,7 @@ void dispatch_d(dk::Params& p, int D, bool mma, int device, bool pdl, cudaStream
       const char* st = std::getenv("AHN_DECODE_STAGES");  // experiments: cp.async stages at D = 128
       const int nst = st != nullptr ? std::atoi(st) : 0;
       // registers for 2 blocks per SM (255) while the attention blocks fit 2 per SM, else for 3 (168).
-      // H200 (2026-12-02), graph us per layer-step 168 vs 255 registers: B=1 16.04-16.12 vs 15.93,
+      // H200, graph us per layer-step 168 vs 255 registers: B=1 16.04-16.12 vs 15.93,
       // B=2 25.40-25.70 vs 25.29-25.33, B=4 45.83-45.89 vs 43.76-43.78, B=16 146.1-146.3 vs 151.0
       const char* mb = std::getenv("AHN_DECODE_MINB");  // experiments: force 2 or 3
       const bool two = mb != nullptr ? std::atoi(mb) == 2 : p.n_attn_blocks <= 2 * sms;

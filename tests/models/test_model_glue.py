@@ -86,7 +86,7 @@ def test_rope_qk(dt, B, H, HKV, D):
     if DEV == "cpu" and dt != torch.bfloat16:  # interpreter: every rounding step as torch's, bit-equal
         assert torch.equal(qo, qr[:, 0]) and torch.equal(ko, kr[:, 0])
     else:
-        # H100 (2026-11-24): up to one ulp of the row scale off torch's in every dtype, fp32 included
+        # H100: up to one ulp of the row scale off torch's in every dtype, fp32 included
         # (the compiler fuses a product into the add), about a quarter of the values
         _close_ulp(qo, qr[:, 0], dt, frac_exact=0.5, row_scale=True)
         _close_ulp(ko, kr[:, 0], dt, frac_exact=0.5, row_scale=True)

@@ -151,7 +151,7 @@ def test_grads_run_to_run(kind, D):
     # the G query heads of a kv head). The interpreter runs programs one after another, so a race shows
     # only here: on an H200 with triton 3.6 the first version of the two-launch _mem_bwd (h / wy kernels)
     # gave run-to-run differences of 8.3e-2 in k and 9.1e-2 in b for dn at this shape (a software-pipelining
-    # race, NOTES_backward.md "Session 17"); the one-launch kernel before it 1.5e-5
+    # race, NOTES_backward.md); the one-launch kernel before it 1.5e-5
     B, T, S, HKV, G, W = 1, 12288, 64, 1, 4, 2048
     inp = make_inputs(kind, B, T, HKV * G, HKV, D, torch.bfloat16, device=DEV, seed=W)
     dout = torch.randn(B, T, HKV * G, D, device=DEV)

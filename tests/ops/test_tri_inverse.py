@@ -51,7 +51,7 @@ def test_tri_inverse_matches_torch(decay, bf16):
     err = ((X - ref).norm() / ref.norm()).item()
     # the interpreter multiplies in fp32. On the GPU an fp32 kernel merges in tf32x3 (near-fp32) and a bf16
     # one in one tf32 pass (tl_utils.dot_inv), whose error must stay below the rounding of X to bf16 that
-    # such a kernel applies before using it (these 64 blocks on the H200, 2026-12-03: 6.6e-4 vs 8.6e-4 at
+    # such a kernel applies before using it (these 64 blocks on the H200: 6.6e-4 vs 8.6e-4 at
     # decay 0, 2.1e-4 vs 7.3e-4 at 0.3, 6.9e-5 vs 2.9e-4 at 4)
     bf16_rounding = ((ref.to(torch.bfloat16).double() - ref).norm() / ref.norm()).item()
     tol = bf16_rounding if (bf16 and DEV == "cuda") else 1e-5

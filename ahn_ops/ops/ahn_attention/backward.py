@@ -58,34 +58,15 @@ from . import prefill as pf
 __all__ = ["prefill_bwd"]
 
 BT = pf.BT
-# launch configuration; benchmarks/NOTES_backward.md has the reasons and the timings behind it.
-# (BN or BM, num_warps, num_stages) for the attention kernels.
-# dkdv at 4 warps spilled 636 B/thread (two fp32 [64, 128] accumulators), 8 warps none (ptxas, sm_90a).
-# sink_qs: query tokens per program of the sink key blocks' split (T=32k, S=128: 56 x HKV programs).
-# H100 sweep (2026-11-23, T=32k W=4096 S=128, fwd+bwd ms; benchmarks/bench_backward.py --sweep): dkdv (64,8,2)
-# 34.3, (64,4,2) 30.6, (64,8,3) 34.7, (32,4,2) 28.7, (128,8,2) 48.4; dq (64,4,3) 28.4, (64,8,2) 31.8,
-# (64,4,2) 27.7, (32,4,3) 28.0.
-# H100 sweep (2026-11-24, same shape, after the forward stores lse; ptxas: _mem_bwd at (64, 8) 255 regs
-# and 400 B spills): _mem_bwd (mem_bv, mem_warps) (64,8) 25.3, (32,4) 27.7, (32,8) 25.2, (16,4) 24.8,
-# (128,8) 26.9; then dkdv (32,4,3) 23.8 vs (32,4,2) 24.5, (64,4,2) 26.9; dq (64,4,2) 23.5 kept.
-# H200 (2026-12-02, same shape, _dh_bwd reading qg and kd instead of normalising q and k per V slice):
-# _dh_bwd (warps, stages) (4,2) 1.063 ms, (4,3) 0.879, (8,2) 1.142, (2,2) 2.37, (1,2) 32.0, (2,3) 48.9
-# (spills); before the change (4,2) 1.746 ms.
-# H200 (2026-12-02, session 5, X stored by the prep pass): _mem_bwd (mem_bv, mem_warps) fwd+bwd (16,4) 19.22-19.42,
-# (16,8) 18.51, (32,8) 18.06-18.33 (_mem_bwd 4.50 -> 3.35 ms), (64,8) 18.31, (32,16) 20.26, (64,16) 19.87; BV 8 does
-# not compile (tl.dot needs K >= 16). dkdv (32,4,3) 18.00 vs (64,8,2) 24.9, (64,8,3) 24.3, (32,8,3) 26.1,
-# (64,4,3) 26.9; dq (64,4,2) 18.44 vs (64,4,3) 19.24, (128,8,2) 20.70, (64,8,2) 22.32.
-# mem_*: _mem_bwd_h_kernel (BK key columns per program, BV value columns per loop step, warps, stages);
-# wy_*: _mem_bwd_wy_kernel. One [64, 128] launch before (255 regs, 2.4 KB spills, 3.27-3.28 ms at T=32k);
-# split, H200 (2026-12-04, triton 3.6, T=32k W=4096 S=128, bwd ms, the old kernel in the same lease: 14.05
-# / 13.99): (mem_bv, mem_stages) (64, 3) h 1.36 + wy 1.31, bwd 13.23, fwd+bwd 16.96 (old 17.70 / 17.74);
-# (32, 3) 1.38 + 1.31, 16.98; session 17: (32, 2) h 1.59, (64, 2) 1.42, wy at 8 warps 1.46, maxnreg 128
-# 1.76. Stages: the h kernel's V loop keeps its dots in flight across the prefetch copy, which is safe
-# only because h and dh feed nothing but dots (the dglast sum is the trace of h dh^T): every buffer has
-# the same depth (benchmarks/kernel_regs.py --offline checks it; NOTES_backward.md "Session 17").
-# Those times are with acq_rel atomics; relaxed (session 18): h 1.10, wy 0.71, fwd+bwd 16.19-16.22.
+# Launch configuration; `python benchmarks/bench_backward.py --sweep` (and `--config KEY=VALUE`) re-derives it
+# (the measurements behind each choice: benchmarks/NOTES_backward.md, "Launch configuration").
+# dq, dkdv: (BN or BM, num_warps, num_stages) of the attention kernels (dkdv at 32 keys per step: fewest spills).
+# sink_qs: query tokens per program of the sink key blocks' split.
+# mem_*: _mem_bwd_h_kernel (BK key columns per program, BV value columns per loop step, warps, stages): its V loop
+#   keeps dots in flight across the prefetch copy, safe only because every buffer has the same depth
+#   (benchmarks/kernel_regs.py --offline checks it); wy_*: _mem_bwd_wy_kernel; dh_*: the reverse state chain.
 # side_stream: the sink kernel and the do_weight product (they need only delta and u_epi) run on a side
-# stream beside the memory passes (_dh_bwd's 128 programs leave most of each SM idle); dkdv waits for it.
+#   stream beside the memory passes (_dh_bwd's programs leave most of each SM idle); dkdv waits for it.
 CONFIG = {"dq": (64, 4, 2), "dkdv": (32, 4, 3), "sink_qs": 1024, "side_stream": True,
           "mem_bk": 64, "mem_bv": 64, "mem_warps": 8, "mem_stages": 3, "wy_bv": 32, "wy_warps": 4,
           "dh_warps": 4, "dh_stages": 3}

@@ -289,7 +289,7 @@ def _mem_bwd_h_kernel(
         # this loop. With an elementwise h * dh here (a register use of the two tiles) the pipeliner of
         # triton 3.6 (3.8 builds the same TTGIR) gave h and dh 2 buffers for a 2-ahead prefetch while
         # the iteration's tl.dot ran asynchronously on the same buffer: a race (H200, run-to-run
-        # gradients 8e-2 apart; benchmarks/NOTES_backward.md "Session 17")
+        # gradients 8e-2 apart; benchmarks/NOTES_backward.md has the analysis)
         b_hdh = tl.zeros([BK, BK], dtype=tl.float32)  # h dh^T
         p_st = ((coff + i_b) * H + i_h) * D * D + o_k[:, None] * D
         for i_v in range(D // BV):

@@ -10,8 +10,7 @@ registers ``torch.ops.ahn.prefill_bwd`` as its gradient): CUDA tensors, or CPU t
 ``TRITON_INTERPRET=1`` (the CI path). fp32/fp64 inputs and other D go to ``chunked.py``.
 The cache path is inference only (``ahn_attention`` runs it under ``torch.no_grad``).
 
-Mamba2 kernels serve CUDA calls since their gradients and forward passed the fp32-reference checks
-on the H100 (2026-11-24; the ``AHN_OPS_MAMBA2_KERNELS`` opt-in of 2026-11-23 is gone).
+Mamba2 takes the same kernels: its forward and gradients pass the same fp32-reference checks on the GPU.
 """
 
 from __future__ import annotations

@@ -56,22 +56,15 @@ __all__ = ["prefill_fwd", "prefill_cache_fwd", "SUPPORTED_D"]
 
 SUPPORTED_D = (64, 128)
 BT = 64  # memory chunk == query block: a query block reads exactly one chunk state
-# launch configuration (benchmarks/bench_prefill.py sweeps these): fwd = (BN, num_warps, num_stages)
-# H100, T=32k (benchmarks/NOTES_prefill.md): fwd (64, 4, 3) 2.93 ms vs (64, 4, 2) 3.09 ms and 3.8-5.8 ms for
-# BN=128 or 8 warps; state BV=16 beats 32 and 64 (more programs on a latency-bound sequential loop)
-# fwd_rows: query rows per _fwd_kernel program, BT or 2 BT (a program then covers two memory chunks:
-# half the programs, each K/V block of the band read once per 128 query rows). H100 (2026-11-24,
-# T=32k W=4096 S=128 gdn, full fused forward): 64 rows (64,4,3) 4.22 ms; 128 rows (64,4,3) 9.99,
-# (64,8,3) 5.25, (64,8,2) 5.89 ms: 64 stays (128 rows double the fp32 accumulators per program)
-# H200 (2026-12-02, session 5, readout + epilogue per 64-row half since that day), full fused forward / window-only
-# ms, 64 rows (64,4,3) vs 128 rows (64,8,3): T=32k W=4096 3.794 / 2.593 vs 3.886 / 2.439; T=8k W=4096 0.782 / 0.536
-# vs 0.796 / 0.525; T=131072 W=32640 74.74 / 71.87 vs 68.79 / 65.51. 128 rows make the window band ~6% faster
-# and the memory part (at 8 warps) ~0.1-0.4 ms slower: the band's gain grows with W, so fwd_rows = None picks
-# fwd_long = (min window, rows, cfg) at D = 128 and W >= 8192, 64 rows with "fwd" otherwise; an int forces the rows
-# (with "fwd").
-# band: the window band's engine, "auto" (cuDNN where _band_engine allows, else Triton), "cudnn" or "triton";
-# fwd_band_in: (BN, num_warps, num_stages) of _fwd_kernel behind the cuDNN band (sinks, ring tail, memory,
-# epilogue only; benchmarks/RESULTS.md has the sweep)
+# Launch configuration; `python benchmarks/bench_prefill.py --sweep` and `benchmarks/spike_hopper_fwd.py`
+# re-derive it (the measurements behind each choice: benchmarks/NOTES_prefill.md, "Launch configuration").
+# band: the window band's engine: "auto" (cuDNN where _band_engine allows, else Triton), "cudnn" or "triton".
+# fwd: (BN, num_warps, num_stages) of the all-Triton _fwd_kernel at 64 query rows (more warps or BN=128 spill).
+# fwd_band_in: the same for _fwd_kernel behind the cuDNN band (sinks, ring tail, memory, epilogue only).
+# fwd_rows: None picks 64 rows, or fwd_long = (min window, rows, cfg) at D = 128 and long windows, where
+#   128-row programs read each K/V block of the band half as often; an int forces the rows (with "fwd").
+# state_*: the sequential state pass, 16 value columns per program at D = 128 (more programs on a
+#   latency-bound chain); prep_warps, norm_bm: the prep pass and the Mamba2 norm kernel.
 CONFIG = {"band": "auto", "fwd": (64, 4, 3), "fwd_band_in": (64, 4, 1), "fwd_rows": None,
           "fwd_long": (8192, 128, (64, 8, 3)),
           "state_bv": {64: 64, 128: 16}, "state_warps": 4, "state_stages": 3, "prep_warps": 4, "norm_bm": 32}

@@ -30,7 +30,7 @@ def dot_inv(a, b, DT: tl.constexpr):
     The inverse is rounded to ``DT`` before use, so for bf16 (8-bit mantissa) one tf32 pass (10 bits) is
     below that rounding and for fp16 (10 bits) of its order. With bf16 inputs three passes ("tf32x3",
     near-fp32) gave the same outputs and gradients within the 2x rule and cost the prep pass 0.17 ms more
-    at T=32k, H=16 (H200, 2026-12-03, benchmarks/NOTES_prefill.md "Session 16"; fp16 not timed there).
+    at T=32k, H=16 on an H200 (benchmarks/NOTES_prefill.md; fp16 not timed there).
     fp32 inputs keep the three passes. The interpreter multiplies in fp32.
     """
     if INTERPRET:
