@@ -13,12 +13,73 @@ captured in a CUDA graph.
 
 from __future__ import annotations
 
+import operator
 from dataclasses import dataclass
-from typing import Iterator, List, Optional, Sequence, Union
+from typing import Iterator, List, Sequence, Union
 
 import torch
 
 from .ops.common.checks import check_kind, check_window_sinks
+
+# K/V cache dtypes the ops accept (float64: the reference/chunked paths, for checks against the spec)
+CACHE_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
+
+
+def _is_bool(x) -> bool:
+    return isinstance(x, bool) or (isinstance(x, torch.Tensor) and x.dtype == torch.bool)
+
+
+def _batch_index(name: str, x, batch_size: int, *, allow_mask: bool) -> torch.Tensor:
+    """Validate ``x`` and return it as 1-D int64 indices in ``[0, batch_size)`` (on x's device).
+
+    Accepts int indices (tensor, sequence, or a single int if ``allow_mask``, i.e. for ``reset``) and, if
+    ``allow_mask``, a bool mask of shape ``[batch_size]``; anything else raises ValueError naming ``name``.
+    """
+    want = f"int indices in [0, {batch_size})" + (f" or a bool mask of shape [{batch_size}]" if allow_mask else
+                                                  f", shape [{batch_size}]")
+    if isinstance(x, torch.Tensor):
+        t = x
+    elif hasattr(x, "__array__") and hasattr(x, "dtype"):  # numpy array or scalar
+        t = torch.as_tensor(x)
+    elif isinstance(x, (str, bytes)) or not hasattr(x, "__iter__"):
+        if not allow_mask or _is_bool(x) or not hasattr(x, "__index__"):
+            raise ValueError(f"{name} must be {want}, got {x!r}")
+        t = torch.tensor([operator.index(x)], dtype=torch.int64)
+    else:
+        items = list(x)
+        # Python bools are ints ([True, False] would index 1, 0): a list is all bools (a mask) or all ints
+        n_bool = sum(_is_bool(i) for i in items)
+        if 0 < n_bool < len(items):
+            raise ValueError(f"{name} must be {want}, got a list mixing bools and other values: {items}")
+        if n_bool:
+            t = torch.tensor([bool(i) for i in items], dtype=torch.bool)
+        else:
+            try:
+                t = torch.tensor([operator.index(i) for i in items], dtype=torch.int64)
+            except TypeError:
+                raise ValueError(f"{name} must be {want}, got non-integer values {items}") from None
+    if t.dtype == torch.bool:
+        if not allow_mask:
+            raise ValueError(f"{name} must be {want}, got a bool tensor (a mask cannot reorder sequences)")
+        if t.shape != (batch_size,):
+            raise ValueError(f"{name} as a bool mask must have shape [{batch_size}] (one entry per sequence), "
+                             f"got {list(t.shape)}")
+        return t.nonzero().flatten()
+    if t.dtype == torch.uint8:  # torch's legacy mask dtype: ambiguous between a mask and indices
+        raise ValueError(f"{name} must be {want}, got uint8 (ambiguous: pass a bool mask or int64 indices)")
+    if t.is_floating_point() or t.is_complex():
+        raise ValueError(f"{name} must be {want}, got a {str(t.dtype).replace('torch.', '')} tensor")
+    if t.dim() > 1 or (t.dim() == 0 and not allow_mask):
+        raise ValueError(f"{name} must be 1-D ({want}), got shape {list(t.shape)}")
+    t = t.reshape(-1).long()
+    if not allow_mask and t.numel() != batch_size:
+        raise ValueError(f"{name} must have shape [{batch_size}] (one source per sequence), got [{t.numel()}]")
+    if t.numel():
+        bad = t[(t < 0) | (t >= batch_size)]
+        if bad.numel():
+            raise ValueError(f"{name} must be {want} (negative indices are not supported), got out-of-range "
+                             f"{bad.tolist()[:8]}")
+    return t
 
 
 @dataclass
@@ -114,6 +175,9 @@ class AHNCache:
                  device: Union[str, torch.device, None] = None):
         check_kind(kind)
         check_window_sinks(window, sinks)
+        if dtype not in CACHE_DTYPES:
+            names = ", ".join(str(d).replace("torch.", "") for d in CACHE_DTYPES)
+            raise ValueError(f"dtype must be a floating K/V dtype ({names}), got {dtype!r}")
         for name, val in (("batch_size", batch_size), ("num_layers", num_layers), ("num_heads", num_heads),
                           ("num_kv_heads", num_kv_heads), ("head_dim", head_dim)):
             if not isinstance(val, int) or val < 1:
@@ -163,22 +227,26 @@ class AHNCache:
         """Tokens processed per sequence (of layer 0), ``[B]`` int64."""
         return self.pos[0].clone()
 
-    def reset(self, batch_indices: Optional[Sequence[int]] = None) -> None:
-        """Empty the cache of all sequences, or of the given ones (in place)."""
+    def reset(self, batch_indices: Union[Sequence[int], torch.Tensor, None] = None) -> None:
+        """Empty the cache of all sequences, or of some (in place).
+
+        ``batch_indices``: int indices in ``[0, B)`` (tensor, list or one int; repeats allowed), or a bool
+        mask of shape ``[B]`` (reset where True). Anything else raises ValueError, cache untouched.
+        """
         if batch_indices is None:
             for t in self._fields():
                 t.zero_()
             return
-        idx = torch.as_tensor(list(batch_indices), dtype=torch.long, device=self.device)
-        if idx.numel() and (int(idx.min()) < 0 or int(idx.max()) >= self.batch_size):
-            raise ValueError(f"batch_indices must lie in [0, {self.batch_size}), got {list(batch_indices)}")
+        idx = _batch_index("batch_indices", batch_indices, self.batch_size, allow_mask=True).to(self.device)
         for t in self._fields():
             t.index_fill_(1, idx, 0)
 
-    def reorder(self, beam_idx: torch.Tensor) -> None:
-        """Reorder sequences in place (beam search): sequence ``i`` becomes old ``beam_idx[i]``."""
-        beam_idx = torch.as_tensor(beam_idx, device=self.device).long()
-        if beam_idx.shape != (self.batch_size,):
-            raise ValueError(f"beam_idx must have shape [{self.batch_size}], got {list(beam_idx.shape)}")
+    def reorder(self, beam_idx: Union[Sequence[int], torch.Tensor]) -> None:
+        """Reorder sequences in place (beam search): sequence ``i`` becomes old ``beam_idx[i]``.
+
+        ``beam_idx``: ``B`` int indices in ``[0, B)`` (tensor or list; repeats allowed). Bool masks, floats,
+        another length or out-of-range values raise ValueError, cache untouched.
+        """
+        idx = _batch_index("beam_idx", beam_idx, self.batch_size, allow_mask=False).to(self.device)
         for t in self._fields():
-            t.copy_(t.index_select(1, beam_idx))
+            t.copy_(t.index_select(1, idx))

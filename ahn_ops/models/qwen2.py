@@ -1,6 +1,6 @@
 """Qwen2.5 adapter: turn a Hugging Face ``Qwen2ForCausalLM`` into an AHN model in place.
 
-What :func:`patch_qwen` changes (AHN_SPEC.md, "One decoder layer"):
+What :func:`patch_qwen` changes (docs/AHN_SPEC.md, "One decoder layer"):
 
 * every decoder layer ``i`` not in ``fa_layer_ids`` gets ``layer.ahn.fn`` (parameters named as
   the published checkpoints: ``model.layers.{i}.ahn.fn.<name>``) and its ``self_attn`` is
@@ -354,6 +354,17 @@ def _ahn_attention_class(cls: type) -> type:
 _MODEL_ARG_NAMES = ("input_ids", "attention_mask", "position_ids", None, "inputs_embeds", "use_cache")
 
 
+def _grad_live(module, kwargs) -> bool:
+    """Whether this forward records gradients through the AHN layers (grad mode on and some parameter or
+    the input embeddings require grad)."""
+    if not torch.is_grad_enabled():
+        return False
+    x = kwargs.get("inputs_embeds")
+    if isinstance(x, torch.Tensor) and x.requires_grad:
+        return True
+    return any(p.requires_grad for p in module.parameters())
+
+
 def _model_pre_hook(module, args, kwargs):
     info = module._ahn_info
     name = info["cache_name"]
@@ -365,7 +376,12 @@ def _model_pre_hook(module, args, kwargs):
     use_cache = kwargs.get("use_cache")
     if use_cache is None:
         use_cache = getattr(module.config, "use_cache", False)
-    if pkv is None and use_cache and not module.training:
+    if pkv is None and use_cache and (module.training or _grad_live(module, kwargs)):
+        # no cache asked for and gradients wanted: the differentiable full-sequence path. The cache path is
+        # inference-only (it refuses inputs that require grad), and transformers' own DynamicCache cannot
+        # serve AHN layers, so no cache is made at all
+        kwargs["use_cache"] = False
+    elif pkv is None and use_cache:
         pkv = AHNModelCache.from_model(module)
     elif pkv is not None and not isinstance(pkv, AHNModelCache):
         raise TypeError(f"a model patched by ahn_ops.patch_qwen needs past_key_values=None (cache=None) or an "

@@ -223,3 +223,29 @@ def test_other_keys_stay_strict_with_fa_layers(official_fa):
     with pytest.warns(UserWarning, match="ignored 8"), pytest.raises(KeyError, match=r"missing keys \(1\)"):
         patch_qwen(model, "gdn", window=W, sinks=S, fa_layer_ids=[1], weights=missing, backend="reference")
     _assert_unchanged(model, snap)
+
+
+def test_grad_mode_without_cache_takes_the_differentiable_path():
+    """A patched model called with gradients live and no cache (eval or train mode, config use_cache=True)
+    runs the differentiable full-sequence path: no AHN cache is made, and the AHN parameters get gradients."""
+    import ahn_ops
+
+    model = tiny_model()
+    ahn_ops.patch_qwen(model, "gdn", window=4, sinks=1)
+    for p in model.parameters():
+        p.requires_grad_(False)
+    params = [p for n, p in model.named_parameters() if ".ahn." in n]
+    for p in params:
+        p.requires_grad_(True)
+    ids = torch.randint(0, model.config.vocab_size, (1, 12))
+    for train in (False, True):
+        model.train(train)
+        for p in params:
+            p.grad = None
+        out = model(ids)
+        out.logits.float().pow(2).mean().backward()
+        assert any(p.grad is not None and p.grad.abs().sum() > 0 for p in params), train
+    with torch.no_grad():
+        model.eval()
+        out = model(ids)
+    assert isinstance(out.past_key_values, ahn_ops.models.AHNModelCache)

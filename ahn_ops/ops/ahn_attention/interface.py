@@ -13,6 +13,7 @@ from typing import Optional
 
 import torch
 
+from ...cache import AHNCache, AHNLayerCache
 from ..common.checks import check_ahn_inputs
 from . import chunked
 from . import reference as ref
@@ -29,6 +30,30 @@ def _has_op_kernel(op: str, key: str) -> bool:
 
 def _compute_dtype(x: torch.Tensor) -> torch.dtype:
     return torch.float64 if x.dtype == torch.float64 else torch.float32
+
+
+def _check_layer_cache(cache) -> None:
+    """``cache`` must be one layer's :class:`AHNLayerCache` (a whole AHNCache is the easy mistake)."""
+    if isinstance(cache, AHNLayerCache):
+        return
+    if isinstance(cache, AHNCache):
+        raise TypeError(f"cache must be one layer's ahn_ops.AHNLayerCache, got the whole AHNCache ({len(cache)} "
+                        "layers): pass cache[layer_idx]")
+    raise TypeError(f"cache must be an ahn_ops.AHNLayerCache (AHNCache(...)[layer_idx]) or None, "
+                    f"got {type(cache).__name__}")
+
+
+def _check_cache_no_grad(**tensors) -> None:
+    """The cache paths run without autograd (the cache is written in place): refuse inputs that would
+    otherwise get a silently missing gradient."""
+    if not torch.is_grad_enabled():
+        return
+    names = [n for n, t in tensors.items() if isinstance(t, torch.Tensor) and t.requires_grad]
+    if names:
+        raise RuntimeError(
+            f"ahn_attention/ahn_decode with cache= is inference-only (not differentiable), but {', '.join(names)} "
+            "require grad and grad mode is on: run it under torch.no_grad() or torch.inference_mode(), or call "
+            "ahn_attention without cache= (prefill from position 0, the differentiable path)")
 
 
 def ahn_attention(
@@ -54,7 +79,7 @@ def ahn_attention(
 
     For query ``t``: exact softmax attention over the sinks ``j < S`` and the window
     ``t - W < j <= t``, plus ``y = o_proj(norm(gate(S_{t-W}^T q)))`` read from the memory
-    that has absorbed every token ``S <= j <= t - W`` (see AHN_SPEC.md).
+    that has absorbed every token ``S <= j <= t - W`` (see docs/AHN_SPEC.md).
 
     Args:
         q: ``[B, T, H, D]`` queries after RoPE (float16, bfloat16 or float32).
@@ -71,7 +96,8 @@ def ahn_attention(
             each sequence starts at position 0. Not combinable with ``cache``.
         cache: optional :class:`ahn_ops.AHNLayerCache` (``AHNCache(...)[layer]``): the ``T`` tokens
             continue the cached sequences, each at its own position, and the cache is updated in
-            place (``T == 1`` is a decode step). Not differentiable.
+            place (``T == 1`` is a decode step). Inference-only: inputs that require grad raise a
+            RuntimeError while grad mode is on (use ``torch.no_grad()`` / ``torch.inference_mode()``).
         backend: ``"auto"`` (fastest available: fused kernels, else the chunkwise PyTorch path of
             ``chunked.py``), ``"chunked"`` (that path), ``"reference"`` (the token-by-token fp32
             reference) or ``"kernel"`` (fail if no fused kernel covers the call).
@@ -94,8 +120,11 @@ def ahn_attention(
     B, T, H, HKV, D = check_ahn_inputs(q, k, v, a, b, z, A_log, dt_bias, norm_weight, o_weight,
                                        window, sinks, kind, cu_seqlens)
     if cache is not None:
+        _check_layer_cache(cache)
         if cu_seqlens is not None:
             raise ValueError("cu_seqlens cannot be combined with cache (the cache holds B padded sequences)")
+        _check_cache_no_grad(q=q, k=k, v=v, a=a, b=b, z=z, A_log=A_log, dt_bias=dt_bias, norm_weight=norm_weight,
+                             o_weight=o_weight)
         cache.check_compatible(B, H, HKV, D, k.dtype, q.device, window, sinks, kind)
         if T == 1:
             return ahn_decode(q[:, 0], k[:, 0], v[:, 0], None if a is None else a[:, 0],
@@ -139,7 +168,8 @@ def ahn_decode(q, k, v, a, b, z, A_log, dt_bias, norm_weight, o_weight, cache, *
 
     Args:
         q: ``[B, H, D]``; k, v: ``[B, HKV, D]``; a, b, z: ``[B, H]`` (None as in ahn_attention);
-        parameters as in :func:`ahn_attention`; cache: :class:`ahn_ops.AHNLayerCache`.
+        parameters as in :func:`ahn_attention`; cache: :class:`ahn_ops.AHNLayerCache` (``AHNCache(...)[layer]``).
+        Inference-only, like ``ahn_attention(..., cache=...)``.
     Returns:
         ``[B, H, D]`` in q's dtype; the cache is updated in place (the token leaving the window
         absorbed into the state, the new token written to the ring, ``pos += 1``). Runs as the
@@ -147,9 +177,12 @@ def ahn_decode(q, k, v, a, b, z, A_log, dt_bias, norm_weight, o_weight, cache, *
     """
     if backend not in _BACKENDS:
         raise ValueError(f"backend must be one of {_BACKENDS}, got {backend!r}")
+    _check_layer_cache(cache)
     window, sinks, kind = cache.window, cache.sinks, cache.kind
     B, _, H, HKV, D = check_ahn_inputs(q, k, v, a, b, z, A_log, dt_bias, norm_weight, o_weight,
                                        window, sinks, kind, heads_dim=3)
+    _check_cache_no_grad(q=q, k=k, v=v, a=a, b=b, z=z, A_log=A_log, dt_bias=dt_bias, norm_weight=norm_weight,
+                         o_weight=o_weight)
     cache.check_compatible(B, H, HKV, D, k.dtype, q.device, window, sinks, kind)
     key = "CUDA" if q.is_cuda else "CPU"
     use_op = backend != "reference" and q.dtype != torch.float64 and _has_op_kernel("decode_step", key)
