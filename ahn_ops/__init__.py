@@ -1,6 +1,6 @@
 """ahn_ops: fused operators for AHN (Artificial Hippocampus Networks) on Qwen2.5.
 
-Public API (see AHN_SPEC.md and README.md):
+Public API (see docs/AHN_SPEC.md and README.md):
     ahn_attention(...)   prefill (differentiable), chunked prefill and decode on a cache
     ahn_decode(...)      one decode step on an AHNLayerCache
     AHNCache             constant-size cache: sinks + ring KV, gate ring, fp32 memory state

@@ -1,4 +1,4 @@
-// One AHN decode step, as plain loops: the math of AHN_SPEC.md "Decode" for one (sequence,
+// One AHN decode step, as plain loops: the math of docs/AHN_SPEC.md "Decode" for one (sequence,
 // head) at a time. Knows nothing of torch: T is the activation and KV-cache type (float, or a
 // 16-bit type convertible to and from float); everything else is fp32. Used by
 // csrc/cpu/ahn_decode.cpp, which checks the inputs and runs the three phases below in order,

@@ -1,7 +1,7 @@
 """The AHN parameters of one decoder layer, named as in the published checkpoints.
 
 Each layer of an AHN model holds ``layer.ahn.fn``, a small module whose parameters
-are the per-head gate projections and the memory epilogue (AHN_SPEC.md,
+are the per-head gate projections and the memory epilogue (docs/AHN_SPEC.md,
 "Checkpoint format"). The module computes no attention itself: it turns the
 layer's pre-normed hidden state ``x`` into the raw gates ``a, b, z`` that
 :func:`ahn_ops.ahn_attention` expects, and hands over its parameters.

@@ -1,6 +1,6 @@
 // CUDA kernels of torch.ops.ahn.decode_step (one AHN decode step for a batch of sequences).
 // Knows nothing of torch: csrc/cuda/ahn_decode.cu checks the inputs, sizes the grid and
-// launches. Math: AHN_SPEC.md "Decode"; reference: ahn_decode_ref in
+// launches. Math: docs/AHN_SPEC.md "Decode"; reference: ahn_decode_ref in
 // ahn_ops/ops/ahn_attention/reference.py.
 //
 // Two launches per step:

@@ -1,4 +1,4 @@
-"""Tiny random Qwen2 models and an independent float64 evaluation of AHN_SPEC.md.
+"""Tiny random Qwen2 models and an independent float64 evaluation of docs/AHN_SPEC.md.
 
 ``spec_logits`` re-implements the whole model from its state dict in plain torch:
 embedding, RMSNorm, Qwen2 q/k/v + RoPE, window+sink attention with an explicit mask,
@@ -77,7 +77,7 @@ def _rms(x, w, eps):
 
 
 def _memory(kind, x, q, k, v, sd, p, window, sinks, H, G, D):
-    """y [B, T, H, D] of one layer, the recurrence of AHN_SPEC.md token by token."""
+    """y [B, T, H, D] of one layer, the recurrence of docs/AHN_SPEC.md token by token."""
     B, T = q.shape[:2]
     fn = p + "ahn.fn."
     lin = lambda name, bias=None: x @ sd[fn + name + ".weight"].T + (sd[fn + name + ".bias"] if bias else 0)  # noqa: E731

@@ -214,7 +214,7 @@ def test_strict_loading_names_bad_keys(tmp_path):
         patch_qwen(tiny_model(0), "gdn")
 
 
-# published sizes (AHN_SPEC.md): hidden, layers, H, Hkv -> params per kind
+# published sizes (docs/AHN_SPEC.md): hidden, layers, H, Hkv -> params per kind
 QWEN25 = {
     "3B": (2048, 36, 16, 2, 11008, {"gdn": 13.0e6, "dn": 11.8e6, "mamba2": 11.9e6}),
     "7B": (3584, 28, 28, 4, 18944, {"gdn": 21.3e6, "dn": 18.5e6, "mamba2": 18.6e6}),

@@ -86,7 +86,7 @@ def _chunk_at(chunks, seq, i_c):
 
 @triton.jit
 def _l2norm_rows(b_x):
-    # l2norm(a) = a / sqrt(sum a^2 + 1e-6), the AHN_SPEC normalisation of q and k (fp32)
+    # l2norm(a) = a / sqrt(sum a^2 + 1e-6), the docs/AHN_SPEC.md normalisation of q and k (fp32)
     return b_x * tl.rsqrt(tl.sum(b_x * b_x, 1) + 1e-6)[:, None]
 
 

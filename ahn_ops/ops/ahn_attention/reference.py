@@ -1,4 +1,4 @@
-"""Plain PyTorch reference of every formula in AHN_SPEC.md.
+"""Plain PyTorch reference of every formula in docs/AHN_SPEC.md.
 
 Everything here is written for clarity, not speed: fp32 (or fp64) arithmetic on
 upcast inputs, a sequential token-by-token memory recurrence, and window
@@ -6,7 +6,7 @@ attention evaluated block by block with an explicit position mask. Kernels are
 tested against these functions; the public API falls back to them where no
 kernel exists (CPU tensors, kinds or shapes a kernel does not cover).
 
-Conventions (see AHN_SPEC.md):
+Conventions (see docs/AHN_SPEC.md):
   activations [B, T, H, D], K/V [B, T, HKV, D], head h reads K/V head h // G;
   memory state [B, H, D_k, D_v] in fp32;
   per-token gates: ``g`` the log-decay (<= 0) and ``w`` the write strength
