@@ -15,7 +15,10 @@ One copy of the weights: the teacher pass is the same patched module run inside
 the chunkwise PyTorch path of ``chunked.py`` on CPU).
 
 Multi-process (``torchrun``; gloo on CPU, NCCL on GPU): the model is wrapped in DDP with every frozen
-tensor excluded from synchronisation, so only the AHN gradients are all-reduced. Sample ``j`` of step
+tensor excluded from synchronisation, so only the AHN gradients are all-reduced; or, with
+``shard="fsdp"`` (``--shard fsdp``), sharded by FSDP2 (``fully_shard`` per decoder layer), so that a rank
+holds 1/N of the frozen base: for models whose copy does not fit one GPU. Checkpoints keep the published
+AHN-only format either way (FSDP gathers the AHN weights whole; each rank saves its optimizer shard). Sample ``j`` of step
 ``s`` is dataset index ``s * global_batch + j`` whatever the split, and the loss of a micro-batch is
 normalised by the token count of the *global* batch, so ``N`` ranks give the loss curve of one rank
 with the same global batch (``micro_batch * world_size * grad_accum``).
@@ -64,6 +67,7 @@ __all__ = ["DistillConfig", "Distiller", "prepare_student", "sample_window_sinks
            "TRAINING_STATE", "main"]
 
 TRAINING_STATE = "training_state.pt"
+TRAINING_SHARD = "optimizer-rank{rank}.pt"  # FSDP: each rank's optimizer state (its own shards)
 
 
 @dataclasses.dataclass
@@ -119,6 +123,9 @@ class DistillConfig:
     out_dir: Optional[str] = None
     backend: str = "auto"
     progress: bool = True
+    # multi-process only: "ddp" (every rank holds the whole model) or "fsdp" (FSDP2 ``fully_shard`` per
+    # decoder layer: the frozen base and the AHN parameters sharded across ranks)
+    shard: str = "ddp"
 
     def to_dict(self) -> Dict:
         d = dataclasses.asdict(self)
@@ -293,6 +300,62 @@ def _set_rng_state(st: Dict) -> None:
 
 
 # --------------------------------------------------------------------------------------
+# FSDP2 (DistillConfig.shard = "fsdp")
+# --------------------------------------------------------------------------------------
+def _fully_shard(model: nn.Module, names: List[str]) -> List[Tuple[str, nn.Parameter]]:
+    """FSDP2 over the default process group: one unit per decoder layer (the frozen base weights and the
+    layer's AHN parameters sharded together), the root holds the embeddings, the final norm and the head.
+    Returns the trainable parameters again (now DTensors), in the order of ``names``."""
+    from torch.distributed.fsdp import fully_shard
+
+    for layer in _base_model(model).layers:
+        fully_shard(layer)
+    fully_shard(model)
+    by_name = dict(model.named_parameters())
+    return [(n, by_name[n]) for n in names]
+
+
+def _ahn_local_params(model: nn.Module) -> Dict[str, torch.Tensor]:
+    """The AHN parameters under their checkpoint names, as they are (DTensors under FSDP)."""
+    from .models.qwen2 import _ahn_params
+
+    return _ahn_params(model)
+
+
+def _load_sharded_ahn(model: nn.Module, path: Path) -> None:
+    """AHN weights of an AHN-only checkpoint into FSDP-sharded parameters (every rank reads the file and
+    keeps its own shard)."""
+    from safetensors.torch import load_file
+    from torch.distributed.tensor import distribute_tensor
+
+    tensors = load_file(str(Path(path) / "model.safetensors"))
+    params = _ahn_local_params(model)
+    missing = sorted(set(params) - set(tensors))
+    if missing:
+        raise KeyError(f"{path}: AHN weights missing: {missing[:4]}{' ...' if len(missing) > 4 else ''}")
+    with torch.no_grad():
+        for k, p in params.items():
+            full = tensors[k].to(dtype=p.dtype)
+            p.copy_(distribute_tensor(full.to(p.device_mesh.device_type), p.device_mesh, p.placements))
+
+
+def _grad_sq_sum(params: List[nn.Parameter]) -> torch.Tensor:
+    """Sum of the squared gradients over every rank's shards (plain tensors: this rank's whole grads)."""
+    tot = torch.zeros((), dtype=torch.float64)
+    sharded = False
+    for p in params:
+        if p.grad is None:
+            continue
+        g = p.grad
+        if hasattr(g, "to_local"):
+            g, sharded = g.to_local(), True
+        tot += (g.double() ** 2).sum().cpu()
+    if sharded:
+        dist.all_reduce(tot)
+    return tot
+
+
+# --------------------------------------------------------------------------------------
 # the trainer
 # --------------------------------------------------------------------------------------
 class Distiller:
@@ -316,7 +379,12 @@ class Distiller:
         self.distributed = dist.is_available() and dist.is_initialized()
         self.rank = dist.get_rank() if self.distributed else 0
         self.world = dist.get_world_size() if self.distributed else 1
+        if cfg.shard not in ("ddp", "fsdp"):
+            raise ValueError(f'DistillConfig.shard must be "ddp" or "fsdp", got {cfg.shard!r}')
+        self.fsdp = self.distributed and cfg.shard == "fsdp"
         self.params = prepare_student(model, cfg)
+        if self.fsdp:
+            self.params = _fully_shard(model, [n for n, _ in self.params])
         self.device = next(model.parameters()).device
         self.compute_dtype = _compute_dtype(cfg, self.device)
         self.autocast_dtype = self.compute_dtype if (self.device.type == "cuda"
@@ -338,7 +406,7 @@ class Distiller:
         self.sample_pos = 0  # the next global dataset index
         self.global_batch = cfg.micro_batch * self.world * cfg.grad_accum
         self.student = model
-        if self.distributed:
+        if self.distributed and not self.fsdp:
             from torch.nn.parallel import DistributedDataParallel as DDP
 
             # frozen tensors stay out of DDP: no broadcast of the base weights at wrap time, no buckets
@@ -374,7 +442,11 @@ class Distiller:
             if ids.shape[1] != T:
                 raise ValueError(f"samples of {ids.shape[1]} and {T} tokens in one step")
             sync = (not self.distributed) or m == cfg.grad_accum - 1
-            ctx = contextlib.nullcontext() if sync else self.student.no_sync()
+            if self.fsdp:  # reduce-scatter the gradients on the last micro-batch only
+                self.student.set_requires_gradient_sync(sync)
+                ctx = contextlib.nullcontext()
+            else:
+                ctx = contextlib.nullcontext() if sync else self.student.no_sync()
             # backward inside ahn_window too: activation checkpointing re-runs the student's layers
             # during backward, and they must see this step's W/S, not the nominal ones
             with ctx, ahn_window(self.model, W, S):
@@ -383,16 +455,17 @@ class Distiller:
                 loss = cfg.kl_weight * out["kl_sum"] / n_kl
                 if with_ce:
                     loss = loss + cfg.ce_weight * out["ce_sum"] / n_ce
-                # DDP averages gradients over ranks; the global normalisation wants their sum
+                # DDP / FSDP average gradients over ranks; the global normalisation wants their sum
                 (loss * self.world).backward()
             sums += torch.stack([out["kl_sum"].detach().double().cpu(), out["ce_sum"].detach().double().cpu()])
         if self.distributed:
             dist.all_reduce(sums)
         params = [p for _, p in self.params]
         if cfg.grad_clip and cfg.grad_clip > 0:
-            gnorm = float(torch.nn.utils.clip_grad_norm_(params, cfg.grad_clip, foreach=False))
+            gn = torch.nn.utils.clip_grad_norm_(params, cfg.grad_clip, foreach=False)
+            gnorm = float(gn.full_tensor() if hasattr(gn, "full_tensor") else gn)
         else:
-            gnorm = float(torch.sqrt(sum((p.grad.double() ** 2).sum() for p in params if p.grad is not None)))
+            gnorm = float(torch.sqrt(_grad_sq_sum(params)))
         lr = self.optimizer.param_groups[0]["lr"]
         self.optimizer.step()
         self.scheduler.step()
@@ -443,12 +516,21 @@ class Distiller:
             dist.all_gather_object(all_rng, rng)
         else:
             all_rng = [rng]
+        # FSDP: the AHN weights gathered whole on every rank (a collective), written by rank 0; each rank's
+        # optimizer state covers its own shards, so each rank writes its own file
+        full = {k: v.full_tensor() for k, v in _ahn_local_params(self.model).items()} if self.fsdp else None
+        if self.fsdp:
+            path.mkdir(parents=True, exist_ok=True)
+            shard_file = path / TRAINING_SHARD.format(rank=self.rank)
+            torch.save(self.optimizer.state_dict(), str(shard_file) + ".tmp")
+            os.replace(str(shard_file) + ".tmp", shard_file)
         if self.rank == 0:
             # the nominal W/S go to config.json (ahn_window restored them after the last step)
-            save_ahn_weights(self.model, path)
+            save_ahn_weights(self.model, path, tensors=full)
             state = dict(step=self.step, sample_pos=self.sample_pos, global_batch=self.global_batch,
-                         world_size=self.world, optimizer=self.optimizer.state_dict(),
-                         scheduler=self.scheduler.state_dict(), rng=all_rng, config=self.cfg.to_dict())
+                         world_size=self.world, optimizer=None if self.fsdp else self.optimizer.state_dict(),
+                         scheduler=self.scheduler.state_dict(), rng=all_rng, config=self.cfg.to_dict(),
+                         shard=self.cfg.shard if self.distributed else "none")
             tmp = path / (TRAINING_STATE + ".tmp")
             torch.save(state, tmp)
             os.replace(tmp, path / TRAINING_STATE)
@@ -461,9 +543,19 @@ class Distiller:
     def load(self, path) -> None:
         """Resume from a checkpoint directory: AHN weights, optimizer, scheduler, step, data position, RNG."""
         path = Path(path)
-        load_ahn_weights(self.model, path)  # fp32 master weights, cast to the parameters' dtype
         state = torch.load(path / TRAINING_STATE, map_location="cpu", weights_only=False)
-        self.optimizer.load_state_dict(state["optimizer"])
+        if self.fsdp:
+            if state.get("shard") != "fsdp" or int(state["world_size"]) != self.world:
+                raise ValueError(f"{path}: an FSDP resume needs a checkpoint written by FSDP on {self.world} ranks, "
+                                 f"found shard={state.get('shard')!r} on {state['world_size']} ranks")
+            _load_sharded_ahn(self.model, path)
+            opt = torch.load(path / TRAINING_SHARD.format(rank=self.rank), map_location="cpu", weights_only=False)
+            self.optimizer.load_state_dict(opt)
+        else:
+            if state["optimizer"] is None:
+                raise ValueError(f"{path}: written by FSDP (per-rank optimizer shards); resume it with shard='fsdp'")
+            load_ahn_weights(self.model, path)  # fp32 master weights, cast to the parameters' dtype
+            self.optimizer.load_state_dict(state["optimizer"])
         self.scheduler.load_state_dict(state["scheduler"])
         self.step, self.sample_pos = int(state["step"]), int(state["sample_pos"])
         rngs = state["rng"]
@@ -537,6 +629,9 @@ def parse_args(argv: Optional[Sequence[str]] = None, prog: Optional[str] = None)
     g.add_argument("--ce-weight", type=float, default=0.0)
     g.add_argument("--temperature", type=float, default=1.0)
     g.add_argument("--grad-ckpt", action="store_true", help="activation checkpointing per decoder layer")
+    g.add_argument("--shard", default="ddp", choices=["ddp", "fsdp"],
+                   help="several processes: ddp (a whole model per rank) or fsdp (FSDP2: the frozen base and the "
+                        "AHN weights sharded across ranks, for models whose copy does not fit one GPU)")
     g.add_argument("--seed", type=int, default=0)
     g = p.add_argument_group("output")
     g.add_argument("--out", default=None, help="checkpoint directory")
@@ -608,7 +703,8 @@ def main(argv: Optional[Sequence[str]] = None, prog: Optional[str] = "python -m 
                         lr=a.lr, min_lr_ratio=a.min_lr_ratio, warmup_steps=a.warmup, weight_decay=a.weight_decay,
                         grad_clip=a.grad_clip, kl_weight=a.kl_weight, ce_weight=a.ce_weight,
                         temperature=a.temperature, grad_ckpt=a.grad_ckpt, dtype=a.dtype, seed=a.seed,
-                        save_every=a.save_every, out_dir=a.out, backend=a.backend, progress=not a.no_progress)
+                        save_every=a.save_every, out_dir=a.out, backend=a.backend, progress=not a.no_progress,
+                        shard=a.shard)
     tr = Distiller(model, ds, cfg)
     if a.resume:
         tr.load(a.resume)

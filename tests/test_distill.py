@@ -248,3 +248,55 @@ def test_chunked_kl_equals_one_piece():
     torch.testing.assert_close(kl2, kl1)
     torch.testing.assert_close(ce2, ce1)
     torch.testing.assert_close(s.grad, g1)
+
+
+# --------------------------------------------------------------------------------------
+# FSDP2 (shard="fsdp") on two gloo ranks == DDP on two ranks == one rank, same global batch
+# --------------------------------------------------------------------------------------
+def _fsdp_worker(rank: int, world: int, init_file: str, out_dir: str, cfg_kw: dict):
+    import torch.distributed as dist
+
+    dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=world)
+    try:
+        hist, tr = _run(world, rank, dict(cfg_kw, shard="fsdp"))
+        tr.save(f"{out_dir}/ckpt")
+        # resume on a fresh sharded trainer: weights and optimizer state as saved
+        tr2 = Distiller(_model(), _ds(), _cfg(**dict(cfg_kw, shard="fsdp")))
+        tr2.load(f"{out_dir}/ckpt")
+        same = all(torch.equal(a.full_tensor(), b.full_tensor()) for (_, a), (_, b) in zip(tr.params, tr2.params))
+        more = tr2.train(steps=cfg_kw["steps"] + 1)
+        if rank == 0:
+            torch.save({"hist": hist, "resumed_equal": same, "next": more}, f"{out_dir}/rank0.pt")
+        dist.barrier()
+    finally:
+        dist.destroy_process_group()
+
+
+def test_fsdp_two_gloo_ranks_match_one_rank(tmp_path):
+    import torch.multiprocessing as mp
+
+    from ahn_ops.models import load_ahn_weights
+
+    steps = 3
+    kw = dict(steps=steps, micro_batch=1, grad_accum=2, ce_weight=0.3)
+    threads = torch.get_num_threads()
+    try:
+        single, tr1 = _run(1, 0, dict(kw, micro_batch=2))
+    finally:
+        torch.set_num_threads(threads)
+    mp.spawn(_fsdp_worker, args=(2, str(tmp_path / "init"), str(tmp_path), kw), nprocs=2, join=True)
+    multi = torch.load(tmp_path / "rank0.pt", weights_only=False)
+    for a, b in zip(single, multi["hist"]):
+        print(f"step {a['step']}: loss 1 rank {a['loss']:.7f}, FSDP 2 ranks {b['loss']:.7f}")
+        assert (a["window"], a["sinks"]) == (b["window"], b["sinks"])
+        assert abs(a["loss"] - b["loss"]) <= 1e-5 * max(1.0, abs(a["loss"]))
+        assert abs(a["grad_norm"] - b["grad_norm"]) <= 1e-4 * max(1.0, a["grad_norm"])
+    assert multi["resumed_equal"] and len(multi["next"]) == 1
+    # the checkpoint is the published AHN-only format, with the one-rank run's weights
+    m = _model()
+    prepare = __import__("ahn_ops.distill", fromlist=["prepare_student"]).prepare_student
+    prepare(m, _cfg(**kw))
+    load_ahn_weights(m, tmp_path / "ckpt")
+    got = dict(m.named_parameters())
+    for n, p in tr1.params:
+        torch.testing.assert_close(got[n].detach(), p.detach(), atol=1e-5, rtol=1e-4)

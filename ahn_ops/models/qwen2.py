@@ -785,11 +785,15 @@ def write_safetensors(tensors: Mapping[str, torch.Tensor], path: Union[str, os.P
         f.write(data)
 
 
-def save_ahn_weights(model: nn.Module, out_dir: Union[str, os.PathLike]) -> None:
-    """Write an AHN-only checkpoint: ``model.safetensors`` (AHN keys) + ``config.json`` (model config + AHN fields)."""
+def save_ahn_weights(model: nn.Module, out_dir: Union[str, os.PathLike],
+                     tensors: Optional[Mapping[str, torch.Tensor]] = None) -> None:
+    """Write an AHN-only checkpoint: ``model.safetensors`` (AHN keys) + ``config.json`` (model config + AHN fields).
+
+    ``tensors``: the AHN weights to write instead of the model's own (a sharded model's, gathered whole)."""
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
-    write_safetensors(ahn_state_dict(model), out / "model.safetensors")
+    sd = ahn_state_dict(model) if tensors is None else {k: v.detach().cpu().contiguous() for k, v in tensors.items()}
+    write_safetensors(sd, out / "model.safetensors")
     cfg = getattr(model, "config", _base_model(model).config).to_dict()
     cfg.update(ahn_config_fields(model))
     with open(out / "config.json", "w") as f:
