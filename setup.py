@@ -15,6 +15,9 @@ Environment:
     AHN_OPS_BUILD_TYPE        CMake build type (default Release)
     MAX_JOBS                  parallel compile jobs (default: the number of cores)
     CUDA_HOME                 the CUDA toolkit (default: the nvcc on PATH, then /usr/local/cuda)
+
+The package's torch requirement is set here, not in pyproject.toml: a wheel requires exactly the
+torch it was built against (``torch_requirement``), the only one its library loads under.
 """
 
 import hashlib
@@ -30,6 +33,55 @@ from setuptools.command.build_ext import build_ext
 
 ROOT = Path(__file__).resolve().parent
 DEFAULT_CUDA_ARCHS = "80;90a"
+# Besides torch (torch_requirement); the [hf] and other extras stay in pyproject.toml.
+# numpy: torch runs without it but warns on import ("Failed to initialize NumPy") when it is missing
+DEPENDENCIES = ["packaging", "safetensors", "einops", "numpy"]
+# Only where no torch is importable, i.e. for commands that compile nothing (`setup.py --version`).
+LOOSE_TORCH_REQUIREMENT = "torch>=2.4"
+
+
+def torch_requirement(version):
+    """The requirement on torch of a wheel built against the torch distribution ``version``.
+
+    ``version`` is the version pip sees (``importlib.metadata.version("torch")``), which is not
+    always ``torch.__version__``: PyPI's torch 2.14.1 reports 2.14.1+cu130 at run time. ahn_ops/_ext.py
+    loads the library only under the ``torch.__version__`` recorded at build time, local label
+    included, and one torch distribution version (on one platform) reports one ``torch.__version__``;
+    so the requirement admits that one distribution version and no other:
+
+        >>> torch_requirement("2.14.1")          # PyPI
+        'torch===2.14.1'
+        >>> torch_requirement("2.14.1+cu130")    # download.pytorch.org
+        'torch==2.14.1+cu130'
+
+    ``==2.14.1`` would also admit 2.14.1+cpu (PEP 440 ignores a candidate's local label when the
+    specifier has none), a torch the library refuses; ``===`` compares the whole version string.
+    With a local label, ``==`` compares it strictly. The one torch left out that would load is the
+    same build under another name (download.pytorch.org's 2.14.1+cu130 for PyPI's 2.14.1).
+    """
+    from packaging.version import Version
+
+    v = Version(version)
+    return f"torch=={v}" if v.local else f"torch==={v}"
+
+
+def _torch_distribution_version():
+    """The version pip sees of the torch this build compiles against; None where there is none."""
+    try:
+        import torch
+    except ImportError:
+        return None
+    from importlib import metadata
+
+    try:
+        return metadata.version("torch")
+    except metadata.PackageNotFoundError:  # a torch on sys.path that pip does not know (a source build)
+        return torch.__version__
+
+
+def _install_requires():
+    version = _torch_distribution_version()
+    return [LOOSE_TORCH_REQUIREMENT if version is None else torch_requirement(version), *DEPENDENCIES]
 
 
 def _tool(module, attr, name):
@@ -174,8 +226,11 @@ class CMakeBuild(build_ext):
         subprocess.run([cmake, "--build", str(temp), "-j", jobs], check=True, env=env)
 
 
-setup(
-    ext_modules=[CMakeExtension("ahn_ops._C")],
-    cmdclass={"build_ext": CMakeBuild},
-    options={"bdist_wheel": {"py_limited_api": "cp39"}},
-)
+# Guarded so that tests can import torch_requirement; pip and `python setup.py` run this as __main__.
+if __name__ == "__main__":
+    setup(
+        install_requires=_install_requires(),
+        ext_modules=[CMakeExtension("ahn_ops._C")],
+        cmdclass={"build_ext": CMakeBuild},
+        options={"bdist_wheel": {"py_limited_api": "cp39"}},
+    )

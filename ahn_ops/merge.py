@@ -28,8 +28,6 @@ import tempfile
 from pathlib import Path
 from typing import Dict, List, Optional, Sequence, Tuple
 
-from tqdm import tqdm
-
 AUX_FILES = ("tokenizer.json", "tokenizer_config.json", "vocab.json", "merges.txt", "special_tokens_map.json",
              "added_tokens.json", "generation_config.json", "chat_template.jinja", "tokenizer.model")
 AHN_SHARD = "model-ahn.safetensors"
@@ -37,6 +35,28 @@ AHN_SHARD = "model-ahn.safetensors"
 
 class MergeError(ValueError):
     """Bad merge inputs (message says what and where)."""
+
+
+class MissingDependencyError(ImportError):
+    """transformers or tqdm is not installed (message says what to install)."""
+
+
+# transformers (ahn_ops.models imports it) and tqdm come with the [hf] extra, not with ahn_ops
+# itself: imported when a merge starts, so that `import ahn_ops.merge` and `ahn-merge --help`
+# work without them and a merge says what to install instead of a ModuleNotFoundError
+HF_EXTRA = ("transformers", "tqdm")
+
+
+def _require_hf() -> None:
+    try:
+        import tqdm  # noqa: F401
+
+        from . import models  # noqa: F401
+    except ModuleNotFoundError as e:
+        if (e.name or "").split(".")[0] not in HF_EXTRA:
+            raise
+        raise MissingDependencyError(f"ahn-merge needs {' and '.join(HF_EXTRA)} (the [hf] extra): {e}. Install "
+                                     "them with: pip install \"ahn_ops[hf]\"") from e
 
 
 # a Qwen2 config.json without these cannot be checked against the AHN weights
@@ -106,6 +126,7 @@ def _shape_of(directory: Path, file_name: str, key: str) -> Tuple[int, ...]:
 def plan_merge(base: Path, ahn: Path, kind: Optional[str] = None, window: Optional[int] = None,
                sinks: Optional[int] = None, fa_layer_ids: Optional[str] = None):
     """Validate the inputs; return ``(base_files, base_map, ahn_tensors, merged_config)``. Writes nothing."""
+    _require_hf()
     from .models.modules import KIND_TO_IMPL, ahn_param_shapes, normalize_kind
     from .models.qwen2 import AHN_KEY_RE, drop_fa_layer_tensors, parse_fa_layer_ids, read_ahn_tensors
 
@@ -217,6 +238,9 @@ def plan_merge(base: Path, ahn: Path, kind: Optional[str] = None, window: Option
 def _write_merged(stage: Path, base: Path, ahn: Path, base_files: List[Path], base_map: Dict[str, str],
                   ahn_tensors: Dict, merged_cfg: Dict, progress: bool) -> List[str]:
     """Write the merged checkpoint into ``stage``; returns the file names written."""
+    _require_hf()
+    from tqdm import tqdm
+
     from .models.qwen2 import write_safetensors
 
     total = sum(f.stat().st_size for f in base_files) + sum(t.numel() * t.element_size() for t in ahn_tensors.values())
@@ -299,7 +323,8 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     try:
         out = merge(a.base, a.ahn, a.out, force=a.force, kind=a.kind, window=a.window, sinks=a.sinks,
                     fa_layer_ids=a.fa_layer_ids, progress=not a.quiet)
-    except (ValueError, NotImplementedError, OSError) as e:  # OSError: FileNotFoundError, permissions, disk full
+    # OSError: FileNotFoundError, permissions, disk full; MissingDependencyError: no [hf] extra
+    except (ValueError, NotImplementedError, OSError, MissingDependencyError) as e:
         msg = " ".join(str(e).split())  # one line, however the message was built
         print(f"ahn-merge: error: {msg}", file=sys.stderr)
         return 2

@@ -53,7 +53,16 @@ def main(argv=None) -> int:
     W, S = int(info.get("window", prm["window"])), int(info.get("sinks", prm["sinks"]))
     device = torch.device(a.device or ("cuda" if torch.cuda.is_available() else "cpu"))
     dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
-    model = Qwen2ForCausalLM.from_pretrained(root / "base", dtype=dtype).to(device).eval()
+    # a 3M-parameter model loads at once: transformers' progress bar would only clutter the demo's output
+    from transformers.utils import logging as hf_logging
+
+    bar = hf_logging.is_progress_bar_enabled()
+    hf_logging.disable_progress_bar()
+    try:
+        model = Qwen2ForCausalLM.from_pretrained(root / "base", dtype=dtype).to(device).eval()
+    finally:
+        if bar:
+            hf_logging.enable_progress_bar()
     ahn_ops.patch_qwen(model, "gdn", window=W, sinks=S, weights=root / "ahn")
     task_kw = dict(task=prm["task"], n_digits=prm["n_digits"], n_pairs=prm["n_pairs"],
                    distractor_numbers=prm["distractor_numbers"], cue=prm["cue"])
