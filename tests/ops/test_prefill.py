@@ -300,7 +300,7 @@ def test_launch_tables_match_a_plain_construction_and_are_cached():
 
     import triton
 
-    P = _prefill()
+    from ahn_ops.ops.ahn_attention import tables as TB
     rnd = random.Random(5)
     for _ in range(60):
         n = rnd.randint(1, 6)
@@ -309,20 +309,20 @@ def test_launch_tables_match_a_plain_construction_and_are_cached():
         rows, chunks, bos, coff = [], [], 0, 0
         for i, T in enumerate(lens):
             rows.append([bos, T, cols[0][i], cols[1][i], cols[2][i], cols[3][i], coff, 0])
-            chunks += [[i, c] for c in range(triton.cdiv(T, P.BT))]
-            bos, coff = bos + T, coff + triton.cdiv(T, P.BT)
-        seq, ch, NT = P._seq_tables(lens, *cols, "cpu")
+            chunks += [[i, c] for c in range(triton.cdiv(T, TB.BT))]
+            bos, coff = bos + T, coff + triton.cdiv(T, TB.BT)
+        seq, ch, NT = TB.seq_tables(lens, *cols, "cpu")
         assert NT == coff and seq.dtype == ch.dtype == torch.int32
         assert torch.equal(seq, torch.tensor(rows, dtype=torch.int32))
         assert torch.equal(ch, torch.tensor(chunks or [[0, 0]], dtype=torch.int32))
         for BM in (64, 128):
             blocks = [[i, c] for i, T in enumerate(lens) for c in range(triton.cdiv(T, BM))]
-            rb, NB = P._row_blocks(lens, BM, "cpu")
+            rb, NB = TB.row_blocks(lens, BM, "cpu")
             assert NB == len(blocks) and torch.equal(rb, torch.tensor(blocks or [[0, 0]], dtype=torch.int32))
-    a = P._seq_tables([300, 5], [0, 0], [0, 300], [0, 0], [0, 300], "cpu")
-    assert P._seq_tables([300, 5], [0, 0], [0, 300], [0, 0], [0, 300], "cpu")[0] is a[0]  # a hit
-    assert P._seq_tables([300, 6], [0, 0], [0, 300], [0, 0], [0, 300], "cpu")[0] is not a[0]
-    assert len(P._TABLES) <= P._TABLES_MAX
+    a = TB.seq_tables([300, 5], [0, 0], [0, 300], [0, 0], [0, 300], "cpu")
+    assert TB.seq_tables([300, 5], [0, 0], [0, 300], [0, 0], [0, 300], "cpu")[0] is a[0]  # a hit
+    assert TB.seq_tables([300, 6], [0, 0], [0, 300], [0, 0], [0, 300], "cpu")[0] is not a[0]
+    assert len(TB._TABLES) <= TB._TABLES_MAX
 
 
 def test_fwd_rows_rule(monkeypatch):

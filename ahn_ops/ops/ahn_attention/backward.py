@@ -10,8 +10,8 @@ which recomputes ``y_mem`` anyway (9 launches, 10 for mamba2; no attention forwa
 ==========================  ==========================  ==============================
 launch                       grid                        recomputes / produces
 ==========================  ==========================  ==============================
-prefill._prep_kernel         (chunks, H)                 gc, w, u (as the forward)
-prefill._state_kernel        (D/BV, H, N) sequential     h per chunk, v_new
+_prep_kernel                 (chunks, H)                 gc, w, u (as the forward; prefill_kernels.py)
+_state_kernel                (D/BV, H, N) sequential     h per chunk, v_new (prefill_kernels.py)
 _epi_bwd_kernel              (H, chunks)                 m, y_mem; dm, dz, u, dnorm_weight part,
                                                          window delta (mamba2: twice, README.md §6)
 _dh_bwd_kernel               (D/BV, H, N) sequential     dh per chunk, dv_new, dh0
@@ -54,6 +54,8 @@ from ..common.alloc import empty
 from . import backward_attn as ka
 from . import backward_mem as km
 from . import prefill as pf
+from . import prefill_kernels as pk
+from . import tables
 
 __all__ = ["prefill_bwd"]
 
@@ -103,7 +105,7 @@ def _items_table(lens: List[int], W: int, S: int, QS: int, dev: torch.device,
                  band: bool = True) -> Optional[torch.Tensor]:
     """``_attn_dkdv_sink_kernel``'s work table on ``dev`` (int32 ``[items, 4]``), None when empty."""
     rows = ka.sink_items(lens, W, S, BT, QS, band)
-    return pf._to_device(torch.tensor(rows, dtype=torch.int32), dev) if rows else None
+    return tables.to_device(torch.tensor(rows, dtype=torch.int32), dev) if rows else None
 
 
 def prefill_bwd(dout, dht, q, k, v, a, b, z, A_log, dt_bias, norm_weight, o_weight, out, lse, window: int,
@@ -133,7 +135,7 @@ def prefill_bwd(dout, dht, q, k, v, a, b, z, A_log, dt_bias, norm_weight, o_weig
         cs = [i * T for i in range(B + 1)]
     lens = [e - s for s, e in zip(cs[:-1], cs[1:])]
     N = len(lens)
-    seq, chunks, NT = pf._seq_tables(lens, [0] * N, cs[:-1], [0] * N, cs[:-1], dev)
+    seq, chunks, NT = tables.seq_tables(lens, [0] * N, cs[:-1], [0] * N, cs[:-1], dev)
     Tt = B * T
     flat = lambda x: None if x is None else x.reshape(Tt, *x.shape[2:]).contiguous()  # noqa: E731
     qf, kf, vf, dof, outf = flat(q), flat(k), flat(v), flat(dout.to(dt)), flat(out.to(dt))
@@ -181,7 +183,7 @@ def prefill_bwd(dout, dht, q, k, v, a, b, z, A_log, dt_bias, norm_weight, o_weig
         kd = empty(Tt, H, D, dtype=dt, device=dev)  # forward's decayed keys kn * exp(g_last - gc)
         # the WY inverse X per chunk, [Tt, H, BT] in the input dtype, for _mem_bwd (not recomputed there)
         xs = dummy if mamba2 else empty(Tt, H, BT, dtype=dt, device=dev)
-        pf._prep_kernel[(NT, H)](
+        pk._prep_kernel[(NT, H)](
             kx=kf, vx=vf, a=af if af is not None else dummy, b=bf if bf is not None else dummy, gx=dummy,
             A_log=A_logf, dt_bias=dt_biasf, seq=seq, chunks=chunks, gc=gc, w=w, u=u, kd=kd, xs=xs, H=H, HKV=HKV, D=D,
             W=W, S=S, BT=BT, GATES=gates, MAMBA2=mamba2, STORE_X=not mamba2, num_warps=pf.CONFIG["prep_warps"])
@@ -190,7 +192,7 @@ def prefill_bwd(dout, dht, q, k, v, a, b, z, A_log, dt_bias, norm_weight, o_weig
         # the forward's state-pass BV (prefill.CONFIG: 16 at D=128, more programs on a latency-bound loop)
         BV = pf.CONFIG["state_bv"][D]
         h0 = initial_state.float().contiguous() if use_h0 else dummy
-        pf._state_kernel[(D // BV, H, N)](
+        pk._state_kernel[(D // BV, H, N)](
             kd=kd, w=w, u=u, gc=gc, seq=seq, h0=h0, hs=hs, vnew=vnew, ht=dummy,
             H=H, HKV=HKV, D=D, W=W, S=S, BT=BT, BV=BV, USE_H0=use_h0, STORE_HT=False, MAMBA2=mamba2,
             num_warps=pf.CONFIG["state_warps"], num_stages=pf.CONFIG["state_stages"])
@@ -220,8 +222,8 @@ def prefill_bwd(dout, dht, q, k, v, a, b, z, A_log, dt_bias, norm_weight, o_weig
         # needs only delta, so with CONFIG["side_stream"] it runs on a side stream from here on ----
         # (the work table is cached by contents, as the forward's tables, and made on the main stream)
         QS = CONFIG["sink_qs"]
-        items = pf._cached_table(("sink", tuple(lens), W, S, BT, QS, str(dev), cudnn_band),
-                                 lambda: _items_table(lens, W, S, QS, dev, not cudnn_band))
+        items = tables.cached_table(("sink", tuple(lens), W, S, BT, QS, str(dev), cudnn_band),
+                                    lambda: _items_table(lens, W, S, QS, dev, not cudnn_band))
 
         def sink():
             BM, nw, ns = CONFIG["dkdv"]

@@ -1,7 +1,7 @@
 """Backward of the sliding-window attention with sinks (flash-attention-2 style), Triton.
 
 Three launches over query/key blocks of BT = 64 rows of one sequence. They take the softmax
-normaliser ``lse`` (log2 domain, fp32 ``[tokens, H]``) from the forward (``prefill._fwd_kernel``
+normaliser ``lse`` (log2 domain, fp32 ``[tokens, H]``) from the forward (``prefill_kernels._fwd_kernel``
 stores it; the autograd saves it) and ``delta = rowsum(dO * o_win)`` from
 ``backward_mem._epi_bwd_kernel`` (``o_win = out - y_mem``). Until Round 3 (NOTES_backward.md) a
 fourth launch re-ran the attention forward for these two: 2.5-3.5 ms of a ~32 ms backward at
@@ -35,7 +35,8 @@ from __future__ import annotations
 import triton
 import triton.language as tl
 
-from .prefill import _chunk_at, _inv_norm
+from ..common.jit_helpers import chunk_at as _chunk_at
+from ..common.jit_helpers import inv_norm as _inv_norm
 
 
 @triton.jit

@@ -44,7 +44,10 @@ from __future__ import annotations
 import triton
 import triton.language as tl
 
-from .prefill import _chunk_at, _inv_norm, _load_gates, _norm_rows
+from ..common.jit_helpers import chunk_at as _chunk_at
+from ..common.jit_helpers import inv_norm as _inv_norm
+from ..common.jit_helpers import load_gates as _load_gates
+from ..common.jit_helpers import norm_rows as _norm_rows
 
 
 @triton.jit

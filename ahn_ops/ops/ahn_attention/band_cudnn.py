@@ -4,7 +4,7 @@ cuDNN's Hopper attention kernels (warp-specialised, TMA + wgmma) take a diagonal
 ``diagonal_band_left_bound = W`` and a causal right bound, query ``t`` attends keys ``t - W < j <= t``,
 exactly the window part of ``K(t)``. The fused AHN forward then starts its online softmax from the
 band's normalised output and log-sum-exp instead of walking the band itself, and adds the sink
-keys that left the window and the memory readout (``prefill._fwd_kernel`` with ``BAND_IN``).
+keys that left the window and the memory readout (``prefill_kernels._fwd_kernel`` with ``BAND_IN``).
 
 cuDNN is reached through ``nvidia-cudnn-frontend``'s graph API (the ``cudnn`` module) on top of the
 ``libcudnn`` that PyTorch ships; graphs are built once per shape and cached. ``available`` says

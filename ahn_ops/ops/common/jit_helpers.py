@@ -1,0 +1,82 @@
+"""Triton jit helpers shared by the fused AHN prefill's forward and backward kernels.
+
+The forward's kernels (``ahn_attention/prefill_kernels.py``) and the backward's
+(``ahn_attention/backward_attn.py``, ``ahn_attention/backward_mem.py``) read the same launch tables
+and normalise q / k and load the gates the same way: these helpers are that shared code.
+
+- :func:`chunk_at`: a work item of a ``[n, 2]`` (sequence, block) table and its sequence's row of the
+  ``[N, 8]`` metadata (``ahn_attention/tables.py``).
+- :func:`inv_norm` / :func:`norm_rows`: the memory's q / k row normalisation (GDN / DN l2norm, Mamba2
+  F.normalize), fp32.
+- :func:`load_gates`: ``(g, beta)`` of a chunk's tokens from the raw projections or stored gates.
+
+The kernels import them under their former private names (``chunk_at as _chunk_at``, ...), so that
+their code is the same text as before these helpers moved here.
+"""
+
+from __future__ import annotations
+
+import triton
+import triton.language as tl
+
+__all__ = ["chunk_at", "inv_norm", "norm_rows", "load_gates"]
+
+
+@triton.jit
+def chunk_at(chunks, seq, i_c):
+    """Work item ``i_c`` of a ``[n, 2]`` (sequence, block) table -> its sequence ``i_n``, block ``i_b``
+    within it, the sequence's first row ``bos`` (int64) and length ``T`` (from the ``[N, 8]`` ``seq``)."""
+    i_n = tl.load(chunks + i_c * 2)
+    i_b = tl.load(chunks + i_c * 2 + 1)
+    bos = tl.load(seq + i_n * 8).to(tl.int64)
+    T = tl.load(seq + i_n * 8 + 1)
+    return i_n, i_b, bos, T
+
+
+@triton.jit
+def inv_norm(b_x, MAMBA2: tl.constexpr):
+    # [BT] row scale of the memory's q/k normalisation (fp32): GDN/DN l2norm 1 / sqrt(sum x^2 + 1e-6),
+    # Mamba2 F.normalize 1 / max(||x||, 1e-12)
+    if MAMBA2:
+        b_r = 1. / tl.maximum(tl.sqrt(tl.sum(b_x * b_x, 1)), 1e-12)
+    else:
+        b_r = tl.rsqrt(tl.sum(b_x * b_x, 1) + 1e-6)
+    return b_r
+
+
+# norm_rows calls inv_norm by its former private name (its code is the same text as before the move)
+_inv_norm = inv_norm
+
+
+@triton.jit
+def norm_rows(b_x, MAMBA2: tl.constexpr):
+    return b_x * _inv_norm(b_x, MAMBA2)[:, None]
+
+
+@triton.jit
+def load_gates(a, b, gx, A_log, dt_bias, o_row, m_act, i_h, H: tl.constexpr, GATES: tl.constexpr):
+    """(g, beta) [BT] fp32 of the tokens at kx rows ``o_row``; 0 where ``m_act`` is off.
+
+    GATES: 0 = raw GDN projections a, b; 1 = raw DN projection b; 2 = stored fp32 (g, beta);
+    3 = raw Mamba2 projection a = dt_proj(x): beta = dt = softplus(a + dt_bias), g = -exp(A_log) dt.
+    """
+    if GATES == 2:
+        b_g = tl.load(gx + o_row * H * 2 + i_h * 2, mask=m_act, other=0.).to(tl.float32)
+        b_beta = tl.load(gx + o_row * H * 2 + i_h * 2 + 1, mask=m_act, other=0.).to(tl.float32)
+    elif GATES == 3:
+        b_x = tl.load(a + o_row * H + i_h, mask=m_act, other=0.).to(tl.float32) + tl.load(dt_bias + i_h)
+        b_sp = tl.where(b_x > 20., b_x, tl.log(1. + tl.exp(tl.minimum(b_x, 20.))))
+        b_beta = tl.where(m_act, b_sp, 0.)
+        b_g = -tl.exp(tl.load(A_log + i_h).to(tl.float32)) * b_beta
+    else:
+        b_b = tl.load(b + o_row * H + i_h, mask=m_act, other=0.).to(tl.float32)
+        b_beta = tl.where(m_act, tl.sigmoid(b_b), 0.)
+        if GATES == 0:
+            b_a = tl.load(a + o_row * H + i_h, mask=m_act, other=0.).to(tl.float32)
+            b_x = b_a + tl.load(dt_bias + i_h).to(tl.float32)
+            # softplus with torch's threshold 20
+            b_sp = tl.where(b_x > 20., b_x, tl.log(1. + tl.exp(tl.minimum(b_x, 20.))))
+            b_g = tl.where(m_act, -tl.exp(tl.load(A_log + i_h).to(tl.float32)) * b_sp, 0.)
+        else:
+            b_g = tl.zeros_like(b_beta)
+    return b_g, b_beta
