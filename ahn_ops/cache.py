@@ -15,7 +15,7 @@ from __future__ import annotations
 
 import operator
 from dataclasses import dataclass
-from typing import Iterator, List, Sequence, Union
+from typing import Dict, Iterator, List, Mapping, Sequence, Union
 
 import torch
 
@@ -23,6 +23,8 @@ from .ops.common.checks import check_kind, check_window_sinks
 
 # K/V cache dtypes the ops accept (float64: the reference/chunked paths, for checks against the spec)
 CACHE_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
+# the stacked ``[L, B, ...]`` tensors of an AHNCache, in the order of ``_fields()``
+FIELDS = ("sink_k", "sink_v", "ring_k", "ring_v", "gates", "state", "pos")
 
 
 def _is_bool(x) -> bool:
@@ -196,11 +198,26 @@ class AHNCache:
         self.gates = torch.zeros(L, B, W, H, 2, dtype=torch.float32, device=dev)
         self.state = torch.zeros(L, B, H, D, D, dtype=torch.float32, device=dev)
         self.pos = torch.zeros(L, B, dtype=torch.int64, device=dev)
+        self._build_layers()
+
+    def _build_layers(self) -> None:
+        W, S, kind = self.window, self.sinks, self.kind
         self.layers: List[AHNLayerCache] = [
             AHNLayerCache(self.sink_k[i], self.sink_v[i], self.ring_k[i], self.ring_v[i], self.gates[i],
                           self.state[i], self.pos[i], W, S, kind)
-            for i in range(L)
+            for i in range(self.pos.shape[0])
         ]
+
+    @classmethod
+    def _wrap(cls, fields: Dict[str, torch.Tensor], window: int, sinks: int, kind: str) -> "AHNCache":
+        """An AHNCache over the given layer-major tensors, without a copy (the caller checked them)."""
+        self = cls.__new__(cls)
+        self.window, self.sinks, self.kind = window, sinks, kind
+        self.dtype, self.device = fields["ring_k"].dtype, fields["ring_k"].device
+        for name in FIELDS:
+            setattr(self, name, fields[name])
+        self._build_layers()
+        return self
 
     def __getitem__(self, layer: int) -> AHNLayerCache:
         return self.layers[layer]
@@ -250,3 +267,110 @@ class AHNCache:
         idx = _batch_index("beam_idx", beam_idx, self.batch_size, allow_mask=False).to(self.device)
         for t in self._fields():
             t.copy_(t.index_select(1, idx))
+
+    # ------------------------------------------------------------------ tensors in and out, forks
+    def state_dict(self) -> Dict[str, torch.Tensor]:
+        """The cache's tensors by field name (``sink_k``, ..., ``pos``; layer-major ``[L, B, ...]``).
+
+        References to the live storage, as ``nn.Module.state_dict`` returns them: clone to keep a snapshot.
+        """
+        return {name: getattr(self, name) for name in FIELDS}
+
+    @staticmethod
+    def check_state_dict(sd: Mapping[str, torch.Tensor], window: int, sinks: int, src: str = "state dict") -> Dict:
+        """Check that ``sd`` holds the tensors of one AHNCache with this ``window`` and ``sinks``.
+
+        Returns its sizes (``num_layers``, ``batch_size``, ``num_heads``, ``num_kv_heads``, ``head_dim``, ``dtype``);
+        raises ValueError naming ``src``, the field and what was expected otherwise.
+        """
+        if not isinstance(sd, Mapping):
+            raise ValueError(f"{src}: expected a mapping of field name -> tensor, got {type(sd).__name__}")
+        missing = [n for n in FIELDS if n not in sd]
+        extra = sorted(set(sd) - set(FIELDS))
+        if missing or extra:
+            raise ValueError(f"{src}: AHN cache fields must be {list(FIELDS)}; missing {missing}, unexpected {extra}")
+        for n in FIELDS:
+            if not isinstance(sd[n], torch.Tensor):
+                raise ValueError(f"{src}: {n} must be a tensor, got {type(sd[n]).__name__}")
+        rk = sd["ring_k"]
+        if rk.dim() != 5:
+            raise ValueError(f"{src}: ring_k must be [L, B, W, HKV, D], got shape {list(rk.shape)}")
+        L, B, _, HKV, D = rk.shape
+        st = sd["state"]
+        H = st.shape[2] if st.dim() == 5 else -1
+        want = {"sink_k": (L, B, sinks, HKV, D), "sink_v": (L, B, sinks, HKV, D), "ring_k": (L, B, window, HKV, D),
+                "ring_v": (L, B, window, HKV, D), "gates": (L, B, window, H, 2), "state": (L, B, H, D, D),
+                "pos": (L, B)}
+        for n, shape in want.items():
+            if tuple(sd[n].shape) != shape:
+                raise ValueError(f"{src}: {n} must have shape {list(shape)} (window={window}, sinks={sinks}), "
+                                 f"got {list(sd[n].shape)}")
+        if min(L, B, H, HKV, D) < 1 or H % HKV:
+            raise ValueError(f"{src}: no valid cache sizes (layers={L}, batch={B}, heads={H}, kv heads={HKV}, "
+                             f"head dim={D})")
+        dtype = rk.dtype
+        if dtype not in CACHE_DTYPES:
+            raise ValueError(f"{src}: ring_k has dtype {dtype}, expected a floating K/V dtype")
+        for n, dt in (("sink_k", dtype), ("sink_v", dtype), ("ring_v", dtype), ("gates", torch.float32),
+                      ("state", torch.float32), ("pos", torch.int64)):
+            if sd[n].dtype != dt:
+                raise ValueError(f"{src}: {n} must have dtype {dt}, got {sd[n].dtype}")
+        if bool((sd["pos"] < 0).any()):
+            raise ValueError(f"{src}: pos must be >= 0 (tokens processed), got {sd['pos'].min().item()}")
+        return dict(num_layers=L, batch_size=B, num_heads=H, num_kv_heads=HKV, head_dim=D, dtype=dtype)
+
+    def load_state_dict(self, sd: Mapping[str, torch.Tensor]) -> None:
+        """Copy tensors of :meth:`state_dict` form into this cache (same sizes and dtypes), in place.
+
+        Everything is checked (and moved to the cache's device) before the first write: on error the
+        cache is unchanged.
+        """
+        sizes = self.check_state_dict(sd, self.window, self.sinks)
+        for n in FIELDS:
+            if tuple(sd[n].shape) != tuple(getattr(self, n).shape) or sd[n].dtype != getattr(self, n).dtype:
+                raise ValueError(f"state dict: {n} has shape {list(sd[n].shape)} {sd[n].dtype}, this cache "
+                                 f"{list(getattr(self, n).shape)} {getattr(self, n).dtype} "
+                                 f"(batch_size={self.batch_size}; the state dict has {sizes['batch_size']})")
+        staged = {n: sd[n].to(self.device) for n in FIELDS}
+        for n in FIELDS:
+            getattr(self, n).copy_(staged[n])
+
+    @classmethod
+    def from_state_dict(cls, sd: Mapping[str, torch.Tensor], window: int, sinks: int, kind: str,
+                        device: Union[str, torch.device, None] = None) -> "AHNCache":
+        """A new cache holding a copy of the tensors of :meth:`state_dict` (checked first) on ``device``
+        (default: where the tensors are)."""
+        check_kind(kind)
+        check_window_sinks(window, sinks)
+        cls.check_state_dict(sd, window, sinks)
+        dev = torch.device(device) if device is not None else sd["ring_k"].device
+        # a copy even on the same device: the new cache must not alias the caller's tensors
+        return cls._wrap({n: sd[n].to(dev, copy=True).contiguous() for n in FIELDS}, window, sinks, kind)
+
+    def clone(self) -> "AHNCache":
+        """An independent copy (same device): writes to either cache leave the other unchanged."""
+        return self._wrap({n: t.clone() for n, t in self.state_dict().items()}, self.window, self.sinks, self.kind)
+
+    def select(self, batch_indices: Union[Sequence[int], torch.Tensor, int]) -> "AHNCache":
+        """A new cache of the chosen sequences: sequence ``i`` of it is a copy of ``batch_indices[i]`` of this one.
+
+        ``batch_indices``: int indices in ``[0, B)`` (tensor, list or one int; repeats allowed, e.g. ``[0, 0, 0]``
+        forks sequence 0 three times) or a bool mask of shape ``[B]``; at least one sequence. One
+        ``index_select`` per field for all layers, on the cache's device. This cache is unchanged.
+        """
+        idx = _batch_index("batch_indices", batch_indices, self.batch_size, allow_mask=True)
+        if idx.numel() == 0:
+            raise ValueError("batch_indices must select at least one sequence, got none")
+        idx = idx.to(self.device)
+        return self._wrap({n: t.index_select(1, idx) for n, t in self.state_dict().items()},
+                          self.window, self.sinks, self.kind)
+
+    def expand(self, n: int) -> "AHNCache":
+        """A new cache with each sequence repeated ``n`` times (``[a, b]`` -> ``[a]*n + [b]*n``, as
+        ``repeat_interleave``): on a batch-1 cache, ``n`` independent continuations of one prefix.
+        This cache is unchanged."""
+        if _is_bool(n) or not hasattr(n, "__index__") or operator.index(n) < 1:
+            raise ValueError(f"n must be an int >= 1 (copies per sequence), got {n!r}")
+        n = operator.index(n)
+        return self._wrap({f: t.repeat_interleave(n, dim=1) for f, t in self.state_dict().items()},
+                          self.window, self.sinks, self.kind)

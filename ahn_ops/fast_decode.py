@@ -135,6 +135,53 @@ def _position_ids(attention_mask: Optional[torch.Tensor]) -> Optional[torch.Tens
     return pos.masked_fill(attention_mask == 0, 0)
 
 
+def _continuation(cache, attention_mask: Optional[torch.Tensor], T: int, device):
+    """``(mask, position_ids, past)`` of ``T`` new columns fed on top of what ``cache`` holds.
+
+    ``past``: columns the cache holds (padding included). ``mask``: the 2-D mask over all ``past + T`` columns
+    (None when nothing is padded) and ``position_ids`` ``[B, T]``: each sequence continues from its own count
+    of real tokens (the AHN ``pos``). The cached columns' padding is taken as left padding (the first
+    ``past - pos`` columns of each sequence), which is what a prefill of a left-padded batch leaves.
+    """
+    past = cache.get_seq_length() if cache.ahn is not None else 0
+    if past == 0:
+        return attention_mask, _position_ids(attention_mask), 0
+    if cache.ahn_index:
+        pos0 = cache.seq_lens().to(device)                                 # [B] real tokens so far
+    else:  # no AHN layer counts tokens (every layer full attention): take the columns as tokens
+        pos0 = torch.full((cache.ahn.batch_size,), past, dtype=torch.long, device=device)
+    if attention_mask is None and not bool((pos0 != past).any()):
+        return None, pos0[:, None] + torch.arange(T, device=device), past
+    new = attention_mask.long() if attention_mask is not None else torch.ones(pos0.shape[0], T, dtype=torch.long,
+                                                                            device=device)
+    cols = torch.arange(past, device=device)
+    past_mask = (cols[None, :] >= (past - pos0)[:, None]).long()
+    position_ids = (pos0[:, None] + new.cumsum(-1) - 1).masked_fill(new == 0, 0)
+    return torch.cat([past_mask, new], 1), position_ids, past
+
+
+def _prefill(model, input_ids, attention_mask, chunk_size, cache):
+    """:func:`prefill`, also returning the mask over all columns and the columns cached before."""
+    from .models import AHNModelCache, cache_kwargs
+
+    if cache is None:
+        cache = AHNModelCache.from_model(model)
+    B, T = input_ids.shape
+    mask, position_ids, past = _continuation(cache, attention_mask, T, input_ids.device)
+    step = chunk_size or T
+    out = None
+    for s in range(0, T, step):
+        e = min(s + step, T)
+        kw = {}
+        if mask is not None:
+            kw["attention_mask"] = mask[:, :past + e]
+        if position_ids is not None:
+            kw["position_ids"] = position_ids[:, s:e]
+        kw.update(cache_kwargs(cache))
+        out = model(input_ids[:, s:e], use_cache=True, logits_to_keep=1, **kw)
+    return out.logits[:, -1].float(), cache, mask, past
+
+
 @torch.no_grad()
 def prefill(model, input_ids: torch.Tensor, attention_mask: Optional[torch.Tensor] = None,
             chunk_size: Optional[int] = None, cache=None):
@@ -144,27 +191,34 @@ def prefill(model, input_ids: torch.Tensor, attention_mask: Optional[torch.Tenso
         model: a Qwen2ForCausalLM patched by :func:`ahn_ops.patch_qwen`.
         input_ids: ``[B, T]`` int64. attention_mask: optional ``[B, T]`` (1 = token, 0 = left padding).
         chunk_size: prefill in chunks of this many tokens (constant activation memory).
-        cache: an empty :class:`~ahn_ops.AHNModelCache` to fill (default: a new one).
+        cache: an :class:`~ahn_ops.AHNModelCache` to fill (default: a new one). One that already holds tokens
+            is continued in place: ``input_ids`` are the new tokens only, their positions continue from each
+            sequence's count of real tokens, and ``attention_mask`` covers the new tokens only.
     Returns:
         ``(logits [B, V] float32 of the last column, cache)``.
     """
-    from .models import AHNModelCache, cache_kwargs
+    logits, cache, _, _ = _prefill(model, input_ids, attention_mask, chunk_size, cache)
+    return logits, cache
 
-    if cache is None:
-        cache = AHNModelCache.from_model(model)
-    B, T = input_ids.shape
-    position_ids = _position_ids(attention_mask)
-    step = chunk_size or T
-    out = None
-    for s in range(0, T, step):
-        e = min(s + step, T)
-        kw = {}
-        if attention_mask is not None:
-            kw["attention_mask"] = attention_mask[:, :e]
-            kw["position_ids"] = position_ids[:, s:e]
-        kw.update(cache_kwargs(cache))
-        out = model(input_ids[:, s:e], use_cache=True, logits_to_keep=1, **kw)
-    return out.logits[:, -1].float(), cache
+
+def _fork_given_cache(model, cache, B: int):
+    """The cache ``generate`` continues from: checked against the model and the batch, then forked so that the
+    caller's cache stays as it was."""
+    from .models import AHNModelCache
+
+    if not isinstance(cache, AHNModelCache):
+        raise TypeError(f"cache must be an ahn_ops.AHNModelCache (AHNModelCache.from_model / .load), got "
+                        f"{type(cache).__name__}")
+    cache.check_model(model, "cache")                       # layout, dtype, device, weights fingerprints
+    if cache.ahn is None:
+        return cache.clone()
+    if cache.ahn.batch_size != B:
+        raise ValueError(f"cache holds {cache.ahn.batch_size} sequence(s) but input_ids has {B} rows: fork it first "
+                         f"(cache.expand({B}) for a batch-1 cache, or cache.select(indices))")
+    # the AHN storage is written in place by the prefill and the decode steps: copy it. The full-attention K/V
+    # need no copy: DynamicLayer.update concatenates into new tensors and the decoder copies them into its own
+    # static buffers, so the caller's K/V are never written.
+    return cache._fork(cache.ahn.clone(), lambda t: t)
 
 
 # --------------------------------------------------------------------------------------
@@ -611,7 +665,7 @@ def generate(model, input_ids: torch.Tensor, max_new_tokens: int, *, attention_m
              use_cuda_graph: Optional[bool] = None, generator: Optional[torch.Generator] = None,
              eos_check_every: int = 16, stats: Optional[dict] = None,
              fuse_glue: Optional[bool] = None, fuse_linear: Optional[bool] = None,
-             fuse_gate_up: Optional[bool] = None, overlap: Optional[bool] = None) -> torch.LongTensor:
+             fuse_gate_up: Optional[bool] = None, overlap: Optional[bool] = None, cache=None) -> torch.LongTensor:
     """Generate with an AHN model: HF-compatible prefill, then a static decode step (a CUDA graph on GPU).
 
     Greedy decoding returns the same tokens as ``model.generate(input_ids, do_sample=False, ...)``
@@ -653,10 +707,17 @@ def generate(model, input_ids: torch.Tensor, max_new_tokens: int, *, attention_m
         stats: optional dict, filled with ``prefill_s``, ``decode_s`` (graph capture included),
             ``new_tokens``, ``cuda_graph`` and ``cache_nbytes`` (AHN cache + static full-attention
             K/V) (the device is synchronised at the boundaries).
+        cache: an :class:`~ahn_ops.AHNModelCache` holding a prefix (e.g. ``AHNModelCache.load(path, model)``,
+            or a fork of one by ``expand`` / ``select``) to continue from: ``input_ids`` (and
+            ``attention_mask``) are then the NEW tokens only, prefilled (chunked as above) on top of the
+            cache with positions continuing from each sequence's own; then decoding as usual. Its batch size
+            must be ``B``, and it must belong to this model (layout, dtype, device, weights: ValueError
+            otherwise). The given cache is not modified (generation runs on a fork of it): ask many prompts
+            against one prefilled document by passing the same cache each time.
 
     Returns:
         ``[B, T + n]`` int64: the prompt followed by ``n <= max_new_tokens`` new tokens, as
-        ``model.generate`` returns it.
+        ``model.generate`` returns it (with ``cache``: the new prompt tokens, not the cached prefix).
 
     Example (a tiny random model; a real one: ``ahn_ops.from_pretrained(path, dtype=torch.bfloat16).cuda()``):
         >>> import torch, ahn_ops
@@ -701,6 +762,8 @@ def generate(model, input_ids: torch.Tensor, max_new_tokens: int, *, attention_m
         raise ValueError(f"generator is on {generator.device}, the model on {device}")
     if use_cuda_graph and device.type != "cuda":
         raise ValueError(f"use_cuda_graph=True needs the model on CUDA (it is on {device})")
+    if cache is not None:
+        cache = _fork_given_cache(model, cache, B)
 
     gc = getattr(model, "generation_config", None)
     eos = _eos_list(model, eos_token_id)
@@ -719,9 +782,9 @@ def generate(model, input_ids: torch.Tensor, max_new_tokens: int, *, attention_m
         return time.perf_counter()
 
     t0 = now()
-    first_logits, cache = prefill(model, input_ids, attention_mask, prefill_chunk_size)
+    first_logits, cache, mask, past = _prefill(model, input_ids, attention_mask, prefill_chunk_size, cache)
     t1 = now()
-    dec = StaticDecoder(model, cache, attention_mask, T, max_new_tokens, eos, pad_token_id, do_sample,
+    dec = StaticDecoder(model, cache, mask, past + T, max_new_tokens, eos, pad_token_id, do_sample,
                         temperature, top_k, top_p, generator, fuse_glue=fuse_glue,
                         fuse_linear=fuse_linear, fuse_gate_up=fuse_gate_up, overlap=overlap)
     if use_cuda_graph is None:

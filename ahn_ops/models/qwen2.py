@@ -406,13 +406,40 @@ def _model_pre_hook(module, args, kwargs):
 
 
 def _prepare_cache_for_generation(self, generation_config, model_kwargs, *args, **kwargs):
-    """generate(): an AHNModelCache unless the caller brought a cache or asked for none."""
+    """generate(): an AHNModelCache unless the caller brought a cache or asked for none.
+
+    A cache the caller brings (``model.generate(ids, past_key_values=cache)``) is continued in place, as
+    transformers does with its own caches, and under transformers' contract: ``input_ids`` is the FULL
+    sequence, the cached prefix followed by the new tokens (transformers feeds only the columns after
+    ``cache.get_seq_length()``), or the new tokens only with an ``attention_mask`` covering prefix + new
+    tokens. Checked here: the cache belongs to this model, its batch size, and that the input is longer
+    than the cached prefix. (``ahn_ops.generate(model, new_ids, cache=cache)`` takes the new tokens only and
+    leaves the cache unchanged.)
+    """
     name = _cache_name(self)
     if (model_kwargs.get(name) is None and generation_config.use_cache is not False
             and generation_config.cache_implementation in (None, "dynamic")):
         model_kwargs[name] = AHNModelCache.from_model(self)
         return None
     pkv = model_kwargs.get(name)
+    if isinstance(pkv, AHNModelCache):
+        pkv.check_model(self, "past_key_values")
+    if isinstance(pkv, AHNModelCache) and pkv.ahn is not None:
+        batch_size = kwargs.get("batch_size", args[1] if len(args) > 1 else None)
+        expand = max(generation_config.num_beams or 1, generation_config.num_return_sequences or 1)
+        if isinstance(batch_size, int) and pkv.ahn.batch_size != batch_size * expand:
+            raise ValueError(f"past_key_values holds {pkv.ahn.batch_size} sequence(s), generate() runs "
+                             f"{batch_size * expand} (batch {batch_size} x {expand} beams/returned sequences): fork "
+                             "it first with cache.expand(n) or cache.select(indices)")
+        mask = model_kwargs.get("attention_mask")
+        # generate() drops an all-ones mask before this call and keeps its length for slicing the input
+        length = mask.shape[-1] if isinstance(mask, torch.Tensor) else getattr(generation_config, "_mask_length", None)
+        past = pkv.get_seq_length()
+        if isinstance(length, int) and length <= past:
+            raise ValueError(f"input_ids: past_key_values holds {past} columns, so generate() expects the full "
+                             f"sequence (the cached prefix followed by the new tokens, as for transformers' own "
+                             f"caches), got {length} columns; ahn_ops.generate(model, new_ids, cache=cache) takes "
+                             "the new tokens only")
     if pkv is None and generation_config.use_cache is not False:
         raise ValueError(f"cache_implementation={generation_config.cache_implementation!r} is not supported by "
                          "an AHN model; leave it unset (an AHNModelCache is used)")
