@@ -64,7 +64,7 @@ from .models.qwen2 import (_base_model, ahn_window, full_attention, load_ahn_wei
                            save_ahn_weights)
 
 __all__ = ["DistillConfig", "Distiller", "prepare_student", "sample_window_sinks", "distill_loss",
-           "TRAINING_STATE", "main"]
+           "official_init_", "TRAINING_STATE", "main"]
 
 TRAINING_STATE = "training_state.pt"
 TRAINING_SHARD = "optimizer-rank{rank}.pt"  # FSDP: each rank's optimizer state (its own shards)
@@ -82,6 +82,10 @@ class DistillConfig:
         seq_len: tokens per sample ``T`` (informational: the trainer uses the dataset's length).
         random_window: draw ``W``, ``S`` per step. min_window, max_window: range of ``W`` (then clipped
             to ``T/8 < W < T``). max_sinks: cap on ``S`` (None: ``W // 2``).
+        recipe: ``"ahn_ops"`` (the draws above) or ``"official"``, the original release's draws: a total
+            window ``W + S`` from {32, 64, ..., 8192} with ``T/8 < W + S < T``, ``S`` from
+            {0, 32, 64, 128, 512, 2048, 4096} capped at ``(W + S) / 2`` (its window counts the sinks);
+            min/max_window and max_sinks do not apply.
         micro_batch, grad_accum: per-rank samples per forward, forwards per optimizer step.
         steps: optimizer steps in total (the schedule's length).
         lr, min_lr_ratio, warmup_steps: AdamW learning rate, cosine decay to ``lr * min_lr_ratio``
@@ -101,6 +105,7 @@ class DistillConfig:
     fa_layer_ids: Optional[str] = None
     seq_len: int = 2048
     random_window: bool = True
+    recipe: str = "ahn_ops"
     min_window: int = 32
     max_window: int = 8192
     max_sinks: Optional[int] = None
@@ -184,6 +189,26 @@ def _compute_dtype(cfg: DistillConfig, device: torch.device) -> torch.dtype:
             "float32": torch.float32}[cfg.dtype]
 
 
+# the original release's training draws (recipe="official"): total windows (its W counts the sinks) and sinks
+OFFICIAL_TOTAL_WINDOWS = tuple(2 ** i for i in range(5, 14))  # 32 .. 8192
+OFFICIAL_SINKS = (0, 32, 64, 128, 512, 2048, 4096)
+
+
+def official_init_(model: nn.Module) -> None:
+    """The original release's initialisation of fresh AHN weights where it differs from ``patch_qwen``'s:
+    Mamba2 ``dt_bias = 1`` and ``A_log = log(1 .. H)`` (GDN's ``A ~ U(0, 16)`` is ``patch_qwen``'s already)."""
+    from .models.qwen2 import _ahn_params
+
+    with torch.no_grad():
+        for name, p in _ahn_params(model).items():
+            if _base_model(model)._ahn_info["kind"] != "mamba2":
+                return
+            if name.endswith(".ahn.fn.dt_bias"):
+                p.fill_(1.0)
+            elif name.endswith(".ahn.fn.A_log"):
+                p.copy_(torch.log(torch.arange(1, p.numel() + 1, dtype=torch.float32)).to(p))
+
+
 def sample_window_sinks(cfg: DistillConfig, step: int, seq_len: int) -> Tuple[int, int]:
     """``(W, S)`` of optimizer step ``step``: a function of (seed, step) only, the same on every rank
     and after a resume. ``T/8 < W < T`` within ``[min_window, max_window]``; ``0 <= S <= W/2`` with
@@ -194,6 +219,17 @@ def sample_window_sinks(cfg: DistillConfig, step: int, seq_len: int) -> Tuple[in
         if W + S >= T:
             raise ValueError(f"window + sinks = {W + S} must be < seq_len = {T} (no token beyond the window)")
         return W, S
+    if cfg.recipe == "official":
+        rng = random.Random(int(cfg.seed) * 1_000_003 + int(step) * 7 + 12345)
+        totals = [w for w in OFFICIAL_TOTAL_WINDOWS if T / 8 < w < T]
+        if not totals:
+            raise ValueError(f"recipe='official': no total window in {OFFICIAL_TOTAL_WINDOWS} with T/8 < W+S < T "
+                             f"for T={T}")
+        total = rng.choice(totals)
+        S = rng.choice([x for x in OFFICIAL_SINKS if x <= total // 2])
+        return total - S, S
+    if cfg.recipe != "ahn_ops":
+        raise ValueError(f'DistillConfig.recipe must be "ahn_ops" or "official", got {cfg.recipe!r}')
     lo = max(int(cfg.min_window), T // 8 + 1, 1)
     hi = min(int(cfg.max_window), T - 1)
     if lo > hi:
@@ -616,6 +652,9 @@ def parse_args(argv: Optional[Sequence[str]] = None, prog: Optional[str] = None)
     g.add_argument("--min-window", type=int, default=32)
     g.add_argument("--max-window", type=int, default=8192)
     g.add_argument("--max-sinks", type=int, default=None, help="cap on the random S (default W/2)")
+    g.add_argument("--recipe", default="ahn_ops", choices=["ahn_ops", "official"],
+                   help="official: the original release's window/sink draws (W+S from 32..8192, S from "
+                        "{0,32,64,128,512,2048,4096}) and its Mamba2 initialisation of fresh AHN weights")
     g = p.add_argument_group("optimisation")
     g.add_argument("--steps", type=int, default=1000)
     g.add_argument("--micro-batch", type=int, default=1)
@@ -693,6 +732,8 @@ def main(argv: Optional[Sequence[str]] = None, prog: Optional[str] = "python -m 
     model.to(device)
     patch_qwen(model, a.kind, window=a.window, sinks=a.sinks, fa_layer_ids=a.fa_layer_ids, weights=a.init_ahn,
                backend=a.backend)
+    if a.recipe == "official" and a.init_ahn is None:
+        official_init_(model)
     ds = build_dataset(a.data, a.seq_len, synthetic=a.synthetic, tokenizer=None if tok == "bytes" else tok,
                        seed=a.seed)
     if getattr(ds, "vocab_size", 0) > model.config.vocab_size:
@@ -704,7 +745,7 @@ def main(argv: Optional[Sequence[str]] = None, prog: Optional[str] = "python -m 
                         grad_clip=a.grad_clip, kl_weight=a.kl_weight, ce_weight=a.ce_weight,
                         temperature=a.temperature, grad_ckpt=a.grad_ckpt, dtype=a.dtype, seed=a.seed,
                         save_every=a.save_every, out_dir=a.out, backend=a.backend, progress=not a.no_progress,
-                        shard=a.shard)
+                        shard=a.shard, recipe=a.recipe)
     tr = Distiller(model, ds, cfg)
     if a.resume:
         tr.load(a.resume)

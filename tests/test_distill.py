@@ -300,3 +300,28 @@ def test_fsdp_two_gloo_ranks_match_one_rank(tmp_path):
     got = dict(m.named_parameters())
     for n, p in tr1.params:
         torch.testing.assert_close(got[n].detach(), p.detach(), atol=1e-5, rtol=1e-4)
+
+
+def test_official_recipe_draws_and_init():
+    from ahn_ops.distill import OFFICIAL_SINKS, OFFICIAL_TOTAL_WINDOWS, official_init_, sample_window_sinks
+
+    cfg = _cfg(recipe="official")
+    seen = set()
+    for step in range(200):
+        W, S = sample_window_sinks(cfg, step, 4096)
+        assert W + S in OFFICIAL_TOTAL_WINDOWS and 4096 / 8 < W + S < 4096
+        assert S in OFFICIAL_SINKS and S <= (W + S) // 2 and W >= 1
+        seen.add((W + S, S))
+    assert {t for t, _ in seen} == {1024, 2048} and len({s for _, s in seen}) >= 5  # 512 is not > T/8
+    with pytest.raises(ValueError, match="recipe"):
+        sample_window_sinks(_cfg(recipe="other"), 0, 4096)
+    import ahn_ops
+
+    m = _model()
+    ahn_ops.patch_qwen(m, "mamba2", window=16, sinks=2)
+    official_init_(m)
+    for n, p in m.named_parameters():
+        if n.endswith(".ahn.fn.dt_bias"):
+            assert torch.all(p == 1)
+        if n.endswith(".ahn.fn.A_log"):
+            torch.testing.assert_close(p.exp(), torch.arange(1, p.numel() + 1, dtype=p.dtype))
