@@ -361,7 +361,10 @@ class AHNCache:
         idx = _batch_index("batch_indices", batch_indices, self.batch_size, allow_mask=True)
         if idx.numel() == 0:
             raise ValueError("batch_indices must select at least one sequence, got none")
-        idx = idx.to(self.device)
+        return self._take(idx.to(self.device))
+
+    def _take(self, idx: torch.Tensor) -> "AHNCache":
+        """A new cache of sequences ``idx`` (int64 on the cache's device, already checked): no host sync."""
         return self._wrap({n: t.index_select(1, idx) for n, t in self.state_dict().items()},
                           self.window, self.sinks, self.kind)
 

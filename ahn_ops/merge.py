@@ -28,6 +28,8 @@ import tempfile
 from pathlib import Path
 from typing import Dict, List, Optional, Sequence, Tuple
 
+from .files import read_json_object
+
 AUX_FILES = ("tokenizer.json", "tokenizer_config.json", "vocab.json", "merges.txt", "special_tokens_map.json",
              "added_tokens.json", "generation_config.json", "chat_template.jinja", "tokenizer.model")
 AHN_SHARD = "model-ahn.safetensors"
@@ -67,13 +69,9 @@ def _load_json(path: Path, what: str) -> Dict:
     if not path.exists():
         raise MergeError(f"{what}: {path} not found")
     try:
-        with open(path) as f:
-            data = json.load(f)
-    except (json.JSONDecodeError, UnicodeDecodeError) as e:
-        raise MergeError(f"{what}: {path} is not valid JSON ({e})") from None
-    if not isinstance(data, dict):
-        raise MergeError(f"{what}: {path} holds a JSON {type(data).__name__}, expected an object")
-    return data
+        return read_json_object(path)
+    except ValueError as e:
+        raise MergeError(f"{what}: {e}") from None
 
 
 def _safetensors_keys(path: Path, what: str) -> List[str]:

@@ -199,15 +199,20 @@ def offline(a):
             inp = make_inputs(kind, 1, a.T, 8, 2, D, torch.bfloat16, 0, device="cpu")
             out, _, lse = pf.prefill_fwd(*inp, a.W, 64, kind)
             bw.prefill_bwd(torch.randn_like(out), None, *inp, out, lse, a.W, 64, kind)
-            # the forward's variant behind the cuDNN band (BAND_IN): the band's output stands in as zeros
-            engine, band = pf._band_engine, pf._cudnn_band
+            # the variants behind the cuDNN band (forward BAND_IN, backward without BAND): its outputs and
+            # gradients stand in as zeros
+            from ahn_ops.ops.ahn_attention import band_cudnn
+
+            engine, band, band_bwd = pf._band_engine, pf._cudnn_band, band_cudnn.band_bwd
             pf._band_engine = lambda q, uniform: True
             pf._cudnn_band = lambda q, k, v, w: (lambda: (torch.zeros_like(q), q.new_zeros(
                 q.shape[0], q.shape[2], q.shape[1], dtype=torch.float32)))
+            band_cudnn.band_bwd = lambda q, k, v, o, do, lse, w: tuple(torch.zeros_like(x) for x in (q, k, v))
             try:
-                pf.prefill_fwd(*inp, a.W, 64, kind)
+                out, _, lse = pf.prefill_fwd(*inp, a.W, 64, kind)
+                bw.prefill_bwd(torch.randn_like(out), None, *inp, out, lse, a.W, 64, kind)
             finally:
-                pf._band_engine, pf._cudnn_band = engine, band
+                pf._band_engine, pf._cudnn_band, band_cudnn.band_bwd = engine, band, band_bwd
             bad += [f"{kind} D={D} {n}" for n in
                     _table(f"{kind} D={D} (T={a.T}, H=8/2, W={a.W}, S=64, bf16; offline sm_{a.arch})")]
     if a.what not in ("all", "decode"):

@@ -69,3 +69,13 @@ def poison_unwritten(sink_k, sink_v, ring_k, ring_v, gates, pos, window, sinks):
         empty = [s for s in range(W) if s not in filled]
         for t in (ring_k, ring_v, gates):
             t[bi, empty] = float("nan")
+
+
+def check_within_2x(name, out, ref32, lp, floor: float = 2e-3) -> None:
+    """The flash-attention rule: ``out``'s max-abs error against the fp32 reference ``ref32`` is at most 2x
+    that of the same PyTorch math in the low precision (``lp``) plus ``floor``; no NaN (unwritten element)."""
+    assert not out.isnan().any(), f"{name}: NaN in output (unwritten element?)"
+    e_k = (out.double() - ref32.double()).abs().max().item()
+    e_lp = (lp.double() - ref32.double()).abs().max().item()
+    print(f"{name}: kernel err {e_k:.3e}  low-precision torch err {e_lp:.3e}")
+    assert e_k <= 2 * e_lp + floor, f"{name}: kernel err {e_k:.3e} > 2 x {e_lp:.3e} + {floor}"

@@ -219,12 +219,7 @@ class AHNModelCache(Cache):
         old = self.ahn
         if old is None:
             return
-        index = index.to(old.device).long()
-        new = AHNCache(int(index.numel()), len(old), self.num_heads, self.num_kv_heads, self.head_dim,
-                       self.window, self.sinks, self.kind, dtype=old.dtype, device=old.device)
-        for dst, src in zip(new._fields(), old._fields()):
-            dst.copy_(src.index_select(1, index))
-        self.ahn = new
+        self.ahn = old._take(index.to(old.device).long())
 
     def batch_repeat_interleave(self, repeats: int):
         super().batch_repeat_interleave(repeats)
@@ -276,7 +271,7 @@ class AHNModelCache(Cache):
         if idx.numel() == 0:
             raise ValueError("batch_indices must select at least one sequence, got none")
         idx = idx.to(ahn.device)
-        return self._fork(ahn.select(idx), lambda t: t.index_select(0, idx))
+        return self._fork(ahn._take(idx), lambda t: t.index_select(0, idx))
 
     def expand(self, n: int) -> "AHNModelCache":
         """A new cache with each sequence repeated ``n`` times (``repeat_interleave`` order): a batch-1 cache gives

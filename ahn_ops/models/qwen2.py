@@ -32,6 +32,7 @@ from typing import Dict, List, Mapping, Optional, Sequence, Tuple, Union
 import torch
 from torch import nn
 
+from ..files import read_json_object
 from .hf_cache import AHNModelCache
 from .modules import KIND_TO_IMPL, AHNBlock, ahn_param_shapes, normalize_kind
 
@@ -71,7 +72,7 @@ def read_ahn_config(path: Union[str, os.PathLike]) -> Dict:
     p = Path(path)
     if p.is_dir():
         p = p / "config.json"
-    raw = _read_json(p)
+    raw = read_json_object(p)
     out: Dict = {"raw": raw}
     if raw.get("_ahn_implementation"):
         out["kind"] = normalize_kind(raw["_ahn_implementation"])
@@ -84,18 +85,6 @@ def read_ahn_config(path: Union[str, os.PathLike]) -> Dict:
                 raise NotImplementedError(f"{p}: {flag}=true is not supported by ahn_ops (the published "
                                           "checkpoints use false)")
     return out
-
-
-def _read_json(p: Path) -> Dict:
-    """A JSON object from ``p``; a clear ValueError naming the file if it is not one."""
-    try:
-        with open(p) as f:
-            raw = json.load(f)
-    except (json.JSONDecodeError, UnicodeDecodeError) as e:
-        raise ValueError(f"{p}: not valid JSON ({e})") from None
-    if not isinstance(raw, dict):
-        raise ValueError(f"{p}: expected a JSON object, got {type(raw).__name__}")
-    return raw
 
 
 def _check_transformers() -> None:
@@ -592,7 +581,7 @@ def _model_dims(config) -> Dict[str, int]:
 def _safetensors_files(directory: Path) -> List[Path]:
     index = directory / "model.safetensors.index.json"
     if index.exists():
-        weight_map = _read_json(index).get("weight_map")
+        weight_map = read_json_object(index).get("weight_map")
         if not isinstance(weight_map, dict):
             raise ValueError(f"{index}: no weight_map")
         files = [directory / f for f in sorted(set(weight_map.values()))]

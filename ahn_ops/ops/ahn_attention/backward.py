@@ -242,8 +242,7 @@ def prefill_bwd(dout, dht, q, k, v, a, b, z, A_log, dt_bias, norm_weight, o_weig
             dqb, dkb, dvb = band_cudnn.band_bwd(qf.view(N, T1, H, D), kf.view(N, T1, HKV, D),
                                                 vf.view(N, T1, HKV, D), owin.view(N, T1, H, D),
                                                 dof.view(N, T1, H, D), lse_n, min(W, T1))
-            dqb, dkb, dvb = (x.contiguous() for x in (dqb, dkb, dvb))  # the kernels index them as rows
-            del lse_n
+            del lse_n, owin, epi  # o_win is read by nothing else: free it before the memory passes
 
         side = main = None
         if CONFIG["side_stream"] and dev.type == "cuda":

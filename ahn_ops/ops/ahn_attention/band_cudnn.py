@@ -7,23 +7,22 @@ band's normalised output and log-sum-exp instead of walking the band itself, and
 keys that left the window and the memory readout (``prefill_kernels._fwd_kernel`` with ``BAND_IN``).
 
 cuDNN is reached through ``nvidia-cudnn-frontend``'s graph API (the ``cudnn`` module) on top of the
-``libcudnn`` that PyTorch ships; graphs are built once per shape and cached. ``available`` says
-whether this engine can run on a device; the Triton band is the fallback everywhere else.
+``libcudnn`` that PyTorch ships; graphs are built once per shape and cached. ``unavailable_reason``
+says why this engine cannot run on a device; the Triton band is the fallback everywhere else.
 """
 
 from __future__ import annotations
 
-import threading
 from collections import OrderedDict
 from typing import Optional, Tuple
 
 import torch
 
 from ..common.alloc import empty
+from .tables import lru_get
 
-__all__ = ["available", "band_fwd", "band_bwd", "unavailable_reason"]
+__all__ = ["band_fwd", "band_bwd", "unavailable_reason"]
 
-_LOCK = threading.Lock()
 _HANDLES: dict = {}
 _GRAPHS: "OrderedDict[tuple, tuple]" = OrderedDict()
 _GRAPHS_MAX = 64
@@ -57,10 +56,6 @@ def unavailable_reason(device) -> Optional[str]:
             reason = f"cuDNN {torch.backends.cudnn.version()} is older than 9.5"
     _REASON[idx] = reason
     return reason
-
-
-def available(device) -> bool:
-    return unavailable_reason(device) is None
 
 
 def _handle(device: torch.device):
@@ -99,21 +94,8 @@ def _workspace(device: torch.device, nbytes: int) -> torch.Tensor:
     return ws
 
 
-def _graph(key: tuple, build):
-    with _LOCK:
-        hit = _GRAPHS.get(key)
-        if hit is not None:
-            _GRAPHS.move_to_end(key)
-            return hit
-    val = build()
-    with _LOCK:
-        _GRAPHS[key] = val
-        while len(_GRAPHS) > _GRAPHS_MAX:
-            _GRAPHS.popitem(last=False)
-    return val
-
-
-def _build_fwd(handle, dtype, qd, qs, kd, ks, vs, od, os_, window: int, scale: float):
+def _new_graph(handle, dtype, qd, qs, kd, ks, vs):
+    """A graph with the q, k, v inputs: (cudnn, io type, graph, tq, tk, tv)."""
     cudnn = _cudnn()
     io = _io_type(dtype)
     g = cudnn.pygraph(io_data_type=io, intermediate_data_type=cudnn.data_type.FLOAT,
@@ -121,18 +103,29 @@ def _build_fwd(handle, dtype, qd, qs, kd, ks, vs, od, os_, window: int, scale: f
     tq = g.tensor(name="q", dim=qd, stride=qs, data_type=io)
     tk = g.tensor(name="k", dim=kd, stride=ks, data_type=io)
     tv = g.tensor(name="v", dim=kd, stride=vs, data_type=io)
+    return cudnn, io, g, tq, tk, tv
+
+
+def _plan(g, tensors):
+    """Validate and plan ``g``: (graph, its tensors, workspace bytes)."""
+    cudnn = _cudnn()
+    g.validate()
+    g.build_operation_graph()
+    g.create_execution_plans([cudnn.heur_mode.A, cudnn.heur_mode.FALLBACK])
+    g.check_support()
+    g.build_plans()
+    return g, tensors, g.get_workspace_size()
+
+
+def _build_fwd(handle, dtype, qd, qs, kd, ks, vs, od, os_, window: int, scale: float):
+    cudnn, io, g, tq, tk, tv = _new_graph(handle, dtype, qd, qs, kd, ks, vs)
     to, tst = g.sdpa(name="band", q=tq, k=tk, v=tv, generate_stats=True, attn_scale=scale,
                      diagonal_alignment=cudnn.diagonal_alignment.TOP_LEFT,
                      diagonal_band_left_bound=window, diagonal_band_right_bound=0)
     to.set_output(True).set_dim(od).set_stride(os_).set_data_type(io)
     B, H, T = od[0], od[1], od[2]
     tst.set_output(True).set_dim([B, H, T, 1]).set_stride([H * T, T, 1, 1]).set_data_type(cudnn.data_type.FLOAT)
-    g.validate()
-    g.build_operation_graph()
-    g.create_execution_plans([cudnn.heur_mode.A, cudnn.heur_mode.FALLBACK])
-    g.check_support()
-    g.build_plans()
-    return g, (tq, tk, tv, to, tst), g.get_workspace_size()
+    return _plan(g, (tq, tk, tv, to, tst))
 
 
 def band_fwd(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, window: int,
@@ -153,21 +146,16 @@ def band_fwd(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, window: int,
     _, vs = _bhsd(v)
     od, os_ = _bhsd(out)
     key = ("fwd", dev, q.dtype, tuple(qd), tuple(qs), tuple(kd), tuple(ks), tuple(vs), tuple(os_), int(window))
-    g, (tq, tk, tv, to, tst), ws = _graph(
-        key, lambda: _build_fwd(handle, q.dtype, qd, qs, kd, ks, vs, od, os_, int(window), D ** -0.5))
+    g, (tq, tk, tv, to, tst), ws = lru_get(
+        _GRAPHS, key, lambda: _build_fwd(handle, q.dtype, qd, qs, kd, ks, vs, od, os_, int(window), D ** -0.5),
+        _GRAPHS_MAX)
     g.execute({tq: q, tk: k, tv: v, to: out, tst: lse}, _workspace(dev, ws), handle=handle)
     return out, lse
 
 
 def _build_bwd(handle, dtype, qd, qs, kd, ks, vs, os_, window: int, scale: float):
-    cudnn = _cudnn()
-    io = _io_type(dtype)
-    g = cudnn.pygraph(io_data_type=io, intermediate_data_type=cudnn.data_type.FLOAT,
-                      compute_data_type=cudnn.data_type.FLOAT, handle=handle)
+    cudnn, io, g, tq, tk, tv = _new_graph(handle, dtype, qd, qs, kd, ks, vs)
     B, H, T = qd[0], qd[1], qd[2]
-    tq = g.tensor(name="q", dim=qd, stride=qs, data_type=io)
-    tk = g.tensor(name="k", dim=kd, stride=ks, data_type=io)
-    tv = g.tensor(name="v", dim=kd, stride=vs, data_type=io)
     to = g.tensor(name="o", dim=qd, stride=os_, data_type=io)
     tdo = g.tensor(name="do", dim=qd, stride=os_, data_type=io)
     tst = g.tensor(name="stats", dim=[B, H, T, 1], stride=[H * T, T, 1, 1], data_type=cudnn.data_type.FLOAT)
@@ -177,12 +165,7 @@ def _build_bwd(handle, dtype, qd, qs, kd, ks, vs, os_, window: int, scale: float
     dq.set_output(True).set_dim(qd).set_stride(qs).set_data_type(io)
     dk.set_output(True).set_dim(kd).set_stride(ks).set_data_type(io)
     dv.set_output(True).set_dim(kd).set_stride(vs).set_data_type(io)
-    g.validate()
-    g.build_operation_graph()
-    g.create_execution_plans([cudnn.heur_mode.A, cudnn.heur_mode.FALLBACK])
-    g.check_support()
-    g.build_plans()
-    return g, (tq, tk, tv, to, tdo, tst, dq, dk, dv), g.get_workspace_size()
+    return _plan(g, (tq, tk, tv, to, tdo, tst, dq, dk, dv))
 
 
 def band_bwd(q, k, v, o, do, lse, window: int):
@@ -202,8 +185,9 @@ def band_bwd(q, k, v, o, do, lse, window: int):
     _, vs = _bhsd(v)
     _, os_ = _bhsd(o)
     key = ("bwd", dev, q.dtype, tuple(qd), tuple(qs), tuple(kd), tuple(ks), tuple(vs), tuple(os_), int(window))
-    g, (tq, tk, tv, to, tdo, tst, tdq, tdk, tdv), ws = _graph(
-        key, lambda: _build_bwd(handle, q.dtype, qd, qs, kd, ks, vs, os_, int(window), q.shape[-1] ** -0.5))
+    g, (tq, tk, tv, to, tdo, tst, tdq, tdk, tdv), ws = lru_get(
+        _GRAPHS, key, lambda: _build_bwd(handle, q.dtype, qd, qs, kd, ks, vs, os_, int(window), q.shape[-1] ** -0.5),
+        _GRAPHS_MAX)
     g.execute({tq: q, tk: k, tv: v, to: o, tdo: do, tst: lse, tdq: dq, tdk: dk, tdv: dv},
               _workspace(dev, ws), handle=handle)
     return dq, dk, dv

@@ -130,6 +130,7 @@ def _launch(q, kx, vx, sk, sv, a, b, gx, z, A_log, dt_bias, norm_weight, o_weigh
     gx = gx if gx is not None else dummy
     hs = vnew = gc = yp = ss = dummy
     ob = lb = dummy
+    side = None  # the memory passes' stream when they run beside the band
     if memory:
         gc = empty(Tq, H, dtype=torch.float32, device=dev)
         # Mamba2: no delta correction, so no w, and v_new is u = dt v itself
@@ -143,25 +144,22 @@ def _launch(q, kx, vx, sk, sv, a, b, gx, z, A_log, dt_bias, norm_weight, o_weigh
         if band is not None and stage == "all" and dev.type == "cuda":
             # the memory passes (gates, WY prep, the state chain) need no attention output: they run on
             # a side stream while the band runs here; every buffer was allocated on this stream above,
-            # and this stream waits for the side stream before anything reads them or they are freed
-            main, side = torch.cuda.current_stream(dev), _side_stream(dev)
-            side.wait_stream(main)
+            # and this stream waits for the side stream (below) before anything reads them or they are freed
+            side = _side_stream(dev)
+            side.wait_stream(torch.cuda.current_stream(dev))
             with torch.cuda.stream(side):
                 _memory_passes(*args, stage)
-            ob, lb = (x.contiguous() for x in band())
-            main.wait_stream(side)
         else:
             _memory_passes(*args, stage)
             if stage in ("prep", "state"):  # benchmarks: the memory passes alone
                 return out, ht, lse
-            if band is not None:
-                ob, lb = (x.contiguous() for x in band())
         if mamba2:
             yp = empty(Tq, H, D, dtype=dt, device=dev)
             ss = empty(Tq, H, dtype=torch.float32, device=dev)
-    elif band is not None:
-        ob, lb = (x.contiguous() for x in band())
     if band is not None:
+        ob, lb = band()
+        if side is not None:
+            torch.cuda.current_stream(dev).wait_stream(side)
         BM, (BN, fwd_warps, fwd_stages) = BT, CONFIG["fwd_band_in"]
     else:
         BM, (BN, fwd_warps, fwd_stages) = _fwd_launch(D, window)
@@ -220,8 +218,8 @@ def _cudnn_band(q, k, v, window):
     """A ``band`` callable for ``_launch``: cuDNN over ``q [B, T, H, D]``, ``k, v [B, T, HKV, D]``."""
     from . import band_cudnn
 
-    def run():
-        return band_cudnn.band_fwd(q, k, v, min(window, q.shape[1]))
+    def run():  # the kernel reads both as rows (contiguous: a no-op for cuDNN's own outputs)
+        return tuple(x.contiguous() for x in band_cudnn.band_fwd(q, k, v, min(window, q.shape[1])))
 
     return run
 

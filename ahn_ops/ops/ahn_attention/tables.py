@@ -32,17 +32,22 @@ _TABLES: "OrderedDict[tuple, tuple]" = OrderedDict()
 _TABLES_MAX = 64
 
 
-def cached_table(key: tuple, build):
-    """The value cached under ``key``, else ``build()``'s, cached (past ``_TABLES_MAX`` the oldest goes)."""
-    hit = _TABLES.get(key)
+def lru_get(cache: "OrderedDict", key, build, max_size: int):
+    """``cache[key]``, else ``build()``'s value stored there; past ``max_size`` entries the least recent goes."""
+    hit = cache.get(key)
     if hit is not None:
-        _TABLES.move_to_end(key)
+        cache.move_to_end(key)
         return hit
     val = build()
-    _TABLES[key] = val
-    while len(_TABLES) > _TABLES_MAX:
-        _TABLES.popitem(last=False)
+    cache[key] = val
+    while len(cache) > max_size:
+        cache.popitem(last=False)
     return val
+
+
+def cached_table(key: tuple, build):
+    """The table cached under ``key``, else ``build()``'s, cached (past ``_TABLES_MAX`` the oldest goes)."""
+    return lru_get(_TABLES, key, build, _TABLES_MAX)
 
 
 def to_device(host: torch.Tensor, device) -> torch.Tensor:
