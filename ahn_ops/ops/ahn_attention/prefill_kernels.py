@@ -53,7 +53,7 @@ import triton.language as tl
 from ..common.jit_helpers import chunk_at as _chunk_at
 from ..common.jit_helpers import load_gates as _load_gates
 from ..common.jit_helpers import norm_rows as _norm_rows
-from ..common.tl_utils import dot, tri_inverse
+from ..common.tl_utils import dot, dot_inv, tri_inverse
 
 
 @triton.jit
@@ -146,7 +146,7 @@ def _state_kernel(
     # pointers
     kd, w, u, gc, seq, h0, hs, vnew, ht,
     # sizes
-    H: tl.constexpr, HKV: tl.constexpr, D: tl.constexpr, W, S,
+    H: tl.constexpr, D: tl.constexpr, W, S,
     # meta
     BT: tl.constexpr, BV: tl.constexpr, USE_H0: tl.constexpr, STORE_HT: tl.constexpr, MAMBA2: tl.constexpr,
 ):
@@ -195,6 +195,145 @@ def _state_kernel(
         b_h = b_h * tl.exp(b_glast) + dot(tl.trans(b_kd), b_vn.to(b_kd.dtype))  # [D, BV]
     if STORE_HT:
         tl.store(ht + ((i_n * H + i_h) * D + o_d[:, None]) * D + o_v[None, :], b_h)
+
+
+@triton.jit
+def _state_steps(b_h, c_a, c_b, kd, w, u, gc, bos, T, i_h, o_v, use_u,
+                 H: tl.constexpr, D: tl.constexpr, BT: tl.constexpr, MAMBA2: tl.constexpr):
+    # chunks c_a .. c_b - 1 of the delta rule h <- e^{g_last} h + kd^T (u - w h) without stores: the
+    # segment summaries' loop (u read only where use_u; the transition columns run with u = 0)
+    o_t = tl.arange(0, BT)
+    o_d = tl.arange(0, D)
+    for i_c in range(c_a, c_b):
+        o_i = i_c * BT + o_t
+        m_i = o_i < T
+        o_q = bos + o_i
+        b_u = tl.load(u + (o_q * H + i_h)[:, None] * D + o_v[None, :], mask=m_i[:, None] & use_u, other=0.)
+        if MAMBA2:
+            b_vn = b_u.to(tl.float32)
+        else:
+            b_w = tl.load(w + (o_q * H + i_h)[:, None] * D + o_d[None, :], mask=m_i[:, None], other=0.)
+            b_vn = b_u.to(tl.float32) - dot(b_w, b_h.to(b_w.dtype))
+        b_kd = tl.load(kd + (o_q * H + i_h)[:, None] * D + o_d[None, :], mask=m_i[:, None], other=0.)
+        b_glast = tl.load(gc + (bos + tl.minimum(i_c * BT + BT, T) - 1) * H + i_h)
+        b_h = b_h * tl.exp(b_glast) + dot(tl.trans(b_kd), b_vn.to(b_kd.dtype))
+    return b_h
+
+
+@triton.jit
+def _state_sum_kernel(
+    # pointers
+    kd, w, u, gc, seq, segs, hsum,
+    # sizes
+    H: tl.constexpr, D: tl.constexpr, W, S, LC,
+    # meta
+    BT: tl.constexpr, BV: tl.constexpr, MAMBA2: tl.constexpr,
+):
+    # the two-level state chain, level 1: one program per (BV of 2D columns, head, segment of LC chunks).
+    # Over a segment the chain is affine, h_out = M h_in + b: columns < D run the chain from h_in = 0 on
+    # u's columns (b), columns >= D from h_in = I with u = 0 (M's columns; the same update, since
+    # M <- e^{g_last} M - kd^T (w M)). Stored fp32 as hsum[segment, head] = [b | M], [D, 2D].
+    i_v, i_h, i_s = tl.program_id(0), tl.program_id(1), tl.program_id(2)
+    i_n = tl.load(segs + i_s * 2)
+    i_g = tl.load(segs + i_s * 2 + 1)
+    bos = tl.load(seq + i_n * 8).to(tl.int64)
+    T = tl.load(seq + i_n * 8 + 1)
+    P = tl.load(seq + i_n * 8 + 2)
+    NT = tl.cdiv(T, BT)
+    o_d = tl.arange(0, D)
+    o_c = i_v * BV + tl.arange(0, BV)  # columns of [b | M]
+    use_u = i_v * BV < D
+    o_v = o_c % D
+    b_h = tl.where(use_u, 0., (o_d[:, None] == (o_c - D)[None, :]).to(tl.float32))
+    # chunks before the first memory token leave every state unchanged (u = w = kd = 0, g = 0)
+    c0 = tl.maximum(S + W - P, 0) // BT
+    c_a = tl.maximum(i_g * LC, c0)
+    c_b = tl.minimum(i_g * LC + LC, NT)
+    b_h = _state_steps(b_h, c_a, c_b, kd, w, u, gc, bos, T, i_h, o_v, use_u, H, D, BT, MAMBA2)
+    tl.store(hsum + ((i_s.to(tl.int64) * H + i_h) * D + o_d[:, None]) * (2 * D) + o_c[None, :], b_h)
+
+
+@triton.jit
+def _state_fix_kernel(
+    # pointers
+    hsum, seq, soff, h0, hin, ht,
+    # sizes
+    H: tl.constexpr, D: tl.constexpr, LC,
+    # meta
+    BT: tl.constexpr, BV: tl.constexpr, USE_H0: tl.constexpr, STORE_HT: tl.constexpr, DT: tl.constexpr,
+):
+    # level 2: one program per (BV value columns, head, sequence), sequential over its segments only:
+    # stores the state entering every segment (fp32 hin) and h <- M h + b; the final state is ht
+    i_v, i_h, i_n = tl.program_id(0), tl.program_id(1), tl.program_id(2)
+    T = tl.load(seq + i_n * 8 + 1)
+    NS = tl.cdiv(tl.cdiv(T, BT), LC)
+    s0 = tl.load(soff + i_n).to(tl.int64)
+    o_d = tl.arange(0, D)
+    o_v = i_v * BV + tl.arange(0, BV)
+    if USE_H0:
+        b_h = tl.load(h0 + ((i_n * H + i_h) * D + o_d[:, None]) * D + o_v[None, :]).to(tl.float32)
+    else:
+        b_h = tl.zeros([D, BV], dtype=tl.float32)
+    for i_g in range(0, NS):
+        p_s = hsum + ((s0 + i_g) * H + i_h) * D * (2 * D)
+        tl.store(hin + (((s0 + i_g) * H + i_h) * D + o_d[:, None]) * D + o_v[None, :], b_h)
+        b_m = tl.load(p_s + o_d[:, None] * (2 * D) + D + o_d[None, :])  # [D, D]
+        b_b = tl.load(p_s + o_d[:, None] * (2 * D) + o_v[None, :])  # [D, BV]
+        b_h = dot_inv(b_m, b_h, DT) + b_b
+    if STORE_HT:
+        tl.store(ht + ((i_n * H + i_h) * D + o_d[:, None]) * D + o_v[None, :], b_h)
+
+
+@triton.jit
+def _state_seg_kernel(
+    # pointers
+    kd, w, u, gc, seq, segs, hin, hs, vnew,
+    # sizes
+    H: tl.constexpr, D: tl.constexpr, W, S, LC,
+    # meta
+    BT: tl.constexpr, BV: tl.constexpr, USE_H0: tl.constexpr, MAMBA2: tl.constexpr,
+):
+    # level 3: one program per (BV value columns, head, segment): _state_kernel's loop over the segment's
+    # chunks from the state entering it (hin), storing the state before every chunk and v_new
+    i_v, i_h, i_s = tl.program_id(0), tl.program_id(1), tl.program_id(2)
+    i_n = tl.load(segs + i_s * 2)
+    i_g = tl.load(segs + i_s * 2 + 1)
+    bos = tl.load(seq + i_n * 8).to(tl.int64)
+    T = tl.load(seq + i_n * 8 + 1)
+    P = tl.load(seq + i_n * 8 + 2)
+    coff = tl.load(seq + i_n * 8 + 6).to(tl.int64)
+    NT = tl.cdiv(T, BT)
+    o_t = tl.arange(0, BT)
+    o_d = tl.arange(0, D)
+    o_v = i_v * BV + tl.arange(0, BV)
+    b_h = tl.load(hin + ((i_s.to(tl.int64) * H + i_h) * D + o_d[:, None]) * D + o_v[None, :])
+    c_a = i_g * LC
+    c_b = tl.minimum(c_a + LC, NT)
+    c0 = tl.minimum(tl.maximum(tl.maximum(S + W - P, 0) // BT, c_a), c_b)
+    if USE_H0:
+        # as _state_kernel: chunks without a memory token keep h (h0) and have v_new = 0
+        for i_c in range(c_a, c0):
+            tl.store(hs + (((coff + i_c) * H + i_h) * D + o_d[:, None]) * D + o_v[None, :], b_h.to(hs.dtype.element_ty))
+            if not MAMBA2:
+                o_q = bos + i_c * BT + o_t
+                tl.store(vnew + (o_q * H + i_h)[:, None] * D + o_v[None, :],
+                         tl.zeros([BT, BV], dtype=vnew.dtype.element_ty), mask=(i_c * BT + o_t < T)[:, None])
+    for i_c in range(c0, c_b):
+        tl.store(hs + (((coff + i_c) * H + i_h) * D + o_d[:, None]) * D + o_v[None, :], b_h.to(hs.dtype.element_ty))
+        o_i = i_c * BT + o_t
+        m_i = o_i < T
+        o_q = bos + o_i
+        b_u = tl.load(u + (o_q * H + i_h)[:, None] * D + o_v[None, :], mask=m_i[:, None], other=0.)
+        if MAMBA2:
+            b_vn = b_u.to(tl.float32)
+        else:
+            b_w = tl.load(w + (o_q * H + i_h)[:, None] * D + o_d[None, :], mask=m_i[:, None], other=0.)
+            b_vn = b_u.to(tl.float32) - dot(b_w, b_h.to(b_w.dtype))
+            tl.store(vnew + (o_q * H + i_h)[:, None] * D + o_v[None, :], b_vn.to(vnew.dtype.element_ty),
+                     mask=m_i[:, None])
+        b_kd = tl.load(kd + (o_q * H + i_h)[:, None] * D + o_d[None, :], mask=m_i[:, None], other=0.)
+        b_glast = tl.load(gc + (bos + tl.minimum(i_c * BT + BT, T) - 1) * H + i_h)
+        b_h = b_h * tl.exp(b_glast) + dot(tl.trans(b_kd), b_vn.to(b_kd.dtype))
 
 
 @triton.jit
