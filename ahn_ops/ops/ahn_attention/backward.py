@@ -190,7 +190,7 @@ def prefill_bwd(dout, dht, q, k, v, a, b, z, A_log, dt_bias, norm_weight, o_weig
         hs = empty(NT, H, D, D, dtype=dt, device=dev)
         vnew = u if mamba2 else empty(Tt, H, D, dtype=dt, device=dev)
         h0 = initial_state.float().contiguous() if use_h0 else None
-        pf.state_chain(kd, w, u, gc, seq, lens, N, H, D, W, S, mamba2, h0, hs, vnew, None, dummy)
+        pf.state_chain(kd, w, u, gc, seq, N, H, D, W, S, mamba2, h0, hs, vnew, None, dummy)
         del u
         # ---- epilogue backward + readout recompute (+ the attention's delta from out - y_mem) ----
         dm = empty(Tt, H, D, dtype=dt, device=dev)
@@ -251,7 +251,7 @@ def prefill_bwd(dout, dht, q, k, v, a, b, z, A_log, dt_bias, norm_weight, o_weig
         # ---- reverse state recurrence ----
         dhs = empty(NT, H, D, D, dtype=dt, device=dev)
         dvnew = empty(Tt, H, D, dtype=dt, device=dev)
-        BV = pf.CONFIG["state_bv"][D]  # the forward's one-level state-pass BV: a latency-bound loop
+        BV = pf.CONFIG["state_bv"][D]  # the forward's state-pass BV: more programs on a latency-bound loop
         km._dh_bwd_kernel[(D // BV, H, N)](
             qg=qg, kd=kd, w=w, gc=gc, dm=dm, dvl=dvl, seq=seq, dht=dht.float().contiguous() if use_dht else dummy,
             dhs=dhs, dvnew=dvnew, dh0=dh0 if use_h0 else dummy, W=W, S=S,

@@ -7,11 +7,8 @@ Three launches, four for Mamba2:
 
 1. ``_prep_kernel``   grid (chunks, H), fully parallel: per memory chunk of BT=64 stream elements the
    gates, normalised keys, the WY/UT transform ``w``, ``u`` and the decayed keys.
-2. the state chain (``state_chain``): the state before every chunk (input dtype) and ``v_new``; optional
-   initial / final state. Short sequences: ``_state_kernel``, grid (D / BV, H, sequences), sequential over
-   chunks. Long ones: a two-level scan over segments of LC chunks (``_state_sum_kernel`` per segment in
-   parallel, ``_state_fix_kernel`` sequential over segments, ``_state_seg_kernel`` per segment again),
-   about 2 LC + chunks / LC dependent steps instead of chunks.
+2. ``_state_kernel``  (``state_chain``) grid (D / BV, H, sequences), sequential over chunks: the state
+   before every chunk (input dtype) and ``v_new``; optional initial / final state.
 3. ``_fwd_kernel``    grid (H, row blocks): a query block of BM rows (``_fwd_launch``: 64, or 128 for
    long windows): window attention with sinks + memory readout + epilogue, written once in the input
    dtype; also the window softmax's log-sum-exp for the backward (the cache path, inference only,
@@ -39,9 +36,8 @@ import triton
 
 from ..common.alloc import empty
 from .prefill_kernels import (_cache_gather_kernel, _cache_scatter_kernel, _fwd_kernel, _mamba2_norm_kernel,
-                              _prep_kernel, _state_fix_kernel, _state_kernel, _state_seg_kernel,
-                              _state_sum_kernel)
-from .tables import BT, row_blocks, seg_tables, seq_tables
+                              _prep_kernel, _state_kernel)
+from .tables import BT, row_blocks, seq_tables
 
 __all__ = ["prefill_fwd", "prefill_cache_fwd", "SUPPORTED_D"]
 
@@ -55,12 +51,9 @@ SUPPORTED_D = (64, 128)
 #   128-row programs read each K/V block of the band half as often; an int forces the rows (with "fwd").
 # state_*: the sequential state pass, 16 value columns per program at D = 128 (more programs on a
 #   latency-bound chain); prep_warps, norm_bm: the prep pass and the Mamba2 norm kernel.
-# state_seg: the two-level chain (state_chain) for sequences of at least min_chunks memory chunks (None:
-#   never): (min_chunks, BV of the per-segment kernels, their num_warps, num_stages).
 CONFIG = {"band": "auto", "fwd": (64, 4, 3), "fwd_band_in": (64, 4, 1), "fwd_rows": None,
           "fwd_long": (8192, 128, (64, 8, 3)),
-          "state_bv": {64: 64, 128: 16}, "state_warps": 4, "state_stages": 3, "state_seg": (128, 32, 4, 2),
-          "prep_warps": 4, "norm_bm": 32}
+          "state_bv": {64: 64, 128: 16}, "state_warps": 4, "state_stages": 3, "prep_warps": 4, "norm_bm": 32}
 
 
 # ---------------------------------------------------------------------------------------------
@@ -91,52 +84,25 @@ def _side_stream(device) -> torch.cuda.Stream:
     return st
 
 
-def _seg_chunks(max_chunks: int) -> int:
-    """Chunks per segment of the two-level chain: about sqrt(chunks / 2), which balances the 2 LC steps
-    of the per-segment kernels against the chunks / LC steps of the fix-up, a power of two in [8, 64]."""
-    lc = 8
-    while lc < 64 and 2 * lc * lc < max_chunks:
-        lc *= 2
-    return lc
+def state_chain(kd, w, u, gc, seq, N, H, D, window, sinks, mamba2, h0, hs, vnew, ht, dummy):
+    """The memory's state chain over the prep pass's ``kd, w, u, gc`` (the forward and the backward's
+    re-run): stores ``hs`` (the state before every chunk, input dtype), ``v_new`` (not for Mamba2: ``vnew``
+    is ``u``) and, if ``ht`` is given, the final state. ``h0``: fp32 [N, H, D, D] or None.
 
-
-def state_chain(kd, w, u, gc, seq, lens, N, H, D, window, sinks, mamba2, h0, hs, vnew, ht, dummy):
-    """The memory's state chain over the prep pass's ``kd, w, u, gc``: stores ``hs`` (the state before every
-    chunk, input dtype), ``v_new`` (not for Mamba2: ``vnew`` is ``u``) and, if ``ht`` is given, the final
-    state. ``h0``: fp32 [N, H, D, D] or None. Sequences of ``CONFIG["state_seg"][0]`` chunks or more take the
-    two-level scan, the rest the one-level chain (the same update, so the same result up to rounding)."""
-    min_chunks, sbv, swarps, sstages = CONFIG["state_seg"]
-    max_chunks = triton.cdiv(max(lens), BT) if lens else 0
-    use_h0 = h0 is not None
-    if min_chunks is None or max_chunks < min_chunks:
-        BV = CONFIG["state_bv"][D]
-        _state_kernel[(D // BV, H, N)](
-            kd=kd, w=w, u=u, gc=gc, seq=seq, h0=h0 if use_h0 else dummy, hs=hs, vnew=vnew,
-            ht=ht if ht is not None else dummy, H=H, D=D, W=window, S=sinks, BT=BT, BV=BV,
-            USE_H0=use_h0, STORE_HT=ht is not None, MAMBA2=mamba2, num_warps=CONFIG["state_warps"],
-            num_stages=CONFIG["state_stages"])
-        return
-    LC = _seg_chunks(max_chunks)
-    segs, soff, NS = seg_tables(lens, LC, kd.device)
-    BV = min(sbv, D)
-    hsum = empty(NS, H, D, 2 * D, dtype=torch.float32, device=kd.device)  # [b | M] per segment
-    _state_sum_kernel[(2 * D // BV, H, NS)](
-        kd=kd, w=w, u=u, gc=gc, seq=seq, segs=segs, hsum=hsum, H=H, D=D, W=window, S=sinks, LC=LC, BT=BT, BV=BV,
-        MAMBA2=mamba2, num_warps=swarps, num_stages=sstages)
-    hin = empty(NS, H, D, D, dtype=torch.float32, device=kd.device)  # the state entering each segment
-    FBV = 16
-    _state_fix_kernel[(D // FBV, H, N)](
-        hsum=hsum, seq=seq, soff=soff, h0=h0 if use_h0 else dummy, hin=hin, ht=ht if ht is not None else dummy,
-        H=H, D=D, LC=LC, BT=BT, BV=FBV, USE_H0=use_h0, STORE_HT=ht is not None,
-        DT=kd.dtype, num_warps=8, num_stages=2)
-    del hsum
-    _state_seg_kernel[(D // BV, H, NS)](
-        kd=kd, w=w, u=u, gc=gc, seq=seq, segs=segs, hin=hin, hs=hs, vnew=vnew, H=H, D=D, W=window, S=sinks,
-        LC=LC, BT=BT, BV=BV, USE_H0=use_h0, MAMBA2=mamba2, num_warps=swarps, num_stages=sstages)
+    One program per (BV value columns, head, sequence), sequential over chunks. A two-level scan (segment
+    summaries in parallel, a short chain over segments, a replay) was measured slower: the chain moves
+    ~0.8 GB at T=32k and runs at half the copy bandwidth, so tripling its work does not pay
+    (benchmarks/NOTES_prefill.md, "The Hopper engine")."""
+    BV = CONFIG["state_bv"][D]
+    _state_kernel[(D // BV, H, N)](
+        kd=kd, w=w, u=u, gc=gc, seq=seq, h0=h0 if h0 is not None else dummy, hs=hs, vnew=vnew,
+        ht=ht if ht is not None else dummy, H=H, D=D, W=window, S=sinks, BT=BT, BV=BV,
+        USE_H0=h0 is not None, STORE_HT=ht is not None, MAMBA2=mamba2, num_warps=CONFIG["state_warps"],
+        num_stages=CONFIG["state_stages"])
 
 
 def _memory_passes(kx, vx, a, b, gx, A_log, dt_bias, seq, chunks, NT, N, H, HKV, D, window, sinks, gates, mamba2,
-                   initial_state, bufs, stage, lens):
+                   initial_state, bufs, stage):
     gc, w, u, kd, hs, vnew, ht, dummy = bufs
     _prep_kernel[(NT, H)](
         kx=kx, vx=vx, a=a, b=b, gx=gx, A_log=A_log, dt_bias=dt_bias, seq=seq, chunks=chunks, gc=gc, w=w, u=u, kd=kd,
@@ -145,7 +111,7 @@ def _memory_passes(kx, vx, a, b, gx, A_log, dt_bias, seq, chunks, NT, N, H, HKV,
     if stage == "prep":  # benchmarks: the parallel prep pass alone
         return
     h0 = initial_state.float().contiguous() if initial_state is not None else None
-    state_chain(kd, w, u, gc, seq, lens, N, H, D, window, sinks, mamba2, h0, hs, vnew, ht, dummy)
+    state_chain(kd, w, u, gc, seq, N, H, D, window, sinks, mamba2, h0, hs, vnew, ht, dummy)
 
 
 def _launch(q, kx, vx, sk, sv, a, b, gx, z, A_log, dt_bias, norm_weight, o_weight, window, sinks, kind,
@@ -186,7 +152,7 @@ def _launch(q, kx, vx, sk, sv, a, b, gx, z, A_log, dt_bias, norm_weight, o_weigh
         hs = empty(NT, H, D, D, dtype=dt, device=dev)
         vnew = u if mamba2 else empty(Tq, H, D, dtype=dt, device=dev)
         args = (kx, vx, a, b, gx, A_log, dt_bias, seq, chunks, NT, N, H, HKV, D, window, sinks, gates, mamba2,
-                initial_state, (gc, w, u, kd, hs, vnew, ht, dummy), stage, lens)
+                initial_state, (gc, w, u, kd, hs, vnew, ht, dummy), stage)
         if band is not None and stage == "all" and dev.type == "cuda":
             # the memory passes (gates, WY prep, the state chain) need no attention output: they run on
             # a side stream while the band runs here; every buffer was allocated on this stream above,

@@ -6,7 +6,6 @@ metadata from an ``[N, 8]`` int32 table and their work items from ``[n, 2]`` (se
 - :func:`seq_tables`: the metadata (row ``n``: ``bos, T, P, kx_bos, kpos0, sink_bos, chunk offset, 0``) and
   the chunk table (blocks of ``BT`` = 64 rows, one memory chunk each);
 - :func:`row_blocks`: the ``_fwd_kernel`` grid's table of blocks of ``BM`` query rows;
-- :func:`seg_tables`: the two-level state chain's segments (``LC`` chunks each) and each sequence's first one;
 - :func:`cached_table`: these tables (and the backward's sink work table) cached by their contents
   (``_TABLES``, the ``_TABLES_MAX`` most recent);
 - :func:`to_device`: one host -> device copy without a host sync.
@@ -20,7 +19,7 @@ from typing import List, Tuple
 import torch
 import triton
 
-__all__ = ["BT", "cached_table", "to_device", "seq_tables", "row_blocks", "seg_tables"]
+__all__ = ["BT", "cached_table", "to_device", "seq_tables", "row_blocks"]
 
 BT = 64  # memory chunk == query block: a query block reads exactly one chunk state
 
@@ -105,22 +104,3 @@ def row_blocks(lens: List[int], BM: int, device) -> Tuple[torch.Tensor, int]:
         return to_device(rows, device), NB
 
     return cached_table(("rows", tuple(lens), BM, str(torch.device(device))), build)
-
-
-def seg_tables(lens: List[int], LC: int, device) -> Tuple[torch.Tensor, torch.Tensor, int]:
-    """The state chain's segments of ``LC`` memory chunks: ``[NS, 2]`` int32 (sequence, segment), each
-    sequence's first segment ``[N]`` int32, and NS. A sequence of ``T`` tokens has ``ceil(ceil(T / BT) / LC)``
-    segments (none for ``T = 0``)."""
-    def build():
-        ns = torch.tensor([triton.cdiv(triton.cdiv(T, BT), LC) for T in lens], dtype=torch.int64)
-        NS = int(ns.sum())
-        first = torch.cumsum(ns, 0) - ns
-        if NS:
-            seq_id = torch.repeat_interleave(torch.arange(len(lens)), ns)
-            rows = torch.stack([seq_id, torch.arange(NS) - first[seq_id]], 1)
-        else:
-            rows = torch.zeros(1, 2, dtype=torch.int64)
-        both = to_device(torch.cat([rows.reshape(-1), first]).to(torch.int32), device)
-        return both[:rows.numel()].view(-1, 2), both[rows.numel():], NS
-
-    return cached_table(("segs", tuple(lens), LC, str(torch.device(device))), build)
