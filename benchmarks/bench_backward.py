@@ -3,6 +3,7 @@
     python benchmarks/bench_backward.py --check     # every gradient vs the fp32 reference, then timings
     python benchmarks/bench_backward.py             # timings only
     python benchmarks/bench_backward.py --config mem_warps=4 dq=64,4,3    # backward.CONFIG overrides
+    python benchmarks/bench_backward.py --deterministic   # also deterministic=True, same run (its cost)
 
 Correctness (flash-attention rule): for each gradient, err_kernel = |g - g_ref| / |g_ref| with
 g_ref from autograd through the fp32 reference (reference.py, upcast inputs) and err_torch the
@@ -96,7 +97,7 @@ def check(kind, B, T, H, HKV, D, W, S, cu, seed=0):
     return tag, rows
 
 
-def bench(kind, T, W, S, H=16, HKV=2, D=128, flex=True):
+def bench(kind, T, W, S, H=16, HKV=2, D=128, flex=True, det=False):
     from triton.testing import do_bench
 
     inp = make_inputs(kind, 1, T, H, HKV, D, torch.bfloat16, 1)
@@ -108,14 +109,14 @@ def bench(kind, T, W, S, H=16, HKV=2, D=128, flex=True):
             return torch.ops.ahn.prefill_fwd(*inp, W, S, kind, None, None, False)[0]
 
     def fwd_bwd():
-        out = torch.ops.ahn.prefill_fwd(*leaves, W, S, kind, None, None, False)[0]
+        out = torch.ops.ahn.prefill_fwd(*leaves, W, S, kind, None, None, False, det)[0]
         out.backward(dout)
 
     with torch.no_grad():
         out0, _, lse0 = torch.ops.ahn.prefill_fwd(*inp, W, S, kind, None, None, False)
 
     def bwd_only():
-        return bw.prefill_bwd(dout, None, *inp, out0, lse0, W, S, kind, None, None)
+        return bw.prefill_bwd(dout, None, *inp, out0, lse0, W, S, kind, None, None, det)
 
     res = {}
     fwd_bwd()
@@ -326,6 +327,7 @@ def main():
     ap.add_argument("--no-bench", action="store_true")
     ap.add_argument("--full", action="store_true", help="also the D=64 batch and T=16k gdn checks")
     ap.add_argument("--sweep", action="store_true", help="launch-config sweep of dkdv / dq before the timings")
+    ap.add_argument("--deterministic", action="store_true", help="also time deterministic=True (same run)")
     ap.add_argument("--config", nargs="*", default=[], metavar="KEY=VALUE",
                     help="backward.CONFIG overrides for the whole run (int, comma-separated tuple, or None)")
     args = ap.parse_args()
@@ -361,6 +363,10 @@ def main():
                 continue
             results.append(((kind, T, W, S), r))
             print(f"[bench] {kind} T{T} W{W} S{S}: {r}", flush=True)
+            if args.deterministic:
+                r = bench(kind, T, W, S, flex=False, det=True)
+                results.append(((kind + " det", T, W, S), r))
+                print(f"[bench] {kind} T{T} W{W} S{S} deterministic: {r}", flush=True)
     # short table last
     print("\n== gradient check: worst kernel rel err (torch-bf16 rel err) per gradient ==")
     worst = {}

@@ -31,6 +31,8 @@ def _setup_context(ctx, inputs, output):
     ctx.mark_non_differentiable(lse)
     ctx.save_for_backward(*(args[n] for n in _TENSORS), out, lse, args["cu_seqlens"], args["initial_state"])
     ctx.window, ctx.sinks, ctx.kind = args["window"], args["sinks"], args["kind"]
+    # the op's flag or PyTorch's global switch (torch.use_deterministic_algorithms)
+    ctx.deterministic = bool(args.get("deterministic", False)) or torch.are_deterministic_algorithms_enabled()
 
 
 def _backward(ctx, dout, dht, dlse):
@@ -42,7 +44,7 @@ def _backward(ctx, dout, dht, dlse):
         dout = torch.zeros_like(saved["q"])
     grads = torch.ops.ahn.prefill_bwd(
         dout.contiguous(), dht, *(saved[n] for n in _TENSORS), saved["out"], saved["lse"], ctx.window,
-        ctx.sinks, ctx.kind, saved["cu_seqlens"], saved["initial_state"])
+        ctx.sinks, ctx.kind, saved["cu_seqlens"], saved["initial_state"], ctx.deterministic)
     # an input this kind ignores (b for mamba2; a, A_log, dt_bias for dn) gets None: the output does
     # not depend on it, and prefill_bwd returns an empty tensor in its place
     by_name = {n: (g if saved[n] is not None and (g.numel() or not saved[n].numel()) else None)

@@ -101,6 +101,40 @@ def _do_weight(uo: torch.Tensor, dof: torch.Tensor) -> torch.Tensor:
     return _mm_f32(uo.transpose(0, 1).transpose(1, 2), dof.view(Tt, H, D).transpose(0, 1))
 
 
+def _sink_sum_table(lens: List[int], W: int, S: int, QS: int, dev: torch.device, band: bool = True):
+    """The deterministic sum of the sink kernel's per-item slots: ``(idx, dst, src)`` on ``dev``.
+
+    ``idx`` [key blocks, most items of one block] int64: the slots of each sink key block's items in
+    item order, padded with the zero slot (index ``items``); ``dst`` the token rows of dk_acc / dv_acc the
+    blocks' valid keys (``j < min(T, S)``) land on and ``src`` their rows in the ``[key blocks * BT]`` sum."""
+    rows = ka.sink_items(lens, W, S, BT, QS, band)
+    groups: dict = {}
+    for i, (n, i_b, _, _) in enumerate(rows):
+        groups.setdefault((n, i_b), []).append(i)
+    most = max(len(v) for v in groups.values())
+    idx = [v + [len(rows)] * (most - len(v)) for v in groups.values()]
+    bos = [0]
+    for T in lens:
+        bos.append(bos[-1] + T)
+    dst, src = [], []
+    for g, (n, i_b) in enumerate(groups):
+        for r in range(BT):
+            if i_b * BT + r < min(lens[n], S):
+                dst.append(bos[n] + i_b * BT + r)
+                src.append(g * BT + r)
+    return tuple(tables.to_device(torch.tensor(x, dtype=torch.int64), dev) for x in (idx, dst, src))
+
+
+def _sink_sum(slots: torch.Tensor, dk_acc: torch.Tensor, dv_acc: torch.Tensor, table) -> None:
+    """Adds the sink kernel's per-item partials (``slots`` [2, items + 1, HKV, BT, D]) into dk_acc / dv_acc,
+    summed per key block over its items in a fixed order (a gather and a reduction, no atomics)."""
+    idx, dst, src = table
+    HKV, D = slots.shape[2], slots.shape[4]
+    for part, acc in zip(slots, (dk_acc, dv_acc)):
+        blk = part[idx].sum(1).transpose(1, 2).reshape(-1, HKV, D)  # [key blocks * BT, HKV, D]
+        acc[dst] = acc[dst] + blk[src]
+
+
 def _items_table(lens: List[int], W: int, S: int, QS: int, dev: torch.device,
                  band: bool = True) -> Optional[torch.Tensor]:
     """``_attn_dkdv_sink_kernel``'s work table on ``dev`` (int32 ``[items, 4]``), None when empty."""
@@ -110,7 +144,7 @@ def _items_table(lens: List[int], W: int, S: int, QS: int, dev: torch.device,
 
 def prefill_bwd(dout, dht, q, k, v, a, b, z, A_log, dt_bias, norm_weight, o_weight, out, lse, window: int,
                 sinks: int, kind: str, cu_seqlens: Optional[torch.Tensor] = None,
-                initial_state: Optional[torch.Tensor] = None):
+                initial_state: Optional[torch.Tensor] = None, deterministic: bool = False):
     """Gradients of ``prefill_fwd`` (no autograd; the launcher behind ``torch.ops.ahn.prefill_bwd``).
 
     Args:
@@ -119,6 +153,11 @@ def prefill_bwd(dout, dht, q, k, v, a, b, z, A_log, dt_bias, norm_weight, o_weig
         out: ``[B, T, H, D]`` the forward's output (q's dtype), for ``delta = rowsum(dout * o_win)``
             with ``o_win = out - y_mem`` (``_epi_bwd_kernel`` recomputes the memory part ``y_mem``).
         lse: ``[B, T, H]`` fp32 window log-sum-exp (log2 domain), the forward's third output.
+        deterministic: gradients bitwise identical from run to run: no float atomics whose order decides
+            a sum (the sink ranges' partials and, with G > 1 query heads per kv head, the memory's dk / dv
+            per head are stored and summed in a fixed order; the band's gradients from the Triton
+            kernels, not cuDNN; one stream). Costs two fp32 ``[tokens, H, D]`` buffers with G > 1 and the
+            Triton band's time (benchmarks/bench_backward.py --deterministic).
         others: as :func:`ahn_ops.ops.ahn_attention.prefill.prefill_fwd`.
     Returns:
         ``(dq, dk, dv, da, db, dz, dA_log, ddt_bias, dnorm_weight, do_weight, dh0)``; ``da``,
@@ -160,6 +199,8 @@ def prefill_bwd(dout, dht, q, k, v, a, b, z, A_log, dt_bias, norm_weight, o_weig
     dkm_acc = torch.zeros(Tt, HKV, D, dtype=torch.float32, device=dev)
     dkw_acc = torch.zeros(Tt, HKV, D, dtype=torch.float32, device=dev)
     dv_acc = torch.zeros(Tt, HKV, D, dtype=torch.float32, device=dev)
+    # deterministic with G > 1: the memory kernels store dk (both parts) and dv per query head
+    mem_det = deterministic and H > HKV
     dq_acc = empty(Tt, H, D, dtype=torch.float32, device=dev)
     dg_tok = torch.zeros(Tt, H, dtype=torch.float32, device=dev)
     dbeta_tok = torch.zeros(Tt, H, dtype=torch.float32, device=dev)
@@ -171,7 +212,9 @@ def prefill_bwd(dout, dht, q, k, v, a, b, z, A_log, dt_bias, norm_weight, o_weig
     # the window band's gradients from cuDNN (band_cudnn.band_bwd) where the forward's engine rule allows
     # (prefill._band_engine: sm_90+, bf16/fp16, sequences of one length); the Triton kernels then walk
     # only the sinks past the window and the memory part, and add the band's dq, dk, dv
-    cudnn_band = NT > 0 and pf._band_engine(q, len(set(lens)) == 1)
+    # deterministic: the Triton band, whose dq and dk/dv programs own their rows (cuDNN's deterministic
+    # backward reduces dq per key tile through a workspace of ~32 GB at T=32k, H=16 and took 2.8x as long)
+    cudnn_band = NT > 0 and not deterministic and pf._band_engine(q, len(set(lens)) == 1)
     owin = empty(Tt, H, D, dtype=dt, device=dev) if cudnn_band else dummy
     dqb = dkb = dvb = dummy
 
@@ -220,12 +263,18 @@ def prefill_bwd(dout, dht, q, k, v, a, b, z, A_log, dt_bias, norm_weight, o_weig
         items = tables.cached_table(("sink", tuple(lens), W, S, BT, QS, str(dev), cudnn_band),
                                     lambda: _items_table(lens, W, S, QS, dev, not cudnn_band))
 
+        # deterministic: one slot of partials per item (plus a zero slot for the padding of _sink_sum)
+        slots = None
+        if deterministic and items is not None:
+            slots = torch.zeros(2, items.shape[0] + 1, HKV, BT, D, dtype=torch.float32, device=dev)
+
         def sink():
             BM, nw, ns = CONFIG["dkdv"]
             ka._attn_dkdv_sink_kernel[(items.shape[0], HKV)](
-                q=qf, k=kf, v=vf, do=dof, seq=seq, items=items, lse=lsef, delta=delta, dk_acc=dk_acc,
-                dv_acc=dv_acc, W=W, S=S, qk_scale=qk_scale, sm_scale=D ** -0.5,
-                H=H, HKV=HKV, D=D, BT=BT, BM=BM, BAND=not cudnn_band, num_warps=nw, num_stages=ns)
+                q=qf, k=kf, v=vf, do=dof, seq=seq, items=items, lse=lsef, delta=delta,
+                dk_acc=dk_acc if slots is None else slots[0], dv_acc=dv_acc if slots is None else slots[1],
+                W=W, S=S, qk_scale=qk_scale, sm_scale=D ** -0.5, H=H, HKV=HKV, D=D, BT=BT, BM=BM,
+                BAND=not cudnn_band, DET=slots is not None, num_warps=nw, num_stages=ns)
 
         if cudnn_band:
             # the band's dq, dk, dv: cuDNN's P = exp(s - lse) with the forward's lse over band + sinks and
@@ -237,10 +286,13 @@ def prefill_bwd(dout, dht, q, k, v, a, b, z, A_log, dt_bias, norm_weight, o_weig
             dqb, dkb, dvb = band_cudnn.band_bwd(qf.view(N, T1, H, D), kf.view(N, T1, HKV, D),
                                                 vf.view(N, T1, HKV, D), owin.view(N, T1, H, D),
                                                 dof.view(N, T1, H, D), lse_n, min(W, T1))
+            dqb, dkb, dvb = (x.contiguous() for x in (dqb, dkb, dvb))  # rows as q / k (views when padded)
             del lse_n, owin, epi  # o_win is read by nothing else: free it before the memory passes
 
         side = main = None
-        if CONFIG["side_stream"] and dev.type == "cuda":
+        # deterministic: one stream (cuBLAS' do_weight product is reproducible only on one stream
+        # without a fixed workspace configuration)
+        if CONFIG["side_stream"] and dev.type == "cuda" and not deterministic:
             main, side = torch.cuda.current_stream(dev), _side_stream(dev)
             side.wait_stream(main)
             with torch.cuda.stream(side):  # inputs live until the join (the dkdv launch): no record_stream
@@ -264,20 +316,29 @@ def prefill_bwd(dout, dht, q, k, v, a, b, z, A_log, dt_bias, norm_weight, o_weig
         NK = D // BK
         dw_buf = dvl  # dvl's storage ([Tt, H, D], input dtype) is free after _dh_bwd
         dgc_part = empty(NK, Tt, H, dtype=torch.float32, device=dev)
+        if mem_det:  # per query head, summed over the G heads below (tokens never absorbed keep 0)
+            dkh = torch.zeros(Tt, H, D, dtype=torch.float32, device=dev)
+            dvh = torch.zeros(Tt, H, D, dtype=torch.float32, device=dev)
         km._mem_bwd_h_kernel[(NK, H, NT)](
             q=qf, k=kf, seq=seq, chunks=chunks, gc=gc, hs=hs, dhs=dhs, vnew=vnew, dvnew=dvnew, dm=dm,
-            dq_acc=dq_acc, dkm_acc=dkm_acc, dw_buf=dw_buf, dgc_part=dgc_part,
+            dq_acc=dq_acc, dkm_acc=dkh if mem_det else dkm_acc, dw_buf=dw_buf, dgc_part=dgc_part,
             W=W, S=S, mem_scale=mem_scale, Tt=Tt, H=H, HKV=HKV, D=D, BT=BT, BK=BK, BV=min(CONFIG["mem_bv"], D),
-            USE_H0=use_h0, MAMBA2=mamba2, num_warps=CONFIG["mem_warps"], num_stages=CONFIG["mem_stages"])
+            USE_H0=use_h0, MAMBA2=mamba2, DET=mem_det, num_warps=CONFIG["mem_warps"],
+            num_stages=CONFIG["mem_stages"])
         del hs, dhs, dm
         # ... then the WY backward, dv, dbeta and the cumsum of dgc -> dg, per (head, chunk)
         km._mem_bwd_wy_kernel[(H, NT)](
             k=kf, v=vf, a=af if af is not None else dummy, b=bf if bf is not None else dummy, A_log=A_logf,
             dt_bias=dt_biasf, seq=seq, chunks=chunks, gc=gc, xs=xs, dvnew=dvnew, dw_buf=dw_buf, dgc_part=dgc_part,
-            dkw_acc=dkw_acc, dv_acc=dv_acc, dg_tok=dg_tok, dbeta_tok=dbeta_tok, W=W, S=S, Tt=Tt,
+            dkw_acc=dkh if mem_det else dkw_acc, dv_acc=dvh if mem_det else dv_acc, dg_tok=dg_tok,
+            dbeta_tok=dbeta_tok, W=W, S=S, Tt=Tt,
             H=H, HKV=HKV, D=D, BT=BT, BV=min(CONFIG["wy_bv"], D), NK=NK, GATES=gates, USE_H0=use_h0,
-            MAMBA2=mamba2, num_warps=CONFIG["wy_warps"])
+            MAMBA2=mamba2, DET=mem_det, num_warps=CONFIG["wy_warps"])
         del w, xs, vnew, dvnew, dw_buf, dgc_part
+        if mem_det:
+            dkm_acc = dkh.view(Tt, HKV, H // HKV, D).sum(2)
+            dv_acc = dvh.view(Tt, HKV, H // HKV, D).sum(2)
+            del dkh, dvh
         # ---- window attention backward (lse from the forward, delta from _epi_bwd_kernel) ----
         BN, nw, ns = CONFIG["dq"]
         ka._attn_dq_kernel[(H, NT)](
@@ -289,6 +350,11 @@ def prefill_bwd(dout, dht, q, k, v, a, b, z, A_log, dt_bias, norm_weight, o_weig
             main.wait_stream(side)  # the sink partials in dk_acc / dv_acc
         elif items is not None:
             sink()
+        if slots is not None:
+            _sink_sum(slots, dk_acc, dv_acc, tables.cached_table(
+                ("sinksum", tuple(lens), W, S, BT, QS, str(dev), cudnn_band),
+                lambda: _sink_sum_table(lens, W, S, QS, dev, not cudnn_band)))
+            del slots
         ka._attn_dkdv_kernel[(HKV, NT)](
             q=qf, k=kf, v=vf, do=dof, seq=seq, chunks=chunks, lse=lsef, delta=delta, dk_acc=dk_acc,
             dkm_acc=dkm_acc, dkw_acc=dkw_acc, dv_acc=dv_acc, dk=dk, dv=dv, dkb=dkb, dvb=dvb, W=W, S=S,
@@ -339,17 +405,17 @@ def _prefill_bwd_op(
     a: Optional[torch.Tensor], b: Optional[torch.Tensor], z: torch.Tensor, A_log: Optional[torch.Tensor],
     dt_bias: Optional[torch.Tensor], norm_weight: torch.Tensor, o_weight: torch.Tensor, out: torch.Tensor,
     lse: torch.Tensor, window: int, sinks: int, kind: str, cu_seqlens: Optional[torch.Tensor],
-    initial_state: Optional[torch.Tensor],
+    initial_state: Optional[torch.Tensor], deterministic: bool = False,
 ) -> List[torch.Tensor]:
     """Returns 11 tensors in the order of :func:`prefill_bwd`; absent grads are empty tensors."""
     grads = prefill_bwd(dout, dht, q, k, v, a, b, z, A_log, dt_bias, norm_weight, o_weight, out, lse, window, sinks,
-                        kind, cu_seqlens, initial_state)
+                        kind, cu_seqlens, initial_state, deterministic)
     return [q.new_empty(0) if g is None else g for g in grads]
 
 
 @_prefill_bwd_op.register_fake
 def _(dout, dht, q, k, v, a, b, z, A_log, dt_bias, norm_weight, o_weight, out, lse, window, sinks, kind,
-      cu_seqlens, initial_state):
+      cu_seqlens, initial_state, deterministic=False):
     like = lambda x: q.new_empty(0) if x is None else torch.empty_like(x)  # noqa: E731
     return [torch.empty_like(q), torch.empty_like(k), torch.empty_like(v), like(a), like(b), torch.empty_like(z),
             like(A_log), like(dt_bias), torch.empty_like(norm_weight), torch.empty_like(o_weight),

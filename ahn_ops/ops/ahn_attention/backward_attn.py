@@ -209,10 +209,12 @@ def _attn_dkdv_sink_kernel(
     W, S, qk_scale, sm_scale,
     H: tl.constexpr, HKV: tl.constexpr, D: tl.constexpr,
     # meta
-    BT: tl.constexpr, BM: tl.constexpr, BAND: tl.constexpr = True,
+    BT: tl.constexpr, BM: tl.constexpr, BAND: tl.constexpr = True, DET: tl.constexpr = False,
 ):
     # items [n_items, 4] int32: (sequence, key block, first query, end query), t0 >= j_hi + W; without
-    # BAND (the band's gradients come from outside) t0 >= j0 + W and the pairs are masked one by one
+    # BAND (the band's gradients come from outside) t0 >= j0 + W and the pairs are masked one by one.
+    # DET (deterministic): each item stores its partials in its own slot of dk_acc / dv_acc
+    # ([n_items, HKV, BT, D]); the host sums the slots of a key block in a fixed order (backward.py)
     i_it, i_kv = tl.program_id(0), tl.program_id(1)
     G: tl.constexpr = H // HKV
     i_n = tl.load(items + i_it * 4)
@@ -236,8 +238,13 @@ def _attn_dkdv_sink_kernel(
         for t0 in range(q_lo, q_hi, BM):
             b_dk, b_dv = _dkdv_block(b_k, b_v, b_dk, b_dv, q, do, lse, delta, bos, t0, q_hi, o_s, o_m, o_d, i_h,
                                      T, W, S, qk_scale, H, D, 2 if BAND else 3)
-    tl.atomic_add(dk_acc + p_kv, b_dk * sm_scale, mask=m_k[:, None], sem="relaxed")
-    tl.atomic_add(dv_acc + p_kv, b_dv, mask=m_k[:, None], sem="relaxed")
+    if DET:
+        p_slot = ((i_it.to(tl.int64) * HKV + i_kv) * BT + tl.arange(0, BT))[:, None] * D + o_d[None, :]
+        tl.store(dk_acc + p_slot, b_dk * sm_scale)
+        tl.store(dv_acc + p_slot, b_dv)
+    else:
+        tl.atomic_add(dk_acc + p_kv, b_dk * sm_scale, mask=m_k[:, None], sem="relaxed")
+        tl.atomic_add(dv_acc + p_kv, b_dv, mask=m_k[:, None], sem="relaxed")
 
 
 @triton.jit(do_not_specialize=["W", "S"])

@@ -241,7 +241,10 @@ def _mem_bwd_h_kernel(
     H: tl.constexpr, HKV: tl.constexpr, D: tl.constexpr,
     # meta
     BT: tl.constexpr, BK: tl.constexpr, BV: tl.constexpr, USE_H0: tl.constexpr, MAMBA2: tl.constexpr,
+    DET: tl.constexpr = False,
 ):
+    # DET (deterministic): dkm_acc is [Tt, H, D], one writer per address (plain stores; the G heads are
+    # summed afterwards in a fixed order) instead of [Tt, HKV, D] with atomics.
     # The products with the chunk states, for the BK key columns o_k of one (head, chunk): grid
     # (D/BK, H, chunks). Everything here is linear in the key columns, so the columns split over
     # programs (two [64, 64] programs at D = 128 instead of one [64, 128] one: ~128 fp32 registers
@@ -337,8 +340,11 @@ def _mem_bwd_h_kernel(
         b_dgc += tl.where(o_t == i_last, b_dglast, 0.)
         tl.store(dgc_part + (i_k * Tt + o_q) * H + i_h, b_dgc, mask=m_i)
         b_dk = tl.dot(tl.trans(b_ds.to(dt)), b_qn.to(dt)) + b_dkh  # [BT, BK]
-        tl.atomic_add(dkm_acc + (o_row * HKV + i_kv)[:, None] * D + o_k[None, :], b_dk, mask=m_act[:, None],
-                      sem="relaxed")
+        if DET:
+            tl.store(dkm_acc + (o_row * H + i_h)[:, None] * D + o_k[None, :], b_dk, mask=m_act[:, None])
+        else:
+            tl.atomic_add(dkm_acc + (o_row * HKV + i_kv)[:, None] * D + o_k[None, :], b_dk, mask=m_act[:, None],
+                          sem="relaxed")
     else:
         tl.store(dq_acc + p_rowk, tl.zeros([BT, BK], dtype=tl.float32), mask=m_i[:, None])
 
@@ -352,8 +358,11 @@ def _mem_bwd_wy_kernel(
     H: tl.constexpr, HKV: tl.constexpr, D: tl.constexpr,
     # meta
     BT: tl.constexpr, BV: tl.constexpr, NK: tl.constexpr, GATES: tl.constexpr, USE_H0: tl.constexpr,
-    MAMBA2: tl.constexpr,
+    MAMBA2: tl.constexpr, DET: tl.constexpr = False,
 ):
+    # DET (deterministic): dv_acc and dkw_acc are [Tt, H, D] with one writer per address; dkw_acc is
+    # _mem_bwd_h_kernel's dkm_acc, whose rows this program reads and rewrites (plain loads and stores;
+    # the G heads are summed afterwards in a fixed order).
     # The rest of the chunk's memory gradients, after _mem_bwd_h_kernel: grid (H, chunks). The WY
     # backward through X (stored by the backward's prep pass): u = X Vb -> dv, dbeta; w = X Kb with
     # dw from _mem_bwd_h_kernel -> dX, dL = -X^T dX X^T -> dk (d/dkn, into dkw_acc: not dkm_acc, so
@@ -407,7 +416,11 @@ def _mem_bwd_wy_kernel(
                 # u = X Vb: dVb = X^T dv_new, dv = beta dVb
                 b_dVb = tl.dot(tl.trans(b_Xc), b_dvn)  # [BT, BV]
             b_dbeta += tl.sum(b_dVb * b_v, 1)
-            tl.atomic_add(dv_acc + p_kvv, b_dVb * b_beta[:, None], mask=m_act[:, None], sem="relaxed")
+            if DET:
+                tl.store(dv_acc + (o_row * H + i_h)[:, None] * D + o_v[None, :], b_dVb * b_beta[:, None],
+                         mask=m_act[:, None])
+            else:
+                tl.atomic_add(dv_acc + p_kvv, b_dVb * b_beta[:, None], mask=m_act[:, None], sem="relaxed")
         if not MAMBA2:
             # w = X Kb, dw = -dv_new h^T from _mem_bwd_h_kernel (input dtype)
             b_dw = tl.load(dw_buf + (o_q * H + i_h)[:, None] * D + o_d[None, :], mask=m_i[:, None], other=0.)
@@ -427,7 +440,12 @@ def _mem_bwd_wy_kernel(
             b_dgc += tl.sum(b_dLL, 1) - tl.sum(b_dLL, 0)
             b_Gm = tl.where(m_slow, b_dL * b_E * b_beta[:, None], 0.).to(dt)
             b_dk += tl.dot(b_Gm, b_kn.to(dt)) + tl.dot(tl.trans(b_Gm), b_kn.to(dt))
-            tl.atomic_add(dkw_acc + p_kv, b_dk, mask=m_act[:, None], sem="relaxed")
+            if DET:
+                p_kh = (o_row * H + i_h)[:, None] * D + o_d[None, :]
+                b_dk += tl.load(dkw_acc + p_kh, mask=m_act[:, None], other=0.)
+                tl.store(dkw_acc + p_kh, b_dk, mask=m_act[:, None])
+            else:
+                tl.atomic_add(dkw_acc + p_kv, b_dk, mask=m_act[:, None], sem="relaxed")
 
         # gc is the in-chunk inclusive cumsum of g: dg_p = sum_{r >= p} dgc_r
         b_dgc = tl.where(m_i, b_dgc, 0.)

@@ -341,10 +341,11 @@ def _prefill_fwd_op(
     q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, a: Optional[torch.Tensor], b: Optional[torch.Tensor],
     z: torch.Tensor, A_log: Optional[torch.Tensor], dt_bias: Optional[torch.Tensor], norm_weight: torch.Tensor,
     o_weight: torch.Tensor, window: int, sinks: int, kind: str, cu_seqlens: Optional[torch.Tensor],
-    initial_state: Optional[torch.Tensor], output_final_state: bool,
+    initial_state: Optional[torch.Tensor], output_final_state: bool, deterministic: bool = False,
 ) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """Returns ``(out, final_state, lse)``: final_state empty without output_final_state; lse fp32
-    ``[B, T, H]`` (window log-sum-exp, log2 domain) is saved by the autograd for the backward."""
+    ``[B, T, H]`` (window log-sum-exp, log2 domain) is saved by the autograd for the backward.
+    ``deterministic`` is for the backward (``prefill_bwd``); the forward is deterministic either way."""
     out, ht, lse = prefill_fwd(q, k, v, a, b, z, A_log, dt_bias, norm_weight, o_weight, window, sinks, kind,
                                cu_seqlens, initial_state, output_final_state)
     if ht is None:
@@ -354,7 +355,7 @@ def _prefill_fwd_op(
 
 @_prefill_fwd_op.register_fake
 def _(q, k, v, a, b, z, A_log, dt_bias, norm_weight, o_weight, window, sinks, kind, cu_seqlens, initial_state,
-      output_final_state):
+      output_final_state, deterministic=False):
     B, T, H, D = q.shape
     N = B if cu_seqlens is None else cu_seqlens.shape[0] - 1
     ht = q.new_empty(N, H, D, D, dtype=torch.float32) if output_final_state else q.new_empty(0, dtype=torch.float32)
