@@ -7,7 +7,10 @@ band's normalised output and log-sum-exp instead of walking the band itself, and
 keys that left the window and the memory readout (``prefill_kernels._fwd_kernel`` with ``BAND_IN``).
 
 cuDNN is reached through ``nvidia-cudnn-frontend``'s graph API (the ``cudnn`` module) on top of the
-``libcudnn`` that PyTorch ships; graphs are built once per shape and cached. ``unavailable_reason``
+``libcudnn`` that PyTorch ships; graphs are built once per shape and cached. A new shape costs ~40-50 ms
+of graph building per direction on an H100, and ~0.5 s when the length is not a multiple of 128 (cuDNN
+then compiles a kernel), so calls pad the length to a multiple of ``PAD`` (``_padded``): the band is causal,
+so zero rows at the end change nothing in the real rows, and their gradients are exactly zero. ``unavailable_reason``
 says why this engine cannot run on a device; the Triton band is the fallback everywhere else.
 """
 
@@ -28,6 +31,7 @@ _GRAPHS: "OrderedDict[tuple, tuple]" = OrderedDict()
 _GRAPHS_MAX = 64
 _WORKSPACE: dict = {}
 _REASON: dict = {}
+PAD = 128  # the length granularity of the graphs (see the module docstring)
 
 
 def _cudnn():
@@ -86,6 +90,16 @@ def _bhsd(x: torch.Tensor) -> Tuple[list, list]:
     return [B, H, T, D], [sb, sh, st, sd]
 
 
+def _padded(x: Optional[torch.Tensor], T_pad: int) -> Optional[torch.Tensor]:
+    """``x [B, T, ...]`` (or ``[B, H, T]`` lse, ``dim=2``) with zero rows up to ``T_pad``; ``x`` itself if no
+    padding is needed."""
+    if x.shape[1] == T_pad:
+        return x
+    out = x.new_zeros(x.shape[0], T_pad, *x.shape[2:])
+    out[:, :x.shape[1]] = x
+    return out
+
+
 def _workspace(device: torch.device, nbytes: int) -> torch.Tensor:
     ws = _WORKSPACE.get(device)
     if ws is None or ws.numel() < nbytes:
@@ -133,9 +147,14 @@ def band_fwd(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, window: int,
     """Band attention ``t - window < j <= t`` of ``q [B, T, H, D]`` over ``k, v [B, T, HKV, D]``.
 
     Returns ``(o [B, T, H, D] in q.dtype, lse [B, H, T] fp32)``: ``o`` normalised over the band,
-    ``lse`` the band's natural-log log-sum-exp of the scaled logits (``D^-0.5``).
+    ``lse`` the band's natural-log log-sum-exp of the scaled logits (``D^-0.5``). With a length that is
+    not a multiple of ``PAD`` both are views of padded results (``out`` is then not written).
     """
     B, T, H, D = q.shape
+    T_pad = -(-T // PAD) * PAD
+    if T_pad != T:
+        o, lse = band_fwd(_padded(q, T_pad), _padded(k, T_pad), _padded(v, T_pad), window)
+        return o[:, :T], lse[:, :, :T]
     dev = q.device
     if out is None:
         out = empty(B, T, H, D, dtype=q.dtype, device=dev)
@@ -173,8 +192,16 @@ def band_bwd(q, k, v, o, do, lse, window: int):
 
     With ``o`` and ``lse`` of a softmax over the band plus other keys, cuDNN's ``P = exp(s - lse)`` and
     ``D_i = rowsum(dO o)`` give exactly the band's share of dq and the band keys' dk, dv.
-    Returns ``(dq, dk, dv)`` shaped like q, k, v (contiguous).
+    Returns ``(dq, dk, dv)`` shaped like q, k, v (contiguous; views of padded results when the length is
+    not a multiple of ``PAD``: the zero rows add nothing to the real rows' gradients).
     """
+    T = q.shape[1]
+    T_pad = -(-T // PAD) * PAD
+    if T_pad != T:
+        lse_p = lse.new_zeros(*lse.shape[:2], T_pad)
+        lse_p[:, :, :T] = lse
+        dq, dk, dv = band_bwd(*(_padded(x, T_pad) for x in (q, k, v, o, do)), lse_p, window)
+        return dq[:, :T], dk[:, :T], dv[:, :T]
     dev = q.device
     q, k, v, o = (x.contiguous() for x in (q, k, v, o))
     do = do.contiguous()
