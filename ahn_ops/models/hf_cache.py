@@ -348,14 +348,13 @@ class AHNModelCache(Cache):
             kv = _fa_kv(layer)
             if kv is not None:
                 tensors[f"fa.{i}.keys"], tensors[f"fa.{i}.values"] = kv
-        tensors = {k: t.detach().to("cpu").contiguous() for k, t in tensors.items()}
+        tensors, buf, offs = _to_host(tensors)
         meta = dict(_expected_meta(base, info, fp), batch_size=str(ahn.batch_size), columns=str(cols),
                     positions=json.dumps(pos[0].tolist()), fa_layer_ids=json.dumps(sorted(info["fa_layer_ids"])))
         meta["content_sha256"] = _content_sha256(tensors, meta)
         meta["format"] = "pt"
-        from safetensors.torch import save as st_save
-
-        _atomic_write(Path(path), st_save(tensors, metadata=meta))
+        header = _st_header(tensors, offs, meta)
+        _atomic_write(Path(path), lambda f: (f.write(header), f.write(memoryview(buf.numpy()))))
         self._ahn_sha256 = fp["ahn_weights_sha256"]
 
     def _columns(self) -> int:
@@ -377,14 +376,10 @@ class AHNModelCache(Cache):
         """
         path = Path(path)
         base, info = _info_of(model)
-        with open(path, "rb") as f:
-            data = f.read()
+        dev = torch.device(device) if device is not None else base.embed_tokens.weight.device
         try:
-            from safetensors.torch import load as st_load
-
-            tensors = st_load(data)
-            meta = _read_metadata(data)
-        except Exception as e:  # safetensors raises assorted types: one message naming the file
+            tensors, meta = _st_read(path, pin=dev.type == "cuda")
+        except (ValueError, KeyError, TypeError, struct.error, UnicodeDecodeError) as e:
             raise ValueError(f"{path}: cannot read the AHN cache file, torn or truncated? "
                              f"({type(e).__name__}: {e})") from None
         if meta.get("ahn_cache") != CACHE_FILE_KIND:
@@ -444,7 +439,6 @@ class AHNModelCache(Cache):
         if extra:
             raise ValueError(f"{src}: unexpected tensors {extra}")
 
-        dev = torch.device(device) if device is not None else base.embed_tokens.weight.device
         cache = cls.from_model(base)
         cache.ahn = AHNCache.from_state_dict(ahn_sd, W, S, kind, device=dev)
         for i, layer in enumerate(cache.layers):
@@ -555,13 +549,87 @@ def _content_sha256(tensors: Dict[str, torch.Tensor], meta: Dict[str, str]) -> s
     return h.hexdigest()
 
 
-def _read_metadata(data: bytes) -> Dict[str, str]:
-    """The ``__metadata__`` of a safetensors buffer (8-byte little-endian header length, then the JSON header)."""
-    (n,) = struct.unpack("<Q", data[:8])
-    meta = json.loads(data[8:8 + n]).get("__metadata__") or {}
-    if not isinstance(meta, dict):
-        raise ValueError("__metadata__ is not a JSON object")
-    return meta
+# the safetensors layout (8-byte little-endian header length, the JSON header, then the raw bytes), written and
+# read here without safetensors' serialiser, whose Python-side copies took ~5 s per GB: one host buffer,
+# one copy from the device (pinned), one write; on load one read into a pinned buffer and views into it
+_ST_DTYPES = {torch.bfloat16: "BF16", torch.float16: "F16", torch.float32: "F32", torch.float64: "F64",
+              torch.int64: "I64", torch.int32: "I32", torch.int16: "I16", torch.int8: "I8", torch.uint8: "U8",
+              torch.bool: "BOOL"}
+_ST_TORCH = {v: k for k, v in _ST_DTYPES.items()}
+
+
+def _to_host(tensors: Dict[str, torch.Tensor]):
+    """The tensors as views of one host buffer (pinned when any is on a GPU), laid out as safetensors lays them
+    out (larger element sizes first, then by name: every offset aligned to its element size, no holes):
+    ``(views in file order, the uint8 buffer, offsets by name)``."""
+    names = sorted(tensors, key=lambda k: (-tensors[k].element_size(), k))
+    offs, n = {}, 0
+    for k in names:
+        offs[k] = n
+        n += tensors[k].numel() * tensors[k].element_size()
+    cuda = any(t.is_cuda for t in tensors.values())
+    buf = torch.empty(n, dtype=torch.uint8, pin_memory=cuda)
+    views = {}
+    for k in names:
+        t = tensors[k].detach()
+        v = buf[offs[k]:offs[k] + t.numel() * t.element_size()].view(t.dtype).view(t.shape)
+        v.copy_(t, non_blocking=True)
+        views[k] = v
+    if cuda:
+        torch.cuda.synchronize()
+    return views, buf, offs
+
+
+def _st_header(views: Dict[str, torch.Tensor], offs: Dict[str, int], meta: Dict[str, str]) -> bytes:
+    """The length-prefixed JSON header of ``views`` at ``offs`` (:func:`_to_host`), padded with spaces to a
+    multiple of 8 bytes so that the data starts aligned."""
+    head: Dict[str, object] = {"__metadata__": meta}
+    for k, v in views.items():
+        nb = v.numel() * v.element_size()
+        head[k] = {"dtype": _ST_DTYPES[v.dtype], "shape": list(v.shape), "data_offsets": [offs[k], offs[k] + nb]}
+    js = json.dumps(head, separators=(",", ":")).encode()
+    js += b" " * (-(len(js) + 8) % 8)
+    return struct.pack("<Q", len(js)) + js
+
+
+def _st_read(path: Path, pin: bool):
+    """``(tensors, metadata)`` of a safetensors file, the tensors views of one host buffer (pinned if ``pin``).
+    A header that does not parse, offsets outside the data, sizes that do not match the shapes, or a file
+    shorter or longer than its header says raise ValueError."""
+    size = path.stat().st_size
+    with open(path, "rb") as f:
+        (n,) = struct.unpack("<Q", f.read(8))
+        if n > size - 8:
+            raise ValueError(f"header of {n} bytes in a file of {size}")
+        head = json.loads(f.read(n))
+        if not isinstance(head, dict):
+            raise ValueError("the header is not a JSON object")
+        meta = head.pop("__metadata__", None) or {}
+        if not isinstance(meta, dict):
+            raise ValueError("__metadata__ is not a JSON object")
+        data = size - 8 - n
+        end = 0
+        for k, e in head.items():
+            b0, b1 = (int(x) for x in e["data_offsets"])
+            dt = _ST_TORCH[e["dtype"]]
+            want = dt.itemsize
+            for d in e["shape"]:
+                want *= int(d)
+            if not 0 <= b0 <= b1 <= data or b1 - b0 != want:
+                raise ValueError(f"{k}: data_offsets {[b0, b1]} do not fit {want} bytes in {data} bytes of data")
+            end = max(end, b1)
+        if end != data:
+            raise ValueError(f"{data} bytes of data, the tensors end at {end}")
+        buf = torch.empty(data, dtype=torch.uint8, pin_memory=pin)
+        if f.readinto(memoryview(buf.numpy())) != data:
+            raise ValueError("the file ended early")
+    tensors = {}
+    for k, e in head.items():
+        b0, b1 = e["data_offsets"]
+        dt = _ST_TORCH[e["dtype"]]
+        raw = buf[b0:b1] if b0 % dt.itemsize == 0 else buf[b0:b1].clone()
+        tensors[k] = raw.view(dt).view([int(d) for d in e["shape"]])
+    return tensors, meta
 
 
 def _json_or_none(s):
@@ -599,16 +667,20 @@ def _fingerprint_diffs(want: Dict[str, str], have: Dict[str, str]) -> List[str]:
     return out
 
 
-def _atomic_write(path: Path, data: bytes) -> None:
-    """``data`` into ``path`` through a temporary file of the same directory and ``os.replace``: readers see the
-    old file or the whole new one, never a partial one; on failure the temporary file is removed."""
+def _atomic_write(path: Path, data) -> None:
+    """``data`` (bytes, or a callable that writes into the open file) into ``path`` through a temporary file of
+    the same directory and ``os.replace``: readers see the old file or the whole new one, never a partial one;
+    on failure the temporary file is removed."""
     parent = path.parent if str(path.parent) else Path(".")
     if not parent.is_dir():
         raise FileNotFoundError(f"path: directory {str(parent)!r} does not exist")
     tmp = parent / f".{path.name}.{os.getpid()}.{uuid.uuid4().hex[:8]}.tmp"
     try:
         with open(tmp, "xb") as f:  # a plain open: the file gets the umask's mode, like other outputs
-            f.write(data)
+            if callable(data):
+                data(f)
+            else:
+                f.write(data)
             f.flush()
             os.fsync(f.fileno())
         os.replace(tmp, path)
