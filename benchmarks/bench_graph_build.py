@@ -3,7 +3,9 @@
 For each (T, W): the first ``band_cudnn.band_fwd`` / ``band_bwd`` call at that shape (graph built, or
 taken from the cache of a padded length, see ``band_cudnn.PAD``) against a repeat; then fused
 forward + backward steps at T=16384 with a new window each (what a distillation step with a random window
-pays) against a repeat. Wall-clock milliseconds around a device sync; B=1 H=16 HKV=2 D=128 bf16.
+pays: ``band_cudnn.band_window`` gives a first-seen window the graph of the window rounded down to
+``WINDOW_STEP``, a window asked for again its exact graph), three calls each. Wall-clock milliseconds
+around a device sync; B=1 H=16 HKV=2 D=128 bf16.
 
     python benchmarks/bench_graph_build.py
 """
@@ -51,7 +53,7 @@ def main():
         do = torch.randn_like(q)
         bfirst = ms(lambda: BC.band_bwd(q, k, v, o, do, lse, W))
         bagain = ms(lambda: BC.band_bwd(q, k, v, o, do, lse, W))
-        rows.append((f"band T={T} W={W}", first, again, bfirst, bagain))
+        rows.append((f"band T={T} W={W}", first, again, bfirst, bagain, None))
         print(rows[-1], flush=True)
     T = 16384
     g = torch.Generator(device="cuda").manual_seed(0)
@@ -67,13 +69,16 @@ def main():
     step(2048, 64)
     step(2048, 100)  # Triton's variants for a sink count that is not a multiple of 16
     for W, S in [(3000, 100), (3001, 100), (5000, 7)]:
-        rows.append((f"fwd+bwd T={T} W={W} S={S}", ms(lambda: step(W, S)), ms(lambda: step(W, S)), None, None))
+        rows.append((f"fwd+bwd T={T} W={W} S={S}", ms(lambda: step(W, S)), ms(lambda: step(W, S)),
+                     ms(lambda: step(W, S)), None, None))
         print(rows[-1], flush=True)
-    print("\n| shape | forward first (ms) | forward repeat | backward first | backward repeat |\n|---|---|---|---|---|")
-    for name, a, b, c, d in rows:
-        cells = " | ".join("-" if x is None else f"{x:.1f}" if x >= 10 else f"{x:.2f}" for x in (a, b, c, d))
+    print("\n| shape | fwd first (ms) | fwd repeat | bwd first | bwd repeat |\n|---|---|---|---|---|")
+    for name, a, b, c, d, _ in rows[:-3]:
+        cells = " | ".join(f"{x:.1f}" if x >= 10 else f"{x:.2f}" for x in (a, b, c, d))
         print(f"| {name} | {cells} |")
-    print("(fwd+bwd rows: the whole step, first and repeat, in the first two columns)")
+    print("\n| fused step | first call (ms) | second | third |\n|---|---|---|---|")
+    for name, a, b, c, _, _ in rows[-3:]:
+        print(f"| {name} | {a:.1f} | {b:.1f} | {c:.1f} |")
 
 
 if __name__ == "__main__":

@@ -206,7 +206,7 @@ def offline(a):
             engine, band, band_bwd = pf._band_engine, pf._cudnn_band, band_cudnn.band_bwd
             pf._band_engine = lambda q, uniform: True
             pf._cudnn_band = lambda q, k, v, w: (lambda: (torch.zeros_like(q), q.new_zeros(
-                q.shape[0], q.shape[2], q.shape[1], dtype=torch.float32)))
+                q.shape[0], q.shape[2], q.shape[1], dtype=torch.float32), w))
             band_cudnn.band_bwd = lambda q, k, v, o, do, lse, w: tuple(torch.zeros_like(x) for x in (q, k, v))
             try:
                 out, _, lse = pf.prefill_fwd(*inp, a.W, 64, kind)

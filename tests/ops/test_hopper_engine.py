@@ -185,20 +185,39 @@ def _torch_band_bwd(q, k, v, o, do, lse, W):
 
 @pytest.mark.skipif(not torch.cuda.is_available() and __import__("os").environ.get("TRITON_INTERPRET") != "1",
                     reason="needs CUDA or TRITON_INTERPRET=1")
-@pytest.mark.parametrize("kind,B,T,W,S,G", [
-    pytest.param("gdn", 1, 150, 40, 5, 2, id="gdn-T150-W40-S5"),
-    pytest.param("mamba2", 2, 97, 20, 70, 1, id="mamba2-B2-T97-W20-S70"),
-    pytest.param("dn", 1, 130, 1, 3, 4, id="dn-T130-W1-S3"),
+@pytest.mark.parametrize("kind,B,T,W,S,G,step", [
+    pytest.param("gdn", 1, 150, 40, 5, 2, None, id="gdn-T150-W40-S5"),
+    pytest.param("mamba2", 2, 97, 20, 70, 1, None, id="mamba2-B2-T97-W20-S70"),
+    pytest.param("dn", 1, 130, 1, 3, 4, None, id="dn-T130-W1-S3"),
+    # a window seen for the first time: the band at the window rounded down to the step, the kernels
+    # walking the keys between (band_cudnn.band_window)
+    pytest.param("gdn", 1, 150, 60, 5, 2, 32, id="gdn-T150-W60-S5-band32"),
+    pytest.param("mamba2", 2, 97, 40, 3, 1, 16, id="mamba2-B2-T97-W40-S3-band32"),
+    pytest.param("dn", 1, 260, 130, 70, 4, 64, id="dn-T260-W130-S70-band128"),
 ])
-def test_band_composition_kernel(kind, B, T, W, S, G, monkeypatch):
+def test_band_composition_kernel(kind, B, T, W, S, G, step, monkeypatch):
+    from collections import OrderedDict
+
     from ahn_ops.ops.ahn_attention import band_cudnn
 
     P = _prefill()
     dev = "cuda" if torch.cuda.is_available() else "cpu"
     # every call takes the outside band (fp32 included: the stand-in computes in fp32)
     monkeypatch.setattr(P, "_band_engine", lambda q, uniform: uniform)
-    monkeypatch.setattr(band_cudnn, "band_fwd", _torch_band_fwd)
-    monkeypatch.setattr(band_cudnn, "band_bwd", _torch_band_bwd)
+    asked = []
+
+    def fwd(q, k, v, w, out=None):
+        asked.append(w)
+        return _torch_band_fwd(q, k, v, w, out)
+
+    def bwd(q, k, v, o, do, lse, w):
+        asked.append(w)
+        return _torch_band_bwd(q, k, v, o, do, lse, w)
+
+    monkeypatch.setattr(band_cudnn, "band_fwd", fwd)
+    monkeypatch.setattr(band_cudnn, "band_bwd", bwd)
+    monkeypatch.setattr(band_cudnn, "_SEEN", OrderedDict())
+    monkeypatch.setattr(band_cudnn, "WINDOW_STEP", step or 10 ** 9)
     HKV = 2 if G < 4 else 1
     H, D = HKV * G, 64
     args = make_inputs(kind, B, T, H, HKV, D, torch.float32, device=dev, seed=T + S)
@@ -219,3 +238,5 @@ def test_band_composition_kernel(kind, B, T, W, S, G, monkeypatch):
         rel = ((x.grad - y.grad).norm() / y.grad.norm().clamp_min(1e-30)).item()
         print(f"grad {i}: rel err {rel:.2e}")
         assert rel < 1e-3, (i, rel)
+    Wb = min(W, T) if step is None else min(W, T) - min(W, T) % step
+    assert asked == [Wb, Wb], asked  # the forward's band, then the backward's

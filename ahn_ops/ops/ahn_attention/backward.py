@@ -217,6 +217,7 @@ def prefill_bwd(dout, dht, q, k, v, a, b, z, A_log, dt_bias, norm_weight, o_weig
     cudnn_band = NT > 0 and not deterministic and pf._band_engine(q, len(set(lens)) == 1)
     owin = empty(Tt, H, D, dtype=dt, device=dev) if cudnn_band else dummy
     dqb = dkb = dvb = dummy
+    wb = W  # the cuDNN band's window (band_cudnn.band_window); the Triton kernels walk t - W < j <= t - wb
 
     if NT > 0:
         # ---- memory branch: recompute the forward's chunk quantities and states ----
@@ -283,9 +284,10 @@ def prefill_bwd(dout, dht, q, k, v, a, b, z, A_log, dt_bias, norm_weight, o_weig
 
             T1 = lens[0]
             lse_n = (lsef * math.log(2.0)).view(N, T1, H).transpose(1, 2).contiguous()  # natural log, [N, H, T]
+            wb = band_cudnn.band_window("bwd", qf.view(N, T1, H, D), kf.view(N, T1, HKV, D), min(W, T1))
             dqb, dkb, dvb = band_cudnn.band_bwd(qf.view(N, T1, H, D), kf.view(N, T1, HKV, D),
                                                 vf.view(N, T1, HKV, D), owin.view(N, T1, H, D),
-                                                dof.view(N, T1, H, D), lse_n, min(W, T1))
+                                                dof.view(N, T1, H, D), lse_n, wb)
             dqb, dkb, dvb = (x.contiguous() for x in (dqb, dkb, dvb))  # rows as q / k (views when padded)
             del lse_n, owin, epi  # o_win is read by nothing else: free it before the memory passes
 
@@ -343,7 +345,8 @@ def prefill_bwd(dout, dht, q, k, v, a, b, z, A_log, dt_bias, norm_weight, o_weig
         BN, nw, ns = CONFIG["dq"]
         ka._attn_dq_kernel[(H, NT)](
             q=qf, k=kf, v=vf, do=dof, seq=seq, chunks=chunks, lse=lsef, delta=delta, dq_acc=dq_acc, dq=dq, dqb=dqb,
-            W=W, S=S, qk_scale=qk_scale, sm_scale=D ** -0.5, mem_scale=mem_scale, H=H, HKV=HKV, D=D, BT=BT, BN=BN,
+            W=W, S=S, qk_scale=qk_scale, sm_scale=D ** -0.5, mem_scale=mem_scale, WB=wb, H=H, HKV=HKV, D=D, BT=BT,
+            BN=BN,
             MAMBA2=mamba2, BAND=not cudnn_band, num_warps=nw, num_stages=ns)
         BM, nw, ns = CONFIG["dkdv"]
         if side is not None:
@@ -357,7 +360,7 @@ def prefill_bwd(dout, dht, q, k, v, a, b, z, A_log, dt_bias, norm_weight, o_weig
             del slots
         ka._attn_dkdv_kernel[(HKV, NT)](
             q=qf, k=kf, v=vf, do=dof, seq=seq, chunks=chunks, lse=lsef, delta=delta, dk_acc=dk_acc,
-            dkm_acc=dkm_acc, dkw_acc=dkw_acc, dv_acc=dv_acc, dk=dk, dv=dv, dkb=dkb, dvb=dvb, W=W, S=S,
+            dkm_acc=dkm_acc, dkw_acc=dkw_acc, dv_acc=dv_acc, dk=dk, dv=dv, dkb=dkb, dvb=dvb, W=W, S=S, WB=wb,
             qk_scale=qk_scale, sm_scale=D ** -0.5,
             H=H, HKV=HKV, D=D, BT=BT, BM=BM, MAMBA2=mamba2, BAND=not cudnn_band, num_warps=nw, num_stages=ns)
     elif use_h0:

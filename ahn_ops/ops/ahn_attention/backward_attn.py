@@ -75,13 +75,14 @@ def _attn_dq_kernel(
     # pointers
     q, k, v, do, seq, chunks, lse, delta, dq_acc, dq, dqb,
     # sizes
-    W, S, qk_scale, sm_scale, mem_scale,
+    W, S, qk_scale, sm_scale, mem_scale, WB,
     H: tl.constexpr, HKV: tl.constexpr, D: tl.constexpr,
     # meta
     BT: tl.constexpr, BN: tl.constexpr, MAMBA2: tl.constexpr, BAND: tl.constexpr = True,
 ):
-    # BAND False: the window band's dq came from outside (``dqb``, rows as q: band_cudnn.band_bwd), so
-    # only the sinks that left the window of some row of the block are walked here
+    # BAND False: the band t - WB < j <= t's dq came from outside (``dqb``, rows as q: band_cudnn.band_bwd,
+    # WB <= W), so only the sinks that left the window of some row of the block and the window's far part
+    # t - W < j <= t - WB are walked here
     i_h, i_c = tl.program_id(0), tl.program_id(1)
     G: tl.constexpr = H // HKV
     i_kv = i_h // G
@@ -121,6 +122,15 @@ def _attn_dq_kernel(
             b_k = tl.load(k + o_x, mask=m_k[:, None], other=0.)  # [BN, D]
             b_v = tl.load(v + o_x, mask=m_k[:, None], other=0.)  # [BN, D]
             m_s = (o_s[None, :] <= t_pos[:, None] - W) & m_k[None, :] & m_i[:, None]
+            b_dq = _dq_block(b_q, b_do, b_k, b_v, m_s, b_lse, b_dl, b_dq, qk_scale, True)
+        for j0 in range(tl.maximum(t_lo - W + 1, 0), tl.where(WB < W, t_hi - WB + 1, 0), BN):
+            o_s = j0 + o_j
+            m_k = o_s <= t_hi - WB
+            o_x = ((bos + tl.where(m_k, o_s, 0)) * HKV + i_kv)[:, None] * D + o_d[None, :]
+            b_k = tl.load(k + o_x, mask=m_k[:, None], other=0.)  # [BN, D]
+            b_v = tl.load(v + o_x, mask=m_k[:, None], other=0.)  # [BN, D]
+            m_s = ((o_s[None, :] <= t_pos[:, None] - WB) & (o_s[None, :] > t_pos[:, None] - W) & m_k[None, :]
+                   & m_i[:, None])
             b_dq = _dq_block(b_q, b_do, b_k, b_v, m_s, b_lse, b_dl, b_dq, qk_scale, True)
     for j0 in range(0, n_sink, BN):
         o_s = j0 + o_j
@@ -164,11 +174,12 @@ def _attn_dq_kernel(
 
 @triton.jit
 def _dkdv_block(b_k, b_v, b_dk, b_dv, q, do, lse, delta, bos, t0, t_end, o_s, o_m, o_d, i_h, T, W, S, qk_scale,
-                H: tl.constexpr, D: tl.constexpr, MASK: tl.constexpr):
+                H: tl.constexpr, D: tl.constexpr, MASK: tl.constexpr, WB=0):
     # one [BT keys] x [BM queries] step of the transposed flash-attention-2 dk/dv accumulation.
     # MASK 0: every pair visible (band interior, no mask, no masked loads); 1: causal/window/sink
     # mask; 2: sink-only range (t - j >= W for the whole block: a key is seen iff it is a sink);
-    # 3: sink keys past the window, pair by pair (the band done elsewhere)
+    # 3: sink keys past the window, pair by pair (the band done elsewhere); 4: the window's far part
+    # WB <= t - j < W, pair by pair (the band t - j < WB done elsewhere)
     t_pos = t0 + o_m
     if MASK == 0:
         o_q = bos + t_pos
@@ -194,6 +205,9 @@ def _dkdv_block(b_k, b_v, b_dk, b_dv, q, do, lse, delta, bos, t0, t_end, o_s, o_
         b_pt = tl.where((o_s < S)[:, None] & m_i[None, :], b_pt, 0.)
     if MASK == 3:  # sink keys and the queries they are out of the window of (t - j >= W)
         b_pt = tl.where((o_s < S)[:, None] & (t_pos[None, :] - o_s[:, None] >= W) & m_i[None, :], b_pt, 0.)
+    if MASK == 4:
+        b_pt = tl.where((t_pos[None, :] - o_s[:, None] >= WB) & (t_pos[None, :] - o_s[:, None] < W) &
+                        (o_s < T)[:, None] & m_i[None, :], b_pt, 0.)
     b_dv += tl.dot(b_pt.to(b_do.dtype), b_do)  # [BT, D]
     b_dpt = tl.dot(b_v, tl.trans(b_do))  # [BT, BM]
     b_dst = b_pt * (b_dpt - b_dl[None, :])
@@ -252,13 +266,14 @@ def _attn_dkdv_kernel(
     # pointers
     q, k, v, do, seq, chunks, lse, delta, dk_acc, dkm_acc, dkw_acc, dv_acc, dk, dv, dkb, dvb,
     # sizes
-    W, S, qk_scale, sm_scale,
+    W, S, qk_scale, sm_scale, WB,
     H: tl.constexpr, HKV: tl.constexpr, D: tl.constexpr,
     # meta
     BT: tl.constexpr, BM: tl.constexpr, MAMBA2: tl.constexpr, BAND: tl.constexpr = True,
 ):
-    # BAND False: the band's dk, dv came from outside (``dkb``, ``dvb``, rows as k), the sink keys' pairs
-    # past the window from _attn_dkdv_sink_kernel (in dk_acc, dv_acc): only the memory part and the sums
+    # BAND False: the band t - j < WB's dk, dv came from outside (``dkb``, ``dvb``, rows as k), the sink
+    # keys' pairs past the window from _attn_dkdv_sink_kernel (in dk_acc, dv_acc): the window's far part
+    # WB <= t - j < W (queries j0 + WB .. j_hi + W - 1), the memory part and the sums
     i_kv, i_c = tl.program_id(0), tl.program_id(1)
     G: tl.constexpr = H // HKV
     i_n, i_b, bos, T = _chunk_at(chunks, seq, i_c)
@@ -306,6 +321,10 @@ def _attn_dkdv_kernel(
         for i in range(i_b2, n_q):
             b_dk, b_dv = _dkdv_block(b_k, b_v, b_dk, b_dv, q, do, lse, delta, bos, j0 + i * BM, t_end, o_s, o_m,
                                      o_d, i_h, T, W, S, qk_scale, H, D, 1)
+        if not BAND:
+            for t0 in range(j0 + WB, tl.where(WB < W, t_end, 0), BM):
+                b_dk, b_dv = _dkdv_block(b_k, b_v, b_dk, b_dv, q, do, lse, delta, bos, t0, t_end, o_s, o_m,
+                                         o_d, i_h, T, W, S, qk_scale, H, D, 4, WB)
     b_dk = b_dk * sm_scale + tl.load(dk_acc + p_kv, mask=m_k[:, None], other=0.)
     b_dv = b_dv + tl.load(dv_acc + p_kv, mask=m_k[:, None], other=0.)
     if not BAND:

@@ -10,7 +10,11 @@ cuDNN is reached through ``nvidia-cudnn-frontend``'s graph API (the ``cudnn`` mo
 ``libcudnn`` that PyTorch ships; graphs are built once per shape and cached. A new shape costs ~40-50 ms
 of graph building per direction on an H100, and ~0.5 s when the length is not a multiple of 128 (cuDNN
 then compiles a kernel), so calls pad the length to a multiple of ``PAD`` (``_padded``): the band is causal,
-so zero rows at the end change nothing in the real rows, and their gradients are exactly zero. ``unavailable_reason``
+so zero rows at the end change nothing in the real rows, and their gradients are exactly zero.
+The window is part of a graph too, and training draws a new one per step: ``band_window`` gives the window
+a caller should ask for, the exact one once a shape has been asked for with it before (its graph then pays
+off), else the window rounded down to a multiple of ``WINDOW_STEP``; the fused kernels walk the keys
+between the two (``WB`` of ``_fwd_kernel``, ``_attn_dq_kernel``, ``_attn_dkdv_kernel``). ``unavailable_reason``
 says why this engine cannot run on a device; the Triton band is the fallback everywhere else.
 """
 
@@ -24,14 +28,17 @@ import torch
 from ..common.alloc import empty
 from .tables import lru_get
 
-__all__ = ["band_fwd", "band_bwd", "unavailable_reason"]
+__all__ = ["band_fwd", "band_bwd", "band_window", "unavailable_reason"]
 
 _HANDLES: dict = {}
 _GRAPHS: "OrderedDict[tuple, tuple]" = OrderedDict()
-_GRAPHS_MAX = 64
+_GRAPHS_MAX = 128
 _WORKSPACE: dict = {}
 _REASON: dict = {}
 PAD = 128  # the length granularity of the graphs (see the module docstring)
+WINDOW_STEP = 256  # the window granularity of graphs for windows seen once (band_window)
+_SEEN: "OrderedDict[tuple, int]" = OrderedDict()
+_SEEN_MAX = 4096
 
 
 def _cudnn():
@@ -60,6 +67,21 @@ def unavailable_reason(device) -> Optional[str]:
             reason = f"cuDNN {torch.backends.cudnn.version()} is older than 9.5"
     _REASON[idx] = reason
     return reason
+
+
+def band_window(direction: str, q: torch.Tensor, k: torch.Tensor, window: int) -> int:
+    """The band window to ask ``band_fwd`` (``direction`` "fwd") or ``band_bwd`` ("bwd") for when the caller
+    walks the keys ``t - window < j <= t - returned`` itself: ``window`` if this (direction, shape, dtype,
+    window) was asked for before, else ``window`` rounded down to a multiple of ``WINDOW_STEP`` (at least
+    one step). A window drawn anew per training step then reuses a few graphs, and a fixed one gets its
+    exact graph from its second call on."""
+    B, T, H, D = q.shape
+    key = (direction, str(q.device), q.dtype, B, -(-T // PAD), H, k.shape[2], D, int(window))
+    seen = lru_get(_SEEN, key, lambda: 0, _SEEN_MAX)
+    _SEEN[key] = seen + 1
+    if seen or window <= WINDOW_STEP:
+        return int(window)
+    return int(window) - int(window) % WINDOW_STEP
 
 
 def _handle(device: torch.device):

@@ -120,8 +120,9 @@ def _launch(q, kx, vx, sk, sv, a, b, gx, z, A_log, dt_bias, norm_weight, o_weigh
     # store_lse: also return the window softmax's lse (fp32 [Tq, H]) for the backward; the cache
     # path (inference) passes False and the kernel skips the store.
     # band: None (the Triton kernel walks the window band) or a callable giving the band over the
-    # call's own tokens as (ob [.., H, D] rows as q, lse [N, H, T] natural log, uniform T); it runs on
-    # the current stream while the memory passes run on a side stream
+    # call's own tokens as (ob [.., H, D] rows as q, lse [N, H, T] natural log, uniform T, its window
+    # wb <= window: the kernel walks the keys between); it runs on the current stream while the memory
+    # passes run on a side stream
     Tq, H, D = q.shape[1], q.shape[2], q.shape[3]
     HKV = kx.shape[-2]
     dev, dt = q.device, q.dtype
@@ -142,6 +143,7 @@ def _launch(q, kx, vx, sk, sv, a, b, gx, z, A_log, dt_bias, norm_weight, o_weigh
     gx = gx if gx is not None else dummy
     hs = vnew = gc = yp = ss = dummy
     ob = lb = dummy
+    wb = window
     side = None  # the memory passes' stream when they run beside the band
     if memory:
         gc = empty(Tq, H, dtype=torch.float32, device=dev)
@@ -169,7 +171,7 @@ def _launch(q, kx, vx, sk, sv, a, b, gx, z, A_log, dt_bias, norm_weight, o_weigh
             yp = empty(Tq, H, D, dtype=dt, device=dev)
             ss = empty(Tq, H, dtype=torch.float32, device=dev)
     if band is not None:
-        ob, lb = band()
+        ob, lb, wb = band()
         if side is not None:
             torch.cuda.current_stream(dev).wait_stream(side)
         BM, (BN, fwd_warps, fwd_stages) = BT, CONFIG["fwd_band_in"]
@@ -181,7 +183,7 @@ def _launch(q, kx, vx, sk, sv, a, b, gx, z, A_log, dt_bias, norm_weight, o_weigh
     _fwd_kernel[(H, NB)](
         q=q, kx=kx, vx=vx, sk=sk, sv=sv, z=z.contiguous(), nw=norm_weight.float().contiguous(),
         ow=o_weight.to(dt).contiguous(), seq=seq, blocks=blocks, gc=gc, hs=hs, vnew=vnew, out=out, yp=yp, ss=ss,
-        lse=lse if store_lse else dummy, ob=ob, lb=lb, H=H, HKV=HKV, D=D, W=window, S=sinks,
+        lse=lse if store_lse else dummy, ob=ob, lb=lb, H=H, HKV=HKV, D=D, W=window, S=sinks, WB=wb,
         qk_scale=D ** -0.5 * math.log2(math.e), mem_scale=1.0 if mamba2 else D ** -0.5,
         BT=BT, BM=BM, BN=BN, MEMORY=memory, USE_H0=initial_state is not None,
         MAMBA2=mamba2 and memory, STORE_LSE=store_lse, BAND_IN=band is not None, num_warps=fwd_warps,
@@ -227,11 +229,14 @@ _WARNED: list = []
 
 
 def _cudnn_band(q, k, v, window):
-    """A ``band`` callable for ``_launch``: cuDNN over ``q [B, T, H, D]``, ``k, v [B, T, HKV, D]``."""
+    """A ``band`` callable for ``_launch``: cuDNN over ``q [B, T, H, D]``, ``k, v [B, T, HKV, D]``; gives
+    ``(ob, lb, wb)``, the band's output and lse for the window ``wb <= window`` (``band_cudnn.band_window``)."""
     from . import band_cudnn
 
     def run():  # the kernel reads both as rows (contiguous: a no-op for cuDNN's own outputs)
-        return tuple(x.contiguous() for x in band_cudnn.band_fwd(q, k, v, min(window, q.shape[1])))
+        wb = band_cudnn.band_window("fwd", q, k, min(window, q.shape[1]))
+        ob, lb = band_cudnn.band_fwd(q, k, v, wb)
+        return ob.contiguous(), lb.contiguous(), wb
 
     return run
 

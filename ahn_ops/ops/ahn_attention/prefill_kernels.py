@@ -288,7 +288,7 @@ def _fwd_kernel(
     # pointers
     q, kx, vx, sk, sv, z, nw, ow, seq, blocks, gc, hs, vnew, out, yp, ss, lse, ob, lb,
     # sizes
-    H: tl.constexpr, HKV: tl.constexpr, D: tl.constexpr, W, S, qk_scale, mem_scale,
+    H: tl.constexpr, HKV: tl.constexpr, D: tl.constexpr, W, S, qk_scale, mem_scale, WB,
     # meta
     BT: tl.constexpr, BM: tl.constexpr, BN: tl.constexpr, MEMORY: tl.constexpr, USE_H0: tl.constexpr,
     MAMBA2: tl.constexpr, STORE_LSE: tl.constexpr, BAND_IN: tl.constexpr = False,
@@ -323,10 +323,11 @@ def _fwd_kernel(
 
     b_q = tl.load(q + (o_q * H + i_h)[:, None] * D + o_d[None, :], mask=m_i[:, None], other=0.)  # [BM, D]
     if BAND_IN:
-        # the band t - W < j <= t over the call's own tokens (positions >= P) was computed outside
-        # (band_cudnn): its normalised output ``ob`` (rows as q) and natural-log lse ``lb`` [N, H, T]
-        # (uniform T per sequence) start the online softmax, which goes on with the keys the band
-        # did not see: the sinks that left the window and, on a cache, the ring tail (positions < P)
+        # the band t - WB < j <= t (WB <= W) over the call's own tokens (positions >= P) was computed
+        # outside (band_cudnn): its normalised output ``ob`` (rows as q) and natural-log lse ``lb``
+        # [N, H, T] (uniform T per sequence) start the online softmax, which goes on with the keys the
+        # band did not see: the sinks that left the window, the window's far part t - W < j <= t - WB
+        # (band_cudnn's graphs take a window rounded down when W is new) and, on a cache, the ring tail
         b_acc = tl.load(ob + (o_q * H + i_h)[:, None] * D + o_d[None, :], mask=m_i[:, None], other=0.)
         b_acc = b_acc.to(tl.float32)
         b_m = tl.load(lb + (i_n * H + i_h).to(tl.int64) * T + o_i, mask=m_i, other=0.) * 1.4426950408889634
@@ -353,11 +354,14 @@ def _fwd_kernel(
 
     lo = tl.maximum(kp0, t_lo - W + 1)
     if BAND_IN:
-        # the ring tail: window keys at positions lo .. P - 1 (empty for a prefill from position 0)
-        for j0 in range(lo, tl.minimum(P, t_hi + 1), BN):
+        # window keys the band did not see: positions lo .. P - 1 (the ring tail; none for a prefill from
+        # position 0) and t - W < j <= t - WB
+        hi_far = tl.where(WB < W, t_hi - WB + 1, 0)
+        for j0 in range(lo, tl.maximum(tl.minimum(P, t_hi + 1), hi_far), BN):
             o_s = j0 + o_j
-            m_s = (o_s[None, :] < P) & (o_s[None, :] > t_pos[:, None] - W) & m_i[:, None]
-            m_k = o_s < P
+            m_s = (((o_s[None, :] < P) | (o_s[None, :] <= t_pos[:, None] - WB)) &
+                   (o_s[None, :] > t_pos[:, None] - W) & m_i[:, None])
+            m_k = o_s <= t_hi
             o_x = ((kxb + tl.where(m_k, o_s - kp0, 0)) * HKV + i_kv)[:, None] * D + o_d[None, :]
             b_k = tl.load(kx + o_x, mask=m_k[:, None], other=0.)
             b_v = tl.load(vx + o_x, mask=m_k[:, None], other=0.)
