@@ -77,7 +77,7 @@ def test_engine_matches_reference_and_triton(kind, B, T, W, S, G, D, dtype, engi
 
 @needs_cudnn
 @pytest.mark.parametrize("lens", [[300, 300, 300], [5, 700, 64]], ids=["equal", "unequal"])
-def test_engine_varlen(lens, engine):
+def test_engine_varlen(lens, engine, monkeypatch):
     """cu_seqlens: sequences of one length take the cuDNN band, others the Triton band ("auto")."""
     P = _prefill()
     kind, W, S, H, HKV, D = "gdn", 100, 4, 8, 2, 128
@@ -85,6 +85,7 @@ def test_engine_varlen(lens, engine):
     args = make_inputs(kind, 1, T, H, HKV, D, torch.bfloat16, device="cuda", seed=len(lens) + T)
     cu = torch.tensor([0] + list(torch.tensor(lens).cumsum(0)), dtype=torch.int32, device="cuda")
     engine("auto")
+    monkeypatch.setitem(P.CONFIG, "band_min_tokens", 0)  # these short sequences too
     out, ht, _ = P.prefill_fwd(*args, W, S, kind, cu_seqlens=cu, output_final_state=True)
     s = 0
     for i, n in enumerate(lens):
@@ -203,7 +204,7 @@ def test_band_composition_kernel(kind, B, T, W, S, G, step, monkeypatch):
     P = _prefill()
     dev = "cuda" if torch.cuda.is_available() else "cpu"
     # every call takes the outside band (fp32 included: the stand-in computes in fp32)
-    monkeypatch.setattr(P, "_band_engine", lambda q, uniform: uniform)
+    monkeypatch.setattr(P, "_band_engine", lambda q, uniform, tokens=None: uniform)
     asked = []
 
     def fwd(q, k, v, w, out=None):
@@ -240,3 +241,20 @@ def test_band_composition_kernel(kind, B, T, W, S, G, step, monkeypatch):
         assert rel < 1e-3, (i, rel)
     Wb = min(W, T) if step is None else min(W, T) - min(W, T) % step
     assert asked == [Wb, Wb], asked  # the forward's band, then the backward's
+
+
+def test_band_window_policy(monkeypatch):
+    # a (shape, window) seen for the first time gets the graph of the window rounded down to WINDOW_STEP,
+    # from its second time on the exact one; a window covering the call is canonical (the padded length)
+    from collections import OrderedDict
+
+    from ahn_ops.ops.ahn_attention import band_cudnn as BC
+
+    monkeypatch.setattr(BC, "_SEEN", OrderedDict())
+    q, k = torch.empty(1, 1000, 8, 64), torch.empty(1, 1000, 2, 64)
+    assert [BC.band_window("fwd", q, k, 700) for _ in range(3)] == [512, 700, 700]
+    assert BC.band_window("bwd", q, k, 700) == 512  # each direction counts its own calls
+    assert BC.band_window("fwd", q[:, :900], k[:, :900], 700) == 700  # same padded length (1024)
+    assert BC.band_window("fwd", q, k, 200) == 200  # at most one step: always exact
+    assert BC.causal_window(700, 1000) == 700 and BC.causal_window(1000, 1000) == 1024
+    assert BC.causal_window(5000, 1000) == 1024 and BC.causal_window(128, 128) == 128

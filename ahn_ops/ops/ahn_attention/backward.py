@@ -214,7 +214,7 @@ def prefill_bwd(dout, dht, q, k, v, a, b, z, A_log, dt_bias, norm_weight, o_weig
     # only the sinks past the window and the memory part, and add the band's dq, dk, dv
     # deterministic: the Triton band, whose dq and dk/dv programs own their rows (cuDNN's deterministic
     # backward reduces dq per key tile through a workspace of ~32 GB at T=32k, H=16 and took 2.8x as long)
-    cudnn_band = NT > 0 and not deterministic and pf._band_engine(q, len(set(lens)) == 1)
+    cudnn_band = NT > 0 and not deterministic and pf._band_engine(q, len(set(lens)) == 1, lens[0])
     owin = empty(Tt, H, D, dtype=dt, device=dev) if cudnn_band else dummy
     dqb = dkb = dvb = dummy
     wb = W  # the cuDNN band's window (band_cudnn.band_window); the Triton kernels walk t - W < j <= t - wb
@@ -284,7 +284,8 @@ def prefill_bwd(dout, dht, q, k, v, a, b, z, A_log, dt_bias, norm_weight, o_weig
 
             T1 = lens[0]
             lse_n = (lsef * math.log(2.0)).view(N, T1, H).transpose(1, 2).contiguous()  # natural log, [N, H, T]
-            wb = band_cudnn.band_window("bwd", qf.view(N, T1, H, D), kf.view(N, T1, HKV, D), min(W, T1))
+            wb = band_cudnn.band_window("bwd", qf.view(N, T1, H, D), kf.view(N, T1, HKV, D),
+                                        band_cudnn.causal_window(W, T1))
             dqb, dkb, dvb = band_cudnn.band_bwd(qf.view(N, T1, H, D), kf.view(N, T1, HKV, D),
                                                 vf.view(N, T1, HKV, D), owin.view(N, T1, H, D),
                                                 dof.view(N, T1, H, D), lse_n, wb)

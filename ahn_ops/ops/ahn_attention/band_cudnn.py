@@ -28,7 +28,7 @@ import torch
 from ..common.alloc import empty
 from .tables import lru_get
 
-__all__ = ["band_fwd", "band_bwd", "band_window", "unavailable_reason"]
+__all__ = ["band_fwd", "band_bwd", "band_window", "causal_window", "unavailable_reason"]
 
 _HANDLES: dict = {}
 _GRAPHS: "OrderedDict[tuple, tuple]" = OrderedDict()
@@ -67,6 +67,12 @@ def unavailable_reason(device) -> Optional[str]:
             reason = f"cuDNN {torch.backends.cudnn.version()} is older than 9.5"
     _REASON[idx] = reason
     return reason
+
+
+def causal_window(window: int, T: int) -> int:
+    """The band window for a call of ``T`` tokens: ``window``, or, when it covers the whole call (plain
+    causal attention), the padded length, so that every such call of one padded length shares a graph."""
+    return int(window) if window < T else -(-T // PAD) * PAD
 
 
 def band_window(direction: str, q: torch.Tensor, k: torch.Tensor, window: int) -> int:
