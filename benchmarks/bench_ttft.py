@@ -12,7 +12,8 @@ question of ``--question`` tokens:
     cache save      ``AHNModelCache.save`` of the document's cache (after its prefill), bytes on disk
     cache load      ``AHNModelCache.load`` of that file (from the OS page cache: the file was just written)
     from the cache  ``ahn_ops.generate(model, question, 1, cache=cache)``: the question's prefill on the
-                    loaded cache and the first token (the cache itself is not modified)
+                    loaded cache and the first token (the cache itself is not modified); a repeat, and
+                    the first question of another length
 
     python benchmarks/bench_ttft.py [--doc 131072] [--question 64] [--kind gdn] [--window 32640] [--sinks 128]
 """
@@ -101,6 +102,9 @@ def main(argv=None):
     ahn_ops.generate(model, question, 1, cache=loaded)  # the cache-path kernels at this question length
     from_cache, t_cache = _timed(lambda: ahn_ops.generate(model, question, 1, cache=loaded), device)
     rows.append(("TTFT from the loaded cache", t_cache))
+    other = torch.randint(0, V, (1, args.question + 7), device=device, generator=g)
+    _, t_new = _timed(lambda: ahn_ops.generate(model, other, 1, cache=loaded), device)
+    rows.append((f"TTFT from the loaded cache, first question of {args.question + 7} tokens", t_new))
     same = torch.equal(from_cache[0, -1], first[0, -1])
     tmp.cleanup()
 
