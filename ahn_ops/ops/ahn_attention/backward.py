@@ -168,13 +168,8 @@ def prefill_bwd(dout, dht, q, k, v, a, b, z, A_log, dt_bias, norm_weight, o_weig
     HKV = k.shape[2]
     dev, dt = q.device, q.dtype
     W, S = int(window), int(sinks)
-    if cu_seqlens is not None:
-        cs = [int(x) for x in cu_seqlens.tolist()]
-    else:
-        cs = [i * T for i in range(B + 1)]
-    lens = [e - s for s, e in zip(cs[:-1], cs[1:])]
+    lens, seq, chunks, NT = tables.prefill_tables(B, T, cu_seqlens, dev)
     N = len(lens)
-    seq, chunks, NT = tables.seq_tables(lens, [0] * N, cs[:-1], [0] * N, cs[:-1], dev)
     Tt = B * T
     flat = lambda x: None if x is None else x.reshape(Tt, *x.shape[2:]).contiguous()  # noqa: E731
     qf, kf, vf, dof, outf = flat(q), flat(k), flat(v), flat(dout.to(dt)), flat(out.to(dt))

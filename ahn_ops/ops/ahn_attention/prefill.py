@@ -37,7 +37,7 @@ import triton
 from ..common.alloc import empty
 from .prefill_kernels import (_cache_gather_kernel, _cache_scatter_kernel, _fwd_kernel, _mamba2_norm_kernel,
                               _prep_kernel, _state_kernel)
-from .tables import BT, row_blocks, seq_tables
+from .tables import BT, prefill_tables, row_blocks
 
 __all__ = ["prefill_fwd", "prefill_cache_fwd", "SUPPORTED_D"]
 
@@ -265,13 +265,8 @@ def prefill_fwd(q, k, v, a, b, z, A_log, dt_bias, norm_weight, o_weight, window:
         >>> out, _, lse = P.prefill_fwd(q, k, v, a, b, z, A_log, dt_bias, nw, ow, 1024, 4, "gdn")  # doctest: +SKIP
     """
     B, T, H, D = q.shape
-    if cu_seqlens is not None:
-        cs = [int(x) for x in cu_seqlens.tolist()]
-    else:
-        cs = [i * T for i in range(B + 1)]
-    lens = [e - s for s, e in zip(cs[:-1], cs[1:])]
+    lens, seq, chunks, NT = prefill_tables(B, T, cu_seqlens, q.device)
     N = len(lens)
-    seq, chunks, NT = seq_tables(lens, [0] * N, cs[:-1], [0] * N, cs[:-1], q.device)
     flat = lambda x: None if x is None else x.reshape(1, B * T, *x.shape[2:]).contiguous()  # noqa: E731
     qf, kf, vf = flat(q), flat(k), flat(v)
     band = None

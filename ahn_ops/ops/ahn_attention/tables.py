@@ -3,6 +3,7 @@
 The kernels (``prefill_kernels.py``, ``backward_attn.py``, ``backward_mem.py``) take their per-sequence
 metadata from an ``[N, 8]`` int32 table and their work items from ``[n, 2]`` (sequence, block) tables:
 
+- :func:`prefill_tables`: a prefill from position 0's sequence lengths and tables, from ``cu_seqlens`` or ``B x T``;
 - :func:`seq_tables`: the metadata (row ``n``: ``bos, T, P, kx_bos, kpos0, sink_bos, chunk offset, 0``) and
   the chunk table (blocks of ``BT`` = 64 rows, one memory chunk each);
 - :func:`row_blocks`: the ``_fwd_kernel`` grid's table of blocks of ``BM`` query rows;
@@ -19,7 +20,7 @@ from typing import List, Tuple
 import torch
 import triton
 
-__all__ = ["BT", "cached_table", "to_device", "seq_tables", "row_blocks"]
+__all__ = ["BT", "cached_table", "to_device", "prefill_tables", "seq_tables", "row_blocks"]
 
 BT = 64  # memory chunk == query block: a query block reads exactly one chunk state
 
@@ -104,3 +105,13 @@ def row_blocks(lens: List[int], BM: int, device) -> Tuple[torch.Tensor, int]:
         return to_device(rows, device), NB
 
     return cached_table(("rows", tuple(lens), BM, str(torch.device(device))), build)
+
+
+def prefill_tables(B: int, T: int, cu_seqlens, device):
+    """A prefill from position 0 (the forward and the backward of ``prefill_fwd``): the sequence lengths
+    (from ``cu_seqlens``, one host read, else ``B`` sequences of ``T``) and :func:`seq_tables`' tables,
+    ``(lens, seq, chunks, NT)``."""
+    cs = [int(x) for x in cu_seqlens.tolist()] if cu_seqlens is not None else [i * T for i in range(B + 1)]
+    lens = [e - s for s, e in zip(cs[:-1], cs[1:])]
+    N = len(lens)
+    return (lens, *seq_tables(lens, [0] * N, cs[:-1], [0] * N, cs[:-1], device))
