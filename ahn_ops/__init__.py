@@ -5,6 +5,7 @@ Public API (see docs/AHN_SPEC.md and README.md):
     ahn_decode(...)      one decode step on an AHNLayerCache
     AHNCache             constant-size cache: sinks + ring KV, gate ring, fp32 memory state
     generate(model, ...) fast decoding of a patched model: static decode step, CUDA-graph replay
+    DecodePlan           what that decode step fuses (generate(..., plan=...)); default: DecodePlan.default
 Every fused op is also reachable as ``torch.ops.ahn.<name>``.
 """
 
@@ -23,8 +24,10 @@ __all__ = ["ahn_attention", "ahn_decode", "AHNCache", "AHNLayerCache", "referenc
 # Qwen2.5 adapter (ahn_ops.models): imported on first use, since it pulls in transformers.
 _MODEL_API = ("patch_qwen", "from_pretrained", "AHNModelCache")
 __all__ += list(_MODEL_API)
-# ahn_ops.generate (fast decoding, ahn_ops/fast_decode.py): imported on first use, like the adapter.
-__all__ += ["generate"]
+# ahn_ops.generate and its DecodePlan (fast decoding, ahn_ops/fast_decode/): imported on first use, like the
+# adapter.
+_DECODE_API = ("generate", "DecodePlan")
+__all__ += list(_DECODE_API)
 
 
 def __getattr__(name):
@@ -36,8 +39,8 @@ def __getattr__(name):
         from . import models
 
         return getattr(models, name)
-    if name == "generate":
-        from .fast_decode import generate
+    if name in _DECODE_API:
+        from . import fast_decode
 
-        return generate
+        return getattr(fast_decode, name)
     raise AttributeError(f"module 'ahn_ops' has no attribute {name!r}")

@@ -2,10 +2,14 @@
 
 The library is built against one torch version (C++ ABI) and refuses to load under another;
 ``load_extension`` turns every way that can fail into an ``ImportError`` that says how to
-rebuild.
+rebuild. ``decode_switches`` sets the CUDA decode op's debug / tuning switches for a block (tests and
+benchmarks; the list is in README.md, "Debug / tuning switches").
 """
 
+import contextlib
 import importlib
+import os
+from typing import Iterator
 
 import torch
 from packaging.version import Version
@@ -65,6 +69,37 @@ def load_extension(name: str = None):
         )
     _loaded[name] = module
     return module
+
+
+def reread_decode_switches() -> None:
+    """Read the debug / tuning switches of the CUDA decode op (``AHN_DECODE_*``, ``AHN_OPS_POISON``; listed in
+    csrc/cuda/ahn_decode.cu and README.md) from the environment again. The op parses them once, on its first
+    call; a no-op without the CUDA kernels."""
+    load_extension().reread_decode_switches()
+
+
+@contextlib.contextmanager
+def decode_switches(**env: str) -> Iterator[None]:
+    """Run the block with these switches set in the environment and read by the CUDA decode op, then put
+    the environment back (and read it again). For tests and benchmarks that compare switches in one process.
+
+    Example:
+        >>> from ahn_ops._ext import decode_switches
+        >>> with decode_switches(AHN_DECODE_PDL="0"):
+        ...     pass  # torch.ops.ahn.decode_step without programmatic dependent launch here
+    """
+    old = {k: os.environ.get(k) for k in env}
+    os.environ.update(env)
+    try:
+        reread_decode_switches()
+        yield
+    finally:
+        for k, v in old.items():
+            if v is None:
+                os.environ.pop(k, None)
+            else:
+                os.environ[k] = v
+        reread_decode_switches()
 
 
 def has_cuda_kernels() -> bool:

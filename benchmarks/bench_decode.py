@@ -332,6 +332,7 @@ def main():
     ap.add_argument("--no-peers", action="store_true")
     args = ap.parse_args()
     C.import_ahn_ops()  # the repository root on sys.path when run as a script
+    from ahn_ops._ext import decode_switches  # the op's debug switches, read again while set
 
     torch.backends.cuda.matmul.allow_tf32 = False
     prop = torch.cuda.get_device_properties(0)
@@ -359,18 +360,16 @@ def main():
             return ahn_call(x, c, p)
 
         row["ahn_us"] = do_bench(ahn_rot)
-        os.environ["AHN_DECODE_PDL"] = "0"
-        row["ahn_nopdl_us"] = do_bench(ahn_rot)
-        os.environ.pop("AHN_DECODE_PDL")
-        os.environ["AHN_DECODE_SIMT"] = "1"
-        row["ahn_simt_us"] = do_bench(ahn_rot)
-        os.environ.pop("AHN_DECODE_SIMT")
+        with decode_switches(AHN_DECODE_PDL="0"):
+            row["ahn_nopdl_us"] = do_bench(ahn_rot)
+        with decode_switches(AHN_DECODE_SIMT="1"):
+            row["ahn_simt_us"] = do_bench(ahn_rot)
         row["ahn_graph_us"] = graph_time([lambda c=c, p=p: ahn_call(x, c, p) for c, p in layers])
         if B == 1:  # split-size sweep (default: 64 splits of 512 keys on 132 SMs)
             for keys in (256, 1024):
-                os.environ["AHN_DECODE_SPLIT_KEYS"] = str(keys)
-                row[f"ahn_graph_split{keys}_us"] = graph_time([lambda c=c, p=p: ahn_call(x, c, p) for c, p in layers])
-            os.environ.pop("AHN_DECODE_SPLIT_KEYS")
+                with decode_switches(AHN_DECODE_SPLIT_KEYS=str(keys)):
+                    row[f"ahn_graph_split{keys}_us"] = graph_time([lambda c=c, p=p: ahn_call(x, c, p)
+                                                                   for c, p in layers])
             print("  B=1 graph us by keys/split: default %.1f, 256: %.1f, 1024: %.1f" % tuple(
                 row[k] for k in ("ahn_graph_us", "ahn_graph_split256_us", "ahn_graph_split1024_us")), flush=True)
         if not args.no_peers:

@@ -8,7 +8,7 @@ gates a, b, z: the stacked k/v/gates weight has 560 rows), bf16. Weight bytes pe
 once per token, the activations are noise): q 8.39 MB + k/v/gates 2.29 MB + o 8.39 MB + gate/up
 90.2 MB + down 45.1 MB = 154.4 MB; the bound is that / copy bandwidth (measured in the same run).
 
-- plain: what ``StaticDecoder(fuse_glue=True, fuse_linear=False)`` runs per layer around the decode
+- plain: what ``StaticDecoder(plan=DecodePlan(fuse_glue=True))`` runs per layer around the decode
   op: add_rms_norm, stacked k/v/gates F.linear, q_proj F.linear, rope_qk, o_proj F.linear,
   add_rms_norm(residual), gate F.linear, up F.linear, silu_mul, down F.linear (the next layer's
   add_rms_norm adds the residual): 10 launches.
@@ -18,9 +18,9 @@ launch gaps as in the real step); the time is per layer (do_bench median of grap
 the figures in RESULTS.md of an earlier run came from a first version that took the median of 20
 event-timed replays).
 ``--sweep`` times every tile config of each fused op alone (36 distinct weights per graph) and
-prints the best per (op, batch) as a ``CONFIGS`` table (tile rows x K x warps with a per-step or a deferred
-reduction over K, then the pipelining depth of the three best; at B > 2 the tensor-core tiles: 2 x BN2
-weight rows x BK per product, the batch padded to 16 rows), which the layer comparison after it then uses.
+prints the best per (op, batch) as a ``CONFIGS`` table (tile rows x K x warps, then the pipelining depth of
+the three best; at B > 2 the tensor-core tiles: 2 x BN2 weight rows x BK per product, the batch padded to 16
+rows), which the layer comparison after it then uses.
 ``--persist`` (B <= 2): the persistent kernel's configs instead (rows per tile half x K tile x warps x
 register buffers x programs per SM), next to the table's current entry.
 """
@@ -203,7 +203,7 @@ def sweep(layers, batches, dt, dev, g, bw, persist=False, only=None):
                             or (BN2, bk, warps, st, pps) in seen:
                         continue  # registers, RoPE pairs, K tiles clipped to the same size
                     seen.add((BN2, bk, warps, st, pps))
-                    c = (BN2, bk, warps, st, False, pps)
+                    c = (BN2, bk, warps, st, pps)
                     res.append((timed(c), c))
                 res.sort()
                 t, c = res[0]
@@ -222,11 +222,6 @@ def sweep(layers, batches, dt, dev, g, bw, persist=False, only=None):
                 if mma or BM * BN2 * BK > 2048 * 32 * warps or (name == "qkvg" and BN2 > D // 2):
                     continue
                 res.append((timed((BN2, BK, warps, 3)), (BN2, BK, warps, 3)))
-            for BN2, BK, warps in itertools.product((1, 2, 4, 8), (256, 512, 1024, 2048), (4, 8)) if not mma else ():
-                # deferred reduction: [BM, BN2, BK] fp32 partial sums per operand stay in registers
-                if BM * BN2 * BK > 128 * 32 * warps or (name == "qkvg" and BN2 > D // 2):
-                    continue
-                res.append((timed((BN2, BK, warps, 3, True)), (BN2, BK, warps, 3, True)))
             res.sort()
             for _, c in res[:2 if mma else 3]:  # pipelining depth of the best
                 for st in ((2, 4) if mma else (1, 2, 4)):

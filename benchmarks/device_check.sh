@@ -107,7 +107,7 @@ stage() {
       # the whole decode step at small batch (issue 6's B=1 target, ~4 min): the fused projections' and the
       # decode op's launch-overlap tests, the per-layer projections, then the 3B step's variants (chained
       # launches off / on, ...) and its kernel profile at B=1
-      timeout 200 python3 -m pytest -q -x -rfEs tests/models/test_decode_linear.py tests/models/test_generate_fast.py \
+      timeout 200 python3 -m pytest -q -x -rfEs tests/ops/test_decode_linear.py tests/models/test_generate_fast.py \
         2>&1 | tee "$out/tests_step.log" | tail -3
       timeout 60 python3 -m pytest -q -x -rfEs tests/ops/test_decode_cuda.py -k overlap 2>&1 | tail -2
       timeout 60 python3 benchmarks/bench_decode_linear.py --batch 1 2 2>&1 | tail -4

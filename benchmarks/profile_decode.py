@@ -17,6 +17,7 @@ import collections
 import os
 import sys
 import time
+from dataclasses import replace
 
 import torch
 
@@ -54,33 +55,34 @@ def main():
     # the last is profiled
     from ahn_ops.ops import decode_linear as dl
 
-    # (fused projections with and without the fused gate/up, then the default without and with the decode op
-    # launched early after the q/k/v projection (overlap), without chained launches of the persistent
+    # (fused projections with the fused gate/up, then with the default gate/up without and with the decode
+    # op launched early after the q/k/v projection (overlap), without chained launches of the persistent
     # projections (decode_linear.CHAIN, B <= 2), with the step's start and end as the modules' ops (RoPE
-    # from inv_freq, fp32 logits, torch argmax: ends=False); the last variant is the default one; later
-    # rounds repeat the fused-projection variants)
-    variants = [(False, False, None, None, None, True), (True, False, None, None, None, True)]
+    # from inv_freq, fp32 logits, torch argmax: ends=False); the last variant is the default plan on Hopper;
+    # later rounds repeat the fused-projection variants)
+    Plan = gen.DecodePlan
+    variants = [(Plan(), None, True), (Plan(fuse_glue=True), None, True)]
     if dl.supports(a.batch, torch.bfloat16):
-        variants += [(True, True, a.batch > 2, False, None, True), (True, True, None, False, None, True),
-                     (True, True, None, None, False, True), (True, True, None, None, None, False),
-                     (True, True, None, None, None, True)]
+        linear = Plan(fuse_glue=True, fuse_linear=True, fuse_gate_up=a.batch <= 2,
+                      overlap=dl.can_trigger(dev) and a.batch >= 3)
+        variants += [(replace(linear, fuse_gate_up=True, overlap=False), None, True),
+                     (replace(linear, overlap=False), None, True),
+                     (linear, False, True), (linear, None, False), (linear, None, True)]
     for r in range(a.rounds):
-        for glue, lin, gate_up, overlap, chain, ends in variants[2 if r else 0:]:
+        for plan, chain, ends in variants[2 if r else 0:]:
             dl.CHAIN = chain
-            dec, per_token = _timed_decoder(gen, model, cache, logits, a, glue, lin, gate_up, overlap, ends)
-            print(f"fuse_glue={glue} fuse_linear={lin} fuse_gate_up={dec.fuse_gate_up} overlap={dec.overlap} "
-                  f"chain={dl.chain_on(dev) if chain is None else chain} fused ends={dec.greedy_fused}: "
+            dec, per_token = _timed_decoder(gen, model, cache, logits, a, plan, ends)
+            print(f"{plan} chain={dl.chain_on(dev) if chain is None else chain} fused ends={dec.greedy_fused}: "
                   f"{1e3 * per_token:.3f} ms/token")
     floor = (weight_bytes(model) + cache_read_bytes(model, a.batch, a.context)) / copy_bandwidth(dev)
     _profile(dec, per_token, floor, L, a)
 
 
-def _timed_decoder(gen, model, cache, logits, a, glue, lin, gate_up=None, overlap=None, ends=True):
+def _timed_decoder(gen, model, cache, logits, a, plan, ends=True):
     import copy
 
     cache = copy.deepcopy(cache)  # each decoder advances its own cache
-    dec = gen.StaticDecoder(model, cache, None, a.context, 4 * a.steps + 16, fuse_glue=glue,
-                             fuse_linear=lin, fuse_gate_up=gate_up, overlap=overlap)
+    dec = gen.StaticDecoder(model, cache, None, a.context, 4 * a.steps + 16, plan=plan)
     if not ends:  # the step's RoPE and token choice as the modules' ops (the earlier path)
         dec.rope_table, dec.greedy_fused = None, False
     dec.start(logits)
@@ -115,8 +117,7 @@ def _profile(dec, per_token, floor, L, a):
             agg[e.name][1] += e.time_range.elapsed_us()
     n_k = sum(c for c, _ in agg.values()) / a.steps
     busy = sum(t for _, t in agg.values()) / a.steps
-    print(f"\n# decode step (fuse_glue={dec.fuse_glue}, fuse_linear={dec.fuse_linear}, "
-          f"fuse_gate_up={dec.fuse_gate_up}, overlap={dec.overlap}): {a.shape} L={L} B={a.batch} T={a.context} {a.kind} "
+    print(f"\n# decode step ({dec.plan}): {a.shape} L={L} B={a.batch} T={a.context} {a.kind} "
           f"W={a.window} S={a.sinks}, "
           f"{torch.cuda.get_device_name()}")
     print(f"per token {1e3 * per_token:.3f} ms (floor {1e3 * floor:.3f} ms), kernels per token {n_k:.0f} "

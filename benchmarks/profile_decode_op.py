@@ -6,13 +6,13 @@
 
 Times the op at the bench_decode shape (Qwen2.5-3B heads, W=32640, S=128, bf16, full window) in a
 CUDA graph over ``--layers`` distinct layer caches (so that the L2 holds none of them), once per
-variant of the launch knobs that csrc/cuda/ahn_decode.cu reads from the environment (read at
-capture time): ``pdl0`` (no programmatic dependent launch), ``stN`` (N cp.async stages per warp),
-``kN`` (about N keys per split), ``lazyN`` (headroom of the lazy reference max; lazy0 = exact max), ``minb2`` / ``minb3``
-(registers budgeted for 2 or 3 blocks per SM; default: 2 while the attention blocks fit 2 per SM),
-joined with ``+`` (``st3+k512``). Prints us per layer-step and
-the fraction of the measured copy bandwidth that the must-move bytes (bench_decode.bytes_min)
-would take.
+variant of the launch knobs that csrc/cuda/ahn_decode.cu reads from the environment (set here with
+``ahn_ops._ext.decode_switches``, which has the op read them again): ``pdl0`` (no programmatic dependent
+launch), ``stN`` (N cp.async stages per warp), ``kN`` (about N keys per split), ``lazyN`` (headroom of
+the lazy reference max; lazy0 = exact max), ``minb2`` / ``minb3`` (registers budgeted for 2 or 3 blocks per
+SM; default: 2 while the attention blocks fit 2 per SM), joined with ``+`` (``st3+k512``). Prints us per
+layer-step and the fraction of the measured copy bandwidth that the must-move bytes
+(bench_decode.bytes_min) would take.
 """
 
 from __future__ import annotations
@@ -70,20 +70,13 @@ def main():
     print(f"{torch.cuda.get_device_name()}  copy {bw:.0f} GB/s  B={a.batch}  must-move {need / 1e6:.2f} MB "
           f"= {need / bw * 1e-3:.2f} us at copy bandwidth")
     rows = []
+    from ahn_ops._ext import decode_switches
+
     for v in a.variants:
-        env = env_of(v)
-        old = {k: os.environ.get(k) for k in env}
-        os.environ.update(env)
-        try:
+        with decode_switches(**env_of(v)):
             fns = [(lambda c=c, p=p: BD.ahn_call(x, c, p)) for c, p in layers]
             us = BD.graph_time(fns, reps=4)
             eager = BD.do_bench(fns[0]) if v == "default" else float("nan")
-        finally:
-            for k, val in old.items():
-                if val is None:
-                    os.environ.pop(k, None)
-                else:
-                    os.environ[k] = val
         rows.append((v, us, eager, need / (us * 1e-6) / 1e9 / bw * 100))
     print("| variant | graph us/layer-step | eager us | % copy bw |\n|---|---|---|---|")
     for v, us, eager, pct in rows:

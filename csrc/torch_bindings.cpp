@@ -13,22 +13,40 @@ TORCH_LIBRARY(ahn, m) {
   // gates [B,W,H,2] fp32; state [B,H,D,D] fp32; pos [B] int64. Returns [B,H,D] in q's dtype.
   // overlap_prev (CUDA, sm_90): the op may start while the previous kernel on the stream finishes
   // (programmatic dependent launch), reading only the cache until that kernel's writes are visible;
-  // only for a previous kernel that writes none of the cache tensors. overlap_next (CUDA, sm_90): the
-  // next kernel on the stream may launch once the op's last launch has started (and launch 1 is
-  // complete); only for a next kernel that waits for this op (griddepcontrol.wait) before it reads or
-  // writes anything, or that is not a programmatic dependent launch. Neither changes a result.
+  // only for a previous kernel that writes none of the cache tensors. It changes no result.
   m.def(
       "decode_step(Tensor q, Tensor k, Tensor v, Tensor? a, Tensor? b, Tensor z, Tensor? A_log, "
       "Tensor? dt_bias, Tensor norm_weight, Tensor o_weight, Tensor(a!) sink_k, Tensor(b!) sink_v, "
       "Tensor(c!) ring_k, Tensor(d!) ring_v, Tensor(e!) gates, Tensor(f!) state, Tensor(g!) pos, "
-      "int window, int sinks, str kind, bool overlap_prev=False, bool overlap_next=False) -> Tensor");
+      "int window, int sinks, str kind, bool overlap_prev=False) -> Tensor");
 }
 
-// `import ahn_ops._C` runs the static registrations above; the module itself only carries
-// how it was built, which ahn_ops/_ext.py checks against the running torch.
+#if AHN_OPS_WITH_CUDA
+namespace ahn {
+void reread_decode_switches();  // csrc/cuda/ahn_decode.cu
+}  // namespace ahn
+#endif
+
+// ahn_ops._C.reread_decode_switches(): read the AHN_DECODE_* / AHN_OPS_POISON debug switches of the CUDA
+// decode op again (they are parsed once, on its first call; see csrc/cuda/ahn_decode.cu). A no-op without
+// the CUDA kernels.
+static PyObject* reread_decode_switches(PyObject*, PyObject*) {
+#if AHN_OPS_WITH_CUDA
+  ahn::reread_decode_switches();
+#endif
+  Py_RETURN_NONE;
+}
+
+// `import ahn_ops._C` runs the static registrations above; the module itself carries how it was
+// built, which ahn_ops/_ext.py checks against the running torch, and reread_decode_switches.
 extern "C" PyMODINIT_FUNC PyInit__C(void) {
+  static PyMethodDef methods[] = {
+      {"reread_decode_switches", reread_decode_switches, METH_NOARGS,
+       "Read the AHN_DECODE_* / AHN_OPS_POISON switches of the CUDA decode op again."},
+      {nullptr, nullptr, 0, nullptr},
+  };
   static PyModuleDef module_def = {
-      PyModuleDef_HEAD_INIT, "_C", "ahn_ops kernels, registered as torch.ops.ahn.*", -1, nullptr,
+      PyModuleDef_HEAD_INIT, "_C", "ahn_ops kernels, registered as torch.ops.ahn.*", -1, methods,
   };
   PyObject* module = PyModule_Create(&module_def);
   if (module == nullptr) return nullptr;

@@ -1,5 +1,6 @@
 """The compiled extension: it loads, registers torch.ops.ahn, and fails with a clear message."""
 
+import os
 import sys
 import types
 
@@ -16,7 +17,7 @@ def test_extension_loads_and_registers_ops():
     assert isinstance(_ext.has_cuda_kernels(), bool)
     assert hasattr(torch.ops.ahn, "decode_step")
     schema = str(torch.ops.ahn.decode_step.default._schema)
-    assert "Tensor(f!) state" in schema and "str kind, bool overlap_prev=False, bool overlap_next=False) -> Tensor" in schema
+    assert "Tensor(f!) state" in schema and "str kind, bool overlap_prev=False) -> Tensor" in schema
     assert torch._C._dispatch_has_kernel_for_dispatch_key("ahn::decode_step", "CPU")
     if _ext.has_cuda_kernels():
         assert ext.CUDA_ARCHS
@@ -46,3 +47,14 @@ def test_extension_built_for_another_torch_raises(monkeypatch):
 
 def test_package_exposes_extension_loader():
     assert ahn_ops._ext.load_extension() is _ext.load_extension()
+
+
+def test_decode_switches_are_set_then_restored(monkeypatch):
+    # the CUDA decode op parses its debug switches once; decode_switches sets them, has the op read them
+    # again, and puts the environment back (their effect on the kernels: tests/ops/test_decode_cuda.py)
+    monkeypatch.delenv("AHN_DECODE_PDL", raising=False)
+    monkeypatch.setenv("AHN_DECODE_LAZY", "8")
+    with _ext.decode_switches(AHN_DECODE_PDL="0", AHN_DECODE_LAZY="0"):
+        assert os.environ["AHN_DECODE_PDL"] == "0" and os.environ["AHN_DECODE_LAZY"] == "0"
+    assert "AHN_DECODE_PDL" not in os.environ and os.environ["AHN_DECODE_LAZY"] == "8"
+    assert _ext.reread_decode_switches() is None

@@ -9,7 +9,7 @@ projections, RoPE, o_proj, a residual add + RMSNorm, gate and up projections, Si
 (its residual add goes into the next layer's RMSNorm): 10 launches. Here it is 4:
 
 - :func:`norm_qkvg`: RMSNorm of the residual stream, then q_proj and the stacked k/v/gates
-  projection (:func:`ahn_ops.fast_decode._stack_kv_gates`) in one launch, RoPE on q and k applied
+  projection (:func:`ahn_ops.fast_decode.model_parts.stack_kv_gates`) in one launch, RoPE on q and k applied
   to the rounded projections in registers;
 - :func:`linear_residual`: ``residual + x @ W^T (+ bias)`` (o_proj, down_proj);
 - :func:`norm_gate_up`: RMSNorm, gate and up projections, ``silu(gate) * up``.
@@ -41,7 +41,7 @@ turned compute-bound (B=4: 80.5 us per layer vs cuBLAS + glue 71.9 on the H200).
 fused that path is not faster than cuBLAS + glue at B=8 (H200: 80.7 vs 74.4 us per layer):
 its gate/up kernel streams at 47% of the copy bandwidth against cuBLAS's 72%, while q/k/v/gates with
 RMSNorm and RoPE beat cuBLAS alone (11.3 vs 12.8 us). So from batch 3 on ``StaticDecoder`` fuses all but
-the MLP's gate/up (``fuse_gate_up``), which stays on cuBLAS: whole 3B-shape step 3-5% faster than
+the MLP's gate/up (``DecodePlan.fuse_gate_up``), which stays on cuBLAS: whole 3B-shape step 3-5% faster than
 cuBLAS + glue at B = 4, 8, 16 (H200). Tile sizes per
 (projection kind, BM) live in :data:`CONFIGS` (``benchmarks/bench_decode_linear.py`` sweeps them).
 
@@ -70,22 +70,21 @@ MMA_BM = 16               # the batch padded to one tensor-core tile
 
 _PROJ, _SILU, _RESID = 0, 1, 2
 
-# (BN2, BK, num_warps, num_stages[, defer[, persist]]) per (projection, BM), from
-# ``benchmarks/bench_decode_linear.py --sweep`` (``--persist`` for the persistent kernel). defer: keep
-# element-wise partial sums [BM, BN2, BK] and reduce over K once at the end instead of a (cross-warp,
-# shared-memory + barrier) sum every step. persist > 0: :func:`_stream_kernel` with that many programs per
-# SM, num_stages = weight tiles held in registers (the one reduced + 1 or 2 requested ahead).
+# (BN2, BK, num_warps, num_stages[, persist]) per (projection, BM), from
+# ``benchmarks/bench_decode_linear.py --sweep`` (``--persist`` for the persistent kernel). persist > 0:
+# :func:`_stream_kernel` with that many programs per SM, num_stages = weight tiles held in registers (the one
+# reduced + 1 or 2 requested ahead).
 CONFIGS: Dict[Tuple[str, int], Tuple] = {  # H200 sweep (BM=2: BM=4's)
-    # BM = 1, 2: the persistent kernel (6th entry: programs per SM), H200 sweep (`--sweep --persist`),
+    # BM = 1, 2: the persistent kernel (5th entry: programs per SM), H200 sweep (`--sweep --persist`),
     # us vs the one-block-per-program configs before it: B=1 qkvg 6.21 vs 6.80, o_proj 4.97 vs 5.26, gate_up
     # 23.89 vs 26.90 (92% of copy bw), down_proj 14.21 vs 16.20; B=2 qkvg 7.04 vs 8.31, o_proj 5.19 vs 6.10,
     # gate_up 24.62 vs 33.98; down_proj at B=2 swept: 14.44 vs 16.7 with B=1's config
-    ("qkvg", 1): (1, 2048, 4, 2, False, 6), ("qkvg", 2): (1, 2048, 4, 2, False, 4), ("qkvg", 4): (4, 2048, 4, 4),
-    ("o_proj", 1): (1, 2048, 4, 2, False, 4), ("o_proj", 2): (1, 2048, 4, 2, False, 4),
+    ("qkvg", 1): (1, 2048, 4, 2, 6), ("qkvg", 2): (1, 2048, 4, 2, 4), ("qkvg", 4): (4, 2048, 4, 4),
+    ("o_proj", 1): (1, 2048, 4, 2, 4), ("o_proj", 2): (1, 2048, 4, 2, 4),
     ("o_proj", 4): (2, 4096, 4, 3),
-    ("down_proj", 1): (1, 4096, 4, 2, False, 4), ("down_proj", 2): (4, 2048, 4, 2, False, 2),
+    ("down_proj", 1): (1, 4096, 4, 2, 4), ("down_proj", 2): (4, 2048, 4, 2, 2),
     ("down_proj", 4): (4, 4096, 4, 1),
-    ("gate_up", 1): (1, 2048, 4, 2, False, 6), ("gate_up", 2): (2, 2048, 4, 2, False, 4),
+    ("gate_up", 1): (1, 2048, 4, 2, 6), ("gate_up", 2): (2, 2048, 4, 2, 4),
     ("gate_up", 4): (4, 4096, 4, 2),
     # tensor-core path (B = 3..16, BM = MMA_BM), H200 sweep at B=8, us vs cuBLAS alone: qkvg 11.34
     # vs 12.80, o_proj 6.42 vs 6.44, gate_up 46.46 vs 29.69, down_proj 18.02 vs 16.59; whole layer 80.7 vs 74.4
@@ -95,11 +94,13 @@ CONFIGS: Dict[Tuple[str, int], Tuple] = {  # H200 sweep (BM=2: BM=4's)
 
 
 def _config(key, BM, config):
-    """(BN2, BK, num_warps, num_stages, defer, persist): a table entry or ``config``; missing trailing entries
-    are num_stages 3, defer False, persist 0 (persist: programs per SM of the persistent broadcast-product
-    kernel, 0 = one row block per program)."""
+    """(BN2, BK, num_warps, num_stages, persist): a table entry or ``config``; missing trailing entries are
+    num_stages 3, persist 0 (persist: programs per SM of the persistent broadcast-product kernel, 0 = one row
+    block per program)."""
     c = tuple(config) if config is not None else CONFIGS[(key, BM)]
-    return c + (3, False, 0)[len(c) - 3:]
+    if not 3 <= len(c) <= 5:
+        raise ValueError(f"config must be (BN2, BK, num_warps[, num_stages[, persist]]), got {c}")
+    return c + (3, 0)[len(c) - 3:]
 
 
 @triton.jit
@@ -216,30 +217,20 @@ def _epilogue(acc_lo, acc_hi, blo, bhi, has_lo, has_hi, out, o_s, rows_lo, rows_
 
 @triton.jit
 def _bcast_acc(xrow, nw, rstd, wlo, whi, rows_lo, rows_hi, mlo, mhi, bmask, K,
-               RMS: tl.constexpr, BM: tl.constexpr, BN2: tl.constexpr, BK: tl.constexpr, DEFER: tl.constexpr):
+               RMS: tl.constexpr, BM: tl.constexpr, BN2: tl.constexpr, BK: tl.constexpr):
     """``x @ W^T`` of the lo and hi row tiles as broadcast products summed over ``BK`` (fp32), looping over K."""
     plo = wlo + rows_lo.to(tl.int64)[:, None] * K              # [BN2, 1]
     phi = whi + rows_hi.to(tl.int64)[:, None] * K
     acc_lo = tl.zeros([BM, BN2], dtype=tl.float32)
     acc_hi = tl.zeros([BM, BN2], dtype=tl.float32)
-    if DEFER:  # element-wise partial sums, one reduction over K at the end (no cross-warp sum per step)
-        part_lo = tl.zeros([BM, BN2, BK], dtype=tl.float32)
-        part_hi = tl.zeros([BM, BN2, BK], dtype=tl.float32)
     for k0 in range(0, K, BK):
         kk = k0 + tl.arange(0, BK)
         km = kk < K
         xf = _x_tile(xrow, nw, rstd, kk, K, bmask, RMS)
         wl = tl.load(plo + kk[None, :], mask=mlo[:, None] & km[None, :], other=0.).to(tl.float32)
         wh = tl.load(phi + kk[None, :], mask=mhi[:, None] & km[None, :], other=0.).to(tl.float32)
-        if DEFER:
-            part_lo += xf[:, None, :] * wl[None, :, :]
-            part_hi += xf[:, None, :] * wh[None, :, :]
-        else:
-            acc_lo += tl.sum(xf[:, None, :] * wl[None, :, :], 2)
-            acc_hi += tl.sum(xf[:, None, :] * wh[None, :, :], 2)
-    if DEFER:
-        acc_lo = tl.sum(part_lo, 2)
-        acc_hi = tl.sum(part_hi, 2)
+        acc_lo += tl.sum(xf[:, None, :] * wl[None, :, :], 2)
+        acc_hi += tl.sum(xf[:, None, :] * wh[None, :, :], 2)
     return acc_lo, acc_hi
 
 
@@ -257,7 +248,7 @@ def _skinny_kernel(x, x_s, nw, eps,
                    B, K, N1, N2, R1, R2, P1,
                    MODE: tl.constexpr, RMS: tl.constexpr, HAS_B1: tl.constexpr, HAS_B2: tl.constexpr,
                    D: tl.constexpr, BM: tl.constexpr, BN2: tl.constexpr, BK: tl.constexpr,
-                   DEFER: tl.constexpr, MMA: tl.constexpr = False, TRIGGER: tl.constexpr = False):
+                   MMA: tl.constexpr = False, TRIGGER: tl.constexpr = False):
     """One row block per program (see the module docstring), on tensor cores (``MMA``) or as a broadcast
     product with a K loop."""
     pid = tl.program_id(0)
@@ -300,7 +291,7 @@ def _skinny_kernel(x, x_s, nw, eps,
         acc_lo, acc_hi = tl.split(tl.permute(tl.reshape(tl.trans(acc2), (BM, 2, BN2)), (0, 2, 1)))
     if not MMA:
         acc_lo, acc_hi = _bcast_acc(xrow, nw, rstd, wlo, whi, rows_lo, rows_hi, mlo, mhi, bmask, K,
-                                    RMS, BM, BN2, BK, DEFER)
+                                    RMS, BM, BN2, BK)
     _epilogue(acc_lo, acc_hi, blo, bhi, has_lo, has_hi, out, o_s, rows_lo, rows_hi, mlo, mhi, rope,
               bm, bmask, res, r_s, cos, sin, cs_s, MODE, D)
 
@@ -433,16 +424,16 @@ def _plan(fn: str, B: int, dtype: torch.dtype, half: Optional[int] = None) -> Tu
 
 
 def _tiles(key: str, BM: int, mma: bool, config, K: int, half: Optional[int] = None):
-    """(BN2, BK, warps, stages, defer, persist) of one launch: the table's entry or ``config``, clipped to the
+    """(BN2, BK, warps, stages, persist) of one launch: the table's entry or ``config``, clipped to the
     problem (K tile <= K rounded up; RoPE blocks within one half of a head; >= 8 rows per tile half and a
     K tile >= 16 on tensor cores)."""
-    BN2, BK, warps, stages, defer, persist = _config(key, BM, config)
+    BN2, BK, warps, stages, persist = _config(key, BM, config)
     if half is not None:
         BN2 = min(BN2, half)
     BK = min(BK, triton.next_power_of_2(K))
     if mma:
-        BN2, BK, defer, persist = max(BN2, 8), max(BK, 16), False, 0
-    return BN2, BK, warps, stages, defer, persist
+        BN2, BK, persist = max(BN2, 8), max(BK, 16), 0
+    return BN2, BK, warps, stages, persist
 
 
 _SMS: Dict[int, int] = {}
@@ -461,7 +452,7 @@ def _num_sms(dev: torch.device) -> int:
 # Programmatic dependent launch between the persistent kernels (``chain=None`` in the wrappers): each one lets
 # the next launch as it starts and requests its first weight tiles before waiting for the previous kernel.
 # None: on where it can be (sm_90+, not the interpreter). H200, 3B step at T=32k: B=1 2.510 -> 2.403 ms/token,
-# B=2 3.113 -> 2.982; bit-identical (tests/models/test_decode_linear.py).
+# B=2 3.113 -> 2.982; bit-identical (tests/ops/test_decode_linear.py).
 CHAIN: Optional[bool] = None
 
 
@@ -477,7 +468,7 @@ def _launch(nblk: int, tiles, mma: bool, dev: torch.device, K: int, args, trigge
     """Run ``nblk`` row blocks: one per program (:func:`_skinny_kernel`), or with ``persist`` > 0 on
     ``persist`` programs per SM that loop over them (:func:`_stream_kernel`; ``chain``: as a programmatic
     dependent launch that also triggers its own dependents, sm_90+)."""
-    BN2, BK, warps, stages, defer, persist = tiles
+    BN2, BK, warps, stages, persist = tiles
     meta.update(BN2=BN2, BK=BK, TRIGGER=bool(trigger) and can_trigger(dev), num_warps=warps)
     if persist and not mma:  # stages: tiles in registers (the one reduced + 1 or 2 in flight)
         nprog = min(nblk, persist * _num_sms(dev))
@@ -486,7 +477,7 @@ def _launch(nblk: int, tiles, mma: bool, dev: torch.device, K: int, args, trigge
         _stream_kernel[(nprog,)](*args, nblk, nprog, triton.cdiv(K, BK), AHEAD=min(max(stages - 1, 1), 2),
                                  ONEK=BK >= K, num_stages=1, **meta)
     else:
-        _skinny_kernel[(nblk,)](*args, MMA=mma, DEFER=bool(defer), num_stages=stages, **meta)
+        _skinny_kernel[(nblk,)](*args, MMA=mma, num_stages=stages, **meta)
 
 
 def can_trigger(dev: torch.device) -> bool:

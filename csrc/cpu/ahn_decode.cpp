@@ -46,10 +46,8 @@ at::Tensor decode_step_cpu(const at::Tensor& q, const at::Tensor& k, const at::T
                            const std::optional<at::Tensor>& dt_bias, const at::Tensor& norm_weight,
                            const at::Tensor& o_weight, at::Tensor& sink_k, at::Tensor& sink_v, at::Tensor& ring_k,
                            at::Tensor& ring_v, at::Tensor& gates, at::Tensor& state, at::Tensor& pos,
-                           int64_t window, int64_t sinks, c10::string_view kind_name, bool overlap_prev,
-                           bool overlap_next) {
-  (void)overlap_prev;  // CUDA launch hints
-  (void)overlap_next;
+                           int64_t window, int64_t sinks, c10::string_view kind_name, bool overlap_prev) {
+  (void)overlap_prev;  // a CUDA launch hint
   const std::string_view kind_sv(kind_name.data(), kind_name.size());
   const DecodeSizes s = check_decode_args(q, k, v, a, b, z, A_log, dt_bias, norm_weight, o_weight, sink_k, sink_v,
                                           ring_k, ring_v, gates, state, pos, window, sinks, kind_sv);

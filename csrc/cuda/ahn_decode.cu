@@ -11,12 +11,16 @@
 // call can be captured in a CUDA graph. pos is read on the device only. Only c10_cuda and the
 // CUDA runtime are linked (no libtorch_cuda symbols): device attributes via cudaDeviceGetAttribute.
 //
-// Environment (read per call, for tests and benchmarks):
+// Debug / tuning switches: environment variables for tests and benchmarks, none needed in use. Read once,
+// on the first call (Switches below); ahn_ops._C.reread_decode_switches() reads them again (tests and
+// benchmarks that compare them within one process: ahn_ops._ext.decode_switches). Unset = the default.
 //   AHN_DECODE_SIMT=1  attention on CUDA cores instead of tensor cores (fp16/bf16)
 //   AHN_DECODE_PDL=0   no programmatic dependent launch of the second kernel on sm_90
 //   AHN_OPS_POISON=1   fill the output and the workspace with NaN first (tests/conftest.py)
 //   AHN_DECODE_SPLIT_KEYS=n  about n keys per split instead of the SM-count-based choice
-//   AHN_DECODE_STAGES=3|4    cp.async stages per warp at D = 128 (default 2; fewer blocks per SM)
+//   AHN_DECODE_STAGES=3|4    cp.async stages per warp at D = 128 (default 2; fewer blocks per SM); the
+//                      only way to the two template instances of 3 and 4 stages (kept for the sweep of
+//                      benchmarks/profile_decode_op.py)
 //   AHN_DECODE_MINB=2|3  D = 128, 2 stages: registers budgeted for 2 blocks per SM (255) or 3 (168);
 //                      default 2 while the attention blocks fit 2 per SM (small B), else 3
 //   AHN_DECODE_LAZY=x  log2 headroom of the lazy reference max in the tensor-core loop (0..12; 0 = the
@@ -55,6 +59,39 @@ bool env_flag(const char* name, bool dflt) {
   return s[0] != '0';
 }
 
+// The switches of the comment at the top of this file, parsed from the environment.
+struct Switches {
+  bool simt = false;                 // AHN_DECODE_SIMT
+  bool pdl = true;                   // AHN_DECODE_PDL
+  bool poison = false;               // AHN_OPS_POISON
+  int split_keys = 0;                // AHN_DECODE_SPLIT_KEYS (0: the SM-count-based choice)
+  int stages = 0;                    // AHN_DECODE_STAGES (3 or 4; else the default)
+  std::optional<bool> two_blocks;    // AHN_DECODE_MINB: set = "2" or not; unset = by occupancy
+  float lazy = kDefaultLazy;         // AHN_DECODE_LAZY, clamped to [0, 12] (NaN or junk: 0)
+
+  static Switches from_env() {
+    Switches s;
+    s.simt = env_flag("AHN_DECODE_SIMT", false);
+    s.pdl = env_flag("AHN_DECODE_PDL", true);
+    s.poison = env_flag("AHN_OPS_POISON", false);
+    if (const char* v = std::getenv("AHN_DECODE_SPLIT_KEYS")) s.split_keys = std::max(std::atoi(v), 0);
+    if (const char* v = std::getenv("AHN_DECODE_STAGES")) s.stages = std::atoi(v);
+    if (const char* v = std::getenv("AHN_DECODE_MINB")) s.two_blocks = std::atoi(v) == 2;
+    if (const char* v = std::getenv("AHN_DECODE_LAZY")) {
+      const float x = static_cast<float>(std::atof(v));
+      s.lazy = x >= 0.f ? std::min(x, 12.f) : 0.f;
+    }
+    return s;
+  }
+};
+
+Switches& switches_storage() {
+  static Switches s = Switches::from_env();  // first use; thread-safe initialisation
+  return s;
+}
+
+const Switches& switches() { return switches_storage(); }
+
 int dtype_code(at::ScalarType t) {
   switch (t) {
     case at::kFloat: return dk::kF32;
@@ -81,7 +118,7 @@ at::Tensor rows_aligned(const at::Tensor& x) {
 }
 
 // Sets p.nsplit, p.chunk and p.n_attn_blocks (launch 1's attention blocks) for a device of `sms` SMs.
-void plan_split(dk::Params& p, int D, int sms) {
+void plan_split(dk::Params& p, int D, int sms, int split_keys) {
   // Split the key range so that there is about one attention block per SM at small B (B = 1,
   // HKV = 2, W = 32640: 64 splits of 512 keys; the state blocks take the other slots), and cap a
   // split at 1024 keys at large B so that the partials stay ~1% of the K/V bytes. One block per
@@ -92,9 +129,7 @@ void plan_split(dk::Params& p, int D, int sms) {
   const int64_t pairs = int64_t(p.B) * p.HKV * p.ngt;
   const int64_t want = std::max<int64_t>(int64_t(sms) / pairs, 1);
   int64_t nsplit = std::max<int64_t>(want, (units + 15) / 16);
-  if (const char* keys = std::getenv("AHN_DECODE_SPLIT_KEYS")) {  // experiments: keys per split
-    if (std::atoi(keys) > 0) nsplit = (units * dk::kSplitAlign + std::atoi(keys) - 1) / std::atoi(keys);
-  }
+  if (split_keys > 0) nsplit = (units * dk::kSplitAlign + split_keys - 1) / split_keys;  // AHN_DECODE_SPLIT_KEYS
   nsplit = std::min<int64_t>(std::max<int64_t>(nsplit, 1), units);
   const int64_t chunk_units = (units + nsplit - 1) / nsplit;
   nsplit = (units + chunk_units - 1) / chunk_units;
@@ -127,7 +162,7 @@ void launch(dk::Params& p, int device, bool pdl, cudaStream_t stream) {
   const int64_t n_m2 = align(BH * (D / dk::kStateCols)), n_t = align(2 * int64_t(p.B));
   at::Tensor ws = at::empty({n_po + 2 * n_pm + n_m + n_m2 + n_t},
                             at::TensorOptions().dtype(at::kFloat).device(at::kCUDA, device));
-  if (env_flag("AHN_OPS_POISON", false)) ws.fill_(std::numeric_limits<float>::quiet_NaN());  // tests: unwritten -> NaN
+  if (switches().poison) ws.fill_(std::numeric_limits<float>::quiet_NaN());  // tests: unwritten -> NaN
   float* w = ws.data_ptr<float>();
   p.ws_po = w;
   p.ws_pm = w + n_po;
@@ -163,19 +198,18 @@ template <typename T>
 void dispatch_d(dk::Params& p, int D, bool mma, int device, bool pdl, cudaStream_t stream) {
   int sms = 0;
   C10_CUDA_CHECK(cudaDeviceGetAttribute(&sms, cudaDevAttrMultiProcessorCount, device));
-  plan_split(p, D, sms);
+  const Switches& sw = switches();
+  plan_split(p, D, sms, sw.split_keys);
   if constexpr (std::is_same_v<T, float>) {
     if (D == 64) launch<T, 64, false>(p, device, pdl, stream);
     else launch<T, 128, false>(p, device, pdl, stream);
   } else {
     if (mma) {
-      const char* st = std::getenv("AHN_DECODE_STAGES");  // experiments: cp.async stages at D = 128
-      const int nst = st != nullptr ? std::atoi(st) : 0;
+      const int nst = sw.stages;  // AHN_DECODE_STAGES: cp.async stages at D = 128
       // registers for 2 blocks per SM (255) while the attention blocks fit 2 per SM, else for 3 (168).
       // H200, graph us per layer-step 168 vs 255 registers: B=1 16.04-16.12 vs 15.93,
       // B=2 25.40-25.70 vs 25.29-25.33, B=4 45.83-45.89 vs 43.76-43.78, B=16 146.1-146.3 vs 151.0
-      const char* mb = std::getenv("AHN_DECODE_MINB");  // experiments: force 2 or 3
-      const bool two = mb != nullptr ? std::atoi(mb) == 2 : p.n_attn_blocks <= 2 * sms;
+      const bool two = sw.two_blocks.value_or(p.n_attn_blocks <= 2 * sms);  // AHN_DECODE_MINB forces it
       if (D == 64) launch<T, 64, true>(p, device, pdl, stream);
       else if (nst == 3) launch<T, 128, true, 3, 2>(p, device, pdl, stream);
       else if (nst == 4) launch<T, 128, true, 4, 1>(p, device, pdl, stream);
@@ -194,8 +228,7 @@ at::Tensor decode_step_cuda(const at::Tensor& q, const at::Tensor& k, const at::
                             const std::optional<at::Tensor>& dt_bias, const at::Tensor& norm_weight,
                             const at::Tensor& o_weight, at::Tensor& sink_k, at::Tensor& sink_v, at::Tensor& ring_k,
                             at::Tensor& ring_v, at::Tensor& gates, at::Tensor& state, at::Tensor& pos,
-                            int64_t window, int64_t sinks, c10::string_view kind_name, bool overlap_prev,
-                            bool overlap_next) {
+                            int64_t window, int64_t sinks, c10::string_view kind_name, bool overlap_prev) {
   // ---- checks: all before anything is launched, so a rejected call leaves the cache as it was
   const std::string_view kind_sv(kind_name.data(), kind_name.size());
   const DecodeSizes s = check_decode_args(q, k, v, a, b, z, A_log, dt_bias, norm_weight, o_weight, sink_k, sink_v,
@@ -223,7 +256,8 @@ at::Tensor decode_step_cuda(const at::Tensor& q, const at::Tensor& k, const at::
   const c10::cuda::CUDAGuard guard(q.device());
   at::Tensor out = at::empty({s.B, s.H, s.D}, q.options());
   if (s.B == 0) return out;
-  if (env_flag("AHN_OPS_POISON", false)) out.fill_(std::numeric_limits<float>::quiet_NaN());
+  const Switches& sw = switches();
+  if (sw.poison) out.fill_(std::numeric_limits<float>::quiet_NaN());
 
   const bool gated = s.kind != Kind::kDN, has_b = s.kind != Kind::kMamba2;
   const at::Tensor qc = rows_aligned(q), kc = rows_aligned(k), vc = rows_aligned(v);
@@ -283,23 +317,16 @@ at::Tensor decode_step_cuda(const at::Tensor& q, const at::Tensor& k, const at::
   p.ow_dt = dtype_code(ow.scalar_type());
   p.kind = s.kind == Kind::kGDN ? dk::kGDN : (s.kind == Kind::kDN ? dk::kDN : dk::kMamba2);
   p.scale = 1.f / std::sqrt(static_cast<float>(s.D));
-  p.lazy = kDefaultLazy;
-  if (const char* lz = std::getenv("AHN_DECODE_LAZY")) {  // experiments; NaN or junk -> 0 (the exact max)
-    const float x = static_cast<float>(std::atof(lz));
-    p.lazy = x >= 0.f ? std::min(x, 12.f) : 0.f;
-  }
+  p.lazy = sw.lazy;
 
   const int device = q.get_device();
-  const bool mma = !env_flag("AHN_DECODE_SIMT", false);
+  const bool mma = !sw.simt;
   int cc_major = 0;
   C10_CUDA_CHECK(cudaDeviceGetAttribute(&cc_major, cudaDevAttrComputeCapabilityMajor, device));
-  const bool pdl = env_flag("AHN_DECODE_PDL", true) && cc_major >= 9;
+  const bool pdl = sw.pdl && cc_major >= 9;
   // overlap_prev: the caller vouches that the kernel right before this op writes none of the cache (it
   // writes q, k, v: the fused projection of StaticDecoder, which also triggers its dependents early)
   p.early = overlap_prev && pdl ? 1 : 0;
-  // overlap_next: the caller vouches that the next kernel waits for this op before touching its outputs
-  // or the cache (StaticDecoder's chained o_proj): launch 2 lets it launch once past its own wait
-  p.chain_next = overlap_next && pdl ? 1 : 0;
   const cudaStream_t stream = c10::cuda::getCurrentCUDAStream(device);
   const int D = static_cast<int>(s.D);
   switch (q.scalar_type()) {
@@ -313,5 +340,8 @@ at::Tensor decode_step_cuda(const at::Tensor& q, const at::Tensor& k, const at::
 }  // namespace
 
 TORCH_LIBRARY_IMPL(ahn, CUDA, m) { m.impl("decode_step", &decode_step_cuda); }
+
+// Declared in csrc/torch_bindings.cpp: ahn_ops._C.reread_decode_switches().
+void reread_decode_switches() { switches_storage() = Switches::from_env(); }
 
 }  // namespace ahn

@@ -94,8 +94,6 @@ struct Params {
   float lazy;   // MMA path: log2 headroom before a row's reference max moves (0: always the exact max)
   int early;    // launch 1 may start before the previous kernel ends (programmatic dependent launch): the
                 // blocks read only the cache (sinks, ring, gates, state, pos) before griddepcontrol.wait
-  int chain_next;  // launch 2 lets the next kernel launch once past its own wait (launch 1 complete): the
-                   // next kernel waits for launch 2 before it reads or writes anything (overlap_next)
 };
 
 // ------------------------------------------------------------------------------------------
@@ -955,7 +953,6 @@ __global__ void __launch_bounds__(kThreads) decode_finish_kernel(const Params p)
   }
 
   pdl_wait();  // launch 1 complete and its writes visible
-  if (p.chain_next) pdl_launch_dependents();  // its programs come in as launch 1's blocks have left
   // Every load of launch 1's results is issued before any is used (one L2 round trip): t, the readout
   // and its sums of squares, and the first kBatch partials of each thread for the combine (step 1)
   const int64_t t = p.ws_t[b];

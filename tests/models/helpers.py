@@ -1,4 +1,5 @@
-"""Tiny random Qwen2 models and an independent float64 evaluation of docs/AHN_SPEC.md.
+"""Tiny random Qwen2 models, an independent float64 evaluation of docs/AHN_SPEC.md, and the checks that the
+decode-step tests share.
 
 ``spec_logits`` re-implements the whole model from its state dict in plain torch:
 embedding, RMSNorm, Qwen2 q/k/v + RoPE, window+sink attention with an explicit mask,
@@ -14,6 +15,8 @@ import torch
 import torch.nn.functional as F
 from transformers import Qwen2Config, Qwen2ForCausalLM
 
+import ahn_ops
+from ahn_ops.fast_decode import DecodePlan
 from ahn_ops.models import patch_qwen
 
 VOCAB = 101
@@ -172,3 +175,52 @@ def greedy_reference(model, input_ids, steps):
             nxt = model(seq, use_cache=False).logits[:, -1].argmax(-1, keepdim=True)
             seq = torch.cat([seq, nxt], 1)
     return seq[:, input_ids.shape[1]:]
+
+
+# --------------------------------------------------------------------------------------
+# decode-step checks (tests of ahn_ops.generate and of the fused step's kernels)
+# --------------------------------------------------------------------------------------
+DEV = "cuda" if torch.cuda.is_available() else "cpu"
+
+
+def assert_greedy_of_full_forward(model, x, out, attention_mask=None, tol=1e-3):
+    """Every token ``out`` adds to ``x`` is an argmax of one full forward of the patched model over
+    ``out`` (prefill path, no cache), within ``tol`` or one step of the logits' own dtype at the best
+    logit, whichever is larger: greedy decoding through a different kernel path may pick another of two
+    near-tied logits and then diverge, which is no error; a wrong token is. (bf16 logits near 2 are
+    2^-6 apart: two correct paths that round one intermediate differently can swap two neighbours.)"""
+    T = x.shape[1]
+    m = None
+    if attention_mask is not None:
+        m = torch.cat([attention_mask, attention_mask.new_ones(out.shape[0], out.shape[1] - T)], 1)
+    with torch.no_grad():
+        raw = model(out, attention_mask=m).logits[:, T - 1:-1]        # [B, new, V]
+    logits = raw.float()
+    best = logits.max(-1).values
+    chosen = logits.gather(-1, out[:, T:, None])[..., 0]
+    step = torch.finfo(raw.dtype).eps * torch.exp2(torch.floor(torch.log2(best.abs().clamp_min(1e-30))))
+    excess = best - chosen - torch.clamp(step, min=tol)
+    gap = (best - chosen).max().item()
+    assert excess.max().item() <= 0, (f"a generated token is {gap:.2e} below the full forward's best logit "
+                                      f"(allowed: max({tol:g}, one {raw.dtype} step))")
+
+
+def decoder_matches_plain_step(kind, batch, new_tokens, seed, plan, with_unmasked=True):
+    """A patched model with W=9, S=4 and a full-attention layer (layer 1), prompts of 21 tokens with left
+    padding on sequence 1 (and, ``with_unmasked``, without a mask too): ``ahn_ops.generate`` with ``plan``
+    gives the tokens of the plain step (fp32 CPU), or on the GPU tokens that are each a best one of a full
+    forward (rsqrt / sum order may flip near-ties). Returns ``(model, prompts)``."""
+    model = patched(kind, window=9, sinks=4, fa_layer_ids=[1], hidden=256, heads=4, kv_heads=2).to(DEV)
+    for attn in (l.self_attn for l in model.model.layers if hasattr(l, "ahn")):
+        attn._ahn_cfg["backend"] = "auto"
+    x = torch.randint(0, VOCAB, (batch, 21), generator=torch.Generator().manual_seed(seed)).to(DEV)
+    mask = torch.ones_like(x)
+    mask[1, :5] = 0
+    for m in (None, mask) if with_unmasked else (mask,):
+        plain = ahn_ops.generate(model, x, new_tokens, attention_mask=m, use_cuda_graph=False, plan=DecodePlan())
+        fused = ahn_ops.generate(model, x, new_tokens, attention_mask=m, use_cuda_graph=False, plan=plan)
+        if DEV == "cpu":
+            assert torch.equal(plain, fused)
+        else:
+            assert_greedy_of_full_forward(model, x, fused, attention_mask=m)
+    return model, x

@@ -16,7 +16,7 @@ import pytest
 import torch
 
 import ahn_ops
-from ahn_ops.fast_decode import prefill
+from ahn_ops.fast_decode import DecodePlan, prefill
 from ahn_ops.models import AHNModelCache, cache_kwargs
 from tests.models.helpers import VOCAB, patched, randomize_ahn
 
@@ -151,7 +151,8 @@ def test_expand_with_left_padded_questions_equals_one_by_one():
     assert torch.equal(got[0, 4:], ahn_ops.generate(model, q0, NEW, cache=cache)[0, 4:])
     assert torch.equal(got[1, 4:], ahn_ops.generate(model, q1, NEW, cache=cache)[0, 2:])
     if not torch.cuda.is_available():  # the fused step (RoPE table indexed by position) in the Triton interpreter
-        fused = ahn_ops.generate(model, batch, NEW, attention_mask=mask, cache=cache.expand(2), fuse_glue=True)
+        fused = ahn_ops.generate(model, batch, NEW, attention_mask=mask, cache=cache.expand(2),
+                                plan=DecodePlan(fuse_glue=True))
         assert torch.equal(fused, got)
 
 
@@ -219,7 +220,7 @@ def test_load_refuses_torn_files_whole(saved, tmp_path):
     model, cache, path = saved
     data = path.read_bytes()
     cases = {"truncated": data[:-7], "header-only": data[:200], "empty": b"",
-             "flipped": data[:-9] + bytes([data[-9] ^ 1]) + data[-8:]}
+             "flipped": data[:-9] + bytes([data[-9] ^ 1]) + data[-8:], "appended": data + b"\0" * 8}
     for name, blob in cases.items():
         bad = tmp_path / f"{name}.safetensors"
         bad.write_bytes(blob)
@@ -235,6 +236,24 @@ def test_load_refuses_torn_files_whole(saved, tmp_path):
         AHNModelCache.load(tmp_path / "weights" / "model.safetensors", model)
     with pytest.raises(FileNotFoundError):
         AHNModelCache.load(tmp_path / "missing.safetensors", model)
+
+
+def test_cache_file_is_plain_safetensors(saved, tmp_path):
+    # the file is read by the safetensors library itself, and a file the library writes from the same tensors
+    # and metadata loads back into an equal cache
+    from safetensors import safe_open
+    from safetensors.torch import load_file, save_file
+
+    model, cache, path = saved
+    tensors = load_file(path)
+    with safe_open(path, "pt") as f:
+        meta = f.metadata()
+    assert set(tensors) == {f"ahn.{n}" for n in cache.ahn.state_dict()} | {"fa.1.keys", "fa.1.values"}
+    for n, t in cache.ahn.state_dict().items():
+        assert torch.equal(tensors[f"ahn.{n}"], t.cpu()), n
+    other = tmp_path / "by_safetensors.safetensors"
+    save_file(tensors, other, metadata=meta)
+    assert_same(snapshot(AHNModelCache.load(other, model)), snapshot(cache))
 
 
 @pytest.mark.parametrize("call, match", [

@@ -12,7 +12,8 @@ import pytest
 import torch
 
 import ahn_ops
-from tests.models.helpers import VOCAB, patched
+from ahn_ops.fast_decode import DecodePlan
+from tests.models.helpers import VOCAB, assert_greedy_of_full_forward, patched
 
 KINDS = ("gdn", "dn", "mamba2")
 NEW = 14
@@ -25,28 +26,6 @@ def ids(B, T, seed=0):
 def plain(model, x, n=NEW, **kw):
     kw.setdefault("pad_token_id", 0)
     return model.generate(x, max_new_tokens=n, do_sample=False, **kw)
-
-
-def assert_greedy_of_full_forward(model, x, out, attention_mask=None, tol=1e-3):
-    """Every token ``out`` adds to ``x`` is an argmax of one full forward of the patched model over
-    ``out`` (prefill path, no cache), within ``tol`` or one step of the logits' own dtype at the best
-    logit, whichever is larger: greedy decoding through a different kernel path may pick another of two
-    near-tied logits and then diverge, which is no error; a wrong token is. (bf16 logits near 2 are
-    2^-6 apart: two correct paths that round one intermediate differently can swap two neighbours.)"""
-    T = x.shape[1]
-    m = None
-    if attention_mask is not None:
-        m = torch.cat([attention_mask, attention_mask.new_ones(out.shape[0], out.shape[1] - T)], 1)
-    with torch.no_grad():
-        raw = model(out, attention_mask=m).logits[:, T - 1:-1]        # [B, new, V]
-    logits = raw.float()
-    best = logits.max(-1).values
-    chosen = logits.gather(-1, out[:, T:, None])[..., 0]
-    step = torch.finfo(raw.dtype).eps * torch.exp2(torch.floor(torch.log2(best.abs().clamp_min(1e-30))))
-    excess = best - chosen - torch.clamp(step, min=tol)
-    gap = (best - chosen).max().item()
-    assert excess.max().item() <= 0, (f"a generated token is {gap:.2e} below the full forward's best logit "
-                                      f"(allowed: max({tol:g}, one {raw.dtype} step))")
 
 
 # ------------------------------------------------------------------ CPU: eager static step
@@ -92,26 +71,26 @@ def test_right_padding_is_rejected():
         ahn_ops.generate(model, x, 4, attention_mask=mask)
 
 
-@pytest.mark.parametrize("fuse_glue", [None, True])
-def test_eos_stops_and_pads_like_generate(fuse_glue):
-    # fuse_glue=True: the fused step, whose greedy choice does the end-of-sequence rule in its kernel
+@pytest.mark.parametrize("plan", [None, DecodePlan(fuse_glue=True)], ids=["default", "glue"])
+def test_eos_stops_and_pads_like_generate(plan):
+    # fuse_glue: the fused step, whose greedy choice does the end-of-sequence rule in its kernel
     # (model_glue.greedy_next; on the CPU in the Triton interpreter)
-    if fuse_glue and torch.cuda.is_available():
+    if plan is not None and torch.cuda.is_available():
         pytest.skip("the fused step of this CPU model needs the Triton interpreter (CPU-only runs); on the GPU "
-                    "the eos rule is tests/models/test_model_glue.py::test_greedy_next_end_of_sequence")
+                    "the eos rule is tests/ops/test_model_glue.py::test_greedy_next_end_of_sequence")
     model = patched("mamba2", window=5, sinks=1, fa_layer_ids=[1])
     x = ids(2, 9, seed=8)
     free = plain(model, x, 20)[:, 9:]
     # an EOS that one sequence emits early: it must be padded after, the other one run on
     eos = int(free[0, 3])
     want = plain(model, x, 20, eos_token_id=eos, pad_token_id=7)
-    got = ahn_ops.generate(model, x, 20, eos_token_id=eos, pad_token_id=7, eos_check_every=3, fuse_glue=fuse_glue)
+    got = ahn_ops.generate(model, x, 20, eos_token_id=eos, pad_token_id=7, eos_check_every=3, plan=plan)
     assert torch.equal(got, want)
     # every sequence finishes: the output stops where the last one did, as generate() does
     eos_all = [int(free[0, 2]), int(free[1, 4])]
     want = plain(model, x, 20, eos_token_id=eos_all, pad_token_id=7)
     got = ahn_ops.generate(model, x, 20, eos_token_id=eos_all, pad_token_id=7, eos_check_every=4,
-                           fuse_glue=fuse_glue)
+                           plan=plan)
     assert torch.equal(got, want) and got.shape[1] < 9 + 20
 
 
@@ -140,6 +119,62 @@ def test_ahn_ops_generate_is_public():
     assert torch.equal(generate(model, x, 3), a)
     with pytest.raises(ValueError, match="CUDA"):
         ahn_ops.generate(model, x, 3, use_cuda_graph=True)
+
+
+# ------------------------------------------------------------------ the decode plan
+def test_default_plan_by_batch_dtype_and_gpu(monkeypatch):
+    # what DecodePlan.default fuses, per batch, dtype and GPU generation, without a GPU: the device is named,
+    # its compute capability stubbed, the interpreter switch off so that sm_90 counts as able to launch early
+    from ahn_ops.ops import decode_linear as dl
+
+    monkeypatch.setenv("TRITON_INTERPRET", "0")
+    want = {  # (dtype, sm major): batches -> (fuse_glue, fuse_linear, fuse_gate_up, overlap)
+        (torch.bfloat16, 9): {(1, 2): (1, 1, 1, 0), range(3, 17): (1, 1, 0, 1), (17, 64): (1, 0, 0, 0)},
+        (torch.float32, 9): {(1, 2): (1, 1, 1, 0), (3, 4, 5, 16): (1, 0, 0, 0)},
+        (torch.bfloat16, 8): {(1, 2, 3, 16): (1, 0, 0, 0)},
+        (torch.bfloat16, 10): {(1, 2, 3, 16): (1, 0, 0, 0)},
+    }
+    cuda = torch.device("cuda", 0)
+    for (dtype, major), rows in want.items():
+        model = patched("gdn", window=5, sinks=2).to(dtype)
+        monkeypatch.setattr(torch.cuda, "get_device_capability", lambda device=None, m=major: (m, 0))
+        for batches, flags in rows.items():
+            for B in batches:
+                got = DecodePlan.default(model, B, cuda)
+                assert got == DecodePlan(*map(bool, flags)), (dtype, major, B, got)
+                assert got.overlap == (got.fuse_linear and dl.can_trigger(cuda) and B >= 3)
+        # off the GPU: the plain step
+        assert DecodePlan.default(model, 1) == DecodePlan() == DecodePlan.default(model, 1, "cpu")
+
+
+def test_plan_is_checked():
+    model = patched("gdn", window=5, sinks=2)
+    x = ids(2, 8)
+    with pytest.raises(TypeError, match="DecodePlan.overlap must be a bool, got 1"):
+        DecodePlan(overlap=1)
+    with pytest.raises(TypeError, match="plan must be an ahn_ops.DecodePlan"):
+        ahn_ops.generate(model, x, 3, plan={"fuse_glue": True})
+    with pytest.raises(ValueError, match="batch must be an int >= 1"):
+        DecodePlan.default(model, 0)
+    with pytest.raises(ValueError, match="plan.fuse_gate_up=True needs fuse_linear"):
+        ahn_ops.generate(model, x, 3, plan=DecodePlan(fuse_gate_up=True))
+    with pytest.raises(ValueError, match="plan.fuse_linear=True needs fuse_glue"):
+        ahn_ops.generate(model, x, 3, plan=DecodePlan(fuse_linear=True))
+    with pytest.raises(ValueError, match="plan.overlap=True needs fuse_linear on an sm_90"):
+        ahn_ops.generate(model, x, 3, plan=DecodePlan(overlap=True))
+    stats = {}
+    plain = ahn_ops.generate(model, x, 3, plan=DecodePlan(), stats=stats)
+    assert stats["plan"] == DecodePlan() and torch.equal(plain, ahn_ops.generate(model, x, 3))
+    assert ahn_ops.DecodePlan is DecodePlan and "DecodePlan" in ahn_ops.__all__
+
+
+def test_plan_docstring_example_runs():
+    import doctest
+
+    from ahn_ops.fast_decode import plan
+
+    res = doctest.testmod(plan, verbose=False)
+    assert res.attempted > 0 and res.failed == 0
 
 
 # ------------------------------------------------------------------ GPU: graph replay

@@ -17,6 +17,7 @@ import pytest
 import torch
 
 import ahn_ops  # noqa: F401  (registers torch.ops.ahn)
+from ahn_ops._ext import decode_switches
 from ahn_ops.ops.ahn_attention.reference import ahn_decode_ref
 
 from ..utils import poison_unwritten
@@ -128,10 +129,13 @@ CASES = [
 
 
 @pytest.mark.parametrize("kind,dt,D,H,HKV,B,W,S,steps,starts,extra", CASES)
-def test_decode_matches_reference(kind, dt, D, H, HKV, B, W, S, steps, starts, extra, monkeypatch):
+def test_decode_matches_reference(kind, dt, D, H, HKV, B, W, S, steps, starts, extra):
     _require_kernel()
-    for key, val in extra.get("env", {}).items():
-        monkeypatch.setenv(key, val)
+    with decode_switches(**extra.get("env", {})):  # the op's debug switches, read again while set
+        _decode_matches_reference(kind, dt, D, H, HKV, B, W, S, steps, starts, extra)
+
+
+def _decode_matches_reference(kind, dt, D, H, HKV, B, W, S, steps, starts, extra):
     dtype = DT[dt]
     gen = torch.Generator().manual_seed(zlib.crc32(repr((kind, dt, D, H, HKV, B, W, S)).encode()))
     pos = [starts[i % len(starts)] for i in range(B)]
@@ -285,10 +289,10 @@ def test_interface_falls_back_for_other_head_dims():
 ])
 def test_overlap_prev_after_a_triggering_projection(kind, dt, D, H, HKV, B, W, S, starts, graph):
     """decode_step(overlap_prev=True) right after a projection kernel that lets it launch early (the
-    fused q/k/v projection of the decode step, ``trigger_next``), and with overlap_next=True before a
-    chained o_proj (a programmatic dependent launch that streams its weights before waiting), gives the
-    bits of the plain calls: output, o_proj's output and every cache tensor, step after step (and replayed
-    in a CUDA graph)."""
+    fused q/k/v projection of the decode step, ``trigger_next``), and before a chained o_proj (a
+    programmatic dependent launch that streams its weights before waiting), gives the bits of the plain
+    calls: output, o_proj's output and every cache tensor, step after step (and replayed in a CUDA
+    graph)."""
     _require_kernel()
     from ahn_ops.ops import decode_linear as dl
 
@@ -310,8 +314,7 @@ def test_overlap_prev_after_a_triggering_projection(kind, dt, D, H, HKV, B, W, S
     def step(cache, overlap):
         q, y = dl.norm_qkvg(h, nw, 1e-6, wq, None, wkv, None, HKV * D, cos, sin, D, trigger_next=overlap)
         k, v = y[:, :HKV * D].view(B, HKV, D), y[:, HKV * D:].view(B, HKV, D)
-        out = torch.ops.ahn.decode_step(q.view(B, H, D), k, v, a, b, z, *params, *cache, W, S, kind, overlap,
-                                        overlap)
+        out = torch.ops.ahn.decode_step(q.view(B, H, D), k, v, a, b, z, *params, *cache, W, S, kind, overlap)
         o = dl.linear_residual(out.reshape(B, -1), wo, None, h, chain=overlap)
         return torch.cat([out.reshape(B, -1), o], 1)
 

@@ -11,8 +11,7 @@ import torch
 
 
 def _decode_step_fake(q, k, v, a, b, z, A_log, dt_bias, norm_weight, o_weight, sink_k, sink_v, ring_k, ring_v,
-                      gates, state, pos, window, sinks, kind, overlap_prev=False,
-                      overlap_next=False):
+                      gates, state, pos, window, sinks, kind, overlap_prev=False):
     return torch.empty_like(q, memory_format=torch.contiguous_format)
 
 

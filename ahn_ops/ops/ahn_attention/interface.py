@@ -17,15 +17,10 @@ from ...cache import AHNCache, AHNLayerCache
 from ..common.checks import check_ahn_inputs
 from . import chunked
 from . import reference as ref
+from . import dispatch
+from .dispatch import uses_decode_op
 
 _BACKENDS = ("auto", "reference", "kernel", "chunked")
-
-
-def _has_op_kernel(op: str, key: str) -> bool:
-    try:
-        return torch._C._dispatch_has_kernel_for_dispatch_key(f"ahn::{op}", key)
-    except RuntimeError:
-        return False
 
 
 def _compute_dtype(x: torch.Tensor) -> torch.dtype:
@@ -74,6 +69,7 @@ def ahn_attention(
     cu_seqlens: Optional[torch.Tensor] = None,
     cache=None,
     backend: str = "auto",
+    deterministic: bool = False,
 ) -> torch.Tensor:
     """AHN attention block: sliding-window attention with sinks plus the AHN memory readout.
 
@@ -101,6 +97,10 @@ def ahn_attention(
         backend: ``"auto"`` (fastest available: fused kernels, else the chunkwise PyTorch path of
             ``chunked.py``), ``"chunked"`` (that path), ``"reference"`` (the token-by-token fp32
             reference) or ``"kernel"`` (fail if no fused kernel covers the call).
+        deterministic: the fused kernels' backward gives bitwise identical gradients from run to run
+            (no float atomics whose order decides a sum; it costs time and, with several query heads
+            per kv head, two fp32 ``[tokens, H, D]`` buffers). ``torch.use_deterministic_algorithms(True)``
+            turns it on too. The PyTorch paths (``"chunked"``, ``"reference"``) follow that global switch.
 
     Returns:
         ``[B, T, H, D]`` in q's dtype (before Qwen's ``o_proj``).
@@ -132,8 +132,6 @@ def ahn_attention(
                               o_weight, cache, backend=backend)[:, None]
         with torch.no_grad():
             if backend in ("auto", "kernel"):
-                from . import dispatch  # noqa: WPS433
-
                 out = dispatch.try_prefill_cache_kernel(q, k, v, a, b, z, A_log, dt_bias, norm_weight, o_weight,
                                                         cache)
                 if out is not None:
@@ -148,10 +146,8 @@ def ahn_attention(
         return out.to(q.dtype)
 
     if backend in ("auto", "kernel"):
-        from . import dispatch  # noqa: WPS433  (kernels register themselves lazily)
-
         out = dispatch.try_prefill_kernel(q, k, v, a, b, z, A_log, dt_bias, norm_weight, o_weight,
-                                          window, sinks, kind, cu_seqlens)
+                                          window, sinks, kind, cu_seqlens, deterministic=deterministic)
         if out is not None:
             return out
         if backend == "kernel":
@@ -184,10 +180,7 @@ def ahn_decode(q, k, v, a, b, z, A_log, dt_bias, norm_weight, o_weight, cache, *
     _check_cache_no_grad(q=q, k=k, v=v, a=a, b=b, z=z, A_log=A_log, dt_bias=dt_bias, norm_weight=norm_weight,
                          o_weight=o_weight)
     cache.check_compatible(B, H, HKV, D, k.dtype, q.device, window, sinks, kind)
-    key = "CUDA" if q.is_cuda else "CPU"
-    use_op = backend != "reference" and q.dtype != torch.float64 and _has_op_kernel("decode_step", key)
-    if q.is_cuda and D not in (64, 128):  # the CUDA kernel is templated on D = 64 and 128 only
-        use_op = False
+    use_op = uses_decode_op(backend, q.dtype, q.device, D)
     if backend == "kernel" and not use_op:
         raise NotImplementedError(f"no decode_step kernel for device {q.device.type} / dtype {q.dtype}")
     if use_op:

@@ -1,8 +1,10 @@
 """The skinny fused projections of the decode step (ahn_ops/ops/decode_linear.py) against the torch ops
 they replace (Qwen2RMSNorm, F.linear, RoPE, SiLU * up, residual add), and the static decode step with
-them (``fuse_linear=True``) against the step without. CPU: Triton interpreter."""
+them (``DecodePlan(fuse_linear=True, ...)``) against the step without. CPU: Triton interpreter."""
 
 from __future__ import annotations
+
+import dataclasses
 
 import pytest
 import torch
@@ -10,10 +12,10 @@ import torch.nn.functional as F
 from transformers.models.qwen2.modeling_qwen2 import Qwen2RMSNorm
 
 import ahn_ops
+from ahn_ops.fast_decode import DecodePlan
 from ahn_ops.models.qwen2 import _rope
 from ahn_ops.ops import decode_linear as dl
-from tests.models.helpers import VOCAB, patched
-from tests.models.test_model_glue import decoder_matches_plain_step
+from tests.models.helpers import VOCAB, assert_greedy_of_full_forward, decoder_matches_plain_step, patched
 
 DEV = "cuda" if torch.cuda.is_available() else "cpu"
 DTYPES = [torch.float32, torch.bfloat16, torch.float16]
@@ -121,16 +123,15 @@ def test_norm_gate_up(dt, B, K, N, bias):
         dl.norm_gate_up(h, norm.weight[:-1], 1e-6, wg, wu)
 
 
-@pytest.mark.parametrize("config", [(2, 32, 1), (4, 64, 2, 1), (16, 512, 4, 2), (2, 32, 1, 3, True),
-                                    (4, 128, 2, 1, True),
+@pytest.mark.parametrize("config", [(2, 32, 1), (4, 64, 2, 1), (16, 512, 4, 2),
                                     # persistent: one K tile, 1 tile ahead, 3 programs (per SM; the CPU counts 1)
-                                    (2, 256, 4, 2, False, 3),
+                                    (2, 256, 4, 2, 3),
                                     # persistent with K tiles (4 of 64: a tail), 2 tiles ahead, 2 / 5 programs
-                                    (1, 64, 4, 3, False, 2), (4, 128, 2, 3, False, 5)])
+                                    (1, 64, 4, 3, 2), (4, 128, 2, 3, 5)])
 def test_configs(config):
-    # any tile shape (rows per program, K tile, warps, stages, per-step or deferred reduction over K; or the
-    # persistent kernel: register buffers, programs per SM) gives the torch result: masks of partial row
-    # blocks and K tails, RoPE pairs split across programs, programs with unequal numbers of row blocks
+    # any tile shape (rows per program, K tile, warps, stages; or the persistent kernel: register buffers,
+    # programs per SM) gives the torch result: masks of partial row blocks and K tails, RoPE pairs split
+    # across programs, programs with unequal numbers of row blocks
     g = torch.Generator().manual_seed(3)
     dt = torch.float32
     h = torch.randn(3, 200, generator=g).to(DEV)
@@ -142,6 +143,8 @@ def test_configs(config):
     _close(dl.linear_residual(h, wg, None, res, config=config), res + h @ wg.T, dt)
     with pytest.raises(ValueError, match="role"):
         dl.linear_residual(h, wg, None, res, role="up_proj")
+    with pytest.raises(ValueError, match=r"config must be \(BN2, BK, num_warps"):
+        dl.linear_residual(h, wg, None, res, config=config + (1, 1, 1))
     D, nk = 32, 64
     wq, wkvg = _w(2 * D, 200, dt, g), _w(nk + 9, 200, dt, g)
     emb = torch.rand(3, 1, D // 2, generator=g).repeat(1, 1, 2) * 9
@@ -163,13 +166,13 @@ def test_persistent_programs_take_many_blocks(dt):
         norm = _norm(K, dt, g)
         x = norm(h)
         wg, wu = _w(N, K, dt, g), _w(N, K, dt, g)
-        for cfg in ((2, 16384, 4, 2, False, 3), (1, 16384, 4, 3, False, 2)):
+        for cfg in ((2, 16384, 4, 2, 3), (1, 16384, 4, 3, 2)):
             _close(dl.norm_gate_up(h, norm.weight, 1e-6, wg, wu, config=cfg),
                    F.silu(F.linear(x, wg)) * F.linear(x, wu), dt)
         res = torch.randn(B, K, generator=g).to(dt).to(DEV)
         wd = _w(K, N, dt, g)
         act = torch.randn(B, N, generator=g).to(dt).to(DEV)
-        _close(dl.linear_residual(act, wd, None, res, role="down_proj", config=(2, 1024, 8, 2, False, 2)),
+        _close(dl.linear_residual(act, wd, None, res, role="down_proj", config=(2, 1024, 8, 2, 2)),
                res + F.linear(act, wd), dt)
 
 
@@ -255,17 +258,17 @@ def test_decoder_linear_tensor_cores_bf16(gate_up):
     # the fused step at B = 5 (tensor-core projections; the MLP's gate/up on cuBLAS unless asked) in bf16:
     # every token a best one of a full forward
     from ahn_ops import fast_decode as gen
-    from tests.models.test_generate_fast import assert_greedy_of_full_forward
 
     model = patched("gdn", window=9, sinks=4, hidden=256, heads=4, kv_heads=2).to(DEV, torch.bfloat16)
     x = torch.randint(0, VOCAB, (5, 21), generator=torch.Generator().manual_seed(4)).to(DEV)
-    fused = ahn_ops.generate(model, x, 6, use_cuda_graph=False, fuse_glue=True, fuse_linear=True,
-                             fuse_gate_up=gate_up)
+    plan = DecodePlan(fuse_glue=True, fuse_linear=True, fuse_gate_up=bool(gate_up),
+                      overlap=dl.can_trigger(torch.device(DEV)))
+    fused = ahn_ops.generate(model, x, 6, use_cuda_graph=False, plan=plan)
     assert_greedy_of_full_forward(model, x, fused)
     if gate_up is None and torch.cuda.get_device_capability()[0] == 9:  # the default on Hopper from B = 3 on
         logits, cache = gen.prefill(model, x)
         dec = gen.StaticDecoder(model, cache, None, x.shape[1], 4)
-        assert dec.fuse_linear and not dec.fuse_gate_up
+        assert dec.plan == plan == DecodePlan.default(model, 5)
 
 
 @pytest.mark.parametrize("kind,gate_up", [("gdn", None), ("gdn", True), ("dn", None), ("mamba2", True)])
@@ -275,16 +278,16 @@ def test_decoder_linear_equals_plain_step(kind, gate_up):
     # cuBLAS (the default from batch 3 on) or fused
     from ahn_ops import fast_decode as gen
 
-    model, x = decoder_matches_plain_step(kind, 3, 6, 5, with_unmasked=kind == "gdn", fuse_glue=True,
-                                          fuse_linear=True, fuse_gate_up=gate_up)
+    plan = DecodePlan(fuse_glue=True, fuse_linear=True, fuse_gate_up=bool(gate_up),
+                      overlap=dl.can_trigger(torch.device(DEV)))
+    model, x = decoder_matches_plain_step(kind, 3, 6, 5, plan, with_unmasked=kind == "gdn")
     logits, cache = gen.prefill(model, x)
-    dec = gen.StaticDecoder(model, cache, None, x.shape[1], 4, fuse_glue=True, fuse_linear=True,
-                            fuse_gate_up=gate_up)
-    assert dec.fuse_linear and dec.fuse_gate_up == bool(gate_up)
-    with pytest.raises(ValueError, match="fuse_linear=True needs"):
-        gen.StaticDecoder(model, cache, None, x.shape[1], 4, fuse_glue=False, fuse_linear=True)
-    with pytest.raises(ValueError, match="fuse_gate_up=True needs fuse_linear"):
-        gen.StaticDecoder(model, cache, None, x.shape[1], 4, fuse_glue=True, fuse_linear=False, fuse_gate_up=True)
+    dec = gen.StaticDecoder(model, cache, None, x.shape[1], 4, plan=plan)
+    assert dec.plan is plan
+    with pytest.raises(ValueError, match="plan.fuse_linear=True needs fuse_glue"):
+        gen.StaticDecoder(model, cache, None, x.shape[1], 4, plan=DecodePlan(fuse_linear=True))
+    with pytest.raises(ValueError, match="plan.fuse_gate_up=True needs fuse_linear"):
+        gen.StaticDecoder(model, cache, None, x.shape[1], 4, plan=DecodePlan(fuse_glue=True, fuse_gate_up=True))
 
 
 def test_decoder_linear_auto_off_for_large_batches():
@@ -294,8 +297,8 @@ def test_decoder_linear_auto_off_for_large_batches():
     x = torch.randint(0, VOCAB, (dl.MAX_BROADCAST_BATCH + 1, 8)).to(DEV)  # float32 model: 4 rows at most
     logits, cache = gen.prefill(model, x)
     with pytest.raises(ValueError, match="batch <= 16 in bf16/fp16 or <= 4 in float32"):
-        gen.StaticDecoder(model, cache, None, 8, 2, fuse_glue=True, fuse_linear=True)
-    assert not gen.StaticDecoder(model, cache, None, 8, 2).fuse_linear
+        gen.StaticDecoder(model, cache, None, 8, 2, plan=DecodePlan(fuse_glue=True, fuse_linear=True))
+    assert not gen.StaticDecoder(model, cache, None, 8, 2).plan.fuse_linear
 
 
 def test_decoder_overlap_needs_hopper_and_changes_nothing():
@@ -311,15 +314,16 @@ def test_decoder_overlap_needs_hopper_and_changes_nothing():
     x = torch.randint(0, VOCAB, (3, 21), generator=torch.Generator().manual_seed(5)).to(DEV)
     logits, cache = gen.prefill(model, x)
     if not dl.can_trigger(torch.device(DEV)):
-        with pytest.raises(ValueError, match="overlap=True needs fuse_linear on an sm_90"):
-            gen.StaticDecoder(model, cache, None, x.shape[1], 2, overlap=True)
-        assert not gen.StaticDecoder(model, cache, None, x.shape[1], 2).overlap
+        with pytest.raises(ValueError, match="plan.overlap=True needs fuse_linear on an sm_90"):
+            gen.StaticDecoder(model, cache, None, x.shape[1], 2, plan=DecodePlan(overlap=True))
+        assert not gen.StaticDecoder(model, cache, None, x.shape[1], 2).plan.overlap
         return
-    assert gen.StaticDecoder(model, cache, None, x.shape[1], 2).overlap  # the default on Hopper from B = 3
+    assert gen.StaticDecoder(model, cache, None, x.shape[1], 2).plan.overlap  # the default on Hopper from B = 3
     for B in (1, 2):  # not where the projections are persistent
         _, cache1 = gen.prefill(model, x[:B])
-        assert not gen.StaticDecoder(model, cache1, None, x.shape[1], 2).overlap
+        assert not gen.StaticDecoder(model, cache1, None, x.shape[1], 2).plan.overlap
     for B in (1, 2, 3):
-        on = ahn_ops.generate(model, x[:B], 12, use_cuda_graph=True, overlap=True)
-        off = ahn_ops.generate(model, x[:B], 12, use_cuda_graph=True, overlap=False)
+        default = DecodePlan.default(model, B)
+        on = ahn_ops.generate(model, x[:B], 12, use_cuda_graph=True, plan=dataclasses.replace(default, overlap=True))
+        off = ahn_ops.generate(model, x[:B], 12, use_cuda_graph=True, plan=dataclasses.replace(default, overlap=False))
         assert torch.equal(on, off)

@@ -1,18 +1,20 @@
 """The fused decode glue (ahn_ops/ops/model_glue.py) against the Qwen2 modules it replaces, and the
-static decode step with it (``fuse_glue=True``) against the step without it. CPU: Triton interpreter."""
+static decode step with it (``DecodePlan(fuse_glue=True)``) against the step without it. CPU: Triton
+interpreter."""
 
 from __future__ import annotations
+
+import dataclasses
 
 import pytest
 import torch
 import torch.nn.functional as F
 from transformers.models.qwen2.modeling_qwen2 import Qwen2RMSNorm
 
-import ahn_ops
+from ahn_ops.fast_decode import DecodePlan
 from ahn_ops.models.qwen2 import _rope
 from ahn_ops.ops import model_glue as glue
-from tests.models.helpers import VOCAB, patched
-from tests.models.test_generate_fast import assert_greedy_of_full_forward
+from tests.models.helpers import VOCAB, decoder_matches_plain_step, patched
 
 DEV = "cuda" if torch.cuda.is_available() else "cpu"
 DTYPES = [torch.float32, torch.bfloat16, torch.float16]
@@ -130,37 +132,17 @@ def test_silu_mul(dt):
         glue.silu_mul(a, u[..., :-1])
 
 
-def decoder_matches_plain_step(kind, batch, new_tokens, seed, with_unmasked=True, **fused_kw):
-    """A patched model with W=9, S=4 and a full-attention layer (layer 1), prompts of 21 tokens with left
-    padding on sequence 1 (and, ``with_unmasked``, without a mask too): ``ahn_ops.generate`` with
-    ``fused_kw`` gives the tokens of the plain step (fp32 CPU), or on the GPU tokens that are each a best
-    one of a full forward (rsqrt / sum order may flip near-ties). Returns ``(model, prompts)``."""
-    model = patched(kind, window=9, sinks=4, fa_layer_ids=[1], hidden=256, heads=4, kv_heads=2).to(DEV)
-    for attn in (l.self_attn for l in model.model.layers if hasattr(l, "ahn")):
-        attn._ahn_cfg["backend"] = "auto"
-    x = torch.randint(0, VOCAB, (batch, 21), generator=torch.Generator().manual_seed(seed)).to(DEV)
-    mask = torch.ones_like(x)
-    mask[1, :5] = 0
-    for m in (None, mask) if with_unmasked else (mask,):
-        plain = ahn_ops.generate(model, x, new_tokens, attention_mask=m, use_cuda_graph=False, fuse_glue=False)
-        fused = ahn_ops.generate(model, x, new_tokens, attention_mask=m, use_cuda_graph=False, **fused_kw)
-        if DEV == "cpu":
-            assert torch.equal(plain, fused)
-        else:
-            assert_greedy_of_full_forward(model, x, fused, attention_mask=m)
-    return model, x
-
-
 @pytest.mark.parametrize("kind", ["gdn", "dn", "mamba2"])
 def test_decoder_glue_equals_plain_step(kind):
     # batch 2 with left padding: every branch of the glued step
     from ahn_ops import fast_decode as gen
 
-    model, x = decoder_matches_plain_step(kind, 2, 12, 11, fuse_glue=True, fuse_linear=False)
+    glued = DecodePlan(fuse_glue=True)
+    model, x = decoder_matches_plain_step(kind, 2, 12, 11, glued)
     # the AHN layers take the stacked k/v/gates projection
     logits, cache = gen.prefill(model, x)
-    dec = gen.StaticDecoder(model, cache, None, x.shape[1], 4, fuse_glue=True)
-    assert dec.fuse_glue and sorted(dec.kvg) == sorted(model.model._ahn_info["ahn_layer_ids"])
+    dec = gen.StaticDecoder(model, cache, None, x.shape[1], 4, plan=glued)
+    assert dec.plan == glued and sorted(dec.kvg) == sorted(model.model._ahn_info["ahn_layer_ids"])
     w, bias, (nk, oa, ob, oz) = dec.kvg[0]
     assert w.shape[0] % 8 == 0 and nk == 2 * 64 and oz is not None
 
@@ -172,9 +154,10 @@ def test_decoder_glue_bad_model():
     model.config.hidden_act = "gelu"
     x = torch.randint(0, VOCAB, (1, 8))
     logits, cache = gen.prefill(model, x)
-    with pytest.raises(ValueError, match="hidden_act"):
-        gen.StaticDecoder(model, cache, None, 8, 2, fuse_glue=True)
-    assert not gen.StaticDecoder(model, cache, None, 8, 2).fuse_glue  # auto: off, no error
+    with pytest.raises(ValueError, match="plan.fuse_glue=True: hidden_act"):
+        gen.StaticDecoder(model, cache, None, 8, 2, plan=DecodePlan(fuse_glue=True))
+    assert not gen.StaticDecoder(model, cache, None, 8, 2).plan.fuse_glue  # the default: off, no error
+    assert not DecodePlan.default(model, 1, "cuda").fuse_glue  # off on a GPU too
 
 
 # ------------------------------------------------------------------------------------------------------
@@ -246,7 +229,9 @@ def test_decoder_rope_table_and_step_limit():
     model = patched("gdn", window=5, sinks=2).to(DEV)
     x = torch.randint(0, VOCAB, (2, 9), generator=torch.Generator().manual_seed(0)).to(DEV)
     logits, cache = gen.prefill(model, x)
-    dec = gen.StaticDecoder(model, cache, None, x.shape[1], 3, fuse_glue=True)
+    # on the GPU the default plan with the glue (the fused projections too on Hopper), as it runs there
+    plan = dataclasses.replace(DecodePlan.default(model, 2), fuse_glue=True)
+    dec = gen.StaticDecoder(model, cache, None, x.shape[1], 3, plan=plan)
     assert dec.rope_table is not None and dec.greedy_fused
     pos = torch.tensor([0, 4, 11], device=DEV)
     h = model.model.embed_tokens.weight[:1, None]
