@@ -26,8 +26,8 @@ T=32k on H100.
 Masks are applied on edge blocks only (the diagonal, the window's far edge, the sequence end);
 interior blocks of the band skip the [BT, BN] index arithmetic and the masked loads.
 
-``W`` and ``S`` are run-time arguments (``do_not_specialize``): training samples a new window
-and sink count per step, and a recompile per value would cost seconds each.
+``W``, ``S`` and ``WB`` (the cuDNN band's window) are run-time arguments (``do_not_specialize``): training
+samples a new window and sink count per step, and a recompile per value would cost seconds each.
 """
 
 from __future__ import annotations
@@ -70,7 +70,7 @@ def _dq_block(b_q, b_do, b_k, b_v, m_s, b_lse, b_dl, b_dq, qk_scale, MASKED: tl.
     return b_dq
 
 
-@triton.jit(do_not_specialize=["W", "S"])
+@triton.jit(do_not_specialize=["W", "S", "WB"])
 def _attn_dq_kernel(
     # pointers
     q, k, v, do, seq, chunks, lse, delta, dq_acc, dq, dqb,
@@ -261,7 +261,7 @@ def _attn_dkdv_sink_kernel(
         tl.atomic_add(dv_acc + p_kv, b_dv, mask=m_k[:, None], sem="relaxed")
 
 
-@triton.jit(do_not_specialize=["W", "S"])
+@triton.jit(do_not_specialize=["W", "S", "WB"])
 def _attn_dkdv_kernel(
     # pointers
     q, k, v, do, seq, chunks, lse, delta, dk_acc, dkm_acc, dkw_acc, dv_acc, dk, dv, dkb, dvb,

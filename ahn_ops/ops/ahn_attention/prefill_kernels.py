@@ -283,7 +283,7 @@ def _mem_rows(b_o, b_q, i_c, i_h, i_kv, bos, T, P, kxb, kp0, coff, W, S, mem_sca
     tl.store(out + (o_q * H + i_h)[:, None] * D + o_d[None, :], b_o.to(out.dtype.element_ty), mask=m_i[:, None])
 
 
-@triton.jit
+@triton.jit(do_not_specialize=["WB"])  # a window drawn per step: no compile per divisibility of WB
 def _fwd_kernel(
     # pointers
     q, kx, vx, sk, sv, z, nw, ow, seq, blocks, gc, hs, vnew, out, yp, ss, lse, ob, lb,
