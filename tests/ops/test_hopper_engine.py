@@ -77,7 +77,7 @@ def test_engine_matches_reference_and_triton(kind, B, T, W, S, G, D, dtype, engi
 
 @needs_cudnn
 @pytest.mark.parametrize("lens", [[300, 300, 300], [5, 700, 64]], ids=["equal", "unequal"])
-def test_engine_varlen(lens, engine, monkeypatch):
+def test_engine_varlen(lens, engine):
     """cu_seqlens: sequences of one length take the cuDNN band, others the Triton band ("auto")."""
     P = _prefill()
     kind, W, S, H, HKV, D = "gdn", 100, 4, 8, 2, 128
@@ -85,7 +85,6 @@ def test_engine_varlen(lens, engine, monkeypatch):
     args = make_inputs(kind, 1, T, H, HKV, D, torch.bfloat16, device="cuda", seed=len(lens) + T)
     cu = torch.tensor([0] + list(torch.tensor(lens).cumsum(0)), dtype=torch.int32, device="cuda")
     engine("auto")
-    monkeypatch.setitem(P.CONFIG, "band_min_tokens", 0)  # these short sequences too
     out, ht, _ = P.prefill_fwd(*args, W, S, kind, cu_seqlens=cu, output_final_state=True)
     s = 0
     for i, n in enumerate(lens):
@@ -204,7 +203,7 @@ def test_band_composition_kernel(kind, B, T, W, S, G, step, monkeypatch):
     P = _prefill()
     dev = "cuda" if torch.cuda.is_available() else "cpu"
     # every call takes the outside band (fp32 included: the stand-in computes in fp32)
-    monkeypatch.setattr(P, "_band_engine", lambda q, uniform, tokens=None: uniform)
+    monkeypatch.setattr(P, "_band_engine", lambda q, uniform: uniform)
     asked = []
 
     def fwd(q, k, v, w, out=None):

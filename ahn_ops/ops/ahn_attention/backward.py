@@ -209,7 +209,7 @@ def prefill_bwd(dout, dht, q, k, v, a, b, z, A_log, dt_bias, norm_weight, o_weig
     # only the sinks past the window and the memory part, and add the band's dq, dk, dv
     # deterministic: the Triton band, whose dq and dk/dv programs own their rows (cuDNN's deterministic
     # backward reduces dq per key tile through a workspace of ~32 GB at T=32k, H=16 and took 2.8x as long)
-    cudnn_band = NT > 0 and not deterministic and pf._band_engine(q, len(set(lens)) == 1, lens[0])
+    cudnn_band = NT > 0 and not deterministic and pf._band_engine(q, len(set(lens)) == 1)
     owin = empty(Tt, H, D, dtype=dt, device=dev) if cudnn_band else dummy
     dqb = dkb = dvb = dummy
     wb = W  # the cuDNN band's window (band_cudnn.band_window); the Triton kernels walk t - W < j <= t - wb

@@ -44,15 +44,14 @@ __all__ = ["prefill_fwd", "prefill_cache_fwd", "SUPPORTED_D"]
 SUPPORTED_D = (64, 128)
 # Launch configuration; `python benchmarks/bench_prefill.py --sweep` and `benchmarks/spike_hopper_fwd.py`
 # re-derive it (the measurements behind each choice: benchmarks/NOTES_prefill.md, "Launch configuration").
-# band: the window band's engine: "auto" (cuDNN where _band_engine allows, else Triton), "cudnn" or "triton";
-#   band_min_tokens: "auto" keeps calls of fewer tokens per sequence on Triton (no graph build per new length).
+# band: the window band's engine: "auto" (cuDNN where _band_engine allows, else Triton), "cudnn" or "triton".
 # fwd: (BN, num_warps, num_stages) of the all-Triton _fwd_kernel at 64 query rows (more warps or BN=128 spill).
 # fwd_band_in: the same for _fwd_kernel behind the cuDNN band (sinks, ring tail, memory, epilogue only).
 # fwd_rows: None picks 64 rows, or fwd_long = (min window, rows, cfg) at D = 128 and long windows, where
 #   128-row programs read each K/V block of the band half as often; an int forces the rows (with "fwd").
 # state_*: the sequential state pass, 16 value columns per program at D = 128 (more programs on a
 #   latency-bound chain); prep_warps, norm_bm: the prep pass and the Mamba2 norm kernel.
-CONFIG = {"band": "auto", "band_min_tokens": 2048, "fwd": (64, 4, 3), "fwd_band_in": (64, 4, 1), "fwd_rows": None,
+CONFIG = {"band": "auto", "fwd": (64, 4, 3), "fwd_band_in": (64, 4, 1), "fwd_rows": None,
           "fwd_long": (8192, 128, (64, 8, 3)),
           "state_bv": {64: 64, 128: 16}, "state_warps": 4, "state_stages": 3, "prep_warps": 4, "norm_bm": 32}
 
@@ -196,14 +195,14 @@ def _launch(q, kx, vx, sk, sv, a, b, gx, z, A_log, dt_bias, norm_weight, o_weigh
     return out, ht, lse
 
 
-def _band_engine(q: torch.Tensor, uniform: bool, tokens: Optional[int] = None) -> bool:
+def _band_engine(q: torch.Tensor, uniform: bool) -> bool:
     """Whether the band goes through cuDNN (``band_cudnn``) rather than the Triton kernel's own loop.
 
     ``CONFIG["band"]``: "auto" (cuDNN where it can run: a CUDA device of compute capability >= 9.0
-    with nvidia-cudnn-frontend importable, bf16/fp16, sequences of one length, and at least
-    ``CONFIG["band_min_tokens"]`` tokens per sequence: below that the band is cheap on either engine and a
-    new length would cost a cuDNN graph build, tens of ms), "cudnn" (required: an error where it cannot
-    run) or "triton". ``tokens``: the call's tokens per sequence."""
+    with nvidia-cudnn-frontend importable, bf16/fp16, sequences of one length), "cudnn" (required: an
+    error where it cannot run) or "triton". Short calls take cuDNN too: a question of 64 tokens on a saved
+    128k-token cache reached its first token in 0.072 s that way and in 0.097 s on the Triton band (H100,
+    bench_ttft.py); lengths within 128 tokens share a graph (band_cudnn.causal_window)."""
     mode = CONFIG["band"]
     if mode not in ("auto", "cudnn", "triton"):
         raise ValueError(f'CONFIG["band"] must be "auto", "cudnn" or "triton", got {mode!r}')
@@ -218,8 +217,6 @@ def _band_engine(q: torch.Tensor, uniform: bool, tokens: Optional[int] = None) -
         why = f"the cuDNN band takes bfloat16 or float16, not {q.dtype}"
     if why is None and not uniform:
         why = "sequences of different lengths (cu_seqlens) are not served by the cuDNN band yet"
-    if why is None and mode == "auto" and tokens is not None and tokens < CONFIG["band_min_tokens"]:
-        return False
     if why is not None and mode == "cudnn":
         raise RuntimeError(f'CONFIG["band"] = "cudnn": {why}')
     if why is not None and "not importable" in why and not _WARNED:
@@ -270,7 +267,7 @@ def prefill_fwd(q, k, v, a, b, z, A_log, dt_bias, norm_weight, o_weight, window:
     flat = lambda x: None if x is None else x.reshape(1, B * T, *x.shape[2:]).contiguous()  # noqa: E731
     qf, kf, vf = flat(q), flat(k), flat(v)
     band = None
-    if T > 0 and _band_engine(q, cu_seqlens is None or len(set(lens)) == 1, lens[0]):
+    if T > 0 and _band_engine(q, cu_seqlens is None or len(set(lens)) == 1):
         T1 = lens[0]
         band = _cudnn_band(qf.view(N, T1, H, D), kf.view(N, T1, -1, D), vf.view(N, T1, -1, D), window)
     out, ht, lse = _launch(qf, kf, vf, kf, vf, flat(a), flat(b), None, flat(z), A_log, dt_bias, norm_weight,
@@ -326,7 +323,7 @@ def prefill_cache_fwd(q, k, v, a, b, z, A_log, dt_bias, norm_weight, o_weight,
     sk = wsk.reshape(1, B * S, HKV, D) if S else kx
     sv = wsv.reshape(1, B * S, HKV, D) if S else vx
     qf = q.reshape(1, B * T, H, D).contiguous()
-    band = _cudnn_band(qf.view(B, T, H, D), kc, vc, W) if T > 0 and _band_engine(q, True, T) else None
+    band = _cudnn_band(qf.view(B, T, H, D), kc, vc, W) if T > 0 and _band_engine(q, True) else None
     # inference: no backward, so no lse store
     out, ht, _ = _launch(qf, kx, vx, sk, sv, None, None, gx, z.reshape(1, B * T, H), A_log, dt_bias, norm_weight,
                          o_weight, W, S, kind, seq, chunks, NT, B, state, True, lens=[T] * B, band=band)
