@@ -79,3 +79,49 @@ def check_within_2x(name, out, ref32, lp, floor: float = 2e-3) -> None:
     e_lp = (lp.double() - ref32.double()).abs().max().item()
     print(f"{name}: kernel err {e_k:.3e}  low-precision torch err {e_lp:.3e}")
     assert e_k <= 2 * e_lp + floor, f"{name}: kernel err {e_k:.3e} > 2 x {e_lp:.3e} + {floor}"
+
+
+# gradients of the fused prefill against the reference (tests/ops: backward, mamba2, deterministic)
+GRAD_NAMES = ("q", "k", "v", "a", "b", "z", "A_log", "dt_bias", "norm_weight", "o_weight")
+
+
+def grads_of(fn, inputs, dout):
+    """Gradients of ``fn(leaves)`` for ``dout`` w.r.t. fresh leaf copies of ``inputs`` (None stays None; an
+    input the output does not reach gets zeros)."""
+    leaves = [None if x is None else x.detach().clone().requires_grad_(True) for x in inputs]
+    out = fn(leaves)
+    out.backward(dout.to(out.dtype))
+    return [None if x is None else (x.grad if x.grad is not None else torch.zeros_like(x)) for x in leaves]
+
+
+def kernel_grads(inputs, dout, W, S, kind, cu, deterministic=False):
+    """Gradients through ``torch.ops.ahn.prefill_fwd`` and its registered backward."""
+    from ahn_ops.ops.ahn_attention import prefill  # noqa: F401  (registers ops + autograd)
+
+    return grads_of(lambda x: torch.ops.ahn.prefill_fwd(*x, W, S, kind, cu, None, False, deterministic)[0],
+                    inputs, dout)
+
+
+def ref_grads(inputs, dout, W, S, kind, cu, dtype):
+    """Gradients through the reference (``reference.ahn_attention_ref``) run in ``dtype``."""
+    from ahn_ops.ops.ahn_attention import reference as ref
+
+    return grads_of(lambda x: ref.ahn_attention_ref(*x, W, S, kind, cu, dtype=dtype), inputs, dout)
+
+
+def grad_err(x, r) -> float:
+    """Relative error, with an absolute floor for gradients that are 0 in exact arithmetic (T=1)."""
+    if r.norm() < 1e-6:
+        return x.double().abs().max().item()
+    return rel_err(x, r)
+
+
+def check_bf16_grad_rule(gk, gr, gt) -> None:
+    """Every kernel gradient finite and within 2x (+1e-3) of the error of the same reference math in
+    bf16 (gk, gr, gt: kernel, fp32 reference, bf16 reference gradients in GRAD_NAMES order)."""
+    for n, a, r, t in zip(GRAD_NAMES, gk, gr, gt):
+        if a is None:
+            continue
+        ek, et = grad_err(a, r), grad_err(t, r)
+        print(f"{n}: kernel {ek:.2e}  torch-bf16 {et:.2e}")
+        assert torch.isfinite(a).all() and ek <= 2 * et + 1e-3, n

@@ -18,52 +18,19 @@ import torch
 
 from ahn_ops.ops.ahn_attention import reference as ref
 
-from ..utils import make_inputs, rel_err
+from ..utils import (GRAD_NAMES, check_bf16_grad_rule, grad_err, grads_of, kernel_grads, make_inputs, ref_grads,
+                     rel_err)
 
 pytestmark = pytest.mark.skipif(
     not torch.cuda.is_available() and os.environ.get("TRITON_INTERPRET", "0") != "1",
     reason="Triton kernels need a GPU or TRITON_INTERPRET=1")
 
-NAMES = ("q", "k", "v", "a", "b", "z", "A_log", "dt_bias", "norm_weight", "o_weight")
+NAMES = GRAD_NAMES
 DEV = "cuda" if torch.cuda.is_available() else "cpu"
 
 
 def _prefill():
     from ahn_ops.ops.ahn_attention import prefill  # noqa: F401  (registers ops + autograd)
-
-
-def _grads(fn, inputs, dout):
-    leaves = [None if x is None else x.detach().clone().requires_grad_(True) for x in inputs]
-    out = fn(leaves)
-    out.backward(dout.to(out.dtype))
-    return [None if x is None else (x.grad if x.grad is not None else torch.zeros_like(x)) for x in leaves]
-
-
-def _kernel_grads(inputs, dout, W, S, kind, cu):
-    _prefill()
-    return _grads(lambda x: torch.ops.ahn.prefill_fwd(*x, W, S, kind, cu, None, False)[0], inputs, dout)
-
-
-def _ref_grads(inputs, dout, W, S, kind, cu, dtype):
-    return _grads(lambda x: ref.ahn_attention_ref(*x, W, S, kind, cu, dtype=dtype), inputs, dout)
-
-
-def _err(x, r):
-    # relative, with an absolute floor for gradients that are 0 in exact arithmetic (T=1)
-    if r.norm() < 1e-6:
-        return x.double().abs().max().item()
-    return rel_err(x, r)
-
-
-def _check_bf16_rule(gk, gr, gt):
-    """Every kernel gradient finite and within 2x (+1e-3) of the error of the same reference math in
-    bf16 (gk, gr, gt: kernel, fp32 reference, bf16 reference gradients in NAMES order)."""
-    for n, a, r, t in zip(NAMES, gk, gr, gt):
-        if a is None:
-            continue
-        ek, et = _err(a, r), _err(t, r)
-        print(f"{n}: kernel {ek:.2e}  torch-bf16 {et:.2e}")
-        assert torch.isfinite(a).all() and ek <= 2 * et + 1e-3, n
 
 
 CASES = [
@@ -91,13 +58,13 @@ def test_grads_fp32_exact(kind, B, T, W, S, G, cu):
     # dout from its own seed: the global generator's state depends on which tests ran before in the
     # process (pytest-xdist deals them out differently per run), and a GPU failure must reproduce
     dout = torch.randn(B, T, HKV * G, D, generator=torch.Generator().manual_seed(T * W + S)).to(DEV)
-    gk = _kernel_grads(inp, dout, W, S, kind, cs)
-    gr = _ref_grads([None if x is None else x.float() for x in inp], dout, W, S, kind, cs, torch.float32)
+    gk = kernel_grads(inp, dout, W, S, kind, cs)
+    gr = ref_grads([None if x is None else x.float() for x in inp], dout, W, S, kind, cs, torch.float32)
     for n, a, r in zip(NAMES, gk, gr):
         if r is None:  # an input the kind does not take (DN's a, Mamba2's b) gets no gradient
             assert a is None, n
             continue
-        e = _err(a, r)
+        e = grad_err(a, r)
         print(f"{n}: kernel fp32 rel err {e:.2e}")
         # sums over all tokens (A_log, dt_bias) add up more rounding than per-token grads
         assert torch.isfinite(a).all() and e < (2e-4 if n in ("A_log", "dt_bias", "a") else 2e-5), n
@@ -113,12 +80,12 @@ def test_grads_fp16_rule(kind, T, W, S, G):
     dt = torch.bfloat16 if DEV == "cuda" else torch.float16
     inp = make_inputs(kind, 1, T, HKV * G, HKV, D, dt, device=DEV, seed=3)
     dout = torch.randn(1, T, HKV * G, D, device=DEV)
-    gk = _kernel_grads(inp, dout, W, S, kind, None)
+    gk = kernel_grads(inp, dout, W, S, kind, None)
     up = [None if x is None else x.float() for x in inp]
-    gr = _ref_grads(up, dout, W, S, kind, None, torch.float32)
+    gr = ref_grads(up, dout, W, S, kind, None, torch.float32)
     low = [None if x is None else x.to(torch.bfloat16) if x.dtype == dt else x for x in inp]
-    gt = _ref_grads(low, dout, W, S, kind, None, torch.bfloat16)
-    _check_bf16_rule(gk, gr, gt)
+    gt = ref_grads(low, dout, W, S, kind, None, torch.bfloat16)
+    check_bf16_grad_rule(gk, gr, gt)
 
 
 @pytest.mark.skipif(DEV != "cuda", reason="long bf16 sequences need a GPU")
@@ -137,11 +104,11 @@ def test_grads_gpu_long(kind, W, cu, D):
     inp = make_inputs(kind, B, T, HKV * G, HKV, D, torch.bfloat16, device=DEV, seed=W)
     cs = None if cu is None else torch.tensor(cu, dtype=torch.int32, device=DEV)
     dout = torch.randn(B, T, HKV * G, D, device=DEV)
-    gk = _kernel_grads(inp, dout, W, S, kind, cs)
-    gr = _ref_grads([None if x is None else x.float() for x in inp], dout, W, S, kind, cs, torch.float32)
-    gt = _ref_grads(inp, dout, W, S, kind, cs, torch.bfloat16)
+    gk = kernel_grads(inp, dout, W, S, kind, cs)
+    gr = ref_grads([None if x is None else x.float() for x in inp], dout, W, S, kind, cs, torch.float32)
+    gt = ref_grads(inp, dout, W, S, kind, cs, torch.bfloat16)
     assert gr[NAMES.index("o_weight")].norm() > 0  # the memory branch is in play
-    _check_bf16_rule(gk, gr, gt)
+    check_bf16_grad_rule(gk, gr, gt)
 
 
 @pytest.mark.skipif(DEV != "cuda", reason="races between programs or pipeline stages show on a GPU only")
@@ -155,8 +122,8 @@ def test_grads_run_to_run(kind, D):
     B, T, S, HKV, G, W = 1, 12288, 64, 1, 4, 2048
     inp = make_inputs(kind, B, T, HKV * G, HKV, D, torch.bfloat16, device=DEV, seed=W)
     dout = torch.randn(B, T, HKV * G, D, device=DEV)
-    g1 = _kernel_grads(inp, dout, W, S, kind, None)
-    g2 = _kernel_grads(inp, dout, W, S, kind, None)
+    g1 = kernel_grads(inp, dout, W, S, kind, None)
+    g2 = kernel_grads(inp, dout, W, S, kind, None)
     for n, a, b in zip(NAMES, g1, g2):
         if a is not None:
             assert rel_err(a, b) <= 1e-4, (n, rel_err(a, b))
@@ -175,9 +142,9 @@ def test_side_stream_matches_serial(kind, monkeypatch):
     cs = torch.tensor([0, 4000, 4001, 9000], dtype=torch.int32, device=DEV)
     dout = torch.randn(B, T, HKV * G, D, device=DEV)
     monkeypatch.setitem(bw.CONFIG, "side_stream", True)
-    g1 = _kernel_grads(inp, dout, W, S, kind, cs)
+    g1 = kernel_grads(inp, dout, W, S, kind, cs)
     monkeypatch.setitem(bw.CONFIG, "side_stream", False)
-    g2 = _kernel_grads(inp, dout, W, S, kind, cs)
+    g2 = kernel_grads(inp, dout, W, S, kind, cs)
     for n, a, b in zip(NAMES, g1, g2):
         if a is not None:
             assert rel_err(a, b) <= 1e-4, (n, rel_err(a, b))
@@ -197,9 +164,9 @@ def test_random_window_no_recompile():
     def cached():  # compiled variants so far (other tests of this process may have added some)
         return {k: len(getattr(m, k).device_caches[0][0]) for m, k in kernels} if DEV == "cuda" else {}
 
-    _kernel_grads(inp, dout, 17, 3, kind, None)
+    kernel_grads(inp, dout, 17, 3, kind, None)
     before = cached()
-    _kernel_grads(inp, dout, 33, 0, kind, None)
+    kernel_grads(inp, dout, 33, 0, kind, None)
     assert cached() == before, (before, cached())
 
 
@@ -252,13 +219,13 @@ def test_delta_from_out_minus_memory(kind, cu, rows, monkeypatch):
     inp[9] = inp[9] * 30.  # o_weight
     cs = None if cu is None else torch.tensor(cu, dtype=torch.int32, device=DEV)
     dout = torch.randn(B, T, HKV * G, D, device=DEV)
-    gk = _kernel_grads(inp, dout, W, S, kind, cs)
-    gr = _ref_grads([None if x is None else x.float() for x in inp], dout, W, S, kind, cs, torch.float32)
+    gk = kernel_grads(inp, dout, W, S, kind, cs)
+    gr = ref_grads([None if x is None else x.float() for x in inp], dout, W, S, kind, cs, torch.float32)
     for n, a, r in zip(NAMES, gk, gr):
         if r is None:
             assert a is None, n
             continue
-        e = _err(a, r)
+        e = grad_err(a, r)
         print(f"{n}: kernel fp32 rel err {e:.2e}")
         assert torch.isfinite(a).all() and e < (2e-4 if n in ("A_log", "dt_bias", "a") else 2e-5), n
 
@@ -273,13 +240,13 @@ def test_sink_split_and_unmasked_interior(monkeypatch):
     kind, T, W, S, G, HKV, D = "gdn", 320, 130, 70, 2, 1, 64
     inp = make_inputs(kind, 1, T, HKV * G, HKV, D, torch.float32, device=DEV, seed=11)
     dout = torch.randn(1, T, HKV * G, D, device=DEV)
-    gk = _kernel_grads(inp, dout, W, S, kind, None)
-    gr = _ref_grads([None if x is None else x.float() for x in inp], dout, W, S, kind, None, torch.float32)
+    gk = kernel_grads(inp, dout, W, S, kind, None)
+    gr = ref_grads([None if x is None else x.float() for x in inp], dout, W, S, kind, None, torch.float32)
     for n, a, r in zip(NAMES, gk, gr):
         if r is None:  # an input the kind does not take (DN's a, Mamba2's b) gets no gradient
             assert a is None, n
             continue
-        e = _err(a, r)
+        e = grad_err(a, r)
         print(f"{n}: kernel fp32 rel err {e:.2e}")
         assert torch.isfinite(a).all() and e < (2e-4 if n in ("A_log", "dt_bias", "a") else 2e-5), n
 
@@ -301,8 +268,8 @@ def test_opcheck_and_compile():
     def f(*xs):
         return torch.ops.ahn.prefill_fwd(*xs, W, S, kind, None, None, False)[0]
 
-    g_eager = _grads(lambda x: f(*x), inp, dout)
-    g_comp = _grads(lambda x: torch.compile(f, fullgraph=True, backend="aot_eager")(*x), inp, dout)
+    g_eager = grads_of(lambda x: f(*x), inp, dout)
+    g_comp = grads_of(lambda x: torch.compile(f, fullgraph=True, backend="aot_eager")(*x), inp, dout)
     for n, a, c in zip(NAMES, g_eager, g_comp):
         assert torch.equal(a, c), n
 
@@ -318,8 +285,8 @@ def test_checkpoint():
     def f(*xs):
         return torch.ops.ahn.prefill_fwd(*xs, W, S, kind, None, None, False)[0]
 
-    g1 = _grads(lambda x: f(*x), inp, dout)
-    g2 = _grads(lambda x: checkpoint(f, *x, use_reentrant=False), inp, dout)
+    g1 = grads_of(lambda x: f(*x), inp, dout)
+    g2 = grads_of(lambda x: checkpoint(f, *x, use_reentrant=False), inp, dout)
     for n, a, c in zip(NAMES, g1, g2):
         if a is not None:
             assert torch.equal(a, c), n

@@ -17,21 +17,14 @@ import torch
 
 import ahn_ops  # noqa: F401  (registers torch.ops.ahn.*)
 
-from ..utils import make_inputs, rel_err
+from ..utils import GRAD_NAMES, kernel_grads, make_inputs, rel_err
 
 HAS_CUDA = torch.cuda.is_available()
 DEV = "cuda" if HAS_CUDA else "cpu"
 pytestmark = pytest.mark.skipif(not HAS_CUDA and os.environ.get("TRITON_INTERPRET") != "1",
                                 reason="needs CUDA or TRITON_INTERPRET=1")
 gpu = pytest.mark.skipif(not HAS_CUDA, reason="needs CUDA")
-NAMES = ("q", "k", "v", "a", "b", "z", "A_log", "dt_bias", "norm_weight", "o_weight")
-
-
-def _grads(inputs, dout, W, S, kind, cu, deterministic):
-    leaves = [None if x is None else x.detach().clone().requires_grad_(True) for x in inputs]
-    out = torch.ops.ahn.prefill_fwd(*leaves, W, S, kind, cu, None, False, deterministic)[0]
-    out.backward(dout.to(out.dtype))
-    return [None if x is None else x.grad for x in leaves]
+NAMES = GRAD_NAMES
 
 
 @pytest.fixture
@@ -54,8 +47,8 @@ def test_deterministic_matches_atomic_path(kind, lens, W, S, G):
     cu = torch.tensor([0, *torch.tensor(lens).cumsum(0).tolist()], dtype=torch.int32, device=DEV) \
         if len(lens) > 1 else None
     dout = torch.randn(1, T, HKV * G, D, generator=torch.Generator().manual_seed(W)).to(DEV)
-    atomic = _grads(inputs, dout, W, S, kind, cu, False)
-    det = _grads(inputs, dout, W, S, kind, cu, True)
+    atomic = kernel_grads(inputs, dout, W, S, kind, cu, False)
+    det = kernel_grads(inputs, dout, W, S, kind, cu, True)
     for n, x, y in zip(NAMES, atomic, det):
         if x is None:
             assert y is None, n
@@ -77,14 +70,14 @@ def test_global_switch_selects_the_deterministic_backward(monkeypatch):
     monkeypatch.setattr(backward, "prefill_bwd", spy)
     inputs = make_inputs("gdn", 1, 70, 2, 1, 64, torch.float32, device=DEV, seed=1)
     dout = torch.randn(1, 70, 2, 64).to(DEV)
-    _grads(inputs, dout, 20, 2, "gdn", None, False)
+    kernel_grads(inputs, dout, 20, 2, "gdn", None, False)
     was = torch.are_deterministic_algorithms_enabled()
     torch.use_deterministic_algorithms(True, warn_only=True)
     try:
-        _grads(inputs, dout, 20, 2, "gdn", None, False)
+        kernel_grads(inputs, dout, 20, 2, "gdn", None, False)
     finally:
         torch.use_deterministic_algorithms(was)
-    _grads(inputs, dout, 20, 2, "gdn", None, True)
+    kernel_grads(inputs, dout, 20, 2, "gdn", None, True)
     assert seen == [False, True, True]
 
 
@@ -112,7 +105,7 @@ def test_deterministic_runs_are_bitwise_equal(monkeypatch, engine, kind):
     T, W, S, H, HKV, D = 8192, 1024, 128, 16, 2, 128
     inputs = make_inputs(kind, 1, T, H, HKV, D, torch.bfloat16, device="cuda", seed=4)
     dout = torch.randn(1, T, H, D, device="cuda", generator=torch.Generator("cuda").manual_seed(5))
-    runs = [_grads(inputs, dout, W, S, kind, None, True) for _ in range(3)]
+    runs = [kernel_grads(inputs, dout, W, S, kind, None, True) for _ in range(3)]
     for n, *gs in zip(NAMES, *runs):
         if gs[0] is None:
             continue

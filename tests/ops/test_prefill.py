@@ -35,14 +35,6 @@ def _prefill():
 _check = check_within_2x
 
 
-@pytest.fixture(params=[64, 128], ids=["rows64", "rows128"])
-def fwd_rows(request, monkeypatch):
-    """Query rows per ``_fwd_kernel`` program (``prefill.CONFIG["fwd_rows"]``): 128 rows cover two
-    memory chunks (two states, in-chunk mask on a [128, 128] product, a first chunk without state)."""
-    monkeypatch.setitem(_prefill().CONFIG, "fwd_rows", request.param)
-    return request.param
-
-
 CASES = [
     # kind, T, W, S, G, D, dtype
     pytest.param("gdn", 1, 5, 0, 1, 64, torch.bfloat16, id="gdn-T1-W5-S0-G1"),
@@ -126,6 +118,7 @@ def test_prefill_initial_state(kind, T, W, S):
     pytest.param("gdn", 24, 3, [50, 1, 37, 70], id="gdn-W24-S3-50+1+37+70"),
     pytest.param("dn", 40, 0, [10, 100, 48], id="dn-W40-S0-10+100+48"),
     pytest.param("gdn", 16, 20, [5, 30, 60], id="gdn-W16-S20-5+30+60"),
+    pytest.param("mamba2", 24, 3, [40, 1, 30, 29], id="mamba2-W24-S3-40+1+30+29"),
 ])
 def test_chunked_prefill_on_cache(kind, W, S, splits):
     """Prefill in pieces on a cache (kernels, sequences at different positions) == one pass."""
