@@ -33,7 +33,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))  # the helpers of pytho
 
 import ahn_ops  # noqa: E402
 from ahn_ops.fast_decode import prefill  # noqa: E402
-from generate import _load  # noqa: E402  (model + tokenizer, --tiny included)
+from generate import _load, add_model_args, model_device_dtype  # noqa: E402  (model + tokenizer, --tiny included)
 
 DEFAULT_DOC = ("The hippocampus turns short-term memories into long-term ones. An AHN keeps a window of recent "
                "tokens exactly and folds older ones into a fixed-size memory, so a long document costs a constant "
@@ -126,9 +126,7 @@ def answer(model, tok, path: Path, questions, template: str, max_new_tokens: int
 
 def main(argv=None):
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--model", help="base Qwen2.5 dir (with --ahn) or merged AHN dir")
-    p.add_argument("--ahn", help="AHN-only weights dir (config.json + model.safetensors)")
-    p.add_argument("--tiny", action="store_true", help="tiny random model, byte-level tokens, no files needed")
+    add_model_args(p, "tiny random model, byte-level tokens, no files needed")
     p.add_argument("--doc", help="the document text (default with --tiny: a short built-in text)")
     p.add_argument("--doc-file", help="read the document from a file")
     p.add_argument("--repeat", type=int, default=1, help="repeat the document N times (long-context smoke test)")
@@ -138,19 +136,10 @@ def main(argv=None):
     p.add_argument("--template", default="\n\nQuestion: {q}\nAnswer:", help="prompt appended to the document")
     p.add_argument("--batch", action="store_true", help="answer all questions in one batch (cache.expand)")
     p.add_argument("--max-new-tokens", type=int, default=16)
-    p.add_argument("--kind", default=None, help="override: gdn | dn | mamba2")
-    p.add_argument("--window", type=int, default=None, help="override the sliding window W")
-    p.add_argument("--sinks", type=int, default=None, help="override the sink count S")
-    p.add_argument("--prefill-chunk-size", type=int, default=None)
-    p.add_argument("--dtype", default=None, help="bfloat16 | float16 | float32 (default: bf16 on GPU, fp32 on CPU)")
-    p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     args = p.parse_args(argv)
-    if not args.tiny and not args.model:
-        p.error("--model is required (or --tiny)")
+    device, dtype = model_device_dtype(p, args)
     if args.max_new_tokens < 1:
         p.error("--max-new-tokens must be >= 1")
-    device = torch.device(args.device)
-    dtype = getattr(torch, args.dtype) if args.dtype else (torch.bfloat16 if device.type == "cuda" else torch.float32)
     path = Path(args.cache or "ask_cache.safetensors")
 
     text = Path(args.doc_file).read_text() if args.doc_file else args.doc

@@ -125,29 +125,40 @@ def run_fast(model, ids, max_new_tokens, chunk, eos, temperature, device):
     return new, stats["prefill_s"], stats["decode_s"], types.SimpleNamespace(nbytes=stats["cache_nbytes"])
 
 
-def main(argv=None):
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+def add_model_args(p: argparse.ArgumentParser, tiny_help: str = "tiny random model, no files needed") -> None:
+    """The model options this script and python/ask.py share (read by :func:`model_device_dtype`, ``_load``)."""
     p.add_argument("--model", help="base Qwen2.5 dir (with --ahn) or merged AHN dir")
     p.add_argument("--ahn", help="AHN-only weights dir (config.json + model.safetensors)")
-    p.add_argument("--tiny", action="store_true", help="tiny random model, no files needed")
-    p.add_argument("--prompt", default="The hippocampus turns short-term memories into long-term ones. ")
-    p.add_argument("--prompt-file", help="read the prompt from a file")
-    p.add_argument("--repeat", type=int, default=1, help="repeat the prompt N times (long-context smoke test)")
-    p.add_argument("--max-new-tokens", type=int, default=32)
+    p.add_argument("--tiny", action="store_true", help=tiny_help)
     p.add_argument("--kind", default=None, help="override: gdn | dn | mamba2")
     p.add_argument("--window", type=int, default=None, help="override the sliding window W")
     p.add_argument("--sinks", type=int, default=None, help="override the sink count S")
     p.add_argument("--prefill-chunk-size", type=int, default=None)
-    p.add_argument("--temperature", type=float, default=0.0, help="0 = greedy")
-    p.add_argument("--fast", action="store_true",
-                   help="decode with ahn_ops.generate (static step; CUDA graph replay on GPU)")
     p.add_argument("--dtype", default=None, help="bfloat16 | float16 | float32 (default: bf16 on GPU, fp32 on CPU)")
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
-    args = p.parse_args(argv)
+
+
+def model_device_dtype(p: argparse.ArgumentParser, args):
+    """``(device, dtype)`` from :func:`add_model_args`' options; an error unless --model or --tiny is given."""
     if not args.tiny and not args.model:
         p.error("--model is required (or --tiny)")
     device = torch.device(args.device)
     dtype = getattr(torch, args.dtype) if args.dtype else (torch.bfloat16 if device.type == "cuda" else torch.float32)
+    return device, dtype
+
+
+def main(argv=None):
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    add_model_args(p)
+    p.add_argument("--prompt", default="The hippocampus turns short-term memories into long-term ones. ")
+    p.add_argument("--prompt-file", help="read the prompt from a file")
+    p.add_argument("--repeat", type=int, default=1, help="repeat the prompt N times (long-context smoke test)")
+    p.add_argument("--max-new-tokens", type=int, default=32)
+    p.add_argument("--temperature", type=float, default=0.0, help="0 = greedy")
+    p.add_argument("--fast", action="store_true",
+                   help="decode with ahn_ops.generate (static step; CUDA graph replay on GPU)")
+    args = p.parse_args(argv)
+    device, dtype = model_device_dtype(p, args)
 
     t0 = time.perf_counter()
     model, tok = _load(args, dtype, device)

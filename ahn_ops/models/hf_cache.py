@@ -575,8 +575,9 @@ def _to_host(tensors: Dict[str, torch.Tensor]):
         v = buf[offs[k]:offs[k] + t.numel() * t.element_size()].view(t.dtype).view(t.shape)
         v.copy_(t, non_blocking=True)
         views[k] = v
-    if cuda:
-        torch.cuda.synchronize()
+    if cuda:  # the copies were queued on the current streams of the tensors' devices
+        for d in {t.device for t in tensors.values() if t.is_cuda}:
+            torch.cuda.current_stream(d).synchronize()
     return views, buf, offs
 
 

@@ -244,7 +244,7 @@ def test_band_composition_kernel(kind, B, T, W, S, G, step, monkeypatch):
 
 def test_band_window_policy(monkeypatch):
     # a (shape, window) seen for the first time gets the graph of the window rounded down to WINDOW_STEP,
-    # from its second time on the exact one; a window covering the call is canonical (the padded length)
+    # from its second time on the exact one; a window covering the call is asked for as the padded length
     from collections import OrderedDict
 
     from ahn_ops.ops.ahn_attention import band_cudnn as BC
@@ -255,5 +255,5 @@ def test_band_window_policy(monkeypatch):
     assert BC.band_window("bwd", q, k, 700) == 512  # each direction counts its own calls
     assert BC.band_window("fwd", q[:, :900], k[:, :900], 700) == 700  # same padded length (1024)
     assert BC.band_window("fwd", q, k, 200) == 200  # at most one step: always exact
-    assert BC.causal_window(700, 1000) == 700 and BC.causal_window(1000, 1000) == 1024
-    assert BC.causal_window(5000, 1000) == 1024 and BC.causal_window(128, 128) == 128
+    assert BC.band_window("fwd", q, k, 1000) == 1024 and BC.band_window("bwd", q, k, 5000) == 1024
+    assert BC.band_window("fwd", q[:, :128], k[:, :128], 128) == 128

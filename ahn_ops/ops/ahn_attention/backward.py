@@ -259,10 +259,12 @@ def prefill_bwd(dout, dht, q, k, v, a, b, z, A_log, dt_bias, norm_weight, o_weig
         items = tables.cached_table(("sink", tuple(lens), W, S, BT, QS, str(dev), cudnn_band),
                                     lambda: _items_table(lens, W, S, QS, dev, not cudnn_band))
 
-        # deterministic: one slot of partials per item (plus a zero slot for the padding of _sink_sum)
+        # deterministic: one slot of partials per item, each written whole by the sink kernel, plus a zero
+        # slot for the padding of _sink_sum
         slots = None
         if deterministic and items is not None:
-            slots = torch.zeros(2, items.shape[0] + 1, HKV, BT, D, dtype=torch.float32, device=dev)
+            slots = empty(2, items.shape[0] + 1, HKV, BT, D, dtype=torch.float32, device=dev)
+            slots[:, -1].zero_()
 
         def sink():
             BM, nw, ns = CONFIG["dkdv"]
@@ -279,8 +281,7 @@ def prefill_bwd(dout, dht, q, k, v, a, b, z, A_log, dt_bias, norm_weight, o_weig
 
             T1 = lens[0]
             lse_n = (lsef * math.log(2.0)).view(N, T1, H).transpose(1, 2).contiguous()  # natural log, [N, H, T]
-            wb = band_cudnn.band_window("bwd", qf.view(N, T1, H, D), kf.view(N, T1, HKV, D),
-                                        band_cudnn.causal_window(W, T1))
+            wb = band_cudnn.band_window("bwd", qf.view(N, T1, H, D), kf.view(N, T1, HKV, D), W)
             dqb, dkb, dvb = band_cudnn.band_bwd(qf.view(N, T1, H, D), kf.view(N, T1, HKV, D),
                                                 vf.view(N, T1, HKV, D), owin.view(N, T1, H, D),
                                                 dof.view(N, T1, H, D), lse_n, wb)
@@ -342,8 +343,7 @@ def prefill_bwd(dout, dht, q, k, v, a, b, z, A_log, dt_bias, norm_weight, o_weig
         ka._attn_dq_kernel[(H, NT)](
             q=qf, k=kf, v=vf, do=dof, seq=seq, chunks=chunks, lse=lsef, delta=delta, dq_acc=dq_acc, dq=dq, dqb=dqb,
             W=W, S=S, qk_scale=qk_scale, sm_scale=D ** -0.5, mem_scale=mem_scale, WB=wb, H=H, HKV=HKV, D=D, BT=BT,
-            BN=BN,
-            MAMBA2=mamba2, BAND=not cudnn_band, num_warps=nw, num_stages=ns)
+            BN=BN, MAMBA2=mamba2, BAND=not cudnn_band, num_warps=nw, num_stages=ns)
         BM, nw, ns = CONFIG["dkdv"]
         if side is not None:
             main.wait_stream(side)  # the sink partials in dk_acc / dv_acc

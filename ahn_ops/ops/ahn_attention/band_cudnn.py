@@ -28,7 +28,7 @@ import torch
 from ..common.alloc import empty
 from .tables import lru_get
 
-__all__ = ["band_fwd", "band_bwd", "band_window", "causal_window", "unavailable_reason"]
+__all__ = ["band_fwd", "band_bwd", "band_window", "unavailable_reason"]
 
 _HANDLES: dict = {}
 _GRAPHS: "OrderedDict[tuple, tuple]" = OrderedDict()
@@ -69,25 +69,29 @@ def unavailable_reason(device) -> Optional[str]:
     return reason
 
 
-def causal_window(window: int, T: int) -> int:
-    """The band window for a call of ``T`` tokens: ``window``, or, when it covers the whole call (plain
-    causal attention), the padded length, so that every such call of one padded length shares a graph."""
-    return int(window) if window < T else -(-T // PAD) * PAD
+def _pad_len(T: int) -> int:
+    return -(-T // PAD) * PAD
 
 
 def band_window(direction: str, q: torch.Tensor, k: torch.Tensor, window: int) -> int:
-    """The band window to ask ``band_fwd`` (``direction`` "fwd") or ``band_bwd`` ("bwd") for when the caller
-    walks the keys ``t - window < j <= t - returned`` itself: ``window`` if this (direction, shape, dtype,
-    window) was asked for before, else ``window`` rounded down to a multiple of ``WINDOW_STEP`` (at least
-    one step). A window drawn anew per training step then reuses a few graphs, and a fixed one gets its
+    """The band window to ask ``band_fwd`` (``direction`` "fwd") or ``band_bwd`` ("bwd") for, for a call whose
+    kernels walk the keys ``t - window < j <= t - returned`` themselves.
+
+    A window covering the whole call (plain causal attention) is asked for as the padded length, so that
+    every such call of one padded length shares a graph. Otherwise: ``window`` if this (direction, shape,
+    dtype, window) was asked for before, else ``window`` rounded down to a multiple of ``WINDOW_STEP`` (at
+    least one step): a window drawn anew per training step reuses a few graphs, and a fixed one gets its
     exact graph from its second call on."""
     B, T, H, D = q.shape
-    key = (direction, str(q.device), q.dtype, B, -(-T // PAD), H, k.shape[2], D, int(window))
+    window = int(window)
+    if window >= T:
+        return _pad_len(T)
+    key = (direction, str(q.device), q.dtype, B, _pad_len(T), H, k.shape[2], D, window)
     seen = lru_get(_SEEN, key, lambda: 0, _SEEN_MAX)
     _SEEN[key] = seen + 1
     if seen or window <= WINDOW_STEP:
-        return int(window)
-    return int(window) - int(window) % WINDOW_STEP
+        return window
+    return window - window % WINDOW_STEP
 
 
 def _handle(device: torch.device):
@@ -118,14 +122,24 @@ def _bhsd(x: torch.Tensor) -> Tuple[list, list]:
     return [B, H, T, D], [sb, sh, st, sd]
 
 
-def _padded(x: Optional[torch.Tensor], T_pad: int) -> Optional[torch.Tensor]:
-    """``x [B, T, ...]`` (or ``[B, H, T]`` lse, ``dim=2``) with zero rows up to ``T_pad``; ``x`` itself if no
-    padding is needed."""
-    if x.shape[1] == T_pad:
+def _padded(x: torch.Tensor, T_pad: int, dim: int = 1) -> torch.Tensor:
+    """``x`` with zero rows along ``dim`` (the length: 1 for ``[B, T, ...]``, 2 for lse ``[B, H, T]``) up to
+    ``T_pad``; ``x`` itself if no padding is needed."""
+    if x.shape[dim] == T_pad:
         return x
-    out = x.new_zeros(x.shape[0], T_pad, *x.shape[2:])
-    out[:, :x.shape[1]] = x
+    shape = list(x.shape)
+    shape[dim] = T_pad
+    out = x.new_zeros(shape)
+    out.narrow(dim, 0, x.shape[dim]).copy_(x)
     return out
+
+
+def _graph_key(direction: str, q, k, v, o, window: int):
+    """The handle, cuDNN's (dims, strides) of q, k, v, o and the graph cache key of one call."""
+    (qd, qs), (kd, ks), (_, vs), (od, os_) = (_bhsd(x) for x in (q, k, v, o))
+    key = (direction, q.device, q.dtype, tuple(qd), tuple(qs), tuple(kd), tuple(ks), tuple(vs), tuple(os_),
+           int(window))
+    return _handle(q.device), (qd, qs, kd, ks, vs, od, os_), key
 
 
 def _workspace(device: torch.device, nbytes: int) -> torch.Tensor:
@@ -179,7 +193,7 @@ def band_fwd(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, window: int,
     not a multiple of ``PAD`` both are views of padded results (``out`` is then not written).
     """
     B, T, H, D = q.shape
-    T_pad = -(-T // PAD) * PAD
+    T_pad = _pad_len(T)
     if T_pad != T:
         o, lse = band_fwd(_padded(q, T_pad), _padded(k, T_pad), _padded(v, T_pad), window)
         return o[:, :T], lse[:, :, :T]
@@ -187,12 +201,7 @@ def band_fwd(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, window: int,
     if out is None:
         out = empty(B, T, H, D, dtype=q.dtype, device=dev)
     lse = empty(B, H, T, dtype=torch.float32, device=dev)
-    handle = _handle(dev)
-    qd, qs = _bhsd(q)
-    kd, ks = _bhsd(k)
-    _, vs = _bhsd(v)
-    od, os_ = _bhsd(out)
-    key = ("fwd", dev, q.dtype, tuple(qd), tuple(qs), tuple(kd), tuple(ks), tuple(vs), tuple(os_), int(window))
+    handle, (qd, qs, kd, ks, vs, od, os_), key = _graph_key("fwd", q, k, v, out, window)
     g, (tq, tk, tv, to, tst), ws = lru_get(
         _GRAPHS, key, lambda: _build_fwd(handle, q.dtype, qd, qs, kd, ks, vs, od, os_, int(window), D ** -0.5),
         _GRAPHS_MAX)
@@ -224,22 +233,15 @@ def band_bwd(q, k, v, o, do, lse, window: int):
     not a multiple of ``PAD``: the zero rows add nothing to the real rows' gradients).
     """
     T = q.shape[1]
-    T_pad = -(-T // PAD) * PAD
+    T_pad = _pad_len(T)
     if T_pad != T:
-        lse_p = lse.new_zeros(*lse.shape[:2], T_pad)
-        lse_p[:, :, :T] = lse
-        dq, dk, dv = band_bwd(*(_padded(x, T_pad) for x in (q, k, v, o, do)), lse_p, window)
+        dq, dk, dv = band_bwd(*(_padded(x, T_pad) for x in (q, k, v, o, do)), _padded(lse, T_pad, 2), window)
         return dq[:, :T], dk[:, :T], dv[:, :T]
     dev = q.device
     q, k, v, o = (x.contiguous() for x in (q, k, v, o))
     do = do.contiguous()
     dq, dk, dv = (empty(*x.shape, dtype=x.dtype, device=dev) for x in (q, k, v))
-    handle = _handle(dev)
-    qd, qs = _bhsd(q)
-    kd, ks = _bhsd(k)
-    _, vs = _bhsd(v)
-    _, os_ = _bhsd(o)
-    key = ("bwd", dev, q.dtype, tuple(qd), tuple(qs), tuple(kd), tuple(ks), tuple(vs), tuple(os_), int(window))
+    handle, (qd, qs, kd, ks, vs, _, os_), key = _graph_key("bwd", q, k, v, o, window)
     g, (tq, tk, tv, to, tdo, tst, tdq, tdk, tdv), ws = lru_get(
         _GRAPHS, key, lambda: _build_bwd(handle, q.dtype, qd, qs, kd, ks, vs, os_, int(window), q.shape[-1] ** -0.5),
         _GRAPHS_MAX)

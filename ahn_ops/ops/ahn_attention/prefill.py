@@ -202,7 +202,7 @@ def _band_engine(q: torch.Tensor, uniform: bool) -> bool:
     with nvidia-cudnn-frontend importable, bf16/fp16, sequences of one length), "cudnn" (required: an
     error where it cannot run) or "triton". Short calls take cuDNN too: a question of 64 tokens on a saved
     128k-token cache reached its first token in 0.072 s that way and in 0.097 s on the Triton band (H100,
-    bench_ttft.py); lengths within 128 tokens share a graph (band_cudnn.causal_window)."""
+    bench_ttft.py); lengths within 128 tokens share a graph (band_cudnn.band_window)."""
     mode = CONFIG["band"]
     if mode not in ("auto", "cudnn", "triton"):
         raise ValueError(f'CONFIG["band"] must be "auto", "cudnn" or "triton", got {mode!r}')
@@ -236,7 +236,7 @@ def _cudnn_band(q, k, v, window):
     from . import band_cudnn
 
     def run():  # the kernel reads both as rows (contiguous: a no-op for cuDNN's own outputs)
-        wb = band_cudnn.band_window("fwd", q, k, band_cudnn.causal_window(window, q.shape[1]))
+        wb = band_cudnn.band_window("fwd", q, k, window)
         ob, lb = band_cudnn.band_fwd(q, k, v, wb)
         return ob.contiguous(), lb.contiguous(), wb
 
