@@ -35,6 +35,7 @@ from __future__ import annotations
 import triton
 import triton.language as tl
 
+from ..common.jit_helpers import band_blocks as _band_blocks
 from ..common.jit_helpers import chunk_at as _chunk_at
 from ..common.jit_helpers import inv_norm as _inv_norm
 
@@ -44,18 +45,6 @@ def _allowed(t_pos, o_s, m_i, T, W, S):
     # [BT, BN] key j visible to query t: j <= t and (t - j < W or j < S), both inside the sequence
     return ((o_s[None, :] <= t_pos[:, None]) & ((t_pos[:, None] - o_s[None, :] < W) | (o_s[None, :] < S))
             & m_i[:, None] & (o_s[None, :] < T))
-
-
-@triton.jit
-def _band_split(t_lo, t_hi, lo, T, W, BT: tl.constexpr, BN: tl.constexpr):
-    # key blocks j0 = lo + i BN of the band of query block [t_lo, t_hi] that need no mask:
-    # j0 >= t_hi - W + 1 (all in the window), j0 + BN - 1 <= t_lo (all causal), full query block.
-    # Returns (jA, jB): masked [lo, jA), unmasked [jA, jB), masked [jB, t_hi + 1).
-    jA = lo + tl.cdiv(tl.maximum(t_hi - W + 1 - lo, 0), BN) * BN
-    jA = tl.minimum(jA, t_hi + 1)
-    nB = (t_lo + 1 - lo) // BN
-    jB = tl.where(t_lo + BT <= T, lo + nB * BN, lo)
-    return jA, tl.maximum(jA, jB)
 
 
 @triton.jit
@@ -140,7 +129,8 @@ def _attn_dq_kernel(
         b_v = tl.load(v + o_x, mask=m_k[:, None], other=0.)  # [BN, D]
         m_s = _allowed(t_pos, o_s, m_i, T, W, S) & m_k[None, :]
         b_dq = _dq_block(b_q, b_do, b_k, b_v, m_s, b_lse, b_dl, b_dq, qk_scale, True)
-    jA, jB = _band_split(t_lo, t_hi, lo, T, W, BT, BN)
+    jA, jB = _band_blocks(t_lo, t_hi, lo, W, BN)
+    jB = tl.where(t_lo + BT <= T, jB, jA)  # a partial query block: every key block masked
     if not BAND:  # no band loops below
         lo = t_hi + 1
         jA = lo

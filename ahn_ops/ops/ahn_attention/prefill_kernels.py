@@ -50,6 +50,7 @@ from __future__ import annotations
 import triton
 import triton.language as tl
 
+from ..common.jit_helpers import band_blocks as _band_blocks
 from ..common.jit_helpers import chunk_at as _chunk_at
 from ..common.jit_helpers import load_gates as _load_gates
 from ..common.jit_helpers import norm_rows as _norm_rows
@@ -368,11 +369,8 @@ def _fwd_kernel(
             b_acc, b_m, b_l = _attn_block(b_q, b_k, b_v, m_s, b_acc, b_m, b_l, qk_scale, True)
     else:
         # the window band [t_lo - W + 1, t_hi]: masked lower edge, unmasked interior, masked diagonal
-        e1 = tl.minimum(tl.maximum(t_hi - W + 1, lo), t_hi + 1)
-        j1 = lo + tl.cdiv(e1 - lo, BN) * BN
-        n2 = tl.maximum(tl.cdiv(t_lo - BN + 2 - j1, BN), 0)
-        j2 = j1 + n2 * BN
-        for j0 in range(lo, e1, BN):
+        j1, j2 = _band_blocks(t_lo, t_hi, lo, W, BN)
+        for j0 in range(lo, j1, BN):
             o_s = j0 + o_j
             m_s = (o_s[None, :] <= t_pos[:, None]) & (o_s[None, :] > t_pos[:, None] - W) & m_i[:, None]
             m_k = o_s <= t_hi

@@ -9,6 +9,7 @@ and normalise q / k and load the gates the same way: these helpers are that shar
 - :func:`inv_norm` / :func:`norm_rows`: the memory's q / k row normalisation (GDN / DN l2norm, Mamba2
   F.normalize), fp32.
 - :func:`load_gates`: ``(g, beta)`` of a chunk's tokens from the raw projections or stored gates.
+- :func:`band_blocks`: the partition of a query block's window band into masked and unmasked key blocks.
 
 The kernels import them under their former private names (``chunk_at as _chunk_at``, ...), so that
 their code is the same text as before these helpers moved here.
@@ -31,6 +32,18 @@ def chunk_at(chunks, seq, i_c):
     bos = tl.load(seq + i_n * 8).to(tl.int64)
     T = tl.load(seq + i_n * 8 + 1)
     return i_n, i_b, bos, T
+
+
+@triton.jit
+def band_blocks(t_lo, t_hi, lo, W, BN: tl.constexpr):
+    """Key blocks ``j0 = lo + i BN`` of the window band of query rows ``[t_lo, t_hi]``, split as
+    ``[lo, j1)`` masked lower edge, ``[j1, j2)`` interior that needs no mask (``j0 >= t_hi - W + 1``: in
+    every row's window; ``j0 + BN - 1 <= t_lo``: causal for every row), ``[j2, t_hi + 1)`` masked diagonal.
+    The interior assumes every row of the block is a real row: a caller whose partial blocks must not
+    see unmasked keys (the backward's dq) moves ``j2`` back to ``j1`` for them."""
+    j1 = tl.minimum(lo + tl.cdiv(tl.maximum(t_hi - W + 1 - lo, 0), BN) * BN, t_hi + 1)
+    j2 = j1 + tl.maximum(tl.cdiv(t_lo - BN + 2 - j1, BN), 0) * BN
+    return j1, j2
 
 
 @triton.jit
