@@ -1,7 +1,8 @@
 """Constant-size inference cache of an AHN model.
 
 Per layer and sequence the cache holds the ``S`` sink tokens, a ring buffer of
-the last ``W`` tokens (K, V and their write gates) and the fp32 memory state
+the last ``W`` tokens (K, V and the raw projections their write gates come from) and the fp32
+memory state
 ``[H, D, D]``: its size does not depend on the context length. Position ``p >= S``
 lives at ring slot ``(p - S) % W``; when token ``t`` arrives, token ``t - W``
 (same slot) is absorbed into the state and then overwritten.
@@ -91,7 +92,10 @@ class AHNLayerCache:
     Attributes:
         sink_k, sink_v: ``[B, S, HKV, D]`` (dtype of the model).
         ring_k, ring_v: ``[B, W, HKV, D]``.
-        gates: ``[B, W, H, 2]`` fp32: log-decay ``g`` and write strength ``w`` per slot.
+        gates: ``[B, W, 2, H]`` (dtype of the model): the gate inputs of each slot's token, row 0 ``a``
+            (GDN ``a_proj(x)``, Mamba2 ``dt_proj(x)``; 0 for DN), row 1 ``b`` (GDN/DN ``b_proj(x)``; 0 for
+            Mamba2). The log-decay and write strength are made from them when the token leaves the window,
+            with the same formula as for a token absorbed during a prefill.
         state: ``[B, H, D, D]`` fp32 memory state.
         pos: ``[B]`` int64, tokens processed by each sequence.
     """
@@ -136,18 +140,18 @@ class AHNLayerCache:
         want = {
             "sink_k": (B, sinks, HKV, D), "sink_v": (B, sinks, HKV, D),
             "ring_k": (B, window, HKV, D), "ring_v": (B, window, HKV, D),
-            "gates": (B, window, H, 2), "state": (B, H, D, D), "pos": (B,),
+            "gates": (B, window, 2, H), "state": (B, H, D, D), "pos": (B,),
         }
         for name, t in zip(want, self.tensors()):
             if tuple(t.shape) != want[name]:
                 raise ValueError(f"cache.{name} must have shape {list(want[name])} for this call, got {list(t.shape)}")
             if t.device != device:
                 raise ValueError(f"cache.{name} is on {t.device}, the inputs on {device}")
-        for name in ("sink_k", "sink_v", "ring_k", "ring_v"):
+        for name in ("sink_k", "sink_v", "ring_k", "ring_v", "gates"):
             if getattr(self, name).dtype != dtype:
                 raise TypeError(f"cache.{name} has dtype {getattr(self, name).dtype}, k/v have {dtype}")
-        if self.gates.dtype != torch.float32 or self.state.dtype != torch.float32:
-            raise TypeError("cache.gates and cache.state must be float32")
+        if self.state.dtype != torch.float32:
+            raise TypeError(f"cache.state must be float32, got {self.state.dtype}")
         if self.pos.dtype != torch.int64:
             raise TypeError(f"cache.pos must be int64, got {self.pos.dtype}")
 
@@ -195,7 +199,7 @@ class AHNCache:
         self.sink_v = torch.zeros_like(self.sink_k)
         self.ring_k = torch.zeros(L, B, W, HKV, D, dtype=dtype, device=dev)
         self.ring_v = torch.zeros_like(self.ring_k)
-        self.gates = torch.zeros(L, B, W, H, 2, dtype=torch.float32, device=dev)
+        self.gates = torch.zeros(L, B, W, 2, H, dtype=dtype, device=dev)
         self.state = torch.zeros(L, B, H, D, D, dtype=torch.float32, device=dev)
         self.pos = torch.zeros(L, B, dtype=torch.int64, device=dev)
         self._build_layers()
@@ -299,7 +303,7 @@ class AHNCache:
         st = sd["state"]
         H = st.shape[2] if st.dim() == 5 else -1
         want = {"sink_k": (L, B, sinks, HKV, D), "sink_v": (L, B, sinks, HKV, D), "ring_k": (L, B, window, HKV, D),
-                "ring_v": (L, B, window, HKV, D), "gates": (L, B, window, H, 2), "state": (L, B, H, D, D),
+                "ring_v": (L, B, window, HKV, D), "gates": (L, B, window, 2, H), "state": (L, B, H, D, D),
                 "pos": (L, B)}
         for n, shape in want.items():
             if tuple(sd[n].shape) != shape:
@@ -311,7 +315,7 @@ class AHNCache:
         dtype = rk.dtype
         if dtype not in CACHE_DTYPES:
             raise ValueError(f"{src}: ring_k has dtype {dtype}, expected a floating K/V dtype")
-        for n, dt in (("sink_k", dtype), ("sink_v", dtype), ("ring_v", dtype), ("gates", torch.float32),
+        for n, dt in (("sink_k", dtype), ("sink_v", dtype), ("ring_v", dtype), ("gates", dtype),
                       ("state", torch.float32), ("pos", torch.int64)):
             if sd[n].dtype != dt:
                 raise ValueError(f"{src}: {n} must have dtype {dt}, got {sd[n].dtype}")

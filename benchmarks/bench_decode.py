@@ -86,13 +86,10 @@ def make_layer(B, gen, start, sh=None, device="cuda"):
         sink_v=torch.randn(B, S_, HKV_, D_, device=dev, dtype=dt, generator=gen),
         ring_k=torch.randn(B, W_, HKV_, D_, device=dev, dtype=dt, generator=gen),
         ring_v=torch.randn(B, W_, HKV_, D_, device=dev, dtype=dt, generator=gen),
-        gates=torch.stack([-0.1 * torch.rand(B, W_, H_, device=dev, generator=gen),
-                           torch.rand(B, W_, H_, device=dev, generator=gen)], -1),
+        gates=torch.randn(B, W_, 2, H_, device=dev, dtype=dt, generator=gen),  # raw gate inputs a, b
         state=0.1 * torch.randn(B, H_, D_, D_, device=dev, generator=gen),
         pos=torch.full((B,), start, dtype=torch.int64, device=dev),
     )
-    if kind == "dn":
-        c["gates"][..., 0] = 0
     prm = dict(
         A_log=None if kind == "dn" else torch.log(torch.rand(H_, device=dev, generator=gen) * 15 + 1),
         dt_bias=None if kind == "dn" else 0.5 * torch.randn(H_, device=dev, generator=gen),
@@ -130,17 +127,18 @@ def unfused_call(x, c, p, t: int):
     vv = c["ring_v"][:, slot].float()
     kn = (kk * torch.rsqrt((kk * kk).sum(-1, keepdim=True) + 1e-6)).repeat_interleave(G, 1)
     vv = vv.repeat_interleave(G, 1)
-    g, w = c["gates"][:, slot, :, 0], c["gates"][:, slot, :, 1]          # [B, H]
+    gi = c["gates"][:, slot].float()                                     # [B, 2, H] raw a, b
+    g = -torch.exp(p["A_log"]) * F.softplus(gi[:, 0] + p["dt_bias"])    # [B, H]
+    w = torch.sigmoid(gi[:, 1])
     st = c["state"] * torch.exp(g)[..., None, None]
     upd = vv - torch.einsum("bhkv,bhk->bhv", st, kn)
     st = st + (w[..., None] * kn)[..., None] * upd[..., None, :]
     c["state"].copy_(st)
-    # 2. the new token into the ring (and its gates)
+    # 2. the new token into the ring (and its gate inputs)
     c["ring_k"][:, slot] = x["k"]
     c["ring_v"][:, slot] = x["v"]
-    gt = -torch.exp(p["A_log"]) * F.softplus(x["a"].float() + p["dt_bias"])
-    c["gates"][:, slot, :, 0] = gt
-    c["gates"][:, slot, :, 1] = torch.sigmoid(x["b"].float())
+    c["gates"][:, slot, 0] = x["a"]
+    c["gates"][:, slot, 1] = x["b"]
     # 3. window attention: torch.cat of sinks + ring, SDPA
     kv_k = torch.cat([c["sink_k"], c["ring_k"]], 1).transpose(1, 2)     # [B, HKV, S+W, D]
     kv_v = torch.cat([c["sink_v"], c["ring_v"]], 1).transpose(1, 2)

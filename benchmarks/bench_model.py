@@ -23,8 +23,8 @@ step replayed as a CUDA graph; eager on CPU), and the floor
 
     weight bytes = every parameter except the embedding table (B rows of it are gathered; with tied
                    embeddings the lm_head reads it whole), in the model dtype
-    cache bytes  = per AHN layer and sequence: K+V of the min(T, S+W) cached tokens, the gate ring
-                   (min(T, W) x H x 2 fp32), the fp32 state read and written (2 x H x D x D x 4);
+    cache bytes  = per AHN layer and sequence: K+V of the min(T, S+W) cached tokens, the gate-input ring
+                   (min(T, W) x 2 x H in the model dtype), the fp32 state read and written (2 x H x D x D x 4);
                    per full-attention layer: K+V of T tokens
     copy bandwidth = 2 x bytes / time of ``dst.copy_(src)`` on 1 GiB (read + write), same run.
 
@@ -147,7 +147,7 @@ def cache_read_bytes(model, B, T) -> int:
     cfg = model.config
     H, HKV, D, W, S = info["num_heads"], info["num_kv_heads"], info["head_dim"], info["window"], info["sinks"]
     elt = next(model.parameters()).element_size()
-    per_ahn = B * (2 * min(T, S + W) * HKV * D * elt + min(T, W) * H * 2 * 4 + 2 * H * D * D * 4)
+    per_ahn = B * (2 * min(T, S + W) * HKV * D * elt + min(T, W) * 2 * H * elt + 2 * H * D * D * 4)
     per_fa = B * 2 * T * HKV * D * elt
     n_fa = len(info["fa_layer_ids"])
     return per_ahn * (cfg.num_hidden_layers - n_fa) + per_fa * n_fa

@@ -84,7 +84,7 @@ def check():
     zz = dict(dtype=torch.bfloat16, device=DEV)
     cache = AHNLayerCache(torch.zeros(B, S, HKV, D, **zz), torch.zeros(B, S, HKV, D, **zz),
                           torch.zeros(B, W, HKV, D, **zz), torch.zeros(B, W, HKV, D, **zz),
-                          torch.zeros(B, W, H, 2, device=DEV), torch.zeros(B, H, D, D, device=DEV),
+                          torch.zeros(B, W, 2, H, **zz), torch.zeros(B, H, D, D, device=DEV),
                           torch.zeros(B, dtype=torch.int64, device=DEV), W, S, kind)
     outs, t0 = [], 0
     for n in (1000, 1, 999, 1000):

@@ -242,8 +242,8 @@ def full_decode_bytes(B: int, T: int, HKV: int, D: int, elt: int = 2) -> float:
 
 
 def ahn_cache_bytes(B: int, W: int, S: int, H: int, HKV: int, D: int, elt: int = 2) -> float:
-    """AHN cache per layer: sinks + ring K/V, gate ring (W x H x 2 fp32), fp32 state (as AHNCache)."""
-    return B * ((S + W) * HKV * D * 2 * elt + W * H * 2 * 4 + H * D * D * 4)
+    """AHN cache per layer: sinks + ring K/V, gate-input ring (W x 2 x H, K/V dtype), fp32 state (as AHNCache)."""
+    return B * ((S + W) * HKV * D * 2 * elt + W * 2 * H * elt + H * D * D * 4)
 
 
 def full_cache_bytes(B: int, T: int, HKV: int, D: int, elt: int = 2) -> float:

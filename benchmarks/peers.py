@@ -106,7 +106,7 @@ def unfused_decode(x: dict, c: dict, p: dict, t: int, W: int, S: int, kind: str,
     # 1. the token leaving the window is absorbed into the state (its gates from the gate ring)
     kk = c["ring_k"][:, slot].repeat_interleave(G, 1)
     vv = c["ring_v"][:, slot].repeat_interleave(G, 1)
-    g, w = c["gates"][:, slot, :, 0], c["gates"][:, slot, :, 1]                 # [B, H]
+    g, w = ref.ring_gates(c["gates"][:, slot], p["A_log"], p["dt_bias"], kind)   # [B, H] from the raw a, b
     if use_fla and kind != "mamba2":
         from fla.ops.gated_delta_rule import fused_recurrent_gated_delta_rule
 
@@ -122,12 +122,10 @@ def unfused_decode(x: dict, c: dict, p: dict, t: int, W: int, S: int, kind: str,
         st = st + (w[..., None] * kn)[..., None] * upd[..., None, :]
         c["state"].copy_(st)
         m = torch.einsum("bhkv,bhk->bhv", st, ref.normalize_queries(x["q"].float(), kind))
-    # 2. the new token into the ring, its gates into the gate ring
+    # 2. the new token into the ring, its gate inputs into the gate ring
     c["ring_k"][:, slot] = x["k"]
     c["ring_v"][:, slot] = x["v"]
-    gt, wt = ref.memory_gates_ref(x["a"], x["b"], p["A_log"], p["dt_bias"], kind, torch.float32)
-    c["gates"][:, slot, :, 0] = gt
-    c["gates"][:, slot, :, 1] = wt
+    c["gates"][:, slot] = ref.gate_inputs(x["a"], x["b"], kind, c["gates"].dtype)
     # 3. window attention: torch.cat of sinks + ring, SDPA
     kv_k = torch.cat([c["sink_k"], c["ring_k"]], 1).transpose(1, 2)          # [B, HKV, S+W, D]
     kv_v = torch.cat([c["sink_v"], c["ring_v"]], 1).transpose(1, 2)

@@ -150,7 +150,7 @@ inline DecodeSizes check_decode_args(const at::Tensor& q, const at::Tensor& k, c
   check_cache(sink_v, "sink_v", "[B, S, HKV, D]", {B, S, HKV, D}, dtype, device);
   check_cache(ring_k, "ring_k", "[B, W, HKV, D]", {B, W, HKV, D}, dtype, device);
   check_cache(ring_v, "ring_v", "[B, W, HKV, D]", {B, W, HKV, D}, dtype, device);
-  check_cache(gates, "gates", "[B, W, H, 2]", {B, W, H, 2}, at::kFloat, device);
+  check_cache(gates, "gates", "[B, W, 2, H]", {B, W, 2, H}, dtype, device);
   check_cache(state, "state", "[B, H, D, D]", {B, H, D, D}, at::kFloat, device);
   check_cache(pos, "pos", "[B]", {B}, at::kLong, device);
   return {B, H, HKV, D, W, S, kind};

@@ -39,7 +39,8 @@ struct DecodeParams {
   T* sink_v;
   T* ring_k;                 // [B, W, HKV, D]  token p >= S at row (p - S) % W
   T* ring_v;
-  float* gates;              // [B, W, H, 2]    (log-decay g, write strength w) of each ring token
+  T* gates;                  // [B, W, 2, H]    gate inputs of each ring token: row 0 a, row 1 b (0 where
+                             //                 the kind has none); the gates are made from them on absorb
   float* state;              // [B, H, D, D]    memory, [key dim, value dim]
   int64_t* pos;              // [B]             tokens already seen = position of the new one
   // pointers: outputs and fp32 scratch
@@ -53,6 +54,19 @@ struct DecodeParams {
 
 inline float softplus(float x) { return x > 20.f ? x : std::log1p(std::exp(x)); }  // as torch
 inline float sigmoid(float x) { return 1.f / (1.f + std::exp(-x)); }
+
+// Log-decay g and write strength w of head h from its raw projections a, b (docs/AHN_SPEC.md "Gates").
+template <typename T>
+inline void gate_values(const DecodeParams<T>& p, int64_t h, float a, float b, float& g, float& w) {
+  g = 0.f;
+  if (p.kind == Kind::kMamba2) {
+    w = softplus(a + p.dt_bias[h]);
+    g = -std::exp(p.A_log[h]) * w;
+  } else {
+    if (p.kind == Kind::kGDN) g = -std::exp(p.A_log[h]) * softplus(a + p.dt_bias[h]);
+    w = sigmoid(b);
+  }
+}
 
 // 1 / norm of x[0:n]: gdn/dn l2norm 1 / sqrt(sum x^2 + 1e-6); mamba2 1 / max(||x||, 1e-12).
 template <typename T>
@@ -89,8 +103,10 @@ void decode_head_attend(const DecodeParams<T>& p, int64_t b, int64_t h, float* s
     const int64_t slot = (t - S) % W;
     const T* kk = p.ring_k + ((b * W + slot) * HKV + hk) * D;
     const T* vv = p.ring_v + ((b * W + slot) * HKV + hk) * D;
-    const float* gw = p.gates + ((b * W + slot) * H + h) * 2;
-    const float decay = std::exp(gw[0]), w = gw[1];
+    const T* gi = p.gates + (b * W + slot) * 2 * H;
+    float g, w;
+    gate_values(p, h, static_cast<float>(gi[h]), static_cast<float>(gi[H + h]), g, w);
+    const float decay = std::exp(g);
     const float inv = inv_norm(kk, D, p.kind);
     for (int64_t i = 0; i < D; ++i) x[i] = static_cast<float>(kk[i]) * inv;
     if (p.kind == Kind::kMamba2) {
@@ -194,7 +210,7 @@ void decode_head_project(const DecodeParams<T>& p, int64_t b, int64_t h, float* 
   }
 }
 
-// Phase 3 for sequence b: the new token's k, v (and gates) into the cache, then pos[b] += 1.
+// Phase 3 for sequence b: the new token's k, v (and gate inputs a, b) into the cache, then pos[b] += 1.
 template <typename T>
 void decode_write(const DecodeParams<T>& p, int64_t b) {
   const int64_t H = p.H, HKV = p.HKV, D = p.D, W = p.W, S = p.S;
@@ -208,19 +224,10 @@ void decode_write(const DecodeParams<T>& p, int64_t b) {
     const int64_t slot = (t - S) % W;
     std::copy(k, k + HKV * D, p.ring_k + (b * W + slot) * HKV * D);
     std::copy(v, v + HKV * D, p.ring_v + (b * W + slot) * HKV * D);
-    float* gw = p.gates + (b * W + slot) * H * 2;
+    T* gi = p.gates + (b * W + slot) * 2 * H;  // the raw inputs: the gates are made on absorb
     for (int64_t h = 0; h < H; ++h) {
-      float g = 0.f, w;
-      if (p.kind == Kind::kMamba2) {
-        const float dt = softplus(p.a[b * H + h] + p.dt_bias[h]);
-        g = -std::exp(p.A_log[h]) * dt;
-        w = dt;
-      } else {
-        if (p.kind == Kind::kGDN) g = -std::exp(p.A_log[h]) * softplus(p.a[b * H + h] + p.dt_bias[h]);
-        w = sigmoid(p.b[b * H + h]);
-      }
-      gw[h * 2] = g;
-      gw[h * 2 + 1] = w;
+      gi[h] = static_cast<T>(p.kind != Kind::kDN ? p.a[b * H + h] : 0.f);
+      gi[H + h] = static_cast<T>(p.kind != Kind::kMamba2 ? p.b[b * H + h] : 0.f);
     }
   }
   p.pos[b] = t + 1;

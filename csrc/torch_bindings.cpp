@@ -7,10 +7,11 @@
 TORCH_LIBRARY(ahn, m) {
   // One decode step of AHN attention for every sequence of the batch, each at its own
   // position pos[b]: absorb the token leaving the window into the state, attend sinks + window
-  // + the new token, read the state out, then write the new token (k, v, gates) into the cache
-  // and advance pos. Shapes: q [B,H,D]; k, v [B,HKV,D]; a, b, z [B,H]; A_log, dt_bias [H];
+  // + the new token, read the state out, then write the new token (k, v, gate inputs) into the
+  // cache and advance pos. Shapes: q [B,H,D]; k, v [B,HKV,D]; a, b, z [B,H]; A_log, dt_bias [H];
   // norm_weight [D] (mamba2: [H*D]); o_weight [H,D,D]; sink_k/v [B,S,HKV,D]; ring_k/v [B,W,HKV,D];
-  // gates [B,W,H,2] fp32; state [B,H,D,D] fp32; pos [B] int64. Returns [B,H,D] in q's dtype.
+  // gates [B,W,2,H] in q's dtype (each ring token's raw a and b; the gates are made from them when
+  // the token leaves the window); state [B,H,D,D] fp32; pos [B] int64. Returns [B,H,D] in q's dtype.
   // overlap_prev (CUDA, sm_90): the op may start while the previous kernel on the stream finishes
   // (programmatic dependent launch), reading only the cache until that kernel's writes are visible;
   // only for a previous kernel that writes none of the cache tensors. It changes no result.

@@ -40,8 +40,7 @@ def main():
     # pretend a long prompt was prefilled: random K/V, gates and memory, every sequence past S + W
     for t in (cache.sink_k, cache.sink_v, cache.ring_k, cache.ring_v):
         t.normal_()
-    cache.gates[..., 0].uniform_(-0.2, 0)
-    cache.gates[..., 1].uniform_(0, 1)
+    cache.gates.normal_()  # the ring tokens' raw gate inputs a, b
     cache.state.normal_(std=0.05)
     cache.pos.fill_(S + W + 1000)
 

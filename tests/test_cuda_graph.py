@@ -19,8 +19,7 @@ pytestmark = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a C
 def _randomize(cache: ahn_ops.AHNCache, gen: torch.Generator, start_pos) -> None:
     for t in (cache.sink_k, cache.sink_v, cache.ring_k, cache.ring_v):
         t.copy_(torch.randn(t.shape, generator=gen).to(t.dtype))
-    cache.gates[..., 0].copy_(-0.5 * torch.rand(cache.gates.shape[:-1], generator=gen))
-    cache.gates[..., 1].copy_(torch.rand(cache.gates.shape[:-1], generator=gen))
+    cache.gates.copy_(torch.randn(cache.gates.shape, generator=gen).to(cache.gates.dtype))  # raw a, b
     cache.state.copy_(0.1 * torch.randn(cache.state.shape, generator=gen))
     cache.pos.copy_(torch.tensor(start_pos, dtype=torch.int64).expand_as(cache.pos))
 

@@ -160,7 +160,7 @@ def test_float64_cache_runs_prefill_and_decode():
     step = ahn_ops.ahn_attention(*[None if x is None else x[:, 8:] if x.dim() >= 3 else x for x in args[:6]],
                                  *args[6:], window=W, sinks=S, cache=c[0])
     assert out.dtype == torch.float64 and int(c.pos[0, 0]) == 9
-    # the cached state and gates are fp32 whatever the K/V dtype
+    # the cached state is fp32 whatever the K/V dtype
     torch.testing.assert_close(torch.cat([out, step], 1), ref, atol=1e-6, rtol=1e-6)
 
 
@@ -234,3 +234,21 @@ def test_cache_free_path_stays_differentiable():
     out = ahn_ops.ahn_attention(*args, window=W, sinks=S)
     out.sum().backward()
     assert args[0].grad is not None and args[-1].grad is not None
+
+
+def test_gate_ring_of_another_layout_or_dtype_is_refused():
+    # the ring keeps the gate inputs [B, W, 2, H] in the K/V dtype; fp32 gates [B, W, H, 2] (the layout of
+    # earlier versions) are refused before anything is written
+    c = _filled_cache(torch.bfloat16)
+    layer = c[0]
+    snap = _snapshot(c)
+    args = make_inputs("gdn", B, 3, H, HKV, D, dtype=torch.bfloat16, seed=5)
+    f32 = ahn_ops.AHNLayerCache(layer.sink_k, layer.sink_v, layer.ring_k, layer.ring_v, layer.gates.float(),
+                                layer.state, layer.pos, W, S, "gdn")
+    with pytest.raises(TypeError, match="cache.gates has dtype torch.float32"):
+        ahn_ops.ahn_attention(*args, window=W, sinks=S, cache=f32)
+    old = ahn_ops.AHNLayerCache(layer.sink_k, layer.sink_v, layer.ring_k, layer.ring_v,
+                                torch.zeros(B, W, H, 2, dtype=torch.float32), layer.state, layer.pos, W, S, "gdn")
+    with pytest.raises(ValueError, match=r"cache.gates must have shape \[3, 4, 2, 4\]"):
+        ahn_ops.ahn_attention(*args, window=W, sinks=S, cache=old)
+    _assert_unchanged(c, snap)

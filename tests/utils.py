@@ -44,7 +44,7 @@ def empty_layer_cache(kind, B, H, HKV, D, window, sinks, dtype=torch.float32, de
     return AHNLayerCache(
         torch.zeros(B, sinks, HKV, D, **z), torch.zeros(B, sinks, HKV, D, **z),
         torch.zeros(B, window, HKV, D, **z), torch.zeros(B, window, HKV, D, **z),
-        torch.zeros(B, window, H, 2, dtype=torch.float32, device=device),
+        torch.zeros(B, window, 2, H, **z),
         torch.zeros(B, H, D, D, dtype=torch.float32, device=device),
         torch.zeros(B, dtype=torch.int64, device=device), window, sinks, kind)
 

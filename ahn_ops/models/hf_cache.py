@@ -35,8 +35,10 @@ from transformers.cache_utils import Cache, CacheLayerMixin, DynamicLayer
 
 from ..cache import FIELDS, AHNCache, AHNLayerCache, _batch_index
 
-# version of the file layout written by AHNModelCache.save (bump on any incompatible change)
-CACHE_FORMAT_VERSION = 1
+# version of the file layout written by AHNModelCache.save (bump on any incompatible change).
+# 2: the gate ring holds each token's raw gate inputs [L, B, W, 2, H] in the model's dtype (1: fp32 gates
+# [L, B, W, H, 2], which cannot be turned back into their inputs: such a file is refused).
+CACHE_FORMAT_VERSION = 2
 CACHE_FILE_KIND = "ahn_ops.AHNModelCache"
 # base config fields that change what the cached K/V and memory states mean (not, e.g., the context limit)
 _BASE_CONFIG_FIELDS = ("model_type", "vocab_size", "hidden_size", "intermediate_size", "num_hidden_layers",
@@ -387,7 +389,8 @@ class AHNModelCache(Cache):
                              f"expected {CACHE_FILE_KIND!r})")
         if meta.get("format_version") != str(CACHE_FORMAT_VERSION):
             raise ValueError(f"{path}: format_version: expected {CACHE_FORMAT_VERSION}, found "
-                             f"{meta.get('format_version')!r} (written by another ahn_ops version)")
+                             f"{meta.get('format_version')!r} (written by another ahn_ops version; "
+                             f"rebuild the cache with a prefill of the same context and save it again)")
         if _content_sha256(tensors, meta) != meta.get("content_sha256"):
             raise ValueError(f"{path}: content does not match its checksum (corrupt file)")
 

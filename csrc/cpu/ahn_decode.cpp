@@ -81,7 +81,7 @@ at::Tensor decode_step_cpu(const at::Tensor& q, const at::Tensor& k, const at::T
     p.sink_v = sink_v.data_ptr<T>();
     p.ring_k = ring_k.data_ptr<T>();
     p.ring_v = ring_v.data_ptr<T>();
-    p.gates = gates.data_ptr<float>();
+    p.gates = gates.data_ptr<T>();
     p.state = state.data_ptr<float>();
     p.pos = pos.data_ptr<int64_t>();
     p.out = out.data_ptr<T>();

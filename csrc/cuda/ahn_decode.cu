@@ -281,7 +281,7 @@ at::Tensor decode_step_cuda(const at::Tensor& q, const at::Tensor& k, const at::
   p.sink_v = sink_v.data_ptr();
   p.ring_k = ring_k.data_ptr();
   p.ring_v = ring_v.data_ptr();
-  p.gates = gates.data_ptr<float>();
+  p.gates = gates.data_ptr();
   p.state = state.data_ptr<float>();
   p.pos = pos.data_ptr<int64_t>();
   p.out = out.data_ptr();

@@ -69,7 +69,7 @@ struct Params {
   void* sink_v;
   void* ring_k;         // [B, W, HKV, D] X
   void* ring_v;
-  float* gates;         // [B, W, H, 2]
+  void* gates;          // [B, W, 2, H] X: each ring token's raw gate inputs a (row 0), b (row 1)
   float* state;         // [B, H, D, D]
   int64_t* pos;         // [B]
   void* out;            // [B, H, D] X, contiguous
@@ -153,6 +153,20 @@ __device__ __forceinline__ int ring_slot(int64_t t, int S, int W) {
 }
 
 __device__ __forceinline__ float softplus_f(float x) { return x > 20.f ? x : log1pf(expf(x)); }  // as torch
+
+// Log-decay g and write strength w of head h from its raw projections a, b (the math of
+// csrc/ahn_decode_math.h gate_values): made when the token leaves the window, from the ring's inputs.
+__device__ __forceinline__ void gate_values(const Params& p, int h, float a, float b, float& g, float& w) {
+  g = 0.f;
+  if (p.kind == kMamba2) {
+    w = softplus_f(a + ldf(p.dt_bias, h, p.dtb_dt));
+    g = -expf(ldf(p.A_log, h, p.alog_dt)) * w;
+  } else {
+    if (p.kind == kGDN) g = -expf(ldf(p.A_log, h, p.alog_dt)) * softplus_f(a + ldf(p.dt_bias, h, p.dtb_dt));
+    w = 1.f / (1.f + expf(-b));
+  }
+}
+
 __device__ __forceinline__ float silu_f(float x) { return x / (1.f + expf(-x)); }
 
 // An opaque copy: the compiler must keep x in a register from here on instead of recomputing it at
@@ -761,8 +775,10 @@ __device__ __forceinline__ void state_block(const Params& p, int sb, char* smem)
   __syncthreads();
 
   if (absorb) {
-    const float* gp = p.gates + (((int64_t)b * p.W + slot) * p.H + h) * 2;
-    const float eg = expf(gp[0]), w = gp[1];
+    const T* gin = reinterpret_cast<const T*>(p.gates) + ((int64_t)b * p.W + slot) * 2 * p.H + h;
+    float g, w;
+    gate_values(p, h, Ops::to_f(gin[0]), Ops::to_f(gin[p.H]), g, w);
+    const float eg = expf(g);
     const float ik = mamba ? 1.f / fmaxf(sqrtf(scal[1]), 1e-12f) : rsqrtf(scal[1] + 1e-6f);
     const T* vrow = reinterpret_cast<const T*>(p.ring_v) + kvrow + col;
     float4 upd = make_float4(Ops::to_f(vrow[0]), Ops::to_f(vrow[1]), Ops::to_f(vrow[2]), Ops::to_f(vrow[3]));
@@ -924,19 +940,10 @@ __global__ void __launch_bounds__(kThreads) decode_finish_kernel(const Params p)
   }
   float zz_all = 0.f;  // mamba2: silu(z) of head tid
   if (p.kind == kMamba2 && tid < p.H) zz_all = silu_f(ldf(p.z, b * p.z_sb + tid * p.z_sh, p.z_dt));
-  float gt = 0.f, wt = 0.f;  // the new token's gates (thread 0 of the slice-0 block)
+  float ga = 0.f, gb = 0.f;  // the new token's gate inputs (thread 0 of the slice-0 block)
   if (es == 0 && tid == 0) {
-    if (p.kind == kGDN) {
-      const float x = ldf(p.a, b * p.a_sb + h * p.a_sh, p.a_dt) + ldf(p.dt_bias, h, p.dtb_dt);
-      gt = -expf(ldf(p.A_log, h, p.alog_dt)) * softplus_f(x);
-      wt = 1.f / (1.f + expf(-ldf(p.b, b * p.b_sb + h * p.b_sh, p.b_dt)));
-    } else if (p.kind == kDN) {
-      wt = 1.f / (1.f + expf(-ldf(p.b, b * p.b_sb + h * p.b_sh, p.b_dt)));
-    } else {
-      const float x = ldf(p.a, b * p.a_sb + h * p.a_sh, p.a_dt) + ldf(p.dt_bias, h, p.dtb_dt);
-      wt = softplus_f(x);
-      gt = -expf(ldf(p.A_log, h, p.alog_dt)) * wt;
-    }
+    if (p.kind != kDN) ga = ldf(p.a, b * p.a_sb + h * p.a_sh, p.a_dt);
+    if (p.kind != kMamba2) gb = ldf(p.b, b * p.b_sb + h * p.b_sh, p.b_dt);
   }
   const T* kin = reinterpret_cast<const T*>(p.k) + b * p.k_sb + hk * p.k_sh;
   const T* vin = reinterpret_cast<const T*>(p.v) + b * p.v_sb + hk * p.v_sh;
@@ -1002,9 +1009,9 @@ __global__ void __launch_bounds__(kThreads) decode_finish_kernel(const Params p)
       }
     }
     if (t >= p.S && tid == 0) {
-      float* gp = p.gates + (((int64_t)b * p.W + ring_slot(t, p.S, p.W)) * p.H + h) * 2;
-      gp[0] = gt;
-      gp[1] = wt;
+      T* gp = reinterpret_cast<T*>(p.gates) + ((int64_t)b * p.W + ring_slot(t, p.S, p.W)) * 2 * p.H + h;
+      gp[0] = Ops::from_f(ga);
+      gp[p.H] = Ops::from_f(gb);
     }
     if (h == 0 && tid == 0) p.pos[b] = t + 1;
   }

@@ -256,6 +256,24 @@ def test_cache_file_is_plain_safetensors(saved, tmp_path):
     assert_same(snapshot(AHNModelCache.load(other, model)), snapshot(cache))
 
 
+def test_load_refuses_an_earlier_format(saved, tmp_path):
+    # format 1 kept fp32 gates [L, B, W, H, 2], which cannot be turned back into the gate inputs the cache
+    # now keeps: such a file is refused with what to do, the cache untouched
+    from safetensors import safe_open
+    from safetensors.torch import load_file, save_file
+
+    model, cache, path = saved
+    with safe_open(path, "pt") as f:
+        meta = dict(f.metadata(), format_version="1")
+    old = tmp_path / "format1.safetensors"
+    save_file(load_file(path), old, metadata=meta)
+    before = snapshot(cache)
+    with pytest.raises(ValueError, match="format_version: expected 2, found '1'.*rebuild the cache") as e:
+        AHNModelCache.load(old, model)
+    assert str(old) in str(e.value)
+    assert_same(snapshot(cache), before)
+
+
 @pytest.mark.parametrize("call, match", [
     (lambda c: c.select([2]), "batch_indices.*out-of-range"),
     (lambda c: c.select([-1]), "batch_indices.*out-of-range"),

@@ -45,9 +45,7 @@ def make_cache(B, H, HKV, D, W, S, kind, dtype, pos, gen, dev="cuda"):
         return torch.randn(*s, generator=gen) * scale
     sink_k, sink_v = r(B, S, HKV, D).to(dtype), r(B, S, HKV, D).to(dtype)
     ring_k, ring_v = r(B, W, HKV, D).to(dtype), r(B, W, HKV, D).to(dtype)
-    g = -0.5 * torch.rand(B, W, H, generator=gen) if kind != "dn" else torch.zeros(B, W, H)
-    w = torch.rand(B, W, H, generator=gen)
-    gates = torch.stack([g, w], -1)
+    gates = r(B, W, 2, H).to(dtype)  # the ring tokens' raw gate inputs a, b
     state = r(B, H, D, D, scale=0.1)
     poison_unwritten(sink_k, sink_v, ring_k, ring_v, gates, pos, W, S)
     pos_t = torch.tensor(pos, dtype=torch.int64)
@@ -164,10 +162,9 @@ def _decode_matches_reference(kind, dt, D, H, HKV, B, W, S, steps, starts, extra
     r_sink_k, r_sink_v, r_ring_k, r_ring_v, r_gates, r_state, r_pos = cache_ref
     assert torch.equal(pos_k, r_pos)
     for name, x, y in (("sink_k", sink_k, r_sink_k), ("sink_v", sink_v, r_sink_v),
-                       ("ring_k", ring_k, r_ring_k), ("ring_v", ring_v, r_ring_v)):
+                       ("ring_k", ring_k, r_ring_k), ("ring_v", ring_v, r_ring_v), ("gates", gates, r_gates)):
         # bit-equal, NaN rows (no token yet) included
         torch.testing.assert_close(x.float(), y, rtol=0, atol=0, equal_nan=True, msg=f"cache.{name} differs")
-    torch.testing.assert_close(gates, r_gates, rtol=1e-5, atol=1e-6, equal_nan=True)
     assert rel_err(state, r_state) < 1e-4, f"state rel err {rel_err(state, r_state):.2e}"
 
 

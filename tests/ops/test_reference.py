@@ -128,7 +128,7 @@ def test_chunked_prefill_and_decode_match_one_prefill(kind, T, W, S, G, backend)
                                           window=W, sinks=S, kind=kind, cache=cache, backend=backend))
         t0 += n
     assert cache.pos.tolist() == [T] * B
-    # fp32 gates/state in the cache: agreement to fp32 rounding
+    # the fp32 state in the cache: agreement to fp32 rounding
     torch.testing.assert_close(torch.cat(outs, 1), full, rtol=1e-5, atol=1e-5)
     # the final cached state is the state of one prefill
     _, _, _, state = ref.ahn_attention_ref(*inp, W, S, kind, dtype=F64, return_parts=True)

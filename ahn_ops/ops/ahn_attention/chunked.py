@@ -131,7 +131,8 @@ def ahn_prefill_cache_chunked(q, k, v, a, b, z, A_log, dt_bias, norm_weight, o_w
     G = H // k.shape[2]
     W, S = window, sinks
     dev = q.device
-    g_new, w_new = ref.memory_gates_ref(a, b, A_log, dt_bias, kind, dtype)
+    gi_new = ref.gate_inputs(a, b, kind, gates.dtype)  # [B, T, 2, H], as the ring stores them
+    g_new, w_new = ref.ring_gates(gi_new, A_log, dt_bias, kind, dtype)
     outs, states = [], []
     for bi in range(B):
         P = int(pos[bi])
@@ -153,7 +154,7 @@ def ahn_prefill_cache_chunked(q, k, v, a, b, z, A_log, dt_bias, norm_weight, o_w
         gd = torch.zeros(1, n_src, H, dtype=dtype, device=dev)
         wd = torch.zeros(1, n_src, H, dtype=dtype, device=dev)
         kd[0, rp - base], vd[0, rp - base] = ring_k[bi, rslot], ring_v[bi, rslot]
-        gd[0, rp - base], wd[0, rp - base] = gates[bi, rslot, :, 0].to(dtype), gates[bi, rslot, :, 1].to(dtype)
+        gd[0, rp - base], wd[0, rp - base] = ref.ring_gates(gates[bi, rslot], A_log, dt_bias, kind, dtype)
         kd[0, np_ - base], vd[0, np_ - base] = k[bi], v[bi]
         gd[0, np_ - base], wd[0, np_ - base] = g_new[bi], w_new[bi]
         src = np_ - W  # the token each query's stream element absorbs (>= base whenever >= S)
@@ -163,8 +164,7 @@ def ahn_prefill_cache_chunked(q, k, v, a, b, z, A_log, dt_bias, norm_weight, o_w
         outs.append(o_win[0] + ref.epilogue_ref(m[0], z[bi], norm_weight, o_weight, kind))
         states.append(S_fin[0])
         with torch.no_grad():
-            ref.write_cache_tokens(bi, P, k[bi], v[bi], g_new[bi], w_new[bi], sink_k, sink_v, ring_k, ring_v,
-                                   gates, W, S)
+            ref.write_cache_tokens(bi, P, k[bi], v[bi], gi_new[bi], sink_k, sink_v, ring_k, ring_v, gates, W, S)
     with torch.no_grad():
         state.copy_(torch.stack(states).to(state.dtype))
         pos.add_(T)

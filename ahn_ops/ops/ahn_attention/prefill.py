@@ -101,12 +101,12 @@ def state_chain(kd, w, u, gc, seq, N, H, D, window, sinks, mamba2, h0, hs, vnew,
         num_stages=CONFIG["state_stages"])
 
 
-def _memory_passes(kx, vx, a, b, gx, A_log, dt_bias, seq, chunks, NT, N, H, HKV, D, window, sinks, gates, mamba2,
+def _memory_passes(kx, vx, a, b, ab_rs, A_log, dt_bias, seq, chunks, NT, N, H, HKV, D, window, sinks, gates, mamba2,
                    initial_state, bufs, stage):
     gc, w, u, kd, hs, vnew, ht, dummy = bufs
     _prep_kernel[(NT, H)](
-        kx=kx, vx=vx, a=a, b=b, gx=gx, A_log=A_log, dt_bias=dt_bias, seq=seq, chunks=chunks, gc=gc, w=w, u=u, kd=kd,
-        xs=dummy, H=H, HKV=HKV, D=D, W=window, S=sinks, BT=BT, GATES=gates, MAMBA2=mamba2,
+        kx=kx, vx=vx, a=a, b=b, A_log=A_log, dt_bias=dt_bias, seq=seq, chunks=chunks, gc=gc, w=w, u=u, kd=kd,
+        xs=dummy, H=H, HKV=HKV, D=D, W=window, S=sinks, BT=BT, GATES=gates, MAMBA2=mamba2, AB_RS=ab_rs,
         num_warps=CONFIG["prep_warps"])
     if stage == "prep":  # benchmarks: the parallel prep pass alone
         return
@@ -114,7 +114,7 @@ def _memory_passes(kx, vx, a, b, gx, A_log, dt_bias, seq, chunks, NT, N, H, HKV,
     state_chain(kd, w, u, gc, seq, N, H, D, window, sinks, mamba2, h0, hs, vnew, ht, dummy)
 
 
-def _launch(q, kx, vx, sk, sv, a, b, gx, z, A_log, dt_bias, norm_weight, o_weight, window, sinks, kind,
+def _launch(q, kx, vx, sk, sv, a, b, ab_rs, z, A_log, dt_bias, norm_weight, o_weight, window, sinks, kind,
             seq, chunks, NT, N, initial_state, output_final_state, memory=True, stage="all",
             store_lse=False, lens=None, band=None):
     # store_lse: also return the window softmax's lse (fp32 [Tq, H]) for the backward; the cache
@@ -134,13 +134,14 @@ def _launch(q, kx, vx, sk, sv, a, b, gx, z, A_log, dt_bias, norm_weight, o_weigh
             ht.copy_(initial_state if initial_state is not None else torch.zeros_like(ht))
         return out, ht, lse
     mamba2 = kind == "mamba2"
-    gates = 2 if gx is not None else {"gdn": 0, "dn": 1, "mamba2": 3}[kind]
+    gates = {"gdn": 0, "dn": 1, "mamba2": 3}[kind]
     dummy = q.new_zeros(16)  # stands in for pointers a constexpr branch never reads
     A_log = A_log.float().contiguous() if A_log is not None else dummy
     dt_bias = dt_bias.float().contiguous() if dt_bias is not None else dummy
-    a = a.contiguous() if a is not None else dummy
-    b = b.contiguous() if b is not None else dummy
-    gx = gx if gx is not None else dummy
+    if ab_rs is None:  # [tokens, H] projections; else views into the cache path's [rows, 2, H] gate inputs
+        a = a.contiguous() if a is not None else dummy
+        b = b.contiguous() if b is not None else dummy
+        ab_rs = H
     hs = vnew = gc = yp = ss = dummy
     ob = lb = dummy
     wb = window
@@ -153,7 +154,7 @@ def _launch(q, kx, vx, sk, sv, a, b, gx, z, A_log, dt_bias, norm_weight, o_weigh
         kd = empty(Tq, H, D, dtype=dt, device=dev)
         hs = empty(NT, H, D, D, dtype=dt, device=dev)
         vnew = u if mamba2 else empty(Tq, H, D, dtype=dt, device=dev)
-        args = (kx, vx, a, b, gx, A_log, dt_bias, seq, chunks, NT, N, H, HKV, D, window, sinks, gates, mamba2,
+        args = (kx, vx, a, b, ab_rs, A_log, dt_bias, seq, chunks, NT, N, H, HKV, D, window, sinks, gates, mamba2,
                 initial_state, (gc, w, u, kd, hs, vnew, ht, dummy), stage)
         if band is not None and stage == "all" and dev.type == "cuda":
             # the memory passes (gates, WY prep, the state chain) need no attention output: they run on
@@ -288,7 +289,7 @@ def prefill_cache_fwd(q, k, v, a, b, z, A_log, dt_bias, norm_weight, o_weight,
     model's layers queue up back to back. Positions must stay below 2^31 (int32 launch tables).
     Returns ``[B, T, H, D]`` in q.dtype.
     """
-    from .reference import memory_gates_ref
+    from .reference import gate_inputs
 
     B, T, H, D = q.shape
     HKV = k.shape[2]
@@ -300,12 +301,13 @@ def prefill_cache_fwd(q, k, v, a, b, z, A_log, dt_bias, norm_weight, o_weight,
     work = [t if t.is_contiguous() else t.contiguous() for t in cache]
     wsk, wsv, wrk, wrv, wg = work
     pc = pos.contiguous()
-    g_new, w_new = memory_gates_ref(a, b, A_log, dt_bias, kind, torch.float32)  # [B, T, H]
-    gn = torch.stack([g_new, w_new], -1).contiguous()  # [B, T, H, 2], the ring's gate layout
+    # the new tokens' gate inputs as the ring stores them ([B, T, 2, H], the cache dtype): their gates come
+    # from these whether they join the memory in this call or from the ring later
+    gn = gate_inputs(a, b, kind, gates.dtype).contiguous()
     kc, vc = k.contiguous(), v.contiguous()
     kx = empty(1, B * (W + T), HKV, D, dtype=k.dtype, device=dev)
     vx = empty(1, B * (W + T), HKV, D, dtype=k.dtype, device=dev)
-    gx = empty(B * (W + T), H, 2, dtype=torch.float32, device=dev)
+    gx = empty(B * (W + T), 2, H, dtype=gates.dtype, device=dev)
     seq = empty(B, 8, dtype=torch.int32, device=dev)
     chunks, NT = row_blocks([T] * B, BT, dev)
     BR, BKD, BG = 16, triton.next_power_of_2(KD), triton.next_power_of_2(HG)
@@ -325,7 +327,8 @@ def prefill_cache_fwd(q, k, v, a, b, z, A_log, dt_bias, norm_weight, o_weight,
     qf = q.reshape(1, B * T, H, D).contiguous()
     band = _cudnn_band(qf.view(B, T, H, D), kc, vc, W) if T > 0 and _band_engine(q, True) else None
     # inference: no backward, so no lse store
-    out, ht, _ = _launch(qf, kx, vx, sk, sv, None, None, gx, z.reshape(1, B * T, H), A_log, dt_bias, norm_weight,
+    gxf = gx.view(-1)  # a = row half 0, b = row half 1 of each [2, H] row
+    out, ht, _ = _launch(qf, kx, vx, sk, sv, gxf, gxf[H:], 2 * H, z.reshape(1, B * T, H), A_log, dt_bias, norm_weight,
                          o_weight, W, S, kind, seq, chunks, NT, B, state, True, lens=[T] * B, band=band)
     for t, w in zip(cache, work):
         if w is not t:

@@ -29,7 +29,7 @@ this file has the derivation. The jit helpers shared with the backward's kernels
    Mamba2 has no delta correction: the prep pass skips the WY inverse (``w = 0``, ``u = dt v``),
    the state pass skips ``w h`` and ``u`` serves as ``v_new``.
 5. ``_cache_gather_kernel`` / ``_cache_scatter_kernel`` (``_copy_rows``, ``_put_rows``): the cache path's
-   key stream (ring tail + new tokens, with their stored gates) and launch table from positions read on
+   key stream (ring tail + new tokens, with their gate inputs) and launch table from positions read on
    the device, and the new tokens' rows written into the cache's sink buffer / ring.
 
 The AHN alignment: the memory is a plain gated delta rule over a *stream* with one element
@@ -86,11 +86,11 @@ def _wy_prep(b_kn, b_v, b_k, b_beta, b_gc, w, xs, o_q, o_t, o_d, i_h, m_i, H: tl
 @triton.jit
 def _prep_kernel(
     # pointers
-    kx, vx, a, b, gx, A_log, dt_bias, seq, chunks, gc, w, u, kd, xs,
+    kx, vx, a, b, A_log, dt_bias, seq, chunks, gc, w, u, kd, xs,
     # sizes
     H: tl.constexpr, HKV: tl.constexpr, D: tl.constexpr, W, S,
     # meta
-    BT: tl.constexpr, GATES: tl.constexpr, MAMBA2: tl.constexpr, STORE_X: tl.constexpr = False,
+    BT: tl.constexpr, GATES: tl.constexpr, MAMBA2: tl.constexpr, AB_RS: tl.constexpr, STORE_X: tl.constexpr = False,
 ):
     i_c, i_h = tl.program_id(0), tl.program_id(1)
     G: tl.constexpr = H // HKV
@@ -127,7 +127,7 @@ def _prep_kernel(
         b_k = tl.load(kx + (o_row * HKV + i_h // G)[:, None] * D + o_d[None, :], mask=m_act[:, None], other=0.)
         b_v = tl.load(vx + (o_row * HKV + i_h // G)[:, None] * D + o_d[None, :], mask=m_act[:, None], other=0.)
         b_kn = _norm_rows(b_k.to(tl.float32), MAMBA2)  # [BT, D]
-        b_g, b_beta = _load_gates(a, b, gx, A_log, dt_bias, o_row, m_act, i_h, H, GATES)
+        b_g, b_beta = _load_gates(a, b, A_log, dt_bias, o_row, m_act, i_h, H, AB_RS, GATES)
         b_gc = tl.cumsum(b_g, 0)  # [BT] in-chunk cumulative log-decay (0 for DN)
         if MAMBA2:
             # no delta correction: no inverse, w = 0 (not stored), and the new values are u = dt v
@@ -469,7 +469,7 @@ def _cache_gather_kernel(
 
     ``W + T`` rows per sequence: row ``r < W`` holds position ``P - W + r`` (the ring tail: a sink from
     the sink buffer, a later position from ring slot ``(p - S) % W``, a position < 0 zeros, never read),
-    rows ``W ..`` the new tokens. ``gx``: the same rows' stored ``(g, beta)`` (``HG = 2 H`` floats; 0 for
+    rows ``W ..`` the new tokens. ``gx``: the same rows' gate inputs ``[2, H]`` (``HG = 2 H`` values; 0 for
     sinks and positions < 0). Programs ``(0, b)`` also write row ``b`` of the launch table ``seq``
     (``bos, T, P, kx_bos, kpos0, sink_bos, chunk offset, 0``): no host sync on ``pos``.
     """
@@ -528,7 +528,7 @@ def _cache_scatter_kernel(
 
     Programs ``< N1`` cover new tokens ``0 .. min(T, S) - 1`` (those at positions ``< S`` go to the sink
     buffer), the rest the last ``min(T, W)`` tokens (positions ``>= S`` go to ring slot ``(p - S) % W``
-    with their gates): distinct rows, so no two writes meet.
+    with their gate inputs): distinct rows, so no two writes meet.
     """
     i_r, i_b = tl.program_id(0), tl.program_id(1)
     P = tl.load(pos + i_b)

@@ -33,6 +33,8 @@ __all__ = [
     "normalize_keys",
     "normalize_queries",
     "memory_gates_ref",
+    "gate_inputs",
+    "ring_gates",
     "window_attention_ref",
     "memory_scan_ref",
     "memory_readout_ref",
@@ -97,6 +99,24 @@ def memory_gates_ref(
     else:
         raise ValueError(f"kind must be one of {KINDS}, got {kind!r}")
     return g, w
+
+
+def gate_inputs(a: Optional[torch.Tensor], b: Optional[torch.Tensor], kind: str, dtype: torch.dtype) -> torch.Tensor:
+    """The cache's form of the raw gate projections ``a, b [..., H]``: ``[..., 2, H]`` in ``dtype``, row 0
+    ``a`` (0 for DN), row 1 ``b`` (0 for Mamba2). The cache keeps these, not the gates: half the bytes of
+    fp32 gates in a 16-bit model, and the gates made from them (:func:`ring_gates`) are those of
+    :func:`memory_gates_ref` on the same (stored) inputs."""
+    ref = b if a is None else a
+    zero = torch.zeros(ref.shape, dtype=dtype, device=ref.device)
+    ra = zero if kind == "dn" else a.to(dtype)
+    rb = zero if kind == "mamba2" else b.to(dtype)
+    return torch.stack([ra, rb], -2)
+
+
+def ring_gates(gi: torch.Tensor, A_log, dt_bias, kind: str, dtype: torch.dtype = torch.float32):
+    """``(g, w) [..., H]`` in ``dtype`` of stored gate inputs ``gi [..., 2, H]`` (:func:`gate_inputs`)."""
+    return memory_gates_ref(None if kind == "dn" else gi[..., 0, :], None if kind == "mamba2" else gi[..., 1, :],
+                            A_log, dt_bias, kind, dtype)
 
 
 # --------------------------------------------------------------------------------------
@@ -354,7 +374,8 @@ def ahn_prefill_cache_ref(
 
     Cache layout (one layer): ``sink_k/v [B, S, HKV, D]`` hold positions ``< S``;
     ``ring_k/v [B, W, HKV, D]`` hold position ``p >= S`` at slot ``(p - S) % W``;
-    ``gates [B, W, H, 2]`` fp32 hold ``(g, w)`` of the token in the same slot;
+    ``gates [B, W, 2, H]`` (the cache dtype) hold the raw gate inputs ``(a, b)`` of the token in the same
+    slot (:func:`gate_inputs`), from which its gates are made when it joins the memory;
     ``state [B, H, D, D]`` fp32 holds memory tokens ``S .. pos-1-W``;
     ``pos [B]`` int64 is the number of tokens each sequence has processed.
     Sequences may be at different positions. Returns ``[B, T, H, D]`` in ``dtype``.
@@ -364,7 +385,10 @@ def ahn_prefill_cache_ref(
     G = H // HKV
     W, S = window, sinks
     dev = q.device
-    g_new, w_new = memory_gates_ref(a, b, A_log, dt_bias, kind, dtype)  # [B, T, H]
+    # the new tokens' gates from their inputs as the cache stores them: a token gets the same gates
+    # whether it joins the memory in this call or from the ring later
+    gi_new = gate_inputs(a, b, kind, gates.dtype)  # [B, T, 2, H]
+    g_new, w_new = ring_gates(gi_new, A_log, dt_bias, kind, dtype)  # [B, T, H]
     outs = []
     new_states = []
     for bi in range(B):
@@ -386,8 +410,9 @@ def ahn_prefill_cache_ref(
         mem_pos = torch.cat([rp[r_mem], np_[n_mem]])
         kk = torch.cat([ring_k[bi, rslot[r_mem]], k[bi, n_mem]], 0).to(dtype)
         vv = torch.cat([ring_v[bi, rslot[r_mem]], v[bi, n_mem]], 0).to(dtype)
-        gg = torch.cat([gates[bi, rslot[r_mem], :, 0].to(dtype), g_new[bi, n_mem]], 0)
-        ww = torch.cat([gates[bi, rslot[r_mem], :, 1].to(dtype), w_new[bi, n_mem]], 0)
+        g_r, w_r = ring_gates(gates[bi, rslot[r_mem]], A_log, dt_bias, kind, dtype)
+        gg = torch.cat([g_r, g_new[bi, n_mem]], 0)
+        ww = torch.cat([w_r, w_new[bi, n_mem]], 0)
         kn = normalize_keys(kk, kind).repeat_interleave(G, dim=1)
         ve = vv.repeat_interleave(G, dim=1)
         qn = normalize_queries(q[bi].to(dtype), kind)
@@ -398,18 +423,19 @@ def ahn_prefill_cache_ref(
         new_states.append(S_fin)
         # cache update, after every read of this sequence
         with torch.no_grad():
-            write_cache_tokens(bi, P, k[bi], v[bi], g_new[bi], w_new[bi], sink_k, sink_v, ring_k, ring_v, gates, W, S)
+            write_cache_tokens(bi, P, k[bi], v[bi], gi_new[bi], sink_k, sink_v, ring_k, ring_v, gates, W, S)
     with torch.no_grad():
         state.copy_(torch.stack(new_states).to(state.dtype))
         pos.add_(T)
     return torch.stack(outs)
 
 
-def write_cache_tokens(bi, P, k, v, g, w, sink_k, sink_v, ring_k, ring_v, gates, window, sinks) -> None:
+def write_cache_tokens(bi, P, k, v, gi, sink_k, sink_v, ring_k, ring_v, gates, window, sinks) -> None:
     """Write the ``T`` new tokens of sequence ``bi`` (at positions ``P ..``) into its cache.
 
-    ``k, v`` ``[T, HKV, D]``, ``g, w`` ``[T, H]``. Positions ``< S`` go to the sinks; of the
-    others only the last ``W`` survive in the ring (slot ``(p - S) % W``), with their gates.
+    ``k, v`` ``[T, HKV, D]``, ``gi`` ``[T, 2, H]`` (:func:`gate_inputs`). Positions ``< S`` go to the
+    sinks; of the others only the last ``W`` survive in the ring (slot ``(p - S) % W``), with their
+    gate inputs.
     """
     W, S = window, sinks
     T = k.shape[0]
@@ -421,8 +447,7 @@ def write_cache_tokens(bi, P, k, v, g, w, sink_k, sink_v, ring_k, ring_v, gates,
         slots = (P + torch.arange(first, T, device=k.device) - S) % W
         ring_k[bi, slots] = k[first:].to(ring_k.dtype)  # index_put does not cast on every torch build
         ring_v[bi, slots] = v[first:].to(ring_v.dtype)
-        gates[bi, slots, :, 0] = g[first:].to(gates.dtype)
-        gates[bi, slots, :, 1] = w[first:].to(gates.dtype)
+        gates[bi, slots] = gi[first:].to(gates.dtype)
 
 
 def ahn_decode_ref(

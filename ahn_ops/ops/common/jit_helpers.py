@@ -8,7 +8,7 @@ and normalise q / k and load the gates the same way: these helpers are that shar
   ``[N, 8]`` metadata (``ahn_attention/tables.py``).
 - :func:`inv_norm` / :func:`norm_rows`: the memory's q / k row normalisation (GDN / DN l2norm, Mamba2
   F.normalize), fp32.
-- :func:`load_gates`: ``(g, beta)`` of a chunk's tokens from the raw projections or stored gates.
+- :func:`load_gates`: ``(g, beta)`` of a chunk's tokens from their raw projections.
 - :func:`band_blocks`: the partition of a query block's window band into masked and unmasked key blocks.
 
 The kernels import them under their former private names (``chunk_at as _chunk_at``, ...), so that
@@ -67,25 +67,24 @@ def norm_rows(b_x, MAMBA2: tl.constexpr):
 
 
 @triton.jit
-def load_gates(a, b, gx, A_log, dt_bias, o_row, m_act, i_h, H: tl.constexpr, GATES: tl.constexpr):
-    """(g, beta) [BT] fp32 of the tokens at kx rows ``o_row``; 0 where ``m_act`` is off.
+def load_gates(a, b, A_log, dt_bias, o_row, m_act, i_h, H: tl.constexpr, RS: tl.constexpr, GATES: tl.constexpr):
+    """(g, beta) [BT] fp32 of the tokens at rows ``o_row`` of the raw projections ``a``, ``b`` (``RS``
+    elements per row: ``H`` for ``[tokens, H]`` inputs, ``2 H`` for the cache path's ``[rows, 2, H]``
+    gate inputs with ``b`` one row half further); 0 where ``m_act`` is off.
 
-    GATES: 0 = raw GDN projections a, b; 1 = raw DN projection b; 2 = stored fp32 (g, beta);
-    3 = raw Mamba2 projection a = dt_proj(x): beta = dt = softplus(a + dt_bias), g = -exp(A_log) dt.
+    GATES: 0 = GDN a, b; 1 = DN b; 3 = Mamba2 a = dt_proj(x): beta = dt = softplus(a + dt_bias),
+    g = -exp(A_log) dt.
     """
-    if GATES == 2:
-        b_g = tl.load(gx + o_row * H * 2 + i_h * 2, mask=m_act, other=0.).to(tl.float32)
-        b_beta = tl.load(gx + o_row * H * 2 + i_h * 2 + 1, mask=m_act, other=0.).to(tl.float32)
-    elif GATES == 3:
-        b_x = tl.load(a + o_row * H + i_h, mask=m_act, other=0.).to(tl.float32) + tl.load(dt_bias + i_h)
+    if GATES == 3:
+        b_x = tl.load(a + o_row * RS + i_h, mask=m_act, other=0.).to(tl.float32) + tl.load(dt_bias + i_h)
         b_sp = tl.where(b_x > 20., b_x, tl.log(1. + tl.exp(tl.minimum(b_x, 20.))))
         b_beta = tl.where(m_act, b_sp, 0.)
         b_g = -tl.exp(tl.load(A_log + i_h).to(tl.float32)) * b_beta
     else:
-        b_b = tl.load(b + o_row * H + i_h, mask=m_act, other=0.).to(tl.float32)
+        b_b = tl.load(b + o_row * RS + i_h, mask=m_act, other=0.).to(tl.float32)
         b_beta = tl.where(m_act, tl.sigmoid(b_b), 0.)
         if GATES == 0:
-            b_a = tl.load(a + o_row * H + i_h, mask=m_act, other=0.).to(tl.float32)
+            b_a = tl.load(a + o_row * RS + i_h, mask=m_act, other=0.).to(tl.float32)
             b_x = b_a + tl.load(dt_bias + i_h).to(tl.float32)
             # softplus with torch's threshold 20
             b_sp = tl.where(b_x > 20., b_x, tl.log(1. + tl.exp(tl.minimum(b_x, 20.))))
