@@ -229,3 +229,13 @@ def test_bench_backward_config_overrides():
     for bad in ("mem_warps", "no_such_key=1"):
         with pytest.raises(SystemExit, match="expected KEY=VALUE"):
             bb.parse_config([bad], cfg)
+
+
+def test_bench_distill_harness():
+    # the end-to-end distillation benchmark on a tiny CPU model: it runs and prints its table
+    env = dict(os.environ, TRITON_INTERPRET="1")
+    p = subprocess.run([sys.executable, os.path.join(BENCH, "bench_distill.py"), "--cpu"], cwd=ROOT, env=env,
+                       capture_output=True, text=True, timeout=600)
+    assert p.returncode == 0, p.stdout[-3000:] + p.stderr[-3000:]
+    table = [line for line in p.stdout.splitlines() if line.startswith("| auto |")]
+    assert len(table) == 1 and float(table[0].split("|")[3]) > 0, p.stdout[-2000:]
