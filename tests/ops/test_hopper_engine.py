@@ -257,3 +257,23 @@ def test_band_window_policy(monkeypatch):
     assert BC.band_window("fwd", q, k, 200) == 200  # at most one step: always exact
     assert BC.band_window("fwd", q, k, 1000) == 1024 and BC.band_window("bwd", q, k, 5000) == 1024
     assert BC.band_window("fwd", q[:, :128], k[:, :128], 128) == 128
+
+
+@needs_cudnn
+def test_band_on_fewer_sms(engine, monkeypatch):
+    # prefill.CONFIG["band_sms"]: cuDNN's band on part of the SMs (its SM carveout), the memory passes on the
+    # others: within the 2x rule of the fp32 reference, and close to the run on all SMs
+    P = _prefill()
+    engine("cudnn")
+    kind, B, T, W, S, H, HKV, D = "gdn", 1, 1000, 300, 5, 16, 2, 128
+    args = make_inputs(kind, B, T, H, HKV, D, torch.bfloat16, device="cuda", seed=11)
+    full, _, _ = P.prefill_fwd(*args, W, S, kind)
+    monkeypatch.setitem(P.CONFIG, "band_sms", 64)
+    try:
+        part, _, _ = P.prefill_fwd(*args, W, S, kind)
+    except Exception as e:  # an engine without the carveout: cuDNN says so when the graph is built
+        pytest.skip(f"cuDNN refuses an SM count here: {str(e).splitlines()[0][:120]}")
+    r = ref.ahn_attention_ref(*args, W, S, kind)
+    lp = ref.ahn_attention_ref(*args, W, S, kind, dtype=torch.bfloat16)
+    _check("gdn cudnn band on 64 SMs", part, r, lp)
+    torch.testing.assert_close(part.float(), full.float(), atol=3e-2, rtol=3e-2)

@@ -134,11 +134,11 @@ def _padded(x: torch.Tensor, T_pad: int, dim: int = 1) -> torch.Tensor:
     return out
 
 
-def _graph_key(direction: str, q, k, v, o, window: int):
+def _graph_key(direction: str, q, k, v, o, window: int, sm_count: Optional[int] = None):
     """The handle, cuDNN's (dims, strides) of q, k, v, o and the graph cache key of one call."""
     (qd, qs), (kd, ks), (_, vs), (od, os_) = (_bhsd(x) for x in (q, k, v, o))
     key = (direction, q.device, q.dtype, tuple(qd), tuple(qs), tuple(kd), tuple(ks), tuple(vs), tuple(os_),
-           int(window))
+           int(window), sm_count)
     return _handle(q.device), (qd, qs, kd, ks, vs, od, os_), key
 
 
@@ -150,12 +150,14 @@ def _workspace(device: torch.device, nbytes: int) -> torch.Tensor:
     return ws
 
 
-def _new_graph(handle, dtype, qd, qs, kd, ks, vs):
-    """A graph with the q, k, v inputs: (cudnn, io type, graph, tq, tk, tv)."""
+def _new_graph(handle, dtype, qd, qs, kd, ks, vs, sm_count: Optional[int] = None):
+    """A graph with the q, k, v inputs: (cudnn, io type, graph, tq, tk, tv). ``sm_count``: cuDNN's SM
+    carveout (Hopper): the kernel runs on that many SMs and leaves the rest to other streams."""
     cudnn = _cudnn()
     io = _io_type(dtype)
+    extra = {} if sm_count is None else {"sm_count": int(sm_count)}
     g = cudnn.pygraph(io_data_type=io, intermediate_data_type=cudnn.data_type.FLOAT,
-                      compute_data_type=cudnn.data_type.FLOAT, handle=handle)
+                      compute_data_type=cudnn.data_type.FLOAT, handle=handle, **extra)
     tq = g.tensor(name="q", dim=qd, stride=qs, data_type=io)
     tk = g.tensor(name="k", dim=kd, stride=ks, data_type=io)
     tv = g.tensor(name="v", dim=kd, stride=vs, data_type=io)
@@ -173,8 +175,8 @@ def _plan(g, tensors):
     return g, tensors, g.get_workspace_size()
 
 
-def _build_fwd(handle, dtype, qd, qs, kd, ks, vs, od, os_, window: int, scale: float):
-    cudnn, io, g, tq, tk, tv = _new_graph(handle, dtype, qd, qs, kd, ks, vs)
+def _build_fwd(handle, dtype, qd, qs, kd, ks, vs, od, os_, window: int, scale: float, sm_count=None):
+    cudnn, io, g, tq, tk, tv = _new_graph(handle, dtype, qd, qs, kd, ks, vs, sm_count)
     to, tst = g.sdpa(name="band", q=tq, k=tk, v=tv, generate_stats=True, attn_scale=scale,
                      diagonal_alignment=cudnn.diagonal_alignment.TOP_LEFT,
                      diagonal_band_left_bound=window, diagonal_band_right_bound=0)
@@ -185,25 +187,28 @@ def _build_fwd(handle, dtype, qd, qs, kd, ks, vs, od, os_, window: int, scale: f
 
 
 def band_fwd(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, window: int,
-             out: Optional[torch.Tensor] = None) -> Tuple[torch.Tensor, torch.Tensor]:
+             out: Optional[torch.Tensor] = None, sm_count: Optional[int] = None) -> Tuple[torch.Tensor, torch.Tensor]:
     """Band attention ``t - window < j <= t`` of ``q [B, T, H, D]`` over ``k, v [B, T, HKV, D]``.
 
     Returns ``(o [B, T, H, D] in q.dtype, lse [B, H, T] fp32)``: ``o`` normalised over the band,
     ``lse`` the band's natural-log log-sum-exp of the scaled logits (``D^-0.5``). With a length that is
     not a multiple of ``PAD`` both are views of padded results (``out`` is then not written).
+    ``sm_count``: run on that many SMs (cuDNN's SM carveout; None: all), leaving the others to the side
+    stream's memory passes; cuDNN raises where its engine cannot.
     """
     B, T, H, D = q.shape
     T_pad = _pad_len(T)
     if T_pad != T:
-        o, lse = band_fwd(_padded(q, T_pad), _padded(k, T_pad), _padded(v, T_pad), window)
+        o, lse = band_fwd(_padded(q, T_pad), _padded(k, T_pad), _padded(v, T_pad), window, sm_count=sm_count)
         return o[:, :T], lse[:, :, :T]
     dev = q.device
     if out is None:
         out = empty(B, T, H, D, dtype=q.dtype, device=dev)
     lse = empty(B, H, T, dtype=torch.float32, device=dev)
-    handle, (qd, qs, kd, ks, vs, od, os_), key = _graph_key("fwd", q, k, v, out, window)
+    handle, (qd, qs, kd, ks, vs, od, os_), key = _graph_key("fwd", q, k, v, out, window, sm_count)
     g, (tq, tk, tv, to, tst), ws = lru_get(
-        _GRAPHS, key, lambda: _build_fwd(handle, q.dtype, qd, qs, kd, ks, vs, od, os_, int(window), D ** -0.5),
+        _GRAPHS, key,
+        lambda: _build_fwd(handle, q.dtype, qd, qs, kd, ks, vs, od, os_, int(window), D ** -0.5, sm_count),
         _GRAPHS_MAX)
     g.execute({tq: q, tk: k, tv: v, to: out, tst: lse}, _workspace(dev, ws), handle=handle)
     return out, lse
