@@ -277,3 +277,30 @@ def test_band_on_fewer_sms(engine, monkeypatch):
     lp = ref.ahn_attention_ref(*args, W, S, kind, dtype=torch.bfloat16)
     _check("gdn cudnn band on 64 SMs", part, r, lp)
     torch.testing.assert_close(part.float(), full.float(), atol=3e-2, rtol=3e-2)
+
+
+@needs_cudnn
+@pytest.mark.parametrize("sms", [None, 64], ids=["all-sms", "64-sms"])
+def test_band_backward_beside_the_memory_passes(engine, monkeypatch, sms):
+    # backward.CONFIG["band_overlap"]: cuDNN's band backward on its own stream beside the memory passes
+    # (band_sms: on part of the SMs): every gradient within the bf16 rule of the fp32 reference
+    from ahn_ops.ops.ahn_attention import backward as bw
+
+    from ..utils import check_bf16_grad_rule, kernel_grads, ref_grads
+
+    engine("cudnn")
+    monkeypatch.setitem(bw.CONFIG, "band_overlap", True)
+    monkeypatch.setitem(bw.CONFIG, "band_sms", sms)
+    kind, T, W, S, H, HKV, D = "gdn", 1000, 300, 5, 16, 2, 128
+    args = make_inputs(kind, 1, T, H, HKV, D, torch.bfloat16, device="cuda", seed=13)
+    dout = torch.randn(1, T, H, D, device="cuda", dtype=torch.bfloat16, generator=torch.Generator("cuda").manual_seed(1))
+    try:
+        gk = kernel_grads(args, dout, W, S, kind, None)
+    except Exception as e:  # an engine without the carveout: cuDNN says so when the graph is built
+        if sms is None:
+            raise
+        pytest.skip(f"cuDNN refuses an SM count here: {str(e).splitlines()[0][:120]}")
+    f32 = [None if x is None else x.float() for x in args]
+    gr = ref_grads(f32, dout.float(), W, S, kind, None, torch.float32)
+    gt = ref_grads(args, dout, W, S, kind, None, torch.bfloat16)
+    check_bf16_grad_rule(gk, gr, gt)

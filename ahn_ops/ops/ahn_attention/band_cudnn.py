@@ -214,8 +214,8 @@ def band_fwd(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, window: int,
     return out, lse
 
 
-def _build_bwd(handle, dtype, qd, qs, kd, ks, vs, os_, window: int, scale: float):
-    cudnn, io, g, tq, tk, tv = _new_graph(handle, dtype, qd, qs, kd, ks, vs)
+def _build_bwd(handle, dtype, qd, qs, kd, ks, vs, os_, window: int, scale: float, sm_count=None):
+    cudnn, io, g, tq, tk, tv = _new_graph(handle, dtype, qd, qs, kd, ks, vs, sm_count)
     B, H, T = qd[0], qd[1], qd[2]
     to = g.tensor(name="o", dim=qd, stride=os_, data_type=io)
     tdo = g.tensor(name="do", dim=qd, stride=os_, data_type=io)
@@ -229,26 +229,29 @@ def _build_bwd(handle, dtype, qd, qs, kd, ks, vs, os_, window: int, scale: float
     return _plan(g, (tq, tk, tv, to, tdo, tst, dq, dk, dv))
 
 
-def band_bwd(q, k, v, o, do, lse, window: int):
+def band_bwd(q, k, v, o, do, lse, window: int, sm_count: Optional[int] = None):
     """Gradients of the band attention given the softmax's total ``o`` / ``lse [B, H, T]`` (natural log).
 
     With ``o`` and ``lse`` of a softmax over the band plus other keys, cuDNN's ``P = exp(s - lse)`` and
     ``D_i = rowsum(dO o)`` give exactly the band's share of dq and the band keys' dk, dv.
     Returns ``(dq, dk, dv)`` shaped like q, k, v (contiguous; views of padded results when the length is
-    not a multiple of ``PAD``: the zero rows add nothing to the real rows' gradients).
+    not a multiple of ``PAD``: the zero rows add nothing to the real rows' gradients). ``sm_count``: as for
+    :func:`band_fwd`.
     """
     T = q.shape[1]
     T_pad = _pad_len(T)
     if T_pad != T:
-        dq, dk, dv = band_bwd(*(_padded(x, T_pad) for x in (q, k, v, o, do)), _padded(lse, T_pad, 2), window)
+        dq, dk, dv = band_bwd(*(_padded(x, T_pad) for x in (q, k, v, o, do)), _padded(lse, T_pad, 2), window,
+                              sm_count)
         return dq[:, :T], dk[:, :T], dv[:, :T]
     dev = q.device
     q, k, v, o = (x.contiguous() for x in (q, k, v, o))
     do = do.contiguous()
     dq, dk, dv = (empty(*x.shape, dtype=x.dtype, device=dev) for x in (q, k, v))
-    handle, (qd, qs, kd, ks, vs, _, os_), key = _graph_key("bwd", q, k, v, o, window)
+    handle, (qd, qs, kd, ks, vs, _, os_), key = _graph_key("bwd", q, k, v, o, window, sm_count)
     g, (tq, tk, tv, to, tdo, tst, tdq, tdk, tdv), ws = lru_get(
-        _GRAPHS, key, lambda: _build_bwd(handle, q.dtype, qd, qs, kd, ks, vs, os_, int(window), q.shape[-1] ** -0.5),
+        _GRAPHS, key,
+        lambda: _build_bwd(handle, q.dtype, qd, qs, kd, ks, vs, os_, int(window), q.shape[-1] ** -0.5, sm_count),
         _GRAPHS_MAX)
     g.execute({tq: q, tk: k, tv: v, to: o, tdo: do, tst: lse, tdq: dq, tdk: dk, tdv: dv},
               _workspace(dev, ws), handle=handle)
