@@ -204,10 +204,12 @@ def offline(a):
             from ahn_ops.ops.ahn_attention import band_cudnn
 
             engine, band, band_bwd = pf._band_engine, pf._cudnn_band, band_cudnn.band_bwd
-            pf._band_engine = lambda q, uniform: True
-            pf._cudnn_band = lambda q, k, v, w: (lambda: (torch.zeros_like(q), q.new_zeros(
-                q.shape[0], q.shape[2], q.shape[1], dtype=torch.float32), w))
-            band_cudnn.band_bwd = lambda q, k, v, o, do, lse, w: tuple(torch.zeros_like(x) for x in (q, k, v))
+            pf._band_engine = lambda q, lens: True
+            pf._cudnn_band = lambda qf, kf, vf, lens, w: (lambda: (
+                qf.new_zeros(len(lens), max(lens), qf.shape[2], qf.shape[3]),
+                qf.new_zeros(len(lens), qf.shape[2], max(lens), dtype=torch.float32), w, max(lens)))
+            band_cudnn.band_bwd = lambda q, k, v, o, do, lse, w, sm_count=None: tuple(
+                torch.zeros_like(x) for x in (q, k, v))
             try:
                 out, _, lse = pf.prefill_fwd(*inp, a.W, 64, kind)
                 bw.prefill_bwd(torch.randn_like(out), None, *inp, out, lse, a.W, 64, kind)

@@ -203,14 +203,14 @@ def test_band_composition_kernel(kind, B, T, W, S, G, step, monkeypatch):
     P = _prefill()
     dev = "cuda" if torch.cuda.is_available() else "cpu"
     # every call takes the outside band (fp32 included: the stand-in computes in fp32)
-    monkeypatch.setattr(P, "_band_engine", lambda q, uniform: uniform)
+    monkeypatch.setattr(P, "_band_engine", lambda q, lens: True)
     asked = []
 
-    def fwd(q, k, v, w, out=None):
+    def fwd(q, k, v, w, out=None, sm_count=None):
         asked.append(w)
         return _torch_band_fwd(q, k, v, w, out)
 
-    def bwd(q, k, v, o, do, lse, w):
+    def bwd(q, k, v, o, do, lse, w, sm_count=None):
         asked.append(w)
         return _torch_band_bwd(q, k, v, o, do, lse, w)
 
@@ -240,6 +240,73 @@ def test_band_composition_kernel(kind, B, T, W, S, G, step, monkeypatch):
         assert rel < 1e-3, (i, rel)
     Wb = min(W, T) if step is None else min(W, T) - min(W, T) % step
     assert asked == [Wb, Wb], asked  # the forward's band, then the backward's
+
+
+@pytest.mark.skipif(not torch.cuda.is_available() and __import__("os").environ.get("TRITON_INTERPRET") != "1",
+                    reason="needs CUDA or TRITON_INTERPRET=1")
+@pytest.mark.parametrize("kind,lens,W,S,step", [
+    pytest.param("gdn", [37, 150, 1, 90], 40, 5, None, id="gdn-unequal-W40-S5"),
+    pytest.param("mamba2", [64, 3, 129], 20, 70, 16, id="mamba2-unequal-W20-S70-band16"),
+])
+def test_band_composition_varlen(kind, lens, W, S, step, monkeypatch):
+    # sequences of unequal lengths: the band over a batch padded to the longest (band_cudnn.padded_index /
+    # pad_rows), read back by the forward at the padded stride TM and gathered back in the backward
+    from collections import OrderedDict
+
+    from ahn_ops.ops.ahn_attention import band_cudnn
+
+    P = _prefill()
+    dev = "cuda" if torch.cuda.is_available() else "cpu"
+    monkeypatch.setattr(P, "_band_engine", lambda q, lens: True)
+    shapes = []
+
+    def fwd(q, k, v, w, out=None, sm_count=None):
+        shapes.append(tuple(q.shape[:2]))
+        return _torch_band_fwd(q, k, v, w, out)
+
+    def bwd(q, k, v, o, do, lse, w, sm_count=None):
+        shapes.append(tuple(q.shape[:2]))
+        return _torch_band_bwd(q, k, v, o, do, lse, w)
+
+    monkeypatch.setattr(band_cudnn, "band_fwd", fwd)
+    monkeypatch.setattr(band_cudnn, "band_bwd", bwd)
+    monkeypatch.setattr(band_cudnn, "_SEEN", OrderedDict())
+    monkeypatch.setattr(band_cudnn, "WINDOW_STEP", step or 10 ** 9)
+    H, HKV, D = 4, 2, 64
+    T = sum(lens)
+    cu = torch.tensor([0] + list(torch.tensor(lens).cumsum(0)), dtype=torch.int32, device=dev)
+    args = make_inputs(kind, 1, T, H, HKV, D, torch.float32, device=dev, seed=T + S)
+    xs = [None if x is None else x.detach().clone().requires_grad_(x.is_floating_point()) for x in args]
+    out = torch.ops.ahn.prefill_fwd(*xs, W, S, kind, cu, None, False)[0]
+    dout = torch.randn(out.shape, generator=torch.Generator().manual_seed(1)).to(dev)
+    out.backward(dout)
+    refs = [None if x is None else x.detach().clone().requires_grad_(x.is_floating_point()) for x in args]
+    r = ref.ahn_attention_ref(*refs, W, S, kind, cu)
+    r.backward(dout)
+    assert shapes == [(len(lens), band_cudnn._pad_len(max(lens)))] * 2, shapes  # one padded batch each way
+    rel = ((out - r).norm() / r.norm()).item()
+    assert rel < 1e-4, rel
+    for i, (x, y) in enumerate(zip(xs, refs)):
+        if x is None or x.grad is None:
+            continue
+        rel = ((x.grad - y.grad).norm() / y.grad.norm().clamp_min(1e-30)).item()
+        assert rel < 1e-3, (i, rel)
+
+
+def test_band_engine_takes_close_lengths(monkeypatch):
+    # unequal lengths take the cuDNN band while padding them to the longest adds at most BAND_PAD_WASTE rows
+    from ahn_ops.ops.ahn_attention import band_cudnn
+
+    P = _prefill()
+    monkeypatch.setattr(band_cudnn, "unavailable_reason", lambda device: None)
+    assert P.BAND_PAD_WASTE == 0.25
+    fake = type("Q", (), {"device": torch.device("cuda", 0), "dtype": torch.bfloat16})()
+    assert P._band_engine(fake, [4096, 4096])
+    assert P._band_engine(fake, [4096, 4000, 3900])  # 3 x 4096 rows for 11996: 2.4% padding
+    assert not P._band_engine(fake, [4096, 100])  # 8192 rows for 4196
+    monkeypatch.setitem(P.CONFIG, "band", "cudnn")
+    with pytest.raises(RuntimeError, match="too unequal"):
+        P._band_engine(fake, [4096, 100])
 
 
 def test_band_window_policy(monkeypatch):

@@ -215,7 +215,7 @@ def prefill_bwd(dout, dht, q, k, v, a, b, z, A_log, dt_bias, norm_weight, o_weig
     # only the sinks past the window and the memory part, and add the band's dq, dk, dv
     # deterministic: the Triton band, whose dq and dk/dv programs own their rows (cuDNN's deterministic
     # backward reduces dq per key tile through a workspace of ~32 GB at T=32k, H=16 and took 2.8x as long)
-    cudnn_band = NT > 0 and not deterministic and pf._band_engine(q, len(set(lens)) == 1)
+    cudnn_band = NT > 0 and not deterministic and pf._band_engine(q, lens)
     owin = empty(Tt, H, D, dtype=dt, device=dev) if cudnn_band else dummy
     dqb = dkb = dvb = dummy
     band_stream = None  # CONFIG["band_overlap"]: the stream cuDNN's band backward runs on
@@ -286,24 +286,35 @@ def prefill_bwd(dout, dht, q, k, v, a, b, z, A_log, dt_bias, norm_weight, o_weig
             # its delta from o_win give exactly the band's share of the gradients
             from . import band_cudnn
 
-            T1 = lens[0]
-            lse_n = (lsef * math.log(2.0)).view(N, T1, H).transpose(1, 2).contiguous()  # natural log, [N, H, T]
-            wb = band_cudnn.band_window("bwd", qf.view(N, T1, H, D), kf.view(N, T1, HKV, D), W)
+            lse_rows = lsef * math.log(2.0)  # natural log, rows as q
+            if len(set(lens)) == 1:
+                T1 = lens[0]
+                pad_idx = None
+                qb, kb, vb, ob_, dob = (x.view(N, T1, -1, D) for x in (qf, kf, vf, owin, dof))
+                lse_n = lse_rows.view(N, T1, H).transpose(1, 2).contiguous()  # [N, H, T]
+            else:  # unequal lengths: padded to one, as the forward's band (prefill._cudnn_band)
+                pad_idx, T1 = band_cudnn.padded_index(lens, dev)
+                qb, kb, vb, ob_, dob = (band_cudnn.pad_rows(x.view(Tt, -1, D), pad_idx, N, T1)
+                                        for x in (qf, kf, vf, owin, dof))
+                lse_n = band_cudnn.pad_rows(lse_rows.view(Tt, H), pad_idx, N, T1).transpose(1, 2).contiguous()
+            wb = band_cudnn.band_window("bwd", qb, kb, W)
             if CONFIG["band_overlap"] and dev.type == "cuda":
                 # on a stream of its own beside the memory passes below; dq joins it
                 band_stream = _side_stream(dev, "band")
                 band_stream.wait_stream(torch.cuda.current_stream(dev))
             with torch.cuda.stream(band_stream) if band_stream is not None else contextlib.nullcontext():
-                dqb, dkb, dvb = band_cudnn.band_bwd(qf.view(N, T1, H, D), kf.view(N, T1, HKV, D),
-                                                    vf.view(N, T1, HKV, D), owin.view(N, T1, H, D),
-                                                    dof.view(N, T1, H, D), lse_n, wb, CONFIG["band_sms"])
-                dqb, dkb, dvb = (x.contiguous() for x in (dqb, dkb, dvb))  # rows as q / k (views when padded)
+                dqb, dkb, dvb = band_cudnn.band_bwd(qb, kb, vb, ob_, dob, lse_n, wb, CONFIG["band_sms"])
+                if pad_idx is None:  # rows as q / k (views when cuDNN padded)
+                    dqb, dkb, dvb = (x.contiguous() for x in (dqb, dkb, dvb))
+                else:  # the real rows, packed again
+                    dqb, dkb, dvb = (x.reshape(N * T1, -1, D).index_select(0, pad_idx) for x in (dqb, dkb, dvb))
             if band_stream is not None:
                 for x in (dqb, dkb, dvb):  # made on the band stream, read on this one
                     x.record_stream(torch.cuda.current_stream(dev))
-                for x in (owin, lse_n):  # freed here while the band stream may still read them
+                for x in (owin, lse_n, qb, kb, vb, ob_, dob):  # freed here while the band stream may read them
                     x.record_stream(band_stream)
-            del lse_n, owin, epi  # o_win is read by nothing else: free it before the memory passes
+            # o_win (and the padded copies) are read by nothing else: free them before the memory passes
+            del lse_n, owin, epi, qb, kb, vb, ob_, dob
 
         side = main = None
         # deterministic: one stream (cuBLAS' do_weight product is reproducible only on one stream

@@ -28,7 +28,7 @@ import torch
 from ..common.alloc import empty
 from .tables import lru_get
 
-__all__ = ["band_fwd", "band_bwd", "band_window", "unavailable_reason"]
+__all__ = ["band_fwd", "band_bwd", "band_window", "padded_index", "pad_rows", "unavailable_reason"]
 
 _HANDLES: dict = {}
 _GRAPHS: "OrderedDict[tuple, tuple]" = OrderedDict()
@@ -71,6 +71,31 @@ def unavailable_reason(device) -> Optional[str]:
 
 def _pad_len(T: int) -> int:
     return -(-T // PAD) * PAD
+
+
+def padded_index(lens, device) -> Tuple[torch.Tensor, int]:
+    """``(idx, TM)`` for sequences of unequal ``lens`` packed row after row: packed row ``r`` of sequence ``n``
+    sits at row ``n * TM + (r - start_n)`` of a ``[N, TM]`` batch, ``TM`` the longest length rounded up to
+    ``PAD`` (so that cuDNN gets a graph-friendly length). Cached per (lens, device)."""
+    from .tables import cached_table
+
+    TM = _pad_len(max(lens))
+
+    def build():
+        starts = torch.tensor([n * TM for n in range(len(lens))], dtype=torch.int64)
+        ln = torch.tensor(lens, dtype=torch.int64)
+        first = torch.cumsum(ln, 0) - ln  # packed row of each sequence's first token
+        idx = torch.arange(int(ln.sum()), dtype=torch.int64) - torch.repeat_interleave(first - starts, ln)
+        return idx.to(device)
+
+    return cached_table(("band_pad", tuple(lens), TM, str(device)), build), TM
+
+
+def pad_rows(x: torch.Tensor, idx: torch.Tensor, N: int, TM: int) -> torch.Tensor:
+    """``[N, TM, ...]`` zeros with packed rows ``x [rows, ...]`` at ``idx`` (:func:`padded_index`)."""
+    out = x.new_zeros(N * TM, *x.shape[1:])
+    out.index_copy_(0, idx, x)
+    return out.view(N, TM, *x.shape[1:])
 
 
 def band_window(direction: str, q: torch.Tensor, k: torch.Tensor, window: int) -> int:

@@ -146,7 +146,7 @@ def _launch(q, kx, vx, sk, sv, a, b, ab_rs, z, A_log, dt_bias, norm_weight, o_we
         ab_rs = H
     hs = vnew = gc = yp = ss = dummy
     ob = lb = dummy
-    wb = window
+    wb, tm = window, 0
     side = None  # the memory passes' stream when they run beside the band
     if memory:
         gc = empty(Tq, H, dtype=torch.float32, device=dev)
@@ -174,7 +174,7 @@ def _launch(q, kx, vx, sk, sv, a, b, ab_rs, z, A_log, dt_bias, norm_weight, o_we
             yp = empty(Tq, H, D, dtype=dt, device=dev)
             ss = empty(Tq, H, dtype=torch.float32, device=dev)
     if band is not None:
-        ob, lb, wb = band()
+        ob, lb, wb, tm = band()
         if side is not None:
             torch.cuda.current_stream(dev).wait_stream(side)
         BM, (BN, fwd_warps, fwd_stages) = BT, CONFIG["fwd_band_in"]
@@ -186,7 +186,7 @@ def _launch(q, kx, vx, sk, sv, a, b, ab_rs, z, A_log, dt_bias, norm_weight, o_we
     _fwd_kernel[(H, NB)](
         q=q, kx=kx, vx=vx, sk=sk, sv=sv, z=z.contiguous(), nw=norm_weight.float().contiguous(),
         ow=o_weight.to(dt).contiguous(), seq=seq, blocks=blocks, gc=gc, hs=hs, vnew=vnew, out=out, yp=yp, ss=ss,
-        lse=lse if store_lse else dummy, ob=ob, lb=lb, H=H, HKV=HKV, D=D, W=window, S=sinks, WB=wb,
+        lse=lse if store_lse else dummy, ob=ob, lb=lb, H=H, HKV=HKV, D=D, W=window, S=sinks, WB=wb, TM=tm,
         qk_scale=D ** -0.5 * math.log2(math.e), mem_scale=1.0 if mamba2 else D ** -0.5,
         BT=BT, BM=BM, BN=BN, MEMORY=memory, USE_H0=initial_state is not None,
         MAMBA2=mamba2 and memory, STORE_LSE=store_lse, BAND_IN=band is not None, num_warps=fwd_warps,
@@ -198,11 +198,17 @@ def _launch(q, kx, vx, sk, sv, a, b, ab_rs, z, A_log, dt_bias, norm_weight, o_we
     return out, ht, lse
 
 
-def _band_engine(q: torch.Tensor, uniform: bool) -> bool:
-    """Whether the band goes through cuDNN (``band_cudnn``) rather than the Triton kernel's own loop.
+# unequal lengths take the cuDNN band padded to the longest while the padding adds at most this share of rows
+BAND_PAD_WASTE = 0.25
+
+
+def _band_engine(q: torch.Tensor, lens) -> bool:
+    """Whether the band over sequences of ``lens`` goes through cuDNN (``band_cudnn``) rather than the Triton
+    kernel's own loop.
 
     ``CONFIG["band"]``: "auto" (cuDNN where it can run: a CUDA device of compute capability >= 9.0
-    with nvidia-cudnn-frontend importable, bf16/fp16, sequences of one length), "cudnn" (required: an
+    with nvidia-cudnn-frontend importable, bf16/fp16, sequences of one length or of lengths close enough
+    that padding them to the longest adds at most ``BAND_PAD_WASTE`` of the rows), "cudnn" (required: an
     error where it cannot run) or "triton". Short calls take cuDNN too: a question of 64 tokens on a saved
     128k-token cache reached its first token in 0.072 s that way and in 0.097 s on the Triton band (H100,
     bench_ttft.py); lengths within 128 tokens share a graph (band_cudnn.band_window)."""
@@ -218,8 +224,12 @@ def _band_engine(q: torch.Tensor, uniform: bool) -> bool:
     why = band_cudnn.unavailable_reason(q.device)
     if why is None and q.dtype not in (torch.bfloat16, torch.float16):
         why = f"the cuDNN band takes bfloat16 or float16, not {q.dtype}"
-    if why is None and not uniform:
-        why = "sequences of different lengths (cu_seqlens) are not served by the cuDNN band yet"
+    if why is None and len(set(lens)) > 1:
+        from .band_cudnn import _pad_len
+
+        if len(lens) * _pad_len(max(lens)) > (1 + BAND_PAD_WASTE) * sum(lens):
+            why = (f"sequences of lengths too unequal for one padded cuDNN band (padding would add more than "
+                   f"{BAND_PAD_WASTE:.0%} rows)")
     if why is not None and mode == "cudnn":
         raise RuntimeError(f'CONFIG["band"] = "cudnn": {why}')
     if why is not None and "not importable" in why and not _WARNED:
@@ -233,15 +243,30 @@ def _band_engine(q: torch.Tensor, uniform: bool) -> bool:
 _WARNED: list = []
 
 
-def _cudnn_band(q, k, v, window):
-    """A ``band`` callable for ``_launch``: cuDNN over ``q [B, T, H, D]``, ``k, v [B, T, HKV, D]``; gives
-    ``(ob, lb, wb)``, the band's output and lse for the window ``wb <= window`` (``band_cudnn.band_window``)."""
+def _cudnn_band(qf, kf, vf, lens, window):
+    """A ``band`` callable for ``_launch``: cuDNN over the rows ``qf [1, rows, H, D]``, ``kf, vf [1, rows, HKV,
+    D]`` of sequences of ``lens`` packed one after the other. Gives ``(ob, lb, wb, TM)``: the band's output
+    ``[N, TM, H, D]`` and lse ``[N, H, TM]`` (row ``t`` of sequence ``n`` at ``n * TM + t``; views of cuDNN's
+    padded results where the length is off its grid), for the window ``wb <= window``
+    (``band_cudnn.band_window``). Unequal lengths are padded to one (``band_cudnn.padded_index``): the band is
+    causal, so the zero rows after a sequence change none of its rows."""
     from . import band_cudnn
 
-    def run():  # the kernel reads both as rows (contiguous: a no-op for cuDNN's own outputs)
+    N, H, HKV, D = len(lens), qf.shape[-2], kf.shape[-2], qf.shape[-1]
+
+    def run():
+        if len(set(lens)) == 1:
+            T1 = lens[0]
+            q, k, v = qf.view(N, T1, H, D), kf.view(N, T1, HKV, D), vf.view(N, T1, HKV, D)
+        else:
+            idx, TP = band_cudnn.padded_index(lens, qf.device)
+            q, k, v = (band_cudnn.pad_rows(x[0], idx, N, TP) for x in (qf, kf, vf))
         wb = band_cudnn.band_window("fwd", q, k, window)
         ob, lb = band_cudnn.band_fwd(q, k, v, wb, sm_count=CONFIG["band_sms"])
-        return ob.contiguous(), lb.contiguous(), wb
+        TM = lb.stride(1)  # the rows per sequence of both (cuDNN's padded length where it padded)
+        if ob.stride() != (TM * H * D, H * D, D, 1) or lb.stride() != (H * TM, TM, 1):
+            ob, lb, TM = ob.contiguous(), lb.contiguous(), ob.shape[1]
+        return ob, lb, wb, TM
 
     return run
 
@@ -270,9 +295,8 @@ def prefill_fwd(q, k, v, a, b, z, A_log, dt_bias, norm_weight, o_weight, window:
     flat = lambda x: None if x is None else x.reshape(1, B * T, *x.shape[2:]).contiguous()  # noqa: E731
     qf, kf, vf = flat(q), flat(k), flat(v)
     band = None
-    if T > 0 and _band_engine(q, cu_seqlens is None or len(set(lens)) == 1):
-        T1 = lens[0]
-        band = _cudnn_band(qf.view(N, T1, H, D), kf.view(N, T1, -1, D), vf.view(N, T1, -1, D), window)
+    if T > 0 and _band_engine(q, lens):
+        band = _cudnn_band(qf, kf, vf, lens, window)
     out, ht, lse = _launch(qf, kf, vf, kf, vf, flat(a), flat(b), None, flat(z), A_log, dt_bias, norm_weight,
                            o_weight, window, sinks, kind, seq, chunks, NT, N, initial_state, output_final_state,
                            memory, stage, store_lse=True, lens=lens, band=band)
@@ -327,7 +351,8 @@ def prefill_cache_fwd(q, k, v, a, b, z, A_log, dt_bias, norm_weight, o_weight,
     sk = wsk.reshape(1, B * S, HKV, D) if S else kx
     sv = wsv.reshape(1, B * S, HKV, D) if S else vx
     qf = q.reshape(1, B * T, H, D).contiguous()
-    band = _cudnn_band(qf.view(B, T, H, D), kc, vc, W) if T > 0 and _band_engine(q, True) else None
+    band = (_cudnn_band(qf, kc.reshape(1, B * T, HKV, D), vc.reshape(1, B * T, HKV, D), [T] * B, W)
+            if T > 0 and _band_engine(q, [T] * B) else None)
     # inference: no backward, so no lse store
     gxf = gx.view(-1)  # a = row half 0, b = row half 1 of each [2, H] row
     out, ht, _ = _launch(qf, kx, vx, sk, sv, gxf, gxf[H:], 2 * H, z.reshape(1, B * T, H), A_log, dt_bias, norm_weight,

@@ -284,12 +284,13 @@ def _mem_rows(b_o, b_q, i_c, i_h, i_kv, bos, T, P, kxb, kp0, coff, W, S, mem_sca
     tl.store(out + (o_q * H + i_h)[:, None] * D + o_d[None, :], b_o.to(out.dtype.element_ty), mask=m_i[:, None])
 
 
-@triton.jit(do_not_specialize=["WB"])  # a window drawn per step: no compile per divisibility of WB
+# WB: a window drawn per step; TM: the band's padded length: no compile per divisibility of either
+@triton.jit(do_not_specialize=["WB", "TM"])
 def _fwd_kernel(
     # pointers
     q, kx, vx, sk, sv, z, nw, ow, seq, blocks, gc, hs, vnew, out, yp, ss, lse, ob, lb,
     # sizes
-    H: tl.constexpr, HKV: tl.constexpr, D: tl.constexpr, W, S, qk_scale, mem_scale, WB,
+    H: tl.constexpr, HKV: tl.constexpr, D: tl.constexpr, W, S, qk_scale, mem_scale, WB, TM,
     # meta
     BT: tl.constexpr, BM: tl.constexpr, BN: tl.constexpr, MEMORY: tl.constexpr, USE_H0: tl.constexpr,
     MAMBA2: tl.constexpr, STORE_LSE: tl.constexpr, BAND_IN: tl.constexpr = False,
@@ -325,13 +326,15 @@ def _fwd_kernel(
     b_q = tl.load(q + (o_q * H + i_h)[:, None] * D + o_d[None, :], mask=m_i[:, None], other=0.)  # [BM, D]
     if BAND_IN:
         # the band t - WB < j <= t (WB <= W) over the call's own tokens (positions >= P) was computed
-        # outside (band_cudnn): its normalised output ``ob`` (rows as q) and natural-log lse ``lb``
-        # [N, H, T] (uniform T per sequence) start the online softmax, which goes on with the keys the
-        # band did not see: the sinks that left the window, the window's far part t - W < j <= t - WB
-        # (band_cudnn's graphs take a window rounded down when W is new) and, on a cache, the ring tail
-        b_acc = tl.load(ob + (o_q * H + i_h)[:, None] * D + o_d[None, :], mask=m_i[:, None], other=0.)
+        # outside (band_cudnn): its normalised output ``ob`` [N, TM, H, D] and natural-log lse ``lb``
+        # [N, H, TM] (TM rows per sequence: its length, or the padded length of unequal ones) start the
+        # online softmax, which goes on with the keys the band did not see: the sinks that left the
+        # window, the window's far part t - W < j <= t - WB (band_cudnn's graphs take a window rounded
+        # down when W is new) and, on a cache, the ring tail
+        o_b = i_n.to(tl.int64) * TM + o_i  # the band's rows of this block
+        b_acc = tl.load(ob + (o_b * H + i_h)[:, None] * D + o_d[None, :], mask=m_i[:, None], other=0.)
         b_acc = b_acc.to(tl.float32)
-        b_m = tl.load(lb + (i_n * H + i_h).to(tl.int64) * T + o_i, mask=m_i, other=0.) * 1.4426950408889634
+        b_m = tl.load(lb + (i_n * H + i_h).to(tl.int64) * TM + o_i, mask=m_i, other=0.) * 1.4426950408889634
         b_l = tl.where(m_i, 1., 0.)
     else:
         b_acc = tl.zeros([BM, D], dtype=tl.float32)
