@@ -76,10 +76,16 @@ def test_engine_matches_reference_and_triton(kind, B, T, W, S, G, D, dtype, engi
 
 
 @needs_cudnn
-@pytest.mark.parametrize("lens", [[300, 300, 300], [5, 700, 64]], ids=["equal", "unequal"])
+@pytest.mark.parametrize("lens", [[300, 300, 300], [700, 650, 690, 701], [5, 700, 64]],
+                         ids=["equal", "close", "unequal"])
 def test_engine_varlen(lens, engine):
-    """cu_seqlens: sequences of one length take the cuDNN band, others the Triton band ("auto")."""
+    """cu_seqlens: sequences of one length and of close lengths (padded to one) take the cuDNN band, others
+    the Triton band ("auto"); the gradients too."""
     P = _prefill()
+    from ahn_ops.ops.ahn_attention import band_cudnn
+
+    padded = len(lens) * band_cudnn._pad_len(max(lens))
+    assert (len(set(lens)) == 1 or padded <= (1 + P.BAND_PAD_WASTE) * sum(lens)) == (lens != [5, 700, 64])
     kind, W, S, H, HKV, D = "gdn", 100, 4, 8, 2, 128
     T = sum(lens)
     args = make_inputs(kind, 1, T, H, HKV, D, torch.bfloat16, device="cuda", seed=len(lens) + T)
@@ -94,6 +100,14 @@ def test_engine_varlen(lens, engine):
         _check(f"seq {i} (T={n})", out[:, s:s + n], r, lp)
         torch.testing.assert_close(ht[i], st[0], rtol=2e-2, atol=2e-2)
         s += n
+    # the backward through the same engine: every gradient within the bf16 rule of the fp32 reference
+    from ..utils import check_bf16_grad_rule, kernel_grads, ref_grads
+
+    dout = torch.randn(1, T, H, D, device="cuda", dtype=torch.bfloat16)
+    gk = kernel_grads(args, dout, W, S, kind, cu)
+    gr = ref_grads([None if x is None else x.float() for x in args], dout, W, S, kind, cu, torch.float32)
+    gt = ref_grads(args, dout, W, S, kind, cu, torch.bfloat16)
+    check_bf16_grad_rule(gk, gr, gt)
 
 
 @needs_cudnn
