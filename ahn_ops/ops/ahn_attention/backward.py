@@ -211,7 +211,7 @@ def prefill_bwd(dout, dht, q, k, v, a, b, z, A_log, dt_bias, norm_weight, o_weig
     dh0 = empty(N, H, D, D, dtype=torch.float32, device=dev) if use_h0 else None
     dow = None
     # the window band's gradients from cuDNN (band_cudnn.band_bwd) where the forward's engine rule allows
-    # (prefill._band_engine: sm_90+, bf16/fp16, sequences of one length); the Triton kernels then walk
+    # (prefill._band_engine: sm_90+, bf16/fp16, lengths one or close); the Triton kernels then walk
     # only the sinks past the window and the memory part, and add the band's dq, dk, dv
     # deterministic: the Triton band, whose dq and dk/dv programs own their rows (cuDNN's deterministic
     # backward reduces dq per key tile through a workspace of ~32 GB at T=32k, H=16 and took 2.8x as long)
