@@ -197,12 +197,24 @@ def _torch_band_bwd(q, k, v, o, do, lse, W):
     return tuple(x.to(y.dtype).contiguous() for x, y in ((dq, q), (dk, k), (dv, v)))  # contiguous, as band_bwd
 
 
+def _into(grads, out):
+    """As band_cudnn.band_bwd with ``out``: the gradients written into the caller's buffers (which the Triton
+    kernels then read and rewrite in place), else new tensors."""
+    if out is None:
+        return grads
+    for o, g in zip(out, grads):
+        o.copy_(g)
+    return out
+
+
 @pytest.mark.skipif(not torch.cuda.is_available() and __import__("os").environ.get("TRITON_INTERPRET") != "1",
                     reason="needs CUDA or TRITON_INTERPRET=1")
 @pytest.mark.parametrize("kind,B,T,W,S,G,step", [
     pytest.param("gdn", 1, 150, 40, 5, 2, None, id="gdn-T150-W40-S5"),
     pytest.param("mamba2", 2, 97, 20, 70, 1, None, id="mamba2-B2-T97-W20-S70"),
     pytest.param("dn", 1, 130, 1, 3, 4, None, id="dn-T130-W1-S3"),
+    # a length on cuDNN's grid (a multiple of band_cudnn.PAD): the band's gradients written into dq, dk, dv
+    pytest.param("gdn", 2, 128, 50, 4, 2, None, id="gdn-B2-T128-W50-S4-in-place"),
     # a window seen for the first time: the band at the window rounded down to the step, the kernels
     # walking the keys between (band_cudnn.band_window)
     pytest.param("gdn", 1, 150, 60, 5, 2, 32, id="gdn-T150-W60-S5-band32"),
@@ -224,9 +236,9 @@ def test_band_composition_kernel(kind, B, T, W, S, G, step, monkeypatch):
         asked.append(w)
         return _torch_band_fwd(q, k, v, w, out)
 
-    def bwd(q, k, v, o, do, lse, w, sm_count=None):
+    def bwd(q, k, v, o, do, lse, w, sm_count=None, out=None):
         asked.append(w)
-        return _torch_band_bwd(q, k, v, o, do, lse, w)
+        return _into(_torch_band_bwd(q, k, v, o, do, lse, w), out)
 
     monkeypatch.setattr(band_cudnn, "band_fwd", fwd)
     monkeypatch.setattr(band_cudnn, "band_bwd", bwd)
@@ -278,9 +290,9 @@ def test_band_composition_varlen(kind, lens, W, S, step, monkeypatch):
         shapes.append(tuple(q.shape[:2]))
         return _torch_band_fwd(q, k, v, w, out)
 
-    def bwd(q, k, v, o, do, lse, w, sm_count=None):
+    def bwd(q, k, v, o, do, lse, w, sm_count=None, out=None):
         shapes.append(tuple(q.shape[:2]))
-        return _torch_band_bwd(q, k, v, o, do, lse, w)
+        return _into(_torch_band_bwd(q, k, v, o, do, lse, w), out)
 
     monkeypatch.setattr(band_cudnn, "band_fwd", fwd)
     monkeypatch.setattr(band_cudnn, "band_bwd", bwd)

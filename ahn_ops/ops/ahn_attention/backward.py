@@ -303,7 +303,12 @@ def prefill_bwd(dout, dht, q, k, v, a, b, z, A_log, dt_bias, norm_weight, o_weig
                 band_stream = _side_stream(dev, "band")
                 band_stream.wait_stream(torch.cuda.current_stream(dev))
             with torch.cuda.stream(band_stream) if band_stream is not None else contextlib.nullcontext():
-                dqb, dkb, dvb = band_cudnn.band_bwd(qb, kb, vb, ob_, dob, lse_n, wb, CONFIG["band_sms"])
+                # one length on cuDNN's grid: the band's gradients go straight into dq, dk, dv, which the
+                # dq / dkdv kernels below read and rewrite row by row (no second set of buffers)
+                direct = (pad_idx is None and T1 % band_cudnn.PAD == 0
+                          and all(x.is_contiguous() for x in (dq, dk, dv)))
+                out3 = (dq.view(N, T1, H, D), dk.view(N, T1, HKV, D), dv.view(N, T1, HKV, D)) if direct else None
+                dqb, dkb, dvb = band_cudnn.band_bwd(qb, kb, vb, ob_, dob, lse_n, wb, CONFIG["band_sms"], out3)
                 if pad_idx is None:  # rows as q / k (views when cuDNN padded)
                     dqb, dkb, dvb = (x.contiguous() for x in (dqb, dkb, dvb))
                 else:  # the real rows, packed again

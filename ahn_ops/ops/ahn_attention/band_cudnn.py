@@ -254,14 +254,15 @@ def _build_bwd(handle, dtype, qd, qs, kd, ks, vs, os_, window: int, scale: float
     return _plan(g, (tq, tk, tv, to, tdo, tst, dq, dk, dv))
 
 
-def band_bwd(q, k, v, o, do, lse, window: int, sm_count: Optional[int] = None):
+def band_bwd(q, k, v, o, do, lse, window: int, sm_count: Optional[int] = None, out=None):
     """Gradients of the band attention given the softmax's total ``o`` / ``lse [B, H, T]`` (natural log).
 
     With ``o`` and ``lse`` of a softmax over the band plus other keys, cuDNN's ``P = exp(s - lse)`` and
     ``D_i = rowsum(dO o)`` give exactly the band's share of dq and the band keys' dk, dv.
     Returns ``(dq, dk, dv)`` shaped like q, k, v (contiguous; views of padded results when the length is
     not a multiple of ``PAD``: the zero rows add nothing to the real rows' gradients). ``sm_count``: as for
-    :func:`band_fwd`.
+    :func:`band_fwd`. ``out``: contiguous ``(dq, dk, dv)`` to write into (the caller's gradient buffers, which
+    its kernels then read and rewrite in place); used where no padding is needed, else new tensors.
     """
     T = q.shape[1]
     T_pad = _pad_len(T)
@@ -272,7 +273,11 @@ def band_bwd(q, k, v, o, do, lse, window: int, sm_count: Optional[int] = None):
     dev = q.device
     q, k, v, o = (x.contiguous() for x in (q, k, v, o))
     do = do.contiguous()
-    dq, dk, dv = (empty(*x.shape, dtype=x.dtype, device=dev) for x in (q, k, v))
+    if out is not None and all(t.is_contiguous() and t.shape == x.shape and t.dtype == x.dtype
+                               for t, x in zip(out, (q, k, v))):
+        dq, dk, dv = out
+    else:
+        dq, dk, dv = (empty(*x.shape, dtype=x.dtype, device=dev) for x in (q, k, v))
     handle, (qd, qs, kd, ks, vs, _, os_), key = _graph_key("bwd", q, k, v, o, window, sm_count)
     g, (tq, tk, tv, to, tdo, tst, tdq, tdk, tdv), ws = lru_get(
         _GRAPHS, key,
