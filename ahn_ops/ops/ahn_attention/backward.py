@@ -332,6 +332,10 @@ def prefill_bwd(dout, dht, q, k, v, a, b, z, A_log, dt_bias, norm_weight, o_weig
                     sink()
                 dow = _do_weight(uo, dof)
             dow.record_stream(main)  # allocated on the side stream, converted on the main one
+            uo.record_stream(side)  # freed below while the side stream may still read it
+        else:  # one stream: the product now, so that u_epi is freed before the memory passes
+            dow = _do_weight(uo, dof)
+        uo = None  # u_epi ([tokens, H, D]) is read by nothing else
         # ---- reverse state recurrence ----
         dhs = empty(NT, H, D, D, dtype=dt, device=dev)
         dvnew = empty(Tt, H, D, dtype=dt, device=dev)
