@@ -385,7 +385,7 @@ def _mem_bwd_wy_kernel(
         pos = o_i - W
         m_act = m_i & (pos >= S)
         o_row = bos + tl.where(m_act, pos, 0)
-        b_g, b_beta = _load_gates(a, b, A_log, dt_bias, o_row, m_act, i_h, H, H, GATES)
+        b_g, b_beta = _load_gates(a, b, A_log, dt_bias, o_row, m_act, i_h, H, GATES)
         b_dgc = tl.zeros([BT], dtype=tl.float32)
         for i_k in range(NK):
             b_dgc += tl.load(dgc_part + (i_k * Tt + o_q) * H + i_h, mask=m_i, other=0.)

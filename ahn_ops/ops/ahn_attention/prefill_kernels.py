@@ -127,7 +127,7 @@ def _prep_kernel(
         b_k = tl.load(kx + (o_row * HKV + i_h // G)[:, None] * D + o_d[None, :], mask=m_act[:, None], other=0.)
         b_v = tl.load(vx + (o_row * HKV + i_h // G)[:, None] * D + o_d[None, :], mask=m_act[:, None], other=0.)
         b_kn = _norm_rows(b_k.to(tl.float32), MAMBA2)  # [BT, D]
-        b_g, b_beta = _load_gates(a, b, A_log, dt_bias, o_row, m_act, i_h, H, AB_RS, GATES)
+        b_g, b_beta = _load_gates(a, b, A_log, dt_bias, o_row, m_act, i_h, AB_RS, GATES)
         b_gc = tl.cumsum(b_g, 0)  # [BT] in-chunk cumulative log-decay (0 for DN)
         if MAMBA2:
             # no delta correction: no inverse, w = 0 (not stored), and the new values are u = dt v

@@ -67,7 +67,7 @@ def norm_rows(b_x, MAMBA2: tl.constexpr):
 
 
 @triton.jit
-def load_gates(a, b, A_log, dt_bias, o_row, m_act, i_h, H: tl.constexpr, RS: tl.constexpr, GATES: tl.constexpr):
+def load_gates(a, b, A_log, dt_bias, o_row, m_act, i_h, RS: tl.constexpr, GATES: tl.constexpr):
     """(g, beta) [BT] fp32 of the tokens at rows ``o_row`` of the raw projections ``a``, ``b`` (``RS``
     elements per row: ``H`` for ``[tokens, H]`` inputs, ``2 H`` for the cache path's ``[rows, 2, H]``
     gate inputs with ``b`` one row half further); 0 where ``m_act`` is off.
