@@ -275,8 +275,8 @@ def test_band_composition_kernel(kind, B, T, W, S, G, step, monkeypatch):
     pytest.param("mamba2", [64, 3, 129], 20, 70, 16, id="mamba2-unequal-W20-S70-band16"),
 ])
 def test_band_composition_varlen(kind, lens, W, S, step, monkeypatch):
-    # sequences of unequal lengths: the band over a batch padded to the longest (band_cudnn.padded_index /
-    # pad_rows), read back by the forward at the padded stride TM and gathered back in the backward
+    # sequences of unequal lengths: the band over a batch padded to the longest (band_cudnn.to_batch), read
+    # back by the forward at the padded stride TM and gathered back in the backward
     from collections import OrderedDict
 
     from ahn_ops.ops.ahn_attention import band_cudnn
@@ -386,7 +386,8 @@ def test_band_backward_beside_the_memory_passes(engine, monkeypatch, sms):
     monkeypatch.setitem(bw.CONFIG, "band_sms", sms)
     kind, T, W, S, H, HKV, D = "gdn", 1000, 300, 5, 16, 2, 128
     args = make_inputs(kind, 1, T, H, HKV, D, torch.bfloat16, device="cuda", seed=13)
-    dout = torch.randn(1, T, H, D, device="cuda", dtype=torch.bfloat16, generator=torch.Generator("cuda").manual_seed(1))
+    dout = torch.randn(1, T, H, D, device="cuda", dtype=torch.bfloat16,
+                       generator=torch.Generator("cuda").manual_seed(1))
     try:
         gk = kernel_grads(args, dout, W, S, kind, None)
     except Exception as e:  # an engine without the carveout: cuDNN says so when the graph is built

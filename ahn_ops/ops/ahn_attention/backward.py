@@ -286,17 +286,11 @@ def prefill_bwd(dout, dht, q, k, v, a, b, z, A_log, dt_bias, norm_weight, o_weig
             # its delta from o_win give exactly the band's share of the gradients
             from . import band_cudnn
 
-            lse_rows = lsef * math.log(2.0)  # natural log, rows as q
-            if len(set(lens)) == 1:
-                T1 = lens[0]
-                pad_idx = None
-                qb, kb, vb, ob_, dob = (x.view(N, T1, -1, D) for x in (qf, kf, vf, owin, dof))
-                lse_n = lse_rows.view(N, T1, H).transpose(1, 2).contiguous()  # [N, H, T]
-            else:  # unequal lengths: padded to one, as the forward's band (prefill._cudnn_band)
-                pad_idx, T1 = band_cudnn.padded_index(lens, dev)
-                qb, kb, vb, ob_, dob = (band_cudnn.pad_rows(x.view(Tt, -1, D), pad_idx, N, T1)
-                                        for x in (qf, kf, vf, owin, dof))
-                lse_n = band_cudnn.pad_rows(lse_rows.view(Tt, H), pad_idx, N, T1).transpose(1, 2).contiguous()
+            # [N, T, ...] batches (unequal lengths padded to one, as for the forward's band); lse natural log
+            (qb, kb, vb, ob_, dob, lse_b), pad_idx = band_cudnn.to_batch(
+                lens, *(x.view(Tt, -1, D) for x in (qf, kf, vf, owin, dof)), (lsef * math.log(2.0)).view(Tt, H))
+            T1 = qb.shape[1]
+            lse_n = lse_b.transpose(1, 2).contiguous()  # [N, H, T]
             wb = band_cudnn.band_window("bwd", qb, kb, W)
             if CONFIG["band_overlap"] and dev.type == "cuda":
                 # on a stream of its own beside the memory passes below; dq joins it
@@ -305,8 +299,7 @@ def prefill_bwd(dout, dht, q, k, v, a, b, z, A_log, dt_bias, norm_weight, o_weig
             with torch.cuda.stream(band_stream) if band_stream is not None else contextlib.nullcontext():
                 # one length on cuDNN's grid: the band's gradients go straight into dq, dk, dv, which the
                 # dq / dkdv kernels below read and rewrite row by row (no second set of buffers)
-                direct = (pad_idx is None and T1 % band_cudnn.PAD == 0
-                          and all(x.is_contiguous() for x in (dq, dk, dv)))
+                direct = pad_idx is None and T1 % band_cudnn.PAD == 0
                 out3 = (dq.view(N, T1, H, D), dk.view(N, T1, HKV, D), dv.view(N, T1, HKV, D)) if direct else None
                 dqb, dkb, dvb = band_cudnn.band_bwd(qb, kb, vb, ob_, dob, lse_n, wb, CONFIG["band_sms"], out3)
                 if pad_idx is None:  # rows as q / k (views when cuDNN padded)
@@ -319,7 +312,7 @@ def prefill_bwd(dout, dht, q, k, v, a, b, z, A_log, dt_bias, norm_weight, o_weig
                 for x in (owin, lse_n, qb, kb, vb, ob_, dob):  # freed here while the band stream may read them
                     x.record_stream(band_stream)
             # o_win (and the padded copies) are read by nothing else: free them before the memory passes
-            del lse_n, owin, epi, qb, kb, vb, ob_, dob
+            del lse_n, lse_b, owin, epi, qb, kb, vb, ob_, dob
 
         side = main = None
         # deterministic: one stream (cuBLAS' do_weight product is reproducible only on one stream

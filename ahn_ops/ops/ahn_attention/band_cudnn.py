@@ -28,7 +28,7 @@ import torch
 from ..common.alloc import empty
 from .tables import lru_get
 
-__all__ = ["band_fwd", "band_bwd", "band_window", "padded_index", "pad_rows", "unavailable_reason"]
+__all__ = ["band_fwd", "band_bwd", "band_window", "to_batch", "unavailable_reason"]
 
 _HANDLES: dict = {}
 _GRAPHS: "OrderedDict[tuple, tuple]" = OrderedDict()
@@ -73,29 +73,33 @@ def _pad_len(T: int) -> int:
     return -(-T // PAD) * PAD
 
 
-def padded_index(lens, device) -> Tuple[torch.Tensor, int]:
-    """``(idx, TM)`` for sequences of unequal ``lens`` packed row after row: packed row ``r`` of sequence ``n``
-    sits at row ``n * TM + (r - start_n)`` of a ``[N, TM]`` batch, ``TM`` the longest length rounded up to
-    ``PAD`` (so that cuDNN gets a graph-friendly length). Cached per (lens, device)."""
+def to_batch(lens, *rows):
+    """``[N, T, ...]`` batches of the rows (each ``[rows, ...]``) of sequences of ``lens`` packed one after
+    the other: views for one length; for unequal ones copies padded with zero rows to the longest length
+    rounded up to ``PAD`` (the band is causal, so the zero rows after a sequence change none of its rows).
+    Returns ``(batches, idx)``: ``idx`` (None for views) the batch row ``n * T + t`` of each packed row, to
+    gather results back with ``x.reshape(N * T, ...).index_select(0, idx)``."""
     from .tables import cached_table
 
+    N = len(lens)
+    if len(set(lens)) == 1:
+        return [x.view(N, lens[0], *x.shape[1:]) for x in rows], None
     TM = _pad_len(max(lens))
 
     def build():
-        starts = torch.tensor([n * TM for n in range(len(lens))], dtype=torch.int64)
         ln = torch.tensor(lens, dtype=torch.int64)
-        first = torch.cumsum(ln, 0) - ln  # packed row of each sequence's first token
-        idx = torch.arange(int(ln.sum()), dtype=torch.int64) - torch.repeat_interleave(first - starts, ln)
-        return idx.to(device)
+        # per sequence: its first packed row minus its first batch row
+        shift = torch.cumsum(ln, 0) - ln - torch.arange(N, dtype=torch.int64) * TM
+        return (torch.arange(int(ln.sum()), dtype=torch.int64) - torch.repeat_interleave(shift, ln)).to(
+            rows[0].device)
 
-    return cached_table(("band_pad", tuple(lens), TM, str(device)), build), TM
-
-
-def pad_rows(x: torch.Tensor, idx: torch.Tensor, N: int, TM: int) -> torch.Tensor:
-    """``[N, TM, ...]`` zeros with packed rows ``x [rows, ...]`` at ``idx`` (:func:`padded_index`)."""
-    out = x.new_zeros(N * TM, *x.shape[1:])
-    out.index_copy_(0, idx, x)
-    return out.view(N, TM, *x.shape[1:])
+    idx = cached_table(("band_pad", tuple(lens), TM, str(rows[0].device)), build)
+    batches = []
+    for x in rows:
+        out = x.new_zeros(N * TM, *x.shape[1:])
+        out.index_copy_(0, idx, x)
+        batches.append(out.view(N, TM, *x.shape[1:]))
+    return batches, idx
 
 
 def band_window(direction: str, q: torch.Tensor, k: torch.Tensor, window: int) -> int:

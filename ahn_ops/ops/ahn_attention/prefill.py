@@ -122,8 +122,8 @@ def _launch(q, kx, vx, sk, sv, a, b, ab_rs, z, A_log, dt_bias, norm_weight, o_we
     # store_lse: also return the window softmax's lse (fp32 [Tq, H]) for the backward; the cache
     # path (inference) passes False and the kernel skips the store.
     # band: None (the Triton kernel walks the window band) or a callable giving the band over the
-    # call's own tokens as (ob [.., H, D] rows as q, lse [N, H, T] natural log, uniform T, its window
-    # wb <= window: the kernel walks the keys between); it runs on the current stream while the memory
+    # call's own tokens (_cudnn_band: ob [N, TM, H, D], natural-log lse [N, H, TM], its window wb <= window,
+    # the kernel walking the keys between, and TM); it runs on the current stream while the memory
     # passes run on a side stream
     Tq, H, D = q.shape[1], q.shape[2], q.shape[3]
     HKV = kx.shape[-2]
@@ -248,19 +248,13 @@ def _cudnn_band(qf, kf, vf, lens, window):
     D]`` of sequences of ``lens`` packed one after the other. Gives ``(ob, lb, wb, TM)``: the band's output
     ``[N, TM, H, D]`` and lse ``[N, H, TM]`` (row ``t`` of sequence ``n`` at ``n * TM + t``; views of cuDNN's
     padded results where the length is off its grid), for the window ``wb <= window``
-    (``band_cudnn.band_window``). Unequal lengths are padded to one (``band_cudnn.padded_index``): the band is
-    causal, so the zero rows after a sequence change none of its rows."""
+    (``band_cudnn.band_window``). Unequal lengths are padded to one (``band_cudnn.to_batch``)."""
     from . import band_cudnn
 
-    N, H, HKV, D = len(lens), qf.shape[-2], kf.shape[-2], qf.shape[-1]
+    H, D = qf.shape[-2], qf.shape[-1]
 
     def run():
-        if len(set(lens)) == 1:
-            T1 = lens[0]
-            q, k, v = qf.view(N, T1, H, D), kf.view(N, T1, HKV, D), vf.view(N, T1, HKV, D)
-        else:
-            idx, TP = band_cudnn.padded_index(lens, qf.device)
-            q, k, v = (band_cudnn.pad_rows(x[0], idx, N, TP) for x in (qf, kf, vf))
+        (q, k, v), _ = band_cudnn.to_batch(lens, qf[0], kf[0], vf[0])
         wb = band_cudnn.band_window("fwd", q, k, window)
         ob, lb = band_cudnn.band_fwd(q, k, v, wb, sm_count=CONFIG["band_sms"])
         TM = lb.stride(1)  # the rows per sequence of both (cuDNN's padded length where it padded)
