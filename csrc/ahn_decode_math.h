@@ -55,7 +55,8 @@ struct DecodeParams {
 inline float softplus(float x) { return x > 20.f ? x : std::log1p(std::exp(x)); }  // as torch
 inline float sigmoid(float x) { return 1.f / (1.f + std::exp(-x)); }
 
-// Log-decay g and write strength w of head h from its raw projections a, b (docs/AHN_SPEC.md "Gates").
+// Log-decay g and write strength w of head h from its raw projections a, b (docs/AHN_SPEC.md, "Compressed
+// long-term memory: the AHN").
 template <typename T>
 inline void gate_values(const DecodeParams<T>& p, int64_t h, float a, float b, float& g, float& w) {
   g = 0.f;
