@@ -283,7 +283,9 @@ def run_case(cfg, c):
     rows = []
     for T in c["contexts"]:
         sh = f"{shape} T{T} W{c['W']} S{c['S']}"
-        ext = dict(T=T, B=c["batch"], W=c["W"], S=c["S"], layers=L, model=c["shape"])
+        ext = dict(T=T, B=c["batch"], W=c["W"], S=c["S"], layers=L, model=c["shape"],
+                   H=model.config.num_attention_heads, HKV=model.config.num_key_value_heads,
+                   D=model.config.hidden_size // model.config.num_attention_heads)
         try:
             r = run(model, T, c["steps"], None, device, lambda: ahn_ops.AHNModelCache.from_model(model),
                     batch=c["batch"])

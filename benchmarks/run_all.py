@@ -220,35 +220,49 @@ def plots(rows, meta, outdir):
             ax.legend(fontsize=8)
         save(fig, name)
 
-    # cache memory: whole-model cache per sequence, AHN (constant) vs full KV (linear), Qwen2.5 shapes
+    # cache memory: whole-model cache per sequence, AHN (constant: AHNModelCache allocates its sinks, ring,
+    # gate-input ring and state once) vs full KV (linear), Qwen2.5 shapes at the release window; the model
+    # bench's measured caches get a line of their own shape (its layer count, W and S), so each point sits on
+    # the formula it checks
     fig, ax = plt.subplots(figsize=(7, 4.5))
     W, S = meta["cache_W"], meta["cache_S"]
     meas = [r for r in rows if r["bench"] == "model_prefill" and _finite(r.get("ahn_cache_bytes"))]
     lo = int(math.log2(min([1024] + [r["T"] for r in meas])))
     Ts = [2 ** i for i in range(lo, 21)]
     layers = {"3b": 36, "7b": 28, "14b": 48}
+    MiB = 2 ** 20
+
+    def ahn_model_bytes(L, W_, S_, H, HKV, D=128):  # = AHNModelCache.nbytes (the int64 positions included)
+        return L * (C.ahn_cache_bytes(1, W_, S_, H, HKV, D) + 8)
+
     for i, (name, (H, HKV)) in enumerate(C.HEADS.items()):
         L = layers[name]
         col = f"C{i}"
-        ax.plot(Ts, [L * C.full_cache_bytes(1, T, HKV, 128) / 2 ** 20 for T in Ts], "--", color=col,
+        ax.plot(Ts, [L * C.full_cache_bytes(1, T, HKV, 128) / MiB for T in Ts], "--", color=col,
                 label=f"full KV, Qwen2.5-{name.upper()}")
-        ahn = [L * (C.full_cache_bytes(1, min(T, S + W), HKV, 128) + min(T, W) * H * 2 * 4 + H * 128 * 128 * 4)
-               for T in Ts]  # = C.ahn_cache_bytes once T >= S + W
-        ax.plot(Ts, [b / 2 ** 20 for b in ahn], "-", color=col, label=f"AHN W={W} S={S}, Qwen2.5-{name.upper()}")
+        ax.plot(Ts, [ahn_model_bytes(L, W, S, H, HKV) / MiB] * len(Ts), "-", color=col,
+                label=f"AHN W={W} S={S}, Qwen2.5-{name.upper()}")
+    for shp in sorted({tuple(r[k] for k in ("model", "layers", "W", "S", "H", "HKV", "D")) for r in meas
+                       if "HKV" in r}):
+        name, L, W_, S_, H, HKV, D = shp
+        ax.plot(Ts, [ahn_model_bytes(L, W_, S_, H, HKV, D) / MiB] * len(Ts), ":", color="k", lw=0.8,
+                label=f"AHN W={W_} S={S_}, {name.upper()} heads, {L} layers (model bench)")
+        ax.plot(Ts, [L * C.full_cache_bytes(1, T, HKV, D) / MiB for T in Ts], "-.", color="k", lw=0.8,
+                label=f"full KV, {name.upper()} heads, {L} layers (model bench)")
     for r in meas:
-        ax.plot([r["T"]], [r["ahn_cache_bytes"] / 2 ** 20], "k^")
+        ax.plot([r["T"]], [r["ahn_cache_bytes"] / MiB], "k^")
         if _finite(r.get("full_cache_bytes")):
-            ax.plot([r["T"]], [r["full_cache_bytes"] / 2 ** 20], "kv")
+            ax.plot([r["T"]], [r["full_cache_bytes"] / MiB], "kv")
     if meas:
-        ax.plot([], [], "k^", label="measured AHNModelCache.nbytes (model bench shape)")
-        ax.plot([], [], "kv", label="measured DynamicCache (model bench shape)")
+        ax.plot([], [], "k^", label="measured AHNModelCache.nbytes (model bench)")
+        ax.plot([], [], "kv", label="measured DynamicCache (model bench)")
     ax.set_xscale("log", base=2)
     ax.set_yscale("log")
     ax.set_xlabel("context length T (tokens)")
     ax.set_ylabel("cache MiB per sequence (all layers, bf16 K/V)")
     ax.set_title(f"Cache memory vs context length; {sub}", fontsize=9)
     ax.grid(True, which="both", alpha=0.3)
-    ax.legend(fontsize=7)
+    ax.legend(fontsize=7, loc="upper left")
     save(fig, "cache_memory_vs_context.png")
 
     # speedup over each peer: geometric mean over the shapes measured, per benchmark
