@@ -15,7 +15,10 @@ peak, bytes / copy bandwidth) / time.
 
 Writes under ``--out`` (default: benchmarks/): ``RESULTS_run_all.md`` (markdown tables),
 ``results_run_all.json`` (every row), ``plots/*.png``. ``--update-results`` also replaces the
-section between ``<!-- run_all:begin -->`` and ``<!-- run_all:end -->`` in benchmarks/RESULTS.md.
+section between ``<!-- run_all:begin -->`` and ``<!-- run_all:end -->`` in benchmarks/RESULTS.md and
+appends this run's measurements to benchmarks/history.jsonl (the record of every published run: one
+line per measurement with date, commit, device, shape, ours and the peer; ``plots/history.png`` draws
+the standard shapes from it).
 """
 
 from __future__ import annotations
@@ -30,6 +33,8 @@ import time
 HERE = os.path.dirname(os.path.abspath(__file__))
 BENCHES = ("prefill", "backward", "decode", "model")
 BEGIN, END = "<!-- run_all:begin -->", "<!-- run_all:end -->"
+HISTORY = os.path.join(HERE, "history.jsonl")
+HISTORY_KEYS = ("date", "commit", "device", "mode", "bench", "kind", "shape", "ms", "peer", "peer_ms")
 
 
 def parse(argv=None):
@@ -43,7 +48,8 @@ def parse(argv=None):
                     help="skip the remaining cases (noted in the table) past this many seconds "
                          "(default 240 with --quick, none otherwise)")
     ap.add_argument("--update-results", action="store_true",
-                    help="also write the tables between the run_all markers of benchmarks/RESULTS.md")
+                    help="also write the tables between the run_all markers of benchmarks/RESULTS.md and "
+                         "append the measurements to benchmarks/history.jsonl")
     ap.add_argument("--no-progress", action="store_true")
     return ap.parse_args(argv)
 
@@ -131,6 +137,61 @@ def update_results_md(path, text):
         f.write(new)
 
 
+def git_commit() -> str:
+    """Short hash of the checkout's HEAD, ``+dirty`` when tracked files differ from it; ``unknown`` outside git."""
+    import subprocess
+
+    def git(*a):
+        return subprocess.run(["git", "-C", HERE, *a], capture_output=True, text=True, timeout=30)
+
+    try:
+        head = git("rev-parse", "--short", "HEAD")
+        if head.returncode != 0:
+            return "unknown"
+        dirty = git("status", "--porcelain", "--untracked-files=no").stdout.strip()
+        return head.stdout.strip() + ("+dirty" if dirty else "")
+    except (OSError, subprocess.SubprocessError):
+        return "unknown"
+
+
+def history_rows(rows, meta, commit):
+    """The record's lines of one run: every row with a finite time of ours, keyed as HISTORY_KEYS."""
+    out = []
+    for r in rows:
+        if not _finite(r.get("ms")):
+            continue
+        out.append(dict(date=meta["date"], commit=commit, device=meta["device"], mode=meta["mode"],
+                        bench=r["bench"], kind=r["kind"], shape=r["shape"], ms=r["ms"], peer=r["peer"] or "",
+                        peer_ms=r["peer_ms"] if _finite(r.get("peer_ms")) else None))
+    return out
+
+
+def append_history(path, rows):
+    with open(path, "a") as f:
+        for r in rows:
+            f.write(json.dumps({k: r[k] for k in HISTORY_KEYS}) + "\n")
+
+
+def read_history(path):
+    """The record's lines (dicts); a line that does not parse or lacks a key is an error naming it."""
+    out = []
+    if not os.path.exists(path):
+        return out
+    with open(path) as f:
+        for i, line in enumerate(f, 1):
+            if not line.strip():
+                continue
+            try:
+                r = json.loads(line)
+            except json.JSONDecodeError as e:
+                raise ValueError(f"{path}:{i}: not JSON ({e})") from None
+            missing = [k for k in HISTORY_KEYS if k not in r]
+            if missing:
+                raise ValueError(f"{path}:{i}: missing {missing}")
+            out.append(r)
+    return out
+
+
 # --------------------------------------------------------------------------------------
 # plots
 # --------------------------------------------------------------------------------------
@@ -168,7 +229,7 @@ def _series(rs, kind, peer=None):
     return sorted(d.items())
 
 
-def plots(rows, meta, outdir):
+def plots(rows, meta, outdir, history=None):
     import matplotlib
 
     matplotlib.use("Agg")
@@ -286,7 +347,54 @@ def plots(rows, meta, outdir):
     ax.set_ylabel("speedup of ours (peer ms / ours ms, geomean)")
     ax.set_title(f"Speedup over each peer; {sub}", fontsize=9)
     save(fig, "speedup_over_peers.png")
+
+    if history:
+        fig = history_figure(plt, history)
+        save(fig, "history.png")
     return written
+
+
+# the standard shapes the record is drawn for: (bench, kind, shape, peer drawn beside ours or None)
+HISTORY_SERIES = (
+    ("prefill_fwd", "gdn", "B1 T32768 W4096 S128 H16/2 D128", "flex"),
+    ("prefill_fwd_bwd", "gdn", "B1 T32768 W4096 S128 H16/2 D128", "flex"),
+    ("decode", "gdn", "B1 T32768 W32640 S128 H16/2 D128", None),
+)
+
+
+def history_figure(plt, history):
+    """Ours (and one peer) at the standard shapes over the recorded runs, one line per device."""
+    runs = []  # (date, commit, device) in the record's order: the x axis
+    for r in history:
+        key = (r["date"], r["commit"], r["device"])
+        if key not in runs:
+            runs.append(key)
+    fig, axes = plt.subplots(1, len(HISTORY_SERIES), figsize=(4.2 * len(HISTORY_SERIES), 4.2), squeeze=False)
+    for ax, (bench, kind, shape, peer) in zip(axes[0], HISTORY_SERIES):
+        devices = sorted({r["device"] for r in history if r["bench"] == bench and r["shape"] == shape})
+        for j, dev in enumerate(devices):
+            ours, theirs = {}, {}
+            for r in history:
+                if (r["bench"], r["kind"], r["shape"], r["device"]) != (bench, kind, shape, dev):
+                    continue
+                x = runs.index((r["date"], r["commit"], r["device"]))
+                ours[x] = r["ms"]
+                if peer and r["peer"] == peer and _finite(r["peer_ms"]):
+                    theirs[x] = r["peer_ms"]
+            name = dev.split(",")[0].replace("NVIDIA ", "")
+            if ours:
+                ax.plot(*zip(*sorted(ours.items())), "o-", color=f"C{j}", label=f"ours, {name}")
+            if theirs:
+                ax.plot(*zip(*sorted(theirs.items())), "s--", color=f"C{j}", alpha=0.6, label=f"{peer}, {name}")
+        ax.set_title(f"{bench} {kind}\n{shape}", fontsize=8)
+        ax.set_xticks(range(len(runs)))
+        ax.set_xticklabels([f"{d}\n{c}" for d, c, _ in runs], rotation=60, ha="right", fontsize=6)
+        ax.set_ylabel("ms (median)")
+        ax.grid(True, alpha=0.3)
+        if ax.get_legend_handles_labels()[0]:
+            ax.legend(fontsize=7)
+    fig.suptitle("Recorded runs (benchmarks/history.jsonl): date and commit of each", fontsize=9)
+    return fig
 
 
 # --------------------------------------------------------------------------------------
@@ -360,9 +468,13 @@ def main(argv=None):
         f.write(md)
     with open(os.path.join(args.out, "results_run_all.json"), "w") as f:
         json.dump(dict(meta=meta, rows=rows), f, indent=1, default=str)
-    pngs = plots(rows, meta, os.path.join(args.out, "plots"))
+    history = read_history(HISTORY)
     if args.update_results:
         update_results_md(os.path.join(HERE, "RESULTS.md"), md)
+        new = history_rows(rows, meta, git_commit())
+        append_history(HISTORY, new)
+        history += new
+    pngs = plots(rows, meta, os.path.join(args.out, "plots"), history)
     print(f"\n[run_all] {len(rows)} rows, {len(skipped)} skipped, {elapsed:.0f} s; wrote "
           f"{os.path.join(args.out, 'RESULTS_run_all.md')}, results_run_all.json, {len(pngs)} plots")
     # a short table last: ours and the speedup over each peer, per benchmark (geomean)

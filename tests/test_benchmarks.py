@@ -12,7 +12,8 @@ import pytest
 
 ROOT = os.path.join(os.path.dirname(os.path.abspath(__file__)), "..")
 BENCH = os.path.join(ROOT, "benchmarks")
-PLOTS = ("prefill_vs_context.png", "decode_vs_context.png", "cache_memory_vs_context.png", "speedup_over_peers.png")
+PLOTS = ("prefill_vs_context.png", "decode_vs_context.png", "cache_memory_vs_context.png", "speedup_over_peers.png",
+         "history.png")
 
 pytest.importorskip("matplotlib")
 pytest.importorskip("transformers")
@@ -107,6 +108,35 @@ def test_results_md_markers(tmp_path):
     s = f.read_text()
     assert "## Hand-written\ntext\n" in s and s.count(run_all.BEGIN) == 1 and s.count(run_all.END) == 1
     assert "| b |" in s and "| a |" not in s and s.index(run_all.BEGIN) > s.index("Hand-written")
+
+
+def test_history_record(tmp_path):
+    # the machine-readable record: rows of one run keyed as HISTORY_KEYS (ours NaN left out), appended
+    # and read back; a bad line is an error naming the file and line; the committed record parses
+    sys.path.insert(0, BENCH)
+    try:
+        import run_all
+    finally:
+        sys.path.remove(BENCH)
+    meta = dict(date="2026-01-02", device="dev", mode="quick")
+    rows = [dict(bench="decode", kind="gdn", shape="B1", ms=0.5, peer="sdpa_full", peer_ms=0.7),
+            dict(bench="decode", kind="gdn", shape="B2", ms=float("nan"), peer="sdpa_full", peer_ms=0.7),
+            dict(bench="decode", kind="dn", shape="B1", ms=0.4, peer="", peer_ms=float("nan"))]
+    h = run_all.history_rows(rows, meta, "abc1234")
+    assert [r["shape"] for r in h] == ["B1", "B1"] and h[1]["peer_ms"] is None
+    f = tmp_path / "history.jsonl"
+    run_all.append_history(str(f), h)
+    run_all.append_history(str(f), h[:1])
+    back = run_all.read_history(str(f))
+    assert len(back) == 3 and back[0] == {k: h[0][k] for k in run_all.HISTORY_KEYS} and back[0]["commit"] == "abc1234"
+    with open(f, "a") as fh:
+        fh.write('{"date": "x"}\n')
+    with pytest.raises(ValueError, match="history.jsonl:4: missing"):
+        run_all.read_history(str(f))
+    assert run_all.read_history(str(tmp_path / "none.jsonl")) == []
+    committed = run_all.read_history(run_all.HISTORY)
+    assert committed and all(math.isfinite(r["ms"]) for r in committed)
+    assert isinstance(run_all.git_commit(), str)
 
 
 def test_ddp_compare(tmp_path):
