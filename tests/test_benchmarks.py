@@ -139,6 +139,36 @@ def test_history_record(tmp_path):
     assert isinstance(run_all.git_commit(), str)
 
 
+def test_readme_table(tmp_path):
+    # README.md's headline table: the listed cases of one run, ours and each named peer with its speedup
+    # (ours in a CUDA graph without one), written between the perf markers with the rest kept
+    sys.path.insert(0, BENCH)  # readme_table imports the benchmarks' common module
+    try:
+        _readme_table_checks(tmp_path)
+    finally:
+        sys.path.remove(BENCH)
+
+
+def _readme_table_checks(tmp_path):
+    import run_all
+
+    shape = "B1 T32768 W4096 S128 H16/2 D128"
+    rows = [dict(bench="prefill_fwd", kind="gdn", shape=shape, ms=2.0, peer=p, peer_ms=t, speedup=t / 2.0)
+            for p, t in (("flex", 3.0), ("sdpa_full", 8.0), ("fla_memory", float("nan")))]
+    rows.append(dict(bench="decode", kind="gdn", shape="B1 T32768 W32640 S128 H16/2 D128", ms=0.03, peer="ahn_graph",
+                     peer_ms=0.02, speedup=0.02 / 0.03))
+    meta = dict(device="dev", date="2026-01-02", versions="torch x")
+    t = run_all.readme_table(rows, meta, "abc1234")
+    assert "commit abc1234" in t and "dev, 2026-01-02" in t
+    assert f"| prefill forward | gdn | {shape} | **2** | FlexAttention window+sinks 3 (1.5x); SDPA full causal 8 (4x) |" in t
+    assert "ours in a CUDA graph 0.02 |" in t and t.count("\n| ") == 3  # header + 2 cases
+    f = tmp_path / "README.md"
+    f.write_text(f"# x\n\n## Performance\n\n{run_all.README_BEGIN}\nold\n{run_all.README_END}\n\nmore text\n")
+    run_all.update_results_md(str(f), t, run_all.README_BEGIN, run_all.README_END)
+    s = f.read_text()
+    assert "old" not in s and "**2**" in s and s.endswith(f"{run_all.README_END}\n\nmore text\n")
+
+
 def test_ddp_compare(tmp_path):
     # the 1-GPU vs 2-GPU comparison of distillation logs: same curve passes, a drift fails
     sys.path.insert(0, BENCH)
