@@ -12,7 +12,6 @@
 #   bash benchmarks/device_check.sh ddp              # distillation on 1 GPU vs 2 GPUs (torchrun), same batch
 #   bash benchmarks/device_check.sh decode           # decode op: CUDA tests, launch-knob variants, ncu of one step
 #   bash benchmarks/device_check.sh step             # the decode step at B <= 2: tests, projections, 3B step variants
-#   bash benchmarks/device_check.sh overlap          # cuDNN's band on fewer SMs beside the memory passes (fwd, bwd)
 #   bash benchmarks/device_check.sh distill          # bench_distill.py: self-distillation tokens/s, 3B shape, T=16k
 #   bash benchmarks/device_check.sh bg:demo tests    # both at once
 #
@@ -115,22 +114,11 @@ stage() {
       timeout 60 python3 benchmarks/bench_decode_linear.py --batch 1 2 2>&1 | tail -4
       timeout 180 python3 benchmarks/profile_decode.py --batch 1 --steps 20 --top 12 2>&1 | tee "$out/step_b1.log" | tail -24
       ;;
-    overlap)
-      # the band on N SMs (cuDNN's SM carveout) with the memory passes beside it (~5 min): the GPU tests of
-      # both knobs, the forward sweep, the backward with the band on its own stream at a few N
-      timeout 200 python3 -m pytest -q -rfEs tests/ops/test_hopper_engine.py -k "fewer_sms or beside" 2>&1 \
-        | tee "$out/tests_overlap.log" | tail -3
-      timeout 150 python3 benchmarks/spike_hopper_fwd.py --carveout --shapes 32768 2>&1 | tee "$out/carveout.log" | tail -12
-      for c in "" "band_overlap=1" "band_overlap=1 band_sms=120" "band_overlap=1 band_sms=104"; do
-        echo "== bench_backward --config $c"
-        timeout 120 python3 benchmarks/bench_backward.py --config $c 2>&1 | tail -6
-      done | tee "$out/overlap_bwd.log"
-      ;;
     distill)
       timeout 540 python3 benchmarks/bench_distill.py 2>&1 | tee "$out/distill.log" | tail -12
       ;;
     *)
-      echo "unknown stage $1 (tests|bench|perf|model|demo|ddp|decode|step|overlap|distill, optionally bg:STAGE)" >&2
+      echo "unknown stage $1 (tests|bench|perf|model|demo|ddp|decode|step|distill, optionally bg:STAGE)" >&2
       return 2
       ;;
   esac

@@ -208,7 +208,7 @@ def offline(a):
             pf._cudnn_band = lambda qf, kf, vf, lens, w: (lambda: (
                 qf.new_zeros(len(lens), max(lens), qf.shape[2], qf.shape[3]),
                 qf.new_zeros(len(lens), qf.shape[2], max(lens), dtype=torch.float32), w, max(lens)))
-            band_cudnn.band_bwd = lambda q, k, v, o, do, lse, w, sm_count=None, out=None: tuple(
+            band_cudnn.band_bwd = lambda q, k, v, o, do, lse, w, out=None: tuple(
                 torch.zeros_like(x) for x in (q, k, v))
             try:
                 out, _, lse = pf.prefill_fwd(*inp, a.W, 64, kind)

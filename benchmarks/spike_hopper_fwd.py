@@ -6,11 +6,6 @@ window + sinks, our Triton fused forward and its window-only path, our memory pa
 memory passes on a side stream beside the cuDNN band. Prints one table last.
 
     python benchmarks/spike_hopper_fwd.py [--shapes 32768 131072] [--no-flex]
-    python benchmarks/spike_hopper_fwd.py --carveout [--shapes 32768]   # cuDNN's SM carveout sweep only
-
-``--carveout``: the fused gdn forward with cuDNN's band limited to N SMs (``prefill.CONFIG["band_sms"]``, cuDNN's
-SM carveout), so that the memory passes on the side stream get the other SMs while the band runs, against all
-SMs (None); per N also the band alone on N SMs and the output's largest difference from the all-SM run.
 """
 
 from __future__ import annotations
@@ -174,37 +169,6 @@ def bench(T, flex=True):
     return res, fl
 
 
-def carveout(T, counts=(None, 128, 124, 120, 116, 112, 104, 96, 88)):
-    """Rows (name, ms, note) of the SM-carveout sweep at length ``T``."""
-    W, S = SHAPES[T]
-    x = make(T)
-    q, k, v = x["q"], x["k"], x["v"]
-    P.CONFIG["band"] = "cudnn"
-
-    def fused():
-        return P.prefill_fwd(q, k, v, x["a"], x["b"], x["z"], x["A_log"], x["dt_bias"], x["norm_weight"],
-                             x["o_weight"], W, S, "gdn")[0]
-
-    rows, base = [], None
-    for n in counts:
-        P.CONFIG["band_sms"] = n
-        try:
-            out = fused()
-            torch.cuda.synchronize()
-        except Exception as e:  # cuDNN refuses an SM count its engine cannot honour
-            rows.append((f"band_sms={n}", float("nan"), f"refused: {str(e).splitlines()[0][:100]}"))
-            continue
-        if base is None:
-            base = out.float()
-        diff = (out.float() - base).abs().max().item()
-        t = ms(fused)
-        t_band = ms(lambda: BC.band_fwd(q, k, v, W, sm_count=n))
-        rows.append((f"band_sms={n}", t, f"band alone {t_band:.3f} ms, max |out - all SMs| {diff:.3g}"))
-    P.CONFIG["band_sms"] = None
-    P.CONFIG["band"] = "auto"
-    return rows
-
-
 def build_latency():
     """Host time of the first call at a new shape (cuDNN graph build + plan) and of a repeat."""
     import time
@@ -226,17 +190,8 @@ def main():
     ap = argparse.ArgumentParser()
     ap.add_argument("--shapes", type=int, nargs="*", default=[32768, 131072])
     ap.add_argument("--no-flex", action="store_true")
-    ap.add_argument("--carveout", action="store_true", help="only the SM-carveout sweep (see the docstring)")
     args = ap.parse_args()
     import triton
-
-    if args.carveout:
-        print(f"device {torch.cuda.get_device_name()} torch {torch.__version__} triton {triton.__version__}")
-        print("=== fused gdn forward, cuDNN band on N SMs (median ms) ===")
-        for T in args.shapes:
-            for name, t, note in carveout(T):
-                print(f"T={T} | {name:14s} | {t:8.3f} ms | {note}", flush=True)
-        return
 
     cd = BC._cudnn()
     print(f"device {torch.cuda.get_device_name()} torch {torch.__version__} triton {triton.__version__} "

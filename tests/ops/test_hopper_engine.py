@@ -233,11 +233,11 @@ def test_band_composition_kernel(kind, B, T, W, S, G, step, monkeypatch):
     monkeypatch.setattr(P, "_band_engine", lambda q, lens: True)
     asked = []
 
-    def fwd(q, k, v, w, out=None, sm_count=None):
+    def fwd(q, k, v, w, out=None):
         asked.append(w)
         return _torch_band_fwd(q, k, v, w, out)
 
-    def bwd(q, k, v, o, do, lse, w, sm_count=None, out=None):
+    def bwd(q, k, v, o, do, lse, w, out=None):
         asked.append(w)
         return _into(_torch_band_bwd(q, k, v, o, do, lse, w), out)
 
@@ -287,11 +287,11 @@ def test_band_composition_varlen(kind, lens, W, S, step, monkeypatch):
     monkeypatch.setattr(P, "_band_engine", lambda q, lens: True)
     shapes = []
 
-    def fwd(q, k, v, w, out=None, sm_count=None):
+    def fwd(q, k, v, w, out=None):
         shapes.append(tuple(q.shape[:2]))
         return _torch_band_fwd(q, k, v, w, out)
 
-    def bwd(q, k, v, o, do, lse, w, sm_count=None, out=None):
+    def bwd(q, k, v, o, do, lse, w, out=None):
         shapes.append(tuple(q.shape[:2]))
         return _into(_torch_band_bwd(q, k, v, o, do, lse, w), out)
 
@@ -352,50 +352,3 @@ def test_band_window_policy(monkeypatch):
     assert BC.band_window("fwd", q, k, 1000) == 1024 and BC.band_window("bwd", q, k, 5000) == 1024
     assert BC.band_window("fwd", q[:, :128], k[:, :128], 128) == 128
 
-
-@needs_cudnn
-def test_band_on_fewer_sms(engine, monkeypatch):
-    # prefill.CONFIG["band_sms"]: cuDNN's band on part of the SMs (its SM carveout), the memory passes on the
-    # others: within the 2x rule of the fp32 reference, and close to the run on all SMs
-    P = _prefill()
-    engine("cudnn")
-    kind, B, T, W, S, H, HKV, D = "gdn", 1, 1000, 300, 5, 16, 2, 128
-    args = make_inputs(kind, B, T, H, HKV, D, torch.bfloat16, device="cuda", seed=11)
-    full, _, _ = P.prefill_fwd(*args, W, S, kind)
-    monkeypatch.setitem(P.CONFIG, "band_sms", 64)
-    try:
-        part, _, _ = P.prefill_fwd(*args, W, S, kind)
-    except Exception as e:  # an engine without the carveout: cuDNN says so when the graph is built
-        pytest.skip(f"cuDNN refuses an SM count here: {str(e).splitlines()[0][:120]}")
-    r = ref.ahn_attention_ref(*args, W, S, kind)
-    lp = ref.ahn_attention_ref(*args, W, S, kind, dtype=torch.bfloat16)
-    _check("gdn cudnn band on 64 SMs", part, r, lp)
-    torch.testing.assert_close(part.float(), full.float(), atol=3e-2, rtol=3e-2)
-
-
-@needs_cudnn
-@pytest.mark.parametrize("sms", [None, 64], ids=["all-sms", "64-sms"])
-def test_band_backward_beside_the_memory_passes(engine, monkeypatch, sms):
-    # backward.CONFIG["band_overlap"]: cuDNN's band backward on its own stream beside the memory passes
-    # (band_sms: on part of the SMs): every gradient within the bf16 rule of the fp32 reference
-    from ahn_ops.ops.ahn_attention import backward as bw
-
-    from ..utils import check_bf16_grad_rule, kernel_grads, ref_grads
-
-    engine("cudnn")
-    monkeypatch.setitem(bw.CONFIG, "band_overlap", True)
-    monkeypatch.setitem(bw.CONFIG, "band_sms", sms)
-    kind, T, W, S, H, HKV, D = "gdn", 1000, 300, 5, 16, 2, 128
-    args = make_inputs(kind, 1, T, H, HKV, D, torch.bfloat16, device="cuda", seed=13)
-    dout = torch.randn(1, T, H, D, device="cuda", dtype=torch.bfloat16,
-                       generator=torch.Generator("cuda").manual_seed(1))
-    try:
-        gk = kernel_grads(args, dout, W, S, kind, None)
-    except Exception as e:  # an engine without the carveout: cuDNN says so when the graph is built
-        if sms is None:
-            raise
-        pytest.skip(f"cuDNN refuses an SM count here: {str(e).splitlines()[0][:120]}")
-    f32 = [None if x is None else x.float() for x in args]
-    gr = ref_grads(f32, dout.float(), W, S, kind, None, torch.float32)
-    gt = ref_grads(args, dout, W, S, kind, None, torch.bfloat16)
-    check_bf16_grad_rule(gk, gr, gt)

@@ -43,7 +43,6 @@ d/dkn parts, dv) and fp32 ``[D/64, T, H]`` dgc partials: ``O(T*H*D + T/64*H*D*D)
 
 from __future__ import annotations
 
-import contextlib
 import math
 from typing import List, Optional, Tuple
 
@@ -70,11 +69,7 @@ BT = pf.BT
 #   (benchmarks/kernel_regs.py --offline checks it); wy_*: _mem_bwd_wy_kernel; dh_*: the reverse state chain.
 # side_stream: the sink kernel and the do_weight product (they need only delta and u_epi) run on a side
 #   stream beside the memory passes (_dh_bwd's programs leave most of each SM idle); dkdv waits for it.
-# band_overlap: cuDNN's band backward on a stream of its own beside the memory passes (dq waits for it);
-#   band_sms: the SMs it may use (cuDNN's SM carveout; None: all). Off / None until measured
-#   (`bench_backward.py --config band_overlap=1 band_sms=116`).
 CONFIG = {"dq": (64, 4, 2), "dkdv": (32, 4, 3), "sink_qs": 1024, "side_stream": True,
-          "band_overlap": False, "band_sms": None,
           "mem_bk": 64, "mem_bv": 64, "mem_warps": 8, "mem_stages": 3, "wy_bv": 32, "wy_warps": 4,
           "dh_warps": 4, "dh_stages": 3}
 
@@ -82,12 +77,11 @@ CONFIG = {"dq": (64, 4, 2), "dkdv": (32, 4, 3), "sink_qs": 1024, "side_stream": 
 _SIDE = {}
 
 
-def _side_stream(dev: torch.device, role: str = "side") -> torch.cuda.Stream:
-    """One stream per CUDA device and role ("side": sinks and do_weight; "band": cuDNN's band backward),
-    created on first use."""
-    key = (dev.index if dev.index is not None else torch.cuda.current_device(), role)
+def _side_stream(dev: torch.device) -> torch.cuda.Stream:
+    """One side stream per CUDA device (created on first use)."""
+    key = dev.index if dev.index is not None else torch.cuda.current_device()
     if key not in _SIDE:
-        _SIDE[key] = torch.cuda.Stream(torch.device("cuda", key[0]))
+        _SIDE[key] = torch.cuda.Stream(torch.device("cuda", key))
     return _SIDE[key]
 
 
@@ -218,7 +212,6 @@ def prefill_bwd(dout, dht, q, k, v, a, b, z, A_log, dt_bias, norm_weight, o_weig
     cudnn_band = NT > 0 and not deterministic and pf._band_engine(q, lens)
     owin = empty(Tt, H, D, dtype=dt, device=dev) if cudnn_band else dummy
     dqb = dkb = dvb = dummy
-    band_stream = None  # CONFIG["band_overlap"]: the stream cuDNN's band backward runs on
     wb = W  # the cuDNN band's window (band_cudnn.band_window); the Triton kernels walk t - W < j <= t - wb
 
     if NT > 0:
@@ -292,25 +285,15 @@ def prefill_bwd(dout, dht, q, k, v, a, b, z, A_log, dt_bias, norm_weight, o_weig
             T1 = qb.shape[1]
             lse_n = lse_b.transpose(1, 2).contiguous()  # [N, H, T]
             wb = band_cudnn.band_window("bwd", qb, kb, W)
-            if CONFIG["band_overlap"] and dev.type == "cuda":
-                # on a stream of its own beside the memory passes below; dq joins it
-                band_stream = _side_stream(dev, "band")
-                band_stream.wait_stream(torch.cuda.current_stream(dev))
-            with torch.cuda.stream(band_stream) if band_stream is not None else contextlib.nullcontext():
-                # one length on cuDNN's grid: the band's gradients go straight into dq, dk, dv, which the
-                # dq / dkdv kernels below read and rewrite row by row (no second set of buffers)
-                direct = pad_idx is None and T1 % band_cudnn.PAD == 0
-                out3 = (dq.view(N, T1, H, D), dk.view(N, T1, HKV, D), dv.view(N, T1, HKV, D)) if direct else None
-                dqb, dkb, dvb = band_cudnn.band_bwd(qb, kb, vb, ob_, dob, lse_n, wb, CONFIG["band_sms"], out3)
-                if pad_idx is None:  # rows as q / k (views when cuDNN padded)
-                    dqb, dkb, dvb = (x.contiguous() for x in (dqb, dkb, dvb))
-                else:  # the real rows, packed again
-                    dqb, dkb, dvb = (x.reshape(N * T1, -1, D).index_select(0, pad_idx) for x in (dqb, dkb, dvb))
-            if band_stream is not None:
-                for x in (dqb, dkb, dvb):  # made on the band stream, read on this one
-                    x.record_stream(torch.cuda.current_stream(dev))
-                for x in (owin, lse_n, qb, kb, vb, ob_, dob):  # freed here while the band stream may read them
-                    x.record_stream(band_stream)
+            # one length on cuDNN's grid: the band's gradients go straight into dq, dk, dv, which the
+            # dq / dkdv kernels below read and rewrite row by row (no second set of buffers)
+            direct = pad_idx is None and T1 % band_cudnn.PAD == 0
+            out3 = (dq.view(N, T1, H, D), dk.view(N, T1, HKV, D), dv.view(N, T1, HKV, D)) if direct else None
+            dqb, dkb, dvb = band_cudnn.band_bwd(qb, kb, vb, ob_, dob, lse_n, wb, out=out3)
+            if pad_idx is None:  # rows as q / k (views when cuDNN padded)
+                dqb, dkb, dvb = (x.contiguous() for x in (dqb, dkb, dvb))
+            else:  # the real rows, packed again
+                dqb, dkb, dvb = (x.reshape(N * T1, -1, D).index_select(0, pad_idx) for x in (dqb, dkb, dvb))
             # o_win (and the padded copies) are read by nothing else: free them before the memory passes
             del lse_n, lse_b, owin, epi, qb, kb, vb, ob_, dob
 
@@ -369,8 +352,6 @@ def prefill_bwd(dout, dht, q, k, v, a, b, z, A_log, dt_bias, norm_weight, o_weig
             dv_acc = dvh.view(Tt, HKV, H // HKV, D).sum(2)
             del dkh, dvh
         # ---- window attention backward (lse from the forward, delta from _epi_bwd_kernel) ----
-        if band_stream is not None:
-            torch.cuda.current_stream(dev).wait_stream(band_stream)  # dqb, dkb, dvb
         BN, nw, ns = CONFIG["dq"]
         ka._attn_dq_kernel[(H, NT)](
             q=qf, k=kf, v=vf, do=dof, seq=seq, chunks=chunks, lse=lsef, delta=delta, dq_acc=dq_acc, dq=dq, dqb=dqb,

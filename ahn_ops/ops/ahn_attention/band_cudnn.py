@@ -163,11 +163,11 @@ def _padded(x: torch.Tensor, T_pad: int, dim: int = 1) -> torch.Tensor:
     return out
 
 
-def _graph_key(direction: str, q, k, v, o, window: int, sm_count: Optional[int] = None):
+def _graph_key(direction: str, q, k, v, o, window: int):
     """The handle, cuDNN's (dims, strides) of q, k, v, o and the graph cache key of one call."""
     (qd, qs), (kd, ks), (_, vs), (od, os_) = (_bhsd(x) for x in (q, k, v, o))
     key = (direction, q.device, q.dtype, tuple(qd), tuple(qs), tuple(kd), tuple(ks), tuple(vs), tuple(os_),
-           int(window), sm_count)
+           int(window))
     return _handle(q.device), (qd, qs, kd, ks, vs, od, os_), key
 
 
@@ -179,14 +179,12 @@ def _workspace(device: torch.device, nbytes: int) -> torch.Tensor:
     return ws
 
 
-def _new_graph(handle, dtype, qd, qs, kd, ks, vs, sm_count: Optional[int] = None):
-    """A graph with the q, k, v inputs: (cudnn, io type, graph, tq, tk, tv). ``sm_count``: cuDNN's SM
-    carveout (Hopper): the kernel runs on that many SMs and leaves the rest to other streams."""
+def _new_graph(handle, dtype, qd, qs, kd, ks, vs):
+    """A graph with the q, k, v inputs: (cudnn, io type, graph, tq, tk, tv)."""
     cudnn = _cudnn()
     io = _io_type(dtype)
-    extra = {} if sm_count is None else {"sm_count": int(sm_count)}
     g = cudnn.pygraph(io_data_type=io, intermediate_data_type=cudnn.data_type.FLOAT,
-                      compute_data_type=cudnn.data_type.FLOAT, handle=handle, **extra)
+                      compute_data_type=cudnn.data_type.FLOAT, handle=handle)
     tq = g.tensor(name="q", dim=qd, stride=qs, data_type=io)
     tk = g.tensor(name="k", dim=kd, stride=ks, data_type=io)
     tv = g.tensor(name="v", dim=kd, stride=vs, data_type=io)
@@ -204,8 +202,8 @@ def _plan(g, tensors):
     return g, tensors, g.get_workspace_size()
 
 
-def _build_fwd(handle, dtype, qd, qs, kd, ks, vs, od, os_, window: int, scale: float, sm_count=None):
-    cudnn, io, g, tq, tk, tv = _new_graph(handle, dtype, qd, qs, kd, ks, vs, sm_count)
+def _build_fwd(handle, dtype, qd, qs, kd, ks, vs, od, os_, window: int, scale: float):
+    cudnn, io, g, tq, tk, tv = _new_graph(handle, dtype, qd, qs, kd, ks, vs)
     to, tst = g.sdpa(name="band", q=tq, k=tk, v=tv, generate_stats=True, attn_scale=scale,
                      diagonal_alignment=cudnn.diagonal_alignment.TOP_LEFT,
                      diagonal_band_left_bound=window, diagonal_band_right_bound=0)
@@ -216,35 +214,32 @@ def _build_fwd(handle, dtype, qd, qs, kd, ks, vs, od, os_, window: int, scale: f
 
 
 def band_fwd(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, window: int,
-             out: Optional[torch.Tensor] = None, sm_count: Optional[int] = None) -> Tuple[torch.Tensor, torch.Tensor]:
+             out: Optional[torch.Tensor] = None) -> Tuple[torch.Tensor, torch.Tensor]:
     """Band attention ``t - window < j <= t`` of ``q [B, T, H, D]`` over ``k, v [B, T, HKV, D]``.
 
     Returns ``(o [B, T, H, D] in q.dtype, lse [B, H, T] fp32)``: ``o`` normalised over the band,
     ``lse`` the band's natural-log log-sum-exp of the scaled logits (``D^-0.5``). With a length that is
     not a multiple of ``PAD`` both are views of padded results (``out`` is then not written).
-    ``sm_count``: run on that many SMs (cuDNN's SM carveout; None: all), leaving the others to the side
-    stream's memory passes; cuDNN raises where its engine cannot.
     """
     B, T, H, D = q.shape
     T_pad = _pad_len(T)
     if T_pad != T:
-        o, lse = band_fwd(_padded(q, T_pad), _padded(k, T_pad), _padded(v, T_pad), window, sm_count=sm_count)
+        o, lse = band_fwd(_padded(q, T_pad), _padded(k, T_pad), _padded(v, T_pad), window)
         return o[:, :T], lse[:, :, :T]
     dev = q.device
     if out is None:
         out = empty(B, T, H, D, dtype=q.dtype, device=dev)
     lse = empty(B, H, T, dtype=torch.float32, device=dev)
-    handle, (qd, qs, kd, ks, vs, od, os_), key = _graph_key("fwd", q, k, v, out, window, sm_count)
+    handle, (qd, qs, kd, ks, vs, od, os_), key = _graph_key("fwd", q, k, v, out, window)
     g, (tq, tk, tv, to, tst), ws = lru_get(
-        _GRAPHS, key,
-        lambda: _build_fwd(handle, q.dtype, qd, qs, kd, ks, vs, od, os_, int(window), D ** -0.5, sm_count),
+        _GRAPHS, key, lambda: _build_fwd(handle, q.dtype, qd, qs, kd, ks, vs, od, os_, int(window), D ** -0.5),
         _GRAPHS_MAX)
     g.execute({tq: q, tk: k, tv: v, to: out, tst: lse}, _workspace(dev, ws), handle=handle)
     return out, lse
 
 
-def _build_bwd(handle, dtype, qd, qs, kd, ks, vs, os_, window: int, scale: float, sm_count=None):
-    cudnn, io, g, tq, tk, tv = _new_graph(handle, dtype, qd, qs, kd, ks, vs, sm_count)
+def _build_bwd(handle, dtype, qd, qs, kd, ks, vs, os_, window: int, scale: float):
+    cudnn, io, g, tq, tk, tv = _new_graph(handle, dtype, qd, qs, kd, ks, vs)
     B, H, T = qd[0], qd[1], qd[2]
     to = g.tensor(name="o", dim=qd, stride=os_, data_type=io)
     tdo = g.tensor(name="do", dim=qd, stride=os_, data_type=io)
@@ -258,21 +253,20 @@ def _build_bwd(handle, dtype, qd, qs, kd, ks, vs, os_, window: int, scale: float
     return _plan(g, (tq, tk, tv, to, tdo, tst, dq, dk, dv))
 
 
-def band_bwd(q, k, v, o, do, lse, window: int, sm_count: Optional[int] = None, out=None):
+def band_bwd(q, k, v, o, do, lse, window: int, out=None):
     """Gradients of the band attention given the softmax's total ``o`` / ``lse [B, H, T]`` (natural log).
 
     With ``o`` and ``lse`` of a softmax over the band plus other keys, cuDNN's ``P = exp(s - lse)`` and
     ``D_i = rowsum(dO o)`` give exactly the band's share of dq and the band keys' dk, dv.
     Returns ``(dq, dk, dv)`` shaped like q, k, v (contiguous; views of padded results when the length is
-    not a multiple of ``PAD``: the zero rows add nothing to the real rows' gradients). ``sm_count``: as for
-    :func:`band_fwd`. ``out``: contiguous ``(dq, dk, dv)`` to write into (the caller's gradient buffers, which
-    its kernels then read and rewrite in place); used where no padding is needed, else new tensors.
+    not a multiple of ``PAD``: the zero rows add nothing to the real rows' gradients). ``out``: contiguous
+    ``(dq, dk, dv)`` to write into (the caller's gradient buffers, which its kernels then read and rewrite in
+    place); used where no padding is needed, else new tensors.
     """
     T = q.shape[1]
     T_pad = _pad_len(T)
     if T_pad != T:
-        dq, dk, dv = band_bwd(*(_padded(x, T_pad) for x in (q, k, v, o, do)), _padded(lse, T_pad, 2), window,
-                              sm_count)
+        dq, dk, dv = band_bwd(*(_padded(x, T_pad) for x in (q, k, v, o, do)), _padded(lse, T_pad, 2), window)
         return dq[:, :T], dk[:, :T], dv[:, :T]
     dev = q.device
     q, k, v, o = (x.contiguous() for x in (q, k, v, o))
@@ -282,10 +276,10 @@ def band_bwd(q, k, v, o, do, lse, window: int, sm_count: Optional[int] = None, o
         dq, dk, dv = out
     else:
         dq, dk, dv = (empty(*x.shape, dtype=x.dtype, device=dev) for x in (q, k, v))
-    handle, (qd, qs, kd, ks, vs, _, os_), key = _graph_key("bwd", q, k, v, o, window, sm_count)
+    handle, (qd, qs, kd, ks, vs, _, os_), key = _graph_key("bwd", q, k, v, o, window)
     g, (tq, tk, tv, to, tdo, tst, tdq, tdk, tdv), ws = lru_get(
         _GRAPHS, key,
-        lambda: _build_bwd(handle, q.dtype, qd, qs, kd, ks, vs, os_, int(window), q.shape[-1] ** -0.5, sm_count),
+        lambda: _build_bwd(handle, q.dtype, qd, qs, kd, ks, vs, os_, int(window), q.shape[-1] ** -0.5),
         _GRAPHS_MAX)
     g.execute({tq: q, tk: k, tv: v, to: o, tdo: do, tst: lse, tdq: dq, tdk: dk, tdv: dv},
               _workspace(dev, ws), handle=handle)

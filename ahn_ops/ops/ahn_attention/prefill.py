@@ -49,11 +49,9 @@ SUPPORTED_D = (64, 128)
 # fwd_band_in: the same for _fwd_kernel behind the cuDNN band (sinks, ring tail, memory, epilogue only).
 # fwd_rows: None picks 64 rows, or fwd_long = (min window, rows, cfg) at D = 128 and long windows, where
 #   128-row programs read each K/V block of the band half as often; an int forces the rows (with "fwd").
-# band_sms: SMs cuDNN's forward band may use (its SM carveout; None: all), the rest left to the memory passes
-#   on the side stream (spike_hopper_fwd.py --carveout measures it).
 # state_*: the sequential state pass, 16 value columns per program at D = 128 (more programs on a
 #   latency-bound chain); prep_warps, norm_bm: the prep pass and the Mamba2 norm kernel.
-CONFIG = {"band": "auto", "band_sms": None, "fwd": (64, 4, 3), "fwd_band_in": (64, 4, 1), "fwd_rows": None,
+CONFIG = {"band": "auto", "fwd": (64, 4, 3), "fwd_band_in": (64, 4, 1), "fwd_rows": None,
           "fwd_long": (8192, 128, (64, 8, 3)),
           "state_bv": {64: 64, 128: 16}, "state_warps": 4, "state_stages": 3, "prep_warps": 4, "norm_bm": 32}
 
@@ -256,7 +254,7 @@ def _cudnn_band(qf, kf, vf, lens, window):
     def run():
         (q, k, v), _ = band_cudnn.to_batch(lens, qf[0], kf[0], vf[0])
         wb = band_cudnn.band_window("fwd", q, k, window)
-        ob, lb = band_cudnn.band_fwd(q, k, v, wb, sm_count=CONFIG["band_sms"])
+        ob, lb = band_cudnn.band_fwd(q, k, v, wb)
         TM = lb.stride(1)  # the rows per sequence of both (cuDNN's padded length where it padded)
         if ob.stride() != (TM * H * D, H * D, D, 1) or lb.stride() != (H * TM, TM, 1):
             ob, lb, TM = ob.contiguous(), lb.contiguous(), ob.shape[1]
