@@ -150,10 +150,8 @@ def bench(kind, T, W, S, H=16, HKV=2, D=128, flex=True, det=False):
     res["attn_bwd_TFLOPs_at_bwd_time"] = 14 * D * H * n / (res["bwd"] * 1e-3) / 1e12
     if flex:
         try:
-            from torch.nn.attention.flex_attention import flex_attention
-
             bm = C.sliding_window_block_mask(T, W, S, "cuda", compile=False)
-            fa = torch.compile(flex_attention)
+            fa = C.compiled_flex()
             qf = inp[0].transpose(1, 2).detach().clone().requires_grad_(True)
             kf = inp[1].transpose(1, 2).detach().clone().requires_grad_(True)
             vf = inp[2].transpose(1, 2).detach().clone().requires_grad_(True)

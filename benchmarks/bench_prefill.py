@@ -109,7 +109,6 @@ def check():
 
 
 def bench(T, W, S, H=16, HKV=2, D=128, kind="gdn", sweep=False):
-    from torch.nn.attention.flex_attention import flex_attention
     import torch.nn.functional as F
 
     args = make(kind, 1, T, H, HKV, D, seed=T + 1)
@@ -160,7 +159,7 @@ def bench(T, W, S, H=16, HKV=2, D=128, kind="gdn", sweep=False):
     qt, kt, vt = (x.transpose(1, 2).contiguous() for x in (q, k, v))
 
     bm = C.sliding_window_block_mask(T, W, S, DEV)  # compiled: no T^2 mask in memory
-    flex = torch.compile(flex_attention)
+    flex = C.compiled_flex()
     t_flex = med(lambda: flex(qt, kt, vt, block_mask=bm, enable_gqa=True))
     try:
         t_sdpa = med(lambda: F.scaled_dot_product_attention(qt, kt, vt, is_causal=True, enable_gqa=True))

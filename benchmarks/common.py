@@ -261,6 +261,27 @@ def window_sink_mask_mod(W: int, S: int):
     return mask_mod
 
 
+def compiled_flex(device: str = "cuda") -> Callable:
+    """FlexAttention compiled for one static shape per call signature (the peer every benchmark times).
+
+    ``dynamic=False``: after a second sequence length, dynamo's automatic dynamic shapes would otherwise
+    recompile with a symbolic length, and the generated kernels of every later shape in the process run
+    slower than the peer does on its own (a run of several shapes must not handicap it); the recompile
+    limit is raised so that the shapes of a full sweep all stay compiled. The CPU gets the eager function.
+    """
+    from torch.nn.attention.flex_attention import flex_attention
+
+    if device == "cpu":
+        return flex_attention
+    import torch._dynamo
+
+    cfg = torch._dynamo.config
+    for name in ("recompile_limit", "cache_size_limit"):
+        if hasattr(cfg, name):
+            setattr(cfg, name, max(getattr(cfg, name), 64))
+    return torch.compile(flex_attention, dynamic=False)
+
+
 def sliding_window_block_mask(T: int, W: int, S: int, device: str, compile: bool = True, Tk: Optional[int] = None):
     """BlockMask of AHN attention (query t sees j <= t with t - j < W or j < S), built without a
     T x T mask in memory (create_block_mask compiled on CUDA)."""

@@ -19,15 +19,13 @@ from typing import Callable, Optional
 import torch
 import torch.nn.functional as F
 
-from common import sliding_window_block_mask
+from common import compiled_flex, sliding_window_block_mask
 
 
 def flex_window(T: int, W: int, S: int, device: str) -> Callable:
     """``f(qt, kt, vt) -> [B, H, T, D]`` (inputs ``[B, H(KV), T, D]``), window + sinks, GQA."""
-    from torch.nn.attention.flex_attention import flex_attention
-
     bm = sliding_window_block_mask(T, W, S, device)
-    fa = torch.compile(flex_attention) if device != "cpu" else flex_attention
+    fa = compiled_flex(device)
 
     def f(qt, kt, vt):
         return fa(qt, kt, vt, block_mask=bm, enable_gqa=True)

@@ -18,7 +18,7 @@ import sys
 import torch
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-from common import import_ahn_ops, sliding_window_block_mask  # noqa: E402
+from common import compiled_flex, import_ahn_ops, sliding_window_block_mask  # noqa: E402
 
 import_ahn_ops()
 from triton.testing import do_bench  # noqa: E402
@@ -154,10 +154,8 @@ def bench(T, flex=True):
 
     res["band || memory (2 streams)"] = ms(overlapped)
     if flex:
-        from torch.nn.attention.flex_attention import flex_attention
-
         bm = sliding_window_block_mask(T, W, S, "cuda")
-        fa = torch.compile(flex_attention)
+        fa = compiled_flex()
         qt, kt, vt = (t.transpose(1, 2) for t in (q, k, v))
         res["flex window+sinks fwd"] = ms(lambda: fa(qt, kt, vt, block_mask=bm, enable_gqa=True))
     if T == 32768:
