@@ -5,7 +5,7 @@
 # tests) and is waited for at the end.
 #
 #   bash benchmarks/device_check.sh tests            # the whole pytest suite on CUDA (GPU tests included)
-#   bash benchmarks/device_check.sh bench            # python benchmarks/run_all.py --quick
+#   bash benchmarks/device_check.sh bench            # run_all.py --quick --update-results (+ the files to commit)
 #   bash benchmarks/device_check.sh perf             # bench_prefill T=32k split + bench_backward --sweep
 #   bash benchmarks/device_check.sh model            # bench_model.py: Qwen2.5-3B shape, 32k and 128k context
 #   bash benchmarks/device_check.sh demo             # python/retrieval_demo.py under a time budget
@@ -58,9 +58,15 @@ stage() {
         2>&1 | tee "$out/tests.log" | tail -40
       ;;
     bench)
-      timeout 540 python3 benchmarks/run_all.py --quick --out "$out" 2>&1 | tee "$out/bench.log" | tail -60
-      # the device tool returns at most 8 files: the plots travel as one tarball
-      tar czf "$out/plots.tgz" -C "$out" plots && rm -rf "$out/plots"
+      # --update-results rewrites benchmarks/RESULTS.md's run_all section and README.md's headline table and
+      # appends to benchmarks/history.jsonl: those travel back (with the plots) as one tarball to commit, since
+      # the device tool returns at most 8 files
+      # the copied tree may have no .git: AHN_BENCH_COMMIT=$(git rev-parse --short HEAD) names the commit
+      timeout 540 python3 benchmarks/run_all.py --quick --out "$out" --update-results \
+        ${AHN_BENCH_COMMIT:+--commit "$AHN_BENCH_COMMIT"} 2>&1 | tee "$out/bench.log" | tail -60
+      cp benchmarks/RESULTS.md README.md benchmarks/history.jsonl "$out/"
+      tar czf "$out/updated.tgz" -C "$out" plots RESULTS.md README.md history.jsonl \
+        && rm -rf "$out/plots" "$out/RESULTS.md" "$out/README.md" "$out/history.jsonl"
       ;;
     perf)
       # the kernel timings behind issues 3 and 4 (prefill split, backward split, backward launch sweep)

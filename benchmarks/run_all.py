@@ -51,6 +51,9 @@ def parse(argv=None):
     ap.add_argument("--update-results", action="store_true",
                     help="also write the tables between the run_all markers of benchmarks/RESULTS.md and "
                          "append the measurements to benchmarks/history.jsonl")
+    ap.add_argument("--commit", default=None,
+                    help="the commit the history records (default: git's HEAD, +dirty with local changes; give it "
+                         "where the checkout has no .git, e.g. a copied tree on a GPU machine)")
     ap.add_argument("--no-progress", action="store_true")
     return ap.parse_args(argv)
 
@@ -513,7 +516,7 @@ def main(argv=None):
         json.dump(dict(meta=meta, rows=rows), f, indent=1, default=str)
     history = read_history(HISTORY)
     if args.update_results:
-        commit = git_commit()
+        commit = args.commit or git_commit()
         update_results_md(os.path.join(HERE, "RESULTS.md"), md)
         update_results_md(os.path.join(HERE, "..", "README.md"), readme_table(rows, meta, commit), README_BEGIN,
                           README_END)
