@@ -84,7 +84,7 @@ def test_engine_varlen(lens, engine):
     P = _prefill()
     from ahn_ops.ops.ahn_attention import band_cudnn
 
-    padded = len(lens) * band_cudnn._pad_len(max(lens))
+    padded = len(lens) * band_cudnn.pad_len(max(lens))
     assert (len(set(lens)) == 1 or padded <= (1 + P.BAND_PAD_WASTE) * sum(lens)) == (lens != [5, 700, 64])
     kind, W, S, H, HKV, D = "gdn", 100, 4, 8, 2, 128
     T = sum(lens)
@@ -310,7 +310,7 @@ def test_band_composition_varlen(kind, lens, W, S, step, monkeypatch):
     refs = [None if x is None else x.detach().clone().requires_grad_(x.is_floating_point()) for x in args]
     r = ref.ahn_attention_ref(*refs, W, S, kind, cu)
     r.backward(dout)
-    assert shapes == [(len(lens), band_cudnn._pad_len(max(lens)))] * 2, shapes  # one padded batch each way
+    assert shapes == [(len(lens), band_cudnn.pad_len(max(lens)))] * 2, shapes  # one padded batch each way
     rel = ((out - r).norm() / r.norm()).item()
     assert rel < 1e-4, rel
     for i, (x, y) in enumerate(zip(xs, refs)):

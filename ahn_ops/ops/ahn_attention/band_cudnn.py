@@ -28,7 +28,7 @@ import torch
 from ..common.alloc import empty
 from .tables import lru_get
 
-__all__ = ["band_fwd", "band_bwd", "band_window", "to_batch", "unavailable_reason"]
+__all__ = ["band_fwd", "band_bwd", "band_window", "pad_len", "to_batch", "unavailable_reason"]
 
 _HANDLES: dict = {}
 _GRAPHS: "OrderedDict[tuple, tuple]" = OrderedDict()
@@ -69,7 +69,8 @@ def unavailable_reason(device) -> Optional[str]:
     return reason
 
 
-def _pad_len(T: int) -> int:
+def pad_len(T: int) -> int:
+    """The length cuDNN's band runs at for ``T`` rows per sequence: ``T`` rounded up to ``PAD``."""
     return -(-T // PAD) * PAD
 
 
@@ -84,7 +85,7 @@ def to_batch(lens, *rows):
     N = len(lens)
     if len(set(lens)) == 1:
         return [x.view(N, lens[0], *x.shape[1:]) for x in rows], None
-    TM = _pad_len(max(lens))
+    TM = pad_len(max(lens))
 
     def build():
         ln = torch.tensor(lens, dtype=torch.int64)
@@ -114,8 +115,8 @@ def band_window(direction: str, q: torch.Tensor, k: torch.Tensor, window: int) -
     B, T, H, D = q.shape
     window = int(window)
     if window >= T:
-        return _pad_len(T)
-    key = (direction, str(q.device), q.dtype, B, _pad_len(T), H, k.shape[2], D, window)
+        return pad_len(T)
+    key = (direction, str(q.device), q.dtype, B, pad_len(T), H, k.shape[2], D, window)
     seen = lru_get(_SEEN, key, lambda: 0, _SEEN_MAX)
     _SEEN[key] = seen + 1
     if seen or window <= WINDOW_STEP:
@@ -222,7 +223,7 @@ def band_fwd(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, window: int,
     not a multiple of ``PAD`` both are views of padded results (``out`` is then not written).
     """
     B, T, H, D = q.shape
-    T_pad = _pad_len(T)
+    T_pad = pad_len(T)
     if T_pad != T:
         o, lse = band_fwd(_padded(q, T_pad), _padded(k, T_pad), _padded(v, T_pad), window)
         return o[:, :T], lse[:, :, :T]
@@ -264,7 +265,7 @@ def band_bwd(q, k, v, o, do, lse, window: int, out=None):
     place); used where no padding is needed, else new tensors.
     """
     T = q.shape[1]
-    T_pad = _pad_len(T)
+    T_pad = pad_len(T)
     if T_pad != T:
         dq, dk, dv = band_bwd(*(_padded(x, T_pad) for x in (q, k, v, o, do)), _padded(lse, T_pad, 2), window)
         return dq[:, :T], dk[:, :T], dv[:, :T]

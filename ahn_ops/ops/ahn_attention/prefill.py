@@ -222,12 +222,10 @@ def _band_engine(q: torch.Tensor, lens) -> bool:
     why = band_cudnn.unavailable_reason(q.device)
     if why is None and q.dtype not in (torch.bfloat16, torch.float16):
         why = f"the cuDNN band takes bfloat16 or float16, not {q.dtype}"
-    if why is None and len(set(lens)) > 1:
-        from .band_cudnn import _pad_len
-
-        if len(lens) * _pad_len(max(lens)) > (1 + BAND_PAD_WASTE) * sum(lens):
-            why = (f"sequences of lengths too unequal for one padded cuDNN band (padding would add more than "
-                   f"{BAND_PAD_WASTE:.0%} rows)")
+    padded_rows = len(lens) * band_cudnn.pad_len(max(lens)) if len(set(lens)) > 1 else sum(lens)
+    if why is None and padded_rows > (1 + BAND_PAD_WASTE) * sum(lens):
+        why = (f"sequences of lengths too unequal for one padded cuDNN band (padding would add more than "
+               f"{BAND_PAD_WASTE:.0%} rows)")
     if why is not None and mode == "cudnn":
         raise RuntimeError(f'CONFIG["band"] = "cudnn": {why}')
     if why is not None and "not importable" in why and not _WARNED:
