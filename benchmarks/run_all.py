@@ -147,10 +147,8 @@ README_BEGIN, README_END = "<!-- perf:begin -->", "<!-- perf:end -->"
 README_CASES = (
     ("prefill forward", "prefill_fwd", ("gdn", "dn", "mamba2"), "B1 T32768 W4096 S128 H16/2 D128", ("flex", "sdpa_full")),
     ("prefill forward", "prefill_fwd", ("gdn",), "B1 T8192 W4096 S128 H16/2 D128", ("flex", "sdpa_full")),
-    # FlexAttention's forward + backward is left out here: this harness has read 19.5-19.8 ms at this shape
-    # where bench_backward.py reads 14.3 ms (unexplained; the README's second table has the latter)
     ("prefill forward + backward", "prefill_fwd_bwd", ("gdn", "dn", "mamba2"), "B1 T32768 W4096 S128 H16/2 D128",
-     ("sdpa_full",)),
+     ("flex", "sdpa_full")),
     ("decode layer-step (eager)", "decode", ("gdn",), "B1 T32768 W32640 S128 H16/2 D128",
      ("ahn_graph", "sdpa_full")),
     ("decode layer-step (eager)", "decode", ("gdn",), "B1 T131072 W32640 S128 H16/2 D128",
