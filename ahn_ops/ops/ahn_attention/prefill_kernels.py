@@ -17,7 +17,7 @@ this file has the derivation. The jit helpers shared with the backward's kernels
    memory chunks, each read from the state before it), the sliding-window flash attention with sinks
    (``_attn_block``: online softmax in fp32, K/V read at head ``h // G``, only the sink blocks and the
    window band are visited, masks only on edge blocks) PLUS the memory readout of the same rows from
-   the chunk state, RMSNorm, swish gate, per-head [D, D] projection and the sum (``_mem_rows``, per
+   the chunk state, RMSNorm, swish gate, per-head [D, D] projection and the sum (``_mem_read``, ``_mem_rows``, per
    64-row chunk), written once in the input dtype. ``STORE_LSE``: also the window softmax's
    log-sum-exp (fp32 ``[tokens, H]``, log2 domain) for the backward, which so needs no attention re-run.
    ``BAND_IN``: the window band over the call's own tokens came from outside (cuDNN, ``band_cudnn``); the
@@ -227,13 +227,13 @@ def _attn_block(b_q, b_k, b_v, m_s, b_acc, b_m, b_l, qk_scale, MASKED: tl.conste
 
 
 @triton.jit
-def _mem_rows(b_o, b_q, i_c, i_h, i_kv, bos, T, P, kxb, kp0, coff, W, S, mem_scale,
-              q, kx, z, nw, ow, gc, hs, vnew, out, yp, ss,
+def _mem_read(b_q, i_c, i_h, i_kv, bos, T, P, kxb, kp0, coff, W, S, mem_scale,
+              q, kx, z, nw, ow, gc, hs, vnew, yp, ss,
               H: tl.constexpr, HKV: tl.constexpr, D: tl.constexpr, BT: tl.constexpr, USE_H0: tl.constexpr,
               MAMBA2: tl.constexpr, LOAD_Q: tl.constexpr):
-    # memory readout + epilogue of the BT query rows of chunk i_c (window output b_o [BT, D] fp32),
-    # then the store of out. The rows read the state before chunk i_c (one chunk state per BT rows)
-    # and the in-chunk pairs. b_q: the rows' q (LOAD_Q: loaded here; b_q is then a placeholder).
+    # memory readout + epilogue of the BT query rows of chunk i_c: their share of out [BT, D] fp32 (Mamba2:
+    # 0, its yp and ss stored here). The rows read the state before chunk i_c (one chunk state per BT
+    # rows) and the in-chunk pairs. b_q: the rows' q (LOAD_Q: loaded here; b_q is then a placeholder).
     o_t = tl.arange(0, BT)
     o_d = tl.arange(0, D)
     o_i = i_c * BT + o_t
@@ -246,6 +246,7 @@ def _mem_rows(b_o, b_q, i_c, i_h, i_kv, bos, T, P, kxb, kp0, coff, W, S, mem_sca
         do_mem = t_hi >= 0
     else:
         do_mem = t_hi - W >= S
+    b_y = tl.zeros([BT, D], dtype=tl.float32)
     if do_mem:
         if LOAD_Q:
             b_qx = tl.load(q + (o_q * H + i_h)[:, None] * D + o_d[None, :], mask=m_i[:, None], other=0.)
@@ -283,13 +284,29 @@ def _mem_rows(b_o, b_q, i_c, i_h, i_kv, bos, T, P, kxb, kp0, coff, W, S, mem_sca
             b_nw = tl.load(nw + o_d).to(tl.float32)
             b_r = tl.rsqrt(tl.sum(b_mo * b_mo, 1) / D + 1e-5) * b_z * tl.sigmoid(b_z)
             b_uo = b_mo * b_r[:, None] * b_nw[None, :]
-            b_o += dot(b_uo.to(b_ow.dtype), b_ow)
+            b_y = dot(b_uo.to(b_ow.dtype), b_ow)
     elif MAMBA2:
         # no memory token read by these rows: m = 0
         tl.store(yp + (o_q * H + i_h)[:, None] * D + o_d[None, :], tl.zeros([BT, D], dtype=tl.float32)
                  .to(yp.dtype.element_ty), mask=m_i[:, None])
         tl.store(ss + o_q * H + i_h, tl.zeros([BT], dtype=tl.float32), mask=m_i)
-    tl.store(out + (o_q * H + i_h)[:, None] * D + o_d[None, :], b_o.to(out.dtype.element_ty), mask=m_i[:, None])
+    return b_y
+
+
+@triton.jit
+def _mem_rows(b_o, b_q, i_c, i_h, i_kv, bos, T, P, kxb, kp0, coff, W, S, mem_scale,
+              q, kx, z, nw, ow, gc, hs, vnew, out, yp, ss,
+              H: tl.constexpr, HKV: tl.constexpr, D: tl.constexpr, BT: tl.constexpr, USE_H0: tl.constexpr,
+              MAMBA2: tl.constexpr, LOAD_Q: tl.constexpr):
+    # the BT rows of chunk i_c: window output b_o [BT, D] fp32 plus the memory's share (_mem_read), stored
+    b_y = _mem_read(b_q, i_c, i_h, i_kv, bos, T, P, kxb, kp0, coff, W, S, mem_scale, q, kx, z, nw, ow, gc, hs,
+                    vnew, yp, ss, H, HKV, D, BT, USE_H0, MAMBA2, LOAD_Q)
+    o_t = tl.arange(0, BT)
+    o_d = tl.arange(0, D)
+    o_q = bos + i_c * BT + o_t
+    m_i = i_c * BT + o_t < T
+    tl.store(out + (o_q * H + i_h)[:, None] * D + o_d[None, :], (b_o + b_y).to(out.dtype.element_ty),
+             mask=m_i[:, None])
 
 
 # WB: a window drawn per step; TM: the band's padded length: no compile per divisibility of either
@@ -332,6 +349,12 @@ def _fwd_kernel(
     t_hi = P + tl.minimum(i_b * BM + BM, T) - 1
 
     b_q = tl.load(q + (o_q * H + i_h)[:, None] * D + o_d[None, :], mask=m_i[:, None], other=0.)  # [BM, D]
+    # behind an outside band the memory's share comes first: the band's output is then not live across the
+    # readout and the epilogue, whose tiles are the kernel's largest (the window part left is a few key blocks)
+    MEM_FIRST: tl.constexpr = MEMORY and BAND_IN and BM == BT
+    if MEM_FIRST:
+        b_y = _mem_read(b_q, i_b, i_h, i_kv, bos, T, P, kxb, kp0, coff, W, S, mem_scale, q, kx, z, nw, ow, gc, hs,
+                        vnew, yp, ss, H, HKV, D, BT, USE_H0, MAMBA2, False)
     if BAND_IN:
         # the band t - WB < j <= t (WB <= W) over the call's own tokens (positions >= P) was computed
         # outside (band_cudnn): its normalised output ``ob`` [N, TM, H, D] and natural-log lse ``lb``
@@ -410,7 +433,10 @@ def _fwd_kernel(
         b_lse = tl.where(b_l > 0, b_m + tl.log2(tl.where(b_l > 0, b_l, 1.)), float("inf"))
         tl.store(lse + o_q * H + i_h, b_lse, mask=m_i)
 
-    if not MEMORY:
+    if MEM_FIRST:
+        tl.store(out + (o_q * H + i_h)[:, None] * D + o_d[None, :], (b_o + b_y).to(out.dtype.element_ty),
+                 mask=m_i[:, None])
+    elif not MEMORY:
         tl.store(out + (o_q * H + i_h)[:, None] * D + o_d[None, :], b_o.to(out.dtype.element_ty), mask=m_i[:, None])
     elif BM == BT:
         _mem_rows(b_o, b_q, i_b, i_h, i_kv, bos, T, P, kxb, kp0, coff, W, S, mem_scale,
