@@ -13,6 +13,7 @@
 #   bash benchmarks/device_check.sh decode           # decode op: CUDA tests, launch-knob variants, ncu of one step
 #   bash benchmarks/device_check.sh step             # the decode step at B <= 2: tests, projections, 3B step variants
 #   bash benchmarks/device_check.sh distill          # bench_distill.py: self-distillation tokens/s, 3B shape, T=16k
+#   bash benchmarks/device_check.sh ab               # ab_trees.py: this tree against each older tree in .ab/ (carry .ab)
 #   bash benchmarks/device_check.sh bg:demo tests    # both at once
 #
 # Logs and results go to $OUT (the device tool's folder) or ./device_out; the demo's assets come back
@@ -123,8 +124,14 @@ stage() {
     distill)
       timeout 540 python3 benchmarks/bench_distill.py 2>&1 | tee "$out/distill.log" | tail -12
       ;;
+    ab)
+      # before / after of a kernel change on this machine: the older trees were put in .ab/ by
+      # `git archive REV ahn_ops | tar -x -C .ab/REV` and carried; AB_CASES narrows the cases
+      timeout 540 python3 benchmarks/ab_trees.py . .ab/* --rounds "${AB_ROUNDS:-2}" ${AB_CASES:+--cases $AB_CASES} \
+        2>&1 | tee "$out/ab.log" | tail -14
+      ;;
     *)
-      echo "unknown stage $1 (tests|bench|perf|model|demo|ddp|decode|step|distill, optionally bg:STAGE)" >&2
+      echo "unknown stage $1 (tests|bench|perf|model|demo|ddp|decode|step|distill|ab, optionally bg:STAGE)" >&2
       return 2
       ;;
   esac

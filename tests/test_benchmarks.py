@@ -299,3 +299,17 @@ def test_bench_distill_harness():
     assert p.returncode == 0, p.stdout[-3000:] + p.stderr[-3000:]
     table = [line for line in p.stdout.splitlines() if line.startswith("| auto |")]
     assert len(table) == 1 and float(table[0].split("|")[3]) > 0, p.stdout[-2000:]
+
+
+def test_ab_trees_harness():
+    # benchmarks/ab_trees.py: the same tree twice in the interpreter, one round, two cases; the table names both
+    env = dict(os.environ, MPLBACKEND="Agg")
+    p = subprocess.run([sys.executable, os.path.join(BENCH, "ab_trees.py"), ROOT, ROOT, "--cpu", "--rounds", "1",
+                        "--cases", "fwd", "prep"], cwd=ROOT, env=env, capture_output=True, text=True, timeout=600)
+    assert p.returncode == 0, p.stdout[-3000:] + p.stderr[-3000:]
+    table = p.stdout.split("== ms, median over 1 rounds")[1].splitlines()
+    cases = [line.split()[0] + " " + line.split()[1] for line in table[2:] if line.strip()]
+    assert cases == ["fwd gdn", "fwd dn", "fwd mamba2", "prep gdn", "prep mamba2"], table
+    bad = subprocess.run([sys.executable, os.path.join(BENCH, "ab_trees.py"), ROOT, BENCH, "--cpu"], cwd=ROOT,
+                         capture_output=True, text=True, timeout=120)
+    assert bad.returncode != 0 and "no ahn_ops/ there" in bad.stdout + bad.stderr
