@@ -390,16 +390,8 @@ def _mem_bwd_wy_kernel(
         for i_k in range(NK):
             b_dgc += tl.load(dgc_part + (i_k * Tt + o_q) * H + i_h, mask=m_i, other=0.)
         b_dbeta = tl.zeros([BT], dtype=tl.float32)
+        dt = k.dtype.element_ty
         if not MAMBA2:
-            p_kv = (o_row * HKV + i_kv)[:, None] * D + o_d[None, :]
-            b_k = tl.load(k + p_kv, mask=m_act[:, None], other=0.)  # [BT, D]
-            dt = b_k.dtype
-            b_kf = b_k.to(tl.float32)
-            b_kn = b_kf * _inv_norm(b_kf, MAMBA2)[:, None]  # [BT, D]
-            b_gc = tl.load(gc + o_q * H + i_h, mask=m_i, other=0.)  # [BT]
-            b_eg = tl.exp(b_gc)  # [BT]
-            m_low = (o_t[:, None] >= o_t[None, :]) & m_i[:, None]
-            m_slow = (o_t[:, None] > o_t[None, :]) & m_i[:, None]
             b_Xc = tl.load(xs + (o_q * H + i_h)[:, None] * BT + o_t[None, :], mask=m_i[:, None], other=0.)
             b_dXv = tl.zeros([BT, BT], dtype=tl.float32)  # dv_new Vb^T
         for i_v in range(D // BV):
@@ -422,6 +414,14 @@ def _mem_bwd_wy_kernel(
             else:
                 tl.atomic_add(dv_acc + p_kvv, b_dVb * b_beta[:, None], mask=m_act[:, None], sem="relaxed")
         if not MAMBA2:
+            # the keys after the value loop, so that their fp32 tile is not live across it
+            p_kv = (o_row * HKV + i_kv)[:, None] * D + o_d[None, :]
+            b_kf = tl.load(k + p_kv, mask=m_act[:, None], other=0.).to(tl.float32)  # [BT, D]
+            b_kn = b_kf * _inv_norm(b_kf, MAMBA2)[:, None]  # [BT, D]
+            b_gc = tl.load(gc + o_q * H + i_h, mask=m_i, other=0.)  # [BT]
+            b_eg = tl.exp(b_gc)  # [BT]
+            m_low = (o_t[:, None] >= o_t[None, :]) & m_i[:, None]
+            m_slow = (o_t[:, None] > o_t[None, :]) & m_i[:, None]
             # w = X Kb, dw = -dv_new h^T from _mem_bwd_h_kernel (input dtype)
             b_dw = tl.load(dw_buf + (o_q * H + i_h)[:, None] * D + o_d[None, :], mask=m_i[:, None], other=0.)
             b_Kb = b_kn * (b_beta * b_eg)[:, None]  # [BT, D]
