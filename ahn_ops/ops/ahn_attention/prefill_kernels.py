@@ -252,23 +252,23 @@ def _mem_read(b_q, i_c, i_h, i_kv, bos, T, P, kxb, kp0, coff, W, S, mem_scale,
             b_qx = tl.load(q + (o_q * H + i_h)[:, None] * D + o_d[None, :], mask=m_i[:, None], other=0.)
         else:
             b_qx = b_q
-        b_qf = b_qx.to(tl.float32)
-        b_qn = _norm_rows(b_qf, MAMBA2) * mem_scale  # [BT, D]
+        DT = b_qx.dtype
+        b_qn = _norm_rows(b_qx.to(tl.float32), MAMBA2) * mem_scale  # [BT, D]
         b_gc = tl.load(gc + o_q * H + i_h, mask=m_i, other=0.)  # [BT], cumsum within the chunk
-        b_qe = b_qn * tl.exp(b_gc)[:, None]  # [BT, D]
-        b_hc = tl.load(hs + (((coff + i_c) * H + i_h) * D + o_d[:, None]) * D + o_d[None, :])  # [D, D]
-        b_mo = dot(b_qe.to(b_qx.dtype), b_hc)  # [BT, D]
         pos = t_pos - W
         m_act = m_i & (pos >= S)
         o_row = kxb + tl.where(m_act, pos - kp0, 0)
         b_k = tl.load(kx + (o_row * HKV + i_kv)[:, None] * D + o_d[None, :], mask=m_act[:, None], other=0.)
-        b_kn = _norm_rows(b_k.to(tl.float32), MAMBA2)  # [BT, D]
-        # in-chunk causal pairs (gc is a per-chunk cumsum: exp(gc_i - gc_j) within the chunk)
+        # in-chunk causal pairs first (gc is a per-chunk cumsum: exp(gc_i - gc_j) within the chunk), then only
+        # input-dtype operands stay live into the products with the state and the new values
         m_low = o_t[:, None] >= o_t[None, :]
-        b_s = dot(b_qn.to(b_qx.dtype), tl.trans(b_kn.to(b_qx.dtype)))  # [BT, BT]
-        b_s = tl.where(m_low, b_s * tl.exp(tl.where(m_low, b_gc[:, None] - b_gc[None, :], 0.)), 0.)
+        b_s = dot(b_qn.to(DT), tl.trans(_norm_rows(b_k.to(tl.float32), MAMBA2).to(DT)))  # [BT, BT]
+        b_s = tl.where(m_low, b_s * tl.exp(tl.where(m_low, b_gc[:, None] - b_gc[None, :], 0.)), 0.).to(DT)
+        b_qe = (b_qn * tl.exp(b_gc)[:, None]).to(DT)  # [BT, D]
+        b_hc = tl.load(hs + (((coff + i_c) * H + i_h) * D + o_d[:, None]) * D + o_d[None, :])  # [D, D]
+        b_mo = dot(b_qe, b_hc)  # [BT, D]
         b_vn = tl.load(vnew + (o_q * H + i_h)[:, None] * D + o_d[None, :], mask=m_act[:, None], other=0.)
-        b_mo += dot(b_s.to(b_qx.dtype), b_vn)  # [BT, D]
+        b_mo += dot(b_s, b_vn)  # [BT, D]
         b_z = tl.load(z + o_q * H + i_h, mask=m_i, other=0.).to(tl.float32)
         b_ow = tl.load(ow + (i_h * D + o_d[:, None]) * D + o_d[None, :])  # [D, D]
         if MAMBA2:
