@@ -21,34 +21,16 @@ import os
 import statistics
 import subprocess
 import sys
-import types
 
-HERE = os.path.dirname(os.path.abspath(__file__))
 CASES = ("fwd", "prep", "state", "fwdbwd")
-
-
-def _import_tree(tree):
-    """``ahn_ops`` from ``tree`` (a stub for its compiled extension when that is missing or built elsewhere)."""
-    sys.path.insert(0, tree)
-    try:
-        import ahn_ops  # noqa: F401
-    except ImportError:
-        for m in [m for m in sys.modules if m.startswith("ahn_ops")]:
-            del sys.modules[m]
-        stub = types.ModuleType("ahn_ops._ext")
-        stub.load_extension = lambda name=None: None
-        stub.has_cuda_kernels = lambda: False
-        sys.modules["ahn_ops._ext"] = stub
-        import ahn_ops  # noqa: F401
-    mod = sys.modules["ahn_ops"]
-    if not os.path.abspath(mod.__file__).startswith(os.path.abspath(tree) + os.sep):
-        raise SystemExit(f"ahn_ops came from {mod.__file__}, not from the tree {tree}")
-    return mod
 
 
 def worker(tree, cases, cpu):
     """One tree's timings as a JSON line on stdout: {case name: ms}."""
-    ahn_ops = _import_tree(tree)
+    sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+    from common import import_ahn_ops
+
+    ahn_ops = import_ahn_ops(tree)
     import torch
     from ahn_ops.ops.ahn_attention import prefill as P
 

@@ -35,10 +35,11 @@ KINDS = ("gdn", "dn", "mamba2")
 NAN = float("nan")
 
 
-def import_ahn_ops():
-    """``import ahn_ops``; when the extension is missing, stub ``ahn_ops._ext`` (Triton ops still work)."""
-    if ROOT not in sys.path:
-        sys.path.insert(0, ROOT)
+def import_ahn_ops(root: str = ROOT):
+    """``import ahn_ops`` from the source tree ``root`` (default: this checkout); when the extension is missing,
+    stub ``ahn_ops._ext`` (Triton ops still work). An ``ahn_ops`` from elsewhere is an error."""
+    if root not in sys.path:
+        sys.path.insert(0, root)
     try:
         import ahn_ops  # noqa: F401
     except ImportError as e:
@@ -50,7 +51,10 @@ def import_ahn_ops():
         stub.has_cuda_kernels = lambda: False
         sys.modules["ahn_ops._ext"] = stub
         import ahn_ops  # noqa: F401
-    return sys.modules["ahn_ops"]
+    mod = sys.modules["ahn_ops"]
+    if not os.path.realpath(mod.__file__).startswith(os.path.realpath(root) + os.sep):
+        raise ImportError(f"ahn_ops came from {mod.__file__}, not from the tree {root}")
+    return mod
 
 
 # --------------------------------------------------------------------------------------

@@ -127,12 +127,12 @@ def _prep_kernel(
             tl.store(w + p_x, b_z.to(w.dtype.element_ty), mask=m_i[:, None])
         tl.store(gc + o_q * H + i_h, tl.zeros([BT], dtype=tl.float32), mask=m_i)
     else:
-        p_x = (o_row * HKV + i_h // G)[:, None] * D + o_d[None, :]
-        b_kn = _norm_rows(tl.load(kx + p_x, mask=m_act[:, None], other=0.).to(tl.float32), MAMBA2)  # [BT, D]
+        p_kv = (o_row * HKV + i_h // G)[:, None] * D + o_d[None, :]
+        b_kn = _norm_rows(tl.load(kx + p_kv, mask=m_act[:, None], other=0.).to(tl.float32), MAMBA2)  # [BT, D]
         # the delta rule's v comes in while the inverse runs; Mamba2 (no inverse) loads it after the decayed
         # keys are stored: 143 registers instead of 188, three programs per SM instead of two
         if not MAMBA2:
-            b_v = tl.load(vx + p_x, mask=m_act[:, None], other=0.)
+            b_v = tl.load(vx + p_kv, mask=m_act[:, None], other=0.)
         b_g, b_beta = _load_gates(a, b, A_log, dt_bias, o_row, m_act, i_h, AB_RS, GATES)
         b_gc = tl.cumsum(b_g, 0)  # [BT] in-chunk cumulative log-decay (0 for DN)
         # the state pass adds kn^T (v_new * exp(g_last - gc)): store its decayed keys once here, first, so
@@ -143,7 +143,7 @@ def _prep_kernel(
         tl.store(gc + o_q * H + i_h, b_gc, mask=m_i)
         if MAMBA2:
             # no delta correction: no inverse, w = 0 (not stored), and the new values are u = dt v
-            b_u = tl.load(vx + p_x, mask=m_act[:, None], other=0.).to(tl.float32) * b_beta[:, None]  # [BT, D]
+            b_u = tl.load(vx + p_kv, mask=m_act[:, None], other=0.).to(tl.float32) * b_beta[:, None]  # [BT, D]
         else:
             b_u = _wy_prep(b_kn, b_v, b_beta, b_gc, w, xs, o_q, o_t, o_d, i_h, m_i, H, D, BT,
                            STORE_X, kx.dtype.element_ty)
@@ -434,9 +434,8 @@ def _fwd_kernel(
         tl.store(lse + o_q * H + i_h, b_lse, mask=m_i)
 
     if MEM_FIRST:
-        tl.store(out + (o_q * H + i_h)[:, None] * D + o_d[None, :], (b_o + b_y).to(out.dtype.element_ty),
-                 mask=m_i[:, None])
-    elif not MEMORY:
+        b_o += b_y
+    if MEM_FIRST or not MEMORY:
         tl.store(out + (o_q * H + i_h)[:, None] * D + o_d[None, :], b_o.to(out.dtype.element_ty), mask=m_i[:, None])
     elif BM == BT:
         _mem_rows(b_o, b_q, i_b, i_h, i_kv, bos, T, P, kxb, kp0, coff, W, S, mem_scale,
