@@ -3,6 +3,7 @@
     git archive REV ahn_ops | tar -x -C .ab/REV         # the older tree (.ab/ is git-ignored; carry it)
     python benchmarks/ab_trees.py . .ab/REV             # T=32768 W=4096 S=128, H=16/2, D=128, bf16
     python benchmarks/ab_trees.py . .ab/REV --rounds 3 --cases fwd prep
+    python benchmarks/ab_trees.py . .ab/REV --shape 8192 4096 128   # another T, W, S (H=16/2, D=128)
     python benchmarks/ab_trees.py . . --cpu             # harness check in the interpreter (no timing claim)
 
 Each tree runs in its own process (``ahn_ops`` imported from that tree; its compiled decode extension is not
@@ -25,7 +26,7 @@ import sys
 CASES = ("fwd", "prep", "state", "fwdbwd")
 
 
-def worker(tree, cases, cpu):
+def worker(tree, cases, cpu, shape):
     """One tree's timings as a JSON line on stdout: {case name: ms}."""
     sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
     from common import import_ahn_ops
@@ -35,7 +36,8 @@ def worker(tree, cases, cpu):
     from ahn_ops.ops.ahn_attention import prefill as P
 
     dev = "cpu" if cpu else "cuda"
-    T, W, S, H, HKV, D = (150, 40, 5, 4, 2, 64) if cpu else (32768, 4096, 128, 16, 2, 128)
+    T, W, S = shape
+    H, HKV, D = (4, 2, 64) if cpu else (16, 2, 128)
     dt = torch.bfloat16
     g = torch.Generator(device=dev).manual_seed(0)
 
@@ -84,21 +86,24 @@ def main():
     ap.add_argument("trees", nargs="+", help="source trees holding ahn_ops/ (the first is the baseline)")
     ap.add_argument("--rounds", type=int, default=2)
     ap.add_argument("--cases", nargs="+", choices=CASES, default=list(CASES))
+    ap.add_argument("--shape", nargs=3, type=int, metavar=("T", "W", "S"), help="default 32768 4096 128 (--cpu: 150 40 5)")
     ap.add_argument("--cpu", action="store_true", help="tiny shapes in the Triton interpreter (harness check)")
     ap.add_argument("--worker", action="store_true", help=argparse.SUPPRESS)
     a = ap.parse_args()
+    shape = a.shape or ([150, 40, 5] if a.cpu else [32768, 4096, 128])
     trees = [os.path.abspath(t) for t in a.trees]
     for t in trees:
         if not os.path.isfile(os.path.join(t, "ahn_ops", "__init__.py")):
             raise SystemExit(f"{t}: no ahn_ops/ there (git archive REV ahn_ops | tar -x -C {t})")
     if a.worker:
-        worker(trees[0], a.cases, a.cpu)
+        worker(trees[0], a.cases, a.cpu, shape)
         return
     env = dict(os.environ, **({"TRITON_INTERPRET": "1"} if a.cpu else {}))
     runs = {t: [] for t in trees}
     for rnd in range(a.rounds):
         for t in trees:
-            cmd = [sys.executable, os.path.abspath(__file__), t, "--worker", "--cases", *a.cases] + (["--cpu"] if a.cpu else [])
+            cmd = [sys.executable, os.path.abspath(__file__), t, "--worker", "--cases", *a.cases,
+                   "--shape", *map(str, shape)] + (["--cpu"] if a.cpu else [])
             p = subprocess.run(cmd, env=env, capture_output=True, text=True)
             line = [x for x in p.stdout.splitlines() if x.startswith("AB ")]
             if p.returncode != 0 or not line:
@@ -107,7 +112,7 @@ def main():
             print(f"[ab] round {rnd} {t}: {runs[t][-1]}", flush=True)
     names = list(runs[trees[0]][0])
     med = {t: {n: statistics.median(r[n] for r in runs[t]) for n in names} for t in trees}
-    print(f"\n== ms, median over {a.rounds} rounds (ratio to the first tree) ==")
+    print(f"\n== ms at T, W, S = {shape}, median over {a.rounds} rounds (ratio to the first tree) ==")
     print("  " + "case".ljust(14) + "".join(os.path.basename(t.rstrip(os.sep))[:14].rjust(22) for t in trees))
     for n in names:
         base = med[trees[0]][n]

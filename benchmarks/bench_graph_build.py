@@ -3,8 +3,8 @@
 For each (T, W): the first ``band_cudnn.band_fwd`` / ``band_bwd`` call at that shape (graph built, or
 taken from the cache of a padded length, see ``band_cudnn.PAD``) against a repeat; then fused
 forward + backward steps at T=16384 with a new window each (what a distillation step with a random window
-pays: ``band_cudnn.band_window`` gives a first-seen window the graph of the window rounded down to
-``WINDOW_STEP``, a window asked for again its exact graph), three calls each. Wall-clock milliseconds
+pays: ``band_cudnn.band_window`` gives a shape's first ``EXACT_WINDOWS`` windows their exact graphs and later
+ones the graph of the window rounded down to ``WINDOW_STEP``), three calls each. Wall-clock milliseconds
 around a device sync; B=1 H=16 HKV=2 D=128 bf16.
 
     python benchmarks/bench_graph_build.py

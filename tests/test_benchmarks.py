@@ -302,12 +302,14 @@ def test_bench_distill_harness():
 
 
 def test_ab_trees_harness():
-    # benchmarks/ab_trees.py: the same tree twice in the interpreter, one round, two cases; the table names both
+    # benchmarks/ab_trees.py: the same tree twice in the interpreter, one round, two cases, a chosen shape; the
+    # table names both cases and the shape
     env = dict(os.environ, MPLBACKEND="Agg")
     p = subprocess.run([sys.executable, os.path.join(BENCH, "ab_trees.py"), ROOT, ROOT, "--cpu", "--rounds", "1",
-                        "--cases", "fwd", "prep"], cwd=ROOT, env=env, capture_output=True, text=True, timeout=600)
+                        "--cases", "fwd", "prep", "--shape", "97", "30", "3"], cwd=ROOT, env=env,
+                       capture_output=True, text=True, timeout=600)
     assert p.returncode == 0, p.stdout[-3000:] + p.stderr[-3000:]
-    table = p.stdout.split("== ms, median over 1 rounds")[1].splitlines()
+    table = p.stdout.split("== ms at T, W, S = [97, 30, 3], median over 1 rounds")[1].splitlines()
     cases = [line.split()[0] + " " + line.split()[1] for line in table[2:] if line.strip()]
     assert cases == ["fwd gdn", "fwd dn", "fwd mamba2", "prep gdn", "prep mamba2"], table
     bad = subprocess.run([sys.executable, os.path.join(BENCH, "ab_trees.py"), ROOT, BENCH, "--cpu"], cwd=ROOT,

@@ -216,8 +216,8 @@ def _into(grads, out):
     pytest.param("dn", 1, 130, 1, 3, 4, None, id="dn-T130-W1-S3"),
     # a length on cuDNN's grid (a multiple of band_cudnn.PAD): the band's gradients written into dq, dk, dv
     pytest.param("gdn", 2, 128, 50, 4, 2, None, id="gdn-B2-T128-W50-S4-in-place"),
-    # a window seen for the first time: the band at the window rounded down to the step, the kernels
-    # walking the keys between (band_cudnn.band_window)
+    # a window of a shape that has seen many (EXACT_WINDOWS 0 below): the band at the window rounded down
+    # to the step, the kernels walking the keys between (band_cudnn.band_window)
     pytest.param("gdn", 1, 150, 60, 5, 2, 32, id="gdn-T150-W60-S5-band32"),
     pytest.param("mamba2", 2, 97, 40, 3, 1, 16, id="mamba2-B2-T97-W40-S3-band32"),
     pytest.param("dn", 1, 260, 130, 70, 4, 64, id="dn-T260-W130-S70-band128"),
@@ -245,6 +245,7 @@ def test_band_composition_kernel(kind, B, T, W, S, G, step, monkeypatch):
     monkeypatch.setattr(band_cudnn, "band_bwd", bwd)
     monkeypatch.setattr(band_cudnn, "_SEEN", OrderedDict())
     monkeypatch.setattr(band_cudnn, "WINDOW_STEP", step or 10 ** 9)
+    monkeypatch.setattr(band_cudnn, "EXACT_WINDOWS", 0)
     HKV = 2 if G < 4 else 1
     H, D = HKV * G, 64
     args = make_inputs(kind, B, T, H, HKV, D, torch.float32, device=dev, seed=T + S)
@@ -299,6 +300,7 @@ def test_band_composition_varlen(kind, lens, W, S, step, monkeypatch):
     monkeypatch.setattr(band_cudnn, "band_bwd", bwd)
     monkeypatch.setattr(band_cudnn, "_SEEN", OrderedDict())
     monkeypatch.setattr(band_cudnn, "WINDOW_STEP", step or 10 ** 9)
+    monkeypatch.setattr(band_cudnn, "EXACT_WINDOWS", 0)
     H, HKV, D = 4, 2, 64
     T = sum(lens)
     cu = torch.tensor([0] + list(torch.tensor(lens).cumsum(0)), dtype=torch.int32, device=dev)
@@ -337,20 +339,28 @@ def test_band_engine_takes_close_lengths(monkeypatch):
 
 
 def test_band_window_policy(monkeypatch):
-    # a (shape, window) seen for the first time gets the graph of the window rounded down to WINDOW_STEP,
-    # from its second time on the exact one; a window covering the call is asked for as the padded length
+    # the first EXACT_WINDOWS distinct windows of a (direction, shape) get their exact graph, later ones the
+    # window rounded down to WINDOW_STEP (a training job's per-step draws: each layer's call with the step's
+    # window must not build a graph of its own); a window covering the call is asked for as the padded length
     from collections import OrderedDict
 
     from ahn_ops.ops.ahn_attention import band_cudnn as BC
 
     monkeypatch.setattr(BC, "_SEEN", OrderedDict())
+    monkeypatch.setattr(BC, "EXACT_WINDOWS", 2)
     q, k = torch.empty(1, 1000, 8, 64), torch.empty(1, 1000, 2, 64)
-    assert [BC.band_window("fwd", q, k, 700) for _ in range(3)] == [512, 700, 700]
-    assert BC.band_window("bwd", q, k, 700) == 512  # each direction counts its own calls
-    assert BC.band_window("fwd", q[:, :900], k[:, :900], 700) == 700  # same padded length (1024)
+    assert [BC.band_window("fwd", q, k, 700) for _ in range(3)] == [700, 700, 700]  # a fixed window: exact
+    assert BC.band_window("fwd", q, k, 600) == 600  # the second distinct window: exact too
+    assert [BC.band_window("fwd", q, k, w) for w in (900, 900, 513)] == [768, 768, 512]  # then rounded
+    assert BC.band_window("fwd", q, k, 700) == 700 and BC.band_window("fwd", q, k, 600) == 600  # still exact
+    assert BC.band_window("bwd", q, k, 900) == 900  # each direction has its own windows
+    assert BC.band_window("fwd", q[:, :900], k[:, :900], 800) == 768  # same padded length (1024): same shape
+    assert BC.band_window("fwd", q[:, :600], k[:, :600], 550) == 550  # another padded length: its own windows
     assert BC.band_window("fwd", q, k, 200) == 200  # at most one step: always exact
     assert BC.band_window("fwd", q, k, 1000) == 1024 and BC.band_window("bwd", q, k, 5000) == 1024
     assert BC.band_window("fwd", q[:, :128], k[:, :128], 128) == 128
+    assert len(BC._SEEN[("fwd", "cpu", q.dtype, 1, 1024, 8, 2, 64)]) == 2  # the draws were not recorded
+
 
 
 

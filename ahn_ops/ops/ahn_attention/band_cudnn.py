@@ -12,9 +12,9 @@ of graph building per direction on an H100, and ~0.5 s when the length is not a 
 then compiles a kernel), so calls pad the length to a multiple of ``PAD`` (``_padded``): the band is causal,
 so zero rows at the end change nothing in the real rows, and their gradients are exactly zero.
 The window is part of a graph too, and training draws a new one per step: ``band_window`` gives the window
-a caller should ask for, the exact one once a shape has been asked for with it before (its graph then pays
-off), else the window rounded down to a multiple of ``WINDOW_STEP``; the fused kernels walk the keys
-between the two (``WB`` of ``_fwd_kernel``, ``_attn_dq_kernel``, ``_attn_dkdv_kernel``). ``unavailable_reason``
+a caller should ask for, the exact one for the first ``EXACT_WINDOWS`` windows a shape is asked for with (a
+model's fixed window), else the window rounded down to a multiple of ``WINDOW_STEP`` (a training job's draws
+then share a bounded set of graphs); the fused kernels walk the keys between the two (``WB`` of ``_fwd_kernel``, ``_attn_dq_kernel``, ``_attn_dkdv_kernel``). ``unavailable_reason``
 says why this engine cannot run on a device; the Triton band is the fallback everywhere else.
 """
 
@@ -36,8 +36,9 @@ _GRAPHS_MAX = 128
 _WORKSPACE: dict = {}
 _REASON: dict = {}
 PAD = 128  # the length granularity of the graphs (see the module docstring)
-WINDOW_STEP = 256  # the window granularity of graphs for windows seen once (band_window)
-_SEEN: "OrderedDict[tuple, int]" = OrderedDict()
+WINDOW_STEP = 256  # the window granularity of the graphs of a shape that sees many windows (band_window)
+EXACT_WINDOWS = 2  # the distinct windows per shape that get their exact graph (band_window)
+_SEEN: "OrderedDict[tuple, list]" = OrderedDict()
 _SEEN_MAX = 4096
 
 
@@ -108,18 +109,22 @@ def band_window(direction: str, q: torch.Tensor, k: torch.Tensor, window: int) -
     kernels walk the keys ``t - window < j <= t - returned`` themselves.
 
     A window covering the whole call (plain causal attention) is asked for as the padded length, so that
-    every such call of one padded length shares a graph. Otherwise: ``window`` if this (direction, shape,
-    dtype, window) was asked for before, else ``window`` rounded down to a multiple of ``WINDOW_STEP`` (at
-    least one step): a window drawn anew per training step reuses a few graphs, and a fixed one gets its
-    exact graph from its second call on."""
+    every such call of one padded length shares a graph. Otherwise: ``window`` if it is one of the first
+    ``EXACT_WINDOWS`` distinct windows this (direction, shape, dtype) was asked for with, else ``window``
+    rounded down to a multiple of ``WINDOW_STEP`` (at least one step). A model with a fixed window gets its
+    exact graph from the first call on; a training job drawing a window per step (and calling every layer
+    with it) builds at most ``EXACT_WINDOWS`` exact graphs per shape, and its other draws share the
+    graphs of the rounded windows, one build each instead of one per draw."""
     B, T, H, D = q.shape
     window = int(window)
     if window >= T:
         return pad_len(T)
-    key = (direction, str(q.device), q.dtype, B, pad_len(T), H, k.shape[2], D, window)
-    seen = lru_get(_SEEN, key, lambda: 0, _SEEN_MAX)
-    _SEEN[key] = seen + 1
-    if seen or window <= WINDOW_STEP:
+    key = (direction, str(q.device), q.dtype, B, pad_len(T), H, k.shape[2], D)
+    exact = lru_get(_SEEN, key, list, _SEEN_MAX)
+    if window in exact or window <= WINDOW_STEP:
+        return window
+    if len(exact) < EXACT_WINDOWS:
+        exact.append(window)
         return window
     return window - window % WINDOW_STEP
 
