@@ -5,6 +5,9 @@ PY     := $(VENV)/bin/python
 # The test and demo dependencies; torch 2.14.1 is the CUDA 13 build, CPU kernels run without a GPU.
 DEPS   := torch==2.14.1 numpy ninja cmake pybind11 pytest safetensors transformers==5.24.0 tqdm matplotlib \
           packaging fla-core einops setuptools wheel
+# The CUTLASS / CuTe headers of the sm_90a kernels (benchmarks/spike_band): headers only, so without the
+# package's Python dependencies (cuda-python, scipy, ...)
+HEADERS := nvidia-cutlass==4.2.0
 STAMP  := $(VENV)/.ahn_ops-deps
 EDITABLE := $(VENV)/.ahn_ops-editable
 export PATH := $(CURDIR)/$(VENV)/bin:$(PATH)
@@ -16,6 +19,7 @@ setup: $(EDITABLE)
 $(STAMP): Makefile
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install -q $(DEPS)
+	$(PY) -m pip install -q --no-deps $(HEADERS)
 	touch $@
 
 # pip install -e registers the package (and ahn-merge); `build` keeps _C up to date afterwards.

@@ -14,6 +14,8 @@
 #   bash benchmarks/device_check.sh step             # the decode step at B <= 2: tests, projections, 3B step variants
 #   bash benchmarks/device_check.sh distill          # bench_distill.py: self-distillation tokens/s, 3B shape, T=16k
 #   bash benchmarks/device_check.sh ab               # ab_trees.py: this tree against each older tree in .ab/ (carry .ab)
+#   bash benchmarks/device_check.sh spike            # spike_band.py: our sm_90a window + sinks kernel (needs the
+#                                                    # nvidia-cutlass wheel in .whl/), checks, then against the peers
 #   bash benchmarks/device_check.sh bg:demo tests    # both at once
 #
 # Logs and results go to $OUT (the device tool's folder) or ./device_out; the demo's assets come back
@@ -130,8 +132,11 @@ stage() {
       timeout 540 python3 benchmarks/ab_trees.py . .ab/* --rounds "${AB_ROUNDS:-2}" ${AB_CASES:+--cases $AB_CASES} \
         2>&1 | tee "$out/ab.log" | tail -14
       ;;
+    spike)
+      timeout 400 python3 benchmarks/spike_band.py 2>&1 | tee "$out/spike.log" | tail -40
+      ;;
     *)
-      echo "unknown stage $1 (tests|bench|perf|model|demo|ddp|decode|step|distill|ab, optionally bg:STAGE)" >&2
+      echo "unknown stage $1 (tests|bench|perf|model|demo|ddp|decode|step|distill|ab|spike, optionally bg:STAGE)" >&2
       return 2
       ;;
   esac

@@ -1,0 +1,186 @@
+"""Engine spike: our own sm_90a window + sinks attention forward (spike_band/band_fwd_sm90.cuh) against the peers.
+
+    python benchmarks/spike_band.py              # build (nvcc, CUTLASS headers from the nvidia-cutlass wheel),
+                                                 # check, then time T=32k and 131k
+    python benchmarks/spike_band.py --check-only
+
+Checks, both kernel variants (0: overlap inside each warpgroup; 1: and the warpgroups' ping-pong): o and lse
+against an fp32 reference (query t attends j <= t with t - W < j or j < S) on odd shapes, GQA, W = 1, W >= T,
+sinks inside and past the window, bf16 and fp16, into memory poisoned with NaN; the error beside PyTorch's
+own in the same dtype (the masked SDPA of the same inputs). Timing: ``do_bench`` medians, B=1 H=16 HKV=2
+D=128, in the same run: cuDNN's band (``band_cudnn.band_fwd``, S=0: what the fused forward uses today) and
+FlexAttention's window + sinks (S=128); TFLOP/s count 4 D H per attended (query, key) pair.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+import time
+
+import torch
+
+HERE = os.path.dirname(os.path.abspath(__file__))
+
+
+class Spike:
+    """The compiled spike: ``band_fwd(q, k, v, W) -> (o, lse)`` through ctypes."""
+
+    def __init__(self, lib):
+        import ctypes
+
+        self.fn = lib.ahn_band_fwd
+        self.fn.restype = ctypes.c_int
+        self.fn.argtypes = [ctypes.c_int] * 2 + [ctypes.c_void_p] * 5 + [ctypes.c_int] * 6 + [ctypes.c_longlong] * 2 + [
+            ctypes.c_void_p]
+
+    def band_fwd(self, q, k, v, W, S=0, variant=0):
+        assert q.is_contiguous() and k.is_contiguous() and v.is_contiguous() and q.shape[-1] == 128
+        B, T, H, _ = q.shape
+        o = torch.empty_like(q)
+        lse = torch.empty(B, H, T, device=q.device, dtype=torch.float32)
+        err = self.fn(0 if q.dtype == torch.bfloat16 else 1, variant, q.data_ptr(), k.data_ptr(), v.data_ptr(),
+                      o.data_ptr(), lse.data_ptr(), B, T, H, k.shape[2], int(W), int(S), q.stride(1), k.stride(1),
+                      torch.cuda.current_stream().cuda_stream)
+        if err:
+            raise RuntimeError(f"band spike launch: CUDA error {err}")
+        return o, lse
+
+
+def build():
+    import ctypes
+    import subprocess
+
+    import cutlass_library
+
+    inc = os.path.join(os.path.dirname(cutlass_library.__file__), "source", "include")
+    out = os.path.join(os.environ.get("TMPDIR", "/tmp"), "ahn_band_spike.so")
+    t0 = time.time()
+    cmd = ["nvcc", "-std=c++17", "-O3", "-gencode=arch=compute_90a,code=sm_90a", "--expt-relaxed-constexpr",
+           "-DNDEBUG", "-shared", "-Xcompiler", "-fPIC", "-Xptxas", "-v", "-I", inc, "-I",
+           os.path.join(HERE, "spike_band"), os.path.join(HERE, "spike_band", "band_spike.cu"), "-o", out]
+    p = subprocess.run(cmd, capture_output=True, text=True)
+    if p.returncode != 0:
+        raise SystemExit(p.stderr[-4000:])
+    regs = [line.strip() for line in p.stderr.splitlines() if "registers" in line or "spill" in line]
+    print(f"# built in {time.time() - t0:.0f} s; " + " | ".join(regs[:2]), flush=True)
+    return Spike(ctypes.CDLL(out))
+
+
+def allowed_mask(T, W, S, device):
+    t = torch.arange(T, device=device)
+    return (t[None, :] <= t[:, None]) & ((t[None, :] > t[:, None] - W) | (t[None, :] < S))
+
+
+def reference(q, k, v, W, S):
+    """fp32 window + sinks attention: o [B, T, H, D], lse [B, H, T]."""
+    B, T, H, D = q.shape
+    G = H // k.shape[2]
+    qf = q.float().transpose(1, 2)
+    kf = k.float().repeat_interleave(G, 2).transpose(1, 2)
+    vf = v.float().repeat_interleave(G, 2).transpose(1, 2)
+    s = qf @ kf.transpose(-1, -2) * D ** -0.5
+    s = s.masked_fill(~allowed_mask(T, W, S, q.device), float("-inf"))
+    lse = torch.logsumexp(s, -1)
+    o = (torch.softmax(s, -1) @ vf).transpose(1, 2)
+    return o, lse
+
+
+def torch_same_dtype(q, k, v, W, S):
+    B, T, H, D = q.shape
+    G = H // k.shape[2]
+    o = torch.nn.functional.scaled_dot_product_attention(
+        q.transpose(1, 2), k.repeat_interleave(G, 2).transpose(1, 2), v.repeat_interleave(G, 2).transpose(1, 2),
+        attn_mask=allowed_mask(T, W, S, q.device))
+    return o.transpose(1, 2)
+
+
+def rel(a, b):
+    return ((a.float() - b.float()).norm() / b.float().norm().clamp_min(1e-30)).item()
+
+
+def check(mod):
+    # (B, T, H, HKV, W, S): sinks past the window in one block, in several, inside the band, S >= T
+    cases = [(1, 1, 2, 1, 1, 0), (2, 100, 4, 2, 64, 0), (1, 257, 8, 1, 1, 0), (1, 1000, 16, 2, 200, 0),
+             (2, 777, 4, 4, 5000, 3), (1, 2048, 16, 2, 1024, 128), (1, 4100, 8, 1, 129, 300), (1, 3000, 4, 2, 2999, 0),
+             (1, 1500, 4, 2, 300, 5), (1, 1300, 2, 1, 1, 200), (2, 650, 4, 2, 256, 700)]
+    worst = 0.0
+    for dt, variant in ((torch.bfloat16, 0), (torch.float16, 0), (torch.bfloat16, 1), (torch.float16, 1)):
+        for B, T, H, HKV, W, S in cases:
+            g = torch.Generator(device="cuda").manual_seed(T * 31 + W + S)
+            q, k, v = (torch.randn(B, T, h, 128, device="cuda", dtype=dt, generator=g) for h in (H, HKV, HKV))
+            poison = torch.full((B * T * H * 128 * 4,), float("nan"), device="cuda")
+            del poison  # the caching allocator hands this NaN-filled block to the kernel's outputs
+            o, lse = mod.band_fwd(q, k, v, W, S, variant)
+            ro, rlse = reference(q, k, v, W, S)
+            ours, theirs = rel(o, ro), rel(torch_same_dtype(q, k, v, W, S), ro)
+            lerr = (lse - rlse).abs().max().item()
+            ok = not o.isnan().any().item() and ours <= 2 * theirs + 1e-6 and lerr < 1e-3
+            worst = max(worst, ours / max(theirs, 1e-30))
+            print(f"v{variant} {str(dt)[6:]:8s} B{B} T{T} H{H}/{HKV} W{W} S{S}: o rel err {ours:.2e} (torch {theirs:.2e}), "
+                  f"lse max err {lerr:.1e} {'ok' if ok else 'FAIL'}", flush=True)
+            if not ok:
+                raise SystemExit("band spike: mismatch")
+    print(f"# all checks passed (worst ratio to torch's own error {worst:.2f})")
+
+
+def pairs(T, W, S):
+    """Attended (query, key) pairs of window + sinks attention."""
+    band = T * (T + 1) // 2 if T <= W else W * (W + 1) // 2 + (T - W) * W
+    # sinks past the window: row t sees min(S, t - W + 1) of them beyond its band
+    return band + sum(max(0, min(S, t - W + 1)) for t in range(W, T)) if S else band
+
+
+def bench(mod):
+    from triton.testing import do_bench
+
+    sys.path.insert(0, HERE)
+    from common import import_ahn_ops
+
+    import_ahn_ops()
+    import peers
+    from ahn_ops.ops.ahn_attention import band_cudnn
+
+    H, HKV, D = 16, 2, 128
+    rows = []
+
+    def t(fn):
+        return do_bench(fn, warmup=25, rep=200, return_mode="median")
+
+    for T, W, S in [(32768, 4096, 128), (131072, 32640, 128), (16384, 2048, 0)]:
+        q, k, v = (torch.randn(1, T, h, D, device="cuda", dtype=torch.bfloat16) for h in (H, HKV, HKV))
+        res = {}
+        for variant in (0, 1):
+            res[f"ours v{variant} S=0"] = t(lambda: mod.band_fwd(q, k, v, W, 0, variant)), pairs(T, W, 0)
+            if S:
+                res[f"ours v{variant} S={S}"] = t(lambda: mod.band_fwd(q, k, v, W, S, variant)), pairs(T, W, S)
+        res["cuDNN band S=0"] = t(lambda: band_cudnn.band_fwd(q, k, v, W)), pairs(T, W, 0)
+        o, _ = mod.band_fwd(q, k, v, W, 0, 1)
+        co, _ = band_cudnn.band_fwd(q, k, v, W)
+        if S:
+            fx = peers.flex_window(T, W, S, "cuda")
+            qt, kt, vt = q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2)
+            res[f"FlexAttention S={S}"] = t(lambda: fx(qt, kt, vt)), pairs(T, W, S)
+        for name, (ms, pr) in res.items():
+            rows.append((T, W, name, ms, 4 * D * H * pr / ms / 1e9))
+            print(rows[-1], flush=True)
+        print(f"# T={T} W={W}: rel diff of o, ours v1 vs cuDNN band: {rel(o, co):.1e}", flush=True)
+    print("\n| T | W | what | ms | TFLOP/s |\n|---|---|---|---|---|")
+    for T, W, name, ms, tf in rows:
+        print(f"| {T} | {W} | {name} | {ms:.3f} | {tf:.0f} |")
+
+
+def main():
+    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    ap.add_argument("--check-only", action="store_true")
+    a = ap.parse_args()
+    print("#", torch.cuda.get_device_name(), "torch", torch.__version__)
+    mod = build()
+    check(mod)
+    if not a.check_only:
+        bench(mod)
+
+
+if __name__ == "__main__":
+    main()
