@@ -125,21 +125,14 @@ def check(mod):
     print(f"# all checks passed (worst ratio to torch's own error {worst:.2f})")
 
 
-def pairs(T, W, S):
-    """Attended (query, key) pairs of window + sinks attention."""
-    band = T * (T + 1) // 2 if T <= W else W * (W + 1) // 2 + (T - W) * W
-    # sinks past the window: row t sees min(S, t - W + 1) of them beyond its band
-    return band + sum(max(0, min(S, t - W + 1)) for t in range(W, T)) if S else band
-
-
 def bench(mod):
     from triton.testing import do_bench
 
     sys.path.insert(0, HERE)
-    from common import import_ahn_ops
-
-    import_ahn_ops()
+    import common as C
     import peers
+
+    C.import_ahn_ops()
     from ahn_ops.ops.ahn_attention import band_cudnn
 
     H, HKV, D = 16, 2, 128
@@ -152,23 +145,65 @@ def bench(mod):
         q, k, v = (torch.randn(1, T, h, D, device="cuda", dtype=torch.bfloat16) for h in (H, HKV, HKV))
         res = {}
         for variant in (0, 1):
-            res[f"ours v{variant} S=0"] = t(lambda: mod.band_fwd(q, k, v, W, 0, variant)), pairs(T, W, 0)
+            res[f"ours v{variant} S=0"] = t(lambda: mod.band_fwd(q, k, v, W, 0, variant)), 0
             if S:
-                res[f"ours v{variant} S={S}"] = t(lambda: mod.band_fwd(q, k, v, W, S, variant)), pairs(T, W, S)
-        res["cuDNN band S=0"] = t(lambda: band_cudnn.band_fwd(q, k, v, W)), pairs(T, W, 0)
+                res[f"ours v{variant} S={S}"] = t(lambda: mod.band_fwd(q, k, v, W, S, variant)), S
+        res["cuDNN band S=0"] = t(lambda: band_cudnn.band_fwd(q, k, v, W)), 0
         o, _ = mod.band_fwd(q, k, v, W, 0, 1)
         co, _ = band_cudnn.band_fwd(q, k, v, W)
         if S:
             fx = peers.flex_window(T, W, S, "cuda")
             qt, kt, vt = q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2)
-            res[f"FlexAttention S={S}"] = t(lambda: fx(qt, kt, vt)), pairs(T, W, S)
-        for name, (ms, pr) in res.items():
-            rows.append((T, W, name, ms, 4 * D * H * pr / ms / 1e9))
+            res[f"FlexAttention S={S}"] = t(lambda: fx(qt, kt, vt)), S
+        for name, (ms, sinks) in res.items():
+            rows.append((T, W, name, ms, C.window_flops(T, W, sinks, H, D) / ms / 1e9))
             print(rows[-1], flush=True)
         print(f"# T={T} W={W}: rel diff of o, ours v1 vs cuDNN band: {rel(o, co):.1e}", flush=True)
     print("\n| T | W | what | ms | TFLOP/s |\n|---|---|---|---|---|")
     for T, W, name, ms, tf in rows:
         print(f"| {T} | {W} | {name} | {ms:.3f} | {tf:.0f} |")
+    fused_forward(mod, t)
+
+
+def fused_forward(mod, t, T=32768, W=4096, S=128, H=16, HKV=2, D=128):
+    """The fused AHN forward (gdn) with its band from cuDNN (today) or from this kernel, in place of
+    ``band_cudnn.band_fwd``; the memory passes on the side stream at default or high priority. cuDNN's band
+    kernel holds every SM for its whole run, so the memory passes run beside it only at its edges; this
+    kernel's CTAs retire every ~20 us, so a high-priority side stream can take SMs as they free up."""
+    from ahn_ops.ops.ahn_attention import band_cudnn
+    from ahn_ops.ops.ahn_attention import prefill as P
+
+    dev, dt = "cuda", torch.bfloat16
+    g = torch.Generator(device=dev).manual_seed(0)
+
+    def r(*shape):
+        return torch.randn(*shape, device=dev, dtype=dt, generator=g)
+
+    args = (r(1, T, H, D), r(1, T, HKV, D), r(1, T, HKV, D), r(1, T, H), r(1, T, H), r(1, T, H),
+            torch.rand(H, device=dev) * 0.5, torch.rand(H, device=dev) * 0.1, torch.rand(D, device=dev) + 0.5,
+            (torch.randn(H, D, D, device=dev) * D ** -0.5).to(dt))
+    cudnn_band, idx = band_cudnn.band_fwd, torch.cuda.current_device()
+
+    def ours(q, k, v, w, out=None):
+        return mod.band_fwd(q.contiguous(), k.contiguous(), v.contiguous(), w, 0, 1)
+
+    res, outs = {}, {}
+    for band_name, band in (("cuDNN band", cudnn_band), ("our band", ours)):
+        for prio in (0, -1):
+            P._SIDE[idx] = torch.cuda.Stream(device=idx, priority=prio)
+            band_cudnn.band_fwd = band
+            try:
+                fn = lambda: P.prefill_fwd(*args, W, S, "gdn")  # noqa: E731
+                outs[band_name] = fn()[0]
+                res[f"{band_name}, side stream priority {prio}"] = t(fn)
+            finally:
+                band_cudnn.band_fwd = cudnn_band
+                P._SIDE.pop(idx, None)
+    print(f"\n# fused gdn forward, T={T} W={W} S={S} H={H}/{HKV} D={D}; rel diff of out, our band vs cuDNN's: "
+          f"{rel(outs['our band'], outs['cuDNN band']):.1e}")
+    print("| band | ms |\n|---|---|")
+    for name, ms in res.items():
+        print(f"| {name} | {ms:.3f} |")
 
 
 def main():
