@@ -133,7 +133,10 @@ stage() {
         2>&1 | tee "$out/ab.log" | tail -14
       ;;
     spike)
-      timeout 400 python3 benchmarks/spike_band.py 2>&1 | tee "$out/spike.log" | tail -40
+      # one process per part: a kernel that hangs costs that part's timeout only
+      timeout 120 python3 benchmarks/spike_band.py check 2>&1 | tee "$out/spike.log" | grep -v " ok$" | tail -12
+      timeout 90 python3 benchmarks/spike_band.py check-fused 2>&1 | tee -a "$out/spike.log" | tail -12
+      timeout 300 python3 benchmarks/spike_band.py bench 2>&1 | tee -a "$out/spike.log" | tail -30
       ;;
     *)
       echo "unknown stage $1 (tests|bench|perf|model|demo|ddp|decode|step|distill|ab|spike, optionally bg:STAGE)" >&2

@@ -11,8 +11,16 @@
 // (causal mask) down to the window's left edge (left mask), then the sink blocks below the band (masked);
 // the blocks between need no mask.
 //
-// Out: o (the band's normalised output, [B, T, H, D], the input dtype) and lse ([B, H, T], fp32, natural
+// Out: o (the normalised attention output, [B, T, H, D], the input dtype) and lse ([B, H, T], fp32, natural
 // log), what cuDNN's band gives the fused AHN forward today.
+//
+// kMemory (GDN / DN, one sequence per batch row, positions from 0): the AHN memory readout and epilogue in
+// the consumer, what the Triton combine kernel does behind cuDNN's band. Each warpgroup's 64 rows are one
+// memory chunk c: with the memory passes' gc (in-chunk cumsum of the log-decays), hs[c] (the state before
+// the chunk) and v_new, mo = (q_n e^gc) hs[c] + ((q_n k_n^T) * e^(gc_i - gc_j), j <= i) v_new, where q_n is
+// q l2-normalised times mem_scale and k_n the l2-normalised key of token t - W (active when t - W >= S);
+// then out = o + (RMSNorm(mo) * nw * swish(z)) @ ow[h]. The state (both chunks) comes by TMA at the start,
+// o_weight, the chunk keys and v_new through the K / V stages the band has freed.
 #pragma once
 
 #include <cute/tensor.hpp>
@@ -26,10 +34,12 @@ namespace ahn_sm90 {
 
 using namespace cute;
 
-template <class Element_, int kBM_ = 128, int kBN_ = 128, int kD_ = 128, int kStages_ = 2>
+template <class Element_, bool kMemory_ = false, int kBM_ = 128, int kBN_ = 128, int kD_ = 128, int kStages_ = 2>
 struct BandTraits {
   using Element = Element_;
+  static constexpr bool kMemory = kMemory_;
   static constexpr int kBM = kBM_, kBN = kBN_, kD = kD_, kStages = kStages_;
+  static constexpr int kChunk = 64;  // the memory's chunk: one consumer warpgroup's rows
   static constexpr int kConsumerWGs = kBM / 64;
   static constexpr int kThreads = 128 * (kConsumerWGs + 1);
   using TileQK = Shape<Int<kBM>, Int<kBN>, Int<kD>>;  // S = Q K^T: (M, N, K)
@@ -48,6 +58,23 @@ struct BandTraits {
   using SmemLayoutVt = decltype(composition(
       SmemLayoutV{}, make_ordered_layout(Shape<Int<kD>, Int<kBN>, Int<kStages>>{}, Step<_2, _1, _3>{})));
 
+  // the memory's products, one warpgroup each: q k_n^T (64 x 64, K = D); q hs and the new values' and the
+  // projection's (64 x D, B operands [K, D] with D contiguous, read MN-major)
+  using WG = Layout<Shape<_1, _1, _1>>;
+  using MmaQKm = decltype(make_tiled_mma(
+      GMMA::ss_op_selector<Element, Element, float, Shape<_64, _64, Int<kD>>, GMMA::Major::K, GMMA::Major::K>(),
+      WG{}));
+  using MmaQH = decltype(make_tiled_mma(
+      GMMA::ss_op_selector<Element, Element, float, Shape<_64, Int<kD>, Int<kD>>, GMMA::Major::K, GMMA::Major::MN>(),
+      WG{}));
+  using MmaRS = decltype(make_tiled_mma(
+      GMMA::rs_op_selector<Element, Element, float, Shape<_64, Int<kD>, Int<kD>>, GMMA::Major::K, GMMA::Major::MN>(),
+      WG{}));
+  // the two chunks' states [D, D] (rows: the key dimension), and seen as B operands (N = value dim, K = key dim)
+  using SmemLayoutHs = decltype(tile_to_shape(GMMA::Layout_K_SW128_Atom<Element>{}, Shape<Int<kD>, Int<kD>, _2>{}));
+  using SmemLayoutHst = decltype(composition(
+      SmemLayoutHs{}, make_ordered_layout(Shape<Int<kD>, Int<kD>, _2>{}, Step<_2, _1, _3>{})));
+
   using Pipeline = cutlass::PipelineTmaAsync<kStages>;
   using PipelineState = typename cutlass::PipelineState<kStages>;
 
@@ -55,7 +82,12 @@ struct BandTraits {
     alignas(1024) cute::array_aligned<Element, cosize_v<SmemLayoutQ>> q;
     alignas(1024) cute::array_aligned<Element, cosize_v<SmemLayoutK>> k;
     alignas(1024) cute::array_aligned<Element, cosize_v<SmemLayoutV>> v;
+    alignas(1024) cute::array_aligned<Element, kMemory ? cosize_v<SmemLayoutHs> : 8> hs;
+    float row_q[2][kChunk];   // per chunk row: mem_scale / |q|
+    float col_k[2][kChunk];   // per chunk key: 1 / |k|, 0 for an inactive key (t - W < S)
+    float gcs[2][kChunk];     // gc
     alignas(16) uint64_t bar_q;
+    alignas(16) uint64_t bar_h;
     typename Pipeline::SharedStorage pipe_k;
     typename Pipeline::SharedStorage pipe_v;
   };
@@ -75,6 +107,14 @@ struct BandTraits {
     float* lse;
     int B, T, H, HKV, W, S;
     float scale_log2;
+    // kMemory: v_new [B, T, H, D] (as Q), hs [NT, H, D, D] and o_weight [H, D, D] as (D, D, H, NT / 1)
+    TmaQ tma_vn;
+    TmaKV tma_hs, tma_ow;
+    float const* gc;           // [B, T, H]
+    Element const* z;          // [B, T, H]
+    float const* nw;           // [D]
+    float mem_scale;
+    int NT;                    // chunks per batch row
   };
 };
 
@@ -128,6 +168,16 @@ CUTE_DEVICE float quad_sum(float x) {
   return x + __shfl_xor_sync(0xffffffff, x, 2);
 }
 
+// P-like conversion: an fp32 accumulator ((2, 2, V), 1, 1) to input-dtype A-operand registers
+template <class Element, class Acc, class Frag>
+CUTE_DEVICE void acc_to_regs(Acc const& acc, Frag& frag) {
+  constexpr int N = decltype(size(acc))::value;
+  cutlass::NumericArrayConverter<Element, float, N> cvt;
+  *reinterpret_cast<cutlass::Array<Element, N>*>(frag.data()) =
+      cvt(*reinterpret_cast<cutlass::Array<float, N> const*>(acc.data()));
+  warpgroup_fence_operand(frag);
+}
+
 template <class Traits, bool kPingPong>
 __global__ void __launch_bounds__(Traits::kThreads, 1) band_fwd_kernel(CUTE_GRID_CONSTANT typename Traits::Params const p) {
   using Element = typename Traits::Element;
@@ -150,6 +200,8 @@ __global__ void __launch_bounds__(Traits::kThreads, 1) band_fwd_kernel(CUTE_GRID
   const int n_sink = min(n_lo, (S + kBN - 1) / kBN);
   const int n_blocks = n_band + n_sink;
   auto block_of = [&](int i) { return i < n_band ? n_hi - i : n_sink - 1 - (i - n_band); };
+  // kMemory: does any row of this block read a memory token (t - W >= S)? Then the memory operands come.
+  const bool cta_mem = Traits::kMemory && min(row0 + kBM - 1, T - 1) - W >= S;
 
   const int warp_group = threadIdx.x / 128;
   typename Pipeline::Params pk;
@@ -161,6 +213,7 @@ __global__ void __launch_bounds__(Traits::kThreads, 1) band_fwd_kernel(CUTE_GRID
   Pipeline pipe_v(ss.pipe_v, pk, Shape<_1, _1, _1>{});
   if (threadIdx.x == 0) {
     cutlass::arch::ClusterTransactionBarrier::init(&ss.bar_q, 1);
+    cutlass::arch::ClusterTransactionBarrier::init(&ss.bar_h, 1);
   }
   cutlass::arch::fence_barrier_init();
   __syncthreads();
@@ -184,6 +237,16 @@ __global__ void __launch_bounds__(Traits::kThreads, 1) band_fwd_kernel(CUTE_GRID
       auto [tVg, tVs] = tma_partition(p.tma_v, _0{}, Layout<_1>{}, group_modes<0, 2>(sV), group_modes<0, 2>(gV));
       cutlass::arch::ClusterTransactionBarrier::arrive_and_expect_tx(&ss.bar_q, kBM * kD * sizeof(Element));
       copy(p.tma_q.with(ss.bar_q), tQg, tQs);
+      if (cta_mem) {  // the two chunks' states (a chunk past the sequence's last reads that one: rows past T)
+        Tensor mH = p.tma_hs.get_tma_tensor(make_shape(Int<kD>{}, Int<kD>{}, p.H, p.NT * p.B));
+        Tensor sH = make_tensor(make_smem_ptr(ss.hs.data()), typename Traits::SmemLayoutHs{});
+        auto [tHg, tHs] = tma_partition(p.tma_hs, _0{}, Layout<_1>{}, group_modes<0, 2>(sH),
+                                        group_modes<0, 2>(mH(_, _, h, _)));
+        cutlass::arch::ClusterTransactionBarrier::arrive_and_expect_tx(&ss.bar_h, 2 * kD * kD * sizeof(Element));
+        for (int i = 0; i < 2; ++i) {
+          copy(p.tma_hs.with(ss.bar_h), tHg(_, b * p.NT + min(2 * m_block + i, p.NT - 1)), tHs(_, i));
+        }
+      }
       PipelineState wk = cutlass::make_producer_start_state<Pipeline>();
       PipelineState wv = cutlass::make_producer_start_state<Pipeline>();
       for (int i = 0; i < n_blocks; ++i) {
@@ -193,6 +256,30 @@ __global__ void __launch_bounds__(Traits::kThreads, 1) band_fwd_kernel(CUTE_GRID
         ++wk;
         pipe_v.producer_acquire(wv);
         copy(p.tma_v.with(*pipe_v.producer_get_barrier(wv)), tVg(_, n), tVs(_, wv.index()));
+        ++wv;
+      }
+      if (cta_mem) {
+        // o_weight[h] into the next K stage; the chunks' keys (rows row0 - W .., negative rows read zeros) into
+        // the one after; the chunks' v_new rows into the next V stage
+        Tensor mO = p.tma_ow.get_tma_tensor(make_shape(Int<kD>{}, Int<kD>{}, p.H, 1));
+        auto [tOg, tOs] = tma_partition(p.tma_ow, _0{}, Layout<_1>{}, group_modes<0, 2>(sK),
+                                        group_modes<0, 2>(mO(_, _, h, 0)));
+        pipe_k.producer_acquire(wk);
+        copy(p.tma_ow.with(*pipe_k.producer_get_barrier(wk)), tOg, tOs(_, wk.index()));
+        ++wk;
+        Tensor gKm = local_tile(domain_offset(make_coord(row0 - W, 0), mK(_, _, hkv, b)),
+                                Shape<Int<kBN>, Int<kD>>{}, make_coord(0, 0));
+        auto [tKmg, tKms] = tma_partition(p.tma_k, _0{}, Layout<_1>{}, group_modes<0, 2>(sK),
+                                          group_modes<0, 2>(gKm));
+        pipe_k.producer_acquire(wk);
+        copy(p.tma_k.with(*pipe_k.producer_get_barrier(wk)), tKmg, tKms(_, wk.index()));
+        ++wk;
+        Tensor mVn = p.tma_vn.get_tma_tensor(make_shape(T, kD, p.H, p.B));
+        Tensor gVn = local_tile(mVn(_, _, h, b), Shape<Int<kBM>, Int<kD>>{}, make_coord(m_block, _0{}));
+        auto [tVng, tVns] = tma_partition(p.tma_vn, _0{}, Layout<_1>{}, group_modes<0, 2>(sV),
+                                          group_modes<0, 2>(gVn));
+        pipe_v.producer_acquire(wv);
+        copy(p.tma_vn.with(*pipe_v.producer_get_barrier(wv)), tVng, tVns(_, wv.index()));
         ++wv;
       }
     }
@@ -335,55 +422,217 @@ __global__ void __launch_bounds__(Traits::kThreads, 1) band_fwd_kernel(CUTE_GRID
   your_turn(true);
   warpgroup_wait<0>();
   pipe_v.consumer_release(rv);
+  ++rv;
 
-  // o = acc / l, lse = m * scale + log l; rows past T are not stored
-  const int lane = threadIdx.x % 32;
+  // o = acc / l (+ the memory's share), lse = m * scale + log l; rows past T are not stored
+  float inv[kRows];
   CUTLASS_PRAGMA_UNROLL
   for (int r = 0; r < kRows; ++r) {
-    const float l = quad_sum(row_sum[r]);
-    const float inv = l > 0.f ? 1.f / l : 0.f;
-    const int t = row0 + get<0>(cOrc(r, 0));
-    if (t < T) {
-      Element* orow = p.o + ((int64_t(b) * T + t) * p.H + h) * kD;
-      CUTLASS_PRAGMA_UNROLL
-      for (int c = 0; c < decltype(size<1>(O))::value; c += 2) {
-        const int d = get<1>(cOrc(r, c));
-        cutlass::Array<Element, 2> pair;
-        pair[0] = Element(O(r, c) * inv);
-        pair[1] = Element(O(r, c + 1) * inv);
-        *reinterpret_cast<cutlass::Array<Element, 2>*>(orow + d) = pair;
-      }
-      if (lane % 4 == 0) {
-        p.lse[(int64_t(b) * p.H + h) * T + t] =
-            l > 0.f ? (row_max[r] * sl2 + log2f(l)) * 0.69314718055994531f : -INFINITY;
+    row_sum[r] = quad_sum(row_sum[r]);
+    inv[r] = row_sum[r] > 0.f ? 1.f / row_sum[r] : 0.f;
+  }
+  auto store = [&](auto const& extra) {
+    const int lane = threadIdx.x % 32;
+    CUTLASS_PRAGMA_UNROLL
+    for (int r = 0; r < kRows; ++r) {
+      const int t = row0 + get<0>(cOrc(r, 0));
+      if (t < T) {
+        Element* orow = p.o + ((int64_t(b) * T + t) * p.H + h) * kD;
+        CUTLASS_PRAGMA_UNROLL
+        for (int c = 0; c < decltype(size<1>(O))::value; c += 2) {
+          const int d = get<1>(cOrc(r, c));
+          cutlass::Array<Element, 2> pair;
+          pair[0] = Element(O(r, c) * inv[r] + extra(r, c));
+          pair[1] = Element(O(r, c + 1) * inv[r] + extra(r, c + 1));
+          *reinterpret_cast<cutlass::Array<Element, 2>*>(orow + d) = pair;
+        }
+        if (lane % 4 == 0) {
+          const float l = row_sum[r];
+          p.lse[(int64_t(b) * p.H + h) * T + t] =
+              l > 0.f ? (row_max[r] * sl2 + log2f(l)) * 0.69314718055994531f : -INFINITY;
+        }
       }
     }
+  };
+  if constexpr (!Traits::kMemory) {
+    store([](int, int) { return 0.f; });
+  } else {
+    constexpr int kC = Traits::kChunk;
+    const int wt = tid % 128;  // thread in its warpgroup
+    const int crow0 = row0 + wg * kC;
+    const bool do_mem = min(crow0 + kC - 1, T - 1) - W >= S;
+    Tensor Yacc = partition_fragment_C(typename Traits::MmaRS{}, Shape<_64, Int<kD>>{});
+    clear(Yacc);
+    if (cta_mem) {
+      // the stages: o_weight, the chunk keys (K pipeline), v_new (V pipeline); the states
+      PipelineState r_ow = rk;
+      pipe_k.consumer_wait(r_ow);
+      ++rk;
+      PipelineState r_km = rk;
+      pipe_k.consumer_wait(r_km);
+      ++rk;
+      pipe_v.consumer_wait(rv);
+      cutlass::arch::ClusterTransactionBarrier::wait(&ss.bar_h, 0);
+      if (do_mem) {
+        Tensor sQwg = local_tile(sQ, Shape<_64, Int<kD>>{}, make_coord(wg, _0{}));
+        Tensor sKm = local_tile(sK(_, _, r_km.index()), Shape<_64, Int<kD>>{}, make_coord(wg, _0{}));
+        Tensor sVnt = local_tile(sVt(_, _, rv.index()), Shape<Int<kD>, _64>{}, make_coord(_0{}, wg));
+        Tensor sHst = make_tensor(make_smem_ptr(ss.hs.data()), typename Traits::SmemLayoutHst{})(_, _, wg);
+        Tensor sOwt = make_tensor(make_smem_ptr(ss.k.data()), typename Traits::SmemLayoutVt{})(_, _, r_ow.index());
+        // per row and per key: |q|, |k| (two threads per row, 64 columns each), gc
+        {
+          const int i = wt / 2, half = wt % 2;
+          float sq = 0.f, sk = 0.f;
+#pragma unroll 8
+          for (int d = half * (kD / 2); d < (half + 1) * (kD / 2); ++d) {
+            const float x = float(sQwg(i, d)), y = float(sKm(i, d));
+            sq += x * x;
+            sk += y * y;
+          }
+          sq += __shfl_xor_sync(0xffffffff, sq, 1);
+          sk += __shfl_xor_sync(0xffffffff, sk, 1);
+          if (half == 0) {
+            const int t = crow0 + i;
+            ss.row_q[wg][i] = p.mem_scale * rsqrtf(sq + 1e-6f);
+            ss.col_k[wg][i] = (t - W >= S) ? rsqrtf(sk + 1e-6f) : 0.f;
+            ss.gcs[wg][i] = t < T ? p.gc[(int64_t(b) * T + t) * p.H + h] : 0.f;
+          }
+        }
+        cutlass::arch::NamedBarrier::sync(128, 2 + wg);
+        typename Traits::MmaQKm mma_x;
+        typename Traits::MmaQH mma_h;
+        typename Traits::MmaRS mma_rs;
+        auto thr_x = mma_x.get_thread_slice(wt);
+        auto thr_h = mma_h.get_thread_slice(wt);
+        auto thr_rs = mma_rs.get_thread_slice(wt);
+        Tensor Xacc = partition_fragment_C(mma_x, Shape<_64, _64>{});
+        Tensor Macc = partition_fragment_C(mma_h, Shape<_64, Int<kD>>{});
+        // q k^T and q hs[c], raw: the normalisations and decays are row / column scales
+        wgmma<true, -1>(mma_x, thr_x.partition_fragment_A(sQwg), thr_x.partition_fragment_B(sKm), Xacc);
+        wgmma<true, -1>(mma_h, thr_h.partition_fragment_A(sQwg), thr_h.partition_fragment_B(sHst), Macc);
+        warpgroup_wait<0>();
+        Tensor X = make_tensor(Xacc.data(), acc_rowcol(Xacc.layout()));
+        Tensor cX = thr_x.partition_C(make_identity_tensor(Shape<_64, _64>{}));
+        Tensor cXrc = make_tensor(cX.data(), acc_rowcol(cX.layout()));
+        Tensor M = make_tensor(Macc.data(), acc_rowcol(Macc.layout()));
+        Tensor cM = thr_h.partition_C(make_identity_tensor(Shape<_64, Int<kD>>{}));
+        Tensor cMrc = make_tensor(cM.data(), acc_rowcol(cM.layout()));
+        CUTLASS_PRAGMA_UNROLL
+        for (int r = 0; r < decltype(size<0>(X))::value; ++r) {
+          const int i = get<0>(cXrc(r, 0));
+          const float gi = ss.gcs[wg][i], qi = ss.row_q[wg][i];
+          CUTLASS_PRAGMA_UNROLL
+          for (int c = 0; c < decltype(size<1>(X))::value; ++c) {
+            const int j = get<1>(cXrc(r, c));
+            X(r, c) = j <= i ? X(r, c) * qi * ss.col_k[wg][j] * __expf(gi - ss.gcs[wg][j]) : 0.f;
+          }
+          const float a = qi * __expf(gi);
+          CUTLASS_PRAGMA_UNROLL
+          for (int c = 0; c < decltype(size<1>(M))::value; ++c) M(r, c) *= a;
+        }
+        // mo += s v_new
+        Tensor rS = make_tensor<Element>(Xacc.layout());
+        acc_to_regs<Element>(Xacc, rS);
+        Tensor tSA = make_tensor(rS.data(), acc_to_a(Xacc.layout()));
+        wgmma<false, 0>(mma_rs, tSA, thr_rs.partition_fragment_B(sVnt), Macc);
+        // RMSNorm over D, swish read gate, norm weight; then the head's [D, D] projection
+        CUTLASS_PRAGMA_UNROLL
+        for (int r = 0; r < decltype(size<0>(M))::value; ++r) {
+          float sq = 0.f;
+          CUTLASS_PRAGMA_UNROLL
+          for (int c = 0; c < decltype(size<1>(M))::value; ++c) sq += M(r, c) * M(r, c);
+          sq = quad_sum(sq);
+          const int t = crow0 + get<0>(cMrc(r, 0));
+          const float z = t < T ? float(p.z[(int64_t(b) * T + t) * p.H + h]) : 0.f;
+          const float g = rsqrtf(sq / kD + 1e-5f) * z / (1.f + __expf(-z));
+          CUTLASS_PRAGMA_UNROLL
+          for (int c = 0; c < decltype(size<1>(M))::value; ++c) M(r, c) *= g * p.nw[get<1>(cMrc(r, c))];
+        }
+        Tensor rU = make_tensor<Element>(Macc.layout());
+        acc_to_regs<Element>(Macc, rU);
+        Tensor tUA = make_tensor(rU.data(), acc_to_a(Macc.layout()));
+        wgmma<true, 0>(mma_rs, tUA, thr_rs.partition_fragment_B(sOwt), Yacc);
+      }
+      pipe_k.consumer_release(r_ow);
+      pipe_k.consumer_release(r_km);
+      pipe_v.consumer_release(rv);
+    }
+    Tensor Y = make_tensor(Yacc.data(), acc_rowcol(Yacc.layout()));
+    store([&](int r, int c) { return Y(r, c); });
   }
 }
 
+template <class Traits>
+auto gmem_rows(typename Traits::Element const* x, int T, int heads, int B, int64_t row_stride) {
+  constexpr int kD = Traits::kD;
+  return make_tensor(make_gmem_ptr(x), make_shape(T, kD, heads, B),
+                     make_stride(row_stride, _1{}, int64_t(kD), row_stride * T));
+}
+
+template <class Traits>
+typename Traits::TmaQ tma_rows_q(typename Traits::Element const* x, int T, int heads, int B, int64_t row_stride) {
+  return make_tma_copy(SM90_TMA_LOAD{}, gmem_rows<Traits>(x, T, heads, B, row_stride), typename Traits::SmemLayoutQ{},
+                       Shape<Int<Traits::kBM>, Int<Traits::kD>>{}, _1{});
+}
+
+template <class Traits>
+typename Traits::TmaKV tma_rows_kv(typename Traits::Element const* x, int T, int heads, int B, int64_t row_stride) {
+  return make_tma_copy(SM90_TMA_LOAD{}, gmem_rows<Traits>(x, T, heads, B, row_stride),
+                       take<0, 2>(typename Traits::SmemLayoutK{}), Shape<Int<Traits::kBN>, Int<Traits::kD>>{}, _1{});
+}
+
+template <class Traits, bool kPingPong>
+void launch(typename Traits::Params const& p, cudaStream_t stream) {
+  static_assert(sizeof(typename Traits::SharedStorage) <= 227 * 1024, "shared memory per CTA");
+  auto kernel = band_fwd_kernel<Traits, kPingPong>;
+  const int smem = sizeof(typename Traits::SharedStorage);
+  cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, smem);
+  dim3 grid((p.T + Traits::kBM - 1) / Traits::kBM, p.H, p.B);
+  kernel<<<grid, Traits::kThreads, smem, stream>>>(p);
+}
+
+// window + sinks attention: o, lse
 template <class Element, bool kPingPong>
 void band_fwd_launch(Element const* q, Element const* k, Element const* v, Element* o, float* lse, int B, int T,
                      int H, int HKV, int W, int S, int64_t q_row_stride, int64_t kv_row_stride, cudaStream_t stream) {
   using Traits = BandTraits<Element>;
+  typename Traits::Params p{};
+  p.tma_q = tma_rows_q<Traits>(q, T, H, B, q_row_stride);
+  p.tma_k = tma_rows_kv<Traits>(k, T, HKV, B, kv_row_stride);
+  p.tma_v = tma_rows_kv<Traits>(v, T, HKV, B, kv_row_stride);
+  p.o = o, p.lse = lse, p.B = B, p.T = T, p.H = H, p.HKV = HKV, p.W = W, p.S = S;
+  p.scale_log2 = float(1.4426950408889634 / sqrt(double(Traits::kD)));
+  launch<Traits, kPingPong>(p, stream);
+}
+
+// the whole GDN / DN forward behind the memory passes: window + sinks attention plus the memory readout and
+// epilogue (contiguous [B, T, ...] tensors; gc [B, T, H] fp32, vnew [B, T, H, D], hs [B * NT, H, D, D] with
+// NT = ceil(T / 64), ow [H, D, D], z [B, T, H], nw [D] fp32)
+template <class Element, bool kPingPong>
+void ahn_fwd_launch(Element const* q, Element const* k, Element const* v, Element const* vnew, Element const* hs,
+                    Element const* ow, float const* gc, Element const* z, float const* nw, Element* o, float* lse,
+                    int B, int T, int H, int HKV, int W, int S, float mem_scale, cudaStream_t stream) {
+  using Traits = BandTraits<Element, true>;
   constexpr int kD = Traits::kD;
-  auto gq = make_tensor(make_gmem_ptr(q), make_shape(T, kD, H, B),
-                        make_stride(q_row_stride, _1{}, int64_t(kD), q_row_stride * T));
-  auto gk = make_tensor(make_gmem_ptr(k), make_shape(T, kD, HKV, B),
-                        make_stride(kv_row_stride, _1{}, int64_t(kD), kv_row_stride * T));
-  auto gv = make_tensor(make_gmem_ptr(v), make_shape(T, kD, HKV, B),
-                        make_stride(kv_row_stride, _1{}, int64_t(kD), kv_row_stride * T));
-  typename Traits::Params p{
-      make_tma_copy(SM90_TMA_LOAD{}, gq, typename Traits::SmemLayoutQ{}, Shape<Int<Traits::kBM>, Int<kD>>{}, _1{}),
-      make_tma_copy(SM90_TMA_LOAD{}, gk, take<0, 2>(typename Traits::SmemLayoutK{}),
-                    Shape<Int<Traits::kBN>, Int<kD>>{}, _1{}),
-      make_tma_copy(SM90_TMA_LOAD{}, gv, take<0, 2>(typename Traits::SmemLayoutV{}),
-                    Shape<Int<Traits::kBN>, Int<kD>>{}, _1{}),
-      o, lse, B, T, H, HKV, W, S, float(1.4426950408889634 / sqrt(double(kD)))};
-  auto kernel = band_fwd_kernel<Traits, kPingPong>;
-  const int smem = sizeof(typename Traits::SharedStorage);
-  cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, smem);
-  dim3 grid((T + Traits::kBM - 1) / Traits::kBM, H, B);
-  kernel<<<grid, Traits::kThreads, smem, stream>>>(p);
+  typename Traits::Params p{};
+  p.tma_q = tma_rows_q<Traits>(q, T, H, B, int64_t(H) * kD);
+  p.tma_k = tma_rows_kv<Traits>(k, T, HKV, B, int64_t(HKV) * kD);
+  p.tma_v = tma_rows_kv<Traits>(v, T, HKV, B, int64_t(HKV) * kD);
+  p.tma_vn = tma_rows_q<Traits>(vnew, T, H, B, int64_t(H) * kD);
+  const int NT = (T + Traits::kChunk - 1) / Traits::kChunk;
+  // hs and o_weight as (key row, value column, head, chunk) with the key rows as the "rows" of a [D, D] tile
+  p.tma_hs = make_tma_copy(SM90_TMA_LOAD{},
+                           make_tensor(make_gmem_ptr(hs), make_shape(kD, kD, H, NT * B),
+                                       make_stride(int64_t(kD), _1{}, int64_t(kD) * kD, int64_t(H) * kD * kD)),
+                           take<0, 2>(typename Traits::SmemLayoutK{}), Shape<Int<kD>, Int<kD>>{}, _1{});
+  p.tma_ow = make_tma_copy(SM90_TMA_LOAD{},
+                           make_tensor(make_gmem_ptr(ow), make_shape(kD, kD, H, 1),
+                                       make_stride(int64_t(kD), _1{}, int64_t(kD) * kD, int64_t(H) * kD * kD)),
+                           take<0, 2>(typename Traits::SmemLayoutK{}), Shape<Int<kD>, Int<kD>>{}, _1{});
+  p.o = o, p.lse = lse, p.B = B, p.T = T, p.H = H, p.HKV = HKV, p.W = W, p.S = S;
+  p.scale_log2 = float(1.4426950408889634 / sqrt(double(kD)));
+  p.gc = gc, p.z = z, p.nw = nw, p.mem_scale = mem_scale, p.NT = NT;
+  launch<Traits, kPingPong>(p, stream);
 }
 
 }  // namespace ahn_sm90

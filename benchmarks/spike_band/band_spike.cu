@@ -28,3 +28,22 @@ extern "C" int ahn_band_fwd(int dtype, int variant, void const* q, void const* k
   }
   return static_cast<int>(cudaGetLastError());
 }
+
+extern "C" int ahn_fused_fwd(int dtype, int variant, void const* q, void const* k, void const* v, void const* vnew,
+                             void const* hs, void const* ow, float const* gc, void const* z, float const* nw, void* o,
+                             float* lse, int B, int T, int H, int HKV, int W, int S, float mem_scale, void* stream) {
+  auto st = static_cast<cudaStream_t>(stream);
+  auto run = [&](auto e, auto pingpong) {
+    using E = decltype(e);
+    ahn_sm90::ahn_fwd_launch<E, decltype(pingpong)::value>(
+        static_cast<E const*>(q), static_cast<E const*>(k), static_cast<E const*>(v), static_cast<E const*>(vnew),
+        static_cast<E const*>(hs), static_cast<E const*>(ow), gc, static_cast<E const*>(z), nw, static_cast<E*>(o),
+        lse, B, T, H, HKV, W, S, mem_scale, st);
+  };
+  if (dtype == 0) {
+    variant == 1 ? run(cutlass::bfloat16_t{}, cute::true_type{}) : run(cutlass::bfloat16_t{}, cute::false_type{});
+  } else {
+    variant == 1 ? run(cutlass::half_t{}, cute::true_type{}) : run(cutlass::half_t{}, cute::false_type{});
+  }
+  return static_cast<int>(cudaGetLastError());
+}
