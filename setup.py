@@ -12,6 +12,8 @@ you run with; the library refuses to load under another torch version:
 Environment:
     AHN_OPS_NO_CUDA=1         CPU kernels only, even where torch has CUDA and nvcc is found
     AHN_OPS_CUDA_ARCHS=80;90a GPU targets (default: sm_80 and sm_90a), ';' or ',' separated
+    AHN_OPS_CUTLASS_INCLUDE   the CUTLASS / CuTe headers of the sm_90a kernels (default: those of the
+                              installed nvidia-cutlass package; without them the sm_90a kernels are not built)
     AHN_OPS_BUILD_TYPE        CMake build type (default Release)
     MAX_JOBS                  parallel compile jobs (default: the number of cores)
     CUDA_HOME                 the CUDA toolkit (default: the nvcc on PATH, then /usr/local/cuda)
@@ -177,6 +179,24 @@ def _cuda_gaps(cuda_home, temp):
     return include, lib
 
 
+def _cutlass_include():
+    """(folder of the CUTLASS / CuTe headers or None, why): AHN_OPS_CUTLASS_INCLUDE, else the nvidia-cutlass
+    package's (found without importing it)."""
+    import importlib.util
+
+    env = os.environ.get("AHN_OPS_CUTLASS_INCLUDE")
+    if env:
+        ok = (Path(env) / "cute" / "tensor.hpp").exists()
+        return (env, f"AHN_OPS_CUTLASS_INCLUDE={env}") if ok else (None, f"no cute/tensor.hpp under {env}")
+    spec = importlib.util.find_spec("cutlass_library")
+    if spec is None or not spec.submodule_search_locations:
+        return None, "nvidia-cutlass not installed (pip install --no-deps nvidia-cutlass)"
+    inc = Path(list(spec.submodule_search_locations)[0]) / "source" / "include"
+    if not (inc / "cute" / "tensor.hpp").exists():
+        return None, f"no cute/tensor.hpp under {inc}"
+    return str(inc), f"CUTLASS headers at {inc}"
+
+
 class CMakeExtension(Extension):
     def __init__(self, name):
         super().__init__(name, sources=[], py_limited_api=True)
@@ -217,6 +237,11 @@ class CMakeBuild(build_ext):
                 f"-DCUDA_TOOLKIT_ROOT_DIR={cuda_home}",
                 f"-DAHN_OPS_CUDA_ARCHS={archs.replace(',', ';')}",
             ]
+            cutlass, why90 = _cutlass_include()
+            if "90a" not in archs.replace(",", ";").split(";"):
+                cutlass, why90 = None, f"sm_90a is not among AHN_OPS_CUDA_ARCHS={archs}"
+            print(f"ahn_ops: sm_90a kernels {'ON' if cutlass else 'OFF'} ({why90})", flush=True)
+            args.append(f"-DAHN_OPS_CUTLASS_INCLUDE={cutlass or ''}")
             include_gaps, lib_gaps = _cuda_gaps(cuda_home, temp)
             args += [f"-DAHN_OPS_CUDA_EXTRA_INCLUDES={include_gaps}", f"-DCMAKE_LIBRARY_PATH={lib_gaps}"]
             # torch's cmake otherwise probes the GPU to pick its arch list; ours replaces it.

@@ -31,8 +31,9 @@ def load_extension(name: str = None):
 
     Returns:
         The extension module. Attributes: ``TORCH_VERSION`` (str, the torch it was built
-        against), ``WITH_CUDA`` (int, 1 when csrc/cuda/*.cu were compiled in), ``CUDA_ARCHS``
-        (str, e.g. ``"80,90a"``).
+        against), ``WITH_CUDA`` (int, 1 when csrc/cuda/*.cu were compiled in), ``WITH_SM90`` (int, 1 when
+        the sm_90a prefill kernels were: the CUTLASS headers were found and sm_90a was a target),
+        ``CUDA_ARCHS`` (str, e.g. ``"80,90a"``).
 
     Raises:
         ImportError: the module is missing, fails to load (undefined symbol: built against
@@ -109,3 +110,10 @@ def has_cuda_kernels() -> bool:
     is present: see ``torch.cuda.is_available()``.
     """
     return bool(load_extension().WITH_CUDA)
+
+
+def has_sm90_kernels() -> bool:
+    """Whether the extension was built with the sm_90a prefill kernels (``torch.ops.ahn.prefill_fwd_sm90``).
+
+    Raises ImportError as ``load_extension`` does."""
+    return bool(getattr(load_extension(), "WITH_SM90", 0))

@@ -5,7 +5,8 @@
     python benchmarks/bench_distill.py --cpu            # harness check on a tiny model (no timing claim)
 
 One process, the same model and the same window draws for every engine of the window band
-(``prefill.CONFIG["band"]``: ``cudnn``, the Hopper engine, and ``triton``, the all-Triton one). Per engine:
+(``prefill.CONFIG["band"]``: ``cudnn``, the Hopper engine, ``triton``, the all-Triton one, ``sm90``, the experimental
+sm_90a kernel, or ``auto``). Per engine:
 
 - tokens/s: wall clock of ``--steps`` optimizer steps after ``--warmup`` (a step = the teacher's forward with
   full attention, the student's forward + backward with this step's random ``W``, ``S``, AdamW on the AHN
@@ -132,7 +133,7 @@ def main(argv=None) -> int:
     ap.add_argument("--seq-len", type=int, default=16384)
     ap.add_argument("--warmup", type=int, default=2)
     ap.add_argument("--steps", type=int, default=5)
-    ap.add_argument("--engines", nargs="+", default=["cudnn", "triton"], choices=["cudnn", "triton", "auto"])
+    ap.add_argument("--engines", nargs="+", default=["cudnn", "triton"], choices=["cudnn", "triton", "auto", "sm90"])
     ap.add_argument("--no-grad-ckpt", action="store_true")
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--cpu", action="store_true", help="tiny model on the CPU (fp32): checks the harness only")

@@ -1,4 +1,4 @@
-"""Engine spike: our own sm_90a window + sinks attention forward (spike_band/band_fwd_sm90.cuh) against the peers.
+"""Engine spike: our own sm_90a window + sinks attention forward (csrc/cuda/sm90/ahn_fwd_sm90.cuh) against the peers.
 
     python benchmarks/spike_band.py              # build (nvcc, CUTLASS headers from the nvidia-cutlass wheel),
                                                  # check, then time T=32k and 131k
@@ -81,13 +81,14 @@ def build():
 
     inc = os.path.join(os.path.dirname(cutlass_library.__file__), "source", "include")
     out = os.path.join(os.environ.get("TMPDIR", "/tmp"), "ahn_band_spike.so")
-    srcs = [os.path.join(HERE, "spike_band", f) for f in ("band_spike.cu", "band_fwd_sm90.cuh")]
+    csrc = os.path.join(HERE, "..", "csrc", "cuda")
+    srcs = [os.path.join(HERE, "spike_band", "band_spike.cu"), os.path.join(csrc, "sm90", "ahn_fwd_sm90.cuh")]
     if os.path.exists(out) and os.path.getmtime(out) > max(os.path.getmtime(f) for f in srcs):
         return Spike(ctypes.CDLL(out))
     t0 = time.time()
     cmd = ["nvcc", "-std=c++17", "-O3", "-gencode=arch=compute_90a,code=sm_90a", "--expt-relaxed-constexpr",
-           "-DNDEBUG", "-shared", "-Xcompiler", "-fPIC", "-Xptxas", "-v", "-I", inc, "-I",
-           os.path.join(HERE, "spike_band"), os.path.join(HERE, "spike_band", "band_spike.cu"), "-o", out]
+           "-DNDEBUG", "-shared", "-Xcompiler", "-fPIC", "-Xptxas", "-v", "-I", inc, "-I", csrc,
+           srcs[0], "-o", out]
     p = subprocess.run(cmd, capture_output=True, text=True)
     if p.returncode != 0:
         raise SystemExit(p.stderr[-4000:])

@@ -20,6 +20,15 @@ TORCH_LIBRARY(ahn, m) {
       "Tensor? dt_bias, Tensor norm_weight, Tensor o_weight, Tensor(a!) sink_k, Tensor(b!) sink_v, "
       "Tensor(c!) ring_k, Tensor(d!) ring_v, Tensor(e!) gates, Tensor(f!) state, Tensor(g!) pos, "
       "int window, int sinks, str kind, bool overlap_prev=False) -> Tensor");
+  // The sm_90a prefill forward (csrc/cuda/ahn_fwd_sm90.cu; built where the CUTLASS headers are found, see
+  // ahn_ops._C.WITH_SM90): window + sinks attention of q [B,T,H,128] over k, v [B,T,HKV,128] (bf16 / fp16),
+  // and with the memory passes' buffers (v_new [B,T,H,D], hs [B*ceil(T/64),H,D,D], gc [B,T,H] fp32) the GDN /
+  // DN memory readout and epilogue (o_weight [H,D,D], z [B,T,H], norm_weight [D] fp32) added. Returns out
+  // [B,T,H,D] and the softmax's natural-log lse [B,H,T] fp32. variant: 1 lets the two consumer warpgroups
+  // take turns issuing their products, 0 does not (the same result).
+  m.def(
+      "prefill_fwd_sm90(Tensor q, Tensor k, Tensor v, Tensor? v_new, Tensor? hs, Tensor? o_weight, Tensor? gc, "
+      "Tensor? z, Tensor? norm_weight, int window, int sinks, float mem_scale, int variant=1) -> (Tensor, Tensor)");
 }
 
 #if AHN_OPS_WITH_CUDA
@@ -53,6 +62,7 @@ extern "C" PyMODINIT_FUNC PyInit__C(void) {
   if (module == nullptr) return nullptr;
   if (PyModule_AddStringConstant(module, "TORCH_VERSION", AHN_OPS_TORCH_VERSION) < 0 ||
       PyModule_AddIntConstant(module, "WITH_CUDA", AHN_OPS_WITH_CUDA) < 0 ||
+      PyModule_AddIntConstant(module, "WITH_SM90", AHN_OPS_WITH_SM90) < 0 ||
       PyModule_AddStringConstant(module, "CUDA_ARCHS", AHN_OPS_CUDA_ARCHS) < 0) {
     Py_DECREF(module);
     return nullptr;

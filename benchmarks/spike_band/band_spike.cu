@@ -1,7 +1,7 @@
 // C entry point of the sm_90a band spike for ctypes (benchmarks/spike_band.py compiles it with nvcc alone:
 // no torch headers, so the build takes seconds). dtype 0 bf16, 1 fp16; variant 0 intra-warpgroup overlap
 // only, 1 with the warpgroups' ping-pong.
-#include "band_fwd_sm90.cuh"
+#include "sm90/ahn_fwd_sm90.cuh"
 
 template <class E>
 static void launch(int variant, void const* q, void const* k, void const* v, void* o, float* lse, int B, int T,

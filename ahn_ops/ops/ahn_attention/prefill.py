@@ -44,14 +44,17 @@ __all__ = ["prefill_fwd", "prefill_cache_fwd", "SUPPORTED_D"]
 SUPPORTED_D = (64, 128)
 # Launch configuration; `python benchmarks/bench_prefill.py --sweep` and `benchmarks/spike_hopper_fwd.py`
 # re-derive it (the measurements behind each choice: benchmarks/NOTES_prefill.md, "Launch configuration").
-# band: the window band's engine: "auto" (cuDNN where _band_engine allows, else Triton), "cudnn" or "triton".
+# band: the window band's engine: "auto" (cuDNN where _band_engine allows, else Triton), "cudnn" or "triton";
+#   "sm90" (experimental, not yet the default: benchmarks/NOTES_prefill.md, "Our own kernel"): the whole forward
+#   after the memory passes in one sm_90a kernel (torch.ops.ahn.prefill_fwd_sm90) where _sm90_engine allows,
+#   "auto" elsewhere; sm90_variant its kernel variant (1: the consumer warpgroups' ping-pong).
 # fwd: (BN, num_warps, num_stages) of the all-Triton _fwd_kernel at 64 query rows (more warps or BN=128 spill).
 # fwd_band_in: the same for _fwd_kernel behind the cuDNN band (sinks, ring tail, memory, epilogue only).
 # fwd_rows: None picks 64 rows, or fwd_long = (min window, rows, cfg) at D = 128 and long windows, where
 #   128-row programs read each K/V block of the band half as often; an int forces the rows (with "fwd").
 # state_*: the sequential state pass, 16 value columns per program at D = 128 (more programs on a
 #   latency-bound chain); prep_warps, norm_bm: the prep pass and the Mamba2 norm kernel.
-CONFIG = {"band": "auto", "fwd": (64, 4, 3), "fwd_band_in": (64, 4, 1), "fwd_rows": None,
+CONFIG = {"band": "auto", "sm90_variant": 1, "fwd": (64, 4, 3), "fwd_band_in": (64, 4, 1), "fwd_rows": None,
           "fwd_long": (8192, 128, (64, 8, 3)),
           "state_bv": {64: 64, 128: 16}, "state_warps": 4, "state_stages": 3, "prep_warps": 4, "norm_bm": 32}
 
@@ -116,9 +119,11 @@ def _memory_passes(kx, vx, a, b, ab_rs, A_log, dt_bias, seq, chunks, NT, N, H, H
 
 def _launch(q, kx, vx, sk, sv, a, b, ab_rs, z, A_log, dt_bias, norm_weight, o_weight, window, sinks, kind,
             seq, chunks, NT, N, initial_state, output_final_state, memory=True, stage="all",
-            store_lse=False, lens=None, band=None):
+            store_lse=False, lens=None, band=None, sm90=False):
     # store_lse: also return the window softmax's lse (fp32 [Tq, H]) for the backward; the cache
     # path (inference) passes False and the kernel skips the store.
+    # sm90: after the memory passes, the window + sinks attention, the memory readout and the epilogue in one
+    # sm_90a kernel (_sm90_engine said yes: N sequences of one length, GDN / DN, D = 128, no initial state).
     # band: None (the Triton kernel walks the window band) or a callable giving the band over the
     # call's own tokens (_cudnn_band: ob [N, TM, H, D], natural-log lse [N, H, TM], its window wb <= window,
     # the kernel walking the keys between, and TM); it runs on the current stream while the memory
@@ -168,6 +173,17 @@ def _launch(q, kx, vx, sk, sv, a, b, ab_rs, z, A_log, dt_bias, norm_weight, o_we
             _memory_passes(*args)
             if stage in ("prep", "state"):  # benchmarks: the memory passes alone
                 return out, ht, lse
+            if sm90:
+                Tn = Tq // N
+                rows = lambda x: x.view(N, Tn, *x.shape[2:])  # noqa: E731  ([1, N * Tn, ...] -> [N, Tn, ...])
+                o4, lse_e = torch.ops.ahn.prefill_fwd_sm90(
+                    rows(q), rows(kx), rows(vx), vnew.view(N, Tn, H, D), hs, o_weight.to(dt).contiguous(),
+                    gc.view(N, Tn, H), z.reshape(N, Tn, H).contiguous(), norm_weight.float().contiguous(),
+                    window, sinks, D ** -0.5, CONFIG["sm90_variant"])
+                out = o4.view(1, Tq, H, D)
+                if store_lse:  # the backward's normaliser: log2 domain, [tokens, H]
+                    lse = lse_e.transpose(1, 2).reshape(Tq, H) * math.log2(math.e)
+                return out, ht, lse
         if mamba2:
             yp = empty(Tq, H, D, dtype=dt, device=dev)
             ss = empty(Tq, H, dtype=torch.float32, device=dev)
@@ -211,8 +227,9 @@ def _band_engine(q: torch.Tensor, lens) -> bool:
     128k-token cache reached its first token in 0.072 s that way and in 0.097 s on the Triton band (H100,
     bench_ttft.py); lengths within 128 tokens share a graph (band_cudnn.band_window)."""
     mode = CONFIG["band"]
-    if mode not in ("auto", "cudnn", "triton"):
-        raise ValueError(f'CONFIG["band"] must be "auto", "cudnn" or "triton", got {mode!r}')
+    if mode not in ("auto", "cudnn", "triton", "sm90"):
+        raise ValueError(f'CONFIG["band"] must be "auto", "cudnn", "triton" or "sm90", got {mode!r}')
+    mode = "auto" if mode == "sm90" else mode
     if mode == "triton" or q.device.type != "cuda":
         if mode == "cudnn":
             raise RuntimeError('CONFIG["band"] = "cudnn" needs a CUDA device')
@@ -237,6 +254,23 @@ def _band_engine(q: torch.Tensor, lens) -> bool:
 
 
 _WARNED: list = []
+
+
+def _sm90_engine(q, lens, kind, initial_state, memory) -> bool:
+    """Whether ``CONFIG["band"] = "sm90"`` runs this call's forward on the sm_90a kernel: sequences of one
+    length, GDN / DN, D = 128, bf16 / fp16, no initial state, with the memory. Raises where "sm90" was asked
+    for and the device or the build cannot run it at all."""
+    if CONFIG["band"] != "sm90":
+        return False
+    from ..._ext import has_sm90_kernels
+
+    if q.device.type != "cuda" or torch.cuda.get_device_capability(q.device) != (9, 0):
+        raise RuntimeError('CONFIG["band"] = "sm90" needs a compute capability 9.0 GPU (H100 / H200)')
+    if not has_sm90_kernels():
+        raise RuntimeError('CONFIG["band"] = "sm90": ahn_ops was built without its sm_90a kernels (the CUTLASS '
+                           'headers: pip install --no-deps nvidia-cutlass, then rebuild)')
+    return (memory and kind in ("gdn", "dn") and q.shape[-1] == 128 and q.dtype in (torch.bfloat16, torch.float16)
+            and initial_state is None and len(set(lens)) == 1)
 
 
 def _cudnn_band(qf, kf, vf, lens, window):
@@ -285,11 +319,12 @@ def prefill_fwd(q, k, v, a, b, z, A_log, dt_bias, norm_weight, o_weight, window:
     flat = lambda x: None if x is None else x.reshape(1, B * T, *x.shape[2:]).contiguous()  # noqa: E731
     qf, kf, vf = flat(q), flat(k), flat(v)
     band = None
-    if T > 0 and _band_engine(q, lens):
+    sm90 = T > 0 and stage == "all" and _sm90_engine(q, lens, kind, initial_state, memory)
+    if T > 0 and not sm90 and _band_engine(q, lens):
         band = _cudnn_band(qf, kf, vf, lens, window)
     out, ht, lse = _launch(qf, kf, vf, kf, vf, flat(a), flat(b), None, flat(z), A_log, dt_bias, norm_weight,
                            o_weight, window, sinks, kind, seq, chunks, NT, N, initial_state, output_final_state,
-                           memory, stage, store_lse=True, lens=lens, band=band)
+                           memory, stage, store_lse=True, lens=lens, band=band, sm90=sm90)
     return out.view(B, T, H, D), ht, lse.view(B, T, H)
 
 

@@ -1,7 +1,7 @@
 // Window + sinks attention forward for sm_90a (H100 / H200): query t attends keys j <= t with t - W < j (the
 // band) or j < S (the sinks).
 //
-// The engine spike of the Hopper forward (NOTES_prefill.md, "Our own band kernel"): one CTA per
+// The Hopper forward engine (benchmarks/NOTES_prefill.md, "Our own kernel"): one CTA per
 // (128-row query block, head, batch) with a producer warp that brings Q once and the band's K, V tiles
 // through a two-stage TMA pipeline, and two consumer warpgroups of 64 rows each running wgmma: S = Q K^T
 // from shared memory, the online softmax in registers, O += P V with P straight from the registers. Inside a
@@ -180,6 +180,9 @@ CUTE_DEVICE void acc_to_regs(Acc const& acc, Frag& frag) {
 
 template <class Traits, bool kPingPong>
 __global__ void __launch_bounds__(Traits::kThreads, 1) band_fwd_kernel(CUTE_GRID_CONSTANT typename Traits::Params const p) {
+// wgmma, TMA and setmaxnreg exist only on sm_90a: the other targets of a multi-arch build get an empty kernel
+// (the op refuses other devices before launching)
+#if defined(__CUDA_ARCH_FEAT_SM90_ALL)
   using Element = typename Traits::Element;
   constexpr int kBM = Traits::kBM, kBN = Traits::kBN, kD = Traits::kD;
   using SS = typename Traits::SharedStorage;
@@ -560,6 +563,7 @@ __global__ void __launch_bounds__(Traits::kThreads, 1) band_fwd_kernel(CUTE_GRID
     Tensor Y = make_tensor(Yacc.data(), acc_rowcol(Yacc.layout()));
     store([&](int r, int c) { return Y(r, c); });
   }
+#endif
 }
 
 template <class Traits>

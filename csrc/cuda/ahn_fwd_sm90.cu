@@ -1,0 +1,108 @@
+// torch.ops.ahn.prefill_fwd_sm90: the sm_90a forward kernel (csrc/cuda/sm90/ahn_fwd_sm90.cuh) behind the
+// op schema of csrc/torch_bindings.cpp. Built only where the CUTLASS headers are found and sm_90a is a target
+// (setup.py, CMakeLists.txt); ahn_ops.ops.ahn_attention.prefill calls it under CONFIG["band"] = "sm90".
+#include <ATen/ATen.h>
+#include <c10/cuda/CUDAException.h>
+#include <c10/cuda/CUDAGuard.h>
+#include <c10/cuda/CUDAStream.h>
+#include <torch/library.h>
+
+#include <optional>
+#include <string>
+#include <tuple>
+
+#include "sm90/ahn_fwd_sm90.cuh"
+
+namespace {
+
+void check_rows(const at::Tensor& x, const char* name, int64_t B, int64_t T, int64_t heads, int64_t D,
+                at::ScalarType dtype, const at::Tensor& q) {
+  TORCH_CHECK(x.dim() == (D ? 4 : 3) && x.size(0) == B && x.size(1) == T && x.size(2) == heads &&
+                  (!D || x.size(3) == D),
+              "prefill_fwd_sm90: ", name, " must be [", B, ", ", T, ", ", heads, D ? ", " + std::to_string(D) : "",
+              "], got ", x.sizes());
+  TORCH_CHECK(x.scalar_type() == dtype, "prefill_fwd_sm90: ", name, " must be ", dtype, ", got ", x.scalar_type());
+  TORCH_CHECK(x.device() == q.device(), "prefill_fwd_sm90: ", name, " must be on ", q.device(), ", got ",
+              x.device());
+  TORCH_CHECK(x.is_contiguous(), "prefill_fwd_sm90: ", name, " must be contiguous");
+  TORCH_CHECK(reinterpret_cast<uintptr_t>(x.data_ptr()) % 16 == 0, "prefill_fwd_sm90: ", name,
+              " must start on a 16-byte boundary (TMA)");
+}
+
+std::tuple<at::Tensor, at::Tensor> prefill_fwd_sm90(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v,
+                                                    const std::optional<at::Tensor>& v_new,
+                                                    const std::optional<at::Tensor>& hs,
+                                                    const std::optional<at::Tensor>& o_weight,
+                                                    const std::optional<at::Tensor>& gc,
+                                                    const std::optional<at::Tensor>& z,
+                                                    const std::optional<at::Tensor>& norm_weight, int64_t window,
+                                                    int64_t sinks, double mem_scale, int64_t variant) {
+  TORCH_CHECK(q.dim() == 4, "prefill_fwd_sm90: q must be [B, T, H, D], got ", q.sizes());
+  const int64_t B = q.size(0), T = q.size(1), H = q.size(2), D = q.size(3);
+  TORCH_CHECK(D == 128, "prefill_fwd_sm90: head_dim must be 128, got ", D);
+  TORCH_CHECK(q.scalar_type() == at::kBFloat16 || q.scalar_type() == at::kHalf,
+              "prefill_fwd_sm90: q must be bfloat16 or float16, got ", q.scalar_type());
+  TORCH_CHECK(q.is_cuda(), "prefill_fwd_sm90: q must be a CUDA tensor");
+  TORCH_CHECK(k.dim() == 4 && k.size(2) >= 1 && H % k.size(2) == 0, "prefill_fwd_sm90: k must be [B, T, HKV, D] ",
+              "with H % HKV == 0, got ", k.sizes(), " for H = ", H);
+  const int64_t HKV = k.size(2);
+  check_rows(q, "q", B, T, H, D, q.scalar_type(), q);
+  check_rows(k, "k", B, T, HKV, D, q.scalar_type(), q);
+  check_rows(v, "v", B, T, HKV, D, q.scalar_type(), q);
+  TORCH_CHECK(window >= 1, "prefill_fwd_sm90: window must be >= 1, got ", window);
+  TORCH_CHECK(sinks >= 0, "prefill_fwd_sm90: sinks must be >= 0, got ", sinks);
+  TORCH_CHECK(variant == 0 || variant == 1, "prefill_fwd_sm90: variant must be 0 or 1, got ", variant);
+  TORCH_CHECK(B * T < (int64_t(1) << 31) && T >= 1, "prefill_fwd_sm90: T must be >= 1 and B * T < 2^31, got B = ",
+              B, ", T = ", T);
+  const bool memory = v_new.has_value();
+  TORCH_CHECK(hs.has_value() == memory && o_weight.has_value() == memory && gc.has_value() == memory &&
+                  z.has_value() == memory && norm_weight.has_value() == memory,
+              "prefill_fwd_sm90: v_new, hs, o_weight, gc, z and norm_weight come all together or not at all");
+  const c10::cuda::CUDAGuard guard(q.device());
+  const int device = q.get_device();
+  int cc_major = 0, cc_minor = 0;
+  C10_CUDA_CHECK(cudaDeviceGetAttribute(&cc_major, cudaDevAttrComputeCapabilityMajor, device));
+  C10_CUDA_CHECK(cudaDeviceGetAttribute(&cc_minor, cudaDevAttrComputeCapabilityMinor, device));
+  TORCH_CHECK(cc_major == 9 && cc_minor == 0, "prefill_fwd_sm90: needs a compute capability 9.0 GPU (sm_90a), got ",
+              cc_major, ".", cc_minor);
+  const int64_t NT = (T + 63) / 64;
+  if (memory) {
+    check_rows(*v_new, "v_new", B, T, H, D, q.scalar_type(), q);
+    check_rows(*gc, "gc", B, T, H, 0, at::kFloat, q);
+    check_rows(*z, "z", B, T, H, 0, q.scalar_type(), q);
+    check_rows(*hs, "hs", B * NT, H, D, D, q.scalar_type(), q);
+    check_rows(*o_weight, "o_weight", H, D, D, 0, q.scalar_type(), q);
+    TORCH_CHECK(norm_weight->dim() == 1 && norm_weight->size(0) == D && norm_weight->scalar_type() == at::kFloat &&
+                    norm_weight->is_contiguous() && norm_weight->device() == q.device(),
+                "prefill_fwd_sm90: norm_weight must be a contiguous float32 [", D, "] on ", q.device());
+  }
+  auto o = at::empty_like(q);
+  auto lse = at::empty({B, H, T}, q.options().dtype(at::kFloat));
+  const cudaStream_t stream = c10::cuda::getCurrentCUDAStream(device);
+  auto run = [&](auto element, auto pingpong) {
+    using E = decltype(element);
+    constexpr bool kPP = decltype(pingpong)::value;
+    auto ptr = [](const at::Tensor& x) { return reinterpret_cast<E const*>(x.data_ptr()); };
+    if (memory) {
+      ahn_sm90::ahn_fwd_launch<E, kPP>(ptr(q), ptr(k), ptr(v), ptr(*v_new), ptr(*hs), ptr(*o_weight),
+                                       gc->data_ptr<float>(), ptr(*z), norm_weight->data_ptr<float>(),
+                                       reinterpret_cast<E*>(o.data_ptr()), lse.data_ptr<float>(), int(B), int(T),
+                                       int(H), int(HKV), int(window), int(sinks), float(mem_scale), stream);
+    } else {
+      ahn_sm90::band_fwd_launch<E, kPP>(ptr(q), ptr(k), ptr(v), reinterpret_cast<E*>(o.data_ptr()),
+                                        lse.data_ptr<float>(), int(B), int(T), int(H), int(HKV), int(window),
+                                        int(sinks), H * D, HKV * D, stream);
+    }
+  };
+  if (q.scalar_type() == at::kBFloat16) {
+    variant ? run(cutlass::bfloat16_t{}, cute::true_type{}) : run(cutlass::bfloat16_t{}, cute::false_type{});
+  } else {
+    variant ? run(cutlass::half_t{}, cute::true_type{}) : run(cutlass::half_t{}, cute::false_type{});
+  }
+  C10_CUDA_KERNEL_LAUNCH_CHECK();
+  return {o, lse};
+}
+
+}  // namespace
+
+TORCH_LIBRARY_IMPL(ahn, CUDA, m) { m.impl("prefill_fwd_sm90", &prefill_fwd_sm90); }

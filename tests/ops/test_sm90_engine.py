@@ -1,0 +1,152 @@
+"""The sm_90a forward kernel (``torch.ops.ahn.prefill_fwd_sm90``, ``prefill.CONFIG["band"] = "sm90"``): window +
+sinks attention with the GDN / DN memory readout and epilogue after the Triton memory passes, against the fp32
+reference (2x PyTorch's own low-precision error, as test_prefill.py) and the default engine; the backward
+through it; its argument checks. GPU tests need an H100 / H200 and a build with the CUTLASS headers; the
+CPU tests check the build switch and the engine's refusal off such a GPU."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from ahn_ops import _ext
+from ahn_ops.ops.ahn_attention import reference as ref
+
+from ..utils import check_bf16_grad_rule, check_within_2x, kernel_grads, make_inputs, ref_grads
+
+
+def _why_not() -> str:
+    if not torch.cuda.is_available():
+        return "needs CUDA"
+    if torch.cuda.get_device_capability() != (9, 0):
+        return "needs a compute capability 9.0 GPU"
+    if not _ext.has_sm90_kernels():
+        return "ahn_ops built without its sm_90a kernels"
+    return ""
+
+
+needs_sm90 = pytest.mark.skipif(bool(_why_not()), reason=_why_not() or "ok")
+
+
+def _prefill():
+    from ahn_ops.ops.ahn_attention import prefill
+
+    return prefill
+
+
+@pytest.fixture
+def engine(monkeypatch):
+    def set_(name, variant=1):
+        monkeypatch.setitem(_prefill().CONFIG, "band", name)
+        monkeypatch.setitem(_prefill().CONFIG, "sm90_variant", variant)
+    return set_
+
+
+CASES = [
+    # kind, B, T, W, S, G, dtype, variant
+    pytest.param("gdn", 1, 1000, 300, 5, 8, torch.bfloat16, 1, id="gdn-T1000-W300-S5-G8"),
+    pytest.param("dn", 2, 517, 1, 3, 4, torch.float16, 1, id="dn-B2-T517-W1-S3-fp16"),
+    pytest.param("gdn", 1, 333, 4096, 7, 1, torch.bfloat16, 0, id="gdn-T333-W4096-S7-G1-v0"),
+    pytest.param("gdn", 3, 700, 129, 0, 2, torch.bfloat16, 0, id="gdn-B3-T700-W129-S0-v0"),
+    pytest.param("dn", 1, 4099, 1024, 128, 8, torch.float16, 1, id="dn-T4099-W1024-S128-fp16"),
+    pytest.param("gdn", 1, 2053, 200, 300, 4, torch.bfloat16, 1, id="gdn-T2053-W200-S300"),
+    pytest.param("gdn", 1, 64, 63, 0, 1, torch.bfloat16, 1, id="gdn-T64-W63-S0"),
+]
+
+
+@needs_sm90
+@pytest.mark.parametrize("kind,B,T,W,S,G,dtype,variant", CASES)
+def test_sm90_matches_reference_and_default(kind, B, T, W, S, G, dtype, variant, engine):
+    P = _prefill()
+    HKV = 2 if G < 8 else 1
+    H, D = HKV * G, 128
+    args = make_inputs(kind, B, T, H, HKV, D, dtype, device="cuda", seed=T + W + S)
+    engine("sm90", variant)
+    out, ht, lse = P.prefill_fwd(*args, W, S, kind, output_final_state=True)
+    engine("auto")
+    out_a, ht_a, lse_a = P.prefill_fwd(*args, W, S, kind, output_final_state=True)
+    r = ref.ahn_attention_ref(*args, W, S, kind)
+    lp = ref.ahn_attention_ref(*args, W, S, kind, dtype=dtype)
+    check_within_2x(f"{kind} sm90", out, r, lp)
+    check_within_2x(f"{kind} auto", out_a, r, lp)
+    # the backward's normaliser and the final state do not depend on the engine
+    torch.testing.assert_close(lse, lse_a, rtol=0, atol=2e-3)
+    torch.testing.assert_close(ht, ht_a, rtol=0, atol=0)
+
+
+@needs_sm90
+def test_sm90_gradients(engine):
+    """The backward (its own kernels) reads the forward's saved lse: every gradient within the bf16 rule."""
+    kind, T, W, S, H, HKV, D = "gdn", 777, 200, 6, 8, 2, 128
+    args = make_inputs(kind, 1, T, H, HKV, D, torch.bfloat16, device="cuda", seed=3)
+    dout = torch.randn(1, T, H, D, device="cuda", dtype=torch.bfloat16)
+    engine("sm90")
+    gk = kernel_grads(args, dout, W, S, kind, None)
+    gr = ref_grads([None if x is None else x.float() for x in args], dout, W, S, kind, None, torch.float32)
+    gt = ref_grads(args, dout, W, S, kind, None, torch.bfloat16)
+    check_bf16_grad_rule(gk, gr, gt)
+
+
+@needs_sm90
+def test_sm90_falls_back_where_it_does_not_apply(engine):
+    """Mamba2, unequal lengths and an initial state take the default engine under "sm90": same results."""
+    P = _prefill()
+    H, HKV, D, W, S = 4, 2, 128, 100, 4
+    cases = [("mamba2", 1, 300, None, None), ("gdn", 1, 600, [250, 350], None),
+             ("dn", 2, 300, None, torch.randn(2, H, D, D, device="cuda") * 0.1)]
+    for kind, B, T, lens, h0 in cases:
+        args = make_inputs(kind, B, T, H, HKV, D, torch.bfloat16, device="cuda", seed=T)
+        cu = None if lens is None else torch.tensor([0, lens[0], T], dtype=torch.int32, device="cuda")
+        outs = []
+        for name in ("sm90", "auto"):
+            engine(name)
+            outs.append(P.prefill_fwd(*args, W, S, kind, cu_seqlens=cu, initial_state=h0)[0])
+        torch.testing.assert_close(outs[0], outs[1], rtol=0, atol=0)
+
+
+@needs_sm90
+def test_sm90_op_argument_errors():
+    q = torch.randn(1, 200, 4, 128, device="cuda", dtype=torch.bfloat16)
+    k = torch.randn(1, 200, 2, 128, device="cuda", dtype=torch.bfloat16)
+    op = torch.ops.ahn.prefill_fwd_sm90
+    with pytest.raises(RuntimeError, match="head_dim must be 128"):
+        op(q[..., :64].contiguous(), k[..., :64].contiguous(), k[..., :64].contiguous(), None, None, None, None,
+           None, None, 10, 0, 1.0, 1)
+    with pytest.raises(RuntimeError, match="window must be >= 1"):
+        op(q, k, k, None, None, None, None, None, None, 0, 0, 1.0, 1)
+    with pytest.raises(RuntimeError, match="v must be"):
+        op(q, k, k[:, :100].contiguous(), None, None, None, None, None, None, 10, 0, 1.0, 1)
+    with pytest.raises(RuntimeError, match="all together or not at all"):
+        op(q, k, k, q, None, None, None, None, None, 10, 0, 1.0, 1)
+    with pytest.raises(RuntimeError, match="k must be contiguous"):
+        op(q, k.transpose(1, 2).contiguous().transpose(1, 2), k, None, None, None, None, None, None, 10, 0, 1.0, 1)
+    # the attention alone against the fp32 reference of the window + sinks softmax
+    o, lse = op(q, k, k, None, None, None, None, None, None, 50, 3, 1.0, 1)
+    t = torch.arange(200, device="cuda")
+    allowed = (t[None] <= t[:, None]) & ((t[None] > t[:, None] - 50) | (t[None] < 3))
+    s = (q.float().transpose(1, 2) @ k.float().repeat_interleave(2, 2).permute(0, 2, 3, 1)) * 128 ** -0.5
+    s = s.masked_fill(~allowed, float("-inf"))
+    ro = (s.softmax(-1) @ k.float().repeat_interleave(2, 2).transpose(1, 2)).transpose(1, 2)
+    torch.testing.assert_close(o.float(), ro, rtol=0, atol=2e-2)
+    torch.testing.assert_close(lse, torch.logsumexp(s, -1), rtol=0, atol=1e-3)
+
+
+def test_sm90_build_switch_reported():
+    # the extension says whether it carries the sm_90a kernels; the op's schema is declared either way
+    try:
+        has = _ext.has_sm90_kernels()
+    except ImportError:
+        pytest.skip("ahn_ops._C not built")
+    assert isinstance(has, bool)
+    assert hasattr(torch.ops.ahn, "prefill_fwd_sm90")
+    if has:
+        assert _ext.has_cuda_kernels() and "90a" in _ext.load_extension().CUDA_ARCHS
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="the refusal off a CUDA device")
+def test_sm90_engine_refuses_off_a_hopper_gpu(monkeypatch):
+    P = _prefill()
+    monkeypatch.setitem(P.CONFIG, "band", "sm90")
+    args = make_inputs("gdn", 1, 40, 2, 1, 128, torch.bfloat16, device="cpu", seed=1)
+    with pytest.raises(RuntimeError, match='CONFIG\\["band"\\] = "sm90" needs a compute capability 9.0 GPU'):
+        P.prefill_fwd(*args, 8, 2, "gdn")  # refused before any kernel runs
