@@ -5,7 +5,7 @@ PY     := $(VENV)/bin/python
 # The test and demo dependencies; torch 2.14.1 is the CUDA 13 build, CPU kernels run without a GPU.
 DEPS   := torch==2.14.1 numpy ninja cmake pybind11 pytest safetensors transformers==5.24.0 tqdm matplotlib \
           packaging fla-core einops setuptools wheel
-# The CUTLASS / CuTe headers of the sm_90a kernels (benchmarks/spike_band): headers only, so without the
+# The CUTLASS / CuTe headers of the sm_90a kernels (csrc/cuda/sm90): headers only, so without the
 # package's Python dependencies (cuda-python, scipy, ...)
 HEADERS := nvidia-cutlass==4.2.0
 STAMP  := $(VENV)/.ahn_ops-deps

@@ -14,7 +14,7 @@
 #   bash benchmarks/device_check.sh step             # the decode step at B <= 2: tests, projections, 3B step variants
 #   bash benchmarks/device_check.sh distill          # bench_distill.py: self-distillation tokens/s, 3B shape, T=16k
 #   bash benchmarks/device_check.sh ab               # ab_trees.py: this tree against each older tree in .ab/ (carry .ab)
-#   bash benchmarks/device_check.sh spike            # spike_band.py: our sm_90a window + sinks kernel (needs the
+#   bash benchmarks/device_check.sh sm90             # bench_sm90.py: the sm_90a forward kernel (the build needs the
 #                                                    # nvidia-cutlass wheel in .whl/), checks, then against the peers
 #   bash benchmarks/device_check.sh bg:demo tests    # both at once
 #
@@ -132,14 +132,14 @@ stage() {
       timeout 540 python3 benchmarks/ab_trees.py . .ab/* --rounds "${AB_ROUNDS:-2}" ${AB_CASES:+--cases $AB_CASES} \
         2>&1 | tee "$out/ab.log" | tail -14
       ;;
-    spike)
+    sm90)
       # one process per part: a kernel that hangs costs that part's timeout only
-      timeout 120 python3 benchmarks/spike_band.py check 2>&1 | tee "$out/spike.log" | grep -v " ok$" | tail -12
-      timeout 90 python3 benchmarks/spike_band.py check-fused 2>&1 | tee -a "$out/spike.log" | tail -12
-      timeout 300 python3 benchmarks/spike_band.py bench 2>&1 | tee -a "$out/spike.log" | tail -30
+      timeout 120 python3 benchmarks/bench_sm90.py check 2>&1 | tee "$out/sm90.log" | grep -v " ok$" | tail -12
+      timeout 90 python3 benchmarks/bench_sm90.py check-fused 2>&1 | tee -a "$out/sm90.log" | tail -12
+      timeout 300 python3 benchmarks/bench_sm90.py bench 2>&1 | tee -a "$out/sm90.log" | tail -30
       ;;
     *)
-      echo "unknown stage $1 (tests|bench|perf|model|demo|ddp|decode|step|distill|ab|spike, optionally bg:STAGE)" >&2
+      echo "unknown stage $1 (tests|bench|perf|model|demo|ddp|decode|step|distill|ab|sm90, optionally bg:STAGE)" >&2
       return 2
       ;;
   esac

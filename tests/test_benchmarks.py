@@ -317,22 +317,14 @@ def test_ab_trees_harness():
     assert bad.returncode != 0 and "no ahn_ops/ there" in bad.stdout + bad.stderr
 
 
-def test_spike_band_builds(tmp_path, monkeypatch):
-    # the sm_90a window + sinks kernel of benchmarks/spike_band.py compiles with nvcc and the nvidia-cutlass
-    # headers, both variants and dtypes, and its library exports the entry point (checks and timings need a GPU)
-    import shutil
-
-    if shutil.which("nvcc") is None:
-        pytest.skip("nvcc not found")
+def test_bench_sm90_reference_mask():
+    # bench_sm90.py's fp32 reference attends exactly the (query, key) pairs its TFLOP/s count
+    # (common.visible_keys); the kernel itself is built with the extension (the CI build compiles it)
     sys.path.insert(0, BENCH)
     try:
+        import bench_sm90
         import common as C
-        import spike_band
     finally:
         sys.path.remove(BENCH)
-    monkeypatch.setenv("TMPDIR", str(tmp_path))
-    spike = spike_band.build()
-    assert spike.fn is not None and (tmp_path / "ahn_band_spike.so").stat().st_size > 0
-    # the fp32 reference's mask and the pair count the TFLOP/s use (common.visible_keys) agree
     for T, W, S in [(10, 4, 0), (10, 4, 2), (37, 40, 3), (50, 1, 60)]:
-        assert C.visible_keys(T, W, S) == int(spike_band.allowed_mask(T, W, S, "cpu").sum())
+        assert C.visible_keys(T, W, S) == int(bench_sm90.allowed_mask(T, W, S, "cpu").sum())

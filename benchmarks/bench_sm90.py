@@ -1,12 +1,11 @@
-"""Engine spike: our own sm_90a window + sinks attention forward (csrc/cuda/sm90/ahn_fwd_sm90.cuh) against the peers.
+"""The sm_90a forward kernel (csrc/cuda/sm90/ahn_fwd_sm90.cuh, ``torch.ops.ahn.prefill_fwd_sm90``) checked and timed.
 
-    python benchmarks/spike_band.py              # build (nvcc, CUTLASS headers from the nvidia-cutlass wheel),
-                                                 # check, then time T=32k and 131k
-    python benchmarks/spike_band.py check        # the attention checks only (also: check-fused, bench)
+    python benchmarks/bench_sm90.py               # check, then time T=32k and 131k
+    python benchmarks/bench_sm90.py check         # the attention checks only (also: check-fused, bench)
 
-Each part is a process of its own in `device_check.sh spike` (a kernel that hangs costs one part's timeout);
-the library is built once and reused while it is newer than its sources. A failed check is reported and
-the remaining checks still run; the exit status is 1 if any failed.
+Needs the extension built with its sm_90a kernels (the nvidia-cutlass headers installed at build time). Each
+part is a process of its own in `device_check.sh sm90` (a kernel that hangs costs one part's timeout). A
+failed check is reported and the remaining checks still run; the exit status is 1 if any failed.
 
 Checks, both kernel variants (0: overlap inside each warpgroup; 1: and the warpgroups' ping-pong): o and lse
 against an fp32 reference (query t attends j <= t with t - W < j or j < S) on odd shapes, GQA, W = 1, W >= T,
@@ -21,80 +20,34 @@ from __future__ import annotations
 import argparse
 import os
 import sys
-import time
 
 import torch
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 
 
-class Spike:
-    """The compiled spike: ``band_fwd(q, k, v, W) -> (o, lse)`` through ctypes."""
+class Kernel:
+    """``torch.ops.ahn.prefill_fwd_sm90`` (the extension built with its sm_90a kernels) in this script's terms."""
 
-    def __init__(self, lib):
-        import ctypes
+    def __init__(self):
+        sys.path.insert(0, HERE)
+        import common as C
 
-        self.lib = lib
-        self.fn = lib.ahn_band_fwd
-        self.fn.restype = ctypes.c_int
-        self.fn.argtypes = [ctypes.c_int] * 2 + [ctypes.c_void_p] * 5 + [ctypes.c_int] * 6 + [ctypes.c_longlong] * 2 + [
-            ctypes.c_void_p]
+        C.import_ahn_ops()
+        from ahn_ops import _ext
+
+        if not _ext.has_sm90_kernels():
+            raise SystemExit("ahn_ops was built without its sm_90a kernels: pip install --no-deps nvidia-cutlass, "
+                             "then rebuild (python setup.py build_ext --inplace)")
+        self.op = torch.ops.ahn.prefill_fwd_sm90
 
     def band_fwd(self, q, k, v, W, S=0, variant=0):
-        assert q.is_contiguous() and k.is_contiguous() and v.is_contiguous() and q.shape[-1] == 128
-        B, T, H, _ = q.shape
-        o = torch.empty_like(q)
-        lse = torch.empty(B, H, T, device=q.device, dtype=torch.float32)
-        err = self.fn(0 if q.dtype == torch.bfloat16 else 1, variant, q.data_ptr(), k.data_ptr(), v.data_ptr(),
-                      o.data_ptr(), lse.data_ptr(), B, T, H, k.shape[2], int(W), int(S), q.stride(1), k.stride(1),
-                      torch.cuda.current_stream().cuda_stream)
-        if err:
-            raise RuntimeError(f"band spike launch: CUDA error {err}")
-        return o, lse
+        """Window + sinks attention: o [B, T, H, D], natural-log lse [B, H, T]."""
+        return self.op(q, k, v, None, None, None, None, None, None, int(W), int(S), 1.0, variant)
 
     def fused_fwd(self, q, k, v, vnew, hs, ow, gc, z, nw, W, S, mem_scale, variant=0):
         """The GDN / DN forward behind the memory passes (their gc, hs, v_new): out, lse."""
-        import ctypes
-
-        fn = self.lib.ahn_fused_fwd
-        fn.restype = ctypes.c_int
-        fn.argtypes = [ctypes.c_int] * 2 + [ctypes.c_void_p] * 11 + [ctypes.c_int] * 6 + [ctypes.c_float,
-                                                                                           ctypes.c_void_p]
-        xs = [x.contiguous() for x in (q, k, v, vnew, hs, ow, gc, z, nw)]
-        assert xs[6].dtype == torch.float32 and xs[8].dtype == torch.float32
-        B, T, H, _ = q.shape
-        o = torch.empty_like(q)
-        lse = torch.empty(B, H, T, device=q.device, dtype=torch.float32)
-        err = fn(0 if q.dtype == torch.bfloat16 else 1, variant, *[x.data_ptr() for x in xs], o.data_ptr(),
-                 lse.data_ptr(), B, T, H, k.shape[2], int(W), int(S), float(mem_scale),
-                 torch.cuda.current_stream().cuda_stream)
-        if err:
-            raise RuntimeError(f"fused spike launch: CUDA error {err}")
-        return o, lse
-
-
-def build():
-    import ctypes
-    import subprocess
-
-    import cutlass_library
-
-    inc = os.path.join(os.path.dirname(cutlass_library.__file__), "source", "include")
-    out = os.path.join(os.environ.get("TMPDIR", "/tmp"), "ahn_band_spike.so")
-    csrc = os.path.join(HERE, "..", "csrc", "cuda")
-    srcs = [os.path.join(HERE, "spike_band", "band_spike.cu"), os.path.join(csrc, "sm90", "ahn_fwd_sm90.cuh")]
-    if os.path.exists(out) and os.path.getmtime(out) > max(os.path.getmtime(f) for f in srcs):
-        return Spike(ctypes.CDLL(out))
-    t0 = time.time()
-    cmd = ["nvcc", "-std=c++17", "-O3", "-gencode=arch=compute_90a,code=sm_90a", "--expt-relaxed-constexpr",
-           "-DNDEBUG", "-shared", "-Xcompiler", "-fPIC", "-Xptxas", "-v", "-I", inc, "-I", csrc,
-           srcs[0], "-o", out]
-    p = subprocess.run(cmd, capture_output=True, text=True)
-    if p.returncode != 0:
-        raise SystemExit(p.stderr[-4000:])
-    regs = [line.strip() for line in p.stderr.splitlines() if "registers" in line or "spill" in line]
-    print(f"# built in {time.time() - t0:.0f} s; " + " | ".join(regs[:2]), flush=True)
-    return Spike(ctypes.CDLL(out))
+        return self.op(q, k, v, vnew, hs, ow, gc, z, nw, int(W), int(S), float(mem_scale), variant)
 
 
 def allowed_mask(T, W, S, device):
@@ -311,7 +264,7 @@ def main():
     a = ap.parse_args()
     parts = a.parts or ["check", "check-fused", "bench"]
     print("#", torch.cuda.get_device_name(), "torch", torch.__version__)
-    mod = build()
+    mod = Kernel()
     ok = True
     if "check" in parts:
         ok &= check(mod)
