@@ -49,6 +49,7 @@ def import_ahn_ops(root: str = ROOT):
         stub = types.ModuleType("ahn_ops._ext")
         stub.load_extension = lambda name=None: None
         stub.has_cuda_kernels = lambda: False
+        stub.has_sm90_kernels = lambda: False
         sys.modules["ahn_ops._ext"] = stub
         import ahn_ops  # noqa: F401
     mod = sys.modules["ahn_ops"]
