@@ -156,3 +156,78 @@ def test_sm90_engine_refuses_off_a_hopper_gpu(monkeypatch):
     args = make_inputs("gdn", 1, 40, 2, 1, 128, torch.bfloat16, device="cpu", seed=1)
     with pytest.raises(RuntimeError, match='CONFIG\\["band"\\] = "sm90" needs a compute capability 9.0 GPU'):
         P.prefill_fwd(*args, 8, 2, "gdn")  # refused before any kernel runs
+
+
+def _torch_sm90(q, k, v, v_new, hs, o_weight, gc, z, nw, window, sinks, mem_scale, variant):
+    """The math of the sm_90a kernel in fp32 torch, with its arguments and outputs: window + sinks softmax
+    (out, natural-log lse [B, H, T]); per chunk of 64 rows the memory readout from the memory passes' buffers
+    (hs[c] before the chunk, v_new, the in-chunk cumulative log-decays gc), the keys of tokens t - W l2-normed,
+    then RMSNorm, swish(z), norm weight and the head's projection."""
+    B, T, H, D = q.shape
+    G = H // k.shape[2]
+    qf, kf, vf = q.float(), k.float().repeat_interleave(G, 2), v.float().repeat_interleave(G, 2)
+    t = torch.arange(T)
+    allowed = (t[None] <= t[:, None]) & ((t[None] > t[:, None] - window) | (t[None] < sinks))
+    s = torch.einsum("bthd,bjhd->bhtj", qf, kf) * D ** -0.5
+    s = s.masked_fill(~allowed, float("-inf"))
+    lse = torch.logsumexp(s, -1)
+    out = torch.einsum("bhtj,bjhd->bthd", s.softmax(-1), vf)
+    if v_new is None:
+        return out.to(q.dtype).contiguous(), lse.contiguous()
+    NT = (T + 63) // 64
+    qn = qf * torch.rsqrt((qf * qf).sum(-1, keepdim=True) + 1e-6) * mem_scale
+    kx = torch.zeros_like(kf)
+    kx[:, window:] = kf[:, :T - window] if window < T else kx[:, window:]
+    kn = kx * torch.rsqrt((kx * kx).sum(-1, keepdim=True) + 1e-6)
+    kn = kn * ((t - window) >= sinks).float()[None, :, None, None]
+    y = torch.zeros_like(out)
+    for b in range(B):
+        for c in range(NT):
+            r0, r1 = c * 64, min(c * 64 + 64, T)
+            if r1 - 1 - window < sinks:
+                continue
+            g = gc[b, r0:r1].float().transpose(0, 1)  # [H, n]
+            qc, kc = qn[b, r0:r1].transpose(0, 1), kn[b, r0:r1].transpose(0, 1)  # [H, n, D]
+            pair = (qc @ kc.transpose(1, 2)) * torch.exp(g[:, :, None] - g[:, None, :])
+            pair = torch.tril(pair)
+            mo = (qc * torch.exp(g)[:, :, None]) @ hs[b * NT + c].float() + pair @ v_new[b, r0:r1].float().transpose(0, 1)
+            zc = z[b, r0:r1].float().transpose(0, 1)[:, :, None]
+            uo = mo * torch.rsqrt((mo * mo).mean(-1, keepdim=True) + 1e-5) * zc * torch.sigmoid(zc) * nw.float()
+            y[b, r0:r1] = (uo @ o_weight.float()).transpose(0, 1)
+    return (out + y).to(q.dtype).contiguous(), lse.contiguous()
+
+
+@pytest.mark.skipif(not torch.cuda.is_available() and __import__("os").environ.get("TRITON_INTERPRET") != "1",
+                    reason="needs CUDA or TRITON_INTERPRET=1")
+@pytest.mark.parametrize("kind,B,T,W,S,G", [
+    pytest.param("gdn", 1, 300, 70, 5, 2, id="gdn-T300-W70-S5"),
+    pytest.param("dn", 2, 200, 1, 3, 1, id="dn-B2-T200-W1-S3"),
+    pytest.param("gdn", 1, 150, 40, 0, 4, id="gdn-T150-W40-S0"),
+])
+def test_sm90_path_with_a_torch_stand_in(kind, B, T, W, S, G, monkeypatch):
+    # prefill_fwd's "sm90" path (buffers, views, the lse's conversion, the final state) with the kernel's math
+    # in torch standing in for it, on the memory passes' real buffers: against the fp32 reference
+    P = _prefill()
+    dev = "cuda" if torch.cuda.is_available() else "cpu"
+    monkeypatch.setitem(P.CONFIG, "band", "sm90")
+    monkeypatch.setattr(P, "_sm90_check_device", lambda device: None)
+    calls = []
+
+    def stand_in(*args):
+        calls.append(args)
+        return _torch_sm90(*[a.cpu() if isinstance(a, torch.Tensor) else a for a in args])
+
+    monkeypatch.setattr(P, "_sm90_fwd", lambda *a: tuple(x.to(dev) for x in stand_in(*a)))
+    HKV = 2 if G < 4 else 1
+    H, D = HKV * G, 128
+    args = make_inputs(kind, B, T, H, HKV, D, torch.bfloat16, device=dev, seed=T + W)
+    out, ht, lse = P.prefill_fwd(*args, W, S, kind, output_final_state=True)
+    assert len(calls) == 1
+    r, _, _, st = ref.ahn_attention_ref(*args, W, S, kind, return_parts=True)
+    lp = ref.ahn_attention_ref(*args, W, S, kind, dtype=torch.bfloat16)
+    check_within_2x(f"{kind} sm90 stand-in", out, r, lp)
+    torch.testing.assert_close(ht.float(), st.float(), rtol=2e-2, atol=2e-2)
+    # the saved normaliser is the default engine's: log2 domain, [B, T, H]
+    monkeypatch.setitem(P.CONFIG, "band", "auto")
+    _, _, lse_a = P.prefill_fwd(*args, W, S, kind)
+    torch.testing.assert_close(lse, lse_a, rtol=0, atol=2e-3)

@@ -176,7 +176,7 @@ def _launch(q, kx, vx, sk, sv, a, b, ab_rs, z, A_log, dt_bias, norm_weight, o_we
             if sm90:
                 Tn = Tq // N
                 rows = lambda x: x.view(N, Tn, *x.shape[2:])  # noqa: E731  ([1, N * Tn, ...] -> [N, Tn, ...])
-                o4, lse_e = torch.ops.ahn.prefill_fwd_sm90(
+                o4, lse_e = _sm90_fwd(
                     rows(q), rows(kx), rows(vx), vnew.view(N, Tn, H, D), hs, o_weight.to(dt).contiguous(),
                     gc.view(N, Tn, H), z.reshape(N, Tn, H).contiguous(), norm_weight.float().contiguous(),
                     window, sinks, D ** -0.5, CONFIG["sm90_variant"])
@@ -262,15 +262,24 @@ def _sm90_engine(q, lens, kind, initial_state, memory) -> bool:
     for and the device or the build cannot run it at all."""
     if CONFIG["band"] != "sm90":
         return False
+    _sm90_check_device(q.device)
+    return (memory and kind in ("gdn", "dn") and q.shape[-1] == 128 and q.dtype in (torch.bfloat16, torch.float16)
+            and initial_state is None and len(set(lens)) == 1)
+
+
+def _sm90_check_device(device) -> None:
     from ..._ext import has_sm90_kernels
 
-    if q.device.type != "cuda" or torch.cuda.get_device_capability(q.device) != (9, 0):
+    if device.type != "cuda" or torch.cuda.get_device_capability(device) != (9, 0):
         raise RuntimeError('CONFIG["band"] = "sm90" needs a compute capability 9.0 GPU (H100 / H200)')
     if not has_sm90_kernels():
         raise RuntimeError('CONFIG["band"] = "sm90": ahn_ops was built without its sm_90a kernels (the CUTLASS '
                            'headers: pip install --no-deps nvidia-cutlass, then rebuild)')
-    return (memory and kind in ("gdn", "dn") and q.shape[-1] == 128 and q.dtype in (torch.bfloat16, torch.float16)
-            and initial_state is None and len(set(lens)) == 1)
+
+
+def _sm90_fwd(*args):
+    """``torch.ops.ahn.prefill_fwd_sm90`` (a function of its own so that a CPU test can stand in for it)."""
+    return torch.ops.ahn.prefill_fwd_sm90(*args)
 
 
 def _cudnn_band(qf, kf, vf, lens, window):
