@@ -129,9 +129,8 @@ def capture_combine(args, W, S, kind="gdn"):
     return out, seen
 
 
-def prefill_inputs(T, H, HKV, D, seed=0, dt=torch.bfloat16):
+def prefill_inputs(T, H, HKV, D, seed=0, dt=torch.bfloat16, dev="cuda"):
     """gdn inputs of ``prefill_fwd``: q, k, v, a, b, z, A_log, dt_bias, norm_weight, o_weight (B = 1)."""
-    dev = "cuda"
     g = torch.Generator(device=dev).manual_seed(seed)
 
     def r(*shape):
@@ -145,8 +144,10 @@ def prefill_inputs(T, H, HKV, D, seed=0, dt=torch.bfloat16):
 def fused_call(mod, args, kw, W, S, variant):
     """This kernel on the inputs ``args`` and the memory passes' buffers of ahn_ops' combine launch ``kw``."""
     q, k, v, z, nw, ow = args[0], args[1], args[2], args[5], args[8], args[9]
-    return mod.fused_fwd(q, k, v, kw["vnew"], kw["hs"], ow.to(q.dtype), kw["gc"], z, nw.float(), W, S,
-                         q.shape[-1] ** -0.5, variant)
+    B, T, H, D = q.shape
+    # the combine's buffers are per token ([B * T, H, ...]); the op takes [B, T, H, ...]
+    return mod.fused_fwd(q, k, v, kw["vnew"].view(B, T, H, D), kw["hs"], ow.to(q.dtype).contiguous(),
+                         kw["gc"].view(B, T, H), z.contiguous(), nw.float().contiguous(), W, S, D ** -0.5, variant)
 
 
 def check_fused(mod) -> bool:
