@@ -133,7 +133,12 @@ stage() {
         2>&1 | tee "$out/ab.log" | tail -14
       ;;
     sm90)
-      # one process per part: a kernel that hangs costs that part's timeout only
+      # one process per part: a kernel that hangs costs that part's timeout only. SM90_SANITIZE=memcheck (or
+      # racecheck, synccheck) first runs the first shapes of both checks under compute-sanitizer
+      if [ -n "${SM90_SANITIZE:-}" ] && command -v compute-sanitizer >/dev/null; then
+        timeout 240 compute-sanitizer --tool "$SM90_SANITIZE" --print-limit 20 python3 benchmarks/bench_sm90.py \
+          check check-fused --first 2 2>&1 | tee "$out/sm90_sanitize.log" | tail -25
+      fi
       timeout 120 python3 benchmarks/bench_sm90.py check 2>&1 | tee "$out/sm90.log" | grep -v " ok$" | tail -12
       timeout 90 python3 benchmarks/bench_sm90.py check-fused 2>&1 | tee -a "$out/sm90.log" | tail -12
       timeout 300 python3 benchmarks/bench_sm90.py bench 2>&1 | tee -a "$out/sm90.log" | tail -30
