@@ -11,7 +11,7 @@ Checks, both kernel variants (0: overlap inside each warpgroup; 1: and the warpg
 against an fp32 reference (query t attends j <= t with t - W < j or j < S) on odd shapes, GQA, W = 1, W >= T,
 sinks inside and past the window, bf16 and fp16, into memory poisoned with NaN; the error beside PyTorch's
 own in the same dtype (the masked SDPA of the same inputs). Timing: ``do_bench`` medians, B=1 H=16 HKV=2
-D=128, in the same run: cuDNN's band (``band_cudnn.band_fwd``, S=0: what the fused forward uses today) and
+D=128, in the same run: cuDNN's band (``band_cudnn.band_fwd``, S=0: the default Hopper path's band) and
 FlexAttention's window + sinks (S=128); TFLOP/s count 4 D H per attended (query, key) pair.
 """
 
@@ -219,7 +219,7 @@ def bench(mod):
 
 
 def fused_forward(mod, t, T=32768, W=4096, S=128, H=16, HKV=2, D=128):
-    """The fused AHN forward (gdn) with its band from cuDNN (today) or from this kernel, in place of
+    """The fused AHN forward (gdn) with its band from cuDNN (the default) or from this kernel, in place of
     ``band_cudnn.band_fwd``; the memory passes on the side stream at default or high priority. cuDNN's band
     kernel holds every SM for its whole run, so the memory passes run beside it only at its edges; this
     kernel's CTAs retire every ~20 us, so a high-priority side stream can take SMs as they free up."""

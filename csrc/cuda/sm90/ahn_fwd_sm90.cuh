@@ -12,7 +12,7 @@
 // the blocks between need no mask.
 //
 // Out: o (the normalised attention output, [B, T, H, D], the input dtype) and lse ([B, H, T], fp32, natural
-// log), what cuDNN's band gives the fused AHN forward today.
+// log), what cuDNN's band gives the fused AHN forward on its default Hopper path.
 //
 // kMemory (GDN / DN, one sequence per batch row, positions from 0): the AHN memory readout and epilogue in
 // the consumer, what the Triton combine kernel does behind cuDNN's band. Each warpgroup's 64 rows are one
