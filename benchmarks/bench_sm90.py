@@ -56,17 +56,10 @@ def allowed_mask(T, W, S, device):
 
 
 def reference(q, k, v, W, S):
-    """fp32 window + sinks attention: o [B, T, H, D], lse [B, H, T]."""
-    B, T, H, D = q.shape
-    G = H // k.shape[2]
-    qf = q.float().transpose(1, 2)
-    kf = k.float().repeat_interleave(G, 2).transpose(1, 2)
-    vf = v.float().repeat_interleave(G, 2).transpose(1, 2)
-    s = qf @ kf.transpose(-1, -2) * D ** -0.5
-    s = s.masked_fill(~allowed_mask(T, W, S, q.device), float("-inf"))
-    lse = torch.logsumexp(s, -1)
-    o = (torch.softmax(s, -1) @ vf).transpose(1, 2)
-    return o, lse
+    """fp32 window + sinks attention: o [B, T, H, D], lse [B, H, T] (``reference.window_attention_ref``)."""
+    from ahn_ops.ops.ahn_attention.reference import window_attention_ref
+
+    return window_attention_ref(q, k, v, W, S, return_lse=True)
 
 
 def torch_same_dtype(q, k, v, W, S):
@@ -151,11 +144,7 @@ def fused_call(mod, args, kw, W, S, variant):
 
 
 def check_fused(mod, first=None) -> bool:
-    sys.path.insert(0, HERE)
-    import common as C
-
-    C.import_ahn_ops()
-    from ahn_ops.ops.ahn_attention import reference as R
+    from ahn_ops.ops.ahn_attention import reference as R  # (Kernel() imported ahn_ops from this tree)
 
     # (T, H, HKV, W, S): memory from the first blocks on, a window longer than some blocks' rows, an odd tail
     cases = [(1000, 4, 2, 200, 5), (777, 8, 1, 64, 0), (2100, 4, 4, 1024, 130), (300, 2, 1, 1, 3),
@@ -181,11 +170,8 @@ def check_fused(mod, first=None) -> bool:
 def bench(mod):
     from triton.testing import do_bench
 
-    sys.path.insert(0, HERE)
-    import common as C
+    import common as C  # (on the path since Kernel() imported ahn_ops through it)
     import peers
-
-    C.import_ahn_ops()
     from ahn_ops.ops.ahn_attention import band_cudnn
 
     H, HKV, D = 16, 2, 128

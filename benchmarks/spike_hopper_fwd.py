@@ -24,25 +24,10 @@ import_ahn_ops()
 from triton.testing import do_bench  # noqa: E402
 
 from ahn_ops.ops.ahn_attention import band_cudnn as BC  # noqa: E402
+from ahn_ops.ops.ahn_attention.reference import window_attention_ref  # noqa: E402
 from ahn_ops.ops.ahn_attention import prefill as P  # noqa: E402
 
 SHAPES = {32768: (4096, 128), 131072: (32640, 128), 24576: (2048, 0)}
-
-
-def band_ref(q, k, v, W):
-    """fp32 band attention, [B, T, H, D] in and out; lse [B, H, T] natural log."""
-    B, T, H, D = q.shape
-    G = H // k.shape[2]
-    qf = q.float().transpose(1, 2)
-    kf = k.float().repeat_interleave(G, 2).transpose(1, 2)
-    vf = v.float().repeat_interleave(G, 2).transpose(1, 2)
-    s = qf @ kf.transpose(-1, -2) * D ** -0.5
-    t = torch.arange(T, device=q.device)
-    m = (t[None, :] <= t[:, None]) & (t[:, None] - t[None, :] < W)
-    s = s.masked_fill(~m, float("-inf"))
-    lse = torch.logsumexp(s, -1)
-    o = torch.softmax(s, -1) @ vf
-    return o.transpose(1, 2), lse
 
 
 def rel(x, r):
@@ -66,8 +51,9 @@ def check():
                 rows.append(f"fwd B{B} T{T} H{H}/{HKV} D{D} W{W} {dt}: FAILED {type(e).__name__}: {str(e)[:300]}")
                 continue
             qr, kr, vr = (x.float().requires_grad_() for x in (q, k, v))
-            orf, lr = band_ref(qr, kr, vr, W)
-            ob, _ = band_ref(q, k, v, W)  # torch's own low-precision error: the reference on rounded output
+            orf, lr = window_attention_ref(qr, kr, vr, W, 0, return_lse=True)  # the band alone (no sinks)
+            # torch's own low-precision error: the reference on rounded output
+            ob, _ = window_attention_ref(q, k, v, W, 0, return_lse=True)
             e_o, e_l = rel(o, orf), float((lse - lr).abs().max())
             e_t = rel(orf.to(dt), orf)
             do = torch.randn_like(q)

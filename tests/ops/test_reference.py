@@ -309,3 +309,19 @@ def test_docstring_examples_run():
     for mod in (ahn_ops.cache, interface, ahn_ops._ext):
         res = doctest.testmod(mod, verbose=False)
         assert res.attempted > 0 and res.failed == 0, mod.__name__
+
+
+@pytest.mark.parametrize("T,W,S,G,block", [(37, 5, 3, 2, 8), (40, 64, 0, 1, 512), (50, 1, 60, 4, 16)])
+def test_window_attention_ref_lse(T, W, S, G, block):
+    # return_lse: the natural-log log-sum-exp of the scaled scores each query attends, across query blocks,
+    # GQA, W = 1, W >= T, S >= T; the output is the same as without it
+    g = torch.Generator().manual_seed(T + W)
+    q = torch.randn(2, T, 2 * G, 16, generator=g, dtype=torch.float64)
+    k, v = (torch.randn(2, T, 2, 16, generator=g, dtype=torch.float64) for _ in range(2))
+    out, lse = ref.window_attention_ref(q, k, v, W, S, block=block, dtype=torch.float64, return_lse=True)
+    assert torch.equal(out, ref.window_attention_ref(q, k, v, W, S, block=block, dtype=torch.float64))
+    t = torch.arange(T)
+    allowed = (t[None] <= t[:, None]) & ((t[:, None] - t[None] < W) | (t[None] < S))
+    s = torch.einsum("bthd,bjhd->bhtj", q, k.repeat_interleave(G, 2)) * 16 ** -0.5
+    want = torch.logsumexp(s.masked_fill(~allowed, float("-inf")), -1)
+    torch.testing.assert_close(lse, want, rtol=1e-12, atol=1e-12)

@@ -122,13 +122,9 @@ def test_sm90_op_argument_errors():
         op(q, k.transpose(1, 2).contiguous().transpose(1, 2), k, None, None, None, None, None, None, 10, 0, 1.0, 1)
     # the attention alone against the fp32 reference of the window + sinks softmax
     o, lse = op(q, k, k, None, None, None, None, None, None, 50, 3, 1.0, 1)
-    t = torch.arange(200, device="cuda")
-    allowed = (t[None] <= t[:, None]) & ((t[None] > t[:, None] - 50) | (t[None] < 3))
-    s = (q.float().transpose(1, 2) @ k.float().repeat_interleave(2, 2).permute(0, 2, 3, 1)) * 128 ** -0.5
-    s = s.masked_fill(~allowed, float("-inf"))
-    ro = (s.softmax(-1) @ k.float().repeat_interleave(2, 2).transpose(1, 2)).transpose(1, 2)
+    ro, rlse = ref.window_attention_ref(q, k, k, 50, 3, return_lse=True)
     torch.testing.assert_close(o.float(), ro, rtol=0, atol=2e-2)
-    torch.testing.assert_close(lse, torch.logsumexp(s, -1), rtol=0, atol=1e-3)
+    torch.testing.assert_close(lse, rlse, rtol=0, atol=1e-3)
 
 
 def test_sm90_build_switch_reported():
@@ -165,16 +161,11 @@ def _torch_sm90(q, k, v, v_new, hs, o_weight, gc, z, nw, window, sinks, mem_scal
     then RMSNorm, swish(z), norm weight and the head's projection."""
     B, T, H, D = q.shape
     G = H // k.shape[2]
-    qf, kf, vf = q.float(), k.float().repeat_interleave(G, 2), v.float().repeat_interleave(G, 2)
-    t = torch.arange(T)
-    allowed = (t[None] <= t[:, None]) & ((t[None] > t[:, None] - window) | (t[None] < sinks))
-    s = torch.einsum("bthd,bjhd->bhtj", qf, kf) * D ** -0.5
-    s = s.masked_fill(~allowed, float("-inf"))
-    lse = torch.logsumexp(s, -1)
-    out = torch.einsum("bhtj,bjhd->bthd", s.softmax(-1), vf)
+    out, lse = ref.window_attention_ref(q, k, v, window, sinks, return_lse=True)
     if v_new is None:
         return out.to(q.dtype).contiguous(), lse.contiguous()
     NT = (T + 63) // 64
+    qf, kf, t = q.float(), k.float().repeat_interleave(G, 2), torch.arange(T)
     qn = qf * torch.rsqrt((qf * qf).sum(-1, keepdim=True) + 1e-6) * mem_scale
     kx = torch.zeros_like(kf)
     kx[:, window:] = kf[:, :T - window] if window < T else kx[:, window:]

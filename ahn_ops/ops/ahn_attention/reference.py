@@ -132,7 +132,8 @@ def window_attention_ref(
     k_pos: Optional[torch.Tensor] = None,
     block: int = 512,
     dtype: torch.dtype = torch.float32,
-) -> torch.Tensor:
+    return_lse: bool = False,
+):
     """Softmax attention of each query over its window and the sinks.
 
     Query at position ``t`` sees key at position ``j`` iff ``j <= t`` and
@@ -144,8 +145,10 @@ def window_attention_ref(
         k_pos: ``[Tk]`` positions of the keys (default ``arange(Tk)``); a key may be
             masked for every query (padding) by giving it a position ``> max(q_pos)``.
         block: queries per block (bounds the score matrix to ``block x Tk``).
+        return_lse: also return the softmax's natural-log log-sum-exp of the scaled scores.
     Returns:
-        ``[B, Tq, H, D]`` in ``dtype``; every query must see at least one key.
+        ``[B, Tq, H, D]`` in ``dtype``; every query must see at least one key. With ``return_lse``,
+        ``(out, lse [B, H, Tq] in dtype)``.
     """
     B, Tq, H, D = q.shape
     Tk, HKV = k.shape[1], k.shape[2]
@@ -157,7 +160,7 @@ def window_attention_ref(
         k_pos = torch.arange(Tk, device=dev)
     scale = D ** -0.5
     kf, vf = k.to(dtype), v.to(dtype)
-    outs = []
+    outs, lses = [], []
     for t0 in range(0, Tq, block):
         qb = q[:, t0:t0 + block].to(dtype)  # [B, bt, H, D]
         qp = q_pos[t0:t0 + block]
@@ -171,10 +174,15 @@ def window_attention_ref(
         diff = qp[:, None] - kp[None, :]
         allowed = (diff >= 0) & ((diff < window) | (kp[None, :] < sinks))
         s = s.masked_fill(~allowed, float("-inf"))
+        if return_lse:
+            lses.append(torch.logsumexp(s, dim=-1).reshape(B, H, bt))
         p = torch.softmax(s, dim=-1)
         o = torch.einsum("bkgtj,bjkd->btkgd", p, vb)
         outs.append(o.reshape(B, bt, H, D))
-    return torch.cat(outs, dim=1) if outs else q.new_zeros(B, 0, H, D, dtype=dtype)  # Tq = 0
+    out = torch.cat(outs, dim=1) if outs else q.new_zeros(B, 0, H, D, dtype=dtype)  # Tq = 0
+    if not return_lse:
+        return out
+    return out, torch.cat(lses, dim=2) if lses else q.new_zeros(B, H, 0, dtype=dtype)
 
 
 # --------------------------------------------------------------------------------------
