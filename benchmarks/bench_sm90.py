@@ -41,9 +41,11 @@ class Kernel:
                              "then rebuild (python setup.py build_ext --inplace)")
         self.op = torch.ops.ahn.prefill_fwd_sm90
 
-    def band_fwd(self, q, k, v, W, S=0, variant=0):
-        """Window + sinks attention: o [B, T, H, D], natural-log lse [B, H, T]."""
-        return self.op(q, k, v, None, None, None, None, None, None, int(W), int(S), 1.0, variant)
+    def band_fwd(self, q, k, v, W, S=0, variant=0, cu_seqlens=None):
+        """Window + sinks attention: o [B, T, H, D], natural-log lse [B, H, T]; with ``cu_seqlens`` (int32) the
+        sequences packed along T (B = 1)."""
+        max_len = 0 if cu_seqlens is None else int((cu_seqlens[1:] - cu_seqlens[:-1]).max())
+        return self.op(q, k, v, None, None, None, None, None, None, int(W), int(S), 1.0, variant, cu_seqlens, max_len)
 
     def fused_fwd(self, q, k, v, vnew, hs, ow, gc, z, nw, W, S, mem_scale, variant=0):
         """The GDN / DN forward behind the memory passes (their gc, hs, v_new): out, lse."""
@@ -96,6 +98,21 @@ def check(mod, first=None) -> bool:
             print(f"v{variant} {str(dt)[6:]:8s} B{B} T{T} H{H}/{HKV} W{W} S{S}: o rel err {ours:.2e} (torch {theirs:.2e}), "
                   f"lse max err {lerr:.1e} {'ok' if ok else 'FAIL'}", flush=True)
             fails += not ok
+        # varlen: sequences packed along T (one empty, one of a single token), each against its own reference
+        lens = [300, 1, 700, 0, 129, 1025]
+        cu = torch.tensor([0] + [sum(lens[:i + 1]) for i in range(len(lens))], dtype=torch.int32, device="cuda")
+        q, k, v = (torch.randn(1, sum(lens), h, 128, device="cuda", dtype=dt) for h in (8, 2, 2))
+        o, lse = mod.band_fwd(q, k, v, 200, 5, variant, cu)
+        errs, ok = [], not o.isnan().any().item()
+        for s0, s1 in zip(cu[:-1].tolist(), cu[1:].tolist()):
+            if s1 > s0:
+                ro, rlse = reference(q[:, s0:s1], k[:, s0:s1], v[:, s0:s1], 200, 5)
+                theirs = rel(torch_same_dtype(q[:, s0:s1], k[:, s0:s1], v[:, s0:s1], 200, 5), ro)
+                errs.append(rel(o[:, s0:s1], ro))
+                ok &= errs[-1] <= 2 * theirs + 1e-6 and (lse[..., s0:s1] - rlse).abs().max().item() < 1e-3
+        print(f"v{variant} {str(dt)[6:]:8s} varlen {lens} W200 S5: worst o rel err {max(errs):.2e} "
+              f"{'ok' if ok else 'FAIL'}", flush=True)
+        fails += not ok
     print(f"# attention checks: {fails} failed (worst ratio to torch's own error {worst:.2f})")
     return fails == 0
 
@@ -237,6 +254,11 @@ def fused_forward(mod, t, T=32768, W=4096, S=128, H=16, HKV=2, D=128):
         res[f"fused kernel v{variant} alone (memory passes not included)"] = t(
             lambda: fused_call(mod, args, kw, W, S, variant))
     res["memory passes alone (prep + state chain)"] = t(lambda: P.prefill_fwd(*args, W, S, "gdn", stage="state"))
+    P.CONFIG["band"] = "sm90"  # the library's "sm90" engine: the memory passes, then the fused kernel
+    try:
+        res["sm90 engine (memory passes, then the fused kernel)"] = t(lambda: P.prefill_fwd(*args, W, S, "gdn"))
+    finally:
+        P.CONFIG["band"] = "auto"
     outs["fused"] = fused_call(mod, args, kw, W, S, 1)[0]
     print(f"\n# fused gdn forward, T={T} W={W} S={S} H={H}/{HKV} D={D}; rel diff of out, our band vs cuDNN's: "
           f"{rel(outs['our band'], outs['cuDNN band']):.1e}, the fused kernel vs cuDNN's composition: "

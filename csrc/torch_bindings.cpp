@@ -25,10 +25,12 @@ TORCH_LIBRARY(ahn, m) {
   // and with the memory passes' buffers (v_new [B,T,H,D], hs [B*ceil(T/64),H,D,D], gc [B,T,H] fp32) the GDN /
   // DN memory readout and epilogue (o_weight [H,D,D], z [B,T,H], norm_weight [D] fp32) added. Returns out
   // [B,T,H,D] and the softmax's natural-log lse [B,H,T] fp32. variant: 1 lets the two consumer warpgroups
-  // take turns issuing their products, 0 does not (the same result).
+  // take turns issuing their products, 0 does not (the same result). cu_seqlens (int32 [N+1]) with B = 1: N
+  // sequences packed along T, the longest max_seqlen; hs then holds each sequence's ceil(T_n/64) chunks in turn.
   m.def(
       "prefill_fwd_sm90(Tensor q, Tensor k, Tensor v, Tensor? v_new, Tensor? hs, Tensor? o_weight, Tensor? gc, "
-      "Tensor? z, Tensor? norm_weight, int window, int sinks, float mem_scale, int variant=1) -> (Tensor, Tensor)");
+      "Tensor? z, Tensor? norm_weight, int window, int sinks, float mem_scale, int variant=1, "
+      "Tensor? cu_seqlens=None, int max_seqlen=0) -> (Tensor, Tensor)");
 }
 
 #if AHN_OPS_WITH_CUDA

@@ -36,7 +36,9 @@ std::tuple<at::Tensor, at::Tensor> prefill_fwd_sm90(const at::Tensor& q, const a
                                                     const std::optional<at::Tensor>& gc,
                                                     const std::optional<at::Tensor>& z,
                                                     const std::optional<at::Tensor>& norm_weight, int64_t window,
-                                                    int64_t sinks, double mem_scale, int64_t variant) {
+                                                    int64_t sinks, double mem_scale, int64_t variant,
+                                                    const std::optional<at::Tensor>& cu_seqlens,
+                                                    int64_t max_seqlen) {
   TORCH_CHECK(q.dim() == 4, "prefill_fwd_sm90: q must be [B, T, H, D], got ", q.sizes());
   const int64_t B = q.size(0), T = q.size(1), H = q.size(2), D = q.size(3);
   TORCH_CHECK(D == 128, "prefill_fwd_sm90: head_dim must be 128, got ", D);
@@ -54,6 +56,22 @@ std::tuple<at::Tensor, at::Tensor> prefill_fwd_sm90(const at::Tensor& q, const a
   TORCH_CHECK(variant == 0 || variant == 1, "prefill_fwd_sm90: variant must be 0 or 1, got ", variant);
   TORCH_CHECK(B * T < (int64_t(1) << 31) && T >= 1, "prefill_fwd_sm90: T must be >= 1 and B * T < 2^31, got B = ",
               B, ", T = ", T);
+  // varlen: B = 1, sequence n the rows cu_seqlens[n] .. cu_seqlens[n + 1] - 1 (int32, on q's device, from 0 to
+  // T, non-decreasing: the caller's promise, as flash-attention's), the longest max_seqlen
+  const bool varlen = cu_seqlens.has_value();
+  int64_t n_seq = B, max_T = T;
+  if (varlen) {
+    const at::Tensor& cu = *cu_seqlens;
+    TORCH_CHECK(B == 1, "prefill_fwd_sm90: with cu_seqlens, q must be [1, T, H, D], got ", q.sizes());
+    TORCH_CHECK(cu.dim() == 1 && cu.size(0) >= 2 && cu.scalar_type() == at::kInt && cu.is_contiguous() &&
+                    cu.device() == q.device(),
+                "prefill_fwd_sm90: cu_seqlens must be a contiguous int32 [N + 1] (N >= 1) on ", q.device(), ", got ",
+                cu.scalar_type(), " ", cu.sizes(), " on ", cu.device());
+    TORCH_CHECK(max_seqlen >= 1 && max_seqlen <= T, "prefill_fwd_sm90: max_seqlen must be in [1, ", T,
+                "] with cu_seqlens, got ", max_seqlen);
+    n_seq = cu.size(0) - 1;
+    TORCH_CHECK(n_seq < 65536, "prefill_fwd_sm90: at most 65535 sequences, got ", n_seq);
+  }
   const bool memory = v_new.has_value();
   TORCH_CHECK(hs.has_value() == memory && o_weight.has_value() == memory && gc.has_value() == memory &&
                   z.has_value() == memory && norm_weight.has_value() == memory,
@@ -65,12 +83,18 @@ std::tuple<at::Tensor, at::Tensor> prefill_fwd_sm90(const at::Tensor& q, const a
   C10_CUDA_CHECK(cudaDeviceGetAttribute(&cc_minor, cudaDevAttrComputeCapabilityMinor, device));
   TORCH_CHECK(cc_major == 9 && cc_minor == 0, "prefill_fwd_sm90: needs a compute capability 9.0 GPU (sm_90a), got ",
               cc_major, ".", cc_minor);
+  // hs: each sequence's ceil(T_n / 64) chunk states after the earlier sequences' (at least ceil(T / 64) rows;
+  // under varlen up to N - 1 more, which only cu_seqlens' values decide: rows past hs's own read as zeros)
   const int64_t NT = (T + 63) / 64;
   if (memory) {
     check_rows(*v_new, "v_new", B, T, H, D, q.scalar_type(), q);
     check_rows(*gc, "gc", B, T, H, 0, at::kFloat, q);
     check_rows(*z, "z", B, T, H, 0, q.scalar_type(), q);
-    check_rows(*hs, "hs", B * NT, H, D, D, q.scalar_type(), q);
+    const int64_t hs_min = B * NT, hs_max = varlen ? NT + n_seq - 1 : hs_min;
+    TORCH_CHECK(hs->dim() == 4 && hs->size(0) >= hs_min && hs->size(0) <= hs_max, "prefill_fwd_sm90: hs must be [",
+                hs_min == hs_max ? std::to_string(hs_min) : std::to_string(hs_min) + ".." + std::to_string(hs_max),
+                ", ", H, ", ", D, ", ", D, "], got ", hs->sizes());
+    check_rows(*hs, "hs", hs->size(0), H, D, D, q.scalar_type(), q);
     check_rows(*o_weight, "o_weight", H, D, D, 0, q.scalar_type(), q);
     TORCH_CHECK(norm_weight->dim() == 1 && norm_weight->size(0) == D && norm_weight->scalar_type() == at::kFloat &&
                     norm_weight->is_contiguous() && norm_weight->device() == q.device(),
@@ -79,19 +103,21 @@ std::tuple<at::Tensor, at::Tensor> prefill_fwd_sm90(const at::Tensor& q, const a
   auto o = at::empty_like(q);
   auto lse = at::empty({B, H, T}, q.options().dtype(at::kFloat));
   const cudaStream_t stream = c10::cuda::getCurrentCUDAStream(device);
+  int const* cu = varlen ? cu_seqlens->data_ptr<int>() : nullptr;
   auto run = [&](auto element, auto pingpong) {
     using E = decltype(element);
     constexpr bool kPP = decltype(pingpong)::value;
     auto ptr = [](const at::Tensor& x) { return reinterpret_cast<E const*>(x.data_ptr()); };
     if (memory) {
-      ahn_sm90::ahn_fwd_launch<E, kPP>(ptr(q), ptr(k), ptr(v), ptr(*v_new), ptr(*hs), ptr(*o_weight),
-                                       gc->data_ptr<float>(), ptr(*z), norm_weight->data_ptr<float>(),
-                                       reinterpret_cast<E*>(o.data_ptr()), lse.data_ptr<float>(), int(B), int(T),
-                                       int(H), int(HKV), int(window), int(sinks), float(mem_scale), stream);
+      ahn_sm90::ahn_fwd_launch<E, kPP>(ptr(q), ptr(k), ptr(v), ptr(*v_new), ptr(*hs), int(hs->size(0)),
+                                       ptr(*o_weight), gc->data_ptr<float>(), ptr(*z),
+                                       norm_weight->data_ptr<float>(), reinterpret_cast<E*>(o.data_ptr()),
+                                       lse.data_ptr<float>(), int(B), int(T), int(H), int(HKV), int(window),
+                                       int(sinks), float(mem_scale), cu, int(n_seq), int(max_T), stream);
     } else {
       ahn_sm90::band_fwd_launch<E, kPP>(ptr(q), ptr(k), ptr(v), reinterpret_cast<E*>(o.data_ptr()),
                                         lse.data_ptr<float>(), int(B), int(T), int(H), int(HKV), int(window),
-                                        int(sinks), H * D, HKV * D, stream);
+                                        int(sinks), H * D, HKV * D, cu, int(n_seq), int(max_T), stream);
     }
   };
   if (q.scalar_type() == at::kBFloat16) {

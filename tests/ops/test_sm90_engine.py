@@ -6,6 +6,8 @@ CPU tests check the build switch and the engine's refusal off such a GPU."""
 
 from __future__ import annotations
 
+import itertools
+
 import pytest
 import torch
 
@@ -52,21 +54,37 @@ CASES = [
     pytest.param("gdn", 1, 2053, 200, 300, 4, torch.bfloat16, 1, id="gdn-T2053-W200-S300"),
     pytest.param("gdn", 1, 64, 63, 0, 1, torch.bfloat16, 1, id="gdn-T64-W63-S0"),
 ]
+# varlen: packed sequences (lengths), kind, W, S, G, dtype, variant
+VARLEN = [
+    pytest.param([700, 1, 0, 333, 129], "gdn", 200, 4, 2, torch.bfloat16, 1, id="gdn-varlen5-W200-S4"),
+    pytest.param([64, 2000, 65], "dn", 64, 0, 8, torch.float16, 0, id="dn-varlen3-W64-S0-v0"),
+]
 
 
 @needs_sm90
 @pytest.mark.parametrize("kind,B,T,W,S,G,dtype,variant", CASES)
 def test_sm90_matches_reference_and_default(kind, B, T, W, S, G, dtype, variant, engine):
+    _check_sm90(kind, B, T, None, W, S, G, dtype, variant, engine)
+
+
+@needs_sm90
+@pytest.mark.parametrize("lens,kind,W,S,G,dtype,variant", VARLEN)
+def test_sm90_varlen_matches_reference_and_default(lens, kind, W, S, G, dtype, variant, engine):
+    _check_sm90(kind, 1, sum(lens), lens, W, S, G, dtype, variant, engine)
+
+
+def _check_sm90(kind, B, T, lens, W, S, G, dtype, variant, engine):
     P = _prefill()
     HKV = 2 if G < 8 else 1
     H, D = HKV * G, 128
     args = make_inputs(kind, B, T, H, HKV, D, dtype, device="cuda", seed=T + W + S)
+    cu = None if lens is None else torch.tensor([0, *itertools.accumulate(lens)], dtype=torch.int32, device="cuda")
     engine("sm90", variant)
-    out, ht, lse = P.prefill_fwd(*args, W, S, kind, output_final_state=True)
+    out, ht, lse = P.prefill_fwd(*args, W, S, kind, cu_seqlens=cu, output_final_state=True)
     engine("auto")
-    out_a, ht_a, lse_a = P.prefill_fwd(*args, W, S, kind, output_final_state=True)
-    r = ref.ahn_attention_ref(*args, W, S, kind)
-    lp = ref.ahn_attention_ref(*args, W, S, kind, dtype=dtype)
+    out_a, ht_a, lse_a = P.prefill_fwd(*args, W, S, kind, cu_seqlens=cu, output_final_state=True)
+    r = ref.ahn_attention_ref(*args, W, S, kind, cu_seqlens=cu)
+    lp = ref.ahn_attention_ref(*args, W, S, kind, cu_seqlens=cu, dtype=dtype)
     check_within_2x(f"{kind} sm90", out, r, lp)
     check_within_2x(f"{kind} auto", out_a, r, lp)
     # the backward's normaliser and the final state do not depend on the engine
@@ -89,10 +107,10 @@ def test_sm90_gradients(engine):
 
 @needs_sm90
 def test_sm90_falls_back_where_it_does_not_apply(engine):
-    """Mamba2, unequal lengths and an initial state take the default engine under "sm90": same results."""
+    """Mamba2 and an initial state take the default engine under "sm90": same results."""
     P = _prefill()
     H, HKV, D, W, S = 4, 2, 128, 100, 4
-    cases = [("mamba2", 1, 300, None, None), ("gdn", 1, 600, [250, 350], None),
+    cases = [("mamba2", 1, 300, None, None), ("mamba2", 1, 600, [250, 350], None),
              ("dn", 2, 300, None, torch.randn(2, H, D, D, device="cuda") * 0.1)]
     for kind, B, T, lens, h0 in cases:
         args = make_inputs(kind, B, T, H, HKV, D, torch.bfloat16, device="cuda", seed=T)
@@ -125,6 +143,21 @@ def test_sm90_op_argument_errors():
     ro, rlse = ref.window_attention_ref(q, k, k, 50, 3, return_lse=True)
     torch.testing.assert_close(o.float(), ro, rtol=0, atol=2e-2)
     torch.testing.assert_close(lse, rlse, rtol=0, atol=1e-3)
+    # varlen: its arguments, then each packed sequence against the reference on its own rows
+    none6 = (None,) * 6
+    cu = torch.tensor([0, 77, 77, 200], dtype=torch.int32, device="cuda")
+    with pytest.raises(RuntimeError, match="cu_seqlens must be a contiguous int32"):
+        op(q, k, k, *none6, 50, 3, 1.0, 1, cu.long(), 123)
+    with pytest.raises(RuntimeError, match="max_seqlen must be in"):
+        op(q, k, k, *none6, 50, 3, 1.0, 1, cu, 0)
+    with pytest.raises(RuntimeError, match="with cu_seqlens, q must be"):
+        op(q.expand(2, -1, -1, -1).contiguous(), k.expand(2, -1, -1, -1).contiguous(),
+           k.expand(2, -1, -1, -1).contiguous(), *none6, 50, 3, 1.0, 1, cu, 123)
+    o, lse = op(q, k, k, *none6, 50, 3, 1.0, 1, cu, 123)
+    for s0, s1 in ((0, 77), (77, 200)):
+        ro, rlse = ref.window_attention_ref(q[:, s0:s1], k[:, s0:s1], k[:, s0:s1], 50, 3, return_lse=True)
+        torch.testing.assert_close(o[:, s0:s1].float(), ro, rtol=0, atol=2e-2)
+        torch.testing.assert_close(lse[..., s0:s1], rlse, rtol=0, atol=1e-3)
 
 
 def test_sm90_build_switch_reported():
@@ -154,17 +187,40 @@ def test_sm90_engine_refuses_off_a_hopper_gpu(monkeypatch):
         P.prefill_fwd(*args, 8, 2, "gdn")  # refused before any kernel runs
 
 
-def _torch_sm90(q, k, v, v_new, hs, o_weight, gc, z, nw, window, sinks, mem_scale, variant):
+def _torch_sm90(q, k, v, v_new, hs, o_weight, gc, z, nw, window, sinks, mem_scale, variant, cu_seqlens=None,
+                max_seqlen=0):
     """The math of the sm_90a kernel in fp32 torch, with its arguments and outputs: window + sinks softmax
     (out, natural-log lse [B, H, T]); per chunk of 64 rows the memory readout from the memory passes' buffers
     (hs[c] before the chunk, v_new, the in-chunk cumulative log-decays gc), the keys of tokens t - W l2-normed,
-    then RMSNorm, swish(z), norm weight and the head's projection."""
+    then RMSNorm, swish(z), norm weight and the head's projection. Sequences: the batch rows, or (cu_seqlens)
+    packed along the one batch row, each one's chunks after the earlier ones' in hs."""
     B, T, H, D = q.shape
-    G = H // k.shape[2]
+    if cu_seqlens is None:
+        seqs = [(b, b * T, T) for b in range(B)]  # (batch row, first row, length)
+    else:
+        cs = cu_seqlens.tolist()
+        seqs = [(0, s, e - s) for s, e in zip(cs[:-1], cs[1:])]
+        assert max_seqlen == max(n for _, _, n in seqs)
+    out = torch.zeros(B, T, H, D)
+    lse = torch.zeros(B, H, T)
+    chunk0 = 0
+    for b, s0, n in seqs:
+        r = slice(s0 - b * T, s0 - b * T + n)
+        o1, l1 = _torch_sm90_seq(*(x[b:b + 1, r] if x is not None else None for x in (q, k, v, v_new)), hs[chunk0:],
+                                 o_weight, *(x[b:b + 1, r] if x is not None else None for x in (gc, z)), nw, window,
+                                 sinks, mem_scale)
+        out[b, r], lse[b, :, r] = o1[0], l1[0]
+        chunk0 += (n + 63) // 64
+    return out.to(q.dtype).contiguous(), lse.contiguous()
+
+
+def _torch_sm90_seq(q, k, v, v_new, hs, o_weight, gc, z, nw, window, sinks, mem_scale):
+    # one sequence from position 0, [1, T, ...]; hs from its first chunk
+    T = q.shape[1]
+    G = q.shape[2] // k.shape[2]
     out, lse = ref.window_attention_ref(q, k, v, window, sinks, return_lse=True)
-    if v_new is None:
-        return out.to(q.dtype).contiguous(), lse.contiguous()
-    NT = (T + 63) // 64
+    if v_new is None or T == 0:
+        return out, lse
     qf, kf, t = q.float(), k.float().repeat_interleave(G, 2), torch.arange(T)
     qn = qf * torch.rsqrt((qf * qf).sum(-1, keepdim=True) + 1e-6) * mem_scale
     kx = torch.zeros_like(kf)
@@ -172,30 +228,29 @@ def _torch_sm90(q, k, v, v_new, hs, o_weight, gc, z, nw, window, sinks, mem_scal
     kn = kx * torch.rsqrt((kx * kx).sum(-1, keepdim=True) + 1e-6)
     kn = kn * ((t - window) >= sinks).float()[None, :, None, None]
     y = torch.zeros_like(out)
-    for b in range(B):
-        for c in range(NT):
-            r0, r1 = c * 64, min(c * 64 + 64, T)
-            if r1 - 1 - window < sinks:
-                continue
-            g = gc[b, r0:r1].float().transpose(0, 1)  # [H, n]
-            qc, kc = qn[b, r0:r1].transpose(0, 1), kn[b, r0:r1].transpose(0, 1)  # [H, n, D]
-            pair = (qc @ kc.transpose(1, 2)) * torch.exp(g[:, :, None] - g[:, None, :])
-            pair = torch.tril(pair)
-            mo = (qc * torch.exp(g)[:, :, None]) @ hs[b * NT + c].float() + pair @ v_new[b, r0:r1].float().transpose(0, 1)
-            zc = z[b, r0:r1].float().transpose(0, 1)[:, :, None]
-            uo = mo * torch.rsqrt((mo * mo).mean(-1, keepdim=True) + 1e-5) * zc * torch.sigmoid(zc) * nw.float()
-            y[b, r0:r1] = (uo @ o_weight.float()).transpose(0, 1)
-    return (out + y).to(q.dtype).contiguous(), lse.contiguous()
+    for c in range((T + 63) // 64):
+        r0, r1 = c * 64, min(c * 64 + 64, T)
+        if r1 - 1 - window < sinks:
+            continue
+        g = gc[0, r0:r1].float().transpose(0, 1)  # [H, n]
+        qc, kc = qn[0, r0:r1].transpose(0, 1), kn[0, r0:r1].transpose(0, 1)  # [H, n, D]
+        pair = torch.tril((qc @ kc.transpose(1, 2)) * torch.exp(g[:, :, None] - g[:, None, :]))
+        mo = (qc * torch.exp(g)[:, :, None]) @ hs[c].float() + pair @ v_new[0, r0:r1].float().transpose(0, 1)
+        zc = z[0, r0:r1].float().transpose(0, 1)[:, :, None]
+        uo = mo * torch.rsqrt((mo * mo).mean(-1, keepdim=True) + 1e-5) * zc * torch.sigmoid(zc) * nw.float()
+        y[0, r0:r1] = (uo @ o_weight.float()).transpose(0, 1)
+    return out + y, lse
 
 
 @pytest.mark.skipif(not torch.cuda.is_available() and __import__("os").environ.get("TRITON_INTERPRET") != "1",
                     reason="needs CUDA or TRITON_INTERPRET=1")
-@pytest.mark.parametrize("kind,B,T,W,S,G", [
-    pytest.param("gdn", 1, 300, 70, 5, 2, id="gdn-T300-W70-S5"),
-    pytest.param("dn", 2, 200, 1, 3, 1, id="dn-B2-T200-W1-S3"),
-    pytest.param("gdn", 1, 150, 40, 0, 4, id="gdn-T150-W40-S0"),
+@pytest.mark.parametrize("kind,B,T,W,S,G,lens", [
+    pytest.param("gdn", 1, 300, 70, 5, 2, None, id="gdn-T300-W70-S5"),
+    pytest.param("dn", 2, 200, 1, 3, 1, None, id="dn-B2-T200-W1-S3"),
+    pytest.param("gdn", 1, 150, 40, 0, 4, None, id="gdn-T150-W40-S0"),
+    pytest.param("gdn", 1, 330, 30, 2, 2, [130, 0, 1, 199], id="gdn-varlen-130-0-1-199"),
 ])
-def test_sm90_path_with_a_torch_stand_in(kind, B, T, W, S, G, monkeypatch):
+def test_sm90_path_with_a_torch_stand_in(kind, B, T, W, S, G, lens, monkeypatch):
     # prefill_fwd's "sm90" path (buffers, views, the lse's conversion, the final state) with the kernel's math
     # in torch standing in for it, on the memory passes' real buffers: against the fp32 reference
     P = _prefill()
@@ -212,13 +267,16 @@ def test_sm90_path_with_a_torch_stand_in(kind, B, T, W, S, G, monkeypatch):
     HKV = 2 if G < 4 else 1
     H, D = HKV * G, 128
     args = make_inputs(kind, B, T, H, HKV, D, torch.bfloat16, device=dev, seed=T + W)
-    out, ht, lse = P.prefill_fwd(*args, W, S, kind, output_final_state=True)
+    cu = None if lens is None else torch.tensor([0, *itertools.accumulate(lens)], dtype=torch.int32, device=dev)
+    out, ht, lse = P.prefill_fwd(*args, W, S, kind, cu_seqlens=cu, output_final_state=True)
     assert len(calls) == 1
-    r, _, _, st = ref.ahn_attention_ref(*args, W, S, kind, return_parts=True)
-    lp = ref.ahn_attention_ref(*args, W, S, kind, dtype=torch.bfloat16)
+    # varlen goes to the kernel packed, with its int32 cu_seqlens and longest length
+    assert (calls[0][13] is None) == (lens is None) and calls[0][14] == max(lens or [T])
+    r, _, _, st = ref.ahn_attention_ref(*args, W, S, kind, cu_seqlens=cu, return_parts=True)
+    lp = ref.ahn_attention_ref(*args, W, S, kind, cu_seqlens=cu, dtype=torch.bfloat16)
     check_within_2x(f"{kind} sm90 stand-in", out, r, lp)
     torch.testing.assert_close(ht.float(), st.float(), rtol=2e-2, atol=2e-2)
     # the saved normaliser is the default engine's: log2 domain, [B, T, H]
     monkeypatch.setitem(P.CONFIG, "band", "auto")
-    _, _, lse_a = P.prefill_fwd(*args, W, S, kind)
+    _, _, lse_a = P.prefill_fwd(*args, W, S, kind, cu_seqlens=cu)
     torch.testing.assert_close(lse, lse_a, rtol=0, atol=2e-3)

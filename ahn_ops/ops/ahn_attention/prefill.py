@@ -27,6 +27,7 @@ cache (``_cache_scatter_kernel``), then runs the launches above from the sequenc
 
 from __future__ import annotations
 
+import itertools
 import math
 import warnings
 from typing import Optional, Tuple
@@ -37,7 +38,7 @@ import triton
 from ..common.alloc import empty
 from .prefill_kernels import (_cache_gather_kernel, _cache_scatter_kernel, _fwd_kernel, _mamba2_norm_kernel,
                               _prep_kernel, _state_kernel)
-from .tables import BT, prefill_tables, row_blocks
+from .tables import BT, cached_table, prefill_tables, row_blocks, to_device
 
 __all__ = ["prefill_fwd", "prefill_cache_fwd", "SUPPORTED_D"]
 
@@ -123,7 +124,7 @@ def _launch(q, kx, vx, sk, sv, a, b, ab_rs, z, A_log, dt_bias, norm_weight, o_we
     # store_lse: also return the window softmax's lse (fp32 [Tq, H]) for the backward; the cache
     # path (inference) passes False and the kernel skips the store.
     # sm90: after the memory passes, the window + sinks attention, the memory readout and the epilogue in one
-    # sm_90a kernel (_sm90_engine said yes: N sequences of one length, GDN / DN, D = 128, no initial state).
+    # sm_90a kernel (_sm90_engine said yes: GDN / DN, D = 128, no initial state).
     # band: None (the Triton kernel walks the window band) or a callable giving the band over the
     # call's own tokens (_cudnn_band: ob [N, TM, H, D], natural-log lse [N, H, TM], its window wb <= window,
     # the kernel walking the keys between, and TM); it runs on the current stream while the memory
@@ -174,12 +175,15 @@ def _launch(q, kx, vx, sk, sv, a, b, ab_rs, z, A_log, dt_bias, norm_weight, o_we
             if stage in ("prep", "state"):  # benchmarks: the memory passes alone
                 return out, ht, lse
             if sm90:
-                Tn = Tq // N
-                rows = lambda x: x.view(N, Tn, *x.shape[2:])  # noqa: E731  ([1, N * Tn, ...] -> [N, Tn, ...])
+                # sequences of one length as the kernel's batch rows, else packed along T with cu_seqlens
+                Nb = N if len(set(lens)) == 1 else 1
+                rows = lambda x: x.reshape(Nb, Tq // Nb, *x.shape[-2:])  # noqa: E731  (tokens -> [Nb, T])
+                cu = None if Nb == N else _cu_seqlens(lens, dev)
                 o4, lse_e = _sm90_fwd(
-                    rows(q), rows(kx), rows(vx), vnew.view(N, Tn, H, D), hs, o_weight.to(dt).contiguous(),
-                    gc.view(N, Tn, H), z.reshape(N, Tn, H).contiguous(), norm_weight.float().contiguous(),
-                    window, sinks, D ** -0.5, CONFIG["sm90_variant"])
+                    rows(q), rows(kx), rows(vx), rows(vnew), hs, o_weight.to(dt).contiguous(),
+                    gc.view(Nb, Tq // Nb, H), z.reshape(Nb, Tq // Nb, H).contiguous(),
+                    norm_weight.float().contiguous(), window, sinks, D ** -0.5, CONFIG["sm90_variant"], cu,
+                    max(lens))
                 out = o4.view(1, Tq, H, D)
                 if store_lse:  # the backward's normaliser: log2 domain, [tokens, H]
                     lse = lse_e.transpose(1, 2).reshape(Tq, H) * math.log2(math.e)
@@ -257,14 +261,20 @@ _WARNED: list = []
 
 
 def _sm90_engine(q, lens, kind, initial_state, memory) -> bool:
-    """Whether ``CONFIG["band"] = "sm90"`` runs this call's forward on the sm_90a kernel: sequences of one
-    length, GDN / DN, D = 128, bf16 / fp16, no initial state, with the memory. Raises where "sm90" was asked
+    """Whether ``CONFIG["band"] = "sm90"`` runs this call's forward on the sm_90a kernel: GDN / DN, D = 128,
+    bf16 / fp16, no initial state, with the memory, at most 65535 sequences. Raises where "sm90" was asked
     for and the device or the build cannot run it at all."""
     if CONFIG["band"] != "sm90":
         return False
     _sm90_check_device(q.device)
     return (memory and kind in ("gdn", "dn") and q.shape[-1] == 128 and q.dtype in (torch.bfloat16, torch.float16)
-            and initial_state is None and len(set(lens)) == 1)
+            and initial_state is None and len(lens) < 65536)
+
+
+def _cu_seqlens(lens, device) -> torch.Tensor:
+    """The int32 ``cu_seqlens`` of sequences of ``lens`` on ``device`` (cached by contents)."""
+    return cached_table(("cu", tuple(lens), str(torch.device(device))),
+                        lambda: to_device(torch.tensor([0, *itertools.accumulate(lens)], dtype=torch.int32), device))
 
 
 def _sm90_check_device(device) -> None:

@@ -14,7 +14,10 @@
 // Out: o (the normalised attention output, [B, T, H, D], the input dtype) and lse ([B, H, T], fp32, natural
 // log), what cuDNN's band gives the fused AHN forward on its default Hopper path.
 //
-// kMemory (GDN / DN, one sequence per batch row, positions from 0): the AHN memory readout and epilogue in
+// Sequences: one per batch row, or varlen (Params::cu): packed along the rows of one batch row, a CTA's rows
+// counted from its sequence's first.
+//
+// kMemory (GDN / DN, every sequence from position 0): the AHN memory readout and epilogue in
 // the consumer, what the Triton combine kernel does behind cuDNN's band. Each warpgroup's 64 rows are one
 // memory chunk c: with the memory passes' gc (in-chunk cumsum of the log-decays), hs[c] (the state before
 // the chunk) and v_new, mo = (q_n e^gc) hs[c] + ((q_n k_n^T) * e^(gc_i - gc_j), j <= i) v_new, where q_n is
@@ -114,7 +117,11 @@ struct BandTraits {
     Element const* z;          // [B, T, H]
     float const* nw;           // [D]
     float mem_scale;
-    int NT;                    // chunks per batch row
+    int NT;                    // chunks per batch row (equal lengths)
+    int hs_rows;               // hs's chunks, all sequences'
+    // varlen: sequences packed along T of one batch row (B = 1), sequence n the rows cu[n] .. cu[n + 1] - 1,
+    // one per blockIdx.z; its memory chunks follow the earlier sequences' in hs. nullptr: B rows of T each.
+    int const* cu;
   };
 };
 
@@ -179,7 +186,8 @@ CUTE_DEVICE void acc_to_regs(Acc const& acc, Frag& frag) {
 }
 
 template <class Traits, bool kPingPong>
-__global__ void __launch_bounds__(Traits::kThreads, 1) band_fwd_kernel(CUTE_GRID_CONSTANT typename Traits::Params const p) {
+__global__ void __launch_bounds__(Traits::kThreads, 1)
+    band_fwd_kernel(CUTE_GRID_CONSTANT typename Traits::Params const p) {
 // wgmma, TMA and setmaxnreg exist only on sm_90a: the other targets of a multi-arch build get an empty kernel
 // (the op refuses other devices before launching)
 #if defined(__CUDA_ARCH_FEAT_SM90_ALL)
@@ -191,10 +199,16 @@ __global__ void __launch_bounds__(Traits::kThreads, 1) band_fwd_kernel(CUTE_GRID
   extern __shared__ char smem_raw[];
   SS& ss = *reinterpret_cast<SS*>(smem_raw);
 
-  const int m_block = blockIdx.x, h = blockIdx.y, b = blockIdx.z;
+  const int m_block = blockIdx.x, h = blockIdx.y;
   const int hkv = h / (p.H / p.HKV);
-  const int T = p.T, W = p.W, S = p.S;
+  const int W = p.W, S = p.S;
   const int row0 = m_block * kBM;
+  // this CTA's sequence: batch row b, its rows bos .. bos + T - 1 of that row (rows relative to bos below)
+  const int b = p.cu ? 0 : blockIdx.z;
+  const int bos = p.cu ? p.cu[blockIdx.z] : 0;
+  const int T = p.cu ? p.cu[blockIdx.z + 1] - bos : p.T;
+  if (row0 >= T) return;  // the grid covers the longest sequence
+  const int64_t grow0 = int64_t(b) * p.T + bos;  // the sequence's first row in [B, T, ...] tensors
   // key blocks of the band of rows row0 .. row0 + kBM - 1: first key row0 - W + 1, last row0 + kBM - 1;
   // then the sink blocks below the band's first one, highest first
   const int n_lo = max(0, row0 - W + 1) / kBN;
@@ -232,22 +246,32 @@ __global__ void __launch_bounds__(Traits::kThreads, 1) band_fwd_kernel(CUTE_GRID
       Tensor mQ = p.tma_q.get_tma_tensor(make_shape(T, kD, p.H, p.B));
       Tensor mK = p.tma_k.get_tma_tensor(make_shape(T, kD, p.HKV, p.B));
       Tensor mV = p.tma_v.get_tma_tensor(make_shape(T, kD, p.HKV, p.B));
-      Tensor gQ = local_tile(mQ(_, _, h, b), Shape<Int<kBM>, Int<kD>>{}, make_coord(m_block, _0{}));
-      Tensor gK = local_tile(mK(_, _, hkv, b), Shape<Int<kBN>, Int<kD>>{}, make_coord(_, _0{}));
-      Tensor gV = local_tile(mV(_, _, hkv, b), Shape<Int<kBN>, Int<kD>>{}, make_coord(_, _0{}));
+      // the sequence's rows from its first: rows past its end (the next sequence's under varlen) are masked
+      // or not stored, keys before its first are never read (j >= 0), the memory's keys t - W < 0 inactive
+      auto seq_rows = [&](auto const& m) { return domain_offset(make_coord(bos, 0), m); };
+      Tensor gQ = local_tile(seq_rows(mQ(_, _, h, b)), Shape<Int<kBM>, Int<kD>>{}, make_coord(m_block, _0{}));
+      Tensor gK = local_tile(seq_rows(mK(_, _, hkv, b)), Shape<Int<kBN>, Int<kD>>{}, make_coord(_, _0{}));
+      Tensor gV = local_tile(seq_rows(mV(_, _, hkv, b)), Shape<Int<kBN>, Int<kD>>{}, make_coord(_, _0{}));
       auto [tQg, tQs] = tma_partition(p.tma_q, _0{}, Layout<_1>{}, group_modes<0, 2>(sQ), group_modes<0, 2>(gQ));
       auto [tKg, tKs] = tma_partition(p.tma_k, _0{}, Layout<_1>{}, group_modes<0, 2>(sK), group_modes<0, 2>(gK));
       auto [tVg, tVs] = tma_partition(p.tma_v, _0{}, Layout<_1>{}, group_modes<0, 2>(sV), group_modes<0, 2>(gV));
       cutlass::arch::ClusterTransactionBarrier::arrive_and_expect_tx(&ss.bar_q, kBM * kD * sizeof(Element));
       copy(p.tma_q.with(ss.bar_q), tQg, tQs);
       if (cta_mem) {  // the two chunks' states (a chunk past the sequence's last reads that one: rows past T)
-        Tensor mH = p.tma_hs.get_tma_tensor(make_shape(Int<kD>{}, Int<kD>{}, p.H, p.NT * p.B));
+        int chunk0 = b * p.NT;  // the sequence's first chunk in hs
+        if (p.cu) {
+          chunk0 = 0;
+          constexpr int kC = Traits::kChunk;
+          for (int n = 0; n < int(blockIdx.z); ++n) chunk0 += (p.cu[n + 1] - p.cu[n] + kC - 1) / kC;
+        }
+        const int last = (T + Traits::kChunk - 1) / Traits::kChunk - 1;
+        Tensor mH = p.tma_hs.get_tma_tensor(make_shape(Int<kD>{}, Int<kD>{}, p.H, p.hs_rows));
         Tensor sH = make_tensor(make_smem_ptr(ss.hs.data()), typename Traits::SmemLayoutHs{});
         auto [tHg, tHs] = tma_partition(p.tma_hs, _0{}, Layout<_1>{}, group_modes<0, 2>(sH),
                                         group_modes<0, 2>(mH(_, _, h, _)));
         cutlass::arch::ClusterTransactionBarrier::arrive_and_expect_tx(&ss.bar_h, 2 * kD * kD * sizeof(Element));
         for (int i = 0; i < 2; ++i) {
-          copy(p.tma_hs.with(ss.bar_h), tHg(_, b * p.NT + min(2 * m_block + i, p.NT - 1)), tHs(_, i));
+          copy(p.tma_hs.with(ss.bar_h), tHg(_, chunk0 + min(2 * m_block + i, last)), tHs(_, i));
         }
       }
       PipelineState wk = cutlass::make_producer_start_state<Pipeline>();
@@ -270,7 +294,7 @@ __global__ void __launch_bounds__(Traits::kThreads, 1) band_fwd_kernel(CUTE_GRID
         pipe_k.producer_acquire(wk);
         copy(p.tma_ow.with(*pipe_k.producer_get_barrier(wk)), tOg, tOs(_, wk.index()));
         ++wk;
-        Tensor gKm = local_tile(domain_offset(make_coord(row0 - W, 0), mK(_, _, hkv, b)),
+        Tensor gKm = local_tile(domain_offset(make_coord(bos + row0 - W, 0), mK(_, _, hkv, b)),
                                 Shape<Int<kBN>, Int<kD>>{}, make_coord(0, 0));
         auto [tKmg, tKms] = tma_partition(p.tma_k, _0{}, Layout<_1>{}, group_modes<0, 2>(sK),
                                           group_modes<0, 2>(gKm));
@@ -278,7 +302,7 @@ __global__ void __launch_bounds__(Traits::kThreads, 1) band_fwd_kernel(CUTE_GRID
         copy(p.tma_k.with(*pipe_k.producer_get_barrier(wk)), tKmg, tKms(_, wk.index()));
         ++wk;
         Tensor mVn = p.tma_vn.get_tma_tensor(make_shape(T, kD, p.H, p.B));
-        Tensor gVn = local_tile(mVn(_, _, h, b), Shape<Int<kBM>, Int<kD>>{}, make_coord(m_block, _0{}));
+        Tensor gVn = local_tile(seq_rows(mVn(_, _, h, b)), Shape<Int<kBM>, Int<kD>>{}, make_coord(m_block, _0{}));
         auto [tVng, tVns] = tma_partition(p.tma_vn, _0{}, Layout<_1>{}, group_modes<0, 2>(sV),
                                           group_modes<0, 2>(gVn));
         pipe_v.producer_acquire(wv);
@@ -440,7 +464,7 @@ __global__ void __launch_bounds__(Traits::kThreads, 1) band_fwd_kernel(CUTE_GRID
     for (int r = 0; r < kRows; ++r) {
       const int t = row0 + get<0>(cOrc(r, 0));
       if (t < T) {
-        Element* orow = p.o + ((int64_t(b) * T + t) * p.H + h) * kD;
+        Element* orow = p.o + ((grow0 + t) * p.H + h) * kD;
         CUTLASS_PRAGMA_UNROLL
         for (int c = 0; c < decltype(size<1>(O))::value; c += 2) {
           const int d = get<1>(cOrc(r, c));
@@ -451,7 +475,7 @@ __global__ void __launch_bounds__(Traits::kThreads, 1) band_fwd_kernel(CUTE_GRID
         }
         if (lane % 4 == 0) {
           const float l = row_sum[r];
-          p.lse[(int64_t(b) * p.H + h) * T + t] =
+          p.lse[(int64_t(b) * p.H + h) * p.T + bos + t] =
               l > 0.f ? (row_max[r] * sl2 + log2f(l)) * 0.69314718055994531f : -INFINITY;
         }
       }
@@ -498,7 +522,7 @@ __global__ void __launch_bounds__(Traits::kThreads, 1) band_fwd_kernel(CUTE_GRID
             const int t = crow0 + i;
             ss.row_q[wg][i] = p.mem_scale * rsqrtf(sq + 1e-6f);
             ss.col_k[wg][i] = (t - W >= S) ? rsqrtf(sk + 1e-6f) : 0.f;
-            ss.gcs[wg][i] = t < T ? p.gc[(int64_t(b) * T + t) * p.H + h] : 0.f;
+            ss.gcs[wg][i] = t < T ? p.gc[(grow0 + t) * p.H + h] : 0.f;
           }
         }
         cutlass::arch::NamedBarrier::sync(128, 2 + wg);
@@ -546,7 +570,7 @@ __global__ void __launch_bounds__(Traits::kThreads, 1) band_fwd_kernel(CUTE_GRID
           for (int c = 0; c < decltype(size<1>(M))::value; ++c) sq += M(r, c) * M(r, c);
           sq = quad_sum(sq);
           const int t = crow0 + get<0>(cMrc(r, 0));
-          const float z = t < T ? float(p.z[(int64_t(b) * T + t) * p.H + h]) : 0.f;
+          const float z = t < T ? float(p.z[(grow0 + t) * p.H + h]) : 0.f;
           const float g = rsqrtf(sq / kD + 1e-5f) * z / (1.f + __expf(-z));
           CUTLASS_PRAGMA_UNROLL
           for (int c = 0; c < decltype(size<1>(M))::value; ++c) M(r, c) *= g * p.nw[get<1>(cMrc(r, c))];
@@ -586,19 +610,21 @@ typename Traits::TmaKV tma_rows_kv(typename Traits::Element const* x, int T, int
 }
 
 template <class Traits, bool kPingPong>
-void launch(typename Traits::Params const& p, cudaStream_t stream) {
+void launch(typename Traits::Params const& p, int n_seq, int max_T, cudaStream_t stream) {
   static_assert(sizeof(typename Traits::SharedStorage) <= 227 * 1024, "shared memory per CTA");
   auto kernel = band_fwd_kernel<Traits, kPingPong>;
   const int smem = sizeof(typename Traits::SharedStorage);
   cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, smem);
-  dim3 grid((p.T + Traits::kBM - 1) / Traits::kBM, p.H, p.B);
+  dim3 grid((max_T + Traits::kBM - 1) / Traits::kBM, p.H, n_seq);
   kernel<<<grid, Traits::kThreads, smem, stream>>>(p);
 }
 
-// window + sinks attention: o, lse
+// window + sinks attention: o, lse. Sequences: B rows of T each (cu = nullptr, n_seq = B, max_T = T), or
+// varlen: B = 1 and n_seq sequences packed along T at cu [n_seq + 1] (device), the longest max_T.
 template <class Element, bool kPingPong>
 void band_fwd_launch(Element const* q, Element const* k, Element const* v, Element* o, float* lse, int B, int T,
-                     int H, int HKV, int W, int S, int64_t q_row_stride, int64_t kv_row_stride, cudaStream_t stream) {
+                     int H, int HKV, int W, int S, int64_t q_row_stride, int64_t kv_row_stride, int const* cu,
+                     int n_seq, int max_T, cudaStream_t stream) {
   using Traits = BandTraits<Element>;
   typename Traits::Params p{};
   p.tma_q = tma_rows_q<Traits>(q, T, H, B, q_row_stride);
@@ -606,16 +632,19 @@ void band_fwd_launch(Element const* q, Element const* k, Element const* v, Eleme
   p.tma_v = tma_rows_kv<Traits>(v, T, HKV, B, kv_row_stride);
   p.o = o, p.lse = lse, p.B = B, p.T = T, p.H = H, p.HKV = HKV, p.W = W, p.S = S;
   p.scale_log2 = float(1.4426950408889634 / sqrt(double(Traits::kD)));
-  launch<Traits, kPingPong>(p, stream);
+  p.cu = cu;
+  launch<Traits, kPingPong>(p, n_seq, max_T, stream);
 }
 
 // the whole GDN / DN forward behind the memory passes: window + sinks attention plus the memory readout and
-// epilogue (contiguous [B, T, ...] tensors; gc [B, T, H] fp32, vnew [B, T, H, D], hs [B * NT, H, D, D] with
-// NT = ceil(T / 64), ow [H, D, D], z [B, T, H], nw [D] fp32)
+// epilogue (contiguous [B, T, ...] tensors; gc [B, T, H] fp32, vnew [B, T, H, D], hs [hs_rows, H, D, D]: each
+// sequence's ceil(T_n / 64) chunk states after the earlier sequences', ow [H, D, D], z [B, T, H], nw [D] fp32);
+// sequences as band_fwd_launch's
 template <class Element, bool kPingPong>
 void ahn_fwd_launch(Element const* q, Element const* k, Element const* v, Element const* vnew, Element const* hs,
-                    Element const* ow, float const* gc, Element const* z, float const* nw, Element* o, float* lse,
-                    int B, int T, int H, int HKV, int W, int S, float mem_scale, cudaStream_t stream) {
+                    int hs_rows, Element const* ow, float const* gc, Element const* z, float const* nw, Element* o,
+                    float* lse, int B, int T, int H, int HKV, int W, int S, float mem_scale, int const* cu, int n_seq,
+                    int max_T, cudaStream_t stream) {
   using Traits = BandTraits<Element, true>;
   constexpr int kD = Traits::kD;
   typename Traits::Params p{};
@@ -626,7 +655,7 @@ void ahn_fwd_launch(Element const* q, Element const* k, Element const* v, Elemen
   const int NT = (T + Traits::kChunk - 1) / Traits::kChunk;
   // hs and o_weight as (key row, value column, head, chunk) with the key rows as the "rows" of a [D, D] tile
   p.tma_hs = make_tma_copy(SM90_TMA_LOAD{},
-                           make_tensor(make_gmem_ptr(hs), make_shape(kD, kD, H, NT * B),
+                           make_tensor(make_gmem_ptr(hs), make_shape(kD, kD, H, hs_rows),
                                        make_stride(int64_t(kD), _1{}, int64_t(kD) * kD, int64_t(H) * kD * kD)),
                            take<0, 2>(typename Traits::SmemLayoutK{}), Shape<Int<kD>, Int<kD>>{}, _1{});
   p.tma_ow = make_tma_copy(SM90_TMA_LOAD{},
@@ -635,8 +664,8 @@ void ahn_fwd_launch(Element const* q, Element const* k, Element const* v, Elemen
                            take<0, 2>(typename Traits::SmemLayoutK{}), Shape<Int<kD>, Int<kD>>{}, _1{});
   p.o = o, p.lse = lse, p.B = B, p.T = T, p.H = H, p.HKV = HKV, p.W = W, p.S = S;
   p.scale_log2 = float(1.4426950408889634 / sqrt(double(kD)));
-  p.gc = gc, p.z = z, p.nw = nw, p.mem_scale = mem_scale, p.NT = NT;
-  launch<Traits, kPingPong>(p, stream);
+  p.gc = gc, p.z = z, p.nw = nw, p.mem_scale = mem_scale, p.NT = NT, p.hs_rows = hs_rows, p.cu = cu;
+  launch<Traits, kPingPong>(p, n_seq, max_T, stream);
 }
 
 }  // namespace ahn_sm90
