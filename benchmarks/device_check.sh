@@ -134,13 +134,24 @@ stage() {
       ;;
     sm90)
       # one process per part: a kernel that hangs costs that part's timeout only. SM90_SANITIZE=memcheck (or
-      # racecheck, synccheck) first runs the first shapes of both checks under compute-sanitizer
-      if [ -n "${SM90_SANITIZE:-}" ] && command -v compute-sanitizer >/dev/null; then
-        timeout 240 compute-sanitizer --tool "$SM90_SANITIZE" --print-limit 20 python3 benchmarks/bench_sm90.py \
-          check check-fused --first 2 2>&1 | tee "$out/sm90_sanitize.log" | tail -25
+      # racecheck, synccheck) first runs the first shapes of both checks under compute-sanitizer; a failed or
+      # hung check runs them under memcheck afterwards (and the timings are skipped)
+      sanitize() {
+        command -v compute-sanitizer >/dev/null || return 0
+        timeout 240 compute-sanitizer --tool "$1" --print-limit 20 python3 benchmarks/bench_sm90.py \
+          check check-fused --first 2 2>&1 | tee "$out/sm90_sanitize_$1.log" | tail -25
+      }
+      [ -n "${SM90_SANITIZE:-}" ] && sanitize "$SM90_SANITIZE"
+      local rc=0
+      timeout 120 python3 benchmarks/bench_sm90.py check >"$out/sm90.log" 2>&1 || rc=$?
+      grep -v " ok$" "$out/sm90.log" | tail -12
+      timeout 90 python3 benchmarks/bench_sm90.py check-fused >>"$out/sm90.log" 2>&1 || rc=$((rc ? rc : $?))
+      grep "^fused\|^#\|Error\|error" "$out/sm90.log" | grep -v " ok$" | tail -12
+      if [ "$rc" != 0 ]; then
+        echo "sm90 checks failed (exit $rc): memcheck of the first shapes"
+        sanitize memcheck
+        return 1
       fi
-      timeout 120 python3 benchmarks/bench_sm90.py check 2>&1 | tee "$out/sm90.log" | grep -v " ok$" | tail -12
-      timeout 90 python3 benchmarks/bench_sm90.py check-fused 2>&1 | tee -a "$out/sm90.log" | tail -12
       timeout 300 python3 benchmarks/bench_sm90.py bench 2>&1 | tee -a "$out/sm90.log" | tail -30
       ;;
     *)
