@@ -29,16 +29,13 @@ void check_rows(const at::Tensor& x, const char* name, int64_t B, int64_t T, int
               " must start on a 16-byte boundary (TMA)");
 }
 
-std::tuple<at::Tensor, at::Tensor> prefill_fwd_sm90(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v,
-                                                    const std::optional<at::Tensor>& v_new,
-                                                    const std::optional<at::Tensor>& hs,
-                                                    const std::optional<at::Tensor>& o_weight,
-                                                    const std::optional<at::Tensor>& gc,
-                                                    const std::optional<at::Tensor>& z,
-                                                    const std::optional<at::Tensor>& norm_weight, int64_t window,
-                                                    int64_t sinks, double mem_scale, int64_t variant,
-                                                    const std::optional<at::Tensor>& cu_seqlens,
-                                                    int64_t max_seqlen) {
+std::tuple<at::Tensor, at::Tensor> prefill_fwd_sm90(
+    const at::Tensor& q, const at::Tensor& k, const at::Tensor& v, const std::optional<at::Tensor>& v_new,
+    const std::optional<at::Tensor>& hs, const std::optional<at::Tensor>& o_weight,
+    const std::optional<at::Tensor>& gc, const std::optional<at::Tensor>& z,
+    const std::optional<at::Tensor>& norm_weight, int64_t window, int64_t sinks, double mem_scale, int64_t variant,
+    const std::optional<at::Tensor>& cu_seqlens, int64_t max_seqlen, const std::optional<at::Tensor>& pos,
+    const std::optional<at::Tensor>& sink_k, const std::optional<at::Tensor>& sink_v, bool initial_state) {
   TORCH_CHECK(q.dim() == 4, "prefill_fwd_sm90: q must be [B, T, H, D], got ", q.sizes());
   const int64_t B = q.size(0), T = q.size(1), H = q.size(2), D = q.size(3);
   TORCH_CHECK(D == 128, "prefill_fwd_sm90: head_dim must be 128, got ", D);
@@ -48,17 +45,20 @@ std::tuple<at::Tensor, at::Tensor> prefill_fwd_sm90(const at::Tensor& q, const a
   TORCH_CHECK(k.dim() == 4 && k.size(2) >= 1 && H % k.size(2) == 0, "prefill_fwd_sm90: k must be [B, T, HKV, D] ",
               "with H % HKV == 0, got ", k.sizes(), " for H = ", H);
   const int64_t HKV = k.size(2);
-  check_rows(q, "q", B, T, H, D, q.scalar_type(), q);
-  check_rows(k, "k", B, T, HKV, D, q.scalar_type(), q);
-  check_rows(v, "v", B, T, HKV, D, q.scalar_type(), q);
   TORCH_CHECK(window >= 1, "prefill_fwd_sm90: window must be >= 1, got ", window);
   TORCH_CHECK(sinks >= 0, "prefill_fwd_sm90: sinks must be >= 0, got ", sinks);
   TORCH_CHECK(variant == 0 || variant == 1, "prefill_fwd_sm90: variant must be 0 or 1, got ", variant);
-  TORCH_CHECK(B * T < (int64_t(1) << 31) && T >= 1, "prefill_fwd_sm90: T must be >= 1 and B * T < 2^31, got B = ",
-              B, ", T = ", T);
+  TORCH_CHECK(T >= 1 && B * (T + window) < (int64_t(1) << 31), "prefill_fwd_sm90: T must be >= 1 and B (T + ",
+              "window) < 2^31, got B = ", B, ", T = ", T);
+  const bool varlen = cu_seqlens.has_value(), cache = pos.has_value();
+  TORCH_CHECK(!(varlen && cache), "prefill_fwd_sm90: cu_seqlens and pos exclude each other");
+  check_rows(q, "q", B, T, H, D, q.scalar_type(), q);
+  // the key streams: q's own rows, or on a cache each sequence's W ring-tail rows then its T new tokens
+  const int64_t kB = cache ? 1 : B, kT = cache ? B * (window + T) : T;
+  check_rows(k, "k", kB, kT, HKV, D, q.scalar_type(), q);
+  check_rows(v, "v", kB, kT, HKV, D, q.scalar_type(), q);
   // varlen: B = 1, sequence n the rows cu_seqlens[n] .. cu_seqlens[n + 1] - 1 (int32, on q's device, from 0 to
   // T, non-decreasing: the caller's promise, as flash-attention's), the longest max_seqlen
-  const bool varlen = cu_seqlens.has_value();
   int64_t n_seq = B, max_T = T;
   if (varlen) {
     const at::Tensor& cu = *cu_seqlens;
@@ -70,12 +70,32 @@ std::tuple<at::Tensor, at::Tensor> prefill_fwd_sm90(const at::Tensor& q, const a
     TORCH_CHECK(max_seqlen >= 1 && max_seqlen <= T, "prefill_fwd_sm90: max_seqlen must be in [1, ", T,
                 "] with cu_seqlens, got ", max_seqlen);
     n_seq = cu.size(0) - 1;
-    TORCH_CHECK(n_seq < 65536, "prefill_fwd_sm90: at most 65535 sequences, got ", n_seq);
+    max_T = max_seqlen;
+  }
+  TORCH_CHECK(n_seq < 65536, "prefill_fwd_sm90: at most 65535 sequences, got ", n_seq);
+  // the cache path: positions pos [B] int64 (>= 0, below 2^31 - T: the caller's promise) on q's device, the
+  // sinks in sink_k / sink_v [B, S, HKV, D] (absent for S = 0)
+  if (cache) {
+    TORCH_CHECK(pos->dim() == 1 && pos->size(0) == B && pos->scalar_type() == at::kLong && pos->is_contiguous() &&
+                    pos->device() == q.device(),
+                "prefill_fwd_sm90: pos must be a contiguous int64 [", B, "] on ", q.device(), ", got ",
+                pos->scalar_type(), " ", pos->sizes(), " on ", pos->device());
+    TORCH_CHECK(sink_k.has_value() == (sinks > 0) && sink_v.has_value() == (sinks > 0),
+                "prefill_fwd_sm90: with pos, sink_k and sink_v are given exactly when sinks > 0");
+    if (sinks > 0) {
+      check_rows(*sink_k, "sink_k", B, sinks, HKV, D, q.scalar_type(), q);
+      check_rows(*sink_v, "sink_v", B, sinks, HKV, D, q.scalar_type(), q);
+    }
+  } else {
+    TORCH_CHECK(!sink_k.has_value() && !sink_v.has_value(),
+                "prefill_fwd_sm90: sink_k and sink_v belong to the cache path (pos); a prefill's sinks are its "
+                "first tokens");
   }
   const bool memory = v_new.has_value();
   TORCH_CHECK(hs.has_value() == memory && o_weight.has_value() == memory && gc.has_value() == memory &&
                   z.has_value() == memory && norm_weight.has_value() == memory,
               "prefill_fwd_sm90: v_new, hs, o_weight, gc, z and norm_weight come all together or not at all");
+  TORCH_CHECK(memory || !initial_state, "prefill_fwd_sm90: initial_state needs the memory's buffers");
   const c10::cuda::CUDAGuard guard(q.device());
   const int device = q.get_device();
   int cc_major = 0, cc_minor = 0;
@@ -103,21 +123,26 @@ std::tuple<at::Tensor, at::Tensor> prefill_fwd_sm90(const at::Tensor& q, const a
   auto o = at::empty_like(q);
   auto lse = at::empty({B, H, T}, q.options().dtype(at::kFloat));
   const cudaStream_t stream = c10::cuda::getCurrentCUDAStream(device);
-  int const* cu = varlen ? cu_seqlens->data_ptr<int>() : nullptr;
   auto run = [&](auto element, auto pingpong) {
     using E = decltype(element);
     constexpr bool kPP = decltype(pingpong)::value;
     auto ptr = [](const at::Tensor& x) { return reinterpret_cast<E const*>(x.data_ptr()); };
+    ahn_sm90::Problem<E> f;
+    f.q = ptr(q), f.k = ptr(k), f.v = ptr(v);
+    f.o = reinterpret_cast<E*>(o.data_ptr()), f.lse = lse.data_ptr<float>();
+    f.B = int(B), f.T = int(T), f.H = int(H), f.HKV = int(HKV), f.W = int(window), f.S = int(sinks);
+    f.cu = varlen ? cu_seqlens->data_ptr<int>() : nullptr, f.n_seq = int(n_seq), f.max_T = int(max_T);
+    if (cache) {
+      f.pos = pos->data_ptr<int64_t>();
+      if (sinks > 0) f.sink_k = ptr(*sink_k), f.sink_v = ptr(*sink_v);
+    }
     if (memory) {
-      ahn_sm90::ahn_fwd_launch<E, kPP>(ptr(q), ptr(k), ptr(v), ptr(*v_new), ptr(*hs), int(hs->size(0)),
-                                       ptr(*o_weight), gc->data_ptr<float>(), ptr(*z),
-                                       norm_weight->data_ptr<float>(), reinterpret_cast<E*>(o.data_ptr()),
-                                       lse.data_ptr<float>(), int(B), int(T), int(H), int(HKV), int(window),
-                                       int(sinks), float(mem_scale), cu, int(n_seq), int(max_T), stream);
+      f.vnew = ptr(*v_new), f.hs = ptr(*hs), f.ow = ptr(*o_weight), f.z = ptr(*z);
+      f.gc = gc->data_ptr<float>(), f.nw = norm_weight->data_ptr<float>();
+      f.hs_rows = int(hs->size(0)), f.mem_scale = float(mem_scale), f.use_h0 = initial_state;
+      ahn_sm90::launch<E, true, kPP>(f, stream);
     } else {
-      ahn_sm90::band_fwd_launch<E, kPP>(ptr(q), ptr(k), ptr(v), reinterpret_cast<E*>(o.data_ptr()),
-                                        lse.data_ptr<float>(), int(B), int(T), int(H), int(HKV), int(window),
-                                        int(sinks), H * D, HKV * D, cu, int(n_seq), int(max_T), stream);
+      ahn_sm90::launch<E, false, kPP>(f, stream);
     }
   };
   if (q.scalar_type() == at::kBFloat16) {

@@ -14,7 +14,10 @@ import torch
 from ahn_ops import _ext
 from ahn_ops.ops.ahn_attention import reference as ref
 
-from ..utils import check_bf16_grad_rule, check_within_2x, kernel_grads, make_inputs, ref_grads
+import ahn_ops
+
+from ..utils import (batch_slice, check_bf16_grad_rule, check_within_2x, empty_layer_cache, kernel_grads,
+                     make_inputs, poison_unwritten, ref_grads)
 
 
 def _why_not() -> str:
@@ -107,12 +110,12 @@ def test_sm90_gradients(engine):
 
 @needs_sm90
 def test_sm90_falls_back_where_it_does_not_apply(engine):
-    """Mamba2 and an initial state take the default engine under "sm90": same results."""
+    """Mamba2 and D = 64 take the default engine under "sm90": same results."""
     P = _prefill()
-    H, HKV, D, W, S = 4, 2, 128, 100, 4
-    cases = [("mamba2", 1, 300, None, None), ("mamba2", 1, 600, [250, 350], None),
-             ("dn", 2, 300, None, torch.randn(2, H, D, D, device="cuda") * 0.1)]
-    for kind, B, T, lens, h0 in cases:
+    H, HKV, W, S = 4, 2, 100, 4
+    cases = [("mamba2", 1, 300, None, None, 128), ("mamba2", 1, 600, [250, 350], None, 128),
+             ("dn", 2, 300, None, torch.randn(2, H, 64, 64, device="cuda") * 0.1, 64)]
+    for kind, B, T, lens, h0, D in cases:
         args = make_inputs(kind, B, T, H, HKV, D, torch.bfloat16, device="cuda", seed=T)
         cu = None if lens is None else torch.tensor([0, lens[0], T], dtype=torch.int32, device="cuda")
         outs = []
@@ -188,58 +191,84 @@ def test_sm90_engine_refuses_off_a_hopper_gpu(monkeypatch):
 
 
 def _torch_sm90(q, k, v, v_new, hs, o_weight, gc, z, nw, window, sinks, mem_scale, variant, cu_seqlens=None,
-                max_seqlen=0):
+                max_seqlen=0, pos=None, sink_k=None, sink_v=None, initial_state=False):
     """The math of the sm_90a kernel in fp32 torch, with its arguments and outputs: window + sinks softmax
     (out, natural-log lse [B, H, T]); per chunk of 64 rows the memory readout from the memory passes' buffers
     (hs[c] before the chunk, v_new, the in-chunk cumulative log-decays gc), the keys of tokens t - W l2-normed,
     then RMSNorm, swish(z), norm weight and the head's projection. Sequences: the batch rows, or (cu_seqlens)
-    packed along the one batch row, each one's chunks after the earlier ones' in hs."""
+    packed along the one batch row, each one's chunks after the earlier ones' in hs; or (pos) the cache path:
+    queries at positions pos[b] + t, keys from each sequence's stream (W ring-tail rows, then the new tokens)
+    and the sink buffer."""
     B, T, H, D = q.shape
-    if cu_seqlens is None:
-        seqs = [(b, b * T, T) for b in range(B)]  # (batch row, first row, length)
-    else:
+    W, S = window, sinks
+    if cu_seqlens is not None:
         cs = cu_seqlens.tolist()
-        seqs = [(0, s, e - s) for s, e in zip(cs[:-1], cs[1:])]
+        seqs = [(0, s, e - s) for s, e in zip(cs[:-1], cs[1:])]  # (batch row, first row, length)
         assert max_seqlen == max(n for _, _, n in seqs)
+    else:
+        seqs = [(b, 0, T) for b in range(B)]
     out = torch.zeros(B, T, H, D)
     lse = torch.zeros(B, H, T)
     chunk0 = 0
-    for b, s0, n in seqs:
-        r = slice(s0 - b * T, s0 - b * T + n)
-        o1, l1 = _torch_sm90_seq(*(x[b:b + 1, r] if x is not None else None for x in (q, k, v, v_new)), hs[chunk0:],
-                                 o_weight, *(x[b:b + 1, r] if x is not None else None for x in (gc, z)), nw, window,
-                                 sinks, mem_scale)
-        out[b, r], lse[b, :, r] = o1[0], l1[0]
+    for n_i, (b, s0, n) in enumerate(seqs):
+        r = slice(s0, s0 + n)
+        t = torch.arange(n)
+        if pos is None:  # keys: the sequence's own rows; the memory key of query t is key t - W
+            P, kk, vv, kpos = 0, k[b, r], v[b, r], t
+            km = torch.zeros_like(kk)
+            km[W:] = kk[:max(n - W, 0)]
+        else:  # keys: the sinks, then the stream (positions P - W ..); the memory key of query t: stream row t
+            P = int(pos[b])
+            st = slice(b * (W + n), (b + 1) * (W + n))
+            kk, vv = torch.cat([sink_k[b], k[0, st]]), torch.cat([sink_v[b], v[0, st]])
+            kpos = torch.cat([torch.arange(S), P - W + torch.arange(W + n)])
+            km = k[0, st][:n]
+        qp = P + t
+        in_win = (kpos[None] <= qp[:, None]) & (kpos[None] > qp[:, None] - W) & (kpos[None] >= 0)
+        sink = (kpos[None] < S) & (kpos[None] <= qp[:, None] - W)
+        if pos is not None:  # the sink buffer's rows: the sinks outside the window; the stream's: the window
+            from_buf = (torch.arange(len(kpos)) < S)[None]
+            sink, in_win = sink & from_buf, in_win & ~from_buf
+        o1, l1 = _softmax_rows(q[b, r], kk, vv, in_win | sink)
+        if v_new is not None and n:
+            active = (qp - W) >= S
+            o1 = o1 + _memory_rows(q[b, r], km, active, v_new[b, r], hs[chunk0:], o_weight, gc[b, r], z[b, r], nw,
+                                   mem_scale, initial_state)
+        out[b, r], lse[b, :, r] = o1, l1
         chunk0 += (n + 63) // 64
     return out.to(q.dtype).contiguous(), lse.contiguous()
 
 
-def _torch_sm90_seq(q, k, v, v_new, hs, o_weight, gc, z, nw, window, sinks, mem_scale):
-    # one sequence from position 0, [1, T, ...]; hs from its first chunk
-    T = q.shape[1]
-    G = q.shape[2] // k.shape[2]
-    out, lse = ref.window_attention_ref(q, k, v, window, sinks, return_lse=True)
-    if v_new is None or T == 0:
-        return out, lse
-    qf, kf, t = q.float(), k.float().repeat_interleave(G, 2), torch.arange(T)
+def _softmax_rows(q, k, v, allowed):
+    # q [T, H, D], k, v [N, HKV, D], allowed [T, N]: fp32 softmax attention, scale D^-0.5; o [T, H, D], lse [H, T]
+    G = q.shape[1] // k.shape[1]
+    kf, vf = k.float().repeat_interleave(G, 1), v.float().repeat_interleave(G, 1)
+    sc = torch.einsum("thd,nhd->htn", q.float(), kf) * q.shape[-1] ** -0.5
+    sc = sc.masked_fill(~allowed[None], float("-inf"))
+    lse = torch.logsumexp(sc, -1)
+    return torch.einsum("htn,nhd->thd", torch.exp(sc - lse[..., None]), vf), lse
+
+
+def _memory_rows(q, km, active, v_new, hs, o_weight, gc, z, nw, mem_scale, initial_state):
+    # the memory readout and epilogue of one sequence's rows q [T, H, D] (memory keys km [T, HKV, D], active
+    # [T]); chunk c reads hs[c]
+    T, H, D = q.shape
+    qf, kf = q.float(), km.float().repeat_interleave(H // km.shape[1], 1)
     qn = qf * torch.rsqrt((qf * qf).sum(-1, keepdim=True) + 1e-6) * mem_scale
-    kx = torch.zeros_like(kf)
-    kx[:, window:] = kf[:, :T - window] if window < T else kx[:, window:]
-    kn = kx * torch.rsqrt((kx * kx).sum(-1, keepdim=True) + 1e-6)
-    kn = kn * ((t - window) >= sinks).float()[None, :, None, None]
-    y = torch.zeros_like(out)
+    kn = kf * torch.rsqrt((kf * kf).sum(-1, keepdim=True) + 1e-6) * active.float()[:, None, None]
+    y = torch.zeros(T, H, D)
     for c in range((T + 63) // 64):
         r0, r1 = c * 64, min(c * 64 + 64, T)
-        if r1 - 1 - window < sinks:
+        if not initial_state and not bool(active[r1 - 1]):
             continue
-        g = gc[0, r0:r1].float().transpose(0, 1)  # [H, n]
-        qc, kc = qn[0, r0:r1].transpose(0, 1), kn[0, r0:r1].transpose(0, 1)  # [H, n, D]
+        g = gc[r0:r1].float().transpose(0, 1)  # [H, n]
+        qc, kc = qn[r0:r1].transpose(0, 1), kn[r0:r1].transpose(0, 1)  # [H, n, D]
         pair = torch.tril((qc @ kc.transpose(1, 2)) * torch.exp(g[:, :, None] - g[:, None, :]))
-        mo = (qc * torch.exp(g)[:, :, None]) @ hs[c].float() + pair @ v_new[0, r0:r1].float().transpose(0, 1)
-        zc = z[0, r0:r1].float().transpose(0, 1)[:, :, None]
+        mo = (qc * torch.exp(g)[:, :, None]) @ hs[c].float() + pair @ v_new[r0:r1].float().transpose(0, 1)
+        zc = z[r0:r1].float().transpose(0, 1)[:, :, None]
         uo = mo * torch.rsqrt((mo * mo).mean(-1, keepdim=True) + 1e-5) * zc * torch.sigmoid(zc) * nw.float()
-        y[0, r0:r1] = (uo @ o_weight.float()).transpose(0, 1)
-    return out + y, lse
+        y[r0:r1] = (uo @ o_weight.float()).transpose(0, 1)
+    return y
 
 
 @pytest.mark.skipif(not torch.cuda.is_available() and __import__("os").environ.get("TRITON_INTERPRET") != "1",
@@ -280,3 +309,97 @@ def test_sm90_path_with_a_torch_stand_in(kind, B, T, W, S, G, lens, monkeypatch)
     monkeypatch.setitem(P.CONFIG, "band", "auto")
     _, _, lse_a = P.prefill_fwd(*args, W, S, kind, cu_seqlens=cu)
     torch.testing.assert_close(lse, lse_a, rtol=0, atol=2e-3)
+
+
+def _cache_call(kind, W, S, T, before, G, dtype, dev):
+    """One cache-path call (``ahn_attention(cache=...)``, the kernel backend) on sequences brought to the
+    positions ``before`` by the reference path, the cache's unwritten rows NaN-poisoned; against the reference
+    path on a copy of the cache and its low-precision twin. Returns (out, reference, low-precision, the new
+    state, the reference's)."""
+    B, HKV = len(before), 2 if G < 8 else 1
+    H, D = HKV * G, 128
+    hist = make_inputs(kind, B, max(before), H, HKV, D, dtype, device=dev, seed=21)
+    new = make_inputs(kind, B, T, H, HKV, D, dtype, device=dev, seed=22)
+    cache = empty_layer_cache(kind, B, H, HKV, D, W, S, dtype=dtype, device=dev)
+    for bi, n in enumerate(before):
+        if n:
+            ahn_ops.ahn_attention(*[None if x is None else x[bi:bi + 1, :n] for x in hist[:6]], *hist[6:],
+                                  window=W, sinks=S, kind=kind, cache=batch_slice(cache, slice(bi, bi + 1)),
+                                  backend="reference")
+    poison_unwritten(*cache.tensors()[:5], before, W, S)
+    twin = empty_layer_cache(kind, B, H, HKV, D, W, S, dtype=dtype, device=dev)
+    lp_cache = empty_layer_cache(kind, B, H, HKV, D, W, S, dtype=dtype, device=dev)
+    for a, b, c in zip(twin.tensors(), lp_cache.tensors(), cache.tensors()):
+        a.copy_(c)
+        b.copy_(c)
+    out = ahn_ops.ahn_attention(*new, window=W, sinks=S, kind=kind, cache=cache, backend="kernel")
+    r = ahn_ops.ahn_attention(*new, window=W, sinks=S, kind=kind, cache=twin, backend="reference")
+    lp = ref.ahn_prefill_cache_ref(*new, *lp_cache.tensors(), W, S, kind, dtype=dtype)
+    return out, r, lp, cache.state, twin.state
+
+
+CACHE_CASES = [
+    # kind, W, S, T, positions before, G: an empty sequence, one inside the first window, a wrapped ring; S > W
+    # with sequences short of their sinks (unwritten sink rows in the loaded block)
+    pytest.param("gdn", 100, 5, 150, [0, 30, 331], 2, id="gdn-W100-S5-T150-P0+30+331"),
+    pytest.param("dn", 16, 70, 30, [0, 3, 20], 1, id="dn-W16-S70-T30-P0+3+20"),
+]
+
+
+@pytest.mark.skipif(not torch.cuda.is_available() and __import__("os").environ.get("TRITON_INTERPRET") != "1",
+                    reason="needs CUDA or TRITON_INTERPRET=1")
+@pytest.mark.parametrize("kind,W,S,T,before,G", CACHE_CASES)
+def test_sm90_cache_path_with_a_torch_stand_in(kind, W, S, T, before, G, monkeypatch):
+    # the cache path under "sm90": the key streams, the sink buffer (its unwritten rows zeroed), the positions
+    # and the initial state as the kernel takes them, its math in torch standing in for it
+    P = _prefill()
+    dev = "cuda" if torch.cuda.is_available() else "cpu"
+    monkeypatch.setitem(P.CONFIG, "band", "sm90")
+    monkeypatch.setattr(P, "_sm90_check_device", lambda device: None)
+    calls = []
+
+    def stand_in(*args):
+        calls.append(args)
+        if args[16] is not None:  # no unwritten (NaN) sink row reaches the kernel
+            assert not args[16].isnan().any() and not args[17].isnan().any()
+        return _torch_sm90(*[a.cpu() if isinstance(a, torch.Tensor) else a for a in args])
+
+    monkeypatch.setattr(P, "_sm90_fwd", lambda *a: tuple(x.to(dev) for x in stand_in(*a)))
+    out, r, lp, st, st_r = _cache_call(kind, W, S, T, before, G, torch.bfloat16, dev)
+    assert len(calls) == 1 and calls[0][15] is not None and calls[0][18] is True
+    check_within_2x(f"{kind} sm90 cache stand-in", out, r, lp)
+    torch.testing.assert_close(st.float(), st_r.float(), rtol=2e-2, atol=2e-2)
+
+
+@needs_sm90
+@pytest.mark.parametrize("kind,W,S,T,before,G", CACHE_CASES + [
+    pytest.param("gdn", 4096, 128, 1000, [0, 5000, 130], 8, id="gdn-W4096-S128-T1000-P0+5000+130")])
+def test_sm90_cache_path(kind, W, S, T, before, G, engine):
+    engine("sm90")
+    out, r, lp, st, st_r = _cache_call(kind, W, S, T, before, G, torch.bfloat16, "cuda")
+    check_within_2x(f"{kind} sm90 cache", out, r, lp)
+    torch.testing.assert_close(st.float(), st_r.float(), rtol=2e-2, atol=2e-2)
+
+
+@needs_sm90
+def test_sm90_initial_state(engine):
+    """A prefill from an initial state: every row reads the memory (the chunks before the first memory token
+    read the state itself)."""
+    P = _prefill()
+    kind, T, W, S, H, HKV, D = "gdn", 700, 300, 2, 4, 2, 128
+    args = make_inputs(kind, 1, T, H, HKV, D, torch.bfloat16, device="cuda", seed=5)
+    h0 = torch.randn(1, H, D, D, device="cuda") * 0.1
+    outs = {}
+    for name in ("sm90", "auto"):
+        engine(name)
+        outs[name] = P.prefill_fwd(*args, W, S, kind, initial_state=h0, output_final_state=True)
+
+    def full(dtype):
+        q, k, v, a, b, z, A_log, dt_bias, nw, ow = args
+        o_win = ref.window_attention_ref(q, k, v, W, S, dtype=dtype)
+        g, w = ref.memory_gates_ref(a, b, A_log, dt_bias, kind, dtype)
+        m, st = ref.memory_readout_ref(q, k, v, g, w, W, S, kind, initial_state=h0, dtype=dtype)
+        return o_win + ref.epilogue_ref(m, z, nw, ow, kind)
+
+    check_within_2x("gdn sm90 h0", outs["sm90"][0], full(torch.float32), full(torch.bfloat16))
+    torch.testing.assert_close(outs["sm90"][1], outs["auto"][1], rtol=0, atol=0)

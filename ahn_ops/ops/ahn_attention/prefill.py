@@ -120,11 +120,12 @@ def _memory_passes(kx, vx, a, b, ab_rs, A_log, dt_bias, seq, chunks, NT, N, H, H
 
 def _launch(q, kx, vx, sk, sv, a, b, ab_rs, z, A_log, dt_bias, norm_weight, o_weight, window, sinks, kind,
             seq, chunks, NT, N, initial_state, output_final_state, memory=True, stage="all",
-            store_lse=False, lens=None, band=None, sm90=False):
+            store_lse=False, lens=None, band=None, sm90=False, cache=None):
     # store_lse: also return the window softmax's lse (fp32 [Tq, H]) for the backward; the cache
     # path (inference) passes False and the kernel skips the store.
     # sm90: after the memory passes, the window + sinks attention, the memory readout and the epilogue in one
-    # sm_90a kernel (_sm90_engine said yes: GDN / DN, D = 128, no initial state).
+    # sm_90a kernel (_sm90_engine said yes: GDN / DN, D = 128); cache: the cache path's (pos, sink_k, sink_v)
+    # for it (kx, vx are then the key streams: each sequence's W ring-tail rows, then its new tokens).
     # band: None (the Triton kernel walks the window band) or a callable giving the band over the
     # call's own tokens (_cudnn_band: ob [N, TM, H, D], natural-log lse [N, H, TM], its window wb <= window,
     # the kernel walking the keys between, and TM); it runs on the current stream while the memory
@@ -179,11 +180,13 @@ def _launch(q, kx, vx, sk, sv, a, b, ab_rs, z, A_log, dt_bias, norm_weight, o_we
                 Nb = N if len(set(lens)) == 1 else 1
                 rows = lambda x: x.reshape(Nb, Tq // Nb, *x.shape[-2:])  # noqa: E731  (tokens -> [Nb, T])
                 cu = None if Nb == N else _cu_seqlens(lens, dev)
+                pos, sink_k, sink_v = cache if cache is not None else (None, None, None)
+                kxs, vxs = (kx, vx) if cache is not None else (rows(kx), rows(vx))
                 o4, lse_e = _sm90_fwd(
-                    rows(q), rows(kx), rows(vx), rows(vnew), hs, o_weight.to(dt).contiguous(),
+                    rows(q), kxs, vxs, rows(vnew), hs, o_weight.to(dt).contiguous(),
                     gc.view(Nb, Tq // Nb, H), z.reshape(Nb, Tq // Nb, H).contiguous(),
                     norm_weight.float().contiguous(), window, sinks, D ** -0.5, CONFIG["sm90_variant"], cu,
-                    max(lens))
+                    max(lens), pos, sink_k, sink_v, initial_state is not None)
                 out = o4.view(1, Tq, H, D)
                 if store_lse:  # the backward's normaliser: log2 domain, [tokens, H]
                     lse = lse_e.transpose(1, 2).reshape(Tq, H) * math.log2(math.e)
@@ -260,15 +263,26 @@ def _band_engine(q: torch.Tensor, lens) -> bool:
 _WARNED: list = []
 
 
-def _sm90_engine(q, lens, kind, initial_state, memory) -> bool:
+def _sm90_engine(q, lens, kind, memory) -> bool:
     """Whether ``CONFIG["band"] = "sm90"`` runs this call's forward on the sm_90a kernel: GDN / DN, D = 128,
-    bf16 / fp16, no initial state, with the memory, at most 65535 sequences. Raises where "sm90" was asked
-    for and the device or the build cannot run it at all."""
+    bf16 / fp16, with the memory, at most 65535 sequences. Raises where "sm90" was asked for and the device or
+    the build cannot run it at all."""
     if CONFIG["band"] != "sm90":
         return False
     _sm90_check_device(q.device)
     return (memory and kind in ("gdn", "dn") and q.shape[-1] == 128 and q.dtype in (torch.bfloat16, torch.float16)
-            and initial_state is None and len(lens) < 65536)
+            and len(lens) < 65536)
+
+
+def _written_sinks(sink_k, sink_v, pos, T):
+    """The sink buffers ``[B, S, HKV, D]`` for the sm_90a kernel on the cache path, the rows no token has
+    written yet (positions ``>= pos + T``: anything, NaN in the tests) as zeros: the kernel loads whole sink
+    blocks, and a masked score (probability 0) times a NaN value is NaN. ``(None, None)`` for ``S = 0``."""
+    S = sink_k.shape[1]
+    if S == 0:
+        return None, None
+    written = (torch.arange(S, device=pos.device)[None, :] < pos[:, None] + T)[:, :, None, None]
+    return torch.where(written, sink_k, 0), torch.where(written, sink_v, 0)
 
 
 def _cu_seqlens(lens, device) -> torch.Tensor:
@@ -338,7 +352,7 @@ def prefill_fwd(q, k, v, a, b, z, A_log, dt_bias, norm_weight, o_weight, window:
     flat = lambda x: None if x is None else x.reshape(1, B * T, *x.shape[2:]).contiguous()  # noqa: E731
     qf, kf, vf = flat(q), flat(k), flat(v)
     band = None
-    sm90 = T > 0 and stage == "all" and _sm90_engine(q, lens, kind, initial_state, memory)
+    sm90 = T > 0 and stage == "all" and _sm90_engine(q, lens, kind, memory)
     if T > 0 and not sm90 and _band_engine(q, lens):
         band = _cudnn_band(qf, kf, vf, lens, window)
     out, ht, lse = _launch(qf, kf, vf, kf, vf, flat(a), flat(b), None, flat(z), A_log, dt_bias, norm_weight,
@@ -395,12 +409,14 @@ def prefill_cache_fwd(q, k, v, a, b, z, A_log, dt_bias, norm_weight, o_weight,
     sk = wsk.reshape(1, B * S, HKV, D) if S else kx
     sv = wsv.reshape(1, B * S, HKV, D) if S else vx
     qf = q.reshape(1, B * T, H, D).contiguous()
+    sm90 = T > 0 and _sm90_engine(q, [T] * B, kind, True)
     band = (_cudnn_band(qf, kc.reshape(1, B * T, HKV, D), vc.reshape(1, B * T, HKV, D), [T] * B, W)
-            if T > 0 and _band_engine(q, [T] * B) else None)
+            if T > 0 and not sm90 and _band_engine(q, [T] * B) else None)
     # inference: no backward, so no lse store
     gxf = gx.view(-1)  # a = row half 0, b = row half 1 of each [2, H] row
     out, ht, _ = _launch(qf, kx, vx, sk, sv, gxf, gxf[H:], 2 * H, z.reshape(1, B * T, H), A_log, dt_bias, norm_weight,
-                         o_weight, W, S, kind, seq, chunks, NT, B, state, True, lens=[T] * B, band=band)
+                         o_weight, W, S, kind, seq, chunks, NT, B, state, True, lens=[T] * B, band=band, sm90=sm90,
+                         cache=(pc, *_written_sinks(wsk, wsv, pc, T)) if sm90 else None)
     for t, w in zip(cache, work):
         if w is not t:
             t.copy_(w)

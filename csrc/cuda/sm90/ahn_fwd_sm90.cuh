@@ -105,12 +105,18 @@ struct BandTraits {
 
   struct Params {
     TmaQ tma_q;
-    TmaKV tma_k, tma_v;
+    TmaKV tma_k, tma_v, tma_sk, tma_sv;  // the key streams, the sink source
     Element* o;
     float* lse;
     int B, T, H, HKV, W, S;
+    int k_rows, k_batch, s_rows;  // the key streams' (rows, batch rows), the sink source's rows per batch row
     float scale_log2;
-    // kMemory: v_new [B, T, H, D] (as Q), hs [NT, H, D, D] and o_weight [H, D, D] as (D, D, H, NT / 1)
+    // varlen: sequences packed along T of one batch row (B = 1), sequence n the rows cu[n] .. cu[n + 1] - 1,
+    // one per blockIdx.z; its memory chunks follow the earlier sequences' in hs. nullptr: B rows of T each.
+    int const* cu;
+    // the cache path: sequence b's queries at positions pos[b] ..; nullptr: a prefill from position 0
+    int64_t const* pos;
+    // kMemory: v_new [B, T, H, D] (as Q), hs [hs_rows, H, D, D] and o_weight [H, D, D] as (D, D, H, rows)
     TmaQ tma_vn;
     TmaKV tma_hs, tma_ow;
     float const* gc;           // [B, T, H]
@@ -119,9 +125,7 @@ struct BandTraits {
     float mem_scale;
     int NT;                    // chunks per batch row (equal lengths)
     int hs_rows;               // hs's chunks, all sequences'
-    // varlen: sequences packed along T of one batch row (B = 1), sequence n the rows cu[n] .. cu[n + 1] - 1,
-    // one per blockIdx.z; its memory chunks follow the earlier sequences' in hs. nullptr: B rows of T each.
-    int const* cu;
+    bool use_h0;               // the memory starts from an initial state: every row reads it
   };
 };
 
@@ -199,26 +203,40 @@ __global__ void __launch_bounds__(Traits::kThreads, 1)
   extern __shared__ char smem_raw[];
   SS& ss = *reinterpret_cast<SS*>(smem_raw);
 
-  const int m_block = blockIdx.x, h = blockIdx.y;
+  const int m_block = blockIdx.x, h = blockIdx.y, seq = blockIdx.z;
   const int hkv = h / (p.H / p.HKV);
   const int W = p.W, S = p.S;
   const int row0 = m_block * kBM;
-  // this CTA's sequence: batch row b, its rows bos .. bos + T - 1 of that row (rows relative to bos below)
-  const int b = p.cu ? 0 : blockIdx.z;
-  const int bos = p.cu ? p.cu[blockIdx.z] : 0;
-  const int T = p.cu ? p.cu[blockIdx.z + 1] - bos : p.T;
+  // this CTA's sequence: q's batch row b, its rows bos .. bos + T - 1 of that row (rows t relative to bos)
+  const int b = p.cu ? 0 : seq;
+  const int bos = p.cu ? p.cu[seq] : 0;
+  const int T = p.cu ? p.cu[seq + 1] - bos : p.T;
   if (row0 >= T) return;  // the grid covers the longest sequence
   const int64_t grow0 = int64_t(b) * p.T + bos;  // the sequence's first row in [B, T, ...] tensors
-  // key blocks of the band of rows row0 .. row0 + kBM - 1: first key row0 - W + 1, last row0 + kBM - 1;
-  // then the sink blocks below the band's first one, highest first
-  const int n_lo = max(0, row0 - W + 1) / kBN;
-  const int n_hi = min(row0 + kBM - 1, T - 1) / kBN;
+  // query t sits at position P + t. Its keys: key j (j <= t, t - W < j, P + j >= 0) of the sequence's key
+  // stream at row k_bos + j of k's batch row kb; the sinks (position s < S, s <= P + t - W: outside the
+  // window) at row s_bos + s of the sink source's batch row b. A prefill: P = 0, the stream and the sink
+  // source are q's own rows in k; the cache path: the stream is the ring tail (j = -W .. -1) then the new
+  // tokens, the sinks come from the cache's sink buffer.
+  const int P = p.pos ? int(p.pos[seq]) : 0;
+  const int kb = p.pos ? 0 : b;
+  const int k_bos = p.pos ? seq * (W + T) + W : bos;
+  const int s_bos = p.pos ? 0 : bos;
+  // key blocks of the band of rows row0 .. row0 + kBM - 1 (block n: keys n kBN .., n < 0 on the ring tail),
+  // from the diagonal down; then the sink blocks, highest first (the band's lowest may hold sinks too: there
+  // the band takes the keys inside the window and the sink block those below it)
+  const int t_hi = min(row0 + kBM - 1, T - 1);
+  const int j_lo = max(row0 - W + 1, -P);
+  const int n_lo = j_lo >= 0 ? j_lo / kBN : -((kBN - 1 - j_lo) / kBN);
+  const int n_hi = t_hi / kBN;
   const int n_band = n_hi - n_lo + 1;
-  const int n_sink = min(n_lo, (S + kBN - 1) / kBN);
+  const int s_hi = min(S - 1, P + t_hi - W);  // the highest sink below some row's window
+  const int n_sink = s_hi >= 0 ? s_hi / kBN + 1 : 0;
   const int n_blocks = n_band + n_sink;
   auto block_of = [&](int i) { return i < n_band ? n_hi - i : n_sink - 1 - (i - n_band); };
-  // kMemory: does any row of this block read a memory token (t - W >= S)? Then the memory operands come.
-  const bool cta_mem = Traits::kMemory && min(row0 + kBM - 1, T - 1) - W >= S;
+  // kMemory: does any row of this block read the memory? A row reads the memory token P + t - W when that is
+  // >= S, and the initial state whatever its position. Then the memory operands come.
+  const bool cta_mem = Traits::kMemory && (p.use_h0 || P + t_hi - W >= S);
 
   const int warp_group = threadIdx.x / 128;
   typename Pipeline::Params pk;
@@ -243,18 +261,24 @@ __global__ void __launch_bounds__(Traits::kThreads, 1)
   if (warp_group == 0) {  // producer
     cutlass::arch::warpgroup_reg_dealloc<24>();
     if (threadIdx.x == 0) {
-      Tensor mQ = p.tma_q.get_tma_tensor(make_shape(T, kD, p.H, p.B));
-      Tensor mK = p.tma_k.get_tma_tensor(make_shape(T, kD, p.HKV, p.B));
-      Tensor mV = p.tma_v.get_tma_tensor(make_shape(T, kD, p.HKV, p.B));
-      // the sequence's rows from its first: rows past its end (the next sequence's under varlen) are masked
-      // or not stored, keys before its first are never read (j >= 0), the memory's keys t - W < 0 inactive
-      auto seq_rows = [&](auto const& m) { return domain_offset(make_coord(bos, 0), m); };
-      Tensor gQ = local_tile(seq_rows(mQ(_, _, h, b)), Shape<Int<kBM>, Int<kD>>{}, make_coord(m_block, _0{}));
-      Tensor gK = local_tile(seq_rows(mK(_, _, hkv, b)), Shape<Int<kBN>, Int<kD>>{}, make_coord(_, _0{}));
-      Tensor gV = local_tile(seq_rows(mV(_, _, hkv, b)), Shape<Int<kBN>, Int<kD>>{}, make_coord(_, _0{}));
+      Tensor mQ = p.tma_q.get_tma_tensor(make_shape(p.T, kD, p.H, p.B));
+      Tensor mK = p.tma_k.get_tma_tensor(make_shape(p.k_rows, kD, p.HKV, p.k_batch));
+      Tensor mV = p.tma_v.get_tma_tensor(make_shape(p.k_rows, kD, p.HKV, p.k_batch));
+      Tensor mSK = p.tma_sk.get_tma_tensor(make_shape(p.s_rows, kD, p.HKV, p.B));
+      Tensor mSV = p.tma_sv.get_tma_tensor(make_shape(p.s_rows, kD, p.HKV, p.B));
+      // rows from the sequence's first (row 0 = its first query, key 0, sink 0): rows past its end (the next
+      // sequence's under varlen) are masked or not stored; keys before its stream (j < -P) are never read
+      auto from = [&](int r0, auto const& m) { return domain_offset(make_coord(r0, 0), m); };
+      Tensor gQ = local_tile(from(bos, mQ(_, _, h, b)), Shape<Int<kBM>, Int<kD>>{}, make_coord(m_block, _0{}));
+      Tensor gK = local_tile(from(k_bos, mK(_, _, hkv, kb)), Shape<Int<kBN>, Int<kD>>{}, make_coord(_, _0{}));
+      Tensor gV = local_tile(from(k_bos, mV(_, _, hkv, kb)), Shape<Int<kBN>, Int<kD>>{}, make_coord(_, _0{}));
+      Tensor gSK = local_tile(from(s_bos, mSK(_, _, hkv, b)), Shape<Int<kBN>, Int<kD>>{}, make_coord(_, _0{}));
+      Tensor gSV = local_tile(from(s_bos, mSV(_, _, hkv, b)), Shape<Int<kBN>, Int<kD>>{}, make_coord(_, _0{}));
       auto [tQg, tQs] = tma_partition(p.tma_q, _0{}, Layout<_1>{}, group_modes<0, 2>(sQ), group_modes<0, 2>(gQ));
       auto [tKg, tKs] = tma_partition(p.tma_k, _0{}, Layout<_1>{}, group_modes<0, 2>(sK), group_modes<0, 2>(gK));
       auto [tVg, tVs] = tma_partition(p.tma_v, _0{}, Layout<_1>{}, group_modes<0, 2>(sV), group_modes<0, 2>(gV));
+      auto [tSKg, tSKs] = tma_partition(p.tma_sk, _0{}, Layout<_1>{}, group_modes<0, 2>(sK), group_modes<0, 2>(gSK));
+      auto [tSVg, tSVs] = tma_partition(p.tma_sv, _0{}, Layout<_1>{}, group_modes<0, 2>(sV), group_modes<0, 2>(gSV));
       cutlass::arch::ClusterTransactionBarrier::arrive_and_expect_tx(&ss.bar_q, kBM * kD * sizeof(Element));
       copy(p.tma_q.with(ss.bar_q), tQg, tQs);
       if (cta_mem) {  // the two chunks' states (a chunk past the sequence's last reads that one: rows past T)
@@ -265,13 +289,13 @@ __global__ void __launch_bounds__(Traits::kThreads, 1)
           for (int n = 0; n < int(blockIdx.z); ++n) chunk0 += (p.cu[n + 1] - p.cu[n] + kC - 1) / kC;
         }
         const int last = (T + Traits::kChunk - 1) / Traits::kChunk - 1;
-        Tensor mH = p.tma_hs.get_tma_tensor(make_shape(Int<kD>{}, Int<kD>{}, p.H, p.hs_rows));
+        Tensor mH = p.tma_hs.get_tma_tensor(make_shape(Int<kD>{}, Int<kD>{}, p.hs_rows * p.H, 1));
         Tensor sH = make_tensor(make_smem_ptr(ss.hs.data()), typename Traits::SmemLayoutHs{});
         auto [tHg, tHs] = tma_partition(p.tma_hs, _0{}, Layout<_1>{}, group_modes<0, 2>(sH),
-                                        group_modes<0, 2>(mH(_, _, h, _)));
+                                        group_modes<0, 2>(mH(_, _, _, 0)));
         cutlass::arch::ClusterTransactionBarrier::arrive_and_expect_tx(&ss.bar_h, 2 * kD * kD * sizeof(Element));
         for (int i = 0; i < 2; ++i) {
-          copy(p.tma_hs.with(ss.bar_h), tHg(_, chunk0 + min(2 * m_block + i, last)), tHs(_, i));
+          copy(p.tma_hs.with(ss.bar_h), tHg(_, (chunk0 + min(2 * m_block + i, last)) * p.H + h), tHs(_, i));
         }
       }
       PipelineState wk = cutlass::make_producer_start_state<Pipeline>();
@@ -279,10 +303,18 @@ __global__ void __launch_bounds__(Traits::kThreads, 1)
       for (int i = 0; i < n_blocks; ++i) {
         const int n = block_of(i);
         pipe_k.producer_acquire(wk);
-        copy(p.tma_k.with(*pipe_k.producer_get_barrier(wk)), tKg(_, n), tKs(_, wk.index()));
+        if (i < n_band) {
+          copy(p.tma_k.with(*pipe_k.producer_get_barrier(wk)), tKg(_, n), tKs(_, wk.index()));
+        } else {
+          copy(p.tma_sk.with(*pipe_k.producer_get_barrier(wk)), tSKg(_, n), tSKs(_, wk.index()));
+        }
         ++wk;
         pipe_v.producer_acquire(wv);
-        copy(p.tma_v.with(*pipe_v.producer_get_barrier(wv)), tVg(_, n), tVs(_, wv.index()));
+        if (i < n_band) {
+          copy(p.tma_v.with(*pipe_v.producer_get_barrier(wv)), tVg(_, n), tVs(_, wv.index()));
+        } else {
+          copy(p.tma_sv.with(*pipe_v.producer_get_barrier(wv)), tSVg(_, n), tSVs(_, wv.index()));
+        }
         ++wv;
       }
       if (cta_mem) {
@@ -294,15 +326,15 @@ __global__ void __launch_bounds__(Traits::kThreads, 1)
         pipe_k.producer_acquire(wk);
         copy(p.tma_ow.with(*pipe_k.producer_get_barrier(wk)), tOg, tOs(_, wk.index()));
         ++wk;
-        Tensor gKm = local_tile(domain_offset(make_coord(bos + row0 - W, 0), mK(_, _, hkv, b)),
+        Tensor gKm = local_tile(from(k_bos + row0 - W, mK(_, _, hkv, kb)),
                                 Shape<Int<kBN>, Int<kD>>{}, make_coord(0, 0));
         auto [tKmg, tKms] = tma_partition(p.tma_k, _0{}, Layout<_1>{}, group_modes<0, 2>(sK),
                                           group_modes<0, 2>(gKm));
         pipe_k.producer_acquire(wk);
         copy(p.tma_k.with(*pipe_k.producer_get_barrier(wk)), tKmg, tKms(_, wk.index()));
         ++wk;
-        Tensor mVn = p.tma_vn.get_tma_tensor(make_shape(T, kD, p.H, p.B));
-        Tensor gVn = local_tile(seq_rows(mVn(_, _, h, b)), Shape<Int<kBM>, Int<kD>>{}, make_coord(m_block, _0{}));
+        Tensor mVn = p.tma_vn.get_tma_tensor(make_shape(p.T, kD, p.H, p.B));
+        Tensor gVn = local_tile(from(bos, mVn(_, _, h, b)), Shape<Int<kBM>, Int<kD>>{}, make_coord(m_block, _0{}));
         auto [tVng, tVns] = tma_partition(p.tma_vn, _0{}, Layout<_1>{}, group_modes<0, 2>(sV),
                                           group_modes<0, 2>(gVn));
         pipe_v.producer_acquire(wv);
@@ -344,20 +376,31 @@ __global__ void __launch_bounds__(Traits::kThreads, 1)
   }
   const float sl2 = p.scale_log2;
 
-  // mask the keys of key block n that row t does not attend (j > t, or t - W >= j >= S); a block inside the
-  // band for every row, or sinks only that every row sees past its window, needs none
-  auto mask = [&](int n) {
-    const int key0 = n * kBN;
-    const bool causal_ok = key0 + kBN - 1 <= row0;
-    if (causal_ok && key0 > row0 + kBM - 1 - W) return;
-    if (causal_ok && key0 + kBN <= S) return;
-    CUTLASS_PRAGMA_UNROLL
-    for (int r = 0; r < kRows; ++r) {
-      const int t = row0 + get<0>(cSrc(r, 0));
+  // mask the keys of the i-th key block that row t does not attend; a band block inside every row's window,
+  // or a sink block below every row's window, needs none
+  auto mask = [&](int i) {
+    const int key0 = block_of(i) * kBN;
+    if (i < n_band) {  // band keys j: j <= t, t - W < j, P + j >= 0
+      if (key0 + kBN - 1 <= row0 && key0 > row0 + kBM - 1 - W && P + key0 >= 0) return;
       CUTLASS_PRAGMA_UNROLL
-      for (int c = 0; c < kCols; ++c) {
-        const int j = key0 + get<1>(cSrc(r, c));
-        if (j > t || (j <= t - W && j >= S)) Sacc(r, c) = -INFINITY;
+      for (int r = 0; r < kRows; ++r) {
+        const int t = row0 + get<0>(cSrc(r, 0));
+        CUTLASS_PRAGMA_UNROLL
+        for (int c = 0; c < kCols; ++c) {
+          const int j = key0 + get<1>(cSrc(r, c));
+          if (j > t || j <= t - W || P + j < 0) Sacc(r, c) = -INFINITY;
+        }
+      }
+    } else {  // sinks s: s < S, s <= P + t - W
+      if (key0 + kBN <= S && key0 + kBN - 1 <= P + row0 - W) return;
+      CUTLASS_PRAGMA_UNROLL
+      for (int r = 0; r < kRows; ++r) {
+        const int t = row0 + get<0>(cSrc(r, 0));
+        CUTLASS_PRAGMA_UNROLL
+        for (int c = 0; c < kCols; ++c) {
+          const int s = key0 + get<1>(cSrc(r, c));
+          if (s >= S || s > P + t - W) Sacc(r, c) = -INFINITY;
+        }
       }
     }
   };
@@ -416,11 +459,10 @@ __global__ void __launch_bounds__(Traits::kThreads, 1)
   warpgroup_wait<0>();
   pipe_k.consumer_release(rk);
   ++rk;
-  mask(n_hi);
+  mask(0);
   softmax(rescale);
   to_p();
   for (int i = 1; i < n_blocks; ++i) {
-    const int n = block_of(i);
     pipe_k.consumer_wait(rk);
     pipe_v.consumer_wait(rv);
     my_turn();
@@ -430,7 +472,7 @@ __global__ void __launch_bounds__(Traits::kThreads, 1)
     warpgroup_wait<1>();
     pipe_k.consumer_release(rk);
     ++rk;
-    mask(n);
+    mask(i);
     softmax(rescale);
     warpgroup_wait<0>();
     warpgroup_fence_operand(rP);
@@ -487,7 +529,7 @@ __global__ void __launch_bounds__(Traits::kThreads, 1)
     constexpr int kC = Traits::kChunk;
     const int wt = tid % 128;  // thread in its warpgroup
     const int crow0 = row0 + wg * kC;
-    const bool do_mem = min(crow0 + kC - 1, T - 1) - W >= S;
+    const bool do_mem = p.use_h0 || P + min(crow0 + kC - 1, T - 1) - W >= S;
     Tensor Yacc = partition_fragment_C(typename Traits::MmaRS{}, Shape<_64, Int<kD>>{});
     clear(Yacc);
     if (cta_mem) {
@@ -521,10 +563,17 @@ __global__ void __launch_bounds__(Traits::kThreads, 1)
           if (half == 0) {
             const int t = crow0 + i;
             ss.row_q[wg][i] = p.mem_scale * rsqrtf(sq + 1e-6f);
-            ss.col_k[wg][i] = (t - W >= S) ? rsqrtf(sk + 1e-6f) : 0.f;
+            ss.col_k[wg][i] = (t < T && P + t - W >= S) ? rsqrtf(sk + 1e-6f) : 0.f;
             ss.gcs[wg][i] = t < T ? p.gc[(grow0 + t) * p.H + h] : 0.f;
           }
+          // rows past the sequence's end (under varlen the next sequence's, whose v_new may be unwritten):
+          // zeros, since their zero scores would not cancel a NaN in the product
+          if (crow0 + i >= T) {
+            Tensor sVn = local_tile(sV(_, _, rv.index()), Shape<_64, Int<kD>>{}, make_coord(wg, _0{}));
+            for (int d = half * (kD / 2); d < (half + 1) * (kD / 2); ++d) sVn(i, d) = Element(0.f);
+          }
         }
+        cutlass::arch::fence_view_async_shared();  // those stores, before the wgmma (async proxy) reads them
         cutlass::arch::NamedBarrier::sync(128, 2 + wg);
         typename Traits::MmaQKm mma_x;
         typename Traits::MmaQH mma_h;
@@ -591,81 +640,88 @@ __global__ void __launch_bounds__(Traits::kThreads, 1)
 }
 
 template <class Traits>
-auto gmem_rows(typename Traits::Element const* x, int T, int heads, int B, int64_t row_stride) {
+typename Traits::TmaQ tma_rows_q(typename Traits::Element const* x, int T, int heads, int B) {
   constexpr int kD = Traits::kD;
-  return make_tensor(make_gmem_ptr(x), make_shape(T, kD, heads, B),
-                     make_stride(row_stride, _1{}, int64_t(kD), row_stride * T));
+  const int64_t row = int64_t(heads) * kD;
+  return make_tma_copy(SM90_TMA_LOAD{},
+                       make_tensor(make_gmem_ptr(x), make_shape(T, kD, heads, B), make_stride(row, _1{}, kD, row * T)),
+                       typename Traits::SmemLayoutQ{}, Shape<Int<Traits::kBM>, Int<kD>>{}, _1{});
 }
 
+// [B, T, heads, D] rows as (T, D, heads, B) tiles of kBN rows
 template <class Traits>
-typename Traits::TmaQ tma_rows_q(typename Traits::Element const* x, int T, int heads, int B, int64_t row_stride) {
-  return make_tma_copy(SM90_TMA_LOAD{}, gmem_rows<Traits>(x, T, heads, B, row_stride), typename Traits::SmemLayoutQ{},
-                       Shape<Int<Traits::kBM>, Int<Traits::kD>>{}, _1{});
+typename Traits::TmaKV tma_rows_kv(typename Traits::Element const* x, int T, int heads, int B) {
+  constexpr int kD = Traits::kD;
+  const int64_t row = int64_t(heads) * kD;
+  return make_tma_copy(SM90_TMA_LOAD{},
+                       make_tensor(make_gmem_ptr(x), make_shape(T, kD, heads, B), make_stride(row, _1{}, kD, row * T)),
+                       take<0, 2>(typename Traits::SmemLayoutK{}), Shape<Int<Traits::kBN>, Int<kD>>{}, _1{});
 }
 
+// [n, D, D] matrices as (key row, value column, n, 1), one whole matrix per tile (kBN = D rows)
 template <class Traits>
-typename Traits::TmaKV tma_rows_kv(typename Traits::Element const* x, int T, int heads, int B, int64_t row_stride) {
-  return make_tma_copy(SM90_TMA_LOAD{}, gmem_rows<Traits>(x, T, heads, B, row_stride),
-                       take<0, 2>(typename Traits::SmemLayoutK{}), Shape<Int<Traits::kBN>, Int<Traits::kD>>{}, _1{});
+typename Traits::TmaKV tma_mats(typename Traits::Element const* x, int n) {
+  constexpr int kD = Traits::kD;
+  static_assert(Traits::kBN == kD);
+  return make_tma_copy(SM90_TMA_LOAD{},
+                       make_tensor(make_gmem_ptr(x), make_shape(kD, kD, n, 1),
+                                   make_stride(int64_t(kD), _1{}, int64_t(kD) * kD, int64_t(kD) * kD * n)),
+                       take<0, 2>(typename Traits::SmemLayoutK{}), Shape<Int<kD>, Int<kD>>{}, _1{});
 }
 
-template <class Traits, bool kPingPong>
-void launch(typename Traits::Params const& p, int n_seq, int max_T, cudaStream_t stream) {
+// One forward call, host side (contiguous tensors, D = 128).
+template <class Element>
+struct Problem {
+  Element const *q, *k, *v;  // q [B, T, H, D]; k, v the key streams: [B, T, HKV, D] (a prefill), or on a cache
+                             // [1, B (W + T), HKV, D] (each sequence's W ring-tail rows, then its T new tokens)
+  Element* o;                // [B, T, H, D]
+  float* lse;                // [B, H, T], natural log
+  int B, T, H, HKV, W, S;
+  int const* cu = nullptr;   // varlen (B = 1): cu_seqlens [n_seq + 1] on the device
+  int n_seq = 0, max_T = 0;  // sequences, the longest (B and T without cu)
+  int64_t const* pos = nullptr;                              // the cache path: positions [B] on the device
+  Element const *sink_k = nullptr, *sink_v = nullptr;        // and its sink buffer [B, S, HKV, D]
+  // the memory readout and epilogue (GDN / DN) behind the memory passes: v_new [B, T, H, D], hs [hs_rows, H,
+  // D, D] (each sequence's ceil(T_n / 64) chunk states after the earlier sequences'), o_weight [H, D, D],
+  // gc [B, T, H] fp32, z [B, T, H], norm_weight [D] fp32; vnew == nullptr: the attention alone
+  Element const *vnew = nullptr, *hs = nullptr, *ow = nullptr, *z = nullptr;
+  float const *gc = nullptr, *nw = nullptr;
+  int hs_rows = 0;
+  float mem_scale = 1.f;
+  bool use_h0 = false;
+};
+
+template <class Element, bool kMemory, bool kPingPong>
+void launch(Problem<Element> const& f, cudaStream_t stream) {
+  using Traits = BandTraits<Element, kMemory>;
+  constexpr int kD = Traits::kD;
   static_assert(sizeof(typename Traits::SharedStorage) <= 227 * 1024, "shared memory per CTA");
+  typename Traits::Params p{};
+  const bool cache = f.pos != nullptr;
+  p.k_rows = cache ? f.B * (f.W + f.T) : f.T;
+  p.k_batch = cache ? 1 : f.B;
+  p.tma_q = tma_rows_q<Traits>(f.q, f.T, f.H, f.B);
+  p.tma_k = tma_rows_kv<Traits>(f.k, p.k_rows, f.HKV, p.k_batch);
+  p.tma_v = tma_rows_kv<Traits>(f.v, p.k_rows, f.HKV, p.k_batch);
+  // the sinks: the cache's sink buffer (S = 0: never read, the stream stands in), else the key stream itself
+  p.s_rows = cache && f.S ? f.S : p.k_rows;
+  p.tma_sk = cache && f.S ? tma_rows_kv<Traits>(f.sink_k, f.S, f.HKV, f.B) : p.tma_k;
+  p.tma_sv = cache && f.S ? tma_rows_kv<Traits>(f.sink_v, f.S, f.HKV, f.B) : p.tma_v;
+  p.o = f.o, p.lse = f.lse, p.B = f.B, p.T = f.T, p.H = f.H, p.HKV = f.HKV, p.W = f.W, p.S = f.S;
+  p.scale_log2 = float(1.4426950408889634 / sqrt(double(kD)));
+  p.cu = f.cu, p.pos = f.pos;
+  if constexpr (kMemory) {
+    p.tma_vn = tma_rows_q<Traits>(f.vnew, f.T, f.H, f.B);
+    p.tma_hs = tma_mats<Traits>(f.hs, f.hs_rows * f.H);  // chunk c, head h: matrix c H + h
+    p.tma_ow = tma_mats<Traits>(f.ow, f.H);
+    p.gc = f.gc, p.z = f.z, p.nw = f.nw, p.mem_scale = f.mem_scale, p.hs_rows = f.hs_rows, p.use_h0 = f.use_h0;
+    p.NT = (f.T + Traits::kChunk - 1) / Traits::kChunk;
+  }
   auto kernel = band_fwd_kernel<Traits, kPingPong>;
   const int smem = sizeof(typename Traits::SharedStorage);
   cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, smem);
-  dim3 grid((max_T + Traits::kBM - 1) / Traits::kBM, p.H, n_seq);
+  dim3 grid((f.max_T + Traits::kBM - 1) / Traits::kBM, f.H, f.n_seq);
   kernel<<<grid, Traits::kThreads, smem, stream>>>(p);
-}
-
-// window + sinks attention: o, lse. Sequences: B rows of T each (cu = nullptr, n_seq = B, max_T = T), or
-// varlen: B = 1 and n_seq sequences packed along T at cu [n_seq + 1] (device), the longest max_T.
-template <class Element, bool kPingPong>
-void band_fwd_launch(Element const* q, Element const* k, Element const* v, Element* o, float* lse, int B, int T,
-                     int H, int HKV, int W, int S, int64_t q_row_stride, int64_t kv_row_stride, int const* cu,
-                     int n_seq, int max_T, cudaStream_t stream) {
-  using Traits = BandTraits<Element>;
-  typename Traits::Params p{};
-  p.tma_q = tma_rows_q<Traits>(q, T, H, B, q_row_stride);
-  p.tma_k = tma_rows_kv<Traits>(k, T, HKV, B, kv_row_stride);
-  p.tma_v = tma_rows_kv<Traits>(v, T, HKV, B, kv_row_stride);
-  p.o = o, p.lse = lse, p.B = B, p.T = T, p.H = H, p.HKV = HKV, p.W = W, p.S = S;
-  p.scale_log2 = float(1.4426950408889634 / sqrt(double(Traits::kD)));
-  p.cu = cu;
-  launch<Traits, kPingPong>(p, n_seq, max_T, stream);
-}
-
-// the whole GDN / DN forward behind the memory passes: window + sinks attention plus the memory readout and
-// epilogue (contiguous [B, T, ...] tensors; gc [B, T, H] fp32, vnew [B, T, H, D], hs [hs_rows, H, D, D]: each
-// sequence's ceil(T_n / 64) chunk states after the earlier sequences', ow [H, D, D], z [B, T, H], nw [D] fp32);
-// sequences as band_fwd_launch's
-template <class Element, bool kPingPong>
-void ahn_fwd_launch(Element const* q, Element const* k, Element const* v, Element const* vnew, Element const* hs,
-                    int hs_rows, Element const* ow, float const* gc, Element const* z, float const* nw, Element* o,
-                    float* lse, int B, int T, int H, int HKV, int W, int S, float mem_scale, int const* cu, int n_seq,
-                    int max_T, cudaStream_t stream) {
-  using Traits = BandTraits<Element, true>;
-  constexpr int kD = Traits::kD;
-  typename Traits::Params p{};
-  p.tma_q = tma_rows_q<Traits>(q, T, H, B, int64_t(H) * kD);
-  p.tma_k = tma_rows_kv<Traits>(k, T, HKV, B, int64_t(HKV) * kD);
-  p.tma_v = tma_rows_kv<Traits>(v, T, HKV, B, int64_t(HKV) * kD);
-  p.tma_vn = tma_rows_q<Traits>(vnew, T, H, B, int64_t(H) * kD);
-  const int NT = (T + Traits::kChunk - 1) / Traits::kChunk;
-  // hs and o_weight as (key row, value column, head, chunk) with the key rows as the "rows" of a [D, D] tile
-  p.tma_hs = make_tma_copy(SM90_TMA_LOAD{},
-                           make_tensor(make_gmem_ptr(hs), make_shape(kD, kD, H, hs_rows),
-                                       make_stride(int64_t(kD), _1{}, int64_t(kD) * kD, int64_t(H) * kD * kD)),
-                           take<0, 2>(typename Traits::SmemLayoutK{}), Shape<Int<kD>, Int<kD>>{}, _1{});
-  p.tma_ow = make_tma_copy(SM90_TMA_LOAD{},
-                           make_tensor(make_gmem_ptr(ow), make_shape(kD, kD, H, 1),
-                                       make_stride(int64_t(kD), _1{}, int64_t(kD) * kD, int64_t(H) * kD * kD)),
-                           take<0, 2>(typename Traits::SmemLayoutK{}), Shape<Int<kD>, Int<kD>>{}, _1{});
-  p.o = o, p.lse = lse, p.B = B, p.T = T, p.H = H, p.HKV = HKV, p.W = W, p.S = S;
-  p.scale_log2 = float(1.4426950408889634 / sqrt(double(kD)));
-  p.gc = gc, p.z = z, p.nw = nw, p.mem_scale = mem_scale, p.NT = NT, p.hs_rows = hs_rows, p.cu = cu;
-  launch<Traits, kPingPong>(p, n_seq, max_T, stream);
 }
 
 }  // namespace ahn_sm90
