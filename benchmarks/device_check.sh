@@ -135,7 +135,7 @@ stage() {
     sm90)
       # one process per part: a kernel that hangs costs that part's timeout only. SM90_SANITIZE=memcheck (or
       # racecheck, synccheck) first runs the first shapes of both checks under compute-sanitizer; a failed or
-      # hung check runs them under memcheck afterwards (and the timings are skipped)
+      # hung check runs them under memcheck afterwards (and the timings are skipped); SM90_SKIP_BENCH=1: checks only
       sanitize() {
         command -v compute-sanitizer >/dev/null || return 0
         timeout 240 compute-sanitizer --tool "$1" --print-limit 20 python3 benchmarks/bench_sm90.py \
@@ -152,6 +152,7 @@ stage() {
         sanitize memcheck
         return 1
       fi
+      [ "${SM90_SKIP_BENCH:-0}" = 1 ] && return 0  # the timings in a later step of the same call
       timeout 300 python3 benchmarks/bench_sm90.py bench 2>&1 | tee -a "$out/sm90.log" | tail -30
       ;;
     *)
