@@ -29,12 +29,14 @@ TORCH_LIBRARY(ahn, m) {
   // sequences packed along T, the longest max_seqlen; hs then holds each sequence's ceil(T_n/64) chunks in turn.
   // pos (int64 [B]): the cache path, queries at positions pos ..; k, v [1,B*(W+T),HKV,D] each sequence's W
   // ring-tail rows then its new tokens, the sinks in sink_k, sink_v [B,S,HKV,D]. initial_state: the memory
-  // started from a state (hs holds it), so every row reads the memory.
+  // started from a state (hs holds it), so every row reads the memory. yp [B,T,H,D], ss [B,T,H] fp32 (written):
+  // Mamba2, whose norm spans the heads: the kernel stores the projection and the sum of squares for the norm
+  // kernel after it, o the window's output alone; norm_weight is then [H*D].
   m.def(
       "prefill_fwd_sm90(Tensor q, Tensor k, Tensor v, Tensor? v_new, Tensor? hs, Tensor? o_weight, Tensor? gc, "
       "Tensor? z, Tensor? norm_weight, int window, int sinks, float mem_scale, int variant=1, "
       "Tensor? cu_seqlens=None, int max_seqlen=0, Tensor? pos=None, Tensor? sink_k=None, Tensor? sink_v=None, "
-      "bool initial_state=False) -> (Tensor, Tensor)");
+      "bool initial_state=False, Tensor(a!)? yp=None, Tensor(b!)? ss=None) -> (Tensor, Tensor)");
 }
 
 #if AHN_OPS_WITH_CUDA

@@ -35,7 +35,8 @@ std::tuple<at::Tensor, at::Tensor> prefill_fwd_sm90(
     const std::optional<at::Tensor>& gc, const std::optional<at::Tensor>& z,
     const std::optional<at::Tensor>& norm_weight, int64_t window, int64_t sinks, double mem_scale, int64_t variant,
     const std::optional<at::Tensor>& cu_seqlens, int64_t max_seqlen, const std::optional<at::Tensor>& pos,
-    const std::optional<at::Tensor>& sink_k, const std::optional<at::Tensor>& sink_v, bool initial_state) {
+    const std::optional<at::Tensor>& sink_k, const std::optional<at::Tensor>& sink_v, bool initial_state,
+    const std::optional<at::Tensor>& yp, const std::optional<at::Tensor>& ss) {
   TORCH_CHECK(q.dim() == 4, "prefill_fwd_sm90: q must be [B, T, H, D], got ", q.sizes());
   const int64_t B = q.size(0), T = q.size(1), H = q.size(2), D = q.size(3);
   TORCH_CHECK(D == 128, "prefill_fwd_sm90: head_dim must be 128, got ", D);
@@ -96,6 +97,10 @@ std::tuple<at::Tensor, at::Tensor> prefill_fwd_sm90(
                   z.has_value() == memory && norm_weight.has_value() == memory,
               "prefill_fwd_sm90: v_new, hs, o_weight, gc, z and norm_weight come all together or not at all");
   TORCH_CHECK(memory || !initial_state, "prefill_fwd_sm90: initial_state needs the memory's buffers");
+  // Mamba2: yp and ss (the kernel's outputs for the cross-head norm after it)
+  const bool mamba2 = yp.has_value();
+  TORCH_CHECK(ss.has_value() == mamba2 && (memory || !mamba2),
+              "prefill_fwd_sm90: yp and ss (Mamba2) come together, with the memory's buffers");
   const c10::cuda::CUDAGuard guard(q.device());
   const int device = q.get_device();
   int cc_major = 0, cc_minor = 0;
@@ -116,9 +121,15 @@ std::tuple<at::Tensor, at::Tensor> prefill_fwd_sm90(
                 ", ", H, ", ", D, ", ", D, "], got ", hs->sizes());
     check_rows(*hs, "hs", hs->size(0), H, D, D, q.scalar_type(), q);
     check_rows(*o_weight, "o_weight", H, D, D, 0, q.scalar_type(), q);
-    TORCH_CHECK(norm_weight->dim() == 1 && norm_weight->size(0) == D && norm_weight->scalar_type() == at::kFloat &&
-                    norm_weight->is_contiguous() && norm_weight->device() == q.device(),
-                "prefill_fwd_sm90: norm_weight must be a contiguous float32 [", D, "] on ", q.device());
+    const int64_t nw_size = mamba2 ? H * D : D;  // Mamba2: one per head
+    TORCH_CHECK(norm_weight->dim() == 1 && norm_weight->size(0) == nw_size &&
+                    norm_weight->scalar_type() == at::kFloat && norm_weight->is_contiguous() &&
+                    norm_weight->device() == q.device(),
+                "prefill_fwd_sm90: norm_weight must be a contiguous float32 [", nw_size, "] on ", q.device());
+    if (mamba2) {
+      check_rows(*yp, "yp", B, T, H, D, q.scalar_type(), q);
+      check_rows(*ss, "ss", B, T, H, 0, at::kFloat, q);
+    }
   }
   auto o = at::empty_like(q);
   auto lse = at::empty({B, H, T}, q.options().dtype(at::kFloat));
@@ -140,6 +151,7 @@ std::tuple<at::Tensor, at::Tensor> prefill_fwd_sm90(
       f.vnew = ptr(*v_new), f.hs = ptr(*hs), f.ow = ptr(*o_weight), f.z = ptr(*z);
       f.gc = gc->data_ptr<float>(), f.nw = norm_weight->data_ptr<float>();
       f.hs_rows = int(hs->size(0)), f.mem_scale = float(mem_scale), f.use_h0 = initial_state;
+      if (mamba2) f.yp = reinterpret_cast<E*>(yp->data_ptr()), f.ss = ss->data_ptr<float>();
       ahn_sm90::launch<E, true, kPP>(f, stream);
     } else {
       ahn_sm90::launch<E, false, kPP>(f, stream);

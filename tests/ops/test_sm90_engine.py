@@ -56,11 +56,14 @@ CASES = [
     pytest.param("dn", 1, 4099, 1024, 128, 8, torch.float16, 1, id="dn-T4099-W1024-S128-fp16"),
     pytest.param("gdn", 1, 2053, 200, 300, 4, torch.bfloat16, 1, id="gdn-T2053-W200-S300"),
     pytest.param("gdn", 1, 64, 63, 0, 1, torch.bfloat16, 1, id="gdn-T64-W63-S0"),
+    pytest.param("mamba2", 1, 1500, 256, 4, 4, torch.bfloat16, 1, id="mamba2-T1500-W256-S4"),
+    pytest.param("mamba2", 2, 333, 64, 0, 8, torch.float16, 0, id="mamba2-B2-T333-W64-S0-fp16-v0"),
 ]
 # varlen: packed sequences (lengths), kind, W, S, G, dtype, variant
 VARLEN = [
     pytest.param([700, 1, 0, 333, 129], "gdn", 200, 4, 2, torch.bfloat16, 1, id="gdn-varlen5-W200-S4"),
     pytest.param([64, 2000, 65], "dn", 64, 0, 8, torch.float16, 0, id="dn-varlen3-W64-S0-v0"),
+    pytest.param([900, 17, 400], "mamba2", 128, 3, 2, torch.bfloat16, 1, id="mamba2-varlen3-W128-S3"),
 ]
 
 
@@ -110,10 +113,10 @@ def test_sm90_gradients(engine):
 
 @needs_sm90
 def test_sm90_falls_back_where_it_does_not_apply(engine):
-    """Mamba2 and D = 64 take the default engine under "sm90": same results."""
+    """D = 64 takes the default engine under "sm90": same results."""
     P = _prefill()
     H, HKV, W, S = 4, 2, 100, 4
-    cases = [("mamba2", 1, 300, None, None, 128), ("mamba2", 1, 600, [250, 350], None, 128),
+    cases = [("mamba2", 1, 300, None, None, 64), ("gdn", 1, 600, [250, 350], None, 64),
              ("dn", 2, 300, None, torch.randn(2, H, 64, 64, device="cuda") * 0.1, 64)]
     for kind, B, T, lens, h0, D in cases:
         args = make_inputs(kind, B, T, H, HKV, D, torch.bfloat16, device="cuda", seed=T)
@@ -191,14 +194,14 @@ def test_sm90_engine_refuses_off_a_hopper_gpu(monkeypatch):
 
 
 def _torch_sm90(q, k, v, v_new, hs, o_weight, gc, z, nw, window, sinks, mem_scale, variant, cu_seqlens=None,
-                max_seqlen=0, pos=None, sink_k=None, sink_v=None, initial_state=False):
+                max_seqlen=0, pos=None, sink_k=None, sink_v=None, initial_state=False, yp=None, ss=None):
     """The math of the sm_90a kernel in fp32 torch, with its arguments and outputs: window + sinks softmax
     (out, natural-log lse [B, H, T]); per chunk of 64 rows the memory readout from the memory passes' buffers
     (hs[c] before the chunk, v_new, the in-chunk cumulative log-decays gc), the keys of tokens t - W l2-normed,
     then RMSNorm, swish(z), norm weight and the head's projection. Sequences: the batch rows, or (cu_seqlens)
     packed along the one batch row, each one's chunks after the earlier ones' in hs; or (pos) the cache path:
     queries at positions pos[b] + t, keys from each sequence's stream (W ring-tail rows, then the new tokens)
-    and the sink buffer."""
+    and the sink buffer. Mamba2 (yp, ss given): o the window's output alone, yp and ss written."""
     B, T, H, D = q.shape
     W, S = window, sinks
     if cu_seqlens is not None:
@@ -232,8 +235,12 @@ def _torch_sm90(q, k, v, v_new, hs, o_weight, gc, z, nw, window, sinks, mem_scal
         o1, l1 = _softmax_rows(q[b, r], kk, vv, in_win | sink)
         if v_new is not None and n:
             active = (qp - W) >= S
-            o1 = o1 + _memory_rows(q[b, r], km, active, v_new[b, r], hs[chunk0:], o_weight, gc[b, r], z[b, r], nw,
-                                   mem_scale, initial_state)
+            y, x2 = _memory_rows(q[b, r], km, active, v_new[b, r], hs[chunk0:], o_weight, gc[b, r], z[b, r], nw,
+                                 mem_scale, initial_state, yp is not None)
+            if yp is None:
+                o1 = o1 + y
+            else:
+                yp[b, r], ss[b, r] = y.to(yp.dtype), x2
         out[b, r], lse[b, :, r] = o1, l1
         chunk0 += (n + 63) // 64
     return out.to(q.dtype).contiguous(), lse.contiguous()
@@ -249,14 +256,20 @@ def _softmax_rows(q, k, v, allowed):
     return torch.einsum("htn,nhd->thd", torch.exp(sc - lse[..., None]), vf), lse
 
 
-def _memory_rows(q, km, active, v_new, hs, o_weight, gc, z, nw, mem_scale, initial_state):
+def _memory_rows(q, km, active, v_new, hs, o_weight, gc, z, nw, mem_scale, initial_state, mamba2):
     # the memory readout and epilogue of one sequence's rows q [T, H, D] (memory keys km [T, HKV, D], active
-    # [T]); chunk c reads hs[c]
+    # [T]); chunk c reads hs[c]. (y [T, H, D], Mamba2's sum of squares [T, H]); y is Mamba2's yp
     T, H, D = q.shape
     qf, kf = q.float(), km.float().repeat_interleave(H // km.shape[1], 1)
-    qn = qf * torch.rsqrt((qf * qf).sum(-1, keepdim=True) + 1e-6) * mem_scale
-    kn = kf * torch.rsqrt((kf * kf).sum(-1, keepdim=True) + 1e-6) * active.float()[:, None, None]
+
+    def inv_norm(x):
+        x2 = (x * x).sum(-1, keepdim=True)
+        return 1 / x2.sqrt().clamp_min(1e-12) if mamba2 else torch.rsqrt(x2 + 1e-6)
+
+    qn = qf * inv_norm(qf) * mem_scale
+    kn = kf * inv_norm(kf) * active.float()[:, None, None]
     y = torch.zeros(T, H, D)
+    x2 = torch.zeros(T, H)
     for c in range((T + 63) // 64):
         r0, r1 = c * 64, min(c * 64 + 64, T)
         if not initial_state and not bool(active[r1 - 1]):
@@ -266,9 +279,35 @@ def _memory_rows(q, km, active, v_new, hs, o_weight, gc, z, nw, mem_scale, initi
         pair = torch.tril((qc @ kc.transpose(1, 2)) * torch.exp(g[:, :, None] - g[:, None, :]))
         mo = (qc * torch.exp(g)[:, :, None]) @ hs[c].float() + pair @ v_new[r0:r1].float().transpose(0, 1)
         zc = z[r0:r1].float().transpose(0, 1)[:, :, None]
-        uo = mo * torch.rsqrt((mo * mo).mean(-1, keepdim=True) + 1e-5) * zc * torch.sigmoid(zc) * nw.float()
+        if mamba2:
+            x = mo * zc * torch.sigmoid(zc)
+            x2[r0:r1] = (x * x).sum(-1).transpose(0, 1)
+            uo = x * nw.float().view(H, 1, D)
+        else:
+            uo = mo * torch.rsqrt((mo * mo).mean(-1, keepdim=True) + 1e-5) * zc * torch.sigmoid(zc) * nw.float()
         y[r0:r1] = (uo @ o_weight.float()).transpose(0, 1)
-    return y
+    return y, x2
+
+
+def _stand_in(monkeypatch, dev):
+    """prefill's "sm90" engine with ``_torch_sm90`` standing in for the op (on CPU copies; yp and ss, which
+    the op writes, written back); returns the list its calls' arguments go to."""
+    P = _prefill()
+    monkeypatch.setitem(P.CONFIG, "band", "sm90")
+    monkeypatch.setattr(P, "_sm90_check_device", lambda device: None)
+    calls = []
+
+    def stand_in(*args):
+        calls.append(args)
+        cpu = [a.cpu() if isinstance(a, torch.Tensor) else a for a in args]
+        out = _torch_sm90(*cpu)
+        for i in (19, 20):  # yp, ss
+            if len(args) > i and args[i] is not None:
+                args[i].copy_(cpu[i])
+        return tuple(x.to(dev) for x in out)
+
+    monkeypatch.setattr(P, "_sm90_fwd", stand_in)
+    return calls
 
 
 @pytest.mark.skipif(not torch.cuda.is_available() and __import__("os").environ.get("TRITON_INTERPRET") != "1",
@@ -278,21 +317,15 @@ def _memory_rows(q, km, active, v_new, hs, o_weight, gc, z, nw, mem_scale, initi
     pytest.param("dn", 2, 200, 1, 3, 1, None, id="dn-B2-T200-W1-S3"),
     pytest.param("gdn", 1, 150, 40, 0, 4, None, id="gdn-T150-W40-S0"),
     pytest.param("gdn", 1, 330, 30, 2, 2, [130, 0, 1, 199], id="gdn-varlen-130-0-1-199"),
+    pytest.param("mamba2", 1, 300, 70, 5, 2, None, id="mamba2-T300-W70-S5"),
+    pytest.param("mamba2", 1, 330, 30, 2, 2, [130, 0, 1, 199], id="mamba2-varlen-130-0-1-199"),
 ])
 def test_sm90_path_with_a_torch_stand_in(kind, B, T, W, S, G, lens, monkeypatch):
     # prefill_fwd's "sm90" path (buffers, views, the lse's conversion, the final state) with the kernel's math
     # in torch standing in for it, on the memory passes' real buffers: against the fp32 reference
     P = _prefill()
     dev = "cuda" if torch.cuda.is_available() else "cpu"
-    monkeypatch.setitem(P.CONFIG, "band", "sm90")
-    monkeypatch.setattr(P, "_sm90_check_device", lambda device: None)
-    calls = []
-
-    def stand_in(*args):
-        calls.append(args)
-        return _torch_sm90(*[a.cpu() if isinstance(a, torch.Tensor) else a for a in args])
-
-    monkeypatch.setattr(P, "_sm90_fwd", lambda *a: tuple(x.to(dev) for x in stand_in(*a)))
+    calls = _stand_in(monkeypatch, dev)
     HKV = 2 if G < 4 else 1
     H, D = HKV * G, 128
     args = make_inputs(kind, B, T, H, HKV, D, torch.bfloat16, device=dev, seed=T + W)
@@ -343,6 +376,7 @@ CACHE_CASES = [
     # with sequences short of their sinks (unwritten sink rows in the loaded block)
     pytest.param("gdn", 100, 5, 150, [0, 30, 331], 2, id="gdn-W100-S5-T150-P0+30+331"),
     pytest.param("dn", 16, 70, 30, [0, 3, 20], 1, id="dn-W16-S70-T30-P0+3+20"),
+    pytest.param("mamba2", 100, 5, 150, [0, 30, 331], 2, id="mamba2-W100-S5-T150-P0+30+331"),
 ]
 
 
@@ -352,21 +386,12 @@ CACHE_CASES = [
 def test_sm90_cache_path_with_a_torch_stand_in(kind, W, S, T, before, G, monkeypatch):
     # the cache path under "sm90": the key streams, the sink buffer (its unwritten rows zeroed), the positions
     # and the initial state as the kernel takes them, its math in torch standing in for it
-    P = _prefill()
     dev = "cuda" if torch.cuda.is_available() else "cpu"
-    monkeypatch.setitem(P.CONFIG, "band", "sm90")
-    monkeypatch.setattr(P, "_sm90_check_device", lambda device: None)
-    calls = []
-
-    def stand_in(*args):
-        calls.append(args)
-        if args[16] is not None:  # no unwritten (NaN) sink row reaches the kernel
-            assert not args[16].isnan().any() and not args[17].isnan().any()
-        return _torch_sm90(*[a.cpu() if isinstance(a, torch.Tensor) else a for a in args])
-
-    monkeypatch.setattr(P, "_sm90_fwd", lambda *a: tuple(x.to(dev) for x in stand_in(*a)))
+    calls = _stand_in(monkeypatch, dev)
     out, r, lp, st, st_r = _cache_call(kind, W, S, T, before, G, torch.bfloat16, dev)
     assert len(calls) == 1 and calls[0][15] is not None and calls[0][18] is True
+    if calls[0][16] is not None:  # no unwritten (NaN) sink row reached the kernel
+        assert not calls[0][16].isnan().any() and not calls[0][17].isnan().any()
     check_within_2x(f"{kind} sm90 cache stand-in", out, r, lp)
     torch.testing.assert_close(st.float(), st_r.float(), rtol=2e-2, atol=2e-2)
 

@@ -124,8 +124,8 @@ def _launch(q, kx, vx, sk, sv, a, b, ab_rs, z, A_log, dt_bias, norm_weight, o_we
     # store_lse: also return the window softmax's lse (fp32 [Tq, H]) for the backward; the cache
     # path (inference) passes False and the kernel skips the store.
     # sm90: after the memory passes, the window + sinks attention, the memory readout and the epilogue in one
-    # sm_90a kernel (_sm90_engine said yes: GDN / DN, D = 128); cache: the cache path's (pos, sink_k, sink_v)
-    # for it (kx, vx are then the key streams: each sequence's W ring-tail rows, then its new tokens).
+    # sm_90a kernel (_sm90_engine said yes); cache: the cache path's (pos, sink_k, sink_v) for it (kx, vx are
+    # then the key streams: each sequence's W ring-tail rows, then its new tokens).
     # band: None (the Triton kernel walks the window band) or a callable giving the band over the
     # call's own tokens (_cudnn_band: ob [N, TM, H, D], natural-log lse [N, H, TM], its window wb <= window,
     # the kernel walking the keys between, and TM); it runs on the current stream while the memory
@@ -150,8 +150,6 @@ def _launch(q, kx, vx, sk, sv, a, b, ab_rs, z, A_log, dt_bias, norm_weight, o_we
         b = b.contiguous() if b is not None else dummy
         ab_rs = H
     hs = vnew = gc = yp = ss = dummy
-    ob = lb = dummy
-    wb, tm = window, 0
     side = None  # the memory passes' stream when they run beside the band
     if memory:
         gc = empty(Tq, H, dtype=torch.float32, device=dev)
@@ -175,25 +173,32 @@ def _launch(q, kx, vx, sk, sv, a, b, ab_rs, z, A_log, dt_bias, norm_weight, o_we
             _memory_passes(*args)
             if stage in ("prep", "state"):  # benchmarks: the memory passes alone
                 return out, ht, lse
-            if sm90:
-                # sequences of one length as the kernel's batch rows, else packed along T with cu_seqlens
-                Nb = N if len(set(lens)) == 1 else 1
-                rows = lambda x: x.reshape(Nb, Tq // Nb, *x.shape[-2:])  # noqa: E731  (tokens -> [Nb, T])
-                cu = None if Nb == N else _cu_seqlens(lens, dev)
-                pos, sink_k, sink_v = cache if cache is not None else (None, None, None)
-                kxs, vxs = (kx, vx) if cache is not None else (rows(kx), rows(vx))
-                o4, lse_e = _sm90_fwd(
-                    rows(q), kxs, vxs, rows(vnew), hs, o_weight.to(dt).contiguous(),
-                    gc.view(Nb, Tq // Nb, H), z.reshape(Nb, Tq // Nb, H).contiguous(),
-                    norm_weight.float().contiguous(), window, sinks, D ** -0.5, CONFIG["sm90_variant"], cu,
-                    max(lens), pos, sink_k, sink_v, initial_state is not None)
-                out = o4.view(1, Tq, H, D)
-                if store_lse:  # the backward's normaliser: log2 domain, [tokens, H]
-                    lse = lse_e.transpose(1, 2).reshape(Tq, H) * math.log2(math.e)
-                return out, ht, lse
         if mamba2:
             yp = empty(Tq, H, D, dtype=dt, device=dev)
             ss = empty(Tq, H, dtype=torch.float32, device=dev)
+    if sm90:
+        out, lse_e = _sm90_launch(q, kx, vx, vnew, hs, o_weight, gc, z, norm_weight, window, sinks, lens, N, cache,
+                                  initial_state is not None, (yp, ss) if mamba2 else None)
+        if store_lse:  # the backward's normaliser: log2 domain, [tokens, H]
+            lse = lse_e.transpose(1, 2).reshape(Tq, H) * math.log2(math.e)
+    else:
+        _fwd_launch_band_in(q, kx, vx, sk, sv, z, norm_weight, o_weight, seq, chunks, NT, lens, gc, hs, vnew, out,
+                            yp, ss, lse if store_lse else dummy, window, sinks, band, side, memory,
+                            initial_state is not None, mamba2, store_lse, dummy)
+    if mamba2 and memory:
+        BM = CONFIG["norm_bm"]
+        _mamba2_norm_kernel[(triton.cdiv(Tq, BM),)](
+            out=out, yp=yp, ss=ss, NTOK=Tq, H=H, D=D, HP=triton.next_power_of_2(H), BM=BM, num_warps=4)
+    return out, ht, lse
+
+
+def _fwd_launch_band_in(q, kx, vx, sk, sv, z, norm_weight, o_weight, seq, chunks, NT, lens, gc, hs, vnew, out, yp, ss,
+                        lse, window, sinks, band, side, memory, use_h0, mamba2, store_lse, dummy):
+    # _fwd_kernel: the window band (its own loop, or beside cuDNN's band: the keys between), the memory readout
+    # and epilogue
+    H, D, HKV, dev = q.shape[2], q.shape[3], kx.shape[-2], q.device
+    ob = lb = dummy
+    wb, tm = window, 0
     if band is not None:
         ob, lb, wb, tm = band()
         if side is not None:
@@ -206,17 +211,32 @@ def _launch(q, kx, vx, sk, sv, a, b, ab_rs, z, A_log, dt_bias, norm_weight, o_we
     blocks, NB = (chunks, NT) if BM == BT else row_blocks(lens, BM, dev)
     _fwd_kernel[(H, NB)](
         q=q, kx=kx, vx=vx, sk=sk, sv=sv, z=z.contiguous(), nw=norm_weight.float().contiguous(),
-        ow=o_weight.to(dt).contiguous(), seq=seq, blocks=blocks, gc=gc, hs=hs, vnew=vnew, out=out, yp=yp, ss=ss,
-        lse=lse if store_lse else dummy, ob=ob, lb=lb, H=H, HKV=HKV, D=D, W=window, S=sinks, WB=wb, TM=tm,
+        ow=o_weight.to(q.dtype).contiguous(), seq=seq, blocks=blocks, gc=gc, hs=hs, vnew=vnew, out=out, yp=yp,
+        ss=ss, lse=lse, ob=ob, lb=lb, H=H, HKV=HKV, D=D, W=window, S=sinks, WB=wb, TM=tm,
         qk_scale=D ** -0.5 * math.log2(math.e), mem_scale=1.0 if mamba2 else D ** -0.5,
-        BT=BT, BM=BM, BN=BN, MEMORY=memory, USE_H0=initial_state is not None,
+        BT=BT, BM=BM, BN=BN, MEMORY=memory, USE_H0=use_h0,
         MAMBA2=mamba2 and memory, STORE_LSE=store_lse, BAND_IN=band is not None, num_warps=fwd_warps,
         num_stages=fwd_stages)
-    if mamba2 and memory:
-        BM = CONFIG["norm_bm"]
-        _mamba2_norm_kernel[(triton.cdiv(Tq, BM),)](
-            out=out, yp=yp, ss=ss, NTOK=Tq, H=H, D=D, HP=triton.next_power_of_2(H), BM=BM, num_warps=4)
-    return out, ht, lse
+
+
+def _sm90_launch(q, kx, vx, vnew, hs, o_weight, gc, z, norm_weight, window, sinks, lens, N, cache, use_h0,
+                 mamba2_out):
+    # torch.ops.ahn.prefill_fwd_sm90 on _launch's buffers ([1, tokens, ...]): (out [1, tokens, H, D], its
+    # natural-log lse [Nb, H, T]); sequences of one length as the kernel's batch rows, else packed along T
+    # with cu_seqlens; cache: (pos, sink_k, sink_v) with kx, vx the key streams; mamba2_out: (yp, ss)
+    Tq, H, D = q.shape[1], q.shape[2], q.shape[3]
+    Nb = N if len(set(lens)) == 1 else 1
+    rows = lambda x: x.reshape(Nb, Tq // Nb, *x.shape[-2:])  # noqa: E731  (tokens -> [Nb, T])
+    cu = None if Nb == N else _cu_seqlens(lens, q.device)
+    pos, sink_k, sink_v = cache if cache is not None else (None, None, None)
+    kxs, vxs = (kx, vx) if cache is not None else (rows(kx), rows(vx))
+    yp, ss = (rows(mamba2_out[0]), mamba2_out[1].view(Nb, Tq // Nb, H)) if mamba2_out is not None else (None, None)
+    o4, lse_e = _sm90_fwd(
+        rows(q), kxs, vxs, rows(vnew), hs, o_weight.to(q.dtype).contiguous(), gc.view(Nb, Tq // Nb, H),
+        z.reshape(Nb, Tq // Nb, H).contiguous(), norm_weight.float().contiguous(), window, sinks,
+        1.0 if mamba2_out is not None else D ** -0.5, CONFIG["sm90_variant"], cu, max(lens), pos, sink_k, sink_v,
+        use_h0, yp, ss)
+    return o4.view(1, Tq, H, D), lse_e
 
 
 # unequal lengths take the cuDNN band padded to the longest while the padding adds at most this share of rows
@@ -264,14 +284,13 @@ _WARNED: list = []
 
 
 def _sm90_engine(q, lens, kind, memory) -> bool:
-    """Whether ``CONFIG["band"] = "sm90"`` runs this call's forward on the sm_90a kernel: GDN / DN, D = 128,
-    bf16 / fp16, with the memory, at most 65535 sequences. Raises where "sm90" was asked for and the device or
+    """Whether ``CONFIG["band"] = "sm90"`` runs this call's forward on the sm_90a kernel: D = 128, bf16 / fp16,
+    with the memory, at most 65535 sequences. Raises where "sm90" was asked for and the device or
     the build cannot run it at all."""
     if CONFIG["band"] != "sm90":
         return False
     _sm90_check_device(q.device)
-    return (memory and kind in ("gdn", "dn") and q.shape[-1] == 128 and q.dtype in (torch.bfloat16, torch.float16)
-            and len(lens) < 65536)
+    return (memory and q.shape[-1] == 128 and q.dtype in (torch.bfloat16, torch.float16) and len(lens) < 65536)
 
 
 def _written_sinks(sink_k, sink_v, pos, T):

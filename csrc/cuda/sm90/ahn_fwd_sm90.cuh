@@ -17,13 +17,14 @@
 // Sequences: one per batch row, or varlen (Params::cu): packed along the rows of one batch row, a CTA's rows
 // counted from its sequence's first.
 //
-// kMemory (GDN / DN, every sequence from position 0): the AHN memory readout and epilogue in
-// the consumer, what the Triton combine kernel does behind cuDNN's band. Each warpgroup's 64 rows are one
-// memory chunk c: with the memory passes' gc (in-chunk cumsum of the log-decays), hs[c] (the state before
-// the chunk) and v_new, mo = (q_n e^gc) hs[c] + ((q_n k_n^T) * e^(gc_i - gc_j), j <= i) v_new, where q_n is
-// q l2-normalised times mem_scale and k_n the l2-normalised key of token t - W (active when t - W >= S);
-// then out = o + (RMSNorm(mo) * nw * swish(z)) @ ow[h]. The state (both chunks) comes by TMA at the start,
-// o_weight, the chunk keys and v_new through the K / V stages the band has freed.
+// kMemory: the AHN memory readout and epilogue in the consumer, what the Triton combine kernel does behind
+// cuDNN's band. Each warpgroup's 64 rows are one memory chunk c: with the memory passes' gc (in-chunk cumsum
+// of the log-decays), hs[c] (the state before the chunk) and v_new, mo = (q_n e^gc) hs[c] + ((q_n k_n^T) *
+// e^(gc_i - gc_j), j <= i) v_new, where q_n is q normalised times mem_scale and k_n the normalised key of the
+// token at position P + t - W (active when that is >= S); then (GDN / DN) out = o + (RMSNorm(mo) * nw *
+// swish(z)) @ ow[h], or (Mamba2) the projection and the sum of squares its cross-head norm needs. The states
+// (both chunks) come by TMA at the start, o_weight, the chunk keys and v_new through the K / V stages the band
+// has freed.
 #pragma once
 
 #include <cute/tensor.hpp>
@@ -126,6 +127,11 @@ struct BandTraits {
     int NT;                    // chunks per batch row (equal lengths)
     int hs_rows;               // hs's chunks, all sequences'
     bool use_h0;               // the memory starts from an initial state: every row reads it
+    // Mamba2 (yp != nullptr): its RMSNorm spans the token's H heads, so the kernel stops before it: o gets the
+    // window's output alone, yp [B, T, H, D] the projection of x nw[h] (x = m swish(z)), ss [B, T, H] fp32 the
+    // sum of x^2 over D (the norm kernel after it adds rsqrt(sum_h ss / (H D) + eps) yp); q, k F.normalized
+    Element* yp;
+    float* ss;
   };
 };
 
@@ -527,11 +533,13 @@ __global__ void __launch_bounds__(Traits::kThreads, 1)
     store([](int, int) { return 0.f; });
   } else {
     constexpr int kC = Traits::kChunk;
+    const bool mamba2 = p.yp != nullptr;
     const int wt = tid % 128;  // thread in its warpgroup
     const int crow0 = row0 + wg * kC;
     const bool do_mem = p.use_h0 || P + min(crow0 + kC - 1, T - 1) - W >= S;
     Tensor Yacc = partition_fragment_C(typename Traits::MmaRS{}, Shape<_64, Int<kD>>{});
     clear(Yacc);
+    float x2[kRows] = {};  // Mamba2: sum_D x^2 of the thread's rows
     if (cta_mem) {
       // the stages: o_weight, the chunk keys (K pipeline), v_new (V pipeline); the states
       PipelineState r_ow = rk;
@@ -562,8 +570,10 @@ __global__ void __launch_bounds__(Traits::kThreads, 1)
           sk += __shfl_xor_sync(0xffffffff, sk, 1);
           if (half == 0) {
             const int t = crow0 + i;
-            ss.row_q[wg][i] = p.mem_scale * rsqrtf(sq + 1e-6f);
-            ss.col_k[wg][i] = (t < T && P + t - W >= S) ? rsqrtf(sk + 1e-6f) : 0.f;
+            // GDN / DN l2norm 1 / sqrt(sum x^2 + 1e-6); Mamba2 F.normalize 1 / max(|x|, 1e-12)
+            auto inv_norm = [&](float x2) { return mamba2 ? 1.f / fmaxf(sqrtf(x2), 1e-12f) : rsqrtf(x2 + 1e-6f); };
+            ss.row_q[wg][i] = p.mem_scale * inv_norm(sq);
+            ss.col_k[wg][i] = (t < T && P + t - W >= S) ? inv_norm(sk) : 0.f;
             ss.gcs[wg][i] = t < T ? p.gc[(grow0 + t) * p.H + h] : 0.f;
           }
           // rows past the sequence's end (under varlen the next sequence's, whose v_new may be unwritten):
@@ -611,7 +621,8 @@ __global__ void __launch_bounds__(Traits::kThreads, 1)
         acc_to_regs<Element>(Xacc, rS);
         Tensor tSA = make_tensor(rS.data(), acc_to_a(Xacc.layout()));
         wgmma<false, 0>(mma_rs, tSA, thr_rs.partition_fragment_B(sVnt), Macc);
-        // RMSNorm over D, swish read gate, norm weight; then the head's [D, D] projection
+        // RMSNorm over D, swish read gate, norm weight; then the head's [D, D] projection. Mamba2: the gate,
+        // its head's norm weight, and the sum of squares for the norm across heads
         CUTLASS_PRAGMA_UNROLL
         for (int r = 0; r < decltype(size<0>(M))::value; ++r) {
           float sq = 0.f;
@@ -620,9 +631,12 @@ __global__ void __launch_bounds__(Traits::kThreads, 1)
           sq = quad_sum(sq);
           const int t = crow0 + get<0>(cMrc(r, 0));
           const float z = t < T ? float(p.z[(grow0 + t) * p.H + h]) : 0.f;
-          const float g = rsqrtf(sq / kD + 1e-5f) * z / (1.f + __expf(-z));
+          const float sw = z / (1.f + __expf(-z));
+          const float g = mamba2 ? sw : rsqrtf(sq / kD + 1e-5f) * sw;
+          x2[r] = sq * sw * sw;
+          float const* nw = p.nw + (mamba2 ? h * kD : 0);
           CUTLASS_PRAGMA_UNROLL
-          for (int c = 0; c < decltype(size<1>(M))::value; ++c) M(r, c) *= g * p.nw[get<1>(cMrc(r, c))];
+          for (int c = 0; c < decltype(size<1>(M))::value; ++c) M(r, c) *= g * nw[get<1>(cMrc(r, c))];
         }
         Tensor rU = make_tensor<Element>(Macc.layout());
         acc_to_regs<Element>(Macc, rU);
@@ -634,7 +648,26 @@ __global__ void __launch_bounds__(Traits::kThreads, 1)
       pipe_v.consumer_release(rv);
     }
     Tensor Y = make_tensor(Yacc.data(), acc_rowcol(Yacc.layout()));
-    store([&](int r, int c) { return Y(r, c); });
+    if (!mamba2) {
+      store([&](int r, int c) { return Y(r, c); });
+    } else {  // every row's yp and ss (zeros where the rows read no memory)
+      store([](int, int) { return 0.f; });
+      CUTLASS_PRAGMA_UNROLL
+      for (int r = 0; r < kRows; ++r) {
+        const int t = row0 + get<0>(cOrc(r, 0));
+        if (t < T) {
+          Element* yrow = p.yp + ((grow0 + t) * p.H + h) * kD;
+          CUTLASS_PRAGMA_UNROLL
+          for (int c = 0; c < decltype(size<1>(Y))::value; c += 2) {
+            cutlass::Array<Element, 2> pair;
+            pair[0] = Element(Y(r, c));
+            pair[1] = Element(Y(r, c + 1));
+            *reinterpret_cast<cutlass::Array<Element, 2>*>(yrow + get<1>(cOrc(r, c))) = pair;
+          }
+          if (threadIdx.x % 4 == 0) p.ss[(grow0 + t) * p.H + h] = x2[r];
+        }
+      }
+    }
   }
 #endif
 }
@@ -689,6 +722,8 @@ struct Problem {
   int hs_rows = 0;
   float mem_scale = 1.f;
   bool use_h0 = false;
+  Element* yp = nullptr;     // Mamba2: yp [B, T, H, D] and ss [B, T, H] fp32 (Params::yp); norm_weight [H, D]
+  float* ss = nullptr;
 };
 
 template <class Element, bool kMemory, bool kPingPong>
@@ -715,6 +750,7 @@ void launch(Problem<Element> const& f, cudaStream_t stream) {
     p.tma_hs = tma_mats<Traits>(f.hs, f.hs_rows * f.H);  // chunk c, head h: matrix c H + h
     p.tma_ow = tma_mats<Traits>(f.ow, f.H);
     p.gc = f.gc, p.z = f.z, p.nw = f.nw, p.mem_scale = f.mem_scale, p.hs_rows = f.hs_rows, p.use_h0 = f.use_h0;
+    p.yp = f.yp, p.ss = f.ss;
     p.NT = (f.T + Traits::kChunk - 1) / Traits::kChunk;
   }
   auto kernel = band_fwd_kernel<Traits, kPingPong>;
