@@ -283,7 +283,7 @@ def _band_engine(q: torch.Tensor, lens) -> bool:
 _WARNED: list = []
 
 
-def _sm90_engine(q, lens, kind, memory) -> bool:
+def _sm90_engine(q, lens, memory) -> bool:
     """Whether ``CONFIG["band"] = "sm90"`` runs this call's forward on the sm_90a kernel: D = 128, bf16 / fp16,
     with the memory, at most 65535 sequences. Raises where "sm90" was asked for and the device or
     the build cannot run it at all."""
@@ -371,7 +371,7 @@ def prefill_fwd(q, k, v, a, b, z, A_log, dt_bias, norm_weight, o_weight, window:
     flat = lambda x: None if x is None else x.reshape(1, B * T, *x.shape[2:]).contiguous()  # noqa: E731
     qf, kf, vf = flat(q), flat(k), flat(v)
     band = None
-    sm90 = T > 0 and stage == "all" and _sm90_engine(q, lens, kind, memory)
+    sm90 = T > 0 and stage == "all" and _sm90_engine(q, lens, memory)
     if T > 0 and not sm90 and _band_engine(q, lens):
         band = _cudnn_band(qf, kf, vf, lens, window)
     out, ht, lse = _launch(qf, kf, vf, kf, vf, flat(a), flat(b), None, flat(z), A_log, dt_bias, norm_weight,
@@ -428,7 +428,7 @@ def prefill_cache_fwd(q, k, v, a, b, z, A_log, dt_bias, norm_weight, o_weight,
     sk = wsk.reshape(1, B * S, HKV, D) if S else kx
     sv = wsv.reshape(1, B * S, HKV, D) if S else vx
     qf = q.reshape(1, B * T, H, D).contiguous()
-    sm90 = T > 0 and _sm90_engine(q, [T] * B, kind, True)
+    sm90 = T > 0 and _sm90_engine(q, [T] * B, True)
     band = (_cudnn_band(qf, kc.reshape(1, B * T, HKV, D), vc.reshape(1, B * T, HKV, D), [T] * B, W)
             if T > 0 and not sm90 and _band_engine(q, [T] * B) else None)
     # inference: no backward, so no lse store
