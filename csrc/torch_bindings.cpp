@@ -31,12 +31,16 @@ TORCH_LIBRARY(ahn, m) {
   // ring-tail rows then its new tokens, the sinks in sink_k, sink_v [B,S,HKV,D]. initial_state: the memory
   // started from a state (hs holds it), so every row reads the memory. yp [B,T,H,D], ss [B,T,H] fp32 (written):
   // Mamba2, whose norm spans the heads: the kernel stores the projection and the sum of squares for the norm
-  // kernel after it, o the window's output alone; norm_weight is then [H*D].
+  // kernel after it, o the window's output alone; norm_weight is then [H*D]. ready (int32 [hs rows*H]), with
+  // the memory passes running beside it: a tile whose chunks' counters are below ready_target stores o and lse
+  // and sets deferred[tile] (uint8 zeros); memory_only: the launch after the passes, which adds the memory to
+  // those tiles' rows of out (the first launch's o) in place, and returns two empty tensors.
   m.def(
       "prefill_fwd_sm90(Tensor q, Tensor k, Tensor v, Tensor? v_new, Tensor? hs, Tensor? o_weight, Tensor? gc, "
       "Tensor? z, Tensor? norm_weight, int window, int sinks, float mem_scale, int variant=1, "
       "Tensor? cu_seqlens=None, int max_seqlen=0, Tensor? pos=None, Tensor? sink_k=None, Tensor? sink_v=None, "
-      "bool initial_state=False, Tensor(a!)? yp=None, Tensor(b!)? ss=None) -> (Tensor, Tensor)");
+      "bool initial_state=False, Tensor(a!)? yp=None, Tensor(b!)? ss=None, Tensor? ready=None, int ready_target=0, "
+      "Tensor(c!)? deferred=None, bool memory_only=False, Tensor(d!)? out=None) -> (Tensor, Tensor)");
 }
 
 #if AHN_OPS_WITH_CUDA

@@ -36,7 +36,9 @@ std::tuple<at::Tensor, at::Tensor> prefill_fwd_sm90(
     const std::optional<at::Tensor>& norm_weight, int64_t window, int64_t sinks, double mem_scale, int64_t variant,
     const std::optional<at::Tensor>& cu_seqlens, int64_t max_seqlen, const std::optional<at::Tensor>& pos,
     const std::optional<at::Tensor>& sink_k, const std::optional<at::Tensor>& sink_v, bool initial_state,
-    const std::optional<at::Tensor>& yp, const std::optional<at::Tensor>& ss) {
+    const std::optional<at::Tensor>& yp, const std::optional<at::Tensor>& ss, const std::optional<at::Tensor>& ready,
+    int64_t ready_target, const std::optional<at::Tensor>& deferred, bool memory_only,
+    const std::optional<at::Tensor>& out) {
   TORCH_CHECK(q.dim() == 4, "prefill_fwd_sm90: q must be [B, T, H, D], got ", q.sizes());
   const int64_t B = q.size(0), T = q.size(1), H = q.size(2), D = q.size(3);
   TORCH_CHECK(D == 128, "prefill_fwd_sm90: head_dim must be 128, got ", D);
@@ -131,8 +133,29 @@ std::tuple<at::Tensor, at::Tensor> prefill_fwd_sm90(
       check_rows(*ss, "ss", B, T, H, 0, at::kFloat, q);
     }
   }
-  auto o = at::empty_like(q);
-  auto lse = at::empty({B, H, T}, q.options().dtype(at::kFloat));
+  // the memory passes beside the kernel: their ready counters (int32, one per chunk row of hs and head), the
+  // tiles' deferred flags (uint8, zeros); memory_only: the launch after them, for the deferred tiles
+  const int64_t tiles = ahn_sm90::n_tiles(int(max_T), int(H), int(n_seq));
+  TORCH_CHECK(!(ready.has_value() || memory_only) || (memory && deferred.has_value()),
+              "prefill_fwd_sm90: ready and memory_only need the memory's buffers and deferred");
+  TORCH_CHECK(!(ready.has_value() && memory_only), "prefill_fwd_sm90: a memory_only launch reads no ready counters");
+  TORCH_CHECK(out.has_value() == memory_only, "prefill_fwd_sm90: out (the first launch's output) comes with, and "
+              "only with, memory_only");
+  if (memory_only) check_rows(*out, "out", B, T, H, D, q.scalar_type(), q);
+  if (ready.has_value()) {
+    TORCH_CHECK(ready->scalar_type() == at::kInt && ready->is_contiguous() && ready->device() == q.device() &&
+                    ready->numel() == hs->size(0) * H && ready_target >= 1,
+                "prefill_fwd_sm90: ready must be a contiguous int32 tensor of ", hs->size(0) * H,
+                " counters on ", q.device(), " and ready_target >= 1");
+  }
+  if (deferred.has_value()) {
+    TORCH_CHECK(deferred->scalar_type() == at::kByte && deferred->is_contiguous() &&
+                    deferred->device() == q.device() && deferred->numel() == tiles,
+                "prefill_fwd_sm90: deferred must be a contiguous uint8 tensor of ", tiles, " flags on ", q.device());
+  }
+  // a memory-only launch adds to out in place and returns two empty tensors
+  auto o = memory_only ? *out : at::empty_like(q);
+  auto lse = at::empty({memory_only ? 0 : B, H, T}, q.options().dtype(at::kFloat));
   const cudaStream_t stream = c10::cuda::getCurrentCUDAStream(device);
   auto run = [&](auto element, auto pingpong) {
     using E = decltype(element);
@@ -152,6 +175,9 @@ std::tuple<at::Tensor, at::Tensor> prefill_fwd_sm90(
       f.gc = gc->data_ptr<float>(), f.nw = norm_weight->data_ptr<float>();
       f.hs_rows = int(hs->size(0)), f.mem_scale = float(mem_scale), f.use_h0 = initial_state;
       if (mamba2) f.yp = reinterpret_cast<E*>(yp->data_ptr()), f.ss = ss->data_ptr<float>();
+      if (ready.has_value()) f.ready = ready->data_ptr<int>(), f.ready_target = int(ready_target);
+      if (deferred.has_value()) f.deferred = deferred->data_ptr<uint8_t>();
+      f.mem_only = memory_only;
       ahn_sm90::launch<E, true, kPP>(f, stream);
     } else {
       ahn_sm90::launch<E, false, kPP>(f, stream);
@@ -163,6 +189,7 @@ std::tuple<at::Tensor, at::Tensor> prefill_fwd_sm90(
     variant ? run(cutlass::half_t{}, cute::true_type{}) : run(cutlass::half_t{}, cute::false_type{});
   }
   C10_CUDA_KERNEL_LAUNCH_CHECK();
+  if (memory_only) return {at::empty({0}, q.options()), lse};
   return {o, lse};
 }
 

@@ -428,3 +428,60 @@ def test_sm90_initial_state(engine):
 
     check_within_2x("gdn sm90 h0", outs["sm90"][0], full(torch.float32), full(torch.bfloat16))
     torch.testing.assert_close(outs["sm90"][1], outs["auto"][1], rtol=0, atol=0)
+
+
+@pytest.mark.skipif(not torch.cuda.is_available() and __import__("os").environ.get("TRITON_INTERPRET") != "1",
+                    reason="needs CUDA or TRITON_INTERPRET=1")
+@pytest.mark.parametrize("use_h0", [False, True])
+def test_state_chain_ready_counters(use_h0, monkeypatch):
+    # the counters the sm_90a kernel reads beside the state chain: every chunk the chain stores reaches
+    # state_ready_target (its programs per head), the zero chunks it skips without an initial state stay 0
+    P = _prefill()
+    dev = "cuda" if torch.cuda.is_available() else "cpu"
+    kind, T, W, S, H, HKV, D = "gdn", 300, 100, 5, 2, 1, 128
+    args = make_inputs(kind, 1, T, H, HKV, D, torch.bfloat16, device=dev, seed=9)
+    h0 = torch.randn(1, H, D, D, device=dev) * 0.1 if use_h0 else None
+    orig, seen = P.state_chain, []
+
+    def spy(*a):
+        hs = a[12]
+        seen.append(torch.zeros(hs.shape[0] * hs.shape[1], dtype=torch.int32, device=dev))
+        return orig(*a[:16], seen[-1])
+
+    monkeypatch.setattr(P, "state_chain", spy)
+    P.prefill_fwd(*args, W, S, kind, initial_state=h0)
+    NT = (T + 63) // 64
+    c0 = 0 if use_h0 else (S + W) // 64  # the chain's first stored chunk
+    want = torch.zeros(NT, H, dtype=torch.int32)
+    want[c0:] = P.state_ready_target(D)
+    assert len(seen) == 1
+    torch.testing.assert_close(seen[0].view(NT, H).cpu(), want, rtol=0, atol=0)
+
+
+@needs_sm90
+@pytest.mark.parametrize("kind,lens,W,S", [
+    pytest.param("gdn", None, 4096, 128, id="gdn-T32768"),
+    pytest.param("mamba2", [3000, 1, 9000], 512, 4, id="mamba2-varlen"),
+])
+def test_sm90_memory_passes_beside(kind, lens, W, S, engine, monkeypatch):
+    """The memory passes beside the kernel (ready counters, deferred tiles finished after them), at both side
+    stream priorities: within the rule of the fp32 reference and near the serial engine's output."""
+    P = _prefill()
+    T = 32768 if lens is None else sum(lens)
+    H, HKV, D = 16, 2, 128
+    args = make_inputs(kind, 1, T, H, HKV, D, torch.bfloat16, device="cuda", seed=11)
+    cu = None if lens is None else torch.tensor([0, *itertools.accumulate(lens)], dtype=torch.int32, device="cuda")
+    engine("sm90")
+    serial = P.prefill_fwd(*args, W, S, kind, cu_seqlens=cu)[0]
+    monkeypatch.setitem(P.CONFIG, "sm90_overlap", True)
+    r = lp = None
+    for prio in (0, -1):
+        monkeypatch.setitem(P.CONFIG, "side_priority", prio)
+        out = P.prefill_fwd(*args, W, S, kind, cu_seqlens=cu)[0]
+        # a deferred tile adds the memory to its rounded window output: one more rounding than the serial one
+        torch.testing.assert_close(out.float(), serial.float(), rtol=0, atol=3e-2)
+        if r is None and T <= 12000:
+            r = ref.ahn_attention_ref(*args, W, S, kind, cu_seqlens=cu)
+            lp = ref.ahn_attention_ref(*args, W, S, kind, cu_seqlens=cu, dtype=torch.bfloat16)
+        if r is not None:
+            check_within_2x(f"{kind} sm90 beside, priority {prio}", out, r, lp)

@@ -48,14 +48,16 @@ SUPPORTED_D = (64, 128)
 # band: the window band's engine: "auto" (cuDNN where _band_engine allows, else Triton), "cudnn" or "triton";
 #   "sm90" (experimental, not yet the default: benchmarks/NOTES_prefill.md, "Our own kernel"): the whole forward
 #   after the memory passes in one sm_90a kernel (torch.ops.ahn.prefill_fwd_sm90) where _sm90_engine allows,
-#   "auto" elsewhere; sm90_variant its kernel variant (1: the consumer warpgroups' ping-pong).
+#   "auto" elsewhere; sm90_variant its kernel variant (1: the consumer warpgroups' ping-pong); sm90_overlap: the
+#   memory passes on a high-priority side stream beside it (ready counters; tiles whose chunks are not ready
+#   finish in a memory-only launch after the passes), "side_priority" that stream's priority.
 # fwd: (BN, num_warps, num_stages) of the all-Triton _fwd_kernel at 64 query rows (more warps or BN=128 spill).
 # fwd_band_in: the same for _fwd_kernel behind the cuDNN band (sinks, ring tail, memory, epilogue only).
 # fwd_rows: None picks 64 rows, or fwd_long = (min window, rows, cfg) at D = 128 and long windows, where
 #   128-row programs read each K/V block of the band half as often; an int forces the rows (with "fwd").
 # state_*: the sequential state pass, 16 value columns per program at D = 128 (more programs on a
 #   latency-bound chain); prep_warps, norm_bm: the prep pass and the Mamba2 norm kernel.
-CONFIG = {"band": "auto", "sm90_variant": 1, "fwd": (64, 4, 3), "fwd_band_in": (64, 4, 1), "fwd_rows": None,
+CONFIG = {"band": "auto", "sm90_variant": 1, "sm90_overlap": False, "side_priority": 0, "fwd": (64, 4, 3), "fwd_band_in": (64, 4, 1), "fwd_rows": None,
           "fwd_long": (8192, 128, (64, 8, 3)),
           "state_bv": {64: 64, 128: 16}, "state_warps": 4, "state_stages": 3, "prep_warps": 4, "norm_bm": 32}
 
@@ -82,13 +84,14 @@ def _side_stream(device) -> torch.cuda.Stream:
     """One side stream per device for the memory passes beside the band attention."""
     idx = torch.device(device).index
     idx = torch.cuda.current_device() if idx is None else idx
+    prio = CONFIG["side_priority"]
     st = _SIDE.get(idx)
-    if st is None:
-        st = _SIDE[idx] = torch.cuda.Stream(device=idx)
+    if st is None or st.priority != prio:
+        st = _SIDE[idx] = torch.cuda.Stream(device=idx, priority=prio)
     return st
 
 
-def state_chain(kd, w, u, gc, seq, N, H, D, window, sinks, mamba2, h0, hs, vnew, ht, dummy):
+def state_chain(kd, w, u, gc, seq, N, H, D, window, sinks, mamba2, h0, hs, vnew, ht, dummy, ready=None):
     """The memory's state chain over the prep pass's ``kd, w, u, gc`` (the forward and the backward's
     re-run): stores ``hs`` (the state before every chunk, input dtype), ``v_new`` (not for Mamba2: ``vnew``
     is ``u``) and, if ``ht`` is given, the final state. ``h0``: fp32 [N, H, D, D] or None.
@@ -96,17 +99,23 @@ def state_chain(kd, w, u, gc, seq, N, H, D, window, sinks, mamba2, h0, hs, vnew,
     One program per (BV value columns, head, sequence), sequential over chunks. A two-level scan (segment
     summaries in parallel, a short chain over segments, a replay) was measured slower: the chain moves
     ~0.8 GB at T=32k and runs at half the copy bandwidth, so tripling its work does not pay
-    (benchmarks/NOTES_prefill.md, "The Hopper engine")."""
+    (benchmarks/NOTES_prefill.md, "The Hopper engine"). ``ready`` (int32 [chunks * H], zeros): each chunk's
+    counter reaches ``D // state_bv`` once its hs and v_new are stored (:func:`state_ready_target`)."""
     BV = CONFIG["state_bv"][D]
     _state_kernel[(D // BV, H, N)](
         kd=kd, w=w, u=u, gc=gc, seq=seq, h0=h0 if h0 is not None else dummy, hs=hs, vnew=vnew,
-        ht=ht if ht is not None else dummy, H=H, D=D, W=window, S=sinks, BT=BT, BV=BV,
-        USE_H0=h0 is not None, STORE_HT=ht is not None, MAMBA2=mamba2, num_warps=CONFIG["state_warps"],
-        num_stages=CONFIG["state_stages"])
+        ht=ht if ht is not None else dummy, ready=ready if ready is not None else dummy, H=H, D=D, W=window,
+        S=sinks, BT=BT, BV=BV, USE_H0=h0 is not None, STORE_HT=ht is not None, MAMBA2=mamba2,
+        READY=ready is not None, num_warps=CONFIG["state_warps"], num_stages=CONFIG["state_stages"])
+
+
+def state_ready_target(D: int) -> int:
+    """The value of a chunk's ``ready`` counter once :func:`state_chain` has stored it (its programs per head)."""
+    return D // CONFIG["state_bv"][D]
 
 
 def _memory_passes(kx, vx, a, b, ab_rs, A_log, dt_bias, seq, chunks, NT, N, H, HKV, D, window, sinks, gates, mamba2,
-                   initial_state, bufs, stage):
+                   initial_state, bufs, stage, ready=None):
     gc, w, u, kd, hs, vnew, ht, dummy = bufs
     _prep_kernel[(NT, H)](
         kx=kx, vx=vx, a=a, b=b, A_log=A_log, dt_bias=dt_bias, seq=seq, chunks=chunks, gc=gc, w=w, u=u, kd=kd,
@@ -115,7 +124,7 @@ def _memory_passes(kx, vx, a, b, ab_rs, A_log, dt_bias, seq, chunks, NT, N, H, H
     if stage == "prep":  # benchmarks: the parallel prep pass alone
         return
     h0 = initial_state.float().contiguous() if initial_state is not None else None
-    state_chain(kd, w, u, gc, seq, N, H, D, window, sinks, mamba2, h0, hs, vnew, ht, dummy)
+    state_chain(kd, w, u, gc, seq, N, H, D, window, sinks, mamba2, h0, hs, vnew, ht, dummy, ready)
 
 
 def _launch(q, kx, vx, sk, sv, a, b, ab_rs, z, A_log, dt_bias, norm_weight, o_weight, window, sinks, kind,
@@ -161,14 +170,17 @@ def _launch(q, kx, vx, sk, sv, a, b, ab_rs, z, A_log, dt_bias, norm_weight, o_we
         vnew = u if mamba2 else empty(Tq, H, D, dtype=dt, device=dev)
         args = (kx, vx, a, b, ab_rs, A_log, dt_bias, seq, chunks, NT, N, H, HKV, D, window, sinks, gates, mamba2,
                 initial_state, (gc, w, u, kd, hs, vnew, ht, dummy), stage)
-        if band is not None and stage == "all" and dev.type == "cuda":
+        # the sm_90a kernel beside the memory passes: it reads the state chain's per-chunk ready counters
+        ready = (torch.zeros(NT * H, dtype=torch.int32, device=dev)
+                 if sm90 and CONFIG["sm90_overlap"] and stage == "all" and dev.type == "cuda" else None)
+        if (band is not None or ready is not None) and stage == "all" and dev.type == "cuda":
             # the memory passes (gates, WY prep, the state chain) need no attention output: they run on
             # a side stream while the band runs here; every buffer was allocated on this stream above,
             # and this stream waits for the side stream (below) before anything reads them or they are freed
             side = _side_stream(dev)
             side.wait_stream(torch.cuda.current_stream(dev))
             with torch.cuda.stream(side):
-                _memory_passes(*args)
+                _memory_passes(*args, ready=ready)
         else:
             _memory_passes(*args)
             if stage in ("prep", "state"):  # benchmarks: the memory passes alone
@@ -178,7 +190,7 @@ def _launch(q, kx, vx, sk, sv, a, b, ab_rs, z, A_log, dt_bias, norm_weight, o_we
             ss = empty(Tq, H, dtype=torch.float32, device=dev)
     if sm90:
         out, lse_e = _sm90_launch(q, kx, vx, vnew, hs, o_weight, gc, z, norm_weight, window, sinks, lens, N, cache,
-                                  initial_state is not None, (yp, ss) if mamba2 else None)
+                                  initial_state is not None, (yp, ss) if mamba2 else None, side, ready)
         if store_lse:  # the backward's normaliser: log2 domain, [tokens, H]
             lse = lse_e.transpose(1, 2).reshape(Tq, H) * math.log2(math.e)
     else:
@@ -220,10 +232,12 @@ def _fwd_launch_band_in(q, kx, vx, sk, sv, z, norm_weight, o_weight, seq, chunks
 
 
 def _sm90_launch(q, kx, vx, vnew, hs, o_weight, gc, z, norm_weight, window, sinks, lens, N, cache, use_h0,
-                 mamba2_out):
+                 mamba2_out, side=None, ready=None):
     # torch.ops.ahn.prefill_fwd_sm90 on _launch's buffers ([1, tokens, ...]): (out [1, tokens, H, D], its
     # natural-log lse [Nb, H, T]); sequences of one length as the kernel's batch rows, else packed along T
-    # with cu_seqlens; cache: (pos, sink_k, sink_v) with kx, vx the key streams; mamba2_out: (yp, ss)
+    # with cu_seqlens; cache: (pos, sink_k, sink_v) with kx, vx the key streams; mamba2_out: (yp, ss).
+    # ready: the memory passes run on the stream side with these counters; this stream waits for it before
+    # the memory-only launch that finishes the tiles the first one deferred
     Tq, H, D = q.shape[1], q.shape[2], q.shape[3]
     Nb = N if len(set(lens)) == 1 else 1
     rows = lambda x: x.reshape(Nb, Tq // Nb, *x.shape[-2:])  # noqa: E731  (tokens -> [Nb, T])
@@ -231,11 +245,17 @@ def _sm90_launch(q, kx, vx, vnew, hs, o_weight, gc, z, norm_weight, window, sink
     pos, sink_k, sink_v = cache if cache is not None else (None, None, None)
     kxs, vxs = (kx, vx) if cache is not None else (rows(kx), rows(vx))
     yp, ss = (rows(mamba2_out[0]), mamba2_out[1].view(Nb, Tq // Nb, H)) if mamba2_out is not None else (None, None)
-    o4, lse_e = _sm90_fwd(
-        rows(q), kxs, vxs, rows(vnew), hs, o_weight.to(q.dtype).contiguous(), gc.view(Nb, Tq // Nb, H),
-        z.reshape(Nb, Tq // Nb, H).contiguous(), norm_weight.float().contiguous(), window, sinks,
-        1.0 if mamba2_out is not None else D ** -0.5, CONFIG["sm90_variant"], cu, max(lens), pos, sink_k, sink_v,
-        use_h0, yp, ss)
+    args = (rows(q), kxs, vxs, rows(vnew), hs, o_weight.to(q.dtype).contiguous(), gc.view(Nb, Tq // Nb, H),
+            z.reshape(Nb, Tq // Nb, H).contiguous(), norm_weight.float().contiguous(), window, sinks,
+            1.0 if mamba2_out is not None else D ** -0.5, CONFIG["sm90_variant"], cu, max(lens), pos, sink_k, sink_v,
+            use_h0, yp, ss)
+    if ready is None:
+        o4, lse_e = _sm90_fwd(*args)
+    else:
+        deferred = torch.zeros(triton.cdiv(max(lens), 128) * H * N, dtype=torch.uint8, device=q.device)
+        o4, lse_e = _sm90_fwd(*args, ready, state_ready_target(D), deferred)
+        torch.cuda.current_stream(q.device).wait_stream(side)
+        _sm90_fwd(*args, None, 0, deferred, True, o4)
     return o4.view(1, Tq, H, D), lse_e
 
 

@@ -151,14 +151,25 @@ def _prep_kernel(
 
 
 @triton.jit
+def _chunk_ready(ready, idx):
+    # every thread's stores of the chunk before one release add (the barrier orders them within the program,
+    # the release makes them visible at GPU scope to whoever acquires the counter)
+    tl.debug_barrier()
+    tl.atomic_add(ready + idx, 1, sem="release", scope="gpu")
+
+
+@triton.jit
 def _state_kernel(
     # pointers
-    kd, w, u, gc, seq, h0, hs, vnew, ht,
+    kd, w, u, gc, seq, h0, hs, vnew, ht, ready,
     # sizes
     H: tl.constexpr, D: tl.constexpr, W, S,
     # meta
     BT: tl.constexpr, BV: tl.constexpr, USE_H0: tl.constexpr, STORE_HT: tl.constexpr, MAMBA2: tl.constexpr,
+    READY: tl.constexpr,
 ):
+    # READY: after chunk c's hs and v_new are stored, ready[chunk, head] += 1 (release, GPU scope; D / BV
+    # programs per head): the sm_90a kernel running beside this one reads them to use the chunk at once
     i_v, i_h, i_n = tl.program_id(0), tl.program_id(1), tl.program_id(2)
     bos = tl.load(seq + i_n * 8).to(tl.int64)
     T = tl.load(seq + i_n * 8 + 1)
@@ -182,6 +193,8 @@ def _state_kernel(
                 o_q = bos + i_c * BT + o_t
                 tl.store(vnew + (o_q * H + i_h)[:, None] * D + o_v[None, :],
                          tl.zeros([BT, BV], dtype=vnew.dtype.element_ty), mask=(i_c * BT + o_t < T)[:, None])
+            if READY:
+                _chunk_ready(ready, (coff + i_c) * H + i_h)
     else:
         b_h = tl.zeros([D, BV], dtype=tl.float32)
     for i_c in range(c0, NT):
@@ -198,6 +211,8 @@ def _state_kernel(
             b_vn = b_u.to(tl.float32) - dot(b_w, b_h.to(b_w.dtype))  # [BT, BV]
             tl.store(vnew + (o_q * H + i_h)[:, None] * D + o_v[None, :], b_vn.to(vnew.dtype.element_ty),
                      mask=m_i[:, None])
+        if READY:
+            _chunk_ready(ready, (coff + i_c) * H + i_h)
         b_kd = tl.load(kd + (o_q * H + i_h)[:, None] * D + o_d[None, :], mask=m_i[:, None], other=0.)  # [BT, D]
         i_last = tl.minimum(i_c * BT + BT, T) - 1
         b_glast = tl.load(gc + (bos + i_last) * H + i_h)

@@ -92,6 +92,7 @@ struct BandTraits {
     float gcs[2][kChunk];     // gc
     alignas(16) uint64_t bar_q;
     alignas(16) uint64_t bar_h;
+    int mem_ok;  // the producer's verdict on the memory's chunks (the ready counters), for the consumers
     typename Pipeline::SharedStorage pipe_k;
     typename Pipeline::SharedStorage pipe_v;
   };
@@ -132,6 +133,14 @@ struct BandTraits {
     // sum of x^2 over D (the norm kernel after it adds rsqrt(sum_h ss / (H D) + eps) yp); q, k F.normalized
     Element* yp;
     float* ss;
+    // The memory passes beside the kernel: ready [chunks * H] counters (the state chain's, ready_target when
+    // a chunk's hs and v_new are stored). A tile whose chunks are not ready when its band is done stores o
+    // and lse and sets deferred[tile] (never waits: CTAs spinning on another kernel could hold every SM);
+    // mem_only: a second launch, after the memory passes, that adds the memory to the deferred tiles only.
+    int const* ready;
+    int ready_target;
+    uint8_t* deferred;
+    bool mem_only;
   };
 };
 
@@ -243,6 +252,10 @@ __global__ void __launch_bounds__(Traits::kThreads, 1)
   // kMemory: does any row of this block read the memory? A row reads the memory token P + t - W when that is
   // >= S, and the initial state whatever its position. Then the memory operands come.
   const bool cta_mem = Traits::kMemory && (p.use_h0 || P + t_hi - W >= S);
+  const int64_t tile = (int64_t(seq) * p.H + h) * gridDim.x + m_block;
+  const bool mem_only = Traits::kMemory && p.mem_only;
+  if (mem_only && !(cta_mem && p.deferred[tile])) return;
+  const int n_run = mem_only ? 0 : n_blocks;  // the key blocks this launch walks
 
   const int warp_group = threadIdx.x / 128;
   typename Pipeline::Params pk;
@@ -287,26 +300,29 @@ __global__ void __launch_bounds__(Traits::kThreads, 1)
       auto [tSVg, tSVs] = tma_partition(p.tma_sv, _0{}, Layout<_1>{}, group_modes<0, 2>(sV), group_modes<0, 2>(gSV));
       cutlass::arch::ClusterTransactionBarrier::arrive_and_expect_tx(&ss.bar_q, kBM * kD * sizeof(Element));
       copy(p.tma_q.with(ss.bar_q), tQg, tQs);
-      if (cta_mem) {  // the two chunks' states (a chunk past the sequence's last reads that one: rows past T)
-        int chunk0 = b * p.NT;  // the sequence's first chunk in hs
-        if (p.cu) {
-          chunk0 = 0;
-          constexpr int kC = Traits::kChunk;
-          for (int n = 0; n < int(blockIdx.z); ++n) chunk0 += (p.cu[n + 1] - p.cu[n] + kC - 1) / kC;
-        }
-        const int last = (T + Traits::kChunk - 1) / Traits::kChunk - 1;
+      // the two chunks' states (a chunk past the sequence's last reads that one: rows past T); at the start,
+      // unless the memory passes run beside this launch (then after the ready counters were read)
+      constexpr int kC = Traits::kChunk;
+      int chunk0 = b * p.NT;  // the sequence's first chunk in hs
+      if (p.cu) {
+        chunk0 = 0;
+        for (int n = 0; n < int(blockIdx.z); ++n) chunk0 += (p.cu[n + 1] - p.cu[n] + kC - 1) / kC;
+      }
+      const int last = (T + kC - 1) / kC - 1;
+      auto chunk_of = [&](int i) { return min(2 * m_block + i, last); };
+      auto load_states = [&]() {
         Tensor mH = p.tma_hs.get_tma_tensor(make_shape(Int<kD>{}, Int<kD>{}, p.hs_rows * p.H, 1));
         Tensor sH = make_tensor(make_smem_ptr(ss.hs.data()), typename Traits::SmemLayoutHs{});
         auto [tHg, tHs] = tma_partition(p.tma_hs, _0{}, Layout<_1>{}, group_modes<0, 2>(sH),
                                         group_modes<0, 2>(mH(_, _, _, 0)));
         cutlass::arch::ClusterTransactionBarrier::arrive_and_expect_tx(&ss.bar_h, 2 * kD * kD * sizeof(Element));
-        for (int i = 0; i < 2; ++i) {
-          copy(p.tma_hs.with(ss.bar_h), tHg(_, (chunk0 + min(2 * m_block + i, last)) * p.H + h), tHs(_, i));
-        }
-      }
+        for (int i = 0; i < 2; ++i) copy(p.tma_hs.with(ss.bar_h), tHg(_, (chunk0 + chunk_of(i)) * p.H + h), tHs(_, i));
+      };
+      const bool h_early = p.ready == nullptr;
+      if (cta_mem && h_early) load_states();
       PipelineState wk = cutlass::make_producer_start_state<Pipeline>();
       PipelineState wv = cutlass::make_producer_start_state<Pipeline>();
-      for (int i = 0; i < n_blocks; ++i) {
+      for (int i = 0; i < n_run; ++i) {
         const int n = block_of(i);
         pipe_k.producer_acquire(wk);
         if (i < n_band) {
@@ -324,14 +340,32 @@ __global__ void __launch_bounds__(Traits::kThreads, 1)
         ++wv;
       }
       if (cta_mem) {
+        // are the chunks the warpgroups read stored yet? (read once: acquire, then the async proxy's view of
+        // global memory ordered after it for the TMA loads below)
+        bool ok = true;
+        if (p.ready) {
+          for (int i = 0; i < 2; ++i) {
+            const int c = chunk_of(i);
+            if (p.use_h0 || P + min(c * kC + kC - 1, T - 1) - W >= S) {
+              int n;
+              asm volatile("ld.acquire.gpu.global.b32 %0, [%1];" : "=r"(n) : "l"(p.ready + (chunk0 + c) * p.H + h)
+                           : "memory");
+              ok &= n >= p.ready_target;
+            }
+          }
+          if (ok) asm volatile("fence.proxy.async.global;" ::: "memory");
+        }
+        ss.mem_ok = ok;  // before the o_weight stage's arrive, which releases it to the consumers
         // o_weight[h] into the next K stage; the chunks' keys (rows row0 - W .., negative rows read zeros) into
-        // the one after; the chunks' v_new rows into the next V stage
+        // the one after; the chunks' v_new rows into the next V stage (not for a deferred tile)
         Tensor mO = p.tma_ow.get_tma_tensor(make_shape(Int<kD>{}, Int<kD>{}, p.H, 1));
         auto [tOg, tOs] = tma_partition(p.tma_ow, _0{}, Layout<_1>{}, group_modes<0, 2>(sK),
                                         group_modes<0, 2>(mO(_, _, h, 0)));
         pipe_k.producer_acquire(wk);
         copy(p.tma_ow.with(*pipe_k.producer_get_barrier(wk)), tOg, tOs(_, wk.index()));
         ++wk;
+        if (!ok) return;
+        if (!h_early) load_states();
         Tensor gKm = local_tile(from(k_bos + row0 - W, mK(_, _, hkv, kb)),
                                 Shape<Int<kBN>, Int<kD>>{}, make_coord(0, 0));
         auto [tKmg, tKms] = tma_partition(p.tma_k, _0{}, Layout<_1>{}, group_modes<0, 2>(sK),
@@ -450,7 +484,7 @@ __global__ void __launch_bounds__(Traits::kThreads, 1)
     }
   };
   if constexpr (kPingPong) {
-    if (wg == 1) cutlass::arch::NamedBarrier::arrive(256, 0);
+    if (wg == 1 && n_run > 0) cutlass::arch::NamedBarrier::arrive(256, 0);
   }
 
   clear(tOrO);
@@ -458,6 +492,7 @@ __global__ void __launch_bounds__(Traits::kThreads, 1)
   cutlass::arch::ClusterTransactionBarrier::wait(&ss.bar_q, 0);
   float rescale[kRows];
 
+  if (n_run > 0) {  // the band (a memory-only launch has none)
   pipe_k.consumer_wait(rk);
   my_turn();
   wgmma<true, -1>(mma_qk, tSrQ, tSrK(_, _, _, rk.index()), tSrS);
@@ -468,7 +503,7 @@ __global__ void __launch_bounds__(Traits::kThreads, 1)
   mask(0);
   softmax(rescale);
   to_p();
-  for (int i = 1; i < n_blocks; ++i) {
+  for (int i = 1; i < n_run; ++i) {
     pipe_k.consumer_wait(rk);
     pipe_v.consumer_wait(rv);
     my_turn();
@@ -498,6 +533,7 @@ __global__ void __launch_bounds__(Traits::kThreads, 1)
   warpgroup_wait<0>();
   pipe_v.consumer_release(rv);
   ++rv;
+  }
 
   // o = acc / l (+ the memory's share), lse = m * scale + log l; rows past T are not stored
   float inv[kRows];
@@ -506,6 +542,7 @@ __global__ void __launch_bounds__(Traits::kThreads, 1)
     row_sum[r] = quad_sum(row_sum[r]);
     inv[r] = row_sum[r] > 0.f ? 1.f / row_sum[r] : 0.f;
   }
+  // (a memory-only launch adds the memory's share to the o the first launch stored, and stores no lse)
   auto store = [&](auto const& extra) {
     const int lane = threadIdx.x % 32;
     CUTLASS_PRAGMA_UNROLL
@@ -516,12 +553,14 @@ __global__ void __launch_bounds__(Traits::kThreads, 1)
         CUTLASS_PRAGMA_UNROLL
         for (int c = 0; c < decltype(size<1>(O))::value; c += 2) {
           const int d = get<1>(cOrc(r, c));
-          cutlass::Array<Element, 2> pair;
-          pair[0] = Element(O(r, c) * inv[r] + extra(r, c));
-          pair[1] = Element(O(r, c + 1) * inv[r] + extra(r, c + 1));
-          *reinterpret_cast<cutlass::Array<Element, 2>*>(orow + d) = pair;
+          auto& pair = *reinterpret_cast<cutlass::Array<Element, 2>*>(orow + d);
+          const cutlass::Array<Element, 2> old = mem_only ? pair : cutlass::Array<Element, 2>{};
+          cutlass::Array<Element, 2> out;
+          out[0] = Element((mem_only ? float(old[0]) : O(r, c) * inv[r]) + extra(r, c));
+          out[1] = Element((mem_only ? float(old[1]) : O(r, c + 1) * inv[r]) + extra(r, c + 1));
+          pair = out;
         }
-        if (lane % 4 == 0) {
+        if (lane % 4 == 0 && !mem_only) {
           const float l = row_sum[r];
           p.lse[(int64_t(b) * p.H + h) * p.T + bos + t] =
               l > 0.f ? (row_max[r] * sl2 + log2f(l)) * 0.69314718055994531f : -INFINITY;
@@ -540,17 +579,22 @@ __global__ void __launch_bounds__(Traits::kThreads, 1)
     Tensor Yacc = partition_fragment_C(typename Traits::MmaRS{}, Shape<_64, Int<kD>>{});
     clear(Yacc);
     float x2[kRows] = {};  // Mamba2: sum_D x^2 of the thread's rows
+    bool deferred = false;
     if (cta_mem) {
-      // the stages: o_weight, the chunk keys (K pipeline), v_new (V pipeline); the states
+      // the stages: o_weight, the chunk keys (K pipeline), v_new (V pipeline); the states. Past o_weight's
+      // wait the producer's verdict on the chunks is visible: a deferred tile gets nothing more
       PipelineState r_ow = rk;
       pipe_k.consumer_wait(r_ow);
       ++rk;
+      deferred = !ss.mem_ok;
       PipelineState r_km = rk;
+      if (!deferred) {
       pipe_k.consumer_wait(r_km);
       ++rk;
       pipe_v.consumer_wait(rv);
       cutlass::arch::ClusterTransactionBarrier::wait(&ss.bar_h, 0);
-      if (do_mem) {
+      }
+      if (do_mem && !deferred) {
         Tensor sQwg = local_tile(sQ, Shape<_64, Int<kD>>{}, make_coord(wg, _0{}));
         Tensor sKm = local_tile(sK(_, _, r_km.index()), Shape<_64, Int<kD>>{}, make_coord(wg, _0{}));
         Tensor sVnt = local_tile(sVt(_, _, rv.index()), Shape<Int<kD>, _64>{}, make_coord(_0{}, wg));
@@ -644,14 +688,18 @@ __global__ void __launch_bounds__(Traits::kThreads, 1)
         wgmma<true, 0>(mma_rs, tUA, thr_rs.partition_fragment_B(sOwt), Yacc);
       }
       pipe_k.consumer_release(r_ow);
-      pipe_k.consumer_release(r_km);
-      pipe_v.consumer_release(rv);
+      if (!deferred) {
+        pipe_k.consumer_release(r_km);
+        pipe_v.consumer_release(rv);
+      } else if (tid == 0) {
+        p.deferred[tile] = 1;  // the memory-only launch finishes this tile
+      }
     }
     Tensor Y = make_tensor(Yacc.data(), acc_rowcol(Yacc.layout()));
     if (!mamba2) {
       store([&](int r, int c) { return Y(r, c); });
     } else {  // every row's yp and ss (zeros where the rows read no memory)
-      store([](int, int) { return 0.f; });
+      if (!mem_only) store([](int, int) { return 0.f; });
       CUTLASS_PRAGMA_UNROLL
       for (int r = 0; r < kRows; ++r) {
         const int t = row0 + get<0>(cOrc(r, 0));
@@ -724,7 +772,16 @@ struct Problem {
   bool use_h0 = false;
   Element* yp = nullptr;     // Mamba2: yp [B, T, H, D] and ss [B, T, H] fp32 (Params::yp); norm_weight [H, D]
   float* ss = nullptr;
+  // the memory passes beside the kernel (Params::ready): their ready counters, the tiles' deferred flags
+  // [n_tiles(): zeros], and the memory-only launch after them
+  int const* ready = nullptr;
+  int ready_target = 0;
+  uint8_t* deferred = nullptr;
+  bool mem_only = false;
 };
+
+// the grid's tiles (row blocks x heads x sequences): the size of Problem::deferred
+inline int64_t n_tiles(int max_T, int H, int n_seq) { return int64_t((max_T + 127) / 128) * H * n_seq; }
 
 template <class Element, bool kMemory, bool kPingPong>
 void launch(Problem<Element> const& f, cudaStream_t stream) {
@@ -751,6 +808,7 @@ void launch(Problem<Element> const& f, cudaStream_t stream) {
     p.tma_ow = tma_mats<Traits>(f.ow, f.H);
     p.gc = f.gc, p.z = f.z, p.nw = f.nw, p.mem_scale = f.mem_scale, p.hs_rows = f.hs_rows, p.use_h0 = f.use_h0;
     p.yp = f.yp, p.ss = f.ss;
+    p.ready = f.ready, p.ready_target = f.ready_target, p.deferred = f.deferred, p.mem_only = f.mem_only;
     p.NT = (f.T + Traits::kChunk - 1) / Traits::kChunk;
   }
   auto kernel = band_fwd_kernel<Traits, kPingPong>;
