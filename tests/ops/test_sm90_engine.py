@@ -79,12 +79,17 @@ def test_sm90_varlen_matches_reference_and_default(lens, kind, W, S, G, dtype, v
     _check_sm90(kind, 1, sum(lens), lens, W, S, G, dtype, variant, engine)
 
 
+def _cu(lens, device):
+    """int32 cu_seqlens of packed sequences of ``lens`` (None: no packing)."""
+    return None if lens is None else torch.tensor([0, *itertools.accumulate(lens)], dtype=torch.int32, device=device)
+
+
 def _check_sm90(kind, B, T, lens, W, S, G, dtype, variant, engine):
     P = _prefill()
     HKV = 2 if G < 8 else 1
     H, D = HKV * G, 128
     args = make_inputs(kind, B, T, H, HKV, D, dtype, device="cuda", seed=T + W + S)
-    cu = None if lens is None else torch.tensor([0, *itertools.accumulate(lens)], dtype=torch.int32, device="cuda")
+    cu = _cu(lens, "cuda")
     engine("sm90", variant)
     out, ht, lse = P.prefill_fwd(*args, W, S, kind, cu_seqlens=cu, output_final_state=True)
     engine("auto")
@@ -329,7 +334,7 @@ def test_sm90_path_with_a_torch_stand_in(kind, B, T, W, S, G, lens, monkeypatch)
     HKV = 2 if G < 4 else 1
     H, D = HKV * G, 128
     args = make_inputs(kind, B, T, H, HKV, D, torch.bfloat16, device=dev, seed=T + W)
-    cu = None if lens is None else torch.tensor([0, *itertools.accumulate(lens)], dtype=torch.int32, device=dev)
+    cu = _cu(lens, dev)
     out, ht, lse = P.prefill_fwd(*args, W, S, kind, cu_seqlens=cu, output_final_state=True)
     assert len(calls) == 1
     # varlen goes to the kernel packed, with its int32 cu_seqlens and longest length
@@ -461,7 +466,7 @@ def test_state_chain_ready_counters(use_h0, monkeypatch):
 @needs_sm90
 @pytest.mark.parametrize("kind,lens,W,S", [
     pytest.param("gdn", None, 4096, 128, id="gdn-T32768"),
-    pytest.param("mamba2", [3000, 1, 9000], 512, 4, id="mamba2-varlen"),
+    pytest.param("mamba2", [3000, 1, 5000], 512, 4, id="mamba2-varlen"),
 ])
 def test_sm90_memory_passes_beside(kind, lens, W, S, engine, monkeypatch):
     """The memory passes beside the kernel (ready counters, deferred tiles finished after them), at both side
@@ -470,7 +475,7 @@ def test_sm90_memory_passes_beside(kind, lens, W, S, engine, monkeypatch):
     T = 32768 if lens is None else sum(lens)
     H, HKV, D = 16, 2, 128
     args = make_inputs(kind, 1, T, H, HKV, D, torch.bfloat16, device="cuda", seed=11)
-    cu = None if lens is None else torch.tensor([0, *itertools.accumulate(lens)], dtype=torch.int32, device="cuda")
+    cu = _cu(lens, "cuda")
     engine("sm90")
     serial = P.prefill_fwd(*args, W, S, kind, cu_seqlens=cu)[0]
     monkeypatch.setitem(P.CONFIG, "sm90_overlap", True)
@@ -480,7 +485,7 @@ def test_sm90_memory_passes_beside(kind, lens, W, S, engine, monkeypatch):
         out = P.prefill_fwd(*args, W, S, kind, cu_seqlens=cu)[0]
         # a deferred tile adds the memory to its rounded window output: one more rounding than the serial one
         torch.testing.assert_close(out.float(), serial.float(), rtol=0, atol=3e-2)
-        if r is None and T <= 12000:
+        if r is None and lens is not None:  # (the fp32 reference at T = 32k is too slow for a test)
             r = ref.ahn_attention_ref(*args, W, S, kind, cu_seqlens=cu)
             lp = ref.ahn_attention_ref(*args, W, S, kind, cu_seqlens=cu, dtype=torch.bfloat16)
         if r is not None:
