@@ -249,9 +249,12 @@ __global__ void __launch_bounds__(Traits::kThreads, 1)
   const int n_sink = s_hi >= 0 ? s_hi / kBN + 1 : 0;
   const int n_blocks = n_band + n_sink;
   auto block_of = [&](int i) { return i < n_band ? n_hi - i : n_sink - 1 - (i - n_band); };
-  // kMemory: does any row of this block read the memory? A row reads the memory token P + t - W when that is
-  // >= S, and the initial state whatever its position. Then the memory operands come.
-  const bool cta_mem = Traits::kMemory && (p.use_h0 || P + t_hi - W >= S);
+  // kMemory: do rows up to t read the memory? Row t reads the memory token P + t - W when that is >= S, and
+  // the initial state whatever its position. (This block: then the memory operands come; a chunk of 64 rows:
+  // then its warpgroup reads them, and the producer waits for its state where the passes run beside.)
+  auto reads_memory = [&](int t) { return Traits::kMemory && (p.use_h0 || P + t - W >= S); };
+  const bool cta_mem = reads_memory(t_hi);
+  auto chunk_reads_memory = [&](int c) { return reads_memory(min(c * Traits::kChunk + Traits::kChunk - 1, T - 1)); };
   const int64_t tile = (int64_t(seq) * p.H + h) * gridDim.x + m_block;
   const bool mem_only = Traits::kMemory && p.mem_only;
   if (mem_only && !(cta_mem && p.deferred[tile])) return;
@@ -346,7 +349,7 @@ __global__ void __launch_bounds__(Traits::kThreads, 1)
         if (p.ready) {
           for (int i = 0; i < 2; ++i) {
             const int c = chunk_of(i);
-            if (p.use_h0 || P + min(c * kC + kC - 1, T - 1) - W >= S) {
+            if (chunk_reads_memory(c)) {
               int n;
               asm volatile("ld.acquire.gpu.global.b32 %0, [%1];" : "=r"(n) : "l"(p.ready + (chunk0 + c) * p.H + h)
                            : "memory");
@@ -575,7 +578,7 @@ __global__ void __launch_bounds__(Traits::kThreads, 1)
     const bool mamba2 = p.yp != nullptr;
     const int wt = tid % 128;  // thread in its warpgroup
     const int crow0 = row0 + wg * kC;
-    const bool do_mem = p.use_h0 || P + min(crow0 + kC - 1, T - 1) - W >= S;
+    const bool do_mem = chunk_reads_memory(2 * m_block + wg);
     Tensor Yacc = partition_fragment_C(typename Traits::MmaRS{}, Shape<_64, Int<kD>>{});
     clear(Yacc);
     float x2[kRows] = {};  // Mamba2: sum_D x^2 of the thread's rows
