@@ -2,6 +2,7 @@
 
     python benchmarks/bench_sm90.py               # check, then time T=32k and 131k
     python benchmarks/bench_sm90.py check         # the attention checks only (also: check-fused, bench)
+    python benchmarks/bench_sm90.py bench-bwd     # the band backward (band_bwd_sm90) against cuDNN's, alone and fused
 
 Needs the extension built with its sm_90a kernels (the nvidia-cutlass headers installed at build time). Each
 part is a process of its own in `device_check.sh sm90` (a kernel that hangs costs one part's timeout). A
@@ -276,9 +277,91 @@ def fused_forward(mod, t, T=32768, W=4096, S=128, H=16, HKV=2, D=128):
         print(f"| {name} | {ms:.3f} |")
 
 
+def bench_bwd(mod, first=None):
+    """The band backward (``torch.ops.ahn.band_bwd_sm90``) beside cuDNN's (``band_cudnn.band_bwd``) on the same
+    inputs (their gradients compared), then the fused gdn forward + backward with the backward's band from each
+    (``backward.CONFIG["band"]``), the forward on its default engine and on "sm90". TFLOP/s count the band
+    backward's five products, 10 D H per band (query, key) pair."""
+    from triton.testing import do_bench
+
+    import common as C
+    from ahn_ops.ops.ahn_attention import backward as Bw
+    from ahn_ops.ops.ahn_attention import band_cudnn
+    from ahn_ops.ops.ahn_attention import prefill as P
+
+    def t(fn):
+        return do_bench(fn, warmup=10, rep=100, return_mode="median")
+
+    H, HKV, D = 16, 2, 128
+    rows = []
+    for T, W in [(32768, 4096), (16384, 2048), (131072, 32640)][:first]:
+        q, do = (torch.randn(1, T, H, D, device="cuda", dtype=torch.bfloat16) for _ in range(2))
+        k, v = (torch.randn(1, T, HKV, D, device="cuda", dtype=torch.bfloat16) for _ in range(2))
+        o, lse = band_cudnn.band_fwd(q, k, v, W)  # the band's own softmax: o, natural-log lse [1, H, T]
+        delta = (do.float() * o.float()).sum(-1)[0]  # [T, H]
+        ld = torch.zeros(2, H, (T + 3) // 4 * 4, device="cuda")
+        ld[0, :, :T] = lse[0] * 1.4426950408889634
+        ld[1, :, :T] = delta.t()
+        cu = torch.tensor([0, T], dtype=torch.int32, device="cuda")
+        bufs = [torch.zeros(T, h, D, device="cuda") for h in (H, HKV, HKV)]
+        flat = [x[0] for x in (q, k, v, do)]
+
+        def ours():
+            for b in bufs:
+                b.zero_()
+            torch.ops.ahn.band_bwd_sm90(*flat, ld, W, cu, T, *bufs)
+
+        wb = band_cudnn.band_window("bwd", q, k, W)
+        ms_o = t(ours)
+        ms_c = t(lambda: band_cudnn.band_bwd(q, k, v, o, do, lse, wb))
+        ours()
+        theirs = band_cudnn.band_bwd(q, k, v, o, do, lse, wb)
+        diffs = ", ".join(f"{n} {rel(a, b[0]):.1e}" for n, a, b in zip(("dq", "dk", "dv"), bufs, theirs))
+        fl = 2.5 * C.window_flops(T, W, 0, H, D)
+        for name, ms in (("ours (zeroing its fp32 buffers included)", ms_o), (f"cuDNN band (window {wb})", ms_c)):
+            rows.append((T, W, name, ms, fl / ms / 1e9))
+            print(rows[-1], flush=True)
+        print(f"# T={T} W={W}: rel diff of the band gradients, ours vs cuDNN's: {diffs}", flush=True)
+        del q, do, k, v, o, bufs, flat
+    print("\n| T | W | band backward | ms | TFLOP/s |\n|---|---|---|---|---|")
+    for T, W, name, ms, tf in rows:
+        print(f"| {T} | {W} | {name} | {ms:.3f} | {tf:.0f} |")
+
+    T, W, S = 32768, 4096, 128
+    args = [x.requires_grad_(x.is_floating_point()) for x in prefill_inputs(T, H, HKV, D, seed=5)]
+    dout = torch.randn(1, T, H, D, device="cuda", dtype=torch.bfloat16)
+
+    def fwd():  # the op with its registered autograd
+        return torch.ops.ahn.prefill_fwd(*args, W, S, "gdn", None, None, False, False)[0]
+
+    def step():
+        torch.autograd.grad(fwd(), args, dout)
+
+    res, grads = {}, {}
+    try:
+        for fwd in ("auto", "sm90"):
+            for band in ("auto", "sm90"):
+                P.CONFIG["band"], Bw.CONFIG["band"] = fwd, band
+                name = f"forward {fwd}, backward band {'cuDNN' if band == 'auto' else 'sm90'}"
+                res[name] = t(step)
+                grads[name] = torch.autograd.grad(fwd(), args, dout)
+        Bw.CONFIG["side_stream"] = False
+        res["forward auto, backward band sm90, one stream"] = t(step)
+    finally:
+        P.CONFIG["band"], Bw.CONFIG["band"], Bw.CONFIG["side_stream"] = "auto", "auto", True
+    base = grads["forward auto, backward band cuDNN"]
+    print(f"\n# gdn forward + backward, T={T} W={W} S={S} H={H}/{HKV} D={D}; worst rel diff of a gradient "
+          "against the default's: " + ", ".join(f"{n}: {max(rel(a, b) for a, b in zip(g, base)):.1e}"
+                                                for n, g in grads.items()))
+    print("| forward + backward | ms |\n|---|---|")
+    for name, ms in res.items():
+        print(f"| {name} | {ms:.3f} |")
+
+
 def main():
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    ap.add_argument("parts", nargs="*", choices=["check", "check-fused", "bench"], help="default: all three")
+    ap.add_argument("parts", nargs="*", choices=["check", "check-fused", "bench", "bench-bwd"],
+                    help="default: check, check-fused, bench")
     ap.add_argument("--first", type=int, help="only the first N shapes of each check (e.g. under compute-sanitizer)")
     a = ap.parse_args()
     parts = a.parts or ["check", "check-fused", "bench"]
@@ -291,6 +374,8 @@ def main():
         ok &= check_fused(mod, a.first)
     if "bench" in parts:
         bench(mod)
+    if "bench-bwd" in parts:
+        bench_bwd(mod, a.first)
     return 0 if ok else 1
 
 

@@ -41,6 +41,14 @@ TORCH_LIBRARY(ahn, m) {
       "Tensor? cu_seqlens=None, int max_seqlen=0, Tensor? pos=None, Tensor? sink_k=None, Tensor? sink_v=None, "
       "bool initial_state=False, Tensor(a!)? yp=None, Tensor(b!)? ss=None, Tensor? ready=None, int ready_target=0, "
       "Tensor(c!)? deferred=None, bool memory_only=False, Tensor(d!)? out=None) -> (Tensor, Tensor)");
+  // The sm_90a window band backward (csrc/cuda/ahn_bwd_sm90.cu, built with the forward's kernel): the band
+  // share (keys t - window < j <= t) of the attention's gradients, added to the fp32 dq [tokens,H,128], dk, dv
+  // [tokens,HKV,128]. q, dout [tokens,H,128], k, v [tokens,HKV,128] (bf16 / fp16) hold the sequences packed
+  // (cu_seqlens int32 [N+1], the longest max_seqlen); ld [2,H,Tpad] fp32 the forward's lse (log2 domain, scores
+  // times log2(e) / sqrt(128)) and delta = rowsum(dout * the window's output), Tpad >= tokens a multiple of 4.
+  m.def(
+      "band_bwd_sm90(Tensor q, Tensor k, Tensor v, Tensor dout, Tensor ld, int window, Tensor cu_seqlens, "
+      "int max_seqlen, Tensor(a!) dq, Tensor(b!) dk, Tensor(c!) dv) -> ()");
 }
 
 #if AHN_OPS_WITH_CUDA

@@ -17,7 +17,7 @@ from ahn_ops.ops.ahn_attention import reference as ref
 import ahn_ops
 
 from ..utils import (batch_slice, check_bf16_grad_rule, check_within_2x, empty_layer_cache, kernel_grads,
-                     make_inputs, poison_unwritten, ref_grads)
+                     make_inputs, poison_unwritten, ref_grads, rel_err)
 
 
 def _why_not() -> str:
@@ -180,7 +180,7 @@ def test_sm90_build_switch_reported():
         has = _ext.has_sm90_kernels()
     except ImportError:
         pytest.skip("ahn_ops._C not built")
-    assert hasattr(torch.ops.ahn, "prefill_fwd_sm90")
+    assert hasattr(torch.ops.ahn, "prefill_fwd_sm90") and hasattr(torch.ops.ahn, "band_bwd_sm90")
     archs = _ext.load_extension().CUDA_ARCHS.split(",")
     if has:
         assert _ext.has_cuda_kernels() and "90a" in archs
@@ -490,3 +490,179 @@ def test_sm90_memory_passes_beside(kind, lens, W, S, engine, monkeypatch):
             lp = ref.ahn_attention_ref(*args, W, S, kind, cu_seqlens=cu, dtype=torch.bfloat16)
         if r is not None:
             check_within_2x(f"{kind} sm90 beside, priority {prio}", out, r, lp)
+
+
+# ---------------------------------------------------------------------------------------------
+# the band backward (torch.ops.ahn.band_bwd_sm90, backward.CONFIG["band"] = "sm90")
+# ---------------------------------------------------------------------------------------------
+def _backward():
+    from ahn_ops.ops.ahn_attention import backward
+
+    return backward
+
+
+def _torch_band_bwd(q, k, v, dout, ld, window, cu_seqlens, max_seqlen, dq, dk, dv):
+    """The math of the sm_90a band backward in fp32 torch, with its arguments: per packed sequence the band keys
+    t - W < j <= t, P = exp2(s log2(e) / sqrt(D) - lse), dS = P (dO V^T - delta); adds dq = dS K / sqrt(D),
+    dk = dS^T Q / sqrt(D) (summed over a kv head's query heads) and dv = P^T dO into dq, dk, dv."""
+    Tt, H, D = q.shape
+    HKV = k.shape[1]
+    G = H // HKV
+    c = D ** -0.5
+    cs = cu_seqlens.tolist()
+    assert max_seqlen == max(e - s for s, e in zip(cs[:-1], cs[1:]))
+    for s0, s1 in zip(cs[:-1], cs[1:]):
+        n = s1 - s0
+        if n == 0:
+            continue
+        t = torch.arange(n, device=q.device)
+        band = (t[None, :] <= t[:, None]) & (t[None, :] > t[:, None] - window)  # [query, key]
+        qf, dof = q[s0:s1].float(), dout[s0:s1].float()
+        kf, vf = (x[s0:s1].float().repeat_interleave(G, 1) for x in (k, v))
+        s = torch.einsum("thd,jhd->htj", qf, kf) * (c * 1.4426950408889634)
+        p = torch.where(band[None], torch.exp2(s - ld[0, :, s0:s1, None]), 0.)
+        ds = p * (torch.einsum("thd,jhd->htj", dof, vf) - ld[1, :, s0:s1, None])
+        dq[s0:s1] += torch.einsum("htj,jhd->thd", ds, kf) * c
+        dk[s0:s1] += (torch.einsum("htj,thd->jhd", ds, qf) * c).reshape(n, HKV, G, D).sum(2)
+        dv[s0:s1] += torch.einsum("htj,thd->jhd", p, dof).reshape(n, HKV, G, D).sum(2)
+
+
+@pytest.mark.skipif(not torch.cuda.is_available() and __import__("os").environ.get("TRITON_INTERPRET") != "1",
+                    reason="needs CUDA or TRITON_INTERPRET=1")
+@pytest.mark.parametrize("kind,B,T,W,S,G,lens", [
+    pytest.param("gdn", 1, 200, 50, 5, 2, None, id="gdn-T200-W50-S5"),
+    pytest.param("dn", 2, 130, 1, 3, 1, None, id="dn-B2-T130-W1-S3"),
+    pytest.param("mamba2", 1, 260, 30, 2, 2, [130, 0, 1, 129], id="mamba2-varlen-130-0-1-129"),
+])
+def test_sm90_band_bwd_path_with_a_torch_stand_in(kind, B, T, W, S, G, lens, monkeypatch):
+    # prefill_bwd's "sm90" band (its lse / delta rows, the fp32 band buffers the dq / dkdv kernels add, the sink
+    # work left to the Triton kernels) with the kernel's math in torch standing in for it: every gradient
+    # within the bf16 rule of the fp32 reference
+    Bw = _backward()
+    monkeypatch.setitem(Bw.CONFIG, "band", "sm90")
+    monkeypatch.setattr(_prefill(), "_sm90_check_device", lambda device: None)
+    calls = []
+
+    def stand_in(*args):
+        calls.append(args)
+        _torch_band_bwd(*args)
+
+    monkeypatch.setattr(Bw, "_sm90_band_bwd", stand_in)
+    dev = "cuda" if torch.cuda.is_available() else "cpu"
+    dt = torch.bfloat16 if dev == "cuda" else torch.float16  # (the interpreter's bf16 backward is not exact)
+    HKV = 2 if G < 4 else 1
+    H, D = HKV * G, 128
+    args = make_inputs(kind, B, T, H, HKV, D, dt, device=dev, seed=T + W)
+    dout = torch.randn(B, T, H, D, device=dev, dtype=dt)
+    cu = _cu(lens, dev)
+    gk = kernel_grads(args, dout, W, S, kind, cu)
+    assert len(calls) == 1
+    ld, cu_b = calls[0][4], calls[0][6]
+    assert ld.shape[2] % 4 == 0 and cu_b.tolist() == ([0, *itertools.accumulate(lens)] if lens else
+                                                      [i * T for i in range(B + 1)])
+    gr = ref_grads([None if x is None else x.float() for x in args], dout, W, S, kind, cu, torch.float32)
+    low = [None if x is None else x.to(torch.bfloat16) if x.dtype == dt else x for x in args]
+    gt = ref_grads(low, dout, W, S, kind, cu, torch.bfloat16)
+    check_bf16_grad_rule(gk, gr, gt)
+
+
+@pytest.mark.skipif(torch.cuda.is_available() or __import__("os").environ.get("TRITON_INTERPRET") != "1",
+                    reason="the refusal off a CUDA device (the forward before it on the interpreter)")
+def test_sm90_band_bwd_refuses_off_a_hopper_gpu(monkeypatch):
+    args = make_inputs("gdn", 1, 70, 2, 1, 128, torch.float16, device="cpu", seed=2)
+    dout = torch.randn(1, 70, 2, 128, dtype=torch.float16)
+    monkeypatch.setitem(_backward().CONFIG, "band", "sm91")
+    with pytest.raises(ValueError, match='backward.CONFIG\\["band"\\] must be "auto" or "sm90"'):
+        kernel_grads(args, dout, 8, 2, "gdn", None)
+    monkeypatch.setitem(_backward().CONFIG, "band", "sm90")
+    with pytest.raises(RuntimeError, match='CONFIG\\["band"\\] = "sm90" needs a compute capability 9.0 GPU'):
+        kernel_grads(args, dout, 8, 2, "gdn", None)
+
+
+def _band_inputs(lens, H, HKV, W, dtype, seed):
+    """Random packed q, k, v, dout and the matching ld (the window + sinks softmax's lse, log2 domain; delta =
+    rowsum(dout o)) for the band backward op, and its cu_seqlens."""
+    g = torch.Generator(device="cuda").manual_seed(seed)
+    Tt, D = sum(lens), 128
+    q, dout = (torch.randn(Tt, H, D, device="cuda", generator=g).to(dtype) for _ in range(2))
+    k, v = (torch.randn(Tt, HKV, D, device="cuda", generator=g).to(dtype) for _ in range(2))
+    Tpad = (Tt + 3) // 4 * 4 + 4  # past the rows: read by the kernel's last block, masked
+    ld = torch.full((2, H, Tpad), 1e4, device="cuda")
+    s0 = 0
+    for n in lens:
+        if n:
+            o, lse = ref.window_attention_ref(q[None, s0:s0 + n], k[None, s0:s0 + n], v[None, s0:s0 + n], W, 3,
+                                              return_lse=True)
+            ld[0, :, s0:s0 + n] = lse[0] * 1.4426950408889634
+            ld[1, :, s0:s0 + n] = (dout[s0:s0 + n].float() * o[0]).sum(-1).t()
+        s0 += n
+    return q, k, v, dout, ld, _cu(lens, "cuda")
+
+
+@needs_sm90
+@pytest.mark.parametrize("lens,W,G,dtype", [
+    pytest.param([1000], 300, 8, torch.bfloat16, id="T1000-W300-G8"),
+    pytest.param([517], 1, 4, torch.float16, id="T517-W1-G4-fp16"),
+    pytest.param([333], 4096, 1, torch.bfloat16, id="T333-W4096-G1"),
+    pytest.param([700, 1, 0, 333, 129], 200, 2, torch.bfloat16, id="varlen5-W200-G2"),
+    pytest.param([64, 2000, 65], 64, 8, torch.float16, id="varlen3-W64-G8-fp16"),
+    pytest.param([4099], 1024, 8, torch.bfloat16, id="T4099-W1024-G8"),
+])
+def test_sm90_band_bwd_op_matches_torch(lens, W, G, dtype):
+    """The op against its math in fp32 torch: each gradient added to what the buffers held (random), rows of
+    every sequence, within the rounding of P and dS to the input dtype."""
+    HKV = 2 if G < 8 else 1
+    H = HKV * G
+    q, k, v, dout, ld, cu = _band_inputs(lens, H, HKV, W, dtype, seed=sum(lens) + W)
+    Tt = q.shape[0]
+    base = [torch.randn(Tt, h, 128, device="cuda") for h in (H, HKV, HKV)]
+    got = [x.clone() for x in base]
+    torch.ops.ahn.band_bwd_sm90(q, k, v, dout, ld, W, cu, max(lens), *got)
+    want = [x.clone() for x in base]
+    _torch_band_bwd(q, k, v, dout, ld, W, cu, max(lens), *want)
+    for name, a, r, b in zip(("dq", "dk", "dv"), got, want, base):
+        assert torch.isfinite(a).all(), name
+        err = rel_err(a - b, r - b)
+        print(f"{name}: rel err {err:.2e}")
+        assert err <= (1e-2 if dtype == torch.bfloat16 else 3e-3), name
+
+
+@needs_sm90
+def test_sm90_band_bwd_op_argument_errors():
+    q, k, v, dout, ld, cu = _band_inputs([200], 4, 2, 50, torch.bfloat16, seed=1)
+    dq, dk, dv = torch.zeros(200, 4, 128, device="cuda"), *(torch.zeros(200, 2, 128, device="cuda") for _ in "kv")
+    op = torch.ops.ahn.band_bwd_sm90
+    with pytest.raises(RuntimeError, match="window must be >= 1"):
+        op(q, k, v, dout, ld, 0, cu, 200, dq, dk, dv)
+    with pytest.raises(RuntimeError, match="dq must be"):
+        op(q, k, v, dout, ld, 50, cu, 200, dq.bfloat16(), dk, dv)
+    with pytest.raises(RuntimeError, match="ld must be"):
+        op(q, k, v, dout, ld[:, :, :199], 50, cu, 200, dq, dk, dv)
+    with pytest.raises(RuntimeError, match="cu_seqlens must be"):
+        op(q, k, v, dout, ld, 50, cu.long(), 200, dq, dk, dv)
+    with pytest.raises(RuntimeError, match="max_seqlen must be"):
+        op(q, k, v, dout, ld, 50, cu, 201, dq, dk, dv)
+    with pytest.raises(RuntimeError, match="head_dim must be 128"):
+        op(*(x[..., :64].contiguous() for x in (q, k, v, dout)), ld, 50, cu, 200, dq, dk, dv)
+    assert not dq.any() and not dk.any() and not dv.any()  # refused calls write nothing
+
+
+@needs_sm90
+@pytest.mark.parametrize("kind,T,lens,W,S,G,dtype", [
+    pytest.param("gdn", 777, None, 200, 6, 4, torch.bfloat16, id="gdn-T777-W200-S6"),
+    pytest.param("dn", 300, None, 1, 3, 8, torch.float16, id="dn-T300-W1-S3-fp16"),
+    pytest.param("mamba2", 1030, [900, 1, 129], 128, 3, 2, torch.bfloat16, id="mamba2-varlen3-W128-S3"),
+])
+def test_sm90_band_bwd_gradients(kind, T, lens, W, S, G, dtype, engine, monkeypatch):
+    """Forward and backward on the sm_90a kernels: every gradient within the rule of the fp32 reference."""
+    monkeypatch.setitem(_backward().CONFIG, "band", "sm90")
+    engine("sm90")
+    HKV = 2 if G < 8 else 1
+    H = HKV * G
+    args = make_inputs(kind, 1, T, H, HKV, 128, dtype, device="cuda", seed=T + S)
+    dout = torch.randn(1, T, H, 128, device="cuda", dtype=dtype)
+    cu = _cu(lens, "cuda")
+    gk = kernel_grads(args, dout, W, S, kind, cu)
+    gr = ref_grads([None if x is None else x.float() for x in args], dout, W, S, kind, cu, torch.float32)
+    gt = ref_grads(args, dout, W, S, kind, cu, dtype)
+    check_bf16_grad_rule(gk, gr, gt)

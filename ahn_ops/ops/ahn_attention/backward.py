@@ -69,7 +69,11 @@ BT = pf.BT
 #   (benchmarks/kernel_regs.py --offline checks it); wy_*: _mem_bwd_wy_kernel; dh_*: the reverse state chain.
 # side_stream: the sink kernel and the do_weight product (they need only delta and u_epi) run on a side
 #   stream beside the memory passes (_dh_bwd's programs leave most of each SM idle); dkdv waits for it.
-CONFIG = {"dq": (64, 4, 2), "dkdv": (32, 4, 3), "sink_qs": 1024, "side_stream": True,
+# band: "auto" (the window band's gradients from cuDNN where prefill's engine rule takes cuDNN, else the Triton
+#   kernels) or "sm90" (the sm_90a band backward, torch.ops.ahn.band_bwd_sm90, at D = 128 in bf16 / fp16; it
+#   runs first on the side stream, beside the memory passes, and dq waits for it). Deterministic calls keep the
+#   Triton band either way.
+CONFIG = {"band": "auto", "dq": (64, 4, 2), "dkdv": (32, 4, 3), "sink_qs": 1024, "side_stream": True,
           "mem_bk": 64, "mem_bv": 64, "mem_warps": 8, "mem_stages": 3, "wy_bv": 32, "wy_warps": 4,
           "dh_warps": 4, "dh_stages": 3}
 
@@ -142,6 +146,34 @@ def _items_table(lens: List[int], W: int, S: int, QS: int, dev: torch.device,
     return tables.to_device(torch.tensor(rows, dtype=torch.int32), dev) if rows else None
 
 
+def _sm90_band(q: torch.Tensor) -> bool:
+    """Whether ``CONFIG["band"]`` sends this call's window band to the sm_90a backward (D = 128, bf16 / fp16);
+    raises where "sm90" was asked for and the device or the build cannot run it."""
+    mode = CONFIG["band"]
+    if mode not in ("auto", "sm90"):
+        raise ValueError(f'backward.CONFIG["band"] must be "auto" or "sm90", got {mode!r}')
+    if mode != "sm90":
+        return False
+    pf._sm90_check_device(q.device)
+    return q.shape[-1] == 128 and q.dtype in (torch.bfloat16, torch.float16)
+
+
+def _sm90_band_bwd(*args) -> None:
+    """``torch.ops.ahn.band_bwd_sm90`` (a seam for the CPU tests' stand-in)."""
+    torch.ops.ahn.band_bwd_sm90(*args)
+
+
+def _band_ld(lsef: torch.Tensor, delta: torch.Tensor) -> torch.Tensor:
+    """The band backward's ``ld`` [2, H, Tpad] fp32: the forward's lse (log2 domain) and delta per head, rows
+    padded with zeros to a multiple of 4 (16-byte TMA rows)."""
+    Tt, H = lsef.shape
+    Tpad = (Tt + 3) // 4 * 4
+    ld = torch.zeros(2, H, Tpad, dtype=torch.float32, device=lsef.device)
+    ld[0, :, :Tt] = lsef.t()
+    ld[1, :, :Tt] = delta.t()
+    return ld
+
+
 def prefill_bwd(dout, dht, q, k, v, a, b, z, A_log, dt_bias, norm_weight, o_weight, out, lse, window: int,
                 sinks: int, kind: str, cu_seqlens: Optional[torch.Tensor] = None,
                 initial_state: Optional[torch.Tensor] = None, deterministic: bool = False):
@@ -209,7 +241,10 @@ def prefill_bwd(dout, dht, q, k, v, a, b, z, A_log, dt_bias, norm_weight, o_weig
     # only the sinks past the window and the memory part, and add the band's dq, dk, dv
     # deterministic: the Triton band, whose dq and dk/dv programs own their rows (cuDNN's deterministic
     # backward reduces dq per key tile through a workspace of ~32 GB at T=32k, H=16 and took 2.8x as long)
-    cudnn_band = NT > 0 and not deterministic and pf._band_engine(q, lens)
+    # sm90_band: the band's gradients from our sm_90a kernel instead (backward.CONFIG["band"] = "sm90")
+    sm90_band = NT > 0 and not deterministic and _sm90_band(q)
+    cudnn_band = NT > 0 and not deterministic and not sm90_band and pf._band_engine(q, lens)
+    ext_band = cudnn_band or sm90_band  # the Triton kernels leave the band t - wb < j <= t to them
     owin = empty(Tt, H, D, dtype=dt, device=dev) if cudnn_band else dummy
     dqb = dkb = dvb = dummy
     wb = W  # the cuDNN band's window (band_cudnn.band_window); the Triton kernels walk t - W < j <= t - wb
@@ -256,8 +291,8 @@ def prefill_bwd(dout, dht, q, k, v, a, b, z, A_log, dt_bias, norm_weight, o_weig
         # needs only delta, so with CONFIG["side_stream"] it runs on a side stream from here on ----
         # (the work table is cached by contents, as the forward's tables, and made on the main stream)
         QS = CONFIG["sink_qs"]
-        items = tables.cached_table(("sink", tuple(lens), W, S, BT, QS, str(dev), cudnn_band),
-                                    lambda: _items_table(lens, W, S, QS, dev, not cudnn_band))
+        items = tables.cached_table(("sink", tuple(lens), W, S, BT, QS, str(dev), ext_band),
+                                    lambda: _items_table(lens, W, S, QS, dev, not ext_band))
 
         # deterministic: one slot of partials per item, each written whole by the sink kernel, plus a zero
         # slot for the padding of _sink_sum
@@ -272,7 +307,17 @@ def prefill_bwd(dout, dht, q, k, v, a, b, z, A_log, dt_bias, norm_weight, o_weig
                 q=qf, k=kf, v=vf, do=dof, seq=seq, items=items, lse=lsef, delta=delta,
                 dk_acc=dk_acc if slots is None else slots[0], dv_acc=dv_acc if slots is None else slots[1],
                 W=W, S=S, qk_scale=qk_scale, sm_scale=D ** -0.5, H=H, HKV=HKV, D=D, BT=BT, BM=BM,
-                BAND=not cudnn_band, DET=slots is not None, num_warps=nw, num_stages=ns)
+                BAND=not ext_band, DET=slots is not None, num_warps=nw, num_stages=ns)
+
+        band_args = None
+        if sm90_band:
+            # the whole band (t - W < j <= t) from the sm_90a kernel, into fp32 buffers (rows as q / k) that the
+            # dq / dkdv kernels below add; its lse and delta as [2, H, Tpad] rows
+            dqb = torch.zeros(Tt, H, D, dtype=torch.float32, device=dev)
+            dkb = torch.zeros(Tt, HKV, D, dtype=torch.float32, device=dev)
+            dvb = torch.zeros(Tt, HKV, D, dtype=torch.float32, device=dev)
+            band_args = (qf, kf, vf, dof, _band_ld(lsef, delta), W, pf._cu_seqlens(lens, dev), max(lens),
+                         dqb, dkb, dvb)
 
         if cudnn_band:
             # the band's dq, dk, dv: cuDNN's P = exp(s - lse) with the forward's lse over band + sinks and
@@ -303,13 +348,17 @@ def prefill_bwd(dout, dht, q, k, v, a, b, z, A_log, dt_bias, norm_weight, o_weig
         if CONFIG["side_stream"] and dev.type == "cuda" and not deterministic:
             main, side = torch.cuda.current_stream(dev), _side_stream(dev)
             side.wait_stream(main)
-            with torch.cuda.stream(side):  # inputs live until the join (the dkdv launch): no record_stream
+            with torch.cuda.stream(side):  # inputs live until the joins (dq, dkdv): no record_stream
+                if band_args is not None:  # first: the longest, the memory passes beside it
+                    _sm90_band_bwd(*band_args)
                 if items is not None:
                     sink()
                 dow = _do_weight(uo, dof)
             dow.record_stream(main)  # allocated on the side stream, converted on the main one
             uo.record_stream(side)  # freed below while the side stream may still read it
         else:  # one stream: the product now, so that u_epi is freed before the memory passes
+            if band_args is not None:
+                _sm90_band_bwd(*band_args)
             dow = _do_weight(uo, dof)
         uo = None  # u_epi ([tokens, H, D]) is read by nothing else
         # ---- reverse state recurrence ----
@@ -353,10 +402,12 @@ def prefill_bwd(dout, dht, q, k, v, a, b, z, A_log, dt_bias, norm_weight, o_weig
             del dkh, dvh
         # ---- window attention backward (lse from the forward, delta from _epi_bwd_kernel) ----
         BN, nw, ns = CONFIG["dq"]
+        if side is not None and sm90_band:
+            main.wait_stream(side)  # the band's dq
         ka._attn_dq_kernel[(H, NT)](
             q=qf, k=kf, v=vf, do=dof, seq=seq, chunks=chunks, lse=lsef, delta=delta, dq_acc=dq_acc, dq=dq, dqb=dqb,
             W=W, S=S, qk_scale=qk_scale, sm_scale=D ** -0.5, mem_scale=mem_scale, WB=wb, H=H, HKV=HKV, D=D, BT=BT,
-            BN=BN, MAMBA2=mamba2, BAND=not cudnn_band, num_warps=nw, num_stages=ns)
+            BN=BN, MAMBA2=mamba2, BAND=not ext_band, num_warps=nw, num_stages=ns)
         BM, nw, ns = CONFIG["dkdv"]
         if side is not None:
             main.wait_stream(side)  # the sink partials in dk_acc / dv_acc
@@ -364,14 +415,14 @@ def prefill_bwd(dout, dht, q, k, v, a, b, z, A_log, dt_bias, norm_weight, o_weig
             sink()
         if slots is not None:
             _sink_sum(slots, dk_acc, dv_acc, tables.cached_table(
-                ("sinksum", tuple(lens), W, S, BT, QS, str(dev), cudnn_band),
-                lambda: _sink_sum_table(lens, W, S, QS, dev, not cudnn_band)))
+                ("sinksum", tuple(lens), W, S, BT, QS, str(dev), ext_band),
+                lambda: _sink_sum_table(lens, W, S, QS, dev, not ext_band)))
             del slots
         ka._attn_dkdv_kernel[(HKV, NT)](
             q=qf, k=kf, v=vf, do=dof, seq=seq, chunks=chunks, lse=lsef, delta=delta, dk_acc=dk_acc,
             dkm_acc=dkm_acc, dkw_acc=dkw_acc, dv_acc=dv_acc, dk=dk, dv=dv, dkb=dkb, dvb=dvb, W=W, S=S, WB=wb,
             qk_scale=qk_scale, sm_scale=D ** -0.5,
-            H=H, HKV=HKV, D=D, BT=BT, BM=BM, MAMBA2=mamba2, BAND=not cudnn_band, num_warps=nw, num_stages=ns)
+            H=H, HKV=HKV, D=D, BT=BT, BM=BM, MAMBA2=mamba2, BAND=not ext_band, num_warps=nw, num_stages=ns)
     elif use_h0:
         dh0.copy_(dht if use_dht else torch.zeros_like(dh0))
 
