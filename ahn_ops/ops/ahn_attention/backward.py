@@ -70,9 +70,9 @@ BT = pf.BT
 # side_stream: the sink kernel and the do_weight product (they need only delta and u_epi) run on a side
 #   stream beside the memory passes (_dh_bwd's programs leave most of each SM idle); dkdv waits for it.
 # band: "auto" (the window band's gradients from cuDNN where prefill's engine rule takes cuDNN, else the Triton
-#   kernels) or "sm90" (the sm_90a band backward, torch.ops.ahn.band_bwd_sm90, at D = 128 in bf16 / fp16; it
-#   runs first on the side stream, beside the memory passes, and dq waits for it). Deterministic calls keep the
-#   Triton band either way.
+#   kernels) or "sm90" (the sm_90a band backward, torch.ops.ahn.band_bwd_sm90, at D = 128 in bf16 / fp16: with
+#   side_stream the reverse state chain goes first on the side stream and the band beside it on the main
+#   one). Deterministic calls keep the Triton band either way.
 CONFIG = {"band": "auto", "dq": (64, 4, 2), "dkdv": (32, 4, 3), "sink_qs": 1024, "side_stream": True,
           "mem_bk": 64, "mem_bv": 64, "mem_warps": 8, "mem_stages": 3, "wy_bv": 32, "wy_warps": 4,
           "dh_warps": 4, "dh_stages": 3}
@@ -342,34 +342,45 @@ def prefill_bwd(dout, dht, q, k, v, a, b, z, A_log, dt_bias, norm_weight, o_weig
             # o_win (and the padded copies) are read by nothing else: free them before the memory passes
             del lse_n, lse_b, owin, epi, qb, kb, vb, ob_, dob
 
+        # ---- reverse state recurrence (a function: with the sm_90a band it goes first, on the side stream) ----
+        dhs = empty(NT, H, D, D, dtype=dt, device=dev)
+        dvnew = empty(Tt, H, D, dtype=dt, device=dev)
+
+        def chain():
+            BV = pf.CONFIG["state_bv"][D]  # the forward's state-pass BV: more programs on a latency-bound loop
+            km._dh_bwd_kernel[(D // BV, H, N)](
+                qg=qg, kd=kd, w=w, gc=gc, dm=dm, dvl=dvl, seq=seq,
+                dht=dht.float().contiguous() if use_dht else dummy, dhs=dhs, dvnew=dvnew,
+                dh0=dh0 if use_h0 else dummy, W=W, S=S, H=H, D=D, BT=BT, BV=BV, USE_H0=use_h0, USE_DHT=use_dht,
+                MAMBA2=mamba2, num_warps=CONFIG["dh_warps"], num_stages=CONFIG["dh_stages"])
+
         side = main = None
         # deterministic: one stream (cuBLAS' do_weight product is reproducible only on one stream
         # without a fixed workspace configuration)
         if CONFIG["side_stream"] and dev.type == "cuda" and not deterministic:
             main, side = torch.cuda.current_stream(dev), _side_stream(dev)
             side.wait_stream(main)
-            with torch.cuda.stream(side):  # inputs live until the joins (dq, dkdv): no record_stream
-                if band_args is not None:  # first: the longest, the memory passes beside it
-                    _sm90_band_bwd(*band_args)
+            with torch.cuda.stream(side):  # inputs live until the joins: no record_stream
+                if band_args is not None:
+                    # the chain's few programs take their SMs before the band's CTAs fill the others (launched
+                    # after it on the main stream); the band's CTAs retire all along, the chain's keep theirs
+                    chain()
                 if items is not None:
                     sink()
                 dow = _do_weight(uo, dof)
             dow.record_stream(main)  # allocated on the side stream, converted on the main one
             uo.record_stream(side)  # freed below while the side stream may still read it
+            if band_args is not None:
+                _sm90_band_bwd(*band_args)
+                main.wait_stream(side)  # the chain's dhs, dvnew (and the sink partials, do_weight)
+            else:
+                chain()
         else:  # one stream: the product now, so that u_epi is freed before the memory passes
             if band_args is not None:
                 _sm90_band_bwd(*band_args)
             dow = _do_weight(uo, dof)
+            chain()
         uo = None  # u_epi ([tokens, H, D]) is read by nothing else
-        # ---- reverse state recurrence ----
-        dhs = empty(NT, H, D, D, dtype=dt, device=dev)
-        dvnew = empty(Tt, H, D, dtype=dt, device=dev)
-        BV = pf.CONFIG["state_bv"][D]  # the forward's state-pass BV: more programs on a latency-bound loop
-        km._dh_bwd_kernel[(D // BV, H, N)](
-            qg=qg, kd=kd, w=w, gc=gc, dm=dm, dvl=dvl, seq=seq, dht=dht.float().contiguous() if use_dht else dummy,
-            dhs=dhs, dvnew=dvnew, dh0=dh0 if use_h0 else dummy, W=W, S=S,
-            H=H, D=D, BT=BT, BV=BV, USE_H0=use_h0, USE_DHT=use_dht, MAMBA2=mamba2,
-            num_warps=CONFIG["dh_warps"], num_stages=CONFIG["dh_stages"])
         del qg, kd
         # ---- chunk-parallel memory gradients ----
         # the products with the states, split over key columns (raw d/dqn, d/dkn, dw, dgc parts) ...
@@ -402,8 +413,6 @@ def prefill_bwd(dout, dht, q, k, v, a, b, z, A_log, dt_bias, norm_weight, o_weig
             del dkh, dvh
         # ---- window attention backward (lse from the forward, delta from _epi_bwd_kernel) ----
         BN, nw, ns = CONFIG["dq"]
-        if side is not None and sm90_band:
-            main.wait_stream(side)  # the band's dq
         ka._attn_dq_kernel[(H, NT)](
             q=qf, k=kf, v=vf, do=dof, seq=seq, chunks=chunks, lse=lsef, delta=delta, dq_acc=dq_acc, dq=dq, dqb=dqb,
             W=W, S=S, qk_scale=qk_scale, sm_scale=D ** -0.5, mem_scale=mem_scale, WB=wb, H=H, HKV=HKV, D=D, BT=BT,
