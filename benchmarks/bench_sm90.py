@@ -345,10 +345,13 @@ def bench_bwd(mod, first=None):
                 name = f"forward {fwd}, backward band {'cuDNN' if band == 'auto' else 'sm90'}"
                 res[name] = t(step)
                 grads[name] = torch.autograd.grad(fwd(), args, dout)
+        Bw.CONFIG["chain_priority"] = 0
+        res["forward sm90, backward band sm90, the chain beside it at priority 0"] = t(step)
         Bw.CONFIG["side_stream"] = False
-        res["forward auto, backward band sm90, one stream"] = t(step)
+        res["forward sm90, backward band sm90, one stream"] = t(step)
     finally:
         P.CONFIG["band"], Bw.CONFIG["band"], Bw.CONFIG["side_stream"] = "auto", "auto", True
+        Bw.CONFIG["chain_priority"] = -1
     base = grads["forward auto, backward band cuDNN"]
     print(f"\n# gdn forward + backward, T={T} W={W} S={S} H={H}/{HKV} D={D}; worst rel diff of a gradient "
           "against the default's: " + ", ".join(f"{n}: {max(rel(a, b) for a, b in zip(g, base)):.1e}"

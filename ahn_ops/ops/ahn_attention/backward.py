@@ -71,9 +71,9 @@ BT = pf.BT
 #   stream beside the memory passes (_dh_bwd's programs leave most of each SM idle); dkdv waits for it.
 # band: "auto" (the window band's gradients from cuDNN where prefill's engine rule takes cuDNN, else the Triton
 #   kernels) or "sm90" (the sm_90a band backward, torch.ops.ahn.band_bwd_sm90, at D = 128 in bf16 / fp16: with
-#   side_stream the reverse state chain goes first on the side stream and the band beside it on the main
-#   one). Deterministic calls keep the Triton band either way.
-CONFIG = {"band": "auto", "dq": (64, 4, 2), "dkdv": (32, 4, 3), "sink_qs": 1024, "side_stream": True,
+#   side_stream the band runs on the main stream and the reverse state chain beside it on a side stream of
+#   priority chain_priority, lower is more urgent). Deterministic calls keep the Triton band either way.
+CONFIG = {"band": "auto", "chain_priority": -1, "dq": (64, 4, 2), "dkdv": (32, 4, 3), "sink_qs": 1024, "side_stream": True,
           "mem_bk": 64, "mem_bv": 64, "mem_warps": 8, "mem_stages": 3, "wy_bv": 32, "wy_warps": 4,
           "dh_warps": 4, "dh_stages": 3}
 
@@ -81,11 +81,11 @@ CONFIG = {"band": "auto", "dq": (64, 4, 2), "dkdv": (32, 4, 3), "sink_qs": 1024,
 _SIDE = {}
 
 
-def _side_stream(dev: torch.device) -> torch.cuda.Stream:
-    """One side stream per CUDA device (created on first use)."""
-    key = dev.index if dev.index is not None else torch.cuda.current_device()
+def _side_stream(dev: torch.device, priority: int = 0) -> torch.cuda.Stream:
+    """One side stream per CUDA device and priority (created on first use)."""
+    key = (dev.index if dev.index is not None else torch.cuda.current_device(), priority)
     if key not in _SIDE:
-        _SIDE[key] = torch.cuda.Stream(torch.device("cuda", key))
+        _SIDE[key] = torch.cuda.Stream(torch.device("cuda", key[0]), priority=priority)
     return _SIDE[key]
 
 
@@ -358,12 +358,16 @@ def prefill_bwd(dout, dht, q, k, v, a, b, z, A_log, dt_bias, norm_weight, o_weig
         # deterministic: one stream (cuBLAS' do_weight product is reproducible only on one stream
         # without a fixed workspace configuration)
         if CONFIG["side_stream"] and dev.type == "cuda" and not deterministic:
-            main, side = torch.cuda.current_stream(dev), _side_stream(dev)
+            main = torch.cuda.current_stream(dev)
+            side = _side_stream(dev, CONFIG["chain_priority"] if band_args is not None else 0)
             side.wait_stream(main)
+            if band_args is not None:
+                # the band's CTAs fill the GPU first; the chain, launched after it on a stream of higher
+                # priority, takes SMs as band CTAs retire (launched first on an idle GPU, its ~128 programs
+                # would spread one per SM and shut the band out until the chain's end)
+                _sm90_band_bwd(*band_args)
             with torch.cuda.stream(side):  # inputs live until the joins: no record_stream
                 if band_args is not None:
-                    # the chain's few programs take their SMs before the band's CTAs fill the others (launched
-                    # after it on the main stream); the band's CTAs retire all along, the chain's keep theirs
                     chain()
                 if items is not None:
                     sink()
@@ -371,7 +375,6 @@ def prefill_bwd(dout, dht, q, k, v, a, b, z, A_log, dt_bias, norm_weight, o_weig
             dow.record_stream(main)  # allocated on the side stream, converted on the main one
             uo.record_stream(side)  # freed below while the side stream may still read it
             if band_args is not None:
-                _sm90_band_bwd(*band_args)
                 main.wait_stream(side)  # the chain's dhs, dvnew (and the sink partials, do_weight)
             else:
                 chain()
