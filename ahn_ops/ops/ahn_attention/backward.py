@@ -73,8 +73,8 @@ BT = pf.BT
 #   kernels) or "sm90" (the sm_90a band backward, torch.ops.ahn.band_bwd_sm90, at D = 128 in bf16 / fp16: with
 #   side_stream the band runs on the main stream and the reverse state chain beside it on a side stream of
 #   priority chain_priority, lower is more urgent). Deterministic calls keep the Triton band either way.
-CONFIG = {"band": "auto", "chain_priority": -1, "dq": (64, 4, 2), "dkdv": (32, 4, 3), "sink_qs": 1024, "side_stream": True,
-          "mem_bk": 64, "mem_bv": 64, "mem_warps": 8, "mem_stages": 3, "wy_bv": 32, "wy_warps": 4,
+CONFIG = {"band": "auto", "chain_priority": -1, "dq": (64, 4, 2), "dkdv": (32, 4, 3), "sink_qs": 1024,
+          "side_stream": True, "mem_bk": 64, "mem_bv": 64, "mem_warps": 8, "mem_stages": 3, "wy_bv": 32, "wy_warps": 4,
           "dh_warps": 4, "dh_stages": 3}
 
 
@@ -342,7 +342,7 @@ def prefill_bwd(dout, dht, q, k, v, a, b, z, A_log, dt_bias, norm_weight, o_weig
             # o_win (and the padded copies) are read by nothing else: free them before the memory passes
             del lse_n, lse_b, owin, epi, qb, kb, vb, ob_, dob
 
-        # ---- reverse state recurrence (a function: with the sm_90a band it goes first, on the side stream) ----
+        # ---- reverse state recurrence (a function: with the sm_90a band it runs on the side stream beside it) ----
         dhs = empty(NT, H, D, D, dtype=dt, device=dev)
         dvnew = empty(Tt, H, D, dtype=dt, device=dev)
 
