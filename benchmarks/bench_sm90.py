@@ -339,10 +339,10 @@ def bench_bwd(mod, first=None):
 
     res, grads = {}, {}
     try:
-        for fwd in ("auto", "sm90"):
+        for engine in ("auto", "sm90"):
             for band in ("auto", "sm90"):
-                P.CONFIG["band"], Bw.CONFIG["band"] = fwd, band
-                name = f"forward {fwd}, backward band {'cuDNN' if band == 'auto' else 'sm90'}"
+                P.CONFIG["band"], Bw.CONFIG["band"] = engine, band
+                name = f"forward {engine}, backward band {'cuDNN' if band == 'auto' else 'sm90'}"
                 res[name] = t(step)
                 grads[name] = torch.autograd.grad(fwd(), args, dout)
         Bw.CONFIG["chain_priority"] = 0
