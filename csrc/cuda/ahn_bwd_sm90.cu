@@ -7,6 +7,8 @@
 #include <c10/cuda/CUDAStream.h>
 #include <torch/library.h>
 
+#include <algorithm>
+
 #include "sm90/ahn_bwd_sm90.cuh"
 
 namespace {
@@ -72,7 +74,9 @@ void band_bwd_sm90(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v
     f.q = ptr(q), f.k = ptr(k), f.v = ptr(v), f.dout = ptr(dout);
     f.ld = ld.data_ptr<float>();
     f.dq = dq.data_ptr<float>(), f.dk = dk.data_ptr<float>(), f.dv = dv.data_ptr<float>();
-    f.Tt = int(Tt), f.Tpad = int(ld.size(2)), f.H = int(H), f.HKV = int(HKV), f.W = int(window);
+    // a window past the longest sequence is the same band (every j <= t), and keeps the kernel's int sums small
+    f.Tt = int(Tt), f.Tpad = int(ld.size(2)), f.H = int(H), f.HKV = int(HKV);
+    f.W = int(std::min<int64_t>(window, max_seqlen));
     f.cu = cu_seqlens.data_ptr<int>(), f.n_seq = int(n_seq), f.max_T = int(max_seqlen);
     ahn_sm90::launch_bwd<E>(f, stream);
   };
