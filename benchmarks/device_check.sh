@@ -14,8 +14,9 @@
 #   bash benchmarks/device_check.sh step             # the decode step at B <= 2: tests, projections, 3B step variants
 #   bash benchmarks/device_check.sh distill          # bench_distill.py: self-distillation tokens/s, 3B shape, T=16k
 #   bash benchmarks/device_check.sh ab               # ab_trees.py: this tree against each older tree in .ab/ (carry .ab)
-#   bash benchmarks/device_check.sh sm90             # bench_sm90.py: the sm_90a forward kernel (the build needs the
-#                                                    # nvidia-cutlass wheel in .whl/), checks, then against the peers
+#   bash benchmarks/device_check.sh sm90             # bench_sm90.py: the sm_90a kernels (the build needs the
+#                                                    # nvidia-cutlass wheel in .whl/): the forward's checks, the band
+#                                                    # backward's op test, then both against the peers
 #   bash benchmarks/device_check.sh bg:demo tests    # both at once
 #
 # Logs and results go to $OUT (the device tool's folder) or ./device_out; the demo's assets come back
@@ -152,8 +153,12 @@ stage() {
         sanitize memcheck
         return 1
       fi
+      # the band backward's op against its torch math (a failure there leaves the forward's timings to run)
+      timeout 120 python3 -m pytest -q -x tests/ops/test_sm90_engine.py -k band_bwd_op 2>&1 | tee -a "$out/sm90.log" \
+        | tail -12
       [ "${SM90_SKIP_BENCH:-0}" = 1 ] && return 0  # the timings in a later step of the same call
       timeout 300 python3 benchmarks/bench_sm90.py bench 2>&1 | tee -a "$out/sm90.log" | tail -30
+      timeout 200 python3 benchmarks/bench_sm90.py bench-bwd --first 1 2>&1 | tee -a "$out/sm90.log" | tail -18
       ;;
     *)
       echo "unknown stage $1 (tests|bench|perf|model|demo|ddp|decode|step|distill|ab|sm90, optionally bg:STAGE)" >&2
