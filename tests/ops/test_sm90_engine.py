@@ -1,8 +1,10 @@
-"""The sm_90a forward kernel (``torch.ops.ahn.prefill_fwd_sm90``, ``prefill.CONFIG["band"] = "sm90"``): window +
-sinks attention with the GDN / DN memory readout and epilogue after the Triton memory passes, against the fp32
-reference (2x PyTorch's own low-precision error, as test_prefill.py) and the default engine; the backward
-through it; its argument checks. GPU tests need an H100 / H200 and a build with the CUTLASS headers; the
-CPU tests check the build switch and the engine's refusal off such a GPU."""
+"""The sm_90a kernels. The forward (``torch.ops.ahn.prefill_fwd_sm90``, ``prefill.CONFIG["band"] = "sm90"``): window
++ sinks attention with the memory readout and epilogue after the Triton memory passes, against the fp32 reference
+(2x PyTorch's own low-precision error, as test_prefill.py) and the default engine; the backward through it; its
+argument checks. The band backward (``torch.ops.ahn.band_bwd_sm90``, ``backward.CONFIG["band"] = "sm90"``): the op
+against its math in torch, every gradient against the fp32 reference. GPU tests need an H100 / H200 and a build
+with the CUTLASS headers; the CPU tests check the build switch, the engines' refusal off such a GPU and the
+library's paths around both kernels with their math in torch standing in for them."""
 
 from __future__ import annotations
 
