@@ -9,6 +9,7 @@
 
 #include <algorithm>
 
+#include "sm90/sm90_op.h"
 #include "sm90/ahn_bwd_sm90.cuh"
 
 namespace {
@@ -61,11 +62,7 @@ void band_bwd_sm90(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v
               max_seqlen);
   const c10::cuda::CUDAGuard guard(q.device());
   const int device = q.get_device();
-  int cc_major = 0, cc_minor = 0;
-  C10_CUDA_CHECK(cudaDeviceGetAttribute(&cc_major, cudaDevAttrComputeCapabilityMajor, device));
-  C10_CUDA_CHECK(cudaDeviceGetAttribute(&cc_minor, cudaDevAttrComputeCapabilityMinor, device));
-  TORCH_CHECK(cc_major == 9 && cc_minor == 0, "band_bwd_sm90: needs a compute capability 9.0 GPU (sm_90a), got ",
-              cc_major, ".", cc_minor);
+  ahn_sm90::require_sm90(device, "band_bwd_sm90");
   const cudaStream_t stream = c10::cuda::getCurrentCUDAStream(device);
   auto run = [&](auto element) {
     using E = decltype(element);

@@ -11,6 +11,7 @@
 #include <string>
 #include <tuple>
 
+#include "sm90/sm90_op.h"
 #include "sm90/ahn_fwd_sm90.cuh"
 
 namespace {
@@ -105,11 +106,7 @@ std::tuple<at::Tensor, at::Tensor> prefill_fwd_sm90(
               "prefill_fwd_sm90: yp and ss (Mamba2) come together, with the memory's buffers");
   const c10::cuda::CUDAGuard guard(q.device());
   const int device = q.get_device();
-  int cc_major = 0, cc_minor = 0;
-  C10_CUDA_CHECK(cudaDeviceGetAttribute(&cc_major, cudaDevAttrComputeCapabilityMajor, device));
-  C10_CUDA_CHECK(cudaDeviceGetAttribute(&cc_minor, cudaDevAttrComputeCapabilityMinor, device));
-  TORCH_CHECK(cc_major == 9 && cc_minor == 0, "prefill_fwd_sm90: needs a compute capability 9.0 GPU (sm_90a), got ",
-              cc_major, ".", cc_minor);
+  ahn_sm90::require_sm90(device, "prefill_fwd_sm90");
   // hs: each sequence's ceil(T_n / 64) chunk states after the earlier sequences' (at least ceil(T / 64) rows;
   // under varlen up to N - 1 more, which only cu_seqlens' values decide: rows past hs's own read as zeros)
   const int64_t NT = (T + 63) / 64;

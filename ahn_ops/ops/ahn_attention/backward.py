@@ -78,17 +78,6 @@ CONFIG = {"band": "auto", "chain_priority": -1, "dq": (64, 4, 2), "dkdv": (32, 4
           "dh_warps": 4, "dh_stages": 3}
 
 
-_SIDE = {}
-
-
-def _side_stream(dev: torch.device, priority: int = 0) -> torch.cuda.Stream:
-    """One side stream per CUDA device and priority (created on first use)."""
-    key = (dev.index if dev.index is not None else torch.cuda.current_device(), priority)
-    if key not in _SIDE:
-        _SIDE[key] = torch.cuda.Stream(torch.device("cuda", key[0]), priority=priority)
-    return _SIDE[key]
-
-
 def _mm_f32(x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
     """``x @ y`` with fp32 output for low-precision operands (fp32 accumulation either way)."""
     if x.dtype in (torch.bfloat16, torch.float16) and x.is_cuda:
@@ -359,7 +348,7 @@ def prefill_bwd(dout, dht, q, k, v, a, b, z, A_log, dt_bias, norm_weight, o_weig
         # without a fixed workspace configuration)
         if CONFIG["side_stream"] and dev.type == "cuda" and not deterministic:
             main = torch.cuda.current_stream(dev)
-            side = _side_stream(dev, CONFIG["chain_priority"] if band_args is not None else 0)
+            side = pf.side_stream(dev, CONFIG["chain_priority"] if band_args is not None else 0)
             side.wait_stream(main)
             if band_args is not None:
                 # the band's CTAs fill the GPU first; the chain, launched after it on a stream of higher

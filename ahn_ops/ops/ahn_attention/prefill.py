@@ -15,7 +15,7 @@ Three launches, four for Mamba2:
    skips that store).
    On sm_90+ with cuDNN (``CONFIG["band"]``, ``_band_engine``), the window band over the call's own
    tokens runs in cuDNN's fused attention (``band_cudnn``, ``_cudnn_band``) while launches 1-2 run on a
-   side stream (``_side_stream``); ``_fwd_kernel`` (``BAND_IN``) then starts from the band's output and
+   side stream (``side_stream``); ``_fwd_kernel`` (``BAND_IN``) then starts from the band's output and
    log-sum-exp and walks only the sinks that left the window and, on a cache, the ring tail.
 4. Mamba2 only: ``_mamba2_norm_kernel`` (grid: token blocks) applies the cross-head RMSNorm scale
    (``_fwd_kernel`` stops before the norm, which spans the H heads of a token).
@@ -57,8 +57,8 @@ SUPPORTED_D = (64, 128)
 #   128-row programs read each K/V block of the band half as often; an int forces the rows (with "fwd").
 # state_*: the sequential state pass, 16 value columns per program at D = 128 (more programs on a
 #   latency-bound chain); prep_warps, norm_bm: the prep pass and the Mamba2 norm kernel.
-CONFIG = {"band": "auto", "sm90_variant": 1, "sm90_overlap": False, "side_priority": 0, "fwd": (64, 4, 3), "fwd_band_in": (64, 4, 1), "fwd_rows": None,
-          "fwd_long": (8192, 128, (64, 8, 3)),
+CONFIG = {"band": "auto", "sm90_variant": 1, "sm90_overlap": False, "side_priority": 0, "fwd": (64, 4, 3),
+          "fwd_band_in": (64, 4, 1), "fwd_rows": None, "fwd_long": (8192, 128, (64, 8, 3)),
           "state_bv": {64: 64, 128: 16}, "state_warps": 4, "state_stages": 3, "prep_warps": 4, "norm_bm": 32}
 
 
@@ -80,14 +80,14 @@ def _fwd_launch(D: int, window: int):
 _SIDE: dict = {}
 
 
-def _side_stream(device) -> torch.cuda.Stream:
-    """One side stream per device for the memory passes beside the band attention."""
+def side_stream(device, priority: int = 0) -> torch.cuda.Stream:
+    """One side stream per device and priority (lower is more urgent), created on first use: the forward's
+    memory passes beside the band attention, the backward's reverse chain and sink work beside its band."""
     idx = torch.device(device).index
-    idx = torch.cuda.current_device() if idx is None else idx
-    prio = CONFIG["side_priority"]
-    st = _SIDE.get(idx)
-    if st is None or st.priority != prio:
-        st = _SIDE[idx] = torch.cuda.Stream(device=idx, priority=prio)
+    key = (torch.cuda.current_device() if idx is None else idx, priority)
+    st = _SIDE.get(key)
+    if st is None:
+        st = _SIDE[key] = torch.cuda.Stream(device=key[0], priority=priority)
     return st
 
 
@@ -177,7 +177,7 @@ def _launch(q, kx, vx, sk, sv, a, b, ab_rs, z, A_log, dt_bias, norm_weight, o_we
             # the memory passes (gates, WY prep, the state chain) need no attention output: they run on
             # a side stream while the band runs here; every buffer was allocated on this stream above,
             # and this stream waits for the side stream (below) before anything reads them or they are freed
-            side = _side_stream(dev)
+            side = side_stream(dev, CONFIG["side_priority"])
             side.wait_stream(torch.cuda.current_stream(dev))
             with torch.cuda.stream(side):
                 _memory_passes(*args, ready=ready)

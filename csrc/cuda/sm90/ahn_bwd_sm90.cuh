@@ -137,11 +137,8 @@ __global__ void __launch_bounds__(Traits::kThreads, 1)
   const int n_m = m_hi - m_lo + 1;
 
   const int warp_group = threadIdx.x / 128;
-  typename Pipeline::Params pp;
-  pp.transaction_bytes = kBM * kD * sizeof(Element) + kBM * sizeof(float);
-  pp.role = warp_group == 0 ? Pipeline::ThreadCategory::Producer : Pipeline::ThreadCategory::Consumer;
-  pp.is_leader = threadIdx.x == 0;
-  pp.num_consumers = Traits::kConsumerWGs * 128;
+  const auto pp = tma_pipe_params<Pipeline>(kBM * kD * sizeof(Element) + kBM * sizeof(float),
+                                            Traits::kConsumerWGs * 128);  // a row block and its lse / delta
   Pipeline pipe_q(ss.pipe_q, pp, Shape<_1, _1, _1>{});
   Pipeline pipe_do(ss.pipe_do, pp, Shape<_1, _1, _1>{});
   if (threadIdx.x == 0) cutlass::arch::ClusterTransactionBarrier::init(&ss.bar_kv, 1);
@@ -363,24 +360,6 @@ __global__ void __launch_bounds__(Traits::kThreads, 1)
 #endif
 }
 
-template <class Traits>
-typename Traits::TmaQ tma_bwd_rows_q(typename Traits::Element const* x, int Tt, int heads) {
-  constexpr int kD = Traits::kD;
-  const int64_t row = int64_t(heads) * kD;
-  return make_tma_copy(SM90_TMA_LOAD{},
-                       make_tensor(make_gmem_ptr(x), make_shape(Tt, kD, heads, 1), make_stride(row, _1{}, kD, row * Tt)),
-                       take<0, 2>(typename Traits::SmemLayoutQ{}), Shape<Int<Traits::kBM>, Int<kD>>{}, _1{});
-}
-
-template <class Traits>
-typename Traits::TmaK tma_bwd_rows_k(typename Traits::Element const* x, int Tt, int heads) {
-  constexpr int kD = Traits::kD;
-  const int64_t row = int64_t(heads) * kD;
-  return make_tma_copy(SM90_TMA_LOAD{},
-                       make_tensor(make_gmem_ptr(x), make_shape(Tt, kD, heads, 1), make_stride(row, _1{}, kD, row * Tt)),
-                       typename Traits::SmemLayoutK{}, Shape<Int<Traits::kBN>, Int<kD>>{}, _1{});
-}
-
 // One band backward call, host side: q, dout [Tt, H, D], k, v [Tt, HKV, D] (input dtype, contiguous); ld [2, H,
 // Tpad] fp32 (lse in the log2 domain, delta); dq [Tt, H, D], dk, dv [Tt, HKV, D] fp32, added to; cu [n_seq + 1]
 template <class Element>
@@ -399,10 +378,13 @@ void launch_bwd(BwdProblem<Element> const& f, cudaStream_t stream) {
   constexpr int kD = Traits::kD;
   static_assert(sizeof(typename Traits::SharedStorage) <= 227 * 1024, "shared memory per CTA");
   typename Traits::Params p{};
-  p.tma_q = tma_bwd_rows_q<Traits>(f.q, f.Tt, f.H);
-  p.tma_do = tma_bwd_rows_q<Traits>(f.dout, f.Tt, f.H);
-  p.tma_k = tma_bwd_rows_k<Traits>(f.k, f.Tt, f.HKV);
-  p.tma_v = tma_bwd_rows_k<Traits>(f.v, f.Tt, f.HKV);
+  const auto sq = take<0, 2>(typename Traits::SmemLayoutQ{});
+  const auto q_tile = Shape<Int<Traits::kBM>, Int<kD>>{};
+  const auto k_tile = Shape<Int<Traits::kBN>, Int<kD>>{};
+  p.tma_q = tma_rows(f.q, f.Tt, f.H, 1, sq, q_tile);
+  p.tma_do = tma_rows(f.dout, f.Tt, f.H, 1, sq, q_tile);
+  p.tma_k = tma_rows(f.k, f.Tt, f.HKV, 1, typename Traits::SmemLayoutK{}, k_tile);
+  p.tma_v = tma_rows(f.v, f.Tt, f.HKV, 1, typename Traits::SmemLayoutK{}, k_tile);
   p.tma_l = make_tma_copy(SM90_TMA_LOAD{},
                           make_tensor(make_gmem_ptr(f.ld), make_shape(f.Tpad, f.H, 2),
                                       make_stride(_1{}, int64_t(f.Tpad), int64_t(f.Tpad) * f.H)),

@@ -204,6 +204,17 @@ CUTE_DEVICE void acc_to_regs(Acc const& acc, Frag& frag) {
   warpgroup_fence_operand(frag);
 }
 
+// a TMA pipeline's parameters for this thread: warpgroup 0 produces (its thread 0 the leader), the rest consume
+template <class Pipeline>
+CUTE_DEVICE typename Pipeline::Params tma_pipe_params(uint32_t stage_bytes, int consumer_threads) {
+  typename Pipeline::Params pp;
+  pp.transaction_bytes = stage_bytes;
+  pp.role = threadIdx.x < 128 ? Pipeline::ThreadCategory::Producer : Pipeline::ThreadCategory::Consumer;
+  pp.is_leader = threadIdx.x == 0;
+  pp.num_consumers = consumer_threads;
+  return pp;
+}
+
 template <class Traits, bool kPingPong>
 __global__ void __launch_bounds__(Traits::kThreads, 1)
     band_fwd_kernel(CUTE_GRID_CONSTANT typename Traits::Params const p) {
@@ -261,11 +272,7 @@ __global__ void __launch_bounds__(Traits::kThreads, 1)
   const int n_run = mem_only ? 0 : n_blocks;  // the key blocks this launch walks
 
   const int warp_group = threadIdx.x / 128;
-  typename Pipeline::Params pk;
-  pk.transaction_bytes = kBN * kD * sizeof(Element);
-  pk.role = warp_group == 0 ? Pipeline::ThreadCategory::Producer : Pipeline::ThreadCategory::Consumer;
-  pk.is_leader = threadIdx.x == 0;
-  pk.num_consumers = Traits::kConsumerWGs * 128;
+  const auto pk = tma_pipe_params<Pipeline>(kBN * kD * sizeof(Element), Traits::kConsumerWGs * 128);
   Pipeline pipe_k(ss.pipe_k, pk, Shape<_1, _1, _1>{});
   Pipeline pipe_v(ss.pipe_v, pk, Shape<_1, _1, _1>{});
   if (threadIdx.x == 0) {
@@ -723,23 +730,14 @@ __global__ void __launch_bounds__(Traits::kThreads, 1)
 #endif
 }
 
-template <class Traits>
-typename Traits::TmaQ tma_rows_q(typename Traits::Element const* x, int T, int heads, int B) {
-  constexpr int kD = Traits::kD;
+// [B, T, heads, D] rows as (T, D, heads, B) for TMA, in boxes of `tile` rows into the shared memory layout `s`
+// (the forward's and the backward's Q, K, V, dO streams)
+template <class Element, class SLayout, int kRows, int kD>
+auto tma_rows(Element const* x, int T, int heads, int B, SLayout const& s, Shape<Int<kRows>, Int<kD>> tile) {
   const int64_t row = int64_t(heads) * kD;
   return make_tma_copy(SM90_TMA_LOAD{},
                        make_tensor(make_gmem_ptr(x), make_shape(T, kD, heads, B), make_stride(row, _1{}, kD, row * T)),
-                       typename Traits::SmemLayoutQ{}, Shape<Int<Traits::kBM>, Int<kD>>{}, _1{});
-}
-
-// [B, T, heads, D] rows as (T, D, heads, B) tiles of kBN rows
-template <class Traits>
-typename Traits::TmaKV tma_rows_kv(typename Traits::Element const* x, int T, int heads, int B) {
-  constexpr int kD = Traits::kD;
-  const int64_t row = int64_t(heads) * kD;
-  return make_tma_copy(SM90_TMA_LOAD{},
-                       make_tensor(make_gmem_ptr(x), make_shape(T, kD, heads, B), make_stride(row, _1{}, kD, row * T)),
-                       take<0, 2>(typename Traits::SmemLayoutK{}), Shape<Int<Traits::kBN>, Int<kD>>{}, _1{});
+                       s, tile, _1{});
 }
 
 // [n, D, D] matrices as (key row, value column, n, 1), one whole matrix per tile (kBN = D rows)
@@ -795,18 +793,22 @@ void launch(Problem<Element> const& f, cudaStream_t stream) {
   const bool cache = f.pos != nullptr;
   p.k_rows = cache ? f.B * (f.W + f.T) : f.T;
   p.k_batch = cache ? 1 : f.B;
-  p.tma_q = tma_rows_q<Traits>(f.q, f.T, f.H, f.B);
-  p.tma_k = tma_rows_kv<Traits>(f.k, p.k_rows, f.HKV, p.k_batch);
-  p.tma_v = tma_rows_kv<Traits>(f.v, p.k_rows, f.HKV, p.k_batch);
+  const auto sq = typename Traits::SmemLayoutQ{};
+  const auto skv = take<0, 2>(typename Traits::SmemLayoutK{});
+  const auto q_tile = Shape<Int<Traits::kBM>, Int<kD>>{};
+  const auto kv_tile = Shape<Int<Traits::kBN>, Int<kD>>{};
+  p.tma_q = tma_rows(f.q, f.T, f.H, f.B, sq, q_tile);
+  p.tma_k = tma_rows(f.k, p.k_rows, f.HKV, p.k_batch, skv, kv_tile);
+  p.tma_v = tma_rows(f.v, p.k_rows, f.HKV, p.k_batch, skv, kv_tile);
   // the sinks: the cache's sink buffer (S = 0: never read, the stream stands in), else the key stream itself
   p.s_rows = cache && f.S ? f.S : p.k_rows;
-  p.tma_sk = cache && f.S ? tma_rows_kv<Traits>(f.sink_k, f.S, f.HKV, f.B) : p.tma_k;
-  p.tma_sv = cache && f.S ? tma_rows_kv<Traits>(f.sink_v, f.S, f.HKV, f.B) : p.tma_v;
+  p.tma_sk = cache && f.S ? tma_rows(f.sink_k, f.S, f.HKV, f.B, skv, kv_tile) : p.tma_k;
+  p.tma_sv = cache && f.S ? tma_rows(f.sink_v, f.S, f.HKV, f.B, skv, kv_tile) : p.tma_v;
   p.o = f.o, p.lse = f.lse, p.B = f.B, p.T = f.T, p.H = f.H, p.HKV = f.HKV, p.W = f.W, p.S = f.S;
   p.scale_log2 = float(1.4426950408889634 / sqrt(double(kD)));
   p.cu = f.cu, p.pos = f.pos;
   if constexpr (kMemory) {
-    p.tma_vn = tma_rows_q<Traits>(f.vnew, f.T, f.H, f.B);
+    p.tma_vn = tma_rows(f.vnew, f.T, f.H, f.B, sq, q_tile);
     p.tma_hs = tma_mats<Traits>(f.hs, f.hs_rows * f.H);  // chunk c, head h: matrix c H + h
     p.tma_ow = tma_mats<Traits>(f.ow, f.H);
     p.gc = f.gc, p.z = f.z, p.nw = f.nw, p.mem_scale = f.mem_scale, p.hs_rows = f.hs_rows, p.use_h0 = f.use_h0;
