@@ -23,7 +23,6 @@ Peer: FlexAttention (window + sinks block mask, torch.compile) forward + backwar
 from __future__ import annotations
 
 import argparse
-import math
 import os
 import sys
 import time

@@ -17,7 +17,6 @@ Peers: FlexAttention (sliding window + sinks block mask, torch.compile), SDPA ca
 from __future__ import annotations
 
 import argparse
-import math
 import os
 import sys
 

@@ -123,7 +123,7 @@ def _profile(dec, per_token, floor, L, a):
     print(f"per token {1e3 * per_token:.3f} ms (floor {1e3 * floor:.3f} ms), kernels per token {n_k:.0f} "
           f"({n_k / L:.1f} per layer), kernel busy time {busy / 1e3:.3f} ms/token "
           f"(gaps {1e3 * per_token - busy / 1e3:.3f} ms)")
-    print(f"\n| kernel | per token | us/token | us each |\n|---|---|---|---|")
+    print("\n| kernel | per token | us/token | us each |\n|---|---|---|---|")
     for name, (cnt, t) in sorted(agg.items(), key=lambda kv: -kv[1][1])[:a.top]:
         print(f"| {name[:90]} | {cnt / a.steps:.0f} | {t / a.steps:.1f} | {t / cnt:.2f} |")
 

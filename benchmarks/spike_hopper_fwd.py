@@ -11,7 +11,6 @@ memory passes on a side stream beside the cuDNN band. Prints one table last.
 from __future__ import annotations
 
 import argparse
-import math
 import os
 import sys
 

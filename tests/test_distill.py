@@ -7,8 +7,6 @@ losses equal a single-process run with the same global batch.
 from __future__ import annotations
 
 import json
-import os
-import tempfile
 
 import pytest
 import torch

@@ -44,11 +44,10 @@ d/dkn parts, dv) and fp32 ``[D/64, T, H]`` dgc partials: ``O(T*H*D + T/64*H*D*D)
 from __future__ import annotations
 
 import math
-from typing import List, Optional, Tuple
+from typing import List, Optional
 
 import torch
 import torch.nn.functional as F
-import triton
 
 from ..common.alloc import empty
 from . import backward_attn as ka

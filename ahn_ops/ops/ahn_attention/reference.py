@@ -18,7 +18,6 @@ tensors that require grad), so they also serve as the gradient reference.
 
 from __future__ import annotations
 
-import math
 from typing import Optional, Tuple
 
 import torch
