@@ -1,0 +1,150 @@
+// Host-side checks of the register and shared-memory layouts the sm_90a kernels (csrc/cuda/sm90/) rely on:
+// CuTe's layout algebra runs on the host, so these need nvcc and the CUTLASS headers but no GPU
+// (tests/test_sm90_layouts.py builds and runs this file). Exit status 0 when every check holds.
+//
+// 1. acc_to_a: an accumulator fragment of one product, converted to the input dtype in place, is the register
+//    A operand of the next product (the forward's P V and the memory's s v_new / u ow; the backward's
+//    dV += P^T dO and dK += dS^T Q). Every A register must hold the (row, k) element that operand wants there.
+// 2. acc_rowcol: the (row, column) view of an accumulator, on which the kernels do per-row softmax statistics
+//    and per-column lse / delta: a row index depends on r only, a column index on c only, and the threads of
+//    a warpgroup cover the tile once.
+// 3. The transposed shared-memory views (V^T, the states' hs^T, the backward's K^T, Q^T, dO^T): the same bytes
+//    as the tile they transpose.
+// A wrong conversion (two register modes swapped) is run through check 1 too and must be caught.
+#include <cstdio>
+
+#include "sm90/ahn_bwd_sm90.cuh"
+
+using namespace cute;
+using namespace ahn_sm90;
+
+static int g_failed = 0;
+
+static void report(char const* what, long bad, long total) {
+  printf("%-62s %s (%ld of %ld wrong)\n", what, bad ? "FAIL" : "ok", bad, total);
+  if (bad) ++g_failed;
+}
+
+template <class L>
+CUTE_HOST_DEVICE constexpr auto wrong_acc_to_a(L const& l) {  // the negative control: mode 0's first two swapped
+  auto a = acc_to_a(l);
+  auto a0 = get<0>(a);
+  return make_layout(make_layout(get<1>(a0), get<0>(a0), get<2>(a0)), get<1>(a), get<2>(a));
+}
+
+// the mismatching A registers over `threads` threads when mc's accumulator of the (M, K) tile `shp` feeds ma's A
+template <class MmaC, class MmaA, class Shp, class Conv>
+long acc_to_a_bad(Shp shp, int threads, Conv conv, long& total) {
+  MmaC mc;
+  MmaA ma;
+  long bad = 0;
+  total = 0;
+  for (int t = 0; t < threads; ++t) {
+    auto c = mc.get_thread_slice(t).partition_C(make_identity_tensor(shp));
+    auto want = ma.get_thread_slice(t).partition_A(make_identity_tensor(shp));
+    auto have = make_tensor(c.data(), conv(c.layout()));
+    if (size<0>(have) != size<0>(want) || size<1>(have) != size<1>(want) || size<2>(have) != size<2>(want)) {
+      return total = 1;
+    }
+    for (int k = 0; k < size<2>(want); ++k)
+      for (int m = 0; m < size<1>(want); ++m)
+        for (int v = 0; v < size<0>(want); ++v, ++total) bad += !(have(v, m, k) == want(v, m, k));
+  }
+  return bad;
+}
+
+template <class MmaC, class MmaA, class Shp>
+void check_acc_to_a(char const* what, Shp shp, int threads) {
+  long total = 0;
+  long bad = acc_to_a_bad<MmaC, MmaA>(shp, threads, [](auto l) { return acc_to_a(l); }, total);
+  report(what, bad, total);
+}
+
+// acc_rowcol: rows depend on r only, columns on c only, every element of the (M, N) tile once
+template <class Mma, class Shp>
+void check_rowcol(char const* what, Shp shp, int threads) {
+  Mma mma;
+  constexpr int M = decltype(size<0>(shp))::value, N = decltype(size<1>(shp))::value;
+  static int seen[256][256];
+  for (int i = 0; i < M; ++i)
+    for (int j = 0; j < N; ++j) seen[i][j] = 0;
+  long bad = 0, total = 0;
+  for (int t = 0; t < threads; ++t) {
+    auto c = mma.get_thread_slice(t).partition_C(make_identity_tensor(shp));
+    auto rc = make_tensor(c.data(), acc_rowcol(c.layout()));
+    for (int r = 0; r < size<0>(rc); ++r)
+      for (int k = 0; k < size<1>(rc); ++k, ++total) {
+        auto x = rc(r, k);
+        bad += get<0>(x) != get<0>(rc(r, 0)) || get<1>(x) != get<1>(rc(0, k));
+        ++seen[get<0>(x)][get<1>(x)];
+      }
+  }
+  for (int i = 0; i < M; ++i)
+    for (int j = 0; j < N; ++j) bad += seen[i][j] != 1;
+  report(what, bad, total);
+}
+
+// a transposed view: t(i, j[, s]) is the same element as x(j, i[, s])
+template <class LX, class LT>
+void check_transposed(char const* what, LX lx, LT lt) {
+  long bad = 0, total = 0;
+  for (int i = 0; i < size<0>(lt); ++i)
+    for (int j = 0; j < size<1>(lt); ++j) {
+      if constexpr (decltype(rank(lt))::value == 3) {
+        for (int s = 0; s < size<2>(lt); ++s, ++total) bad += lt(i, j, s) != lx(j, i, s);
+      } else {
+        ++total;
+        bad += lt(i, j) != lx(j, i);
+      }
+    }
+  report(what, bad, total);
+}
+
+template <class Element>
+void check_all(char const* dt) {
+  printf("# %s\n", dt);
+  using F = BandTraits<Element, true>;
+  using Bw = BandBwdTraits<Element>;
+  constexpr int kD = F::kD;
+  char what[128];
+  auto name = [&](char const* s) {
+    snprintf(what, sizeof what, "%s %s", dt, s);
+    return what;
+  };
+  // forward: S (128 rows over two warpgroups x kBN keys) -> P V; the memory's q k^T -> s v_new and
+  // RMSNorm(q hs + s v_new) -> its [D, D] projection
+  check_acc_to_a<typename F::TiledMmaQK, typename F::TiledMmaPV>(name("fwd P as P V's A"),
+                                                                 Shape<Int<F::kBM>, Int<F::kBN>>{}, 128 * F::kConsumerWGs);
+  check_acc_to_a<typename F::MmaQKm, typename F::MmaRS>(name("fwd s = q k^T as s v_new's A"), Shape<_64, _64>{}, 128);
+  check_acc_to_a<typename F::MmaQH, typename F::MmaRS>(name("fwd u as u ow's A"), Shape<_64, Int<kD>>{}, 128);
+  // backward: P^T and dS^T (keys x queries) -> dV += P^T dO, dK += dS^T Q
+  check_acc_to_a<typename Bw::MmaSdP, typename Bw::MmaKV>(name("bwd P^T, dS^T as dV's, dK's A"),
+                                                          Shape<_64, Int<Bw::kBM>>{}, 128);
+  check_rowcol<typename F::TiledMmaQK>(name("fwd S (row, col) view"), Shape<Int<F::kBM>, Int<F::kBN>>{},
+                                       128 * F::kConsumerWGs);
+  check_rowcol<typename F::TiledMmaPV>(name("fwd O (row, col) view"), Shape<Int<F::kBM>, Int<kD>>{},
+                                       128 * F::kConsumerWGs);
+  check_rowcol<typename F::MmaQKm>(name("fwd q k^T (row, col) view"), Shape<_64, _64>{}, 128);
+  check_rowcol<typename F::MmaQH>(name("fwd q hs (row, col) view"), Shape<_64, Int<kD>>{}, 128);
+  check_rowcol<typename Bw::MmaSdP>(name("bwd S^T, dP^T (row, col) view"), Shape<_64, Int<Bw::kBM>>{}, 128);
+  check_rowcol<typename Bw::MmaKV>(name("bwd dK, dV (row, col) view"), Shape<_64, Int<kD>>{}, 128);
+  check_rowcol<typename Bw::MmaQ>(name("bwd dQ (row, col) view"), Shape<Int<Bw::kBM>, _64>{}, 128);
+  check_transposed(name("fwd V^T"), typename F::SmemLayoutV{}, typename F::SmemLayoutVt{});
+  check_transposed(name("fwd hs^T"), typename F::SmemLayoutHs{}, typename F::SmemLayoutHst{});
+  check_transposed(name("bwd K^T"), typename Bw::SmemLayoutK{}, typename Bw::SmemLayoutKt{});
+  check_transposed(name("bwd Q^T, dO^T"), typename Bw::SmemLayoutQ{}, typename Bw::SmemLayoutQt{});
+  // the negative control: a wrong conversion must be caught
+  long total = 0;
+  long bad = acc_to_a_bad<typename Bw::MmaSdP, typename Bw::MmaKV>(Shape<_64, Int<Bw::kBM>>{}, 128,
+                                                                   [](auto l) { return wrong_acc_to_a(l); }, total);
+  printf("%-62s %s (%ld of %ld wrong)\n", name("negative control: swapped registers caught"), bad ? "ok" : "FAIL",
+         bad, total);
+  if (!bad) ++g_failed;
+}
+
+int main() {
+  check_all<cutlass::bfloat16_t>("bf16");
+  check_all<cutlass::half_t>("fp16");
+  printf("%s\n", g_failed ? "FAILED" : "all layout checks passed");
+  return g_failed ? 1 : 0;
+}
