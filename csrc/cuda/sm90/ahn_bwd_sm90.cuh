@@ -132,9 +132,9 @@ __global__ void __launch_bounds__(Traits::kThreads, 1)
   const int j0 = n_block * kBN;
   if (j0 >= T) return;  // the grid covers the longest sequence
   // the query blocks that see some key of this block: t from j0 to j0 + kBN - 1 + W - 1 (and < T)
-  const int m_lo = j0 / kBM;
-  const int m_hi = min(T - 1, j0 + kBN - 2 + W) / kBM;
-  const int n_m = m_hi - m_lo + 1;
+  const BwdBlocks plan(j0, kBM, kBN, T, W);
+  const int m_lo = plan.m_lo;
+  const int n_m = plan.count();
 
   const int warp_group = threadIdx.x / 128;
   const auto pp = tma_pipe_params<Pipeline>(kBM * kD * sizeof(Element) + kBM * sizeof(float),
@@ -264,7 +264,7 @@ __global__ void __launch_bounds__(Traits::kThreads, 1)
     warpgroup_wait<1>();
     // P^T = exp2(S^T scale - lse) on the band: key j, query t with j <= t, t - W < j, t < T
     float const* lse = ss.lse + rq.index() * kBM;
-    const bool inside = t0 >= jw + 63 && t0 + kBM - 1 - W < jw && t0 + kBM - 1 < T;
+    const bool inside = bwd_whole(t0, kBM, jw, 64, T, W);
     CUTLASS_PRAGMA_UNROLL
     for (int r = 0; r < kRows; ++r) {
       const int j = jw + get<0>(cSr(r, 0));
@@ -273,7 +273,7 @@ __global__ void __launch_bounds__(Traits::kThreads, 1)
         const int tl = get<1>(cSr(r, c));
         const int t = t0 + tl;
         const float e = fast_exp2(Sr(r, c) * sl2 - lse[tl]);
-        Sr(r, c) = inside || (j <= t && t - W < j && t < T) ? e : 0.f;
+        Sr(r, c) = inside || bwd_keep(t, j, T, W) ? e : 0.f;
       }
     }
     warpgroup_wait<0>();

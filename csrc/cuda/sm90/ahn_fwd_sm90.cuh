@@ -34,6 +34,8 @@
 #include <cutlass/numeric_types.h>
 #include <cutlass/pipeline/pipeline.hpp>
 
+#include "band_plan.h"
+
 namespace ahn_sm90 {
 
 using namespace cute;
@@ -252,14 +254,7 @@ __global__ void __launch_bounds__(Traits::kThreads, 1)
   // from the diagonal down; then the sink blocks, highest first (the band's lowest may hold sinks too: there
   // the band takes the keys inside the window and the sink block those below it)
   const int t_hi = min(row0 + kBM - 1, T - 1);
-  const int j_lo = max(row0 - W + 1, -P);
-  const int n_lo = j_lo >= 0 ? j_lo / kBN : -((kBN - 1 - j_lo) / kBN);
-  const int n_hi = t_hi / kBN;
-  const int n_band = n_hi - n_lo + 1;
-  const int s_hi = min(S - 1, P + t_hi - W);  // the highest sink below some row's window
-  const int n_sink = s_hi >= 0 ? s_hi / kBN + 1 : 0;
-  const int n_blocks = n_band + n_sink;
-  auto block_of = [&](int i) { return i < n_band ? n_hi - i : n_sink - 1 - (i - n_band); };
+  const FwdBlocks plan(row0, kBM, kBN, T, W, S, P);
   // kMemory: do rows up to t read the memory? Row t reads the memory token P + t - W when that is >= S, and
   // the initial state whatever its position. (This block: then the memory operands come; a chunk of 64 rows:
   // then its warpgroup reads them, and the producer waits for its state where the passes run beside.)
@@ -269,7 +264,7 @@ __global__ void __launch_bounds__(Traits::kThreads, 1)
   const int64_t tile = (int64_t(seq) * p.H + h) * gridDim.x + m_block;
   const bool mem_only = Traits::kMemory && p.mem_only;
   if (mem_only && !(cta_mem && p.deferred[tile])) return;
-  const int n_run = mem_only ? 0 : n_blocks;  // the key blocks this launch walks
+  const int n_run = mem_only ? 0 : plan.count();  // the key blocks this launch walks
 
   const int warp_group = threadIdx.x / 128;
   const auto pk = tma_pipe_params<Pipeline>(kBN * kD * sizeof(Element), Traits::kConsumerWGs * 128);
@@ -333,16 +328,16 @@ __global__ void __launch_bounds__(Traits::kThreads, 1)
       PipelineState wk = cutlass::make_producer_start_state<Pipeline>();
       PipelineState wv = cutlass::make_producer_start_state<Pipeline>();
       for (int i = 0; i < n_run; ++i) {
-        const int n = block_of(i);
+        const int n = plan.block(i);
         pipe_k.producer_acquire(wk);
-        if (i < n_band) {
+        if (plan.is_band(i)) {
           copy(p.tma_k.with(*pipe_k.producer_get_barrier(wk)), tKg(_, n), tKs(_, wk.index()));
         } else {
           copy(p.tma_sk.with(*pipe_k.producer_get_barrier(wk)), tSKg(_, n), tSKs(_, wk.index()));
         }
         ++wk;
         pipe_v.producer_acquire(wv);
-        if (i < n_band) {
+        if (plan.is_band(i)) {
           copy(p.tma_v.with(*pipe_v.producer_get_barrier(wv)), tVg(_, n), tVs(_, wv.index()));
         } else {
           copy(p.tma_sv.with(*pipe_v.producer_get_barrier(wv)), tSVg(_, n), tSVs(_, wv.index()));
@@ -426,32 +421,24 @@ __global__ void __launch_bounds__(Traits::kThreads, 1)
   }
   const float sl2 = p.scale_log2;
 
-  // mask the keys of the i-th key block that row t does not attend; a band block inside every row's window,
-  // or a sink block below every row's window, needs none
+  // mask the keys of the i-th key block that row t does not attend (band_plan.h); a band block inside every
+  // row's window, or a sink block below every row's window, needs none
+  auto mask_where = [&](int key0, auto keep) {
+    CUTLASS_PRAGMA_UNROLL
+    for (int r = 0; r < kRows; ++r) {
+      const int t = row0 + get<0>(cSrc(r, 0));
+      CUTLASS_PRAGMA_UNROLL
+      for (int c = 0; c < kCols; ++c) {
+        if (!keep(t, key0 + get<1>(cSrc(r, c)))) Sacc(r, c) = -INFINITY;
+      }
+    }
+  };
   auto mask = [&](int i) {
-    const int key0 = block_of(i) * kBN;
-    if (i < n_band) {  // band keys j: j <= t, t - W < j, P + j >= 0
-      if (key0 + kBN - 1 <= row0 && key0 > row0 + kBM - 1 - W && P + key0 >= 0) return;
-      CUTLASS_PRAGMA_UNROLL
-      for (int r = 0; r < kRows; ++r) {
-        const int t = row0 + get<0>(cSrc(r, 0));
-        CUTLASS_PRAGMA_UNROLL
-        for (int c = 0; c < kCols; ++c) {
-          const int j = key0 + get<1>(cSrc(r, c));
-          if (j > t || j <= t - W || P + j < 0) Sacc(r, c) = -INFINITY;
-        }
-      }
-    } else {  // sinks s: s < S, s <= P + t - W
-      if (key0 + kBN <= S && key0 + kBN - 1 <= P + row0 - W) return;
-      CUTLASS_PRAGMA_UNROLL
-      for (int r = 0; r < kRows; ++r) {
-        const int t = row0 + get<0>(cSrc(r, 0));
-        CUTLASS_PRAGMA_UNROLL
-        for (int c = 0; c < kCols; ++c) {
-          const int s = key0 + get<1>(cSrc(r, c));
-          if (s >= S || s > P + t - W) Sacc(r, c) = -INFINITY;
-        }
-      }
+    if (plan.whole(i)) return;
+    if (plan.is_band(i)) {
+      mask_where(plan.block(i) * kBN, [&](int t, int j) { return band_pair(t, j, W, P); });
+    } else {
+      mask_where(plan.block(i) * kBN, [&](int t, int s) { return sink_pair(t, s, W, S, P); });
     }
   };
   // online softmax of the scores (in place: they become P); rescale gets the factors of the output so far

@@ -1,6 +1,6 @@
-// Host-side checks of the register and shared-memory layouts the sm_90a kernels (csrc/cuda/sm90/) rely on:
-// CuTe's layout algebra runs on the host, so these need nvcc and the CUTLASS headers but no GPU
-// (tests/test_sm90_layouts.py builds and runs this file). Exit status 0 when every check holds.
+// Host-side checks of the sm_90a kernels (csrc/cuda/sm90/): CuTe's layout algebra and the kernels' block plans
+// (band_plan.h) run on the host, so these need nvcc and the CUTLASS headers but no GPU
+// (tests/test_sm90_host_checks.py builds and runs this file). Exit status 0 when every check holds.
 //
 // 1. acc_to_a: an accumulator fragment of one product, converted to the input dtype in place, is the register
 //    A operand of the next product (the forward's P V and the memory's s v_new / u ow; the backward's
@@ -10,8 +10,12 @@
 //    a warpgroup cover the tile once.
 // 3. The transposed shared-memory views (V^T, the states' hs^T, the backward's K^T, Q^T, dO^T): the same bytes
 //    as the tile they transpose.
-// A wrong conversion (two register modes swapped) is run through check 1 too and must be caught.
+// 4. The block plans: over many (T, W, S, P), the forward's CTAs keep every (query, window key) and (query,
+//    sink) pair exactly once and nothing else (whole, unmasked blocks included), and so do the backward's
+//    (key block, query block, warpgroup) steps for the band's pairs.
+// A wrong register conversion and a plan off by one key are run through checks 1 and 4 too and must be caught.
 #include <cstdio>
+#include <vector>
 
 #include "sm90/ahn_bwd_sm90.cuh"
 
@@ -142,9 +146,110 @@ void check_all(char const* dt) {
   if (!bad) ++g_failed;
 }
 
+// 4. the forward's plan for a sequence of T queries at positions P .. P + T - 1 (a prefill: P = 0): the pairs
+// its CTAs keep, against the window (positions P + t - W < p <= P + t, p >= 0, key j = p - P of the stream) and
+// the sinks (s < S, s <= P + t - W); `shift` moves every kept key by one (the negative control)
+static long fwd_plan_bad(int T, int W, int S, int P, int kBM, int kBN, int shift, long& pairs) {
+  const int nb = T + W;  // band keys j = -W .. T - 1
+  std::vector<int> band(size_t(T) * nb, 0), sink(size_t(T) * (S > 0 ? S : 1), 0);
+  long bad = 0;
+  for (int row0 = 0; row0 < T; row0 += kBM) {
+    const FwdBlocks plan(row0, kBM, kBN, T, W, S, P);
+    for (int i = 0; i < plan.count(); ++i) {
+      const int key0 = plan.block(i) * kBN;
+      const bool whole = plan.whole(i);
+      for (int t = row0; t < row0 + kBM && t < T; ++t)
+        for (int k = 0; k < kBN; ++k) {
+          if (!(whole || plan.keep(i, t, key0 + k))) continue;
+          const int key = key0 + k + shift;
+          if (plan.is_band(i)) {
+            const int pos = P + key;
+            if (!(pos >= 0 && pos <= P + t && pos > P + t - W)) {
+              ++bad;
+              continue;
+            }
+            ++band[size_t(t) * nb + key + W];
+          } else {
+            if (!(key >= 0 && key < S && key <= P + t - W)) {
+              ++bad;
+              continue;
+            }
+            ++sink[size_t(t) * S + key];
+          }
+        }
+    }
+  }
+  for (int t = 0; t < T; ++t) {
+    for (int pos = P + t - W + 1 > 0 ? P + t - W + 1 : 0; pos <= P + t; ++pos, ++pairs)
+      bad += band[size_t(t) * nb + pos - P + W] != 1;
+    for (int s = 0; s < S && s <= P + t - W; ++s, ++pairs) bad += sink[size_t(t) * S + s] != 1;
+  }
+  return bad;
+}
+
+// the backward's plan for one sequence of T tokens: the (query, key) band pairs its steps keep (a CTA per kBN
+// keys, its query blocks of kBM rows, a warpgroup per 64 keys)
+static long bwd_plan_bad(int T, int W, int kBM, int kBN, int shift, long& pairs) {
+  std::vector<int> seen(size_t(T) * T, 0);
+  long bad = 0;
+  for (int j0 = 0; j0 < T; j0 += kBN) {
+    const BwdBlocks plan(j0, kBM, kBN, T, W);
+    for (int i = 0; i < plan.count(); ++i) {
+      const int t0 = (plan.m_lo + i) * kBM;
+      for (int jw = j0; jw < j0 + kBN; jw += 64) {
+        const bool whole = bwd_whole(t0, kBM, jw, 64, T, W);
+        for (int t = t0; t < t0 + kBM; ++t)
+          for (int j = jw; j < jw + 64; ++j) {
+            if (!(whole || bwd_keep(t, j, T, W))) continue;
+            const int key = j + shift;
+            if (!(t < T && key >= 0 && key <= t && t - key < W)) {
+              ++bad;
+              continue;
+            }
+            ++seen[size_t(t) * T + key];
+          }
+      }
+    }
+  }
+  for (int t = 0; t < T; ++t)
+    for (int j = t - W + 1 > 0 ? t - W + 1 : 0; j <= t; ++j, ++pairs) bad += seen[size_t(t) * T + j] != 1;
+  return bad;
+}
+
+static void check_plans() {
+  using F = BandTraits<cutlass::bfloat16_t, true>;
+  using Bw = BandBwdTraits<cutlass::bfloat16_t>;
+  const int Ts[] = {1, 2, 63, 65, 127, 128, 129, 257, 385, 700};
+  const int Ws[] = {1, 2, 64, 127, 128, 129, 200, 255, 256, 300, 383, 511, 1000, 1023, 2000};
+  const int Ss[] = {0, 1, 64, 127, 128, 129, 255, 256, 300, 500};
+  const int Ps[] = {0, 1, 2, 127, 128, 129, 255, 300, 1000, 5000};
+  long fbad = 0, fpairs = 0, bbad = 0, bpairs = 0, cases = 0;
+  for (int T : Ts)
+    for (int W : Ws) {
+      bbad += bwd_plan_bad(T, W, Bw::kBM, Bw::kBN, 0, bpairs);
+      for (int S : Ss)
+        for (int P : Ps) {
+          ++cases;
+          fbad += fwd_plan_bad(T, W, S, P, F::kBM, F::kBN, 0, fpairs);
+        }
+    }
+  char what[128];
+  snprintf(what, sizeof what, "fwd plan: every pair once, %ld (T, W, S, P) cases", cases);
+  report(what, fbad, fpairs);
+  report("bwd plan: every band pair once", bbad, bpairs);
+  // the negative controls: a plan whose keys are off by one must be caught
+  long pairs = 0;
+  const long f1 = fwd_plan_bad(257, 129, 129, 1, F::kBM, F::kBN, 1, pairs);
+  const long b1 = bwd_plan_bad(257, 129, Bw::kBM, Bw::kBN, 1, pairs);
+  printf("%-62s %s\n", "negative control: plans off by one key caught", f1 && b1 ? "ok" : "FAIL");
+  if (!(f1 && b1)) ++g_failed;
+}
+
 int main() {
   check_all<cutlass::bfloat16_t>("bf16");
   check_all<cutlass::half_t>("fp16");
-  printf("%s\n", g_failed ? "FAILED" : "all layout checks passed");
+  printf("# block plans\n");
+  check_plans();
+  printf("%s\n", g_failed ? "FAILED" : "all host checks passed");
   return g_failed ? 1 : 0;
 }

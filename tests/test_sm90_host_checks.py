@@ -1,9 +1,12 @@
-"""The register and shared-memory layouts of the sm_90a kernels (csrc/cuda/sm90/), checked on the host.
+"""The sm_90a kernels (csrc/cuda/sm90/) checked on the host: their register and shared-memory layouts and
+their block plans.
 
 The kernels turn one product's accumulator into the next product's register A operand (``acc_to_a``), read
-accumulators as (row, column) views (``acc_rowcol``) and use transposed shared-memory views of their tiles.
-CuTe's layout algebra runs on the host, so tests/csrc/sm90_layouts.cu checks all three with nvcc and the
-CUTLASS headers, no GPU (a wrong register order is run through the check too and must be caught).
+accumulators as (row, column) views (``acc_rowcol``) and use transposed shared-memory views of their tiles;
+which key blocks a CTA visits and which pairs it masks come from band_plan.h. CuTe's layout algebra and the
+plans run on the host, so tests/csrc/sm90_host_checks.cu checks them with nvcc and the CUTLASS headers, no
+GPU: every layout element, and every (query, key) pair of thousands of (T, W, S, P) kept exactly once. A
+wrong register order and a plan off by one key are run through the checks too and must be caught.
 """
 
 import glob
@@ -50,24 +53,25 @@ def _cudart_static_dir(nvcc):
     return None
 
 
-def test_sm90_layouts(tmp_path):
+def test_sm90_host_checks(tmp_path):
     nvcc, inc = _nvcc(), _cutlass_include()
     if nvcc is None or inc is None:
         pytest.skip(f"needs nvcc ({nvcc}) and the CUTLASS headers ({inc}: pip install --no-deps nvidia-cutlass)")
     lib = _cudart_static_dir(nvcc)
     if lib is None:
         pytest.skip("no libcudart_static.a next to nvcc or in a pip CUDA runtime")
-    exe = tmp_path / "sm90_layouts"
+    exe = tmp_path / "sm90_host_checks"
     # host code only: PTX for a virtual architecture, no ptxas
-    cmd = [nvcc, "-std=c++17", "--expt-relaxed-constexpr", "-gencode", "arch=compute_90a,code=compute_90a",
+    cmd = [nvcc, "-O2", "-std=c++17", "--expt-relaxed-constexpr", "-gencode", "arch=compute_90a,code=compute_90a",
            "-cudart", "static", f"-L{lib}", f"-I{ROOT / 'csrc' / 'cuda'}", f"-I{inc}",
-           str(ROOT / "tests" / "csrc" / "sm90_layouts.cu"), "-o", str(exe)]
+           str(ROOT / "tests" / "csrc" / "sm90_host_checks.cu"), "-o", str(exe)]
     built = subprocess.run(cmd, capture_output=True, text=True, timeout=600)
     assert built.returncode == 0, built.stderr[-4000:]
     ran = subprocess.run([str(exe)], capture_output=True, text=True, timeout=120)
     assert ran.returncode == 0, ran.stdout + ran.stderr
     out = ran.stdout
-    assert "all layout checks passed" in out
-    # every check ran, both dtypes, and the negative control caught its wrong conversion
-    assert out.count(" ok (") == 32 and "FAIL" not in out, out
+    assert "all host checks passed" in out and "FAIL" not in out, out
+    # every check ran (both dtypes, both plans), and the negative controls caught their faults
+    assert out.count(" ok (") == 32 + 2, out
     assert out.count("negative control: swapped registers caught") == 2
+    assert "negative control: plans off by one key caught" in out
