@@ -69,6 +69,7 @@ template <class Mma, class Shp>
 void check_rowcol(char const* what, Shp shp, int threads) {
   Mma mma;
   constexpr int M = decltype(size<0>(shp))::value, N = decltype(size<1>(shp))::value;
+  static_assert(M <= 256 && N <= 256, "the tile fits the tally");
   static int seen[256][256];
   for (int i = 0; i < M; ++i)
     for (int j = 0; j < N; ++j) seen[i][j] = 0;
