@@ -41,8 +41,8 @@ def _cutlass_include():
 
 
 def _cudart_static_dir(nvcc):
-    """A folder with libcudart_static.a: the toolkit's, else the pip CUDA runtime's (this machine's toolkit
-    has none)."""
+    """A folder with libcudart_static.a: the toolkit's, else a pip CUDA runtime's (a toolkit installed without
+    its runtime libraries has none)."""
     home = Path(nvcc).resolve().parents[1]
     dirs = [home / "lib64", home / "lib", home / "targets" / "x86_64-linux" / "lib"]
     for site in sys.path:
