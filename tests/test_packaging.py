@@ -5,21 +5,12 @@ import importlib.util
 import subprocess
 import sys
 from importlib import metadata
-from pathlib import Path
 
 import pytest
 import torch
 from packaging.requirements import Requirement
 
-REPO = Path(__file__).resolve().parents[1]
-
-
-def _setup_py():
-    # loaded under another name than __main__: setup.py then defines its helpers and runs no setup()
-    spec = importlib.util.spec_from_file_location("ahn_ops_setup_py", REPO / "setup.py")
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
+from .utils import REPO, setup_py
 
 
 def _admits(requirement: str, version: str) -> bool:
@@ -30,7 +21,7 @@ def _admits(requirement: str, version: str) -> bool:
 
 
 def test_torch_requirement_admits_only_the_build_torch():
-    req = _setup_py().torch_requirement
+    req = setup_py().torch_requirement
     assert req("2.14.1") == "torch===2.14.1"
     assert req("2.14.1+cu130") == "torch==2.14.1+cu130"
     # PyPI's 2.14.1: not the same release under another local label (2.14.1+cpu reports another
@@ -45,12 +36,12 @@ def test_torch_requirement_admits_only_the_build_torch():
 def test_install_requires_admits_the_installed_torch():
     # the pin is on the version pip sees (metadata), not on torch.__version__: PyPI's torch 2.14.1
     # reports 2.14.1+cu130 at run time, and `torch==2.14.1+cu130` would be unsatisfiable from PyPI
-    setup_py = _setup_py()
-    requires = setup_py._install_requires()
+    build = setup_py()
+    requires = build._install_requires()
     torch_req = Requirement(requires[0])
     assert torch_req.name == "torch"
     assert _admits(requires[0], metadata.version("torch")), (requires[0], metadata.version("torch"))
-    assert set(setup_py.DEPENDENCIES) <= set(requires)
+    assert set(build.DEPENDENCIES) <= set(requires)
     # what the library itself checks at load: the extension records the torch.__version__ it was built with
     from ahn_ops import _ext
 

@@ -2,9 +2,23 @@
 
 from __future__ import annotations
 
+import importlib.util
+from pathlib import Path
+
 import torch
 
 from ahn_ops.cache import AHNLayerCache
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+def setup_py():
+    """The repository's setup.py as a module: loaded under another name than __main__, it defines its build
+    helpers (nvcc, the CUTLASS headers, the pip CUDA folders, the torch requirement) and runs no setup()."""
+    spec = importlib.util.spec_from_file_location("ahn_ops_setup_py", REPO / "setup.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
 
 
 def make_inputs(kind, B, T, H, HKV, D, dtype=torch.float32, device="cpu", seed=0, gate_scale=1.0):

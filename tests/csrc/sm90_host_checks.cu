@@ -48,7 +48,8 @@ long acc_to_a_bad(Shp shp, int threads, Conv conv, long& total) {
     auto want = ma.get_thread_slice(t).partition_A(make_identity_tensor(shp));
     auto have = make_tensor(c.data(), conv(c.layout()));
     if (size<0>(have) != size<0>(want) || size<1>(have) != size<1>(want) || size<2>(have) != size<2>(want)) {
-      return total = 1;
+      total = 1;  // shapes that differ: one wrong, reported
+      return 1;
     }
     for (int k = 0; k < size<2>(want); ++k)
       for (int m = 0; m < size<1>(want); ++m)

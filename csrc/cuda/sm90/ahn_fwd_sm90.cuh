@@ -250,16 +250,13 @@ __global__ void __launch_bounds__(Traits::kThreads, 1)
   const int kb = p.pos ? 0 : b;
   const int k_bos = p.pos ? seq * (W + T) + W : bos;
   const int s_bos = p.pos ? 0 : bos;
-  // key blocks of the band of rows row0 .. row0 + kBM - 1 (block n: keys n kBN .., n < 0 on the ring tail),
-  // from the diagonal down; then the sink blocks, highest first (the band's lowest may hold sinks too: there
-  // the band takes the keys inside the window and the sink block those below it)
-  const int t_hi = min(row0 + kBM - 1, T - 1);
+  // the band's key blocks from the diagonal down, then the sink blocks (band_plan.h)
   const FwdBlocks plan(row0, kBM, kBN, T, W, S, P);
   // kMemory: do rows up to t read the memory? Row t reads the memory token P + t - W when that is >= S, and
   // the initial state whatever its position. (This block: then the memory operands come; a chunk of 64 rows:
   // then its warpgroup reads them, and the producer waits for its state where the passes run beside.)
   auto reads_memory = [&](int t) { return Traits::kMemory && (p.use_h0 || P + t - W >= S); };
-  const bool cta_mem = reads_memory(t_hi);
+  const bool cta_mem = reads_memory(plan.t_hi);
   auto chunk_reads_memory = [&](int c) { return reads_memory(min(c * Traits::kChunk + Traits::kChunk - 1, T - 1)); };
   const int64_t tile = (int64_t(seq) * p.H + h) * gridDim.x + m_block;
   const bool mem_only = Traits::kMemory && p.mem_only;

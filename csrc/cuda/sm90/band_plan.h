@@ -23,11 +23,12 @@ CUTE_HOST_DEVICE constexpr bool sink_pair(int t, int s, int W, int S, int P) { r
 // the keys inside the window and the sink block those below it.
 struct FwdBlocks {
   int row0, kBM, kBN, W, S, P;
+  int t_hi;  // the CTA's last stored row
   int n_hi, n_band, n_sink;
 
   CUTE_HOST_DEVICE FwdBlocks(int row0_, int kBM_, int kBN_, int T, int W_, int S_, int P_)
       : row0(row0_), kBM(kBM_), kBN(kBN_), W(W_), S(S_), P(P_) {
-    const int t_hi = row0 + kBM - 1 < T - 1 ? row0 + kBM - 1 : T - 1;
+    t_hi = row0 + kBM - 1 < T - 1 ? row0 + kBM - 1 : T - 1;
     const int j_lo = row0 - W + 1 > -P ? row0 - W + 1 : -P;
     n_hi = t_hi / kBN;
     n_band = n_hi - floor_div(j_lo, kBN) + 1;
