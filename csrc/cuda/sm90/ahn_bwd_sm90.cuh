@@ -121,7 +121,7 @@ __global__ void __launch_bounds__(Traits::kThreads, 1)
   using SS = typename Traits::SharedStorage;
   using Pipeline = typename Traits::Pipeline;
   using PipelineState = typename Traits::PipelineState;
-  extern __shared__ char smem_raw[];
+  extern __shared__ __align__(1024) char smem_raw[];  // the 128-byte swizzled tiles want 1024-byte alignment
   SS& ss = *reinterpret_cast<SS*>(smem_raw);
 
   const int n_block = blockIdx.x, h = blockIdx.y, seq = blockIdx.z;
@@ -286,15 +286,17 @@ __global__ void __launch_bounds__(Traits::kThreads, 1)
     }
     acc_to_regs<Element>(accS, rP);
     acc_to_regs<Element>(accdP, rdS);
-    wgmma<false, -1>(mma_kv, tP, tKVrDOt(_, _, _, rd.index()), accdV);
-    wgmma<false, -1>(mma_kv, tdS, tKVrQt(_, _, _, rq.index()), accdK);
-    // dS as (query, key) into this step's buffer, for dQ = dS K over both warpgroups' keys
+    // dS as (query, key) into this step's buffer, for dQ = dS K over both warpgroups' keys; before the dK
+    // product below, which reads the same registers asynchronously (reading a wgmma's A registers before its
+    // wait is undefined)
     const int buf = i % 2;
     CUTLASS_PRAGMA_UNROLL
     for (int r = 0; r < kRows; ++r) {
       CUTLASS_PRAGMA_UNROLL
       for (int c = 0; c < kCols; ++c) sdS(get<1>(cSr(r, c)), 64 * wg + get<0>(cSr(r, c)), buf) = dSr(r, c);
     }
+    wgmma<false, -1>(mma_kv, tP, tKVrDOt(_, _, _, rd.index()), accdV);
+    wgmma<false, -1>(mma_kv, tdS, tKVrQt(_, _, _, rq.index()), accdK);
     cutlass::arch::fence_view_async_shared();
     cutlass::arch::NamedBarrier::sync(256, kBarBoth);
     wgmma<true, -1>(mma_q, tQrdS(_, _, _, buf), tQrKt, accdQ);

@@ -48,6 +48,9 @@ struct BandTraits {
   static constexpr int kChunk = 64;  // the memory's chunk: one consumer warpgroup's rows
   static constexpr int kConsumerWGs = kBM / 64;
   static constexpr int kThreads = 128 * (kConsumerWGs + 1);
+  // the memory path: one 64-row chunk per consumer warpgroup, two of them; v_new's kBM-row box goes through a V
+  // stage, whose barrier expects kBN rows
+  static_assert(!kMemory || (kBM == kBN && kConsumerWGs == 2), "the memory path wants kBM == kBN == 128");
   using TileQK = Shape<Int<kBM>, Int<kBN>, Int<kD>>;  // S = Q K^T: (M, N, K)
   using TilePV = Shape<Int<kBM>, Int<kD>, Int<kBN>>;  // O = P V:   (M, N, K)
   using AtomLayout = Layout<Shape<Int<kConsumerWGs>, _1, _1>>;
@@ -228,7 +231,7 @@ __global__ void __launch_bounds__(Traits::kThreads, 1)
   using SS = typename Traits::SharedStorage;
   using Pipeline = typename Traits::Pipeline;
   using PipelineState = typename Traits::PipelineState;
-  extern __shared__ char smem_raw[];
+  extern __shared__ __align__(1024) char smem_raw[];  // the 128-byte swizzled tiles want 1024-byte alignment
   SS& ss = *reinterpret_cast<SS*>(smem_raw);
 
   const int m_block = blockIdx.x, h = blockIdx.y, seq = blockIdx.z;
