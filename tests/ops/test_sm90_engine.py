@@ -351,6 +351,35 @@ def test_sm90_path_with_a_torch_stand_in(kind, B, T, W, S, G, lens, monkeypatch)
     torch.testing.assert_close(lse, lse_a, rtol=0, atol=2e-3)
 
 
+@pytest.mark.skipif(not torch.cuda.is_available() and __import__("os").environ.get("TRITON_INTERPRET") != "1",
+                    reason="needs CUDA or TRITON_INTERPRET=1")
+def test_sm90_path_screens_its_inputs(monkeypatch):
+    # a read gate z in another dtype than q takes the default engine (the kernel reads z in q's dtype); a
+    # window past the longest sequence reaches the kernel as that length (same band, no memory key, no int32
+    # overflow in the kernel's rows); more than 65535 sequences for the backward take cuDNN / Triton
+    P = _prefill()
+    dev = "cuda" if torch.cuda.is_available() else "cpu"
+    calls = _stand_in(monkeypatch, dev)
+    H, HKV, D, T, S = 4, 2, 128, 150, 3
+    args = list(make_inputs("gdn", 1, T, H, HKV, D, torch.bfloat16, device=dev, seed=5))
+    z32 = args[5].float()
+    out, _, _ = P.prefill_fwd(*args[:5], z32, *args[6:], 40, S, "gdn")
+    assert not calls
+    monkeypatch.setitem(P.CONFIG, "band", "auto")
+    torch.testing.assert_close(out, P.prefill_fwd(*args[:5], z32, *args[6:], 40, S, "gdn")[0], rtol=0, atol=0)
+    monkeypatch.setitem(P.CONFIG, "band", "sm90")
+    W = 2 ** 31 - 1
+    out, _, _ = P.prefill_fwd(*args, W, S, "gdn")
+    assert len(calls) == 1 and calls[0][9] == T
+    r = ref.ahn_attention_ref(*args, W, S, "gdn")
+    lp = ref.ahn_attention_ref(*args, W, S, "gdn", dtype=torch.bfloat16)
+    check_within_2x("gdn sm90 stand-in, W past T", out, r, lp)
+    Bw = _backward()
+    monkeypatch.setitem(Bw.CONFIG, "band", "sm90")
+    q = args[0]
+    assert Bw._sm90_band(q, 65535) and not Bw._sm90_band(q, 65536)
+
+
 def _cache_call(kind, W, S, T, before, G, dtype, dev):
     """One cache-path call (``ahn_attention(cache=...)``, the kernel backend) on sequences brought to the
     positions ``before`` by the reference path, the cache's unwritten rows NaN-poisoned; against the reference

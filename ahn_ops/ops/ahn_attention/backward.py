@@ -134,16 +134,16 @@ def _items_table(lens: List[int], W: int, S: int, QS: int, dev: torch.device,
     return tables.to_device(torch.tensor(rows, dtype=torch.int32), dev) if rows else None
 
 
-def _sm90_band(q: torch.Tensor) -> bool:
-    """Whether ``CONFIG["band"]`` sends this call's window band to the sm_90a backward (D = 128, bf16 / fp16);
-    raises where "sm90" was asked for and the device or the build cannot run it."""
+def _sm90_band(q: torch.Tensor, n_seq: int) -> bool:
+    """Whether ``CONFIG["band"]`` sends this call's window band to the sm_90a backward (D = 128, bf16 / fp16, at
+    most 65535 sequences); raises where "sm90" was asked for and the device or the build cannot run it."""
     mode = CONFIG["band"]
     if mode not in ("auto", "sm90"):
         raise ValueError(f'backward.CONFIG["band"] must be "auto" or "sm90", got {mode!r}')
     if mode != "sm90":
         return False
     pf._sm90_check_device(q.device)
-    return q.shape[-1] == 128 and q.dtype in (torch.bfloat16, torch.float16)
+    return q.shape[-1] == 128 and q.dtype in (torch.bfloat16, torch.float16) and n_seq < 65536
 
 
 def _sm90_band_bwd(*args) -> None:
@@ -230,7 +230,7 @@ def prefill_bwd(dout, dht, q, k, v, a, b, z, A_log, dt_bias, norm_weight, o_weig
     # deterministic: the Triton band, whose dq and dk/dv programs own their rows (cuDNN's deterministic
     # backward reduces dq per key tile through a workspace of ~32 GB at T=32k, H=16 and took 2.8x as long)
     # sm90_band: the band's gradients from our sm_90a kernel instead (backward.CONFIG["band"] = "sm90")
-    sm90_band = NT > 0 and not deterministic and _sm90_band(q)
+    sm90_band = NT > 0 and not deterministic and _sm90_band(q, len(lens))
     cudnn_band = NT > 0 and not deterministic and not sm90_band and pf._band_engine(q, lens)
     ext_band = cudnn_band or sm90_band  # the Triton kernels leave the band t - wb < j <= t to them
     owin = empty(Tt, H, D, dtype=dt, device=dev) if cudnn_band else dummy

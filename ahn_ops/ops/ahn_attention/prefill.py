@@ -244,6 +244,10 @@ def _sm90_launch(q, kx, vx, vnew, hs, o_weight, gc, z, norm_weight, window, sink
     cu = None if Nb == N else _cu_seqlens(lens, q.device)
     pos, sink_k, sink_v = cache if cache is not None else (None, None, None)
     kxs, vxs = (kx, vx) if cache is not None else (rows(kx), rows(vx))
+    # a prefill's window past its longest sequence changes nothing (every key in the band, no memory key, no
+    # sink below the band) and would overflow the kernel's int32 rows; the cache's ring is real rows
+    if cache is None:
+        window = min(window, max(lens))
     yp, ss = (rows(mamba2_out[0]), mamba2_out[1].view(Nb, Tq // Nb, H)) if mamba2_out is not None else (None, None)
     args = (rows(q), kxs, vxs, rows(vnew), hs, o_weight.to(q.dtype).contiguous(), gc.view(Nb, Tq // Nb, H),
             z.reshape(Nb, Tq // Nb, H).contiguous(), norm_weight.float().contiguous(), window, sinks,
@@ -303,14 +307,16 @@ def _band_engine(q: torch.Tensor, lens) -> bool:
 _WARNED: list = []
 
 
-def _sm90_engine(q, lens, memory) -> bool:
+def _sm90_engine(q, z, lens, memory) -> bool:
     """Whether ``CONFIG["band"] = "sm90"`` runs this call's forward on the sm_90a kernel: D = 128, bf16 / fp16,
-    with the memory, at most 65535 sequences. Raises where "sm90" was asked for and the device or
-    the build cannot run it at all."""
+    the read gate ``z`` in q's dtype (the kernel reads it so; another dtype takes the default engine rather
+    than being rounded), with the memory, at most 65535 sequences. Raises where "sm90" was asked for and the
+    device or the build cannot run it at all."""
     if CONFIG["band"] != "sm90":
         return False
     _sm90_check_device(q.device)
-    return (memory and q.shape[-1] == 128 and q.dtype in (torch.bfloat16, torch.float16) and len(lens) < 65536)
+    return (memory and q.shape[-1] == 128 and q.dtype in (torch.bfloat16, torch.float16) and z.dtype == q.dtype
+            and len(lens) < 65536)
 
 
 def _written_sinks(sink_k, sink_v, pos, T):
@@ -391,7 +397,7 @@ def prefill_fwd(q, k, v, a, b, z, A_log, dt_bias, norm_weight, o_weight, window:
     flat = lambda x: None if x is None else x.reshape(1, B * T, *x.shape[2:]).contiguous()  # noqa: E731
     qf, kf, vf = flat(q), flat(k), flat(v)
     band = None
-    sm90 = T > 0 and stage == "all" and _sm90_engine(q, lens, memory)
+    sm90 = T > 0 and stage == "all" and _sm90_engine(q, z, lens, memory)
     if T > 0 and not sm90 and _band_engine(q, lens):
         band = _cudnn_band(qf, kf, vf, lens, window)
     out, ht, lse = _launch(qf, kf, vf, kf, vf, flat(a), flat(b), None, flat(z), A_log, dt_bias, norm_weight,
@@ -448,7 +454,7 @@ def prefill_cache_fwd(q, k, v, a, b, z, A_log, dt_bias, norm_weight, o_weight,
     sk = wsk.reshape(1, B * S, HKV, D) if S else kx
     sv = wsv.reshape(1, B * S, HKV, D) if S else vx
     qf = q.reshape(1, B * T, H, D).contiguous()
-    sm90 = T > 0 and _sm90_engine(q, [T] * B, True)
+    sm90 = T > 0 and _sm90_engine(q, z, [T] * B, True)
     band = (_cudnn_band(qf, kc.reshape(1, B * T, HKV, D), vc.reshape(1, B * T, HKV, D), [T] * B, W)
             if T > 0 and not sm90 and _band_engine(q, [T] * B) else None)
     # inference: no backward, so no lse store
