@@ -46,6 +46,6 @@ def test_sm90_host_checks(tmp_path):
     out = ran.stdout
     assert "all host checks passed" in out and "FAIL" not in out, out
     # every check ran (both dtypes, both plans), and the negative controls caught their faults
-    assert out.count(" ok (") == 32 + 2, out
+    assert out.count(" ok (") == 36 + 2, out
     assert out.count("negative control: swapped registers caught") == 2
     assert "negative control: plans off by one key caught" in out

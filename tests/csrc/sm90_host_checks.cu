@@ -13,6 +13,8 @@
 // 4. The block plans: over many (T, W, S, P), the forward's CTAs keep every (query, window key) and (query,
 //    sink) pair exactly once and nothing else (whole, unmasked blocks included), and so do the backward's
 //    (key block, query block, warpgroup) steps for the band's pairs.
+// 5. The backward's dS^T stores: a thread's column pairs adjacent in the swizzled buffer (one 32-bit store each),
+//    and no bank conflicts within a warp's store.
 // A wrong register conversion and a plan off by one key are run through checks 1 and 4 too and must be caught.
 #include <cstdio>
 #include <vector>
@@ -106,6 +108,42 @@ void check_transposed(char const* what, LX lx, LT lt) {
   report(what, bad, total);
 }
 
+// the backward's dS^T store: a thread's accumulator columns c, c + 1 (queries t, t + 1 of one key) land on
+// adjacent elements of the swizzled query-major dS buffer, 4-byte aligned (one 32-bit store per pair), and
+// each warp's store touches every bank once (the swizzle applies to byte addresses: a buffer on the host at
+// the kernel's 1024-byte alignment, through the kernel's own tensor)
+template <class Element>
+void check_ds_pairs(char const* what, char const* what_banks) {
+  using Bw = BandBwdTraits<Element>;
+  alignas(1024) static Element buf[cosize_v<typename Bw::SmemLayoutdS>];
+  Tensor sdS = make_tensor(make_smem_ptr(buf), typename Bw::SmemLayoutdS{});
+  typename Bw::MmaSdP mma;
+  auto rc = [&](int wt) {
+    auto c = mma.get_thread_slice(wt).partition_C(make_identity_tensor(Shape<_64, Int<Bw::kBM>>{}));
+    return make_tensor(c.data(), acc_rowcol(c.layout()));
+  };
+  constexpr int kRows = decltype(size<0>(rc(0)))::value, kCols = decltype(size<1>(rc(0)))::value;
+  long bad = 0, total = 0, conflicted = 0, stores = 0;
+  for (int b = 0; b < 2; ++b)
+    for (int wg = 0; wg < 2; ++wg)
+      for (int warp = 0; warp < 4; ++warp)
+        for (int r = 0; r < kRows; ++r)
+          for (int c = 0; c < kCols; c += 2, ++stores) {
+            int words[32];
+            for (int lane = 0; lane < 32; ++lane, ++total) {
+              auto cSr = rc(32 * warp + lane);
+              Element* p0 = &sdS(get<1>(cSr(r, c)), 64 * wg + get<0>(cSr(r, c)), b);
+              Element* p1 = &sdS(get<1>(cSr(r, c + 1)), 64 * wg + get<0>(cSr(r, c + 1)), b);
+              bad += p1 != p0 + 1 || reinterpret_cast<uintptr_t>(p0) % 4 != 0;
+              words[lane] = int((reinterpret_cast<char*>(p0) - reinterpret_cast<char*>(buf)) / 4);
+            }
+            for (int x = 0; x < 32; ++x)  // another word in the same bank within one store: a conflict
+              for (int y = 0; y < x; ++y) conflicted += words[x] % 32 == words[y] % 32 && words[x] != words[y];
+          }
+  report(what, bad, total);
+  report(what_banks, conflicted, stores);
+}
+
 template <class Element>
 void check_all(char const* dt) {
   printf("# %s\n", dt);
@@ -139,6 +177,9 @@ void check_all(char const* dt) {
   check_transposed(name("fwd hs^T"), typename F::SmemLayoutHs{}, typename F::SmemLayoutHst{});
   check_transposed(name("bwd K^T"), typename Bw::SmemLayoutK{}, typename Bw::SmemLayoutKt{});
   check_transposed(name("bwd Q^T, dO^T"), typename Bw::SmemLayoutQ{}, typename Bw::SmemLayoutQt{});
+  char what2[128];
+  snprintf(what2, sizeof what2, "%s bwd dS^T pair stores: no bank conflicts", dt);
+  check_ds_pairs<Element>(name("bwd dS^T pairs adjacent, 4-byte aligned"), what2);
   // the negative control: a wrong conversion must be caught
   long total = 0;
   long bad = acc_to_a_bad<typename Bw::MmaSdP, typename Bw::MmaKV>(Shape<_64, Int<Bw::kBM>>{}, 128,

@@ -288,12 +288,19 @@ __global__ void __launch_bounds__(Traits::kThreads, 1)
     acc_to_regs<Element>(accdP, rdS);
     // dS as (query, key) into this step's buffer, for dQ = dS K over both warpgroups' keys; before the dK
     // product below, which reads the same registers asynchronously (reading a wgmma's A registers before its
-    // wait is undefined)
+    // wait is undefined). A thread's columns c, c + 1 are queries t, t + 1 of one key: adjacent in the
+    // query-major buffer, so one 4-byte store each (tests/csrc/sm90_host_checks.cu checks the adjacency)
     const int buf = i % 2;
     CUTLASS_PRAGMA_UNROLL
     for (int r = 0; r < kRows; ++r) {
       CUTLASS_PRAGMA_UNROLL
-      for (int c = 0; c < kCols; ++c) sdS(get<1>(cSr(r, c)), 64 * wg + get<0>(cSr(r, c)), buf) = dSr(r, c);
+      for (int c = 0; c < kCols; c += 2) {
+        cutlass::Array<Element, 2> pair;
+        pair[0] = dSr(r, c);
+        pair[1] = dSr(r, c + 1);
+        *reinterpret_cast<cutlass::Array<Element, 2>*>(&sdS(get<1>(cSr(r, c)), 64 * wg + get<0>(cSr(r, c)), buf)) =
+            pair;
+      }
     }
     wgmma<false, -1>(mma_kv, tP, tKVrDOt(_, _, _, rd.index()), accdV);
     wgmma<false, -1>(mma_kv, tdS, tKVrQt(_, _, _, rq.index()), accdK);
