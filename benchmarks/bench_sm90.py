@@ -337,13 +337,21 @@ def bench_bwd(mod, first=None):
     def step():
         torch.autograd.grad(fwd(), args, dout)
 
-    res, grads = {}, {}
+    def peak_gb():  # one step's peak allocation (issue 33: <= 3.4 GB at this shape)
+        torch.cuda.synchronize()
+        torch.cuda.reset_peak_memory_stats()
+        step()
+        torch.cuda.synchronize()
+        return torch.cuda.max_memory_allocated() / 1e9
+
+    res, grads, peaks = {}, {}, {}
     try:
         for engine in ("auto", "sm90"):
             for band in ("auto", "sm90"):
                 P.CONFIG["band"], Bw.CONFIG["band"] = engine, band
                 name = f"forward {engine}, backward band {'cuDNN' if band == 'auto' else 'sm90'}"
                 res[name] = t(step)
+                peaks[name] = peak_gb()
                 grads[name] = torch.autograd.grad(fwd(), args, dout)
         Bw.CONFIG["chain_priority"] = 0
         res["forward sm90, backward band sm90, the chain beside it at priority 0"] = t(step)
@@ -356,9 +364,9 @@ def bench_bwd(mod, first=None):
     print(f"\n# gdn forward + backward, T={T} W={W} S={S} H={H}/{HKV} D={D}; worst rel diff of a gradient "
           "against the default's: " + ", ".join(f"{n}: {max(rel(a, b) for a, b in zip(g, base)):.1e}"
                                                 for n, g in grads.items()))
-    print("| forward + backward | ms |\n|---|---|")
+    print("| forward + backward | ms | peak GB |\n|---|---|---|")
     for name, ms in res.items():
-        print(f"| {name} | {ms:.3f} |")
+        print(f"| {name} | {ms:.3f} | {peaks[name]:.2f} |" if name in peaks else f"| {name} | {ms:.3f} | |")
 
 
 def main():
