@@ -421,24 +421,18 @@ __global__ void __launch_bounds__(Traits::kThreads, 1)
   }
   const float sl2 = p.scale_log2;
 
-  // mask the keys of the i-th key block that row t does not attend (band_plan.h); a band block inside every
-  // row's window, or a sink block below every row's window, needs none
-  auto mask_where = [&](int key0, auto keep) {
+  // mask the keys of the i-th key block that row t does not attend (band_plan.h, the rule the host checks run);
+  // a band block inside every row's window, or a sink block below every row's window, needs none
+  auto mask = [&](int i) {
+    if (plan.whole(i)) return;
+    const int key0 = plan.block(i) * kBN;
     CUTLASS_PRAGMA_UNROLL
     for (int r = 0; r < kRows; ++r) {
       const int t = row0 + get<0>(cSrc(r, 0));
       CUTLASS_PRAGMA_UNROLL
       for (int c = 0; c < kCols; ++c) {
-        if (!keep(t, key0 + get<1>(cSrc(r, c)))) Sacc(r, c) = -INFINITY;
+        if (!plan.keep(i, t, key0 + get<1>(cSrc(r, c)))) Sacc(r, c) = -INFINITY;
       }
-    }
-  };
-  auto mask = [&](int i) {
-    if (plan.whole(i)) return;
-    if (plan.is_band(i)) {
-      mask_where(plan.block(i) * kBN, [&](int t, int j) { return band_pair(t, j, W, P); });
-    } else {
-      mask_where(plan.block(i) * kBN, [&](int t, int s) { return sink_pair(t, s, W, S, P); });
     }
   };
   // online softmax of the scores (in place: they become P); rescale gets the factors of the output so far
