@@ -17,7 +17,9 @@
 //
 // Rows: one packed batch row of Tt tokens, sequence n the rows cu[n] .. cu[n + 1] - 1 (equal lengths are the
 // case of a regular cu). lse (log2 domain, the scores scaled by scale_log2) and delta = rowsum(dO o_win) come
-// as ld [2, H, Tpad] fp32 (Tpad >= Tt, a multiple of 4): TMA boxes of 64 rows.
+// as ld [2, H, Tpad] fp32 (Tpad >= Tt, a multiple of 4): TMA boxes of 68 rows whose first is the step's first
+// query rounded down to a multiple of 4 (TMA faults on an innermost start coordinate that is not 16-byte aligned,
+// and a packed sequence may start at any row).
 #pragma once
 
 #include "ahn_fwd_sm90.cuh"
@@ -68,7 +70,11 @@ struct BandBwdTraits {
   // dS as (queries, keys), two buffers (one per step parity: a warpgroup writes the next while the other may
   // still read this one)
   using SmemLayoutdS = decltype(tile_to_shape(GMMA::Layout_MN_SW128_Atom<Element>{}, Shape<Int<kBM>, Int<kBN>, _2>{}));
-  using SmemLayoutL = Layout<Shape<Int<kBM>, Int<kStages>>>;
+  // lse / delta: a box of kBM + 4 rows (up to 3 rows before the step's first query, see the top), one stage
+  // every kLStage floats (TMA writes shared memory at 128-byte aligned addresses)
+  static constexpr int kLBox = kBM + 4;
+  static constexpr int kLStage = (kLBox + 31) / 32 * 32;
+  using SmemLayoutL = Layout<Shape<Int<kLBox>, Int<kStages>>, Stride<_1, Int<kLStage>>>;
 
   using Pipeline = cutlass::PipelineTmaAsync<kStages>;
   using PipelineState = typename cutlass::PipelineState<kStages>;
@@ -81,8 +87,8 @@ struct BandBwdTraits {
     alignas(1024) cute::array_aligned<Element, cosize_v<SmemLayoutQ>> dout;
     alignas(1024) cute::array_aligned<Element, cosize_v<SmemLayoutdS>> ds;
     alignas(128) float dq[kConsumerWGs][kBM][kQRow];
-    alignas(128) float lse[kStages * kBM];
-    alignas(128) float delta[kStages * kBM];
+    alignas(128) float lse[kStages * kLStage];
+    alignas(128) float delta[kStages * kLStage];
     alignas(16) uint64_t bar_kv;
     typename Pipeline::SharedStorage pipe_q;
     typename Pipeline::SharedStorage pipe_do;
@@ -99,7 +105,8 @@ struct BandBwdTraits {
   using TmaQ = decltype(make_tma_copy(SM90_TMA_LOAD{}, GTensor{}, take<0, 2>(SmemLayoutQ{}),
                                       Shape<Int<kBM>, Int<kD>>{}, _1{}));
   using TmaK = decltype(make_tma_copy(SM90_TMA_LOAD{}, GTensor{}, SmemLayoutK{}, Shape<Int<kBN>, Int<kD>>{}, _1{}));
-  using TmaL = decltype(make_tma_copy(SM90_TMA_LOAD{}, LTensor{}, Layout<Shape<Int<kBM>>>{}, Shape<Int<kBM>>{}, _1{}));
+  using TmaL =
+      decltype(make_tma_copy(SM90_TMA_LOAD{}, LTensor{}, Layout<Shape<Int<kLBox>>>{}, Shape<Int<kLBox>>{}, _1{}));
 
   struct Params {
     TmaQ tma_q, tma_do;
@@ -137,7 +144,7 @@ __global__ void __launch_bounds__(Traits::kThreads, 1)
   const int n_m = plan.count();
 
   const int warp_group = threadIdx.x / 128;
-  const auto pp = tma_pipe_params<Pipeline>(kBM * kD * sizeof(Element) + kBM * sizeof(float),
+  const auto pp = tma_pipe_params<Pipeline>(kBM * kD * sizeof(Element) + Traits::kLBox * sizeof(float),
                                             Traits::kConsumerWGs * 128);  // a row block and its lse / delta
   Pipeline pipe_q(ss.pipe_q, pp, Shape<_1, _1, _1>{});
   Pipeline pipe_do(ss.pipe_do, pp, Shape<_1, _1, _1>{});
@@ -164,16 +171,18 @@ __global__ void __launch_bounds__(Traits::kThreads, 1)
       Tensor gDO = local_tile(from(mDO(_, _, h, 0)), Shape<Int<kBM>, Int<kD>>{}, make_coord(_, _0{}));
       Tensor gK = local_tile(from(mK(_, _, hkv, 0)), Shape<Int<kBN>, Int<kD>>{}, make_coord(n_block, _0{}));
       Tensor gV = local_tile(from(mV(_, _, hkv, 0)), Shape<Int<kBN>, Int<kD>>{}, make_coord(n_block, _0{}));
-      Tensor gLse = local_tile(domain_offset(make_coord(bos), mL(_, h, 0)), Shape<Int<kBM>>{}, make_coord(_));
-      Tensor gDel = local_tile(domain_offset(make_coord(bos), mL(_, h, 1)), Shape<Int<kBM>>{}, make_coord(_));
+      // step m's lse / delta box starts at row l0 + m kBM, l0 = bos rounded down to a multiple of 4 (16 bytes)
+      const int l0 = bos & ~3;
+      auto box = [&](int e, int m) {
+        return local_tile(domain_offset(make_coord(l0 + m * kBM), mL(_, h, e)), Shape<Int<Traits::kLBox>>{},
+                          make_coord(_0{}));
+      };
       Tensor sLse = make_tensor(make_smem_ptr(ss.lse), typename Traits::SmemLayoutL{});
       Tensor sDel = make_tensor(make_smem_ptr(ss.delta), typename Traits::SmemLayoutL{});
       auto [tQg, tQs] = tma_partition(p.tma_q, _0{}, Layout<_1>{}, group_modes<0, 2>(sQ), group_modes<0, 2>(gQ));
       auto [tDg, tDs] = tma_partition(p.tma_do, _0{}, Layout<_1>{}, group_modes<0, 2>(sDO), group_modes<0, 2>(gDO));
       auto [tKg, tKs] = tma_partition(p.tma_k, _0{}, Layout<_1>{}, group_modes<0, 2>(sK), group_modes<0, 2>(gK));
       auto [tVg, tVs] = tma_partition(p.tma_v, _0{}, Layout<_1>{}, group_modes<0, 2>(sV), group_modes<0, 2>(gV));
-      auto [tLg, tLs] = tma_partition(p.tma_l, _0{}, Layout<_1>{}, group_modes<0, 1>(sLse), group_modes<0, 1>(gLse));
-      auto [tEg, tEs] = tma_partition(p.tma_l, _0{}, Layout<_1>{}, group_modes<0, 1>(sDel), group_modes<0, 1>(gDel));
       cutlass::arch::ClusterTransactionBarrier::arrive_and_expect_tx(&ss.bar_kv, 2 * kBN * kD * sizeof(Element));
       copy(p.tma_k.with(ss.bar_kv), tKg, tKs);
       copy(p.tma_v.with(ss.bar_kv), tVg, tVs);
@@ -183,11 +192,17 @@ __global__ void __launch_bounds__(Traits::kThreads, 1)
         const int m = m_lo + i;
         pipe_q.producer_acquire(wq);
         copy(p.tma_q.with(*pipe_q.producer_get_barrier(wq)), tQg(_, m), tQs(_, wq.index()));
-        copy(p.tma_l.with(*pipe_q.producer_get_barrier(wq)), tLg(_, m), tLs(_, wq.index()));
+        {
+          auto [tLg, tLs] = tma_partition(p.tma_l, _0{}, Layout<_1>{}, group_modes<0, 1>(sLse), box(0, m));
+          copy(p.tma_l.with(*pipe_q.producer_get_barrier(wq)), tLg, tLs(_, wq.index()));
+        }
         ++wq;
         pipe_do.producer_acquire(wd);
         copy(p.tma_do.with(*pipe_do.producer_get_barrier(wd)), tDg(_, m), tDs(_, wd.index()));
-        copy(p.tma_l.with(*pipe_do.producer_get_barrier(wd)), tEg(_, m), tEs(_, wd.index()));
+        {
+          auto [tEg, tEs] = tma_partition(p.tma_l, _0{}, Layout<_1>{}, group_modes<0, 1>(sDel), box(1, m));
+          copy(p.tma_l.with(*pipe_do.producer_get_barrier(wd)), tEg, tEs(_, wd.index()));
+        }
         ++wd;
       }
     }
@@ -263,7 +278,7 @@ __global__ void __launch_bounds__(Traits::kThreads, 1)
     wgmma<true, -1>(mma_s, tSrV, tSrDO(_, _, _, rd.index()), accdP);
     warpgroup_wait<1>();
     // P^T = exp2(S^T scale - lse) on the band: key j, query t with j <= t, t - W < j, t < T
-    float const* lse = ss.lse + rq.index() * kBM;
+    float const* lse = ss.lse + rq.index() * Traits::kLStage + (bos & 3);
     const bool inside = bwd_whole(t0, kBM, jw, 64, T, W);
     CUTLASS_PRAGMA_UNROLL
     for (int r = 0; r < kRows; ++r) {
@@ -278,7 +293,7 @@ __global__ void __launch_bounds__(Traits::kThreads, 1)
     }
     warpgroup_wait<0>();
     // dS^T = P^T (dP^T - delta)
-    float const* delta = ss.delta + rd.index() * kBM;
+    float const* delta = ss.delta + rd.index() * Traits::kLStage + (bos & 3);
     CUTLASS_PRAGMA_UNROLL
     for (int r = 0; r < kRows; ++r) {
       CUTLASS_PRAGMA_UNROLL
@@ -397,7 +412,7 @@ void launch_bwd(BwdProblem<Element> const& f, cudaStream_t stream) {
   p.tma_l = make_tma_copy(SM90_TMA_LOAD{},
                           make_tensor(make_gmem_ptr(f.ld), make_shape(f.Tpad, f.H, 2),
                                       make_stride(_1{}, int64_t(f.Tpad), int64_t(f.Tpad) * f.H)),
-                          Layout<Shape<Int<Traits::kBM>>>{}, Shape<Int<Traits::kBM>>{}, _1{});
+                          Layout<Shape<Int<Traits::kLBox>>>{}, Shape<Int<Traits::kLBox>>{}, _1{});
   p.dq = f.dq, p.dk = f.dk, p.dv = f.dv;
   p.Tt = f.Tt, p.Tpad = f.Tpad, p.H = f.H, p.HKV = f.HKV, p.W = f.W, p.cu = f.cu;
   p.scale = float(1.0 / sqrt(double(kD)));
