@@ -6,6 +6,10 @@
   be set before triton is first imported, hence here and not in a test module. With a GPU,
   ``TRITON_F32_DEFAULT=ieee`` (below).
 * ``AHN_TESTS_EAGER=1``: failures are printed as they happen.
+* ``AHN_TESTS_FWD_BAND`` / ``AHN_TESTS_BWD_BAND``: the whole suite with that prefill forward engine
+  (``prefill.CONFIG["band"]``: auto, cudnn, triton, sm90) or backward band (``backward.CONFIG["band"]``:
+  auto, sm90), the GPU check of an engine before it becomes a default. Tests that pick an engine
+  themselves still do.
 """
 
 import os
@@ -25,6 +29,16 @@ else:
     # kernels' algebra with the fp32 reference at 1e-5, so they ask for full-precision products (the
     # library never sends fp32 to the Triton kernels itself: ``backend="auto"`` takes the chunked path).
     os.environ.setdefault("TRITON_F32_DEFAULT", "ieee")
+
+
+def pytest_configure(config):
+    for var, module in (("AHN_TESTS_FWD_BAND", "prefill"), ("AHN_TESTS_BWD_BAND", "backward")):
+        if os.environ.get(var):
+            import importlib
+
+            mod = importlib.import_module(f"ahn_ops.ops.ahn_attention.{module}")
+            mod.CONFIG["band"] = os.environ[var]
+            print(f"{var}: {module}.CONFIG['band'] = {os.environ[var]!r}")
 
 
 def pytest_runtest_logreport(report):
