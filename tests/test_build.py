@@ -24,6 +24,26 @@ def test_extension_loads_and_registers_ops():
         assert torch._C._dispatch_has_kernel_for_dispatch_key("ahn::decode_step", "CUDA")
 
 
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="ELF dynamic symbols (Linux)")
+def test_extension_shares_the_process_libstdcxx():
+    """The library links the shared libstdc++ (torch's) and carries no copy of its own: a statically linked
+    one (a toolchain adding -static-libstdc++) keeps separate locale / iostream state, and the first
+    TORCH_CHECK message with a number in it crashed the process."""
+    import shutil
+    import subprocess
+
+    so = _ext.load_extension().__file__
+    if shutil.which("nm") is None or shutil.which("readelf") is None:
+        pytest.skip("binutils (nm, readelf) not installed")
+    needed = subprocess.run(["readelf", "-d", so], capture_output=True, text=True, check=True).stdout
+    assert "[libstdc++.so.6]" in needed, f"{so} does not link libstdc++.so.6:\n{needed}"
+    defined = subprocess.run(["nm", "-D", "-C", "--defined-only", so], capture_output=True, text=True,
+                             check=True).stdout
+    own = [line for line in defined.splitlines()
+           if "std::ios_base::Init::Init" in line or "std::locale::classic" in line or "std::codecvt<" in line]
+    assert not own, f"{so} defines libstdc++'s own symbols (a static copy):\n" + "\n".join(own[:5])
+
+
 def test_missing_extension_raises_clear_import_error():
     with pytest.raises(ImportError, match=r"missing.*pip install --no-build-isolation -e \."):
         _ext.load_extension("ahn_ops._C_not_built")
