@@ -197,6 +197,22 @@ def _cutlass_include():
     return str(inc), f"CUTLASS headers at {inc}"
 
 
+def _loaded_libstdcxx():
+    """The libstdc++ this process has loaded (torch's, after ``import torch``): the library links that file, so
+    that it shares the C++ runtime with torch even where the compiler's own libstdc++ is a static archive
+    only (a toolchain built so linked a copy into _C.abi3.so, and formatting a TORCH_CHECK message crashed).
+    None off Linux or where none is loaded."""
+    try:
+        with open("/proc/self/maps") as maps:
+            for line in maps:
+                path = line.split()[-1]
+                if "/libstdc++.so" in path and os.path.exists(path):
+                    return path
+    except OSError:
+        pass
+    return None
+
+
 class CMakeExtension(Extension):
     def __init__(self, name):
         super().__init__(name, sources=[], py_limited_api=True)
@@ -226,6 +242,7 @@ class CMakeBuild(build_ext):
             f"-DAHN_OPS_OUTPUT_DIR={out_file.parent}",
             f"-DAHN_OPS_TORCH_VERSION={torch.__version__}",
             f"-DAHN_OPS_WITH_CUDA={'ON' if nvcc else 'OFF'}",
+            f"-DAHN_OPS_LIBSTDCXX={_loaded_libstdcxx() or ''}",
         ]
         env = dict(os.environ)
         if nvcc:

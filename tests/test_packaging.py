@@ -48,6 +48,16 @@ def test_install_requires_admits_the_installed_torch():
     assert _ext.load_extension().TORCH_VERSION == torch.__version__
 
 
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="/proc/self/maps (Linux)")
+def test_build_links_the_libstdcxx_torch_loaded():
+    # setup.py hands CMake the libstdc++ file this process loaded with torch: a real shared library whose
+    # soname is the one torch needs (test_build checks the built library's NEEDED and symbols)
+    path = setup_py()._loaded_libstdcxx()
+    assert path is not None and "/libstdc++.so" in path
+    with open(path, "rb") as f:
+        assert f.read(4) == b"\x7fELF"
+
+
 def test_pyproject_leaves_the_dependencies_to_setup_py():
     tomllib = pytest.importorskip("tomllib")
     project = tomllib.loads((REPO / "pyproject.toml").read_text())["project"]
