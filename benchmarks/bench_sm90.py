@@ -352,7 +352,8 @@ def bench_bwd(mod, first=None):
                 name = f"forward {engine}, backward band {'cuDNN' if band == 'auto' else 'sm90'}"
                 res[name] = t(step)
                 peaks[name] = peak_gb()
-                grads[name] = torch.autograd.grad(fwd(), args, dout)
+                # kept on the host: gradients held on the GPU would count in the next pairs' peaks
+                grads[name] = [g.float().cpu() for g in torch.autograd.grad(fwd(), args, dout)]
         Bw.CONFIG["chain_priority"] = 0
         res["forward sm90, backward band sm90, the chain beside it at priority 0"] = t(step)
         Bw.CONFIG["side_stream"] = False
