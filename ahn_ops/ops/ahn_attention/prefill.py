@@ -142,9 +142,10 @@ def _launch(q, kx, vx, sk, sv, a, b, ab_rs, z, A_log, dt_bias, norm_weight, o_we
     Tq, H, D = q.shape[1], q.shape[2], q.shape[3]
     HKV = kx.shape[-2]
     dev, dt = q.device, q.dtype
-    out = empty(1, Tq, H, D, dtype=dt, device=dev)
+    sm90 = sm90 and NT > 0  # the sm_90a op returns its own output and lse
+    out = None if sm90 else empty(1, Tq, H, D, dtype=dt, device=dev)
     ht = empty(N, H, D, D, dtype=torch.float32, device=dev) if output_final_state else None
-    lse = empty(Tq, H, dtype=torch.float32, device=dev) if store_lse else None
+    lse = empty(Tq, H, dtype=torch.float32, device=dev) if store_lse and not sm90 else None
     if NT == 0:
         if ht is not None:
             ht.copy_(initial_state if initial_state is not None else torch.zeros_like(ht))
