@@ -21,6 +21,7 @@ from __future__ import annotations
 import argparse
 import os
 import sys
+import time
 
 import torch
 
@@ -196,7 +197,14 @@ def bench(mod):
     rows = []
 
     def t(fn):
-        return do_bench(fn, warmup=25, rep=200, return_mode="median")
+        # at least ~15 timed calls: a 50 ms call (T=131072) got 4 in 200 ms, too few for a stable median
+        fn()
+        torch.cuda.synchronize()
+        start = time.perf_counter()
+        fn()
+        torch.cuda.synchronize()
+        ms = (time.perf_counter() - start) * 1e3
+        return do_bench(fn, warmup=max(25, 3 * ms), rep=max(200, 15 * ms), return_mode="median")
 
     for T, W, S in [(32768, 4096, 128), (131072, 32640, 128), (16384, 2048, 0)]:
         q, k, v = (torch.randn(1, T, h, D, device="cuda", dtype=torch.bfloat16) for h in (H, HKV, HKV))
