@@ -150,6 +150,14 @@ std::tuple<at::Tensor, at::Tensor> prefill_fwd_sm90(
                     deferred->device() == q.device() && deferred->numel() == tiles,
                 "prefill_fwd_sm90: deferred must be a contiguous uint8 tensor of ", tiles, " flags on ", q.device());
   }
+  // varlen with the memory: where each sequence's chunks end in hs (the running sum of ceil(T_n / 64)), so
+  // that a CTA reads its sequence's first chunk instead of summing over the sequences before it
+  at::Tensor chunk_end;
+  if (varlen && memory) {
+    const at::Tensor& cu = *cu_seqlens;
+    constexpr int kC = ahn_sm90::kMemChunk;
+    chunk_end = at::cumsum(at::floor_divide(cu.slice(0, 1) - cu.slice(0, 0, n_seq) + (kC - 1), kC), 0, at::kInt);
+  }
   // a memory-only launch adds to out in place and returns two empty tensors
   auto o = memory_only ? *out : at::empty_like(q);
   auto lse = at::empty({memory_only ? 0 : B, H, T}, q.options().dtype(at::kFloat));
@@ -163,6 +171,7 @@ std::tuple<at::Tensor, at::Tensor> prefill_fwd_sm90(
     f.o = reinterpret_cast<E*>(o.data_ptr()), f.lse = lse.data_ptr<float>();
     f.B = int(B), f.T = int(T), f.H = int(H), f.HKV = int(HKV), f.W = int(window), f.S = int(sinks);
     f.cu = varlen ? cu_seqlens->data_ptr<int>() : nullptr, f.n_seq = int(n_seq), f.max_T = int(max_T);
+    f.chunk_end = chunk_end.defined() ? chunk_end.data_ptr<int>() : nullptr;
     if (cache) {
       f.pos = pos->data_ptr<int64_t>();
       if (sinks > 0) f.sink_k = ptr(*sink_k), f.sink_v = ptr(*sink_v);
