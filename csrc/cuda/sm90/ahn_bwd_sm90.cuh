@@ -322,8 +322,10 @@ __global__ void __launch_bounds__(Traits::kThreads, 1)
         cutlass::Array<Element, 2> pair;
         pair[0] = dSr(r, c);
         pair[1] = dSr(r, c + 1);
-        *reinterpret_cast<cutlass::Array<Element, 2>*>(&sdS(get<1>(cSr(r, c)), 64 * wg + get<0>(cSr(r, c)), buf)) =
-            pair;
+        // a shared-space store (through the swizzled tensor's generic pointer it was a generic ST.E)
+        const uint32_t at = static_cast<uint32_t>(
+            __cvta_generic_to_shared(&sdS(get<1>(cSr(r, c)), 64 * wg + get<0>(cSr(r, c)), buf)));
+        asm volatile("st.shared.b32 [%0], %1;" ::"r"(at), "r"(reinterpret_cast<uint32_t const&>(pair)) : "memory");
       }
     }
     // dV += P^T dO; once both warpgroups' dS are in shared memory dQ = dS K, then dK += dS^T Q, so that dQ's
