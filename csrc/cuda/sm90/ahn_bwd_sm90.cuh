@@ -279,6 +279,7 @@ __global__ void __launch_bounds__(Traits::kThreads, 1)
     pipe_do.consumer_wait(rd);
     wgmma<true, -1>(mma_s, tSrV, tSrDO(_, _, _, rd.index()), accdP);
     warpgroup_wait<1>();
+    warpgroup_fence_operand(accS);  // (keeps the reads of S below the wait)
     // P^T = exp2(S^T scale - lse) on the band: key j, query t with j <= t, t - W < j, t < T
     float const* lse = ss.lse + rq.index() * Traits::kLStage + (bos & 3);
     // most steps lie inside every key's band: those evaluate no mask at all (a uniform branch)
@@ -301,6 +302,7 @@ __global__ void __launch_bounds__(Traits::kThreads, 1)
       }
     }
     warpgroup_wait<0>();
+    warpgroup_fence_operand(accdP);
     // dS^T = P^T (dP^T - delta)
     float const* delta = ss.delta + rd.index() * Traits::kLStage + (bos & 3);
     CUTLASS_PRAGMA_UNROLL
@@ -336,6 +338,7 @@ __global__ void __launch_bounds__(Traits::kThreads, 1)
     wgmma<true, -1>(mma_q, tQrdS(_, _, _, buf), tQrKt, accdQ);
     wgmma<false, -1>(mma_kv, tdS, tKVrQt(_, _, _, rq.index()), accdK);
     warpgroup_wait<1>();  // dV and dQ done, dK in flight
+    warpgroup_fence_operand(accdV);
     warpgroup_fence_operand(accdQ);
     pipe_do.consumer_release(rd);
     ++rd;
