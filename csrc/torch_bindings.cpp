@@ -26,7 +26,8 @@ TORCH_LIBRARY(ahn, m) {
   // DN memory readout and epilogue (o_weight [H,D,D], z [B,T,H], norm_weight [D] fp32) added. Returns out
   // [B,T,H,D] and the softmax's natural-log lse [B,H,T] fp32. variant: 1 lets the two consumer warpgroups
   // take turns issuing their products, 0 does not (the same result). cu_seqlens (int32 [N+1]) with B = 1: N
-  // sequences packed along T, the longest max_seqlen; hs then holds each sequence's ceil(T_n/64) chunks in turn.
+  // sequences packed along T, the longest max_seqlen; hs then holds each sequence's ceil(T_n/64) chunks in turn,
+  // sequence n's first at chunk_start[n] (int32 [N], any stride; given with cu_seqlens and the memory only).
   // pos (int64 [B]): the cache path, queries at positions pos ..; k, v [1,B*(W+T),HKV,D] each sequence's W
   // ring-tail rows then its new tokens, the sinks in sink_k, sink_v [B,S,HKV,D]. initial_state: the memory
   // started from a state (hs holds it), so every row reads the memory. yp [B,T,H,D], ss [B,T,H] fp32 (written):
@@ -40,7 +41,8 @@ TORCH_LIBRARY(ahn, m) {
       "Tensor? z, Tensor? norm_weight, int window, int sinks, float mem_scale, int variant=1, "
       "Tensor? cu_seqlens=None, int max_seqlen=0, Tensor? pos=None, Tensor? sink_k=None, Tensor? sink_v=None, "
       "bool initial_state=False, Tensor(a!)? yp=None, Tensor(b!)? ss=None, Tensor? ready=None, int ready_target=0, "
-      "Tensor(c!)? deferred=None, bool memory_only=False, Tensor(d!)? out=None) -> (Tensor, Tensor)");
+      "Tensor(c!)? deferred=None, bool memory_only=False, Tensor(d!)? out=None, Tensor? chunk_start=None) -> "
+      "(Tensor, Tensor)");
   // The sm_90a window band backward (csrc/cuda/ahn_bwd_sm90.cu, built with the forward's kernel): the band
   // share (keys t - window < j <= t) of the attention's gradients, added to the fp32 dq [tokens,H,128], dk, dv
   // [tokens,HKV,128]. q, dout [tokens,H,128], k, v [tokens,HKV,128] (bf16 / fp16) hold the sequences packed

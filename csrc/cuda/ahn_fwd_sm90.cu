@@ -39,7 +39,7 @@ std::tuple<at::Tensor, at::Tensor> prefill_fwd_sm90(
     const std::optional<at::Tensor>& sink_k, const std::optional<at::Tensor>& sink_v, bool initial_state,
     const std::optional<at::Tensor>& yp, const std::optional<at::Tensor>& ss, const std::optional<at::Tensor>& ready,
     int64_t ready_target, const std::optional<at::Tensor>& deferred, bool memory_only,
-    const std::optional<at::Tensor>& out) {
+    const std::optional<at::Tensor>& out, const std::optional<at::Tensor>& chunk_start) {
   TORCH_CHECK(q.dim() == 4, "prefill_fwd_sm90: q must be [B, T, H, D], got ", q.sizes());
   const int64_t B = q.size(0), T = q.size(1), H = q.size(2), D = q.size(3);
   TORCH_CHECK(D == 128, "prefill_fwd_sm90: head_dim must be 128, got ", D);
@@ -150,13 +150,15 @@ std::tuple<at::Tensor, at::Tensor> prefill_fwd_sm90(
                     deferred->device() == q.device() && deferred->numel() == tiles,
                 "prefill_fwd_sm90: deferred must be a contiguous uint8 tensor of ", tiles, " flags on ", q.device());
   }
-  // varlen with the memory: where each sequence's chunks end in hs (the running sum of ceil(T_n / 64)), so
-  // that a CTA reads its sequence's first chunk instead of summing over the sequences before it
-  at::Tensor chunk_end;
-  if (varlen && memory) {
-    const at::Tensor& cu = *cu_seqlens;
-    constexpr int kC = ahn_sm90::kMemChunk;
-    chunk_end = at::cumsum(at::floor_divide(cu.slice(0, 1) - cu.slice(0, 0, n_seq) + (kC - 1), kC), 0, at::kInt);
+  // varlen with the memory: each sequence's first chunk in hs (the sum of ceil(T_m / 64) over the sequences
+  // before it; prefill's sequence table holds it), so that a CTA needs no loop over the earlier sequences
+  TORCH_CHECK(chunk_start.has_value() == (varlen && memory), "prefill_fwd_sm90: chunk_start comes with, and ",
+              "only with, cu_seqlens and the memory's buffers");
+  if (chunk_start.has_value()) {
+    TORCH_CHECK(chunk_start->dim() == 1 && chunk_start->size(0) == n_seq && chunk_start->scalar_type() == at::kInt &&
+                    chunk_start->device() == q.device(),
+                "prefill_fwd_sm90: chunk_start must be an int32 [", n_seq, "] (any stride) on ", q.device(), ", got ",
+                chunk_start->scalar_type(), " ", chunk_start->sizes(), " on ", chunk_start->device());
   }
   // a memory-only launch adds to out in place and returns two empty tensors
   auto o = memory_only ? *out : at::empty_like(q);
@@ -171,7 +173,9 @@ std::tuple<at::Tensor, at::Tensor> prefill_fwd_sm90(
     f.o = reinterpret_cast<E*>(o.data_ptr()), f.lse = lse.data_ptr<float>();
     f.B = int(B), f.T = int(T), f.H = int(H), f.HKV = int(HKV), f.W = int(window), f.S = int(sinks);
     f.cu = varlen ? cu_seqlens->data_ptr<int>() : nullptr, f.n_seq = int(n_seq), f.max_T = int(max_T);
-    f.chunk_end = chunk_end.defined() ? chunk_end.data_ptr<int>() : nullptr;
+    if (chunk_start.has_value()) {
+      f.chunk_start = chunk_start->data_ptr<int>(), f.chunk_stride = chunk_start->stride(0);
+    }
     if (cache) {
       f.pos = pos->data_ptr<int64_t>();
       if (sinks > 0) f.sink_k = ptr(*sink_k), f.sink_v = ptr(*sink_v);

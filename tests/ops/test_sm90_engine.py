@@ -166,6 +166,8 @@ def test_sm90_op_argument_errors():
     with pytest.raises(RuntimeError, match="with cu_seqlens, q must be"):
         op(q.expand(2, -1, -1, -1).contiguous(), k.expand(2, -1, -1, -1).contiguous(),
            k.expand(2, -1, -1, -1).contiguous(), *none6, 50, 3, 1.0, 1, cu, 123)
+    with pytest.raises(RuntimeError, match="chunk_start comes with, and only with"):  # (the memory's table)
+        op(q, k, k, *none6, 50, 3, 1.0, 1, cu, 123, chunk_start=torch.zeros(3, dtype=torch.int32, device="cuda"))
     o, lse = op(q, k, k, *none6, 50, 3, 1.0, 1, cu, 123)
     for s0, s1 in ((0, 77), (77, 200)):
         ro, rlse = ref.window_attention_ref(q[:, s0:s1], k[:, s0:s1], k[:, s0:s1], 50, 3, return_lse=True)
@@ -304,7 +306,14 @@ def _stand_in(monkeypatch, dev):
     monkeypatch.setattr(P, "_sm90_check_device", lambda device: None)
     calls = []
 
-    def stand_in(*args):
+    def stand_in(*args, chunk_start=None):
+        # packed sequences: each one's first chunk in hs, the running sum of the earlier ones' ceil(T / 64)
+        if args[13] is not None:
+            lens = (args[13][1:] - args[13][:-1]).tolist()
+            want = [0, *itertools.accumulate(-(-n // 64) for n in lens)][:-1]
+            assert chunk_start is not None and chunk_start.tolist() == want, (chunk_start, want)
+        else:
+            assert chunk_start is None
         calls.append(args)
         cpu = [a.cpu() if isinstance(a, torch.Tensor) else a for a in args]
         out = _torch_sm90(*cpu)

@@ -190,7 +190,7 @@ def _launch(q, kx, vx, sk, sv, a, b, ab_rs, z, A_log, dt_bias, norm_weight, o_we
             yp = empty(Tq, H, D, dtype=dt, device=dev)
             ss = empty(Tq, H, dtype=torch.float32, device=dev)
     if sm90:
-        out, lse_e = _sm90_launch(q, kx, vx, vnew, hs, o_weight, gc, z, norm_weight, window, sinks, lens, N, cache,
+        out, lse_e = _sm90_launch(q, kx, vx, vnew, hs, o_weight, gc, z, norm_weight, window, sinks, lens, N, seq, cache,
                                   initial_state is not None, (yp, ss) if mamba2 else None, side, ready)
         if store_lse:  # the backward's normaliser: log2 domain, [tokens, H]
             lse = lse_e.transpose(1, 2).reshape(Tq, H) * math.log2(math.e)
@@ -232,7 +232,7 @@ def _fwd_launch_band_in(q, kx, vx, sk, sv, z, norm_weight, o_weight, seq, chunks
         num_stages=fwd_stages)
 
 
-def _sm90_launch(q, kx, vx, vnew, hs, o_weight, gc, z, norm_weight, window, sinks, lens, N, cache, use_h0,
+def _sm90_launch(q, kx, vx, vnew, hs, o_weight, gc, z, norm_weight, window, sinks, lens, N, seq, cache, use_h0,
                  mamba2_out, side=None, ready=None):
     # torch.ops.ahn.prefill_fwd_sm90 on _launch's buffers ([1, tokens, ...]): (out [1, tokens, H, D], its
     # natural-log lse [Nb, H, T]); sequences of one length as the kernel's batch rows, else packed along T
@@ -243,6 +243,8 @@ def _sm90_launch(q, kx, vx, vnew, hs, o_weight, gc, z, norm_weight, window, sink
     Nb = N if len(set(lens)) == 1 else 1
     rows = lambda x: x.reshape(Nb, Tq // Nb, *x.shape[-2:])  # noqa: E731  (tokens -> [Nb, T])
     cu = None if Nb == N else _cu_seqlens(lens, q.device)
+    # packed: each sequence's first chunk in hs, column 6 of the sequence table (tables.seq_tables)
+    chunk_start = None if cu is None else seq[:, 6]
     pos, sink_k, sink_v = cache if cache is not None else (None, None, None)
     kxs, vxs = (kx, vx) if cache is not None else (rows(kx), rows(vx))
     # a prefill's window past its longest sequence changes nothing (every key in the band, no memory key, no
@@ -255,12 +257,12 @@ def _sm90_launch(q, kx, vx, vnew, hs, o_weight, gc, z, norm_weight, window, sink
             1.0 if mamba2_out is not None else D ** -0.5, CONFIG["sm90_variant"], cu, max(lens), pos, sink_k, sink_v,
             use_h0, yp, ss)
     if ready is None:
-        o4, lse_e = _sm90_fwd(*args)
+        o4, lse_e = _sm90_fwd(*args, chunk_start=chunk_start)
     else:
         deferred = torch.zeros(triton.cdiv(max(lens), 128) * H * N, dtype=torch.uint8, device=q.device)
-        o4, lse_e = _sm90_fwd(*args, ready, state_ready_target(D), deferred)
+        o4, lse_e = _sm90_fwd(*args, ready, state_ready_target(D), deferred, chunk_start=chunk_start)
         torch.cuda.current_stream(q.device).wait_stream(side)
-        _sm90_fwd(*args, None, 0, deferred, True, o4)
+        _sm90_fwd(*args, None, 0, deferred, True, o4, chunk_start=chunk_start)
     return o4.view(1, Tq, H, D), lse_e
 
 
@@ -347,9 +349,9 @@ def _sm90_check_device(device) -> None:
                            'headers: pip install --no-deps nvidia-cutlass, then rebuild)')
 
 
-def _sm90_fwd(*args):
+def _sm90_fwd(*args, **kwargs):
     """``torch.ops.ahn.prefill_fwd_sm90`` (a function of its own so that a CPU test can stand in for it)."""
-    return torch.ops.ahn.prefill_fwd_sm90(*args)
+    return torch.ops.ahn.prefill_fwd_sm90(*args, **kwargs)
 
 
 def _cudnn_band(qf, kf, vf, lens, window):

@@ -40,15 +40,12 @@ namespace ahn_sm90 {
 
 using namespace cute;
 
-// the memory's chunk (rows per hs state), as the Triton memory passes lay hs out
-constexpr int kMemChunk = 64;
-
 template <class Element_, bool kMemory_ = false, int kBM_ = 128, int kBN_ = 128, int kD_ = 128, int kStages_ = 2>
 struct BandTraits {
   using Element = Element_;
   static constexpr bool kMemory = kMemory_;
   static constexpr int kBM = kBM_, kBN = kBN_, kD = kD_, kStages = kStages_;
-  static constexpr int kChunk = kMemChunk;  // one consumer warpgroup's rows
+  static constexpr int kChunk = 64;  // the memory's chunk: one consumer warpgroup's rows
   static constexpr int kConsumerWGs = kBM / 64;
   static constexpr int kThreads = 128 * (kConsumerWGs + 1);
   // the memory path: one 64-row chunk per consumer warpgroup, two of them; v_new's kBM-row box goes through a V
@@ -122,11 +119,11 @@ struct BandTraits {
     int k_rows, k_batch, s_rows;  // the key streams' (rows, batch rows), the sink source's rows per batch row
     float scale_log2;
     // varlen: sequences packed along T of one batch row (B = 1), sequence n the rows cu[n] .. cu[n + 1] - 1,
-    // one per blockIdx.z; its memory chunks follow the earlier sequences' in hs, ending before chunk_end[n]
-    // (kMemory: the running sum of ceil(T_n / kChunk), so that a CTA needs no loop over the sequences before
-    // its own). nullptr: B rows of T each.
+    // one per blockIdx.z; its memory chunks follow the earlier sequences' in hs, from chunk_start[n *
+    // chunk_stride] (kMemory). nullptr: B rows of T each.
     int const* cu;
-    int const* chunk_end;
+    int const* chunk_start;
+    int64_t chunk_stride;
     // the cache path: sequence b's queries at positions pos[b] ..; nullptr: a prefill from position 0
     int64_t const* pos;
     // kMemory: v_new [B, T, H, D] (as Q), hs [hs_rows, H, D, D] and o_weight [H, D, D] as (D, D, H, rows)
@@ -316,7 +313,7 @@ __global__ void __launch_bounds__(Traits::kThreads, 1)
       constexpr int kC = Traits::kChunk;
       int chunk0 = b * p.NT;  // the sequence's first chunk in hs
       if constexpr (Traits::kMemory) {
-        if (p.cu) chunk0 = p.chunk_end[blockIdx.z] - (T + kC - 1) / kC;
+        if (p.cu) chunk0 = p.chunk_start[blockIdx.z * p.chunk_stride];
       }
       const int last = (T + kC - 1) / kC - 1;
       auto chunk_of = [&](int i) { return min(2 * m_block + i, last); };
@@ -746,7 +743,8 @@ struct Problem {
   float* lse;                // [B, H, T], natural log
   int B, T, H, HKV, W, S;
   int const* cu = nullptr;   // varlen (B = 1): cu_seqlens [n_seq + 1] on the device
-  int const* chunk_end = nullptr;  // and with the memory: [n_seq], the running sum of ceil(T_n / 64)
+  int const* chunk_start = nullptr;  // and with the memory: [n_seq] (stride chunk_stride), the sequence's first
+  int64_t chunk_stride = 1;          // chunk in hs
   int n_seq = 0, max_T = 0;  // sequences, the longest (B and T without cu)
   int64_t const* pos = nullptr;                              // the cache path: positions [B] on the device
   Element const *sink_k = nullptr, *sink_v = nullptr;        // and its sink buffer [B, S, HKV, D]
@@ -793,7 +791,7 @@ void launch(Problem<Element> const& f, cudaStream_t stream) {
   p.tma_sv = cache && f.S ? tma_rows(f.sink_v, f.S, f.HKV, f.B, skv, kv_tile) : p.tma_v;
   p.o = f.o, p.lse = f.lse, p.B = f.B, p.T = f.T, p.H = f.H, p.HKV = f.HKV, p.W = f.W, p.S = f.S;
   p.scale_log2 = float(1.4426950408889634 / sqrt(double(kD)));
-  p.cu = f.cu, p.chunk_end = f.chunk_end, p.pos = f.pos;
+  p.cu = f.cu, p.chunk_start = f.chunk_start, p.chunk_stride = f.chunk_stride, p.pos = f.pos;
   if constexpr (kMemory) {
     p.tma_vn = tma_rows(f.vnew, f.T, f.H, f.B, sq, q_tile);
     p.tma_hs = tma_mats<Traits>(f.hs, f.hs_rows * f.H);  // chunk c, head h: matrix c H + h
