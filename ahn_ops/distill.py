@@ -342,11 +342,15 @@ def _fully_shard(model: nn.Module, names: List[str]) -> List[Tuple[str, nn.Param
     """FSDP2 over the default process group: one unit per decoder layer (the frozen base weights and the
     layer's AHN parameters sharded together), the root holds the embeddings, the final norm and the head.
     Returns the trainable parameters again (now DTensors), in the order of ``names``."""
+    from torch.distributed.device_mesh import init_device_mesh
     from torch.distributed.fsdp import fully_shard
 
+    # the mesh on the model's own device type: FSDP2's default mesh is the machine's accelerator, which would
+    # move a CPU model (gloo ranks) onto a GPU that happens to be there
+    mesh = init_device_mesh(next(model.parameters()).device.type, (dist.get_world_size(),))
     for layer in _base_model(model).layers:
-        fully_shard(layer)
-    fully_shard(model)
+        fully_shard(layer, mesh=mesh)
+    fully_shard(model, mesh=mesh)
     by_name = dict(model.named_parameters())
     return [(n, by_name[n]) for n in names]
 

@@ -3,6 +3,7 @@
     python benchmarks/bench_sm90.py               # check, then time T=32k and 131k
     python benchmarks/bench_sm90.py check         # the attention checks only (also: check-fused, bench)
     python benchmarks/bench_sm90.py bench-bwd     # the band backward (band_bwd_sm90) against cuDNN's, alone and fused
+    python benchmarks/bench_sm90.py engines       # prefill_fwd on "auto" (the sm_90a kernel) against "no_sm90"
 
 Needs the extension built with its sm_90a kernels (the nvidia-cutlass headers installed at build time). Each
 part is a process of its own in `device_check.sh sm90` (a kernel that hangs costs one part's timeout). A
@@ -186,15 +187,8 @@ def check_fused(mod, first=None) -> bool:
     return fails == 0
 
 
-def bench(mod):
+def _timer():
     from triton.testing import do_bench
-
-    import common as C  # (on the path since Kernel() imported ahn_ops through it)
-    import peers
-    from ahn_ops.ops.ahn_attention import band_cudnn
-
-    H, HKV, D = 16, 2, 128
-    rows = []
 
     def t(fn):
         # at least ~15 timed calls: a 50 ms call (T=131072) got 4 in 200 ms, too few for a stable median
@@ -205,6 +199,18 @@ def bench(mod):
         torch.cuda.synchronize()
         ms = (time.perf_counter() - start) * 1e3
         return do_bench(fn, warmup=max(25, 3 * ms), rep=max(200, 15 * ms), return_mode="median")
+
+    return t
+
+
+def bench(mod):
+    import common as C  # (on the path since Kernel() imported ahn_ops through it)
+    import peers
+    from ahn_ops.ops.ahn_attention import band_cudnn
+
+    H, HKV, D = 16, 2, 128
+    rows = []
+    t = _timer()
 
     for T, W, S in [(32768, 4096, 128), (131072, 32640, 128), (16384, 2048, 0)]:
         q, k, v = (torch.randn(1, T, h, D, device="cuda", dtype=torch.bfloat16) for h in (H, HKV, HKV))
@@ -245,6 +251,7 @@ def fused_forward(mod, t, T=32768, W=4096, S=128, H=16, HKV=2, D=128):
         return mod.band_fwd(q.contiguous(), k.contiguous(), v.contiguous(), w, 0, 1)
 
     res, outs = {}, {}
+    P.CONFIG["band"] = "no_sm90"  # ("auto" takes the sm_90a engine itself on this GPU)
     for band_name, band in (("cuDNN band", cudnn_band), ("our band", ours)):
         for prio in (0, -1):
             P.CONFIG["side_priority"] = prio
@@ -283,6 +290,37 @@ def fused_forward(mod, t, T=32768, W=4096, S=128, H=16, HKV=2, D=128):
     print("| band | ms |\n|---|---|")
     for name, ms in res.items():
         print(f"| {name} | {ms:.3f} |")
+
+
+def bench_engines(t):
+    """The library's forward (``prefill_fwd``) on its default engine ("auto": the sm_90a kernel on this GPU)
+    against the one before it ("no_sm90": cuDNN's band beside the memory passes, then the Triton kernel for
+    sinks, memory and epilogue), every kind at T = 32k, gdn at T = 131k; the outputs compared."""
+    sys.path.insert(0, HERE)
+    from bench_prefill import make
+
+    from ahn_ops.ops.ahn_attention import prefill as P
+
+    H, HKV, D = 16, 2, 128
+    rows = []
+    try:
+        for kind, T, W, S in [("gdn", 32768, 4096, 128), ("dn", 32768, 4096, 128), ("mamba2", 32768, 4096, 128),
+                              ("gdn", 131072, 32640, 128), ("gdn", 16384, 2048, 0)]:
+            args = make(kind, 1, T, H, HKV, D)
+            ms, outs = {}, {}
+            for engine in ("no_sm90", "auto"):
+                P.CONFIG["band"] = engine
+                fn = lambda: P.prefill_fwd(*args, W, S, kind)  # noqa: E731
+                outs[engine] = fn()[0]
+                ms[engine] = t(fn)
+            rows.append((kind, T, W, S, ms["no_sm90"], ms["auto"], rel(outs["auto"], outs["no_sm90"])))
+            print(rows[-1], flush=True)
+            del args, outs
+    finally:
+        P.CONFIG["band"] = "auto"
+    print("\n| kind | T | W | S | no_sm90 ms | auto (sm90) ms | speed-up | rel diff of out |\n|---|---|---|---|---|---|---|---|")
+    for kind, T, W, S, a, b, d in rows:
+        print(f"| {kind} | {T} | {W} | {S} | {a:.3f} | {b:.3f} | {a / b:.3f}x | {d:.1e} |")
 
 
 def bench_bwd(mod, first=None):
@@ -354,7 +392,7 @@ def bench_bwd(mod, first=None):
 
     res, grads, peaks = {}, {}, {}
     try:
-        for engine in ("auto", "sm90"):
+        for engine in ("no_sm90", "sm90"):
             for band in ("auto", "sm90"):
                 P.CONFIG["band"], Bw.CONFIG["band"] = engine, band
                 name = f"forward {engine}, backward band {'cuDNN' if band == 'auto' else 'sm90'}"
@@ -369,7 +407,7 @@ def bench_bwd(mod, first=None):
     finally:
         P.CONFIG["band"], Bw.CONFIG["band"], Bw.CONFIG["side_stream"] = "auto", "auto", True
         Bw.CONFIG["chain_priority"] = -1
-    base = grads["forward auto, backward band cuDNN"]
+    base = grads["forward no_sm90, backward band cuDNN"]
     print(f"\n# gdn forward + backward, T={T} W={W} S={S} H={H}/{HKV} D={D}; worst rel diff of a gradient "
           "against the default's: " + ", ".join(f"{n}: {max(rel(a, b) for a, b in zip(g, base)):.1e}"
                                                 for n, g in grads.items()))
@@ -380,7 +418,7 @@ def bench_bwd(mod, first=None):
 
 def main():
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    ap.add_argument("parts", nargs="*", choices=["check", "check-fused", "bench", "bench-bwd"],
+    ap.add_argument("parts", nargs="*", choices=["check", "check-fused", "bench", "bench-bwd", "engines"],
                     help="default: check, check-fused, bench")
     ap.add_argument("--first", type=int, help="only the first N shapes of each check (e.g. under compute-sanitizer)")
     a = ap.parse_args()
@@ -396,6 +434,8 @@ def main():
         bench(mod)
     if "bench-bwd" in parts:
         bench_bwd(mod, a.first)
+    if "engines" in parts:
+        bench_engines(_timer())
     return 0 if ok else 1
 
 

@@ -319,10 +319,14 @@ def ahn_window(model: nn.Module, window: int, sinks: int):
 def _ahn_call(q, k, v, a, b, z, params, op_kw, cache):
     from ..ops.ahn_attention.interface import ahn_attention
 
-    dt = q.dtype
+    # under autocast the rotary embedding hands q, k back in fp32 (its cos / sin are fp32 in an fp32 model) next
+    # to v in the autocast dtype: all in that dtype, as autocast gives the attention it replaces
+    dev = q.device.type
+    dt = torch.get_autocast_dtype(dev) if torch.is_autocast_enabled(dev) else q.dtype
+    q, k, v = (x.to(dt).contiguous() for x in (q, k, v))
     a = None if a is None else a.to(dt)
     b = None if b is None else b.to(dt)
-    return ahn_attention(q.contiguous(), k.contiguous(), v.contiguous(), a, b, z.to(dt), params["A_log"],
+    return ahn_attention(q, k, v, a, b, z.to(dt), params["A_log"],
                          params["dt_bias"], params["norm_weight"], params["o_weight"], cache=cache, **op_kw)
 
 

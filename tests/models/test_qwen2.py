@@ -58,6 +58,21 @@ def test_window_covering_sequence_equals_unpatched():
     assert (got - want).abs().max() < 1e-4
 
 
+@pytest.mark.parametrize("kind", KINDS)
+def test_fp32_model_under_autocast(kind):
+    # autocast (the trainer's on CUDA) leaves the rotary embedding's q, k in fp32 beside a bf16 v: the AHN
+    # attention takes all three in the autocast dtype, as the attention it replaces does
+    x = ids(2, 31, seed=4)
+    model = patched(kind, window=8, sinks=2)
+    with torch.no_grad():
+        want = model(x, use_cache=False).logits.float()
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            got = model(x, use_cache=False).logits.float()
+        low = model.to(torch.bfloat16)(x, use_cache=False).logits.float()  # the scale: the model cast to bf16
+    err, err_low = ((got - want).norm() / want.norm()).item(), ((low - want).norm() / want.norm()).item()
+    assert err < 2 * err_low, (err, err_low)
+
+
 # ------------------------------------------------------------------ cache, generate
 @pytest.mark.parametrize("kind", KINDS)
 def test_generate_greedy_equals_full_prefill_argmax(kind):

@@ -97,7 +97,7 @@ def test_public_argument_reaches_the_backward(monkeypatch):
 
 
 @gpu
-@pytest.mark.parametrize("engine", ["auto", "triton"])
+@pytest.mark.parametrize("engine", ["auto", "no_sm90", "triton"])
 @pytest.mark.parametrize("kind", ["gdn", "mamba2"])
 def test_deterministic_runs_are_bitwise_equal(monkeypatch, engine, kind):
     from ahn_ops.ops.ahn_attention import prefill

@@ -94,12 +94,12 @@ def _check_sm90(kind, B, T, lens, W, S, G, dtype, variant, engine):
     cu = _cu(lens, "cuda")
     engine("sm90", variant)
     out, ht, lse = P.prefill_fwd(*args, W, S, kind, cu_seqlens=cu, output_final_state=True)
-    engine("auto")
+    engine("no_sm90")
     out_a, ht_a, lse_a = P.prefill_fwd(*args, W, S, kind, cu_seqlens=cu, output_final_state=True)
     r = ref.ahn_attention_ref(*args, W, S, kind, cu_seqlens=cu)
     lp = ref.ahn_attention_ref(*args, W, S, kind, cu_seqlens=cu, dtype=dtype)
     check_within_2x(f"{kind} sm90", out, r, lp)
-    check_within_2x(f"{kind} auto", out_a, r, lp)
+    check_within_2x(f"{kind} no_sm90", out_a, r, lp)
     # the backward's normaliser and the final state do not depend on the engine
     torch.testing.assert_close(lse, lse_a, rtol=0, atol=2e-3)
     torch.testing.assert_close(ht, ht_a, rtol=0, atol=0)
@@ -129,7 +129,7 @@ def test_sm90_falls_back_where_it_does_not_apply(engine):
         args = make_inputs(kind, B, T, H, HKV, D, torch.bfloat16, device="cuda", seed=T)
         cu = None if lens is None else torch.tensor([0, lens[0], T], dtype=torch.int32, device="cuda")
         outs = []
-        for name in ("sm90", "auto"):
+        for name in ("sm90", "no_sm90"):
             engine(name)
             outs.append(P.prefill_fwd(*args, W, S, kind, cu_seqlens=cu, initial_state=h0)[0])
         torch.testing.assert_close(outs[0], outs[1], rtol=0, atol=0)
@@ -200,6 +200,34 @@ def test_sm90_engine_refuses_off_a_hopper_gpu(monkeypatch):
     args = make_inputs("gdn", 1, 40, 2, 1, 128, torch.bfloat16, device="cpu", seed=1)
     with pytest.raises(RuntimeError, match='CONFIG\\["band"\\] = "sm90" needs a compute capability 9.0 GPU'):
         P.prefill_fwd(*args, 8, 2, "gdn")  # refused before any kernel runs
+
+
+@pytest.mark.skipif(not torch.cuda.is_available() and __import__("os").environ.get("TRITON_INTERPRET") != "1",
+                    reason="needs CUDA or TRITON_INTERPRET=1")
+def test_auto_takes_the_sm90_kernel_where_it_runs(monkeypatch):
+    # "auto" asks _sm90_available (device and build, once per device) and then screens the call as "sm90" does;
+    # "no_sm90" never takes it; off a compute capability 9.0 GPU (or without the kernels) "auto" runs the other
+    # engines quietly where "sm90" raises
+    P = _prefill()
+    dev = "cuda" if torch.cuda.is_available() else "cpu"
+    calls = _stand_in(monkeypatch, dev)
+    args = make_inputs("gdn", 1, 150, 4, 2, 128, torch.bfloat16, device=dev, seed=2)
+    monkeypatch.setitem(P.CONFIG, "band", "no_sm90")
+    want = P.prefill_fwd(*args, 40, 3, "gdn")[0]
+    assert not calls
+    monkeypatch.setitem(P.CONFIG, "band", "auto")
+    key = str(args[0].device)
+    monkeypatch.setattr(P, "_SM90_AVAILABLE", {key: True})
+    P.prefill_fwd(*args, 40, 3, "gdn")
+    assert len(calls) == 1
+    monkeypatch.setattr(P, "_SM90_AVAILABLE", {})
+    monkeypatch.setattr(P, "_sm90_check_device", lambda device: (_ for _ in ()).throw(RuntimeError("no")))
+    out = P.prefill_fwd(*args, 40, 3, "gdn")[0]
+    assert len(calls) == 1 and not P._sm90_available(args[0].device)
+    torch.testing.assert_close(out, want, rtol=0, atol=0)
+    monkeypatch.setitem(P.CONFIG, "band", "bogus")
+    with pytest.raises(ValueError, match='CONFIG\\["band"\\] must be one of'):
+        P.prefill_fwd(*args, 40, 3, "gdn")
 
 
 def _torch_sm90(q, k, v, v_new, hs, o_weight, gc, z, nw, window, sinks, mem_scale, variant, cu_seqlens=None,
@@ -355,7 +383,7 @@ def test_sm90_path_with_a_torch_stand_in(kind, B, T, W, S, G, lens, monkeypatch)
     check_within_2x(f"{kind} sm90 stand-in", out, r, lp)
     torch.testing.assert_close(ht.float(), st.float(), rtol=2e-2, atol=2e-2)
     # the saved normaliser is the default engine's: log2 domain, [B, T, H]
-    monkeypatch.setitem(P.CONFIG, "band", "auto")
+    monkeypatch.setitem(P.CONFIG, "band", "no_sm90")
     _, _, lse_a = P.prefill_fwd(*args, W, S, kind, cu_seqlens=cu)
     torch.testing.assert_close(lse, lse_a, rtol=0, atol=2e-3)
 
@@ -374,7 +402,7 @@ def test_sm90_path_screens_its_inputs(monkeypatch):
     z32 = args[5].float()
     out, _, _ = P.prefill_fwd(*args[:5], z32, *args[6:], 40, S, "gdn")
     assert not calls
-    monkeypatch.setitem(P.CONFIG, "band", "auto")
+    monkeypatch.setitem(P.CONFIG, "band", "no_sm90")
     torch.testing.assert_close(out, P.prefill_fwd(*args[:5], z32, *args[6:], 40, S, "gdn")[0], rtol=0, atol=0)
     monkeypatch.setitem(P.CONFIG, "band", "sm90")
     W = 2 ** 31 - 1
@@ -460,7 +488,7 @@ def test_sm90_initial_state(engine):
     args = make_inputs(kind, 1, T, H, HKV, D, torch.bfloat16, device="cuda", seed=5)
     h0 = torch.randn(1, H, D, D, device="cuda") * 0.1
     outs = {}
-    for name in ("sm90", "auto"):
+    for name in ("sm90", "no_sm90"):
         engine(name)
         outs[name] = P.prefill_fwd(*args, W, S, kind, initial_state=h0, output_final_state=True)
 
@@ -472,7 +500,7 @@ def test_sm90_initial_state(engine):
         return o_win + ref.epilogue_ref(m, z, nw, ow, kind)
 
     check_within_2x("gdn sm90 h0", outs["sm90"][0], full(torch.float32), full(torch.bfloat16))
-    torch.testing.assert_close(outs["sm90"][1], outs["auto"][1], rtol=0, atol=0)
+    torch.testing.assert_close(outs["sm90"][1], outs["no_sm90"][1], rtol=0, atol=0)
 
 
 @pytest.mark.skipif(not torch.cuda.is_available() and __import__("os").environ.get("TRITON_INTERPRET") != "1",
@@ -523,8 +551,9 @@ def test_sm90_memory_passes_beside(kind, lens, W, S, engine, monkeypatch):
     for prio in (0, -1):
         monkeypatch.setitem(P.CONFIG, "side_priority", prio)
         out = P.prefill_fwd(*args, W, S, kind, cu_seqlens=cu)[0]
-        # a deferred tile adds the memory to its rounded window output: one more rounding than the serial one
-        torch.testing.assert_close(out.float(), serial.float(), rtol=0, atol=3e-2)
+        # a deferred tile adds the memory to its rounded window output: one more bf16 rounding than the serial
+        # one, so up to one ulp of the value (2^-7 relative) apart, plus where window and memory cancel
+        torch.testing.assert_close(out.float(), serial.float(), rtol=2**-7, atol=3e-2)
         if r is None and lens is not None:  # (the fp32 reference at T = 32k is too slow for a test)
             r = ref.ahn_attention_ref(*args, W, S, kind, cu_seqlens=cu)
             lp = ref.ahn_attention_ref(*args, W, S, kind, cu_seqlens=cu, dtype=torch.bfloat16)

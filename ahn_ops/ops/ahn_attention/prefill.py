@@ -13,7 +13,9 @@ Three launches, four for Mamba2:
    long windows): window attention with sinks + memory readout + epilogue, written once in the input
    dtype; also the window softmax's log-sum-exp for the backward (the cache path, inference only,
    skips that store).
-   On sm_90+ with cuDNN (``CONFIG["band"]``, ``_band_engine``), the window band over the call's own
+   On an H100 / H200 (compute capability 9.0) with the extension's sm_90a kernels (``_sm90_engine``), launch 3
+   is ``torch.ops.ahn.prefill_fwd_sm90`` instead: the same work in one warp-specialised kernel (TMA, wgmma).
+   Otherwise, on sm_90+ with cuDNN (``CONFIG["band"]``, ``_band_engine``), the window band over the call's own
    tokens runs in cuDNN's fused attention (``band_cudnn``, ``_cudnn_band``) while launches 1-2 run on a
    side stream (``side_stream``); ``_fwd_kernel`` (``BAND_IN``) then starts from the band's output and
    log-sum-exp and walks only the sinks that left the window and, on a cache, the ring tail.
@@ -45,10 +47,12 @@ __all__ = ["prefill_fwd", "prefill_cache_fwd", "SUPPORTED_D"]
 SUPPORTED_D = (64, 128)
 # Launch configuration; `python benchmarks/bench_prefill.py --sweep` and `benchmarks/spike_hopper_fwd.py`
 # re-derive it (the measurements behind each choice: benchmarks/NOTES_prefill.md, "Launch configuration").
-# band: the window band's engine: "auto" (cuDNN where _band_engine allows, else Triton), "cudnn" or "triton";
-#   "sm90" (experimental, not yet the default: benchmarks/NOTES_prefill.md, "Our own kernel"): the whole forward
-#   after the memory passes in one sm_90a kernel (torch.ops.ahn.prefill_fwd_sm90) where _sm90_engine allows,
-#   "auto" elsewhere; sm90_variant its kernel variant (1: the consumer warpgroups' ping-pong); sm90_overlap: the
+# band: the forward's engine: "auto" (the whole forward after the memory passes in one sm_90a kernel,
+#   torch.ops.ahn.prefill_fwd_sm90, where _sm90_engine allows; else the window band from cuDNN where
+#   _band_engine allows; else all Triton); "sm90" (as auto, but an error on a device or build without the sm_90a
+#   kernel); "no_sm90" (auto without the sm_90a kernel: the engine it is checked and timed against); "cudnn"
+#   (required) or "triton" for the band. sm90_variant: the sm_90a kernel's variant (1: the consumer warpgroups'
+#   ping-pong); sm90_overlap (experimental, off: benchmarks/NOTES_prefill.md, "Our own kernel"): the
 #   memory passes on a high-priority side stream beside it (ready counters; tiles whose chunks are not ready
 #   finish in a memory-only launch after the passes), "side_priority" that stream's priority.
 # fwd: (BN, num_warps, num_stages) of the all-Triton _fwd_kernel at 64 query rows (more warps or BN=128 spill).
@@ -281,9 +285,9 @@ def _band_engine(q: torch.Tensor, lens) -> bool:
     128k-token cache reached its first token in 0.072 s that way and in 0.097 s on the Triton band (H100,
     bench_ttft.py); lengths within 128 tokens share a graph (band_cudnn.band_window)."""
     mode = CONFIG["band"]
-    if mode not in ("auto", "cudnn", "triton", "sm90"):
-        raise ValueError(f'CONFIG["band"] must be "auto", "cudnn", "triton" or "sm90", got {mode!r}')
-    mode = "auto" if mode == "sm90" else mode
+    if mode not in _BAND_MODES:
+        raise ValueError(f'CONFIG["band"] must be one of {", ".join(map(repr, _BAND_MODES))}, got {mode!r}')
+    mode = "auto" if mode in ("sm90", "no_sm90") else mode
     if mode == "triton" or q.device.type != "cuda":
         if mode == "cudnn":
             raise RuntimeError('CONFIG["band"] = "cudnn" needs a CUDA device')
@@ -308,16 +312,22 @@ def _band_engine(q: torch.Tensor, lens) -> bool:
 
 
 _WARNED: list = []
+_BAND_MODES = ("auto", "no_sm90", "sm90", "cudnn", "triton")
 
 
 def _sm90_engine(q, z, lens, memory) -> bool:
-    """Whether ``CONFIG["band"] = "sm90"`` runs this call's forward on the sm_90a kernel: D = 128, bf16 / fp16,
-    the read gate ``z`` in q's dtype (the kernel reads it so; another dtype takes the default engine rather
-    than being rounded), with the memory, at most 65535 sequences. Raises where "sm90" was asked for and the
-    device or the build cannot run it at all."""
-    if CONFIG["band"] != "sm90":
+    """Whether this call's forward runs on the sm_90a kernel: ``CONFIG["band"]`` "auto" (on a compute capability
+    9.0 GPU with the kernels built) or "sm90", and D = 128, bf16 / fp16, the read gate ``z`` in q's dtype (the
+    kernel reads it so; another dtype takes the other engines rather than being rounded), with the memory, at
+    most 65535 sequences. Raises where "sm90" was asked for and the device or the build cannot run it at all."""
+    mode = CONFIG["band"]
+    if mode == "auto":
+        if not _sm90_available(q.device):
+            return False
+    elif mode == "sm90":
+        _sm90_check_device(q.device)
+    else:
         return False
-    _sm90_check_device(q.device)
     return (memory and q.shape[-1] == 128 and q.dtype in (torch.bfloat16, torch.float16) and z.dtype == q.dtype
             and len(lens) < 65536)
 
@@ -337,6 +347,23 @@ def _cu_seqlens(lens, device) -> torch.Tensor:
     """The int32 ``cu_seqlens`` of sequences of ``lens`` on ``device`` (cached by contents)."""
     return cached_table(("cu", tuple(lens), str(torch.device(device))),
                         lambda: to_device(torch.tensor([0, *itertools.accumulate(lens)], dtype=torch.int32), device))
+
+
+def _sm90_available(device) -> bool:
+    """Whether "auto" may take the sm_90a kernel on ``device`` (cached per CUDA device)."""
+    key = str(device)
+    if key not in _SM90_AVAILABLE:
+        if device.type != "cuda":
+            return False
+        try:
+            _sm90_check_device(device)
+            _SM90_AVAILABLE[key] = True
+        except (RuntimeError, ImportError):
+            _SM90_AVAILABLE[key] = False
+    return _SM90_AVAILABLE[key]
+
+
+_SM90_AVAILABLE: dict = {}
 
 
 def _sm90_check_device(device) -> None:
