@@ -5,8 +5,9 @@
     python benchmarks/bench_distill.py --cpu            # harness check on a tiny model (no timing claim)
 
 One process, the same model and the same window draws for every engine of the window band
-(``prefill.CONFIG["band"]``: ``cudnn``, the Hopper engine, ``triton``, the all-Triton one, ``sm90``, the experimental
-sm_90a kernel, or ``auto``). Per engine:
+(``prefill.CONFIG["band"]``: ``auto``, the default, the sm_90a kernel on an H100 / H200 built with it; ``no_sm90``,
+the engine before it; ``cudnn``, its cuDNN band required; ``triton``, the all-Triton one; ``sm90``, the sm_90a
+kernel required). Per engine:
 
 - tokens/s: wall clock of ``--steps`` optimizer steps after ``--warmup`` (a step = the teacher's forward with
   full attention, the student's forward + backward with this step's random ``W``, ``S``, AdamW on the AHN
@@ -133,7 +134,8 @@ def main(argv=None) -> int:
     ap.add_argument("--seq-len", type=int, default=16384)
     ap.add_argument("--warmup", type=int, default=2)
     ap.add_argument("--steps", type=int, default=5)
-    ap.add_argument("--engines", nargs="+", default=["cudnn", "triton"], choices=["cudnn", "triton", "auto", "sm90"])
+    ap.add_argument("--engines", nargs="+", default=["auto", "no_sm90"],
+                    choices=["auto", "no_sm90", "cudnn", "triton", "sm90"])
     ap.add_argument("--no-grad-ckpt", action="store_true")
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--cpu", action="store_true", help="tiny model on the CPU (fp32): checks the harness only")

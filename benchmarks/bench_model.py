@@ -347,7 +347,7 @@ def main(argv=None):
     p.add_argument("--no-fast", action="store_true", help="skip the decode table")
     p.add_argument("--base-decode", action="store_true",
                    help="time the unpatched model's decode at the decode table's contexts and batches too")
-    p.add_argument("--bands", nargs="+", default=["auto"], choices=("auto", "cudnn", "triton"),
+    p.add_argument("--bands", nargs="+", default=["auto"], choices=("auto", "no_sm90", "sm90", "cudnn", "triton"),
                    help="prefill band engines to time in turn (prefill.CONFIG['band'])")
     p.add_argument("--dtype", default="bfloat16")
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
