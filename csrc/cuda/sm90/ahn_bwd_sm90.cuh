@@ -264,9 +264,7 @@ __global__ void __launch_bounds__(Traits::kThreads, 1)
 
   const int jw = j0 + 64 * wg;  // this warpgroup's first key
   const float sl2 = p.scale_log2;
-  // one thread issues the warpgroup's bulk reductions: their operands are then uniform (issued from every lane
-  // of a warp, ptxas serialised the lanes one at a time around each reduction)
-  const bool issuer = wt == 0;
+  const bool lead = wt < 32;  // warp 0 of the warpgroup issues its bulk reductions
   constexpr int kBarBoth = 0;  // named barriers (cutlass offsets them past its reserved ids)
   const int bar_mine = 1 + wg;
 
@@ -279,30 +277,21 @@ __global__ void __launch_bounds__(Traits::kThreads, 1)
     pipe_do.consumer_wait(rd);
     wgmma<true, -1>(mma_s, tSrV, tSrDO(_, _, _, rd.index()), accdP);
     warpgroup_wait<1>();
-    warpgroup_fence_operand(accS);  // (keeps the reads of S below the wait)
     // P^T = exp2(S^T scale - lse) on the band: key j, query t with j <= t, t - W < j, t < T
     float const* lse = ss.lse + rq.index() * Traits::kLStage + (bos & 3);
-    // most steps lie inside every key's band: those evaluate no mask at all (a uniform branch)
-    if (bwd_whole(t0, kBM, jw, 64, T, W)) {
+    const bool inside = bwd_whole(t0, kBM, jw, 64, T, W);
+    CUTLASS_PRAGMA_UNROLL
+    for (int r = 0; r < kRows; ++r) {
+      const int j = jw + get<0>(cSr(r, 0));
       CUTLASS_PRAGMA_UNROLL
-      for (int r = 0; r < kRows; ++r) {
-        CUTLASS_PRAGMA_UNROLL
-        for (int c = 0; c < kCols; ++c) Sr(r, c) = fast_exp2(Sr(r, c) * sl2 - lse[get<1>(cSr(r, c))]);
-      }
-    } else {
-      CUTLASS_PRAGMA_UNROLL
-      for (int r = 0; r < kRows; ++r) {
-        const int j = jw + get<0>(cSr(r, 0));
-        CUTLASS_PRAGMA_UNROLL
-        for (int c = 0; c < kCols; ++c) {
-          const int tl = get<1>(cSr(r, c));
-          const float e = fast_exp2(Sr(r, c) * sl2 - lse[tl]);
-          Sr(r, c) = bwd_keep(t0 + tl, j, T, W) ? e : 0.f;
-        }
+      for (int c = 0; c < kCols; ++c) {
+        const int tl = get<1>(cSr(r, c));
+        const int t = t0 + tl;
+        const float e = fast_exp2(Sr(r, c) * sl2 - lse[tl]);
+        Sr(r, c) = inside || bwd_keep(t, j, T, W) ? e : 0.f;
       }
     }
     warpgroup_wait<0>();
-    warpgroup_fence_operand(accdP);
     // dS^T = P^T (dP^T - delta)
     float const* delta = ss.delta + rd.index() * Traits::kLStage + (bos & 3);
     CUTLASS_PRAGMA_UNROLL
@@ -324,27 +313,23 @@ __global__ void __launch_bounds__(Traits::kThreads, 1)
         cutlass::Array<Element, 2> pair;
         pair[0] = dSr(r, c);
         pair[1] = dSr(r, c + 1);
-        // a shared-space store (through the swizzled tensor's generic pointer it was a generic ST.E)
-        const uint32_t at = static_cast<uint32_t>(
-            __cvta_generic_to_shared(&sdS(get<1>(cSr(r, c)), 64 * wg + get<0>(cSr(r, c)), buf)));
-        asm volatile("st.shared.b32 [%0], %1;" ::"r"(at), "r"(reinterpret_cast<uint32_t const&>(pair)) : "memory");
+        *reinterpret_cast<cutlass::Array<Element, 2>*>(&sdS(get<1>(cSr(r, c)), 64 * wg + get<0>(cSr(r, c)), buf)) =
+            pair;
       }
     }
-    // dV += P^T dO; once both warpgroups' dS are in shared memory dQ = dS K, then dK += dS^T Q, so that dQ's
-    // staging below runs while dK is in flight (FA3's order); wgmma groups complete in issue order
     wgmma<false, -1>(mma_kv, tP, tKVrDOt(_, _, _, rd.index()), accdV);
+    wgmma<false, -1>(mma_kv, tdS, tKVrQt(_, _, _, rq.index()), accdK);
     cutlass::arch::fence_view_async_shared();
     cutlass::arch::NamedBarrier::sync(256, kBarBoth);
     wgmma<true, -1>(mma_q, tQrdS(_, _, _, buf), tQrKt, accdQ);
-    wgmma<false, -1>(mma_kv, tdS, tKVrQt(_, _, _, rq.index()), accdK);
-    warpgroup_wait<1>();  // dV and dQ done, dK in flight
-    warpgroup_fence_operand(accdV);
-    warpgroup_fence_operand(accdQ);
+    warpgroup_wait<0>();
+    pipe_q.consumer_release(rq);
+    ++rq;
     pipe_do.consumer_release(rd);
     ++rd;
     // dQ (times the scale) through the staging rows into the global fp32 dq: the last reductions must have
     // read the staging first
-    if (issuer) tma_store_wait<0>();
+    if (lead) tma_store_wait<0>();
     cutlass::arch::NamedBarrier::sync(128, bar_mine);
     CUTLASS_PRAGMA_UNROLL
     for (int r = 0; r < decltype(size<0>(dQr))::value; ++r) {
@@ -357,17 +342,14 @@ __global__ void __launch_bounds__(Traits::kThreads, 1)
     }
     cutlass::arch::fence_view_async_shared();
     cutlass::arch::NamedBarrier::sync(128, bar_mine);
-    if (issuer) {
-      const int rows = min(kBM, T - t0);
-      for (int row = 0; row < rows; ++row) {
-        bulk_add_f32(p.dq + (int64_t(bos + t0 + row) * p.H + h) * kD + 64 * wg, &ss.dq[wg][row][0], 64 * 4);
+    if (lead) {
+      for (int row = wt; row < kBM; row += 32) {
+        if (t0 + row < T) {
+          bulk_add_f32(p.dq + (int64_t(bos + t0 + row) * p.H + h) * kD + 64 * wg, &ss.dq[wg][row][0], 64 * 4);
+        }
       }
       tma_store_arrive();
     }
-    warpgroup_wait<0>();  // dK
-    warpgroup_fence_operand(accdK);
-    pipe_q.consumer_release(rq);
-    ++rq;
   }
 
   // dK (times the scale) and dV of this warpgroup's keys into the global fp32 dk, dv: staged in K / V (dK,
@@ -387,12 +369,14 @@ __global__ void __launch_bounds__(Traits::kThreads, 1)
   }
   cutlass::arch::fence_view_async_shared();
   cutlass::arch::NamedBarrier::sync(128, bar_mine);
-  if (issuer) {
-    const int rows = min(64, T - jw);
-    for (int row = 0; row < rows; ++row) {
-      const int64_t off = (int64_t(bos + jw + row) * p.HKV + hkv) * kD;
-      bulk_add_f32(p.dk + off, stage_k + row * kD, kD * 4);
-      bulk_add_f32(p.dv + off, stage_v + row * kD, kD * 4);
+  if (lead) {
+    for (int row = wt; row < 64; row += 32) {
+      const int j = jw + row;
+      if (j < T) {
+        const int64_t off = (int64_t(bos + j) * p.HKV + hkv) * kD;
+        bulk_add_f32(p.dk + off, stage_k + row * kD, kD * 4);
+        bulk_add_f32(p.dv + off, stage_v + row * kD, kD * 4);
+      }
     }
     tma_store_arrive();
     tma_store_wait<0>();  // shared memory stays until the reductions have read it
