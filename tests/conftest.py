@@ -10,6 +10,9 @@
   (``prefill.CONFIG["band"]``: auto, cudnn, triton, sm90) or backward band (``backward.CONFIG["band"]``:
   auto, sm90), the GPU check of an engine before it becomes a default. Tests that pick an engine
   themselves still do.
+* ``AHN_TESTS_SHARD=i/n``: only the i-th of n disjoint shares of the collected tests (by a hash of each test's
+  id, so the shares do not depend on the collection order): the GPU suite is longer than one 10-minute call
+  of the device tool, and the shares 1/2 and 2/2 of two calls cover it.
 """
 
 import os
@@ -39,6 +42,32 @@ def pytest_configure(config):
             mod = importlib.import_module(f"ahn_ops.ops.ahn_attention.{module}")
             mod.CONFIG["band"] = os.environ[var]
             print(f"{var}: {module}.CONFIG['band'] = {os.environ[var]!r}")
+
+
+def _shard():
+    """``(i, n)`` from ``AHN_TESTS_SHARD=i/n`` (1 <= i <= n), or None."""
+    spec = os.environ.get("AHN_TESTS_SHARD", "")
+    if not spec:
+        return None
+    try:
+        i, n = (int(x) for x in spec.split("/"))
+    except ValueError:
+        i = n = 0
+    if not 1 <= i <= n:
+        raise ValueError(f"AHN_TESTS_SHARD must be i/n with 1 <= i <= n, got {spec!r}")
+    return i, n
+
+
+def pytest_collection_modifyitems(config, items):
+    shard = _shard()
+    if shard is None:
+        return
+    import zlib
+
+    i, n = shard
+    keep = [it for it in items if zlib.crc32(it.nodeid.encode()) % n == i - 1]
+    config.hook.pytest_deselected(items=[it for it in items if zlib.crc32(it.nodeid.encode()) % n != i - 1])
+    items[:] = keep
 
 
 def pytest_runtest_logreport(report):
