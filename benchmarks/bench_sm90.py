@@ -4,6 +4,7 @@
     python benchmarks/bench_sm90.py check         # the attention checks only (also: check-fused, bench)
     python benchmarks/bench_sm90.py bench-bwd     # the band backward (band_bwd_sm90) against cuDNN's, alone and fused
     python benchmarks/bench_sm90.py engines       # prefill_fwd on "auto" (the sm_90a kernel) against "no_sm90"
+    python benchmarks/bench_sm90.py overlap       # the memory passes beside the kernel, wider state-chain programs
 
 Needs the extension built with its sm_90a kernels (the nvidia-cutlass headers installed at build time). Each
 part is a process of its own in `device_check.sh sm90` (a kernel that hangs costs one part's timeout). A
@@ -323,6 +324,44 @@ def bench_engines(t):
         print(f"| {kind} | {T} | {W} | {S} | {a:.3f} | {b:.3f} | {a / b:.3f}x | {d:.1e} |")
 
 
+def bench_overlap(t, T=32768, W=4096, S=128, H=16, HKV=2, D=128):
+    """The memory passes beside the sm_90a kernel (``CONFIG["sm90_overlap"]``) with fewer, wider state-chain
+    programs. The chain's default 16 value columns per program make 8 programs per head, 128 at H = 16, each
+    holding an SM slot the kernel's CTAs (one per SM) cannot share, so beside the kernel it ran no faster than
+    before it (3.09 against 3.02 ms at priority -1). With 64 or 128 columns per program the chain holds 32 or 16
+    SMs, at a longer step; whether the kernel on the rest finishes sooner is this measurement."""
+    from ahn_ops.ops.ahn_attention import prefill as P
+
+    args = prefill_inputs(T, H, HKV, D)
+    saved = dict(P.CONFIG, state_bv=dict(P.CONFIG["state_bv"]))
+    rows = []
+    try:
+        P.CONFIG["band"] = "sm90"
+        serial = P.prefill_fwd(*args, W, S, "gdn")[0]
+        for bv, warps in [(16, 4), (32, 4), (64, 4), (64, 8), (128, 8)]:
+            P.CONFIG["state_bv"][D], P.CONFIG["state_warps"] = bv, warps
+            P.CONFIG["sm90_overlap"] = False
+            passes = t(lambda: P.prefill_fwd(*args, W, S, "gdn", stage="state"))
+            ser = t(lambda: P.prefill_fwd(*args, W, S, "gdn"))
+            row = [bv, warps, passes, ser]
+            P.CONFIG["sm90_overlap"] = True
+            for prio in (-1, 0):
+                P.CONFIG["side_priority"] = prio
+                row.append(t(lambda: P.prefill_fwd(*args, W, S, "gdn")))
+            row.append(rel(P.prefill_fwd(*args, W, S, "gdn")[0], serial))
+            rows.append(row)
+            print(tuple(rows[-1]), flush=True)
+    finally:
+        P.CONFIG.clear()
+        P.CONFIG.update(saved)
+    print(f"\n# sm_90a engine, gdn T={T} W={W} S={S} H={H}/{HKV} D={D}: the state chain's value columns per "
+          "program (programs per head: D / columns)")
+    print("| columns | warps | memory passes alone | passes, then the kernel | beside, priority -1 | beside, priority 0 "
+          "| rel diff of out |\n|---|---|---|---|---|---|---|")
+    for bv, warps, passes, ser, hi, lo, d in rows:
+        print(f"| {bv} | {warps} | {passes:.3f} | {ser:.3f} | {hi:.3f} | {lo:.3f} | {d:.1e} |")
+
+
 def bench_bwd(mod, first=None):
     """The band backward (``torch.ops.ahn.band_bwd_sm90``) beside cuDNN's (``band_cudnn.band_bwd``) on the same
     inputs (their gradients compared), then the fused gdn forward + backward with the backward's band from each
@@ -418,7 +457,7 @@ def bench_bwd(mod, first=None):
 
 def main():
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    ap.add_argument("parts", nargs="*", choices=["check", "check-fused", "bench", "bench-bwd", "engines"],
+    ap.add_argument("parts", nargs="*", choices=["check", "check-fused", "bench", "bench-bwd", "engines", "overlap"],
                     help="default: check, check-fused, bench")
     ap.add_argument("--first", type=int, help="only the first N shapes of each check (e.g. under compute-sanitizer)")
     a = ap.parse_args()
@@ -436,6 +475,8 @@ def main():
         bench_bwd(mod, a.first)
     if "engines" in parts:
         bench_engines(_timer())
+    if "overlap" in parts:
+        bench_overlap(_timer())
     return 0 if ok else 1
 
 
