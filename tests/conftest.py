@@ -6,10 +6,10 @@
   be set before triton is first imported, hence here and not in a test module. With a GPU,
   ``TRITON_F32_DEFAULT=ieee`` (below).
 * ``AHN_TESTS_EAGER=1``: failures are printed as they happen.
-* ``AHN_TESTS_FWD_BAND`` / ``AHN_TESTS_BWD_BAND``: the whole suite with that prefill forward engine
-  (``prefill.CONFIG["band"]``: auto, cudnn, triton, sm90) or backward band (``backward.CONFIG["band"]``:
-  auto, sm90), the GPU check of an engine before it becomes a default. Tests that pick an engine
-  themselves still do.
+* ``AHN_PREFILL_ENGINE`` (the library's own switch, README.md) / ``AHN_TESTS_BWD_BAND``: the whole suite with
+  that prefill forward engine (``prefill.CONFIG["band"]``: auto, no_sm90, sm90, cudnn, triton) or backward band
+  (``backward.CONFIG["band"]``: auto, sm90), the GPU check of an engine before it becomes a default. Tests that
+  pick an engine themselves still do.
 * ``AHN_TESTS_SHARD=i/n``: only the i-th of n disjoint shares of the collected tests (by a hash of each test's
   id, so the shares do not depend on the collection order): the GPU suite is longer than one 10-minute call
   of the device tool, and the shares 1/2 and 2/2 of two calls cover it.
@@ -35,13 +35,15 @@ else:
 
 
 def pytest_configure(config):
-    for var, module in (("AHN_TESTS_FWD_BAND", "prefill"), ("AHN_TESTS_BWD_BAND", "backward")):
-        if os.environ.get(var):
-            import importlib
+    import importlib
 
-            mod = importlib.import_module(f"ahn_ops.ops.ahn_attention.{module}")
-            mod.CONFIG["band"] = os.environ[var]
-            print(f"{var}: {module}.CONFIG['band'] = {os.environ[var]!r}")
+    if os.environ.get("AHN_PREFILL_ENGINE"):  # (the library reads it at import)
+        mod = importlib.import_module("ahn_ops.ops.ahn_attention.prefill")
+        print(f"AHN_PREFILL_ENGINE: prefill.CONFIG['band'] = {mod.CONFIG['band']!r}")
+    if os.environ.get("AHN_TESTS_BWD_BAND"):
+        mod = importlib.import_module("ahn_ops.ops.ahn_attention.backward")
+        mod.CONFIG["band"] = os.environ["AHN_TESTS_BWD_BAND"]
+        print(f"AHN_TESTS_BWD_BAND: backward.CONFIG['band'] = {mod.CONFIG['band']!r}")
 
 
 def _shard():

@@ -9,6 +9,9 @@ library's paths around both kernels with their math in torch standing in for the
 from __future__ import annotations
 
 import itertools
+import os
+import subprocess
+import sys
 
 import pytest
 import torch
@@ -202,7 +205,7 @@ def test_sm90_engine_refuses_off_a_hopper_gpu(monkeypatch):
         P.prefill_fwd(*args, 8, 2, "gdn")  # refused before any kernel runs
 
 
-@pytest.mark.skipif(not torch.cuda.is_available() and __import__("os").environ.get("TRITON_INTERPRET") != "1",
+@pytest.mark.skipif(not torch.cuda.is_available() and os.environ.get("TRITON_INTERPRET") != "1",
                     reason="needs CUDA or TRITON_INTERPRET=1")
 def test_auto_takes_the_sm90_kernel_where_it_runs(monkeypatch):
     # "auto" asks _sm90_available (device and build, once per device) and then screens the call as "sm90" does;
@@ -226,8 +229,25 @@ def test_auto_takes_the_sm90_kernel_where_it_runs(monkeypatch):
     assert len(calls) == 1 and not P._sm90_available(args[0].device)
     torch.testing.assert_close(out, want, rtol=0, atol=0)
     monkeypatch.setitem(P.CONFIG, "band", "bogus")
-    with pytest.raises(ValueError, match='CONFIG\\["band"\\] must be one of'):
+    with pytest.raises(ValueError, match='AHN_PREFILL_ENGINE or prefill.CONFIG\\["band"\\]\\) must be one of'):
         P.prefill_fwd(*args, 40, 3, "gdn")
+
+
+def test_prefill_engine_environment_switch():
+    # AHN_PREFILL_ENGINE sets prefill.CONFIG["band"] at import; a name it does not know is refused on the first
+    # prefill, naming the variable and the engines
+    code = ("import torch; from ahn_ops.ops.ahn_attention import prefill as P; print(P.CONFIG['band']); "
+            "from tests.utils import make_inputs; "
+            "P.prefill_fwd(*make_inputs('gdn', 1, 8, 2, 1, 64, torch.float32, device='cpu', seed=0), 4, 1, 'gdn')")
+    root = os.path.join(os.path.dirname(os.path.abspath(__file__)), "..", "..")
+    for value, ok in (("no_sm90", True), ("fastest", False)):
+        env = dict(os.environ, AHN_PREFILL_ENGINE=value, TRITON_INTERPRET="1")
+        p = subprocess.run([sys.executable, "-c", code], cwd=root, env=env, capture_output=True, text=True,
+                           timeout=300)
+        assert p.stdout.splitlines()[:1] == [value], p.stdout + p.stderr[-2000:]
+        assert (p.returncode == 0) == ok, p.stderr[-2000:]
+        if not ok:
+            assert "AHN_PREFILL_ENGINE or prefill.CONFIG" in p.stderr and "'no_sm90'" in p.stderr, p.stderr[-2000:]
 
 
 def _torch_sm90(q, k, v, v_new, hs, o_weight, gc, z, nw, window, sinks, mem_scale, variant, cu_seqlens=None,
@@ -354,7 +374,7 @@ def _stand_in(monkeypatch, dev):
     return calls
 
 
-@pytest.mark.skipif(not torch.cuda.is_available() and __import__("os").environ.get("TRITON_INTERPRET") != "1",
+@pytest.mark.skipif(not torch.cuda.is_available() and os.environ.get("TRITON_INTERPRET") != "1",
                     reason="needs CUDA or TRITON_INTERPRET=1")
 @pytest.mark.parametrize("kind,B,T,W,S,G,lens", [
     pytest.param("gdn", 1, 300, 70, 5, 2, None, id="gdn-T300-W70-S5"),
@@ -388,7 +408,7 @@ def test_sm90_path_with_a_torch_stand_in(kind, B, T, W, S, G, lens, monkeypatch)
     torch.testing.assert_close(lse, lse_a, rtol=0, atol=2e-3)
 
 
-@pytest.mark.skipif(not torch.cuda.is_available() and __import__("os").environ.get("TRITON_INTERPRET") != "1",
+@pytest.mark.skipif(not torch.cuda.is_available() and os.environ.get("TRITON_INTERPRET") != "1",
                     reason="needs CUDA or TRITON_INTERPRET=1")
 def test_sm90_path_screens_its_inputs(monkeypatch):
     # a read gate z in another dtype than q takes the default engine (the kernel reads z in q's dtype); a
@@ -453,7 +473,7 @@ CACHE_CASES = [
 ]
 
 
-@pytest.mark.skipif(not torch.cuda.is_available() and __import__("os").environ.get("TRITON_INTERPRET") != "1",
+@pytest.mark.skipif(not torch.cuda.is_available() and os.environ.get("TRITON_INTERPRET") != "1",
                     reason="needs CUDA or TRITON_INTERPRET=1")
 @pytest.mark.parametrize("kind,W,S,T,before,G", CACHE_CASES)
 def test_sm90_cache_path_with_a_torch_stand_in(kind, W, S, T, before, G, monkeypatch):
@@ -503,7 +523,7 @@ def test_sm90_initial_state(engine):
     torch.testing.assert_close(outs["sm90"][1], outs["no_sm90"][1], rtol=0, atol=0)
 
 
-@pytest.mark.skipif(not torch.cuda.is_available() and __import__("os").environ.get("TRITON_INTERPRET") != "1",
+@pytest.mark.skipif(not torch.cuda.is_available() and os.environ.get("TRITON_INTERPRET") != "1",
                     reason="needs CUDA or TRITON_INTERPRET=1")
 @pytest.mark.parametrize("use_h0", [False, True])
 def test_state_chain_ready_counters(use_h0, monkeypatch):
@@ -596,7 +616,7 @@ def _torch_band_bwd(q, k, v, dout, ld, window, cu_seqlens, max_seqlen, dq, dk, d
         dv[s0:s1] += torch.einsum("htj,thd->jhd", p, dof).reshape(n, HKV, G, D).sum(2)
 
 
-@pytest.mark.skipif(not torch.cuda.is_available() and __import__("os").environ.get("TRITON_INTERPRET") != "1",
+@pytest.mark.skipif(not torch.cuda.is_available() and os.environ.get("TRITON_INTERPRET") != "1",
                     reason="needs CUDA or TRITON_INTERPRET=1")
 @pytest.mark.parametrize("kind,B,T,W,S,G,lens", [
     pytest.param("gdn", 1, 200, 50, 5, 2, None, id="gdn-T200-W50-S5"),
@@ -644,7 +664,7 @@ def test_sm90_band_bwd_path_with_a_torch_stand_in(kind, B, T, W, S, G, lens, mon
         assert torch.isfinite(a).all() and (ek <= 2 * et + 1e-3 or ek <= 1.1 * ed + 1e-4), n
 
 
-@pytest.mark.skipif(torch.cuda.is_available() or __import__("os").environ.get("TRITON_INTERPRET") != "1",
+@pytest.mark.skipif(torch.cuda.is_available() or os.environ.get("TRITON_INTERPRET") != "1",
                     reason="the refusal off a CUDA device (the forward before it on the interpreter)")
 def test_sm90_band_bwd_refuses_off_a_hopper_gpu(monkeypatch):
     args = make_inputs("gdn", 1, 70, 2, 1, 128, torch.float16, device="cpu", seed=2)

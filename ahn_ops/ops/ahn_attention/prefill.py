@@ -31,6 +31,7 @@ from __future__ import annotations
 
 import itertools
 import math
+import os
 import warnings
 from typing import Optional, Tuple
 
@@ -47,7 +48,7 @@ __all__ = ["prefill_fwd", "prefill_cache_fwd", "SUPPORTED_D"]
 SUPPORTED_D = (64, 128)
 # Launch configuration; `python benchmarks/bench_prefill.py --sweep` and `benchmarks/spike_hopper_fwd.py`
 # re-derive it (the measurements behind each choice: benchmarks/NOTES_prefill.md, "Launch configuration").
-# band: the forward's engine: "auto" (the whole forward after the memory passes in one sm_90a kernel,
+# band: the forward's engine (AHN_PREFILL_ENGINE sets it at import): "auto" (the whole forward after the memory passes in one sm_90a kernel,
 #   torch.ops.ahn.prefill_fwd_sm90, where _sm90_engine allows; else the window band from cuDNN where
 #   _band_engine allows; else all Triton); "sm90" (as auto, but an error on a device or build without the sm_90a
 #   kernel); "no_sm90" (auto without the sm_90a kernel: the engine it is checked and timed against); "cudnn"
@@ -61,7 +62,7 @@ SUPPORTED_D = (64, 128)
 #   128-row programs read each K/V block of the band half as often; an int forces the rows (with "fwd").
 # state_*: the sequential state pass, 16 value columns per program at D = 128 (more programs on a
 #   latency-bound chain); prep_warps, norm_bm: the prep pass and the Mamba2 norm kernel.
-CONFIG = {"band": "auto", "sm90_variant": 1, "sm90_overlap": False, "side_priority": 0, "fwd": (64, 4, 3),
+CONFIG = {"band": os.environ.get("AHN_PREFILL_ENGINE") or "auto", "sm90_variant": 1, "sm90_overlap": False, "side_priority": 0, "fwd": (64, 4, 3),
           "fwd_band_in": (64, 4, 1), "fwd_rows": None, "fwd_long": (8192, 128, (64, 8, 3)),
           "state_bv": {64: 64, 128: 16}, "state_warps": 4, "state_stages": 3, "prep_warps": 4, "norm_bm": 32}
 
@@ -286,7 +287,8 @@ def _band_engine(q: torch.Tensor, lens) -> bool:
     bench_ttft.py); lengths within 128 tokens share a graph (band_cudnn.band_window)."""
     mode = CONFIG["band"]
     if mode not in _BAND_MODES:
-        raise ValueError(f'CONFIG["band"] must be one of {", ".join(map(repr, _BAND_MODES))}, got {mode!r}')
+        raise ValueError(f'the prefill engine (AHN_PREFILL_ENGINE or prefill.CONFIG["band"]) must be one of '
+                         f'{", ".join(map(repr, _BAND_MODES))}, got {mode!r}')
     mode = "auto" if mode in ("sm90", "no_sm90") else mode
     if mode == "triton" or q.device.type != "cuda":
         if mode == "cudnn":
