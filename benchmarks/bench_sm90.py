@@ -303,7 +303,7 @@ def bench_engines(t):
     from ahn_ops.ops.ahn_attention import prefill as P
 
     H, HKV, D = 16, 2, 128
-    rows = []
+    rows, before = [], P.CONFIG["band"]
     try:
         for kind, T, W, S in [("gdn", 32768, 4096, 128), ("dn", 32768, 4096, 128), ("mamba2", 32768, 4096, 128),
                               ("gdn", 131072, 32640, 128), ("gdn", 16384, 2048, 0)]:
@@ -318,8 +318,9 @@ def bench_engines(t):
             print(rows[-1], flush=True)
             del args, outs
     finally:
-        P.CONFIG["band"] = "auto"
-    print("\n| kind | T | W | S | no_sm90 ms | auto (sm90) ms | speed-up | rel diff of out |\n|---|---|---|---|---|---|---|---|")
+        P.CONFIG["band"] = before
+    print("\n| kind | T | W | S | no_sm90 ms | auto (sm90) ms | speed-up | rel diff of out |")
+    print("|---|---|---|---|---|---|---|---|")
     for kind, T, W, S, a, b, d in rows:
         print(f"| {kind} | {T} | {W} | {S} | {a:.3f} | {b:.3f} | {a / b:.3f}x | {d:.1e} |")
 

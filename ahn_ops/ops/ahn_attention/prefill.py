@@ -48,10 +48,10 @@ __all__ = ["prefill_fwd", "prefill_cache_fwd", "SUPPORTED_D"]
 SUPPORTED_D = (64, 128)
 # Launch configuration; `python benchmarks/bench_prefill.py --sweep` and `benchmarks/spike_hopper_fwd.py`
 # re-derive it (the measurements behind each choice: benchmarks/NOTES_prefill.md, "Launch configuration").
-# band: the forward's engine (AHN_PREFILL_ENGINE sets it at import): "auto" (the whole forward after the memory passes in one sm_90a kernel,
-#   torch.ops.ahn.prefill_fwd_sm90, where _sm90_engine allows; else the window band from cuDNN where
-#   _band_engine allows; else all Triton); "sm90" (as auto, but an error on a device or build without the sm_90a
-#   kernel); "no_sm90" (auto without the sm_90a kernel: the engine it is checked and timed against); "cudnn"
+# band: the forward's engine (AHN_PREFILL_ENGINE sets it at import): "auto" (the whole forward after the
+#   memory passes in one sm_90a kernel, torch.ops.ahn.prefill_fwd_sm90, where _sm90_engine allows; else the
+#   window band from cuDNN where _band_engine allows; else all Triton); "sm90" (as auto, but an error on a
+#   device or build without the sm_90a kernel); "no_sm90" (auto without the sm_90a kernel: the engine it is checked and timed against); "cudnn"
 #   (required) or "triton" for the band. sm90_variant: the sm_90a kernel's variant (1: the consumer warpgroups'
 #   ping-pong); sm90_overlap (experimental, off: benchmarks/NOTES_prefill.md, "Our own kernel"): the
 #   memory passes on a high-priority side stream beside it (ready counters; tiles whose chunks are not ready
@@ -62,8 +62,9 @@ SUPPORTED_D = (64, 128)
 #   128-row programs read each K/V block of the band half as often; an int forces the rows (with "fwd").
 # state_*: the sequential state pass, 16 value columns per program at D = 128 (more programs on a
 #   latency-bound chain); prep_warps, norm_bm: the prep pass and the Mamba2 norm kernel.
-CONFIG = {"band": os.environ.get("AHN_PREFILL_ENGINE") or "auto", "sm90_variant": 1, "sm90_overlap": False, "side_priority": 0, "fwd": (64, 4, 3),
-          "fwd_band_in": (64, 4, 1), "fwd_rows": None, "fwd_long": (8192, 128, (64, 8, 3)),
+CONFIG = {"band": os.environ.get("AHN_PREFILL_ENGINE") or "auto", "sm90_variant": 1, "sm90_overlap": False,
+          "side_priority": 0, "fwd": (64, 4, 3), "fwd_band_in": (64, 4, 1), "fwd_rows": None,
+          "fwd_long": (8192, 128, (64, 8, 3)),
           "state_bv": {64: 64, 128: 16}, "state_warps": 4, "state_stages": 3, "prep_warps": 4, "norm_bm": 32}
 
 
