@@ -12,6 +12,7 @@ import itertools
 import os
 import subprocess
 import sys
+import warnings
 
 import pytest
 import torch
@@ -231,6 +232,26 @@ def test_auto_takes_the_sm90_kernel_where_it_runs(monkeypatch):
     monkeypatch.setitem(P.CONFIG, "band", "bogus")
     with pytest.raises(ValueError, match='AHN_PREFILL_ENGINE or prefill.CONFIG\\["band"\\]\\) must be one of'):
         P.prefill_fwd(*args, 40, 3, "gdn")
+
+
+def test_auto_warns_once_on_a_hopper_gpu_without_the_kernels(monkeypatch):
+    # the capability and the build faked: compute capability 9.0, the extension without its sm_90a kernels
+    P = _prefill()
+    monkeypatch.setattr(P, "_SM90_AVAILABLE", {})
+    monkeypatch.setattr(torch.cuda, "get_device_capability", lambda device=None: (9, 0))
+    monkeypatch.setattr(_ext, "has_sm90_kernels", lambda: False)
+    dev = torch.device("cuda", 0)
+    with pytest.warns(RuntimeWarning, match="built without its sm_90a kernels"):
+        assert not P._sm90_available(dev)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        assert not P._sm90_available(dev)  # cached: no second warning
+    # another GPU (not 9.0) takes the other engines without a word
+    monkeypatch.setattr(P, "_SM90_AVAILABLE", {})
+    monkeypatch.setattr(torch.cuda, "get_device_capability", lambda device=None: (8, 0))
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        assert not P._sm90_available(dev)
 
 
 def test_prefill_engine_environment_switch():

@@ -353,7 +353,8 @@ def _cu_seqlens(lens, device) -> torch.Tensor:
 
 
 def _sm90_available(device) -> bool:
-    """Whether "auto" may take the sm_90a kernel on ``device`` (cached per CUDA device)."""
+    """Whether "auto" may take the sm_90a kernel on ``device`` (cached per CUDA device). On an H100 / H200 whose
+    build lacks the kernels, a warning says so once."""
     key = str(device)
     if key not in _SM90_AVAILABLE:
         if device.type != "cuda":
@@ -361,8 +362,12 @@ def _sm90_available(device) -> bool:
         try:
             _sm90_check_device(device)
             _SM90_AVAILABLE[key] = True
-        except (RuntimeError, ImportError):
+        except (RuntimeError, ImportError) as e:
             _SM90_AVAILABLE[key] = False
+            if "built without" in str(e):
+                warnings.warn("ahn_ops: the prefill forward runs on the slower cuDNN / Triton engine on this "
+                              "H100 / H200: the extension was built without its sm_90a kernels (pip install "
+                              "--no-deps nvidia-cutlass, then reinstall ahn_ops)", RuntimeWarning, stacklevel=4)
     return _SM90_AVAILABLE[key]
 
 
