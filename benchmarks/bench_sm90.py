@@ -357,8 +357,8 @@ def bench_overlap(t, T=32768, W=4096, S=128, H=16, HKV=2, D=128):
         P.CONFIG.update(saved)
     print(f"\n# sm_90a engine, gdn T={T} W={W} S={S} H={H}/{HKV} D={D}: the state chain's value columns per "
           "program (programs per head: D / columns)")
-    print("| columns | warps | memory passes alone | passes, then the kernel | beside, priority -1 | beside, priority 0 "
-          "| rel diff of out |\n|---|---|---|---|---|---|---|")
+    print("| columns | warps | memory passes alone | passes, then the kernel | beside, priority -1 "
+          "| beside, priority 0 | rel diff of out |\n|---|---|---|---|---|---|---|")
     for bv, warps, passes, ser, hi, lo, d in rows:
         print(f"| {bv} | {warps} | {passes:.3f} | {ser:.3f} | {hi:.3f} | {lo:.3f} | {d:.1e} |")
 
@@ -366,17 +366,14 @@ def bench_overlap(t, T=32768, W=4096, S=128, H=16, HKV=2, D=128):
 def bench_bwd(mod, first=None):
     """The band backward (``torch.ops.ahn.band_bwd_sm90``) beside cuDNN's (``band_cudnn.band_bwd``) on the same
     inputs (their gradients compared), then the fused gdn forward + backward with the backward's band from each
-    (``backward.CONFIG["band"]``), the forward on its default engine and on "sm90". TFLOP/s count the band
-    backward's five products, 10 D H per band (query, key) pair."""
-    from triton.testing import do_bench
-
+    (``backward.CONFIG["band"]``), the forward on "no_sm90" and on "sm90". TFLOP/s count the band backward's
+    five products, 10 D H per band (query, key) pair."""
     import common as C
     from ahn_ops.ops.ahn_attention import backward as Bw
     from ahn_ops.ops.ahn_attention import band_cudnn
     from ahn_ops.ops.ahn_attention import prefill as P
 
-    def t(fn):
-        return do_bench(fn, warmup=10, rep=100, return_mode="median")
+    t = _timer()
 
     H, HKV, D = 16, 2, 128
     rows = []
@@ -458,7 +455,8 @@ def bench_bwd(mod, first=None):
 
 def main():
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    ap.add_argument("parts", nargs="*", choices=["check", "check-fused", "bench", "bench-bwd", "engines", "overlap"],
+    ap.add_argument("parts", nargs="*",
+                    choices=["check", "check-fused", "bench", "bench-bwd", "engines", "overlap"],
                     help="default: check, check-fused, bench")
     ap.add_argument("--first", type=int, help="only the first N shapes of each check (e.g. under compute-sanitizer)")
     a = ap.parse_args()

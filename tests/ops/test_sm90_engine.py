@@ -37,6 +37,9 @@ def _why_not() -> str:
 
 
 needs_sm90 = pytest.mark.skipif(bool(_why_not()), reason=_why_not() or "ok")
+# the Triton kernels around the sm_90a one (the stand-in tests): a GPU, or the CPU interpreter
+needs_triton = pytest.mark.skipif(not torch.cuda.is_available() and os.environ.get("TRITON_INTERPRET") != "1",
+                                  reason="needs CUDA or TRITON_INTERPRET=1")
 
 
 def _prefill():
@@ -206,8 +209,7 @@ def test_sm90_engine_refuses_off_a_hopper_gpu(monkeypatch):
         P.prefill_fwd(*args, 8, 2, "gdn")  # refused before any kernel runs
 
 
-@pytest.mark.skipif(not torch.cuda.is_available() and os.environ.get("TRITON_INTERPRET") != "1",
-                    reason="needs CUDA or TRITON_INTERPRET=1")
+@needs_triton
 def test_auto_takes_the_sm90_kernel_where_it_runs(monkeypatch):
     # "auto" asks _sm90_available (device and build, once per device) and then screens the call as "sm90" does;
     # "no_sm90" never takes it; off a compute capability 9.0 GPU (or without the kernels) "auto" runs the other
@@ -225,7 +227,7 @@ def test_auto_takes_the_sm90_kernel_where_it_runs(monkeypatch):
     P.prefill_fwd(*args, 40, 3, "gdn")
     assert len(calls) == 1
     monkeypatch.setattr(P, "_SM90_AVAILABLE", {})
-    monkeypatch.setattr(P, "_sm90_check_device", lambda device: (_ for _ in ()).throw(RuntimeError("no")))
+    monkeypatch.setattr(P, "_sm90_missing", lambda device: "device")
     out = P.prefill_fwd(*args, 40, 3, "gdn")[0]
     assert len(calls) == 1 and not P._sm90_available(args[0].device)
     torch.testing.assert_close(out, want, rtol=0, atol=0)
@@ -395,8 +397,7 @@ def _stand_in(monkeypatch, dev):
     return calls
 
 
-@pytest.mark.skipif(not torch.cuda.is_available() and os.environ.get("TRITON_INTERPRET") != "1",
-                    reason="needs CUDA or TRITON_INTERPRET=1")
+@needs_triton
 @pytest.mark.parametrize("kind,B,T,W,S,G,lens", [
     pytest.param("gdn", 1, 300, 70, 5, 2, None, id="gdn-T300-W70-S5"),
     pytest.param("dn", 2, 200, 1, 3, 1, None, id="dn-B2-T200-W1-S3"),
@@ -429,8 +430,7 @@ def test_sm90_path_with_a_torch_stand_in(kind, B, T, W, S, G, lens, monkeypatch)
     torch.testing.assert_close(lse, lse_a, rtol=0, atol=2e-3)
 
 
-@pytest.mark.skipif(not torch.cuda.is_available() and os.environ.get("TRITON_INTERPRET") != "1",
-                    reason="needs CUDA or TRITON_INTERPRET=1")
+@needs_triton
 def test_sm90_path_screens_its_inputs(monkeypatch):
     # a read gate z in another dtype than q takes the default engine (the kernel reads z in q's dtype); a
     # window past the longest sequence reaches the kernel as that length (same band, no memory key, no int32
@@ -494,8 +494,7 @@ CACHE_CASES = [
 ]
 
 
-@pytest.mark.skipif(not torch.cuda.is_available() and os.environ.get("TRITON_INTERPRET") != "1",
-                    reason="needs CUDA or TRITON_INTERPRET=1")
+@needs_triton
 @pytest.mark.parametrize("kind,W,S,T,before,G", CACHE_CASES)
 def test_sm90_cache_path_with_a_torch_stand_in(kind, W, S, T, before, G, monkeypatch):
     # the cache path under "sm90": the key streams, the sink buffer (its unwritten rows zeroed), the positions
@@ -544,8 +543,7 @@ def test_sm90_initial_state(engine):
     torch.testing.assert_close(outs["sm90"][1], outs["no_sm90"][1], rtol=0, atol=0)
 
 
-@pytest.mark.skipif(not torch.cuda.is_available() and os.environ.get("TRITON_INTERPRET") != "1",
-                    reason="needs CUDA or TRITON_INTERPRET=1")
+@needs_triton
 @pytest.mark.parametrize("use_h0", [False, True])
 def test_state_chain_ready_counters(use_h0, monkeypatch):
     # the counters the sm_90a kernel reads beside the state chain: every chunk the chain stores reaches
@@ -643,8 +641,7 @@ def _torch_band_bwd(q, k, v, dout, ld, window, cu_seqlens, max_seqlen, dq, dk, d
         dv[s0:s1] += torch.einsum("htj,thd->jhd", p, dof).reshape(n, HKV, G, D).sum(2)
 
 
-@pytest.mark.skipif(not torch.cuda.is_available() and os.environ.get("TRITON_INTERPRET") != "1",
-                    reason="needs CUDA or TRITON_INTERPRET=1")
+@needs_triton
 @pytest.mark.parametrize("kind,B,T,W,S,G,lens", [
     pytest.param("gdn", 1, 200, 50, 5, 2, None, id="gdn-T200-W50-S5"),
     pytest.param("dn", 2, 130, 1, 3, 1, None, id="dn-B2-T130-W1-S3"),

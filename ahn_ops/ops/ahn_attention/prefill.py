@@ -51,11 +51,12 @@ SUPPORTED_D = (64, 128)
 # band: the forward's engine (AHN_PREFILL_ENGINE sets it at import): "auto" (the whole forward after the
 #   memory passes in one sm_90a kernel, torch.ops.ahn.prefill_fwd_sm90, where _sm90_engine allows; else the
 #   window band from cuDNN where _band_engine allows; else all Triton); "sm90" (as auto, but an error on a
-#   device or build without the sm_90a kernel); "no_sm90" (auto without the sm_90a kernel: the engine it is checked and timed against); "cudnn"
-#   (required) or "triton" for the band. sm90_variant: the sm_90a kernel's variant (1: the consumer warpgroups'
-#   ping-pong); sm90_overlap (experimental, off: benchmarks/NOTES_prefill.md, "Our own kernel"): the
-#   memory passes on a high-priority side stream beside it (ready counters; tiles whose chunks are not ready
-#   finish in a memory-only launch after the passes), "side_priority" that stream's priority.
+#   device or build without the sm_90a kernel); "no_sm90" (auto without the sm_90a kernel: the engine it is
+#   checked and timed against); "cudnn" (required) or "triton" for the band. sm90_variant: the sm_90a
+#   kernel's variant (1: the consumer warpgroups' ping-pong); sm90_overlap (experimental, off:
+#   benchmarks/NOTES_prefill.md, "Our own kernel"): the memory passes on a high-priority side stream beside it
+#   (ready counters; tiles whose chunks are not ready finish in a memory-only launch after the passes),
+#   "side_priority" that stream's priority.
 # fwd: (BN, num_warps, num_stages) of the all-Triton _fwd_kernel at 64 query rows (more warps or BN=128 spill).
 # fwd_band_in: the same for _fwd_kernel behind the cuDNN band (sinks, ring tail, memory, epilogue only).
 # fwd_rows: None picks 64 rows, or fwd_long = (min window, rows, cfg) at D = 128 and long windows, where
@@ -360,26 +361,36 @@ def _sm90_available(device) -> bool:
         if device.type != "cuda":
             return False
         try:
-            _sm90_check_device(device)
-            _SM90_AVAILABLE[key] = True
-        except (RuntimeError, ImportError) as e:
-            _SM90_AVAILABLE[key] = False
-            if "built without" in str(e):
-                warnings.warn("ahn_ops: the prefill forward runs on the slower cuDNN / Triton engine on this "
-                              "H100 / H200: the extension was built without its sm_90a kernels (pip install "
-                              "--no-deps nvidia-cutlass, then reinstall ahn_ops)", RuntimeWarning, stacklevel=4)
+            why = _sm90_missing(device)
+        except ImportError:  # no extension at all: the ops that need it say so
+            why = "extension"
+        _SM90_AVAILABLE[key] = why is None
+        if why == "build":
+            warnings.warn("ahn_ops: the prefill forward runs on the slower cuDNN / Triton engine on this "
+                          "H100 / H200: the extension was built without its sm_90a kernels (pip install "
+                          "--no-deps nvidia-cutlass, then reinstall ahn_ops)", RuntimeWarning, stacklevel=4)
     return _SM90_AVAILABLE[key]
 
 
 _SM90_AVAILABLE: dict = {}
 
 
-def _sm90_check_device(device) -> None:
+def _sm90_missing(device) -> Optional[str]:
+    """None where the sm_90a kernels can run on ``device``, else what is missing: "device" (not a compute
+    capability 9.0 GPU) or "build" (the extension built without them)."""
     from ..._ext import has_sm90_kernels
 
     if device.type != "cuda" or torch.cuda.get_device_capability(device) != (9, 0):
+        return "device"
+    return None if has_sm90_kernels() else "build"
+
+
+def _sm90_check_device(device) -> None:
+    """Raises where "sm90" was asked for and ``device`` or the build cannot run the kernels."""
+    why = _sm90_missing(device)
+    if why == "device":
         raise RuntimeError('CONFIG["band"] = "sm90" needs a compute capability 9.0 GPU (H100 / H200)')
-    if not has_sm90_kernels():
+    if why == "build":
         raise RuntimeError('CONFIG["band"] = "sm90": ahn_ops was built without its sm_90a kernels (the CUTLASS '
                            'headers: pip install --no-deps nvidia-cutlass, then rebuild)')
 
