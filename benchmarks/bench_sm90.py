@@ -336,9 +336,13 @@ def bench_overlap(t, T=32768, W=4096, S=128, H=16, HKV=2, D=128):
     args = prefill_inputs(T, H, HKV, D)
     saved = dict(P.CONFIG, state_bv=dict(P.CONFIG["state_bv"]))
     rows = []
+    beside = [(-1, None), (-1, False), (0, None)]  # (side priority, sm90_rows_outer)
     try:
         P.CONFIG["band"] = "sm90"
         serial = P.prefill_fwd(*args, W, S, "gdn")[0]
+        P.CONFIG["sm90_rows_outer"] = True
+        ser_rows = t(lambda: P.prefill_fwd(*args, W, S, "gdn"))
+        P.CONFIG["sm90_rows_outer"] = None
         for bv, warps in [(16, 4), (32, 4), (64, 4), (64, 8), (128, 8)]:
             P.CONFIG["state_bv"][D], P.CONFIG["state_warps"] = bv, warps
             P.CONFIG["sm90_overlap"] = False
@@ -346,9 +350,10 @@ def bench_overlap(t, T=32768, W=4096, S=128, H=16, HKV=2, D=128):
             ser = t(lambda: P.prefill_fwd(*args, W, S, "gdn"))
             row = [bv, warps, passes, ser]
             P.CONFIG["sm90_overlap"] = True
-            for prio in (-1, 0):
-                P.CONFIG["side_priority"] = prio
+            for prio, rows_outer in beside:
+                P.CONFIG["side_priority"], P.CONFIG["sm90_rows_outer"] = prio, rows_outer
                 row.append(t(lambda: P.prefill_fwd(*args, W, S, "gdn")))
+            P.CONFIG["side_priority"], P.CONFIG["sm90_rows_outer"] = beside[0]
             row.append(rel(P.prefill_fwd(*args, W, S, "gdn")[0], serial))
             rows.append(row)
             print(tuple(rows[-1]), flush=True)
@@ -356,11 +361,13 @@ def bench_overlap(t, T=32768, W=4096, S=128, H=16, HKV=2, D=128):
         P.CONFIG.clear()
         P.CONFIG.update(saved)
     print(f"\n# sm_90a engine, gdn T={T} W={W} S={S} H={H}/{HKV} D={D}: the state chain's value columns per "
-          "program (programs per head: D / columns)")
+          "program (programs per head: D / columns); the kernel's CTAs row block by row block over all heads "
+          "(rows outer) or head by head (heads outer)")
+    print(f"passes, then the kernel with its CTAs rows outer (16 columns): {ser_rows:.3f} ms")
     print("| columns | warps | memory passes alone | passes, then the kernel | beside, priority -1 "
-          "| beside, priority 0 | rel diff of out |\n|---|---|---|---|---|---|---|")
-    for bv, warps, passes, ser, hi, lo, d in rows:
-        print(f"| {bv} | {warps} | {passes:.3f} | {ser:.3f} | {hi:.3f} | {lo:.3f} | {d:.1e} |")
+          "| beside, -1, heads outer | beside, priority 0 | rel diff of out |\n|---|---|---|---|---|---|---|---|")
+    for bv, warps, passes, ser, hi, hi_heads, lo, d in rows:
+        print(f"| {bv} | {warps} | {passes:.3f} | {ser:.3f} | {hi:.3f} | {hi_heads:.3f} | {lo:.3f} | {d:.1e} |")
 
 
 def bench_bwd(mod, first=None):

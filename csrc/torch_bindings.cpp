@@ -35,13 +35,16 @@ TORCH_LIBRARY(ahn, m) {
   // kernel after it, o the window's output alone; norm_weight is then [H*D]. ready (int32 [hs rows*H]), with
   // the memory passes running beside it: a tile whose chunks' counters are below ready_target stores o and lse
   // and sets deferred[tile] (uint8 zeros); memory_only: the launch after the passes, which adds the memory to
-  // those tiles' rows of out (the first launch's o) in place, and returns two empty tensors.
+  // those tiles' rows of out (the first launch's o) in place, and returns two empty tensors. rows_outer: the
+  // CTAs start row block by row block over all heads (the order in which a state chain beside the kernel makes
+  // the chunks ready) instead of head by head; the same result.
   m.def(
       "prefill_fwd_sm90(Tensor q, Tensor k, Tensor v, Tensor? v_new, Tensor? hs, Tensor? o_weight, Tensor? gc, "
       "Tensor? z, Tensor? norm_weight, int window, int sinks, float mem_scale, int variant=1, "
       "Tensor? cu_seqlens=None, int max_seqlen=0, Tensor? pos=None, Tensor? sink_k=None, Tensor? sink_v=None, "
       "bool initial_state=False, Tensor(a!)? yp=None, Tensor(b!)? ss=None, Tensor? ready=None, int ready_target=0, "
-      "Tensor(c!)? deferred=None, bool memory_only=False, Tensor(d!)? out=None, Tensor? chunk_start=None) -> "
+      "Tensor(c!)? deferred=None, bool memory_only=False, Tensor(d!)? out=None, Tensor? chunk_start=None, "
+      "bool rows_outer=False) -> "
       "(Tensor, Tensor)");
   // The sm_90a window band backward (csrc/cuda/ahn_bwd_sm90.cu, built with the forward's kernel): the band
   // share (keys t - window < j <= t) of the attention's gradients, added to the fp32 dq [tokens,H,128], dk, dv

@@ -39,7 +39,7 @@ std::tuple<at::Tensor, at::Tensor> prefill_fwd_sm90(
     const std::optional<at::Tensor>& sink_k, const std::optional<at::Tensor>& sink_v, bool initial_state,
     const std::optional<at::Tensor>& yp, const std::optional<at::Tensor>& ss, const std::optional<at::Tensor>& ready,
     int64_t ready_target, const std::optional<at::Tensor>& deferred, bool memory_only,
-    const std::optional<at::Tensor>& out, const std::optional<at::Tensor>& chunk_start) {
+    const std::optional<at::Tensor>& out, const std::optional<at::Tensor>& chunk_start, bool rows_outer) {
   TORCH_CHECK(q.dim() == 4, "prefill_fwd_sm90: q must be [B, T, H, D], got ", q.sizes());
   const int64_t B = q.size(0), T = q.size(1), H = q.size(2), D = q.size(3);
   TORCH_CHECK(D == 128, "prefill_fwd_sm90: head_dim must be 128, got ", D);
@@ -77,6 +77,9 @@ std::tuple<at::Tensor, at::Tensor> prefill_fwd_sm90(
     max_T = max_seqlen;
   }
   TORCH_CHECK(n_seq < 65536, "prefill_fwd_sm90: at most 65535 sequences, got ", n_seq);
+  // rows_outer: the grid (heads, row blocks, sequences), whose second dimension stops at 65535 blocks of 128
+  TORCH_CHECK(!rows_outer || (max_T + 127) / 128 < 65536, "prefill_fwd_sm90: rows_outer takes sequences of at most ",
+              65535 * 128, " tokens, got ", max_T);
   // the cache path: positions pos [B] int64 (>= 0, below 2^31 - T: the caller's promise) on q's device, the
   // sinks in sink_k / sink_v [B, S, HKV, D] (absent for S = 0)
   if (cache) {
@@ -173,6 +176,7 @@ std::tuple<at::Tensor, at::Tensor> prefill_fwd_sm90(
     f.o = reinterpret_cast<E*>(o.data_ptr()), f.lse = lse.data_ptr<float>();
     f.B = int(B), f.T = int(T), f.H = int(H), f.HKV = int(HKV), f.W = int(window), f.S = int(sinks);
     f.cu = varlen ? cu_seqlens->data_ptr<int>() : nullptr, f.n_seq = int(n_seq), f.max_T = int(max_T);
+    f.rows_outer = rows_outer;
     if (chunk_start.has_value()) {
       f.chunk_start = chunk_start->data_ptr<int>(), f.chunk_stride = chunk_start->stride(0);
     }

@@ -377,7 +377,9 @@ def _stand_in(monkeypatch, dev):
     monkeypatch.setattr(P, "_sm90_check_device", lambda device: None)
     calls = []
 
-    def stand_in(*args, chunk_start=None):
+    def stand_in(*args, chunk_start=None, rows_outer=None):
+        # the CTAs' order follows the memory passes beside the kernel (off here): head by head
+        assert rows_outer is False, rows_outer
         # packed sequences: each one's first chunk in hs, the running sum of the earlier ones' ceil(T / 64)
         if args[13] is not None:
             lens = (args[13][1:] - args[13][:-1]).tolist()
@@ -579,9 +581,9 @@ def test_state_chain_ready_counters(use_h0, monkeypatch):
 ])
 def test_sm90_memory_passes_beside(kind, lens, W, S, cols, engine, monkeypatch):
     """The memory passes beside the kernel (ready counters, deferred tiles finished after them), at both side
-    stream priorities, with the state chain's default 16 value columns per program and with the wider programs
-    that bench_sm90.py's overlap part times (the counters' target is the programs per head): within the rule of
-    the fp32 reference and near the serial engine's output."""
+    stream priorities and in both CTA orders, with the state chain's default 16 value columns per program and
+    with the wider programs that bench_sm90.py's overlap part times (the counters' target is the programs per
+    head): within the rule of the fp32 reference and near the serial engine's output."""
     P = _prefill()
     T = (32768 if cols == 16 else 4096) if lens is None else sum(lens)
     H, HKV, D = 16, 2, 128
@@ -591,10 +593,15 @@ def test_sm90_memory_passes_beside(kind, lens, W, S, cols, engine, monkeypatch):
     monkeypatch.setitem(P.CONFIG, "state_bv", {**P.CONFIG["state_bv"], D: cols})
     monkeypatch.setitem(P.CONFIG, "state_warps", 8 if cols == 128 else 4)
     serial = P.prefill_fwd(*args, W, S, kind, cu_seqlens=cu)[0]
+    # the CTAs row block by row block over all heads: each tile's work is the same, so the same bits
+    monkeypatch.setitem(P.CONFIG, "sm90_rows_outer", True)
+    assert torch.equal(P.prefill_fwd(*args, W, S, kind, cu_seqlens=cu)[0], serial)
     monkeypatch.setitem(P.CONFIG, "sm90_overlap", True)
     r = lp = None
-    for prio in (0, -1):
+    # beside the passes: the CTAs head by head at priority 0, row blocks over all heads (the default) at -1
+    for prio, rows_outer in ((0, False), (-1, None)):
         monkeypatch.setitem(P.CONFIG, "side_priority", prio)
+        monkeypatch.setitem(P.CONFIG, "sm90_rows_outer", rows_outer)
         out = P.prefill_fwd(*args, W, S, kind, cu_seqlens=cu)[0]
         # a deferred tile adds the memory to its rounded window output: one more bf16 rounding than the serial
         # one, so up to one ulp of the value (2^-7 relative) apart, plus where window and memory cancel

@@ -56,7 +56,8 @@ SUPPORTED_D = (64, 128)
 #   kernel's variant (1: the consumer warpgroups' ping-pong); sm90_overlap (experimental, off:
 #   benchmarks/NOTES_prefill.md, "Our own kernel"): the memory passes on a high-priority side stream beside it
 #   (ready counters; tiles whose chunks are not ready finish in a memory-only launch after the passes),
-#   "side_priority" that stream's priority.
+#   "side_priority" that stream's priority; sm90_rows_outer: the kernel's CTA order (None: row blocks over all
+#   heads beside the passes, head by head otherwise; True / False force one).
 # fwd: (BN, num_warps, num_stages) of the all-Triton _fwd_kernel at 64 query rows (more warps or BN=128 spill).
 # fwd_band_in: the same for _fwd_kernel behind the cuDNN band (sinks, ring tail, memory, epilogue only).
 # fwd_rows: None picks 64 rows, or fwd_long = (min window, rows, cfg) at D = 128 and long windows, where
@@ -64,7 +65,7 @@ SUPPORTED_D = (64, 128)
 # state_*: the sequential state pass, 16 value columns per program at D = 128 (more programs on a
 #   latency-bound chain); prep_warps, norm_bm: the prep pass and the Mamba2 norm kernel.
 CONFIG = {"band": os.environ.get("AHN_PREFILL_ENGINE") or "auto", "sm90_variant": 1, "sm90_overlap": False,
-          "side_priority": 0, "fwd": (64, 4, 3), "fwd_band_in": (64, 4, 1), "fwd_rows": None,
+          "sm90_rows_outer": None, "side_priority": 0, "fwd": (64, 4, 3), "fwd_band_in": (64, 4, 1), "fwd_rows": None,
           "fwd_long": (8192, 128, (64, 8, 3)),
           "state_bv": {64: 64, 128: 16}, "state_warps": 4, "state_stages": 3, "prep_warps": 4, "norm_bm": 32}
 
@@ -263,13 +264,19 @@ def _sm90_launch(q, kx, vx, vnew, hs, o_weight, gc, z, norm_weight, window, sink
             z.reshape(Nb, Tq // Nb, H).contiguous(), norm_weight.float().contiguous(), window, sinks,
             1.0 if mamba2_out is not None else D ** -0.5, CONFIG["sm90_variant"], cu, max(lens), pos, sink_k, sink_v,
             use_h0, yp, ss)
+    # the CTAs' order: row block by row block over all heads beside the state chain (which makes the chunks
+    # ready in that order, so fewer tiles are deferred), head by head otherwise; CONFIG["sm90_rows_outer"] forces
+    # one (benchmarks). The grid's second dimension holds at most 65535 row blocks
+    rows_outer = CONFIG["sm90_rows_outer"]
+    rows_outer = (ready is not None if rows_outer is None else rows_outer) and triton.cdiv(max(lens), 128) < 65536
     if ready is None:
-        o4, lse_e = _sm90_fwd(*args, chunk_start=chunk_start)
+        o4, lse_e = _sm90_fwd(*args, chunk_start=chunk_start, rows_outer=rows_outer)
     else:
         deferred = torch.zeros(triton.cdiv(max(lens), 128) * H * N, dtype=torch.uint8, device=q.device)
-        o4, lse_e = _sm90_fwd(*args, ready, state_ready_target(D), deferred, chunk_start=chunk_start)
+        o4, lse_e = _sm90_fwd(*args, ready, state_ready_target(D), deferred, chunk_start=chunk_start,
+                              rows_outer=rows_outer)
         torch.cuda.current_stream(q.device).wait_stream(side)
-        _sm90_fwd(*args, None, 0, deferred, True, o4, chunk_start=chunk_start)
+        _sm90_fwd(*args, None, 0, deferred, True, o4, chunk_start=chunk_start, rows_outer=rows_outer)
     return o4.view(1, Tq, H, D), lse_e
 
 

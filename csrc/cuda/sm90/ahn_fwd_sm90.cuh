@@ -126,6 +126,10 @@ struct BandTraits {
     int64_t chunk_stride;
     // the cache path: sequence b's queries at positions pos[b] ..; nullptr: a prefill from position 0
     int64_t const* pos;
+    // the grid's order: (heads, row blocks, sequences) instead of (row blocks, heads, sequences). CTAs start in
+    // grid order, so the row blocks then advance through the sequence for all heads at once: the order the
+    // state chain beside the kernel makes the memory's chunks ready in (Params::ready)
+    bool rows_outer;
     // kMemory: v_new [B, T, H, D] (as Q), hs [hs_rows, H, D, D] and o_weight [H, D, D] as (D, D, H, rows)
     TmaQ tma_vn;
     TmaKV tma_hs, tma_ow;
@@ -237,7 +241,9 @@ __global__ void __launch_bounds__(Traits::kThreads, 1)
   extern __shared__ __align__(1024) char smem_raw[];  // the 128-byte swizzled tiles want 1024-byte alignment
   SS& ss = *reinterpret_cast<SS*>(smem_raw);
 
-  const int m_block = blockIdx.x, h = blockIdx.y, seq = blockIdx.z;
+  const int m_block = p.rows_outer ? blockIdx.y : blockIdx.x, h = p.rows_outer ? blockIdx.x : blockIdx.y;
+  const int n_mblocks = p.rows_outer ? gridDim.y : gridDim.x;
+  const int seq = blockIdx.z;
   const int hkv = h / (p.H / p.HKV);
   const int W = p.W, S = p.S;
   const int row0 = m_block * kBM;
@@ -264,7 +270,7 @@ __global__ void __launch_bounds__(Traits::kThreads, 1)
   auto reads_memory = [&](int t) { return Traits::kMemory && (p.use_h0 || P + t - W >= S); };
   const bool cta_mem = reads_memory(plan.t_hi);
   auto chunk_reads_memory = [&](int c) { return reads_memory(min(c * Traits::kChunk + Traits::kChunk - 1, T - 1)); };
-  const int64_t tile = (int64_t(seq) * p.H + h) * gridDim.x + m_block;
+  const int64_t tile = (int64_t(seq) * p.H + h) * n_mblocks + m_block;
   const bool mem_only = Traits::kMemory && p.mem_only;
   if (mem_only && !(cta_mem && p.deferred[tile])) return;
   const int n_run = mem_only ? 0 : plan.count();  // the key blocks this launch walks
@@ -747,6 +753,7 @@ struct Problem {
   int64_t chunk_stride = 1;          // chunk in hs
   int n_seq = 0, max_T = 0;  // sequences, the longest (B and T without cu)
   int64_t const* pos = nullptr;                              // the cache path: positions [B] on the device
+  bool rows_outer = false;                                   // the grid's order (Params::rows_outer)
   Element const *sink_k = nullptr, *sink_v = nullptr;        // and its sink buffer [B, S, HKV, D]
   // the memory readout and epilogue (GDN / DN) behind the memory passes: v_new [B, T, H, D], hs [hs_rows, H,
   // D, D] (each sequence's ceil(T_n / 64) chunk states after the earlier sequences'), o_weight [H, D, D],
@@ -792,6 +799,7 @@ void launch(Problem<Element> const& f, cudaStream_t stream) {
   p.o = f.o, p.lse = f.lse, p.B = f.B, p.T = f.T, p.H = f.H, p.HKV = f.HKV, p.W = f.W, p.S = f.S;
   p.scale_log2 = float(1.4426950408889634 / sqrt(double(kD)));
   p.cu = f.cu, p.chunk_start = f.chunk_start, p.chunk_stride = f.chunk_stride, p.pos = f.pos;
+  p.rows_outer = f.rows_outer;
   if constexpr (kMemory) {
     p.tma_vn = tma_rows(f.vnew, f.T, f.H, f.B, sq, q_tile);
     p.tma_hs = tma_mats<Traits>(f.hs, f.hs_rows * f.H);  // chunk c, head h: matrix c H + h
@@ -804,7 +812,8 @@ void launch(Problem<Element> const& f, cudaStream_t stream) {
   auto kernel = band_fwd_kernel<Traits, kPingPong>;
   const int smem = sizeof(typename Traits::SharedStorage);
   cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, smem);
-  dim3 grid((f.max_T + Traits::kBM - 1) / Traits::kBM, f.H, f.n_seq);
+  const unsigned n_mblocks = (f.max_T + Traits::kBM - 1) / Traits::kBM;
+  const dim3 grid = f.rows_outer ? dim3(f.H, n_mblocks, f.n_seq) : dim3(n_mblocks, f.H, f.n_seq);
   kernel<<<grid, Traits::kThreads, smem, stream>>>(p);
 }
 
