@@ -273,16 +273,17 @@ def fused_forward(mod, t, T=32768, W=4096, S=128, H=16, HKV=2, D=128):
     res["memory passes alone (prep + state chain)"] = t(lambda: P.prefill_fwd(*args, W, S, "gdn", stage="state"))
     P.CONFIG["band"] = "sm90"  # the library's "sm90" engine: the memory passes, then the fused kernel
     try:
+        P.CONFIG["sm90_overlap"] = False
         res["sm90 engine (memory passes, then the fused kernel)"] = t(lambda: P.prefill_fwd(*args, W, S, "gdn"))
-        # the passes beside it: ready counters, deferred tiles finished after them
+        # the passes beside it (the default): ready counters, deferred tiles finished after them
         P.CONFIG["sm90_overlap"] = True
         for prio in (0, -1):
-            P.CONFIG["side_priority"] = prio
+            P.CONFIG["sm90_side_priority"] = prio
             res[f"sm90 engine, memory passes beside it (priority {prio})"] = t(
                 lambda: P.prefill_fwd(*args, W, S, "gdn"))
         outs["overlap"] = P.prefill_fwd(*args, W, S, "gdn")[0]
     finally:
-        P.CONFIG.update(band="auto", sm90_overlap=False, side_priority=0)
+        P.CONFIG.update(band="auto", sm90_overlap=True, sm90_side_priority=-1)
     outs["fused"] = fused_call(mod, args, kw, W, S, 1)[0]
     print(f"\n# fused gdn forward, T={T} W={W} S={S} H={H}/{HKV} D={D}; rel diff of out, our band vs cuDNN's: "
           f"{rel(outs['our band'], outs['cuDNN band']):.1e}, the fused kernel vs cuDNN's composition: "
@@ -294,9 +295,10 @@ def fused_forward(mod, t, T=32768, W=4096, S=128, H=16, HKV=2, D=128):
 
 
 def bench_engines(t):
-    """The library's forward (``prefill_fwd``) on its default engine ("auto": the sm_90a kernel on this GPU)
-    against the one before it ("no_sm90": cuDNN's band beside the memory passes, then the Triton kernel for
-    sinks, memory and epilogue), every kind at T = 32k, gdn at T = 131k; the outputs compared."""
+    """The library's forward (``prefill_fwd``) on its default engine ("auto": the sm_90a kernel on this GPU, the
+    memory passes beside it; with ``deterministic=True`` before it) against the one before it ("no_sm90": cuDNN's
+    band beside the memory passes, then the Triton kernel for sinks, memory and epilogue), every kind at T = 32k,
+    gdn at T = 131k; the outputs compared."""
     sys.path.insert(0, HERE)
     from bench_prefill import make
 
@@ -309,20 +311,22 @@ def bench_engines(t):
                               ("gdn", 131072, 32640, 128), ("gdn", 16384, 2048, 0)]:
             args = make(kind, 1, T, H, HKV, D)
             ms, outs = {}, {}
-            for engine in ("no_sm90", "auto"):
+            for engine, det in (("no_sm90", False), ("auto", False), ("auto", True)):
                 P.CONFIG["band"] = engine
-                fn = lambda: P.prefill_fwd(*args, W, S, kind)  # noqa: E731
-                outs[engine] = fn()[0]
-                ms[engine] = t(fn)
-            rows.append((kind, T, W, S, ms["no_sm90"], ms["auto"], rel(outs["auto"], outs["no_sm90"])))
+                fn = lambda: P.prefill_fwd(*args, W, S, kind, deterministic=det)  # noqa: E731
+                outs[engine, det] = fn()[0]
+                ms[engine, det] = t(fn)
+            rows.append((kind, T, W, S, ms["no_sm90", False], ms["auto", False], ms["auto", True],
+                         rel(outs["auto", False], outs["no_sm90", False])))
             print(rows[-1], flush=True)
             del args, outs
     finally:
         P.CONFIG["band"] = before
-    print("\n| kind | T | W | S | no_sm90 ms | auto (sm90) ms | speed-up | rel diff of out |")
-    print("|---|---|---|---|---|---|---|---|")
-    for kind, T, W, S, a, b, d in rows:
-        print(f"| {kind} | {T} | {W} | {S} | {a:.3f} | {b:.3f} | {a / b:.3f}x | {d:.1e} |")
+    print("\n| kind | T | W | S | no_sm90 ms | auto (sm90, passes beside) ms | speed-up | auto, deterministic ms "
+          "| rel diff of out |")
+    print("|---|---|---|---|---|---|---|---|---|")
+    for kind, T, W, S, a, b, c, d in rows:
+        print(f"| {kind} | {T} | {W} | {S} | {a:.3f} | {b:.3f} | {a / b:.3f}x | {c:.3f} | {d:.1e} |")
 
 
 def bench_overlap(t, T=32768, W=4096, S=128, H=16, HKV=2, D=128):
@@ -339,21 +343,22 @@ def bench_overlap(t, T=32768, W=4096, S=128, H=16, HKV=2, D=128):
     beside = [(-1, None), (-1, False), (0, None)]  # (side priority, sm90_rows_outer)
     try:
         P.CONFIG["band"] = "sm90"
+        P.CONFIG["sm90_overlap"] = False
         serial = P.prefill_fwd(*args, W, S, "gdn")[0]
         P.CONFIG["sm90_rows_outer"] = True
         ser_rows = t(lambda: P.prefill_fwd(*args, W, S, "gdn"))
         P.CONFIG["sm90_rows_outer"] = None
         for bv, warps in [(16, 4), (32, 4), (64, 4), (64, 8), (128, 8)]:
-            P.CONFIG["state_bv"][D], P.CONFIG["state_warps"] = bv, warps
+            P.CONFIG["state_bv"][D], P.CONFIG["sm90_state_bv"], P.CONFIG["state_warps"] = bv, bv, warps
             P.CONFIG["sm90_overlap"] = False
             passes = t(lambda: P.prefill_fwd(*args, W, S, "gdn", stage="state"))
             ser = t(lambda: P.prefill_fwd(*args, W, S, "gdn"))
             row = [bv, warps, passes, ser]
             P.CONFIG["sm90_overlap"] = True
             for prio, rows_outer in beside:
-                P.CONFIG["side_priority"], P.CONFIG["sm90_rows_outer"] = prio, rows_outer
+                P.CONFIG["sm90_side_priority"], P.CONFIG["sm90_rows_outer"] = prio, rows_outer
                 row.append(t(lambda: P.prefill_fwd(*args, W, S, "gdn")))
-            P.CONFIG["side_priority"], P.CONFIG["sm90_rows_outer"] = beside[0]
+            P.CONFIG["sm90_side_priority"], P.CONFIG["sm90_rows_outer"] = beside[0]
             row.append(rel(P.prefill_fwd(*args, W, S, "gdn")[0], serial))
             rows.append(row)
             print(tuple(rows[-1]), flush=True)

@@ -259,12 +259,16 @@ def test_auto_warns_once_on_a_hopper_gpu_without_the_kernels(monkeypatch):
 def test_prefill_engine_environment_switch():
     # AHN_PREFILL_ENGINE sets prefill.CONFIG["band"] at import; a name it does not know is refused on the first
     # prefill, naming the variable and the engines
+    # on a GPU machine the prefill runs there (its triton's interpreter may not be the CPU suite's)
+    dev, dt = ("cuda", "bfloat16") if torch.cuda.is_available() else ("cpu", "float32")
     code = ("import torch; from ahn_ops.ops.ahn_attention import prefill as P; print(P.CONFIG['band']); "
             "from tests.utils import make_inputs; "
-            "P.prefill_fwd(*make_inputs('gdn', 1, 8, 2, 1, 64, torch.float32, device='cpu', seed=0), 4, 1, 'gdn')")
+            f"P.prefill_fwd(*make_inputs('gdn', 1, 8, 2, 1, 64, torch.{dt}, device='{dev}', seed=0), 4, 1, 'gdn')")
     root = os.path.join(os.path.dirname(os.path.abspath(__file__)), "..", "..")
     for value, ok in (("no_sm90", True), ("fastest", False)):
-        env = dict(os.environ, AHN_PREFILL_ENGINE=value, TRITON_INTERPRET="1")
+        env = dict(os.environ, AHN_PREFILL_ENGINE=value)
+        if dev == "cpu":
+            env["TRITON_INTERPRET"] = "1"
         p = subprocess.run([sys.executable, "-c", code], cwd=root, env=env, capture_output=True, text=True,
                            timeout=300)
         assert p.stdout.splitlines()[:1] == [value], p.stdout + p.stderr[-2000:]
@@ -557,10 +561,10 @@ def test_state_chain_ready_counters(use_h0, monkeypatch):
     h0 = torch.randn(1, H, D, D, device=dev) * 0.1 if use_h0 else None
     orig, seen = P.state_chain, []
 
-    def spy(*a):
+    def spy(*a, **kw):
         hs = a[12]
         seen.append(torch.zeros(hs.shape[0] * hs.shape[1], dtype=torch.int32, device=dev))
-        return orig(*a[:16], seen[-1])
+        return orig(*a[:16], seen[-1], P.CONFIG["sm90_state_bv"])  # the chain beside the kernel
 
     monkeypatch.setattr(P, "state_chain", spy)
     P.prefill_fwd(*args, W, S, kind, initial_state=h0)
@@ -580,27 +584,31 @@ def test_state_chain_ready_counters(use_h0, monkeypatch):
     pytest.param("dn", None, 1024, 3, 128, id="dn-T4096-128cols"),
 ])
 def test_sm90_memory_passes_beside(kind, lens, W, S, cols, engine, monkeypatch):
-    """The memory passes beside the kernel (ready counters, deferred tiles finished after them), at both side
-    stream priorities and in both CTA orders, with the state chain's default 16 value columns per program and
-    with the wider programs that bench_sm90.py's overlap part times (the counters' target is the programs per
-    head): within the rule of the fp32 reference and near the serial engine's output."""
+    """The memory passes beside the kernel (the default: ready counters, deferred tiles finished after them), at
+    both side stream priorities and in both CTA orders, with state chains of 16, 64 (the default) and 128 value
+    columns per program (the counters' target is the programs per head): within the rule of the fp32 reference
+    and near the serial engine's output; deterministic=True gives the serial engine's bits."""
     P = _prefill()
     T = (32768 if cols == 16 else 4096) if lens is None else sum(lens)
     H, HKV, D = 16, 2, 128
     args = make_inputs(kind, 1, T, H, HKV, D, torch.bfloat16, device="cuda", seed=11)
     cu = _cu(lens, "cuda")
     engine("sm90")
-    monkeypatch.setitem(P.CONFIG, "state_bv", {**P.CONFIG["state_bv"], D: cols})
+    monkeypatch.setitem(P.CONFIG, "sm90_state_bv", cols)
     monkeypatch.setitem(P.CONFIG, "state_warps", 8 if cols == 128 else 4)
+    monkeypatch.setitem(P.CONFIG, "sm90_overlap", False)
     serial = P.prefill_fwd(*args, W, S, kind, cu_seqlens=cu)[0]
     # the CTAs row block by row block over all heads: each tile's work is the same, so the same bits
     monkeypatch.setitem(P.CONFIG, "sm90_rows_outer", True)
     assert torch.equal(P.prefill_fwd(*args, W, S, kind, cu_seqlens=cu)[0], serial)
     monkeypatch.setitem(P.CONFIG, "sm90_overlap", True)
+    monkeypatch.setitem(P.CONFIG, "sm90_rows_outer", None)
+    # deterministic: the passes before the kernel whatever CONFIG says, so the serial bits
+    assert torch.equal(P.prefill_fwd(*args, W, S, kind, cu_seqlens=cu, deterministic=True)[0], serial)
     r = lp = None
     # beside the passes: the CTAs head by head at priority 0, row blocks over all heads (the default) at -1
     for prio, rows_outer in ((0, False), (-1, None)):
-        monkeypatch.setitem(P.CONFIG, "side_priority", prio)
+        monkeypatch.setitem(P.CONFIG, "sm90_side_priority", prio)
         monkeypatch.setitem(P.CONFIG, "sm90_rows_outer", rows_outer)
         out = P.prefill_fwd(*args, W, S, kind, cu_seqlens=cu)[0]
         # a deferred tile adds the memory to its rounded window output: one more bf16 rounding than the serial

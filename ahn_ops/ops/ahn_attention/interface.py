@@ -97,9 +97,11 @@ def ahn_attention(
         backend: ``"auto"`` (fastest available: fused kernels, else the chunkwise PyTorch path of
             ``chunked.py``), ``"chunked"`` (that path), ``"reference"`` (the token-by-token fp32
             reference) or ``"kernel"`` (fail if no fused kernel covers the call).
-        deterministic: the fused kernels' backward gives bitwise identical gradients from run to run
-            (no float atomics whose order decides a sum; it costs time and, with several query heads
-            per kv head, two fp32 ``[tokens, H, D]`` buffers). ``torch.use_deterministic_algorithms(True)``
+        deterministic: the fused kernels give bitwise identical outputs and gradients from run to run
+            (the backward without float atomics whose order decides a sum, which costs time and, with
+            several query heads per kv head, two fp32 ``[tokens, H, D]`` buffers; the forward on an
+            H100 / H200 with its memory passes before the sm_90a kernel rather than beside it, where a
+            late chunk can leave a tile one bf16 rounding apart). ``torch.use_deterministic_algorithms(True)``
             turns it on too. The PyTorch paths (``"chunked"``, ``"reference"``) follow that global switch.
 
     Returns:

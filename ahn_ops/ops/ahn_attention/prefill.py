@@ -53,19 +53,22 @@ SUPPORTED_D = (64, 128)
 #   window band from cuDNN where _band_engine allows; else all Triton); "sm90" (as auto, but an error on a
 #   device or build without the sm_90a kernel); "no_sm90" (auto without the sm_90a kernel: the engine it is
 #   checked and timed against); "cudnn" (required) or "triton" for the band. sm90_variant: the sm_90a
-#   kernel's variant (1: the consumer warpgroups' ping-pong); sm90_overlap (experimental, off:
-#   benchmarks/NOTES_prefill.md, "Our own kernel"): the memory passes on a high-priority side stream beside it
-#   (ready counters; tiles whose chunks are not ready finish in a memory-only launch after the passes),
-#   "side_priority" that stream's priority; sm90_rows_outer: the kernel's CTA order (None: row blocks over all
-#   heads beside the passes, head by head otherwise; True / False force one).
+#   kernel's variant (1: the consumer warpgroups' ping-pong); sm90_overlap: the memory passes on a side stream
+#   of priority sm90_side_priority beside it, the state chain with sm90_state_bv value columns per program (fewer
+#   programs hold fewer of the SMs the kernel wants), the kernel reading its ready counters (tiles whose chunks
+#   are not ready finish in a memory-only launch after the passes); off under deterministic=True, where those
+#   tiles' extra bf16 rounding would make the output depend on the timing (benchmarks/NOTES_prefill.md, "The
+#   memory passes beside the kernel"); sm90_rows_outer: the kernel's CTA order (None: row blocks over all
+#   heads beside the passes, head by head otherwise; True / False force one). side_priority: the memory
+#   passes' stream beside cuDNN's band.
 # fwd: (BN, num_warps, num_stages) of the all-Triton _fwd_kernel at 64 query rows (more warps or BN=128 spill).
 # fwd_band_in: the same for _fwd_kernel behind the cuDNN band (sinks, ring tail, memory, epilogue only).
 # fwd_rows: None picks 64 rows, or fwd_long = (min window, rows, cfg) at D = 128 and long windows, where
 #   128-row programs read each K/V block of the band half as often; an int forces the rows (with "fwd").
 # state_*: the sequential state pass, 16 value columns per program at D = 128 (more programs on a
 #   latency-bound chain); prep_warps, norm_bm: the prep pass and the Mamba2 norm kernel.
-CONFIG = {"band": os.environ.get("AHN_PREFILL_ENGINE") or "auto", "sm90_variant": 1, "sm90_overlap": False,
-          "sm90_rows_outer": None, "side_priority": 0, "fwd": (64, 4, 3), "fwd_band_in": (64, 4, 1), "fwd_rows": None,
+CONFIG = {"band": os.environ.get("AHN_PREFILL_ENGINE") or "auto", "sm90_variant": 1, "sm90_overlap": True,
+          "sm90_side_priority": -1, "sm90_state_bv": 64, "sm90_rows_outer": None, "side_priority": 0, "fwd": (64, 4, 3), "fwd_band_in": (64, 4, 1), "fwd_rows": None,
           "fwd_long": (8192, 128, (64, 8, 3)),
           "state_bv": {64: 64, 128: 16}, "state_warps": 4, "state_stages": 3, "prep_warps": 4, "norm_bm": 32}
 
@@ -99,7 +102,7 @@ def side_stream(device, priority: int = 0) -> torch.cuda.Stream:
     return st
 
 
-def state_chain(kd, w, u, gc, seq, N, H, D, window, sinks, mamba2, h0, hs, vnew, ht, dummy, ready=None):
+def state_chain(kd, w, u, gc, seq, N, H, D, window, sinks, mamba2, h0, hs, vnew, ht, dummy, ready=None, bv=None):
     """The memory's state chain over the prep pass's ``kd, w, u, gc`` (the forward and the backward's
     re-run): stores ``hs`` (the state before every chunk, input dtype), ``v_new`` (not for Mamba2: ``vnew``
     is ``u``) and, if ``ht`` is given, the final state. ``h0``: fp32 [N, H, D, D] or None.
@@ -107,9 +110,10 @@ def state_chain(kd, w, u, gc, seq, N, H, D, window, sinks, mamba2, h0, hs, vnew,
     One program per (BV value columns, head, sequence), sequential over chunks. A two-level scan (segment
     summaries in parallel, a short chain over segments, a replay) was measured slower: the chain moves
     ~0.8 GB at T=32k and runs at half the copy bandwidth, so tripling its work does not pay
-    (benchmarks/NOTES_prefill.md, "The Hopper engine"). ``ready`` (int32 [chunks * H], zeros): each chunk's
-    counter reaches ``D // state_bv`` once its hs and v_new are stored (:func:`state_ready_target`)."""
-    BV = CONFIG["state_bv"][D]
+    (benchmarks/NOTES_prefill.md, "The Hopper engine"). ``bv``: value columns per program (default
+    ``CONFIG["state_bv"][D]``). ``ready`` (int32 [chunks * H], zeros): each chunk's counter reaches ``D // bv``
+    once its hs and v_new are stored (:func:`state_ready_target` for the chain beside the sm_90a kernel)."""
+    BV = bv or CONFIG["state_bv"][D]
     _state_kernel[(D // BV, H, N)](
         kd=kd, w=w, u=u, gc=gc, seq=seq, h0=h0 if h0 is not None else dummy, hs=hs, vnew=vnew,
         ht=ht if ht is not None else dummy, ready=ready if ready is not None else dummy, H=H, D=D, W=window,
@@ -118,8 +122,9 @@ def state_chain(kd, w, u, gc, seq, N, H, D, window, sinks, mamba2, h0, hs, vnew,
 
 
 def state_ready_target(D: int) -> int:
-    """The value of a chunk's ``ready`` counter once :func:`state_chain` has stored it (its programs per head)."""
-    return D // CONFIG["state_bv"][D]
+    """The value of a chunk's ``ready`` counter once the state chain beside the sm_90a kernel
+    (``CONFIG["sm90_state_bv"]`` columns per program) has stored it: its programs per head."""
+    return D // CONFIG["sm90_state_bv"]
 
 
 def _memory_passes(kx, vx, a, b, ab_rs, A_log, dt_bias, seq, chunks, NT, N, H, HKV, D, window, sinks, gates, mamba2,
@@ -132,17 +137,19 @@ def _memory_passes(kx, vx, a, b, ab_rs, A_log, dt_bias, seq, chunks, NT, N, H, H
     if stage == "prep":  # benchmarks: the parallel prep pass alone
         return
     h0 = initial_state.float().contiguous() if initial_state is not None else None
-    state_chain(kd, w, u, gc, seq, N, H, D, window, sinks, mamba2, h0, hs, vnew, ht, dummy, ready)
+    state_chain(kd, w, u, gc, seq, N, H, D, window, sinks, mamba2, h0, hs, vnew, ht, dummy, ready,
+                CONFIG["sm90_state_bv"] if ready is not None else None)
 
 
 def _launch(q, kx, vx, sk, sv, a, b, ab_rs, z, A_log, dt_bias, norm_weight, o_weight, window, sinks, kind,
             seq, chunks, NT, N, initial_state, output_final_state, memory=True, stage="all",
-            store_lse=False, lens=None, band=None, sm90=False, cache=None):
+            store_lse=False, lens=None, band=None, sm90=False, cache=None, deterministic=False):
     # store_lse: also return the window softmax's lse (fp32 [Tq, H]) for the backward; the cache
     # path (inference) passes False and the kernel skips the store.
     # sm90: after the memory passes, the window + sinks attention, the memory readout and the epilogue in one
     # sm_90a kernel (_sm90_engine said yes); cache: the cache path's (pos, sink_k, sink_v) for it (kx, vx are
     # then the key streams: each sequence's W ring-tail rows, then its new tokens).
+    # deterministic: the memory passes before the sm_90a kernel, not beside it (CONFIG["sm90_overlap"])
     # band: None (the Triton kernel walks the window band) or a callable giving the band over the
     # call's own tokens (_cudnn_band: ob [N, TM, H, D], natural-log lse [N, H, TM], its window wb <= window,
     # the kernel walking the keys between, and TM); it runs on the current stream while the memory
@@ -180,13 +187,13 @@ def _launch(q, kx, vx, sk, sv, a, b, ab_rs, z, A_log, dt_bias, norm_weight, o_we
         args = (kx, vx, a, b, ab_rs, A_log, dt_bias, seq, chunks, NT, N, H, HKV, D, window, sinks, gates, mamba2,
                 initial_state, (gc, w, u, kd, hs, vnew, ht, dummy), stage)
         # the sm_90a kernel beside the memory passes: it reads the state chain's per-chunk ready counters
-        ready = (torch.zeros(NT * H, dtype=torch.int32, device=dev)
-                 if sm90 and CONFIG["sm90_overlap"] and stage == "all" and dev.type == "cuda" else None)
+        beside = sm90 and CONFIG["sm90_overlap"] and stage == "all" and dev.type == "cuda" and not deterministic
+        ready = torch.zeros(NT * H, dtype=torch.int32, device=dev) if beside else None
         if (band is not None or ready is not None) and stage == "all" and dev.type == "cuda":
             # the memory passes (gates, WY prep, the state chain) need no attention output: they run on
             # a side stream while the band runs here; every buffer was allocated on this stream above,
             # and this stream waits for the side stream (below) before anything reads them or they are freed
-            side = side_stream(dev, CONFIG["side_priority"])
+            side = side_stream(dev, CONFIG["sm90_side_priority" if ready is not None else "side_priority"])
             side.wait_stream(torch.cuda.current_stream(dev))
             with torch.cuda.stream(side):
                 _memory_passes(*args, ready=ready)
@@ -431,13 +438,17 @@ def _cudnn_band(qf, kf, vf, lens, window):
 
 def prefill_fwd(q, k, v, a, b, z, A_log, dt_bias, norm_weight, o_weight, window: int, sinks: int, kind: str,
                 cu_seqlens: Optional[torch.Tensor] = None, initial_state: Optional[torch.Tensor] = None,
-                output_final_state: bool = False, memory: bool = True, stage: str = "all"):
+                output_final_state: bool = False, memory: bool = True, stage: str = "all",
+                deterministic: bool = False):
     """Launch the fused prefill (positions from 0) of ``kind`` "gdn"/"dn"/"mamba2" (no autograd).
 
     Args: as :func:`ahn_ops.ahn_attention`; ``q`` bf16/fp16 ``[B, T, H, D]``, D in (64, 128).
         initial_state: ``[N, H, D, D]`` fp32, the state before token ``S`` (N sequences).
         output_final_state: also return the fp32 state holding tokens ``S .. T-1-W``.
         memory: False gives the window-only path (benchmarks).
+        deterministic (or ``torch.use_deterministic_algorithms(True)``): the same bits on every run. Without
+            it the sm_90a engine runs the memory passes beside its kernel, and a tile whose memory chunks were
+            not ready in time adds them after its window output was rounded (up to one bf16 ulp apart).
     Returns:
         ``(out [B, T, H, D] in q.dtype, final_state [N, H, D, D] fp32 or None, lse [B, T, H] fp32)``;
         ``lse`` is the window softmax's log-sum-exp in the log2 domain of the scaled logits
@@ -458,7 +469,8 @@ def prefill_fwd(q, k, v, a, b, z, A_log, dt_bias, norm_weight, o_weight, window:
         band = _cudnn_band(qf, kf, vf, lens, window)
     out, ht, lse = _launch(qf, kf, vf, kf, vf, flat(a), flat(b), None, flat(z), A_log, dt_bias, norm_weight,
                            o_weight, window, sinks, kind, seq, chunks, NT, N, initial_state, output_final_state,
-                           memory, stage, store_lse=True, lens=lens, band=band, sm90=sm90)
+                           memory, stage, store_lse=True, lens=lens, band=band, sm90=sm90,
+                           deterministic=deterministic or torch.are_deterministic_algorithms_enabled())
     return out.view(B, T, H, D), ht, lse.view(B, T, H)
 
 
@@ -517,7 +529,8 @@ def prefill_cache_fwd(q, k, v, a, b, z, A_log, dt_bias, norm_weight, o_weight,
     gxf = gx.view(-1)  # a = row half 0, b = row half 1 of each [2, H] row
     out, ht, _ = _launch(qf, kx, vx, sk, sv, gxf, gxf[H:], 2 * H, z.reshape(1, B * T, H), A_log, dt_bias, norm_weight,
                          o_weight, W, S, kind, seq, chunks, NT, B, state, True, lens=[T] * B, band=band, sm90=sm90,
-                         cache=(pc, *_written_sinks(wsk, wsv, pc, T)) if sm90 else None)
+                         cache=(pc, *_written_sinks(wsk, wsv, pc, T)) if sm90 else None,
+                         deterministic=torch.are_deterministic_algorithms_enabled())
     for t, w in zip(cache, work):
         if w is not t:
             t.copy_(w)
@@ -538,9 +551,9 @@ def _prefill_fwd_op(
 ) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """Returns ``(out, final_state, lse)``: final_state empty without output_final_state; lse fp32
     ``[B, T, H]`` (window log-sum-exp, log2 domain) is saved by the autograd for the backward.
-    ``deterministic`` is for the backward (``prefill_bwd``); the forward is deterministic either way."""
+    ``deterministic``: the same bits on every run, forward (:func:`prefill_fwd`) and backward (``prefill_bwd``)."""
     out, ht, lse = prefill_fwd(q, k, v, a, b, z, A_log, dt_bias, norm_weight, o_weight, window, sinks, kind,
-                               cu_seqlens, initial_state, output_final_state)
+                               cu_seqlens, initial_state, output_final_state, deterministic=deterministic)
     if ht is None:
         ht = q.new_empty(0, dtype=torch.float32)
     return out, ht, lse
