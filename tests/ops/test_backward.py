@@ -129,6 +129,28 @@ def test_grads_run_to_run(kind, D):
             assert rel_err(a, b) <= 1e-4, (n, rel_err(a, b))
 
 
+@pytest.mark.parametrize("Tt,H,D,dtype", [
+    pytest.param(1, 2, 64, torch.float32, id="T1"),
+    pytest.param(700, 3, 64, torch.float16, id="T700-fp16"),
+    pytest.param(1300, 2, 128, torch.float32, id="T1300-D128"),
+    pytest.param(5000, 4, 128, torch.bfloat16 if DEV == "cuda" else torch.float16, id="T5000-D128-low"),
+])
+def test_do_weight_token_slices(Tt, H, D, dtype, monkeypatch):
+    # the o_weight gradient's product u^T dy per head, split over token slices (fp32 partials summed in order)
+    # or one cuBLAS product: each against float64, within fp32 accumulation over Tt products of the input dtype
+    from ahn_ops.ops.ahn_attention import backward as bw
+
+    g = torch.Generator(device="cpu").manual_seed(Tt + H)
+    u, dy = (torch.randn(Tt, H, D, generator=g).to(DEV, dtype) for _ in range(2))
+    want = torch.einsum("thi,thj->hij", u.double(), dy.double())
+    for slices in (0, 1, 3, 264):
+        monkeypatch.setitem(bw.CONFIG, "do_weight_slices", slices)
+        got = bw._do_weight(u, dy)
+        assert got.shape == (H, D, D) and got.dtype == torch.float32
+        err = ((got.double() - want).abs().max() / want.abs().max()).item()
+        assert err < 1e-5, (slices, err)
+
+
 @pytest.mark.skipif(DEV != "cuda", reason="the side stream exists on CUDA devices only")
 @pytest.mark.parametrize("kind", ["gdn", "mamba2"])
 def test_side_stream_matches_serial(kind, monkeypatch):

@@ -48,6 +48,7 @@ from typing import List, Optional
 
 import torch
 import torch.nn.functional as F
+import triton
 
 from ..common.alloc import empty
 from . import backward_attn as ka
@@ -72,9 +73,10 @@ BT = pf.BT
 #   kernels) or "sm90" (the sm_90a band backward, torch.ops.ahn.band_bwd_sm90, at D = 128 in bf16 / fp16: with
 #   side_stream the band runs on the main stream and the reverse state chain beside it on a side stream of
 #   priority chain_priority, lower is more urgent). Deterministic calls keep the Triton band either way.
+# do_weight_slices: the o_weight gradient's token slices (_do_weight; 0: one cuBLAS product per head).
 CONFIG = {"band": "auto", "chain_priority": -1, "dq": (64, 4, 2), "dkdv": (32, 4, 3), "sink_qs": 1024,
           "side_stream": True, "mem_bk": 64, "mem_bv": 64, "mem_warps": 8, "mem_stages": 3, "wy_bv": 32, "wy_warps": 4,
-          "dh_warps": 4, "dh_stages": 3}
+          "dh_warps": 4, "dh_stages": 3, "do_weight_slices": 0}
 
 
 def _mm_f32(x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
@@ -88,9 +90,20 @@ def _mm_f32(x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
 
 
 def _do_weight(uo: torch.Tensor, dof: torch.Tensor) -> torch.Tensor:
-    """``do_weight[h] = sum_t u[t, h]^T dy[t, h]``: one ``[D, T] x [T, D]`` product per head (fp32)."""
+    """``do_weight[h] = sum_t u[t, h]^T dy[t, h]`` (fp32 ``[H, D, D]``). ``CONFIG["do_weight_slices"]``: token
+    slices of ``km._do_weight_kernel`` (fp32 partials summed in slice order; the count ~2 waves of programs,
+    each at least 512 tokens), or 0 for one ``[D, T] x [T, D]`` cuBLAS product per head."""
     Tt, H, D = uo.shape
-    return _mm_f32(uo.transpose(0, 1).transpose(1, 2), dof.view(Tt, H, D).transpose(0, 1))
+    slices = CONFIG["do_weight_slices"]
+    if slices == 0:
+        return _mm_f32(uo.transpose(0, 1).transpose(1, 2), dof.view(Tt, H, D).transpose(0, 1))
+    BK = 64
+    n = max(1, min(slices, triton.cdiv(Tt, 512)))
+    TS = triton.cdiv(triton.cdiv(Tt, n), BK) * BK
+    n = triton.cdiv(Tt, TS)
+    part = torch.empty(n, H, D, D, dtype=torch.float32, device=uo.device)
+    km._do_weight_kernel[(H, n)](u=uo, dy=dof, part=part, Tt=Tt, TS=TS, H=H, D=D, BK=BK, num_warps=8)
+    return part.sum(0)
 
 
 def _sink_sum_table(lens: List[int], W: int, S: int, QS: int, dev: torch.device, band: bool = True):

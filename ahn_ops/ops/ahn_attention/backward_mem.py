@@ -452,3 +452,23 @@ def _mem_bwd_wy_kernel(
         b_dg = tl.sum(tl.where(o_t[:, None] <= o_t[None, :], b_dgc[None, :], 0.), 1)  # [BT]
         tl.store(dg_tok + o_row * H + i_h, b_dg, mask=m_act)
         tl.store(dbeta_tok + o_row * H + i_h, b_dbeta, mask=m_act)
+
+
+@triton.jit
+def _do_weight_kernel(u, dy, part, Tt, TS, H: tl.constexpr, D: tl.constexpr, BK: tl.constexpr):
+    # do_weight[h] = sum_t u[t, h]^T dy[t, h], split over token slices: program (head, slice) stores the fp32
+    # partial of its TS tokens, [slices, H, D, D], which the caller sums in slice order (deterministic). One
+    # [D, Tt] x [Tt, D] product per head leaves H x (D / tile)^2 output tiles, each reducing over every token
+    # (cuBLAS: 0.58 ms at T = 32k, H = 16, D = 128 on an H100 for 268 MB of reads)
+    i_h, i_s = tl.program_id(0), tl.program_id(1)
+    o_d = tl.arange(0, D)
+    t1 = tl.minimum(i_s * TS + TS, Tt)
+    b_acc = tl.zeros([D, D], dtype=tl.float32)
+    for t in range(i_s * TS, t1, BK):
+        o_t = t + tl.arange(0, BK)
+        m_t = o_t < t1
+        p_x = (o_t.to(tl.int64) * H + i_h)[:, None] * D + o_d[None, :]
+        b_u = tl.load(u + p_x, mask=m_t[:, None], other=0.)  # [BK, D]
+        b_dy = tl.load(dy + p_x, mask=m_t[:, None], other=0.)
+        b_acc += tl.dot(tl.trans(b_u), b_dy)
+    tl.store(part + ((i_s * H + i_h) * D + o_d[:, None]) * D + o_d[None, :], b_acc)
