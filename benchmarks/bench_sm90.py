@@ -273,17 +273,17 @@ def fused_forward(mod, t, T=32768, W=4096, S=128, H=16, HKV=2, D=128):
     res["memory passes alone (prep + state chain)"] = t(lambda: P.prefill_fwd(*args, W, S, "gdn", stage="state"))
     P.CONFIG["band"] = "sm90"  # the library's "sm90" engine: the memory passes, then the fused kernel
     try:
-        P.CONFIG["sm90_overlap"] = False
+        P.CONFIG["sm90_overlap"] = "off"
         res["sm90 engine (memory passes, then the fused kernel)"] = t(lambda: P.prefill_fwd(*args, W, S, "gdn"))
         # the passes beside it (the default): ready counters, deferred tiles finished after them
-        P.CONFIG["sm90_overlap"] = True
+        P.CONFIG["sm90_overlap"] = "prefill"
         for prio in (0, -1):
             P.CONFIG["sm90_side_priority"] = prio
             res[f"sm90 engine, memory passes beside it (priority {prio})"] = t(
                 lambda: P.prefill_fwd(*args, W, S, "gdn"))
         outs["overlap"] = P.prefill_fwd(*args, W, S, "gdn")[0]
     finally:
-        P.CONFIG.update(band="auto", sm90_overlap=True, sm90_side_priority=-1)
+        P.CONFIG.update(band="auto", sm90_overlap="prefill", sm90_side_priority=-1)
     outs["fused"] = fused_call(mod, args, kw, W, S, 1)[0]
     print(f"\n# fused gdn forward, T={T} W={W} S={S} H={H}/{HKV} D={D}; rel diff of out, our band vs cuDNN's: "
           f"{rel(outs['our band'], outs['cuDNN band']):.1e}, the fused kernel vs cuDNN's composition: "
@@ -343,18 +343,18 @@ def bench_overlap(t, T=32768, W=4096, S=128, H=16, HKV=2, D=128):
     beside = [(-1, None), (-1, False), (0, None)]  # (side priority, sm90_rows_outer)
     try:
         P.CONFIG["band"] = "sm90"
-        P.CONFIG["sm90_overlap"] = False
+        P.CONFIG["sm90_overlap"] = "off"
         serial = P.prefill_fwd(*args, W, S, "gdn")[0]
         P.CONFIG["sm90_rows_outer"] = True
         ser_rows = t(lambda: P.prefill_fwd(*args, W, S, "gdn"))
         P.CONFIG["sm90_rows_outer"] = None
         for bv, warps in [(16, 4), (32, 4), (64, 4), (64, 8), (128, 8)]:
             P.CONFIG["state_bv"][D], P.CONFIG["sm90_state_bv"], P.CONFIG["state_warps"] = bv, bv, warps
-            P.CONFIG["sm90_overlap"] = False
+            P.CONFIG["sm90_overlap"] = "off"
             passes = t(lambda: P.prefill_fwd(*args, W, S, "gdn", stage="state"))
             ser = t(lambda: P.prefill_fwd(*args, W, S, "gdn"))
             row = [bv, warps, passes, ser]
-            P.CONFIG["sm90_overlap"] = True
+            P.CONFIG["sm90_overlap"] = "prefill"
             for prio, rows_outer in beside:
                 P.CONFIG["sm90_side_priority"], P.CONFIG["sm90_rows_outer"] = prio, rows_outer
                 row.append(t(lambda: P.prefill_fwd(*args, W, S, "gdn")))

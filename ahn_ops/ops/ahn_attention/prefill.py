@@ -53,21 +53,23 @@ SUPPORTED_D = (64, 128)
 #   window band from cuDNN where _band_engine allows; else all Triton); "sm90" (as auto, but an error on a
 #   device or build without the sm_90a kernel); "no_sm90" (auto without the sm_90a kernel: the engine it is
 #   checked and timed against); "cudnn" (required) or "triton" for the band. sm90_variant: the sm_90a
-#   kernel's variant (1: the consumer warpgroups' ping-pong); sm90_overlap: the memory passes on a side stream
-#   of priority sm90_side_priority beside it, the state chain with sm90_state_bv value columns per program (fewer
-#   programs hold fewer of the SMs the kernel wants), the kernel reading its ready counters (tiles whose chunks
-#   are not ready finish in a memory-only launch after the passes); off under deterministic=True, where those
-#   tiles' extra bf16 rounding would make the output depend on the timing (benchmarks/NOTES_prefill.md, "The
-#   memory passes beside the kernel"); sm90_rows_outer: the kernel's CTA order (None: row blocks over all
-#   heads beside the passes, head by head otherwise; True / False force one). side_priority: the memory
-#   passes' stream beside cuDNN's band.
+#   kernel's variant (1: the consumer warpgroups' ping-pong); sm90_overlap: where the memory passes run on a
+#   side stream of priority sm90_side_priority beside it, the state chain with sm90_state_bv value columns per
+#   program (fewer programs hold fewer of the SMs the kernel wants), the kernel reading its ready counters
+#   (tiles whose chunks are not ready finish in a memory-only launch after the passes): "prefill" (prefills
+#   from position 0 without an initial state), "all" (also the cache path and initial states) or "off"; never
+#   under deterministic=True, where those tiles' extra bf16
+#   rounding would make the output depend on the timing (benchmarks/NOTES_prefill.md, "The memory passes
+#   beside the kernel"); sm90_rows_outer: the kernel's CTA order (None: row blocks over all heads beside the
+#   passes, head by head otherwise; True / False force one). side_priority: the memory passes' stream beside
+#   cuDNN's band.
 # fwd: (BN, num_warps, num_stages) of the all-Triton _fwd_kernel at 64 query rows (more warps or BN=128 spill).
 # fwd_band_in: the same for _fwd_kernel behind the cuDNN band (sinks, ring tail, memory, epilogue only).
 # fwd_rows: None picks 64 rows, or fwd_long = (min window, rows, cfg) at D = 128 and long windows, where
 #   128-row programs read each K/V block of the band half as often; an int forces the rows (with "fwd").
 # state_*: the sequential state pass, 16 value columns per program at D = 128 (more programs on a
 #   latency-bound chain); prep_warps, norm_bm: the prep pass and the Mamba2 norm kernel.
-CONFIG = {"band": os.environ.get("AHN_PREFILL_ENGINE") or "auto", "sm90_variant": 1, "sm90_overlap": True,
+CONFIG = {"band": os.environ.get("AHN_PREFILL_ENGINE") or "auto", "sm90_variant": 1, "sm90_overlap": "prefill",
           "sm90_side_priority": -1, "sm90_state_bv": 64, "sm90_rows_outer": None, "side_priority": 0, "fwd": (64, 4, 3), "fwd_band_in": (64, 4, 1), "fwd_rows": None,
           "fwd_long": (8192, 128, (64, 8, 3)),
           "state_bv": {64: 64, 128: 16}, "state_warps": 4, "state_stages": 3, "prep_warps": 4, "norm_bm": 32}
@@ -187,7 +189,11 @@ def _launch(q, kx, vx, sk, sv, a, b, ab_rs, z, A_log, dt_bias, norm_weight, o_we
         args = (kx, vx, a, b, ab_rs, A_log, dt_bias, seq, chunks, NT, N, H, HKV, D, window, sinks, gates, mamba2,
                 initial_state, (gc, w, u, kd, hs, vnew, ht, dummy), stage)
         # the sm_90a kernel beside the memory passes: it reads the state chain's per-chunk ready counters
-        beside = sm90 and CONFIG["sm90_overlap"] and stage == "all" and dev.type == "cuda" and not deterministic
+        overlap = CONFIG["sm90_overlap"]
+        if overlap not in ("prefill", "all", "off"):
+            raise ValueError(f'prefill.CONFIG["sm90_overlap"] must be "prefill", "all" or "off", got {overlap!r}')
+        beside = (sm90 and stage == "all" and dev.type == "cuda" and not deterministic
+                  and (overlap == "all" or overlap == "prefill" and cache is None and initial_state is None))
         ready = torch.zeros(NT * H, dtype=torch.int32, device=dev) if beside else None
         if (band is not None or ready is not None) and stage == "all" and dev.type == "cuda":
             # the memory passes (gates, WY prep, the state chain) need no attention output: they run on
