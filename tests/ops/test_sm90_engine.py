@@ -560,8 +560,9 @@ def test_sm90_initial_state(overlap, engine, monkeypatch):
         return o_win + ref.epilogue_ref(m, z, nw, ow, kind)
 
     check_within_2x("gdn sm90 h0", outs["sm90"][0], full(torch.float32), full(torch.bfloat16))
-    # the final state: the same chain (bits) before the kernel; beside it a chain of wider programs
-    tol = 0 if overlap == "prefill" else 1e-5
+    # the final state: the same chain (bits) before the kernel; beside it a chain of wider programs, whose
+    # products can round the bf16 copies of the state it multiplies differently
+    tol = 0 if overlap == "prefill" else 1e-2
     torch.testing.assert_close(outs["sm90"][1], outs["no_sm90"][1], rtol=tol, atol=tol)
 
 
