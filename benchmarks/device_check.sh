@@ -5,8 +5,8 @@
 # tests) and is waited for at the end.
 #
 #   bash benchmarks/device_check.sh tests            # the whole pytest suite on CUDA (GPU tests included); it
-#                                                    # outlasts one 10-minute call: AHN_TESTS_SHARD=1/2, then
-#                                                    # 2/2 in a second call (tests/conftest.py)
+#                                                    # outlasts one 10-minute call: AHN_TESTS_SHARD=1/3, 2/3,
+#                                                    # 3/3 in three calls (tests/conftest.py)
 #   bash benchmarks/device_check.sh bench            # run_all.py --quick --update-results (+ the files to commit)
 #   bash benchmarks/device_check.sh perf             # bench_prefill T=32k split + bench_backward --sweep
 #   bash benchmarks/device_check.sh model            # bench_model.py: Qwen2.5-3B shape, 32k and 128k context
