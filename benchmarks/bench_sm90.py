@@ -5,6 +5,7 @@
     python benchmarks/bench_sm90.py bench-bwd     # the band backward (band_bwd_sm90) against cuDNN's, alone and fused
     python benchmarks/bench_sm90.py engines       # prefill_fwd on "auto" (the sm_90a kernel) against "no_sm90"
     python benchmarks/bench_sm90.py overlap       # the memory passes beside the kernel, wider state-chain programs
+    python benchmarks/bench_sm90.py cache         # the cache path with the passes before / beside the kernel
 
 Needs the extension built with its sm_90a kernels (the nvidia-cutlass headers installed at build time). Each
 part is a process of its own in `device_check.sh sm90` (a kernel that hangs costs one part's timeout). A
@@ -375,6 +376,50 @@ def bench_overlap(t, T=32768, W=4096, S=128, H=16, HKV=2, D=128):
         print(f"| {bv} | {warps} | {passes:.3f} | {ser:.3f} | {hi:.3f} | {hi_heads:.3f} | {lo:.3f} | {d:.1e} |")
 
 
+def bench_cache(t, H=16, HKV=2, D=128, S=128):
+    """The cache path (``prefill_cache_fwd``, what a model's prefill on an ``AHNCache`` runs) with the memory
+    passes before the sm_90a kernel (``CONFIG["sm90_overlap"] = "prefill"``, the default) and beside it ("all"):
+    a 64-token question on a 128k cache (one chunk: its tiles are likely deferred to the memory-only launch), a
+    4096-token chunk at 32k, a 32768-token chunk at 96k. The cache's contents are random (its positions past
+    the window and the sinks); each timed call restores them first (the copy is timed alone and subtracted)."""
+    from ahn_ops.ops.ahn_attention import prefill as P
+
+    rows, before = [], (P.CONFIG["band"], P.CONFIG["sm90_overlap"])
+    try:
+        P.CONFIG["band"] = "sm90"
+        for W, pos, T in [(32640, 131072, 64), (4096, 32768, 4096), (32640, 98304, 32768)]:
+            g = torch.Generator(device="cuda").manual_seed(T)
+            r = lambda *shape: torch.randn(*shape, device="cuda", generator=g)  # noqa: E731
+            x = prefill_inputs(T, H, HKV, D, seed=T)
+            cache0 = (r(1, S, HKV, D).bfloat16(), r(1, S, HKV, D).bfloat16(), r(1, W, HKV, D).bfloat16(),
+                      r(1, W, HKV, D).bfloat16(), r(1, W, 2, H).bfloat16(), r(1, H, D, D) * 0.01,
+                      torch.full((1,), pos, dtype=torch.int64, device="cuda"))
+            cache = [c.clone() for c in cache0]
+
+            def restore():
+                for c, c0 in zip(cache, cache0):
+                    c.copy_(c0)
+
+            def call():
+                restore()
+                return P.prefill_cache_fwd(*x, *cache, W, S, "gdn")
+
+            copy_ms = t(restore)
+            ms, outs = {}, {}
+            for mode in ("prefill", "all"):
+                P.CONFIG["sm90_overlap"] = mode
+                outs[mode] = call()
+                ms[mode] = t(call) - copy_ms
+            rows.append((W, pos, T, ms["prefill"], ms["all"], rel(outs["all"], outs["prefill"])))
+            print(rows[-1], flush=True)
+    finally:
+        P.CONFIG["band"], P.CONFIG["sm90_overlap"] = before
+    print(f"\n# the cache path, gdn, H={H}/{HKV} D={D} S={S}, sm_90a kernel: the memory passes before it / beside it")
+    print("| W | position | new tokens | passes before (ms) | beside (ms) | rel diff of out |\n|---|---|---|---|---|---|")
+    for W, pos, T, a, b, d in rows:
+        print(f"| {W} | {pos} | {T} | {a:.3f} | {b:.3f} | {d:.1e} |")
+
+
 def bench_bwd(mod, first=None):
     """The band backward (``torch.ops.ahn.band_bwd_sm90``) beside cuDNN's (``band_cudnn.band_bwd``) on the same
     inputs (their gradients compared), then the fused gdn forward + backward with the backward's band from each
@@ -468,7 +513,7 @@ def bench_bwd(mod, first=None):
 def main():
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("parts", nargs="*",
-                    choices=["check", "check-fused", "bench", "bench-bwd", "engines", "overlap"],
+                    choices=["check", "check-fused", "bench", "bench-bwd", "engines", "overlap", "cache"],
                     help="default: check, check-fused, bench")
     ap.add_argument("--first", type=int, help="only the first N shapes of each check (e.g. under compute-sanitizer)")
     a = ap.parse_args()
@@ -488,6 +533,8 @@ def main():
         bench_engines(_timer())
     if "overlap" in parts:
         bench_overlap(_timer())
+    if "cache" in parts:
+        bench_cache(_timer())
     return 0 if ok else 1
 
 
