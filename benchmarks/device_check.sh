@@ -19,6 +19,8 @@
 #   bash benchmarks/device_check.sh sm90             # bench_sm90.py: the sm_90a kernels (the build needs the
 #                                                    # nvidia-cutlass wheel in .whl/): the forward's checks, the band
 #                                                    # backward's op test, then both against the peers
+#   bash benchmarks/device_check.sh overlap          # the memory passes beside the sm_90a kernel: every kind, the
+#                                                    # cache path, the backward's do_weight split (timings)
 #   bash benchmarks/device_check.sh bg:demo tests    # both at once
 #
 # The extension is built once per change of its sources: see "The extension" below (.devbuild/, carried).
@@ -146,6 +148,17 @@ stage() {
       # `git archive REV ahn_ops | tar -x -C .ab/REV` and carried; AB_CASES narrows the cases
       timeout 540 python3 benchmarks/ab_trees.py . .ab/* --rounds "${AB_ROUNDS:-2}" ${AB_CASES:+--cases $AB_CASES} \
         2>&1 | tee "$out/ab.log" | tail -14
+      ;;
+    overlap)
+      # the timings behind the memory passes beside the sm_90a kernel (issues 32, 33): the forward of every kind
+      # against the engine before it and with deterministic=True (engines), the cache path with the passes before
+      # / beside the kernel (cache: whether "all" becomes the default), the backward with do_weight's token split
+      # (its test first) against the cuBLAS product (bench_backward's default, in the previous run or "perf")
+      timeout 200 python3 benchmarks/bench_sm90.py engines 2>&1 | tee "$out/engines.log" | tail -9
+      timeout 150 python3 benchmarks/bench_sm90.py cache 2>&1 | tee "$out/cache.log" | tail -6
+      timeout 150 python3 -m pytest -q -rf tests/ops/test_backward.py -k do_weight 2>&1 | tail -2
+      timeout 200 python3 benchmarks/bench_backward.py --config do_weight_slices=264 2>&1 | tee "$out/bwd_slices.log" \
+        | tail -16
       ;;
     sm90)
       # one process per part: a kernel that hangs costs that part's timeout only. SM90_SANITIZE=memcheck (or
