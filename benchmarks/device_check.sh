@@ -21,6 +21,7 @@
 #                                                    # backward's op test, then both against the peers
 #   bash benchmarks/device_check.sh overlap          # the memory passes beside the sm_90a kernel: every kind, the
 #                                                    # cache path, the backward's do_weight split (timings)
+#   bash benchmarks/device_check.sh beside           # the memory's gradients beside cuDNN's band: test, timings
 #   bash benchmarks/device_check.sh bg:demo tests    # both at once
 #
 # The extension is built once per change of its sources: see "The extension" below (.devbuild/, carried).
@@ -160,6 +161,11 @@ stage() {
       timeout 150 python3 -m pytest -q -rf tests/ops/test_backward.py -k do_weight 2>&1 | tail -2
       timeout 200 python3 benchmarks/bench_backward.py --config do_weight_slices=264 2>&1 | tee "$out/bwd_slices.log" \
         | tail -16
+      ;;
+    beside)
+      # the memory's gradients beside cuDNN's band (backward.CONFIG["band_beside"]): its GPU test, then the timings
+      timeout 240 python3 -m pytest -q -rf tests/ops/test_backward.py -k "beside_band or side_stream" 2>&1 | tail -3
+      timeout 300 python3 benchmarks/bench_backward.py --beside 2>&1 | tee "$out/beside.log" | tail -18
       ;;
     sm90)
       # one process per part: a kernel that hangs costs that part's timeout only. SM90_SANITIZE=memcheck (or

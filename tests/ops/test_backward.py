@@ -172,6 +172,49 @@ def test_side_stream_matches_serial(kind, monkeypatch):
             assert rel_err(a, b) <= 1e-4, (n, rel_err(a, b))
 
 
+@pytest.mark.skipif(DEV != "cuda", reason="the side stream exists on CUDA devices only")
+@pytest.mark.parametrize("kind,cu", [
+    pytest.param("gdn", None, id="gdn"),
+    pytest.param("dn", [0, 4480, 9000], id="dn-varlen"),
+    pytest.param("mamba2", None, id="mamba2"),
+])
+def test_memory_grads_beside_band(kind, cu, monkeypatch):
+    # backward.CONFIG["band_beside"]: the reverse chain (1), or it and the chunk-parallel memory kernels (2), run
+    # on a side stream while cuDNN's band runs on the main stream. Same gradients (up to the order of the fp32
+    # atomics) as after the band, and within the 2x rule of the fp32 reference; a buffer handed from one stream
+    # to the other too early would show as a difference here (the memory and band kernels are long at this size)
+    from ahn_ops.ops.ahn_attention import backward as bw
+    from ahn_ops.ops.ahn_attention import prefill as pf
+
+    B, T, S, HKV, G, W, D = 1, 9000, 64, 2, 4, 1500, 128
+    inp = make_inputs(kind, B, T, HKV * G, HKV, D, torch.bfloat16, device=DEV, seed=11)
+    lens = [T] if cu is None else [b - a for a, b in zip(cu, cu[1:])]
+    if not pf._band_engine(inp[0], lens):
+        pytest.skip("cuDNN's band does not run here (band_cudnn.unavailable_reason)")
+    cs = None if cu is None else torch.tensor(cu, dtype=torch.int32, device=DEV)
+    dout = torch.randn(B, T, HKV * G, D, device=DEV)
+    monkeypatch.setitem(bw.CONFIG, "band_beside", 0)
+    g0 = kernel_grads(inp, dout, W, S, kind, cs)
+    for beside in (1, 2):
+        monkeypatch.setitem(bw.CONFIG, "band_beside", beside)
+        g1 = kernel_grads(inp, dout, W, S, kind, cs)
+        for n, a, b in zip(NAMES, g1, g0):
+            if a is not None:
+                assert rel_err(a, b) <= 1e-4, (beside, n, rel_err(a, b))
+    gr = ref_grads([None if x is None else x.float() for x in inp], dout, W, S, kind, cs, torch.float32)
+    gt = ref_grads(inp, dout, W, S, kind, cs, torch.bfloat16)
+    check_bf16_grad_rule(g1, gr, gt)
+
+
+def test_band_beside_setting_is_checked(monkeypatch):
+    from ahn_ops.ops.ahn_attention import backward as bw
+
+    monkeypatch.setitem(bw.CONFIG, "band_beside", 3)
+    inp = make_inputs("gdn", 1, 70, 2, 1, 64, torch.float32, device=DEV, seed=1)
+    with pytest.raises(ValueError, match="band_beside"):
+        kernel_grads(inp, torch.randn(1, 70, 2, 64, device=DEV), 8, 2, "gdn", None)
+
+
 def test_random_window_no_recompile():
     # W, S are run-time arguments (do_not_specialize): new values reuse the compiled kernels
     from ahn_ops.ops.ahn_attention import backward_attn as ka

@@ -74,9 +74,13 @@ BT = pf.BT
 #   side_stream the band runs on the main stream and the reverse state chain beside it on a side stream of
 #   priority chain_priority, lower is more urgent). Deterministic calls keep the Triton band either way.
 # do_weight_slices: the o_weight gradient's token slices (_do_weight; 0: one cuBLAS product per head).
+# band_beside (with side_stream and cuDNN's band): the memory's gradients that do not need the band run on a side
+#   stream of priority chain_priority while cuDNN's band runs on the main stream: 0 none (the chain after the
+#   band), 1 the reverse chain (with beside_bv value columns per program: fewer programs hold fewer of the SMs
+#   the band wants), 2 the chain and the chunk-parallel memory kernels after it.
 CONFIG = {"band": "auto", "chain_priority": -1, "dq": (64, 4, 2), "dkdv": (32, 4, 3), "sink_qs": 1024,
           "side_stream": True, "mem_bk": 64, "mem_bv": 64, "mem_warps": 8, "mem_stages": 3, "wy_bv": 32, "wy_warps": 4,
-          "dh_warps": 4, "dh_stages": 3, "do_weight_slices": 0}
+          "dh_warps": 4, "dh_stages": 3, "do_weight_slices": 0, "band_beside": 0, "beside_bv": 64}
 
 
 def _mm_f32(x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
@@ -197,6 +201,9 @@ def prefill_bwd(dout, dht, q, k, v, a, b, z, A_log, dt_bias, norm_weight, o_weig
         ``dA_log``, ``ddt_bias`` are None for "dn", ``db`` None for "mamba2", ``dh0`` None without
         an initial state.
     """
+    beside = CONFIG["band_beside"]
+    if beside not in (0, 1, 2):
+        raise ValueError(f'backward.CONFIG["band_beside"] must be 0, 1 or 2, got {beside!r}')
     B, T, H, D = q.shape
     HKV = k.shape[2]
     dev, dt = q.device, q.dtype
@@ -310,6 +317,21 @@ def prefill_bwd(dout, dht, q, k, v, a, b, z, A_log, dt_bias, norm_weight, o_weig
                 W=W, S=S, qk_scale=qk_scale, sm_scale=D ** -0.5, H=H, HKV=HKV, D=D, BT=BT, BM=BM,
                 BAND=not ext_band, DET=slots is not None, num_warps=nw, num_stages=ns)
 
+        # the memory's gradients beside cuDNN's band (CONFIG["band_beside"]): the side stream forks here, before
+        # the band's launch, so that only what _epi_bwd made is waited for
+        use_side = CONFIG["side_stream"] and dev.type == "cuda" and not deterministic
+        beside = beside if (use_side and cudnn_band) else 0
+        side = main = None
+        dhs = dvnew = None
+        if beside:
+            # the chain's outputs allocated before the band's buffers are freed on the main stream (a block freed
+            # there after the fork could be handed to them while the band still reads it)
+            dhs = empty(NT, H, D, D, dtype=dt, device=dev)
+            dvnew = empty(Tt, H, D, dtype=dt, device=dev)
+            main = torch.cuda.current_stream(dev)
+            side = pf.side_stream(dev, CONFIG["chain_priority"])
+            side.wait_stream(main)
+
         band_args = None
         if sm90_band:
             # the whole band (t - W < j <= t) from the sm_90a kernel, into fp32 buffers (rows as q / k) that the
@@ -344,21 +366,35 @@ def prefill_bwd(dout, dht, q, k, v, a, b, z, A_log, dt_bias, norm_weight, o_weig
             del lse_n, lse_b, owin, epi, qb, kb, vb, ob_, dob
 
         # ---- reverse state recurrence (a function: with the sm_90a band it runs on the side stream beside it) ----
-        dhs = empty(NT, H, D, D, dtype=dt, device=dev)
-        dvnew = empty(Tt, H, D, dtype=dt, device=dev)
+        if dhs is None:
+            dhs = empty(NT, H, D, D, dtype=dt, device=dev)
+            dvnew = empty(Tt, H, D, dtype=dt, device=dev)
 
         def chain():
-            BV = pf.CONFIG["state_bv"][D]  # the forward's state-pass BV: more programs on a latency-bound loop
+            # the forward's state-pass BV (more programs on a latency-bound loop), or fewer, wider programs
+            # beside cuDNN's band
+            BV = CONFIG["beside_bv"] if beside else pf.CONFIG["state_bv"][D]
             km._dh_bwd_kernel[(D // BV, H, N)](
                 qg=qg, kd=kd, w=w, gc=gc, dm=dm, dvl=dvl, seq=seq,
                 dht=dht.float().contiguous() if use_dht else dummy, dhs=dhs, dvnew=dvnew,
                 dh0=dh0 if use_h0 else dummy, W=W, S=S, H=H, D=D, BT=BT, BV=BV, USE_H0=use_h0, USE_DHT=use_dht,
                 MAMBA2=mamba2, num_warps=CONFIG["dh_warps"], num_stages=CONFIG["dh_stages"])
 
-        side = main = None
         # deterministic: one stream (cuBLAS' do_weight product is reproducible only on one stream
         # without a fixed workspace configuration)
-        if CONFIG["side_stream"] and dev.type == "cuda" and not deterministic:
+        if beside:
+            # the band is on the main stream already; the chain (and with beside = 2 the chunk-parallel
+            # kernels, below) on the side stream; the tensors they read were allocated before the fork and
+            # live until the main stream waits for the side stream, or are marked (record_stream) where freed
+            # before that
+            with torch.cuda.stream(side):
+                chain()
+                if items is not None:
+                    sink()
+                dow = _do_weight(uo, dof)
+            dow.record_stream(main)
+            uo.record_stream(side)
+        elif use_side:
             main = torch.cuda.current_stream(dev)
             side = pf.side_stream(dev, CONFIG["chain_priority"] if band_args is not None else 0)
             side.wait_stream(main)
@@ -385,32 +421,48 @@ def prefill_bwd(dout, dht, q, k, v, a, b, z, A_log, dt_bias, norm_weight, o_weig
             dow = _do_weight(uo, dof)
             chain()
         uo = None  # u_epi ([tokens, H, D]) is read by nothing else
+        if beside:
+            # read by the chain on the side stream: their storage waits for it before the main stream reuses it
+            qg.record_stream(side)
+            kd.record_stream(side)
         del qg, kd
         # ---- chunk-parallel memory gradients ----
         # the products with the states, split over key columns (raw d/dqn, d/dkn, dw, dgc parts) ...
         BK = min(CONFIG["mem_bk"], D)
         NK = D // BK
         dw_buf = dvl  # dvl's storage ([Tt, H, D], input dtype) is free after _dh_bwd
-        dgc_part = empty(NK, Tt, H, dtype=torch.float32, device=dev)
+        # beside the band (2) from the side stream's pool: a main-stream block could still be the band's
+        with torch.cuda.stream(side if beside == 2 else None):
+            dgc_part = empty(NK, Tt, H, dtype=torch.float32, device=dev)
         if mem_det:  # per query head, summed over the G heads below (tokens never absorbed keep 0)
             dkh = torch.zeros(Tt, H, D, dtype=torch.float32, device=dev)
             dvh = torch.zeros(Tt, H, D, dtype=torch.float32, device=dev)
-        km._mem_bwd_h_kernel[(NK, H, NT)](
-            q=qf, k=kf, seq=seq, chunks=chunks, gc=gc, hs=hs, dhs=dhs, vnew=vnew, dvnew=dvnew, dm=dm,
-            dq_acc=dq_acc, dkm_acc=dkh if mem_det else dkm_acc, dw_buf=dw_buf, dgc_part=dgc_part,
-            W=W, S=S, mem_scale=mem_scale, Tt=Tt, H=H, HKV=HKV, D=D, BT=BT, BK=BK, BV=min(CONFIG["mem_bv"], D),
-            USE_H0=use_h0, MAMBA2=mamba2, DET=mem_det, num_warps=CONFIG["mem_warps"],
-            num_stages=CONFIG["mem_stages"])
-        del hs, dhs, dm
-        # ... then the WY backward, dv, dbeta and the cumsum of dgc -> dg, per (head, chunk)
-        km._mem_bwd_wy_kernel[(H, NT)](
-            k=kf, v=vf, a=af if af is not None else dummy, b=bf if bf is not None else dummy, A_log=A_logf,
-            dt_bias=dt_biasf, seq=seq, chunks=chunks, gc=gc, xs=xs, dvnew=dvnew, dw_buf=dw_buf, dgc_part=dgc_part,
-            dkw_acc=dkh if mem_det else dkw_acc, dv_acc=dvh if mem_det else dv_acc, dg_tok=dg_tok,
-            dbeta_tok=dbeta_tok, W=W, S=S, Tt=Tt,
-            H=H, HKV=HKV, D=D, BT=BT, BV=min(CONFIG["wy_bv"], D), NK=NK, GATES=gates, USE_H0=use_h0,
-            MAMBA2=mamba2, DET=mem_det, num_warps=CONFIG["wy_warps"])
-        del w, xs, vnew, dvnew, dw_buf, dgc_part
+
+        def mem_grads():
+            km._mem_bwd_h_kernel[(NK, H, NT)](
+                q=qf, k=kf, seq=seq, chunks=chunks, gc=gc, hs=hs, dhs=dhs, vnew=vnew, dvnew=dvnew, dm=dm,
+                dq_acc=dq_acc, dkm_acc=dkh if mem_det else dkm_acc, dw_buf=dw_buf, dgc_part=dgc_part,
+                W=W, S=S, mem_scale=mem_scale, Tt=Tt, H=H, HKV=HKV, D=D, BT=BT, BK=BK, BV=min(CONFIG["mem_bv"], D),
+                USE_H0=use_h0, MAMBA2=mamba2, DET=mem_det, num_warps=CONFIG["mem_warps"],
+                num_stages=CONFIG["mem_stages"])
+            # ... then the WY backward, dv, dbeta and the cumsum of dgc -> dg, per (head, chunk)
+            km._mem_bwd_wy_kernel[(H, NT)](
+                k=kf, v=vf, a=af if af is not None else dummy, b=bf if bf is not None else dummy, A_log=A_logf,
+                dt_bias=dt_biasf, seq=seq, chunks=chunks, gc=gc, xs=xs, dvnew=dvnew, dw_buf=dw_buf,
+                dgc_part=dgc_part, dkw_acc=dkh if mem_det else dkw_acc, dv_acc=dvh if mem_det else dv_acc,
+                dg_tok=dg_tok, dbeta_tok=dbeta_tok, W=W, S=S, Tt=Tt,
+                H=H, HKV=HKV, D=D, BT=BT, BV=min(CONFIG["wy_bv"], D), NK=NK, GATES=gates, USE_H0=use_h0,
+                MAMBA2=mamba2, DET=mem_det, num_warps=CONFIG["wy_warps"])
+
+        if beside == 2:  # beside the band too; the buffers it reads are freed after the join below
+            with torch.cuda.stream(side):
+                mem_grads()
+            main.wait_stream(side)
+        else:
+            if beside:
+                main.wait_stream(side)  # the chain's dhs, dvnew
+            mem_grads()
+        del hs, dhs, dm, w, xs, vnew, dvnew, dw_buf, dgc_part
         if mem_det:
             dkm_acc = dkh.view(Tt, HKV, H // HKV, D).sum(2)
             dv_acc = dvh.view(Tt, HKV, H // HKV, D).sum(2)
