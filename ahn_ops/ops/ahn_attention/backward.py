@@ -228,15 +228,12 @@ def prefill_bwd(dout, dht, q, k, v, a, b, z, A_log, dt_bias, norm_weight, o_weig
     dq = empty(B, T, H, D, dtype=dt, device=dev)
     dk = empty(B, T, HKV, D, dtype=dt, device=dev)
     dv = empty(B, T, HKV, D, dtype=dt, device=dev)
-    # fp32 accumulators (tokens never absorbed keep 0): the sink ranges' dk, the memory's d/dkn in
-    # two parts (state products, WY; l2norm backward of their sum in _attn_dkdv), dv of both
+    # fp32 accumulators (tokens never absorbed keep 0): the sink ranges' dk, dv of the sinks and the memory
+    # (the memory's dq and d/dkn ones: mem_accumulators below)
     dk_acc = torch.zeros(Tt, HKV, D, dtype=torch.float32, device=dev)
-    dkm_acc = torch.zeros(Tt, HKV, D, dtype=torch.float32, device=dev)
-    dkw_acc = torch.zeros(Tt, HKV, D, dtype=torch.float32, device=dev)
     dv_acc = torch.zeros(Tt, HKV, D, dtype=torch.float32, device=dev)
     # deterministic with G > 1: the memory kernels store dk (both parts) and dv per query head
     mem_det = deterministic and H > HKV
-    dq_acc = empty(Tt, H, D, dtype=torch.float32, device=dev)
     dg_tok = torch.zeros(Tt, H, dtype=torch.float32, device=dev)
     dbeta_tok = torch.zeros(Tt, H, dtype=torch.float32, device=dev)
     dz = empty(Tt, H, dtype=torch.float32, device=dev)
@@ -317,6 +314,13 @@ def prefill_bwd(dout, dht, q, k, v, a, b, z, A_log, dt_bias, norm_weight, o_weig
                 W=W, S=S, qk_scale=qk_scale, sm_scale=D ** -0.5, H=H, HKV=HKV, D=D, BT=BT, BM=BM,
                 BAND=not ext_band, DET=slots is not None, num_warps=nw, num_stages=ns)
 
+        def mem_accumulators():
+            # fp32: the memory's raw d/dqn, and its d/dkn in two parts (state products, WY; l2norm backward of
+            # their sum in _attn_dkdv): made when the chunk-parallel kernels are next, not held through the band
+            return (empty(Tt, H, D, dtype=torch.float32, device=dev),
+                    torch.zeros(Tt, HKV, D, dtype=torch.float32, device=dev),
+                    torch.zeros(Tt, HKV, D, dtype=torch.float32, device=dev))
+
         # the memory's gradients beside cuDNN's band (CONFIG["band_beside"]): the side stream forks here, before
         # the band's launch, so that only what _epi_bwd made is waited for
         use_side = CONFIG["side_stream"] and dev.type == "cuda" and not deterministic
@@ -328,6 +332,8 @@ def prefill_bwd(dout, dht, q, k, v, a, b, z, A_log, dt_bias, norm_weight, o_weig
             # there after the fork could be handed to them while the band still reads it)
             dhs = empty(NT, H, D, D, dtype=dt, device=dev)
             dvnew = empty(Tt, H, D, dtype=dt, device=dev)
+            if beside == 2:
+                dq_acc, dkm_acc, dkw_acc = mem_accumulators()
             main = torch.cuda.current_stream(dev)
             side = pf.side_stream(dev, CONFIG["chain_priority"])
             side.wait_stream(main)
@@ -434,6 +440,8 @@ def prefill_bwd(dout, dht, q, k, v, a, b, z, A_log, dt_bias, norm_weight, o_weig
         # beside the band (2) from the side stream's pool: a main-stream block could still be the band's
         with torch.cuda.stream(side if beside == 2 else None):
             dgc_part = empty(NK, Tt, H, dtype=torch.float32, device=dev)
+        if beside != 2:
+            dq_acc, dkm_acc, dkw_acc = mem_accumulators()
         if mem_det:  # per query head, summed over the G heads below (tokens never absorbed keep 0)
             dkh = torch.zeros(Tt, H, D, dtype=torch.float32, device=dev)
             dvh = torch.zeros(Tt, H, D, dtype=torch.float32, device=dev)
