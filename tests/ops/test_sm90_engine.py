@@ -532,6 +532,7 @@ def test_sm90_cache_path_with_a_torch_stand_in(kind, W, S, T, before, G, monkeyp
 def test_sm90_cache_path(kind, W, S, T, before, G, overlap, engine, monkeypatch):
     engine("sm90")
     monkeypatch.setitem(_prefill().CONFIG, "sm90_overlap", overlap)
+    monkeypatch.setitem(_prefill().CONFIG, "sm90_overlap_min", (0, 0))  # beside the kernel at these small sizes
     out, r, lp, st, st_r = _cache_call(kind, W, S, T, before, G, torch.bfloat16, "cuda")
     check_within_2x(f"{kind} sm90 cache", out, r, lp)
     torch.testing.assert_close(st.float(), st_r.float(), rtol=2e-2, atol=2e-2)
@@ -544,6 +545,7 @@ def test_sm90_initial_state(overlap, engine, monkeypatch):
     read the state itself)."""
     P = _prefill()
     monkeypatch.setitem(P.CONFIG, "sm90_overlap", overlap)
+    monkeypatch.setitem(P.CONFIG, "sm90_overlap_min", (0, 0))
     kind, T, W, S, H, HKV, D = "gdn", 700, 300, 2, 4, 2, 128
     args = make_inputs(kind, 1, T, H, HKV, D, torch.bfloat16, device="cuda", seed=5)
     h0 = torch.randn(1, H, D, D, device="cuda") * 0.1
@@ -619,6 +621,7 @@ def test_sm90_memory_passes_beside(kind, lens, W, S, cols, engine, monkeypatch):
     monkeypatch.setitem(P.CONFIG, "sm90_rows_outer", True)
     assert torch.equal(P.prefill_fwd(*args, W, S, kind, cu_seqlens=cu)[0], serial)
     monkeypatch.setitem(P.CONFIG, "sm90_overlap", "prefill")
+    monkeypatch.setitem(P.CONFIG, "sm90_overlap_min", (0, 0))
     monkeypatch.setitem(P.CONFIG, "sm90_rows_outer", None)
     # deterministic: the passes before the kernel whatever CONFIG says, so the serial bits
     assert torch.equal(P.prefill_fwd(*args, W, S, kind, cu_seqlens=cu, deterministic=True)[0], serial)
@@ -636,6 +639,24 @@ def test_sm90_memory_passes_beside(kind, lens, W, S, cols, engine, monkeypatch):
             lp = ref.ahn_attention_ref(*args, W, S, kind, cu_seqlens=cu, dtype=torch.bfloat16)
         if r is not None:
             check_within_2x(f"{kind} sm90 beside, priority {prio}", out, r, lp)
+
+
+@needs_sm90
+def test_overlap_size_rule(engine, monkeypatch):
+    """The passes go beside the kernel only from CONFIG["sm90_overlap_min"] = (keys per row, new tokens) on: below
+    either bound (and for deterministic calls) the chain runs before the kernel, without ready counters."""
+    P = _prefill()
+    engine("sm90")
+    seen = []
+    real = P._memory_passes
+    monkeypatch.setattr(P, "_memory_passes", lambda *a, **kw: (seen.append(kw.get("ready") is not None),
+                                                              real(*a, **kw))[1])
+    args = make_inputs("gdn", 1, 2000, 4, 2, 128, torch.bfloat16, device="cuda", seed=2)
+    for bounds, W, det, want in (((300, 2000), 290, False, True), ((300, 2000), 280, False, False),
+                                 ((300, 2001), 290, False, False), ((0, 0), 290, True, False)):
+        monkeypatch.setitem(P.CONFIG, "sm90_overlap_min", bounds)
+        P.prefill_fwd(*args, W, 10, "gdn", deterministic=det)
+        assert seen.pop() is want, (bounds, W, det)
 
 
 # ---------------------------------------------------------------------------------------------

@@ -35,8 +35,8 @@ no WY part (w = 0, v_new = u = dt v), and the epilogue backward runs in two phas
 torch sum over heads of ``[tokens, H]`` partials (the norm spans the H heads of a token).
 
 Memory (beyond inputs and grads): ``2 * ceil(T/64) * H * D * D`` elements in the input dtype
-for the per-chunk states h and dh, plus ``7 * T * H * D`` row buffers (w, u, v_new, dv_new,
-dm, dv_local, u_epi in the input dtype, dq partial in fp32 counts 2), fp32 ``[T, H]`` delta and
+for the per-chunk states h and dh, plus ``6 * T * H * D`` row buffers (w, u, v_new, dm, dv_local
+(dv_new overwrites it), u_epi in the input dtype, dq partial in fp32 counts 2), fp32 ``[T, H]`` delta and
 the saved lse, fp32 ``[T, HKV, D]`` accumulators (dk of the sink ranges, the memory's two
 d/dkn parts, dv) and fp32 ``[D/64, T, H]`` dgc partials: ``O(T*H*D + T/64*H*D*D)``.
 """
@@ -80,7 +80,7 @@ BT = pf.BT
 #   the band wants), 2 the chain and the chunk-parallel memory kernels after it.
 CONFIG = {"band": "auto", "chain_priority": -1, "dq": (64, 4, 2), "dkdv": (32, 4, 3), "sink_qs": 1024,
           "side_stream": True, "mem_bk": 64, "mem_bv": 64, "mem_warps": 8, "mem_stages": 3, "wy_bv": 32, "wy_warps": 4,
-          "dh_warps": 4, "dh_stages": 3, "do_weight_slices": 0, "band_beside": 0, "beside_bv": 64}
+          "dh_warps": 4, "dh_stages": 3, "do_weight_slices": 0, "band_beside": 1, "beside_bv": 64}
 
 
 def _mm_f32(x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
@@ -328,10 +328,9 @@ def prefill_bwd(dout, dht, q, k, v, a, b, z, A_log, dt_bias, norm_weight, o_weig
         side = main = None
         dhs = dvnew = None
         if beside:
-            # the chain's outputs allocated before the band's buffers are freed on the main stream (a block freed
-            # there after the fork could be handed to them while the band still reads it)
+            # the chain's output allocated before the band's buffers are freed on the main stream (a block freed
+            # there after the fork could be handed to it while the band still reads it)
             dhs = empty(NT, H, D, D, dtype=dt, device=dev)
-            dvnew = empty(Tt, H, D, dtype=dt, device=dev)
             if beside == 2:
                 dq_acc, dkm_acc, dkw_acc = mem_accumulators()
             main = torch.cuda.current_stream(dev)
@@ -374,7 +373,9 @@ def prefill_bwd(dout, dht, q, k, v, a, b, z, A_log, dt_bias, norm_weight, o_weig
         # ---- reverse state recurrence (a function: with the sm_90a band it runs on the side stream beside it) ----
         if dhs is None:
             dhs = empty(NT, H, D, D, dtype=dt, device=dev)
-            dvnew = empty(Tt, H, D, dtype=dt, device=dev)
+        # dv_new = dv_local + kd dh over dv_local's storage: each element is read and then written by the one chain
+        # program that owns its (chunk, value columns)
+        dvnew = dvl
 
         def chain():
             # the forward's state-pass BV (more programs on a latency-bound loop), or fewer, wider programs
@@ -428,15 +429,16 @@ def prefill_bwd(dout, dht, q, k, v, a, b, z, A_log, dt_bias, norm_weight, o_weig
             chain()
         uo = None  # u_epi ([tokens, H, D]) is read by nothing else
         if beside:
-            # read by the chain on the side stream: their storage waits for it before the main stream reuses it
-            qg.record_stream(side)
+            # read by the chain on the side stream: its storage waits for it before the main stream reuses it
             kd.record_stream(side)
+        # qg's storage ([Tt, H, D], input dtype) is free after _dh_bwd: the chunk-parallel kernels' dw, written in
+        # stream order after the chain
+        dw_buf = qg
         del qg, kd
         # ---- chunk-parallel memory gradients ----
         # the products with the states, split over key columns (raw d/dqn, d/dkn, dw, dgc parts) ...
         BK = min(CONFIG["mem_bk"], D)
         NK = D // BK
-        dw_buf = dvl  # dvl's storage ([Tt, H, D], input dtype) is free after _dh_bwd
         # beside the band (2) from the side stream's pool: a main-stream block could still be the band's
         with torch.cuda.stream(side if beside == 2 else None):
             dgc_part = empty(NK, Tt, H, dtype=torch.float32, device=dev)
@@ -470,7 +472,7 @@ def prefill_bwd(dout, dht, q, k, v, a, b, z, A_log, dt_bias, norm_weight, o_weig
             if beside:
                 main.wait_stream(side)  # the chain's dhs, dvnew
             mem_grads()
-        del hs, dhs, dm, w, xs, vnew, dvnew, dw_buf, dgc_part
+        del hs, dhs, dm, w, xs, vnew, dvnew, dvl, dw_buf, dgc_part
         if mem_det:
             dkm_acc = dkh.view(Tt, HKV, H // HKV, D).sum(2)
             dv_acc = dvh.view(Tt, HKV, H // HKV, D).sum(2)

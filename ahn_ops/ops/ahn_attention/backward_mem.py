@@ -21,7 +21,8 @@ Backward, given ``dy`` (grad of the op output; the epilogue turns it into ``dm``
    ``qg = qn e^gc`` (input dtype) for the next launch.
 2. ``_dh_bwd_kernel`` (sequential over chunks, grid (D/BV, H, N)): ``dh`` in registers, reading
    ``qg`` and the prep pass's ``kd = kn e^(g_last - gc)`` (no normalisation in the sequential loop),
-   ``dv_new = dv_local + (kn e^(g_last-gc)) dh_c+1``,
+   ``dv_new = dv_local + (kn e^(g_last-gc)) dh_c+1`` (stored over dv_local: each element is read, then
+   written, by the one program that owns it),
    ``dh_c = e^g_last dh_c+1 + (qn e^gc)^T dm - w^T dv_new``; stores ``dh_c+1`` per chunk.
 3. ``_mem_bwd_h_kernel`` (chunk-parallel, grid (D/BK, H, N)): the products with the chunk states
    for BK key columns (V taken in BV-column slices of h, dh, v_new, dv_new, dm): raw d/dqn into

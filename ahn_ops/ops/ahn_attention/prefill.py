@@ -59,7 +59,10 @@ SUPPORTED_D = (64, 128)
 #   (tiles whose chunks are not ready finish in a memory-only launch after the passes): "prefill" (prefills
 #   from position 0 without an initial state), "all" (also the cache path and initial states) or "off"; never
 #   under deterministic=True, where those tiles' extra bf16 rounding would make the output depend on the timing
-#   (benchmarks/NOTES_prefill.md, "The memory passes beside the kernel"); sm90_rows_outer: the kernel's CTA
+#   (benchmarks/NOTES_prefill.md, "The memory passes beside the kernel"), and only where the kernel is long
+#   against the chain: at least sm90_overlap_min = (keys per row W + S, new tokens in the call) (at W = 2048 the
+#   kernel outran the chain and the passes beside it cost 18-21%; a 4096-token chunk on a cache lost 0.18 ms);
+#   sm90_rows_outer: the kernel's CTA
 #   order (None: row blocks over all heads beside the passes, head by head otherwise; True / False force one).
 #   side_priority: the memory passes' stream beside cuDNN's band.
 # fwd: (BN, num_warps, num_stages) of the all-Triton _fwd_kernel at 64 query rows (more warps or BN=128 spill).
@@ -69,7 +72,7 @@ SUPPORTED_D = (64, 128)
 # state_*: the sequential state pass, 16 value columns per program at D = 128 (more programs on a
 #   latency-bound chain); prep_warps, norm_bm: the prep pass and the Mamba2 norm kernel.
 CONFIG = {"band": os.environ.get("AHN_PREFILL_ENGINE") or "auto", "sm90_variant": 1, "sm90_overlap": "prefill",
-          "sm90_side_priority": -1, "sm90_state_bv": 64, "sm90_rows_outer": None, "side_priority": 0,
+          "sm90_overlap_min": (4096, 16384), "sm90_side_priority": -1, "sm90_state_bv": 64, "sm90_rows_outer": None, "side_priority": 0,
           "fwd": (64, 4, 3), "fwd_band_in": (64, 4, 1), "fwd_rows": None, "fwd_long": (8192, 128, (64, 8, 3)),
           "state_bv": {64: 64, 128: 16}, "state_warps": 4, "state_stages": 3, "prep_warps": 4, "norm_bm": 32}
 
@@ -191,7 +194,9 @@ def _launch(q, kx, vx, sk, sv, a, b, ab_rs, z, A_log, dt_bias, norm_weight, o_we
         overlap = CONFIG["sm90_overlap"]
         if overlap not in ("prefill", "all", "off"):
             raise ValueError(f'prefill.CONFIG["sm90_overlap"] must be "prefill", "all" or "off", got {overlap!r}')
+        min_keys, min_rows = CONFIG["sm90_overlap_min"]
         beside = (sm90 and stage == "all" and dev.type == "cuda" and not deterministic
+                  and window + sinks >= min_keys and Tq >= min_rows
                   and (overlap == "all" or overlap == "prefill" and cache is None and initial_state is None))
         ready = torch.zeros(NT * H, dtype=torch.int32, device=dev) if beside else None
         if (band is not None or ready is not None) and stage == "all" and dev.type == "cuda":
