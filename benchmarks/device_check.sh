@@ -62,9 +62,12 @@ stage() {
   case "$1" in
     tests)
       # Triton compiles every constexpr variant the suite touches (20-30 s each for the backward): the
-      # compiles are CPU-bound, so with pytest-xdist (a wheel in .whl/) the tests run in parallel workers
+      # compiles are CPU-bound, so with pytest-xdist (a wheel in .whl/) the tests run in parallel workers; at most
+      # 6: the long GPU tests (T=32k forward, the 9000-token backwards, the fp32 references) take 4-14 GB each, and
+      # 12 workers on the backward / sm90 / deterministic files together ran an H100's 80 GB out (17 tests failed
+      # to allocate; all 33 of them passed again at 4 workers)
       local par=""
-      if python3 -c "import xdist" 2>/dev/null; then par="-n ${TESTS_WORKERS:-12}"; fi
+      if python3 -c "import xdist" 2>/dev/null; then par="-n ${TESTS_WORKERS:-6}"; fi
       if [ -n "${TESTS_ARGS:-}" ]; then  # a chosen subset, e.g. TESTS_ARGS="--tb=line tests/ops/test_prefill.py"
         timeout -s INT -k 30 "${TESTS_TIMEOUT:-480}" python3 -m pytest -q -rfEs $par $TESTS_ARGS 2>&1 | tee "$out/tests.log" | tail -40
         return
