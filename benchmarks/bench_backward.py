@@ -4,7 +4,7 @@
     python benchmarks/bench_backward.py             # timings only
     python benchmarks/bench_backward.py --config mem_warps=4 dq=64,4,3    # backward.CONFIG overrides
     python benchmarks/bench_backward.py --deterministic   # also deterministic=True, same run (its cost)
-    python benchmarks/bench_backward.py --beside    # the memory's gradients after / beside cuDNN's band
+    python benchmarks/bench_backward.py --beside    # variants around cuDNN's band (band_beside, state_epi)
 
 Correctness (flash-attention rule): for each gradient, err_kernel = |g - g_ref| / |g_ref| with
 g_ref from autograd through the fp32 reference (reference.py, upcast inputs) and err_torch the
@@ -303,27 +303,38 @@ def sweep(kind="gdn", T=32768, W=4096, S=128, H=16, HKV=2, D=128):
     print(f"[sweep] chosen backward CONFIG: {bw.CONFIG}", flush=True)
 
 
-def beside_table(settings=((0, 64), (1, 32), (1, 64), (2, 64))):
-    """fwd / bwd / fwd+bwd (ms) and peak memory with the memory's gradients after cuDNN's band (band_beside 0) or
-    beside it (1: the reverse chain, 2: also the chunk-parallel kernels) at beside_bv value columns per chain
-    program, in one process, at both of issue 33's shapes; the rest of backward.CONFIG as given."""
+BESIDE_SETTINGS = (dict(band_beside=0), dict(band_beside=1, beside_bv=32), dict(band_beside=1, beside_bv=64),
+                   dict(band_beside=2, beside_bv=64), dict(state_epi=True, state_epi_bv=16),
+                   dict(state_epi=True, state_epi_bv=32), dict(state_epi=True, state_epi_bv=64))
+
+
+def beside_table(settings=BESIDE_SETTINGS):
+    """fwd / bwd / fwd+bwd (ms) and peak memory for backward.CONFIG variants around cuDNN's band, in one process,
+    at both of issue 33's shapes: the memory's gradients after the band (band_beside 0) or beside it (1: the
+    reverse chain at beside_bv value columns per program, 2: also the chunk-parallel kernels), and the state
+    chain's re-run fused with the epilogue backward (state_epi, the chain at state_epi_bv columns); every other
+    key as the defaults (or --config)."""
     rows = []
+    base = dict(bw.CONFIG)
     for kind, T, W, S in (("gdn", 32768, 4096, 128), ("gdn", 24576, 2048, 0)):
-        for beside, bv in settings:
-            bw.CONFIG.update(band_beside=beside, beside_bv=bv)
+        for st in settings:
+            bw.CONFIG.clear()
+            bw.CONFIG.update(base, **st)
+            tag = " ".join(f"{k}={v}" for k, v in st.items())
             try:
                 r = bench(kind, T, W, S, flex=False)
             except Exception as e:  # noqa: BLE001
-                print(f"[beside] {kind} T{T} {beside}/{bv} raised {type(e).__name__}: {str(e)[:300]}", flush=True)
+                print(f"[beside] {kind} T{T} {tag} raised {type(e).__name__}: {str(e)[:300]}", flush=True)
                 continue
             split = ", ".join(f"{k_[:24]} {t_:.3f}" for k_, t_ in r["split"][:6])
-            print(f"[beside] {kind} T{T} W{W} S{S} band_beside={beside} beside_bv={bv}: {split}", flush=True)
-            rows.append((f"{kind} T{T} W{W} S{S}", beside, bv, r))
-    print("\n== the memory's gradients beside cuDNN's band (ms, median), B=1 H=16 HKV=2 D=128 bf16 ==")
-    print(f"  {'shape':24s} {'beside':>6s} {'bv':>4s} {'fwd':>7s} {'bwd':>7s} {'fwd+bwd':>8s} {'peak GB':>8s}")
-    for shape, beside, bv, r in rows:
-        print(f"  {shape:24s} {beside:6d} {bv:4d} {r['fwd']:7.3f} {r['bwd']:7.3f} {r['fwd+bwd']:8.3f} "
-              f"{r['peak_GB']:8.2f}")
+            print(f"[beside] {kind} T{T} W{W} S{S} {tag}: {split}", flush=True)
+            rows.append((f"{kind} T{T} W{W} S{S}", tag, r))
+    bw.CONFIG.clear()
+    bw.CONFIG.update(base)
+    print("\n== backward variants around cuDNN's band (ms, median), B=1 H=16 HKV=2 D=128 bf16 ==")
+    print(f"  {'shape':24s} {'setting':36s} {'fwd':>7s} {'bwd':>7s} {'fwd+bwd':>8s} {'peak GB':>8s}")
+    for shape, tag, r in rows:
+        print(f"  {shape:24s} {tag:36s} {r['fwd']:7.3f} {r['bwd']:7.3f} {r['fwd+bwd']:8.3f} {r['peak_GB']:8.2f}")
 
 
 def parse_config(items, config):
@@ -350,7 +361,7 @@ def main():
     ap.add_argument("--sweep", action="store_true", help="launch-config sweep of dkdv / dq before the timings")
     ap.add_argument("--deterministic", action="store_true", help="also time deterministic=True (same run)")
     ap.add_argument("--beside", action="store_true",
-                    help="only the timings of backward.CONFIG['band_beside'] 0 / 1 / 2 at several beside_bv")
+                    help="only the timings of backward.CONFIG variants around cuDNN's band (band_beside, state_epi)")
     ap.add_argument("--config", nargs="*", default=[], metavar="KEY=VALUE",
                     help="backward.CONFIG overrides for the whole run (int, comma-separated tuple, or None)")
     args = ap.parse_args()

@@ -21,7 +21,7 @@
 #                                                    # backward's op test, then both against the peers
 #   bash benchmarks/device_check.sh overlap          # the memory passes beside the sm_90a kernel: every kind, the
 #                                                    # cache path, the backward's do_weight split (timings)
-#   bash benchmarks/device_check.sh beside           # the memory's gradients beside cuDNN's band: test, timings
+#   bash benchmarks/device_check.sh beside           # backward variants around cuDNN's band: tests, timings
 #   bash benchmarks/device_check.sh bg:demo tests    # both at once
 #
 # The extension is built once per change of its sources: see "The extension" below (.devbuild/, carried).
@@ -166,8 +166,8 @@ stage() {
         | tail -16
       ;;
     beside)
-      # the memory's gradients beside cuDNN's band (backward.CONFIG["band_beside"]): its GPU test, then the timings
-      timeout 240 python3 -m pytest -q -rf tests/ops/test_backward.py -k "beside_band or side_stream" 2>&1 | tail -3
+      # backward variants around cuDNN's band (backward.CONFIG band_beside, state_epi): their GPU tests, the timings
+      timeout 240 python3 -m pytest -q -rf tests/ops/test_backward.py -k "beside_band or side_stream or state_epi" 2>&1 | tail -3
       timeout 300 python3 benchmarks/bench_backward.py --beside 2>&1 | tee "$out/beside.log" | tail -18
       ;;
     sm90)

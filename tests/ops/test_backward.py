@@ -172,6 +172,44 @@ def test_side_stream_matches_serial(kind, monkeypatch):
             assert rel_err(a, b) <= 1e-4, (n, rel_err(a, b))
 
 
+@pytest.mark.parametrize("kind,T,W,S,cu,h0", [
+    pytest.param("gdn", 300, 40, 5, None, False, id="gdn"),
+    pytest.param("dn", 260, 30, 3, [0, 100, 101, 260], False, id="dn-varlen-100,1,159"),
+    pytest.param("mamba2", 200, 20, 0, [0, 130, 200], False, id="mamba2-varlen"),
+    pytest.param("gdn", 150, 70, 2, None, True, id="gdn-h0"),
+])
+def test_state_epi_launch_matches_two(kind, T, W, S, cu, h0, monkeypatch):
+    # backward.CONFIG["state_epi"]: the state chain's re-run and the epilogue backward as one launch whose later
+    # programs wait for the chunks the first ones count ready. The same gradients as the two launches (bitwise in
+    # the interpreter, whose programs run one by one; within the order of the fp32 atomics on a GPU), with
+    # sinks, varlen (a one-token sequence), Mamba2's two epilogue phases and an initial state
+    from ahn_ops.ops.ahn_attention import backward as bw
+
+    _prefill()
+    H, HKV, D = 4, 2, 64
+    dt = torch.float32 if DEV == "cpu" else torch.bfloat16
+    inp = make_inputs(kind, 1, T, H, HKV, D, dt, device=DEV, seed=T + W)
+    cs = None if cu is None else torch.tensor(cu, dtype=torch.int32, device=DEV)
+    g = torch.Generator().manual_seed(T)
+    N = 1 if cu is None else len(cu) - 1
+    st0 = (torch.randn(N, H, D, D, generator=g) * 0.1).to(DEV) if h0 else None
+    out, _, lse = torch.ops.ahn.prefill_fwd(*inp, W, S, kind, cs, st0, False)
+    dout = torch.randn(1, T, H, D, generator=g).to(DEV, dt)
+    dht = torch.randn(N, H, D, D, generator=g).to(DEV) if h0 else None
+    got = {}
+    for fused in (False, True):
+        monkeypatch.setitem(bw.CONFIG, "state_epi", fused)
+        got[fused] = bw.prefill_bwd(dout, dht, *inp, out, lse, W, S, kind, cs, st0)
+    names = NAMES + ("initial_state",)
+    for n, a, b in zip(names, got[True], got[False]):
+        assert (a is None) == (b is None), n
+        if a is not None:
+            if DEV == "cpu":
+                assert torch.equal(a, b), n
+            else:
+                assert rel_err(a, b) <= 1e-4, (n, rel_err(a, b))
+
+
 @pytest.mark.skipif(DEV != "cuda", reason="the side stream exists on CUDA devices only")
 @pytest.mark.parametrize("kind,cu", [
     pytest.param("gdn", None, id="gdn"),

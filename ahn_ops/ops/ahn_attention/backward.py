@@ -78,9 +78,12 @@ BT = pf.BT
 #   stream of priority chain_priority while cuDNN's band runs on the main stream: 0 none (the chain after the
 #   band), 1 the reverse chain (with beside_bv value columns per program: fewer programs hold fewer of the SMs
 #   the band wants), 2 the chain and the chunk-parallel memory kernels after it.
+# state_epi: the state chain's re-run and the epilogue backward in one launch (_state_epi_kernel: the chain's
+#   programs, state_epi_bv value columns each, count chunks ready; the epilogue's wait for theirs) instead of two.
 CONFIG = {"band": "auto", "chain_priority": -1, "dq": (64, 4, 2), "dkdv": (32, 4, 3), "sink_qs": 1024,
           "side_stream": True, "mem_bk": 64, "mem_bv": 64, "mem_warps": 8, "mem_stages": 3, "wy_bv": 32, "wy_warps": 4,
-          "dh_warps": 4, "dh_stages": 3, "do_weight_slices": 0, "band_beside": 1, "beside_bv": 64}
+          "dh_warps": 4, "dh_stages": 3, "do_weight_slices": 0, "band_beside": 1, "beside_bv": 64,
+          "state_epi": False, "state_epi_bv": 16}
 
 
 def _mm_f32(x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
@@ -269,8 +272,6 @@ def prefill_bwd(dout, dht, q, k, v, a, b, z, A_log, dt_bias, norm_weight, o_weig
         hs = empty(NT, H, D, D, dtype=dt, device=dev)
         vnew = u if mamba2 else empty(Tt, H, D, dtype=dt, device=dev)
         h0 = initial_state.float().contiguous() if use_h0 else None
-        pf.state_chain(kd, w, u, gc, seq, N, H, D, W, S, mamba2, h0, hs, vnew, None, dummy)
-        del u
         # ---- epilogue backward + readout recompute (+ the attention's delta from out - y_mem) ----
         dm = empty(Tt, H, D, dtype=dt, device=dev)
         dvl = empty(Tt, H, D, dtype=dt, device=dev)
@@ -281,17 +282,30 @@ def prefill_bwd(dout, dht, q, k, v, a, b, z, A_log, dt_bias, norm_weight, o_weig
                    seq=seq, chunks=chunks, gc=gc, hs=hs, vnew=vnew, dm=dm, dvl=dvl, uo=uo, dz=dz, dnw_part=dnw_part,
                    W=W, S=S, mem_scale=mem_scale, H=H, HKV=HKV, D=D, BT=BT, USE_H0=use_h0, MAMBA2=mamba2,
                    num_warps=4)
+        # mamba2: the norm spans the H heads of a token: per-head partials first (phase 1), reduced below over
+        # heads, then phase 2
+        ssp = cp = dummy
         if mamba2:
-            # the norm spans the H heads of a token: per-head partials first, reduced here over heads
             ssp = empty(Tt, H, dtype=torch.float32, device=dev)
             cp = empty(Tt, H, dtype=torch.float32, device=dev)
-            km._epi_bwd_kernel[(H, NT)](ssp=ssp, cp=cp, rk=dummy, PHASE=1, **epi)
+        if CONFIG["state_epi"]:
+            # the state chain's re-run and the (first) epilogue launch as one, by ticket (_state_epi_kernel)
+            BVc = CONFIG["state_epi_bv"]
+            nchain = D // BVc * H * N
+            ctr = torch.zeros(1 + NT * H, dtype=torch.int32, device=dev)  # the ticket, then the ready counters
+            km._state_epi_kernel[(nchain + H * NT,)](
+                ticket=ctr, ready=ctr[1:], kd=kd, w=w, u=u, h0=h0 if use_h0 else dummy, ssp=ssp, cp=cp, rk=dummy,
+                NCHAIN=nchain, BV=BVc, PHASE=1 if mamba2 else 0, num_stages=pf.CONFIG["state_stages"], **epi)
+            del ctr
+        else:
+            pf.state_chain(kd, w, u, gc, seq, N, H, D, W, S, mamba2, h0, hs, vnew, None, dummy)
+            km._epi_bwd_kernel[(H, NT)](ssp=ssp, cp=cp, rk=dummy, PHASE=1 if mamba2 else 0, **epi)
+        del u
+        if mamba2:
             r = torch.rsqrt(ssp.sum(1) / (H * D) + 1e-5)
             rk = torch.stack([r, r.pow(3) * cp.sum(1) / (H * D)], 1).contiguous()  # [Tt, 2] fp32
             del ssp, cp
             km._epi_bwd_kernel[(H, NT)](ssp=dummy, cp=dummy, rk=rk, PHASE=2, **epi)
-        else:
-            km._epi_bwd_kernel[(H, NT)](ssp=dummy, cp=dummy, rk=dummy, PHASE=0, **epi)
         # ---- sink key blocks: the queries past their band, split over programs (atomics into dk/dv_acc);
         # needs only delta, so with CONFIG["side_stream"] it runs on a side stream from here on ----
         # (the work table is cached by contents, as the forward's tables, and made on the main stream)

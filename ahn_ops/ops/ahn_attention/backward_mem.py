@@ -49,6 +49,7 @@ from ..common.jit_helpers import chunk_at as _chunk_at
 from ..common.jit_helpers import inv_norm as _inv_norm
 from ..common.jit_helpers import load_gates as _load_gates
 from ..common.jit_helpers import norm_rows as _norm_rows
+from .prefill_kernels import state_chain_program
 
 
 @triton.jit
@@ -75,6 +76,7 @@ def _epi_bwd_kernel(
     BT: tl.constexpr, USE_H0: tl.constexpr, MAMBA2: tl.constexpr, PHASE: tl.constexpr,
     STORE_OWIN: tl.constexpr = False,
 ):
+    ready = delta  # not read (WAIT is off)
     # MAMBA2 (x = m silu(z), n = x r, r = rsqrt(mean_{H*D} x^2 + eps), u = n nw, y = u @ ow[h]):
     # dx = r dU nw - x r^3 C / (H D) with dU = dy ow[h]^T and C = sum over the token's H heads of
     # sum_D dU nw x, a cross-head sum. PHASE 1 stores the per-head partials ssp = sum_D x^2 and
@@ -82,7 +84,18 @@ def _epi_bwd_kernel(
     # token; PHASE 2 recomputes m and dU (cheaper than storing two [T, H, D] rows) and finishes.
     # Every row also gets the window attention's delta (_store_delta): PHASE 0, or PHASE 2 for
     # MAMBA2 (y_mem = r yp needs r); y_mem = 0 in chunks that read no memory.
-    i_h, i_c = tl.program_id(0), tl.program_id(1)
+    _epi_bwd_program(tl.program_id(0), tl.program_id(1), q, k, z, nw, ow, dy, out, delta, seq, chunks, gc, hs, vnew,
+                     dm, dvl, uo, dz, dnw_part, ssp, cp, rk, qg, owin, W, S, mem_scale, H, HKV, D, BT, USE_H0, MAMBA2,
+                     PHASE, STORE_OWIN, ready, 0, False)
+
+
+@triton.jit
+def _epi_bwd_program(i_h, i_c, q, k, z, nw, ow, dy, out, delta, seq, chunks, gc, hs, vnew, dm, dvl, uo, dz, dnw_part,
+                     ssp, cp, rk, qg, owin, W, S, mem_scale, H: tl.constexpr, HKV: tl.constexpr, D: tl.constexpr,
+                     BT: tl.constexpr, USE_H0: tl.constexpr, MAMBA2: tl.constexpr, PHASE: tl.constexpr,
+                     STORE_OWIN: tl.constexpr, ready, target, WAIT: tl.constexpr):
+    # one (head, chunk) of _epi_bwd_kernel; WAIT (the second role of _state_epi_kernel): first wait until the
+    # chain beside it has stored the chunk's state and v_new rows (ready[chunk, head] reaches target, acquire)
     G: tl.constexpr = H // HKV
     i_n, i_b, bos, T = _chunk_at(chunks, seq, i_c)
     coff = tl.load(seq + i_n * 8 + 6).to(tl.int64)
@@ -95,6 +108,14 @@ def _epi_bwd_kernel(
     p_row = (o_q * H + i_h)[:, None] * D + o_d[None, :]
     t_hi = tl.minimum(i_b * BT + BT, T) - 1
     if USE_H0 or (t_hi - W >= S):
+        if WAIT:
+            # the chain marks every chunk that reads memory (from c0 = (S + W) // BT on, all with an initial
+            # state); its programs hold the first tickets, so they are running and never wait: no deadlock
+            p_rdy = ready + (coff + i_b) * H + i_h
+            cnt = tl.atomic_add(p_rdy, 0, sem="acquire", scope="gpu")
+            while cnt < target:
+                cnt = tl.atomic_add(p_rdy, 0, sem="acquire", scope="gpu")
+            tl.debug_barrier()
         b_q = tl.load(q + p_row, mask=m_i[:, None], other=0.)  # [BT, D]
         b_qn = _norm_rows(b_q.to(tl.float32), MAMBA2) * mem_scale  # [BT, D]
         b_gc = tl.load(gc + o_q * H + i_h, mask=m_i, other=0.)  # [BT]
@@ -173,6 +194,35 @@ def _epi_bwd_kernel(
         tl.store(uo + p_row, tl.zeros([BT, D], dtype=tl.float32).to(uo.dtype.element_ty), mask=m_i[:, None])
         tl.store(dz + o_q * H + i_h, tl.zeros([BT], dtype=tl.float32), mask=m_i)
         tl.store(dnw_part + (i_c * H + i_h) * D + o_d, tl.zeros([D], dtype=tl.float32))
+
+
+@triton.jit(do_not_specialize=["W", "S"])
+def _state_epi_kernel(
+    # pointers: the ticket counter and per-(chunk, head) ready counters (int32 zeros), the state chain's, _epi_bwd's
+    ticket, ready, kd, w, u, h0, q, k, z, nw, ow, dy, out, delta, seq, chunks, gc, hs, vnew, dm, dvl, uo, dz, dnw_part,
+    ssp, cp, rk, qg, owin,
+    # sizes: NCHAIN = D / BV * H * N chain programs
+    W, S, mem_scale, NCHAIN,
+    H: tl.constexpr, HKV: tl.constexpr, D: tl.constexpr,
+    # meta
+    BT: tl.constexpr, BV: tl.constexpr, USE_H0: tl.constexpr, MAMBA2: tl.constexpr, PHASE: tl.constexpr,
+    STORE_OWIN: tl.constexpr,
+):
+    # The backward's re-run of the state chain and _epi_bwd_kernel in one launch, by ticket (the order in which
+    # programs start, not their ids): the first NCHAIN tickets run the chain (each a _state_kernel program that
+    # counts its chunks ready), the rest run _epi_bwd's (head, chunk) items in chunk order, each waiting for its
+    # chunk. The chain is latency-bound and leaves most of each SM idle; the epilogue's items fill it instead of
+    # running after the whole chain (their programs fit beside the chain's on one SM).
+    t = tl.atomic_add(ticket, 1, sem="relaxed")  # the order in which programs start (no data rides on it)
+    NV: tl.constexpr = D // BV
+    if t < NCHAIN:
+        state_chain_program(t % NV, (t // NV) % H, t // (NV * H), kd, w, u, gc, seq, h0, hs, vnew, hs, ready,
+                            H, D, W, S, BT, BV, USE_H0, False, MAMBA2, True)
+    else:
+        e = t - NCHAIN
+        _epi_bwd_program(e % H, e // H, q, k, z, nw, ow, dy, out, delta, seq, chunks, gc, hs, vnew, dm, dvl, uo, dz,
+                         dnw_part, ssp, cp, rk, qg, owin, W, S, mem_scale, H, HKV, D, BT, USE_H0, MAMBA2, PHASE,
+                         STORE_OWIN, ready, NV, True)
 
 
 @triton.jit(do_not_specialize=["W", "S"])

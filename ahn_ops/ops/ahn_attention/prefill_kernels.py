@@ -170,7 +170,16 @@ def _state_kernel(
 ):
     # READY: after chunk c's hs and v_new are stored, ready[chunk, head] += 1 (release, GPU scope; D / BV
     # programs per head): the sm_90a kernel running beside this one reads them to use the chunk at once
-    i_v, i_h, i_n = tl.program_id(0), tl.program_id(1), tl.program_id(2)
+    state_chain_program(tl.program_id(0), tl.program_id(1), tl.program_id(2), kd, w, u, gc, seq, h0, hs, vnew, ht,
+                        ready, H, D, W, S, BT, BV, USE_H0, STORE_HT, MAMBA2, READY)
+
+
+@triton.jit
+def state_chain_program(i_v, i_h, i_n, kd, w, u, gc, seq, h0, hs, vnew, ht, ready, H: tl.constexpr, D: tl.constexpr,
+                        W, S, BT: tl.constexpr, BV: tl.constexpr, USE_H0: tl.constexpr, STORE_HT: tl.constexpr,
+                        MAMBA2: tl.constexpr, READY: tl.constexpr):
+    # one program of the state chain: value columns i_v * BV.., head i_h, sequence i_n (_state_kernel's grid;
+    # also the first role of the backward's _state_epi_kernel)
     bos = tl.load(seq + i_n * 8).to(tl.int64)
     T = tl.load(seq + i_n * 8 + 1)
     P = tl.load(seq + i_n * 8 + 2)
