@@ -27,6 +27,10 @@ _attn_dkdv_kernel            (HKV, blocks)               dk, dv (+ memory throug
 With ``CONFIG["side_stream"]`` (CUDA) the sink launch and the ``do_weight`` product need only what
 ``_epi_bwd_kernel`` made (delta, u_epi): they run on a side stream from there, beside the memory
 passes (``_dh_bwd``'s sequential chain leaves most of the GPU idle); the dkdv launch waits for them.
+Where cuDNN computes the window band's gradients, the reverse chain runs on that side stream too, beside the
+band, with 64 value columns per program (``CONFIG["band_beside"]``; -0.44 ms of 13.1 at T=32k on an H100).
+``CONFIG["state_epi"]`` runs the state chain's re-run and ``_epi_bwd_kernel`` as one launch
+(``_state_epi_kernel``).
 
 Then cheap torch glue on ``[B, T, H]`` gates (sigmoid, softplus, ``-exp(A_log)``
 backward, sums over tokens for ``A_log``/``dt_bias``) and one matmul per head for
@@ -394,7 +398,7 @@ def prefill_bwd(dout, dht, q, k, v, a, b, z, A_log, dt_bias, norm_weight, o_weig
         def chain():
             # the forward's state-pass BV (more programs on a latency-bound loop), or fewer, wider programs
             # beside cuDNN's band
-            BV = CONFIG["beside_bv"] if beside else pf.CONFIG["state_bv"][D]
+            BV = min(CONFIG["beside_bv"], D) if beside else pf.CONFIG["state_bv"][D]
             km._dh_bwd_kernel[(D // BV, H, N)](
                 qg=qg, kd=kd, w=w, gc=gc, dm=dm, dvl=dvl, seq=seq,
                 dht=dht.float().contiguous() if use_dht else dummy, dhs=dhs, dvnew=dvnew,
