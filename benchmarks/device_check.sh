@@ -74,8 +74,12 @@ stage() {
       fi
       # the pipelining-race check of every prefill kernel with this machine's triton (offline compile, CPU):
       # once per suite, with its first shard
-      case "${AHN_TESTS_SHARD:-1/1}" in 1/*) timeout 300 python3 benchmarks/kernel_regs.py --offline --what prefill --kinds gdn dn mamba2 --D 128 64 \
-        >"$out/pipeline_check.log" 2>&1 || { echo "pipeline hazard (kernel_regs.py --offline):"; tail -3 "$out/pipeline_check.log"; } ;; esac
+      case "${AHN_TESTS_SHARD:-1/1}" in
+        1/*)
+          timeout 300 python3 benchmarks/kernel_regs.py --offline --what prefill --kinds gdn dn mamba2 --D 128 64 \
+            >"$out/pipeline_check.log" 2>&1 \
+            || { echo "pipeline hazard (kernel_regs.py --offline):"; tail -3 "$out/pipeline_check.log"; } ;;
+      esac
       # the C++ op's bad-input paths first, in their own process (a crash there must not hide the rest)
       local first="tests/test_build.py tests/ops/test_decode_cpu.py tests/ops/test_decode_cuda.py"
       timeout 150 python3 -m pytest -q -rfEs $first 2>&1 | tee "$out/tests_decode.log" | tail -8

@@ -62,8 +62,8 @@ SUPPORTED_D = (64, 128)
 #   (benchmarks/NOTES_prefill.md, "The memory passes beside the kernel"), and only where the kernel is long
 #   against the chain: at least sm90_overlap_min = (keys per row W + S, new tokens in the call) (at W = 2048 the
 #   kernel outran the chain and the passes beside it cost 18-21%; a 4096-token chunk on a cache lost 0.18 ms);
-#   sm90_rows_outer: the kernel's CTA
-#   order (None: row blocks over all heads beside the passes, head by head otherwise; True / False force one).
+#   sm90_rows_outer: the kernel's CTA order (None: row blocks over all heads beside the passes, head by head
+#   otherwise; True / False force one).
 #   side_priority: the memory passes' stream beside cuDNN's band.
 # fwd: (BN, num_warps, num_stages) of the all-Triton _fwd_kernel at 64 query rows (more warps or BN=128 spill).
 # fwd_band_in: the same for _fwd_kernel behind the cuDNN band (sinks, ring tail, memory, epilogue only).
@@ -72,7 +72,8 @@ SUPPORTED_D = (64, 128)
 # state_*: the sequential state pass, 16 value columns per program at D = 128 (more programs on a
 #   latency-bound chain); prep_warps, norm_bm: the prep pass and the Mamba2 norm kernel.
 CONFIG = {"band": os.environ.get("AHN_PREFILL_ENGINE") or "auto", "sm90_variant": 1, "sm90_overlap": "prefill",
-          "sm90_overlap_min": (4096, 16384), "sm90_side_priority": -1, "sm90_state_bv": 64, "sm90_rows_outer": None, "side_priority": 0,
+          "sm90_overlap_min": (4096, 16384), "sm90_side_priority": -1, "sm90_state_bv": 64, "sm90_rows_outer": None,
+          "side_priority": 0,
           "fwd": (64, 4, 3), "fwd_band_in": (64, 4, 1), "fwd_rows": None, "fwd_long": (8192, 128, (64, 8, 3)),
           "state_bv": {64: 64, 128: 16}, "state_warps": 4, "state_stages": 3, "prep_warps": 4, "norm_bm": 32}
 
