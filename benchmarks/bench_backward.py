@@ -304,14 +304,14 @@ def sweep(kind="gdn", T=32768, W=4096, S=128, H=16, HKV=2, D=128):
 
 
 BESIDE_SETTINGS = (dict(band_beside=0), dict(band_beside=1, beside_bv=32), dict(band_beside=1, beside_bv=64),
-                   dict(band_beside=2, beside_bv=64), dict(state_epi=True, state_epi_bv=16),
+                   dict(state_epi=True, state_epi_bv=16),
                    dict(state_epi=True, state_epi_bv=32), dict(state_epi=True, state_epi_bv=64))
 
 
 def beside_table(settings=BESIDE_SETTINGS):
     """fwd / bwd / fwd+bwd (ms) and peak memory for backward.CONFIG variants around cuDNN's band, in one process,
-    at both of issue 33's shapes: the memory's gradients after the band (band_beside 0) or beside it (1: the
-    reverse chain at beside_bv value columns per program, 2: also the chunk-parallel kernels), and the state
+    at both of issue 33's shapes: the reverse chain after the band (band_beside 0) or beside it (1, at beside_bv
+    value columns per program), and the state
     chain's re-run fused with the epilogue backward (state_epi, the chain at state_epi_bv columns); every other
     key as the defaults (or --config)."""
     rows = []

@@ -380,13 +380,14 @@ def bench_cache(t, H=16, HKV=2, D=128, S=128):
     """The cache path (``prefill_cache_fwd``, what a model's prefill on an ``AHNCache`` runs) with the memory
     passes before the sm_90a kernel (``CONFIG["sm90_overlap"] = "prefill"``, the default) and beside it ("all"):
     a 64-token question on a 128k cache (one chunk: its tiles are likely deferred to the memory-only launch), a
-    4096-token chunk at 32k, a 32768-token chunk at 96k. The cache's contents are random (its positions past
-    the window and the sinks); each timed call restores them first (the copy is timed alone and subtracted)."""
+    4096-token chunk at 32k, a 32768-token chunk at 96k (beside it whatever ``CONFIG["sm90_overlap_min"]`` says,
+    so that every size is measured both ways). The cache's contents are random (its positions past the window and
+    the sinks); each timed call restores them first (the copy is timed alone and subtracted)."""
     from ahn_ops.ops.ahn_attention import prefill as P
 
-    rows, before = [], (P.CONFIG["band"], P.CONFIG["sm90_overlap"])
+    rows, before = [], (P.CONFIG["band"], P.CONFIG["sm90_overlap"], P.CONFIG["sm90_overlap_min"])
     try:
-        P.CONFIG["band"] = "sm90"
+        P.CONFIG["band"], P.CONFIG["sm90_overlap_min"] = "sm90", (0, 0)
         for W, pos, T in [(32640, 131072, 64), (4096, 32768, 4096), (32640, 98304, 32768)]:
             g = torch.Generator(device="cuda").manual_seed(T)
             r = lambda *shape: torch.randn(*shape, device="cuda", generator=g)  # noqa: E731
@@ -413,7 +414,7 @@ def bench_cache(t, H=16, HKV=2, D=128, S=128):
             rows.append((W, pos, T, ms["prefill"], ms["all"], rel(outs["all"], outs["prefill"])))
             print(rows[-1], flush=True)
     finally:
-        P.CONFIG["band"], P.CONFIG["sm90_overlap"] = before
+        P.CONFIG["band"], P.CONFIG["sm90_overlap"], P.CONFIG["sm90_overlap_min"] = before
     print(f"\n# the cache path, gdn, H={H}/{HKV} D={D} S={S}, sm_90a kernel: the memory passes before it / beside it")
     print("| W | position | new tokens | passes before (ms) | beside (ms) | rel diff of out |\n|---|---|---|---|---|---|")
     for W, pos, T, a, b, d in rows:

@@ -12,7 +12,7 @@
   pick an engine themselves still do.
 * ``AHN_TESTS_SHARD=i/n``: only the i-th of n disjoint shares of the collected tests (by a hash of each test's
   id, so the shares do not depend on the collection order): the GPU suite is longer than one 10-minute call
-  of the device tool, and the shares 1/3, 2/3 and 3/3 of three calls cover it.
+  of the device tool, and the n shares of n calls cover it (benchmarks/device_check.sh, "tests").
 """
 
 import os

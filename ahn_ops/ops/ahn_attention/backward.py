@@ -27,8 +27,9 @@ _attn_dkdv_kernel            (HKV, blocks)               dk, dv (+ memory throug
 With ``CONFIG["side_stream"]`` (CUDA) the sink launch and the ``do_weight`` product need only what
 ``_epi_bwd_kernel`` made (delta, u_epi): they run on a side stream from there, beside the memory
 passes (``_dh_bwd``'s sequential chain leaves most of the GPU idle); the dkdv launch waits for them.
-Where cuDNN computes the window band's gradients, the reverse chain runs on that side stream too, beside the
-band, with 64 value columns per program (``CONFIG["band_beside"]``; -0.44 ms of 13.1 at T=32k on an H100).
+Where cuDNN (or the sm_90a kernel) computes the window band's gradients, the reverse chain runs on that side
+stream too, beside the band, with 64 value columns per program (``CONFIG["band_beside"]``; -0.44 ms of 13.1
+at T=32k on an H100 with cuDNN's band).
 ``CONFIG["state_epi"]`` runs the state chain's re-run and ``_epi_bwd_kernel`` as one launch
 (``_state_epi_kernel``).
 
@@ -74,14 +75,13 @@ BT = pf.BT
 # side_stream: the sink kernel and the do_weight product (they need only delta and u_epi) run on a side
 #   stream beside the memory passes (_dh_bwd's programs leave most of each SM idle); dkdv waits for it.
 # band: "auto" (the window band's gradients from cuDNN where prefill's engine rule takes cuDNN, else the Triton
-#   kernels) or "sm90" (the sm_90a band backward, torch.ops.ahn.band_bwd_sm90, at D = 128 in bf16 / fp16: with
-#   side_stream the band runs on the main stream and the reverse state chain beside it on a side stream of
-#   priority chain_priority, lower is more urgent). Deterministic calls keep the Triton band either way.
+#   kernels) or "sm90" (the sm_90a band backward, torch.ops.ahn.band_bwd_sm90, at D = 128 in bf16 / fp16).
+#   Deterministic calls keep the Triton band either way.
 # do_weight_slices: the o_weight gradient's token slices (_do_weight; 0: one cuBLAS product per head).
-# band_beside (with side_stream and cuDNN's band): the memory's gradients that do not need the band run on a side
-#   stream of priority chain_priority while cuDNN's band runs on the main stream: 0 none (the chain after the
-#   band), 1 the reverse chain (with beside_bv value columns per program: fewer programs hold fewer of the SMs
-#   the band wants), 2 the chain and the chunk-parallel memory kernels after it.
+# band_beside (with side_stream and a band from cuDNN or the sm_90a kernel): 1, the reverse state chain runs on a
+#   side stream of priority chain_priority (lower is more urgent) while the band runs on the main stream, with
+#   beside_bv value columns per program (fewer programs hold fewer of the SMs the band wants); 0, after the band.
+#   (The chunk-parallel memory kernels beside the band too gained nothing: NOTES_backward.md.)
 # state_epi: the state chain's re-run and the epilogue backward in one launch (_state_epi_kernel: the chain's
 #   programs, state_epi_bv value columns each, count chunks ready; the epilogue's wait for theirs) instead of two.
 CONFIG = {"band": "auto", "chain_priority": -1, "dq": (64, 4, 2), "dkdv": (32, 4, 3), "sink_qs": 1024,
@@ -209,8 +209,8 @@ def prefill_bwd(dout, dht, q, k, v, a, b, z, A_log, dt_bias, norm_weight, o_weig
         an initial state.
     """
     beside = CONFIG["band_beside"]
-    if beside not in (0, 1, 2):
-        raise ValueError(f'backward.CONFIG["band_beside"] must be 0, 1 or 2, got {beside!r}')
+    if beside not in (0, 1):
+        raise ValueError(f'backward.CONFIG["band_beside"] must be 0 or 1, got {beside!r}')
     B, T, H, D = q.shape
     HKV = k.shape[2]
     dev, dt = q.device, q.dtype
@@ -332,25 +332,16 @@ def prefill_bwd(dout, dht, q, k, v, a, b, z, A_log, dt_bias, norm_weight, o_weig
                 W=W, S=S, qk_scale=qk_scale, sm_scale=D ** -0.5, H=H, HKV=HKV, D=D, BT=BT, BM=BM,
                 BAND=not ext_band, DET=slots is not None, num_warps=nw, num_stages=ns)
 
-        def mem_accumulators():
-            # fp32: the memory's raw d/dqn, and its d/dkn in two parts (state products, WY; l2norm backward of
-            # their sum in _attn_dkdv): made when the chunk-parallel kernels are next, not held through the band
-            return (empty(Tt, H, D, dtype=torch.float32, device=dev),
-                    torch.zeros(Tt, HKV, D, dtype=torch.float32, device=dev),
-                    torch.zeros(Tt, HKV, D, dtype=torch.float32, device=dev))
-
-        # the memory's gradients beside cuDNN's band (CONFIG["band_beside"]): the side stream forks here, before
-        # the band's launch, so that only what _epi_bwd made is waited for
+        # the reverse chain beside the band (CONFIG["band_beside"]): the side stream forks here, before the band's
+        # launch, so that only what _epi_bwd made is waited for
         use_side = CONFIG["side_stream"] and dev.type == "cuda" and not deterministic
-        beside = beside if (use_side and cudnn_band) else 0
+        beside = beside if (use_side and ext_band) else 0
         side = main = None
-        dhs = dvnew = None
+        dhs = None
         if beside:
             # the chain's output allocated before the band's buffers are freed on the main stream (a block freed
             # there after the fork could be handed to it while the band still reads it)
             dhs = empty(NT, H, D, D, dtype=dt, device=dev)
-            if beside == 2:
-                dq_acc, dkm_acc, dkw_acc = mem_accumulators()
             main = torch.cuda.current_stream(dev)
             side = pf.side_stream(dev, CONFIG["chain_priority"])
             side.wait_stream(main)
@@ -388,7 +379,7 @@ def prefill_bwd(dout, dht, q, k, v, a, b, z, A_log, dt_bias, norm_weight, o_weig
             # o_win (and the padded copies) are read by nothing else: free them before the memory passes
             del lse_n, lse_b, owin, epi, qb, kb, vb, ob_, dob
 
-        # ---- reverse state recurrence (a function: with the sm_90a band it runs on the side stream beside it) ----
+        # ---- reverse state recurrence (a function: beside the band it runs on the side stream) ----
         if dhs is None:
             dhs = empty(NT, H, D, D, dtype=dt, device=dev)
         # dv_new = dv_local + kd dh over dv_local's storage: each element is read and then written by the one chain
@@ -397,7 +388,7 @@ def prefill_bwd(dout, dht, q, k, v, a, b, z, A_log, dt_bias, norm_weight, o_weig
 
         def chain():
             # the forward's state-pass BV (more programs on a latency-bound loop), or fewer, wider programs
-            # beside cuDNN's band
+            # beside the band
             BV = min(CONFIG["beside_bv"], D) if beside else pf.CONFIG["state_bv"][D]
             km._dh_bwd_kernel[(D // BV, H, N)](
                 qg=qg, kd=kd, w=w, gc=gc, dm=dm, dvl=dvl, seq=seq,
@@ -407,38 +398,26 @@ def prefill_bwd(dout, dht, q, k, v, a, b, z, A_log, dt_bias, norm_weight, o_weig
 
         # deterministic: one stream (cuBLAS' do_weight product is reproducible only on one stream
         # without a fixed workspace configuration)
-        if beside:
-            # the band is on the main stream already; the chain (and with beside = 2 the chunk-parallel
-            # kernels, below) on the side stream; the tensors they read were allocated before the fork and
-            # live until the main stream waits for the side stream, or are marked (record_stream) where freed
-            # before that
-            with torch.cuda.stream(side):
-                chain()
-                if items is not None:
-                    sink()
-                dow = _do_weight(uo, dof)
-            dow.record_stream(main)
-            uo.record_stream(side)
-        elif use_side:
-            main = torch.cuda.current_stream(dev)
-            side = pf.side_stream(dev, CONFIG["chain_priority"] if band_args is not None else 0)
-            side.wait_stream(main)
+        if use_side:
+            if side is None:  # not forked before the band: the side stream takes the sink and do_weight only
+                main = torch.cuda.current_stream(dev)
+                side = pf.side_stream(dev, 0)
+                side.wait_stream(main)
+            # cuDNN's band is on the main stream already; ours is launched here, before the chain, so that its
+            # CTAs fill the GPU first (the chain, on a stream of higher priority, takes SMs as band CTAs retire).
+            # The tensors the side stream reads were allocated before the fork and live until the main stream
+            # waits for it, or are marked (record_stream) where freed before that
             if band_args is not None:
-                # the band's CTAs fill the GPU first; the chain, launched after it on a stream of higher
-                # priority, takes SMs as band CTAs retire (launched first on an idle GPU, its ~128 programs
-                # would spread one per SM and shut the band out until the chain's end)
                 _sm90_band_bwd(*band_args)
-            with torch.cuda.stream(side):  # inputs live until the joins: no record_stream
-                if band_args is not None:
+            with torch.cuda.stream(side):
+                if beside:
                     chain()
                 if items is not None:
                     sink()
                 dow = _do_weight(uo, dof)
             dow.record_stream(main)  # allocated on the side stream, converted on the main one
             uo.record_stream(side)  # freed below while the side stream may still read it
-            if band_args is not None:
-                main.wait_stream(side)  # the chain's dhs, dvnew (and the sink partials, do_weight)
-            else:
+            if not beside:
                 chain()
         else:  # one stream: the product now, so that u_epi is freed before the memory passes
             if band_args is not None:
@@ -457,40 +436,33 @@ def prefill_bwd(dout, dht, q, k, v, a, b, z, A_log, dt_bias, norm_weight, o_weig
         # the products with the states, split over key columns (raw d/dqn, d/dkn, dw, dgc parts) ...
         BK = min(CONFIG["mem_bk"], D)
         NK = D // BK
-        # beside the band (2) from the side stream's pool: a main-stream block could still be the band's
-        with torch.cuda.stream(side if beside == 2 else None):
-            dgc_part = empty(NK, Tt, H, dtype=torch.float32, device=dev)
-        if beside != 2:
-            dq_acc, dkm_acc, dkw_acc = mem_accumulators()
+        dgc_part = empty(NK, Tt, H, dtype=torch.float32, device=dev)
+        # fp32: the memory's raw d/dqn, and its d/dkn in two parts (state products, WY; l2norm backward of their sum
+        # in _attn_dkdv): made here, not held through the band
+        dq_acc = empty(Tt, H, D, dtype=torch.float32, device=dev)
+        dkm_acc = torch.zeros(Tt, HKV, D, dtype=torch.float32, device=dev)
+        dkw_acc = torch.zeros(Tt, HKV, D, dtype=torch.float32, device=dev)
         if mem_det:  # per query head, summed over the G heads below (tokens never absorbed keep 0)
             dkh = torch.zeros(Tt, H, D, dtype=torch.float32, device=dev)
             dvh = torch.zeros(Tt, H, D, dtype=torch.float32, device=dev)
-
-        def mem_grads():
-            km._mem_bwd_h_kernel[(NK, H, NT)](
-                q=qf, k=kf, seq=seq, chunks=chunks, gc=gc, hs=hs, dhs=dhs, vnew=vnew, dvnew=dvnew, dm=dm,
-                dq_acc=dq_acc, dkm_acc=dkh if mem_det else dkm_acc, dw_buf=dw_buf, dgc_part=dgc_part,
-                W=W, S=S, mem_scale=mem_scale, Tt=Tt, H=H, HKV=HKV, D=D, BT=BT, BK=BK, BV=min(CONFIG["mem_bv"], D),
-                USE_H0=use_h0, MAMBA2=mamba2, DET=mem_det, num_warps=CONFIG["mem_warps"],
-                num_stages=CONFIG["mem_stages"])
-            # ... then the WY backward, dv, dbeta and the cumsum of dgc -> dg, per (head, chunk)
-            km._mem_bwd_wy_kernel[(H, NT)](
-                k=kf, v=vf, a=af if af is not None else dummy, b=bf if bf is not None else dummy, A_log=A_logf,
-                dt_bias=dt_biasf, seq=seq, chunks=chunks, gc=gc, xs=xs, dvnew=dvnew, dw_buf=dw_buf,
-                dgc_part=dgc_part, dkw_acc=dkh if mem_det else dkw_acc, dv_acc=dvh if mem_det else dv_acc,
-                dg_tok=dg_tok, dbeta_tok=dbeta_tok, W=W, S=S, Tt=Tt,
-                H=H, HKV=HKV, D=D, BT=BT, BV=min(CONFIG["wy_bv"], D), NK=NK, GATES=gates, USE_H0=use_h0,
-                MAMBA2=mamba2, DET=mem_det, num_warps=CONFIG["wy_warps"])
-
-        if beside == 2:  # beside the band too; the buffers it reads are freed after the join below
-            with torch.cuda.stream(side):
-                mem_grads()
-            main.wait_stream(side)
-        else:
-            if beside:
-                main.wait_stream(side)  # the chain's dhs, dvnew
-            mem_grads()
-        del hs, dhs, dm, w, xs, vnew, dvnew, dvl, dw_buf, dgc_part
+        if beside:
+            main.wait_stream(side)  # the chain's dhs and dv_new
+        km._mem_bwd_h_kernel[(NK, H, NT)](
+            q=qf, k=kf, seq=seq, chunks=chunks, gc=gc, hs=hs, dhs=dhs, vnew=vnew, dvnew=dvnew, dm=dm,
+            dq_acc=dq_acc, dkm_acc=dkh if mem_det else dkm_acc, dw_buf=dw_buf, dgc_part=dgc_part,
+            W=W, S=S, mem_scale=mem_scale, Tt=Tt, H=H, HKV=HKV, D=D, BT=BT, BK=BK, BV=min(CONFIG["mem_bv"], D),
+            USE_H0=use_h0, MAMBA2=mamba2, DET=mem_det, num_warps=CONFIG["mem_warps"],
+            num_stages=CONFIG["mem_stages"])
+        del hs, dhs, dm
+        # ... then the WY backward, dv, dbeta and the cumsum of dgc -> dg, per (head, chunk)
+        km._mem_bwd_wy_kernel[(H, NT)](
+            k=kf, v=vf, a=af if af is not None else dummy, b=bf if bf is not None else dummy, A_log=A_logf,
+            dt_bias=dt_biasf, seq=seq, chunks=chunks, gc=gc, xs=xs, dvnew=dvnew, dw_buf=dw_buf, dgc_part=dgc_part,
+            dkw_acc=dkh if mem_det else dkw_acc, dv_acc=dvh if mem_det else dv_acc, dg_tok=dg_tok,
+            dbeta_tok=dbeta_tok, W=W, S=S, Tt=Tt,
+            H=H, HKV=HKV, D=D, BT=BT, BV=min(CONFIG["wy_bv"], D), NK=NK, GATES=gates, USE_H0=use_h0,
+            MAMBA2=mamba2, DET=mem_det, num_warps=CONFIG["wy_warps"])
+        del w, xs, vnew, dvnew, dvl, dw_buf, dgc_part
         if mem_det:
             dkm_acc = dkh.view(Tt, HKV, H // HKV, D).sum(2)
             dv_acc = dvh.view(Tt, HKV, H // HKV, D).sum(2)

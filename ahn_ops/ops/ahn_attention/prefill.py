@@ -285,12 +285,13 @@ def _sm90_launch(q, kx, vx, vnew, hs, o_weight, gc, z, norm_weight, window, sink
     # the CTAs' order: row block by row block over all heads beside the state chain (which makes the chunks
     # ready in that order, so fewer tiles are deferred), head by head otherwise; CONFIG["sm90_rows_outer"] forces
     # one (benchmarks). The grid's second dimension holds at most 65535 row blocks
+    n_mblocks = triton.cdiv(max(lens), 128)
     rows_outer = CONFIG["sm90_rows_outer"]
-    rows_outer = (ready is not None if rows_outer is None else rows_outer) and triton.cdiv(max(lens), 128) < 65536
+    rows_outer = (ready is not None if rows_outer is None else rows_outer) and n_mblocks < 65536
     if ready is None:
         o4, lse_e = _sm90_fwd(*args, chunk_start=chunk_start, rows_outer=rows_outer)
     else:
-        deferred = torch.zeros(triton.cdiv(max(lens), 128) * H * N, dtype=torch.uint8, device=q.device)
+        deferred = torch.zeros(n_mblocks * H * N, dtype=torch.uint8, device=q.device)
         o4, lse_e = _sm90_fwd(*args, ready, state_ready_target(D), deferred, chunk_start=chunk_start,
                               rows_outer=rows_outer)
         torch.cuda.current_stream(q.device).wait_stream(side)
