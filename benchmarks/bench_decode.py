@@ -21,6 +21,10 @@ Peers, same run, same shapes:
   ahn         torch.ops.ahn.decode_step (2 launches; PDL on sm_90), eager, do_bench median.
   ahn-graph   the same op, NL layers x R steps captured in one CUDA graph; time per layer-step.
   (+ variants: ahn without PDL, ahn on CUDA cores instead of tensor cores, unfused in a graph)
+  read        the floor at this size: the fastest of a few configurations of a plain streaming read
+              (Triton, persistent programs, 16-byte loads, an xor per program) of the same number of bytes
+              from NL rotated buffers, in a CUDA graph like ahn-graph; a copy's bandwidth is the floor for
+              large transfers only: a 36 MB read pays the launch, the ramp and the drain too.
 L2 (50 MB on H100): every timed call uses the next of NL layer caches, NL * bytes >= 150 MB,
 and triton's do_bench also flushes L2 between calls.
 
@@ -151,6 +155,42 @@ def unfused_call(x, c, p, t: int):
     u = m * torch.rsqrt(m.pow(2).mean(-1, keepdim=True) + 1e-5) * p["norm_weight"] * (z * torch.sigmoid(z))[..., None]
     y = torch.einsum("bhd,hde->bhe", u, p["o_weight"].float())
     return (o_win.float() + y).to(DTYPE)
+
+
+def _read_kernel():
+    import triton
+    import triton.language as tl
+
+    @triton.jit
+    def read_kernel(x, out, n, BLOCK: tl.constexpr):
+        # a streaming read: every program walks its share of x in BLOCK-element steps, xor-folds what it
+        # loaded (no floating point: the loads are the only work) and stores one word
+        pid, nprog = tl.program_id(0), tl.num_programs(0)
+        acc = tl.zeros([BLOCK], dtype=tl.int32)
+        for start in range(pid * BLOCK, n, nprog * BLOCK):
+            offs = start + tl.arange(0, BLOCK)
+            acc ^= tl.load(x + offs, mask=offs < n, other=0, cache_modifier=".cg")
+        tl.store(out + pid, tl.xor_sum(acc, 0))
+
+    return read_kernel
+
+
+def read_floor(nbytes: int, NL: int, reps=10):
+    """us of the fastest plain read of nbytes (rotating over NL buffers, in a CUDA graph as ahn-graph) over a
+    few (programs per SM, block, warps) configurations, and that configuration."""
+    kern = _read_kernel()
+    n = nbytes // 4
+    bufs = [torch.randint(-2**31, 2**31 - 1, (n,), dtype=torch.int32, device="cuda") for _ in range(NL)]
+    sms = torch.cuda.get_device_properties(0).multi_processor_count
+    best = (float("inf"), None)
+    for per_sm in (1, 2, 4, 8):
+        for block, warps in ((4096, 4), (8192, 8), (16384, 8)):
+            grid = (min(sms * per_sm, math.ceil(n / block)),)
+            out = torch.empty(grid[0], dtype=torch.int32, device="cuda")
+            us = graph_time([lambda b=b: kern[grid](b, out, n, BLOCK=block, num_warps=warps) for b in bufs], reps)
+            best = min(best, (us, f"{per_sm}/SM, {block} words, {warps} warps"))
+    del bufs
+    return best
 
 
 def graph_time(fns, reps=10):
@@ -370,6 +410,8 @@ def main():
                                                                    for c, p in layers])
             print("  B=1 graph us by keys/split: default %.1f, 256: %.1f, 1024: %.1f" % tuple(
                 row[k] for k in ("ahn_graph_us", "ahn_graph_split256_us", "ahn_graph_split1024_us")), flush=True)
+        row["read_us"], row["read_config"] = read_floor(nbytes, NL)
+        print(f"  B={B}: read floor {row['read_us']:.1f} us ({row['read_config']})", flush=True)
         if not args.no_peers:
             kvs = [(torch.randn(B, HKV, S + W, D, device="cuda", dtype=DTYPE, generator=gen),
                     torch.randn(B, HKV, S + W, D, device="cuda", dtype=DTYPE, generator=gen)) for _ in range(NL)]
@@ -402,12 +444,13 @@ def main():
             json.dump(results, f, indent=1)
     # the table last (the device tool returns the tail of the output)
     print(f"\nper layer-step, H={H} HKV={HKV} D={D} S={S} W={W} bf16 {KIND}; copy {copy_bw:.0f} GB/s")
-    hdr = ["B", "MB", "ahn us", "%bw", "graph us", "%bw", "noPDL", "simt", "sdpa us", "unfused", "unf-graph",
+    hdr = ["B", "MB", "ahn us", "%bw", "graph us", "%bw", "read us", "graph/rd", "noPDL", "simt", "sdpa us", "unfused", "unf-graph",
            "x unf", "x unf(g)"]
     print(" | ".join(f"{h:>9}" for h in hdr))
     for r in results["rows"]:
         pct = lambda k: 100 * r[k.replace("_us", "_GBps")] / copy_bw  # noqa: E731
         vals = [r["B"], r["bytes"] / 1e6, r["ahn_us"], pct("ahn_us"), r["ahn_graph_us"], pct("ahn_graph_us"),
+                r["read_us"], r["ahn_graph_us"] / r["read_us"],
                 r["ahn_nopdl_us"], r["ahn_simt_us"], r.get("sdpa_us", float("nan")),
                 r.get("unfused_us", float("nan")), r.get("unfused_graph_us", float("nan")),
                 r.get("unfused_us", float("nan")) / r["ahn_us"],
