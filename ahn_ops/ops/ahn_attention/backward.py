@@ -68,6 +68,7 @@ BT = pf.BT
 # Launch configuration; `python benchmarks/bench_backward.py --sweep` (and `--config KEY=VALUE`) re-derives it
 # (the measurements behind each choice: benchmarks/NOTES_backward.md, "Launch configuration").
 # dq, dkdv: (BN or BM, num_warps, num_stages) of the attention kernels (dkdv at 32 keys per step: fewest spills).
+# epi_warps: the epilogue backward's warps (_epi_bwd_kernel, and _state_epi_kernel's launch).
 # sink_qs: query tokens per program of the sink key blocks' split.
 # mem_*: _mem_bwd_h_kernel (BK key columns per program, BV value columns per loop step, warps, stages): its V loop
 #   keeps dots in flight across the prefetch copy, safe only because every buffer has the same depth
@@ -86,7 +87,7 @@ BT = pf.BT
 #   programs, state_epi_bv value columns each, count chunks ready; the epilogue's wait for theirs) instead of two.
 CONFIG = {"band": "auto", "chain_priority": -1, "dq": (64, 4, 2), "dkdv": (32, 4, 3), "sink_qs": 1024,
           "side_stream": True, "mem_bk": 64, "mem_bv": 64, "mem_warps": 8, "mem_stages": 3, "wy_bv": 32, "wy_warps": 4,
-          "dh_warps": 4, "dh_stages": 3, "do_weight_slices": 0, "band_beside": 1, "beside_bv": 64,
+          "dh_warps": 4, "dh_stages": 3, "epi_warps": 4, "do_weight_slices": 0, "band_beside": 1, "beside_bv": 64,
           "state_epi": False, "state_epi_bv": 16}
 
 
@@ -285,7 +286,7 @@ def prefill_bwd(dout, dht, q, k, v, a, b, z, A_log, dt_bias, norm_weight, o_weig
                    out=outf, delta=delta, owin=owin, STORE_OWIN=cudnn_band,
                    seq=seq, chunks=chunks, gc=gc, hs=hs, vnew=vnew, dm=dm, dvl=dvl, uo=uo, dz=dz, dnw_part=dnw_part,
                    W=W, S=S, mem_scale=mem_scale, H=H, HKV=HKV, D=D, BT=BT, USE_H0=use_h0, MAMBA2=mamba2,
-                   num_warps=4)
+                   num_warps=CONFIG["epi_warps"])
         # mamba2: the norm spans the H heads of a token: per-head partials first (phase 1), reduced below over
         # heads, then phase 2
         ssp = cp = dummy
