@@ -303,9 +303,8 @@ def sweep(kind="gdn", T=32768, W=4096, S=128, H=16, HKV=2, D=128):
     print(f"[sweep] chosen backward CONFIG: {bw.CONFIG}", flush=True)
 
 
-BESIDE_SETTINGS = (dict(band_beside=0), dict(band_beside=1, beside_bv=64), dict(epi_warps=8),
-                   dict(state_epi=True, state_epi_bv=16), dict(state_epi=True, state_epi_bv=32),
-                   dict(state_epi=True, state_epi_bv=64), dict(state_epi=True, state_epi_bv=32, epi_warps=8))
+BESIDE_SETTINGS = (dict(band_beside=1, beside_bv=64), dict(epi_warps=8), dict(state_epi=True, state_epi_bv=16),
+                   dict(state_epi=True, state_epi_bv=32), dict(state_epi=True, state_epi_bv=32, epi_warps=8))
 
 
 def beside_table(settings=BESIDE_SETTINGS):
@@ -327,7 +326,8 @@ def beside_table(settings=BESIDE_SETTINGS):
                 print(f"[beside] {kind} T{T} {tag} raised {type(e).__name__}: {str(e)[:300]}", flush=True)
                 continue
             split = ", ".join(f"{k_[:24]} {t_:.3f}" for k_, t_ in r["split"][:6])
-            print(f"[beside] {kind} T{T} W{W} S{S} {tag}: {split}", flush=True)
+            print(f"[beside] {kind} T{T} W{W} S{S} {tag}: fwd+bwd {r['fwd+bwd']:.3f} ms, peak {r['peak_GB']:.2f} GB;"
+                  f" {split}", flush=True)
             rows.append((f"{kind} T{T} W{W} S{S}", tag, r))
     bw.CONFIG.clear()
     bw.CONFIG.update(base)

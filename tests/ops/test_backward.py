@@ -211,18 +211,24 @@ def test_state_epi_launch_matches_two(kind, T, W, S, cu, h0, monkeypatch):
 
 
 @pytest.mark.skipif(DEV != "cuda", reason="the side stream exists on CUDA devices only")
-@pytest.mark.parametrize("kind,cu", [
-    pytest.param("gdn", None, id="gdn"),
-    pytest.param("dn", [0, 4480, 9000], id="dn-varlen"),
-    pytest.param("mamba2", None, id="mamba2"),
+@pytest.mark.parametrize("kind,cu,config", [
+    pytest.param("gdn", None, {}, id="gdn"),
+    pytest.param("dn", [0, 4480, 9000], {}, id="dn-varlen"),
+    pytest.param("mamba2", None, {}, id="mamba2"),
+    pytest.param("gdn", [0, 3000, 3001, 9000], {"state_epi": True, "epi_warps": 8}, id="gdn-varlen-state_epi-8warps"),
+    pytest.param("mamba2", None, {"state_epi": True, "state_epi_bv": 32}, id="mamba2-state_epi-32"),
 ])
-def test_memory_grads_beside_band(kind, cu, monkeypatch):
+def test_memory_grads_beside_band(kind, cu, config, monkeypatch):
     # backward.CONFIG["band_beside"] = 1: the reverse chain runs on a side stream while cuDNN's band runs on the
     # main stream. Same gradients (up to the order of the fp32 atomics) as after the band, and within the 2x rule
     # of the fp32 reference; a buffer handed from one stream to the other too early would show as a difference
-    # here (the chain and band kernels are long at this size)
+    # here (the chain and band kernels are long at this size). config: other backward settings for both runs (the
+    # fused state chain + epilogue launch, whose epilogue programs wait on the chain's counters, at this size)
     from ahn_ops.ops.ahn_attention import backward as bw
     from ahn_ops.ops.ahn_attention import prefill as pf
+
+    for key, val in config.items():
+        monkeypatch.setitem(bw.CONFIG, key, val)
 
     B, T, S, HKV, G, W, D = 1, 9000, 64, 2, 4, 1500, 128
     inp = make_inputs(kind, B, T, HKV * G, HKV, D, torch.bfloat16, device=DEV, seed=11)
