@@ -304,14 +304,16 @@ def sweep(kind="gdn", T=32768, W=4096, S=128, H=16, HKV=2, D=128):
 
 
 BESIDE_SETTINGS = (dict(band_beside=1, beside_bv=64), dict(epi_warps=8), dict(do_weight_slices=16),
-                   dict(state_epi=True, state_epi_bv=32), dict(state_epi=True, state_epi_bv=32, epi_warps=8))
+                   dict(sink=(64, 8, 3)), dict(state_epi=True, state_epi_bv=32),
+                   dict(state_epi=True, state_epi_bv=32, epi_warps=8))
 
 
 def beside_table(settings=BESIDE_SETTINGS):
     """fwd / bwd / fwd+bwd (ms) and peak memory for backward.CONFIG variants around cuDNN's band, in one process,
     at both of issue 33's shapes: the reverse chain after the band (band_beside 0) or beside it (1, at beside_bv
     value columns per program), the epilogue backward's warps (epi_warps), the o_weight product in 16 token slices
-    of 2048 tokens beside the band (do_weight_slices), and the state chain's re-run fused with
+    of 2048 tokens beside the band (do_weight_slices), the sink keys' kernel at 64 queries per step (sink), and the
+    state chain's re-run fused with
     the epilogue backward (state_epi, the chain at state_epi_bv columns); every other key as the defaults (or
     --config)."""
     rows = []

@@ -69,7 +69,7 @@ BT = pf.BT
 # (the measurements behind each choice: benchmarks/NOTES_backward.md, "Launch configuration").
 # dq, dkdv: (BN or BM, num_warps, num_stages) of the attention kernels (dkdv at 32 keys per step: fewest spills).
 # epi_warps: the epilogue backward's warps (_epi_bwd_kernel, and _state_epi_kernel's launch).
-# sink_qs: query tokens per program of the sink key blocks' split.
+# sink_qs: query tokens per program of the sink key blocks' split; sink: (BM, num_warps, num_stages) of their kernel.
 # mem_*: _mem_bwd_h_kernel (BK key columns per program, BV value columns per loop step, warps, stages): its V loop
 #   keeps dots in flight across the prefetch copy, safe only because every buffer has the same depth
 #   (benchmarks/kernel_regs.py --offline checks it); wy_*: _mem_bwd_wy_kernel; dh_*: the reverse state chain.
@@ -86,6 +86,7 @@ BT = pf.BT
 # state_epi: the state chain's re-run and the epilogue backward in one launch (_state_epi_kernel: the chain's
 #   programs, state_epi_bv value columns each, count chunks ready; the epilogue's wait for theirs) instead of two.
 CONFIG = {"band": "auto", "chain_priority": -1, "dq": (64, 4, 2), "dkdv": (32, 4, 3), "sink_qs": 1024,
+          "sink": (32, 4, 3),
           "side_stream": True, "mem_bk": 64, "mem_bv": 64, "mem_warps": 8, "mem_stages": 3, "wy_bv": 32, "wy_warps": 4,
           "dh_warps": 4, "dh_stages": 3, "epi_warps": 4, "do_weight_slices": 0, "band_beside": 1, "beside_bv": 64,
           "state_epi": False, "state_epi_bv": 16}
@@ -326,7 +327,7 @@ def prefill_bwd(dout, dht, q, k, v, a, b, z, A_log, dt_bias, norm_weight, o_weig
             slots[:, -1].zero_()
 
         def sink():
-            BM, nw, ns = CONFIG["dkdv"]
+            BM, nw, ns = CONFIG["sink"]
             ka._attn_dkdv_sink_kernel[(items.shape[0], HKV)](
                 q=qf, k=kf, v=vf, do=dof, seq=seq, items=items, lse=lsef, delta=delta,
                 dk_acc=dk_acc if slots is None else slots[0], dv_acc=dv_acc if slots is None else slots[1],
