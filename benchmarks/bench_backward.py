@@ -308,7 +308,10 @@ BESIDE_SETTINGS = (dict(band_beside=1, beside_bv=64), dict(epi_warps=8), dict(do
                    dict(state_epi=True, state_epi_bv=32, epi_warps=8))
 
 
-def beside_table(settings=BESIDE_SETTINGS):
+BESIDE_SHAPES = {32768: ("gdn", 32768, 4096, 128), 24576: ("gdn", 24576, 2048, 0)}
+
+
+def beside_table(settings=BESIDE_SETTINGS, shapes=tuple(BESIDE_SHAPES.values())):
     """fwd / bwd / fwd+bwd (ms) and peak memory for backward.CONFIG variants around cuDNN's band, in one process,
     at both of issue 33's shapes: the reverse chain after the band (band_beside 0) or beside it (1, at beside_bv
     value columns per program), the epilogue backward's warps (epi_warps), the o_weight product in 16 token slices
@@ -318,7 +321,7 @@ def beside_table(settings=BESIDE_SETTINGS):
     --config)."""
     rows = []
     base = dict(bw.CONFIG)
-    for kind, T, W, S in (("gdn", 32768, 4096, 128), ("gdn", 24576, 2048, 0)):
+    for kind, T, W, S in shapes:
         for st in settings:
             bw.CONFIG.clear()
             bw.CONFIG.update(base, **st)
@@ -365,6 +368,8 @@ def main():
     ap.add_argument("--deterministic", action="store_true", help="also time deterministic=True (same run)")
     ap.add_argument("--beside", action="store_true",
                     help="only the timings of backward.CONFIG variants around cuDNN's band (band_beside, state_epi)")
+    ap.add_argument("--beside-T", type=int, nargs="+", default=list(BESIDE_SHAPES), choices=list(BESIDE_SHAPES),
+                    help="--beside: issue 33's shapes to time, by T")
     ap.add_argument("--config", nargs="*", default=[], metavar="KEY=VALUE",
                     help="backward.CONFIG overrides for the whole run (int, comma-separated tuple, or None)")
     args = ap.parse_args()
@@ -372,7 +377,7 @@ def main():
     print(f"[env] torch {torch.__version__} triton {triton.__version__} {torch.cuda.get_device_name()} "
           f"backward.CONFIG {bw.CONFIG}")
     if args.beside:
-        beside_table()
+        beside_table(shapes=tuple(BESIDE_SHAPES[T] for T in args.beside_T))
         return
     checks = []
     if args.check:
