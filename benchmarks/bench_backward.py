@@ -313,11 +313,10 @@ BESIDE_SHAPES = {32768: ("gdn", 32768, 4096, 128), 24576: ("gdn", 24576, 2048, 0
 
 def beside_table(settings=BESIDE_SETTINGS, shapes=tuple(BESIDE_SHAPES.values())):
     """fwd / bwd / fwd+bwd (ms) and peak memory for backward.CONFIG variants around cuDNN's band, in one process,
-    at both of issue 33's shapes: the reverse chain after the band (band_beside 0) or beside it (1, at beside_bv
-    value columns per program), the epilogue backward's warps (epi_warps), the o_weight product in 16 token slices
-    of 2048 tokens beside the band (do_weight_slices), the sink keys' kernel at 64 queries per step (sink), and the
-    state chain's re-run fused with
-    the epilogue backward (state_epi, the chain at state_epi_bv columns); every other key as the defaults (or
+    at issue 33's shapes: the reverse chain beside the band (band_beside 1, at beside_bv value columns per
+    program), the epilogue backward's warps (epi_warps), the o_weight product in 16 token slices of 2048 tokens
+    (do_weight_slices), the sink keys' kernel at 64 queries per step (sink), and the state chain's re-run fused
+    with the epilogue backward (state_epi, the chain at state_epi_bv columns); every other key as the defaults (or
     --config)."""
     rows = []
     base = dict(bw.CONFIG)
