@@ -143,7 +143,7 @@ def test_do_weight_token_slices(Tt, H, D, dtype, monkeypatch):
     g = torch.Generator(device="cpu").manual_seed(Tt + H)
     u, dy = (torch.randn(Tt, H, D, generator=g).to(DEV, dtype) for _ in range(2))
     want = torch.einsum("thi,thj->hij", u.double(), dy.double())
-    for slices in (0, 1, 3, 264):
+    for slices in (0, 1, 3, 16, 264):
         monkeypatch.setitem(bw.CONFIG, "do_weight_slices", slices)
         got = bw._do_weight(u, dy)
         assert got.shape == (H, D, D) and got.dtype == torch.float32
@@ -341,13 +341,16 @@ def test_delta_from_out_minus_memory(kind, cu, rows, monkeypatch):
         assert torch.isfinite(a).all() and e < (2e-4 if n in ("A_log", "dt_bias", "a") else 2e-5), n
 
 
-def test_sink_split_and_unmasked_interior(monkeypatch):
+@pytest.mark.parametrize("sink_cfg", [(32, 4, 3), (64, 8, 3)], ids=["BM32", "BM64"])
+def test_sink_split_and_unmasked_interior(sink_cfg, monkeypatch):
     # W = 130 >= 2 blocks: the dq/lse/dkdv bands have unmasked interior blocks; S = 70: two sink
     # key blocks (the second one partly sinks) whose queries past the band are split into ranges
-    # of 64 tokens (backward.CONFIG["sink_qs"]), each its own program adding with atomics
+    # of 64 tokens (backward.CONFIG["sink_qs"]), each its own program adding with atomics, at 32 or 64
+    # queries per step (backward.CONFIG["sink"])
     from ahn_ops.ops.ahn_attention import backward as bw
 
     monkeypatch.setitem(bw.CONFIG, "sink_qs", 64)
+    monkeypatch.setitem(bw.CONFIG, "sink", sink_cfg)
     kind, T, W, S, G, HKV, D = "gdn", 320, 130, 70, 2, 1, 64
     inp = make_inputs(kind, 1, T, HKV * G, HKV, D, torch.float32, device=DEV, seed=11)
     dout = torch.randn(1, T, HKV * G, D, device=DEV)
