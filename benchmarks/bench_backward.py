@@ -38,7 +38,7 @@ ahn_ops = C.import_ahn_ops()
 import triton  # noqa: E402
 
 from ahn_ops.ops.ahn_attention import backward as bw  # noqa: E402
-from ahn_ops.ops.ahn_attention import prefill  # noqa: E402,F401  (registers the ops + autograd)
+from ahn_ops.ops.ahn_attention import prefill  # noqa: E402  (registers the ops + autograd)
 from ahn_ops.ops.ahn_attention import reference as ref  # noqa: E402
 
 NAMES = ("q", "k", "v", "a", "b", "z", "A_log", "dt_bias", "norm_weight", "o_weight")
@@ -304,8 +304,8 @@ def sweep(kind="gdn", T=32768, W=4096, S=128, H=16, HKV=2, D=128):
 
 
 BESIDE_SETTINGS = (dict(band_beside=1, beside_bv=64), dict(epi_warps=8), dict(do_weight_slices=16),
-                   dict(sink=(64, 8, 3)), dict(state_epi=True, state_epi_bv=32),
-                   dict(state_epi=True, state_epi_bv=32, epi_warps=8))
+                   dict(sink=(64, 8, 3)), dict(prep_maxnreg=168), dict(prep_warps=8, prep_maxnreg=128),
+                   dict(state_epi=True, state_epi_bv=32), dict(state_epi=True, state_epi_bv=32, epi_warps=8))
 
 
 BESIDE_SHAPES = {32768: ("gdn", 32768, 4096, 128), 24576: ("gdn", 24576, 2048, 0)}
@@ -315,15 +315,19 @@ def beside_table(settings=BESIDE_SETTINGS, shapes=tuple(BESIDE_SHAPES.values()))
     """fwd / bwd / fwd+bwd (ms) and peak memory for backward.CONFIG variants around cuDNN's band, in one process,
     at issue 33's shapes: the reverse chain beside the band (band_beside 1, at beside_bv value columns per
     program), the epilogue backward's warps (epi_warps), the o_weight product in 16 token slices of 2048 tokens
-    (do_weight_slices), the sink keys' kernel at 64 queries per step (sink), and the state chain's re-run fused
+    (do_weight_slices), the sink keys' kernel at 64 queries per step (sink), the prep pass's register cap for more
+    programs per SM (prefill.CONFIG prep_maxnreg, prep_warps: forward and re-run), and the state chain's re-run fused
     with the epilogue backward (state_epi, the chain at state_epi_bv columns); every other key as the defaults (or
     --config)."""
     rows = []
-    base = dict(bw.CONFIG)
+    base, pbase = dict(bw.CONFIG), dict(prefill.CONFIG)
     for kind, T, W, S in shapes:
         for st in settings:
             bw.CONFIG.clear()
-            bw.CONFIG.update(base, **st)
+            bw.CONFIG.update(base, **{k: v for k, v in st.items() if k in base})
+            # the prep pass's keys live in prefill.CONFIG (the forward's pass and the backward's re-run)
+            prefill.CONFIG.clear()
+            prefill.CONFIG.update(pbase, **{k: v for k, v in st.items() if k not in base})
             tag = " ".join(f"{k}={v}" for k, v in st.items())
             try:
                 r = bench(kind, T, W, S, flex=False)
@@ -336,6 +340,8 @@ def beside_table(settings=BESIDE_SETTINGS, shapes=tuple(BESIDE_SHAPES.values()))
             rows.append((f"{kind} T{T} W{W} S{S}", tag, r))
     bw.CONFIG.clear()
     bw.CONFIG.update(base)
+    prefill.CONFIG.clear()
+    prefill.CONFIG.update(pbase)
     print("\n== backward variants around cuDNN's band (ms, median), B=1 H=16 HKV=2 D=128 bf16 ==")
     print(f"  {'shape':24s} {'setting':36s} {'fwd':>7s} {'bwd':>7s} {'fwd+bwd':>8s} {'peak GB':>8s}")
     for shape, tag, r in rows:

@@ -274,7 +274,7 @@ def prefill_bwd(dout, dht, q, k, v, a, b, z, A_log, dt_bias, norm_weight, o_weig
         pk._prep_kernel[(NT, H)](
             kx=kf, vx=vf, a=af if af is not None else dummy, b=bf if bf is not None else dummy,
             A_log=A_logf, dt_bias=dt_biasf, seq=seq, chunks=chunks, gc=gc, w=w, u=u, kd=kd, xs=xs, H=H, HKV=HKV, D=D,
-            W=W, S=S, BT=BT, GATES=gates, MAMBA2=mamba2, AB_RS=H, STORE_X=not mamba2, num_warps=pf.CONFIG["prep_warps"])
+            W=W, S=S, BT=BT, GATES=gates, MAMBA2=mamba2, AB_RS=H, STORE_X=not mamba2, **pf.prep_launch())
         hs = empty(NT, H, D, D, dtype=dt, device=dev)
         vnew = u if mamba2 else empty(Tt, H, D, dtype=dt, device=dev)
         h0 = initial_state.float().contiguous() if use_h0 else None

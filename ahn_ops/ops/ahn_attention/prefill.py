@@ -70,12 +70,14 @@ SUPPORTED_D = (64, 128)
 # fwd_rows: None picks 64 rows, or fwd_long = (min window, rows, cfg) at D = 128 and long windows, where
 #   128-row programs read each K/V block of the band half as often; an int forces the rows (with "fwd").
 # state_*: the sequential state pass, 16 value columns per program at D = 128 (more programs on a
-#   latency-bound chain); prep_warps, norm_bm: the prep pass and the Mamba2 norm kernel.
+#   latency-bound chain); prep_warps, norm_bm: the prep pass and the Mamba2 norm kernel; prep_maxnreg: None, or
+#   a register cap for the prep pass (more programs per SM on its latency-bound inverse, at some spills).
 CONFIG = {"band": os.environ.get("AHN_PREFILL_ENGINE") or "auto", "sm90_variant": 1, "sm90_overlap": "prefill",
           "sm90_overlap_min": (4096, 16384), "sm90_side_priority": -1, "sm90_state_bv": 64, "sm90_rows_outer": None,
           "side_priority": 0,
           "fwd": (64, 4, 3), "fwd_band_in": (64, 4, 1), "fwd_rows": None, "fwd_long": (8192, 128, (64, 8, 3)),
-          "state_bv": {64: 64, 128: 16}, "state_warps": 4, "state_stages": 3, "prep_warps": 4, "norm_bm": 32}
+          "state_bv": {64: 64, 128: 16}, "state_warps": 4, "state_stages": 3, "prep_warps": 4, "prep_maxnreg": None,
+          "norm_bm": 32}
 
 
 # ---------------------------------------------------------------------------------------------
@@ -132,13 +134,20 @@ def state_ready_target(D: int) -> int:
     return D // CONFIG["sm90_state_bv"]
 
 
+def prep_launch() -> dict:
+    """The prep pass's launch options (the forward's and the backward's re-run): its warps, and its register cap
+    where CONFIG sets one."""
+    cap = CONFIG["prep_maxnreg"]
+    return {"num_warps": CONFIG["prep_warps"], **({"maxnreg": cap} if cap else {})}
+
+
 def _memory_passes(kx, vx, a, b, ab_rs, A_log, dt_bias, seq, chunks, NT, N, H, HKV, D, window, sinks, gates, mamba2,
                    initial_state, bufs, stage, ready=None):
     gc, w, u, kd, hs, vnew, ht, dummy = bufs
     _prep_kernel[(NT, H)](
         kx=kx, vx=vx, a=a, b=b, A_log=A_log, dt_bias=dt_bias, seq=seq, chunks=chunks, gc=gc, w=w, u=u, kd=kd,
         xs=dummy, H=H, HKV=HKV, D=D, W=window, S=sinks, BT=BT, GATES=gates, MAMBA2=mamba2, AB_RS=ab_rs,
-        num_warps=CONFIG["prep_warps"])
+        **prep_launch())
     if stage == "prep":  # benchmarks: the parallel prep pass alone
         return
     h0 = initial_state.float().contiguous() if initial_state is not None else None
