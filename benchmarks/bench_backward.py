@@ -372,7 +372,7 @@ def main():
     ap.add_argument("--sweep", action="store_true", help="launch-config sweep of dkdv / dq before the timings")
     ap.add_argument("--deterministic", action="store_true", help="also time deterministic=True (same run)")
     ap.add_argument("--beside", action="store_true",
-                    help="only the timings of backward.CONFIG variants around cuDNN's band (band_beside, state_epi)")
+                    help="only the timings of the variants around cuDNN's band (BESIDE_SETTINGS)")
     ap.add_argument("--beside-T", type=int, nargs="+", default=list(BESIDE_SHAPES), choices=list(BESIDE_SHAPES),
                     help="--beside: issue 33's shapes to time, by T")
     ap.add_argument("--config", nargs="*", default=[], metavar="KEY=VALUE",

@@ -170,7 +170,7 @@ stage() {
         | tail -16
       ;;
     beside)
-      # backward variants around cuDNN's band (backward.CONFIG band_beside, state_epi): their GPU tests, the timings
+      # backward variants around cuDNN's band (bench_backward.BESIDE_SETTINGS): their GPU tests, the timings
       timeout 240 python3 -m pytest -q -rf tests/ops/test_backward.py -k "beside_band or side_stream or state_epi" 2>&1 | tail -3
       timeout 300 python3 benchmarks/bench_backward.py --beside 2>&1 | tee "$out/beside.log" | tail -18
       ;;
