@@ -34,6 +34,7 @@ Run:  python benchmarks/bench_decode.py [--batch 1 16 64] [--out results.json]
 from __future__ import annotations
 
 import argparse
+import functools
 import json
 import math
 import os
@@ -157,7 +158,9 @@ def unfused_call(x, c, p, t: int):
     return (o_win.float() + y).to(DTYPE)
 
 
+@functools.lru_cache(maxsize=None)
 def _read_kernel():
+    """One JIT function for every size (its compiles are cached per configuration)."""
     import triton
     import triton.language as tl
 
