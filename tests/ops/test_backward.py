@@ -213,7 +213,7 @@ def test_state_epi_launch_matches_two(kind, T, W, S, cu, h0, monkeypatch):
 @pytest.mark.skipif(DEV != "cuda", reason="the side stream exists on CUDA devices only")
 @pytest.mark.parametrize("kind,cu,config", [
     pytest.param("gdn", None, {}, id="gdn"),
-    pytest.param("dn", [0, 4480, 9000], {}, id="dn-varlen"),
+    pytest.param("dn", [0, 4480, 9000], {"chain_join": "event"}, id="dn-varlen-chain_event"),
     pytest.param("mamba2", None, {}, id="mamba2"),
     pytest.param("gdn", [0, 3000, 3001, 9000],
                  {"state_epi": True, "epi_warps": 8, "sink": (64, 8, 3), "do_weight_slices": 16, "prep_maxnreg": 168},
@@ -227,7 +227,8 @@ def test_memory_grads_beside_band(kind, cu, config, monkeypatch):
     # here (the chain and band kernels are long at this size). config: other backward settings for both runs (the
     # fused state chain + epilogue launch, whose epilogue programs wait on the chain's counters, at this size; the
     # epilogue at 8 warps, the sink keys' kernel at 64 queries per step, the o_weight product in token slices, the
-    # prep pass under a register cap: prefill.CONFIG, forward and re-run)
+    # prep pass under a register cap: prefill.CONFIG, forward and re-run; the memory kernels after the band waiting
+    # for the chain alone, not for the sink kernel and the o_weight product queued behind it: chain_join)
     from ahn_ops.ops.ahn_attention import backward as bw
     from ahn_ops.ops.ahn_attention import prefill as pf
 
@@ -253,12 +254,13 @@ def test_memory_grads_beside_band(kind, cu, config, monkeypatch):
     check_bf16_grad_rule(g1, gr, gt)
 
 
-def test_band_beside_setting_is_checked(monkeypatch):
+@pytest.mark.parametrize("key,val", [("band_beside", 2), ("chain_join", "events")])
+def test_band_beside_setting_is_checked(key, val, monkeypatch):
     from ahn_ops.ops.ahn_attention import backward as bw
 
-    monkeypatch.setitem(bw.CONFIG, "band_beside", 2)
+    monkeypatch.setitem(bw.CONFIG, key, val)
     inp = make_inputs("gdn", 1, 70, 2, 1, 64, torch.float32, device=DEV, seed=1)
-    with pytest.raises(ValueError, match="band_beside"):
+    with pytest.raises(ValueError, match=key):
         kernel_grads(inp, torch.randn(1, 70, 2, 64, device=DEV), 8, 2, "gdn", None)
 
 

@@ -85,11 +85,14 @@ BT = pf.BT
 #   (The chunk-parallel memory kernels beside the band too gained nothing: NOTES_backward.md.)
 # state_epi: the state chain's re-run and the epilogue backward in one launch (_state_epi_kernel: the chain's
 #   programs, state_epi_bv value columns each, count chunks ready; the epilogue's wait for theirs) instead of two.
+# chain_join (with band_beside): what the chunk-parallel memory kernels after the band wait for on the side stream,
+#   "stream" (all of it: the chain, then the sink kernel and the o_weight product queued behind it) or "event" (the
+#   chain alone; the dkdv kernel still waits for the whole side stream).
 CONFIG = {"band": "auto", "chain_priority": -1, "dq": (64, 4, 2), "dkdv": (32, 4, 3), "sink_qs": 1024,
           "sink": (32, 4, 3),
           "side_stream": True, "mem_bk": 64, "mem_bv": 64, "mem_warps": 8, "mem_stages": 3, "wy_bv": 32, "wy_warps": 4,
           "dh_warps": 4, "dh_stages": 3, "epi_warps": 4, "do_weight_slices": 0, "band_beside": 1, "beside_bv": 64,
-          "state_epi": False, "state_epi_bv": 16}
+          "state_epi": False, "state_epi_bv": 16, "chain_join": "stream"}
 
 
 def _mm_f32(x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
@@ -213,6 +216,8 @@ def prefill_bwd(dout, dht, q, k, v, a, b, z, A_log, dt_bias, norm_weight, o_weig
     beside = CONFIG["band_beside"]
     if beside not in (0, 1):
         raise ValueError(f'backward.CONFIG["band_beside"] must be 0 or 1, got {beside!r}')
+    if CONFIG["chain_join"] not in ("stream", "event"):
+        raise ValueError(f'backward.CONFIG["chain_join"] must be "stream" or "event", got {CONFIG["chain_join"]!r}')
     B, T, H, D = q.shape
     HKV = k.shape[2]
     dev, dt = q.device, q.dtype
@@ -339,7 +344,7 @@ def prefill_bwd(dout, dht, q, k, v, a, b, z, A_log, dt_bias, norm_weight, o_weig
         use_side = CONFIG["side_stream"] and dev.type == "cuda" and not deterministic
         beside = beside if (use_side and ext_band) else 0
         side = main = None
-        dhs = None
+        dhs = chain_done = None
         if beside:
             # the chain's output allocated before the band's buffers are freed on the main stream (a block freed
             # there after the fork could be handed to it while the band still reads it)
@@ -414,6 +419,9 @@ def prefill_bwd(dout, dht, q, k, v, a, b, z, A_log, dt_bias, norm_weight, o_weig
             with torch.cuda.stream(side):
                 if beside:
                     chain()
+                    if CONFIG["chain_join"] == "event":
+                        chain_done = torch.cuda.Event()
+                        chain_done.record(side)
                 if items is not None:
                     sink()
                 dow = _do_weight(uo, dof)
@@ -447,8 +455,11 @@ def prefill_bwd(dout, dht, q, k, v, a, b, z, A_log, dt_bias, norm_weight, o_weig
         if mem_det:  # per query head, summed over the G heads below (tokens never absorbed keep 0)
             dkh = torch.zeros(Tt, H, D, dtype=torch.float32, device=dev)
             dvh = torch.zeros(Tt, H, D, dtype=torch.float32, device=dev)
-        if beside:
-            main.wait_stream(side)  # the chain's dhs and dv_new
+        if beside:  # the chain's dhs and dv_new
+            if chain_done is not None:
+                main.wait_event(chain_done)
+            else:
+                main.wait_stream(side)
         km._mem_bwd_h_kernel[(NK, H, NT)](
             q=qf, k=kf, seq=seq, chunks=chunks, gc=gc, hs=hs, dhs=dhs, vnew=vnew, dvnew=dvnew, dm=dm,
             dq_acc=dq_acc, dkm_acc=dkh if mem_det else dkm_acc, dw_buf=dw_buf, dgc_part=dgc_part,
