@@ -22,6 +22,7 @@
 #   bash benchmarks/device_check.sh overlap          # the memory passes beside the sm_90a kernel: every kind, the
 #                                                    # cache path, the backward's do_weight split (timings)
 #   bash benchmarks/device_check.sh beside           # backward variants around cuDNN's band: tests, timings
+#   bash benchmarks/device_check.sh prep             # the memory's prep pass alone: settings, kinds, ncu
 #   bash benchmarks/device_check.sh bg:demo tests    # both at once
 #
 # The extension is built once per change of its sources: see "The extension" below (.devbuild/, carried).
@@ -168,6 +169,19 @@ stage() {
       timeout 150 python3 -m pytest -q -rf tests/ops/test_backward.py -k do_weight 2>&1 | tail -2
       timeout 200 python3 benchmarks/bench_backward.py --config do_weight_slices=264 2>&1 | tee "$out/bwd_slices.log" \
         | tail -16
+      ;;
+    prep)
+      # the memory's prep pass alone (issue 32's serial prefix): launch settings x kinds x shapes, the fused
+      # forward at 32k under each, then Nsight Compute on one launch at 32k (what its warps wait on)
+      timeout 330 python3 benchmarks/bench_prep.py 2>&1 | tee "$out/prep.log" | tail -26
+      if command -v ncu >/dev/null; then
+        timeout 150 ncu --clock-control none --launch-skip 1 --launch-count 1 -k regex:_prep_kernel \
+          --section SpeedOfLight --section Occupancy --section WarpStateStats --section MemoryWorkloadAnalysis \
+          --section LaunchStats --metrics 'regex:smsp__average_warps_issue_stalled_.*_per_issue_active\.ratio' \
+          python3 benchmarks/bench_prep.py --ncu-target >"$out/ncu_prep.txt" 2>&1
+        grep -E "Duration|DRAM Throughput|Memory Throughput|Compute \(SM\)|Achieved Occupancy|Registers Per|Issued Warp|Warp Cycles Per Issued|stalled_(long_scoreboard|short_scoreboard|math|wait|barrier|mio|lg|not_selected|dispatch)" \
+          "$out/ncu_prep.txt" | head -40
+      fi
       ;;
     beside)
       # backward variants around cuDNN's band (bench_backward.BESIDE_SETTINGS): their GPU tests, the timings

@@ -1,0 +1,100 @@
+"""The memory's prep pass (``_prep_kernel``: gates, l2norm, the WY inverse, w, u and the decayed keys) alone.
+
+    python benchmarks/bench_prep.py                  # launch settings x kinds x shapes, then the fused forward
+    python benchmarks/bench_prep.py --ncu-target     # one warm-up and one timed-for-ncu prep launch at T=32768
+
+The pass runs before anything else in the forward (0.44 ms of 2.64 at T=32k on an H100) and again in the
+backward's recompute, so its time is the forward's serial prefix. Per (64-token chunk, head) it reads the
+chunk's keys and values (shared by the G heads of a group, mostly from L2) and writes w, u and kd in the input
+dtype (3 x T x H x D x 2 bytes: 402 MB at T=32k, H=16, D=128; 0.13 ms at 3 TB/s), so most of its time is the
+latency of each program's chain: the products, then the inverse's 15 substitution steps, then two more
+products. Mamba2's pass has no inverse (w = 0, u = dt v): the difference between the kinds is the inverse's
+share. Settings: ``prefill.CONFIG`` keys ``prep_warps`` and ``prep_maxnreg`` (a register cap: at 212 registers
+two programs of 4 warps fit an SM; at 168, three).
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+
+import torch
+import triton
+
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+import common as C  # noqa: E402
+
+C.import_ahn_ops()
+
+from bench_prefill import make  # noqa: E402
+
+from ahn_ops.ops.ahn_attention import prefill as P  # noqa: E402
+
+SHAPES = {32768: 4096, 131072: 32640}  # T: W (S = 128, H = 16, HKV = 2, D = 128, bf16)
+SETTINGS = (dict(), dict(prep_maxnreg=168), dict(prep_maxnreg=128), dict(prep_warps=8),
+            dict(prep_warps=8, prep_maxnreg=128), dict(prep_warps=2))
+
+
+def med(fn):
+    return triton.testing.do_bench(fn, warmup=25, rep=200, return_mode="median")
+
+
+def _with(setting, fn):
+    base = dict(P.CONFIG)
+    P.CONFIG.update(setting)
+    try:
+        return fn()
+    finally:
+        P.CONFIG.clear()
+        P.CONFIG.update(base)
+
+
+def table(kinds, Ts, settings=SETTINGS, full=True):
+    H, HKV, D, S = 16, 2, 128, 128
+    rows = []
+    for T in Ts:
+        W = SHAPES[T]
+        for kind in kinds:
+            args = make(kind, 1, T, H, HKV, D)
+            floor = (3 if kind != "mamba2" else 2) * T * H * D * 2 / 3.0e12 * 1e3  # ms of writes at 3 TB/s
+            for st in settings:
+                tag = " ".join(f"{k}={v}" for k, v in st.items()) or "default"
+                try:
+                    t = _with(st, lambda: med(lambda: P.prefill_fwd(*args, W, S, kind, stage="prep")))
+                    tf = (_with(st, lambda: med(lambda: P.prefill_fwd(*args, W, S, kind)))
+                          if full and T == 32768 else float("nan"))
+                except Exception as e:  # noqa: BLE001
+                    print(f"[prep] {kind} T{T} {tag} raised {type(e).__name__}: {str(e)[:200]}", flush=True)
+                    continue
+                rows.append((kind, T, tag, t, tf, floor))
+                print(f"[prep] {kind} T{T} {tag}: prep {t:.3f} ms, forward {tf:.3f} ms", flush=True)
+            del args
+            torch.cuda.empty_cache()
+    print(f"\n{torch.cuda.get_device_name()}; B=1 H={H}/{HKV} D={D} S={S} bf16; median ms")
+    print("| kind | T | setting | prep pass | writes at 3 TB/s | fused forward (32k) |")
+    print("|---|---|---|---|---|---|")
+    for kind, T, tag, t, tf, floor in rows:
+        print(f"| {kind} | {T} | {tag} | {t:.3f} | {floor:.3f} | {tf:.3f} |")
+    return rows
+
+
+def main():
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--kinds", nargs="+", default=["gdn", "mamba2"], choices=("gdn", "dn", "mamba2"))
+    ap.add_argument("--T", nargs="+", type=int, default=list(SHAPES), choices=list(SHAPES))
+    ap.add_argument("--no-full", action="store_true", help="the prep pass only (not the fused forward at 32k)")
+    ap.add_argument("--ncu-target", action="store_true",
+                    help="two prep launches at T=32768 (gdn, default settings) for Nsight Compute: skip 1, count 1")
+    a = ap.parse_args()
+    if a.ncu_target:
+        args = make("gdn", 1, 32768, 16, 2, 128)
+        for _ in range(2):
+            P.prefill_fwd(*args, SHAPES[32768], 128, "gdn", stage="prep")
+        torch.cuda.synchronize()
+        return
+    table(a.kinds, a.T, full=not a.no_full)
+
+
+if __name__ == "__main__":
+    main()
