@@ -181,6 +181,12 @@ stage() {
           python3 benchmarks/bench_prep.py --ncu-target >"$out/ncu_prep.txt" 2>&1
         grep -E "Duration|DRAM Throughput|Memory Throughput|Compute \(SM\)|Achieved Occupancy|Registers Per|Issued Warp|Warp Cycles Per Issued|stalled_(long_scoreboard|short_scoreboard|math|wait|barrier|mio|lg|not_selected|dispatch)" \
           "$out/ncu_prep.txt" | head -40
+        # where the warps stall, per SASS instruction (sampled): which part of the pass holds its time
+        timeout 150 ncu --clock-control none --launch-skip 1 --launch-count 1 -k regex:_prep_kernel \
+          --section SourceCounters --section WarpStateStats -f -o "$out/prep_src" \
+          python3 benchmarks/bench_prep.py --ncu-target >/dev/null 2>&1 \
+          && ncu -i "$out/prep_src.ncu-rep" --page source --csv --print-source sass >"$out/prep_sass.csv" 2>&1
+        ls -la "$out"/prep_src* "$out/prep_sass.csv" 2>/dev/null; head -c 600 "$out/prep_sass.csv" 2>/dev/null
       fi
       ;;
     beside)
