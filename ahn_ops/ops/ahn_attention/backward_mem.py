@@ -258,18 +258,29 @@ def _dh_bwd_kernel(
         c0 = 0
     else:
         c0 = tl.maximum(S + W, 0) // BT
+    # exp(gc at each chunk's last row) and dv_local, dv_new's first term, loaded one chunk ahead: issued in the step
+    # that uses them, they sat on the chain's critical path (dv_local is the first product's accumulator, not an
+    # operand, so the pipeliner leaves it a plain load). dv_new is stored over dv_local chunk by chunk: the chunk
+    # read ahead is written one step later, by the same program
+    b_gnext = tl.load(gc + (bos + T - 1) * H + i_h, mask=c0 < NT, other=0.)
+    o_n = (NT - 1) * BT + o_t
+    b_dvl_next = tl.load(dvl + ((bos + o_n) * H + i_h)[:, None] * D + o_v[None, :],
+                         mask=((o_n < T) & (c0 < NT))[:, None], other=0.)
     for i_r in range(0, NT - c0):
         i_c = NT - 1 - i_r
+        b_glast = b_gnext
+        b_dvl = b_dvl_next.to(tl.float32)  # [BT, BV]
+        b_gnext = tl.load(gc + (bos + tl.minimum(tl.maximum(i_c, 1) * BT, T) - 1) * H + i_h)  # the chunk before's
+        o_n = (i_c - 1) * BT + o_t
+        b_dvl_next = tl.load(dvl + ((bos + o_n) * H + i_h)[:, None] * D + o_v[None, :],
+                             mask=((o_n >= 0) & (o_n < T) & (i_c > c0))[:, None], other=0.)
         tl.store(dhs + (((coff + i_c) * H + i_h) * D + o_d[:, None]) * D + o_v[None, :], b_dh.to(dhs.dtype.element_ty))
         o_i = i_c * BT + o_t
         m_i = o_i < T
         o_q = bos + o_i
         p_d = (o_q * H + i_h)[:, None] * D + o_d[None, :]
         b_kd = tl.load(kd + p_d, mask=m_i[:, None], other=0.)  # [BT, D], 0 on rows without a memory token
-        i_last = tl.minimum(i_c * BT + BT, T) - 1
-        b_glast = tl.load(gc + (bos + i_last) * H + i_h)
         p_v = (o_q * H + i_h)[:, None] * D + o_v[None, :]
-        b_dvl = tl.load(dvl + p_v, mask=m_i[:, None], other=0.).to(tl.float32)  # [BT, BV]
         b_dvn = b_dvl + tl.dot(b_kd, b_dh.to(b_kd.dtype))  # [BT, BV]
         tl.store(dvnew + p_v, b_dvn.to(dvnew.dtype.element_ty), mask=m_i[:, None])
         b_qg = tl.load(qg + p_d, mask=m_i[:, None], other=0.)  # [BT, D]

@@ -206,7 +206,12 @@ def state_chain_program(i_v, i_h, i_n, kd, w, u, gc, seq, h0, hs, vnew, ht, read
                 _chunk_ready(ready, (coff + i_c) * H + i_h)
     else:
         b_h = tl.zeros([D, BV], dtype=tl.float32)
+    # the decay over each chunk, exp(gc at its last row), is loaded one chunk ahead: a load issued in the step that
+    # uses it sat on the chain's critical path (a dependent global load per step; nothing pipelines a scalar load)
+    b_gnext = tl.load(gc + (bos + tl.minimum(c0 * BT + BT, T) - 1) * H + i_h, mask=c0 < NT, other=0.)
     for i_c in range(c0, NT):
+        b_glast = b_gnext
+        b_gnext = tl.load(gc + (bos + tl.minimum(i_c * BT + 2 * BT, T) - 1) * H + i_h)  # the next chunk's (or this)
         tl.store(hs + (((coff + i_c) * H + i_h) * D + o_d[:, None]) * D + o_v[None, :], b_h.to(hs.dtype.element_ty))
         o_i = i_c * BT + o_t
         m_i = o_i < T
@@ -223,8 +228,6 @@ def state_chain_program(i_v, i_h, i_n, kd, w, u, gc, seq, h0, hs, vnew, ht, read
         if READY:
             _chunk_ready(ready, (coff + i_c) * H + i_h)
         b_kd = tl.load(kd + (o_q * H + i_h)[:, None] * D + o_d[None, :], mask=m_i[:, None], other=0.)  # [BT, D]
-        i_last = tl.minimum(i_c * BT + BT, T) - 1
-        b_glast = tl.load(gc + (bos + i_last) * H + i_h)
         b_h = b_h * tl.exp(b_glast) + dot(tl.trans(b_kd), b_vn.to(b_kd.dtype))  # [D, BV]
     if STORE_HT:
         tl.store(ht + ((i_n * H + i_h) * D + o_d[:, None]) * D + o_v[None, :], b_h)
