@@ -317,6 +317,19 @@ def test_ab_trees_harness():
     assert bad.returncode != 0 and "no ahn_ops/ there" in bad.stdout + bad.stderr
 
 
+def test_bench_prep_harness():
+    # benchmarks/bench_prep.py --cpu: the prep pass and the fused forward in the interpreter under the default and a
+    # register cap (restored after each), both kinds; one table row per (kind, setting)
+    p = subprocess.run([sys.executable, os.path.join(BENCH, "bench_prep.py"), "--cpu"], cwd=ROOT,
+                       capture_output=True, text=True, timeout=600)
+    assert p.returncode == 0, p.stdout[-3000:] + p.stderr[-3000:]
+    rows = [line.split("|")[1:4] for line in p.stdout.splitlines() if line.startswith("| gdn") or
+            line.startswith("| mamba2")]
+    assert [(k.strip(), s.strip()) for k, _, s in rows] == [("gdn", "default"), ("gdn", "prep_maxnreg=168"),
+                                                            ("mamba2", "default"), ("mamba2", "prep_maxnreg=168")]
+    assert "raised" not in p.stdout
+
+
 def test_bench_sm90_reference_mask():
     # bench_sm90.py's fp32 reference attends exactly the (query, key) pairs its TFLOP/s count
     # (common.visible_keys); the kernel itself is built with the extension (the CI build compiles it)
