@@ -306,7 +306,8 @@ def prefill_bwd(dout, dht, q, k, v, a, b, z, A_log, dt_bias, norm_weight, o_weig
             ctr = torch.zeros(1 + NT * H, dtype=torch.int32, device=dev)  # the ticket, then the ready counters
             km._state_epi_kernel[(nchain + H * NT,)](
                 ticket=ctr, ready=ctr[1:], kd=kd, w=w, u=u, h0=h0 if use_h0 else dummy, ssp=ssp, cp=cp, rk=dummy,
-                NCHAIN=nchain, BV=BVc, PHASE=1 if mamba2 else 0, num_stages=pf.CONFIG["state_stages"], **epi)
+                NCHAIN=nchain, BV=BVc, PHASE=1 if mamba2 else 0, NTHR=32 * CONFIG["epi_warps"],
+                num_stages=pf.CONFIG["state_stages"], **epi)
             del ctr
         else:
             pf.state_chain(kd, w, u, gc, seq, N, H, D, W, S, mamba2, h0, hs, vnew, None, dummy)

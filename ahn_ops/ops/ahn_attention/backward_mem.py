@@ -201,12 +201,13 @@ def _state_epi_kernel(
     # pointers: the ticket counter and per-(chunk, head) ready counters (int32 zeros), the state chain's, _epi_bwd's
     ticket, ready, kd, w, u, h0, q, k, z, nw, ow, dy, out, delta, seq, chunks, gc, hs, vnew, dm, dvl, uo, dz, dnw_part,
     ssp, cp, rk, qg, owin,
-    # sizes: NCHAIN = D / BV * H * N chain programs
+    # sizes: NCHAIN = D / BV * H * N chain programs; NTHR: the launch's threads (a chunk's counter gains NTHR per
+    # chain program: each thread releases its own stores)
     W, S, mem_scale, NCHAIN,
     H: tl.constexpr, HKV: tl.constexpr, D: tl.constexpr,
     # meta
     BT: tl.constexpr, BV: tl.constexpr, USE_H0: tl.constexpr, MAMBA2: tl.constexpr, PHASE: tl.constexpr,
-    STORE_OWIN: tl.constexpr,
+    STORE_OWIN: tl.constexpr, NTHR: tl.constexpr,
 ):
     # The backward's re-run of the state chain and _epi_bwd_kernel in one launch, by ticket (the order in which
     # programs start, not their ids): the first NCHAIN tickets run the chain (each a _state_kernel program that
@@ -217,12 +218,12 @@ def _state_epi_kernel(
     NV: tl.constexpr = D // BV
     if t < NCHAIN:
         state_chain_program(t % NV, (t // NV) % H, t // (NV * H), kd, w, u, gc, seq, h0, hs, vnew, hs, ready,
-                            H, D, W, S, BT, BV, USE_H0, False, MAMBA2, True)
+                            H, D, W, S, BT, BV, USE_H0, False, MAMBA2, True, NTHR)
     else:
         e = t - NCHAIN
         _epi_bwd_program(e % H, e // H, q, k, z, nw, ow, dy, out, delta, seq, chunks, gc, hs, vnew, dm, dvl, uo, dz,
                          dnw_part, ssp, cp, rk, qg, owin, W, S, mem_scale, H, HKV, D, BT, USE_H0, MAMBA2, PHASE,
-                         STORE_OWIN, ready, NV, True)
+                         STORE_OWIN, ready, NV * NTHR, True)
 
 
 @triton.jit(do_not_specialize=["W", "S"])

@@ -119,19 +119,22 @@ def state_chain(kd, w, u, gc, seq, N, H, D, window, sinks, mamba2, h0, hs, vnew,
     ~0.8 GB at T=32k and runs at half the copy bandwidth, so tripling its work does not pay
     (benchmarks/NOTES_prefill.md, "The Hopper engine"). ``bv``: value columns per program (default
     ``CONFIG["state_bv"][D]``). ``ready`` (int32 [chunks * H], zeros): each chunk's counter reaches ``D // bv``
-    once its hs and v_new are stored (:func:`state_ready_target` for the chain beside the sm_90a kernel)."""
+    times the program's threads once its hs and v_new are stored (:func:`state_ready_target` for the chain beside
+    the sm_90a kernel)."""
     BV = bv or CONFIG["state_bv"][D]
     _state_kernel[(D // BV, H, N)](
         kd=kd, w=w, u=u, gc=gc, seq=seq, h0=h0 if h0 is not None else dummy, hs=hs, vnew=vnew,
         ht=ht if ht is not None else dummy, ready=ready if ready is not None else dummy, H=H, D=D, W=window,
         S=sinks, BT=BT, BV=BV, USE_H0=h0 is not None, STORE_HT=ht is not None, MAMBA2=mamba2,
-        READY=ready is not None, num_warps=CONFIG["state_warps"], num_stages=CONFIG["state_stages"])
+        READY=ready is not None, NTHR=32 * CONFIG["state_warps"], num_warps=CONFIG["state_warps"],
+        num_stages=CONFIG["state_stages"])
 
 
 def state_ready_target(D: int) -> int:
     """The value of a chunk's ``ready`` counter once the state chain beside the sm_90a kernel
-    (``CONFIG["sm90_state_bv"]`` columns per program) has stored it: its programs per head."""
-    return D // CONFIG["sm90_state_bv"]
+    (``CONFIG["sm90_state_bv"]`` columns per program) has stored it: its programs per head times their threads
+    (each thread releases its own stores)."""
+    return D // CONFIG["sm90_state_bv"] * 32 * CONFIG["state_warps"]
 
 
 def prep_launch() -> dict:

@@ -151,11 +151,13 @@ def _prep_kernel(
 
 
 @triton.jit
-def _chunk_ready(ready, idx):
-    # every thread's stores of the chunk before one release add (the barrier orders them within the program,
-    # the release makes them visible at GPU scope to whoever acquires the counter)
-    tl.debug_barrier()
-    tl.atomic_add(ready + idx, 1, sem="release", scope="gpu")
+def _chunk_ready(ready, idx, ok, NTHR: tl.constexpr):
+    # a chunk's counter gains NTHR (the program's threads) per program: every thread releases its own stores of
+    # the chunk (release, GPU scope) with one add, so no CTA barrier is needed before the add. A barrier in the
+    # chain's loop kept Triton's pipeliner from pipelining the loop's loads at all (triton 3.6 and 3.8: every tile
+    # of the step a plain load, none copied ahead)
+    o = tl.arange(0, NTHR)
+    tl.atomic_add(ready + idx + o * 0, 1, mask=ok & (o < NTHR), sem="release", scope="gpu")
 
 
 @triton.jit
@@ -166,18 +168,18 @@ def _state_kernel(
     H: tl.constexpr, D: tl.constexpr, W, S,
     # meta
     BT: tl.constexpr, BV: tl.constexpr, USE_H0: tl.constexpr, STORE_HT: tl.constexpr, MAMBA2: tl.constexpr,
-    READY: tl.constexpr,
+    READY: tl.constexpr, NTHR: tl.constexpr = 128,
 ):
-    # READY: after chunk c's hs and v_new are stored, ready[chunk, head] += 1 (release, GPU scope; D / BV
-    # programs per head): the sm_90a kernel running beside this one reads them to use the chunk at once
+    # READY: once chunk c's hs and v_new are stored, ready[chunk, head] += NTHR (the launch's threads; release, GPU
+    # scope; D / BV programs per head): the sm_90a kernel running beside this one reads them to use the chunk
     state_chain_program(tl.program_id(0), tl.program_id(1), tl.program_id(2), kd, w, u, gc, seq, h0, hs, vnew, ht,
-                        ready, H, D, W, S, BT, BV, USE_H0, STORE_HT, MAMBA2, READY)
+                        ready, H, D, W, S, BT, BV, USE_H0, STORE_HT, MAMBA2, READY, NTHR)
 
 
 @triton.jit
 def state_chain_program(i_v, i_h, i_n, kd, w, u, gc, seq, h0, hs, vnew, ht, ready, H: tl.constexpr, D: tl.constexpr,
                         W, S, BT: tl.constexpr, BV: tl.constexpr, USE_H0: tl.constexpr, STORE_HT: tl.constexpr,
-                        MAMBA2: tl.constexpr, READY: tl.constexpr):
+                        MAMBA2: tl.constexpr, READY: tl.constexpr, NTHR: tl.constexpr):
     # one program of the state chain: value columns i_v * BV.., head i_h, sequence i_n (_state_kernel's grid;
     # also the first role of the backward's _state_epi_kernel)
     bos = tl.load(seq + i_n * 8).to(tl.int64)
@@ -203,13 +205,17 @@ def state_chain_program(i_v, i_h, i_n, kd, w, u, gc, seq, h0, hs, vnew, ht, read
                 tl.store(vnew + (o_q * H + i_h)[:, None] * D + o_v[None, :],
                          tl.zeros([BT, BV], dtype=vnew.dtype.element_ty), mask=(i_c * BT + o_t < T)[:, None])
             if READY:
-                _chunk_ready(ready, (coff + i_c) * H + i_h)
+                _chunk_ready(ready, (coff + i_c) * H + i_h, True, NTHR)
     else:
         b_h = tl.zeros([D, BV], dtype=tl.float32)
     # the decay over each chunk, exp(gc at its last row), is loaded one chunk ahead: a load issued in the step that
     # uses it sat on the chain's critical path (a dependent global load per step; nothing pipelines a scalar load)
     b_gnext = tl.load(gc + (bos + tl.minimum(c0 * BT + BT, T) - 1) * H + i_h, mask=c0 < NT, other=0.)
     for i_c in range(c0, NT):
+        if READY:
+            # the chunk before is marked ready now, a step after its stores were issued: the release waits for
+            # this thread's outstanding stores, which by now are that chunk's alone, and long done
+            _chunk_ready(ready, (coff + i_c - 1) * H + i_h, i_c > c0, NTHR)
         b_glast = b_gnext
         b_gnext = tl.load(gc + (bos + tl.minimum(i_c * BT + 2 * BT, T) - 1) * H + i_h)  # the next chunk's (or this)
         tl.store(hs + (((coff + i_c) * H + i_h) * D + o_d[:, None]) * D + o_v[None, :], b_h.to(hs.dtype.element_ty))
@@ -225,10 +231,10 @@ def state_chain_program(i_v, i_h, i_n, kd, w, u, gc, seq, h0, hs, vnew, ht, read
             b_vn = b_u.to(tl.float32) - dot(b_w, b_h.to(b_w.dtype))  # [BT, BV]
             tl.store(vnew + (o_q * H + i_h)[:, None] * D + o_v[None, :], b_vn.to(vnew.dtype.element_ty),
                      mask=m_i[:, None])
-        if READY:
-            _chunk_ready(ready, (coff + i_c) * H + i_h)
         b_kd = tl.load(kd + (o_q * H + i_h)[:, None] * D + o_d[None, :], mask=m_i[:, None], other=0.)  # [BT, D]
         b_h = b_h * tl.exp(b_glast) + dot(tl.trans(b_kd), b_vn.to(b_kd.dtype))  # [D, BV]
+    if READY:  # the last chunk
+        _chunk_ready(ready, (coff + NT - 1) * H + i_h, c0 < NT, NTHR)
     if STORE_HT:
         tl.store(ht + ((i_n * H + i_h) * D + o_d[:, None]) * D + o_v[None, :], b_h)
 
