@@ -23,6 +23,7 @@
 #                                                    # cache path, the backward's do_weight split (timings)
 #   bash benchmarks/device_check.sh beside           # backward variants around cuDNN's band: tests, timings
 #   bash benchmarks/device_check.sh prep             # the memory's prep pass alone: settings, kinds, ncu
+#   bash benchmarks/device_check.sh chains           # the state chains' GPU tests, then before / after (carry .ab)
 #   bash benchmarks/device_check.sh bg:demo tests    # both at once
 #
 # The extension is built once per change of its sources: see "The extension" below (.devbuild/, carried).
@@ -157,6 +158,17 @@ stage() {
       # before / after of a kernel change on this machine: the older trees were put in .ab/ by
       # `git archive REV ahn_ops | tar -x -C .ab/REV` and carried; AB_CASES narrows the cases
       timeout 540 python3 benchmarks/ab_trees.py . .ab/* --rounds "${AB_ROUNDS:-2}" ${AB_CASES:+--cases $AB_CASES} \
+        2>&1 | tee "$out/ab.log" | tail -14
+      ;;
+    chains)
+      # the state chains' changes (loads one chunk ahead; per-thread ready releases instead of a CTA barrier, so the
+      # chain beside the sm_90a kernel is pipelined): the GPU tests that run those chains (the forward's passes
+      # beside the kernel and their counters, the fused state + epilogue launch, the reverse chain beside the band),
+      # then this tree against the older ones in .ab/ (carried): the serial chain, the forward, forward + backward
+      timeout 120 python3 -m pytest -q -rf tests/ops/test_sm90_engine.py -k "beside or ready_counters or overlap" \
+        2>&1 | tail -3
+      timeout 120 python3 -m pytest -q -rf tests/ops/test_backward.py -k "state_epi or beside_band" 2>&1 | tail -3
+      timeout 330 python3 benchmarks/ab_trees.py . .ab/* --rounds "${AB_ROUNDS:-2}" --cases ${AB_CASES:-state fwd fwdbwd} \
         2>&1 | tee "$out/ab.log" | tail -14
       ;;
     overlap)
