@@ -15,7 +15,9 @@ stages (triton 3.6 and 3.8 alike; benchmarks/NOTES_backward.md). The same column
 ordered atomics (:func:`ordered_atomics`, "ATOMIC"): ``tl.atomic_add`` defaults to ``acq_rel``, which
 sm_90a runs as a GPU-wide memory barrier, a round trip and an L1 invalidation per atomic; the
 library's atomics only accumulate for later launches and say ``sem="relaxed"`` (the
-backward 0.7 ms faster at T=32k). ``--offline`` exits 1 on either (the CPU CI runs it).
+backward 0.7 ms faster at T=32k), and loops the pipeliner left unpipelined ("UNPIPELINED",
+:func:`unpipelined_loops`: a kernel launched with stages whose dot loop copies nothing ahead; a CTA barrier in
+the loop does that). ``--offline`` exits 1 on any of them (the CPU CI runs it).
 
 On a GPU it runs the op and reads what the driver reports. ``--offline`` needs no GPU: a stand-in
 Triton driver targets ``sm_<arch>`` (90 -> sm_90a), every kernel launch of the library's launchers
@@ -80,6 +82,33 @@ def pipeline_hazards(ttgir: str):
     return found
 
 
+def unpipelined_loops(ttgir: str):
+    """Loops of a kernel's TTGIR with a ``tl.dot`` and tensor loads but no asynchronous copy: the pipeliner left
+    every tile of the loop a plain load, issued and waited on in the same iteration. A CTA barrier in the loop
+    (``tl.debug_barrier``) does that: the state chain with ready counters had one, on triton 3.6 and 3.8 alike
+    (benchmarks/NOTES_prefill.md). A kernel launched with num_stages > 1 that has one shows "UNPIPELINED" in the
+    table (one stage is a choice, not flagged). Returns a description per such loop (empty: none)."""
+    import re
+
+    lines = ttgir.splitlines()
+    found = []
+    for i, line in enumerate(lines):
+        if " scf.for " not in line:
+            continue
+        ind = len(line) - len(line.lstrip())
+        body = []
+        for l2 in lines[i + 1:]:
+            if l2.strip().startswith("}") and len(l2) - len(l2.lstrip()) == ind:
+                break
+            body.append(l2)
+        dots = sum(1 for l2 in body if re.search(r"\b(ttng\.warp_group_dot|tt\.dot)\b", l2))
+        loads = sum(1 for l2 in body if " tt.load " in l2 and re.search(r":\s*tensor<", l2))
+        copies = sum(1 for l2 in body if "async_copy_global_to_local" in l2)
+        if dots and loads and not copies:
+            found.append(f"TTGIR line {i + 1}: {dots} dots, {loads} tensor loads, no asynchronous copy")
+    return found
+
+
 def ordered_atomics(ptx: str):
     """Global atomics of a kernel's PTX with acquire / release ordering (``tl.atomic_add``'s default
     ``sem="acq_rel"``), each one as written in the PTX (empty: all relaxed)."""
@@ -94,11 +123,18 @@ def ordered_atomics(ptx: str):
 ORDERED_BY_DESIGN = {"_state_kernel", "_state_epi_kernel"}
 
 
+FLAGS = ("HAZARD", "ATOMIC", "UNPIPELINED")  # what makes --offline exit 1
+
+
 def _hazard_cell(k, name=""):
     try:
         if pipeline_hazards(k.asm["ttgir"]):
             return "HAZARD"
-        return "ATOMIC" if name not in ORDERED_BY_DESIGN and ordered_atomics(k.asm["ptx"]) else "ok"
+        if name not in ORDERED_BY_DESIGN and ordered_atomics(k.asm["ptx"]):
+            return "ATOMIC"
+        # launched with stages to pipeline (num_stages > 1), yet a dot loop with none: flagged in the table
+        staged = getattr(k.metadata, "num_stages", 1) > 1
+        return "UNPIPELINED" if staged and unpipelined_loops(k.asm["ttgir"]) else "ok"
     except Exception:  # noqa: BLE001  (no TTGIR in this build)
         return "?"
 
@@ -175,7 +211,7 @@ def _offline_setup(arch: int):
         if key not in SEEN:
             regs, spills, _ = _ptxas_report(k.asm["ptx"], arch)
             SEEN[key] = (regs, spills, md.shared, pipe)  # shared memory: dynamic, from the metadata
-        elif pipe in ("HAZARD", "ATOMIC") and SEEN[key][3] not in ("HAZARD", "ATOMIC"):
+        elif pipe in FLAGS and SEEN[key][3] not in FLAGS or pipe != "ok" and SEEN[key][3] == "ok":
             # another constexpr variant under the same (name, warps, stages)
             SEEN[key] = SEEN[key][:3] + (pipe,)
         return k
@@ -188,7 +224,7 @@ def _table(title):
     print(f"  {'kernel':28s} {'warps':>5s} {'stages':>6s} {'regs':>5s} {'spills(B)':>9s} {'smem(B)':>8s} pipeline")
     for (name, nw, ns), (regs, spills, smem, pipe) in sorted(SEEN.items(), key=lambda kv: kv[0][0]):
         print(f"  {name:28s} {nw!s:>5s} {ns!s:>6s} {regs!s:>5s} {spills!s:>9s} {smem!s:>8s} {pipe}")
-    return [f"{name} ({v[3]})" for (name, _, _), v in SEEN.items() if v[3] in ("HAZARD", "ATOMIC")]
+    return [f"{name} ({v[3]})" for (name, _, _), v in SEEN.items() if v[3] in FLAGS]
 
 
 def offline(a):
@@ -220,6 +256,17 @@ def offline(a):
                 bw.prefill_bwd(torch.randn_like(out), None, *inp, out, lse, a.W, 64, kind)
             finally:
                 pf._band_engine, pf._cudnn_band, band_cudnn.band_bwd = engine, band, band_bwd
+            # the variants with ready counters: the state chain beside the sm_90a kernel (prefill's memory passes
+            # with counters) and the backward's fused state chain + epilogue launch (backward.CONFIG["state_epi"])
+            ready = torch.zeros(triton.cdiv(a.T, pf.BT) * 8, dtype=torch.int32)
+            spy, se = pf.state_chain, bw.CONFIG["state_epi"]
+            pf.state_chain = lambda *args, **kw: spy(*args[:16], ready, pf.CONFIG["sm90_state_bv"])
+            bw.CONFIG["state_epi"] = True
+            try:
+                out, _, lse = pf.prefill_fwd(*inp, a.W, 64, kind)
+                bw.prefill_bwd(torch.randn_like(out), None, *inp, out, lse, a.W, 64, kind)
+            finally:
+                pf.state_chain, bw.CONFIG["state_epi"] = spy, se
             bad += [f"{kind} D={D} {n}" for n in
                     _table(f"{kind} D={D} (T={a.T}, H=8/2, W={a.W}, S=64, bf16; offline sm_{a.arch})")]
     if a.what not in ("all", "decode"):
@@ -243,7 +290,8 @@ def offline(a):
 def _verdict(bad):
     if bad:
         print("\nHAZARD: asynchronous tl.dot across a copy into a shallower buffer; ATOMIC: an acq_rel / acquire /"
-              f" release atomic (say sem=\"relaxed\"). Found in: {', '.join(bad)}")
+              " release atomic (say sem=\"relaxed\"); UNPIPELINED: a loop with tl.dot and tile loads but no"
+              f" asynchronous copy in a kernel launched with num_stages > 1. Found in: {', '.join(bad)}")
         return 1
     return 0
 

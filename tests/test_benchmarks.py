@@ -204,8 +204,10 @@ def test_kernel_regs_offline():
 def test_prefill_kernels_pipeline_hazards():
     # every prefill forward / backward kernel compiled offline for sm_90a: no pipelined loop keeps an
     # asynchronous tl.dot in flight across a prefetch copy into a shallower buffer (a race on Hopper;
-    # _mem_bwd's Mamba2 variant had one, benchmarks/NOTES_backward.md), and no atomic
-    # is acq_rel (the backward's accumulators, relaxed)
+    # _mem_bwd's Mamba2 variant had one, benchmarks/NOTES_backward.md), no atomic
+    # is acq_rel (the backward's accumulators, relaxed), and no loop of a kernel launched with stages is left
+    # unpipelined (the state chain with ready counters was, while a CTA barrier sat in its loop); the variants with
+    # ready counters (the chain beside the sm_90a kernel, the fused state + epilogue launch) are compiled too
     env = dict(os.environ)
     env.pop("TRITON_INTERPRET", None)
     p = subprocess.run([sys.executable, os.path.join(BENCH, "kernel_regs.py"), "--offline", "--what", "prefill",
@@ -242,6 +244,32 @@ def test_pipeline_hazard_detector():
     assert kr.pipeline_hazards(ir.replace("2x128x32", "3x128x32")) == []  # one depth: fine
     assert kr.pipeline_hazards(ir.replace("pendings = 3", "pendings = 0")) == []  # dots done first: fine
 
+
+
+def test_unpipelined_loop_detector():
+    # the state chain's loop with ready counters as triton 3.6 / 3.8 left it while a CTA barrier sat in it (cut
+    # down): two dots and tile loads, no asynchronous copy; the same loop with its tiles copied ahead is fine
+    sys.path.insert(0, BENCH)
+    try:
+        import kernel_regs as kr
+    finally:
+        sys.path.remove(BENCH)
+    ir = """
+      %r:2 = scf.for %i = %c0 to %n step %c1 iter_args(%h = %cst) -> (tensor<128x64xf32, #mma>) : i32 {
+        %u = tt.load %pu, %mu, %z : tensor<64x64x!tt.ptr<bf16>, #blocked1>
+        %w = tt.load %pw, %mw, %z : tensor<64x128x!tt.ptr<bf16>, #blocked>
+        %d = ttng.warp_group_dot %wa, %hb, %acc {isAsync = true}
+        %e = ttng.warp_group_dot %ka, %vb, %h {isAsync = true}
+        gpu.barrier
+        %g = tt.load %pg : !tt.ptr<f32>
+        scf.yield %e : tensor<128x64xf32, #mma>
+      }
+"""
+    assert len(kr.unpipelined_loops(ir)) == 1 and "2 dots, 2 tensor loads" in kr.unpipelined_loops(ir)[0]
+    piped = ir.replace("%u = tt.load %pu, %mu, %z : tensor<64x64x!tt.ptr<bf16>, #blocked1>",
+                       "%u = ttg.async_copy_global_to_local %pu, %ub mask %mu")
+    assert kr.unpipelined_loops(piped) == []
+    assert kr.unpipelined_loops(ir.replace("ttng.warp_group_dot", "arith.addf")) == []  # no dot: not this check
 
 
 def test_ordered_atomics_detector():
