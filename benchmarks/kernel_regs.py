@@ -47,6 +47,21 @@ SEEN: dict = {}
 _run = JITFunction.run
 
 
+def _loops(ttgir: str):
+    """(line index, body lines) of every ``scf.for`` in a TTGIR, nested loops' lines included in their parent's."""
+    lines = ttgir.splitlines()
+    for i, line in enumerate(lines):
+        if " scf.for " not in line:
+            continue
+        ind = len(line) - len(line.lstrip())
+        body = []
+        for l2 in lines[i + 1:]:
+            if l2.strip().startswith("}") and len(l2) - len(l2.lstrip()) == ind:
+                break
+            body.append(l2)
+        yield i, body
+
+
 def pipeline_hazards(ttgir: str):
     """Pipelined loops of a kernel's TTGIR where an asynchronous ``tl.dot`` may read a buffer under a copy.
 
@@ -59,17 +74,8 @@ def pipeline_hazards(ttgir: str):
 
     depth = {m.group(1): int(m.group(2)) for m in
              re.finditer(r"(%[\w.#]+) = ttg\.local_alloc : \(\) -> !ttg\.memdesc<(\d+)x", ttgir)}
-    lines = ttgir.splitlines()
     found = []
-    for i, line in enumerate(lines):
-        if " scf.for " not in line:
-            continue
-        ind = len(line) - len(line.lstrip())
-        body = []
-        for l2 in lines[i + 1:]:
-            if l2.strip().startswith("}") and len(l2) - len(l2.lstrip()) == ind:
-                break
-            body.append(l2)
+    for i, body in _loops(ttgir):
         pend = [j for j, l2 in enumerate(body) if "warp_group_dot_wait" in l2
                 and int(re.search(r"pendings = (\d+)", l2).group(1)) > 0]
         copy = [j for j, l2 in enumerate(body) if "async_copy_global_to_local" in l2]
@@ -90,17 +96,8 @@ def unpipelined_loops(ttgir: str):
     table (one stage is a choice, not flagged). Returns a description per such loop (empty: none)."""
     import re
 
-    lines = ttgir.splitlines()
     found = []
-    for i, line in enumerate(lines):
-        if " scf.for " not in line:
-            continue
-        ind = len(line) - len(line.lstrip())
-        body = []
-        for l2 in lines[i + 1:]:
-            if l2.strip().startswith("}") and len(l2) - len(l2.lstrip()) == ind:
-                break
-            body.append(l2)
+    for i, body in _loops(ttgir):
         dots = sum(1 for l2 in body if re.search(r"\b(ttng\.warp_group_dot|tt\.dot)\b", l2))
         loads = sum(1 for l2 in body if " tt.load " in l2 and re.search(r":\s*tensor<", l2))
         copies = sum(1 for l2 in body if "async_copy_global_to_local" in l2)

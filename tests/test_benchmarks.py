@@ -220,14 +220,19 @@ def test_prefill_kernels_pipeline_hazards():
     assert all(r[-1] == "ok" for r in rows), [r for r in rows if r[-1] != "ok"]
 
 
+def _kernel_regs():
+    sys.path.insert(0, BENCH)
+    try:
+        import kernel_regs
+    finally:
+        sys.path.remove(BENCH)
+    return kernel_regs
+
+
 def test_pipeline_hazard_detector():
     # the TTGIR pattern of the race, cut down from triton 3.6's _mem_bwd (Mamba2, 3 stages): three dots
     # left in flight (pendings = 3), then the prefetch copy into h's 2-deep buffer
-    sys.path.insert(0, BENCH)
-    try:
-        import kernel_regs as kr
-    finally:
-        sys.path.remove(BENCH)
+    kr = _kernel_regs()
     ir = """
       %h = ttg.local_alloc : () -> !ttg.memdesc<2x128x32xbf16, #shared, #smem, mutable>
       %v = ttg.local_alloc : () -> !ttg.memdesc<3x64x32xbf16, #shared, #smem, mutable>
@@ -249,11 +254,7 @@ def test_pipeline_hazard_detector():
 def test_unpipelined_loop_detector():
     # the state chain's loop with ready counters as triton 3.6 / 3.8 left it while a CTA barrier sat in it (cut
     # down): two dots and tile loads, no asynchronous copy; the same loop with its tiles copied ahead is fine
-    sys.path.insert(0, BENCH)
-    try:
-        import kernel_regs as kr
-    finally:
-        sys.path.remove(BENCH)
+    kr = _kernel_regs()
     ir = """
       %r:2 = scf.for %i = %c0 to %n step %c1 iter_args(%h = %cst) -> (tensor<128x64xf32, #mma>) : i32 {
         %u = tt.load %pu, %mu, %z : tensor<64x64x!tt.ptr<bf16>, #blocked1>
@@ -275,11 +276,7 @@ def test_unpipelined_loop_detector():
 def test_ordered_atomics_detector():
     # tl.atomic_add's default acq_rel, as triton 3.6 writes it for sm_90a (a GPU-wide barrier, a round
     # trip and an L1 invalidation each in SASS), is flagged; relaxed atomics and red are not
-    sys.path.insert(0, BENCH)
-    try:
-        import kernel_regs as kr
-    finally:
-        sys.path.remove(BENCH)
+    kr = _kernel_regs()
     acq = "@%p59 atom.global.gpu.acq_rel.add.v4.f32 { %r418, %r419, %r420, %r421 }, [ %rd308 + 0 ], { %r422 };"
     assert kr.ordered_atomics(acq) == ["atom.global.gpu.acq_rel.add.v4.f32"]
     assert kr.ordered_atomics("atom.acquire.gpu.global.cas.b32 %r1, [%rd1], 0, 1;") != []
