@@ -168,7 +168,7 @@ def _state_kernel(
     H: tl.constexpr, D: tl.constexpr, W, S,
     # meta
     BT: tl.constexpr, BV: tl.constexpr, USE_H0: tl.constexpr, STORE_HT: tl.constexpr, MAMBA2: tl.constexpr,
-    READY: tl.constexpr, NTHR: tl.constexpr = 128,
+    READY: tl.constexpr, NTHR: tl.constexpr,
 ):
     # READY: once chunk c's hs and v_new are stored, ready[chunk, head] += NTHR (the launch's threads; release, GPU
     # scope; D / BV programs per head): the sm_90a kernel running beside this one reads them to use the chunk
