@@ -157,8 +157,8 @@ stage() {
     ab)
       # before / after of a kernel change on this machine: the older trees were put in .ab/ by
       # `git archive REV ahn_ops | tar -x -C .ab/REV` and carried; AB_CASES narrows the cases
-      timeout 540 python3 benchmarks/ab_trees.py . .ab/* --rounds "${AB_ROUNDS:-2}" ${AB_CASES:+--cases $AB_CASES} \
-        2>&1 | tee "$out/ab.log" | tail -14
+      timeout "${AB_TIMEOUT:-540}" python3 benchmarks/ab_trees.py . .ab/* --rounds "${AB_ROUNDS:-2}" \
+        ${AB_CASES:+--cases $AB_CASES} 2>&1 | tee "$out/ab.log" | tail -14
       ;;
     chains)
       # the state chains' changes (loads one chunk ahead; per-thread ready releases instead of a CTA barrier, so the
@@ -168,8 +168,7 @@ stage() {
       timeout 120 python3 -m pytest -q -rf tests/ops/test_sm90_engine.py -k "beside or ready_counters or overlap" \
         2>&1 | tail -3
       timeout 120 python3 -m pytest -q -rf tests/ops/test_backward.py -k "state_epi or beside_band" 2>&1 | tail -3
-      timeout 330 python3 benchmarks/ab_trees.py . .ab/* --rounds "${AB_ROUNDS:-2}" --cases ${AB_CASES:-state fwd fwdbwd} \
-        2>&1 | tee "$out/ab.log" | tail -14
+      AB_CASES="${AB_CASES:-state fwd fwdbwd}" AB_TIMEOUT=330 stage ab
       ;;
     overlap)
       # the timings behind the memory passes beside the sm_90a kernel (issues 32, 33): the forward of every kind

@@ -208,7 +208,7 @@ def _offline_setup(arch: int):
         if key not in SEEN:
             regs, spills, _ = _ptxas_report(k.asm["ptx"], arch)
             SEEN[key] = (regs, spills, md.shared, pipe)  # shared memory: dynamic, from the metadata
-        elif pipe in FLAGS and SEEN[key][3] not in FLAGS or pipe != "ok" and SEEN[key][3] == "ok":
+        elif pipe in FLAGS and SEEN[key][3] not in FLAGS:
             # another constexpr variant under the same (name, warps, stages)
             SEEN[key] = SEEN[key][:3] + (pipe,)
         return k
@@ -255,7 +255,7 @@ def offline(a):
                 pf._band_engine, pf._cudnn_band, band_cudnn.band_bwd = engine, band, band_bwd
             # the variants with ready counters: the state chain beside the sm_90a kernel (prefill's memory passes
             # with counters) and the backward's fused state chain + epilogue launch (backward.CONFIG["state_epi"])
-            ready = torch.zeros(triton.cdiv(a.T, pf.BT) * 8, dtype=torch.int32)
+            ready = torch.zeros(triton.cdiv(a.T, pf.BT) * inp[0].shape[2], dtype=torch.int32)  # [chunks * H]
             spy, se = pf.state_chain, bw.CONFIG["state_epi"]
             pf.state_chain = lambda *args, **kw: spy(*args[:16], ready, pf.CONFIG["sm90_state_bv"])
             bw.CONFIG["state_epi"] = True

@@ -156,7 +156,7 @@ def _chunk_ready(ready, idx, ok, NTHR: tl.constexpr):
     # the chunk (release, GPU scope) with one add, so no CTA barrier is needed before the add. A barrier in the
     # chain's loop kept Triton's pipeliner from pipelining the loop's loads at all (triton 3.6 and 3.8: every tile
     # of the step a plain load, none copied ahead)
-    o = tl.arange(0, NTHR)
+    o = tl.arange(0, NTHR)  # one element per thread (o < NTHR is all true: it makes ok a per-thread mask)
     tl.atomic_add(ready + idx + o * 0, 1, mask=ok & (o < NTHR), sem="release", scope="gpu")
 
 
