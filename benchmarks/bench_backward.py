@@ -304,7 +304,7 @@ def sweep(kind="gdn", T=32768, W=4096, S=128, H=16, HKV=2, D=128):
 
 
 BESIDE_SETTINGS = (dict(band_beside=1, beside_bv=64), dict(epi_warps=8), dict(do_weight_slices=16),
-                   dict(sink=(64, 8, 3)), dict(prep_maxnreg=168), dict(prep_warps=8, prep_maxnreg=128),
+                   dict(sink=(64, 8, 3)), dict(prep_maxnreg=None), dict(prep_warps=8, prep_maxnreg=128),
                    dict(state_epi=True, state_epi_bv=32), dict(state_epi=True, state_epi_bv=32, epi_warps=8),
                    dict(chain_join="event"), dict(chain_join="event", sink=(64, 8, 3), do_weight_slices=16))
 

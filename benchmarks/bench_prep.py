@@ -10,8 +10,8 @@ chunk's keys and values (shared by the G heads of a group, mostly from L2) and w
 dtype (3 x T x H x D x 2 bytes: 402 MB at T=32k, H=16, D=128; 0.13 ms at 3 TB/s), so most of its time is the
 latency of each program's chain: the products, then the inverse's 15 substitution steps, then two more
 products. Mamba2's pass has no inverse (w = 0, u = dt v): the difference between the kinds is the inverse's
-share. Settings: ``prefill.CONFIG`` keys ``prep_warps`` and ``prep_maxnreg`` (a register cap: at 212 registers
-two programs of 4 warps fit an SM; at 168, three).
+share. Settings: ``prefill.CONFIG`` keys ``prep_warps`` and ``prep_maxnreg`` (a register cap, 168 by default: at
+212 registers two programs of 4 warps fit an SM; at 168, three; None: no cap).
 """
 
 from __future__ import annotations
@@ -37,8 +37,8 @@ from bench_prefill import make  # noqa: E402
 from ahn_ops.ops.ahn_attention import prefill as P  # noqa: E402
 
 SHAPES = {32768: 4096, 131072: 32640}  # T: W (S = 128, H = 16, HKV = 2, D = 128, bf16)
-SETTINGS = (dict(), dict(prep_maxnreg=168), dict(prep_maxnreg=128), dict(prep_warps=8),
-            dict(prep_warps=8, prep_maxnreg=128), dict(prep_warps=2))
+SETTINGS = (dict(), dict(prep_maxnreg=None), dict(prep_maxnreg=128), dict(prep_warps=8, prep_maxnreg=None),
+            dict(prep_warps=8, prep_maxnreg=128), dict(prep_warps=2, prep_maxnreg=None))
 
 
 CPU_SHAPE = (130, 48, 4, 2, 2, 64)  # --cpu: T, W, S, H, HKV, D

@@ -71,12 +71,13 @@ SUPPORTED_D = (64, 128)
 #   128-row programs read each K/V block of the band half as often; an int forces the rows (with "fwd").
 # state_*: the sequential state pass, 16 value columns per program at D = 128 (more programs on a
 #   latency-bound chain); prep_warps, norm_bm: the prep pass and the Mamba2 norm kernel; prep_maxnreg: None, or
-#   a register cap for the prep pass (more programs per SM on its latency-bound inverse, at some spills).
+#   a register cap for the prep pass: 168 fits three programs per SM instead of two on its latency-bound chain
+#   (the pass 6% faster at T=32k and 10% at 131k on an H100, at ~300 B of spills; benchmarks/bench_prep.py).
 CONFIG = {"band": os.environ.get("AHN_PREFILL_ENGINE") or "auto", "sm90_variant": 1, "sm90_overlap": "prefill",
           "sm90_overlap_min": (4096, 16384), "sm90_side_priority": -1, "sm90_state_bv": 64, "sm90_rows_outer": None,
           "side_priority": 0,
           "fwd": (64, 4, 3), "fwd_band_in": (64, 4, 1), "fwd_rows": None, "fwd_long": (8192, 128, (64, 8, 3)),
-          "state_bv": {64: 64, 128: 16}, "state_warps": 4, "state_stages": 3, "prep_warps": 4, "prep_maxnreg": None,
+          "state_bv": {64: 64, 128: 16}, "state_warps": 4, "state_stages": 3, "prep_warps": 4, "prep_maxnreg": 168,
           "norm_bm": 32}
 
 

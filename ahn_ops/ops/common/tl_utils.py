@@ -64,12 +64,20 @@ def tri_inverse(b_L, BT: tl.constexpr, DT: tl.constexpr):
     o_b = tl.arange(0, NB)
     o_r = tl.arange(0, 16)
     m_diag = (o_b[:, None, None, None] == o_b[None, None, :, None])  # [NB, 1, NB, 1]
-    b_X = -tl.sum(tl.where(m_diag, tl.reshape(b_L, (NB, 16, NB, 16)), 0.), 2)  # [NB, 16, 16] = -Ld
+    b_X0 = -tl.sum(tl.where(m_diag, tl.reshape(b_L, (NB, 16, NB, 16)), 0.), 2)  # [NB, 16, 16] = -Ld
+    b_X = b_X0
+    # step i's row a_i is a row of -Ld, not of the rows the steps make: each step takes the next row out of
+    # b_X0 and broadcasts it over the columns (a row sum and a layout change) beside its own product, so the
+    # chain from one step to the next is the product and its sum alone
+    b_a = tl.sum(tl.where((o_r == 1)[None, :, None], b_X0, 0.), 1)  # [NB, 16]: row 1 (zero from column 1 on)
+    b_ab = tl.broadcast_to(b_a[:, :, None], (NB, 16, 16))
     for i in range(1, 16):
         m_r = (o_r == i)[None, :, None]  # [1, 16, 1]
-        b_a = tl.sum(tl.where(m_r, b_X, 0.), 1)  # [NB, 16]: row i, still -L (zero from column i on)
-        b_x = b_a + tl.sum(b_a[:, :, None] * b_X, 1)  # rows j < i are final; a_j = 0 for j >= i
+        b_an = tl.sum(tl.where((o_r == i + 1)[None, :, None], b_X0, 0.), 1)  # row i + 1 (zeros past 15)
+        b_x = b_a + tl.sum(b_ab * b_X, 1)  # rows j < i are final; a_j = 0 for j >= i
         b_X = tl.where(m_r, b_x[:, None, :], b_X)
+        b_a = b_an
+        b_ab = tl.broadcast_to(b_an[:, :, None], (NB, 16, 16))
     b_eye = (o_t[:, None] == o_t[None, :]).to(tl.float32)
     b_Xd = tl.reshape(tl.where(m_diag, b_X[:, :, None, :], 0.), (BT, BT)) + b_eye  # block diagonal
     m_blk = (o_t[:, None] // 16) == (o_t[None, :] // 16)
