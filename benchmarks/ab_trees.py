@@ -6,10 +6,12 @@
     python benchmarks/ab_trees.py . .ab/REV --shape 8192 4096 128   # another T, W, S (H=16/2, D=128)
     python benchmarks/ab_trees.py . . --cpu             # harness check in the interpreter (no timing claim)
 
-Each tree runs in its own process (``ahn_ops`` imported from that tree; its compiled decode extension is not
-needed: the prefill is Triton and cuDNN), the trees alternate for ``--rounds`` rounds, and every case is the
-median of ``triton.testing.do_bench`` medians over the rounds: a drift of the machine between the two trees'
-runs lands in both. Cases (``--cases``): ``fwd`` the fused forward of each kind; ``prep`` the memory's parallel
+Each tree runs in its own process (``ahn_ops`` imported from that tree), the trees alternate for ``--rounds``
+rounds, and every case is the median of ``triton.testing.do_bench`` medians over the rounds: a drift of the
+machine between the two trees' runs lands in both. The forward's default engine on an H100 / H200 is the sm_90a
+kernel of the compiled extension, which ``git archive`` does not hold: a tree without ``ahn_ops/_C*.so`` gets a
+copy of the first tree's (so compare trees whose ``csrc/`` is the same, or build each), and every tree's row
+says which forward engine it ran (``engine``: a tree on another engine times another kernel, and the run stops). Cases (``--cases``): ``fwd`` the fused forward of each kind; ``prep`` the memory's parallel
 prep pass alone and ``state`` prep + state chain (gdn, mamba2); ``fwdbwd`` forward + backward of gdn. The
 table, last, gives each case's time on every tree and the ratio to the first.
 """
@@ -19,6 +21,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import shutil
 import statistics
 import subprocess
 import sys
@@ -59,7 +62,7 @@ def worker(tree, cases, cpu, shape):
         from triton.testing import do_bench
         return do_bench(fn, warmup=25, rep=150, return_mode="median")
 
-    out = {}
+    out = {"engine": float(P._sm90_available(q.device))}
     if "fwd" in cases:
         for kind in ("gdn", "dn", "mamba2"):
             out[f"fwd {kind}"] = timer(lambda: P.prefill_fwd(*args(kind), W, S, kind))
@@ -81,6 +84,23 @@ def worker(tree, cases, cpu, shape):
     print("AB " + json.dumps(out), flush=True)
 
 
+def _built(tree):
+    d = os.path.join(tree, "ahn_ops")
+    return sorted(f for f in os.listdir(d) if f.startswith("_C") and f.endswith(".so"))
+
+
+def share_extension(trees):
+    """Copy the first tree's built extension into each later tree that has none (``git archive`` leaves it out);
+    returns the trees that got a copy."""
+    ext, got = _built(trees[0]), []
+    for t in trees[1:]:
+        if ext and not _built(t):
+            shutil.copy2(os.path.join(trees[0], "ahn_ops", ext[0]), os.path.join(t, "ahn_ops", ext[0]))
+            print(f"[ab] {t}: no built extension, using a copy of {trees[0]}'s {ext[0]}", flush=True)
+            got.append(t)
+    return got
+
+
 def main():
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("trees", nargs="+", help="source trees holding ahn_ops/ (the first is the baseline)")
@@ -98,6 +118,7 @@ def main():
     if a.worker:
         worker(trees[0], a.cases, a.cpu, shape)
         return
+    share_extension(trees)
     env = dict(os.environ, **({"TRITON_INTERPRET": "1"} if a.cpu else {}))
     runs = {t: [] for t in trees}
     for rnd in range(a.rounds):
@@ -110,9 +131,13 @@ def main():
                 raise SystemExit(f"round {rnd}, tree {t} failed:\n{p.stdout[-2000:]}\n{p.stderr[-3000:]}")
             runs[t].append(json.loads(line[-1][3:]))
             print(f"[ab] round {rnd} {t}: {runs[t][-1]}", flush=True)
-    names = list(runs[trees[0]][0])
+    engines = {t: {r["engine"] for r in runs[t]} for t in trees}
+    if len({frozenset(e) for e in engines.values()}) != 1:
+        raise SystemExit(f"the trees ran different forward engines (1: the sm_90a kernel): {engines}")
+    names = [n for n in runs[trees[0]][0] if n != "engine"]
     med = {t: {n: statistics.median(r[n] for r in runs[t]) for n in names} for t in trees}
-    print(f"\n== ms at T, W, S = {shape}, median over {a.rounds} rounds (ratio to the first tree) ==")
+    print(f"\n== ms at T, W, S = {shape}, median over {a.rounds} rounds (ratio to the first tree); forward engine: "
+          f"{'the sm_90a kernel' if 1.0 in engines[trees[0]] else 'Triton / cuDNN'} ==")
     print("  " + "case".ljust(14) + "".join(os.path.basename(t.rstrip(os.sep))[:14].rjust(22) for t in trees))
     for n in names:
         base = med[trees[0]][n]

@@ -156,7 +156,8 @@ stage() {
       ;;
     ab)
       # before / after of a kernel change on this machine: the older trees were put in .ab/ by
-      # `git archive REV ahn_ops | tar -x -C .ab/REV` and carried; AB_CASES narrows the cases
+      # `git archive REV ahn_ops | tar -x -C .ab/REV` and carried (a tree without a built extension gets a copy of
+      # this tree's, so that the forward runs the same engine); AB_CASES narrows the cases
       timeout "${AB_TIMEOUT:-540}" python3 benchmarks/ab_trees.py . .ab/* --rounds "${AB_ROUNDS:-2}" \
         ${AB_CASES:+--cases $AB_CASES} 2>&1 | tee "$out/ab.log" | tail -14
       ;;
