@@ -10,10 +10,11 @@ Each tree runs in its own process (``ahn_ops`` imported from that tree), the tre
 rounds, and every case is the median of ``triton.testing.do_bench`` medians over the rounds: a drift of the
 machine between the two trees' runs lands in both. The forward's default engine on an H100 / H200 is the sm_90a
 kernel of the compiled extension, which ``git archive`` does not hold: a tree without ``ahn_ops/_C*.so`` gets a
-copy of the first tree's (so compare trees whose ``csrc/`` is the same, or build each), and every tree's row
-says which forward engine it ran (``engine``: a tree on another engine times another kernel, and the run stops). Cases (``--cases``): ``fwd`` the fused forward of each kind; ``prep`` the memory's parallel
-prep pass alone and ``state`` prep + state chain (gdn, mamba2); ``fwdbwd`` forward + backward of gdn. The
-table, last, gives each case's time on every tree and the ratio to the first.
+copy of the first tree's (so compare trees whose ``csrc/`` is the same, or build each), and each tree reports
+the forward engine it ran (``engine``); trees on different engines time different kernels, so the run stops.
+Cases (``--cases``): ``fwd`` the fused forward of each kind; ``prep`` the memory's parallel prep pass alone and
+``state`` prep + state chain (gdn, mamba2); ``fwdbwd`` forward + backward of gdn. The table, last, gives each
+case's time on every tree and the ratio to the first.
 """
 
 from __future__ import annotations
@@ -62,7 +63,8 @@ def worker(tree, cases, cpu, shape):
         from triton.testing import do_bench
         return do_bench(fn, warmup=25, rep=150, return_mode="median")
 
-    out = {"engine": float(P._sm90_available(q.device))}
+    sm90 = getattr(P, "_sm90_available", None)  # trees from before the sm_90a kernel have no such rule
+    out = {"engine": float(bool(sm90 and sm90(q.device)))}
     if "fwd" in cases:
         for kind in ("gdn", "dn", "mamba2"):
             out[f"fwd {kind}"] = timer(lambda: P.prefill_fwd(*args(kind), W, S, kind))
