@@ -25,6 +25,7 @@ from __future__ import annotations
 
 import argparse
 import os
+import statistics
 import sys
 import time
 
@@ -312,41 +313,66 @@ BESIDE_SETTINGS = (dict(band_beside=1, beside_bv=64), dict(epi_warps=8), dict(do
 BESIDE_SHAPES = {32768: ("gdn", 32768, 4096, 128), 24576: ("gdn", 24576, 2048, 0)}
 
 
-def beside_table(settings=BESIDE_SETTINGS, shapes=tuple(BESIDE_SHAPES.values())):
+def beside_table(settings=BESIDE_SETTINGS, shapes=tuple(BESIDE_SHAPES.values()), rounds=1):
     """fwd / bwd / fwd+bwd (ms) and peak memory for backward.CONFIG variants around cuDNN's band, in one process,
     at issue 33's shapes: the reverse chain beside the band (band_beside 1, at beside_bv value columns per
     program), the epilogue backward's warps (epi_warps), the o_weight product in 16 token slices of 2048 tokens
     (do_weight_slices), the sink keys' kernel at 64 queries per step (sink), the prep pass's register cap for more
     programs per SM (prefill.CONFIG prep_maxnreg, prep_warps: forward and re-run), and the state chain's re-run fused
     with the epilogue backward (state_epi, the chain at state_epi_bv columns); every other key as the defaults (or
-    --config)."""
-    rows = []
+    --config). rounds > 1 times every setting once per round, the settings in turn, so that a drift of the machine
+    lands on all of them; the table gives medians over the rounds, the spread of fwd+bwd, and each setting's
+    fwd+bwd over the first setting's in the same round (the median of those ratios)."""
+    runs = {}
     base, pbase = dict(bw.CONFIG), dict(prefill.CONFIG)
-    for kind, T, W, S in shapes:
-        for st in settings:
-            bw.CONFIG.clear()
-            bw.CONFIG.update(base, **{k: v for k, v in st.items() if k in base})
-            # the prep pass's keys live in prefill.CONFIG (the forward's pass and the backward's re-run)
-            prefill.CONFIG.clear()
-            prefill.CONFIG.update(pbase, **{k: v for k, v in st.items() if k not in base})
-            tag = " ".join(f"{k}={v}" for k, v in st.items())
-            try:
-                r = bench(kind, T, W, S, flex=False)
-            except Exception as e:  # noqa: BLE001
-                print(f"[beside] {kind} T{T} {tag} raised {type(e).__name__}: {str(e)[:300]}", flush=True)
-                continue
-            split = ", ".join(f"{k_[:24]} {t_:.3f}" for k_, t_ in r["split"][:6])
-            print(f"[beside] {kind} T{T} W{W} S{S} {tag}: fwd+bwd {r['fwd+bwd']:.3f} ms, peak {r['peak_GB']:.2f} GB;"
-                  f" {split}", flush=True)
-            rows.append((f"{kind} T{T} W{W} S{S}", tag, r))
+    for rnd in range(rounds):
+        for kind, T, W, S in shapes:
+            for st in settings:
+                bw.CONFIG.clear()
+                bw.CONFIG.update(base, **{k: v for k, v in st.items() if k in base})
+                # the prep pass's keys live in prefill.CONFIG (the forward's pass and the backward's re-run)
+                prefill.CONFIG.clear()
+                prefill.CONFIG.update(pbase, **{k: v for k, v in st.items() if k not in base})
+                tag = " ".join(f"{k}={v}" for k, v in st.items())
+                try:
+                    r = bench(kind, T, W, S, flex=False)
+                except Exception as e:  # noqa: BLE001
+                    print(f"[beside] {kind} T{T} {tag} raised {type(e).__name__}: {str(e)[:300]}", flush=True)
+                    continue
+                split = ", ".join(f"{k_[:24]} {t_:.3f}" for k_, t_ in r["split"][:6])
+                print(f"[beside] round {rnd} {kind} T{T} W{W} S{S} {tag}: fwd+bwd {r['fwd+bwd']:.3f} ms, peak "
+                      f"{r['peak_GB']:.2f} GB; {split}", flush=True)
+                runs.setdefault((f"{kind} T{T} W{W} S{S}", tag), {})[rnd] = r
     bw.CONFIG.clear()
     bw.CONFIG.update(base)
     prefill.CONFIG.clear()
     prefill.CONFIG.update(pbase)
-    print("\n== backward variants around cuDNN's band (ms, median), B=1 H=16 HKV=2 D=128 bf16 ==")
-    print(f"  {'shape':24s} {'setting':36s} {'fwd':>7s} {'bwd':>7s} {'fwd+bwd':>8s} {'peak GB':>8s}")
-    for shape, tag, r in rows:
-        print(f"  {shape:24s} {tag:36s} {r['fwd']:7.3f} {r['bwd']:7.3f} {r['fwd+bwd']:8.3f} {r['peak_GB']:8.2f}")
+    print(f"\n== backward variants around cuDNN's band (ms, median over {rounds} round(s)), B=1 H=16 HKV=2 D=128 "
+          "bf16 ==")
+    print(f"  {'shape':24s} {'setting':36s} {'fwd':>7s} {'bwd':>7s} {'fwd+bwd':>8s} {'spread':>7s} {'x first':>8s} "
+          f"{'peak GB':>8s}")
+    for shape, tag, row in beside_summary(runs):
+        print(f"  {shape:24s} {tag:36s} {row['fwd']:7.3f} {row['bwd']:7.3f} {row['fwd+bwd']:8.3f} "
+              f"{row['spread']:7.3f} {row['x_first']:8.3f} {row['peak_GB']:8.2f}")
+
+
+def beside_summary(runs):
+    """``{(shape, setting): {round: bench result}}`` (settings in their order, the first of a shape its baseline)
+    -> ``[(shape, setting, row)]``: medians of fwd, bwd, fwd+bwd and peak over the rounds, the fwd+bwd spread (max -
+    min), and ``x_first``, the median over the rounds of fwd+bwd divided by the first setting's in the same round
+    (paired: a round's drift cancels; a round where either raised is left out)."""
+    first = {}
+    for (shape, tag), rs in runs.items():
+        first.setdefault(shape, rs)
+    out = []
+    for (shape, tag), rs in runs.items():
+        fb = [r["fwd+bwd"] for r in rs.values()]
+        base = first[shape]
+        ratios = [r["fwd+bwd"] / base[i]["fwd+bwd"] for i, r in rs.items() if i in base]
+        row = {k: statistics.median(r[k] for r in rs.values()) for k in ("fwd", "bwd", "fwd+bwd", "peak_GB")}
+        row.update(spread=max(fb) - min(fb), x_first=statistics.median(ratios) if ratios else float("nan"))
+        out.append((shape, tag, row))
+    return out
 
 
 def parse_config(items, config):
@@ -376,6 +402,8 @@ def main():
                     help="only the timings of the variants around cuDNN's band (BESIDE_SETTINGS)")
     ap.add_argument("--beside-T", type=int, nargs="+", default=list(BESIDE_SHAPES), choices=list(BESIDE_SHAPES),
                     help="--beside: issue 33's shapes to time, by T")
+    ap.add_argument("--rounds", type=int, default=1,
+                    help="--beside: time every setting once per round, in turn (medians, spread, ratio to the first)")
     ap.add_argument("--config", nargs="*", default=[], metavar="KEY=VALUE",
                     help="backward.CONFIG overrides for the whole run (int, comma-separated tuple, or None)")
     args = ap.parse_args()
@@ -383,7 +411,9 @@ def main():
     print(f"[env] torch {torch.__version__} triton {triton.__version__} {torch.cuda.get_device_name()} "
           f"backward.CONFIG {bw.CONFIG}")
     if args.beside:
-        beside_table(shapes=tuple(BESIDE_SHAPES[T] for T in args.beside_T))
+        if args.rounds < 1:
+            raise SystemExit(f"--rounds {args.rounds}: expected at least 1")
+        beside_table(shapes=tuple(BESIDE_SHAPES[T] for T in args.beside_T), rounds=args.rounds)
         return
     checks = []
     if args.check:

@@ -204,8 +204,10 @@ stage() {
     beside)
       # backward variants around cuDNN's band (bench_backward.BESIDE_SETTINGS): their GPU tests, the timings
       timeout 240 python3 -m pytest -q -rf tests/ops/test_backward.py -k "beside_band or side_stream or state_epi" 2>&1 | tail -3
-      # BESIDE_T: the shapes to time, by T (32768 24576 for both; each variant prints its total as it goes)
-      timeout 300 python3 benchmarks/bench_backward.py --beside --beside-T ${BESIDE_T:-32768} 2>&1 \
+      # BESIDE_T: the shapes to time, by T (32768 24576 for both; each variant prints its total as it goes);
+      # BESIDE_ROUNDS: the settings in turn, once per round (the table's "x first" pairs each with the first)
+      timeout 300 python3 benchmarks/bench_backward.py --beside --beside-T ${BESIDE_T:-32768} \
+        --rounds ${BESIDE_ROUNDS:-2} 2>&1 \
         | tee "$out/beside.log" | tail -18
       ;;
     sm90)

@@ -326,6 +326,33 @@ def test_bench_distill_harness():
     assert len(table) == 1 and float(table[0].split("|")[3]) > 0, p.stdout[-2000:]
 
 
+def test_beside_summary_pairs_rounds():
+    # bench_backward.py --beside --rounds R: each setting's fwd+bwd over the first setting's in the same round (a
+    # drift of the machine between rounds cancels), medians and spread over the rounds; a round where a setting
+    # raised is left out of its ratios, not paired with another round
+    sys.path.insert(0, BENCH)
+    try:
+        import bench_backward as bb
+    finally:
+        sys.path.remove(BENCH)
+
+    def r(fb, peak=3.0):
+        return {"fwd": 1.0, "bwd": fb - 1.0, "fwd+bwd": fb, "peak_GB": peak}
+
+    runs = {("gdn T32", "default"): {0: r(10.0), 1: r(12.0), 2: r(11.0)},  # the machine drifts by round
+            ("gdn T32", "x"): {0: r(9.0), 1: r(10.8), 2: r(9.9)},  # 10% faster in every round
+            ("gdn T32", "y"): {1: r(12.0, 3.5), 2: r(11.0, 3.5)},  # raised in round 0
+            ("gdn T24", "default"): {0: r(5.0)}}
+    rows = {(shape, tag): row for shape, tag, row in bb.beside_summary(runs)}
+    assert list(rows) == list(runs)
+    assert rows[("gdn T32", "default")]["x_first"] == 1.0 and rows[("gdn T32", "default")]["fwd+bwd"] == 11.0
+    assert rows[("gdn T32", "default")]["spread"] == 2.0
+    # 10% faster in every round, though its spread (1.8) is wider than the medians' difference (11.0 - 9.9)
+    assert abs(rows[("gdn T32", "x")]["x_first"] - 0.9) < 1e-12 and abs(rows[("gdn T32", "x")]["spread"] - 1.8) < 1e-9
+    assert rows[("gdn T32", "y")]["x_first"] == 1.0 and rows[("gdn T32", "y")]["peak_GB"] == 3.5
+    assert rows[("gdn T24", "default")]["x_first"] == 1.0 and rows[("gdn T24", "default")]["spread"] == 0.0
+
+
 def test_ab_trees_harness():
     # benchmarks/ab_trees.py: the same tree twice in the interpreter, one round, two cases, a chosen shape; the
     # table names both cases and the shape
