@@ -324,18 +324,14 @@ def beside_table(settings=BESIDE_SETTINGS, shapes=tuple(BESIDE_SHAPES.values()),
     lands on all of them; the table gives medians over the rounds, the spread of fwd+bwd, and each setting's
     fwd+bwd over the first setting's in the same round (the median of those ratios)."""
     runs = {}
-    base, pbase = dict(bw.CONFIG), dict(prefill.CONFIG)
     for rnd in range(rounds):
         for kind, T, W, S in shapes:
             for st in settings:
-                bw.CONFIG.clear()
-                bw.CONFIG.update(base, **{k: v for k, v in st.items() if k in base})
-                # the prep pass's keys live in prefill.CONFIG (the forward's pass and the backward's re-run)
-                prefill.CONFIG.clear()
-                prefill.CONFIG.update(pbase, **{k: v for k, v in st.items() if k not in base})
                 tag = " ".join(f"{k}={v}" for k, v in st.items())
                 try:
-                    r = bench(kind, T, W, S, flex=False)
+                    # the prep pass's keys live in prefill.CONFIG (the forward's pass and the backward's re-run)
+                    with C.configured(st, bw.CONFIG, prefill.CONFIG):
+                        r = bench(kind, T, W, S, flex=False)
                 except Exception as e:  # noqa: BLE001
                     print(f"[beside] {kind} T{T} {tag} raised {type(e).__name__}: {str(e)[:300]}", flush=True)
                     continue
@@ -343,10 +339,6 @@ def beside_table(settings=BESIDE_SETTINGS, shapes=tuple(BESIDE_SHAPES.values()),
                 print(f"[beside] round {rnd} {kind} T{T} W{W} S{S} {tag}: fwd+bwd {r['fwd+bwd']:.3f} ms, peak "
                       f"{r['peak_GB']:.2f} GB; {split}", flush=True)
                 runs.setdefault((f"{kind} T{T} W{W} S{S}", tag), {})[rnd] = r
-    bw.CONFIG.clear()
-    bw.CONFIG.update(base)
-    prefill.CONFIG.clear()
-    prefill.CONFIG.update(pbase)
     print(f"\n== backward variants around cuDNN's band (ms, median over {rounds} round(s)), B=1 H=16 HKV=2 D=128 "
           "bf16 ==")
     print(f"  {'shape':24s} {'setting':36s} {'fwd':>7s} {'bwd':>7s} {'fwd+bwd':>8s} {'spread':>7s} {'x first':>8s} "

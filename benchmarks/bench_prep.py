@@ -53,13 +53,8 @@ def med(fn):
 
 
 def _with(setting, fn):
-    base = dict(P.CONFIG)
-    P.CONFIG.update(setting)
-    try:
+    with C.configured(setting, P.CONFIG):
         return fn()
-    finally:
-        P.CONFIG.clear()
-        P.CONFIG.update(base)
 
 
 def table(kinds, Ts, settings=SETTINGS, full=True, cpu=False):

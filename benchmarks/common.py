@@ -10,11 +10,13 @@
 - FLOP and byte formulas of every benchmark (each documented where it is defined);
 - ``sliding_window_block_mask()``: the FlexAttention block mask of AHN's window + sinks;
 - ``peer_status()``: which peers this machine has (FlexAttention, SDPA, fla, flash-attn);
-- ``make_row()``: one result row with its FLOP/byte count and fraction of the device ceiling.
+- ``make_row()``: one result row with its FLOP/byte count and fraction of the device ceiling;
+- ``configured()``: a benchmark setting applied to the library's ``CONFIG`` dicts for a block, then undone.
 """
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import datetime
 import math
@@ -104,6 +106,25 @@ def versions() -> str:
     except ImportError:
         tv = "absent"
     return f"torch {torch.__version__}, triton {tv}"
+
+
+@contextlib.contextmanager
+def configured(setting: dict, *configs: dict):
+    """Within the block, each key of ``setting`` set in the first of ``configs`` that has it (e.g. the backward's
+    ``CONFIG``, then prefill's); every dict restored afterwards, raised or not. A key none of them has is an error
+    (a misspelt setting would otherwise time the defaults under its name)."""
+    saved = [dict(c) for c in configs]
+    try:
+        for key, val in setting.items():
+            home = next((c for c in configs if key in c), None)
+            if home is None:
+                raise KeyError(f"setting {key!r}: not a key of the CONFIG it is meant for")
+            home[key] = val
+        yield
+    finally:
+        for c, s in zip(configs, saved):
+            c.clear()
+            c.update(s)
 
 
 def sync(device: str) -> None:

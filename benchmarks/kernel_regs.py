@@ -31,6 +31,7 @@ from __future__ import annotations
 
 import argparse
 import os
+import re
 import sys
 
 import torch
@@ -70,8 +71,6 @@ def pipeline_hazards(ttgir: str):
     a shallower buffer (triton 3.6/3.8 give one to a tile that also feeds register code) is rewritten
     while the in-flight dot reads it. Returns a description per offending loop (empty: none).
     """
-    import re
-
     depth = {m.group(1): int(m.group(2)) for m in
              re.finditer(r"(%[\w.#]+) = ttg\.local_alloc : \(\) -> !ttg\.memdesc<(\d+)x", ttgir)}
     found = []
@@ -94,8 +93,6 @@ def unpipelined_loops(ttgir: str):
     (``tl.debug_barrier``) does that: the state chain with ready counters had one, on triton 3.6 and 3.8 alike
     (benchmarks/NOTES_prefill.md). A kernel launched with num_stages > 1 that has one shows "UNPIPELINED" in the
     table (one stage is a choice, not flagged). Returns a description per such loop (empty: none)."""
-    import re
-
     found = []
     for i, body in _loops(ttgir):
         dots = sum(1 for l2 in body if re.search(r"\b(ttng\.warp_group_dot|tt\.dot)\b", l2))
@@ -109,8 +106,6 @@ def unpipelined_loops(ttgir: str):
 def ordered_atomics(ptx: str):
     """Global atomics of a kernel's PTX with acquire / release ordering (``tl.atomic_add``'s default
     ``sem="acq_rel"``), each one as written in the PTX (empty: all relaxed)."""
-    import re
-
     return [t for t in re.findall(r"\batom(?:\.\w+)+", ptx)
             if {"acq_rel", "acquire", "release"} & set(t.split("."))]
 
@@ -155,7 +150,6 @@ JITFunction.run = _spy
 
 def _ptxas_report(ptx: str, arch: int):
     """(registers, spill bytes stored + loaded, static shared bytes) of a PTX for sm_<arch> (``ptxas -v``)."""
-    import re
     import subprocess
     import tempfile
 

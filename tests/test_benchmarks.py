@@ -326,6 +326,28 @@ def test_bench_distill_harness():
     assert len(table) == 1 and float(table[0].split("|")[3]) > 0, p.stdout[-2000:]
 
 
+def test_configured_applies_and_restores():
+    # common.configured: a benchmark setting in the first CONFIG that has each key, every CONFIG restored after the
+    # block, raised or not; a key no CONFIG has is refused (a misspelt setting would time the defaults)
+    sys.path.insert(0, BENCH)
+    try:
+        import common
+    finally:
+        sys.path.remove(BENCH)
+    a, b = {"x": 1, "both": 1}, {"y": 2, "both": 2}
+    with common.configured({"x": 10, "y": 20, "both": 0}, a, b):
+        assert a == {"x": 10, "both": 0} and b == {"y": 20, "both": 2}
+    assert a == {"x": 1, "both": 1} and b == {"y": 2, "both": 2}
+    with pytest.raises(RuntimeError):
+        with common.configured({"y": 5}, a, b):
+            raise RuntimeError("in the block")
+    assert b == {"y": 2, "both": 2}
+    with pytest.raises(KeyError, match="'nope'"):
+        with common.configured({"x": 3, "nope": 1}, a, b):
+            pass
+    assert a == {"x": 1, "both": 1}
+
+
 def test_beside_summary_pairs_rounds():
     # bench_backward.py --beside --rounds R: each setting's fwd+bwd over the first setting's in the same round (a
     # drift of the machine between rounds cancels), medians and spread over the rounds; a round where a setting

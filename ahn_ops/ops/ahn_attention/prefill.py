@@ -127,15 +127,20 @@ def state_chain(kd, w, u, gc, seq, N, H, D, window, sinks, mamba2, h0, hs, vnew,
         kd=kd, w=w, u=u, gc=gc, seq=seq, h0=h0 if h0 is not None else dummy, hs=hs, vnew=vnew,
         ht=ht if ht is not None else dummy, ready=ready if ready is not None else dummy, H=H, D=D, W=window,
         S=sinks, BT=BT, BV=BV, USE_H0=h0 is not None, STORE_HT=ht is not None, MAMBA2=mamba2,
-        READY=ready is not None, NTHR=32 * CONFIG["state_warps"], num_warps=CONFIG["state_warps"],
+        READY=ready is not None, NTHR=_chain_threads(), num_warps=CONFIG["state_warps"],
         num_stages=CONFIG["state_stages"])
+
+
+def _chain_threads() -> int:
+    # a state chain program's threads: each releases its own stores, so a ready counter gains this per program
+    return 32 * CONFIG["state_warps"]
 
 
 def state_ready_target(D: int) -> int:
     """The value of a chunk's ``ready`` counter once the state chain beside the sm_90a kernel
     (``CONFIG["sm90_state_bv"]`` columns per program) has stored it: its programs per head times their threads
     (each thread releases its own stores)."""
-    return D // CONFIG["sm90_state_bv"] * 32 * CONFIG["state_warps"]
+    return D // CONFIG["sm90_state_bv"] * _chain_threads()
 
 
 def prep_launch() -> dict:
