@@ -12,7 +12,8 @@ machine between the two trees' runs lands in both. The forward's default engine 
 kernel of the compiled extension, which ``git archive`` does not hold: a tree without ``ahn_ops/_C*.so`` gets a
 copy of the first tree's (so compare trees whose ``csrc/`` is the same, or build each), and each tree reports
 the forward engine it ran (``engine``); trees on different engines time different kernels, so the run stops.
-Cases (``--cases``): ``fwd`` the fused forward of each kind; ``prep`` the memory's parallel prep pass alone and
+Cases (``--cases``): ``fwd`` the fused forward of each kind (and of gdn with ``deterministic=True``: the memory
+passes before the kernel); ``prep`` the memory's parallel prep pass alone and
 ``state`` prep + state chain (gdn, mamba2); ``fwdbwd`` forward + backward of gdn. The table, last, gives each
 case's time on every tree and the ratio to the first.
 """
@@ -68,6 +69,8 @@ def worker(tree, cases, cpu, shape):
     if "fwd" in cases:
         for kind in ("gdn", "dn", "mamba2"):
             out[f"fwd {kind}"] = timer(lambda: P.prefill_fwd(*args(kind), W, S, kind))
+        # the memory passes before the kernel (deterministic=True): the kernel's own time plus the passes'
+        out["fwd gdn det"] = timer(lambda: P.prefill_fwd(*args("gdn"), W, S, "gdn", deterministic=True))
     for stage in ("prep", "state"):
         if stage in cases:
             for kind in ("gdn", "mamba2"):

@@ -6,6 +6,7 @@
     python benchmarks/bench_sm90.py engines       # prefill_fwd on "auto" (the sm_90a kernel) against "no_sm90"
     python benchmarks/bench_sm90.py overlap       # the memory passes beside the kernel, wider state-chain programs
     python benchmarks/bench_sm90.py cache         # the cache path with the passes before / beside the kernel
+    python benchmarks/bench_sm90.py ncu-target    # three gdn forwards at 32k, passes before the kernel (for ncu)
 
 Needs the extension built with its sm_90a kernels (the nvidia-cutlass headers installed at build time). Each
 part is a process of its own in `device_check.sh sm90` (a kernel that hangs costs one part's timeout). A
@@ -511,10 +512,26 @@ def bench_bwd(mod, first=None):
         print(f"| {name} | {ms:.3f} | {peaks[name]:.2f} |" if name in peaks else f"| {name} | {ms:.3f} | |")
 
 
+def ncu_target(T=32768, W=4096, S=128, kind="gdn"):
+    """Three forwards on the default engine with the memory passes before the kernel (``deterministic=True``:
+    under Nsight Compute, which runs kernels one at a time, a kernel beside the passes would find no chunk ready
+    and defer every tile). Profile the second: ``ncu --launch-skip 1 --launch-count 1 -k regex:band_fwd``."""
+    sys.path.insert(0, HERE)
+    from bench_prefill import make
+
+    from ahn_ops.ops.ahn_attention import prefill as P
+
+    args = make(kind, 1, T, 16, 2, 128)
+    for _ in range(3):
+        P.prefill_fwd(*args, W, S, kind, deterministic=True)
+    torch.cuda.synchronize()
+
+
 def main():
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("parts", nargs="*",
-                    choices=["check", "check-fused", "bench", "bench-bwd", "engines", "overlap", "cache"],
+                    choices=["check", "check-fused", "bench", "bench-bwd", "engines", "overlap", "cache",
+                             "ncu-target"],
                     help="default: check, check-fused, bench")
     ap.add_argument("--first", type=int, help="only the first N shapes of each check (e.g. under compute-sanitizer)")
     a = ap.parse_args()
@@ -536,6 +553,8 @@ def main():
         bench_overlap(_timer())
     if "cache" in parts:
         bench_cache(_timer())
+    if "ncu-target" in parts:
+        ncu_target()
     return 0 if ok else 1
 
 

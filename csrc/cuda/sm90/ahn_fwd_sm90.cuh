@@ -190,6 +190,21 @@ CUTE_DEVICE void wgmma(Mma& mma, TA const& a, TB const& b, TC& c) {
   warpgroup_fence_operand(c);
 }
 
+// shared-memory accesses through a pointer computed by a swizzled layout, explicitly in the shared state space
+// (through the generic one the compiler cannot prove them shared and emits generic loads and stores)
+CUTE_DEVICE uint4 lds128(void const* ptr) {
+  uint4 v;
+  asm volatile("ld.shared.v4.b32 {%0, %1, %2, %3}, [%4];"
+               : "=r"(v.x), "=r"(v.y), "=r"(v.z), "=r"(v.w)
+               : "r"(cast_smem_ptr_to_uint(ptr))
+               : "memory");
+  return v;
+}
+
+CUTE_DEVICE void sts32(void* ptr, uint32_t v) {
+  asm volatile("st.shared.b32 [%0], %1;" ::"r"(cast_smem_ptr_to_uint(ptr)), "r"(v) : "memory");
+}
+
 CUTE_DEVICE float fast_exp2(float x) {
   float y;
   asm("ex2.approx.ftz.f32 %0, %1;" : "=f"(y) : "f"(x));
@@ -331,11 +346,38 @@ __global__ void __launch_bounds__(Traits::kThreads, 1)
         cutlass::arch::ClusterTransactionBarrier::arrive_and_expect_tx(&ss.bar_h, 2 * kD * kD * sizeof(Element));
         for (int i = 0; i < 2; ++i) copy(p.tma_hs.with(ss.bar_h), tHg(_, (chunk0 + chunk_of(i)) * p.H + h), tHs(_, i));
       };
-      const bool h_early = p.ready == nullptr;
-      if (cta_mem && h_early) load_states();
+      // are the chunks the warpgroups read stored yet? (their ready counters, read with acquire; then the async
+      // proxy's view of global memory ordered after those reads for the TMA loads of the chunks' data)
+      auto chunks_ready = [&]() {
+        bool ok = true;
+        for (int i = 0; i < 2; ++i) {
+          const int c = chunk_of(i);
+          if (chunk_reads_memory(c)) {
+            int n;
+            asm volatile("ld.acquire.gpu.global.b32 %0, [%1];" : "=r"(n) : "l"(p.ready + (chunk0 + c) * p.H + h)
+                         : "memory");
+            ok &= n >= p.ready_target;
+          }
+        }
+        if (ok) asm volatile("fence.proxy.async.global;" ::: "memory");
+        return ok;
+      };
+      // the states at the start without the passes beside the launch; beside them, as soon as the counters say
+      // so: first once the first key blocks' loads are issued (the chain usually runs well ahead of the rows,
+      // and a state load issued after the band's last loads arrived after the band: 64 KB from memory per CTA),
+      // else after the band's loads
+      bool h_loaded = false;
+      auto states_early = [&]() {
+        if (cta_mem && !h_loaded && (p.ready == nullptr || chunks_ready())) {
+          load_states();
+          h_loaded = true;
+        }
+      };
+      if (p.ready == nullptr) states_early();
       PipelineState wk = cutlass::make_producer_start_state<Pipeline>();
       PipelineState wv = cutlass::make_producer_start_state<Pipeline>();
       for (int i = 0; i < n_run; ++i) {
+        if (i == Traits::kStages) states_early();  // the producer would wait for a free stage here anyway
         const int n = plan.block(i);
         pipe_k.producer_acquire(wk);
         if (plan.is_band(i)) {
@@ -353,21 +395,7 @@ __global__ void __launch_bounds__(Traits::kThreads, 1)
         ++wv;
       }
       if (cta_mem) {
-        // are the chunks the warpgroups read stored yet? (read once: acquire, then the async proxy's view of
-        // global memory ordered after it for the TMA loads below)
-        bool ok = true;
-        if (p.ready) {
-          for (int i = 0; i < 2; ++i) {
-            const int c = chunk_of(i);
-            if (chunk_reads_memory(c)) {
-              int n;
-              asm volatile("ld.acquire.gpu.global.b32 %0, [%1];" : "=r"(n) : "l"(p.ready + (chunk0 + c) * p.H + h)
-                           : "memory");
-              ok &= n >= p.ready_target;
-            }
-          }
-          if (ok) asm volatile("fence.proxy.async.global;" ::: "memory");
-        }
+        const bool ok = h_loaded || chunks_ready();  // (the counters read once more where they were not ready)
         ss.mem_ok = ok;  // before the o_weight stage's arrive, which releases it to the consumers
         // o_weight[h] into the next K stage; the chunks' keys (rows row0 - W .., negative rows read zeros) into
         // the one after; the chunks' v_new rows into the next V stage (not for a deferred tile)
@@ -378,7 +406,7 @@ __global__ void __launch_bounds__(Traits::kThreads, 1)
         copy(p.tma_ow.with(*pipe_k.producer_get_barrier(wk)), tOg, tOs(_, wk.index()));
         ++wk;
         if (!ok) return;
-        if (!h_early) load_states();
+        if (!h_loaded) load_states();
         Tensor gKm = local_tile(from(k_bos + row0 - W, mK(_, _, hkv, kb)),
                                 Shape<Int<kBN>, Int<kD>>{}, make_coord(0, 0));
         auto [tKmg, tKms] = tma_partition(p.tma_k, _0{}, Layout<_1>{}, group_modes<0, 2>(sK),
@@ -486,6 +514,23 @@ __global__ void __launch_bounds__(Traits::kThreads, 1)
     if (wg == 1 && n_run > 0) cutlass::arch::NamedBarrier::arrive(256, 0);
   }
 
+  // kMemory: the read gate z of this thread's two rows of the epilogue's products, an input, so loaded before
+  // the band rather than on the epilogue's path
+  float zrow[2] = {0.f, 0.f};
+  if constexpr (Traits::kMemory) {
+    if (cta_mem) {
+      typename Traits::MmaQH mma_z;
+      Tensor cZ = mma_z.get_thread_slice(tid % 128).partition_C(make_identity_tensor(Shape<_64, Int<kD>>{}));
+      Tensor cZrc = make_tensor(cZ.data(), acc_rowcol(cZ.layout()));
+      static_assert(decltype(size<0>(cZrc))::value == 2);
+      CUTLASS_PRAGMA_UNROLL
+      for (int r = 0; r < 2; ++r) {
+        const int t = row0 + wg * Traits::kChunk + get<0>(cZrc(r, 0));
+        if (t < T) zrow[r] = float(p.z[(grow0 + t) * p.H + h]);
+      }
+    }
+  }
+
   clear(tOrO);
   PipelineState rk, rv;
   cutlass::arch::ClusterTransactionBarrier::wait(&ss.bar_q, 0);
@@ -541,23 +586,52 @@ __global__ void __launch_bounds__(Traits::kThreads, 1)
     row_sum[r] = quad_sum(row_sum[r]);
     inv[r] = row_sum[r] > 0.f ? 1.f / row_sum[r] : 0.f;
   }
+  // [B, T, H, D] rows of this warpgroup (value(r, c) of the accumulator layout) through its own 64 rows of the
+  // Q tile, which its products have finished reading, then to global memory 16 bytes a thread: stored from the
+  // accumulator layout a warp writes 16 of every 32-byte sector it touches (a quad's column pairs of 8 rows)
+  constexpr int kOCols = decltype(size<1>(O))::value;
+  auto store_rows = [&](Element* dst, auto const& value) {
+    CUTLASS_PRAGMA_UNROLL
+    for (int r = 0; r < kRows; ++r) {
+      const int i = get<0>(cOrc(r, 0));
+      CUTLASS_PRAGMA_UNROLL
+      for (int c = 0; c < kOCols; c += 2) {
+        cutlass::Array<Element, 2> v;
+        v[0] = Element(value(r, c));
+        v[1] = Element(value(r, c + 1));
+        sts32(&sQ(i, get<1>(cOrc(r, c))), reinterpret_cast<uint32_t const&>(v));
+      }
+    }
+    cutlass::arch::NamedBarrier::sync(128, 2 + wg);
+    constexpr int kPieces = kD / 8;  // 16-byte pieces per row
+    CUTLASS_PRAGMA_UNROLL
+    for (int j = 0; j < 64 * kPieces / 128; ++j) {
+      const int k = j * 128 + tid % 128, i = wg * 64 + k / kPieces, d = k % kPieces * 8;
+      if (row0 + i < T) {
+        *reinterpret_cast<uint4*>(dst + ((grow0 + row0 + i) * p.H + h) * kD + d) = lds128(&sQ(i, d));
+      }
+    }
+    cutlass::arch::NamedBarrier::sync(128, 2 + wg);  // read before the rows are staged again
+  };
   // (a memory-only launch adds the memory's share to the o the first launch stored, and stores no lse)
   auto store = [&](auto const& extra) {
     const int lane = threadIdx.x % 32;
+    if (!mem_only) store_rows(p.o, [&](int r, int c) { return O(r, c) * inv[r] + extra(r, c); });
     CUTLASS_PRAGMA_UNROLL
     for (int r = 0; r < kRows; ++r) {
       const int t = row0 + get<0>(cOrc(r, 0));
       if (t < T) {
-        Element* orow = p.o + ((grow0 + t) * p.H + h) * kD;
-        CUTLASS_PRAGMA_UNROLL
-        for (int c = 0; c < decltype(size<1>(O))::value; c += 2) {
-          const int d = get<1>(cOrc(r, c));
-          auto& pair = *reinterpret_cast<cutlass::Array<Element, 2>*>(orow + d);
-          const cutlass::Array<Element, 2> old = mem_only ? pair : cutlass::Array<Element, 2>{};
-          cutlass::Array<Element, 2> out;
-          out[0] = Element((mem_only ? float(old[0]) : O(r, c) * inv[r]) + extra(r, c));
-          out[1] = Element((mem_only ? float(old[1]) : O(r, c + 1) * inv[r]) + extra(r, c + 1));
-          pair = out;
+        if (mem_only) {
+          Element* orow = p.o + ((grow0 + t) * p.H + h) * kD;
+          CUTLASS_PRAGMA_UNROLL
+          for (int c = 0; c < kOCols; c += 2) {
+            auto& pair = *reinterpret_cast<cutlass::Array<Element, 2>*>(orow + get<1>(cOrc(r, c)));
+            const cutlass::Array<Element, 2> old = pair;
+            cutlass::Array<Element, 2> out;
+            out[0] = Element(float(old[0]) + extra(r, c));
+            out[1] = Element(float(old[1]) + extra(r, c + 1));
+            pair = out;
+          }
         }
         if (lane % 4 == 0 && !mem_only) {
           const float l = row_sum[r];
@@ -599,35 +673,6 @@ __global__ void __launch_bounds__(Traits::kThreads, 1)
         Tensor sVnt = local_tile(sVt(_, _, rv.index()), Shape<Int<kD>, _64>{}, make_coord(_0{}, wg));
         Tensor sHst = make_tensor(make_smem_ptr(ss.hs.data()), typename Traits::SmemLayoutHst{})(_, _, wg);
         Tensor sOwt = make_tensor(make_smem_ptr(ss.k.data()), typename Traits::SmemLayoutVt{})(_, _, r_ow.index());
-        // per row and per key: |q|, |k| (two threads per row, 64 columns each), gc
-        {
-          const int i = wt / 2, half = wt % 2;
-          float sq = 0.f, sk = 0.f;
-#pragma unroll 8
-          for (int d = half * (kD / 2); d < (half + 1) * (kD / 2); ++d) {
-            const float x = float(sQwg(i, d)), y = float(sKm(i, d));
-            sq += x * x;
-            sk += y * y;
-          }
-          sq += __shfl_xor_sync(0xffffffff, sq, 1);
-          sk += __shfl_xor_sync(0xffffffff, sk, 1);
-          if (half == 0) {
-            const int t = crow0 + i;
-            // GDN / DN l2norm 1 / sqrt(sum x^2 + 1e-6); Mamba2 F.normalize 1 / max(|x|, 1e-12)
-            auto inv_norm = [&](float x2) { return mamba2 ? 1.f / fmaxf(sqrtf(x2), 1e-12f) : rsqrtf(x2 + 1e-6f); };
-            ss.row_q[wg][i] = p.mem_scale * inv_norm(sq);
-            ss.col_k[wg][i] = (t < T && P + t - W >= S) ? inv_norm(sk) : 0.f;
-            ss.gcs[wg][i] = t < T ? p.gc[(grow0 + t) * p.H + h] : 0.f;
-          }
-          // rows past the sequence's end (under varlen the next sequence's, whose v_new may be unwritten):
-          // zeros, since their zero scores would not cancel a NaN in the product
-          if (crow0 + i >= T) {
-            Tensor sVn = local_tile(sV(_, _, rv.index()), Shape<_64, Int<kD>>{}, make_coord(wg, _0{}));
-            for (int d = half * (kD / 2); d < (half + 1) * (kD / 2); ++d) sVn(i, d) = Element(0.f);
-          }
-        }
-        cutlass::arch::fence_view_async_shared();  // those stores, before the wgmma (async proxy) reads them
-        cutlass::arch::NamedBarrier::sync(128, 2 + wg);
         typename Traits::MmaQKm mma_x;
         typename Traits::MmaQH mma_h;
         typename Traits::MmaRS mma_rs;
@@ -636,9 +681,48 @@ __global__ void __launch_bounds__(Traits::kThreads, 1)
         auto thr_rs = mma_rs.get_thread_slice(wt);
         Tensor Xacc = partition_fragment_C(mma_x, Shape<_64, _64>{});
         Tensor Macc = partition_fragment_C(mma_h, Shape<_64, Int<kD>>{});
-        // q k^T and q hs[c], raw: the normalisations and decays are row / column scales
+        // q k^T and q hs[c], raw: the normalisations and decays are row / column scales (issued first: the
+        // norms below run while the tensor cores work; both only read the tiles)
         wgmma<true, -1>(mma_x, thr_x.partition_fragment_A(sQwg), thr_x.partition_fragment_B(sKm), Xacc);
         wgmma<true, -1>(mma_h, thr_h.partition_fragment_A(sQwg), thr_h.partition_fragment_B(sHst), Macc);
+        // per row and per key: |q|, |k| (two threads per row, 64 columns each), gc
+        {
+          const int i = wt / 2, half = wt % 2;
+          const int t = crow0 + i;
+          // gc's load first: its latency runs under the norms' shared-memory reads
+          const float gci = half == 0 && t < T ? p.gc[(grow0 + t) * p.H + h] : 0.f;
+          float sq = 0.f, sk = 0.f;
+          // 16-byte reads: the 128-byte swizzle moves whole 16-byte groups of 8 columns, so each group's
+          // columns d .. d + 7 are contiguous from &tile(i, d)
+          CUTLASS_PRAGMA_UNROLL
+          for (int d = half * (kD / 2); d < (half + 1) * (kD / 2); d += 8) {
+            const uint4 xr = lds128(&sQwg(i, d)), yr = lds128(&sKm(i, d));
+            const auto& x = reinterpret_cast<cutlass::Array<Element, 8> const&>(xr);
+            const auto& y = reinterpret_cast<cutlass::Array<Element, 8> const&>(yr);
+            CUTLASS_PRAGMA_UNROLL
+            for (int e = 0; e < 8; ++e) {
+              sq += float(x[e]) * float(x[e]);
+              sk += float(y[e]) * float(y[e]);
+            }
+          }
+          sq += __shfl_xor_sync(0xffffffff, sq, 1);
+          sk += __shfl_xor_sync(0xffffffff, sk, 1);
+          if (half == 0) {
+            // GDN / DN l2norm 1 / sqrt(sum x^2 + 1e-6); Mamba2 F.normalize 1 / max(|x|, 1e-12)
+            auto inv_norm = [&](float x2) { return mamba2 ? 1.f / fmaxf(sqrtf(x2), 1e-12f) : rsqrtf(x2 + 1e-6f); };
+            ss.row_q[wg][i] = p.mem_scale * inv_norm(sq);
+            ss.col_k[wg][i] = (t < T && P + t - W >= S) ? inv_norm(sk) : 0.f;
+            ss.gcs[wg][i] = gci;
+          }
+          // rows past the sequence's end (under varlen the next sequence's, whose v_new may be unwritten):
+          // zeros, since their zero scores would not cancel a NaN in the product
+          if (t >= T) {
+            Tensor sVn = local_tile(sV(_, _, rv.index()), Shape<_64, Int<kD>>{}, make_coord(wg, _0{}));
+            for (int d = half * (kD / 2); d < (half + 1) * (kD / 2); ++d) sVn(i, d) = Element(0.f);
+          }
+        }
+        cutlass::arch::fence_view_async_shared();  // those stores, before the wgmma (async proxy) reads them
+        cutlass::arch::NamedBarrier::sync(128, 2 + wg);
         warpgroup_wait<0>();
         Tensor X = make_tensor(Xacc.data(), acc_rowcol(Xacc.layout()));
         Tensor cX = thr_x.partition_C(make_identity_tensor(Shape<_64, _64>{}));
@@ -672,8 +756,7 @@ __global__ void __launch_bounds__(Traits::kThreads, 1)
           CUTLASS_PRAGMA_UNROLL
           for (int c = 0; c < decltype(size<1>(M))::value; ++c) sq += M(r, c) * M(r, c);
           sq = quad_sum(sq);
-          const int t = crow0 + get<0>(cMrc(r, 0));
-          const float z = t < T ? float(p.z[(grow0 + t) * p.H + h]) : 0.f;
+          const float z = zrow[r];  // (0 past the sequence's end)
           const float sw = z / (1.f + __expf(-z));
           const float g = mamba2 ? sw : rsqrtf(sq / kD + 1e-5f) * sw;
           x2[r] = sq * sw * sw;
@@ -699,20 +782,11 @@ __global__ void __launch_bounds__(Traits::kThreads, 1)
       store([&](int r, int c) { return Y(r, c); });
     } else {  // every row's yp and ss (zeros where the rows read no memory)
       if (!mem_only) store([](int, int) { return 0.f; });
+      store_rows(p.yp, [&](int r, int c) { return Y(r, c); });
       CUTLASS_PRAGMA_UNROLL
       for (int r = 0; r < kRows; ++r) {
         const int t = row0 + get<0>(cOrc(r, 0));
-        if (t < T) {
-          Element* yrow = p.yp + ((grow0 + t) * p.H + h) * kD;
-          CUTLASS_PRAGMA_UNROLL
-          for (int c = 0; c < decltype(size<1>(Y))::value; c += 2) {
-            cutlass::Array<Element, 2> pair;
-            pair[0] = Element(Y(r, c));
-            pair[1] = Element(Y(r, c + 1));
-            *reinterpret_cast<cutlass::Array<Element, 2>*>(yrow + get<1>(cOrc(r, c))) = pair;
-          }
-          if (threadIdx.x % 4 == 0) p.ss[(grow0 + t) * p.H + h] = x2[r];
-        }
+        if (t < T && threadIdx.x % 4 == 0) p.ss[(grow0 + t) * p.H + h] = x2[r];
       }
     }
   }
