@@ -385,7 +385,8 @@ def test_ab_trees_harness():
     assert p.returncode == 0, p.stdout[-3000:] + p.stderr[-3000:]
     table = p.stdout.split("== ms at T, W, S = [97, 30, 3], median over 1 rounds")[1].splitlines()
     cases = [line.split()[0] + " " + line.split()[1] for line in table[2:] if line.strip()]
-    assert cases == ["fwd gdn", "fwd dn", "fwd mamba2", "prep gdn", "prep mamba2"], table
+    assert cases == ["fwd gdn", "fwd dn", "fwd mamba2", "fwd gdn", "prep gdn", "prep mamba2"], table
+    assert [line.split()[2] for line in table[2:] if line.strip()][3] == "det", table
     bad = subprocess.run([sys.executable, os.path.join(BENCH, "ab_trees.py"), ROOT, BENCH, "--cpu"], cwd=ROOT,
                          capture_output=True, text=True, timeout=120)
     assert bad.returncode != 0 and "no ahn_ops/ there" in bad.stdout + bad.stderr
