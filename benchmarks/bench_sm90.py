@@ -331,7 +331,10 @@ def bench_engines(t):
         print(f"| {kind} | {T} | {W} | {S} | {a:.3f} | {b:.3f} | {a / b:.3f}x | {c:.3f} | {d:.1e} |")
 
 
-def bench_overlap(t, T=32768, W=4096, S=128, H=16, HKV=2, D=128):
+CHAINS = ((16, 4, 3), (32, 4, 3), (64, 4, 3), (64, 8, 3), (128, 8, 3))
+
+
+def bench_overlap(t, T=32768, W=4096, S=128, H=16, HKV=2, D=128, chains=CHAINS, variants=True):
     """The memory passes beside the sm_90a kernel (``CONFIG["sm90_overlap"]``) with fewer, wider state-chain
     programs. The chain's default 16 value columns per program make 8 programs per head, 128 at H = 16, each
     holding an SM slot the kernel's CTAs (one per SM) cannot share, so beside the kernel it ran no faster than
@@ -342,7 +345,8 @@ def bench_overlap(t, T=32768, W=4096, S=128, H=16, HKV=2, D=128):
     args = prefill_inputs(T, H, HKV, D)
     saved = dict(P.CONFIG, state_bv=dict(P.CONFIG["state_bv"]))
     rows = []
-    beside = [(-1, None), (-1, False), (0, None)]  # (side priority, sm90_rows_outer)
+    # (side priority, sm90_rows_outer); variants=False: the default's alone
+    beside = [(-1, None), (-1, False), (0, None)] if variants else [(-1, None)]
     try:
         P.CONFIG["band"] = "sm90"
         P.CONFIG["sm90_overlap"] = "off"
@@ -350,12 +354,13 @@ def bench_overlap(t, T=32768, W=4096, S=128, H=16, HKV=2, D=128):
         P.CONFIG["sm90_rows_outer"] = True
         ser_rows = t(lambda: P.prefill_fwd(*args, W, S, "gdn"))
         P.CONFIG["sm90_rows_outer"] = None
-        for bv, warps in [(16, 4), (32, 4), (64, 4), (64, 8), (128, 8)]:
+        for bv, warps, stages in chains:
             P.CONFIG["state_bv"][D], P.CONFIG["sm90_state_bv"], P.CONFIG["state_warps"] = bv, bv, warps
+            P.CONFIG["state_stages"] = stages
             P.CONFIG["sm90_overlap"] = "off"
             passes = t(lambda: P.prefill_fwd(*args, W, S, "gdn", stage="state"))
             ser = t(lambda: P.prefill_fwd(*args, W, S, "gdn"))
-            row = [bv, warps, passes, ser]
+            row = [f"{bv} / {warps} / {stages}", passes, ser]
             P.CONFIG["sm90_overlap"] = "prefill"
             for prio, rows_outer in beside:
                 P.CONFIG["sm90_side_priority"], P.CONFIG["sm90_rows_outer"] = prio, rows_outer
@@ -371,10 +376,11 @@ def bench_overlap(t, T=32768, W=4096, S=128, H=16, HKV=2, D=128):
           "program (programs per head: D / columns); the kernel's CTAs row block by row block over all heads "
           "(rows outer) or head by head (heads outer)")
     print(f"passes, then the kernel with its CTAs rows outer (16 columns): {ser_rows:.3f} ms")
-    print("| columns | warps | memory passes alone | passes, then the kernel | beside, priority -1 "
-          "| beside, -1, heads outer | beside, priority 0 | rel diff of out |\n|---|---|---|---|---|---|---|---|")
-    for bv, warps, passes, ser, hi, hi_heads, lo, d in rows:
-        print(f"| {bv} | {warps} | {passes:.3f} | {ser:.3f} | {hi:.3f} | {hi_heads:.3f} | {lo:.3f} | {d:.1e} |")
+    names = ["beside, priority -1", "beside, -1, heads outer", "beside, priority 0"][:len(beside)]
+    print("| columns / warps / stages | memory passes alone | passes, then the kernel | " + " | ".join(names)
+          + " | rel diff of out |\n|---|---|---|" + "---|" * (len(beside) + 1))
+    for row in rows:
+        print(f"| {row[0]} | " + " | ".join(f"{x:.3f}" for x in row[1:-1]) + f" | {row[-1]:.1e} |")
 
 
 def bench_cache(t, H=16, HKV=2, D=128, S=128):
@@ -534,6 +540,11 @@ def main():
                              "ncu-target"],
                     help="default: check, check-fused, bench")
     ap.add_argument("--first", type=int, help="only the first N shapes of each check (e.g. under compute-sanitizer)")
+    ap.add_argument("--shape", nargs=3, type=int, metavar=("T", "W", "S"), default=(32768, 4096, 128),
+                    help="overlap: the shape (default 32768 4096 128)")
+    ap.add_argument("--chains", nargs="+", metavar="BV:WARPS:STAGES",
+                    help="overlap: the state chain's launches to time (default: " +
+                    " ".join(":".join(map(str, c)) for c in CHAINS) + "); given, only the default priority and order")
     a = ap.parse_args()
     parts = a.parts or ["check", "check-fused", "bench"]
     print("#", torch.cuda.get_device_name(), "torch", torch.__version__)
@@ -550,7 +561,9 @@ def main():
     if "engines" in parts:
         bench_engines(_timer())
     if "overlap" in parts:
-        bench_overlap(_timer())
+        chains = [tuple(int(x) for x in c.split(":")) for c in a.chains] if a.chains else CHAINS
+        T, W, S = a.shape
+        bench_overlap(_timer(), T, W, S, chains=chains, variants=not a.chains)
     if "cache" in parts:
         bench_cache(_timer())
     if "ncu-target" in parts:
