@@ -251,7 +251,8 @@ def offline(a):
             # with counters) and the backward's fused state chain + epilogue launch (backward.CONFIG["state_epi"])
             ready = torch.zeros(triton.cdiv(a.T, pf.BT) * inp[0].shape[2], dtype=torch.int32)  # [chunks * H]
             spy, se = pf.state_chain, bw.CONFIG["state_epi"]
-            pf.state_chain = lambda *args, **kw: spy(*args[:16], ready, pf.CONFIG["sm90_state_bv"])
+            pf.state_chain = lambda *args, **kw: spy(*args[:16], ready, pf.CONFIG["sm90_state_bv"],
+                                                     pf.CONFIG["sm90_state_stages"])
             bw.CONFIG["state_epi"] = True
             try:
                 out, _, lse = pf.prefill_fwd(*inp, a.W, 64, kind)

@@ -55,7 +55,8 @@ SUPPORTED_D = (64, 128)
 #   checked and timed against); "cudnn" (required) or "triton" for the band. sm90_variant: the sm_90a
 #   kernel's variant (1: the consumer warpgroups' ping-pong); sm90_overlap: where the memory passes run on a
 #   side stream of priority sm90_side_priority beside it, the state chain with sm90_state_bv value columns per
-#   program (fewer programs hold fewer of the SMs the kernel wants), the kernel reading its ready counters
+#   program (fewer programs hold fewer of the SMs the kernel wants) and sm90_state_stages pipeline stages (2: less
+#   shared memory per program, 0.06-0.1 ms faster at T=32k on an H100), the kernel reading its ready counters
 #   (tiles whose chunks are not ready finish in a memory-only launch after the passes): "prefill" (prefills
 #   from position 0 without an initial state), "all" (also the cache path and initial states) or "off"; never
 #   under deterministic=True, where those tiles' extra bf16 rounding would make the output depend on the timing
@@ -74,7 +75,8 @@ SUPPORTED_D = (64, 128)
 #   a register cap for the prep pass: 168 fits three programs per SM instead of two on its latency-bound chain
 #   (the pass 6% faster at T=32k and 10% at 131k on an H100, at ~300 B of spills; benchmarks/bench_prep.py).
 CONFIG = {"band": os.environ.get("AHN_PREFILL_ENGINE") or "auto", "sm90_variant": 1, "sm90_overlap": "prefill",
-          "sm90_overlap_min": (4096, 16384), "sm90_side_priority": -1, "sm90_state_bv": 64, "sm90_rows_outer": None,
+          "sm90_overlap_min": (4096, 16384), "sm90_side_priority": -1, "sm90_state_bv": 64, "sm90_state_stages": 2,
+          "sm90_rows_outer": None,
           "side_priority": 0,
           "fwd": (64, 4, 3), "fwd_band_in": (64, 4, 1), "fwd_rows": None, "fwd_long": (8192, 128, (64, 8, 3)),
           "state_bv": {64: 64, 128: 16}, "state_warps": 4, "state_stages": 3, "prep_warps": 4, "prep_maxnreg": 168,
@@ -110,7 +112,8 @@ def side_stream(device, priority: int = 0) -> torch.cuda.Stream:
     return st
 
 
-def state_chain(kd, w, u, gc, seq, N, H, D, window, sinks, mamba2, h0, hs, vnew, ht, dummy, ready=None, bv=None):
+def state_chain(kd, w, u, gc, seq, N, H, D, window, sinks, mamba2, h0, hs, vnew, ht, dummy, ready=None, bv=None,
+                stages=None):
     """The memory's state chain over the prep pass's ``kd, w, u, gc`` (the forward and the backward's
     re-run): stores ``hs`` (the state before every chunk, input dtype), ``v_new`` (not for Mamba2: ``vnew``
     is ``u``) and, if ``ht`` is given, the final state. ``h0``: fp32 [N, H, D, D] or None.
@@ -121,14 +124,14 @@ def state_chain(kd, w, u, gc, seq, N, H, D, window, sinks, mamba2, h0, hs, vnew,
     (benchmarks/NOTES_prefill.md, "The Hopper engine"). ``bv``: value columns per program (default
     ``CONFIG["state_bv"][D]``). ``ready`` (int32 [chunks * H], zeros): each chunk's counter reaches ``D // bv``
     times the program's threads once its hs and v_new are stored (:func:`state_ready_target` for the chain beside
-    the sm_90a kernel)."""
+    the sm_90a kernel). ``stages``: the loop's pipeline depth (default ``CONFIG["state_stages"]``)."""
     BV = bv or CONFIG["state_bv"][D]
     _state_kernel[(D // BV, H, N)](
         kd=kd, w=w, u=u, gc=gc, seq=seq, h0=h0 if h0 is not None else dummy, hs=hs, vnew=vnew,
         ht=ht if ht is not None else dummy, ready=ready if ready is not None else dummy, H=H, D=D, W=window,
         S=sinks, BT=BT, BV=BV, USE_H0=h0 is not None, STORE_HT=ht is not None, MAMBA2=mamba2,
         READY=ready is not None, NTHR=_chain_threads(), num_warps=CONFIG["state_warps"],
-        num_stages=CONFIG["state_stages"])
+        num_stages=stages or CONFIG["state_stages"])
 
 
 def _chain_threads() -> int:
@@ -160,8 +163,9 @@ def _memory_passes(kx, vx, a, b, ab_rs, A_log, dt_bias, seq, chunks, NT, N, H, H
     if stage == "prep":  # benchmarks: the parallel prep pass alone
         return
     h0 = initial_state.float().contiguous() if initial_state is not None else None
+    beside = ready is not None
     state_chain(kd, w, u, gc, seq, N, H, D, window, sinks, mamba2, h0, hs, vnew, ht, dummy, ready,
-                CONFIG["sm90_state_bv"] if ready is not None else None)
+                CONFIG["sm90_state_bv"] if beside else None, CONFIG["sm90_state_stages"] if beside else None)
 
 
 def _launch(q, kx, vx, sk, sv, a, b, ab_rs, z, A_log, dt_bias, norm_weight, o_weight, window, sinks, kind,
