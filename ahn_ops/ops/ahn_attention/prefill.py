@@ -55,8 +55,9 @@ SUPPORTED_D = (64, 128)
 #   checked and timed against); "cudnn" (required) or "triton" for the band. sm90_variant: the sm_90a
 #   kernel's variant (1: the consumer warpgroups' ping-pong); sm90_overlap: where the memory passes run on a
 #   side stream of priority sm90_side_priority beside it, the state chain with sm90_state_bv value columns per
-#   program (fewer programs hold fewer of the SMs the kernel wants) and sm90_state_stages pipeline stages (2: less
-#   shared memory per program, 0.06-0.1 ms faster at T=32k on an H100), the kernel reading its ready counters
+#   program (fewer programs hold fewer of the SMs the kernel wants) and sm90_state_stages pipeline stages (2: 98 KB
+#   of shared memory a program instead of 139, two per SM; never slower at T=32k on an H100, -0.02 ms median over
+#   five pairs), the kernel reading its ready counters
 #   (tiles whose chunks are not ready finish in a memory-only launch after the passes): "prefill" (prefills
 #   from position 0 without an initial state), "all" (also the cache path and initial states) or "off"; never
 #   under deterministic=True, where those tiles' extra bf16 rounding would make the output depend on the timing
