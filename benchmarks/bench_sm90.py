@@ -12,7 +12,8 @@ Needs the extension built with its sm_90a kernels (the nvidia-cutlass headers in
 part is a process of its own in `device_check.sh sm90` (a kernel that hangs costs one part's timeout). A
 failed check is reported and the remaining checks still run; the exit status is 1 if any failed.
 
-Checks, both kernel variants (0: overlap inside each warpgroup; 1: and the warpgroups' ping-pong): o and lse
+Checks, every kernel variant (0: overlap inside each warpgroup; 1: and the warpgroups' ping-pong; 2: 1 with the
+softmax's row max and sum in four partials): o and lse
 against an fp32 reference (query t attends j <= t with t - W < j or j < S) on odd shapes, GQA, W = 1, W >= T,
 sinks inside and past the window, bf16 and fp16, into memory poisoned with NaN; the error beside PyTorch's
 own in the same dtype (the masked SDPA of the same inputs). Timing: ``do_bench`` medians, B=1 H=16 HKV=2
@@ -89,7 +90,8 @@ def check(mod, first=None) -> bool:
              (2, 777, 4, 4, 5000, 3), (1, 2048, 16, 2, 1024, 128), (1, 4100, 8, 1, 129, 300), (1, 3000, 4, 2, 2999, 0),
              (1, 1500, 4, 2, 300, 5), (1, 1300, 2, 1, 1, 200), (2, 650, 4, 2, 256, 700)][:first]
     worst, fails = 0.0, 0
-    for dt, variant in ((torch.bfloat16, 0), (torch.float16, 0), (torch.bfloat16, 1), (torch.float16, 1)):
+    for dt, variant in ((torch.bfloat16, 0), (torch.float16, 0), (torch.bfloat16, 1), (torch.float16, 1),
+                        (torch.bfloat16, 2), (torch.float16, 2)):
         for B, T, H, HKV, W, S in cases:
             g = torch.Generator(device="cuda").manual_seed(T * 31 + W + S)
             q, k, v = (torch.randn(B, T, h, 128, device="cuda", dtype=dt, generator=g) for h in (H, HKV, HKV))
@@ -175,7 +177,7 @@ def check_fused(mod, first=None) -> bool:
     cases = [(1000, 4, 2, 200, 5), (777, 8, 1, 64, 0), (2100, 4, 4, 1024, 130), (300, 2, 1, 1, 3),
              (4096, 16, 2, 512, 128)][:first]
     fails = 0
-    for variant in (0, 1):
+    for variant in (0, 1, 2):
         for T, H, HKV, W, S in cases:
             args = prefill_inputs(T, H, HKV, 128, seed=T + W)
             theirs, kw = capture_combine(args, W, S)
@@ -220,7 +222,7 @@ def bench(mod):
     for T, W, S in [(32768, 4096, 128), (131072, 32640, 128), (16384, 2048, 0)]:
         q, k, v = (torch.randn(1, T, h, D, device="cuda", dtype=torch.bfloat16) for h in (H, HKV, HKV))
         res = {}
-        for variant in (0, 1):
+        for variant in (0, 1, 2):
             res[f"ours v{variant} S=0"] = t(lambda: mod.band_fwd(q, k, v, W, 0, variant)), 0
             if S:
                 res[f"ours v{variant} S={S}"] = t(lambda: mod.band_fwd(q, k, v, W, S, variant)), S
@@ -271,7 +273,7 @@ def fused_forward(mod, t, T=32768, W=4096, S=128, H=16, HKV=2, D=128):
     # this kernel with the memory readout and epilogue in its consumer, behind ahn_ops' memory passes (timed
     # alone: the passes run before it here)
     _, kw = capture_combine(args, W, S)
-    for variant in (0, 1):
+    for variant in (0, 1, 2):
         res[f"fused kernel v{variant} alone (memory passes not included)"] = t(
             lambda: fused_call(mod, args, kw, W, S, variant))
     res["memory passes alone (prep + state chain)"] = t(lambda: P.prefill_fwd(*args, W, S, "gdn", stage="state"))

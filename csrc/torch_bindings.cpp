@@ -25,7 +25,8 @@ TORCH_LIBRARY(ahn, m) {
   // and with the memory passes' buffers (v_new [B,T,H,D], hs [B*ceil(T/64),H,D,D], gc [B,T,H] fp32) the GDN /
   // DN memory readout and epilogue (o_weight [H,D,D], z [B,T,H], norm_weight [D] fp32) added. Returns out
   // [B,T,H,D] and the softmax's natural-log lse [B,H,T] fp32. variant: 1 lets the two consumer warpgroups
-  // take turns issuing their products, 0 does not (the same result). cu_seqlens (int32 [N+1]) with B = 1: N
+  // take turns issuing their products, 0 does not (the same result), 2 is 1 with the softmax's row max and sum in
+  // four partials (the sum rounded in another order). cu_seqlens (int32 [N+1]) with B = 1: N
   // sequences packed along T, the longest max_seqlen; hs then holds each sequence's ceil(T_n/64) chunks in turn,
   // sequence n's first at chunk_start[n] (int32 [N], any stride; given with cu_seqlens and the memory only).
   // pos (int64 [B]): the cache path, queries at positions pos ..; k, v [1,B*(W+T),HKV,D] each sequence's W

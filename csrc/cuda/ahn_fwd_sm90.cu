@@ -51,7 +51,7 @@ std::tuple<at::Tensor, at::Tensor> prefill_fwd_sm90(
   const int64_t HKV = k.size(2);
   TORCH_CHECK(window >= 1, "prefill_fwd_sm90: window must be >= 1, got ", window);
   TORCH_CHECK(sinks >= 0, "prefill_fwd_sm90: sinks must be >= 0, got ", sinks);
-  TORCH_CHECK(variant == 0 || variant == 1, "prefill_fwd_sm90: variant must be 0 or 1, got ", variant);
+  TORCH_CHECK(variant >= 0 && variant <= 2, "prefill_fwd_sm90: variant must be 0, 1 or 2, got ", variant);
   TORCH_CHECK(T >= 1 && B * (T + window) < (int64_t(1) << 31), "prefill_fwd_sm90: T must be >= 1 and B (T + ",
               "window) < 2^31, got B = ", B, ", T = ", T);
   const bool varlen = cu_seqlens.has_value(), cache = pos.has_value();
@@ -167,9 +167,9 @@ std::tuple<at::Tensor, at::Tensor> prefill_fwd_sm90(
   auto o = memory_only ? *out : at::empty_like(q);
   auto lse = at::empty({memory_only ? 0 : B, H, T}, q.options().dtype(at::kFloat));
   const cudaStream_t stream = c10::cuda::getCurrentCUDAStream(device);
-  auto run = [&](auto element, auto pingpong) {
+  auto run = [&](auto element, auto kind) {
     using E = decltype(element);
-    constexpr bool kPP = decltype(pingpong)::value;
+    constexpr int kV = decltype(kind)::value;
     auto ptr = [](const at::Tensor& x) { return reinterpret_cast<E const*>(x.data_ptr()); };
     ahn_sm90::Problem<E> f;
     f.q = ptr(q), f.k = ptr(k), f.v = ptr(v);
@@ -192,15 +192,20 @@ std::tuple<at::Tensor, at::Tensor> prefill_fwd_sm90(
       if (ready.has_value()) f.ready = ready->data_ptr<int>(), f.ready_target = int(ready_target);
       if (deferred.has_value()) f.deferred = deferred->data_ptr<uint8_t>();
       f.mem_only = memory_only;
-      ahn_sm90::launch<E, true, kPP>(f, stream);
+      ahn_sm90::launch<E, true, kV>(f, stream);
     } else {
-      ahn_sm90::launch<E, false, kPP>(f, stream);
+      ahn_sm90::launch<E, false, kV>(f, stream);
     }
   };
+  auto by_variant = [&](auto element) {
+    if (variant == 0) run(element, cute::Int<0>{});
+    else if (variant == 1) run(element, cute::Int<1>{});
+    else run(element, cute::Int<2>{});
+  };
   if (q.scalar_type() == at::kBFloat16) {
-    variant ? run(cutlass::bfloat16_t{}, cute::true_type{}) : run(cutlass::bfloat16_t{}, cute::false_type{});
+    by_variant(cutlass::bfloat16_t{});
   } else {
-    variant ? run(cutlass::half_t{}, cute::true_type{}) : run(cutlass::half_t{}, cute::false_type{});
+    by_variant(cutlass::half_t{});
   }
   C10_CUDA_KERNEL_LAUNCH_CHECK();
   if (memory_only) return {at::empty({0}, q.options()), lse};

@@ -67,12 +67,15 @@ CASES = [
     pytest.param("gdn", 1, 64, 63, 0, 1, torch.bfloat16, 1, id="gdn-T64-W63-S0"),
     pytest.param("mamba2", 1, 1500, 256, 4, 4, torch.bfloat16, 1, id="mamba2-T1500-W256-S4"),
     pytest.param("mamba2", 2, 333, 64, 0, 8, torch.float16, 0, id="mamba2-B2-T333-W64-S0-fp16-v0"),
+    pytest.param("gdn", 1, 2053, 200, 300, 4, torch.bfloat16, 2, id="gdn-T2053-W200-S300-v2"),
+    pytest.param("dn", 2, 517, 1, 3, 4, torch.float16, 2, id="dn-B2-T517-W1-S3-fp16-v2"),
 ]
 # varlen: packed sequences (lengths), kind, W, S, G, dtype, variant
 VARLEN = [
     pytest.param([700, 1, 0, 333, 129], "gdn", 200, 4, 2, torch.bfloat16, 1, id="gdn-varlen5-W200-S4"),
     pytest.param([64, 2000, 65], "dn", 64, 0, 8, torch.float16, 0, id="dn-varlen3-W64-S0-v0"),
     pytest.param([900, 17, 400], "mamba2", 128, 3, 2, torch.bfloat16, 1, id="mamba2-varlen3-W128-S3"),
+    pytest.param([700, 1, 0, 333, 129], "mamba2", 200, 4, 2, torch.float16, 2, id="mamba2-varlen5-W200-S4-v2"),
 ]
 
 

@@ -242,9 +242,12 @@ CUTE_DEVICE typename Pipeline::Params tma_pipe_params(uint32_t stage_bytes, int 
   return pp;
 }
 
-template <class Traits, bool kPingPong>
+// kVariant: 0, the warpgroups issue their products independently; 1, they take turns (ping-pong); 2, ping-pong with
+// the softmax's row max and row sum in four interleaved partials (below)
+template <class Traits, int kVariant>
 __global__ void __launch_bounds__(Traits::kThreads, 1)
     band_fwd_kernel(CUTE_GRID_CONSTANT typename Traits::Params const p) {
+  constexpr bool kPingPong = kVariant >= 1;
 // wgmma, TMA and setmaxnreg exist only on sm_90a: the other targets of a multi-arch build get an empty kernel
 // (the op refuses other devices before launching)
 #if defined(__CUDA_ARCH_FEAT_SM90_ALL)
@@ -472,24 +475,43 @@ __global__ void __launch_bounds__(Traits::kThreads, 1)
     }
   };
   // online softmax of the scores (in place: they become P); rescale gets the factors of the output so far
+  // kVariant 2: the row max and the row sum over a thread's kCols columns in kPart interleaved partials. One running
+  // max or sum is a chain of kCols dependent instructions per row and block, the softmax's largest stall in Nsight
+  // Compute's samples (each FMNMX / FADD waiting on the one before) while the other warpgroup's products run
+  constexpr int kPart = kVariant == 2 ? 4 : 1;
+  static_assert(kCols % kPart == 0);
   auto softmax = [&](float (&rescale)[kRows]) {
     CUTLASS_PRAGMA_UNROLL
     for (int r = 0; r < kRows; ++r) {
-      float mx = row_max[r];
+      float mp[kPart];
       CUTLASS_PRAGMA_UNROLL
-      for (int c = 0; c < kCols; ++c) mx = fmaxf(mx, Sacc(r, c));
-      mx = quad_max(mx);
+      for (int a = 0; a < kPart; ++a) mp[a] = row_max[r];
+      CUTLASS_PRAGMA_UNROLL
+      for (int c = 0; c < kCols; ++c) mp[c % kPart] = fmaxf(mp[c % kPart], Sacc(r, c));
+      CUTLASS_PRAGMA_UNROLL
+      for (int w = kPart / 2; w >= 1; w /= 2) {
+        CUTLASS_PRAGMA_UNROLL
+        for (int a = 0; a < w; ++a) mp[a] = fmaxf(mp[a], mp[a + w]);
+      }
+      const float mx = quad_max(mp[0]);
       const float m_scaled = mx == -INFINITY ? 0.f : mx * sl2;
       rescale[r] = fast_exp2(row_max[r] * sl2 - m_scaled);
       row_max[r] = mx;
-      float sum = 0.f;
+      float sp[kPart];
+      CUTLASS_PRAGMA_UNROLL
+      for (int a = 0; a < kPart; ++a) sp[a] = 0.f;
       CUTLASS_PRAGMA_UNROLL
       for (int c = 0; c < kCols; ++c) {
         const float e = fast_exp2(Sacc(r, c) * sl2 - m_scaled);
         Sacc(r, c) = e;
-        sum += e;
+        sp[c % kPart] += e;
       }
-      row_sum[r] = row_sum[r] * rescale[r] + sum;
+      CUTLASS_PRAGMA_UNROLL
+      for (int w = kPart / 2; w >= 1; w /= 2) {
+        CUTLASS_PRAGMA_UNROLL
+        for (int a = 0; a < w; ++a) sp[a] += sp[a + w];
+      }
+      row_sum[r] = row_sum[r] * rescale[r] + sp[0];
     }
   };
   // P in the input dtype; the fences keep the registers in place around the asynchronous P V that reads them
@@ -850,7 +872,7 @@ struct Problem {
 // the grid's tiles (row blocks x heads x sequences): the size of Problem::deferred
 inline int64_t n_tiles(int max_T, int H, int n_seq) { return int64_t((max_T + 127) / 128) * H * n_seq; }
 
-template <class Element, bool kMemory, bool kPingPong>
+template <class Element, bool kMemory, int kVariant>
 void launch(Problem<Element> const& f, cudaStream_t stream) {
   using Traits = BandTraits<Element, kMemory>;
   constexpr int kD = Traits::kD;
@@ -883,7 +905,7 @@ void launch(Problem<Element> const& f, cudaStream_t stream) {
     p.ready = f.ready, p.ready_target = f.ready_target, p.deferred = f.deferred, p.mem_only = f.mem_only;
     p.NT = (f.T + Traits::kChunk - 1) / Traits::kChunk;
   }
-  auto kernel = band_fwd_kernel<Traits, kPingPong>;
+  auto kernel = band_fwd_kernel<Traits, kVariant>;
   const int smem = sizeof(typename Traits::SharedStorage);
   cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, smem);
   const unsigned n_mblocks = (f.max_T + Traits::kBM - 1) / Traits::kBM;
