@@ -24,7 +24,7 @@
 #   bash benchmarks/device_check.sh beside           # backward variants around cuDNN's band: tests, timings
 #   bash benchmarks/device_check.sh prep             # the memory's prep pass alone: settings, kinds, ncu
 #   bash benchmarks/device_check.sh fwdprof          # Nsight Compute on the sm_90a forward kernel (gdn, 32k): stalls
-#                                                    # per source line and per SASS instruction
+#                                                    # per SASS instruction, summed by region
 #   bash benchmarks/device_check.sh chains           # the state chains' GPU tests, then before / after (carry .ab)
 #   bash benchmarks/device_check.sh bg:demo tests    # both at once
 #
@@ -205,7 +205,7 @@ stage() {
       ;;
     fwdprof)
       # the fused sm_90a forward kernel alone (the passes before it), gdn T=32k W=4096 S=128: where its warps
-      # stall, per CUDA source line (the build has -lineinfo) and per SASS instruction
+      # stall per SASS instruction (fwd_sass.csv; `python3 benchmarks/sass_samples.py` sums it by region)
       command -v ncu >/dev/null || { echo "no ncu"; return; }
       local tgt="python3 benchmarks/bench_sm90.py ncu-target"
       timeout 200 ncu --clock-control none --launch-skip 1 --launch-count 1 -k regex:band_fwd_kernel \
@@ -214,9 +214,8 @@ stage() {
       ncu -i "$out/fwd_src.ncu-rep" --print-summary none >"$out/ncu_fwd.txt" 2>&1
       grep -E "Duration|DRAM Throughput|Compute \(SM\)|Achieved Occupancy|Registers Per|Warp Cycles Per Issued" \
         "$out/ncu_fwd.txt" | head -12
-      ncu -i "$out/fwd_src.ncu-rep" --page source --csv --print-source cuda >"$out/fwd_cuda.csv" 2>&1
       ncu -i "$out/fwd_src.ncu-rep" --page source --csv --print-source sass >"$out/fwd_sass.csv" 2>&1
-      ls -la "$out"/fwd_* ; head -c 400 "$out/fwd_cuda.csv"
+      python3 benchmarks/sass_samples.py "$out/fwd_sass.csv" 2>&1 | tail -30
       ;;
     beside)
       # backward variants around cuDNN's band (bench_backward.BESIDE_SETTINGS): their GPU tests, the timings

@@ -2,6 +2,7 @@
 (Triton kernels in the interpreter), and the markdown table, the JSON rows and the PNG plots are
 written with the expected rows and columns. No timing is asserted."""
 
+import csv
 import json
 import math
 import os
@@ -435,3 +436,27 @@ def test_bench_sm90_reference_mask():
         sys.path.remove(BENCH)
     for T, W, S in [(10, 4, 0), (10, 4, 2), (37, 40, 3), (50, 1, 60)]:
         assert C.visible_keys(T, W, S) == int(bench_sm90.allowed_mask(T, W, S, "cpu").sum())
+
+
+def test_sass_samples_regions(tmp_path, capsys):
+    # benchmarks/sass_samples.py: samples summed between synchronising instructions, shares over all samples
+    sys.path.insert(0, BENCH)
+    try:
+        import sass_samples
+    finally:
+        sys.path.remove(BENCH)
+    head = ["Address", "Source", "Warp Stall Sampling (All Samples)", "stall_wait", "stall_barrier",
+            "stall_wait (Not Issued)"]
+    body = [["0x0", "FADD R1, R2, R3", "30", "30", "0", "1"],
+            ["0x10", "WARPGROUP.DEPBAR.LE gsb0, 0x0", "50", "0", "50", "0"],
+            ["0x20", "@P0 FMNMX R4, R5, R6", "20", "20", "0", "0"], ["0x30", "EXIT", "0", "0", "0", "0"]]
+    path = tmp_path / "k.csv"
+    with open(path, "w", newline="") as f:
+        w = csv.writer(f)
+        w.writerows([["Kernel Name", "k"], head, *body, ["Kernel Name", "other"], head, body[0]])
+    sass_samples.summarise(*sass_samples.load(path), 0.0, 1)
+    out = capsys.readouterr().out
+    assert "100 samples, 4 instructions" in out
+    assert "| 0-1 | 80 | 80.0% | WARPGROUP 62%, FADD 38% | barrier 62%, wait 38% |" in out, out
+    assert "| 2-3 | 20 | 20.0% | FMNMX 100% | wait 100% |" in out, out
+    assert out.strip().endswith("WARPGROUP.DEPBAR.LE gsb0, 0x0"), out

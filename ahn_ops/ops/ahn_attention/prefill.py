@@ -53,13 +53,12 @@ SUPPORTED_D = (64, 128)
 #   window band from cuDNN where _band_engine allows; else all Triton); "sm90" (as auto, but an error on a
 #   device or build without the sm_90a kernel); "no_sm90" (auto without the sm_90a kernel: the engine it is
 #   checked and timed against); "cudnn" (required) or "triton" for the band. sm90_variant: the sm_90a
-#   kernel's variant (1: the consumer warpgroups' ping-pong; 0: without it; 2: ping-pong, the softmax's row max and
-#   sum in four partials, built for a timing against 1, not yet run on a GPU); sm90_overlap: where the memory passes run on a
-#   side stream of priority sm90_side_priority beside it, the state chain with sm90_state_bv value columns per
-#   program (fewer programs hold fewer of the SMs the kernel wants) and sm90_state_stages pipeline stages (2: 98 KB
-#   of shared memory a program instead of 139, two per SM; never slower at T=32k on an H100, -0.02 ms median over
-#   five pairs), the kernel reading its ready counters
-#   (tiles whose chunks are not ready finish in a memory-only launch after the passes): "prefill" (prefills
+#   kernel's variant (1: the consumer warpgroups' ping-pong; 0: without it; 2: ping-pong with the softmax's row
+#   max and sum in four partials, an experiment timed against 1 by benchmarks/bench_sm90.py); sm90_overlap: where
+#   the memory passes run on a side stream of priority sm90_side_priority beside it, the state chain with
+#   sm90_state_bv value columns per program (fewer programs hold fewer of the SMs the kernel wants) and
+#   sm90_state_stages pipeline stages (2: 98 KB of shared memory a program instead of 139, two per SM; never slower
+#   at T=32k on an H100, -0.02 ms median over five pairs), the kernel reading its ready counters (tiles whose chunks are not ready finish in a memory-only launch after the passes): "prefill" (prefills
 #   from position 0 without an initial state), "all" (also the cache path and initial states) or "off"; never
 #   under deterministic=True, where those tiles' extra bf16 rounding would make the output depend on the timing
 #   (benchmarks/NOTES_prefill.md, "The memory passes beside the kernel"), and only where the kernel is long

@@ -6,8 +6,8 @@
 // through a two-stage TMA pipeline, and two consumer warpgroups of 64 rows each running wgmma: S = Q K^T
 // from shared memory, the online softmax in registers, O += P V with P straight from the registers. Inside a
 // warpgroup the next block's Q K^T is issued before this block's P V, so the softmax of one block runs
-// while the tensor cores work on the other; with kPingPong the two warpgroups also take turns issuing their
-// products (named barriers), so one's softmax runs under the other's GEMMs. Key blocks go from the diagonal
+// while the tensor cores work on the other; with ping-pong (variants 1 and 2) the two warpgroups also take
+// turns issuing their products (named barriers), so one's softmax runs under the other's GEMMs. Key blocks go from the diagonal
 // (causal mask) down to the window's left edge (left mask), then the sink blocks below the band (masked);
 // the blocks between need no mask.
 //
@@ -23,8 +23,8 @@
 // e^(gc_i - gc_j), j <= i) v_new, where q_n is q normalised times mem_scale and k_n the normalised key of the
 // token at position P + t - W (active when that is >= S); then (GDN / DN) out = o + (RMSNorm(mo) * nw *
 // swish(z)) @ ow[h], or (Mamba2) the projection and the sum of squares its cross-head norm needs. The states
-// (both chunks) come by TMA at the start, o_weight, the chunk keys and v_new through the K / V stages the band
-// has freed.
+// (both chunks) come by TMA at the start (beside the memory passes: once their ready counters say so), o_weight,
+// the chunk keys and v_new through the K / V stages the band has freed; the output rows leave through the Q tile.
 #pragma once
 
 #include <cute/tensor.hpp>
