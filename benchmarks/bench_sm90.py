@@ -6,6 +6,7 @@
     python benchmarks/bench_sm90.py engines       # prefill_fwd on "auto" (the sm_90a kernel) against "no_sm90"
     python benchmarks/bench_sm90.py overlap       # the memory passes beside the kernel, wider state-chain programs
     python benchmarks/bench_sm90.py cache         # the cache path with the passes before / beside the kernel
+    python benchmarks/bench_sm90.py variants      # the kernel's variants 1 and 2 in turn: attention alone, the forward
     python benchmarks/bench_sm90.py ncu-target    # three gdn forwards at 32k, passes before the kernel (for ncu)
 
 Needs the extension built with its sm_90a kernels (the nvidia-cutlass headers installed at build time). Each
@@ -523,6 +524,37 @@ def bench_bwd(mod, first=None):
         print(f"| {name} | {ms:.3f} | {peaks[name]:.2f} |" if name in peaks else f"| {name} | {ms:.3f} | |")
 
 
+def bench_variants(mod, t, rounds=3, variants=(1, 2)):
+    """The kernel's variants against each other, in turn for ``rounds`` rounds (the machine's drift lands on every
+    variant): the attention alone (S=128) and the library's gdn forward on the default engine under
+    ``CONFIG["sm90_variant"]`` (the passes beside the kernel, and before it with ``deterministic=True``), at T=32k
+    W=4096 and 131k W=32640. Medians over the rounds, and each variant over the first."""
+    import statistics
+
+    import common as C  # (on the path since Kernel() imported ahn_ops through it)
+    from ahn_ops.ops.ahn_attention import prefill as P
+
+    H, HKV, D, S = 16, 2, 128, 128
+    res = {}
+    for T, W in ((32768, 4096), (131072, 32640)):
+        args = prefill_inputs(T, H, HKV, D)
+        q, k, v = args[0], args[1], args[2]
+        for _ in range(rounds):
+            for var in variants:
+                res.setdefault((T, "attention alone", var), []).append(t(lambda: mod.band_fwd(q, k, v, W, S, var)))
+                with C.configured({"sm90_variant": var}, P.CONFIG):
+                    res.setdefault((T, "forward, passes beside", var), []).append(
+                        t(lambda: P.prefill_fwd(*args, W, S, "gdn")))
+                    res.setdefault((T, "forward, passes before", var), []).append(
+                        t(lambda: P.prefill_fwd(*args, W, S, "gdn", deterministic=True)))
+        del args, q, k, v
+    print(f"\n# the sm_90a kernel's variants, gdn, H={H}/{HKV} D={D} S={S}; ms, median of {rounds} rounds (x first)")
+    print("| T | what | " + " | ".join(f"v{var}" for var in variants) + " |\n|---|---|" + "---|" * len(variants))
+    for T, what in dict.fromkeys((T, what) for T, what, _ in res):
+        med = [statistics.median(res[T, what, var]) for var in variants]
+        print(f"| {T} | {what} | " + " | ".join(f"{m:.3f} ({m / med[0]:.3f})" for m in med) + " |")
+
+
 def ncu_target(T=32768, W=4096, S=128, kind="gdn"):
     """Three forwards on the default engine with the memory passes before the kernel (``deterministic=True``:
     under Nsight Compute, which runs kernels one at a time, a kernel beside the passes would find no chunk ready
@@ -542,7 +574,7 @@ def main():
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("parts", nargs="*",
                     choices=["check", "check-fused", "bench", "bench-bwd", "engines", "overlap", "cache",
-                             "ncu-target"],
+                             "variants", "ncu-target"],
                     help="default: check, check-fused, bench")
     ap.add_argument("--first", type=int, help="only the first N shapes of each check (e.g. under compute-sanitizer)")
     ap.add_argument("--shape", nargs=3, type=int, metavar=("T", "W", "S"), default=(32768, 4096, 128),
@@ -571,6 +603,8 @@ def main():
         bench_overlap(_timer(), T, W, S, chains=chains)
     if "cache" in parts:
         bench_cache(_timer())
+    if "variants" in parts:
+        bench_variants(mod, _timer())
     if "ncu-target" in parts:
         ncu_target()
     return 0 if ok else 1

@@ -23,6 +23,7 @@
 #                                                    # cache path, the backward's do_weight split (timings)
 #   bash benchmarks/device_check.sh beside           # backward variants around cuDNN's band: tests, timings
 #   bash benchmarks/device_check.sh prep             # the memory's prep pass alone: settings, kinds, ncu
+#   bash benchmarks/device_check.sh variants         # the sm_90a forward's variants: checks, then 1 against 2 in turn
 #   bash benchmarks/device_check.sh fwdprof          # Nsight Compute on the sm_90a forward kernel (gdn, 32k): stalls
 #                                                    # per SASS instruction, summed by region
 #   bash benchmarks/device_check.sh chains           # the state chains' GPU tests, then before / after (carry .ab)
@@ -202,6 +203,13 @@ stage() {
           && ncu -i "$out/prep_src.ncu-rep" --page source --csv --print-source sass >"$out/prep_sass.csv" 2>&1
         ls -la "$out"/prep_src* "$out/prep_sass.csv" 2>/dev/null; head -c 600 "$out/prep_sass.csv" 2>/dev/null
       fi
+      ;;
+    variants)
+      # the sm_90a forward's variants (bench_sm90.py): every variant's checks against the fp32 reference, then
+      # variant 1 (the default) against 2 in turn: the attention alone and the library's forward, 32k and 131k
+      timeout 150 python3 benchmarks/bench_sm90.py check check-fused 2>&1 | tee "$out/variants.log" \
+        | grep -v " ok$" | tail -6
+      timeout 400 python3 benchmarks/bench_sm90.py variants 2>&1 | tee -a "$out/variants.log" | tail -9
       ;;
     fwdprof)
       # the fused sm_90a forward kernel alone (the passes before it), gdn T=32k W=4096 S=128: where its warps
