@@ -26,6 +26,7 @@ from __future__ import annotations
 
 import argparse
 import os
+import statistics
 import sys
 import time
 
@@ -130,9 +131,10 @@ def capture_combine(args, W, S, kind="gdn"):
     """Runs ahn_ops' fused forward (``prefill_fwd``) on the engine before the sm_90a kernel ("no_sm90", whose
     Triton combine kernel the sm_90a kernel replaces) and returns its output with the keyword arguments that
     combine kernel (``_fwd_kernel``) was launched with: the memory passes' gc, hs, vnew among them."""
+    import common as C  # (on the path since Kernel() imported ahn_ops through it)
     from ahn_ops.ops.ahn_attention import prefill as P
 
-    real, seen, band = P._fwd_kernel, {}, P.CONFIG["band"]
+    real, seen = P._fwd_kernel, {}
 
     class Spy:
         def __getitem__(self, grid):
@@ -141,11 +143,12 @@ def capture_combine(args, W, S, kind="gdn"):
                 return real[grid](**kw)
             return launch
 
-    P._fwd_kernel, P.CONFIG["band"] = Spy(), "no_sm90"
+    P._fwd_kernel = Spy()
     try:
-        out = P.prefill_fwd(*args, W, S, kind)[0]
+        with C.configured({"band": "no_sm90"}, P.CONFIG):
+            out = P.prefill_fwd(*args, W, S, kind)[0]
     finally:
-        P._fwd_kernel, P.CONFIG["band"] = real, band
+        P._fwd_kernel = real
     assert "vnew" in seen, "prefill_fwd did not launch the Triton combine kernel"
     return out, seen
 
@@ -339,7 +342,7 @@ def bench_engines(t):
 CHAINS = ((16, 4, 3), (32, 4, 3), (64, 4, 3), (64, 8, 3), (128, 8, 3))
 
 
-def bench_overlap(t, T=32768, W=4096, S=128, H=16, HKV=2, D=128, chains=CHAINS, variants=True):
+def bench_overlap(t, T=32768, W=4096, S=128, H=16, HKV=2, D=128, chains=CHAINS):
     """The memory passes beside the sm_90a kernel (``CONFIG["sm90_overlap"]``) with fewer, wider state-chain
     programs. The chain's default 16 value columns per program make 8 programs per head, 128 at H = 16, each
     holding an SM slot the kernel's CTAs (one per SM) cannot share, so beside the kernel it ran no faster than
@@ -350,9 +353,9 @@ def bench_overlap(t, T=32768, W=4096, S=128, H=16, HKV=2, D=128, chains=CHAINS, 
     args = prefill_inputs(T, H, HKV, D)
     saved = dict(P.CONFIG, state_bv=dict(P.CONFIG["state_bv"]))
     rows = []
-    # (side priority, sm90_rows_outer); variants=False: the default's alone (priority 0 lost at every width:
-    # 4.3-5.0 ms at 32k, the chain's CTAs behind the kernel's)
-    beside = [(-1, None), (-1, False)] if variants else [(-1, None)]
+    # (side priority, sm90_rows_outer) (priority 0 lost at every width: 4.3-5.0 ms at 32k, the chain's CTAs behind
+    # the kernel's)
+    beside = [(-1, None), (-1, False)]
     try:
         P.CONFIG["band"] = "sm90"
         P.CONFIG["sm90_overlap"] = "off"
@@ -382,7 +385,7 @@ def bench_overlap(t, T=32768, W=4096, S=128, H=16, HKV=2, D=128, chains=CHAINS, 
           "program (programs per head: D / columns); the kernel's CTAs row block by row block over all heads "
           "(rows outer) or head by head (heads outer)")
     print(f"passes, then the kernel with its CTAs rows outer (16 columns): {ser_rows:.3f} ms")
-    names = ["beside, priority -1, rows outer", "beside, -1, heads outer"][:len(beside)]
+    names = ["beside, priority -1, rows outer", "beside, -1, heads outer"]
     print("| columns / warps / stages | memory passes alone | passes, then the kernel | " + " | ".join(names)
           + " | rel diff of out |\n|---|---|---|" + "---|" * (len(beside) + 1))
     for row in rows:
@@ -529,8 +532,6 @@ def bench_variants(mod, t, rounds=3, variants=(1, 2)):
     variant): the attention alone (S=128) and the library's gdn forward on the default engine under
     ``CONFIG["sm90_variant"]`` (the passes beside the kernel, and before it with ``deterministic=True``), at T=32k
     W=4096 and 131k W=32640. Medians over the rounds, and each variant over the first."""
-    import statistics
-
     import common as C  # (on the path since Kernel() imported ahn_ops through it)
     from ahn_ops.ops.ahn_attention import prefill as P
 

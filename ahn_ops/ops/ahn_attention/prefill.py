@@ -58,8 +58,9 @@ SUPPORTED_D = (64, 128)
 #   the memory passes run on a side stream of priority sm90_side_priority beside it, the state chain with
 #   sm90_state_bv value columns per program (fewer programs hold fewer of the SMs the kernel wants) and
 #   sm90_state_stages pipeline stages (2: 98 KB of shared memory a program instead of 139, two per SM; never slower
-#   at T=32k on an H100, -0.02 ms median over five pairs), the kernel reading its ready counters (tiles whose chunks are not ready finish in a memory-only launch after the passes): "prefill" (prefills
-#   from position 0 without an initial state), "all" (also the cache path and initial states) or "off"; never
+#   at T=32k on an H100, -0.02 ms median over five pairs), the kernel reading its ready counters (tiles whose
+#   chunks are not ready finish in a memory-only launch after the passes): "prefill" (prefills from position 0
+#   without an initial state), "all" (also the cache path and initial states) or "off"; never
 #   under deterministic=True, where those tiles' extra bf16 rounding would make the output depend on the timing
 #   (benchmarks/NOTES_prefill.md, "The memory passes beside the kernel"), and only where the kernel is long
 #   against the chain: at least sm90_overlap_min = (keys per row W + S, new tokens in the call) (at W = 2048 the
